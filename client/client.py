@@ -1,0 +1,135 @@
+"""MemstoreClient: deadlines, retries, dedup and the project's exceptions around the gRPC stub."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import grpc
+import numpy as np
+import torch
+
+from client.config import ClientConfig
+from memstore.codec import encode_row_ids
+from memstore.dtypes import DType
+from memstore.errors import DataLossError, InvalidArgumentError, LayoutMismatchError, error_from_rpc
+from memstore.manifest import Manifest
+from memstore.wire import memstore_pb2 as pb
+from memstore.wire import memstore_pb2_grpc as pb_grpc
+
+
+class MemstoreClient:
+    """A connection to one memstore daemon. Thread-safe; use as a context manager.
+
+    `expected_fingerprint`, when given, is checked against the served table before the
+    client is returned, so a model never reads rows of a table built for another layout.
+    """
+
+    def __init__(
+        self, address: str, config: ClientConfig | None = None, *, expected_fingerprint: str | None = None
+    ) -> None:
+        self.address = address
+        self.config = config or ClientConfig()
+        self._channel = grpc.insecure_channel(address, options=self.config.channel_options())
+        self._stub = pb_grpc.MemstoreStub(self._channel)
+        self._describe_lock = threading.Lock()
+        self._described: pb.DescribeResponse | None = None
+        if expected_fingerprint is not None:
+            try:
+                self.check_fingerprint(expected_fingerprint)
+            except BaseException:
+                self.close()
+                raise
+
+    def describe(self, timeout: float | None = None) -> Manifest:
+        """The served table's manifest (layout, dtype, seed, fingerprint)."""
+        return Manifest.from_json(self._describe(timeout).manifest_json)
+
+    def server_limits(self, timeout: float | None = None) -> pb.ServerLimits:
+        """Limits the server enforces (max rows per request, chunk size)."""
+        return self._describe(timeout).limits
+
+    def check_fingerprint(self, expected: str, timeout: float | None = None) -> None:
+        """Raise LayoutMismatchError unless the served table has the expected fingerprint."""
+        served = self._describe(timeout)
+        if served.fingerprint != expected:
+            manifest = Manifest.from_json(served.manifest_json)
+            raise LayoutMismatchError(
+                f"{self.address} serves a table with fingerprint {served.fingerprint}, expected {expected}: "
+                f"it has layers {list(manifest.layout.layer_ids)}, vocab sizes "
+                f"{list(manifest.layout.vocab_size_per_ngram)}, {manifest.layout.heads_per_ngram} heads, "
+                f"dim {manifest.layout.dim}, seed {manifest.seed}; point the model at the table built for it"
+            )
+
+    def lookup(self, layer_id: int, row_ids: Any, *, timeout: float | None = None) -> torch.Tensor:
+        """Rows for `row_ids` (numpy/torch integers of any shape) of one layer: [*row_ids.shape, dim].
+
+        Duplicate ids cross the wire once. The tensor has the stored dtype, on the CPU.
+        """
+        ids = _as_int64_array(row_ids)
+        flat = torch.from_numpy(ids.reshape(-1))  # [N]
+        unique, inverse = torch.unique(flat, return_inverse=True)  # [U], [N]
+        has_duplicates = len(unique) < len(flat)
+        wire_ids = unique.numpy() if has_duplicates else ids.reshape(-1)
+        rows = self._fetch(int(layer_id), wire_ids, timeout)  # [U or N, dim]
+        if has_duplicates:
+            rows = rows[inverse]  # [N, dim]
+        return rows.reshape(*ids.shape, rows.shape[-1])  # [*shape, dim]
+
+    def _fetch(self, layer_id: int, ids: np.ndarray, timeout: float | None) -> torch.Tensor:
+        request = pb.LookupRequest(layer_id=layer_id, row_ids=encode_row_ids(ids))
+        out: np.ndarray | None = None
+        dtype: DType | None = None
+        received = 0
+        try:
+            for message in self._stub.Lookup(request, timeout=self._timeout(timeout)):
+                if out is None:
+                    dtype = DType.from_wire(message.dtype)
+                    out = np.empty((message.num_rows, message.dim), dtype=dtype.numpy)
+                chunk = np.frombuffer(message.rows, dtype=out.dtype)
+                if message.row_offset != received or len(chunk) % out.shape[1]:
+                    raise DataLossError(f"lookup response out of order at row {received} of layer {layer_id}")
+                count = len(chunk) // out.shape[1]
+                out[received : received + count] = chunk.reshape(count, out.shape[1])  # [count, dim]
+                received += count
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+        if out is None or received != len(ids) or out.shape[0] != len(ids):
+            raise DataLossError(f"lookup of {len(ids)} rows of layer {layer_id} returned {received}")
+        assert dtype is not None
+        return dtype.to_torch(out)
+
+    def _describe(self, timeout: float | None) -> pb.DescribeResponse:
+        with self._describe_lock:
+            if self._described is None:
+                try:
+                    self._described = self._stub.Describe(pb.DescribeRequest(), timeout=self._timeout(timeout))
+                except grpc.RpcError as exc:
+                    raise error_from_rpc(exc) from None
+            return self._described
+
+    def _timeout(self, timeout: float | None) -> float:
+        return self.config.timeout_s if timeout is None else timeout
+
+    def close(self) -> None:
+        """Close the channel; in-flight calls are cancelled."""
+        self._channel.close()
+
+    def __enter__(self) -> MemstoreClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _as_int64_array(row_ids: Any) -> np.ndarray:
+    if isinstance(row_ids, torch.Tensor):
+        if row_ids.is_floating_point() or row_ids.is_complex() or row_ids.dtype == torch.bool:
+            raise InvalidArgumentError(f"row ids must be integers; got a {row_ids.dtype} tensor")
+        return row_ids.detach().to("cpu", torch.int64).numpy()
+    ids = np.asarray(row_ids)
+    if ids.dtype.kind not in "iu":
+        raise InvalidArgumentError(f"row ids must be integers; got {ids.dtype}")
+    if ids.dtype.kind == "u" and ids.size and int(ids.max()) > np.iinfo(np.int64).max:
+        raise InvalidArgumentError("row ids must fit in int64")
+    return ids.astype(np.int64, copy=False)

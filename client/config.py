@@ -1,0 +1,57 @@
+"""Client settings, with the gRPC service config they turn into."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from memstore.errors import InvalidArgumentError
+from memstore.wire import memstore_pb2 as pb
+
+_SERVICE = pb.DESCRIPTOR.services_by_name["Memstore"].full_name
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """Deadlines and retries of a MemstoreClient; defaults suit a training job on one host."""
+
+    # Deadline of every call unless the call passes its own.
+    timeout_s: float = 30.0
+    # Attempts per call on UNAVAILABLE (gRPC's own retry, with exponential backoff).
+    max_attempts: int = 5
+    initial_backoff_s: float = 0.1
+    max_backoff_s: float = 2.0
+    # HTTP/2 flow-control window per stream; a small window stalls large responses.
+    window_bytes: int = 16 << 20
+    # Largest request the client sends (ids are 8 bytes each).
+    max_request_bytes: int = 256 << 20
+
+    def __post_init__(self) -> None:
+        if self.timeout_s <= 0:
+            raise InvalidArgumentError(f"ClientConfig.timeout_s must be positive; got {self.timeout_s}")
+        if not 1 <= self.max_attempts <= 5:
+            raise InvalidArgumentError(f"ClientConfig.max_attempts must be 1..5 (gRPC's cap); got {self.max_attempts}")
+        if not 0 < self.initial_backoff_s <= self.max_backoff_s:
+            raise InvalidArgumentError("ClientConfig needs 0 < initial_backoff_s <= max_backoff_s")
+
+    def channel_options(self) -> list[tuple[str, object]]:
+        """gRPC channel options: message limits, window, and the retry policy as a service config."""
+        retry = {
+            "maxAttempts": self.max_attempts,
+            "initialBackoff": f"{self.initial_backoff_s}s",
+            "maxBackoff": f"{self.max_backoff_s}s",
+            "backoffMultiplier": 2,
+            "retryableStatusCodes": ["UNAVAILABLE"],
+        }
+        service_config = {"methodConfig": [{"name": [{"service": _SERVICE}], "retryPolicy": retry}]}
+        return [
+            ("grpc.max_receive_message_length", -1),
+            ("grpc.max_send_message_length", self.max_request_bytes),
+            ("grpc.http2.lookahead_bytes", self.window_bytes),
+            ("grpc.enable_retries", 1),
+            ("grpc.service_config", json.dumps(service_config)),
+            # A request is buffered for replay until committed; the default 256 KiB would
+            # silently disable retries for lookups above 32k ids.
+            ("grpc.per_rpc_retry_buffer_size", self.max_request_bytes),
+            ("grpc.retry_buffer_size", 4 * self.max_request_bytes),
+        ]

@@ -1,0 +1,122 @@
+"""`memstore` command line: create, info, serve. Arguments are parsed and checked here, once."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from memstore.create import DEFAULT_CHUNK_ROWS, create_table
+from memstore.errors import MemstoreError
+from memstore.layout import EngramLayout
+from memstore.manifest import Manifest, parse_dtype
+from memstore.service import ServerConfig, serve
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,4; got {text!r}") from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="memstore", description="Engram memstore: create, inspect and serve tables.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    create = commands.add_parser("create", help="create a table with deterministic initial rows")
+    create.add_argument("path", type=Path)
+    create.add_argument("--layers", type=_int_list, required=True, help="Engram layer ids, e.g. 1,4")
+    create.add_argument("--vocab-size-per-ngram", type=_int_list, required=True, help="per order 2..N, e.g. 50000,50000")
+    create.add_argument("--max-ngram", type=int, default=3)
+    create.add_argument("--heads-per-ngram", type=int, default=8)
+    create.add_argument("--dim", type=int, required=True, help="values per row (n_embed_per_ngram / heads)")
+    create.add_argument("--dtype", type=parse_dtype, default="float16", help="float32, float16 or bfloat16")
+    create.add_argument("--seed", type=int, default=0)
+    create.add_argument("--init-std", type=float, default=1.0, help="std of the N(0, std^2) init (nn.Embedding: 1)")
+    create.add_argument("--chunk-rows", type=int, default=DEFAULT_CHUNK_ROWS, help="rows generated per write")
+    create.add_argument("--overwrite", action="store_true", help="replace an existing table at PATH")
+    create.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    info = commands.add_parser("info", help="print a table's layout, size and fingerprint")
+    info.add_argument("path", type=Path)
+    info.add_argument("--json", action="store_true", help="print the manifest as JSON")
+
+    defaults = ServerConfig()
+    srv = commands.add_parser("serve", help="serve a table over gRPC until SIGTERM/Ctrl-C")
+    srv.add_argument("path", type=Path)
+    srv.add_argument("--listen", default="127.0.0.1:50051", help="host:port; port 0 picks a free one")
+    srv.add_argument("--port-file", type=Path, help="write the bound port here once serving")
+    srv.add_argument("--max-rows-per-request", type=int, default=defaults.max_rows_per_request)
+    srv.add_argument("--chunk-bytes", type=int, default=defaults.chunk_bytes, help="row bytes per streamed message")
+    srv.add_argument("--max-workers", type=int, default=defaults.max_workers, help="concurrent calls served")
+    srv.add_argument("--grace", type=float, default=defaults.grace_s, help="seconds to drain calls on SIGTERM")
+    srv.add_argument("--log-interval", type=float, default=defaults.log_interval_s, help="seconds between traffic lines")
+    return parser
+
+
+def describe_table(manifest: Manifest) -> str:
+    """Human-readable summary of a table: layout, rows, parameters, bytes, fingerprint."""
+    layout = manifest.layout
+    lines = [
+        f"format version {manifest.format_version}, backend {manifest.backend.value}, dtype {manifest.dtype.value}",
+        f"layout: layers {list(layout.layer_ids)}, orders 2..{layout.max_ngram}, "
+        f"{layout.heads_per_ngram} heads per order, dim {layout.dim}, seed {manifest.seed}, init std {manifest.init_std}",
+    ]
+    for layer_id in layout.layer_ids:
+        per_order = ", ".join(
+            f"{order}-gram {heads[0]}..{heads[-1]}" for order, heads in enumerate(layout.primes(layer_id), start=2)
+        )
+        lines.append(f"  layer {layer_id}: {layout.num_rows(layer_id):,} rows (head primes {per_order})")
+    lines += [
+        f"rows: {layout.total_rows:,}   parameters: {layout.num_params:,}   bytes: {manifest.total_bytes:,} "
+        f"({manifest.total_bytes / 2**30:.2f} GiB)",
+        f"fingerprint: {manifest.fingerprint}",
+    ]
+    return "\n".join(lines)
+
+
+def _create(args: argparse.Namespace) -> None:
+    layout = EngramLayout(
+        layer_ids=args.layers,
+        vocab_size_per_ngram=args.vocab_size_per_ngram,
+        max_ngram=args.max_ngram,
+        heads_per_ngram=args.heads_per_ngram,
+        dim=args.dim,
+    )
+    manifest = Manifest(layout=layout, dtype=args.dtype, seed=args.seed, init_std=args.init_std)
+    with tqdm(total=layout.total_rows, unit="row", unit_scale=True, disable=args.no_progress, desc="create") as bar:
+        create_table(args.path, manifest, chunk_rows=args.chunk_rows, overwrite=args.overwrite, progress=bar.update)
+    print(f"created {args.path}\n{describe_table(manifest)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `memstore` console script."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "create":
+            _create(args)
+        elif args.command == "info":
+            manifest = Manifest.read(args.path)
+            print(manifest.to_json() if args.json else describe_table(manifest), end="\n" if not args.json else "")
+        elif args.command == "serve":
+            config = ServerConfig(
+                max_rows_per_request=args.max_rows_per_request,
+                chunk_bytes=args.chunk_bytes,
+                max_workers=args.max_workers,
+                grace_s=args.grace,
+                log_interval_s=args.log_interval,
+            )
+            return serve(args.path, args.listen, config, args.port_file)
+    except MemstoreError as exc:
+        print(f"memstore {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,23 @@
+"""Raw little-endian payloads of the wire: row ids as int64 bytes, rows as storage bytes."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from memstore.errors import InvalidArgumentError
+
+ROW_ID_DTYPE = np.dtype("<i8")
+
+
+def encode_row_ids(row_ids: np.ndarray) -> bytes:
+    """1-D integer ids as little-endian int64 bytes."""
+    return np.ascontiguousarray(row_ids, dtype=ROW_ID_DTYPE).tobytes()
+
+
+def decode_row_ids(data: bytes) -> np.ndarray:
+    """The ids of a request, zero-copy (read-only view of `data`)."""
+    if len(data) % ROW_ID_DTYPE.itemsize:
+        raise InvalidArgumentError(
+            f"row_ids holds {len(data)} bytes, not a multiple of 8: send little-endian int64 ids"
+        )
+    return np.frombuffer(data, dtype=ROW_ID_DTYPE)

@@ -1,0 +1,72 @@
+"""Create a table: stream deterministic initial rows to disk, then rename into place.
+
+Rows are generated chunk by chunk (never the whole table in RAM) into a hidden temporary
+directory beside the target; files and directory are fsynced and the directory renamed
+only when complete, so an interrupted create leaves no half table that looks valid.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from memstore.errors import InvalidArgumentError
+from memstore.manifest import Manifest, fsync_dir
+from memstore.rowgen import initial_rows
+
+DEFAULT_CHUNK_ROWS = 16_384
+
+
+def create_table(
+    path: str | Path,
+    manifest: Manifest,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    overwrite: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> Path:
+    """Write a new table at `path`; `progress(rows)` is called after each chunk. Returns the path."""
+    path = Path(path)
+    if chunk_rows < 1:
+        raise InvalidArgumentError(f"chunk_rows is {chunk_rows}; it must be at least 1")
+    if path.exists() and not overwrite:
+        raise InvalidArgumentError(f"{path} already exists; remove it or pass overwrite=True (--overwrite)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.creating-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        layout = manifest.layout
+        for layer_id in layout.layer_ids:
+            with open(tmp / manifest.layer_file(layer_id), "wb") as f:
+                num_rows = layout.num_rows(layer_id)
+                for start in range(0, num_rows, chunk_rows):
+                    count = min(chunk_rows, num_rows - start)
+                    rows = initial_rows(
+                        manifest.seed, layer_id, start, count, layout.dim, manifest.init_std, manifest.dtype
+                    )
+                    f.write(rows.tobytes())
+                    if progress is not None:
+                        progress(count)
+                f.flush()
+                os.fsync(f.fileno())
+        manifest.write(tmp)
+        _replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Move `new` to `target`; an existing target is moved aside first, never rewritten in place
+    (daemons may still map its files), and removed only after the new table is in place."""
+    old = None
+    if target.exists():
+        old = target.parent / f".{target.name}.replaced-{os.getpid()}"
+        os.replace(target, old)
+    os.replace(new, target)
+    fsync_dir(target.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

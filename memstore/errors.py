@@ -1,0 +1,100 @@
+"""The project's exceptions, and their mapping to and from gRPC status codes.
+
+Server and client share this module: the daemon raises these from plain functions and
+the servicer turns them into status codes; the client turns status codes back into them,
+so callers only ever catch `MemstoreError` subclasses, never `grpc.RpcError`.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class MemstoreError(Exception):
+    """Base of every error this project raises."""
+
+    code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+
+
+class InvalidArgumentError(MemstoreError, ValueError):
+    """The request is malformed: unknown layer, ids out of range, wrong byte length ..."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class ResourceExhaustedError(MemstoreError):
+    """The request is larger than a configured limit; split it."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class UnavailableError(MemstoreError):
+    """The daemon could not be reached (after retries)."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceededError(MemstoreError, TimeoutError):
+    """The call did not finish within its deadline."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class LayoutMismatchError(MemstoreError):
+    """The table served is not the one the caller's model was built for."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class TableFormatError(MemstoreError):
+    """A table directory on disk is missing, incomplete or inconsistent."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class ReadOnlyError(MemstoreError):
+    """A write was attempted on a table opened read-only."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class DataLossError(MemstoreError):
+    """A response arrived incomplete or inconsistent."""
+
+    code = grpc.StatusCode.DATA_LOSS
+
+
+class InternalError(MemstoreError):
+    """A bug or an unexpected failure inside the daemon."""
+
+    code = grpc.StatusCode.INTERNAL
+
+
+_BY_CODE: dict[grpc.StatusCode, type[MemstoreError]] = {
+    cls.code: cls
+    for cls in (
+        InvalidArgumentError,
+        ResourceExhaustedError,
+        UnavailableError,
+        DeadlineExceededError,
+        LayoutMismatchError,
+        ReadOnlyError,
+        DataLossError,
+        InternalError,
+    )
+}
+
+
+def error_from_status(code: grpc.StatusCode, details: str) -> MemstoreError:
+    """The project exception for a gRPC status code (MemstoreError for codes without a subclass)."""
+    cls = _BY_CODE.get(code, MemstoreError)
+    err = cls(f"{code.name}: {details}" if cls is MemstoreError else details)
+    err.code = code
+    return err
+
+
+def error_from_rpc(exc: grpc.RpcError) -> MemstoreError:
+    """Translate a failed call (a grpc.RpcError that is also a grpc.Call) into a project exception."""
+    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+    details = exc.details() if hasattr(exc, "details") else str(exc)
+    return error_from_status(code, details or "no details")

@@ -1,0 +1,135 @@
+"""The table manifest: `manifest.json` in a table directory, the one description of a table."""
+
+from __future__ import annotations
+
+import enum
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from memstore.dtypes import DType
+from memstore.errors import InvalidArgumentError, TableFormatError
+from memstore.layout import EngramLayout, fingerprint
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+
+class Backend(enum.Enum):
+    """Where a table's rows live."""
+
+    MMAP = "mmap"  # one flat little-endian file per layer, memory-mapped
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything needed to open, serve and check a table."""
+
+    layout: EngramLayout
+    dtype: DType = DType.FLOAT16
+    seed: int = 0
+    init_std: float = 1.0
+    backend: Backend = Backend.MMAP
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def fingerprint(self) -> str:
+        """Hash of layout + seed: what a model checks before trusting the table."""
+        return fingerprint(self.layout, self.seed)
+
+    def layer_file(self, layer_id: int) -> str:
+        """File name, inside the table directory, of one layer's rows."""
+        self.layout.num_rows(layer_id)  # rejects unknown layers
+        return f"layer_{layer_id}.rows"
+
+    def layer_bytes(self, layer_id: int) -> int:
+        return self.layout.num_rows(layer_id) * self.layout.dim * self.dtype.itemsize
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.layer_bytes(layer_id) for layer_id in self.layout.layer_ids)
+
+    def to_json(self) -> str:
+        data = {
+            "format_version": self.format_version,
+            "fingerprint": self.fingerprint,
+            "layout": self.layout.to_dict(),
+            "dtype": self.dtype.value,
+            "seed": self.seed,
+            "init_std": self.init_std,
+            "backend": self.backend.value,
+            "files": {str(layer_id): self.layer_file(layer_id) for layer_id in self.layout.layer_ids},
+        }
+        return json.dumps(data, indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> Manifest:
+        """Parse and check a manifest; unknown keys, unknown versions and stale fingerprints are errors."""
+        try:
+            data: dict[str, Any] = json.loads(text)
+            version = data.pop("format_version")
+            if version != FORMAT_VERSION:
+                raise TableFormatError(
+                    f"table format version {version} is not supported; this memstore reads version {FORMAT_VERSION}"
+                )
+            recorded_fingerprint = data.pop("fingerprint")
+            data.pop("files")
+            known = {"layout", "dtype", "seed", "init_std", "backend"}
+            unknown = set(data) - known
+            if unknown:
+                raise TableFormatError(f"manifest has unknown keys {sorted(unknown)}; known keys are {sorted(known)}")
+            manifest = cls(
+                layout=EngramLayout.from_dict(data["layout"]),
+                dtype=DType(data["dtype"]),
+                seed=int(data["seed"]),
+                init_std=float(data["init_std"]),
+                backend=Backend(data["backend"]),
+            )
+        except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
+            raise TableFormatError(f"manifest is malformed: {exc!r}") from exc
+        if manifest.fingerprint != recorded_fingerprint:
+            raise TableFormatError(
+                f"manifest fingerprint {recorded_fingerprint} does not match its layout ({manifest.fingerprint}); "
+                "the manifest was edited by hand: recreate the table"
+            )
+        return manifest
+
+    def write(self, table_dir: Path) -> None:
+        """Write manifest.json durably (temp file, fsync, rename)."""
+        _write_durably(table_dir / MANIFEST_NAME, self.to_json().encode())
+
+    @classmethod
+    def read(cls, table_dir: Path) -> Manifest:
+        path = Path(table_dir) / MANIFEST_NAME
+        if not path.is_file():
+            raise TableFormatError(f"{table_dir} is not a memstore table: {MANIFEST_NAME} is missing")
+        return cls.from_json(path.read_text())
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new file inside `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def parse_dtype(name: str) -> DType:
+    """DType from its name, with an error that lists the choices."""
+    try:
+        return DType(name)
+    except ValueError:
+        raise InvalidArgumentError(f"unknown dtype {name!r}; choose one of {[d.value for d in DType]}") from None

@@ -1,0 +1,6 @@
+"""Row storage backends: batch is the only primitive (gather, update), one contract for all."""
+
+from memstore.storage.base import RowStore
+from memstore.storage.mmap_store import MmapRowStore
+
+__all__ = ["RowStore", "MmapRowStore"]

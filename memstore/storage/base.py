@@ -1,0 +1,77 @@
+"""The backend contract: a fixed-size array of rows, read and written in batches.
+
+Subclasses implement `_gather`, `_update` and `_flush`; the public methods here check
+every request first, so a bad request is rejected before any row is read or written,
+whichever the backend.
+"""
+
+from __future__ import annotations
+
+import abc
+
+import numpy as np
+
+from memstore.dtypes import DType
+from memstore.errors import InvalidArgumentError, ReadOnlyError
+
+
+class RowStore(abc.ABC):
+    """`num_rows` rows of `dim` values of `dtype`, addressed by int64 row id."""
+
+    def __init__(self, num_rows: int, dim: int, dtype: DType, read_only: bool) -> None:
+        self.num_rows = num_rows
+        self.dim = dim
+        self.dtype = dtype
+        self.read_only = read_only
+
+    def gather(self, row_ids: np.ndarray) -> np.ndarray:
+        """Rows [len(row_ids), dim] of the storage dtype, in the order of `row_ids` (duplicates allowed)."""
+        ids = self.check_ids(row_ids)
+        return self._gather(ids)
+
+    def update(self, row_ids: np.ndarray, rows: np.ndarray) -> None:
+        """Overwrite rows; ids must be unique, `rows` is [len(row_ids), dim] of the storage dtype."""
+        if self.read_only:
+            raise ReadOnlyError("the table is open read-only; open it read-write to update rows")
+        ids = self.check_ids(row_ids)
+        expected = (len(ids), self.dim)
+        if rows.shape != expected or rows.dtype != self.dtype.numpy:
+            raise InvalidArgumentError(
+                f"rows must be {expected} of {self.dtype.value} (raw {self.dtype.numpy}); got {rows.shape} of {rows.dtype}"
+            )
+        if len(np.unique(ids)) != len(ids):
+            raise InvalidArgumentError("row ids of an update must be unique; sum or drop duplicates first")
+        self._update(ids, rows)
+
+    def flush(self) -> None:
+        """Make every update so far durable on disk."""
+        if not self.read_only:
+            self._flush()
+
+    def close(self) -> None:
+        """Release the storage; flushes first when writable."""
+        self.flush()
+
+    def check_ids(self, row_ids: np.ndarray) -> np.ndarray:
+        """The ids as a 1-D int64 array, or InvalidArgumentError if any is not a row of this store."""
+        ids = np.asarray(row_ids)
+        if ids.ndim != 1:
+            raise InvalidArgumentError(f"row ids must be 1-D; got shape {ids.shape}")
+        if ids.dtype.kind not in "iu":
+            raise InvalidArgumentError(f"row ids must be integers; got {ids.dtype}")
+        ids = ids.astype(np.int64, copy=False)
+        if len(ids):
+            low, high = int(ids.min()), int(ids.max())
+            if low < 0 or high >= self.num_rows:
+                bad = low if low < 0 else high
+                raise InvalidArgumentError(f"row id {bad} is out of range: this layer has rows 0..{self.num_rows - 1}")
+        return ids
+
+    @abc.abstractmethod
+    def _gather(self, ids: np.ndarray) -> np.ndarray: ...
+
+    @abc.abstractmethod
+    def _update(self, ids: np.ndarray, rows: np.ndarray) -> None: ...
+
+    @abc.abstractmethod
+    def _flush(self) -> None: ...

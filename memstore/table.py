@@ -1,0 +1,72 @@
+"""A table: its manifest plus one row store per Engram layer."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from memstore.manifest import Backend, Manifest
+from memstore.storage import MmapRowStore, RowStore
+
+
+class Table:
+    """An open table directory. Use as a context manager, or call close()."""
+
+    def __init__(self, path: Path, manifest: Manifest, stores: dict[int, RowStore]) -> None:
+        self.path = path
+        self.manifest = manifest
+        self._stores = stores
+
+    @classmethod
+    def open(cls, path: str | Path, read_only: bool = True) -> Table:
+        """Open a table created by `memstore create`; checks manifest and file sizes."""
+        path = Path(path)
+        manifest = Manifest.read(path)
+        layout = manifest.layout
+        stores: dict[int, RowStore] = {}
+        for layer_id in layout.layer_ids:
+            if manifest.backend is Backend.MMAP:
+                stores[layer_id] = MmapRowStore(
+                    path / manifest.layer_file(layer_id), layout.num_rows(layer_id), layout.dim, manifest.dtype, read_only
+                )
+        return cls(path, manifest, stores)
+
+    def store(self, layer_id: int) -> RowStore:
+        """The row store of one layer; InvalidArgumentError for a layer the table does not have."""
+        self.manifest.layout.num_rows(layer_id)  # rejects unknown layers with a clear message
+        return self._stores[layer_id]
+
+    def gather(self, layer_id: int, row_ids: np.ndarray) -> np.ndarray:
+        """Rows [len(row_ids), dim] of one layer, in request order."""
+        return self.store(layer_id).gather(row_ids)
+
+    def gather_chunks(self, layer_id: int, row_ids: np.ndarray, chunk_rows: int) -> Iterator[np.ndarray]:
+        """The rows of `gather`, as consecutive chunks of at most chunk_rows rows.
+
+        Every id is checked before the first chunk, so a bad request yields nothing.
+        """
+        store = self.store(layer_id)
+        ids = store.check_ids(row_ids)
+        for start in range(0, len(ids), chunk_rows):
+            yield store.gather(ids[start : start + chunk_rows])
+
+    def update(self, layer_id: int, row_ids: np.ndarray, rows: np.ndarray) -> None:
+        """Overwrite rows of one layer (unique ids, storage dtype)."""
+        self.store(layer_id).update(row_ids, rows)
+
+    def flush(self) -> None:
+        for store in self._stores.values():
+            store.flush()
+
+    def close(self) -> None:
+        for store in self._stores.values():
+            store.close()
+        self._stores = {}
+
+    def __enter__(self) -> Table:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
