@@ -14,6 +14,7 @@ from memstore.codec import encode_row_ids
 from memstore.dtypes import DType
 from memstore.errors import DataLossError, InvalidArgumentError, LayoutMismatchError, error_from_rpc
 from memstore.manifest import Manifest
+from memstore.storage.base import take_rows
 from memstore.wire import memstore_pb2 as pb
 from memstore.wire import memstore_pb2_grpc as pb_grpc
 
@@ -64,19 +65,20 @@ class MemstoreClient:
     def lookup(self, layer_id: int, row_ids: Any, *, timeout: float | None = None) -> torch.Tensor:
         """Rows for `row_ids` (numpy/torch integers of any shape) of one layer: [*row_ids.shape, dim].
 
-        Duplicate ids cross the wire once. The tensor has the stored dtype, on the CPU.
+        Duplicate ids cross the wire once when that saves at least `config.dedup_min_saving`
+        of the rows (Engram's Zipfian N-grams repeat a lot). The tensor has the stored dtype, on the CPU.
         """
         ids = _as_int64_array(row_ids)
-        flat = torch.from_numpy(ids.reshape(-1))  # [N]
-        unique, inverse = torch.unique(flat, return_inverse=True)  # [U], [N]
-        has_duplicates = len(unique) < len(flat)
-        wire_ids = unique.numpy() if has_duplicates else ids.reshape(-1)
-        rows = self._fetch(int(layer_id), wire_ids, timeout)  # [U or N, dim]
-        if has_duplicates:
-            rows = rows[inverse]  # [N, dim]
-        return rows.reshape(*ids.shape, rows.shape[-1])  # [*shape, dim]
+        flat = ids.reshape(-1)  # [N]
+        unique, inverse = torch.unique(torch.from_numpy(flat), return_inverse=True)  # [U], [N]
+        # Restoring duplicates costs a row gather on this side; it pays only when it saves rows on the wire.
+        dedup = len(unique) <= (1.0 - self.config.dedup_min_saving) * len(flat)
+        dtype, rows = self._fetch(int(layer_id), unique.numpy() if dedup else flat, timeout)  # [U or N, dim]
+        if dedup:
+            rows = take_rows(rows, inverse.numpy())  # [N, dim]
+        return dtype.to_torch(rows.reshape(*ids.shape, rows.shape[-1]))  # [*shape, dim]
 
-    def _fetch(self, layer_id: int, ids: np.ndarray, timeout: float | None) -> torch.Tensor:
+    def _fetch(self, layer_id: int, ids: np.ndarray, timeout: float | None) -> tuple[DType, np.ndarray]:
         request = pb.LookupRequest(layer_id=layer_id, row_ids=encode_row_ids(ids))
         out: np.ndarray | None = None
         dtype: DType | None = None
@@ -97,7 +99,7 @@ class MemstoreClient:
         if out is None or received != len(ids) or out.shape[0] != len(ids):
             raise DataLossError(f"lookup of {len(ids)} rows of layer {layer_id} returned {received}")
         assert dtype is not None
-        return dtype.to_torch(out)
+        return dtype, out
 
     def _describe(self, timeout: float | None) -> pb.DescribeResponse:
         with self._describe_lock:

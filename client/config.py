@@ -23,6 +23,8 @@ class ClientConfig:
     max_backoff_s: float = 2.0
     # HTTP/2 flow-control window per stream; a small window stalls large responses.
     window_bytes: int = 16 << 20
+    # Send unique ids (and restore duplicates here) when that removes at least this share of rows.
+    dedup_min_saving: float = 0.05
     # Largest request the client sends (ids are 8 bytes each).
     max_request_bytes: int = 256 << 20
 
@@ -31,6 +33,8 @@ class ClientConfig:
             raise InvalidArgumentError(f"ClientConfig.timeout_s must be positive; got {self.timeout_s}")
         if not 1 <= self.max_attempts <= 5:
             raise InvalidArgumentError(f"ClientConfig.max_attempts must be 1..5 (gRPC's cap); got {self.max_attempts}")
+        if not 0.0 <= self.dedup_min_saving < 1.0:
+            raise InvalidArgumentError(f"ClientConfig.dedup_min_saving must be in [0, 1); got {self.dedup_min_saving}")
         if not 0 < self.initial_backoff_s <= self.max_backoff_s:
             raise InvalidArgumentError("ClientConfig needs 0 < initial_backoff_s <= max_backoff_s")
 

@@ -40,7 +40,7 @@ class ServerConfig:
     # Row bytes per streamed message: large enough to amortise per-message costs, small
     # enough that gathering the next chunk overlaps sending this one (measured: 1 MiB).
     chunk_bytes: int = 1 << 20
-    max_workers: int = 16
+    max_workers: int = 8
     # HTTP/2 flow-control window per stream; a small window stalls large responses.
     window_bytes: int = 16 << 20
     grace_s: float = 10.0

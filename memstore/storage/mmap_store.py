@@ -13,7 +13,7 @@ import numpy as np
 
 from memstore.dtypes import DType
 from memstore.errors import TableFormatError
-from memstore.storage.base import RowStore
+from memstore.storage.base import RowStore, take_rows
 
 
 class MmapRowStore(RowStore):
@@ -35,7 +35,7 @@ class MmapRowStore(RowStore):
         self._rows = np.memmap(self.path, dtype=dtype.numpy, mode="r" if read_only else "r+", shape=(num_rows, dim))
 
     def _gather(self, ids: np.ndarray) -> np.ndarray:
-        return np.take(self._rows, ids, axis=0)
+        return take_rows(self._rows, ids)
 
     def _update(self, ids: np.ndarray, rows: np.ndarray) -> None:
         self._rows[ids] = rows

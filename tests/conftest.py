@@ -1,0 +1,75 @@
+"""Shared fixtures: small tables on disk and real daemons on loopback port 0."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from client import ClientConfig, MemstoreClient
+from memstore.create import create_table
+from memstore.dtypes import DType
+from memstore.layout import EngramLayout
+from memstore.manifest import Manifest
+from memstore.service import ServerConfig, create_server
+from memstore.table import Table
+
+SMALL_LAYOUT = EngramLayout(layer_ids=(1, 4), vocab_size_per_ngram=(500, 700), max_ngram=3, heads_per_ngram=4, dim=16)
+
+
+def make_table(path: Path, dtype: DType = DType.FLOAT16, layout: EngramLayout = SMALL_LAYOUT, seed: int = 0) -> Path:
+    """Create a small table at `path` and return the path."""
+    return create_table(path, Manifest(layout=layout, dtype=dtype, seed=seed))
+
+
+@pytest.fixture(scope="session")
+def table_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small float16 table shared by the tests that only read it."""
+    return make_table(tmp_path_factory.mktemp("tables") / "small")
+
+
+@pytest.fixture(scope="session")
+def table(table_path: Path) -> Iterator[Table]:
+    with Table.open(table_path) as opened:
+        yield opened
+
+
+class Daemon:
+    """A started in-process server on 127.0.0.1:<free port>."""
+
+    def __init__(self, table: Table, config: ServerConfig | None = None, port: int = 0) -> None:
+        self.server, self.port = create_server(table, f"127.0.0.1:{port}", config)
+        self.server.start()
+        self.address = f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.stop(grace=None).wait()
+
+
+@pytest.fixture
+def daemon_factory() -> Iterator:
+    """Start daemons on demand (`daemon_factory(table, config)`); all are stopped afterwards."""
+    started: list[Daemon] = []
+
+    def start(table: Table, config: ServerConfig | None = None, port: int = 0) -> Daemon:
+        started.append(Daemon(table, config, port))
+        return started[-1]
+
+    yield start
+    for daemon in started:
+        daemon.stop()
+
+
+@pytest.fixture
+def daemon(daemon_factory, table: Table) -> Daemon:
+    return daemon_factory(table)
+
+
+FAST_FAIL = ClientConfig(timeout_s=5.0, max_attempts=2, initial_backoff_s=0.05, max_backoff_s=0.1)
+
+
+@pytest.fixture
+def client(daemon: Daemon) -> Iterator[MemstoreClient]:
+    with MemstoreClient(daemon.address, FAST_FAIL) as connected:
+        yield connected

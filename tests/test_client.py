@@ -1,0 +1,131 @@
+"""MemstoreClient against a real daemon: shapes, dtypes, dedup, errors, deadlines, retries."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from client import (
+    ClientConfig,
+    DeadlineExceededError,
+    InvalidArgumentError,
+    LayoutMismatchError,
+    MemstoreClient,
+    MemstoreError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
+from memstore.service import ServerConfig
+from memstore.dtypes import DType
+from memstore.layout import fingerprint
+from memstore.table import Table
+from tests.conftest import FAST_FAIL, SMALL_LAYOUT, make_table
+
+
+@pytest.mark.parametrize("shape", [(7,), (3, 5), (2, 3, 4), (0,)])
+def test_lookup_keeps_the_shape_of_the_ids(client: MemstoreClient, table: Table, shape) -> None:
+    ids = np.random.default_rng(0).integers(0, 1000, shape)
+    rows = client.lookup(1, ids)
+    assert rows.shape == (*shape, 16) and rows.dtype == torch.float16
+    np.testing.assert_array_equal(rows.reshape(-1, 16).numpy(), table.gather(1, ids.reshape(-1)))
+
+
+@pytest.mark.parametrize("make_ids", [np.array, torch.tensor, list], ids=["numpy", "torch", "list"])
+def test_lookup_accepts_numpy_torch_and_lists(client: MemstoreClient, table: Table, make_ids) -> None:
+    rows = client.lookup(layer_id=4, row_ids=make_ids([5, 1, 5, 999]))
+    np.testing.assert_array_equal(rows.numpy(), table.gather(4, np.array([5, 1, 5, 999])))
+
+
+def test_duplicates_are_fetched_once_and_restored_in_order(client: MemstoreClient, table: Table) -> None:
+    ids = np.random.default_rng(1).integers(0, 50, 10_000)  # heavy duplication, like Zipfian N-grams
+    np.testing.assert_array_equal(client.lookup(1, ids).numpy(), table.gather(1, ids))
+
+
+@pytest.mark.parametrize("dtype", list(DType))
+def test_rows_keep_the_stored_dtype(daemon_factory, tmp_path, dtype: DType) -> None:
+    with Table.open(make_table(tmp_path / dtype.value, dtype)) as opened:
+        daemon = daemon_factory(opened)
+        with MemstoreClient(daemon.address, FAST_FAIL) as client:
+            rows = client.lookup(1, np.arange(10))
+        assert rows.dtype == dtype.torch
+        expected = dtype.to_torch(opened.gather(1, np.arange(10)))
+        assert torch.equal(rows.view(torch.int16 if dtype.itemsize == 2 else torch.int32),
+                           expected.view(torch.int16 if dtype.itemsize == 2 else torch.int32))
+
+
+def test_bad_ids_raise_project_errors_not_grpc_errors(client: MemstoreClient) -> None:
+    with pytest.raises(InvalidArgumentError, match="out of range"):
+        client.lookup(1, [10**9])
+    with pytest.raises(InvalidArgumentError, match="unknown Engram layer 3"):
+        client.lookup(3, [0])
+    with pytest.raises(InvalidArgumentError, match="integers"):
+        client.lookup(1, np.array([0.5]))
+    with pytest.raises(InvalidArgumentError, match="integers"):
+        client.lookup(1, torch.tensor([1.0]))
+    assert client.lookup(1, [0]).shape == (1, 16)  # still serving
+
+
+def test_describe_and_fingerprint_check(client: MemstoreClient, table: Table) -> None:
+    assert client.describe() == table.manifest
+    client.check_fingerprint(fingerprint(SMALL_LAYOUT, 0))
+    with pytest.raises(LayoutMismatchError, match="seed 0"):
+        client.check_fingerprint(fingerprint(SMALL_LAYOUT, 1))
+
+
+def test_expected_fingerprint_is_checked_on_connect(daemon) -> None:
+    with MemstoreClient(daemon.address, FAST_FAIL, expected_fingerprint=fingerprint(SMALL_LAYOUT, 0)) as client:
+        assert client.lookup(1, [1]).shape == (1, 16)
+    with pytest.raises(LayoutMismatchError):
+        MemstoreClient(daemon.address, FAST_FAIL, expected_fingerprint="0" * 16)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_unreachable_daemon_raises_unavailable() -> None:
+    with MemstoreClient(f"127.0.0.1:{_free_port()}", FAST_FAIL) as client:
+        with pytest.raises(UnavailableError) as info:
+            client.lookup(1, [0])
+        assert isinstance(info.value, MemstoreError)
+
+
+def test_deadline_is_enforced(client: MemstoreClient) -> None:
+    with pytest.raises(DeadlineExceededError):
+        client.lookup(1, np.zeros(1_000_000, dtype=np.int64) + np.arange(1_000_000) % 1000, timeout=1e-4)
+
+
+def test_retries_unavailable_until_the_daemon_is_up(daemon_factory, table: Table) -> None:
+    port = _free_port()
+    config = ClientConfig(timeout_s=20, max_attempts=5, initial_backoff_s=0.5, max_backoff_s=2.0)
+    starter = threading.Timer(0.3, lambda: daemon_factory(table, port=port))
+    with MemstoreClient(f"127.0.0.1:{port}", config) as client:
+        starter.start()
+        rows = client.lookup(1, [1, 2])
+    starter.join()
+    assert rows.shape == (2, 16)
+
+
+def test_client_survives_a_daemon_restart(daemon_factory, table: Table) -> None:
+    first = daemon_factory(table)
+    config = ClientConfig(timeout_s=20, max_attempts=5, initial_backoff_s=0.5, max_backoff_s=2.0)
+    with MemstoreClient(first.address, config) as client:
+        before = client.lookup(4, [3])
+        first.stop()
+        daemon_factory(table, port=first.port)
+        assert torch.equal(client.lookup(4, [3]), before)
+
+
+def test_duplicates_do_not_cross_the_wire(daemon_factory, table: Table) -> None:
+    daemon = daemon_factory(table, ServerConfig(max_rows_per_request=100))
+    ids = np.arange(10_000) % 100  # 10,000 ids, 100 distinct: only the 100 are sent
+    with MemstoreClient(daemon.address, FAST_FAIL) as client:
+        np.testing.assert_array_equal(client.lookup(1, ids).numpy(), table.gather(1, ids))
+        with pytest.raises(ResourceExhaustedError, match="at most 100"):
+            client.lookup(1, np.arange(101))

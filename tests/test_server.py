@@ -1,0 +1,182 @@
+"""The daemon over real gRPC on loopback: lookups, status codes, health, reflection, SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from memstore.codec import encode_row_ids
+from memstore.dtypes import DType
+from memstore.manifest import Manifest
+from memstore.service import SERVICE_NAME, ServerConfig, check_request_rows
+from memstore.errors import ResourceExhaustedError
+from memstore.table import Table
+from memstore.wire import memstore_pb2 as pb
+from memstore.wire import memstore_pb2_grpc as pb_grpc
+
+
+@pytest.fixture
+def channel(daemon):
+    with grpc.insecure_channel(daemon.address, options=[("grpc.max_receive_message_length", -1)]) as ch:
+        yield ch
+
+
+@pytest.fixture
+def stub(channel) -> pb_grpc.MemstoreStub:
+    return pb_grpc.MemstoreStub(channel)
+
+
+def raw_lookup(stub: pb_grpc.MemstoreStub, layer_id: int, row_ids: bytes) -> tuple[list[pb.LookupResponse], np.ndarray]:
+    """All response messages of one Lookup and the rows they carry, without the client."""
+    messages = list(stub.Lookup(pb.LookupRequest(layer_id=layer_id, row_ids=row_ids), timeout=30))
+    dtype = DType.from_wire(messages[0].dtype)
+    rows = np.frombuffer(b"".join(m.rows for m in messages), dtype=dtype.numpy).reshape(-1, messages[0].dim)
+    return messages, rows
+
+
+def status_of(stub: pb_grpc.MemstoreStub, layer_id: int, row_ids: bytes) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as info:
+        raw_lookup(stub, layer_id, row_ids)
+    return info.value.code(), info.value.details()
+
+
+@pytest.mark.parametrize("batch", [1, 1000, 1_000_000])
+def test_lookup_equals_direct_gather_of_the_file(stub, table: Table, batch: int) -> None:
+    layer_id = 4
+    ids = np.random.default_rng(batch).integers(0, table.manifest.layout.num_rows(layer_id), batch)
+    messages, rows = raw_lookup(stub, layer_id, encode_row_ids(ids))
+    direct = np.fromfile(table.path / table.manifest.layer_file(layer_id), dtype="<f2").reshape(-1, 16)[ids]
+    np.testing.assert_array_equal(rows, direct)
+    assert [m.row_offset for m in messages] == sorted({m.row_offset for m in messages})
+    assert all(m.num_rows == batch and m.dim == 16 for m in messages)
+    if batch == 1_000_000:  # 32 MB of rows: far above gRPC's 4 MiB default, so streamed in chunks
+        assert len(messages) > 8 and max(len(m.rows) for m in messages) <= ServerConfig().chunk_bytes
+
+
+def test_empty_lookup_returns_no_rows(stub) -> None:
+    messages, rows = raw_lookup(stub, 1, b"")
+    assert rows.shape == (0, 16) and messages[0].num_rows == 0
+
+
+def test_describe_returns_manifest_and_limits(stub, table: Table) -> None:
+    response = stub.Describe(pb.DescribeRequest(), timeout=5)
+    assert Manifest.from_json(response.manifest_json) == table.manifest
+    assert response.fingerprint == table.manifest.fingerprint
+    assert response.limits.max_rows_per_request == ServerConfig().max_rows_per_request
+
+
+@pytest.mark.parametrize(
+    ("layer_id", "payload", "message"),
+    [
+        (2, encode_row_ids(np.array([0])), "unknown Engram layer 2"),
+        (1, encode_row_ids(np.array([0, 10**9])), "row id 1000000000 is out of range"),
+        (1, encode_row_ids(np.array([5, -1])), "row id -1 is out of range"),
+        (1, b"\x00" * 12, "not a multiple of 8"),
+    ],
+)
+def test_bad_requests_get_invalid_argument_and_the_daemon_keeps_serving(stub, layer_id, payload, message) -> None:
+    code, details = status_of(stub, layer_id, payload)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in details
+    _, rows = raw_lookup(stub, 1, encode_row_ids(np.arange(3)))
+    assert rows.shape == (3, 16)
+
+
+def test_too_many_rows_is_resource_exhausted(daemon_factory, table: Table) -> None:
+    daemon = daemon_factory(table, ServerConfig(max_rows_per_request=100))
+    with grpc.insecure_channel(daemon.address) as ch:
+        stub = pb_grpc.MemstoreStub(ch)
+        code, details = status_of(stub, 1, encode_row_ids(np.zeros(101, dtype=np.int64)))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "at most 100" in details
+        assert raw_lookup(stub, 1, encode_row_ids(np.zeros(100, dtype=np.int64)))[1].shape == (100, 16)
+
+
+def test_check_request_rows_without_grpc() -> None:
+    check_request_rows(10, 10)
+    with pytest.raises(ResourceExhaustedError, match="split it"):
+        check_request_rows(11, 10)
+
+
+def test_many_concurrent_clients_get_their_own_rows(daemon, table: Table) -> None:
+    errors: list[BaseException] = []
+
+    def replica(seed: int) -> None:
+        try:
+            with grpc.insecure_channel(daemon.address, options=[("grpc.max_receive_message_length", -1)]) as ch:
+                stub = pb_grpc.MemstoreStub(ch)
+                rng = np.random.default_rng(seed)
+                for _ in range(20):
+                    layer_id = int(rng.choice([1, 4]))
+                    ids = rng.integers(0, table.manifest.layout.num_rows(layer_id), int(rng.integers(1, 5000)))
+                    np.testing.assert_array_equal(raw_lookup(stub, layer_id, encode_row_ids(ids))[1], table.gather(layer_id, ids))
+        except BaseException as exc:  # collected and re-raised in the test thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=replica, args=(seed,)) for seed in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors[0]
+
+
+def test_health_reports_serving(channel) -> None:
+    health = health_pb2_grpc.HealthStub(channel)
+    for service in ("", SERVICE_NAME):
+        response = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        assert response.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_reflection_lists_the_service(channel) -> None:
+    reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+    responses = reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
+    names = {s.name for r in responses for s in r.list_services_response.service}
+    assert {SERVICE_NAME, "grpc.health.v1.Health"} <= names
+
+
+def _start_daemon_process(table_path: Path, port_file: Path) -> subprocess.Popen:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "memstore", "serve", str(table_path), "--listen", "127.0.0.1:0", "--port-file", str(port_file)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 30
+    while not port_file.exists() or not port_file.read_text().strip():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError(f"daemon did not start: {process.communicate()[0]}")
+        time.sleep(0.05)
+    return process
+
+
+def test_sigterm_drains_in_flight_calls_and_exits_zero(table_path: Path, tmp_path: Path) -> None:
+    process = _start_daemon_process(table_path, tmp_path / "port")
+    try:
+        address = f"127.0.0.1:{(tmp_path / 'port').read_text().strip()}"
+        with grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", -1)]) as ch:
+            stub = pb_grpc.MemstoreStub(ch)
+            ids = np.random.default_rng(0).integers(0, 1000, 2_000_000)
+            stream = stub.Lookup(pb.LookupRequest(layer_id=1, row_ids=encode_row_ids(ids)), timeout=60)
+            first = next(stream)  # the call is in flight when the signal arrives
+            process.send_signal(signal.SIGTERM)
+            received = len(first.rows) + sum(len(m.rows) for m in stream)
+        assert received == len(ids) * 16 * 2
+        output, _ = process.communicate(timeout=30)
+        assert process.returncode == 0, output
+        assert "serving" in output and "stopped" in output
+    finally:
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait()
