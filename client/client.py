@@ -70,12 +70,15 @@ class MemstoreClient:
         """
         ids = _as_int64_array(row_ids)
         flat = ids.reshape(-1)  # [N]
-        unique, inverse = torch.unique(torch.from_numpy(flat), return_inverse=True)  # [U], [N]
-        # Restoring duplicates costs a row gather on this side; it pays only when it saves rows on the wire.
-        dedup = len(unique) <= (1.0 - self.config.dedup_min_saving) * len(flat)
-        dtype, rows = self._fetch(int(layer_id), unique.numpy() if dedup else flat, timeout)  # [U or N, dim]
-        if dedup:
-            rows = take_rows(rows, inverse.numpy())  # [N, dim]
+        # numpy, not torch, on this path: torch's OpenMP workers spin after each parallel op
+        # and starve the gRPC receive thread on small hosts (measured: 2x slower lookups).
+        # Restoring duplicates costs a row gather here, so dedup only when it saves rows on the wire.
+        if _distinct_count(flat) <= (1.0 - self.config.dedup_min_saving) * len(flat):
+            unique, inverse = np.unique(flat, return_inverse=True)  # [U], [N]
+            dtype, rows = self._fetch(int(layer_id), unique, timeout)  # [U, dim]
+            rows = take_rows(rows, inverse)  # [N, dim]
+        else:
+            dtype, rows = self._fetch(int(layer_id), flat, timeout)  # [N, dim]
         return dtype.to_torch(rows.reshape(*ids.shape, rows.shape[-1]))  # [*shape, dim]
 
     def _fetch(self, layer_id: int, ids: np.ndarray, timeout: float | None) -> tuple[DType, np.ndarray]:
@@ -122,6 +125,14 @@ class MemstoreClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _distinct_count(ids: np.ndarray) -> int:
+    """Number of distinct ids; a plain sort is 4x cheaper than a unique with inverse."""
+    if len(ids) == 0:
+        return 0
+    ordered = np.sort(ids)
+    return 1 + int(np.count_nonzero(ordered[1:] != ordered[:-1]))
 
 
 def _as_int64_array(row_ids: Any) -> np.ndarray:
