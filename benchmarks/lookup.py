@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import grpc
 import numpy as np
 import torch
 
@@ -22,10 +23,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import REPO, daemon_process, ensure_table  # noqa: E402
 from client import ClientConfig, MemstoreClient  # noqa: E402
+from client.client import _distinct_count  # noqa: E402
 from memstore.codec import decode_row_ids, encode_row_ids  # noqa: E402
 from memstore.layout import EngramLayout  # noqa: E402
 from memstore.table import Table  # noqa: E402
 from memstore.wire import memstore_pb2 as pb  # noqa: E402
+from memstore.wire import memstore_pb2_grpc as pb_grpc  # noqa: E402
 
 # One layer of 8 heads of ~2.1M rows: 16.8M rows x 64 float16 = 2.0 GiB.
 FULL = EngramLayout(layer_ids=(1,), vocab_size_per_ngram=(2_100_000,), max_ngram=2, heads_per_ngram=8, dim=64)
@@ -69,18 +72,20 @@ def compare(table: Table, address: str, batches: list[int], repeats: int) -> lis
     return results
 
 
-def breakdown(table: Table, batch: int, chunk_bytes: int) -> dict[str, float]:
-    """Milliseconds of each step of a daemon lookup, each run alone in this process."""
+def breakdown(table: Table, address: str, batch: int, chunk_bytes: int) -> dict[str, float]:
+    """Milliseconds of each step of a daemon lookup, each run alone (the wire step against the daemon)."""
     layer_id = table.manifest.layout.layer_ids[0]
     store = table.store(layer_id)
     ids = np.random.default_rng(1).integers(0, store.num_rows, batch)
     row_bytes = table.manifest.layout.dim * table.manifest.dtype.itemsize
     chunk_rows = max(1, chunk_bytes // row_bytes)
-    unique = torch.unique(torch.from_numpy(ids), return_inverse=True)[0].numpy()
-    payload = encode_row_ids(unique)
-    gathered = [store.gather(unique[s : s + chunk_rows]) for s in range(0, len(unique), chunk_rows)]
+    payload = encode_row_ids(ids)
+    gathered = [store.gather(ids[s : s + chunk_rows]) for s in range(0, batch, chunk_rows)]
     messages = [pb.LookupResponse(rows=g.tobytes()).SerializeToString() for g in gathered]
-    out = np.empty((len(unique), table.manifest.layout.dim), dtype=table.manifest.dtype.numpy)
+    out = np.empty((batch, table.manifest.layout.dim), dtype=table.manifest.dtype.numpy)
+    channel = grpc.insecure_channel(address, options=ClientConfig().channel_options())
+    stub = pb_grpc.MemstoreStub(channel)
+    request = pb.LookupRequest(layer_id=layer_id, row_ids=payload)
 
     def client_copy() -> None:
         offset = 0
@@ -90,13 +95,14 @@ def breakdown(table: Table, batch: int, chunk_bytes: int) -> dict[str, float]:
             offset += len(chunk)
 
     steps = {
-        "client: dedup (torch.unique)": lambda: torch.unique(torch.from_numpy(ids), return_inverse=True),
-        "client: encode ids": lambda: encode_row_ids(unique),
+        "client: count distinct ids (np.sort)": lambda: _distinct_count(ids),
+        "client: encode ids": lambda: encode_row_ids(ids),
         "server: decode ids": lambda: decode_row_ids(payload),
-        "server: gather, request order": lambda: [store.gather(ids[s : s + chunk_rows]) for s in range(0, batch, chunk_rows)],
-        "server: gather, sorted ids": lambda: [store.gather(unique[s : s + chunk_rows]) for s in range(0, len(unique), chunk_rows)],
+        "server: gather rows": lambda: [store.gather(ids[s : s + chunk_rows]) for s in range(0, batch, chunk_rows)],
         "server: tobytes + serialize": lambda: [pb.LookupResponse(rows=g.tobytes()).SerializeToString() for g in gathered],
         "client: parse + copy to output": client_copy,
+        "whole call through the raw stub (server work + gRPC transport, no client work)":
+            lambda: [m.rows for m in stub.Lookup(request, timeout=60)],
     }
     result = {}
     for name, fn in steps.items():
@@ -105,6 +111,7 @@ def breakdown(table: Table, batch: int, chunk_bytes: int) -> dict[str, float]:
         for _ in range(3):
             fn()
         result[name] = (time.perf_counter() - start) / 3 * 1e3
+    channel.close()
     return result
 
 
@@ -127,6 +134,7 @@ def main() -> None:
     with Table.open(path) as table:
         with daemon_process(path) as address:
             results = compare(table, address, batches, repeats)
+            steps = breakdown(table, address, 262_144, 1 << 20)
         print("| batch | in-process memstore gather | in-process numpy mm[ids] | daemon | daemon GB/s | daemon p50 ms "
               "| daemon p99 ms | daemon / memstore gather | daemon / numpy mm[ids] |")
         print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -135,6 +143,9 @@ def main() -> None:
             print(f"| {r['batch']:,} | {lo['rows_per_s'] / 1e6:.2f} M/s | {npy['rows_per_s'] / 1e6:.2f} M/s | "
                   f"{da['rows_per_s'] / 1e6:.2f} M/s | {da['gb_per_s']:.2f} | {da['p50_ms']:.2f} | {da['p99_ms']:.2f} | "
                   f"{da['rows_per_s'] / lo['rows_per_s']:.0%} | {da['rows_per_s'] / npy['rows_per_s']:.0%} |")
+        print("\nWhere a 262,144-row daemon lookup spends its time (each step alone, ms):")
+        for name, ms in steps.items():
+            print(f"- {name}: {ms:.2f}")
 
         biggest = batches[-1]
         whole = biggest * layout.dim * manifest.dtype.itemsize
@@ -146,11 +157,6 @@ def main() -> None:
                 r = compare(table, address, [biggest], max(3, repeats // 2))[0]
             print(f"| {chunk:,} | {-(-whole // chunk)} | {r['daemon']['rows_per_s'] / 1e6:.2f} M | "
                   f"{r['daemon']['rows_per_s'] / r['local']['rows_per_s']:.0%} |")
-
-        print("\nWhere a 262,144-row daemon lookup spends its time (each step alone, ms):")
-        for name, ms in breakdown(table, 262_144, 1 << 20).items():
-            print(f"- {name}: {ms:.2f}")
-
 
 if __name__ == "__main__":
     main()
