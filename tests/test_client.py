@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -96,9 +97,16 @@ def test_unreachable_daemon_raises_unavailable() -> None:
         assert isinstance(info.value, MemstoreError)
 
 
-def test_deadline_is_enforced(client: MemstoreClient) -> None:
-    with pytest.raises(DeadlineExceededError):
-        client.lookup(1, np.zeros(1_000_000, dtype=np.int64) + np.arange(1_000_000) % 1000, timeout=1e-4)
+def test_deadline_is_enforced_against_a_stuck_daemon() -> None:
+    # A listening socket that never speaks HTTP/2: the TCP connect succeeds, nothing answers.
+    with socket.socket() as stuck:
+        stuck.bind(("127.0.0.1", 0))
+        stuck.listen(8)
+        with MemstoreClient(f"127.0.0.1:{stuck.getsockname()[1]}", FAST_FAIL) as client:
+            start = time.monotonic()
+            with pytest.raises(DeadlineExceededError):
+                client.lookup(1, [0], timeout=0.5)
+            assert time.monotonic() - start < 5
 
 
 def test_retries_unavailable_until_the_daemon_is_up(daemon_factory, table: Table) -> None:
