@@ -68,6 +68,8 @@ class MemstoreClient:
         Duplicate ids cross the wire once when that saves at least `config.dedup_min_saving`
         of the rows (Engram's Zipfian N-grams repeat a lot). The tensor has the stored dtype, on the CPU.
         """
+        if not 0 <= layer_id < 2**32:
+            raise InvalidArgumentError(f"layer id {layer_id} is not an Engram layer id (0 <= id < 2**32)")
         ids = _as_int64_array(row_ids)
         flat = ids.reshape(-1)  # [N]
         # numpy, not torch, on this path: torch's OpenMP workers spin after each parallel op
@@ -75,10 +77,10 @@ class MemstoreClient:
         # Restoring duplicates costs a row gather here, so dedup only when it saves rows on the wire.
         if _distinct_count(flat) <= (1.0 - self.config.dedup_min_saving) * len(flat):
             unique, inverse = np.unique(flat, return_inverse=True)  # [U], [N]
-            dtype, rows = self._fetch(int(layer_id), unique, timeout)  # [U, dim]
+            dtype, rows = self._fetch(layer_id, unique, timeout)  # [U, dim]
             rows = take_rows(rows, inverse)  # [N, dim]
         else:
-            dtype, rows = self._fetch(int(layer_id), flat, timeout)  # [N, dim]
+            dtype, rows = self._fetch(layer_id, flat, timeout)  # [N, dim]
         return dtype.to_torch(rows.reshape(*ids.shape, rows.shape[-1]))  # [*shape, dim]
 
     def _fetch(self, layer_id: int, ids: np.ndarray, timeout: float | None) -> tuple[DType, np.ndarray]:

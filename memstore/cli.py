@@ -10,10 +10,18 @@ from pathlib import Path
 from tqdm import tqdm
 
 from memstore.create import DEFAULT_CHUNK_ROWS, create_table
-from memstore.errors import MemstoreError
+from memstore.dtypes import DType
+from memstore.errors import InvalidArgumentError, MemstoreError
 from memstore.layout import EngramLayout
 from memstore.manifest import Manifest, parse_dtype
 from memstore.service import ServerConfig, serve
+
+
+def _dtype(text: str) -> DType:
+    try:
+        return parse_dtype(text)
+    except InvalidArgumentError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -34,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--max-ngram", type=int, default=3)
     create.add_argument("--heads-per-ngram", type=int, default=8)
     create.add_argument("--dim", type=int, required=True, help="values per row (n_embed_per_ngram / heads)")
-    create.add_argument("--dtype", type=parse_dtype, default="float16", help="float32, float16 or bfloat16")
+    create.add_argument("--dtype", type=_dtype, default="float16", help="float32, float16 or bfloat16")
     create.add_argument("--seed", type=int, default=0)
     create.add_argument("--init-std", type=float, default=1.0, help="std of the N(0, std^2) init (nn.Embedding: 1)")
     create.add_argument("--chunk-rows", type=int, default=DEFAULT_CHUNK_ROWS, help="rows generated per write")

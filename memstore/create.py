@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from memstore.errors import InvalidArgumentError
-from memstore.manifest import Manifest, fsync_dir
+from memstore.manifest import MANIFEST_NAME, Manifest, fsync_dir
 from memstore.rowgen import initial_rows
 
 DEFAULT_CHUNK_ROWS = 16_384
@@ -32,6 +32,8 @@ def create_table(
         raise InvalidArgumentError(f"chunk_rows is {chunk_rows}; it must be at least 1")
     if path.exists() and not overwrite:
         raise InvalidArgumentError(f"{path} already exists; remove it or pass overwrite=True (--overwrite)")
+    if path.exists() and not (path / MANIFEST_NAME).is_file():
+        raise InvalidArgumentError(f"{path} exists and is not a memstore table; refusing to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.creating-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -60,7 +62,7 @@ def create_table(
 
 
 def _replace_dir(new: Path, target: Path) -> None:
-    """Move `new` to `target`; an existing target is moved aside first, never rewritten in place
+    """Move `new` to `target`; an existing table is moved aside first, never rewritten in place
     (daemons may still map its files), and removed only after the new table is in place."""
     old = None
     if target.exists():

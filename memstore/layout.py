@@ -76,6 +76,13 @@ def engram_primes(
     return primes
 
 
+def _integer(name: str, value: Any) -> int:
+    """An int (numpy ints too) or InvalidArgumentError: 4.5 or True are not sizes."""
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise InvalidArgumentError(f"layout {name} must be integers; got {value!r}")
+    return int(value)
+
+
 @dataclass(frozen=True)
 class EngramLayout:
     """The shape of an Engram table; defaults are small enough for a laptop."""
@@ -88,8 +95,10 @@ class EngramLayout:
     _primes: dict[int, list[list[int]]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "layer_ids", tuple(int(x) for x in self.layer_ids))
-        object.__setattr__(self, "vocab_size_per_ngram", tuple(int(x) for x in self.vocab_size_per_ngram))
+        object.__setattr__(self, "layer_ids", tuple(_integer("layer_ids", x) for x in self.layer_ids))
+        object.__setattr__(self, "vocab_size_per_ngram", tuple(_integer("vocab_size_per_ngram", x) for x in self.vocab_size_per_ngram))
+        for name in ("max_ngram", "heads_per_ngram", "dim"):
+            object.__setattr__(self, name, _integer(name, getattr(self, name)))
         problems = []
         if not self.layer_ids:
             problems.append("layer_ids is empty")

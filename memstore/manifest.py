@@ -69,10 +69,12 @@ class Manifest:
         """Parse and check a manifest; unknown keys, unknown versions and stale fingerprints are errors."""
         try:
             data: dict[str, Any] = json.loads(text)
+            if not isinstance(data, dict):
+                raise TableFormatError(f"manifest is malformed: it must be a JSON object; got {type(data).__name__}")
             version = data.pop("format_version")
             if version != FORMAT_VERSION:
                 raise TableFormatError(
-                    f"table format version {version} is not supported; this memstore reads version {FORMAT_VERSION}"
+                    f"table format version {version!r} is not supported; this memstore reads version {FORMAT_VERSION}"
                 )
             recorded_fingerprint = data.pop("fingerprint")
             data.pop("files")

@@ -1,7 +1,7 @@
 """Deterministic initial rows: any row regenerates alone from (seed, layer id, row id).
 
 Value (layer, row, col) is a pure function of the seed and its counter `row * dim + col`:
-a SplitMix64 hash of the counter gives 53 uniform bits, and Acklam's inverse normal CDF
+a SplitMix64 hash of the counter gives 52 uniform bits, and Acklam's inverse normal CDF
 turns them into a standard normal (relative error below 1.2e-9), scaled by `std` as
 `nn.Embedding`'s default N(0, 1) init. So rows do not depend on chunking, order or
 machine, and a later lazy backend serves never-written rows from exactly this function.
@@ -28,7 +28,7 @@ _A = (-3.969683028665376e01, 2.209460984245205e02, -2.759285104469687e02, 1.3835
       -3.066479806614716e01, 2.506628277459239e00)
 _B = (-5.447609879822406e01, 1.615858368580409e02, -1.556989798598866e02, 6.680131188771972e01,
       -1.328068155288572e01)
-_C = (-7.784894002430293e-03, -3.223964580411365e-01, -2.400758277161838e00, -2.549671010115105e00,
+_C = (-7.784894002430293e-03, -3.223964580411365e-01, -2.400758277161838e00, -2.549732539343734e00,
       4.374664141464968e00, 2.938163982698783e00)
 _D = (7.784695709041462e-03, 3.224671290700398e-01, 2.445134137142996e00, 3.754408661907416e00)
 _P_LOW = 0.02425
@@ -101,10 +101,10 @@ def normal_rows_at(seed: int, layer_id: int, row_ids: np.ndarray, dim: int) -> n
     bits = counters * _GOLDEN
     bits += _stream_key(seed, layer_id)
     _fmix64(bits)
-    bits >>= _U64(11)
+    bits >>= _U64(12)  # 52 bits, so k + 0.5 is exact in float64
     uniform = bits.astype(np.float64).reshape(-1)
     uniform += 0.5
-    uniform *= 2.0**-53  # in (0, 1), never 0 or 1
+    uniform *= 2.0**-52  # (k + 0.5) / 2**52: strictly inside (0, 1)
     return _inverse_normal_cdf(uniform).reshape(counters.shape)
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from memstore.errors import InvalidArgumentError
 from memstore.manifest import Backend, Manifest
 from memstore.storage import MmapRowStore, RowStore
 
@@ -26,11 +27,17 @@ class Table:
         manifest = Manifest.read(path)
         layout = manifest.layout
         stores: dict[int, RowStore] = {}
-        for layer_id in layout.layer_ids:
-            if manifest.backend is Backend.MMAP:
-                stores[layer_id] = MmapRowStore(
-                    path / manifest.layer_file(layer_id), layout.num_rows(layer_id), layout.dim, manifest.dtype, read_only
-                )
+        try:
+            for layer_id in layout.layer_ids:
+                if manifest.backend is Backend.MMAP:
+                    stores[layer_id] = MmapRowStore(
+                        path / manifest.layer_file(layer_id), layout.num_rows(layer_id), layout.dim, manifest.dtype,
+                        read_only,
+                    )
+        except BaseException:
+            for store in stores.values():
+                store.close()
+            raise
         return cls(path, manifest, stores)
 
     def store(self, layer_id: int) -> RowStore:
@@ -47,6 +54,8 @@ class Table:
 
         Every id is checked before the first chunk, so a bad request yields nothing.
         """
+        if chunk_rows < 1:
+            raise InvalidArgumentError(f"chunk_rows is {chunk_rows}; it must be at least 1")
         store = self.store(layer_id)
         ids = store.check_ids(row_ids)
         for start in range(0, len(ids), chunk_rows):

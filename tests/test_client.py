@@ -67,6 +67,8 @@ def test_bad_ids_raise_project_errors_not_grpc_errors(client: MemstoreClient) ->
         client.lookup(1, np.array([0.5]))
     with pytest.raises(InvalidArgumentError, match="integers"):
         client.lookup(1, torch.tensor([1.0]))
+    with pytest.raises(InvalidArgumentError, match="not an Engram layer id"):
+        client.lookup(-1, [0])
     assert client.lookup(1, [0]).shape == (1, 16)  # still serving
 
 

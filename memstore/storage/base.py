@@ -69,6 +69,8 @@ class RowStore(abc.ABC):
         ids = np.asarray(row_ids)
         if ids.ndim != 1:
             raise InvalidArgumentError(f"row ids must be 1-D; got shape {ids.shape}")
+        if ids.size == 0:
+            return np.empty(0, dtype=np.int64)  # np.asarray([]) is float64: empty is fine whatever its dtype
         if ids.dtype.kind not in "iu":
             raise InvalidArgumentError(f"row ids must be integers; got {ids.dtype}")
         ids = ids.astype(np.int64, copy=False)

@@ -1,0 +1,228 @@
+"""create_table: deterministic bytes, the initial rows, overwrite rules, and interrupted creates."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from memstore.create import create_table
+from memstore.dtypes import DType
+from memstore.errors import InvalidArgumentError
+from memstore.layout import EngramLayout, fingerprint
+from memstore.manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest
+from memstore.rowgen import initial_rows
+from memstore.table import Table
+
+LAYOUT = EngramLayout(layer_ids=(1, 4), vocab_size_per_ngram=(50, 70), max_ngram=3, heads_per_ngram=2, dim=8)
+
+
+def _files(path: Path) -> dict[str, bytes]:
+    """Every file of a table directory, by name."""
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
+
+
+def _manifest(dtype: DType = DType.FLOAT16, seed: int = 0, init_std: float = 1.0) -> Manifest:
+    return Manifest(layout=LAYOUT, dtype=dtype, seed=seed, init_std=init_std)
+
+
+def _entries(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+# --------------------------------------------------------------------------- determinism and content
+
+
+@pytest.mark.parametrize("dtype", list(DType), ids=lambda d: d.value)
+def test_chunk_size_does_not_change_the_bytes(tmp_path: Path, dtype: DType) -> None:
+    tables = [
+        create_table(tmp_path / f"chunk{chunk}", _manifest(dtype), chunk_rows=chunk) for chunk in (1, 7, 16_384)
+    ]
+    reference = _files(tables[0])
+    assert sorted(reference) == ["layer_1.rows", "layer_4.rows", MANIFEST_NAME]
+    for table in tables[1:]:
+        assert _files(table) == reference
+
+
+def test_two_creates_are_identical(tmp_path: Path) -> None:
+    a = create_table(tmp_path / "a", _manifest(seed=3))
+    b = create_table(tmp_path / "b", _manifest(seed=3))
+    assert _files(a) == _files(b)
+    c = create_table(tmp_path / "c", _manifest(seed=4))
+    assert _files(c)["layer_1.rows"] != _files(a)["layer_1.rows"]
+
+
+@pytest.mark.parametrize("init_std", [1.0, 0.02])
+@pytest.mark.parametrize("dtype", list(DType), ids=lambda d: d.value)
+def test_rows_are_the_initial_rows(tmp_path: Path, dtype: DType, init_std: float) -> None:
+    manifest = _manifest(dtype, seed=5, init_std=init_std)
+    path = create_table(tmp_path / "t", manifest, chunk_rows=13)
+    for layer in LAYOUT.layer_ids:
+        expected = initial_rows(5, layer, 0, LAYOUT.num_rows(layer), LAYOUT.dim, init_std, dtype)
+        raw = (path / manifest.layer_file(layer)).read_bytes()
+        assert raw == expected.astype(dtype.numpy, copy=False).tobytes()
+        assert len(raw) == manifest.layer_bytes(layer)
+    with Table.open(path) as table:
+        rows = table.gather(4, np.arange(LAYOUT.num_rows(4)))
+        expected = initial_rows(5, 4, 0, LAYOUT.num_rows(4), LAYOUT.dim, init_std, dtype)
+        assert rows.tobytes() == expected.tobytes()
+
+
+def test_files_are_little_endian(tmp_path: Path) -> None:
+    path = create_table(tmp_path / "t", _manifest(DType.FLOAT32))
+    raw = np.frombuffer((path / "layer_1.rows").read_bytes(), dtype="<f4")
+    expected = initial_rows(0, 1, 0, LAYOUT.num_rows(1), LAYOUT.dim, 1.0, DType.FLOAT32).reshape(-1)
+    assert np.array_equal(raw, expected)
+
+
+def test_manifest_is_valid_json(tmp_path: Path) -> None:
+    manifest = _manifest(DType.BFLOAT16, seed=9, init_std=0.5)
+    path = create_table(tmp_path / "t", manifest)
+    data = json.loads((path / MANIFEST_NAME).read_text())
+    assert data["format_version"] == FORMAT_VERSION
+    assert data["fingerprint"] == fingerprint(LAYOUT, 9) == manifest.fingerprint
+    assert data["layout"] == LAYOUT.to_dict()
+    assert data["layout"]["primes"] == {str(layer): LAYOUT.primes(layer) for layer in LAYOUT.layer_ids}
+    assert data["dtype"] == "bfloat16"
+    assert data["seed"] == 9
+    assert data["init_std"] == 0.5
+    assert data["backend"] == "mmap"
+    assert data["files"] == {"1": "layer_1.rows", "4": "layer_4.rows"}
+    assert Manifest.read(path) == manifest
+
+
+def test_progress_counts_every_row(tmp_path: Path) -> None:
+    calls: list[int] = []
+    create_table(tmp_path / "t", _manifest(), chunk_rows=50, progress=calls.append)
+    assert sum(calls) == LAYOUT.total_rows
+    assert all(1 <= c <= 50 for c in calls)
+    per_layer = [LAYOUT.num_rows(layer) for layer in LAYOUT.layer_ids]
+    assert len(calls) == sum(-(-rows // 50) for rows in per_layer)
+
+
+def test_returns_the_path_and_creates_parents(tmp_path: Path) -> None:
+    target = tmp_path / "deep" / "er" / "table"
+    assert create_table(str(target), _manifest()) == target
+    assert (target / MANIFEST_NAME).is_file()
+
+
+@pytest.mark.parametrize("chunk_rows", [0, -5])
+def test_chunk_rows_must_be_positive(tmp_path: Path, chunk_rows: int) -> None:
+    with pytest.raises(InvalidArgumentError, match="chunk_rows"):
+        create_table(tmp_path / "t", _manifest(), chunk_rows=chunk_rows)
+    assert _entries(tmp_path) == []
+
+
+# --------------------------------------------------------------------------- existing paths
+
+
+def test_existing_table_is_refused_without_overwrite(tmp_path: Path) -> None:
+    path = create_table(tmp_path / "t", _manifest(seed=1))
+    before = _files(path)
+    with pytest.raises(InvalidArgumentError, match="already exists.*overwrite"):
+        create_table(path, _manifest(seed=2))
+    assert _files(path) == before
+    assert _entries(tmp_path) == ["t"]
+
+
+@pytest.mark.parametrize("existing", ["empty dir", "file"])
+def test_any_existing_path_is_refused_without_overwrite(tmp_path: Path, existing: str) -> None:
+    path = tmp_path / "t"
+    if existing == "file":
+        path.write_text("keep me")
+    else:
+        path.mkdir()
+    with pytest.raises(InvalidArgumentError, match="already exists"):
+        create_table(path, _manifest())
+    assert _entries(tmp_path) == ["t"]
+
+
+def test_overwrite_replaces_the_table(tmp_path: Path) -> None:
+    path = create_table(tmp_path / "t", _manifest(DType.FLOAT32, seed=1))
+    (path / "stray.txt").write_text("from the old table")
+    create_table(path, _manifest(DType.FLOAT16, seed=2), overwrite=True)
+    fresh = create_table(tmp_path / "fresh", _manifest(DType.FLOAT16, seed=2))
+    assert _files(path) == _files(fresh)
+    assert Manifest.read(path).seed == 2
+    assert _entries(tmp_path) == ["fresh", "t"]  # no temporary or replaced directory left behind
+
+
+def test_overwrite_of_a_missing_path_creates_it(tmp_path: Path) -> None:
+    path = create_table(tmp_path / "t", _manifest(), overwrite=True)
+    assert Manifest.read(path) == _manifest()
+
+
+def test_overwrite_keeps_open_readers_working(tmp_path: Path) -> None:
+    path = create_table(tmp_path / "t", _manifest(seed=1))
+    with Table.open(path) as old:
+        before = old.gather(1, np.arange(20))
+        create_table(path, _manifest(seed=2), overwrite=True)
+        # The old files were moved aside, never rewritten in place: the open map still reads them.
+        assert old.gather(1, np.arange(20)).tobytes() == before.tobytes()
+    with Table.open(path) as new:
+        assert new.gather(1, np.arange(20)).tobytes() != before.tobytes()
+
+
+def test_overwrite_refuses_to_replace_something_that_is_not_a_table(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a table")
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "notes.txt").write_text("keep me")
+    for name in ("file", "dir"):
+        with pytest.raises(InvalidArgumentError, match="not a memstore table"):
+            create_table(tmp_path / name, _manifest(), overwrite=True)
+    assert (tmp_path / "file").read_text() == "not a table"
+    assert (tmp_path / "dir" / "notes.txt").read_text() == "keep me"
+    assert _entries(tmp_path) == ["dir", "file"]
+
+
+# --------------------------------------------------------------------------- interrupted creates
+
+
+class _Interrupt:
+    """A progress callback that raises KeyboardInterrupt after `after` chunks."""
+
+    def __init__(self, after: int) -> None:
+        self.after = after
+        self.calls = 0
+
+    def __call__(self, rows: int) -> None:
+        self.calls += 1
+        if self.calls >= self.after:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("after", [1, 5])
+def test_interrupted_create_leaves_nothing(tmp_path: Path, after: int) -> None:
+    interrupt = _Interrupt(after)
+    with pytest.raises(KeyboardInterrupt):
+        create_table(tmp_path / "t", _manifest(), chunk_rows=16, progress=interrupt)
+    assert interrupt.calls == after
+    assert _entries(tmp_path) == []  # no table, no temporary directory
+
+
+def test_interrupted_overwrite_keeps_the_old_table(tmp_path: Path) -> None:
+    path = create_table(tmp_path / "t", _manifest(seed=1))
+    before = _files(path)
+    with pytest.raises(KeyboardInterrupt):
+        create_table(path, _manifest(seed=2), chunk_rows=16, overwrite=True, progress=_Interrupt(3))
+    assert _files(path) == before
+    assert _entries(tmp_path) == ["t"]
+
+
+def test_failing_create_leaves_nothing(tmp_path: Path) -> None:
+    def fail(rows: int) -> None:
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        create_table(tmp_path / "t", _manifest(), progress=fail)
+    assert _entries(tmp_path) == []
+
+
+def test_create_after_an_interrupted_create(tmp_path: Path) -> None:
+    with pytest.raises(KeyboardInterrupt):
+        create_table(tmp_path / "t", _manifest(), chunk_rows=16, progress=_Interrupt(2))
+    path = create_table(tmp_path / "t", _manifest())
+    assert Manifest.read(path) == _manifest()
+    assert _entries(tmp_path) == ["t"]

@@ -1,0 +1,346 @@
+"""The row store contract, one suite for every backend.
+
+To add a backend, write its three hooks and add one `Backend(...)` line to BACKENDS.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from memstore.dtypes import DType
+from memstore.errors import InvalidArgumentError, ReadOnlyError, TableFormatError
+from memstore.storage import MmapRowStore, RowStore
+
+NUM_ROWS, DIM = 37, 8
+
+
+@dataclass(frozen=True)
+class Backend:
+    """How the suite lays down rows for a backend, opens them, and damages them."""
+
+    name: str
+    write: Callable[[Path, np.ndarray], None]  # initial rows [num_rows, dim] of the storage dtype into a directory
+    open: Callable[[Path, int, int, DType, bool], RowStore]  # (directory, num_rows, dim, dtype, read_only)
+    truncate: Callable[[Path], None]  # make the stored data the wrong size
+    snapshot: Callable[[Path], bytes]  # everything the backend holds on disk
+
+
+def _mmap_file(directory: Path) -> Path:
+    return directory / "layer.rows"
+
+
+def _mmap_write(directory: Path, rows: np.ndarray) -> None:
+    _mmap_file(directory).write_bytes(np.ascontiguousarray(rows).tobytes())
+
+
+def _mmap_open(directory: Path, num_rows: int, dim: int, dtype: DType, read_only: bool) -> RowStore:
+    return MmapRowStore(_mmap_file(directory), num_rows, dim, dtype, read_only=read_only)
+
+
+def _mmap_truncate(directory: Path) -> None:
+    with open(_mmap_file(directory), "r+b") as f:
+        f.truncate(f.seek(0, 2) - 2)
+
+
+def _mmap_snapshot(directory: Path) -> bytes:
+    return _mmap_file(directory).read_bytes()
+
+
+BACKENDS = [
+    Backend("mmap", _mmap_write, _mmap_open, _mmap_truncate, _mmap_snapshot),
+]
+
+
+@pytest.fixture(params=BACKENDS, ids=lambda backend: backend.name)
+def backend(request: pytest.FixtureRequest) -> Backend:
+    return request.param
+
+
+@pytest.fixture(params=list(DType), ids=lambda dtype: dtype.value)
+def dtype(request: pytest.FixtureRequest) -> DType:
+    return request.param
+
+
+def _rows(dtype: DType, num_rows: int = NUM_ROWS, dim: int = DIM, seed: int = 0) -> np.ndarray:
+    """Distinct finite rows of the storage dtype."""
+    values = np.random.default_rng(seed).standard_normal((num_rows, dim))
+    return dtype.from_float64(values)
+
+
+class Opened:
+    """A store over known initial rows; closes whatever it opened."""
+
+    def __init__(self, backend: Backend, directory: Path, dtype: DType) -> None:
+        self.backend = backend
+        self.directory = directory
+        self.dtype = dtype
+        self.initial = _rows(dtype)
+        backend.write(directory, self.initial)
+        self._open: list[RowStore] = []
+
+    def open(self, read_only: bool = False) -> RowStore:
+        store = self.backend.open(self.directory, NUM_ROWS, DIM, self.dtype, read_only)
+        self._open.append(store)
+        return store
+
+    def close(self, store: RowStore) -> None:
+        self._open.remove(store)
+        store.close()
+
+    def close_all(self) -> None:
+        for store in self._open:
+            store.close()
+        self._open.clear()
+
+
+@pytest.fixture
+def opened(backend: Backend, dtype: DType, tmp_path: Path) -> Iterator[Opened]:
+    holder = Opened(backend, tmp_path, dtype)
+    yield holder
+    holder.close_all()
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> bool:
+    """Bitwise equality (the raw storage words)."""
+    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
+# --------------------------------------------------------------------------- gather
+
+
+def test_gather_returns_rows_in_request_order_with_duplicates(opened: Opened) -> None:
+    store = opened.open(read_only=True)
+    ids = np.array([5, 0, 36, 5, 5, 17, 0], dtype=np.int64)
+    got = store.gather(ids)
+    assert got.dtype == opened.dtype.numpy and got.shape == (len(ids), DIM)
+    assert _same(got, opened.initial[ids])
+
+
+def test_gather_everything(opened: Opened) -> None:
+    store = opened.open(read_only=True)
+    assert _same(store.gather(np.arange(NUM_ROWS)), opened.initial)
+    assert _same(store.gather(np.arange(NUM_ROWS)[::-1]), opened.initial[::-1])
+
+
+@pytest.mark.parametrize("id_dtype", [np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint32, np.uint64])
+def test_gather_accepts_any_integer_dtype(opened: Opened, id_dtype: type) -> None:
+    store = opened.open(read_only=True)
+    ids = np.array([3, 1, 36], dtype=id_dtype)
+    assert _same(store.gather(ids), opened.initial[[3, 1, 36]])
+
+
+def test_gather_accepts_non_contiguous_ids(opened: Opened) -> None:
+    store = opened.open(read_only=True)
+    ids = np.arange(NUM_ROWS)[::3]
+    assert _same(store.gather(ids), opened.initial[ids])
+
+
+def test_empty_gather(opened: Opened) -> None:
+    store = opened.open(read_only=True)
+    got = store.gather(np.array([], dtype=np.int64))
+    assert got.shape == (0, DIM) and got.dtype == opened.dtype.numpy
+
+
+def test_gather_returns_a_copy(opened: Opened) -> None:
+    store = opened.open(read_only=False)
+    got = store.gather(np.array([2, 3]))
+    got[:] = 0
+    assert _same(store.gather(np.array([2, 3])), opened.initial[[2, 3]])
+
+
+@pytest.mark.parametrize(
+    "bad_ids",
+    [
+        [NUM_ROWS],
+        [0, 1, NUM_ROWS + 5],
+        [-1],
+        [3, -7, 2],
+        [2**40],
+        [-(2**63)],
+    ],
+    ids=repr,
+)
+def test_out_of_range_ids_are_rejected_before_any_read(
+    opened: Opened, bad_ids: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = opened.open(read_only=True)
+
+    def no_read(ids: np.ndarray) -> np.ndarray:
+        raise AssertionError("a row was read for a bad request")
+
+    monkeypatch.setattr(store, "_gather", no_read)
+    with pytest.raises(InvalidArgumentError, match="out of range"):
+        store.gather(np.array(bad_ids, dtype=np.int64))
+
+
+def test_out_of_range_message_names_the_id_and_the_range(opened: Opened) -> None:
+    store = opened.open(read_only=True)
+    with pytest.raises(InvalidArgumentError, match=rf"row id {NUM_ROWS + 2} .*0\.\.{NUM_ROWS - 1}"):
+        store.gather(np.array([1, NUM_ROWS + 2]))
+    with pytest.raises(InvalidArgumentError, match=r"row id -3 "):
+        store.gather(np.array([-3, 1]))
+
+
+@pytest.mark.parametrize(
+    ("bad_ids", "message"),
+    [
+        (np.array([1.0, 2.0]), "integers"),
+        (np.array([True, False]), "integers"),
+        (np.array(["1", "2"]), "integers"),
+        (np.array([[1, 2], [3, 4]]), "1-D"),
+        (np.array(3), "1-D"),
+        (np.zeros((0, 1), dtype=np.int64), "1-D"),
+    ],
+    ids=["float", "bool", "str", "2-D", "0-D", "empty 2-D"],
+)
+def test_malformed_ids_are_rejected(
+    opened: Opened, bad_ids: np.ndarray, message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = opened.open(read_only=True)
+
+    def no_read(ids: np.ndarray) -> np.ndarray:
+        raise AssertionError("a row was read for a bad request")
+
+    monkeypatch.setattr(store, "_gather", no_read)
+    with pytest.raises(InvalidArgumentError, match=message):
+        store.gather(bad_ids)
+
+
+# --------------------------------------------------------------------------- update
+
+
+def test_update_then_gather(opened: Opened) -> None:
+    store = opened.open(read_only=False)
+    ids = np.array([9, 0, 36])
+    new = _rows(opened.dtype, num_rows=3, seed=1)
+    store.update(ids, new)
+    expected = opened.initial.copy()
+    expected[ids] = new
+    assert _same(store.gather(np.arange(NUM_ROWS)), expected)
+
+
+def test_update_with_no_rows_changes_nothing(opened: Opened) -> None:
+    store = opened.open(read_only=False)
+    store.update(np.array([], dtype=np.int64), np.zeros((0, DIM), dtype=opened.dtype.numpy))
+    assert _same(store.gather(np.arange(NUM_ROWS)), opened.initial)
+
+
+def test_update_persists_after_flush_close_reopen(opened: Opened) -> None:
+    store = opened.open(read_only=False)
+    ids = np.array([4, 30, 2])
+    new = _rows(opened.dtype, num_rows=3, seed=2)
+    store.update(ids, new)
+    store.flush()
+    opened.close(store)
+
+    expected = opened.initial.copy()
+    expected[ids] = new
+    for read_only in (True, False):
+        again = opened.open(read_only=read_only)
+        assert _same(again.gather(np.arange(NUM_ROWS)), expected)
+        opened.close(again)
+
+
+def test_close_makes_updates_durable(opened: Opened) -> None:
+    store = opened.open(read_only=False)
+    new = _rows(opened.dtype, num_rows=1, seed=3)
+    store.update(np.array([11]), new)
+    opened.close(store)  # no explicit flush
+    again = opened.open(read_only=True)
+    assert _same(again.gather(np.array([11])), new)
+
+
+def _bad_updates(dtype: DType) -> list[tuple[str, np.ndarray, np.ndarray, type[Exception], str]]:
+    good = _rows(dtype, num_rows=3, seed=4)
+    other_dtype = np.dtype("<f4") if dtype is not DType.FLOAT32 else np.dtype("<f2")
+    same_size = {DType.FLOAT32: "<i4", DType.FLOAT16: "<u2", DType.BFLOAT16: "<f2"}[dtype]
+    return [
+        ("duplicate ids", np.array([1, 5, 1]), good, InvalidArgumentError, "unique"),
+        ("too few rows", np.array([1, 2, 3]), good[:2], InvalidArgumentError, "must be"),
+        ("too many rows", np.array([1, 2]), good, InvalidArgumentError, "must be"),
+        ("wrong dim", np.array([1, 2, 3]), np.ascontiguousarray(good[:, :-1]), InvalidArgumentError, "must be"),
+        ("1-D rows", np.array([1]), good[0], InvalidArgumentError, "must be"),
+        ("wrong dtype", np.array([1, 2, 3]), good.astype(other_dtype), InvalidArgumentError, "must be"),
+        ("float64 rows", np.array([1, 2, 3]), good.astype(np.float64), InvalidArgumentError, "must be"),
+        ("same-size dtype", np.array([1, 2, 3]), good.view(same_size), InvalidArgumentError, "must be"),
+        ("big-endian", np.array([1, 2, 3]), good.astype(good.dtype.newbyteorder(">")), InvalidArgumentError, "must be"),
+        ("out of range id", np.array([1, 2, NUM_ROWS]), good, InvalidArgumentError, "out of range"),
+        ("negative id", np.array([-1, 2, 3]), good, InvalidArgumentError, "out of range"),
+        ("float ids", np.array([1.0, 2.0, 3.0]), good, InvalidArgumentError, "integers"),
+        ("2-D ids", np.array([[1, 2, 3]]), good, InvalidArgumentError, "1-D"),
+    ]
+
+
+_BAD_UPDATE_NAMES = [case[0] for case in _bad_updates(DType.FLOAT16)]
+
+
+@pytest.mark.parametrize("case", range(len(_BAD_UPDATE_NAMES)), ids=_BAD_UPDATE_NAMES)
+def test_bad_update_raises_and_changes_nothing(opened: Opened, case: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    _, ids, rows, error, message = _bad_updates(opened.dtype)[case]
+    store = opened.open(read_only=False)
+    before = opened.backend.snapshot(opened.directory)
+
+    def no_write(ids: np.ndarray, rows: np.ndarray) -> None:
+        raise AssertionError("rows were written for a bad request")
+
+    monkeypatch.setattr(store, "_update", no_write)
+    with pytest.raises(error, match=message):
+        store.update(ids, rows)
+    monkeypatch.undo()
+    store.flush()
+    assert opened.backend.snapshot(opened.directory) == before
+    assert _same(store.gather(np.arange(NUM_ROWS)), opened.initial)
+
+
+def test_read_only_store_refuses_updates(opened: Opened) -> None:
+    store = opened.open(read_only=True)
+    before = opened.backend.snapshot(opened.directory)
+    with pytest.raises(ReadOnlyError, match="read-only"):
+        store.update(np.array([1]), _rows(opened.dtype, num_rows=1))
+    store.flush()  # a no-op when read-only
+    assert opened.backend.snapshot(opened.directory) == before
+
+
+def test_read_only_is_checked_before_the_request(opened: Opened) -> None:
+    store = opened.open(read_only=True)
+    with pytest.raises(ReadOnlyError):
+        store.update(np.array([-1, -1]), np.zeros(1))
+
+
+# --------------------------------------------------------------------------- opening
+
+
+def test_store_reports_its_shape(opened: Opened) -> None:
+    store = opened.open(read_only=True)
+    assert (store.num_rows, store.dim, store.dtype, store.read_only) == (NUM_ROWS, DIM, opened.dtype, True)
+
+
+def test_wrong_size_storage_is_a_format_error(opened: Opened) -> None:
+    opened.backend.truncate(opened.directory)
+    for read_only in (True, False):
+        with pytest.raises(TableFormatError, match="damaged or incomplete"):
+            opened.open(read_only=read_only)
+
+
+def test_wrong_shape_is_a_format_error(opened: Opened) -> None:
+    with pytest.raises(TableFormatError):
+        opened.backend.open(opened.directory, NUM_ROWS + 1, DIM, opened.dtype, True)
+    with pytest.raises(TableFormatError):
+        opened.backend.open(opened.directory, NUM_ROWS, DIM * 2, opened.dtype, True)
+
+
+def test_missing_storage_is_a_format_error(backend: Backend, tmp_path: Path) -> None:
+    with pytest.raises(TableFormatError, match="missing"):
+        backend.open(tmp_path, NUM_ROWS, DIM, DType.FLOAT16, True)
+
+
+def test_close_twice_is_harmless(opened: Opened) -> None:
+    for read_only in (True, False):
+        store = opened.open(read_only=read_only)
+        opened.close(store)
+        store.close()
