@@ -12,6 +12,7 @@ from typing import Any
 from memstore.dtypes import DType
 from memstore.errors import InvalidArgumentError, TableFormatError
 from memstore.layout import EngramLayout, fingerprint
+from memstore.rowgen import GENERATOR
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -59,6 +60,7 @@ class Manifest:
             "dtype": self.dtype.value,
             "seed": self.seed,
             "init_std": self.init_std,
+            "init_generator": GENERATOR,
             "backend": self.backend.value,
             "files": {str(layer_id): self.layer_file(layer_id) for layer_id in self.layout.layer_ids},
         }
@@ -77,6 +79,11 @@ class Manifest:
                     f"table format version {version!r} is not supported; this memstore reads version {FORMAT_VERSION}"
                 )
             recorded_fingerprint = data.pop("fingerprint")
+            generator = data.pop("init_generator")
+            if generator != GENERATOR:
+                raise TableFormatError(
+                    f"the table's rows were initialised by generator {generator!r}; this memstore has {GENERATOR!r}"
+                )
             data.pop("files")
             known = {"layout", "dtype", "seed", "init_std", "backend"}
             unknown = set(data) - known

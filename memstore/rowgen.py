@@ -17,6 +17,10 @@ import numpy as np
 
 from memstore.dtypes import DType
 
+# Recorded in every manifest: never-written rows are regenerated from it (lazy tables), so any
+# change to the values this module produces must come with a new name.
+GENERATOR = "splitmix64-acklam-v1"
+
 _U64 = np.uint64
 _GOLDEN = _U64(0x9E3779B97F4A7C15)
 _MIX1 = _U64(0xBF58476D1CE4E5B9)

@@ -194,6 +194,8 @@ TAMPERING: list[tuple[str, Callable[[dict[str, Any]], object], str]] = [
     ("layout not a dict", lambda d: d.update(layout=[1, 4]), "malformed"),
     ("invalid layout", lambda d: d["layout"].update(dim=0), "malformed.*dim is 0"),
     ("dtype of another size", lambda d: d.update(dtype="float32"), "damaged or incomplete"),
+    ("other row generator", lambda d: d.update(init_generator="philox-v0"), "generator 'philox-v0'"),
+    ("missing row generator", lambda d: d.pop("init_generator"), "malformed.*init_generator"),
 ]
 
 
