@@ -8,6 +8,7 @@ one until SIGTERM/SIGINT, then drains in-flight calls and returns 0.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import signal
 import threading
@@ -124,7 +125,7 @@ class MemstoreServicer(pb_grpc.MemstoreServicer):
             return
         offset = 0
         with self._translate_errors(context):
-            for chunk in _prepend(first, chunks):
+            for chunk in itertools.chain([first], chunks):
                 yield pb.LookupResponse(**header, row_offset=offset, rows=chunk.tobytes())
                 offset += len(chunk)
         self._counters.add_lookup(len(ids), len(ids) * self._row_bytes)
@@ -140,11 +141,6 @@ class MemstoreServicer(pb_grpc.MemstoreServicer):
             self._counters.add_error()
             log.exception("lookup failed unexpectedly")
             context.abort(InternalError.code, f"internal error: {exc!r}")
-
-
-def _prepend(first: object, rest: Iterator) -> Iterator:
-    yield first
-    yield from rest
 
 
 def check_request_rows(num_rows: int, max_rows: int) -> None:
