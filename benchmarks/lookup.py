@@ -11,6 +11,7 @@ paths call by call so both see the same machine state. Also compares streamed ch
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,10 +22,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import REPO, daemon_process, ensure_table  # noqa: E402
+from benchmarks.common import REPO, ensure_table  # noqa: E402
 from client import ClientConfig, MemstoreClient  # noqa: E402
 from client.client import _distinct_count  # noqa: E402
 from memstore.codec import decode_row_ids, encode_row_ids  # noqa: E402
+from memstore.launch import daemon_process  # noqa: E402
 from memstore.layout import EngramLayout  # noqa: E402
 from memstore.table import Table  # noqa: E402
 from memstore.wire import memstore_pb2 as pb  # noqa: E402
@@ -50,13 +52,21 @@ def compare(table: Table, address: str, batches: list[int], repeats: int) -> lis
     plain numpy fancy indexing of a memmap of the same file, and a lookup through the daemon."""
     layer_id = table.manifest.layout.layer_ids[0]
     store = table.store(layer_id)
-    plain = np.memmap(table.path / table.manifest.layer_file(layer_id), dtype=table.manifest.dtype.numpy,
-                      mode="r", shape=(store.num_rows, store.dim))
+    plain = np.memmap(
+        table.path / table.manifest.layer_file(layer_id),
+        dtype=table.manifest.dtype.numpy,
+        mode="r",
+        shape=(store.num_rows, store.dim),
+    )
     row_bytes = table.manifest.layout.dim * table.manifest.dtype.itemsize
     rng = np.random.default_rng(0)
     results = []
     with MemstoreClient(address, ClientConfig(timeout_s=120)) as client:
-        paths = {"local": store.gather, "numpy": lambda ids: plain[ids], "daemon": lambda ids: client.lookup(layer_id, ids)}
+        paths = {
+            "local": store.gather,
+            "numpy": lambda ids: plain[ids],
+            "daemon": lambda ids: client.lookup(layer_id, ids),
+        }
         for batch in batches:
             n_calls = repeats if batch <= 262_144 else max(3, repeats // 4)
             id_sets = [rng.integers(0, store.num_rows, batch) for _ in range(n_calls + 1)]
@@ -99,11 +109,16 @@ def breakdown(table: Table, address: str, batch: int, chunk_bytes: int) -> dict[
         "client: encode ids": lambda: encode_row_ids(ids),
         "server: decode ids": lambda: decode_row_ids(payload),
         # One chunk alive at a time, as in the server's stream (holding all would measure page faults).
-        "server: gather rows": lambda: [store.gather(ids[s : s + chunk_rows]).shape for s in range(0, batch, chunk_rows)],
-        "server: tobytes + serialize": lambda: [len(pb.LookupResponse(rows=g.tobytes()).SerializeToString()) for g in gathered],
+        "server: gather rows": lambda: [
+            store.gather(ids[s : s + chunk_rows]).shape for s in range(0, batch, chunk_rows)
+        ],
+        "server: tobytes + serialize": lambda: [
+            len(pb.LookupResponse(rows=g.tobytes()).SerializeToString()) for g in gathered
+        ],
         "client: parse + copy to output": client_copy,
-        "whole call through the raw stub (server work + gRPC transport, no client work)":
-            lambda: [m.rows for m in stub.Lookup(request, timeout=60)],
+        "whole call through the raw stub (server work + gRPC transport, no client work)": lambda: [
+            m.rows for m in stub.Lookup(request, timeout=60)
+        ],
     }
     result = {}
     for name, fn in steps.items():
@@ -129,21 +144,27 @@ def main() -> None:
     path = args.table or REPO / "bench-out" / ("lookup-quick" if args.quick else "lookup-2gib")
     manifest = ensure_table(path, layout)
     batches = [int(b) for b in args.batches.split(",")]
-    print(f"table {path}: {layout.total_rows:,} rows x {layout.dim} {manifest.dtype.value} = "
-          f"{manifest.total_bytes / 2**30:.2f} GiB; torch threads {torch.get_num_threads()}\n")
+    print(
+        f"table {path}: {layout.total_rows:,} rows x {layout.dim} {manifest.dtype.value} = "
+        f"{manifest.total_bytes / 2**30:.2f} GiB; torch threads {torch.get_num_threads()}\n"
+    )
 
     with Table.open(path) as table:
-        with daemon_process(path) as address:
+        with daemon_process(path, stderr=subprocess.DEVNULL) as address:
             results = compare(table, address, batches, repeats)
             steps = breakdown(table, address, 262_144, 1 << 20)
-        print("| batch | in-process memstore gather | in-process numpy mm[ids] | daemon | daemon GB/s | daemon p50 ms "
-              "| daemon p99 ms | daemon / memstore gather | daemon / numpy mm[ids] |")
+        print(
+            "| batch | in-process memstore gather | in-process numpy mm[ids] | daemon | daemon GB/s | daemon p50 ms "
+            "| daemon p99 ms | daemon / memstore gather | daemon / numpy mm[ids] |"
+        )
         print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in results:
             lo, npy, da = r["local"], r["numpy"], r["daemon"]
-            print(f"| {r['batch']:,} | {lo['rows_per_s'] / 1e6:.2f} M/s | {npy['rows_per_s'] / 1e6:.2f} M/s | "
-                  f"{da['rows_per_s'] / 1e6:.2f} M/s | {da['gb_per_s']:.2f} | {da['p50_ms']:.2f} | {da['p99_ms']:.2f} | "
-                  f"{da['rows_per_s'] / lo['rows_per_s']:.0%} | {da['rows_per_s'] / npy['rows_per_s']:.0%} |")
+            print(
+                f"| {r['batch']:,} | {lo['rows_per_s'] / 1e6:.2f} M/s | {npy['rows_per_s'] / 1e6:.2f} M/s | "
+                f"{da['rows_per_s'] / 1e6:.2f} M/s | {da['gb_per_s']:.2f} | {da['p50_ms']:.2f} | {da['p99_ms']:.2f} | "
+                f"{da['rows_per_s'] / lo['rows_per_s']:.0%} | {da['rows_per_s'] / npy['rows_per_s']:.0%} |"
+            )
         print("\nWhere a 262,144-row daemon lookup spends its time (each step alone, ms):")
         for name, ms in steps.items():
             print(f"- {name}: {ms:.2f}")
@@ -154,10 +175,13 @@ def main() -> None:
         print("| chunk bytes | messages | daemon rows/s | daemon / memstore gather |")
         print("|---:|---:|---:|---:|")
         for chunk in [int(c) for c in args.chunk_bytes.split(",")] + [whole]:
-            with daemon_process(path, "--chunk-bytes", str(chunk)) as address:
+            with daemon_process(path, ["--chunk-bytes", str(chunk)], stderr=subprocess.DEVNULL) as address:
                 r = compare(table, address, [biggest], max(3, repeats // 2))[0]
-            print(f"| {chunk:,} | {-(-whole // chunk)} | {r['daemon']['rows_per_s'] / 1e6:.2f} M | "
-                  f"{r['daemon']['rows_per_s'] / r['local']['rows_per_s']:.0%} |")
+            print(
+                f"| {chunk:,} | {-(-whole // chunk)} | {r['daemon']['rows_per_s'] / 1e6:.2f} M | "
+                f"{r['daemon']['rows_per_s'] / r['local']['rows_per_s']:.0%} |"
+            )
+
 
 if __name__ == "__main__":
     main()

@@ -38,7 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     create = commands.add_parser("create", help="create a table with deterministic initial rows")
     create.add_argument("path", type=Path)
     create.add_argument("--layers", type=_int_list, required=True, help="Engram layer ids, e.g. 1,4")
-    create.add_argument("--vocab-size-per-ngram", type=_int_list, required=True, help="per order 2..N, e.g. 50000,50000")
+    create.add_argument(
+        "--vocab-size-per-ngram", type=_int_list, required=True, help="per order 2..N, e.g. 50000,50000"
+    )
     create.add_argument("--max-ngram", type=int, default=3)
     create.add_argument("--heads-per-ngram", type=int, default=8)
     create.add_argument("--dim", type=int, required=True, help="values per row (n_embed_per_ngram / heads)")
@@ -62,7 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--chunk-bytes", type=int, default=defaults.chunk_bytes, help="row bytes per streamed message")
     srv.add_argument("--max-workers", type=int, default=defaults.max_workers, help="concurrent calls served")
     srv.add_argument("--grace", type=float, default=defaults.grace_s, help="seconds to drain calls on SIGTERM")
-    srv.add_argument("--log-interval", type=float, default=defaults.log_interval_s, help="seconds between traffic lines")
+    srv.add_argument(
+        "--log-interval", type=float, default=defaults.log_interval_s, help="seconds between traffic lines"
+    )
     return parser
 
 
@@ -72,7 +76,8 @@ def describe_table(manifest: Manifest) -> str:
     lines = [
         f"format version {manifest.format_version}, backend {manifest.backend.value}, dtype {manifest.dtype.value}",
         f"layout: layers {list(layout.layer_ids)}, orders 2..{layout.max_ngram}, "
-        f"{layout.heads_per_ngram} heads per order, dim {layout.dim}, seed {manifest.seed}, init std {manifest.init_std}",
+        f"{layout.heads_per_ngram} heads per order, dim {layout.dim}, "
+        f"seed {manifest.seed}, init std {manifest.init_std}",
     ]
     for layer_id in layout.layer_ids:
         per_order = ", ".join(

@@ -96,7 +96,9 @@ class EngramLayout:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layer_ids", tuple(_integer("layer_ids", x) for x in self.layer_ids))
-        object.__setattr__(self, "vocab_size_per_ngram", tuple(_integer("vocab_size_per_ngram", x) for x in self.vocab_size_per_ngram))
+        object.__setattr__(
+            self, "vocab_size_per_ngram", tuple(_integer("vocab_size_per_ngram", x) for x in self.vocab_size_per_ngram)
+        )
         for name in ("max_ngram", "heads_per_ngram", "dim"):
             object.__setattr__(self, name, _integer(name, getattr(self, name)))
         problems = []
@@ -154,9 +156,7 @@ class EngramLayout:
 
     def _checked(self, layer_id: int) -> int:
         if layer_id not in self._primes:
-            raise InvalidArgumentError(
-                f"unknown Engram layer {layer_id}; the table has layers {list(self.layer_ids)}"
-            )
+            raise InvalidArgumentError(f"unknown Engram layer {layer_id}; the table has layers {list(self.layer_ids)}")
         return layer_id
 
     def to_dict(self) -> dict[str, Any]:

@@ -195,8 +195,15 @@ def serve(
         host = address.rsplit(":", 1)[0]
         log.info(
             "serving %s on %s:%d: layers %s, %d rows x %d %s, %.2f GB, fingerprint %s",
-            table_path, host, port, list(layout.layer_ids), layout.total_rows, layout.dim,
-            table.manifest.dtype.value, table.manifest.total_bytes / 1e9, table.manifest.fingerprint,
+            table_path,
+            host,
+            port,
+            list(layout.layer_ids),
+            layout.total_rows,
+            layout.dim,
+            table.manifest.dtype.value,
+            table.manifest.total_bytes / 1e9,
+            table.manifest.fingerprint,
         )
         if port_file is not None:
             port_file.write_text(f"{port}\n")
@@ -204,7 +211,11 @@ def serve(
             snap = counters.snapshot_and_reset()
             log.info(
                 "last %.0fs: %d lookups, %d rows, %.1f MB, %d errors",
-                config.log_interval_s, snap["lookups"], snap["rows"], snap["bytes"] / 1e6, snap["errors"],
+                config.log_interval_s,
+                snap["lookups"],
+                snap["rows"],
+                snap["bytes"] / 1e6,
+                snap["errors"],
             )
         log.info("stopping: draining in-flight calls (up to %.0fs)", config.grace_s)
         health_servicer.enter_graceful_shutdown()

@@ -31,7 +31,10 @@ class Table:
             for layer_id in layout.layer_ids:
                 if manifest.backend is Backend.MMAP:
                     stores[layer_id] = MmapRowStore(
-                        path / manifest.layer_file(layer_id), layout.num_rows(layer_id), layout.dim, manifest.dtype,
+                        path / manifest.layer_file(layer_id),
+                        layout.num_rows(layer_id),
+                        layout.dim,
+                        manifest.dtype,
                         read_only,
                     )
         except BaseException:

@@ -11,7 +11,6 @@ distinct id once. Every row received is checked against the table file.
 from __future__ import annotations
 
 import argparse
-import signal
 import subprocess
 import sys
 import time
@@ -24,20 +23,33 @@ REPO = Path(__file__).resolve().parent.parent
 from client import InvalidArgumentError, MemstoreClient  # noqa: E402
 from memstore.cli import describe_table  # noqa: E402
 from memstore.errors import TableFormatError  # noqa: E402
+from memstore.launch import start_daemon, stop_daemon  # noqa: E402
 from memstore.layout import EngramLayout  # noqa: E402
 from memstore.manifest import Manifest  # noqa: E402
 from memstore.table import Table  # noqa: E402
 
 LAYOUT = EngramLayout(layer_ids=(1, 4), vocab_size_per_ngram=(50_000, 50_000), max_ngram=3, heads_per_ngram=8, dim=32)
-CREATE_ARGS = ["--layers", "1,4", "--vocab-size-per-ngram", "50000,50000", "--max-ngram", "3",
-               "--heads-per-ngram", "8", "--dim", "32", "--dtype", "float16", "--seed", "0"]
+CREATE_ARGS = [
+    "--layers",
+    "1,4",
+    "--vocab-size-per-ngram",
+    "50000,50000",
+    "--max-ngram",
+    "3",
+    "--heads-per-ngram",
+    "8",
+    "--dim",
+    "32",
+    "--dtype",
+    "float16",
+    "--seed",
+    "0",
+]
 
 
-def _memstore(*args: str, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "memstore", *args], **kwargs)
-
-
-def _engram_row_ids(layout: EngramLayout, layer_id: int, batch: int, seq_len: int, rng: np.random.Generator) -> np.ndarray:
+def _engram_row_ids(
+    layout: EngramLayout, layer_id: int, batch: int, seq_len: int, rng: np.random.Generator
+) -> np.ndarray:
     """Row ids [batch, seq_len, heads] of one layer for Zipfian N-gram traffic (head offsets added)."""
     sizes = np.array(layout.head_sizes(layer_id))
     offsets = np.array(layout.head_offsets(layer_id))
@@ -61,25 +73,17 @@ def main() -> int:
     if existing is not None and existing.layout == LAYOUT:
         print(f"reusing {args.table}\n{describe_table(existing)}")
     else:
-        subprocess.run([sys.executable, "-m", "memstore", "create", str(args.table), *CREATE_ARGS, "--overwrite"], check=True)
+        subprocess.run(
+            [sys.executable, "-m", "memstore", "create", str(args.table), *CREATE_ARGS, "--overwrite"], check=True
+        )
 
     print("\n== 2. serve it")
-    port_file = args.table.parent / f".{args.table.name}.port"
-    port_file.unlink(missing_ok=True)
-    daemon = _memstore("serve", str(args.table), "--listen", "127.0.0.1:0", "--port-file", str(port_file))
+    daemon, address = start_daemon(args.table)
     try:
-        deadline = time.monotonic() + 60
-        while not (port_file.exists() and port_file.read_text().strip()):
-            if daemon.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("the daemon did not start; see its log above")
-            time.sleep(0.05)
-        address = f"127.0.0.1:{port_file.read_text().strip()}"
         _use(address, args)
     finally:
         print("\n== 4. stop the daemon (SIGTERM)")
-        daemon.send_signal(signal.SIGTERM)
-        code = daemon.wait(timeout=60)
-        port_file.unlink(missing_ok=True)
+        code = stop_daemon(daemon)
         print(f"daemon exited with code {code}")
     return 0 if code == 0 else 1
 
@@ -105,12 +109,18 @@ def _use(address: str, args: argparse.Namespace) -> None:
                 ids_total += ids.size
                 distinct_total += len(np.unique(ids))
         lat = np.array(latencies) * 1e3
-        print(f"{len(latencies)} lookups of [{args.batch}, {args.seq_len}, {ids.shape[-1]}] ids -> rows "
-              f"{tuple(rows.shape)} {rows.dtype}, all equal to the table file")
-        print(f"ids requested {ids_total:,}, distinct per lookup {distinct_total:,} "
-              f"({1 - distinct_total / ids_total:.0%} saved by dedup)")
-        print(f"latency per lookup: p50 {np.percentile(lat, 50):.2f} ms, p99 {np.percentile(lat, 99):.2f} ms; "
-              f"{ids_total / lat.sum() * 1e3 / 1e6:.2f} M rows/s")
+        print(
+            f"{len(latencies)} lookups of [{args.batch}, {args.seq_len}, {ids.shape[-1]}] ids -> rows "
+            f"{tuple(rows.shape)} {rows.dtype}, all equal to the table file"
+        )
+        print(
+            f"ids requested {ids_total:,}, distinct per lookup {distinct_total:,} "
+            f"({1 - distinct_total / ids_total:.0%} saved by dedup)"
+        )
+        print(
+            f"latency per lookup: p50 {np.percentile(lat, 50):.2f} ms, p99 {np.percentile(lat, 99):.2f} ms; "
+            f"{ids_total / lat.sum() * 1e3 / 1e6:.2f} M rows/s"
+        )
         try:
             client.lookup(1, [LAYOUT.num_rows(1)])
         except InvalidArgumentError as exc:

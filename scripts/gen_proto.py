@@ -1,7 +1,7 @@
 """Regenerate the Python gRPC stubs from proto/ (the only way they are ever changed).
 
-    python scripts/gen_proto.py              # writes memstore/wire/memstore_pb2*.py(i)
-    python scripts/gen_proto.py --out DIR    # writes them under DIR instead (used by the drift test)
+python scripts/gen_proto.py              # writes memstore/wire/memstore_pb2*.py(i)
+python scripts/gen_proto.py --out DIR    # writes them under DIR instead (used by the drift test)
 """
 
 from __future__ import annotations

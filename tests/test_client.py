@@ -20,9 +20,9 @@ from client import (
     ResourceExhaustedError,
     UnavailableError,
 )
-from memstore.service import ServerConfig
 from memstore.dtypes import DType
 from memstore.layout import fingerprint
+from memstore.service import ServerConfig
 from memstore.table import Table
 from tests.conftest import FAST_FAIL, SMALL_LAYOUT, make_table
 
@@ -54,8 +54,10 @@ def test_rows_keep_the_stored_dtype(daemon_factory, tmp_path, dtype: DType) -> N
             rows = client.lookup(1, np.arange(10))
         assert rows.dtype == dtype.torch
         expected = dtype.to_torch(opened.gather(1, np.arange(10)))
-        assert torch.equal(rows.view(torch.int16 if dtype.itemsize == 2 else torch.int32),
-                           expected.view(torch.int16 if dtype.itemsize == 2 else torch.int32))
+        assert torch.equal(
+            rows.view(torch.int16 if dtype.itemsize == 2 else torch.int32),
+            expected.view(torch.int16 if dtype.itemsize == 2 else torch.int32),
+        )
 
 
 def test_bad_ids_raise_project_errors_not_grpc_errors(client: MemstoreClient) -> None:

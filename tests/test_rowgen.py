@@ -87,8 +87,13 @@ def test_stream_keys_differ() -> None:
 GOLDEN = [
     # (seed, layer, row, dim, first four values as float.hex())
     (0, 1, 0, 4, ["-0x1.0cd5eea7e5991p-2", "-0x1.3896b038138a8p-1", "-0x1.7f758ae6e3b3ep-3", "-0x1.ae2b1eb799c0cp+0"]),
-    (0, 1, 123456, 4, ["0x1.fbe45f2f789c2p-1", "-0x1.4b5c530686a22p-2", "0x1.65330398e09b9p+0",
-                       "-0x1.0104da98a5d6ap+0"]),
+    (
+        0,
+        1,
+        123456,
+        4,
+        ["0x1.fbe45f2f789c2p-1", "-0x1.4b5c530686a22p-2", "0x1.65330398e09b9p+0", "-0x1.0104da98a5d6ap+0"],
+    ),
     (0, 15, 0, 4, ["-0x1.b7e3e72d9ccf2p+0", "0x1.2d9f07fc3ced3p-4", "-0x1.3e86f26b056cap-2", "0x1.36770195f60c5p+0"]),
     (7, 1, 0, 4, ["-0x1.0370032ea3aa3p+0", "-0x1.3c80f07eed5b9p+0", "0x1.dad68aa4b57d5p-1", "-0x1.1a534a27bc868p-2"]),
 ]

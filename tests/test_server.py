@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import threading
-import time
 from pathlib import Path
 
 import grpc
@@ -18,9 +15,10 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from memstore.codec import encode_row_ids
 from memstore.dtypes import DType
+from memstore.errors import ResourceExhaustedError
+from memstore.launch import start_daemon, stop_daemon
 from memstore.manifest import Manifest
 from memstore.service import SERVICE_NAME, ServerConfig, check_request_rows
-from memstore.errors import ResourceExhaustedError
 from memstore.table import Table
 from memstore.wire import memstore_pb2 as pb
 from memstore.wire import memstore_pb2_grpc as pb_grpc
@@ -119,7 +117,9 @@ def test_many_concurrent_clients_get_their_own_rows(daemon, table: Table) -> Non
                 for _ in range(20):
                     layer_id = int(rng.choice([1, 4]))
                     ids = rng.integers(0, table.manifest.layout.num_rows(layer_id), int(rng.integers(1, 5000)))
-                    np.testing.assert_array_equal(raw_lookup(stub, layer_id, encode_row_ids(ids))[1], table.gather(layer_id, ids))
+                    np.testing.assert_array_equal(
+                        raw_lookup(stub, layer_id, encode_row_ids(ids))[1], table.gather(layer_id, ids)
+                    )
         except BaseException as exc:  # collected and re-raised in the test thread
             errors.append(exc)
 
@@ -140,31 +140,16 @@ def test_health_reports_serving(channel) -> None:
 
 def test_reflection_lists_the_service(channel) -> None:
     reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
-    responses = reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
+    responses = reflection.ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5
+    )
     names = {s.name for r in responses for s in r.list_services_response.service}
     assert {SERVICE_NAME, "grpc.health.v1.Health"} <= names
 
 
-def _start_daemon_process(table_path: Path, port_file: Path) -> subprocess.Popen:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "memstore", "serve", str(table_path), "--listen", "127.0.0.1:0", "--port-file", str(port_file)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    deadline = time.monotonic() + 30
-    while not port_file.exists() or not port_file.read_text().strip():
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            raise AssertionError(f"daemon did not start: {process.communicate()[0]}")
-        time.sleep(0.05)
-    return process
-
-
-def test_sigterm_drains_in_flight_calls_and_exits_zero(table_path: Path, tmp_path: Path) -> None:
-    process = _start_daemon_process(table_path, tmp_path / "port")
+def test_sigterm_drains_in_flight_calls_and_exits_zero(table_path: Path) -> None:
+    process, address = start_daemon(table_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        address = f"127.0.0.1:{(tmp_path / 'port').read_text().strip()}"
         with grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", -1)]) as ch:
             stub = pb_grpc.MemstoreStub(ch)
             ids = np.random.default_rng(0).integers(0, 1000, 2_000_000)
@@ -177,6 +162,4 @@ def test_sigterm_drains_in_flight_calls_and_exits_zero(table_path: Path, tmp_pat
         assert process.returncode == 0, output
         assert "serving" in output and "stopped" in output
     finally:
-        if process.poll() is None:
-            os.kill(process.pid, signal.SIGKILL)
-            process.wait()
+        stop_daemon(process)

@@ -93,9 +93,7 @@ def test_gather_chunks_of_no_ids_yield_nothing(table: Table) -> None:
 
 @pytest.mark.parametrize("position", ["first", "middle", "last"])
 @pytest.mark.parametrize("bad", [-1, 10**6])
-def test_bad_id_anywhere_means_no_chunk(
-    table: Table, position: str, bad: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_bad_id_anywhere_means_no_chunk(table: Table, position: str, bad: int, monkeypatch: pytest.MonkeyPatch) -> None:
     ids = np.arange(40)
     ids[{"first": 0, "middle": 20, "last": 39}[position]] = bad
     reads: list[int] = []

@@ -49,7 +49,8 @@ class RowStore(abc.ABC):
         expected = (len(ids), self.dim)
         if rows.shape != expected or rows.dtype != self.dtype.numpy:
             raise InvalidArgumentError(
-                f"rows must be {expected} of {self.dtype.value} (raw {self.dtype.numpy}); got {rows.shape} of {rows.dtype}"
+                f"rows must be {expected} of {self.dtype.value} (raw {self.dtype.numpy}); "
+                f"got {rows.shape} of {rows.dtype}"
             )
         if len(np.unique(ids)) != len(ids):
             raise InvalidArgumentError("row ids of an update must be unique; sum or drop duplicates first")

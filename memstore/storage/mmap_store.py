@@ -32,7 +32,9 @@ class MmapRowStore(RowStore):
                 f"row file {self.path} holds {actual} bytes; the manifest needs {expected} "
                 f"({num_rows} rows x {dim} x {dtype.itemsize} B): the table is damaged or incomplete"
             )
-        self._rows: np.memmap | None = np.memmap(self.path, dtype=dtype.numpy, mode="r" if read_only else "r+", shape=(num_rows, dim))
+        self._rows: np.memmap | None = np.memmap(
+            self.path, dtype=dtype.numpy, mode="r" if read_only else "r+", shape=(num_rows, dim)
+        )
 
     def _gather(self, ids: np.ndarray) -> np.ndarray:
         return take_rows(self._rows, ids)
