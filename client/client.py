@@ -94,9 +94,9 @@ class MemstoreClient:
                     dtype = DType.from_wire(message.dtype)
                     out = np.empty((message.num_rows, message.dim), dtype=dtype.numpy)
                 chunk = np.frombuffer(message.rows, dtype=out.dtype)
-                if message.row_offset != received or len(chunk) % out.shape[1]:
-                    raise DataLossError(f"lookup response out of order at row {received} of layer {layer_id}")
                 count = len(chunk) // out.shape[1]
+                if message.row_offset != received or len(chunk) % out.shape[1] or received + count > len(out):
+                    raise DataLossError(f"lookup response inconsistent at row {received} of layer {layer_id}")
                 out[received : received + count] = chunk.reshape(count, out.shape[1])  # [count, dim]
                 received += count
         except grpc.RpcError as exc:
