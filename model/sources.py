@@ -1,0 +1,92 @@
+"""Where an Engram layer's rows come from: an in-process table or the memstore daemon.
+
+A source is called with row ids [B, T, heads] of its layer and returns rows [B, T, heads, dim]
+in float32. Both kinds start from the same rows for the same table (the memstore's
+deterministic init), so the same weights and ids give the same outputs with either.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from client import MemstoreClient
+from memstore.dtypes import DType
+from memstore.layout import EngramLayout
+from memstore.rowgen import initial_rows
+
+
+class RowSource(Protocol):
+    """One Engram layer's table, as seen by the model."""
+
+    def __call__(self, row_ids: torch.Tensor) -> torch.Tensor: ...
+
+
+class LocalTable(nn.Module):
+    """The layer's table in process, as a sparse nn.Embedding (trainable, sparse gradients)."""
+
+    def __init__(self, layout: EngramLayout, layer_id: int, seed: int, init_std: float = 1.0) -> None:
+        super().__init__()
+        num_rows = layout.num_rows(layer_id)
+        self.embedding = nn.Embedding(num_rows, layout.dim, sparse=True)
+        values = initial_rows(seed, layer_id, 0, num_rows, layout.dim, init_std, DType.FLOAT32)
+        with torch.no_grad():
+            self.embedding.weight.copy_(torch.from_numpy(values))
+
+    def forward(self, row_ids: torch.Tensor) -> torch.Tensor:
+        return self.embedding(row_ids)  # [B, T, heads, dim]
+
+
+class MemstoreTable:
+    """The layer's table in a memstore daemon (read-only to this source).
+
+    With `track_gradients`, fetched rows are leaves that require grad, and after backward
+    `sparse_gradients()` returns the row gradients summed per distinct row id: what a
+    training client pushes back to the daemon.
+    """
+
+    def __init__(self, client: MemstoreClient, layer_id: int, track_gradients: bool = False) -> None:
+        self.client = client
+        self.layer_id = layer_id
+        self.track_gradients = track_gradients
+        self.rows_fetched = 0
+        self.lookup_seconds = 0.0
+        self._fetched: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def __call__(self, row_ids: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter()
+        rows = self.client.lookup(self.layer_id, row_ids.cpu()).float()  # [B, T, heads, dim]
+        self.lookup_seconds += time.perf_counter() - start
+        self.rows_fetched += row_ids.numel()
+        if self.track_gradients and torch.is_grad_enabled():
+            rows.requires_grad_(True)
+            self._fetched.append((row_ids.reshape(-1).cpu(), rows))
+        return rows.to(row_ids.device)
+
+    def sparse_gradients(self) -> tuple[np.ndarray, np.ndarray]:
+        """(distinct row ids [U], summed gradients [U, dim]) of the rows fetched since the last call."""
+        fetched = [(ids, rows.grad.reshape(len(ids), -1)) for ids, rows in self._fetched if rows.grad is not None]
+        self._fetched.clear()
+        if not fetched:
+            return np.empty(0, dtype=np.int64), np.empty((0, 0), dtype=np.float32)
+        ids = torch.cat([i for i, _ in fetched])  # [N]
+        grads = torch.cat([g for _, g in fetched])  # [N, dim]
+        unique, inverse = torch.unique(ids, return_inverse=True)  # [U], [N]
+        summed = torch.zeros(len(unique), grads.shape[1]).index_add_(0, inverse, grads)  # [U, dim]
+        return unique.numpy(), summed.numpy()
+
+
+def local_tables(layout: EngramLayout, seed: int) -> dict[int, RowSource]:
+    """An in-process table per Engram layer, initialised exactly as `memstore create` would."""
+    return {layer_id: LocalTable(layout, layer_id, seed) for layer_id in layout.layer_ids}
+
+
+def memstore_tables(
+    client: MemstoreClient, layout: EngramLayout, track_gradients: bool = False
+) -> dict[int, RowSource]:
+    """A memstore-backed table per Engram layer, all through one client."""
+    return {layer_id: MemstoreTable(client, layer_id, track_gradients) for layer_id in layout.layer_ids}
