@@ -7,20 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from client import ClientConfig, MemstoreClient
-from memstore.create import create_table
-from memstore.dtypes import DType
-from memstore.layout import EngramLayout
-from memstore.manifest import Manifest
+from client import MemstoreClient
 from memstore.service import ServerConfig, create_server
 from memstore.table import Table
-
-SMALL_LAYOUT = EngramLayout(layer_ids=(1, 4), vocab_size_per_ngram=(500, 700), max_ngram=3, heads_per_ngram=4, dim=16)
-
-
-def make_table(path: Path, dtype: DType = DType.FLOAT16, layout: EngramLayout = SMALL_LAYOUT, seed: int = 0) -> Path:
-    """Create a small table at `path` and return the path."""
-    return create_table(path, Manifest(layout=layout, dtype=dtype, seed=seed))
+from tests.helpers import FAST_FAIL, make_table
 
 
 @pytest.fixture(scope="session")
@@ -64,9 +54,6 @@ def daemon_factory() -> Iterator:
 @pytest.fixture
 def daemon(daemon_factory, table: Table) -> Daemon:
     return daemon_factory(table)
-
-
-FAST_FAIL = ClientConfig(timeout_s=5.0, max_attempts=2, initial_backoff_s=0.05, max_backoff_s=0.1)
 
 
 @pytest.fixture

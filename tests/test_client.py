@@ -24,7 +24,7 @@ from memstore.dtypes import DType
 from memstore.layout import fingerprint
 from memstore.service import ServerConfig
 from memstore.table import Table
-from tests.conftest import FAST_FAIL, SMALL_LAYOUT, make_table
+from tests.helpers import FAST_FAIL, SMALL_LAYOUT, make_table
 
 
 @pytest.mark.parametrize("shape", [(7,), (3, 5), (2, 3, 4), (0,)])

@@ -1,0 +1,21 @@
+"""Small tables and client settings shared by the test modules."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from client import ClientConfig
+from memstore.create import create_table
+from memstore.dtypes import DType
+from memstore.layout import EngramLayout
+from memstore.manifest import Manifest
+
+SMALL_LAYOUT = EngramLayout(layer_ids=(1, 4), vocab_size_per_ngram=(500, 700), max_ngram=3, heads_per_ngram=4, dim=16)
+
+# Fail fast: short deadline, one retry.
+FAST_FAIL = ClientConfig(timeout_s=5.0, max_attempts=2, initial_backoff_s=0.05, max_backoff_s=0.1)
+
+
+def make_table(path: Path, dtype: DType = DType.FLOAT16, layout: EngramLayout = SMALL_LAYOUT, seed: int = 0) -> Path:
+    """Create a small table at `path` and return the path."""
+    return create_table(path, Manifest(layout=layout, dtype=dtype, seed=seed))
