@@ -1,0 +1,68 @@
+"""Sample from a trained Engram LM, with its tables in process or in a memstore daemon.
+
+python -m model.generate --checkpoint runs/engram/ckpt.pt --prompt "The river" --samples 3
+python -m model.generate --checkpoint runs/engram/ckpt.pt --source memstore --memstore 127.0.0.1:50051
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from client import MemstoreClient
+from memstore.layout import fingerprint
+from model.data import DataConfig, PreparedData, prepare_data
+from model.lm import EngramLM
+from model.train import TableSource, load_checkpoint
+
+
+def sample(
+    model: EngramLM, data: PreparedData, prompts: list[str], max_new_tokens: int, temperature: float, seed: int
+) -> list[str]:
+    """One continuation per prompt, decoded to text (the prompt included)."""
+    torch.manual_seed(seed)
+    model.eval()
+    texts = []
+    for prompt in prompts:
+        ids = [data.bos_id, *data.tokenizer.encode(prompt).ids]
+        out = model.generate(torch.tensor([ids]), max_new_tokens, temperature=temperature)  # [1, len + new]
+        tokens = out[0].tolist()[1:]
+        if data.eos_id in tokens[len(ids) - 1 :]:
+            tokens = tokens[: tokens.index(data.eos_id, len(ids) - 1)]
+        texts.append(data.tokenizer.decode(tokens))
+    return texts
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", type=Path, required=True)
+    parser.add_argument("--source", type=TableSource, choices=list(TableSource), help="default: as trained")
+    parser.add_argument("--memstore", help="daemon address HOST:PORT (with --source memstore)")
+    parser.add_argument("--prompt", action="append", help="repeat for several prompts")
+    parser.add_argument("--samples", type=int, default=1, help="samples per prompt")
+    parser.add_argument("--max-new-tokens", type=int, default=60)
+    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data-dir", type=Path, default=DataConfig().data_dir)
+    args = parser.parse_args(argv)
+    data = prepare_data(DataConfig(data_dir=args.data_dir))
+    client = None
+    try:
+        if args.source is TableSource.MEMSTORE or (args.source is None and args.memstore):
+            client = MemstoreClient(args.memstore)
+        model, source = load_checkpoint(args.checkpoint, data, client, args.source)
+        engram = model.config.engram
+        if client is not None and engram is not None:
+            client.check_fingerprint(fingerprint(engram.layout(), engram.seed))
+        prompts = (args.prompt or ["The"]) * args.samples
+        for text in sample(model, data, prompts, args.max_new_tokens, args.temperature, args.seed):
+            print(f"[{source.value}] {text}")
+    finally:
+        if client is not None:
+            client.close()
+
+
+if __name__ == "__main__":
+    main()

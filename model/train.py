@@ -1,0 +1,247 @@
+"""Train the small Engram LM, with its tables in process or in a memstore daemon.
+
+    python -m model.train --source memstore --memstore 127.0.0.1:50051 --steps 200
+    python -m model.train --source local --steps 600 --out runs/engram
+    python -m model.train --source none --steps 600 --out runs/baseline     # no Engram
+
+With `--source memstore` the tables are read from the daemon and stay fixed (rows are
+looked up, gradients are not pushed back yet); with `--source local` they are sparse
+nn.Embeddings trained with SparseAdam at 5x the learning rate, as the paper trains them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import enum
+import json
+import math
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from client import MemstoreClient
+from memstore.layout import fingerprint
+from model.compression import CompressedTokenizer
+from model.config import lm_config_from_dict, lm_config_to_dict
+from model.data import DataConfig, PreparedData, batches, eval_batches, prepare_data
+from model.lm import EngramLM, LMConfig
+from model.sources import MemstoreTable, local_tables, memstore_tables
+
+
+class TableSource(enum.Enum):
+    """Where the Engram tables live; NONE trains the same model without Engram."""
+
+    LOCAL = "local"
+    MEMSTORE = "memstore"
+    NONE = "none"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and bookkeeping; defaults train in a few minutes on 2 cores."""
+
+    steps: int = 300
+    batch_size: int = 16
+    lr: float = 3e-3
+    table_lr_mult: float = 5.0  # the paper trains Engram tables at 5x the backbone's rate
+    warmup_steps: int = 20
+    eval_every: int = 50
+    eval_batches: int = 16
+    seed: int = 0
+    out_dir: Path = Path("runs/engram")
+
+
+@dataclass
+class TrainResult:
+    """What happened: losses, speed and lookup statistics."""
+
+    steps: list[int] = field(default_factory=list)
+    train_loss: list[float] = field(default_factory=list)
+    eval_steps: list[int] = field(default_factory=list)
+    val_loss: list[float] = field(default_factory=list)
+    tokens_per_s: float = 0.0
+    rows_fetched: int = 0
+    lookup_seconds: float = 0.0
+    train_seconds: float = 0.0
+    non_embedding_params: int = 0
+
+
+def build_model(
+    lm_config: LMConfig, data: PreparedData, source: TableSource, client: MemstoreClient | None = None
+) -> EngramLM:
+    """The LM with its tables from `source` (the config's Engram is dropped for NONE)."""
+    if source is TableSource.NONE:
+        return EngramLM(replace(lm_config, engram=None))
+    engram = lm_config.engram
+    assert engram is not None
+    layout = engram.layout()
+    if source is TableSource.LOCAL:
+        tables = local_tables(layout, engram.seed)
+    else:
+        if client is None:
+            raise ValueError("--source memstore needs a daemon address (--memstore HOST:PORT)")
+        tables = memstore_tables(client, layout)
+    compression = CompressedTokenizer(data.tokenizer)
+    return EngramLM(lm_config, compression, data.pad_id, tables)
+
+
+def _lr_at(step: int, config: TrainConfig) -> float:
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _optimizers(model: EngramLM, config: TrainConfig) -> list[torch.optim.Optimizer]:
+    sparse = [p for m in model.modules() if isinstance(m, torch.nn.Embedding) and m.sparse for p in m.parameters()]
+    sparse_ids = {id(p) for p in sparse}
+    dense = [p for p in model.parameters() if id(p) not in sparse_ids]
+    optimizers: list[torch.optim.Optimizer] = [
+        torch.optim.AdamW(dense, lr=config.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    ]
+    if sparse:
+        optimizers.append(torch.optim.SparseAdam(sparse, lr=config.lr * config.table_lr_mult))
+    return optimizers
+
+
+@torch.no_grad()
+def evaluate(model: EngramLM, data: PreparedData, config: TrainConfig) -> float:
+    """Mean validation loss over a fixed set of windows."""
+    model.eval()
+    losses = [
+        model(torch.from_numpy(x), torch.from_numpy(y))[1].item()
+        for x, y in eval_batches(data.val, config.batch_size, model.config.max_seq_len, config.eval_batches)
+    ]
+    model.train()
+    return float(np.mean(losses))
+
+
+def train(model: EngramLM, data: PreparedData, config: TrainConfig, progress: bool = True) -> TrainResult:
+    """Train in place; returns the loss history and statistics."""
+    torch.manual_seed(config.seed)
+    optimizers = _optimizers(model, config)
+    base_lrs = [[g["lr"] for g in opt.param_groups] for opt in optimizers]
+    result = TrainResult(non_embedding_params=model.num_params())
+    stream = batches(data.train, config.batch_size, model.config.max_seq_len, config.seed)
+    start = time.perf_counter()
+    bar = tqdm(range(config.steps), disable=not progress, desc="train", unit="step")
+    for step in bar:
+        x, y = next(stream)
+        scale = _lr_at(step, config)
+        for opt, lrs in zip(optimizers, base_lrs):
+            for group, lr in zip(opt.param_groups, lrs):
+                group["lr"] = lr * scale
+        _, loss = model(torch.from_numpy(x), torch.from_numpy(y))
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(
+            [p for p in model.parameters() if not p.is_sparse and p.grad is not None and not p.grad.is_sparse], 1.0
+        )
+        for opt in optimizers:
+            opt.step()
+        result.steps.append(step)
+        result.train_loss.append(loss.item())
+        if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
+            result.eval_steps.append(step + 1)
+            result.val_loss.append(evaluate(model, data, config))
+            bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{result.val_loss[-1]:.3f}")
+    result.train_seconds = time.perf_counter() - start
+    result.tokens_per_s = config.steps * config.batch_size * model.config.max_seq_len / result.train_seconds
+    tables = [b.engram.table for b in model.blocks if b.engram is not None]
+    result.rows_fetched = sum(t.rows_fetched for t in tables if isinstance(t, MemstoreTable))
+    result.lookup_seconds = sum(t.lookup_seconds for t in tables if isinstance(t, MemstoreTable))
+    return result
+
+
+def save_checkpoint(model: EngramLM, source: TableSource, path: Path, result: TrainResult | None = None) -> None:
+    """Model config, weights (tables too when local) and the loss history, written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "lm_config": lm_config_to_dict(model.config),
+        "source": source.value,
+        "state_dict": model.state_dict(),
+        "history": None if result is None else {"eval_steps": result.eval_steps, "val_loss": result.val_loss},
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+
+
+def load_checkpoint(
+    path: Path, data: PreparedData, client: MemstoreClient | None = None, source: TableSource | None = None
+) -> tuple[EngramLM, TableSource]:
+    """Rebuild a model saved by save_checkpoint (optionally with its tables from another source)."""
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    saved_source = TableSource(payload["source"])
+    source = source or saved_source
+    model = build_model(lm_config_from_dict(payload["lm_config"]), data, source, client)
+    # A memstore-trained checkpoint holds no tables; a local one's tables are only loaded into local tables.
+    missing, unexpected = model.load_state_dict(payload["state_dict"], strict=False)
+    if [k for k in missing if ".table." not in k] or [k for k in unexpected if ".table." not in k]:
+        raise ValueError(f"checkpoint {path} does not fit the model: missing {missing}, unexpected {unexpected}")
+    return model, source
+
+
+def main(argv: list[str] | None = None) -> None:
+    defaults = TrainConfig()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", type=TableSource, choices=list(TableSource), default=TableSource.LOCAL)
+    parser.add_argument("--memstore", help="daemon address HOST:PORT (with --source memstore)")
+    parser.add_argument("--steps", type=int, default=defaults.steps)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--eval-every", type=int, default=defaults.eval_every)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--out", type=Path, default=defaults.out_dir, help="checkpoint and history directory")
+    parser.add_argument("--data-dir", type=Path, default=DataConfig().data_dir)
+    parser.add_argument("--lm-config", type=Path, help="JSON file of LMConfig fields (unknown keys are errors)")
+    args = parser.parse_args(argv)
+    config = TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        eval_every=args.eval_every,
+        seed=args.seed,
+        out_dir=args.out,
+    )
+    lm_config = lm_config_from_dict(json.loads(args.lm_config.read_text())) if args.lm_config else LMConfig()
+    data = prepare_data(DataConfig(data_dir=args.data_dir))
+    lm_config = replace(lm_config, vocab_size=data.vocab_size)
+    client = None
+    if args.source is TableSource.MEMSTORE:
+        engram = lm_config.engram
+        assert engram is not None
+        client = MemstoreClient(args.memstore, expected_fingerprint=fingerprint(engram.layout(), engram.seed))
+    try:
+        model = build_model(lm_config, data, args.source, client)
+        result = train(model, data, config)
+        save_checkpoint(model, args.source, config.out_dir / "ckpt.pt", result)
+    finally:
+        if client is not None:
+            client.close()
+    print(report(result, config))
+
+
+def report(result: TrainResult, config: TrainConfig) -> str:
+    """A few lines on what the run did."""
+    lines = [
+        f"{config.steps} steps in {result.train_seconds:.1f} s, {result.tokens_per_s:,.0f} tokens/s; "
+        f"{result.non_embedding_params:,} non-embedding parameters",
+        f"train loss {result.train_loss[0]:.3f} -> {np.mean(result.train_loss[-10:]):.3f} (mean of the last 10 steps); "
+        f"val loss {result.val_loss[-1]:.3f}",
+    ]
+    if result.rows_fetched:
+        lines.append(
+            f"memstore: {result.rows_fetched:,} rows looked up, {result.lookup_seconds:.1f} s waiting for lookups "
+            f"({result.lookup_seconds / result.train_seconds:.0%} of training time)"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
