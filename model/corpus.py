@@ -17,6 +17,8 @@ _ONSETS = ["b", "d", "k", "l", "m", "n", "r", "s", "t", "v", "br", "dr", "gr", "
 _VOWELS = ["a", "e", "i", "o", "u", "ae", "ei", "ou"]
 _CODAS = ["", "", "n", "r", "l", "s", "th", "m", "sk", "nd"]
 _TRADES = ["astronomer", "cartographer", "shipwright", "physician", "composer", "glassmaker", "jurist", "engineer"]
+_ORG_ADJECTIVES = ["Royal", "Free", "Northern", "Old"]
+_ORG_KINDS = ["Academy", "Guild", "Society", "Company"]
 _PHRASES = [
     "at the end of the day",
     "in accordance with the charter",
@@ -81,8 +83,7 @@ def build_world(config: CorpusConfig) -> World:
     cities = _unique_words(rng, config.num_cities, (2, 3), taken)
     rivers = [f"the {w} River" for w in _unique_words(rng, config.num_rivers, (2, 2), taken)]
     orgs = [
-        f"the {rng.choice(['Royal', 'Free', 'Northern', 'Old'])} {rng.choice(['Academy', 'Guild', 'Society', 'Company'])} "
-        f"of {w}"
+        f"the {rng.choice(_ORG_ADJECTIVES)} {rng.choice(_ORG_KINDS)} of {w}"
         for w in _unique_words(rng, config.num_orgs, (2, 3), taken)
     ]
     org_city = {org: rng.choice(cities) for org in orgs}

@@ -140,7 +140,7 @@ def train(model: EngramLM, data: PreparedData, config: TrainConfig, progress: bo
             opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(
-            [p for p in model.parameters() if not p.is_sparse and p.grad is not None and not p.grad.is_sparse], 1.0
+            [p for p in model.parameters() if p.grad is not None and not p.grad.is_sparse], 1.0
         )
         for opt in optimizers:
             opt.step()

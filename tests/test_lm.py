@@ -1,0 +1,80 @@
+"""The small Engram LM: causality, local and memstore tables agree, training lowers the loss."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from client import MemstoreClient
+from memstore.create import create_table
+from memstore.dtypes import DType
+from memstore.manifest import Manifest
+from memstore.table import Table
+from model.corpus import CorpusConfig
+from model.data import DataConfig, prepare_data
+from model.engram import EngramConfig
+from model.lm import LMConfig
+from model.train import TableSource, TrainConfig, build_model, load_checkpoint, save_checkpoint, train
+
+ENGRAM = EngramConfig(layer_ids=(1,), vocab_size_per_ngram=(500, 500), heads_per_ngram=2, n_embed_per_ngram=16)
+CORPUS = CorpusConfig(num_people=30, num_cities=8, num_rivers=4, num_orgs=6, num_documents=400)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory):
+    return prepare_data(DataConfig(data_dir=tmp_path_factory.mktemp("data"), vocab_size=500, corpus=CORPUS))
+
+
+@pytest.fixture
+def config(data) -> LMConfig:
+    return LMConfig(
+        vocab_size=data.vocab_size, max_seq_len=32, d_model=32, n_layers=2, n_heads=2, mlp_hidden=64, engram=ENGRAM
+    )
+
+
+def test_logits_at_t_ignore_later_tokens(data, config) -> None:
+    torch.manual_seed(0)
+    model = build_model(config, data, TableSource.LOCAL)
+    for block in model.blocks:  # make the short convolution act, so its causality is tested too
+        if block.engram is not None:
+            torch.nn.init.normal_(block.engram.short_conv.conv.weight, std=0.1)
+    tokens = torch.from_numpy(data.train[:20].astype(np.int64))[None]  # [1, 20]
+    changed = tokens.clone()
+    changed[0, 12:] = torch.from_numpy(data.train[100:108].astype(np.int64))
+    base, after = model(tokens)[0], model(changed)[0]
+    torch.testing.assert_close(after[:, :12], base[:, :12])
+    assert not torch.allclose(after[:, 12:], base[:, 12:])
+
+
+def test_memstore_tables_give_the_local_model_outputs(data, config, tmp_path, daemon_factory) -> None:
+    torch.manual_seed(0)
+    local = build_model(config, data, TableSource.LOCAL)
+    path = create_table(tmp_path / "t", Manifest(layout=ENGRAM.layout(), dtype=DType.FLOAT32, seed=ENGRAM.seed))
+    with Table.open(path) as table, MemstoreClient(daemon_factory(table).address) as client:
+        remote = build_model(config, data, TableSource.MEMSTORE, client)
+        remote.load_state_dict(local.state_dict(), strict=False)
+        tokens = torch.from_numpy(data.val[:64].astype(np.int64)).view(2, 32)
+        torch.testing.assert_close(remote(tokens)[0], local(tokens)[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("source", [TableSource.LOCAL, TableSource.NONE])
+def test_a_short_run_lowers_the_loss_and_checkpoints_round_trip(data, config, tmp_path, source) -> None:
+    torch.manual_seed(0)
+    model = build_model(config, data, source)
+    result = train(model, data, TrainConfig(steps=40, batch_size=8, eval_every=20, eval_batches=2), progress=False)
+    assert np.mean(result.train_loss[-5:]) < result.train_loss[0] - 1.0
+    assert result.val_loss[-1] < result.val_loss[0]
+    save_checkpoint(model, source, tmp_path / "ckpt.pt", result)
+    loaded, loaded_source = load_checkpoint(tmp_path / "ckpt.pt", data)
+    tokens = torch.from_numpy(data.val[:32].astype(np.int64))[None]
+    assert loaded_source is source
+    torch.testing.assert_close(loaded(tokens)[0], model(tokens)[0])
+
+
+def test_generation_extends_the_prompt(data, config) -> None:
+    model = build_model(replace(config, engram=ENGRAM), data, TableSource.LOCAL)
+    out = model.generate(torch.tensor([[data.bos_id, 5, 6]]), max_new_tokens=10)
+    assert out.shape == (1, 13) and out[0, :3].tolist() == [data.bos_id, 5, 6]
