@@ -4,57 +4,154 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from memstore.errors import InvalidArgumentError
-from model.compression import CompressedTokenizer
+from model.compression import CompressedTokenizer, engram_normalizer
 
-WORDS = ["Hello", "hello", "HELLO", "héllo", " ", "  ", "\t", "Ünïcode", "unicode", "ﬁne", "fine", "x", " Hello "]
+# (token, the compressed id the rule gives it): ids are numbered by first appearance.
+WORDS = [
+    ("Hello", 0),
+    ("hello", 0),
+    ("HELLO", 0),
+    ("héllo", 0),  # accents stripped
+    (" ", 1),  # a lone space is kept as " "
+    ("  ", 1),  # whitespace runs fold to one space
+    ("\t", 1),
+    (" \n ", 1),
+    ("Ünïcode", 2),
+    ("unicode", 2),
+    ("ﬁne", 3),  # NFKC unfolds the ligature
+    ("fine", 3),
+    (" Hello ", 0),  # stripped
+    ("x", 4),
+    ("\x0c", 5),  # normalises to "" (Strip): keeps its own text as key
+    ("\u0301", 6),  # a lone combining accent normalises to "" too
+    ("\x0b", 7),
+    ("Ａｂｃ", 8),  # fullwidth letters: NFKC
+    ("abc", 8),
+    ("a  b", 9),
+    ("A\tB", 9),
+    ("\u00a0", 1),  # NFKC turns a no-break space into a space
+    ("Straße", 10),  # Lowercase is not case folding: ß stays
+    ("strasse", 11),
+]
+SPECIAL = ("<PAD>", 12)  # added tokens count, and are normalised like any other
 
 
 def _word_level() -> Tokenizer:
-    return Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="x"))
+    tokenizer = Tokenizer(models.WordLevel({word: i for i, (word, _) in enumerate(WORDS)}, unk_token="x"))
+    tokenizer.add_special_tokens([AddedToken(SPECIAL[0], special=True)])
+    return tokenizer
 
 
-def test_equivalent_spellings_share_an_id_numbered_by_first_appearance() -> None:
-    compressed = CompressedTokenizer(_word_level())
-    table = compressed.lookup_table.tolist()
-    by_word = dict(zip(WORDS, table))
-    assert by_word["Hello"] == by_word["hello"] == by_word["HELLO"] == by_word["héllo"] == by_word[" Hello "] == 0
-    assert by_word[" "] == by_word["  "] == by_word["\t"] == 1  # whitespace runs fold to one kept space
-    assert by_word["Ünïcode"] == by_word["unicode"] == 2
-    assert by_word["ﬁne"] == by_word["fine"] == 3  # NFKC folds the ligature
-    assert by_word["x"] == 4
-    assert compressed.compressed_vocab_size == 5
-    assert compressed.ratio == pytest.approx(1 - 5 / len(WORDS))
-
-
-def test_byte_fragments_keep_their_raw_token() -> None:
+def _byte_level_bpe() -> Tokenizer:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(["Déjà vu, déjà VU. naïve Naive"] * 20, trainer)
-    compressed = CompressedTokenizer(tokenizer)
-    fragments = [i for i in range(tokenizer.get_vocab_size()) if "\ufffd" in tokenizer.decode([i])]
-    assert fragments  # single bytes of multi-byte characters
-    ids = compressed.lookup_table[fragments]
-    assert len(set(ids.tolist())) == len(fragments)  # distinct raw keys stay distinct
-    assert 0 < compressed.ratio < 1
-    assert compressed.compressed_vocab_size == len(set(compressed.lookup_table.tolist()))
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<pad>"]
+    )
+    tokenizer.train_from_iterator(["Déjà vu, déjà VU. naïve Naive ð ß"] * 20, trainer)
+    return tokenizer
 
 
-def test_compress_is_a_vectorised_lookup_with_checks() -> None:
+@pytest.fixture(scope="module")
+def bpe() -> Tokenizer:
+    return _byte_level_bpe()
+
+
+def _reference_lookup(tokenizer: Tokenizer) -> list[int]:
+    """The reference's loop, id by id (engram_demo_v1.py, CompressedTokenizer._build_lookup_table)."""
+    normalizer = engram_normalizer()
+    key_ids: dict[str | None, int] = {}
+    lookup = []
+    for token_id in range(tokenizer.get_vocab_size(with_added_tokens=True)):
+        text = tokenizer.decode([token_id], skip_special_tokens=False)
+        if "\ufffd" in text:
+            key = tokenizer.id_to_token(token_id)
+        else:
+            norm = normalizer.normalize_str(text)
+            key = norm if norm else text
+        lookup.append(key_ids.setdefault(key, len(key_ids)))
+    return lookup
+
+
+def test_word_level_merges_follow_the_rule() -> None:
     compressed = CompressedTokenizer(_word_level())
-    ids = np.array([[0, 1, 2], [4, 5, 12]])
-    np.testing.assert_array_equal(compressed.compress(ids), compressed.lookup_table[ids])
-    assert compressed.compressed_id(2) == 0
-    for bad in (np.array([len(WORDS)]), np.array([-1]), np.array([0.5])):
-        with pytest.raises(InvalidArgumentError):
-            compressed.compress(bad)
+    expected = [cid for _, cid in WORDS] + [SPECIAL[1]]
+    assert compressed.lookup_table.dtype == np.int64
+    assert compressed.lookup_table.tolist() == expected
+    assert compressed.original_vocab_size == len(WORDS) + 1
+    assert compressed.compressed_vocab_size == len(compressed) == 13
+    assert compressed.ratio == pytest.approx(1 - 13 / 25)
 
 
-def test_from_file(tmp_path) -> None:
-    _word_level().save(str(tmp_path / "tokenizer.json"))
+@pytest.mark.parametrize(
+    ("text", "normal"),
+    [(" ", " "), ("\t\n", " "), ("  Ab  ", "ab"), (" À\t b ", "a b"), ("\x0c", ""), ("ＡＢ", "ab")],
+)
+def test_the_normaliser(text: str, normal: str) -> None:
+    assert engram_normalizer().normalize_str(text) == normal
+
+
+def test_compressed_ids_are_numbered_by_first_appearance(bpe: Tokenizer) -> None:
+    table = CompressedTokenizer(bpe).lookup_table
+    _, first = np.unique(table, return_index=True)  # first original id of each compressed id
+    assert np.all(np.diff(first) > 0)
+    assert table[0] == 0 and table.max() == len(first) - 1
+
+
+def test_byte_level_bpe_matches_the_reference_loop(bpe: Tokenizer) -> None:
+    compressed = CompressedTokenizer(bpe)
+    assert compressed.lookup_table.tolist() == _reference_lookup(bpe)
+    same = [bpe.token_to_id(t) for t in ("DÃ©jÃł", "dÃ©jÃł", "ĠdÃ©jÃł")]  # "Déjà", "déjà", " déjà" -> "deja"
+    assert len(set(compressed.lookup_table[same].tolist())) == 1
+    same = [bpe.token_to_id(t) for t in ("VU", "ĠVU", "vu", "Ġvu")]
+    assert len(set(compressed.lookup_table[same].tolist())) == 1
+    assert compressed.ratio == pytest.approx(1 - compressed.compressed_vocab_size / bpe.get_vocab_size())
+    assert 0 < compressed.ratio < 1
+
+
+def test_byte_fragments_keep_their_raw_token(bpe: Tokenizer) -> None:
+    table = CompressedTokenizer(bpe).lookup_table
+    fragments = [i for i in range(bpe.get_vocab_size()) if "\ufffd" in bpe.decode([i])]
+    assert len(fragments) > 100  # the bytes 0x80..0xff alone, and merges ending mid-character
+    assert len(set(table[fragments].tolist())) == len(fragments)  # raw token strings are all distinct
+
+
+def test_a_raw_key_can_meet_a_normalised_text_as_in_the_reference(bpe: Tokenizer) -> None:
+    # Byte 0xF0 alone is the token "ð" (GPT-2's byte alphabet) and decodes to U+FFFD, so its key is
+    # "ð", which is also the normal form of the token " ð" (bytes " \xc3\xb0"): one dict, one id.
+    table = CompressedTokenizer(bpe).lookup_table
+    assert table[bpe.token_to_id("ð")] == table[bpe.token_to_id("ĠÃ°")]
+    assert table[bpe.token_to_id("ß")] == table[bpe.token_to_id("ĠÃŁ")]
+
+
+def test_compress_is_a_vectorised_lookup() -> None:
+    compressed = CompressedTokenizer(_word_level())
+    ids = np.array([[0, 1, 2], [4, 5, 12]], dtype=np.int32)
+    out = compressed.compress(ids)
+    assert out.dtype == np.int64 and out.shape == (2, 3)
+    np.testing.assert_array_equal(out, [[0, 0, 0], [1, 1, 0]])
+    assert compressed.compress(np.zeros((0, 4), dtype=np.int64)).shape == (0, 4)
+    assert compressed.compressed_id(8) == 2
+    assert compressed.compressed_id(np.int64(len(WORDS))) == SPECIAL[1]
+
+
+@pytest.mark.parametrize("bad", [np.array([25]), np.array([[0], [-1]]), np.array([0.5]), np.array([True])])
+def test_compress_rejects_what_is_not_a_token_id(bad: np.ndarray) -> None:
+    with pytest.raises(InvalidArgumentError, match="token id"):
+        CompressedTokenizer(_word_level()).compress(bad)
+
+
+@pytest.mark.parametrize("bad", [25, -1, 1.0, True])
+def test_compressed_id_rejects_what_is_not_a_token_id(bad: object) -> None:
+    with pytest.raises(InvalidArgumentError, match="token id"):
+        CompressedTokenizer(_word_level()).compressed_id(bad)  # type: ignore[arg-type]
+
+
+def test_from_file(tmp_path, bpe: Tokenizer) -> None:
+    bpe.save(str(tmp_path / "tokenizer.json"))
     loaded = CompressedTokenizer.from_file(tmp_path / "tokenizer.json")
-    np.testing.assert_array_equal(loaded.lookup_table, CompressedTokenizer(_word_level()).lookup_table)
+    np.testing.assert_array_equal(loaded.lookup_table, CompressedTokenizer(bpe).lookup_table)
