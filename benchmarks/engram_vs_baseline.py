@@ -20,7 +20,6 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -57,14 +56,12 @@ def gate_map(model: EngramLM, data: PreparedData, sentences: list[str], path: Pa
                 labels.append(f"layer {block.engram.layer_id}")
                 tokens_per_row.append(pieces)
     width = max(len(r) for r in rows)
-    grid = np.full((len(rows), width), np.nan)
-    for i, r in enumerate(rows):
-        grid[i, : len(r)] = r
-    fig, axes = plt.subplots(len(rows), 1, figsize=(max(8, width * 0.42), 1.1 * len(rows) + 1), squeeze=False)
+    fig, axes = plt.subplots(len(rows), 1, figsize=(max(8, width * 0.45), 1.5 * len(rows) + 1), squeeze=False)
+    fig.subplots_adjust(hspace=1.6)  # room for each row's token labels
     for ax, row, label, pieces in zip(axes[:, 0], rows, labels, tokens_per_row):
         image = ax.imshow(row[None, :], aspect="auto", cmap="viridis", vmin=0, vmax=1)
         ax.set_yticks([0], [label])
-        ax.set_xticks(range(len(pieces)), [p.replace("\n", "\\n") for p in pieces], rotation=70, fontsize=7)
+        ax.set_xticks(range(len(pieces)), [p.replace("\n", "\\n") for p in pieces], rotation=60, fontsize=7)
     fig.colorbar(image, ax=axes[:, 0].tolist(), label="gate alpha_t")
     fig.suptitle("Engram gate per token (bright: the memory is used)")
     fig.savefig(path, dpi=120, bbox_inches="tight")
