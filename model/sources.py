@@ -1,4 +1,4 @@
-"""Where an Engram layer's rows come from: an in-process table or the memstore daemon.
+"""Where an Engram layer's rows come from: in process (trainable or memory-mapped) or the memstore daemon.
 
 A source is called with row ids [B, T, heads] of its layer and returns rows [B, T, heads, dim]
 in float32. Both kinds start from the same rows for the same table (the memstore's
@@ -18,6 +18,7 @@ from client import MemstoreClient
 from memstore.dtypes import DType
 from memstore.layout import EngramLayout
 from memstore.rowgen import initial_rows
+from memstore.table import Table
 
 
 class RowSource(Protocol):
@@ -39,6 +40,19 @@ class LocalTable(nn.Module):
 
     def forward(self, row_ids: torch.Tensor) -> torch.Tensor:
         return self.embedding(row_ids)  # [B, T, heads, dim]
+
+
+class MappedTable:
+    """The layer's rows read in process from a memstore table directory (memory-mapped, read-only)."""
+
+    def __init__(self, table: Table, layer_id: int) -> None:
+        self.table = table
+        self.layer_id = layer_id
+
+    def __call__(self, row_ids: torch.Tensor) -> torch.Tensor:
+        rows = self.table.gather(self.layer_id, row_ids.reshape(-1).cpu().numpy())  # [N, dim] storage dtype
+        dtype = self.table.manifest.dtype
+        return dtype.to_torch(rows).float().reshape(*row_ids.shape, -1).to(row_ids.device)  # [B, T, heads, dim]
 
 
 class MemstoreTable:

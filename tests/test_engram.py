@@ -12,7 +12,7 @@ from memstore.dtypes import DType
 from memstore.manifest import Manifest
 from memstore.table import Table
 from model.engram import Engram, EngramConfig, ShortConv
-from model.sources import LocalTable, MemstoreTable
+from model.sources import LocalTable, MappedTable, MemstoreTable
 
 CONFIG = EngramConfig(
     layer_ids=(1,), vocab_size_per_ngram=(300, 400), max_ngram=3, heads_per_ngram=2, n_embed_per_ngram=16
@@ -105,3 +105,13 @@ def test_memstore_and_local_sources_give_the_same_outputs_and_gradients(float32_
     expected = local.table.embedding.weight.grad.coalesce()
     assert row_ids.tolist() == expected.indices()[0].tolist()
     np.testing.assert_allclose(grads, expected.values().numpy(), rtol=1e-6, atol=1e-7)
+
+
+def test_a_memory_mapped_table_gives_the_local_outputs(tmp_path) -> None:
+    local = _engram()
+    path = create_table(tmp_path / "mapped", Manifest(layout=CONFIG.layout(), dtype=DType.FLOAT32, seed=CONFIG.seed))
+    with Table.open(path) as table:
+        mapped = Engram(CONFIG.layer_ids[0], CONFIG, HIDDEN, MappedTable(table, CONFIG.layer_ids[0]))
+        mapped.load_state_dict({k: v for k, v in local.state_dict().items() if not k.startswith("table.")})
+        hidden, ids = torch.randn(2, 5, 1, HIDDEN), _row_ids(CONFIG, 2, 5)
+        torch.testing.assert_close(mapped(hidden, ids), local(hidden, ids), rtol=0, atol=0)
