@@ -10,11 +10,19 @@ import numpy as np
 import torch
 
 from client.config import ClientConfig
-from memstore.codec import encode_row_ids
+from memstore.codec import check_request_rows, encode_row_ids
 from memstore.dtypes import DType
-from memstore.errors import DataLossError, InvalidArgumentError, LayoutMismatchError, error_from_rpc
+from memstore.errors import (
+    DataLossError,
+    InvalidArgumentError,
+    LayoutMismatchError,
+    UnavailableError,
+    error_from_rpc,
+)
 from memstore.manifest import Manifest
+from memstore.same_host import open_if_same_host
 from memstore.storage.base import take_rows
+from memstore.table import Table
 from memstore.wire import memstore_pb2 as pb
 from memstore.wire import memstore_pb2_grpc as pb_grpc
 
@@ -35,6 +43,8 @@ class MemstoreClient:
         self._stub = pb_grpc.MemstoreStub(self._channel)
         self._describe_lock = threading.Lock()
         self._described: pb.DescribeResponse | None = None
+        self._local: Table | None = None
+        self._local_checked = False
         if expected_fingerprint is not None:
             try:
                 self.check_fingerprint(expected_fingerprint)
@@ -72,10 +82,18 @@ class MemstoreClient:
             raise InvalidArgumentError(f"layer id {layer_id} is not an Engram layer id (0 <= id < 2**32)")
         ids = _as_int64_array(row_ids)
         flat = ids.reshape(-1)  # [N]
+        local = self._same_host_table(timeout)
+        if local is not None:  # rows straight from the mapped files: same checks, same errors as the daemon
+            limit = self.server_limits(timeout).max_rows_per_request
+            if len(flat) > limit:  # the rows the wire would carry, deduplicated or not
+                distinct = _distinct_count(flat)
+                check_request_rows(distinct if self._dedup_pays(distinct, len(flat)) else len(flat), limit)
+            rows = local.gather(layer_id, flat)  # [N, dim]
+            return local.manifest.dtype.to_torch(rows.reshape(*ids.shape, rows.shape[-1]))  # [*shape, dim]
         # numpy, not torch, on this path: torch's OpenMP workers spin after each parallel op
         # and starve the gRPC receive thread on small hosts (measured: 2x slower lookups).
         # Restoring duplicates costs a row gather here, so dedup only when it saves rows on the wire.
-        if _distinct_count(flat) <= (1.0 - self.config.dedup_min_saving) * len(flat):
+        if self._dedup_pays(_distinct_count(flat), len(flat)):
             unique, inverse = np.unique(flat, return_inverse=True)  # [U], [N]
             dtype, rows = self._fetch(layer_id, unique, timeout)  # [U, dim]
             rows = take_rows(rows, inverse)  # [N, dim]
@@ -106,6 +124,30 @@ class MemstoreClient:
         assert dtype is not None
         return dtype, out
 
+    def _dedup_pays(self, distinct: int, total: int) -> bool:
+        return distinct <= (1.0 - self.config.dedup_min_saving) * total
+
+    @property
+    def transport(self) -> str:
+        """ "same-host" when lookups read the daemon's files in place, else "grpc" (after the first lookup)."""
+        return "same-host" if self._local is not None else "grpc"
+
+    def _same_host_table(self, timeout: float | None) -> Table | None:
+        if self.config.same_host is False:
+            return None
+        if not self._local_checked:
+            served = self._describe(timeout)
+            with self._describe_lock:
+                if not self._local_checked:
+                    self._local = open_if_same_host(served.same_host, served.fingerprint)
+                    self._local_checked = True
+            if self._local is None and self.config.same_host:
+                raise UnavailableError(
+                    f"{self.address} offers no same-host access to this process (another host, another mount "
+                    "namespace, or --no-same-host); drop ClientConfig(same_host=True) to use gRPC"
+                )
+        return self._local
+
     def _describe(self, timeout: float | None) -> pb.DescribeResponse:
         with self._describe_lock:
             if self._described is None:
@@ -119,8 +161,11 @@ class MemstoreClient:
         return self.config.timeout_s if timeout is None else timeout
 
     def close(self) -> None:
-        """Close the channel; in-flight calls are cancelled."""
+        """Close the channel (in-flight calls are cancelled) and unmap same-host files."""
         self._channel.close()
+        if self._local is not None:
+            self._local.close()
+            self._local = None
 
     def __enter__(self) -> MemstoreClient:
         return self

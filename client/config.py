@@ -23,6 +23,9 @@ class ClientConfig:
     max_backoff_s: float = 2.0
     # HTTP/2 flow-control window per stream; a small window stalls large responses.
     window_bytes: int = 16 << 20
+    # Same-host fast path (the daemon's table files mapped read-only in this process):
+    # None uses it when available, False never, True requires it.
+    same_host: bool | None = None
     # Send unique ids (and restore duplicates here) when that removes at least this share of rows.
     dedup_min_saving: float = 0.05
     # Largest request the client sends (ids are 8 bytes each).

@@ -67,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument(
         "--log-interval", type=float, default=defaults.log_interval_s, help="seconds between traffic lines"
     )
+    srv.add_argument(
+        "--no-same-host", action="store_true", help="do not let clients on this host map the table's files"
+    )
     return parser
 
 
@@ -123,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                 max_workers=args.max_workers,
                 grace_s=args.grace,
                 log_interval_s=args.log_interval,
+                same_host=not args.no_same_host,
             )
             return serve(args.path, args.listen, config, args.port_file)
     except MemstoreError as exc:

@@ -1,10 +1,10 @@
-"""Raw little-endian payloads of the wire: row ids as int64 bytes, rows as storage bytes."""
+"""Raw little-endian payloads of the wire (row ids as int64 bytes, rows as storage bytes) and request limits."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from memstore.errors import InvalidArgumentError
+from memstore.errors import InvalidArgumentError, ResourceExhaustedError
 
 ROW_ID_DTYPE = np.dtype("<i8")
 
@@ -21,3 +21,12 @@ def decode_row_ids(data: bytes) -> np.ndarray:
             f"row_ids holds {len(data)} bytes, not a multiple of 8: send little-endian int64 ids"
         )
     return np.frombuffer(data, dtype=ROW_ID_DTYPE)
+
+
+def check_request_rows(num_rows: int, max_rows: int) -> None:
+    """RESOURCE_EXHAUSTED for a request above the configured row limit."""
+    if num_rows > max_rows:
+        raise ResourceExhaustedError(
+            f"request has {num_rows} rows; this server takes at most {max_rows} per request: split it "
+            "(or raise --max-rows-per-request)"
+        )

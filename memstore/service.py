@@ -22,8 +22,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from memstore import __version__
-from memstore.codec import decode_row_ids
-from memstore.errors import InternalError, InvalidArgumentError, MemstoreError, ResourceExhaustedError
+from memstore.codec import check_request_rows, decode_row_ids
+from memstore.errors import InternalError, InvalidArgumentError, MemstoreError
+from memstore.same_host import advertise
 from memstore.table import Table
 from memstore.wire import memstore_pb2 as pb
 from memstore.wire import memstore_pb2_grpc as pb_grpc
@@ -46,6 +47,8 @@ class ServerConfig:
     window_bytes: int = 16 << 20
     grace_s: float = 10.0
     log_interval_s: float = 60.0
+    # Let clients on this host map the table's files read-only instead of streaming rows.
+    same_host: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_rows_per_request", "chunk_bytes", "max_workers", "window_bytes"):
@@ -104,6 +107,7 @@ class MemstoreServicer(pb_grpc.MemstoreServicer):
                 max_rows_per_request=config.max_rows_per_request, chunk_bytes=self._chunk_rows * self._row_bytes
             ),
             server_version=__version__,
+            same_host=advertise(table) if config.same_host else None,
         )
 
     def Describe(self, request: pb.DescribeRequest, context: grpc.ServicerContext) -> pb.DescribeResponse:
@@ -141,15 +145,6 @@ class MemstoreServicer(pb_grpc.MemstoreServicer):
             self._counters.add_error()
             log.exception("lookup failed unexpectedly")
             context.abort(InternalError.code, f"internal error: {exc!r}")
-
-
-def check_request_rows(num_rows: int, max_rows: int) -> None:
-    """RESOURCE_EXHAUSTED for a request above the configured row limit."""
-    if num_rows > max_rows:
-        raise ResourceExhaustedError(
-            f"request has {num_rows} rows; this server takes at most {max_rows} per request: split it "
-            "(or raise --max-rows-per-request)"
-        )
 
 
 def create_server(

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from client import MemstoreClient
+from client import ClientConfig, MemstoreClient
 from memstore.service import ServerConfig, create_server
 from memstore.table import Table
 from tests.helpers import FAST_FAIL, make_table
@@ -56,7 +57,13 @@ def daemon(daemon_factory, table: Table) -> Daemon:
     return daemon_factory(table)
 
 
+@pytest.fixture(params=[False, True], ids=["grpc", "same-host"])
+def client_config(request: pytest.FixtureRequest) -> ClientConfig:
+    """Fail-fast client settings, once over gRPC and once through the same-host fast path."""
+    return replace(FAST_FAIL, same_host=request.param)
+
+
 @pytest.fixture
-def client(daemon: Daemon) -> Iterator[MemstoreClient]:
-    with MemstoreClient(daemon.address, FAST_FAIL) as connected:
+def client(daemon: Daemon, client_config: ClientConfig) -> Iterator[MemstoreClient]:
+    with MemstoreClient(daemon.address, client_config) as connected:
         yield connected

@@ -24,7 +24,7 @@ from memstore.dtypes import DType
 from memstore.layout import fingerprint
 from memstore.service import ServerConfig
 from memstore.table import Table
-from tests.helpers import FAST_FAIL, SMALL_LAYOUT, make_table
+from tests.helpers import SMALL_LAYOUT, make_table
 
 
 @pytest.mark.parametrize("shape", [(7,), (3, 5), (2, 3, 4), (0,)])
@@ -47,10 +47,10 @@ def test_duplicates_are_fetched_once_and_restored_in_order(client: MemstoreClien
 
 
 @pytest.mark.parametrize("dtype", list(DType))
-def test_rows_keep_the_stored_dtype(daemon_factory, tmp_path, dtype: DType) -> None:
+def test_rows_keep_the_stored_dtype(daemon_factory, client_config, tmp_path, dtype: DType) -> None:
     with Table.open(make_table(tmp_path / dtype.value, dtype)) as opened:
         daemon = daemon_factory(opened)
-        with MemstoreClient(daemon.address, FAST_FAIL) as client:
+        with MemstoreClient(daemon.address, client_config) as client:
             rows = client.lookup(1, np.arange(10))
         assert rows.dtype == dtype.torch
         expected = dtype.to_torch(opened.gather(1, np.arange(10)))
@@ -81,11 +81,11 @@ def test_describe_and_fingerprint_check(client: MemstoreClient, table: Table) ->
         client.check_fingerprint(fingerprint(SMALL_LAYOUT, 1))
 
 
-def test_expected_fingerprint_is_checked_on_connect(daemon) -> None:
-    with MemstoreClient(daemon.address, FAST_FAIL, expected_fingerprint=fingerprint(SMALL_LAYOUT, 0)) as client:
+def test_expected_fingerprint_is_checked_on_connect(daemon, client_config) -> None:
+    with MemstoreClient(daemon.address, client_config, expected_fingerprint=fingerprint(SMALL_LAYOUT, 0)) as client:
         assert client.lookup(1, [1]).shape == (1, 16)
     with pytest.raises(LayoutMismatchError):
-        MemstoreClient(daemon.address, FAST_FAIL, expected_fingerprint="0" * 16)
+        MemstoreClient(daemon.address, client_config, expected_fingerprint="0" * 16)
 
 
 def _free_port() -> int:
@@ -94,19 +94,19 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_unreachable_daemon_raises_unavailable() -> None:
-    with MemstoreClient(f"127.0.0.1:{_free_port()}", FAST_FAIL) as client:
+def test_unreachable_daemon_raises_unavailable(client_config) -> None:
+    with MemstoreClient(f"127.0.0.1:{_free_port()}", client_config) as client:
         with pytest.raises(UnavailableError) as info:
             client.lookup(1, [0])
         assert isinstance(info.value, MemstoreError)
 
 
-def test_deadline_is_enforced_against_a_stuck_daemon() -> None:
+def test_deadline_is_enforced_against_a_stuck_daemon(client_config) -> None:
     # A listening socket that never speaks HTTP/2: the TCP connect succeeds, nothing answers.
     with socket.socket() as stuck:
         stuck.bind(("127.0.0.1", 0))
         stuck.listen(8)
-        with MemstoreClient(f"127.0.0.1:{stuck.getsockname()[1]}", FAST_FAIL) as client:
+        with MemstoreClient(f"127.0.0.1:{stuck.getsockname()[1]}", client_config) as client:
             start = time.monotonic()
             with pytest.raises(DeadlineExceededError):
                 client.lookup(1, [0], timeout=0.5)
@@ -115,7 +115,7 @@ def test_deadline_is_enforced_against_a_stuck_daemon() -> None:
 
 def test_retries_unavailable_until_the_daemon_is_up(daemon_factory, table: Table) -> None:
     port = _free_port()
-    config = ClientConfig(timeout_s=20, max_attempts=5, initial_backoff_s=0.5, max_backoff_s=2.0)
+    config = ClientConfig(timeout_s=20, max_attempts=5, initial_backoff_s=0.5, max_backoff_s=2.0, same_host=False)
     starter = threading.Timer(0.3, lambda: daemon_factory(table, port=port))
     with MemstoreClient(f"127.0.0.1:{port}", config) as client:
         starter.start()
@@ -134,10 +134,39 @@ def test_client_survives_a_daemon_restart(daemon_factory, table: Table) -> None:
         assert torch.equal(client.lookup(4, [3]), before)
 
 
-def test_duplicates_do_not_cross_the_wire(daemon_factory, table: Table) -> None:
+def test_duplicates_do_not_cross_the_wire_and_limits_hold_on_both_paths(
+    daemon_factory, client_config, table: Table
+) -> None:
     daemon = daemon_factory(table, ServerConfig(max_rows_per_request=100))
     ids = np.arange(10_000) % 100  # 10,000 ids, 100 distinct: only the 100 are sent
-    with MemstoreClient(daemon.address, FAST_FAIL) as client:
+    with MemstoreClient(daemon.address, client_config) as client:
         np.testing.assert_array_equal(client.lookup(1, ids).numpy(), table.gather(1, ids))
         with pytest.raises(ResourceExhaustedError, match="at most 100"):
             client.lookup(1, np.arange(101))
+
+
+def test_the_requested_transport_is_used(client: MemstoreClient, client_config: ClientConfig) -> None:
+    client.lookup(1, [0, 1])
+    assert client.transport == ("same-host" if client_config.same_host else "grpc")
+
+
+def test_same_host_falls_back_to_grpc_when_the_daemon_does_not_offer_it(daemon_factory, table: Table) -> None:
+    daemon = daemon_factory(table, ServerConfig(same_host=False))
+    with MemstoreClient(daemon.address) as client:
+        np.testing.assert_array_equal(client.lookup(4, [7]).numpy(), table.gather(4, np.array([7])))
+        assert client.transport == "grpc"
+    with MemstoreClient(daemon.address, ClientConfig(same_host=True)) as client:
+        with pytest.raises(UnavailableError, match="no same-host access"):
+            client.lookup(4, [7])
+
+
+def test_same_host_refuses_a_file_that_is_not_the_daemons(daemon_factory, tmp_path) -> None:
+    path = make_table(tmp_path / "t")
+    with Table.open(path) as opened:
+        daemon = daemon_factory(opened)
+        moved = tmp_path / "moved"
+        path.rename(moved)  # the daemon still maps the old inodes; the path now holds another table
+        make_table(path)
+        with MemstoreClient(daemon.address) as client:
+            np.testing.assert_array_equal(client.lookup(1, [3]).numpy(), opened.gather(1, np.array([3])))
+            assert client.transport == "grpc"

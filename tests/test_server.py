@@ -13,12 +13,12 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from memstore.codec import encode_row_ids
+from memstore.codec import check_request_rows, encode_row_ids
 from memstore.dtypes import DType
 from memstore.errors import ResourceExhaustedError
 from memstore.launch import start_daemon, stop_daemon
 from memstore.manifest import Manifest
-from memstore.service import SERVICE_NAME, ServerConfig, check_request_rows
+from memstore.service import SERVICE_NAME, ServerConfig
 from memstore.table import Table
 from memstore.wire import memstore_pb2 as pb
 from memstore.wire import memstore_pb2_grpc as pb_grpc

@@ -24,25 +24,29 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmemstore/wire/memstore.proto\x12\x12\x65ngram.memstore.v1\"\x11\n\x0f\x44\x65scribeRequest\"\x88\x01\n\x10\x44\x65scribeResponse\x12\x15\n\rmanifest_json\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x30\n\x06limits\x18\x03 \x01(\x0b\x32 .engram.memstore.v1.ServerLimits\x12\x16\n\x0eserver_version\x18\x04 \x01(\t\"A\n\x0cServerLimits\x12\x1c\n\x14max_rows_per_request\x18\x01 \x01(\x04\x12\x13\n\x0b\x63hunk_bytes\x18\x02 \x01(\x04\"2\n\rLookupRequest\x12\x10\n\x08layer_id\x18\x01 \x01(\r\x12\x0f\n\x07row_ids\x18\x02 \x01(\x0c\"{\n\x0eLookupResponse\x12(\n\x05\x64type\x18\x01 \x01(\x0e\x32\x19.engram.memstore.v1.DType\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\x12\x10\n\x08num_rows\x18\x03 \x01(\x04\x12\x12\n\nrow_offset\x18\x04 \x01(\x04\x12\x0c\n\x04rows\x18\x05 \x01(\x0c*X\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x32\xb4\x01\n\x08Memstore\x12U\n\x08\x44\x65scribe\x12#.engram.memstore.v1.DescribeRequest\x1a$.engram.memstore.v1.DescribeResponse\x12Q\n\x06Lookup\x12!.engram.memstore.v1.LookupRequest\x1a\".engram.memstore.v1.LookupResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmemstore/wire/memstore.proto\x12\x12\x65ngram.memstore.v1\"\x11\n\x0f\x44\x65scribeRequest\"\xbf\x01\n\x10\x44\x65scribeResponse\x12\x15\n\rmanifest_json\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x30\n\x06limits\x18\x03 \x01(\x0b\x32 .engram.memstore.v1.ServerLimits\x12\x16\n\x0eserver_version\x18\x04 \x01(\t\x12\x35\n\tsame_host\x18\x05 \x01(\x0b\x32\".engram.memstore.v1.SameHostAccess\"b\n\x0eSameHostAccess\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x11\n\ttable_dir\x18\x02 \x01(\t\x12,\n\x05\x66iles\x18\x03 \x03(\x0b\x32\x1d.engram.memstore.v1.LayerFile\"J\n\tLayerFile\x12\x10\n\x08layer_id\x18\x01 \x01(\r\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\x04\x12\r\n\x05inode\x18\x04 \x01(\x04\"A\n\x0cServerLimits\x12\x1c\n\x14max_rows_per_request\x18\x01 \x01(\x04\x12\x13\n\x0b\x63hunk_bytes\x18\x02 \x01(\x04\"2\n\rLookupRequest\x12\x10\n\x08layer_id\x18\x01 \x01(\r\x12\x0f\n\x07row_ids\x18\x02 \x01(\x0c\"{\n\x0eLookupResponse\x12(\n\x05\x64type\x18\x01 \x01(\x0e\x32\x19.engram.memstore.v1.DType\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\x12\x10\n\x08num_rows\x18\x03 \x01(\x04\x12\x12\n\nrow_offset\x18\x04 \x01(\x04\x12\x0c\n\x04rows\x18\x05 \x01(\x0c*X\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x32\xb4\x01\n\x08Memstore\x12U\n\x08\x44\x65scribe\x12#.engram.memstore.v1.DescribeRequest\x1a$.engram.memstore.v1.DescribeResponse\x12Q\n\x06Lookup\x12!.engram.memstore.v1.LookupRequest\x1a\".engram.memstore.v1.LookupResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'memstore.wire.memstore_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=454
-  _globals['_DTYPE']._serialized_end=542
+  _globals['_DTYPE']._serialized_start=685
+  _globals['_DTYPE']._serialized_end=773
   _globals['_DESCRIBEREQUEST']._serialized_start=52
   _globals['_DESCRIBEREQUEST']._serialized_end=69
   _globals['_DESCRIBERESPONSE']._serialized_start=72
-  _globals['_DESCRIBERESPONSE']._serialized_end=208
-  _globals['_SERVERLIMITS']._serialized_start=210
-  _globals['_SERVERLIMITS']._serialized_end=275
-  _globals['_LOOKUPREQUEST']._serialized_start=277
-  _globals['_LOOKUPREQUEST']._serialized_end=327
-  _globals['_LOOKUPRESPONSE']._serialized_start=329
-  _globals['_LOOKUPRESPONSE']._serialized_end=452
-  _globals['_MEMSTORE']._serialized_start=545
-  _globals['_MEMSTORE']._serialized_end=725
+  _globals['_DESCRIBERESPONSE']._serialized_end=263
+  _globals['_SAMEHOSTACCESS']._serialized_start=265
+  _globals['_SAMEHOSTACCESS']._serialized_end=363
+  _globals['_LAYERFILE']._serialized_start=365
+  _globals['_LAYERFILE']._serialized_end=439
+  _globals['_SERVERLIMITS']._serialized_start=441
+  _globals['_SERVERLIMITS']._serialized_end=506
+  _globals['_LOOKUPREQUEST']._serialized_start=508
+  _globals['_LOOKUPREQUEST']._serialized_end=558
+  _globals['_LOOKUPRESPONSE']._serialized_start=560
+  _globals['_LOOKUPRESPONSE']._serialized_end=683
+  _globals['_MEMSTORE']._serialized_start=776
+  _globals['_MEMSTORE']._serialized_end=956
 # @@protoc_insertion_point(module_scope)

@@ -1,7 +1,8 @@
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -22,16 +23,40 @@ class DescribeRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DescribeResponse(_message.Message):
-    __slots__ = ("manifest_json", "fingerprint", "limits", "server_version")
+    __slots__ = ("manifest_json", "fingerprint", "limits", "server_version", "same_host")
     MANIFEST_JSON_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SAME_HOST_FIELD_NUMBER: _ClassVar[int]
     manifest_json: str
     fingerprint: str
     limits: ServerLimits
     server_version: str
-    def __init__(self, manifest_json: _Optional[str] = ..., fingerprint: _Optional[str] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., server_version: _Optional[str] = ...) -> None: ...
+    same_host: SameHostAccess
+    def __init__(self, manifest_json: _Optional[str] = ..., fingerprint: _Optional[str] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., server_version: _Optional[str] = ..., same_host: _Optional[_Union[SameHostAccess, _Mapping]] = ...) -> None: ...
+
+class SameHostAccess(_message.Message):
+    __slots__ = ("host_id", "table_dir", "files")
+    HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    TABLE_DIR_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    host_id: str
+    table_dir: str
+    files: _containers.RepeatedCompositeFieldContainer[LayerFile]
+    def __init__(self, host_id: _Optional[str] = ..., table_dir: _Optional[str] = ..., files: _Optional[_Iterable[_Union[LayerFile, _Mapping]]] = ...) -> None: ...
+
+class LayerFile(_message.Message):
+    __slots__ = ("layer_id", "path", "device", "inode")
+    LAYER_ID_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    INODE_FIELD_NUMBER: _ClassVar[int]
+    layer_id: int
+    path: str
+    device: int
+    inode: int
+    def __init__(self, layer_id: _Optional[int] = ..., path: _Optional[str] = ..., device: _Optional[int] = ..., inode: _Optional[int] = ...) -> None: ...
 
 class ServerLimits(_message.Message):
     __slots__ = ("max_rows_per_request", "chunk_bytes")
