@@ -48,8 +48,9 @@ def _stats(times: np.ndarray, rows: int, row_bytes: int) -> dict[str, float]:
 
 
 def compare(table: Table, address: str, batches: list[int], repeats: int) -> list[dict]:
-    """Three gathers of the same ids, interleaved call by call: memstore's in-process row gather,
-    plain numpy fancy indexing of a memmap of the same file, and a lookup through the daemon."""
+    """Four gathers of the same ids, interleaved call by call: memstore's in-process row gather,
+    plain numpy fancy indexing of a memmap of the same file, a lookup through the daemon over
+    gRPC, and one through the same-host fast path (the daemon's files mapped by the client)."""
     layer_id = table.manifest.layout.layer_ids[0]
     store = table.store(layer_id)
     plain = np.memmap(
@@ -61,11 +62,15 @@ def compare(table: Table, address: str, batches: list[int], repeats: int) -> lis
     row_bytes = table.manifest.layout.dim * table.manifest.dtype.itemsize
     rng = np.random.default_rng(0)
     results = []
-    with MemstoreClient(address, ClientConfig(timeout_s=120)) as client:
+    with (
+        MemstoreClient(address, ClientConfig(timeout_s=120, same_host=False)) as client,
+        MemstoreClient(address, ClientConfig(timeout_s=120, same_host=True)) as same_host,
+    ):
         paths = {
             "local": store.gather,
             "numpy": lambda ids: plain[ids],
             "daemon": lambda ids: client.lookup(layer_id, ids),
+            "same_host": lambda ids: same_host.lookup(layer_id, ids),
         }
         for batch in batches:
             n_calls = repeats if batch <= 262_144 else max(3, repeats // 4)
@@ -154,16 +159,18 @@ def main() -> None:
             results = compare(table, address, batches, repeats)
             steps = breakdown(table, address, 262_144, 1 << 20)
         print(
-            "| batch | in-process memstore gather | in-process numpy mm[ids] | daemon | daemon GB/s | daemon p50 ms "
-            "| daemon p99 ms | daemon / memstore gather | daemon / numpy mm[ids] |"
+            "| batch | in-process memstore gather | in-process numpy mm[ids] | daemon (gRPC) | daemon GB/s "
+            "| daemon p50 ms | daemon p99 ms | daemon / memstore gather | daemon / numpy mm[ids] "
+            "| same-host path | same-host p99 ms | same-host / memstore gather |"
         )
-        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in results:
-            lo, npy, da = r["local"], r["numpy"], r["daemon"]
+            lo, npy, da, sh = r["local"], r["numpy"], r["daemon"], r["same_host"]
             print(
                 f"| {r['batch']:,} | {lo['rows_per_s'] / 1e6:.2f} M/s | {npy['rows_per_s'] / 1e6:.2f} M/s | "
                 f"{da['rows_per_s'] / 1e6:.2f} M/s | {da['gb_per_s']:.2f} | {da['p50_ms']:.2f} | {da['p99_ms']:.2f} | "
-                f"{da['rows_per_s'] / lo['rows_per_s']:.0%} | {da['rows_per_s'] / npy['rows_per_s']:.0%} |"
+                f"{da['rows_per_s'] / lo['rows_per_s']:.0%} | {da['rows_per_s'] / npy['rows_per_s']:.0%} | "
+                f"{sh['rows_per_s'] / 1e6:.2f} M/s | {sh['p99_ms']:.2f} | {sh['rows_per_s'] / lo['rows_per_s']:.0%} |"
             )
         print("\nWhere a 262,144-row daemon lookup spends its time (each step alone, ms):")
         for name, ms in steps.items():
