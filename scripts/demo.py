@@ -75,6 +75,10 @@ def main() -> int:
             result = train(model, data, config)
             save_checkpoint(model, TableSource.MEMSTORE, args.out / "ckpt.pt", result)
             print(report(result, config))
+            print(
+                f"lookups went {client.transport}: {'the daemon' if client.transport == 'grpc' else 'its files'}"
+                " (the same-host path maps the daemon's table files when the client shares its host)"
+            )
             print(f"checkpoint: {args.out / 'ckpt.pt'}")
             for text in sample(model, data, PROMPTS, max_new_tokens=40, temperature=0.7, seed=0):
                 print(f"  > {text!r}")
