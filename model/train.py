@@ -201,6 +201,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-dir", type=Path, default=DataConfig().data_dir)
     parser.add_argument("--lm-config", type=Path, help="JSON file of LMConfig fields (unknown keys are errors)")
     args = parser.parse_args(argv)
+    if args.source is TableSource.MEMSTORE and not args.memstore:
+        parser.error("--source memstore needs --memstore HOST:PORT (the address `memstore serve` listens on)")
     config = TrainConfig(
         steps=args.steps,
         batch_size=args.batch_size,

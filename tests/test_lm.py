@@ -78,3 +78,40 @@ def test_generation_extends_the_prompt(data, config) -> None:
     model = build_model(replace(config, engram=ENGRAM), data, TableSource.LOCAL)
     out = model.generate(torch.tensor([[data.bos_id, 5, 6]]), max_new_tokens=10)
     assert out.shape == (1, 13) and out[0, :3].tolist() == [data.bos_id, 5, 6]
+
+
+def test_train_and_generate_command_lines(tmp_path, capsys) -> None:
+    from model import generate as generate_cli
+    from model import train as train_cli
+
+    data_dir = str(tmp_path / "data")
+    train_cli.main(
+        [
+            "--source",
+            "local",
+            "--steps",
+            "2",
+            "--eval-every",
+            "2",
+            "--out",
+            str(tmp_path / "run"),
+            "--data-dir",
+            data_dir,
+        ]
+    )
+    assert "2 steps" in capsys.readouterr().out
+    generate_cli.main(
+        [
+            "--checkpoint",
+            str(tmp_path / "run" / "ckpt.pt"),
+            "--prompt",
+            "The river",
+            "--max-new-tokens",
+            "5",
+            "--data-dir",
+            data_dir,
+        ]
+    )
+    assert capsys.readouterr().out.startswith("[local] The river")
+    with pytest.raises(SystemExit):
+        train_cli.main(["--source", "memstore", "--data-dir", data_dir])
