@@ -76,10 +76,10 @@ def engram_primes(
     return primes
 
 
-def _integer(name: str, value: Any) -> int:
-    """An int (numpy ints too) or InvalidArgumentError: 4.5 or True are not sizes."""
+def as_int(name: str, value: Any) -> int:
+    """An int (numpy ints too) or InvalidArgumentError: 4.5 or True are not sizes or ids."""
     if isinstance(value, bool) or not hasattr(value, "__index__"):
-        raise InvalidArgumentError(f"layout {name} must be integers; got {value!r}")
+        raise InvalidArgumentError(f"{name} must be an integer; got {value!r}")
     return int(value)
 
 
@@ -95,12 +95,12 @@ class EngramLayout:
     _primes: dict[int, list[list[int]]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "layer_ids", tuple(_integer("layer_ids", x) for x in self.layer_ids))
+        object.__setattr__(self, "layer_ids", tuple(as_int("layer_ids", x) for x in self.layer_ids))
         object.__setattr__(
-            self, "vocab_size_per_ngram", tuple(_integer("vocab_size_per_ngram", x) for x in self.vocab_size_per_ngram)
+            self, "vocab_size_per_ngram", tuple(as_int("vocab_size_per_ngram", x) for x in self.vocab_size_per_ngram)
         )
         for name in ("max_ngram", "heads_per_ngram", "dim"):
-            object.__setattr__(self, name, _integer(name, getattr(self, name)))
+            object.__setattr__(self, name, as_int(name, getattr(self, name)))
         problems = []
         if not self.layer_ids:
             problems.append("layer_ids is empty")

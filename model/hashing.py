@@ -35,7 +35,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from memstore.errors import InvalidArgumentError
-from memstore.layout import EngramLayout, engram_primes
+from memstore.layout import EngramLayout, as_int, engram_primes
 
 _LAYER_SEED_STRIDE = 10007  # the reference's PRIME_1: layer l draws from default_rng(seed + 10007 * l)
 _CHUNK = 16_384  # positions reduced at a time, so a chunk's mixes, quotients and outputs stay in cache
@@ -74,12 +74,6 @@ def _remainder(mix: np.ndarray, prime: int, out: np.ndarray, scratch: np.ndarray
     np.subtract(mix, scratch, out=out)
 
 
-def _integer(name: str, value: object) -> int:
-    if isinstance(value, bool) or not hasattr(value, "__index__"):
-        raise InvalidArgumentError(f"{name} must be an integer; got {value!r}")
-    return int(value)  # type: ignore[call-overload]
-
-
 class NgramHashMapping:
     """Compressed token ids [B, T] -> per-layer N-gram hash ids [B, T, (max_ngram-1)*heads_per_ngram]."""
 
@@ -105,9 +99,9 @@ class NgramHashMapping:
         self.vocab_size_per_ngram: list[int] = list(self._layout.vocab_size_per_ngram)
         self.max_ngram: int = self._layout.max_ngram
         self.heads_per_ngram: int = self._layout.heads_per_ngram
-        self.compressed_vocab_size = _integer("compressed_vocab_size", compressed_vocab_size)
-        self.pad_id = _integer("pad_id", pad_id)
-        self.seed = _integer("seed", seed)
+        self.compressed_vocab_size = as_int("compressed_vocab_size", compressed_vocab_size)
+        self.pad_id = as_int("pad_id", pad_id)
+        self.seed = as_int("seed", seed)
         if self.compressed_vocab_size < 1:
             raise InvalidArgumentError(f"compressed_vocab_size is {self.compressed_vocab_size}; it must be at least 1")
         if not 0 <= self.pad_id < self.compressed_vocab_size:
