@@ -43,6 +43,7 @@ class MemstoreClient:
         self._stub = pb_grpc.MemstoreStub(self._channel)
         self._describe_lock = threading.Lock()
         self._described: pb.DescribeResponse | None = None
+        self._manifest_parsed: Manifest | None = None
         self._local: Table | None = None
         self._local_checked = False
         if expected_fingerprint is not None:
@@ -54,7 +55,7 @@ class MemstoreClient:
 
     def describe(self, timeout: float | None = None) -> Manifest:
         """The served table's manifest (layout, dtype, seed, fingerprint)."""
-        return Manifest.from_json(self._describe(timeout).manifest_json)
+        return self._manifest(timeout)
 
     def server_limits(self, timeout: float | None = None) -> pb.ServerLimits:
         """Limits the server enforces (max rows per request, chunk size)."""
@@ -72,23 +73,29 @@ class MemstoreClient:
                 f"dim {manifest.layout.dim}, seed {manifest.seed}; point the model at the table built for it"
             )
 
-    def lookup(self, layer_id: int, row_ids: Any, *, timeout: float | None = None) -> torch.Tensor:
+    def lookup(
+        self, layer_id: int, row_ids: Any, *, timeout: float | None = None, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Rows for `row_ids` (numpy/torch integers of any shape) of one layer: [*row_ids.shape, dim].
 
         Duplicate ids cross the wire once when that saves at least `config.dedup_min_saving`
         of the rows (Engram's Zipfian N-grams repeat a lot). The tensor has the stored dtype, on the CPU.
+        With `out` (a contiguous CPU tensor of the stored dtype and [*row_ids.shape, dim] or
+        [row_ids.size, dim]) the rows land there and a view of `out` is returned: buffers
+        reused across steps (the prefetcher's) cost no allocation.
         """
         if not 0 <= layer_id < 2**32:
             raise InvalidArgumentError(f"layer id {layer_id} is not an Engram layer id (0 <= id < 2**32)")
         ids = _as_int64_array(row_ids)
         flat = ids.reshape(-1)  # [N]
+        target = None if out is None else self._out_rows(out, ids.shape, timeout)  # [N, dim] view of out
         local = self._same_host_table(timeout)
         if local is not None:  # rows straight from the mapped files: same checks, same errors as the daemon
             limit = self.server_limits(timeout).max_rows_per_request
             if len(flat) > limit:  # the rows the wire would carry, deduplicated or not
                 distinct = _distinct_count(flat)
                 check_request_rows(distinct if self._dedup_pays(distinct, len(flat)) else len(flat), limit)
-            rows = local.gather(layer_id, flat)  # [N, dim]
+            rows = local.gather(layer_id, flat, target)  # [N, dim]
             return local.manifest.dtype.to_torch(rows.reshape(*ids.shape, rows.shape[-1]))  # [*shape, dim]
         # numpy, not torch, on this path: torch's OpenMP workers spin after each parallel op
         # and starve the gRPC receive thread on small hosts (measured: 2x slower lookups).
@@ -96,21 +103,50 @@ class MemstoreClient:
         if self._dedup_pays(_distinct_count(flat), len(flat)):
             unique, inverse = np.unique(flat, return_inverse=True)  # [U], [N]
             dtype, rows = self._fetch(layer_id, unique, timeout)  # [U, dim]
-            rows = take_rows(rows, inverse)  # [N, dim]
+            rows = take_rows(rows, inverse, target)  # [N, dim]
         else:
-            dtype, rows = self._fetch(layer_id, flat, timeout)  # [N, dim]
+            dtype, rows = self._fetch(layer_id, flat, timeout, target)  # [N, dim]
         return dtype.to_torch(rows.reshape(*ids.shape, rows.shape[-1]))  # [*shape, dim]
 
-    def _fetch(self, layer_id: int, ids: np.ndarray, timeout: float | None) -> tuple[DType, np.ndarray]:
+    def _out_rows(self, out: torch.Tensor, shape: tuple[int, ...], timeout: float | None) -> np.ndarray:
+        """`out` as a writable raw [N, dim] array, or InvalidArgumentError saying what it must be."""
+        manifest = self._manifest(timeout)
+        dtype, dim = manifest.dtype, manifest.layout.dim
+        count = int(np.prod(shape))
+        if (
+            not isinstance(out, torch.Tensor)
+            or out.dtype != dtype.torch
+            or out.device.type != "cpu"
+            or not out.is_contiguous()
+            or tuple(out.shape) not in ((*shape, dim), (count, dim))
+        ):
+            described = type(out).__name__
+            if isinstance(out, torch.Tensor):
+                layout = "" if out.is_contiguous() else ", not contiguous"
+                described = f"{tuple(out.shape)} of {out.dtype} on {out.device}{layout}"
+            raise InvalidArgumentError(
+                f"out must be a contiguous CPU tensor of {dtype.torch} shaped {(*shape, dim)} or {(count, dim)}; "
+                f"got {described}"
+            )
+        return dtype.raw_view(out).reshape(count, dim)  # [N, dim], shares memory with out
+
+    def _fetch(
+        self, layer_id: int, ids: np.ndarray, timeout: float | None, out: np.ndarray | None = None
+    ) -> tuple[DType, np.ndarray]:
         request = pb.LookupRequest(layer_id=layer_id, row_ids=encode_row_ids(ids))
-        out: np.ndarray | None = None
         dtype: DType | None = None
         received = 0
         try:
             for message in self._stub.Lookup(request, timeout=self._timeout(timeout)):
-                if out is None:
+                if dtype is None:
                     dtype = DType.from_wire(message.dtype)
-                    out = np.empty((message.num_rows, message.dim), dtype=dtype.numpy)
+                    if out is None:
+                        out = np.empty((message.num_rows, message.dim), dtype=dtype.numpy)
+                    elif out.shape != (message.num_rows, message.dim) or out.dtype != dtype.numpy:
+                        raise DataLossError(
+                            f"lookup of layer {layer_id} answered {message.num_rows} x {message.dim} rows of "
+                            f"{dtype.value}; the client expected {out.shape} of {out.dtype} from the table's manifest"
+                        )
                 chunk = np.frombuffer(message.rows, dtype=out.dtype)
                 count = len(chunk) // out.shape[1]
                 if message.row_offset != received or len(chunk) % out.shape[1] or received + count > len(out):
@@ -147,6 +183,11 @@ class MemstoreClient:
                     "namespace, or --no-same-host); drop ClientConfig(same_host=True) to use gRPC"
                 )
         return self._local
+
+    def _manifest(self, timeout: float | None) -> Manifest:
+        if self._manifest_parsed is None:
+            self._manifest_parsed = Manifest.from_json(self._describe(timeout).manifest_json)
+        return self._manifest_parsed
 
     def _describe(self, timeout: float | None) -> pb.DescribeResponse:
         with self._describe_lock:

@@ -56,6 +56,14 @@ class DType(enum.Enum):
         tensor = torch.from_numpy(values)
         return tensor.view(torch.bfloat16) if self is DType.BFLOAT16 else tensor
 
+    def raw_view(self, tensor: torch.Tensor) -> np.ndarray:
+        """The raw storage array sharing memory with a CPU tensor of this dtype (inverse of to_torch)."""
+        if tensor.dtype != self.torch or tensor.device.type != "cpu":
+            raise ValueError(f"expected a CPU tensor of {self.torch}; got {tensor.dtype} on {tensor.device}")
+        if self is DType.BFLOAT16:
+            return tensor.view(torch.int16).numpy().view(self.numpy)
+        return tensor.numpy()
+
 
 _NUMPY = {DType.FLOAT32: "<f4", DType.FLOAT16: "<f2", DType.BFLOAT16: "<u2"}
 _TORCH = {DType.FLOAT32: torch.float32, DType.FLOAT16: torch.float16, DType.BFLOAT16: torch.bfloat16}

@@ -48,9 +48,9 @@ class Table:
         self.manifest.layout.num_rows(layer_id)  # rejects unknown layers with a clear message
         return self._stores[layer_id]
 
-    def gather(self, layer_id: int, row_ids: np.ndarray) -> np.ndarray:
-        """Rows [len(row_ids), dim] of one layer, in request order."""
-        return self.store(layer_id).gather(row_ids)
+    def gather(self, layer_id: int, row_ids: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows [len(row_ids), dim] of one layer, in request order (written into `out` if given)."""
+        return self.store(layer_id).gather(row_ids, out)
 
     def gather_chunks(self, layer_id: int, row_ids: np.ndarray, chunk_rows: int) -> Iterator[np.ndarray]:
         """The rows of `gather`, as consecutive chunks of at most chunk_rows rows.

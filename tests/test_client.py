@@ -46,6 +46,34 @@ def test_duplicates_are_fetched_once_and_restored_in_order(client: MemstoreClien
     np.testing.assert_array_equal(client.lookup(1, ids).numpy(), table.gather(1, ids))
 
 
+@pytest.mark.parametrize("duplicated", [False, True], ids=["distinct", "duplicated"])
+def test_lookup_into_out_fills_and_returns_it(client: MemstoreClient, table: Table, duplicated: bool) -> None:
+    rng = np.random.default_rng(2)
+    ids = rng.integers(0, 20 if duplicated else 1000, (6, 50))
+    out = torch.full((6, 50, 16), 3.0, dtype=torch.float16)
+    rows = client.lookup(1, ids, out=out)
+    assert rows.data_ptr() == out.data_ptr() and rows.shape == (6, 50, 16)
+    np.testing.assert_array_equal(out.reshape(-1, 16).numpy(), table.gather(1, ids.reshape(-1)))
+    flat_out = torch.empty(300, 16, dtype=torch.float16)  # [N, dim] is accepted too
+    assert torch.equal(client.lookup(1, ids, out=flat_out), rows)
+
+
+@pytest.mark.parametrize(
+    "out",
+    [
+        torch.empty(5, 16, dtype=torch.float16),
+        torch.empty(4, 17, dtype=torch.float16),
+        torch.empty(4, 16, dtype=torch.float32),
+        torch.empty(16, 4, dtype=torch.float16).T,
+        np.empty((4, 16), dtype=np.float16),
+    ],
+    ids=["rows", "width", "dtype", "strided", "numpy"],
+)
+def test_lookup_rejects_an_unfit_out(client: MemstoreClient, out) -> None:
+    with pytest.raises(InvalidArgumentError, match="out must be"):
+        client.lookup(1, np.arange(4), out=out)
+
+
 @pytest.mark.parametrize("dtype", list(DType))
 def test_rows_keep_the_stored_dtype(daemon_factory, client_config, tmp_path, dtype: DType) -> None:
     with Table.open(make_table(tmp_path / dtype.value, dtype)) as opened:

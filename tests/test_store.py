@@ -146,6 +146,36 @@ def test_empty_gather(opened: Opened) -> None:
     assert got.shape == (0, DIM) and got.dtype == opened.dtype.numpy
 
 
+def test_gather_into_out_writes_the_rows_there(opened: Opened) -> None:
+    store = opened.open(read_only=True)
+    ids = np.array([5, 0, 5, NUM_ROWS - 1])
+    out = np.full((len(ids), DIM), 7, dtype=opened.dtype.numpy)
+    assert store.gather(ids, out) is out
+    assert _same(out, opened.initial[ids])
+
+
+@pytest.mark.parametrize(
+    "make_out",
+    [
+        lambda dtype: np.empty((3, DIM), dtype=dtype),  # wrong row count
+        lambda dtype: np.empty((2, DIM + 1), dtype=dtype),  # wrong width
+        lambda dtype: np.empty((2, DIM), dtype=np.float64),  # wrong dtype
+        lambda dtype: np.empty((DIM, 2), dtype=dtype).T,  # not contiguous
+        lambda dtype: _read_only(np.empty((2, DIM), dtype=dtype)),
+    ],
+    ids=["rows", "width", "dtype", "strided", "read-only"],
+)
+def test_gather_rejects_an_unfit_out(opened: Opened, make_out) -> None:
+    store = opened.open(read_only=True)
+    with pytest.raises(InvalidArgumentError, match="out"):
+        store.gather(np.array([0, 1]), make_out(opened.dtype.numpy))
+
+
+def _read_only(array: np.ndarray) -> np.ndarray:
+    array.flags.writeable = False
+    return array
+
+
 def test_gather_returns_a_copy(opened: Opened) -> None:
     store = opened.open(read_only=False)
     got = store.gather(np.array([2, 3]))
@@ -170,7 +200,7 @@ def test_out_of_range_ids_are_rejected_before_any_read(
 ) -> None:
     store = opened.open(read_only=True)
 
-    def no_read(ids: np.ndarray) -> np.ndarray:
+    def no_read(ids: np.ndarray, out: np.ndarray | None) -> np.ndarray:
         raise AssertionError("a row was read for a bad request")
 
     monkeypatch.setattr(store, "_gather", no_read)
@@ -203,7 +233,7 @@ def test_malformed_ids_are_rejected(
 ) -> None:
     store = opened.open(read_only=True)
 
-    def no_read(ids: np.ndarray) -> np.ndarray:
+    def no_read(ids: np.ndarray, out: np.ndarray | None) -> np.ndarray:
         raise AssertionError("a row was read for a bad request")
 
     monkeypatch.setattr(store, "_gather", no_read)

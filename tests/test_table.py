@@ -99,7 +99,7 @@ def test_bad_id_anywhere_means_no_chunk(table: Table, position: str, bad: int, m
     reads: list[int] = []
     store = table.store(1)
     real_gather = store._gather
-    monkeypatch.setattr(store, "_gather", lambda chunk: reads.append(len(chunk)) or real_gather(chunk))
+    monkeypatch.setattr(store, "_gather", lambda chunk, out: reads.append(len(chunk)) or real_gather(chunk, out))
     chunks = table.gather_chunks(1, ids, 4)
     with pytest.raises(InvalidArgumentError, match="out of range"):
         next(chunks)

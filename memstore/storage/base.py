@@ -15,8 +15,8 @@ from memstore.dtypes import DType
 from memstore.errors import InvalidArgumentError, ReadOnlyError
 
 
-def take_rows(rows: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """rows[ids] for a C-contiguous 2-D array, copying each row as one block.
+def take_rows(rows: np.ndarray, ids: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """rows[ids] for a C-contiguous 2-D array, copying each row as one block (into `out` if given).
 
     numpy's take along axis 0 copies element by element; viewing each row as one opaque
     item makes it a row memcpy, about 4x faster for 64-value float16 rows.
@@ -24,7 +24,10 @@ def take_rows(rows: np.ndarray, ids: np.ndarray) -> np.ndarray:
     num_rows, dim = rows.shape
     row_type = np.dtype((np.void, dim * rows.itemsize))
     as_items = rows.view(np.ndarray).view(row_type).reshape(num_rows)  # [num_rows] opaque rows
-    return np.take(as_items, ids).view(rows.dtype).reshape(len(ids), dim)  # [len(ids), dim]
+    if out is None:
+        return np.take(as_items, ids).view(rows.dtype).reshape(len(ids), dim)  # [len(ids), dim]
+    np.take(as_items, ids, out=out.view(row_type).reshape(len(ids)))  # out [len(ids), dim] as opaque rows
+    return out
 
 
 class RowStore(abc.ABC):
@@ -36,10 +39,16 @@ class RowStore(abc.ABC):
         self.dtype = dtype
         self.read_only = read_only
 
-    def gather(self, row_ids: np.ndarray) -> np.ndarray:
-        """Rows [len(row_ids), dim] of the storage dtype, in the order of `row_ids` (duplicates allowed)."""
+    def gather(self, row_ids: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows [len(row_ids), dim] of the storage dtype, in the order of `row_ids` (duplicates allowed).
+
+        With `out` (a C-contiguous [len(row_ids), dim] array of the storage dtype) the rows are
+        written there and `out` is returned: what a caller reusing buffers across steps wants.
+        """
         ids = self.check_ids(row_ids)
-        return self._gather(ids)
+        if out is not None:
+            self.check_out(out, len(ids))
+        return self._gather(ids, out)
 
     def update(self, row_ids: np.ndarray, rows: np.ndarray) -> None:
         """Overwrite rows; ids must be unique, `rows` is [len(row_ids), dim] of the storage dtype."""
@@ -82,8 +91,19 @@ class RowStore(abc.ABC):
                 raise InvalidArgumentError(f"row id {bad} is out of range: this layer has rows 0..{self.num_rows - 1}")
         return ids
 
+    def check_out(self, out: np.ndarray, num_ids: int) -> None:
+        """InvalidArgumentError unless `out` can receive `num_ids` rows of this store."""
+        expected = (num_ids, self.dim)
+        if out.shape != expected or out.dtype != self.dtype.numpy or not out.flags.c_contiguous:
+            raise InvalidArgumentError(
+                f"out must be a C-contiguous {expected} array of {self.dtype.value} (raw {self.dtype.numpy}); "
+                f"got {out.shape} of {out.dtype}{'' if out.flags.c_contiguous else ', not contiguous'}"
+            )
+        if not out.flags.writeable:
+            raise InvalidArgumentError("out is read-only; pass a writable buffer")
+
     @abc.abstractmethod
-    def _gather(self, ids: np.ndarray) -> np.ndarray: ...
+    def _gather(self, ids: np.ndarray, out: np.ndarray | None) -> np.ndarray: ...
 
     @abc.abstractmethod
     def _update(self, ids: np.ndarray, rows: np.ndarray) -> None: ...

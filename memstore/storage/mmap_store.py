@@ -36,8 +36,8 @@ class MmapRowStore(RowStore):
             self.path, dtype=dtype.numpy, mode="r" if read_only else "r+", shape=(num_rows, dim)
         )
 
-    def _gather(self, ids: np.ndarray) -> np.ndarray:
-        return take_rows(self._rows, ids)
+    def _gather(self, ids: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+        return take_rows(self._rows, ids, out)
 
     def _update(self, ids: np.ndarray, rows: np.ndarray) -> None:
         self._rows[ids] = rows
