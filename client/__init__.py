@@ -2,6 +2,7 @@
 
 from client.client import MemstoreClient
 from client.config import ClientConfig
+from client.prefetch import PrefetchConfig, Prefetcher, PrefetchHandle, PrefetchStats, TableFetcher
 from memstore.errors import (
     DeadlineExceededError,
     InvalidArgumentError,
@@ -14,6 +15,11 @@ from memstore.errors import (
 __all__ = [
     "MemstoreClient",
     "ClientConfig",
+    "Prefetcher",
+    "PrefetchConfig",
+    "PrefetchHandle",
+    "PrefetchStats",
+    "TableFetcher",
     "MemstoreError",
     "InvalidArgumentError",
     "ResourceExhaustedError",

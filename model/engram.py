@@ -118,10 +118,16 @@ class Engram(nn.Module):
         self.short_conv = ShortConv(hidden_size, config.kernel_size, config.max_ngram, config.hc_mult)
         self.last_gate: torch.Tensor | None = None  # [B, T, HC], kept for inspection (gate heat maps)
 
-    def forward(self, hidden: torch.Tensor, row_ids: torch.Tensor) -> torch.Tensor:
-        """hidden [B, T, HC, D], row_ids [B, T, heads] -> Engram output [B, T, HC, D]."""
+    def forward(
+        self, hidden: torch.Tensor, row_ids: torch.Tensor | None = None, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """hidden [B, T, HC, D] and row_ids [B, T, heads] (or rows already fetched [B, T, heads, dim])
+        -> Engram output [B, T, HC, D]."""
         B, T, HC, D = hidden.shape
-        rows = self.table(row_ids)  # [B, T, heads, dim]
+        if (rows is None) == (row_ids is None):
+            raise InvalidArgumentError("pass the layer's row ids, or its prefetched rows, not both")
+        if rows is None:
+            rows = self.table(row_ids)  # [B, T, heads, dim]
         memory = rows.reshape(B, T, self.config.memory_dim).to(hidden.dtype)  # [B, T, heads*dim] = e_t
         gates = []
         for m in range(HC):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from client import MemstoreClient
+from client import MemstoreClient, Prefetcher
 from memstore.layout import fingerprint
 from model.data import DataConfig, PreparedData, prepare_data
 from model.lm import EngramLM
@@ -19,15 +19,21 @@ from model.train import TableSource, load_checkpoint
 
 
 def sample(
-    model: EngramLM, data: PreparedData, prompts: list[str], max_new_tokens: int, temperature: float, seed: int
+    model: EngramLM,
+    data: PreparedData,
+    prompts: list[str],
+    max_new_tokens: int,
+    temperature: float,
+    seed: int,
+    prefetcher: Prefetcher | None = None,
 ) -> list[str]:
-    """One continuation per prompt, decoded to text (the prompt included)."""
+    """One continuation per prompt, decoded to text (the prompt included); rows prefetched per token if given."""
     torch.manual_seed(seed)
     model.eval()
     texts = []
     for prompt in prompts:
         ids = [data.bos_id, *data.tokenizer.encode(prompt).ids]
-        out = model.generate(torch.tensor([ids]), max_new_tokens, temperature=temperature)  # [1, len + new]
+        out = model.generate(torch.tensor([ids]), max_new_tokens, temperature=temperature, prefetcher=prefetcher)
         tokens = out[0].tolist()[1:]
         if data.eos_id in tokens[len(ids) - 1 :]:
             tokens = tokens[: tokens.index(data.eos_id, len(ids) - 1)]
@@ -49,6 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     data = prepare_data(DataConfig(data_dir=args.data_dir))
     client = None
+    prefetcher = None
     try:
         if args.source is TableSource.MEMSTORE or (args.source is None and args.memstore):
             client = MemstoreClient(args.memstore)
@@ -57,9 +64,13 @@ def main(argv: list[str] | None = None) -> None:
         if client is not None and engram is not None:
             client.check_fingerprint(fingerprint(engram.layout(), engram.seed))
         prompts = (args.prompt or ["The"]) * args.samples
-        for text in sample(model, data, prompts, args.max_new_tokens, args.temperature, args.seed):
+        if client is not None and engram is not None and source is TableSource.MEMSTORE:
+            prefetcher = Prefetcher(client, model.row_ids, engram.layer_ids)
+        for text in sample(model, data, prompts, args.max_new_tokens, args.temperature, args.seed, prefetcher):
             print(f"[{source.value}] {text}")
     finally:
+        if prefetcher is not None:
+            prefetcher.close()
         if client is not None:
             client.close()
 

@@ -2,12 +2,14 @@
 
 Row ids for every Engram layer depend only on the input tokens (compress -> hash -> add head
 offsets), so `EngramLM.row_ids` computes them once at the start of a step, before any layer
-runs; that is what lets a prefetcher fetch the rows while earlier layers compute.
+runs; that is what lets a prefetcher fetch the rows while earlier layers compute
+(`forward(..., prefetched=handle)`, `generate(..., prefetcher=...)`; client/prefetch.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
@@ -18,6 +20,15 @@ from model.compression import CompressedTokenizer
 from model.engram import Engram, EngramConfig
 from model.hashing import NgramHashMapping
 from model.sources import RowSource
+
+if TYPE_CHECKING:
+    from client.prefetch import Prefetcher
+
+
+class PrefetchedRows(Protocol):
+    """Rows fetched ahead for one step (a `PrefetchHandle`): `rows(layer)` waits for that layer only."""
+
+    def rows(self, layer_id: int) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -85,9 +96,11 @@ class Block(nn.Module):
         self.mlp_norm = nn.RMSNorm(config.d_model)
         self.mlp = SwiGLU(config)
 
-    def forward(self, x: torch.Tensor, row_ids: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, row_ids: torch.Tensor | None = None, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if self.engram is not None:
-            x = x + self.engram(x.unsqueeze(2), row_ids).squeeze(2)  # one hyper-connection branch: [B, T, D]
+            x = x + self.engram(x.unsqueeze(2), row_ids, rows).squeeze(2)  # one hyper-connection branch: [B, T, D]
         x = x + self.attn(self.attn_norm(x))
         return x + self.mlp(self.mlp_norm(x))
 
@@ -159,13 +172,24 @@ class EngramLM(nn.Module):
         input_ids: torch.Tensor,
         targets: torch.Tensor | None = None,
         row_ids: dict[int, torch.Tensor] | None = None,
+        prefetched: PrefetchedRows | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """input_ids [B, T] -> logits [B, T, vocab], and the mean cross-entropy when targets are given."""
-        if row_ids is None:
+        """input_ids [B, T] -> logits [B, T, vocab], and the mean cross-entropy when targets are given.
+
+        Engram rows come from `prefetched` when given (each layer waits for its own rows only),
+        else from the layers' tables for `row_ids` (computed from input_ids when not given).
+        """
+        if prefetched is None and row_ids is None:
             row_ids = self.row_ids(input_ids)
         x = self.token_embedding(input_ids)  # [B, T, D]
         for i, block in enumerate(self.blocks):
-            x = block(x, row_ids.get(i))
+            if block.engram is None:
+                x = block(x)
+            elif prefetched is not None:
+                x = block(x, rows=prefetched.rows(i))
+            else:
+                assert row_ids is not None
+                x = block(x, row_ids=row_ids[i])
         logits = F.linear(self.final_norm(x), self.token_embedding.weight)  # [B, T, vocab], tied
         loss = None
         if targets is not None:
@@ -182,16 +206,76 @@ class EngramLM(nn.Module):
 
     @torch.no_grad()
     def generate(
-        self, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 0.8, top_k: int | None = 40
+        self,
+        prompt: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 0.8,
+        top_k: int | None = 40,
+        prefetcher: Prefetcher | None = None,
     ) -> torch.Tensor:
-        """Sample continuations of prompt [B, T0] -> [B, T0 + max_new_tokens]."""
+        """Sample continuations of prompt [B, T0] -> [B, T0 + max_new_tokens].
+
+        N-gram ids are hashed over the whole sequence (a position's N-gram is the same whatever
+        window the model sees). With a `prefetcher`, each position's rows are fetched once: as
+        soon as a token is sampled, its rows for every Engram layer are requested, for the whole
+        batch at once, and arrive while the embedding and the blocks before the first Engram
+        layer compute.
+        """
+        if prefetcher is not None and self.config.engram is not None:
+            return self._generate_prefetched(prompt, max_new_tokens, temperature, top_k, prefetcher)
         tokens = prompt
         for _ in range(max_new_tokens):
-            context = tokens[:, -self.config.max_seq_len :]  # [B, <=T]
-            logits, _ = self(context)
-            logits = logits[:, -1] / max(temperature, 1e-5)  # [B, vocab]
-            if top_k is not None:
-                kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]  # [B, 1]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            tokens = torch.cat([tokens, torch.multinomial(F.softmax(logits, dim=-1), 1)], dim=1)
+            start = max(0, tokens.shape[1] - self.config.max_seq_len)
+            row_ids = {layer: ids[:, start:] for layer, ids in self.row_ids(tokens).items()}  # [B, <=T, heads]
+            logits, _ = self(tokens[:, start:], row_ids=row_ids)
+            tokens = torch.cat([tokens, self._sample(logits[:, -1], temperature, top_k)], dim=1)
         return tokens
+
+    def _generate_prefetched(
+        self, prompt: torch.Tensor, max_new_tokens: int, temperature: float, top_k: int | None, prefetcher: Prefetcher
+    ) -> torch.Tensor:
+        engram = self.config.engram
+        assert engram is not None
+        B, T0 = prompt.shape
+        cache: dict[int, torch.Tensor] = {}  # layer -> rows of every position so far [B, T0 + new, heads, dim]
+        with prefetcher.submit(prompt) as handle:
+            for layer in engram.layer_ids:
+                rows = handle.rows(layer)  # [B, T0, heads, dim]
+                cache[layer] = rows.new_empty(B, T0 + max_new_tokens, *rows.shape[2:])
+                cache[layer][:, :T0] = rows
+        tokens = prompt
+        pending = None
+        for _ in range(max_new_tokens):
+            length = tokens.shape[1]
+            window = _CachedWindow(cache, max(0, length - self.config.max_seq_len), length, pending)
+            logits, _ = self(tokens[:, window.start :], prefetched=window)
+            if pending is not None:
+                pending.release()
+            tokens = torch.cat([tokens, self._sample(logits[:, -1], temperature, top_k)], dim=1)
+            if tokens.shape[1] < T0 + max_new_tokens:
+                recent = tokens[:, -engram.max_ngram :]  # [B, N]: all the newest position's N-grams need
+                pending = prefetcher.submit_row_ids({layer: ids[:, -1:] for layer, ids in self.row_ids(recent).items()})
+        return tokens
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, temperature: float, top_k: int | None) -> torch.Tensor:
+        logits = logits / max(temperature, 1e-5)  # [B, vocab]
+        if top_k is not None:
+            kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]  # [B, 1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        return torch.multinomial(F.softmax(logits, dim=-1), 1)  # [B, 1]
+
+
+class _CachedWindow:
+    """Rows of positions [start, end) from the decode cache; the newest position's arrive with `pending`."""
+
+    def __init__(self, cache: dict[int, torch.Tensor], start: int, end: int, pending: PrefetchedRows | None) -> None:
+        self.cache = cache
+        self.start = start
+        self.end = end
+        self.pending = pending
+
+    def rows(self, layer_id: int) -> torch.Tensor:
+        if self.pending is not None:
+            self.cache[layer_id][:, self.end - 1 : self.end] = self.pending.rows(layer_id)  # [B, 1, heads, dim]
+        return self.cache[layer_id][:, self.start : self.end]  # [B, end - start, heads, dim]

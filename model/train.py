@@ -5,8 +5,10 @@
     python -m model.train --source none --steps 600 --out runs/baseline     # no Engram
 
 With `--source memstore` the tables are read from the daemon and stay fixed (rows are
-looked up, gradients are not pushed back yet); with `--source local` they are sparse
-nn.Embeddings trained with SparseAdam at 5x the learning rate, as the paper trains them.
+looked up, gradients are not pushed back yet); each step's rows are prefetched while the
+previous step computes (`--no-prefetch` looks them up when each layer needs them). With
+`--source local` they are sparse nn.Embeddings trained with SparseAdam at 5x the learning
+rate, as the paper trains them.
 """
 
 from __future__ import annotations
@@ -16,14 +18,17 @@ import enum
 import json
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from client import MemstoreClient
+from client import MemstoreClient, Prefetcher, PrefetchHandle
 from memstore.layout import fingerprint
 from model.compression import CompressedTokenizer
 from model.config import lm_config_from_dict, lm_config_to_dict
@@ -65,9 +70,16 @@ class TrainResult:
     val_loss: list[float] = field(default_factory=list)
     tokens_per_s: float = 0.0
     rows_fetched: int = 0
-    lookup_seconds: float = 0.0
-    train_seconds: float = 0.0
+    stall_seconds: dict[int, float] = field(default_factory=dict)  # training steps' wait for rows, per layer
+    train_seconds: float = 0.0  # training steps only, evaluations excluded
+    eval_seconds: float = 0.0
+    prefetched: bool = False
     non_embedding_params: int = 0
+
+    @property
+    def stall_share(self) -> float:
+        """Exposed stall as a share of training time."""
+        return sum(self.stall_seconds.values()) / self.train_seconds if self.train_seconds else 0.0
 
 
 def build_model(
@@ -120,22 +132,33 @@ def evaluate(model: EngramLM, data: PreparedData, config: TrainConfig) -> float:
     return float(np.mean(losses))
 
 
-def train(model: EngramLM, data: PreparedData, config: TrainConfig, progress: bool = True) -> TrainResult:
-    """Train in place; returns the loss history and statistics."""
+def train(
+    model: EngramLM,
+    data: PreparedData,
+    config: TrainConfig,
+    progress: bool = True,
+    prefetcher: Prefetcher | None = None,
+) -> TrainResult:
+    """Train in place; returns the loss history and statistics.
+
+    With a `prefetcher`, step N+1's rows are fetched while step N computes; without one the
+    Engram layers look their rows up from their tables when they need them.
+    """
     torch.manual_seed(config.seed)
     optimizers = _optimizers(model, config)
     base_lrs = [[g["lr"] for g in opt.param_groups] for opt in optimizers]
-    result = TrainResult(non_embedding_params=model.num_params())
-    stream = batches(data.train, config.batch_size, model.config.max_seq_len, config.seed)
+    result = TrainResult(non_embedding_params=model.num_params(), prefetched=prefetcher is not None)
+    stream = islice(batches(data.train, config.batch_size, model.config.max_seq_len, config.seed), config.steps)
+    steps = _one_step_ahead(stream, prefetcher) if prefetcher is not None else ((x, y, None) for x, y in stream)
+    stall = _StallMeter(model, prefetcher)
     start = time.perf_counter()
-    bar = tqdm(range(config.steps), disable=not progress, desc="train", unit="step")
-    for step in bar:
-        x, y = next(stream)
+    bar = tqdm(enumerate(steps), total=config.steps, disable=not progress, desc="train", unit="step")
+    for step, (x, y, handle) in bar:
         scale = _lr_at(step, config)
         for opt, lrs in zip(optimizers, base_lrs):
             for group, lr in zip(opt.param_groups, lrs):
                 group["lr"] = lr * scale
-        _, loss = model(torch.from_numpy(x), torch.from_numpy(y))
+        _, loss = model(torch.from_numpy(x), torch.from_numpy(y), prefetched=handle)
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -147,15 +170,83 @@ def train(model: EngramLM, data: PreparedData, config: TrainConfig, progress: bo
         result.steps.append(step)
         result.train_loss.append(loss.item())
         if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
-            result.eval_steps.append(step + 1)
-            result.val_loss.append(evaluate(model, data, config))
-            bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{result.val_loss[-1]:.3f}")
-    result.train_seconds = time.perf_counter() - start
+            eval_start = time.perf_counter()
+            with stall.excluded():
+                result.eval_steps.append(step + 1)
+                result.val_loss.append(evaluate(model, data, config))
+            result.eval_seconds += time.perf_counter() - eval_start
+            postfix = {"loss": f"{loss.item():.3f}", "val": f"{result.val_loss[-1]:.3f}"}
+            if stall.measured:
+                elapsed = time.perf_counter() - start - result.eval_seconds
+                postfix["stall"] = f"{sum(stall.seconds().values()) / elapsed:.1%}"
+            bar.set_postfix(postfix)
+    result.train_seconds = time.perf_counter() - start - result.eval_seconds
     result.tokens_per_s = config.steps * config.batch_size * model.config.max_seq_len / result.train_seconds
-    tables = [b.engram.table for b in model.blocks if b.engram is not None]
-    result.rows_fetched = sum(t.rows_fetched for t in tables if isinstance(t, MemstoreTable))
-    result.lookup_seconds = sum(t.lookup_seconds for t in tables if isinstance(t, MemstoreTable))
+    result.stall_seconds = stall.seconds()
+    result.rows_fetched = stall.rows()
     return result
+
+
+class _StallMeter:
+    """The training steps' exposed wait for rows, per layer; evaluations' lookups are not counted."""
+
+    def __init__(self, model: EngramLM, prefetcher: Prefetcher | None) -> None:
+        self.prefetcher = prefetcher
+        tables = [b.engram.table for b in model.blocks if b.engram is not None]
+        self.tables = [t for t in tables if isinstance(t, MemstoreTable)] if prefetcher is None else []
+        self.measured = prefetcher is not None or bool(self.tables)
+        self._start = self._totals()
+        self._excluded: dict[int, float] = {}
+        self._rows_start = self._rows_total()
+
+    def _totals(self) -> dict[int, float]:
+        if self.prefetcher is not None:
+            return dict(self.prefetcher.stats.stall_s)
+        return {t.layer_id: t.lookup_seconds for t in self.tables}
+
+    def _rows_total(self) -> int:
+        if self.prefetcher is not None:
+            return self.prefetcher.stats.rows
+        return sum(t.rows_fetched for t in self.tables)
+
+    def rows(self) -> int:
+        """Rows fetched since the meter started (evaluations' included)."""
+        return self._rows_total() - self._rows_start
+
+    @contextmanager
+    def excluded(self) -> Iterator[None]:
+        """Lookups inside this block are not training stall."""
+        before = self._totals()
+        yield
+        for layer, total in self._totals().items():
+            self._excluded[layer] = self._excluded.get(layer, 0.0) + total - before.get(layer, 0.0)
+
+    def seconds(self) -> dict[int, float]:
+        """Stall per layer since the meter started."""
+        return {
+            layer: total - self._start.get(layer, 0.0) - self._excluded.get(layer, 0.0)
+            for layer, total in self._totals().items()
+        }
+
+
+def _one_step_ahead(
+    stream: Iterator[tuple[np.ndarray, np.ndarray]], prefetcher: Prefetcher
+) -> Iterator[tuple[np.ndarray, np.ndarray, PrefetchHandle]]:
+    """Batches with their rows: step N+1's fetch is submitted before step N is handed out,
+    and step N's buffers are released when the caller asks for step N+1 (after its backward)."""
+    current: tuple[np.ndarray, np.ndarray, PrefetchHandle] | None = None
+    try:
+        for x, y in stream:
+            upcoming = (x, y, prefetcher.submit(x))
+            if current is not None:
+                yield current
+                current[2].release()
+            current = upcoming
+        if current is not None:
+            yield current
+    finally:
+        if current is not None:
+            current[2].release()
 
 
 def save_checkpoint(model: EngramLM, source: TableSource, path: Path, result: TrainResult | None = None) -> None:
@@ -192,6 +283,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", type=TableSource, choices=list(TableSource), default=TableSource.LOCAL)
     parser.add_argument("--memstore", help="daemon address HOST:PORT (with --source memstore)")
+    parser.add_argument(
+        "--no-prefetch", action="store_true", help="look rows up when each layer needs them (no overlap)"
+    )
     parser.add_argument("--steps", type=int, default=defaults.steps)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--lr", type=float, default=defaults.lr)
@@ -219,11 +313,16 @@ def main(argv: list[str] | None = None) -> None:
         engram = lm_config.engram
         assert engram is not None
         client = MemstoreClient(args.memstore, expected_fingerprint=fingerprint(engram.layout(), engram.seed))
+    prefetcher = None
     try:
         model = build_model(lm_config, data, args.source, client)
-        result = train(model, data, config)
+        if client is not None and not args.no_prefetch:
+            prefetcher = Prefetcher(client, model.row_ids, model.config.engram.layer_ids)
+        result = train(model, data, config, prefetcher=prefetcher)
         save_checkpoint(model, args.source, config.out_dir / "ckpt.pt", result)
     finally:
+        if prefetcher is not None:
+            prefetcher.close()
         if client is not None:
             client.close()
     print(report(result, config))
@@ -238,9 +337,12 @@ def report(result: TrainResult, config: TrainConfig) -> str:
         f"val loss {result.val_loss[-1]:.3f}",
     ]
     if result.rows_fetched:
+        stall = sum(result.stall_seconds.values())
+        per_layer = ", ".join(f"layer {layer} {s:.2f} s" for layer, s in sorted(result.stall_seconds.items()))
         lines.append(
-            f"memstore: {result.rows_fetched:,} rows looked up, {result.lookup_seconds:.1f} s waiting for lookups "
-            f"({result.lookup_seconds / result.train_seconds:.0%} of training time)"
+            f"memstore: {result.rows_fetched:,} rows looked up "
+            f"({'prefetched one step ahead' if result.prefetched else 'when each layer needed them'}); "
+            f"exposed stall {stall:.2f} s = {result.stall_share:.1%} of training time ({per_layer})"
         )
     return "\n".join(lines)
 

@@ -4,7 +4,8 @@
 
 1. generate the corpus and train the BPE tokenizer locally (cached in data/);
 2. create the Engram table the model's layout needs (tables/engram-lm) and serve it;
-3. train the small Engram LM with every Engram row looked up through the daemon, then sample;
+3. train the small Engram LM with every Engram row looked up through the daemon, each step's
+   rows prefetched while the previous step computes, then sample (rows prefetched per token);
 4. stop the daemon with SIGTERM and report.
 
 The table's rows stay as created (read-only in the daemon: pushing gradients back is the
@@ -20,7 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from client import MemstoreClient  # noqa: E402
+from client import MemstoreClient, Prefetcher  # noqa: E402
 from memstore.cli import describe_table  # noqa: E402
 from memstore.create import create_table  # noqa: E402
 from memstore.dtypes import DType  # noqa: E402
@@ -72,15 +73,17 @@ def main() -> int:
             print(f"\n== 3. train {args.steps} steps through the daemon, then sample")
             model = build_model(lm_config, data, TableSource.MEMSTORE, client)
             config = TrainConfig(steps=args.steps, eval_every=max(1, args.steps // 3), out_dir=args.out)
-            result = train(model, data, config)
-            save_checkpoint(model, TableSource.MEMSTORE, args.out / "ckpt.pt", result)
-            print(report(result, config))
+            with Prefetcher(client, model.row_ids, engram.layer_ids) as prefetcher:
+                result = train(model, data, config, prefetcher=prefetcher)
+                save_checkpoint(model, TableSource.MEMSTORE, args.out / "ckpt.pt", result)
+                print(report(result, config))
+                texts = sample(model, data, PROMPTS, max_new_tokens=40, temperature=0.7, seed=0, prefetcher=prefetcher)
             print(
                 f"lookups went {client.transport}: {'the daemon' if client.transport == 'grpc' else 'its files'}"
                 " (the same-host path maps the daemon's table files when the client shares its host)"
             )
             print(f"checkpoint: {args.out / 'ckpt.pt'}")
-            for text in sample(model, data, PROMPTS, max_new_tokens=40, temperature=0.7, seed=0):
+            for text in texts:
                 print(f"  > {text!r}")
     finally:
         print("\n== 4. stop the daemon (SIGTERM)")

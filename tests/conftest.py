@@ -11,7 +11,8 @@ import pytest
 from client import ClientConfig, MemstoreClient
 from memstore.service import ServerConfig, create_server
 from memstore.table import Table
-from tests.helpers import FAST_FAIL, make_table
+from model.data import DataConfig, PreparedData, prepare_data
+from tests.helpers import FAST_FAIL, SMALL_CORPUS, make_table
 
 
 @pytest.fixture(scope="session")
@@ -24,6 +25,12 @@ def table_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def table(table_path: Path) -> Iterator[Table]:
     with Table.open(table_path) as opened:
         yield opened
+
+
+@pytest.fixture(scope="session")
+def lm_data(tmp_path_factory: pytest.TempPathFactory) -> PreparedData:
+    """A small generated corpus and BPE for model tests, built once per session."""
+    return prepare_data(DataConfig(data_dir=tmp_path_factory.mktemp("data"), vocab_size=500, corpus=SMALL_CORPUS))
 
 
 class Daemon:

@@ -9,6 +9,8 @@ from memstore.create import create_table
 from memstore.dtypes import DType
 from memstore.layout import EngramLayout
 from memstore.manifest import Manifest
+from model.corpus import CorpusConfig
+from model.engram import EngramConfig
 
 SMALL_LAYOUT = EngramLayout(layer_ids=(1, 4), vocab_size_per_ngram=(500, 700), max_ngram=3, heads_per_ngram=4, dim=16)
 
@@ -19,3 +21,8 @@ FAST_FAIL = ClientConfig(timeout_s=5.0, max_attempts=2, initial_backoff_s=0.05, 
 def make_table(path: Path, dtype: DType = DType.FLOAT16, layout: EngramLayout = SMALL_LAYOUT, seed: int = 0) -> Path:
     """Create a small table at `path` and return the path."""
     return create_table(path, Manifest(layout=layout, dtype=dtype, seed=seed))
+
+
+# A tiny Engram LM setting (one Engram layer) and corpus for model tests.
+SMALL_ENGRAM = EngramConfig(layer_ids=(1,), vocab_size_per_ngram=(500, 500), heads_per_ngram=2, n_embed_per_ngram=16)
+SMALL_CORPUS = CorpusConfig(num_people=30, num_cities=8, num_rivers=4, num_orgs=6, num_documents=400)

@@ -13,19 +13,17 @@ from memstore.create import create_table
 from memstore.dtypes import DType
 from memstore.manifest import Manifest
 from memstore.table import Table
-from model.corpus import CorpusConfig
-from model.data import DataConfig, prepare_data
-from model.engram import EngramConfig
+from model.data import PreparedData
 from model.lm import LMConfig
 from model.train import TableSource, TrainConfig, build_model, load_checkpoint, save_checkpoint, train
+from tests.helpers import SMALL_ENGRAM
 
-ENGRAM = EngramConfig(layer_ids=(1,), vocab_size_per_ngram=(500, 500), heads_per_ngram=2, n_embed_per_ngram=16)
-CORPUS = CorpusConfig(num_people=30, num_cities=8, num_rivers=4, num_orgs=6, num_documents=400)
+ENGRAM = SMALL_ENGRAM
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory):
-    return prepare_data(DataConfig(data_dir=tmp_path_factory.mktemp("data"), vocab_size=500, corpus=CORPUS))
+@pytest.fixture
+def data(lm_data: PreparedData) -> PreparedData:
+    return lm_data
 
 
 @pytest.fixture

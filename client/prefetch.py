@@ -1,0 +1,324 @@
+"""Prefetch: every Engram layer's rows fetched while earlier work computes.
+
+Engram's row ids depend only on the tokens, so they are known before the first layer runs.
+The protocol:
+
+1. `handle = prefetcher.submit(input_ids)` at the start of a step, or one step ahead while
+   the current step computes. It runs the model's compress + hash (`row_ids_fn`) for every
+   Engram layer and starts one lookup per layer at once on a worker pool (the client
+   deduplicates each layer's ids). Rows land in a reusable host buffer set; on CUDA the
+   buffers are pinned and each layer's rows are copied to the device on a side stream,
+   with one CUDA event per layer. `submit_row_ids(ids)` does the same for ids already hashed
+   (decoding fetches only the newest position).
+2. The Engram layer calls `handle.rows(layer_id)`: it waits for its own layer only (the
+   future, then on CUDA the compute stream waits on that layer's event; the host does not
+   block). The wait is the step's exposed stall, recorded per layer in `prefetcher.stats`.
+3. `handle.release()` (or leaving `with handle:`) once the step is done, after backward:
+   autograd may keep views of the buffers until then. The buffer set returns to the pool.
+
+Bounded memory: `PrefetchConfig.depth` buffer sets exist (2: the step computing and the
+one being fetched); `submit` waits for a released set, and a buffer grows only when a step
+needs more rows than any before it (`stats.buffer_allocations` counts every allocation).
+Without a GPU the same protocol runs on threads with plain host tensors.
+
+Errors: a failed lookup raises in `handle.rows(layer_id)` of the step that needs it, as the
+project's exception of the same kind, with the step and layer named. A failed layer never
+returns its buffer's contents (stale rows of an earlier step) nor zeros: the paper finds a
+model with its Engram zeroed keeps only 29% of its factual recall. The next step's handle is
+independent and unaffected.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from memstore.errors import InternalError, InvalidArgumentError, MemstoreError, ResourceExhaustedError
+from memstore.manifest import Manifest
+from memstore.table import Table
+
+RowIds = Mapping[int, "torch.Tensor | np.ndarray"]
+
+
+class RowFetcher(Protocol):
+    """What the prefetcher reads rows through: a MemstoreClient, or an in-process `TableFetcher`."""
+
+    def describe(self, timeout: float | None = None) -> Manifest: ...
+
+    def lookup(
+        self, layer_id: int, row_ids: Any, *, timeout: float | None = None, out: torch.Tensor | None = None
+    ) -> torch.Tensor: ...
+
+
+class TableFetcher:
+    """A table opened in this process behind the `RowFetcher` interface (the in-process baseline)."""
+
+    def __init__(self, table: Table) -> None:
+        self.table = table
+
+    def describe(self, timeout: float | None = None) -> Manifest:
+        """The table's manifest."""
+        return self.table.manifest
+
+    def lookup(
+        self, layer_id: int, row_ids: Any, *, timeout: float | None = None, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Rows [*row_ids.shape, dim] of the stored dtype, written into `out` when given."""
+        ids = np.asarray(row_ids, dtype=np.int64)
+        dtype, dim = self.table.manifest.dtype, self.table.manifest.layout.dim
+        target = None if out is None else dtype.raw_view(out).reshape(ids.size, dim)  # [N, dim]
+        rows = self.table.gather(layer_id, ids.reshape(-1), target)  # [N, dim]
+        return dtype.to_torch(rows.reshape(*ids.shape, dim))  # [*shape, dim]
+
+
+@dataclass(frozen=True)
+class PrefetchConfig:
+    """How far ahead and with how much memory; the defaults overlap one step ahead."""
+
+    depth: int = 2  # buffer sets: steps fetched or in use at once
+    overlap: bool = True  # False fetches inside submit (the synchronous baseline, same code path)
+    device: str = "cpu"  # where the model wants its rows; "cuda" pins host buffers and copies on a side stream
+    timeout_s: float | None = None  # deadline per lookup; None: the fetcher's own
+    acquire_timeout_s: float = 300.0  # how long submit waits for a released buffer set
+
+    def __post_init__(self) -> None:
+        if self.depth < 1:
+            raise InvalidArgumentError(f"PrefetchConfig.depth must be at least 1; got {self.depth}")
+        if self.acquire_timeout_s <= 0 or (self.timeout_s is not None and self.timeout_s <= 0):
+            raise InvalidArgumentError("PrefetchConfig timeouts must be positive")
+
+
+@dataclass
+class PrefetchStats:
+    """What prefetching cost the model: exposed stall per layer, and fetch work done behind it."""
+
+    steps: int = 0
+    stall_s: dict[int, float] = field(default_factory=dict)  # time rows() waited, per layer
+    fetch_s: dict[int, float] = field(default_factory=dict)  # time the lookups took, per layer
+    ready_on_request: int = 0  # rows() calls that found their rows already there
+    requests: int = 0
+    rows: int = 0
+    buffer_allocations: int = 0
+
+    @property
+    def total_stall_s(self) -> float:
+        """Exposed stall over all layers and steps."""
+        return sum(self.stall_s.values())
+
+
+class _BufferSet:
+    """One step's landing buffers: a host tensor per layer (pinned on CUDA), a device copy and event."""
+
+    def __init__(self, layer_ids: tuple[int, ...], dim: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.dim = dim
+        self.dtype = dtype
+        self.device = device
+        self.host = {layer: torch.empty(0, dim, dtype=dtype, pin_memory=device.type == "cuda") for layer in layer_ids}
+        self.on_device = {layer: torch.empty(0, dim, dtype=dtype, device=device) for layer in layer_ids}
+        self.copied = {layer: torch.cuda.Event() for layer in layer_ids} if device.type == "cuda" else {}
+        self.released: torch.cuda.Event | None = None  # compute stream done with on_device
+
+    def host_view(self, layer: int, shape: tuple[int, ...], stats: PrefetchStats) -> torch.Tensor:
+        """A [*shape, dim] view of the layer's host buffer, grown (and counted) only if too small."""
+        count = int(np.prod(shape))
+        if count > len(self.host[layer]):
+            pinned = self.device.type == "cuda"
+            self.host[layer] = torch.empty(count, self.dim, dtype=self.dtype, pin_memory=pinned)
+            stats.buffer_allocations += 1
+            if self.device.type != "cpu":
+                self.on_device[layer] = torch.empty(count, self.dim, dtype=self.dtype, device=self.device)
+                stats.buffer_allocations += 1
+        return self.host[layer][:count].view(*shape, self.dim)  # [*shape, dim]
+
+    def device_view(self, layer: int, shape: tuple[int, ...]) -> torch.Tensor:
+        return self.on_device[layer][: int(np.prod(shape))].view(*shape, self.dim)  # [*shape, dim]
+
+
+class PrefetchHandle:
+    """One submitted step: its row ids, one future per layer, and the buffer set they land in."""
+
+    def __init__(
+        self,
+        prefetcher: Prefetcher,
+        step: int,
+        row_ids: dict[int, np.ndarray],
+        futures: dict[int, Future],
+        buffers: _BufferSet,
+    ) -> None:
+        self.step = step
+        self.row_ids = row_ids
+        self._prefetcher = prefetcher
+        self._futures = futures
+        self._buffers: _BufferSet | None = buffers
+        self._waited: set[int] = set()
+
+    def rows(self, layer_id: int) -> torch.Tensor:
+        """This step's rows [*ids.shape, dim] of one layer, in the stored dtype on the configured device.
+
+        Waits for this layer's lookup only; a failed lookup raises here, naming step and layer.
+        The tensor is a view of a reused buffer: valid until `release()`.
+        """
+        if self._buffers is None:
+            raise InvalidArgumentError(f"the handle of step {self.step} was released; its rows are gone")
+        future = self._futures.get(layer_id)
+        if future is None:
+            raise InvalidArgumentError(f"step {self.step} fetched layers {sorted(self._futures)}, not {layer_id}")
+        stats = self._prefetcher.stats
+        first_request = layer_id not in self._waited
+        ready = future.done()
+        start = time.perf_counter()
+        try:
+            rows = future.result()
+        except MemstoreError as exc:
+            named = type(exc)(f"prefetch of step {self.step}, layer {layer_id}: {exc}")
+            named.code = exc.code
+            raise named from exc
+        except Exception as exc:
+            raise InternalError(f"prefetch of step {self.step}, layer {layer_id} failed: {exc!r}") from exc
+        finally:
+            if first_request:
+                self._waited.add(layer_id)
+                with self._prefetcher._stats_lock:
+                    stats.stall_s[layer_id] = stats.stall_s.get(layer_id, 0.0) + time.perf_counter() - start
+                    stats.requests += 1
+                    stats.ready_on_request += ready
+        if self._buffers.copied:  # the compute stream waits for the copy; the host does not
+            torch.cuda.current_stream(self._buffers.device).wait_event(self._buffers.copied[layer_id])
+        return rows
+
+    def release(self) -> None:
+        """Return the buffer set to the pool (after the step's backward). Idempotent."""
+        buffers, self._buffers = self._buffers, None
+        if buffers is None:
+            return
+        for future in self._futures.values():  # a worker may still write into the buffers
+            future.exception()
+        if buffers.copied:  # the next copy into these device buffers waits for this step's compute
+            buffers.released = torch.cuda.Event()
+            buffers.released.record(torch.cuda.current_stream(buffers.device))
+        self._prefetcher._free.put(buffers)
+
+    def __enter__(self) -> PrefetchHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class Prefetcher:
+    """Fetches all Engram layers' rows of a step ahead of the layers that need them.
+
+    `row_ids_fn` maps input ids [B, T] to {layer id: row ids [B, T, heads]}
+    (`EngramLM.row_ids`). Use as a context manager, or call close().
+    """
+
+    def __init__(
+        self,
+        fetcher: RowFetcher,
+        row_ids_fn: Callable[[Any], RowIds],
+        layer_ids: tuple[int, ...] | list[int],
+        config: PrefetchConfig | None = None,
+    ) -> None:
+        self.fetcher = fetcher
+        self.row_ids_fn = row_ids_fn
+        self.layer_ids = tuple(layer_ids)
+        self.config = config or PrefetchConfig()
+        self.stats = PrefetchStats()
+        self._stats_lock = threading.Lock()
+        manifest = fetcher.describe(self.config.timeout_s)
+        missing = set(self.layer_ids) - set(manifest.layout.layer_ids)
+        if missing:
+            raise InvalidArgumentError(
+                f"the table has layers {list(manifest.layout.layer_ids)}; it cannot serve layers {sorted(missing)}"
+            )
+        self.dtype = manifest.dtype.torch
+        self.device = torch.device(self.config.device)
+        self._free: queue.Queue[_BufferSet] = queue.Queue()
+        for _ in range(self.config.depth):
+            self._free.put(_BufferSet(self.layer_ids, manifest.layout.dim, self.dtype, self.device))
+        self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._pool = ThreadPoolExecutor(max_workers=len(self.layer_ids), thread_name_prefix="engram-prefetch")
+        self._steps = 0
+
+    def submit(self, input_ids: Any) -> PrefetchHandle:
+        """Hash `input_ids` [B, T] for every layer and start fetching their rows."""
+        return self.submit_row_ids(self.row_ids_fn(input_ids))
+
+    def submit_row_ids(self, row_ids: RowIds) -> PrefetchHandle:
+        """Start fetching rows for ids already hashed: {layer id: row ids [...]} for every layer."""
+        if set(row_ids) != set(self.layer_ids):
+            raise InvalidArgumentError(f"row ids are for layers {sorted(row_ids)}; expected {list(self.layer_ids)}")
+        ids = {layer: _as_numpy(row_ids[layer]) for layer in self.layer_ids}
+        try:
+            buffers = self._free.get(timeout=self.config.acquire_timeout_s)
+        except queue.Empty:
+            raise ResourceExhaustedError(
+                f"all {self.config.depth} prefetch buffer sets are held by unreleased steps; call "
+                "handle.release() when a step is done, or raise PrefetchConfig.depth"
+            ) from None
+        step = self._steps
+        self._steps += 1
+        with self._stats_lock:
+            self.stats.steps += 1
+            self.stats.rows += sum(i.size for i in ids.values())
+            views = {layer: buffers.host_view(layer, ids[layer].shape, self.stats) for layer in self.layer_ids}
+        futures: dict[int, Future] = {}
+        for layer in self.layer_ids:
+            if self.config.overlap:
+                futures[layer] = self._pool.submit(self._fetch, layer, ids[layer], views[layer], buffers)
+            else:
+                futures[layer] = self._fetch_now(layer, ids[layer], views[layer], buffers)
+        return PrefetchHandle(self, step, ids, futures, buffers)
+
+    def _fetch_now(self, layer: int, ids: np.ndarray, host: torch.Tensor, buffers: _BufferSet) -> Future:
+        """The synchronous baseline: fetch in the caller, and count the whole fetch as stall."""
+        future: Future = Future()
+        start = time.perf_counter()
+        try:
+            future.set_result(self._fetch(layer, ids, host, buffers))
+        except BaseException as exc:  # surfaces in rows(), exactly as with overlap
+            future.set_exception(exc)
+        with self._stats_lock:
+            self.stats.stall_s[layer] = self.stats.stall_s.get(layer, 0.0) + time.perf_counter() - start
+        return future
+
+    def _fetch(self, layer: int, ids: np.ndarray, host: torch.Tensor, buffers: _BufferSet) -> torch.Tensor:
+        start = time.perf_counter()
+        self.fetcher.lookup(layer, ids, timeout=self.config.timeout_s, out=host)
+        rows = host
+        if self._copy_stream is not None:
+            with torch.cuda.stream(self._copy_stream):
+                if buffers.released is not None:  # the previous step's compute still reads these buffers
+                    self._copy_stream.wait_event(buffers.released)
+                rows = buffers.device_view(layer, ids.shape)
+                rows.copy_(host, non_blocking=True)
+                buffers.copied[layer].record(self._copy_stream)
+        elif self.device.type != "cpu":
+            rows = buffers.device_view(layer, ids.shape).copy_(host)
+        with self._stats_lock:
+            self.stats.fetch_s[layer] = self.stats.fetch_s.get(layer, 0.0) + time.perf_counter() - start
+        return rows
+
+    def close(self) -> None:
+        """Stop the workers (in-flight lookups finish first)."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> Prefetcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _as_numpy(ids: torch.Tensor | np.ndarray) -> np.ndarray:
+    if isinstance(ids, torch.Tensor):
+        return ids.detach().to("cpu", torch.int64).numpy()
+    return np.asarray(ids, dtype=np.int64)

@@ -1,0 +1,259 @@
+"""The prefetcher: overlap, identical results, bounded buffers, errors per step and layer, decoding."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict
+
+import numpy as np
+import pytest
+import torch
+
+from client import MemstoreClient, PrefetchConfig, Prefetcher, TableFetcher
+from memstore.create import create_table
+from memstore.dtypes import DType
+from memstore.errors import (
+    DeadlineExceededError,
+    InvalidArgumentError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
+from memstore.manifest import Manifest
+from memstore.table import Table
+from model.lm import LMConfig
+from model.train import TableSource, TrainConfig, build_model, train
+from tests.helpers import SMALL_ENGRAM, SMALL_LAYOUT
+
+LAYERS = SMALL_LAYOUT.layer_ids  # (1, 4)
+DIM = SMALL_LAYOUT.dim
+
+
+def _expected_rows(layer: int, ids: np.ndarray) -> np.ndarray:
+    """The fake store's row for (layer, id): distinct for every pair, exact in float32."""
+    return (ids[..., None] * 8 + layer + np.arange(DIM) / 16).astype(np.float32)  # [*shape, dim]
+
+
+class FakeStore:
+    """A RowFetcher with a controlled latency per lookup and failures injected by (layer, call number)."""
+
+    def __init__(self, latency_s: float = 0.0, fail: dict[tuple[int, int], Exception] | None = None) -> None:
+        self.manifest = Manifest(layout=SMALL_LAYOUT, dtype=DType.FLOAT32, seed=0)
+        self.latency_s = latency_s
+        self.fail = fail or {}
+        self.calls: dict[int, int] = defaultdict(int)
+        self._lock = threading.Lock()
+
+    def describe(self, timeout: float | None = None) -> Manifest:
+        return self.manifest
+
+    def lookup(self, layer_id, row_ids, *, timeout=None, out=None) -> torch.Tensor:
+        with self._lock:
+            call = self.calls[layer_id]
+            self.calls[layer_id] += 1
+        time.sleep(self.latency_s)
+        if (layer_id, call) in self.fail:
+            raise self.fail[layer_id, call]
+        rows = torch.from_numpy(_expected_rows(layer_id, np.asarray(row_ids)))
+        if out is None:
+            return rows
+        out.copy_(rows.reshape(out.shape))
+        return out
+
+
+def _ids(step: int, shape: tuple[int, ...] = (2, 8, 8)) -> dict[int, np.ndarray]:
+    rng = np.random.default_rng(step)
+    return {layer: rng.integers(0, SMALL_LAYOUT.num_rows(layer), shape) for layer in LAYERS}
+
+
+def _prefetcher(store, config: PrefetchConfig | None = None) -> Prefetcher:
+    return Prefetcher(store, row_ids_fn=lambda step: _ids(step), layer_ids=LAYERS, config=config)
+
+
+def test_rows_arrive_before_they_are_needed_when_compute_exceeds_latency() -> None:
+    latency = 0.02
+    with _prefetcher(FakeStore(latency_s=latency)) as prefetcher:
+        handle = prefetcher.submit(0)
+        for step in range(1, 6):
+            upcoming = prefetcher.submit(step)  # fetched while this step "computes"
+            for layer in LAYERS:
+                time.sleep(3 * latency)  # compute before each Engram layer, longer than a lookup
+                np.testing.assert_array_equal(handle.rows(layer).numpy(), _expected_rows(layer, _ids(step - 1)[layer]))
+            handle.release()
+            handle = upcoming
+        handle.release()
+        stats = prefetcher.stats
+    assert stats.requests == 10 and stats.ready_on_request == 10  # every layer's rows were there when asked
+    assert stats.total_stall_s < latency  # ten waits on finished futures, not one lookup's latency
+    assert min(stats.fetch_s.values()) >= 6 * latency  # the lookups did take their time, behind the compute
+
+
+def test_without_overlap_the_whole_fetch_is_stall() -> None:
+    latency = 0.02
+    with _prefetcher(FakeStore(latency_s=latency), PrefetchConfig(overlap=False)) as prefetcher:
+        for step in range(3):
+            with prefetcher.submit(step) as handle:
+                for layer in LAYERS:
+                    handle.rows(layer)
+        assert prefetcher.stats.total_stall_s >= 3 * len(LAYERS) * latency
+
+
+def test_buffers_are_reused_over_100_steps() -> None:
+    seen: dict[int, set[int]] = defaultdict(set)
+    with _prefetcher(FakeStore()) as prefetcher:
+        handle = prefetcher.submit(0)
+        allocations_after_warmup = None
+        for step in range(1, 101):
+            upcoming = prefetcher.submit(step)
+            for layer in LAYERS:
+                seen[layer].add(handle.rows(layer).data_ptr())
+            handle.release()
+            handle = upcoming
+            if step == 2:
+                allocations_after_warmup = prefetcher.stats.buffer_allocations
+        handle.release()
+        assert prefetcher.stats.buffer_allocations == allocations_after_warmup == 2 * len(LAYERS)
+    assert all(len(pointers) == 2 for pointers in seen.values())  # depth 2: two buffers per layer, alternating
+
+
+def test_a_larger_step_grows_the_buffer_once() -> None:
+    shapes = iter([(2, 8, 8), (4, 8, 8), (4, 8, 8), (1, 8, 8)])
+    with Prefetcher(FakeStore(), lambda _: _ids(0, next(shapes)), LAYERS, PrefetchConfig(depth=1)) as prefetcher:
+        for _ in range(4):
+            with prefetcher.submit(None) as handle:
+                assert handle.rows(1).shape == (*handle.row_ids[1].shape, DIM)
+        assert prefetcher.stats.buffer_allocations == 2 * len(LAYERS)
+
+
+def test_an_error_in_one_layer_raises_in_that_step_and_not_the_next() -> None:
+    store = FakeStore(fail={(4, 2): UnavailableError("daemon gone")})
+    with _prefetcher(store) as prefetcher:
+        for step in range(2):
+            with prefetcher.submit(step) as handle:
+                handle.rows(1), handle.rows(4)
+        with prefetcher.submit(2) as failing:
+            np.testing.assert_array_equal(failing.rows(1).numpy(), _expected_rows(1, _ids(2)[1]))
+            for _ in range(2):  # asking again fails again: never the buffer's stale rows of step 0
+                with pytest.raises(UnavailableError, match="step 2, layer 4: daemon gone"):
+                    failing.rows(4)
+        with prefetcher.submit(3) as handle:
+            np.testing.assert_array_equal(handle.rows(4).numpy(), _expected_rows(4, _ids(3)[4]))
+
+
+def test_a_deadline_keeps_its_type_and_a_foreign_error_becomes_internal() -> None:
+    store = FakeStore(fail={(1, 0): DeadlineExceededError("too slow"), (1, 1): RuntimeError("bug")})
+    with _prefetcher(store) as prefetcher:
+        with prefetcher.submit(0) as handle, pytest.raises(DeadlineExceededError, match="step 0, layer 1"):
+            handle.rows(1)
+        with prefetcher.submit(1) as handle, pytest.raises(Exception, match="step 1, layer 1 failed") as caught:
+            handle.rows(1)
+        assert type(caught.value).__name__ == "InternalError"
+
+
+def test_submit_waits_for_a_released_buffer_set() -> None:
+    with _prefetcher(FakeStore(), PrefetchConfig(depth=1, acquire_timeout_s=0.1)) as prefetcher:
+        held = prefetcher.submit(0)
+        with pytest.raises(ResourceExhaustedError, match="release"):
+            prefetcher.submit(1)
+        held.release()
+        held.release()  # idempotent
+        with pytest.raises(InvalidArgumentError, match="released"):
+            held.rows(1)
+        with prefetcher.submit(1) as handle:
+            handle.rows(1)
+
+
+def test_bad_layers_are_refused() -> None:
+    with pytest.raises(InvalidArgumentError, match="cannot serve layers \\[3\\]"):
+        Prefetcher(FakeStore(), _ids, (1, 3))
+    with _prefetcher(FakeStore()) as prefetcher:
+        with pytest.raises(InvalidArgumentError, match="expected"):
+            prefetcher.submit_row_ids({1: np.zeros(3, dtype=np.int64)})
+        with prefetcher.submit(0) as handle, pytest.raises(InvalidArgumentError, match="not 2"):
+            handle.rows(2)
+
+
+def test_prefetched_rows_equal_client_lookups(client: MemstoreClient, table: Table) -> None:
+    with Prefetcher(client, _ids, LAYERS) as prefetcher:
+        for step in range(3):
+            with prefetcher.submit(step) as handle:
+                for layer in LAYERS:
+                    ids = _ids(step)[layer]
+                    expected = table.gather(layer, ids.reshape(-1)).reshape(*ids.shape, DIM)
+                    np.testing.assert_array_equal(handle.rows(layer).numpy(), expected)
+
+
+def test_table_fetcher_reads_in_process(table: Table) -> None:
+    with Prefetcher(TableFetcher(table), _ids, LAYERS) as prefetcher, prefetcher.submit(7) as handle:
+        ids = _ids(7)[4]
+        np.testing.assert_array_equal(handle.rows(4).numpy(), table.gather(4, ids.reshape(-1)).reshape(*ids.shape, DIM))
+
+
+@pytest.fixture
+def engram_client(tmp_path, daemon_factory):
+    """A client of a daemon serving a float32 table for SMALL_ENGRAM."""
+    manifest = Manifest(layout=SMALL_ENGRAM.layout(), dtype=DType.FLOAT32, seed=SMALL_ENGRAM.seed)
+    with Table.open(create_table(tmp_path / "engram", manifest)) as table:
+        with MemstoreClient(daemon_factory(table).address) as client:
+            yield client
+
+
+def _lm_config(lm_data) -> LMConfig:
+    return LMConfig(
+        vocab_size=lm_data.vocab_size,
+        max_seq_len=32,
+        d_model=32,
+        n_layers=2,
+        n_heads=2,
+        mlp_hidden=64,
+        engram=SMALL_ENGRAM,
+    )
+
+
+def test_training_with_prefetch_equals_training_without(lm_data, engram_client) -> None:
+    config = TrainConfig(steps=6, batch_size=4, eval_every=3, eval_batches=1)
+    losses = {}
+    for prefetch in (False, True):
+        torch.manual_seed(0)
+        model = build_model(_lm_config(lm_data), lm_data, TableSource.MEMSTORE, engram_client)
+        if prefetch:
+            with Prefetcher(engram_client, model.row_ids, SMALL_ENGRAM.layer_ids) as prefetcher:
+                result = train(model, lm_data, config, progress=False, prefetcher=prefetcher)
+        else:
+            result = train(model, lm_data, config, progress=False)
+        losses[prefetch] = result.train_loss + result.val_loss
+        assert result.prefetched is prefetch and set(result.stall_seconds) == {1}
+        assert result.rows_fetched >= config.steps * config.batch_size * 32 * SMALL_ENGRAM.num_heads
+    assert losses[True] == losses[False]
+
+
+def test_prefetched_generation_equals_plain_generation_and_fetches_only_new_positions(lm_data, engram_client) -> None:
+    torch.manual_seed(0)
+    model = build_model(_lm_config(lm_data), lm_data, TableSource.MEMSTORE, engram_client).eval()
+    prompt = torch.from_numpy(np.stack([lm_data.val[:5], lm_data.val[40:45]]).astype(np.int64))  # [2, 5]
+    new_tokens = 40  # past max_seq_len 32: the window slides, the cached rows follow it
+    torch.manual_seed(1)
+    plain = model.generate(prompt, new_tokens)
+    with Prefetcher(engram_client, model.row_ids, SMALL_ENGRAM.layer_ids) as prefetcher:
+        torch.manual_seed(1)
+        prefetched = model.generate(prompt, new_tokens, prefetcher=prefetcher)
+        heads = SMALL_ENGRAM.num_heads
+        assert prefetcher.stats.rows == 2 * heads * (5 + new_tokens - 1)  # each position fetched once
+    assert torch.equal(prefetched, plain)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_rows_land_on_the_device_after_their_event() -> None:
+    with _prefetcher(FakeStore(latency_s=0.01), PrefetchConfig(device="cuda")) as prefetcher:
+        handle = prefetcher.submit(0)
+        for step in range(1, 4):
+            upcoming = prefetcher.submit(step)
+            for layer in LAYERS:
+                rows = handle.rows(layer)
+                assert rows.is_cuda
+                expected = _expected_rows(layer, _ids(step - 1)[layer])
+                np.testing.assert_array_equal((rows * 1).cpu().numpy(), expected)  # a kernel on the compute stream
+            handle.release()
+            handle = upcoming
+        handle.release()
+        assert all(buffers.host[1].is_pinned() for buffers in list(prefetcher._free.queue))
