@@ -1,0 +1,331 @@
+"""Server-side sparse optimizers: how a pushed gradient changes the rows it touches.
+
+A push carries, for one layer, the gradient of N distinct rows (already summed per id). The
+daemon gathers those rows and their optimizer state, calls `apply_update`, and scatters the
+results back. Rows that were not pushed, and their state, are never read or written: every
+optimizer here is *lazy*, the sparse-gradient behaviour of the PyTorch optimizer it mirrors.
+
+Optimizers and the state each keeps per row (`OptimizerConfig.state_slots`):
+
+- ``sgd``: ``torch.optim.SGD`` without momentum or weight decay, ``w -= lr * g``. No state.
+- ``adagrad``: ``torch.optim.Adagrad`` with ``lr_decay=0, weight_decay=0``:
+  ``sum += g*g; w -= lr * g / (sqrt(sum) + eps)``. State ``sum``: ``dim`` values per row,
+  starting at ``initial_accumulator_value``.
+- ``rowwise_adagrad``: FBGEMM's ``EXACT_ROWWISE_ADAGRAD`` without weight decay: one
+  accumulator per row, ``sum += mean(g*g); w -= lr / (sqrt(sum) + eps) * g``. State ``sum``:
+  1 value per row. A dim-fold smaller state than ``adagrad``, the usual choice for big tables.
+- ``adam``: ``torch.optim.SparseAdam`` (lazy Adam): only the pushed rows' moments decay and
+  update, but the bias correction uses the layer's global step count, so a row first pushed at
+  step 1000 gets a much smaller first update than dense Adam would give it. State ``exp_avg``
+  and ``exp_avg_sq``: ``dim`` values per row each, starting at 0.
+
+There is one ``eps`` field for all kinds, defaulting to 1e-8 (``SparseAdam``'s default);
+``torch.optim.Adagrad`` defaults to 1e-10, so set ``eps=1e-10`` to reproduce an Adagrad run
+with torch's defaults.
+
+Exactness: ``sgd``, ``adagrad`` and ``adam`` perform the same float32 operations, in the same
+order, as the PyTorch optimizer's sparse branch stepped on a coalesced sparse gradient with the
+same values, each operation correctly rounded, so rows and state are bit-identical to torch's
+whenever torch's own elementwise operations are correctly rounded. Two platform details of
+torch on CPU matter:
+
+- torch adds a sparse gradient into a dense tensor with BLAS ``axpy`` (``y += a*x``), which
+  rounds once (a fused multiply-add) on every CPU with FMA, so ``w - lr*g`` is computed here as a
+  correctly rounded FMA too (`_fma32`), not as a multiply then a subtract.
+- torch's CPU ``sqrt`` goes through MKL VML in "high accuracy" mode, which is *not* correctly
+  rounded (here about 1 result in 6 is 1 ulp off). This module uses numpy's IEEE square root,
+  so against stock CPU torch the Adagrad and Adam state is still bit-identical but
+  the rows may differ by about one float32 rounding per step.
+
+``rowwise_adagrad`` follows FBGEMM's operation order (per-row multiplier, then a fused
+multiply-add) and is exact up to float32 rounding, not bit-identical to any particular kernel.
+
+One deliberate difference: torch's SGD applies an *uncoalesced* sparse gradient (what
+``nn.Embedding(sparse=True)`` produces when a batch repeats an id) one duplicate at a time,
+rounding after each; here the gradients of a row are summed first, as Adagrad and SparseAdam
+do themselves.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import numbers
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+
+from memstore.errors import InvalidArgumentError
+
+_MAX_LISTED = 8  # how many offending row positions an error message names
+
+
+class OptimizerKind(enum.Enum):
+    """Which update rule a layer's pushes apply."""
+
+    SGD = "sgd"
+    ADAGRAD = "adagrad"
+    ROWWISE_ADAGRAD = "rowwise_adagrad"
+    ADAM = "adam"
+
+
+_KIND_NAMES = ", ".join(repr(kind.value) for kind in OptimizerKind)
+
+
+def _is_real(value: Any) -> bool:
+    # bool is an int subclass; `lr=True` is a mistake, not 1.0.
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _as_float32_positive(name: str, value: Any, hint: str) -> float:
+    if not _is_real(value) or not math.isfinite(value) or value <= 0:
+        raise InvalidArgumentError(f"optimizer {name} must be a finite number > 0, got {value!r}; {hint}")
+    # The arithmetic is float32: a value that rounds to 0 or overflows there would silently
+    # turn the optimizer off (lr) or divide 0 by 0 on an untouched accumulator (eps).
+    with np.errstate(over="ignore"):
+        as32 = np.float32(value)
+    if not (np.isfinite(as32) and as32 > 0):
+        raise InvalidArgumentError(
+            f"optimizer {name}={value!r} is not representable as a positive float32 (the update is computed "
+            f"in float32); {hint}"
+        )
+    return float(value)
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """The optimizer of one table: its kind and hyperparameters (stored in the manifest).
+
+    ``betas`` only matter for ``adam``, ``initial_accumulator_value`` only for the Adagrad kinds.
+    ``eps`` is shared; note ``torch.optim.Adagrad`` defaults to ``eps=1e-10`` (see the module
+    docstring).
+    """
+
+    kind: OptimizerKind = OptimizerKind.ADAM
+    lr: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    initial_accumulator_value: float = 0.0
+
+    def __post_init__(self) -> None:
+        kind = self.kind
+        if not isinstance(kind, OptimizerKind):
+            try:
+                kind = OptimizerKind(kind)
+            except ValueError:
+                raise InvalidArgumentError(f"unknown optimizer kind {self.kind!r}; use one of {_KIND_NAMES}") from None
+        lr = _as_float32_positive("lr", self.lr, "set lr to a positive learning rate such as 0.01")
+        eps = _as_float32_positive("eps", self.eps, "set eps to a small positive number such as 1e-8")
+        betas = self.betas
+        if isinstance(betas, (str, bytes)) or not hasattr(betas, "__len__") or len(betas) != 2:
+            raise InvalidArgumentError(f"optimizer betas must be a pair (beta1, beta2), got {betas!r}")
+        for index, beta in enumerate(betas):
+            if not _is_real(beta) or not 0.0 <= beta < 1.0:
+                raise InvalidArgumentError(
+                    f"optimizer betas[{index}] must be a number in [0, 1), got {beta!r}; "
+                    "typical values are betas=(0.9, 0.999)"
+                )
+        acc = self.initial_accumulator_value
+        if not _is_real(acc) or not math.isfinite(acc) or acc < 0:
+            raise InvalidArgumentError(
+                f"optimizer initial_accumulator_value must be a finite number >= 0, got {acc!r}; "
+                "use 0.0 (torch's default) or a small positive value"
+            )
+        # Normalize so that equal configs compare and serialize equal (e.g. betas from a JSON list).
+        object.__setattr__(self, "kind", kind)
+        object.__setattr__(self, "lr", lr)
+        object.__setattr__(self, "eps", eps)
+        object.__setattr__(self, "betas", (float(betas[0]), float(betas[1])))
+        object.__setattr__(self, "initial_accumulator_value", float(acc))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form, for the manifest."""
+        return {
+            "kind": self.kind.value,
+            "lr": self.lr,
+            "betas": list(self.betas),
+            "eps": self.eps,
+            "initial_accumulator_value": self.initial_accumulator_value,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> OptimizerConfig:
+        """Inverse of `to_dict`. ``kind`` is required; other missing keys take their defaults."""
+        if not isinstance(d, Mapping):
+            raise InvalidArgumentError(f"optimizer config must be a JSON object, got {type(d).__name__}")
+        known = {field.name for field in fields(cls)}
+        unknown = sorted(str(key) for key in d if key not in known)
+        if unknown:
+            raise InvalidArgumentError(
+                f"unknown optimizer config keys {unknown}; the known keys are {sorted(known)} "
+                "(was the table written by a newer memstore?)"
+            )
+        if "kind" not in d:
+            raise InvalidArgumentError(f"optimizer config has no 'kind'; set it to one of {_KIND_NAMES}")
+        return cls(**d)
+
+    def state_slots(self, dim: int) -> dict[str, int]:
+        """State slot name -> values per row, in a fixed order, for rows of ``dim`` values."""
+        _check_count("dim", dim, minimum=1)
+        if self.kind is OptimizerKind.SGD:
+            return {}
+        if self.kind is OptimizerKind.ADAGRAD:
+            return {"sum": dim}
+        if self.kind is OptimizerKind.ROWWISE_ADAGRAD:
+            return {"sum": 1}
+        return {"exp_avg": dim, "exp_avg_sq": dim}
+
+    def initial_state(self, num_rows: int, dim: int) -> dict[str, np.ndarray]:
+        """Fresh float32 state for ``num_rows`` rows: Adagrad sums at the initial value, Adam moments at 0."""
+        _check_count("num_rows", num_rows, minimum=0)
+        fill = self.initial_accumulator_value if self.kind in _ADAGRADS else 0.0
+        return {
+            name: np.full((num_rows, width), fill, dtype=np.float32) for name, width in self.state_slots(dim).items()
+        }
+
+
+_ADAGRADS = (OptimizerKind.ADAGRAD, OptimizerKind.ROWWISE_ADAGRAD)
+
+
+def _check_count(name: str, value: Any, minimum: int) -> None:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < minimum:
+        raise InvalidArgumentError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def apply_update(
+    config: OptimizerConfig,
+    rows: np.ndarray,
+    state: dict[str, np.ndarray],
+    grads: np.ndarray,
+    step: int,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """One optimizer step on N distinct rows; returns (new rows, new state), inputs untouched.
+
+    ``rows`` and ``grads`` are float32 ``[N, dim]`` (the gradient of each row summed over its
+    occurrences; the caller guarantees the rows are distinct), ``state`` maps each slot of
+    ``config.state_slots(dim)`` to float32 ``[N, width]``. ``step`` is the 1-based number of
+    steps applied to this layer including this one (Adam's bias correction uses it). Non-finite
+    gradients reject the whole push before anything is computed.
+    """
+    if not isinstance(config, OptimizerConfig):
+        raise InvalidArgumentError(f"config must be an OptimizerConfig, got {type(config).__name__}")
+    _check_count("step", step, minimum=1)
+    _check_matrix("rows", rows)
+    _check_matrix("grads", grads)
+    if grads.shape != rows.shape:
+        raise InvalidArgumentError(
+            f"grads have shape {grads.shape} but rows have shape {rows.shape}; send one gradient per row, "
+            "each of the row's dim"
+        )
+    num_rows, dim = rows.shape
+    if dim == 0:
+        raise InvalidArgumentError("rows have dim 0; a row must hold at least one value")
+    _check_state(config, state, num_rows, dim)
+    bad = ~np.isfinite(grads).all(axis=1)
+    if bad.any():
+        positions = np.flatnonzero(bad)
+        listed = ", ".join(str(int(p)) for p in positions[:_MAX_LISTED])
+        more = f" and {positions.size - _MAX_LISTED} more" if positions.size > _MAX_LISTED else ""
+        raise InvalidArgumentError(
+            f"gradients of rows at positions [{listed}]{more} (of {num_rows} in the push) are not finite "
+            "(NaN or Inf); the push is rejected and nothing changed"
+        )
+    return _UPDATES[config.kind](config, rows, state, grads, int(step))
+
+
+def _check_matrix(name: str, array: Any) -> None:
+    if not isinstance(array, np.ndarray):
+        raise InvalidArgumentError(f"{name} must be a numpy array, got {type(array).__name__}")
+    if array.dtype != np.float32:
+        raise InvalidArgumentError(f"{name} must be float32, got {array.dtype}; convert with .astype(np.float32)")
+    if array.ndim != 2:
+        raise InvalidArgumentError(f"{name} must be 2-D [N, dim], got shape {array.shape}")
+
+
+def _check_state(config: OptimizerConfig, state: Any, num_rows: int, dim: int) -> None:
+    slots = config.state_slots(dim)
+    if not isinstance(state, Mapping) or set(state) != set(slots):
+        got = sorted(state) if isinstance(state, Mapping) else type(state).__name__
+        raise InvalidArgumentError(
+            f"{config.kind.value} needs state slots {list(slots)}, got {got}; build it with "
+            "OptimizerConfig.initial_state"
+        )
+    for name, width in slots.items():
+        _check_matrix(f"state[{name!r}]", state[name])
+        if state[name].shape != (num_rows, width):
+            raise InvalidArgumentError(
+                f"state[{name!r}] has shape {state[name].shape}, expected {(num_rows, width)} for {num_rows} rows"
+            )
+
+
+def _fma32(a: np.ndarray | np.float32, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Correctly rounded float32 ``a*x + y`` (one rounding, as a hardware FMA).
+
+    The float64 product of two float32 values is exact (48 of 53 bits), and the float64 sum is
+    rounded to odd before the final rounding to float32; rounding to odd with >= 2 extra bits
+    makes the double rounding equal to a single one (Boldo & Melquiond, 2008).
+    """
+    prod = np.multiply(a, x, dtype=np.float64)
+    addend = y.astype(np.float64)
+    total = prod + addend
+    # Non-finite inputs (a corrupt row) make `err` NaN: masked out below, they pass through as
+    # the plain sum would; an overflow to float32 infinity is the FMA's answer too.
+    with np.errstate(invalid="ignore", over="ignore"):
+        # TwoSum: the exact rounding error of `total`, which is never inexact itself.
+        back = total - prod
+        err = (prod - (total - back)) + (addend - back)
+        inexact_even = (err != 0) & ((total.view(np.int64) & 1) == 0) & np.isfinite(total)
+        if inexact_even.any():
+            total[inexact_even] = np.nextafter(total[inexact_even], np.copysign(np.inf, err[inexact_even]))
+        return total.astype(np.float32)
+
+
+def _sgd(config: OptimizerConfig, rows, state, grads, step):
+    # torch: param.add_(grad, alpha=-lr), i.e. axpy with a = float32(-lr).
+    return _fma32(np.float32(-config.lr), grads, rows), {}
+
+
+def _adagrad(config: OptimizerConfig, rows, state, grads, step):
+    # torch _single_tensor_adagrad, sparse branch, lr_decay=0 so clr == lr.
+    new_sum = state["sum"] + grads * grads
+    std = np.sqrt(new_sum)
+    std += np.float32(config.eps)
+    return _fma32(np.float32(-config.lr), grads / std, rows), {"sum": new_sum}
+
+
+def _rowwise_adagrad(config: OptimizerConfig, rows, state, grads, step):
+    # The mean is taken in float64 and rounded once so the result does not depend on numpy's
+    # summation order; the rest is FBGEMM's order: a per-row multiplier, then w += -multiplier*g.
+    mean_sq = np.mean(np.square(grads, dtype=np.float64), axis=1, keepdims=True).astype(np.float32)
+    new_sum = state["sum"] + mean_sq
+    multiplier = np.float32(config.lr) / (np.sqrt(new_sum) + np.float32(config.eps))
+    return _fma32(-multiplier, grads, rows), {"sum": new_sum}
+
+
+def _adam(config: OptimizerConfig, rows, state, grads, step):
+    # torch.optim._functional.sparse_adam, op for op (old += (1 - b) * (new - old)).
+    beta1, beta2 = config.betas
+    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+    avg_update = (grads - exp_avg) * np.float32(1 - beta1)
+    sq_update = (grads * grads - exp_avg_sq) * np.float32(1 - beta2)
+    # torch's `numer = update + old` is the same float32 sum as the new exp_avg, bit for bit.
+    new_avg = exp_avg + avg_update
+    new_avg_sq = exp_avg_sq + sq_update
+    denom = np.sqrt(new_avg_sq)
+    denom += np.float32(config.eps)
+    # Python floats, exactly as torch computes them, then one rounding to float32 in the multiply.
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    step_size = config.lr * math.sqrt(bias_correction2) / bias_correction1
+    new_rows = rows + np.float32(-step_size) * (new_avg / denom)
+    return new_rows, {"exp_avg": new_avg, "exp_avg_sq": new_avg_sq}
+
+
+_UPDATES = {
+    OptimizerKind.SGD: _sgd,
+    OptimizerKind.ADAGRAD: _adagrad,
+    OptimizerKind.ROWWISE_ADAGRAD: _rowwise_adagrad,
+    OptimizerKind.ADAM: _adam,
+}
