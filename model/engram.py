@@ -127,8 +127,8 @@ class Engram(nn.Module):
         if (rows is None) == (row_ids is None):
             raise InvalidArgumentError("pass the layer's row ids, or its prefetched rows, not both")
         if rows is None:
-            rows = self.table(row_ids)  # [B, T, heads, dim]
-        memory = rows.reshape(B, T, self.config.memory_dim).to(hidden.dtype)  # [B, T, heads*dim] = e_t
+            rows = self.table(row_ids.to(hidden.device))  # [B, T, heads, dim]
+        memory = rows.reshape(B, T, self.config.memory_dim).to(hidden.device, hidden.dtype)  # [B, T, heads*dim] = e_t
         gates = []
         for m in range(HC):
             key = self.key_norms[m](self.key_projs[m](memory))  # [B, T, D]

@@ -124,8 +124,9 @@ def _optimizers(model: EngramLM, config: TrainConfig) -> list[torch.optim.Optimi
 def evaluate(model: EngramLM, data: PreparedData, config: TrainConfig) -> float:
     """Mean validation loss over a fixed set of windows."""
     model.eval()
+    device = next(model.parameters()).device
     losses = [
-        model(torch.from_numpy(x), torch.from_numpy(y))[1].item()
+        model(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device))[1].item()
         for x, y in eval_batches(data.val, config.batch_size, model.config.max_seq_len, config.eval_batches)
     ]
     model.train()
@@ -151,6 +152,7 @@ def train(
     stream = islice(batches(data.train, config.batch_size, model.config.max_seq_len, config.seed), config.steps)
     steps = _one_step_ahead(stream, prefetcher) if prefetcher is not None else ((x, y, None) for x, y in stream)
     stall = _StallMeter(model, prefetcher)
+    device = next(model.parameters()).device
     start = time.perf_counter()
     bar = tqdm(enumerate(steps), total=config.steps, disable=not progress, desc="train", unit="step")
     for step, (x, y, handle) in bar:
@@ -158,7 +160,7 @@ def train(
         for opt, lrs in zip(optimizers, base_lrs):
             for group, lr in zip(opt.param_groups, lrs):
                 group["lr"] = lr * scale
-        _, loss = model(torch.from_numpy(x), torch.from_numpy(y), prefetched=handle)
+        _, loss = model(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device), prefetched=handle)
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
         loss.backward()

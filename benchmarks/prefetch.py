@@ -1,0 +1,229 @@
+"""What a memstore-held Engram table costs the small Engram LM, with and without prefetch.
+
+    python benchmarks/prefetch.py [--steps 40] [--rounds 2] [--latency-ms 20] [--json out.json]
+
+One run, same seeds, same batches, same initial weights, three variants:
+- in-process:  the table memory-mapped in the training process (the limit);
+- sync:        rows looked up from the daemon over gRPC when each Engram layer needs them;
+- prefetch:    the same daemon, every layer's rows fetched one step ahead (client/prefetch.py);
+- prefetch, same-host: prefetch through the client's same-host path (the daemon's files mapped
+               by the client; what a client on the daemon's host gets by default).
+Training reports step time; generation (batch of prompts, rows cached per position, each new
+position fetched once) reports tokens/s; both as ratios to in-process, with the exposed stall
+(time the model waited for rows) as a share of the time. Variants alternate within each round
+(order reversed every other round) and the median over rounds is reported, because the
+machine is shared and noisy. Then the same with `--latency-ms` added to every lookup (an
+artificially slow store), so a fast loopback cannot hide the overlap, or its absence.
+The daemon is a child process; sync and prefetch use gRPC (the same-host path switched off).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import REPO, ensure_table  # noqa: E402
+from client import ClientConfig, MemstoreClient, PrefetchConfig, Prefetcher, TableFetcher  # noqa: E402
+from memstore.dtypes import DType  # noqa: E402
+from memstore.launch import start_daemon, stop_daemon  # noqa: E402
+from memstore.manifest import Manifest  # noqa: E402
+from memstore.table import Table  # noqa: E402
+from model.compression import CompressedTokenizer  # noqa: E402
+from model.data import DataConfig, PreparedData, prepare_data  # noqa: E402
+from model.lm import EngramLM, LMConfig  # noqa: E402
+from model.sources import MappedTable, MemstoreTable  # noqa: E402
+from model.train import TrainConfig, train  # noqa: E402
+
+VARIANTS = ("in-process", "sync", "prefetch", "prefetch, same-host")
+
+
+class SlowStore:
+    """A client with `latency_s` added to every lookup (sleeping, as a network round trip does)."""
+
+    def __init__(self, client: MemstoreClient, latency_s: float) -> None:
+        self.client = client
+        self.latency_s = latency_s
+
+    def describe(self, timeout: float | None = None) -> Manifest:
+        return self.client.describe(timeout)
+
+    def lookup(self, layer_id: int, row_ids: Any, **kwargs: Any) -> torch.Tensor:
+        time.sleep(self.latency_s)
+        return self.client.lookup(layer_id, row_ids, **kwargs)
+
+
+@dataclass
+class Measured:
+    seconds: float  # per training step, or per generated token
+    stall_share: float
+
+
+DEVICE = torch.device("cpu")  # set by --device
+
+
+def _model(lm_config: LMConfig, data: PreparedData, tables: dict) -> EngramLM:
+    torch.manual_seed(0)  # same initial weights for every variant
+    return EngramLM(lm_config, CompressedTokenizer(data.tokenizer), data.pad_id, tables).to(DEVICE)
+
+
+def _train_step_time(variant: str, lm_config, data, table: Table, stores: dict, config: TrainConfig) -> Measured:
+    layers = lm_config.engram.layer_ids
+    store = stores[variant]
+    if variant == "in-process":
+        model = _model(lm_config, data, {layer: MappedTable(table, layer) for layer in layers})
+        result = train(model, data, config, progress=False)
+    elif variant == "sync":
+        model = _model(lm_config, data, {layer: MemstoreTable(store, layer) for layer in layers})
+        result = train(model, data, config, progress=False)
+    else:
+        model = _model(lm_config, data, {layer: MemstoreTable(store, layer) for layer in layers})
+        with Prefetcher(store, model.row_ids, layers, PrefetchConfig(device=str(DEVICE))) as prefetcher:
+            result = train(model, data, config, progress=False, prefetcher=prefetcher)
+    return Measured(result.train_seconds / config.steps, result.stall_share)
+
+
+def _generation_token_time(variant: str, lm_config, data, table: Table, stores: dict, prompts, new_tokens) -> Measured:
+    layers = lm_config.engram.layer_ids
+    store = stores[variant]
+    model = _model(lm_config, data, {layer: MappedTable(table, layer) for layer in layers}).eval()
+    fetcher = TableFetcher(table) if variant == "in-process" else store
+    overlap = variant.startswith("prefetch")
+    config = PrefetchConfig(overlap=overlap, device=str(DEVICE))
+    with Prefetcher(fetcher, model.row_ids, layers, config) as prefetcher:
+        torch.manual_seed(0)
+        start = time.perf_counter()
+        model.generate(prompts.to(DEVICE), new_tokens, prefetcher=prefetcher)
+        elapsed = time.perf_counter() - start
+        stall = prefetcher.stats.total_stall_s if variant != "in-process" else 0.0
+    return Measured(elapsed / (new_tokens * len(prompts)), stall / elapsed)
+
+
+def _rounds(measure, rounds: int) -> dict[str, Measured]:
+    """Median per variant over rounds, the variants alternating (reversed every other round),
+    after one short unmeasured warm-up run of each (first-call allocations, thread start-up)."""
+    for variant in VARIANTS:
+        measure(variant, warmup=True)
+    samples: dict[str, list[Measured]] = {v: [] for v in VARIANTS}
+    for r in range(rounds):
+        for variant in VARIANTS if r % 2 == 0 else reversed(VARIANTS):
+            samples[variant].append(measure(variant))
+    return {
+        v: Measured(statistics.median(m.seconds for m in ms), statistics.median(m.stall_share for m in ms))
+        for v, ms in samples.items()
+    }
+
+
+def _rows(kind: str, unit: str, results: dict[str, Measured], per_second: float) -> list[dict]:
+    base = results["in-process"].seconds
+    return [
+        {
+            "phase": kind,
+            "variant": variant,
+            unit: m.seconds * (1000 if unit == "step_ms" else 1e6),
+            "tokens_per_s": per_second / m.seconds,
+            "time_ratio_to_in_process": m.seconds / base,
+            "throughput_ratio_to_in_process": base / m.seconds,
+            "exposed_stall_share": m.stall_share,
+        }
+        for variant, m in results.items()
+    ]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=40, help="training steps per variant and round")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=TrainConfig().batch_size)
+    parser.add_argument("--gen-batch", type=int, default=8, help="sequences decoded together")
+    parser.add_argument("--gen-tokens", type=int, default=48)
+    parser.add_argument("--latency-ms", type=float, default=20.0, help="added per lookup in the slow-store run")
+    parser.add_argument("--table", type=Path, default=REPO / "tables" / "bench-prefetch")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--device", default="cpu", help="where the model runs (cuda: pinned buffers, side stream)")
+    args = parser.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
+
+    data = prepare_data(DataConfig(data_dir=REPO / "data"))
+    lm_config = LMConfig(vocab_size=data.vocab_size)
+    engram = lm_config.engram
+    assert engram is not None
+    manifest = ensure_table(args.table, engram.layout(), DType.FLOAT16, engram.seed)
+    # One evaluation, at the end (train() excludes it from the step time).
+    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, eval_every=10**9, eval_batches=1)
+    rng = np.random.default_rng(0)
+    starts = rng.integers(0, len(data.val) - 16, args.gen_batch)
+    prompts = torch.from_numpy(np.stack([data.val[s : s + 16] for s in starts]).astype(np.int64))  # [B, 16]
+    print(
+        f"Engram LM d_model {lm_config.d_model}, {lm_config.n_layers} blocks, Engram at {engram.layer_ids}; "
+        f"table {manifest.total_bytes / 2**20:.0f} MiB {manifest.dtype.value}; batch {config.batch_size} x "
+        f"{lm_config.max_seq_len} tokens; {args.steps} steps x {args.rounds} rounds; torch threads "
+        f"{torch.get_num_threads()}; device {DEVICE}",
+        flush=True,
+    )
+    rows: list[dict] = []
+    daemon, address = start_daemon(args.table)
+    try:
+        with (
+            Table.open(args.table) as table,
+            MemstoreClient(address, ClientConfig(same_host=False)) as client,
+            MemstoreClient(address, ClientConfig(same_host=True)) as local_client,
+        ):
+            for c in (client, local_client):
+                c.lookup(engram.layer_ids[0], np.arange(8))  # connect (and map) before timing
+            for latency_ms in (0.0, args.latency_ms):
+                slow = (lambda c: c) if latency_ms == 0 else (lambda c: SlowStore(c, latency_ms / 1000))
+                stores = {"in-process": None, "sync": slow(client), "prefetch": slow(client)}
+                stores["prefetch, same-host"] = slow(local_client)
+                tag = "" if latency_ms == 0 else f" +{latency_ms:g} ms/lookup"
+                trained = _rounds(
+                    lambda v, warmup=False, stores=stores: _train_step_time(
+                        v, lm_config, data, table, stores, replace(config, steps=3) if warmup else config
+                    ),
+                    args.rounds,
+                )
+                tokens_per_step = config.batch_size * lm_config.max_seq_len
+                rows += _rows(f"train{tag}", "step_ms", trained, tokens_per_step)
+                generated = _rounds(
+                    lambda v, warmup=False, stores=stores: _generation_token_time(
+                        v, lm_config, data, table, stores, prompts, 4 if warmup else args.gen_tokens
+                    ),
+                    args.rounds,
+                )
+                rows += _rows(f"generate{tag}", "us_per_token", generated, 1.0)
+                _print(rows[-2 * len(VARIANTS) :])
+    finally:
+        stop_daemon(daemon)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+def _print(rows: list[dict]) -> None:
+    print("\n| phase | variant | time | tokens/s | ratio to in-process (time) | exposed stall |")
+    print("|---|---|---:|---:|---:|---:|")
+    for row in rows:
+        time_text = f"{row['step_ms']:.1f} ms/step" if "step_ms" in row else f"{row['us_per_token']:.0f} us/token"
+        print(
+            f"| {row['phase']} | {row['variant']} | {time_text} | {row['tokens_per_s']:,.0f} | "
+            f"{row['time_ratio_to_in_process']:.3f} | {row['exposed_stall_share']:.1%} |"
+        )
+    sync = next(r for r in rows if r["variant"] == "sync")["exposed_stall_share"]
+    pre = next(r for r in rows if r["variant"] == "prefetch")["exposed_stall_share"]
+    print(f"training stall, sync / prefetch: {sync / pre:.1f}x" if pre > 0 else "prefetch stall: none measured")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
