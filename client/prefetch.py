@@ -113,6 +113,14 @@ class PrefetchStats:
         """Exposed stall over all layers and steps."""
         return sum(self.stall_s.values())
 
+    def summary(self) -> str:
+        """One line for logs: steps, rows, exposed stall (total and per layer)."""
+        per_layer = ", ".join(f"layer {layer} {s:.3f} s" for layer, s in sorted(self.stall_s.items()))
+        return (
+            f"{self.steps} prefetches, {self.rows:,} rows; exposed stall {self.total_stall_s:.3f} s ({per_layer}); "
+            f"{self.ready_on_request}/{self.requests} layers' rows were ready when asked for"
+        )
+
 
 class _BufferSet:
     """One step's landing buffers: a host tensor per layer (pinned on CUDA), a device copy and event."""

@@ -68,6 +68,8 @@ def main(argv: list[str] | None = None) -> None:
             prefetcher = Prefetcher(client, model.row_ids, engram.layer_ids)
         for text in sample(model, data, prompts, args.max_new_tokens, args.temperature, args.seed, prefetcher):
             print(f"[{source.value}] {text}")
+        if prefetcher is not None:
+            print(f"rows: {prefetcher.stats.summary()}")
     finally:
         if prefetcher is not None:
             prefetcher.close()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -77,12 +78,20 @@ def main() -> int:
                 result = train(model, data, config, prefetcher=prefetcher)
                 save_checkpoint(model, TableSource.MEMSTORE, args.out / "ckpt.pt", result)
                 print(report(result, config))
+                trained = prefetcher.stats.total_stall_s
+                start = time.perf_counter()
                 texts = sample(model, data, PROMPTS, max_new_tokens=40, temperature=0.7, seed=0, prefetcher=prefetcher)
+                sampling_s = time.perf_counter() - start
+                sampling_stall = prefetcher.stats.total_stall_s - trained
             print(
                 f"lookups went {client.transport}: {'the daemon' if client.transport == 'grpc' else 'its files'}"
                 " (the same-host path maps the daemon's table files when the client shares its host)"
             )
             print(f"checkpoint: {args.out / 'ckpt.pt'}")
+            print(
+                f"sampling: {sampling_s:.1f} s, waited {sampling_stall:.2f} s ({sampling_stall / sampling_s:.1%}) "
+                "for rows prefetched per new token"
+            )
             for text in texts:
                 print(f"  > {text!r}")
     finally:
