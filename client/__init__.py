@@ -1,8 +1,9 @@
 """The PyTorch-side client of the Engram memstore."""
 
-from client.client import MemstoreClient
+from client.client import MemstoreClient, PushAck, sum_duplicate_rows
 from client.config import ClientConfig
 from client.prefetch import PrefetchConfig, Prefetcher, PrefetchHandle, PrefetchStats, TableFetcher
+from client.push import PushConfig, Pusher, PushStats
 from memstore.errors import (
     DeadlineExceededError,
     InvalidArgumentError,
@@ -20,6 +21,11 @@ __all__ = [
     "PrefetchHandle",
     "PrefetchStats",
     "TableFetcher",
+    "Pusher",
+    "PushConfig",
+    "PushStats",
+    "PushAck",
+    "sum_duplicate_rows",
     "MemstoreError",
     "InvalidArgumentError",
     "ResourceExhaustedError",

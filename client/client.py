@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import threading
+import time
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -10,7 +12,7 @@ import numpy as np
 import torch
 
 from client.config import ClientConfig
-from memstore.codec import check_request_rows, encode_row_ids
+from memstore.codec import check_request_rows, encode_grads, encode_row_ids
 from memstore.dtypes import DType
 from memstore.errors import (
     DataLossError,
@@ -20,9 +22,8 @@ from memstore.errors import (
     error_from_rpc,
 )
 from memstore.manifest import Manifest
-from memstore.same_host import open_if_same_host
+from memstore.same_host import SameHostReader, open_if_same_host
 from memstore.storage.base import take_rows
-from memstore.table import Table
 from memstore.wire import memstore_pb2 as pb
 from memstore.wire import memstore_pb2_grpc as pb_grpc
 
@@ -44,7 +45,7 @@ class MemstoreClient:
         self._describe_lock = threading.Lock()
         self._described: pb.DescribeResponse | None = None
         self._manifest_parsed: Manifest | None = None
-        self._local: Table | None = None
+        self._local: SameHostReader | None = None
         self._local_checked = False
         if expected_fingerprint is not None:
             try:
@@ -56,6 +57,11 @@ class MemstoreClient:
     def describe(self, timeout: float | None = None) -> Manifest:
         """The served table's manifest (layout, dtype, seed, fingerprint)."""
         return self._manifest(timeout)
+
+    @property
+    def trainable(self) -> bool:
+        """Whether the daemon takes pushes (its table has an optimizer and is served writable)."""
+        return self._describe(None).trainable
 
     def server_limits(self, timeout: float | None = None) -> pb.ServerLimits:
         """Limits the server enforces (max rows per request, chunk size)."""
@@ -95,8 +101,9 @@ class MemstoreClient:
             if len(flat) > limit:  # the rows the wire would carry, deduplicated or not
                 distinct = _distinct_count(flat)
                 check_request_rows(distinct if self._dedup_pays(distinct, len(flat)) else len(flat), limit)
-            rows = local.gather(layer_id, flat, target)  # [N, dim]
-            return local.manifest.dtype.to_torch(rows.reshape(*ids.shape, rows.shape[-1]))  # [*shape, dim]
+            rows = local.gather(layer_id, flat, target)  # [N, dim]; None: pushes kept overlapping the read
+            if rows is not None:
+                return local.manifest.dtype.to_torch(rows.reshape(*ids.shape, rows.shape[-1]))  # [*shape, dim]
         # numpy, not torch, on this path: torch's OpenMP workers spin after each parallel op
         # and starve the gRPC receive thread on small hosts (measured: 2x slower lookups).
         # Restoring duplicates costs a row gather here, so dedup only when it saves rows on the wire.
@@ -107,6 +114,77 @@ class MemstoreClient:
         else:
             dtype, rows = self._fetch(layer_id, flat, timeout, target)  # [N, dim]
         return dtype.to_torch(rows.reshape(*ids.shape, rows.shape[-1]))  # [*shape, dim]
+
+    def push(
+        self,
+        layer_id: int,
+        row_ids: Any,
+        grads: Any,
+        *,
+        step_id: int = 0,
+        lr_scale: float | None = None,
+        timeout: float | None = None,
+    ) -> PushAck:
+        """Send gradients [*row_ids.shape, dim] for rows of one layer to the table's optimizer.
+
+        Gradients of repeated ids are summed here first (what the optimizer of an in-process
+        sparse embedding does too); they travel as float32 whatever the storage dtype.
+        Returns once the daemon has made the update durable and visible: the table version
+        after it. `lr_scale` multiplies the table's learning rate (a schedule's factor).
+        `step_id` (> 0, increasing per client and layer) makes the push safe to retry: the daemon
+        answers a repeat of the last step it applied for this client and layer without applying
+        it again, so UNAVAILABLE is retried only for pushes that carry one.
+        """
+        if not 0 <= layer_id < 2**32:
+            raise InvalidArgumentError(f"layer id {layer_id} is not an Engram layer id (0 <= id < 2**32)")
+        ids = _as_int64_array(row_ids).reshape(-1)  # [N]
+        values = grads.detach().to("cpu", torch.float32).numpy() if isinstance(grads, torch.Tensor) else grads
+        values = np.asarray(values, dtype=np.float32)
+        if values.ndim < 1 or values.size != len(ids) * (values.shape[-1] if values.ndim else 0):
+            raise InvalidArgumentError(
+                f"grads must be [*row_ids.shape, dim] float32: {len(ids)} rows; got shape {values.shape}"
+            )
+        unique, summed = sum_duplicate_rows(ids, values.reshape(len(ids), -1))  # [U], [U, dim]
+        request = pb.PushRequest(
+            layer_id=layer_id,
+            row_ids=encode_row_ids(unique),
+            grads=encode_grads(summed),
+            step_id=step_id,
+            client_id=self.config.client_id,
+        )
+        if lr_scale is not None:
+            request.lr_scale = lr_scale
+        deadline = time.monotonic() + self._timeout(timeout)
+        backoff = self.config.initial_backoff_s
+        for attempt in range(1, self.config.max_attempts + 1):
+            try:
+                response = self._stub.Push(request, timeout=max(0.0, deadline - time.monotonic()))
+                return PushAck(version=response.version, layer_step=response.layer_step, rows=len(unique))
+            except grpc.RpcError as exc:
+                error = error_from_rpc(exc)
+            # A push may have been applied before its answer was lost: only one with a step id
+            # (which the daemon recognises when repeated) is safe to send again.
+            if not isinstance(error, UnavailableError) or step_id <= 0 or attempt == self.config.max_attempts:
+                raise error
+            time.sleep(min(backoff, max(0.0, deadline - time.monotonic())))
+            backoff = min(2 * backoff, self.config.max_backoff_s)
+        raise AssertionError("unreachable")
+
+    def snapshot(self, name: str, *, timeout: float | None = None) -> tuple[str, int]:
+        """Ask the daemon for a consistent snapshot named `name` (in its snapshot directory):
+        (its path on the daemon's host, the version it holds)."""
+        try:
+            response = self._stub.Snapshot(pb.SnapshotRequest(name=name), timeout=self._timeout(timeout))
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+        return response.path, response.version
+
+    def version(self, timeout: float | None = None) -> int:
+        """The served table's version now (pushes applied since creation)."""
+        try:
+            return self._stub.Describe(pb.DescribeRequest(), timeout=self._timeout(timeout)).version
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
 
     def _out_rows(self, out: torch.Tensor, shape: tuple[int, ...], timeout: float | None) -> np.ndarray:
         """`out` as a writable raw [N, dim] array, or InvalidArgumentError saying what it must be."""
@@ -168,7 +246,7 @@ class MemstoreClient:
         """ "same-host" when lookups read the daemon's files in place, else "grpc" (after the first lookup)."""
         return "same-host" if self._local is not None else "grpc"
 
-    def _same_host_table(self, timeout: float | None) -> Table | None:
+    def _same_host_table(self, timeout: float | None) -> SameHostReader | None:
         if self.config.same_host is False:
             return None
         if not self._local_checked:
@@ -213,6 +291,25 @@ class MemstoreClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@dataclass(frozen=True)
+class PushAck:
+    """An acknowledged push: the table version after it, the layer's optimizer step, rows sent."""
+
+    version: int
+    layer_step: int
+    rows: int
+
+
+def sum_duplicate_rows(ids: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct ids ascending [U], the rows of each id summed in float32 [U, dim])."""
+    order = np.argsort(ids, kind="stable")
+    ordered = ids[order]
+    if len(ordered) == 0:
+        return ordered, rows[:0].astype(np.float32)
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])  # [U]
+    return ordered[starts], np.add.reduceat(rows[order].astype(np.float32, copy=False), starts, axis=0)
 
 
 def _distinct_count(ids: np.ndarray) -> int:

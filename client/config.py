@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import os
+import socket
+from dataclasses import dataclass, field
 
 from memstore.errors import InvalidArgumentError
 from memstore.wire import memstore_pb2 as pb
@@ -30,6 +32,8 @@ class ClientConfig:
     dedup_min_saving: float = 0.05
     # Largest request the client sends (ids are 8 bytes each).
     max_request_bytes: int = 256 << 20
+    # Names this client in the daemon's logs and write-ahead log (a replica name, say).
+    client_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
 
     def __post_init__(self) -> None:
         if self.timeout_s <= 0:
@@ -50,7 +54,10 @@ class ClientConfig:
             "backoffMultiplier": 2,
             "retryableStatusCodes": ["UNAVAILABLE"],
         }
-        service_config = {"methodConfig": [{"name": [{"service": _SERVICE}], "retryPolicy": retry}]}
+        # Reads are retried by gRPC; a push is retried by the client itself, with its step id, which
+        # the daemon uses to answer a repeat without applying it twice (see MemstoreClient.push).
+        readers = [{"service": _SERVICE, "method": method} for method in ("Describe", "Lookup")]
+        service_config = {"methodConfig": [{"name": readers, "retryPolicy": retry}]}
         return [
             ("grpc.max_receive_message_length", -1),
             ("grpc.max_send_message_length", self.max_request_bytes),

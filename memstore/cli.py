@@ -1,4 +1,5 @@
-"""`memstore` command line: create, info, serve. Arguments are parsed and checked here, once."""
+"""`memstore` command line: create, info, serve, snapshot, export, import. Arguments are parsed and checked
+here, once."""
 
 from __future__ import annotations
 
@@ -13,8 +14,11 @@ from memstore.create import DEFAULT_CHUNK_ROWS, create_table
 from memstore.dtypes import DType
 from memstore.errors import InvalidArgumentError, MemstoreError
 from memstore.layout import EngramLayout
+from memstore.live import CHECKPOINT_NAME, LiveConfig
 from memstore.manifest import Manifest, parse_dtype
+from memstore.optim import OptimizerConfig, OptimizerKind
 from memstore.service import ServerConfig, serve
+from memstore.wal import Durability
 
 
 def _dtype(text: str) -> DType:
@@ -29,6 +33,14 @@ def _int_list(text: str) -> tuple[int, ...]:
         return tuple(int(x) for x in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,4; got {text!r}") from None
+
+
+def _float_pair(text: str) -> tuple[float, float]:
+    try:
+        first, second = (float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected two comma-separated numbers like 0.9,0.999; got {text!r}") from None
+    return first, second
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -50,6 +62,19 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--chunk-rows", type=int, default=DEFAULT_CHUNK_ROWS, help="rows generated per write")
     create.add_argument("--overwrite", action="store_true", help="replace an existing table at PATH")
     create.add_argument("--no-progress", action="store_true", help="no progress bar")
+    optimizer = OptimizerConfig()
+    create.add_argument(
+        "--optimizer",
+        type=OptimizerKind,
+        choices=list(OptimizerKind),
+        help="server-side optimizer applied to pushed gradients (default: none, a frozen table)",
+    )
+    create.add_argument("--lr", type=float, default=optimizer.lr, help="the optimizer's learning rate")
+    create.add_argument("--betas", type=_float_pair, default=optimizer.betas, help="adam's betas, e.g. 0.9,0.999")
+    create.add_argument("--eps", type=float, default=optimizer.eps)
+    create.add_argument(
+        "--initial-accumulator", type=float, default=optimizer.initial_accumulator_value, help="adagrad kinds"
+    )
 
     info = commands.add_parser("info", help="print a table's layout, size and fingerprint")
     info.add_argument("path", type=Path)
@@ -70,6 +95,34 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument(
         "--no-same-host", action="store_true", help="do not let clients on this host map the table's files"
     )
+    srv.add_argument("--read-only", action="store_true", help="refuse pushes (e.g. a snapshot serving inference)")
+    live = LiveConfig()
+    srv.add_argument(
+        "--durability",
+        type=Durability,
+        choices=list(Durability),
+        default=live.durability,
+        help="fsync: a push is acknowledged once its log record is on disk (survives power loss); "
+        "os: once the OS has it (survives the daemon's crash, not the host's)",
+    )
+    srv.add_argument(
+        "--checkpoint-every", type=int, default=live.checkpoint_every, help="pushes between checkpoints"
+    )
+    srv.add_argument("--snapshot-dir", type=Path, help="where Snapshot writes (default: PATH.snapshots)")
+
+    snap = commands.add_parser("snapshot", help="ask a serving daemon for a consistent snapshot")
+    snap.add_argument("address", help="the daemon's HOST:PORT")
+    snap.add_argument("name", help="directory name inside the daemon's snapshot directory")
+
+    export = commands.add_parser("export", help="write a table's rows to a safetensors file")
+    export.add_argument("path", type=Path)
+    export.add_argument("dest", type=Path)
+    export.add_argument("--dtype", type=_dtype, help="convert the rows (default: the table's dtype)")
+
+    imp = commands.add_parser("import", help="create a table from a safetensors file written by `memstore export`")
+    imp.add_argument("src", type=Path)
+    imp.add_argument("path", type=Path)
+    imp.add_argument("--overwrite", action="store_true", help="replace an existing table at PATH")
     return parser
 
 
@@ -92,6 +145,11 @@ def describe_table(manifest: Manifest) -> str:
         f"({manifest.total_bytes / 2**30:.2f} GiB)",
         f"fingerprint: {manifest.fingerprint}",
     ]
+    if manifest.optimizer is None:
+        lines.append("optimizer: none (frozen: lookups only)")
+    else:
+        settings = ", ".join(f"{k} {v}" for k, v in manifest.optimizer.to_dict().items() if k != "kind")
+        lines.append(f"optimizer: {manifest.optimizer.kind.value} ({settings})")
     return "\n".join(lines)
 
 
@@ -103,7 +161,18 @@ def _create(args: argparse.Namespace) -> None:
         heads_per_ngram=args.heads_per_ngram,
         dim=args.dim,
     )
-    manifest = Manifest(layout=layout, dtype=args.dtype, seed=args.seed, init_std=args.init_std)
+    optimizer = None
+    if args.optimizer is not None:
+        optimizer = OptimizerConfig(
+            kind=args.optimizer,
+            lr=args.lr,
+            betas=args.betas,
+            eps=args.eps,
+            initial_accumulator_value=args.initial_accumulator,
+        )
+    manifest = Manifest(
+        layout=layout, dtype=args.dtype, seed=args.seed, init_std=args.init_std, optimizer=optimizer
+    )
     with tqdm(total=layout.total_rows, unit="row", unit_scale=True, disable=args.no_progress, desc="create") as bar:
         create_table(args.path, manifest, chunk_rows=args.chunk_rows, overwrite=args.overwrite, progress=bar.update)
     print(f"created {args.path}\n{describe_table(manifest)}")
@@ -118,7 +187,13 @@ def main(argv: list[str] | None = None) -> int:
             _create(args)
         elif args.command == "info":
             manifest = Manifest.read(args.path)
-            print(manifest.to_json() if args.json else describe_table(manifest), end="\n" if not args.json else "")
+            if args.json:
+                print(manifest.to_json(), end="")
+            else:
+                print(describe_table(manifest))
+                checkpoint = args.path / CHECKPOINT_NAME
+                if checkpoint.exists():
+                    print(f"checkpoint: {checkpoint.read_text().strip()}")
         elif args.command == "serve":
             config = ServerConfig(
                 max_rows_per_request=args.max_rows_per_request,
@@ -127,8 +202,26 @@ def main(argv: list[str] | None = None) -> int:
                 grace_s=args.grace,
                 log_interval_s=args.log_interval,
                 same_host=not args.no_same_host,
+                snapshot_dir=args.snapshot_dir,
             )
-            return serve(args.path, args.listen, config, args.port_file)
+            live = LiveConfig(durability=args.durability, checkpoint_every=args.checkpoint_every)
+            return serve(args.path, args.listen, config, args.port_file, read_only=args.read_only, live_config=live)
+        elif args.command == "snapshot":
+            from client import MemstoreClient
+
+            with MemstoreClient(args.address) as client:
+                path, version = client.snapshot(args.name)
+            print(f"snapshot of version {version} at {path}")
+        elif args.command == "export":
+            from memstore.exchange import export_safetensors
+
+            export_safetensors(args.path, args.dest, args.dtype)
+            print(f"exported {args.path} to {args.dest}")
+        elif args.command == "import":
+            from memstore.exchange import import_safetensors
+
+            import_safetensors(args.src, args.path, overwrite=args.overwrite)
+            print(f"imported {args.src} as {args.path}\n{describe_table(Manifest.read(args.path))}")
     except MemstoreError as exc:
         print(f"memstore {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -23,6 +23,24 @@ def decode_row_ids(data: bytes) -> np.ndarray:
     return np.frombuffer(data, dtype=ROW_ID_DTYPE)
 
 
+GRAD_DTYPE = np.dtype("<f4")
+
+
+def encode_grads(grads: np.ndarray) -> bytes:
+    """[N, dim] gradients as little-endian float32 bytes."""
+    return np.ascontiguousarray(grads, dtype=GRAD_DTYPE).tobytes()
+
+
+def decode_grads(data: bytes, num_rows: int, dim: int) -> np.ndarray:
+    """The gradients of a push as float32 [num_rows, dim] (a read-only view of `data`)."""
+    expected = num_rows * dim * GRAD_DTYPE.itemsize
+    if len(data) != expected:
+        raise InvalidArgumentError(
+            f"grads holds {len(data)} bytes; {num_rows} rows x {dim} float32 values need {expected}"
+        )
+    return np.frombuffer(data, dtype=GRAD_DTYPE).reshape(num_rows, dim)
+
+
 def check_request_rows(num_rows: int, max_rows: int) -> None:
     """RESOURCE_EXHAUSTED for a request above the configured row limit."""
     if num_rows > max_rows:

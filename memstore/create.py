@@ -12,6 +12,8 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+
 from memstore.errors import InvalidArgumentError
 from memstore.manifest import MANIFEST_NAME, Manifest, fsync_dir
 from memstore.rowgen import initial_rows
@@ -53,6 +55,7 @@ def create_table(
                         progress(count)
                 f.flush()
                 os.fsync(f.fileno())
+            _write_initial_state(tmp, manifest, layer_id)
         manifest.write(tmp)
         _replace_dir(tmp, path)
     except BaseException:
@@ -72,3 +75,22 @@ def _replace_dir(new: Path, target: Path) -> None:
     fsync_dir(target.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_initial_state(table_dir: Path, manifest: Manifest, layer_id: int) -> None:
+    """The optimizer state files of one layer; zeros are a sparse file (no disk until written)."""
+    if manifest.optimizer is None:
+        return
+    num_rows = manifest.layout.num_rows(layer_id)
+    first_row = manifest.optimizer.initial_state(1, manifest.layout.dim)  # slot -> [1, width]: every row's start
+    for slot, (name, width) in manifest.state_files(layer_id).items():
+        value = float(first_row[slot][0, 0])
+        with open(table_dir / name, "wb") as f:
+            if value == 0.0:
+                f.truncate(num_rows * width * 4)
+            else:
+                chunk = np.full((DEFAULT_CHUNK_ROWS, width), value, dtype="<f4")
+                for start in range(0, num_rows, DEFAULT_CHUNK_ROWS):
+                    f.write(chunk[: min(DEFAULT_CHUNK_ROWS, num_rows - start)].tobytes())
+            f.flush()
+            os.fsync(f.fileno())

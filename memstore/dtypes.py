@@ -51,6 +51,12 @@ class DType(enum.Enum):
             return (rounded >> np.uint32(16)).astype("<u2")
         return values.astype(self.numpy)
 
+    def to_float32(self, values: np.ndarray) -> np.ndarray:
+        """Raw storage values as float32 (exact: every storage type widens to float32 without rounding)."""
+        if self is DType.BFLOAT16:
+            return (values.astype("<u4") << np.uint32(16)).view("<f4")
+        return values.astype("<f4")
+
     def to_torch(self, values: np.ndarray) -> torch.Tensor:
         """A tensor sharing memory with `values` (raw storage array), of this dtype."""
         tensor = torch.from_numpy(values)

@@ -12,6 +12,7 @@ from typing import Any
 from memstore.dtypes import DType
 from memstore.errors import InvalidArgumentError, TableFormatError
 from memstore.layout import EngramLayout, fingerprint
+from memstore.optim import OptimizerConfig
 from memstore.rowgen import GENERATOR
 
 FORMAT_VERSION = 1
@@ -33,6 +34,8 @@ class Manifest:
     seed: int = 0
     init_std: float = 1.0
     backend: Backend = Backend.MMAP
+    # How pushed gradients update the rows; None: the table is frozen (lookups only).
+    optimizer: OptimizerConfig | None = None
     format_version: int = FORMAT_VERSION
 
     @property
@@ -44,6 +47,14 @@ class Manifest:
         """File name, inside the table directory, of one layer's rows."""
         self.layout.num_rows(layer_id)  # rejects unknown layers
         return f"layer_{layer_id}.rows"
+
+    def state_files(self, layer_id: int) -> dict[str, tuple[str, int]]:
+        """Optimizer state of one layer: slot -> (file name, float32 values per row); empty if frozen."""
+        self.layout.num_rows(layer_id)
+        if self.optimizer is None:
+            return {}
+        slots = self.optimizer.state_slots(self.layout.dim)
+        return {slot: (f"layer_{layer_id}.{slot}.f32", width) for slot, width in slots.items()}
 
     def layer_bytes(self, layer_id: int) -> int:
         return self.layout.num_rows(layer_id) * self.layout.dim * self.dtype.itemsize
@@ -62,6 +73,7 @@ class Manifest:
             "init_std": self.init_std,
             "init_generator": GENERATOR,
             "backend": self.backend.value,
+            "optimizer": None if self.optimizer is None else self.optimizer.to_dict(),
             "files": {str(layer_id): self.layer_file(layer_id) for layer_id in self.layout.layer_ids},
         }
         return json.dumps(data, indent=2) + "\n"
@@ -85,7 +97,7 @@ class Manifest:
                     f"the table's rows were initialised by generator {generator!r}; this memstore has {GENERATOR!r}"
                 )
             data.pop("files")
-            known = {"layout", "dtype", "seed", "init_std", "backend"}
+            known = {"layout", "dtype", "seed", "init_std", "backend", "optimizer"}
             unknown = set(data) - known
             if unknown:
                 raise TableFormatError(f"manifest has unknown keys {sorted(unknown)}; known keys are {sorted(known)}")
@@ -95,6 +107,7 @@ class Manifest:
                 seed=int(data["seed"]),
                 init_std=float(data["init_std"]),
                 backend=Backend(data["backend"]),
+                optimizer=None if data.get("optimizer") is None else OptimizerConfig.from_dict(data["optimizer"]),
             )
         except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
             raise TableFormatError(f"manifest is malformed: {exc!r}") from exc

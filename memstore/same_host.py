@@ -4,16 +4,27 @@ The daemon advertises its host id and its table's files (path, device, inode) in
 client whose host id matches and whose `os.stat` of each path finds the very same file (a
 container with another mount namespace would not) opens the table read-only and gathers in its
 own process. Rows are then as in-process as they can be: no serialisation, no socket.
+
+A trainable table also advertises its sequence-lock file: the client reads rows the way the
+daemon does (memstore.live.consistent_gather), so a push never tears a row it reads, and gives
+up to gRPC for a call when pushes keep overlapping its reads. That protocol needs a CPU that
+keeps loads and stores in order (x86-64); elsewhere a trainable table is read over gRPC.
 """
 
 from __future__ import annotations
 
 import os
+import platform
 import socket
 from pathlib import Path
 
+import numpy as np
+
+from memstore.live import LiveTable, SeqLock, consistent_gather
 from memstore.table import Table
 from memstore.wire import memstore_pb2 as pb
+
+_ORDERED_MEMORY = platform.machine().lower() in {"x86_64", "amd64"}
 
 _BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 
@@ -24,19 +35,47 @@ def host_id() -> str:
     return f"{socket.gethostname()}/{boot}"
 
 
-def advertise(table: Table) -> pb.SameHostAccess:
+def advertise(live: LiveTable) -> pb.SameHostAccess:
     """What the daemon tells clients so those on its host can map the table's files."""
+    table = live.table
+    assert table is not None
     files = []
     for layer_id in table.manifest.layout.layer_ids:
         path = (table.path / table.manifest.layer_file(layer_id)).resolve()
         stat = path.stat()
         files.append(pb.LayerFile(layer_id=layer_id, path=str(path), device=stat.st_dev, inode=stat.st_ino))
-    return pb.SameHostAccess(host_id=host_id(), table_dir=str(table.path.resolve()), files=files)
+    seqlock = str(live.seqlock.path.resolve()) if live.seqlock is not None else ""
+    return pb.SameHostAccess(
+        host_id=host_id(), table_dir=str(table.path.resolve()), files=files, seqlock_path=seqlock
+    )
 
 
-def open_if_same_host(access: pb.SameHostAccess, fingerprint: str) -> Table | None:
-    """The daemon's table opened read-only in this process, or None when it is not the same table here."""
+class SameHostReader:
+    """The daemon's table mapped read-only in this process, read under its sequence lock if trained."""
+
+    def __init__(self, table: Table, seqlock: SeqLock | None) -> None:
+        self.table = table
+        self.manifest = table.manifest
+        self.seqlock = seqlock
+
+    def gather(self, layer_id: int, row_ids: np.ndarray, out: np.ndarray | None = None) -> np.ndarray | None:
+        """Rows as the daemon would return them, or None when pushes kept overlapping the read."""
+        store = self.table.store(layer_id)
+        got = consistent_gather(store, self.seqlock, store.check_ids(row_ids), out)
+        return None if got is None else got[0]
+
+    def close(self) -> None:
+        self.table.close()
+        if self.seqlock is not None:
+            self.seqlock.close()
+
+
+def open_if_same_host(access: pb.SameHostAccess, fingerprint: str) -> SameHostReader | None:
+    """The daemon's table opened read-only in this process, or None when it is not the same table here
+    (or it is trained and this CPU does not keep memory accesses in order)."""
     if not access.host_id or access.host_id != host_id():
+        return None
+    if access.seqlock_path and not _ORDERED_MEMORY:
         return None
     try:
         for file in access.files:
@@ -49,4 +88,9 @@ def open_if_same_host(access: pb.SameHostAccess, fingerprint: str) -> Table | No
     if table.manifest.fingerprint != fingerprint:
         table.close()
         return None
-    return table
+    try:
+        seqlock = SeqLock(Path(access.seqlock_path)) if access.seqlock_path else None
+    except OSError:
+        table.close()
+        return None
+    return SameHostReader(table, seqlock)

@@ -15,9 +15,10 @@ from memstore.storage import MmapRowStore, RowStore
 class Table:
     """An open table directory. Use as a context manager, or call close()."""
 
-    def __init__(self, path: Path, manifest: Manifest, stores: dict[int, RowStore]) -> None:
+    def __init__(self, path: Path, manifest: Manifest, stores: dict[int, RowStore], read_only: bool = True) -> None:
         self.path = path
         self.manifest = manifest
+        self.read_only = read_only
         self._stores = stores
 
     @classmethod
@@ -41,7 +42,7 @@ class Table:
             for store in stores.values():
                 store.close()
             raise
-        return cls(path, manifest, stores)
+        return cls(path, manifest, stores, read_only)
 
     def store(self, layer_id: int) -> RowStore:
         """The row store of one layer; InvalidArgumentError for a layer the table does not have."""

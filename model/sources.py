@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from client import MemstoreClient
+from client import MemstoreClient, PrefetchHandle
 from memstore.dtypes import DType
 from memstore.layout import EngramLayout
 from memstore.rowgen import initial_rows
@@ -56,11 +56,11 @@ class MappedTable:
 
 
 class MemstoreTable:
-    """The layer's table in a memstore daemon (read-only to this source).
+    """The layer's table in a memstore daemon, looked up when the layer needs it.
 
     With `track_gradients`, fetched rows are leaves that require grad, and after backward
-    `sparse_gradients()` returns the row gradients summed per distinct row id: what a
-    training client pushes back to the daemon.
+    `row_gradients()` returns (row ids [N], gradients [N, dim]) of every row fetched since the
+    last call, repeats included: what a training client pushes back (the push sums repeats).
     """
 
     def __init__(self, client: MemstoreClient, layer_id: int, track_gradients: bool = False) -> None:
@@ -81,17 +81,37 @@ class MemstoreTable:
             self._fetched.append((row_ids.reshape(-1).cpu(), rows))
         return rows.to(row_ids.device)
 
-    def sparse_gradients(self) -> tuple[np.ndarray, np.ndarray]:
-        """(distinct row ids [U], summed gradients [U, dim]) of the rows fetched since the last call."""
+    def row_gradients(self) -> tuple[np.ndarray, np.ndarray]:
+        """(row ids [N], gradients [N, dim]) of the rows fetched since the last call, repeats included."""
         fetched = [(ids, rows.grad.reshape(len(ids), -1)) for ids, rows in self._fetched if rows.grad is not None]
         self._fetched.clear()
         if not fetched:
             return np.empty(0, dtype=np.int64), np.empty((0, 0), dtype=np.float32)
-        ids = torch.cat([i for i, _ in fetched])  # [N]
-        grads = torch.cat([g for _, g in fetched])  # [N, dim]
-        unique, inverse = torch.unique(ids, return_inverse=True)  # [U], [N]
-        summed = torch.zeros(len(unique), grads.shape[1]).index_add_(0, inverse, grads)  # [U, dim]
-        return unique.numpy(), summed.numpy()
+        return torch.cat([i for i, _ in fetched]).numpy(), torch.cat([g for _, g in fetched]).numpy()
+
+
+class TrackedRows:
+    """A step's prefetched rows made trainable: each layer's rows become a float32 leaf that
+    requires grad, and after backward `row_gradients()` maps each layer to (row ids [N],
+    gradients [N, dim]), repeats included, ready to push."""
+
+    def __init__(self, prefetched: PrefetchHandle) -> None:
+        self.prefetched = prefetched
+        self._leaves: dict[int, torch.Tensor] = {}
+
+    def rows(self, layer_id: int) -> torch.Tensor:
+        leaf = self.prefetched.rows(layer_id).float().detach().requires_grad_(True)  # [B, T, heads, dim]
+        self._leaves[layer_id] = leaf
+        return leaf
+
+    def row_gradients(self) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """{layer: (row ids [N], gradients [N, dim])} for the layers whose rows got gradients."""
+        grads = {}
+        for layer, leaf in self._leaves.items():
+            if leaf.grad is not None:
+                ids = self.prefetched.row_ids[layer].reshape(-1)  # [N]
+                grads[layer] = (ids, leaf.grad.reshape(len(ids), -1).cpu().numpy())  # [N], [N, dim]
+        return grads
 
 
 def local_tables(layout: EngramLayout, seed: int) -> dict[int, RowSource]:

@@ -4,11 +4,14 @@
     python -m model.train --source local --steps 600 --out runs/engram
     python -m model.train --source none --steps 600 --out runs/baseline     # no Engram
 
-With `--source memstore` the tables are read from the daemon and stay fixed (rows are
-looked up, gradients are not pushed back yet); each step's rows are prefetched while the
-previous step computes (`--no-prefetch` looks them up when each layer needs them). With
-`--source local` they are sparse nn.Embeddings trained with SparseAdam at 5x the learning
-rate, as the paper trains them.
+With `--source memstore` the rows come from the daemon; when the served table has an
+optimizer (`memstore create --optimizer adam`) each step's row gradients are pushed back and
+the daemon applies them, synchronously by default (the next step sees this step's update, as
+in process) or with `--push-staleness K` up to K steps in flight. Rows are prefetched: in
+synchronous mode each step's rows are fetched at its start, all layers at once; otherwise, and
+for frozen tables, one step ahead. With `--source local` the tables are sparse nn.Embeddings
+trained in process by the PyTorch optimizer matching `TrainConfig.table_optimizer` (Adam at 5x
+the backbone's rate by default, as the paper trains them).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import enum
 import json
 import math
 import time
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -28,13 +32,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from client import MemstoreClient, Prefetcher, PrefetchHandle
+from client import MemstoreClient, Prefetcher, PrefetchHandle, PushConfig, Pusher
 from memstore.layout import fingerprint
+from memstore.optim import OptimizerConfig, OptimizerKind
 from model.compression import CompressedTokenizer
 from model.config import lm_config_from_dict, lm_config_to_dict
 from model.data import DataConfig, PreparedData, batches, eval_batches, prepare_data
 from model.lm import EngramLM, LMConfig
-from model.sources import MemstoreTable, local_tables, memstore_tables
+from model.sources import MemstoreTable, TrackedRows, local_tables, memstore_tables
 
 
 class TableSource(enum.Enum):
@@ -52,7 +57,9 @@ class TrainConfig:
     steps: int = 300
     batch_size: int = 16
     lr: float = 3e-3
-    table_lr_mult: float = 5.0  # the paper trains Engram tables at 5x the backbone's rate
+    # The Engram tables' optimizer (the paper: Adam at 5x the backbone's rate, no weight decay).
+    # Local tables use the PyTorch optimizer it names; a memstore table has its own, in its manifest.
+    table_optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(OptimizerKind.ADAM, lr=0.015))
     warmup_steps: int = 20
     eval_every: int = 50
     eval_batches: int = 16
@@ -71,6 +78,9 @@ class TrainResult:
     tokens_per_s: float = 0.0
     rows_fetched: int = 0
     stall_seconds: dict[int, float] = field(default_factory=dict)  # training steps' wait for rows, per layer
+    push_wait_seconds: float = 0.0  # training steps' wait for push acknowledgements
+    rows_pushed: int = 0
+    table_version: int = 0  # the memstore table's version after the last acknowledged push
     train_seconds: float = 0.0  # training steps only, evaluations excluded
     eval_seconds: float = 0.0
     prefetched: bool = False
@@ -83,9 +93,14 @@ class TrainResult:
 
 
 def build_model(
-    lm_config: LMConfig, data: PreparedData, source: TableSource, client: MemstoreClient | None = None
+    lm_config: LMConfig,
+    data: PreparedData,
+    source: TableSource,
+    client: MemstoreClient | None = None,
+    track_gradients: bool = False,
 ) -> EngramLM:
-    """The LM with its tables from `source` (the config's Engram is dropped for NONE)."""
+    """The LM with its tables from `source` (the config's Engram is dropped for NONE); memstore
+    tables keep their rows' gradients for pushing when `track_gradients`."""
     if source is TableSource.NONE:
         return EngramLM(replace(lm_config, engram=None))
     engram = lm_config.engram
@@ -96,7 +111,7 @@ def build_model(
     else:
         if client is None:
             raise ValueError("--source memstore needs a daemon address (--memstore HOST:PORT)")
-        tables = memstore_tables(client, layout)
+        tables = memstore_tables(client, layout, track_gradients)
     compression = CompressedTokenizer(data.tokenizer)
     return EngramLM(lm_config, compression, data.pad_id, tables)
 
@@ -116,8 +131,21 @@ def _optimizers(model: EngramLM, config: TrainConfig) -> list[torch.optim.Optimi
         torch.optim.AdamW(dense, lr=config.lr, betas=(0.9, 0.95), weight_decay=0.0)
     ]
     if sparse:
-        optimizers.append(torch.optim.SparseAdam(sparse, lr=config.lr * config.table_lr_mult))
+        optimizers.append(_torch_table_optimizer(sparse, config.table_optimizer))
     return optimizers
+
+
+def _torch_table_optimizer(params: list[torch.nn.Parameter], config: OptimizerConfig) -> torch.optim.Optimizer:
+    """The PyTorch optimizer whose sparse update the memstore's `config` reproduces."""
+    if config.kind is OptimizerKind.SGD:
+        return torch.optim.SGD(params, lr=config.lr)
+    if config.kind is OptimizerKind.ADAGRAD:
+        return torch.optim.Adagrad(
+            params, lr=config.lr, eps=config.eps, initial_accumulator_value=config.initial_accumulator_value
+        )
+    if config.kind is OptimizerKind.ADAM:
+        return torch.optim.SparseAdam(params, lr=config.lr, betas=config.betas, eps=config.eps)
+    raise ValueError(f"PyTorch has no {config.kind.value} optimizer for local tables; train it in the memstore")
 
 
 @torch.no_grad()
@@ -139,18 +167,26 @@ def train(
     config: TrainConfig,
     progress: bool = True,
     prefetcher: Prefetcher | None = None,
+    pusher: Pusher | None = None,
 ) -> TrainResult:
     """Train in place; returns the loss history and statistics.
 
-    With a `prefetcher`, step N+1's rows are fetched while step N computes; without one the
-    Engram layers look their rows up from their tables when they need them.
+    With a `prefetcher` each step's rows are fetched ahead of the layers (one step ahead, unless
+    a synchronous `pusher` needs this step's push applied first). With a `pusher` the memstore
+    tables learn: each step's row gradients are pushed (the model's memstore tables must track
+    gradients when there is no prefetcher).
     """
     torch.manual_seed(config.seed)
     optimizers = _optimizers(model, config)
     base_lrs = [[g["lr"] for g in opt.param_groups] for opt in optimizers]
     result = TrainResult(non_embedding_params=model.num_params(), prefetched=prefetcher is not None)
     stream = islice(batches(data.train, config.batch_size, model.config.max_seq_len, config.seed), config.steps)
-    steps = _one_step_ahead(stream, prefetcher) if prefetcher is not None else ((x, y, None) for x, y in stream)
+    if prefetcher is None:
+        steps: Iterator = ((x, y, None) for x, y in stream)
+    else:
+        ahead = 0 if pusher is not None and pusher.config.synchronous else 1
+        steps = _prefetched(stream, prefetcher, ahead)
+    sync_tables = _memstore_tables(model)
     stall = _StallMeter(model, prefetcher)
     device = next(model.parameters()).device
     start = time.perf_counter()
@@ -160,7 +196,8 @@ def train(
         for opt, lrs in zip(optimizers, base_lrs):
             for group, lr in zip(opt.param_groups, lrs):
                 group["lr"] = lr * scale
-        _, loss = model(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device), prefetched=handle)
+        rows = TrackedRows(handle) if pusher is not None and handle is not None else handle
+        _, loss = model(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device), prefetched=rows)
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -169,11 +206,19 @@ def train(
         )
         for opt in optimizers:
             opt.step()
+        if pusher is not None:
+            if isinstance(rows, TrackedRows):
+                grads = rows.row_gradients()
+            else:
+                grads = {t.layer_id: t.row_gradients() for t in sync_tables}
+            pusher.push_step(step + 1, grads, lr_scale=scale)
         result.steps.append(step)
         result.train_loss.append(loss.item())
         if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
             eval_start = time.perf_counter()
             with stall.excluded():
+                if pusher is not None:
+                    pusher.flush()  # evaluate the table as trained so far
                 result.eval_steps.append(step + 1)
                 result.val_loss.append(evaluate(model, data, config))
             result.eval_seconds += time.perf_counter() - eval_start
@@ -182,6 +227,11 @@ def train(
                 elapsed = time.perf_counter() - start - result.eval_seconds
                 postfix["stall"] = f"{sum(stall.seconds().values()) / elapsed:.1%}"
             bar.set_postfix(postfix)
+    if pusher is not None:
+        pusher.flush()
+        result.push_wait_seconds = pusher.stats.wait_s
+        result.rows_pushed = pusher.stats.rows
+        result.table_version = pusher.stats.last_version
     result.train_seconds = time.perf_counter() - start - result.eval_seconds
     result.tokens_per_s = config.steps * config.batch_size * model.config.max_seq_len / result.train_seconds
     result.stall_seconds = stall.seconds()
@@ -189,13 +239,16 @@ def train(
     return result
 
 
+def _memstore_tables(model: EngramLM) -> list[MemstoreTable]:
+    return [b.engram.table for b in model.blocks if b.engram is not None and isinstance(b.engram.table, MemstoreTable)]
+
+
 class _StallMeter:
     """The training steps' exposed wait for rows, per layer; evaluations' lookups are not counted."""
 
     def __init__(self, model: EngramLM, prefetcher: Prefetcher | None) -> None:
         self.prefetcher = prefetcher
-        tables = [b.engram.table for b in model.blocks if b.engram is not None]
-        self.tables = [t for t in tables if isinstance(t, MemstoreTable)] if prefetcher is None else []
+        self.tables = _memstore_tables(model) if prefetcher is None else []
         self.measured = prefetcher is not None or bool(self.tables)
         self._start = self._totals()
         self._excluded: dict[int, float] = {}
@@ -231,24 +284,25 @@ class _StallMeter:
         }
 
 
-def _one_step_ahead(
-    stream: Iterator[tuple[np.ndarray, np.ndarray]], prefetcher: Prefetcher
+def _prefetched(
+    stream: Iterator[tuple[np.ndarray, np.ndarray]], prefetcher: Prefetcher, ahead: int
 ) -> Iterator[tuple[np.ndarray, np.ndarray, PrefetchHandle]]:
-    """Batches with their rows: step N+1's fetch is submitted before step N is handed out,
-    and step N's buffers are released when the caller asks for step N+1 (after its backward)."""
-    current: tuple[np.ndarray, np.ndarray, PrefetchHandle] | None = None
+    """Batches with their rows. ahead=1: step N+1's fetch is submitted before step N is handed
+    out; ahead=0: each step's fetch starts when the caller asks for the step (after the previous
+    step's push). A step's buffers are released when the caller asks for the next step."""
+    pending: deque[tuple[np.ndarray, np.ndarray, PrefetchHandle]] = deque()
     try:
         for x, y in stream:
-            upcoming = (x, y, prefetcher.submit(x))
-            if current is not None:
-                yield current
-                current[2].release()
-            current = upcoming
-        if current is not None:
-            yield current
+            pending.append((x, y, prefetcher.submit(x)))
+            if len(pending) > ahead:
+                yield pending[0]
+                pending.popleft()[2].release()
+        while pending:
+            yield pending[0]
+            pending.popleft()[2].release()
     finally:
-        if current is not None:
-            current[2].release()
+        for _, _, handle in pending:
+            handle.release()
 
 
 def save_checkpoint(model: EngramLM, source: TableSource, path: Path, result: TrainResult | None = None) -> None:
@@ -288,6 +342,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--no-prefetch", action="store_true", help="look rows up when each layer needs them (no overlap)"
     )
+    parser.add_argument(
+        "--push-staleness",
+        type=int,
+        default=0,
+        help="steps of pushes that may be unacknowledged (0: synchronous, exactly as in process)",
+    )
+    parser.add_argument("--freeze-tables", action="store_true", help="never push, even to a trainable table")
     parser.add_argument("--steps", type=int, default=defaults.steps)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--lr", type=float, default=defaults.lr)
@@ -315,18 +376,21 @@ def main(argv: list[str] | None = None) -> None:
         engram = lm_config.engram
         assert engram is not None
         client = MemstoreClient(args.memstore, expected_fingerprint=fingerprint(engram.layout(), engram.seed))
-    prefetcher = None
+    prefetcher = pusher = None
     try:
-        model = build_model(lm_config, data, args.source, client)
+        push = client is not None and client.trainable and not args.freeze_tables
+        model = build_model(lm_config, data, args.source, client, track_gradients=push and args.no_prefetch)
+        layers = lm_config.engram.layer_ids if lm_config.engram is not None else ()
         if client is not None and not args.no_prefetch:
-            prefetcher = Prefetcher(client, model.row_ids, model.config.engram.layer_ids)
-        result = train(model, data, config, prefetcher=prefetcher)
+            prefetcher = Prefetcher(client, model.row_ids, layers)
+        if push:
+            pusher = Pusher(client, layers, PushConfig(max_in_flight_steps=args.push_staleness))
+        result = train(model, data, config, prefetcher=prefetcher, pusher=pusher)
         save_checkpoint(model, args.source, config.out_dir / "ckpt.pt", result)
     finally:
-        if prefetcher is not None:
-            prefetcher.close()
-        if client is not None:
-            client.close()
+        for resource in (pusher, prefetcher, client):
+            if resource is not None:
+                resource.close()
     print(report(result, config))
 
 
@@ -345,6 +409,12 @@ def report(result: TrainResult, config: TrainConfig) -> str:
             f"memstore: {result.rows_fetched:,} rows looked up "
             f"({'prefetched one step ahead' if result.prefetched else 'when each layer needed them'}); "
             f"exposed stall {stall:.2f} s = {result.stall_share:.1%} of training time ({per_layer})"
+        )
+    if result.rows_pushed:
+        lines.append(
+            f"memstore: {result.rows_pushed:,} row gradients pushed, table now at version {result.table_version}; "
+            f"waited {result.push_wait_seconds:.2f} s for acknowledgements "
+            f"({result.push_wait_seconds / result.train_seconds:.1%} of training time)"
         )
     return "\n".join(lines)
 

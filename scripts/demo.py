@@ -3,18 +3,19 @@
     python scripts/demo.py [--steps 150]
 
 1. generate the corpus and train the BPE tokenizer locally (cached in data/);
-2. create the Engram table the model's layout needs (tables/engram-lm) and serve it;
-3. train the small Engram LM with every Engram row looked up through the daemon, each step's
-   rows prefetched while the previous step computes, then sample (rows prefetched per token);
-4. stop the daemon with SIGTERM and report.
-
-The table's rows stay as created (read-only in the daemon: pushing gradients back is the
-training issue's work); the model learns to use them through its projections and gates.
+2. create the Engram table the model's layout needs (tables/engram-lm, fresh each run), with
+   Adam as its server-side optimizer, and serve it;
+3. train the small Engram LM through the daemon: each step's rows are prefetched (all layers at
+   once), its row gradients pushed back and applied by the daemon's Adam before the next step
+   (synchronous, so it trains exactly as a table in process would); then sample;
+4. snapshot the trained table while the daemon serves;
+5. stop the daemon with SIGTERM and report.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from client import MemstoreClient, Prefetcher  # noqa: E402
+from client import MemstoreClient, Prefetcher, PushConfig, Pusher  # noqa: E402
 from memstore.cli import describe_table  # noqa: E402
 from memstore.create import create_table  # noqa: E402
 from memstore.dtypes import DType  # noqa: E402
@@ -37,17 +38,16 @@ from model.train import TableSource, TrainConfig, build_model, report, save_chec
 PROMPTS = ["The river", "In 1843,", "The University of"]
 
 
-def _ensure_table(path: Path, manifest: Manifest) -> None:
+def _fresh_table(path: Path, manifest: Manifest) -> None:
+    """The demo trains its table: start from the initial rows every run."""
     try:
-        existing = Manifest.read(path)
+        Manifest.read(path)
+        exists = True
     except TableFormatError:
-        existing = None
-    if existing == manifest:
-        print(f"reusing {path}")
-    else:
-        create_table(path, manifest, overwrite=existing is not None)
-        print(f"created {path}")
-    print(describe_table(manifest))
+        exists = False
+    create_table(path, manifest, overwrite=exists)
+    shutil.rmtree(path.with_name(path.name + ".snapshots"), ignore_errors=True)
+    print(f"created {path}\n{describe_table(manifest)}")
 
 
 def main() -> int:
@@ -65,17 +65,22 @@ def main() -> int:
     lm_config = LMConfig(vocab_size=data.vocab_size)
     engram = lm_config.engram
     assert engram is not None
-    manifest = Manifest(layout=engram.layout(), dtype=DType.FLOAT16, seed=engram.seed)
-    _ensure_table(args.table, manifest)
+    config = TrainConfig(steps=args.steps, eval_every=max(1, args.steps // 3), out_dir=args.out)
+    manifest = Manifest(
+        layout=engram.layout(), dtype=DType.FLOAT16, seed=engram.seed, optimizer=config.table_optimizer
+    )
+    _fresh_table(args.table, manifest)
     daemon, address = start_daemon(args.table)
     try:
         with MemstoreClient(address, expected_fingerprint=manifest.fingerprint) as client:
             print(f"daemon at {address}, fingerprint {manifest.fingerprint} checked")
-            print(f"\n== 3. train {args.steps} steps through the daemon, then sample")
+            print(f"\n== 3. train {args.steps} steps through the daemon (rows pushed back), then sample")
             model = build_model(lm_config, data, TableSource.MEMSTORE, client)
-            config = TrainConfig(steps=args.steps, eval_every=max(1, args.steps // 3), out_dir=args.out)
-            with Prefetcher(client, model.row_ids, engram.layer_ids) as prefetcher:
-                result = train(model, data, config, prefetcher=prefetcher)
+            with (
+                Prefetcher(client, model.row_ids, engram.layer_ids) as prefetcher,
+                Pusher(client, engram.layer_ids, PushConfig(max_in_flight_steps=0)) as pusher,
+            ):
+                result = train(model, data, config, prefetcher=prefetcher, pusher=pusher)
                 save_checkpoint(model, TableSource.MEMSTORE, args.out / "ckpt.pt", result)
                 print(report(result, config))
                 trained = prefetcher.stats.total_stall_s
@@ -94,8 +99,10 @@ def main() -> int:
             )
             for text in texts:
                 print(f"  > {text!r}")
+            path, version = client.snapshot("demo")
+            print(f"\n== 4. snapshot of the trained table (version {version}) at {path}")
     finally:
-        print("\n== 4. stop the daemon (SIGTERM)")
+        print("\n== 5. stop the daemon (SIGTERM)")
         code = stop_daemon(daemon)
         print(f"daemon exited with code {code}")
     return 0 if code == 0 else 1

@@ -24,29 +24,37 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmemstore/wire/memstore.proto\x12\x12\x65ngram.memstore.v1\"\x11\n\x0f\x44\x65scribeRequest\"\xbf\x01\n\x10\x44\x65scribeResponse\x12\x15\n\rmanifest_json\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x30\n\x06limits\x18\x03 \x01(\x0b\x32 .engram.memstore.v1.ServerLimits\x12\x16\n\x0eserver_version\x18\x04 \x01(\t\x12\x35\n\tsame_host\x18\x05 \x01(\x0b\x32\".engram.memstore.v1.SameHostAccess\"b\n\x0eSameHostAccess\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x11\n\ttable_dir\x18\x02 \x01(\t\x12,\n\x05\x66iles\x18\x03 \x03(\x0b\x32\x1d.engram.memstore.v1.LayerFile\"J\n\tLayerFile\x12\x10\n\x08layer_id\x18\x01 \x01(\r\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\x04\x12\r\n\x05inode\x18\x04 \x01(\x04\"A\n\x0cServerLimits\x12\x1c\n\x14max_rows_per_request\x18\x01 \x01(\x04\x12\x13\n\x0b\x63hunk_bytes\x18\x02 \x01(\x04\"2\n\rLookupRequest\x12\x10\n\x08layer_id\x18\x01 \x01(\r\x12\x0f\n\x07row_ids\x18\x02 \x01(\x0c\"{\n\x0eLookupResponse\x12(\n\x05\x64type\x18\x01 \x01(\x0e\x32\x19.engram.memstore.v1.DType\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\x12\x10\n\x08num_rows\x18\x03 \x01(\x04\x12\x12\n\nrow_offset\x18\x04 \x01(\x04\x12\x0c\n\x04rows\x18\x05 \x01(\x0c*X\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x32\xb4\x01\n\x08Memstore\x12U\n\x08\x44\x65scribe\x12#.engram.memstore.v1.DescribeRequest\x1a$.engram.memstore.v1.DescribeResponse\x12Q\n\x06Lookup\x12!.engram.memstore.v1.LookupRequest\x1a\".engram.memstore.v1.LookupResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmemstore/wire/memstore.proto\x12\x12\x65ngram.memstore.v1\"\x11\n\x0f\x44\x65scribeRequest\"\xe3\x01\n\x10\x44\x65scribeResponse\x12\x15\n\rmanifest_json\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x30\n\x06limits\x18\x03 \x01(\x0b\x32 .engram.memstore.v1.ServerLimits\x12\x16\n\x0eserver_version\x18\x04 \x01(\t\x12\x35\n\tsame_host\x18\x05 \x01(\x0b\x32\".engram.memstore.v1.SameHostAccess\x12\x0f\n\x07version\x18\x06 \x01(\x04\x12\x11\n\ttrainable\x18\x07 \x01(\x08\"x\n\x0eSameHostAccess\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x11\n\ttable_dir\x18\x02 \x01(\t\x12,\n\x05\x66iles\x18\x03 \x03(\x0b\x32\x1d.engram.memstore.v1.LayerFile\x12\x14\n\x0cseqlock_path\x18\x04 \x01(\t\"J\n\tLayerFile\x12\x10\n\x08layer_id\x18\x01 \x01(\r\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\x04\x12\r\n\x05inode\x18\x04 \x01(\x04\"A\n\x0cServerLimits\x12\x1c\n\x14max_rows_per_request\x18\x01 \x01(\x04\x12\x13\n\x0b\x63hunk_bytes\x18\x02 \x01(\x04\"2\n\rLookupRequest\x12\x10\n\x08layer_id\x18\x01 \x01(\r\x12\x0f\n\x07row_ids\x18\x02 \x01(\x0c\"\x8c\x01\n\x0eLookupResponse\x12(\n\x05\x64type\x18\x01 \x01(\x0e\x32\x19.engram.memstore.v1.DType\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\x12\x10\n\x08num_rows\x18\x03 \x01(\x04\x12\x12\n\nrow_offset\x18\x04 \x01(\x04\x12\x0c\n\x04rows\x18\x05 \x01(\x0c\x12\x0f\n\x07version\x18\x06 \x01(\x04\"\x87\x01\n\x0bPushRequest\x12\x10\n\x08layer_id\x18\x01 \x01(\r\x12\x0f\n\x07row_ids\x18\x02 \x01(\x0c\x12\r\n\x05grads\x18\x03 \x01(\x0c\x12\x0f\n\x07step_id\x18\x04 \x01(\x03\x12\x11\n\tclient_id\x18\x05 \x01(\t\x12\x15\n\x08lr_scale\x18\x06 \x01(\x01H\x00\x88\x01\x01\x42\x0b\n\t_lr_scale\"3\n\x0cPushResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x12\n\nlayer_step\x18\x02 \x01(\x04\"\x1f\n\x0fSnapshotRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"1\n\x10SnapshotResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04*X\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x32\xd6\x02\n\x08Memstore\x12U\n\x08\x44\x65scribe\x12#.engram.memstore.v1.DescribeRequest\x1a$.engram.memstore.v1.DescribeResponse\x12Q\n\x06Lookup\x12!.engram.memstore.v1.LookupRequest\x1a\".engram.memstore.v1.LookupResponse0\x01\x12I\n\x04Push\x12\x1f.engram.memstore.v1.PushRequest\x1a .engram.memstore.v1.PushResponse\x12U\n\x08Snapshot\x12#.engram.memstore.v1.SnapshotRequest\x1a$.engram.memstore.v1.SnapshotResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'memstore.wire.memstore_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=685
-  _globals['_DTYPE']._serialized_end=773
+  _globals['_DTYPE']._serialized_start=1036
+  _globals['_DTYPE']._serialized_end=1124
   _globals['_DESCRIBEREQUEST']._serialized_start=52
   _globals['_DESCRIBEREQUEST']._serialized_end=69
   _globals['_DESCRIBERESPONSE']._serialized_start=72
-  _globals['_DESCRIBERESPONSE']._serialized_end=263
-  _globals['_SAMEHOSTACCESS']._serialized_start=265
-  _globals['_SAMEHOSTACCESS']._serialized_end=363
-  _globals['_LAYERFILE']._serialized_start=365
-  _globals['_LAYERFILE']._serialized_end=439
-  _globals['_SERVERLIMITS']._serialized_start=441
-  _globals['_SERVERLIMITS']._serialized_end=506
-  _globals['_LOOKUPREQUEST']._serialized_start=508
-  _globals['_LOOKUPREQUEST']._serialized_end=558
-  _globals['_LOOKUPRESPONSE']._serialized_start=560
-  _globals['_LOOKUPRESPONSE']._serialized_end=683
-  _globals['_MEMSTORE']._serialized_start=776
-  _globals['_MEMSTORE']._serialized_end=956
+  _globals['_DESCRIBERESPONSE']._serialized_end=299
+  _globals['_SAMEHOSTACCESS']._serialized_start=301
+  _globals['_SAMEHOSTACCESS']._serialized_end=421
+  _globals['_LAYERFILE']._serialized_start=423
+  _globals['_LAYERFILE']._serialized_end=497
+  _globals['_SERVERLIMITS']._serialized_start=499
+  _globals['_SERVERLIMITS']._serialized_end=564
+  _globals['_LOOKUPREQUEST']._serialized_start=566
+  _globals['_LOOKUPREQUEST']._serialized_end=616
+  _globals['_LOOKUPRESPONSE']._serialized_start=619
+  _globals['_LOOKUPRESPONSE']._serialized_end=759
+  _globals['_PUSHREQUEST']._serialized_start=762
+  _globals['_PUSHREQUEST']._serialized_end=897
+  _globals['_PUSHRESPONSE']._serialized_start=899
+  _globals['_PUSHRESPONSE']._serialized_end=950
+  _globals['_SNAPSHOTREQUEST']._serialized_start=952
+  _globals['_SNAPSHOTREQUEST']._serialized_end=983
+  _globals['_SNAPSHOTRESPONSE']._serialized_start=985
+  _globals['_SNAPSHOTRESPONSE']._serialized_end=1034
+  _globals['_MEMSTORE']._serialized_start=1127
+  _globals['_MEMSTORE']._serialized_end=1469
 # @@protoc_insertion_point(module_scope)

@@ -23,28 +23,34 @@ class DescribeRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DescribeResponse(_message.Message):
-    __slots__ = ("manifest_json", "fingerprint", "limits", "server_version", "same_host")
+    __slots__ = ("manifest_json", "fingerprint", "limits", "server_version", "same_host", "version", "trainable")
     MANIFEST_JSON_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     SAME_HOST_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    TRAINABLE_FIELD_NUMBER: _ClassVar[int]
     manifest_json: str
     fingerprint: str
     limits: ServerLimits
     server_version: str
     same_host: SameHostAccess
-    def __init__(self, manifest_json: _Optional[str] = ..., fingerprint: _Optional[str] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., server_version: _Optional[str] = ..., same_host: _Optional[_Union[SameHostAccess, _Mapping]] = ...) -> None: ...
+    version: int
+    trainable: bool
+    def __init__(self, manifest_json: _Optional[str] = ..., fingerprint: _Optional[str] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., server_version: _Optional[str] = ..., same_host: _Optional[_Union[SameHostAccess, _Mapping]] = ..., version: _Optional[int] = ..., trainable: _Optional[bool] = ...) -> None: ...
 
 class SameHostAccess(_message.Message):
-    __slots__ = ("host_id", "table_dir", "files")
+    __slots__ = ("host_id", "table_dir", "files", "seqlock_path")
     HOST_ID_FIELD_NUMBER: _ClassVar[int]
     TABLE_DIR_FIELD_NUMBER: _ClassVar[int]
     FILES_FIELD_NUMBER: _ClassVar[int]
+    SEQLOCK_PATH_FIELD_NUMBER: _ClassVar[int]
     host_id: str
     table_dir: str
     files: _containers.RepeatedCompositeFieldContainer[LayerFile]
-    def __init__(self, host_id: _Optional[str] = ..., table_dir: _Optional[str] = ..., files: _Optional[_Iterable[_Union[LayerFile, _Mapping]]] = ...) -> None: ...
+    seqlock_path: str
+    def __init__(self, host_id: _Optional[str] = ..., table_dir: _Optional[str] = ..., files: _Optional[_Iterable[_Union[LayerFile, _Mapping]]] = ..., seqlock_path: _Optional[str] = ...) -> None: ...
 
 class LayerFile(_message.Message):
     __slots__ = ("layer_id", "path", "device", "inode")
@@ -75,15 +81,55 @@ class LookupRequest(_message.Message):
     def __init__(self, layer_id: _Optional[int] = ..., row_ids: _Optional[bytes] = ...) -> None: ...
 
 class LookupResponse(_message.Message):
-    __slots__ = ("dtype", "dim", "num_rows", "row_offset", "rows")
+    __slots__ = ("dtype", "dim", "num_rows", "row_offset", "rows", "version")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
     NUM_ROWS_FIELD_NUMBER: _ClassVar[int]
     ROW_OFFSET_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     dtype: DType
     dim: int
     num_rows: int
     row_offset: int
     rows: bytes
-    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., dim: _Optional[int] = ..., num_rows: _Optional[int] = ..., row_offset: _Optional[int] = ..., rows: _Optional[bytes] = ...) -> None: ...
+    version: int
+    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., dim: _Optional[int] = ..., num_rows: _Optional[int] = ..., row_offset: _Optional[int] = ..., rows: _Optional[bytes] = ..., version: _Optional[int] = ...) -> None: ...
+
+class PushRequest(_message.Message):
+    __slots__ = ("layer_id", "row_ids", "grads", "step_id", "client_id", "lr_scale")
+    LAYER_ID_FIELD_NUMBER: _ClassVar[int]
+    ROW_IDS_FIELD_NUMBER: _ClassVar[int]
+    GRADS_FIELD_NUMBER: _ClassVar[int]
+    STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    LR_SCALE_FIELD_NUMBER: _ClassVar[int]
+    layer_id: int
+    row_ids: bytes
+    grads: bytes
+    step_id: int
+    client_id: str
+    lr_scale: float
+    def __init__(self, layer_id: _Optional[int] = ..., row_ids: _Optional[bytes] = ..., grads: _Optional[bytes] = ..., step_id: _Optional[int] = ..., client_id: _Optional[str] = ..., lr_scale: _Optional[float] = ...) -> None: ...
+
+class PushResponse(_message.Message):
+    __slots__ = ("version", "layer_step")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    LAYER_STEP_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    layer_step: int
+    def __init__(self, version: _Optional[int] = ..., layer_step: _Optional[int] = ...) -> None: ...
+
+class SnapshotRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class SnapshotResponse(_message.Message):
+    __slots__ = ("path", "version")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    version: int
+    def __init__(self, path: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...

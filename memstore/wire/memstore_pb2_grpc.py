@@ -45,6 +45,16 @@ class MemstoreStub:
                 request_serializer=memstore_dot_wire_dot_memstore__pb2.LookupRequest.SerializeToString,
                 response_deserializer=memstore_dot_wire_dot_memstore__pb2.LookupResponse.FromString,
                 _registered_method=True)
+        self.Push = channel.unary_unary(
+                '/engram.memstore.v1.Memstore/Push',
+                request_serializer=memstore_dot_wire_dot_memstore__pb2.PushRequest.SerializeToString,
+                response_deserializer=memstore_dot_wire_dot_memstore__pb2.PushResponse.FromString,
+                _registered_method=True)
+        self.Snapshot = channel.unary_unary(
+                '/engram.memstore.v1.Memstore/Snapshot',
+                request_serializer=memstore_dot_wire_dot_memstore__pb2.SnapshotRequest.SerializeToString,
+                response_deserializer=memstore_dot_wire_dot_memstore__pb2.SnapshotResponse.FromString,
+                _registered_method=True)
 
 
 class MemstoreServicer:
@@ -68,6 +78,24 @@ class MemstoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Push(self, request, context):
+        """Gradients for distinct rows of one layer, applied by the table's optimizer. The
+        response comes once the update is durable and visible to lookups. Fails with
+        PERMISSION_DENIED on a frozen (no optimizer) or read-only table, INVALID_ARGUMENT on bad
+        input (nothing is applied then).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Snapshot(self, request, context):
+        """A consistent copy of the table (rows, optimizer state, manifest) at one version, written
+        on the daemon's host while lookups and pushes go on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MemstoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -80,6 +108,16 @@ def add_MemstoreServicer_to_server(servicer, server):
                     servicer.Lookup,
                     request_deserializer=memstore_dot_wire_dot_memstore__pb2.LookupRequest.FromString,
                     response_serializer=memstore_dot_wire_dot_memstore__pb2.LookupResponse.SerializeToString,
+            ),
+            'Push': grpc.unary_unary_rpc_method_handler(
+                    servicer.Push,
+                    request_deserializer=memstore_dot_wire_dot_memstore__pb2.PushRequest.FromString,
+                    response_serializer=memstore_dot_wire_dot_memstore__pb2.PushResponse.SerializeToString,
+            ),
+            'Snapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.Snapshot,
+                    request_deserializer=memstore_dot_wire_dot_memstore__pb2.SnapshotRequest.FromString,
+                    response_serializer=memstore_dot_wire_dot_memstore__pb2.SnapshotResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -137,6 +175,60 @@ class Memstore:
             '/engram.memstore.v1.Memstore/Lookup',
             memstore_dot_wire_dot_memstore__pb2.LookupRequest.SerializeToString,
             memstore_dot_wire_dot_memstore__pb2.LookupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Push(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/engram.memstore.v1.Memstore/Push',
+            memstore_dot_wire_dot_memstore__pb2.PushRequest.SerializeToString,
+            memstore_dot_wire_dot_memstore__pb2.PushResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Snapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/engram.memstore.v1.Memstore/Snapshot',
+            memstore_dot_wire_dot_memstore__pb2.SnapshotRequest.SerializeToString,
+            memstore_dot_wire_dot_memstore__pb2.SnapshotResponse.FromString,
             options,
             channel_credentials,
             insecure,

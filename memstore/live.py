@@ -1,0 +1,495 @@
+"""A table being served and trained: consistent reads, optimizer pushes, a version, recovery, snapshots.
+
+Push (one layer's gradients for distinct row ids), one at a time under the push lock:
+1. gather the rows and their optimizer state, run the optimizer (memstore.optim): the after-image;
+2. append the after-image to the write-ahead log (memstore.wal), durable per `Durability`;
+3. apply it to the memory-mapped files inside the sequence lock (odd while writing);
+4. acknowledge with the new table version (the count of pushes applied since creation).
+A push that fails validation changes nothing. Since a log record holds after-images, replaying
+it is idempotent: recovery (on open) and snapshots simply re-write records in order.
+
+Reads check the sequence lock around their gather and retry if a push overlapped (falling back
+to the push lock after a few tries), so a row is seen before or after a push, never torn. The
+sequence word lives in a small shared file (`seqlock`) that same-host clients map too: they use
+the same protocol, so in-place reads stay consistent while the daemon trains. The protocol
+relies on the CPU keeping stores in order and loads in order (x86-64's TSO does); same-host
+reads of a trained table are refused on other architectures (memstore.same_host).
+
+Durable state on disk: the row and state files, `checkpoint.json` (the version and per-layer
+optimizer steps the files hold at least), and `wal/`. A checkpoint msyncs the files, records
+the version, and drops log segments at or below it; recovery replays records above it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import mmap
+import os
+import shutil
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from memstore.dtypes import DType
+from memstore.errors import (
+    DataLossError,
+    InvalidArgumentError,
+    ReadOnlyError,
+    TableFormatError,
+    UnavailableError,
+)
+from memstore.manifest import Manifest, fsync_dir
+from memstore.optim import apply_update
+from memstore.storage import MmapRowStore, RowStore
+from memstore.table import Table
+from memstore.wal import Durability, WriteAheadLog
+
+CHECKPOINT_NAME = "checkpoint.json"
+SEQLOCK_NAME = "seqlock"
+WAL_DIR = "wal"
+LOCK_NAME = "writer.lock"
+_READ_TRIES = 8
+_RECORD_HEADER = struct.Struct("<IQqQH")  # layer id, layer step, client's step id, rows, client id length
+
+
+@dataclass(frozen=True)
+class LiveConfig:
+    """Durability and checkpointing of a writable table."""
+
+    durability: Durability = Durability.FSYNC
+    checkpoint_every: int = 1000  # pushes between automatic checkpoints (0: only on close)
+
+
+@dataclass
+class PushResult:
+    """What an acknowledged push did."""
+
+    version: int
+    layer_step: int
+    rows: int
+
+
+@dataclass
+class _Checkpoint:
+    version: int = 0
+    layer_steps: dict[int, int] = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, table_dir: Path) -> _Checkpoint:
+        path = table_dir / CHECKPOINT_NAME
+        if not path.exists():
+            return cls()
+        try:
+            data = json.loads(path.read_text())
+            return cls(int(data["version"]), {int(k): int(v) for k, v in data["layer_steps"].items()})
+        except (KeyError, TypeError, ValueError) as exc:
+            raise TableFormatError(f"{path} is malformed ({exc!r}); restore the table from a snapshot") from None
+
+    def write(self, table_dir: Path) -> None:
+        tmp = table_dir / (CHECKPOINT_NAME + ".tmp")
+        data = {"version": self.version, "layer_steps": {str(k): v for k, v in sorted(self.layer_steps.items())}}
+        with open(tmp, "w") as f:
+            json.dump(data, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, table_dir / CHECKPOINT_NAME)
+        fsync_dir(table_dir)
+
+
+class SeqLock:
+    """A sequence word in a shared file: even when the rows are stable, odd while a push writes them.
+
+    version = word // 2. Readers: read the word, gather, read it again; equal and even means no
+    push overlapped the gather.
+    """
+
+    def __init__(self, path: Path, create: bool = False) -> None:
+        self.path = path
+        if create and not path.exists():
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_bytes(bytes(8))
+            os.replace(tmp, path)
+        mode = "r+b" if create else "rb"
+        with open(path, mode) as f:
+            self._map = mmap.mmap(f.fileno(), 8, access=mmap.ACCESS_WRITE if create else mmap.ACCESS_READ)
+        self._word = np.frombuffer(self._map, dtype="<i8", count=1)
+
+    def read(self) -> int:
+        return int(self._word[0])
+
+    def set(self, value: int) -> None:
+        self._word[0] = value
+
+    def close(self) -> None:
+        del self._word
+        self._map.close()
+
+
+def consistent_gather(
+    store: RowStore, seqlock: SeqLock | None, ids: np.ndarray, out: np.ndarray | None = None
+) -> tuple[np.ndarray, int] | None:
+    """Rows read with no push overlapping them and the version they show, or None after a few tries."""
+    if seqlock is None:
+        return store.gather(ids, out), 0
+    for attempt in range(_READ_TRIES):
+        before = seqlock.read()
+        if before % 2 == 0:
+            rows = store.gather(ids, out)
+            if seqlock.read() == before:
+                return rows, before // 2
+        time.sleep(0 if attempt < 2 else 0.0005)
+    return None
+
+
+class LiveTable:
+    """A table opened for serving: frozen (no optimizer, or read-only) or trainable.
+
+    Use as a context manager, or call close() (which checkpoints a trainable table).
+    """
+
+    def __init__(self, table: Table, config: LiveConfig | None = None, writer_lock: Any = None) -> None:
+        """Serve an open table: trainable when it has an optimizer and is open writable (then
+        `writer_lock` is the flock from `open`, released on close)."""
+        self.table: Table | None = table
+        self.path = table.path
+        self.manifest = table.manifest
+        self.config = config or LiveConfig()
+        self.trainable = self.manifest.optimizer is not None and not table.read_only
+        self._lock_file = writer_lock
+        self._push_lock = threading.Lock()
+        self._snapshots = 0  # snapshots in progress: the log must keep their records
+        self._pushes_since_checkpoint = 0
+        self._last_push: dict[tuple[str, int], tuple[int, PushResult]] = {}  # (client, layer) -> last step id
+        self._state: dict[int, dict[str, RowStore]] = {}
+        self.seqlock: SeqLock | None = None
+        self._wal: WriteAheadLog | None = None
+        checkpoint = _Checkpoint.read(self.path)
+        self.version = checkpoint.version
+        self.layer_steps = {layer: checkpoint.layer_steps.get(layer, 0) for layer in self.manifest.layout.layer_ids}
+        try:
+            if self.trainable:
+                self._state = _open_state(self.path, self.manifest)
+                self._wal = WriteAheadLog(self.path / WAL_DIR, self.config.durability)
+                self._recover()
+                self.seqlock = SeqLock(self.path / SEQLOCK_NAME, create=True)
+                self.seqlock.set(2 * self.version)
+            elif (self.path / WAL_DIR).exists() and _has_records_after(self.path / WAL_DIR, self.version):
+                raise TableFormatError(
+                    f"{self.path} has pushes in its log past its checkpoint (a writer stopped uncleanly); "
+                    "open it writable once to recover, or serve a snapshot read-only"
+                )
+        except BaseException:
+            self._close_files()
+            raise
+
+    @classmethod
+    def open(cls, path: str | Path, read_only: bool = False, config: LiveConfig | None = None) -> LiveTable:
+        """Open a table directory for serving; writable (one writer per table) unless read_only or frozen."""
+        path = Path(path)
+        writable = not read_only and Manifest.read(path).optimizer is not None
+        lock = _lock_writer(path) if writable else None
+        try:
+            table = Table.open(path, read_only=not writable)
+        except BaseException:
+            if lock is not None:
+                lock.close()
+            raise
+        return cls(table, config, lock)
+
+    # -- reads -------------------------------------------------------------------------------
+
+    def gather(self, layer_id: int, row_ids: np.ndarray, out: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+        """Rows [len(row_ids), dim] (storage dtype) none of them torn by a push, and the version they show."""
+        store = self.table.store(layer_id)
+        ids = store.check_ids(row_ids)
+        got = consistent_gather(store, self.seqlock, ids, out)
+        if got is None:  # pushes kept overlapping: exclude them for one read
+            with self._push_lock:
+                return store.gather(ids, out), self.version
+        rows, version = got
+        return rows, version if self.seqlock is not None else self.version
+
+    def gather_chunks(
+        self, layer_id: int, row_ids: np.ndarray, chunk_rows: int
+    ) -> Iterator[tuple[np.ndarray, int]]:
+        """`gather` in consecutive chunks of at most chunk_rows rows, each with its version; every id
+        is checked before the first chunk."""
+        if chunk_rows < 1:
+            raise InvalidArgumentError(f"chunk_rows is {chunk_rows}; it must be at least 1")
+        ids = self.table.store(layer_id).check_ids(row_ids)
+        for start in range(0, len(ids), chunk_rows):
+            yield self.gather(layer_id, ids[start : start + chunk_rows])
+
+    # -- writes ------------------------------------------------------------------------------
+
+    def push(
+        self,
+        layer_id: int,
+        row_ids: np.ndarray,
+        grads: np.ndarray,
+        *,
+        lr_scale: float = 1.0,
+        step_id: int = 0,
+        client_id: str = "",
+    ) -> PushResult:
+        """Apply the table's optimizer to distinct rows with their summed float32 gradients [N, dim].
+
+        Returns once the update is durable (per `LiveConfig.durability`) and visible to readers.
+        Bad input (unknown layer, ids out of range or repeated, wrong shape, non-finite values,
+        a non-positive lr_scale) raises InvalidArgumentError and changes nothing.
+        """
+        if not self.trainable:
+            reason = "it has no optimizer (create it with --optimizer)" if self.manifest.optimizer is None else (
+                "it is served read-only"
+            )
+            raise ReadOnlyError(f"pushes are refused: {reason}")
+        assert self._wal is not None and self.seqlock is not None and self.manifest.optimizer is not None
+        store = self.table.store(layer_id)
+        ids = store.check_ids(row_ids)
+        grads = np.asarray(grads)
+        if grads.dtype != np.float32 or grads.shape != (len(ids), store.dim):
+            raise InvalidArgumentError(
+                f"gradients must be float32 [{len(ids)}, {store.dim}] (one row per id); got {grads.dtype} {grads.shape}"
+            )
+        if len(np.unique(ids)) != len(ids):
+            raise InvalidArgumentError("row ids of a push must be distinct; sum the gradients of repeated ids first")
+        if not (np.isfinite(lr_scale) and lr_scale > 0):
+            raise InvalidArgumentError(f"lr_scale must be a positive finite number; got {lr_scale}")
+        optimizer = self.manifest.optimizer if lr_scale == 1.0 else replace(
+            self.manifest.optimizer, lr=self.manifest.optimizer.lr * lr_scale
+        )
+        dtype = self.manifest.dtype
+        states = self._state[layer_id]
+        with self._push_lock:
+            repeat = self._last_push.get((client_id, layer_id)) if step_id > 0 else None
+            if repeat is not None and step_id <= repeat[0]:
+                return repeat[1]  # a retry of a push already applied: answer it again, apply nothing
+            step = self.layer_steps[layer_id] + 1
+            rows = dtype.to_float32(store.gather(ids))
+            state = {slot: s.gather(ids) for slot, s in states.items()}
+            new_rows, new_state = apply_update(optimizer, rows, state, grads, step)  # rejects NaN/Inf first
+            record = _Record(layer_id, step, step_id, client_id, ids, dtype.from_float64(new_rows), new_state)
+            self._wal.append(self.version + 1, record.encode())
+            result = self._apply(record, self.version + 1)
+            self._pushes_since_checkpoint += 1
+            due = self.config.checkpoint_every and self._pushes_since_checkpoint >= self.config.checkpoint_every
+        if due:
+            self.checkpoint()
+        return result
+
+    def _apply(self, record: _Record, version: int) -> PushResult:
+        """Write an after-image into the files inside the sequence lock (caller holds the push lock)."""
+        if self.seqlock is not None:
+            self.seqlock.set(2 * self.version + 1)
+        self.table.store(record.layer_id).update(record.ids, record.rows)
+        for slot, values in record.state.items():
+            self._state[record.layer_id][slot].update(record.ids, values)
+        self.layer_steps[record.layer_id] = record.layer_step
+        self.version = version
+        if self.seqlock is not None:
+            self.seqlock.set(2 * version)
+        result = PushResult(version, record.layer_step, len(record.ids))
+        if record.step_id > 0:
+            self._last_push[(record.client_id, record.layer_id)] = (record.step_id, result)
+        return result
+
+    # -- durability ----------------------------------------------------------------------------
+
+    def _recover(self) -> None:
+        """Replay logged pushes past the checkpoint (after-images: idempotent), then checkpoint."""
+        assert self._wal is not None
+        replayed = 0
+        for record in self._wal.records(self.version):
+            if record.version != self.version + 1:
+                raise DataLossError(
+                    f"{self.path / WAL_DIR} jumps from version {self.version} to {record.version}; "
+                    "pushes are missing: restore the table from a snapshot"
+                )
+            self._apply(_Record.decode(record.payload, self.manifest), record.version)
+            replayed += 1
+        if replayed:
+            self.checkpoint()
+
+    def checkpoint(self) -> int:
+        """Make the files durable at the current version, record it, and drop the log below it."""
+        if not self.trainable:
+            return self.version
+        assert self._wal is not None
+        with self._push_lock:
+            checkpoint = _Checkpoint(self.version, dict(self.layer_steps))
+            self._pushes_since_checkpoint = 0
+        # Flushing outside the lock may also flush later pushes: harmless, replay rewrites them.
+        self.table.flush()
+        for states in self._state.values():
+            for store in states.values():
+                store.flush()
+        checkpoint.write(self.path)
+        if not self._snapshots:
+            self._wal.truncate_through(checkpoint.version)
+        return checkpoint.version
+
+    def snapshot(self, dest: str | Path) -> int:
+        """A consistent copy (rows, optimizer state, manifest) at one version, taken while pushes go on.
+
+        Files are copied without stopping pushes, then the pushes logged during the copy are
+        replayed onto it, which brings every row to the version read at the end. Returns it.
+        """
+        dest = Path(dest)
+        if dest.exists():
+            raise InvalidArgumentError(f"{dest} exists; snapshots never overwrite: pick a new path")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.parent / f".{dest.name}.snapshot-{os.getpid()}-{threading.get_ident()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        with self._push_lock:
+            start = self.version
+            self._snapshots += 1
+        try:
+            for name in self._file_names():
+                _copy_durably(self.path / name, tmp / name)
+            self.manifest.write(tmp)
+            with self._push_lock:
+                end = _Checkpoint(self.version, dict(self.layer_steps))
+            if self._wal is not None:
+                with Table.open(tmp, read_only=False) as copy:
+                    states = _open_state(tmp, self.manifest)
+                    for record in self._wal.records(start):
+                        if record.version > end.version:
+                            break
+                        logged = _Record.decode(record.payload, self.manifest)
+                        copy.store(logged.layer_id).update(logged.ids, logged.rows)
+                        for slot, values in logged.state.items():
+                            states[logged.layer_id][slot].update(logged.ids, values)
+                    for layer_states in states.values():
+                        for store in layer_states.values():
+                            store.close()
+            end.write(tmp)
+            os.replace(tmp, dest)
+            fsync_dir(dest.parent)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        finally:
+            with self._push_lock:
+                self._snapshots -= 1
+        return end.version
+
+    def _file_names(self) -> list[str]:
+        names = [self.manifest.layer_file(layer) for layer in self.manifest.layout.layer_ids]
+        for layer in self.manifest.layout.layer_ids:
+            names += [name for name, _ in self.manifest.state_files(layer).values()]
+        return names
+
+    def close(self) -> None:
+        """Checkpoint (trainable tables) and release the files. Idempotent."""
+        if self.table is None:
+            return
+        if self.trainable and self._wal is not None:
+            self.checkpoint()
+        self._close_files()
+
+    def _close_files(self) -> None:
+        for states in self._state.values():
+            for store in states.values():
+                store.close()
+        self._state = {}
+        if self._wal is not None:
+            self._wal.close()
+            self._wal = None
+        if self.seqlock is not None:
+            self.seqlock.close()
+            self.seqlock = None
+        if self.table is not None:
+            self.table.close()
+            self.table = None
+        if self._lock_file is not None:
+            self._lock_file.close()  # releases the flock
+            self._lock_file = None
+
+    def __enter__(self) -> LiveTable:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _open_state(table_dir: Path, manifest: Manifest) -> dict[int, dict[str, RowStore]]:
+    """The optimizer state stores of every layer: slot -> float32 rows of the slot's width."""
+    return {
+        layer: {
+            slot: MmapRowStore(table_dir / name, manifest.layout.num_rows(layer), width, DType.FLOAT32, False)
+            for slot, (name, width) in manifest.state_files(layer).items()
+        }
+        for layer in manifest.layout.layer_ids
+    }
+
+
+def _lock_writer(table_dir: Path):
+    """One writer per table: a second daemon opening it writable fails instead of corrupting it."""
+    handle = open(table_dir / LOCK_NAME, "a+")
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise UnavailableError(
+            f"{table_dir} is open for writing by another process; serve it read-only or stop the other daemon"
+        ) from None
+    return handle
+
+
+def _has_records_after(wal_dir: Path, version: int) -> bool:
+    with WriteAheadLog(wal_dir, Durability.OS) as wal:
+        return wal.last_version is not None and wal.last_version > version
+
+
+def _copy_durably(src: Path, dst: Path) -> None:
+    shutil.copyfile(src, dst)
+    with open(dst, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+@dataclass
+class _Record:
+    """One push's after-image, as logged."""
+
+    layer_id: int
+    layer_step: int
+    step_id: int
+    client_id: str
+    ids: np.ndarray
+    rows: np.ndarray  # storage dtype
+    state: dict[str, np.ndarray]
+
+    def encode(self) -> bytes:
+        client = self.client_id.encode()[:65535]
+        header = _RECORD_HEADER.pack(self.layer_id, self.layer_step, self.step_id, len(self.ids), len(client))
+        parts = [header, client, self.ids.astype("<i8").tobytes(), np.ascontiguousarray(self.rows).tobytes()]
+        parts += [np.ascontiguousarray(self.state[slot], dtype="<f4").tobytes() for slot in sorted(self.state)]
+        return b"".join(parts)
+
+    @classmethod
+    def decode(cls, payload: bytes, manifest: Manifest) -> _Record:
+        layer_id, step, step_id, count, client_len = _RECORD_HEADER.unpack_from(payload)
+        offset = _RECORD_HEADER.size
+        client_id = payload[offset : offset + client_len].decode()
+        offset += client_len
+        dim = manifest.layout.dim
+        ids = np.frombuffer(payload, dtype="<i8", count=count, offset=offset)
+        offset += ids.nbytes
+        rows = np.frombuffer(payload, dtype=manifest.dtype.numpy, count=count * dim, offset=offset).reshape(count, dim)
+        offset += rows.nbytes
+        state = {}
+        for slot, (_, width) in sorted(manifest.state_files(layer_id).items()):
+            values = np.frombuffer(payload, dtype="<f4", count=count * width, offset=offset)
+            state[slot] = values.reshape(count, width)
+            offset += values.nbytes
+        if offset != len(payload):
+            raise DataLossError(f"a log record of layer {layer_id} has {len(payload) - offset} unexpected bytes")
+        return cls(layer_id, step, step_id, client_id, ids, rows, state)

@@ -1,0 +1,531 @@
+"""The write-ahead log that makes acknowledged training pushes durable.
+
+The daemon applies a push as: compute the new rows -> `WriteAheadLog.append` one record (an opaque
+payload, the after-image of the rows and their optimizer state, encoded by the caller) -> apply it
+to the mmap'd table -> acknowledge. On restart it replays `records(after_version=checkpoint)`;
+records are after-images, so replaying one that already reached the table is harmless. Once the
+table is checkpointed at version V, `truncate_through(V)` drops the segments nobody needs any more.
+
+On disk
+-------
+A directory of segment files ``wal-{version:020d}.log``, zero-padded so that lexical order is
+version order. A segment is named after its first record's version when it is created; a segment
+with no record yet (see below) is renamed to its first record's version when that record arrives.
+
+Every segment starts with a 20-byte file header, little-endian::
+
+    magic        4s   b"EWSG"
+    format       u16  1
+    flags        u16  bit 0: base_version is set
+    base_version u64  the log's last version when this segment was created (its records are all greater)
+    crc32        u32  zlib.crc32 of the 16 bytes above
+
+followed by back-to-back frames, each a 28-byte header then the payload::
+
+    magic        4s   b"EWAL"
+    format       u16  1
+    reserved     u16  0
+    length       u64  payload bytes
+    version      u64  the table version this record produces; strictly increasing across the log
+    crc32        u32  zlib.crc32 of the 24 header bytes above, then of the payload
+    payload      length bytes
+
+The base version lets a log whose every record was truncated away (only an empty segment left)
+still know, after a restart, the last version it acknowledged.
+
+Recovery
+--------
+Opening the log scans every frame of every segment and checks its CRC and the version order. A
+crash in the middle of an append can only leave a damaged *tail of the last segment*: a partial
+header or payload, or bytes that fail the magic or CRC check (or a partial file header if the
+crash hit a segment's creation). Such a tail is cut off (truncated to the end of the last good
+record, the file and the directory fsynced; a last segment whose file header is incomplete is
+deleted) and appends continue after the last good record. Anything else is real corruption and
+raises `DataLossError` naming the file and offset: a bad frame followed by a good one anywhere
+after it (found by searching the rest of the file for a valid frame), a bad frame or header in
+a segment that is not the last, or good frames whose versions or segment names are out of order.
+
+Durability
+----------
+- `Durability.FSYNC`: the segment is ``fdatasync``'d (``fsync`` where unavailable) before
+  `append` returns, and the directory is fsynced when a segment is created or renamed. An
+  acknowledged record survives power loss and kernel crashes.
+- `Durability.OS`: `append` returns once ``write`` has handed the whole frame to the kernel. An
+  acknowledged record survives the daemon being killed (``kill -9``, OOM), not power loss or a
+  kernel crash, which can lose the last few seconds of records (recovery then cuts back to a
+  consistent prefix).
+
+After a failed write or sync the log refuses further appends: after a failed fsync the kernel may
+already have dropped the dirty pages, so the only safe continuation is a restart, which recovers.
+"""
+
+from __future__ import annotations
+
+import enum
+import operator
+import os
+import re
+import struct
+import threading
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import BinaryIO
+
+from memstore.errors import DataLossError, InternalError, InvalidArgumentError
+
+FORMAT_VERSION = 1
+SEGMENT_MAGIC = b"EWSG"
+RECORD_MAGIC = b"EWAL"
+_FILE_HEADER = struct.Struct("<4sHHQI")
+_RECORD_HEADER = struct.Struct("<4sHHQQI")
+FILE_HEADER_SIZE = _FILE_HEADER.size  # 20
+RECORD_HEADER_SIZE = _RECORD_HEADER.size  # 28
+_RECORD_CRC_OFFSET = _RECORD_HEADER.size - 4
+_HAS_BASE = 1
+_MAX_VERSION = (1 << 64) - 1
+_SEGMENT_NAME = re.compile(r"wal-(\d{20})\.log")
+
+
+class Durability(enum.Enum):
+    """What an acknowledged append survives."""
+
+    FSYNC = "fsync"  # fdatasync before append returns: survives power loss
+    OS = "os"  # write() returned before append returns: survives kill -9 of the daemon, not power loss
+
+
+@dataclass(frozen=True)
+class WalRecord:
+    """One logged push: the table version it produces and the caller's encoded after-image."""
+
+    version: int
+    payload: bytes
+
+
+@dataclass
+class _Segment:
+    path: Path
+    name_version: int
+    base_version: int | None
+    first_version: int | None = None
+    last_version: int | None = None
+    end: int = _FILE_HEADER.size
+
+
+class _Corrupt(Exception):
+    """A frame or file header that does not check out; the message says why."""
+
+
+def _checked_version(version: int) -> int:
+    try:
+        checked = operator.index(version)
+    except TypeError as exc:
+        raise InvalidArgumentError(f"version must be an int, got {type(version).__name__}") from exc
+    if isinstance(version, bool) or not 0 <= checked <= _MAX_VERSION:
+        raise InvalidArgumentError(f"version must be an int in [0, 2**64), got {version!r}")
+    return checked
+
+
+def _segment_path(directory: Path, version: int) -> Path:
+    return directory / f"wal-{version:020d}.log"
+
+
+def _datasync(fd: int) -> None:
+    # Looked up at call time so that tests can count calls by monkeypatching os.
+    sync = getattr(os, "fdatasync", None) or os.fsync
+    sync(fd)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _file_header(base_version: int | None) -> bytes:
+    flags = 0 if base_version is None else _HAS_BASE
+    head = struct.pack("<4sHHQ", SEGMENT_MAGIC, FORMAT_VERSION, flags, base_version or 0)
+    return head + struct.pack("<I", zlib.crc32(head))
+
+
+def _parse_file_header(data: bytes) -> int | None:
+    """The base version in a segment's file header; raises _Corrupt."""
+    if len(data) < _FILE_HEADER.size:
+        raise _Corrupt(f"incomplete file header ({len(data)} of {_FILE_HEADER.size} bytes)")
+    magic, fmt, flags, base, crc = _FILE_HEADER.unpack_from(data)
+    if magic != SEGMENT_MAGIC:
+        raise _Corrupt(f"bad file magic {magic!r}")
+    if zlib.crc32(data[: _FILE_HEADER.size - 4]) != crc:
+        raise _Corrupt("file header CRC mismatch")
+    if fmt != FORMAT_VERSION:
+        raise _Corrupt(f"unsupported format version {fmt}")
+    return base if flags & _HAS_BASE else None
+
+
+def _record_header(version: int, payload: memoryview) -> bytes:
+    head = struct.pack("<4sHHQQ", RECORD_MAGIC, FORMAT_VERSION, 0, len(payload), version)
+    return head + struct.pack("<I", zlib.crc32(payload, zlib.crc32(head)))
+
+
+def _parse_record_header(data: bytes, offset: int = 0) -> tuple[int, int, int]:
+    """(payload length, version, crc) of the complete record header at `offset`; raises _Corrupt."""
+    magic, fmt, _reserved, length, version, crc = _RECORD_HEADER.unpack_from(data, offset)
+    if magic != RECORD_MAGIC:
+        raise _Corrupt(f"bad record magic {magic!r}")
+    if fmt != FORMAT_VERSION:
+        raise _Corrupt(f"unsupported record format version {fmt}")
+    return length, version, crc
+
+
+def _read_frame(f: BinaryIO, offset: int, size: int) -> tuple[int, int, bytes]:
+    """(version, frame length, payload) of the frame at `offset`, fully checked; raises _Corrupt."""
+    f.seek(offset)
+    head = f.read(_RECORD_HEADER.size)
+    if len(head) < _RECORD_HEADER.size:
+        raise _Corrupt(f"incomplete record header ({len(head)} of {_RECORD_HEADER.size} bytes)")
+    length, version, crc = _parse_record_header(head)
+    if length > size - offset - _RECORD_HEADER.size:
+        raise _Corrupt(f"payload of {length} bytes runs past the end of the file")
+    payload = f.read(length)
+    if len(payload) < length:
+        raise _Corrupt("payload shorter than its header says")
+    if zlib.crc32(payload, zlib.crc32(head[:_RECORD_CRC_OFFSET])) != crc:
+        raise _Corrupt("record CRC mismatch")
+    return version, _RECORD_HEADER.size + length, payload
+
+
+def _valid_frame_after(f: BinaryIO, start: int) -> int | None:
+    """Offset of the first CRC-valid frame at or after `start`, or None.
+
+    A crash mid-append leaves no valid frame after the damage; a good frame there means records
+    the log acknowledged would be lost by cutting the file, so that is corruption, not a torn tail.
+    """
+    f.seek(start)
+    data = f.read()
+    view = memoryview(data)
+    pos = data.find(RECORD_MAGIC)
+    while 0 <= pos <= len(data) - _RECORD_HEADER.size:
+        try:
+            length, _version, crc = _parse_record_header(data, pos)
+        except _Corrupt:
+            length, crc = -1, None
+        body = pos + _RECORD_HEADER.size
+        if 0 <= length <= len(data) - body:
+            if zlib.crc32(view[body : body + length], zlib.crc32(view[pos : pos + _RECORD_CRC_OFFSET])) == crc:
+                return start + pos
+        pos = data.find(RECORD_MAGIC, pos + 1)
+    return None
+
+
+def _write_all(fd: int, buffers: list[memoryview], offset: int) -> None:
+    """Write `buffers` back to back at `offset`, looping over short writes."""
+    views = [b for b in buffers if len(b)]
+    while views:
+        if hasattr(os, "pwritev"):
+            n = os.pwritev(fd, views, offset)
+        else:
+            n = os.pwrite(fd, views[0], offset)
+        if n <= 0:
+            raise OSError(f"write returned {n}")
+        offset += n
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if n:
+            views[0] = views[0][n:]
+
+
+class WriteAheadLog:
+    """A segmented, checksummed, append-only log of (version, payload) records. Thread-safe.
+
+    Use as a context manager, or call close().
+    """
+
+    def __init__(
+        self, directory: Path, durability: Durability = Durability.FSYNC, segment_bytes: int = 256 << 20
+    ) -> None:
+        """Open the log in `directory` (created if missing) and recover it; see the module docstring."""
+        if isinstance(segment_bytes, bool) or not isinstance(segment_bytes, int) or segment_bytes <= 0:
+            raise InvalidArgumentError(f"segment_bytes must be a positive int, got {segment_bytes!r}")
+        self.directory = Path(directory)
+        self.durability = Durability(durability)
+        self.segment_bytes = segment_bytes
+        self._lock = threading.Lock()
+        self._closed = False
+        self._failed: OSError | None = None
+        self._fd: int | None = None
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._segments = self._recover()
+        if self._segments:
+            self._fd = os.open(self._segments[-1].path, os.O_WRONLY)
+
+    # -- recovery ---------------------------------------------------------------------------------
+
+    def _recover(self) -> list[_Segment]:
+        paths = sorted(p for p in self.directory.iterdir() if _SEGMENT_NAME.fullmatch(p.name) and p.is_file())
+        segments: list[_Segment] = []
+        for i, path in enumerate(paths):
+            is_last = i == len(paths) - 1
+            segment = self._scan(path, is_last)
+            if segment is None:
+                continue
+            prev = segments[-1] if segments else None
+            if prev is not None:
+                if prev.last_version is None:
+                    raise DataLossError(f"{prev.path}: empty segment that is not the last one")
+                if segment.base_version != prev.last_version:
+                    raise DataLossError(
+                        f"{path}: offset 0: base version {segment.base_version} does not follow the previous "
+                        f"segment's last version {prev.last_version}"
+                    )
+            if segment.first_version is None:
+                if segment.base_version is not None and segment.name_version <= segment.base_version:
+                    raise DataLossError(f"{path}: offset 0: named below its base version {segment.base_version}")
+            elif segment.first_version != segment.name_version:
+                raise DataLossError(
+                    f"{path}: offset {_FILE_HEADER.size}: first record has version {segment.first_version}, "
+                    "not the one the file is named after"
+                )
+            elif segment.base_version is not None and segment.first_version <= segment.base_version:
+                raise DataLossError(f"{path}: offset {_FILE_HEADER.size}: record version not above the base version")
+            segments.append(segment)
+        return segments
+
+    def _scan(self, path: Path, is_last: bool) -> _Segment | None:
+        """Check every frame of one segment; cut a torn tail off the last one (None: the file was deleted)."""
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            try:
+                base = _parse_file_header(f.read(_FILE_HEADER.size))
+            except _Corrupt as exc:
+                if is_last and _valid_frame_after(f, 0) is None:
+                    # A crash while creating the segment: it never held an acknowledged record.
+                    path.unlink()
+                    _fsync_dir(self.directory)
+                    return None
+                raise DataLossError(f"{path}: offset 0: {exc}") from exc
+            segment = _Segment(path, int(_SEGMENT_NAME.fullmatch(path.name)[1]), base)
+            offset = _FILE_HEADER.size
+            while offset < size:
+                try:
+                    version, frame_len, _payload = _read_frame(f, offset, size)
+                except _Corrupt as exc:
+                    found = _valid_frame_after(f, offset + 1)
+                    if is_last and found is None:
+                        break
+                    detail = f"; a valid record follows at offset {found}" if found is not None else ""
+                    raise DataLossError(f"{path}: offset {offset}: {exc}{detail}") from exc
+                if segment.last_version is not None and version <= segment.last_version:
+                    raise DataLossError(
+                        f"{path}: offset {offset}: version {version} after version {segment.last_version}"
+                    )
+                if segment.first_version is None:
+                    segment.first_version = version
+                segment.last_version = version
+                offset += frame_len
+            segment.end = offset
+        if offset < size:
+            fd = os.open(path, os.O_WRONLY)
+            try:
+                os.ftruncate(fd, offset)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            _fsync_dir(self.directory)
+        return segment
+
+    # -- public API -------------------------------------------------------------------------------
+
+    @property
+    def last_version(self) -> int | None:
+        """Version of the last good record (or, once all were truncated, of the last one acknowledged)."""
+        if not self._segments:
+            return None
+        last = self._segments[-1]
+        return last.last_version if last.last_version is not None else last.base_version
+
+    def append(self, version: int, payload: bytes) -> None:
+        """Log one record; when this returns the record is as durable as `durability` promises.
+
+        `version` must be greater than `last_version` (else InvalidArgumentError, nothing written).
+        """
+        version = _checked_version(version)
+        try:
+            view = memoryview(payload).cast("B")
+        except TypeError as exc:
+            raise InvalidArgumentError(f"payload must be contiguous bytes, got {type(payload).__name__}") from exc
+        header = _record_header(version, view)
+        frame_len = len(header) + len(view)
+        with self._lock:
+            self._check_writable()
+            last = self.last_version
+            if last is not None and version <= last:
+                raise InvalidArgumentError(f"version {version} is not above the log's last version {last}")
+            try:
+                current = self._segments[-1] if self._segments else None
+                if current is None or (
+                    current.last_version is not None and current.end + frame_len > self.segment_bytes
+                ):
+                    # The append's own fdatasync covers the new file's header; only its name needs a sync.
+                    current = self._new_segment(version, sync_file=False, sync_dir=self.durability is Durability.FSYNC)
+                elif current.last_version is None and current.name_version != version:
+                    self._rename(current, version)
+                assert self._fd is not None
+                _write_all(self._fd, [memoryview(header), view], current.end)
+                if self.durability is Durability.FSYNC:
+                    _datasync(self._fd)
+            except OSError as exc:
+                self._fail(exc)
+                raise
+            current.end += frame_len
+            if current.first_version is None:
+                current.first_version = version
+            current.last_version = version
+
+    def records(self, after_version: int | None = None) -> Iterator[WalRecord]:
+        """Every good record with version > `after_version` (all when None), in version order.
+
+        Sees the log as it is when iteration starts; records appended later are not included.
+        """
+        files: list[tuple[BinaryIO, _Segment, int]] = []
+        try:
+            with self._lock:
+                if self._closed:
+                    raise InternalError(f"write-ahead log {self.directory} is closed")
+                for seg in self._segments:
+                    if seg.last_version is None:
+                        continue
+                    if after_version is not None and seg.last_version <= after_version:
+                        continue
+                    files.append((open(seg.path, "rb"), seg, seg.end))
+            for f, seg, end in files:
+                yield from self._read_segment(f, seg.path, end, after_version)
+        finally:
+            for f, _seg, _end in files:
+                f.close()
+
+    def truncate_through(self, version: int) -> None:
+        """Delete the segments whose every record is <= `version` (the table is checkpointed at `version`).
+
+        Rotates first when every record of the current segment is <= `version`, so that it can go
+        too; the new, empty segment keeps `last_version` across a restart.
+        """
+        version = _checked_version(version)
+        with self._lock:
+            self._check_writable()
+            if not self._segments:
+                return
+            try:
+                current = self._segments[-1]
+                if current.last_version is not None and current.last_version <= version:
+                    # Named last_version + 1, the lowest version its first record can have; renamed then if
+                    # needed. Synced before any deletion so a crash can never leave the directory empty.
+                    self._new_segment(current.last_version + 1, sync_file=True, sync_dir=True)
+                deleted = 0
+                # Segments are in version order, so the deletable ones are a prefix; the current one stays.
+                while len(self._segments) > 1:
+                    oldest = self._segments[0]
+                    if oldest.last_version is None or oldest.last_version > version:
+                        break
+                    oldest.path.unlink()
+                    self._segments.pop(0)
+                    deleted += 1
+                if deleted:
+                    _fsync_dir(self.directory)
+            except OSError as exc:
+                self._fail(exc)
+                raise
+
+    def close(self) -> None:
+        """Close the log; idempotent. Appending afterwards raises InternalError."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+    def __enter__(self) -> WriteAheadLog:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # -- private ----------------------------------------------------------------------------------
+
+    def _check_writable(self) -> None:
+        if self._closed:
+            raise InternalError(f"write-ahead log {self.directory} is closed")
+        if self._failed is not None:
+            raise InternalError(
+                f"write-ahead log {self.directory} refuses writes after an I/O error ({self._failed}); "
+                "reopen it to recover"
+            )
+
+    def _fail(self, exc: OSError) -> None:
+        self._failed = exc
+        if self._fd is not None and self._segments:
+            try:
+                # Best effort: leave no partial frame behind (recovery would cut it off anyway).
+                os.ftruncate(self._fd, self._segments[-1].end)
+            except OSError:
+                pass
+
+    def _new_segment(self, name_version: int, sync_file: bool, sync_dir: bool) -> _Segment:
+        """Create and switch to an empty segment named `name_version`."""
+        path = _segment_path(self.directory, name_version)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            _write_all(fd, [memoryview(_file_header(self.last_version))], 0)
+            if sync_file:
+                _datasync(fd)
+            if sync_dir:
+                _fsync_dir(self.directory)
+        except BaseException:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
+        segment = _Segment(path, name_version, self.last_version)
+        if self._fd is not None:
+            os.close(self._fd)
+        self._fd = fd
+        self._segments.append(segment)
+        return segment
+
+    def _rename(self, segment: _Segment, name_version: int) -> None:
+        """Rename an empty segment after the record about to become its first."""
+        path = _segment_path(self.directory, name_version)
+        os.rename(segment.path, path)
+        segment.path = path
+        segment.name_version = name_version
+        if self.durability is Durability.FSYNC:
+            _fsync_dir(self.directory)
+
+    def _read_segment(self, f: BinaryIO, path: Path, end: int, after_version: int | None) -> Iterator[WalRecord]:
+        offset = _FILE_HEADER.size
+        f.seek(offset)
+        while offset < end:
+            head = f.read(_RECORD_HEADER.size)
+            try:
+                if len(head) < _RECORD_HEADER.size:
+                    raise _Corrupt("incomplete record header")
+                length, version, crc = _parse_record_header(head)
+                if after_version is not None and version <= after_version:
+                    f.seek(length, os.SEEK_CUR)
+                else:
+                    payload = f.read(length)
+                    if len(payload) < length or zlib.crc32(payload, zlib.crc32(head[:_RECORD_CRC_OFFSET])) != crc:
+                        raise _Corrupt("record CRC mismatch or short payload")
+                    yield WalRecord(version, payload)
+            except _Corrupt as exc:
+                raise DataLossError(
+                    f"{path}: offset {offset}: {exc} (the file changed after the log was opened)"
+                ) from exc
+            offset += _RECORD_HEADER.size + length

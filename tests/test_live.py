@@ -1,0 +1,244 @@
+"""LiveTable without gRPC: optimizer pushes, versions, bad input, recovery, snapshots, torn reads."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from memstore.create import create_table
+from memstore.dtypes import DType
+from memstore.errors import InvalidArgumentError, ReadOnlyError, TableFormatError, UnavailableError
+from memstore.layout import EngramLayout
+from memstore.live import LiveConfig, LiveTable
+from memstore.manifest import Manifest
+from memstore.optim import OptimizerConfig, OptimizerKind, apply_update
+from memstore.table import Table
+from memstore.wal import Durability
+from tests.helpers import SMALL_LAYOUT
+
+LAYER = SMALL_LAYOUT.layer_ids[0]
+DIM = SMALL_LAYOUT.dim
+FAST = LiveConfig(durability=Durability.OS)
+
+
+def _trainable(path: Path, kind: OptimizerKind = OptimizerKind.ADAM, dtype: DType = DType.FLOAT32, **kw) -> Path:
+    optimizer = OptimizerConfig(kind=kind, lr=0.1, **kw)
+    return create_table(path, Manifest(layout=SMALL_LAYOUT, dtype=dtype, seed=3, optimizer=optimizer))
+
+
+def _push_args(i: int, count: int = 40) -> tuple[np.ndarray, np.ndarray]:
+    """The i-th push of a deterministic sequence: distinct ids (overlapping across pushes), gradients."""
+    rng = np.random.default_rng(i)
+    ids = rng.choice(200, size=count, replace=False)
+    return ids, rng.standard_normal((count, DIM)).astype(np.float32)
+
+
+def _files(path: Path) -> dict[str, bytes]:
+    return {f.name: f.read_bytes() for f in sorted(path.iterdir()) if f.suffix in {".rows", ".f32"}}
+
+
+@pytest.mark.parametrize("kind", list(OptimizerKind))
+@pytest.mark.parametrize("dtype", list(DType))
+def test_pushes_apply_the_optimizer_and_count_versions(tmp_path, kind: OptimizerKind, dtype: DType) -> None:
+    path = _trainable(tmp_path / "t", kind, dtype)
+    with Table.open(path) as table:
+        expected = {
+            layer: dtype.to_float32(table.gather(layer, np.arange(table.manifest.layout.num_rows(layer))))
+            for layer in SMALL_LAYOUT.layer_ids
+        }
+    manifest = Manifest.read(path)
+    state = manifest.optimizer.initial_state(SMALL_LAYOUT.num_rows(LAYER), DIM)
+    with LiveTable.open(path, config=FAST) as live:
+        for i in range(1, 6):
+            ids, grads = _push_args(i)
+            result = live.push(LAYER, ids, grads, lr_scale=0.5)
+            assert (result.version, result.layer_step, result.rows) == (i, i, len(ids))
+            optimizer = OptimizerConfig(kind=kind, lr=0.1 * 0.5)
+            rows, new_state = apply_update(
+                optimizer, expected[LAYER][ids], {k: v[ids] for k, v in state.items()}, grads, i
+            )
+            expected[LAYER][ids] = dtype.to_float32(dtype.from_float64(rows))  # stored in the table's dtype
+            for slot, values in new_state.items():
+                state[slot][ids] = values
+            got, version = live.gather(LAYER, ids)
+            assert version == i
+            np.testing.assert_array_equal(dtype.to_float32(got), expected[LAYER][ids])
+        other = SMALL_LAYOUT.layer_ids[1]
+        assert live.layer_steps == {LAYER: 5, other: 0}
+        everything, _ = live.gather(other, np.arange(SMALL_LAYOUT.num_rows(other)))
+        np.testing.assert_array_equal(dtype.to_float32(everything), expected[other])  # untouched layer
+
+
+@pytest.mark.parametrize(
+    "mutate, error, message",
+    [
+        (lambda ids, g: (np.r_[ids, ids[:1]], np.r_[g, g[:1]]), InvalidArgumentError, "distinct"),
+        (
+            lambda ids, g: (ids, np.where(np.arange(len(ids))[:, None] == 3, np.nan, g).astype(np.float32)),
+            InvalidArgumentError,
+            "not finite",
+        ),
+        (lambda ids, g: (ids, g[:, :-1]), InvalidArgumentError, "float32"),
+        (lambda ids, g: (ids, g.astype(np.float64)), InvalidArgumentError, "float32"),
+        (lambda ids, g: (np.r_[ids[:-1], 10**9], g), InvalidArgumentError, "out of range"),
+    ],
+    ids=["repeated-ids", "nan", "width", "float64", "range"],
+)
+def test_bad_pushes_change_nothing(tmp_path, mutate, error, message) -> None:
+    path = _trainable(tmp_path / "t")
+    with LiveTable.open(path, config=FAST) as live:
+        live.push(LAYER, *_push_args(1))
+        before = _files(path)
+        with pytest.raises(error, match=message):
+            live.push(LAYER, *mutate(*_push_args(2)))
+        with pytest.raises(InvalidArgumentError, match="lr_scale"):
+            live.push(LAYER, *_push_args(2), lr_scale=0.0)
+        with pytest.raises(InvalidArgumentError, match="not a layer|layer"):
+            live.push(99, *_push_args(2))
+        assert live.version == 1 and live.layer_steps[LAYER] == 1
+        assert _files(path) == before
+
+
+def test_frozen_and_read_only_tables_refuse_pushes(tmp_path, table_path) -> None:
+    with LiveTable.open(table_path) as frozen, pytest.raises(ReadOnlyError, match="no optimizer"):
+        frozen.push(LAYER, *_push_args(1))
+    with LiveTable.open(_trainable(tmp_path / "t"), read_only=True) as read_only:
+        with pytest.raises(ReadOnlyError, match="read-only"):
+            read_only.push(LAYER, *_push_args(1))
+
+
+def test_one_writer_per_table(tmp_path) -> None:
+    path = _trainable(tmp_path / "t")
+    with LiveTable.open(path, config=FAST):
+        with pytest.raises(UnavailableError, match="another process"):
+            LiveTable.open(path, config=FAST)
+        with LiveTable.open(path, read_only=True) as reader:  # readers are welcome
+            assert not reader.trainable
+
+
+def test_a_retried_step_is_answered_without_applying_it_again(tmp_path) -> None:
+    with LiveTable.open(_trainable(tmp_path / "t"), config=FAST) as live:
+        first = live.push(LAYER, *_push_args(1), step_id=7, client_id="replica-0")
+        rows = live.gather(LAYER, np.arange(200))[0].copy()
+        again = live.push(LAYER, *_push_args(1), step_id=7, client_id="replica-0")
+        assert again == first and live.version == 1
+        np.testing.assert_array_equal(live.gather(LAYER, np.arange(200))[0], rows)
+        assert live.push(LAYER, *_push_args(1), step_id=7, client_id="replica-1").version == 2  # another client
+
+
+def _expected_after(path: Path, pushes: int, dest: Path) -> dict[str, bytes]:
+    """The files of a fresh copy of the table after the first `pushes` pushes of the sequence."""
+    _trainable(dest)
+    with LiveTable.open(dest, config=FAST) as live:
+        for i in range(1, pushes + 1):
+            live.push(LAYER, *_push_args(i))
+    return _files(dest)
+
+
+def test_recovery_replays_the_log_over_lost_writes(tmp_path) -> None:
+    path = _trainable(tmp_path / "t")
+    pristine = _files(path)
+    live = LiveTable.open(path, config=LiveConfig(durability=Durability.FSYNC, checkpoint_every=0))
+    for i in range(1, 9):
+        live.push(LAYER, *_push_args(i))
+    live._close_files()  # a crash: no checkpoint
+    for name, data in pristine.items():  # and the page cache lost every write to the files
+        (path / name).write_bytes(data)
+    with LiveTable.open(path, config=FAST) as recovered:
+        assert recovered.version == 8 and recovered.layer_steps[LAYER] == 8
+    assert _files(path) == _expected_after(path, 8, tmp_path / "expected")
+
+
+def test_a_checkpoint_drops_the_log_and_a_reopen_continues(tmp_path) -> None:
+    path = _trainable(tmp_path / "t")
+    with LiveTable.open(path, config=LiveConfig(durability=Durability.OS, checkpoint_every=3)) as live:
+        for i in range(1, 8):
+            live.push(LAYER, *_push_args(i))
+    with LiveTable.open(path, config=FAST) as live:
+        assert live.version == 7
+        live.push(LAYER, *_push_args(8))
+    assert _files(path) == _expected_after(path, 8, tmp_path / "expected")
+    assert sum(f.stat().st_size for f in (path / "wal").iterdir()) < 1024  # checkpointed on close
+
+
+def test_read_only_open_refuses_an_unrecovered_table(tmp_path) -> None:
+    path = _trainable(tmp_path / "t")
+    live = LiveTable.open(path, config=LiveConfig(durability=Durability.OS, checkpoint_every=0))
+    live.push(LAYER, *_push_args(1))
+    live._close_files()  # crashed writer
+    with pytest.raises(TableFormatError, match="recover"):
+        LiveTable.open(path, read_only=True)
+
+
+def test_a_snapshot_taken_while_pushing_is_the_table_at_one_version(tmp_path) -> None:
+    path = _trainable(tmp_path / "t")
+    with LiveTable.open(path, config=FAST) as live:
+        stop = threading.Event()
+
+        def keep_pushing() -> None:
+            i = 0
+            while not stop.is_set() and i < 400:
+                i += 1
+                live.push(LAYER, *_push_args(i))
+
+        writer = threading.Thread(target=keep_pushing)
+        writer.start()
+        try:
+            while live.version < 5:
+                pass
+            version = live.snapshot(tmp_path / "snap")
+        finally:
+            stop.set()
+            writer.join()
+    assert version >= 5
+    snapshot = _files(tmp_path / "snap")
+    assert snapshot == _expected_after(path, version, tmp_path / "expected")
+    with LiveTable.open(tmp_path / "snap", read_only=True) as served:  # a snapshot serves as is
+        assert served.version == version
+    with LiveTable.open(path, read_only=True) as reader, pytest.raises(InvalidArgumentError, match="exists"):
+        reader.snapshot(tmp_path / "snap")
+
+
+def test_readers_never_see_a_torn_row(tmp_path) -> None:
+    # Every push adds the same amount to every value of a row (SGD, lr 1, gradient -k), so a row
+    # read half before and half after a push has values that moved by different amounts.
+    layout = EngramLayout(layer_ids=(1,), vocab_size_per_ngram=(60, 60), max_ngram=3, heads_per_ngram=1, dim=512)
+    optimizer = OptimizerConfig(kind=OptimizerKind.SGD, lr=1.0)
+    path = create_table(tmp_path / "t", Manifest(layout=layout, dtype=DType.FLOAT32, optimizer=optimizer, init_std=0.0))
+    ids = np.arange(layout.num_rows(1))
+    with LiveTable.open(path, config=FAST) as live:
+        stop = threading.Event()
+
+        def keep_pushing() -> None:
+            k = 0
+            while not stop.is_set():
+                k += 1
+                live.push(1, ids, np.full((len(ids), 512), -float(k % 7 + 1), dtype=np.float32))
+
+        writer = threading.Thread(target=keep_pushing)
+        writer.start()
+        try:
+            reads = 0
+            while reads < 300:
+                rows, _ = live.gather(1, ids)
+                assert (rows == rows[:, :1]).all(), "a row mixes values of two versions"
+                reads += 1
+        finally:
+            stop.set()
+            writer.join()
+        assert live.version > 0
+
+
+def test_snapshot_copies_keep_the_original_untouched(tmp_path) -> None:
+    path = _trainable(tmp_path / "t")
+    with LiveTable.open(path, config=FAST) as live:
+        live.push(LAYER, *_push_args(1))
+        live.snapshot(tmp_path / "snap")
+        live.push(LAYER, *_push_args(2))
+    shutil.rmtree(tmp_path / "snap")
+    with LiveTable.open(path, config=FAST) as live:
+        assert live.version == 2
