@@ -105,9 +105,7 @@ def _parser() -> argparse.ArgumentParser:
         help="fsync: a push is acknowledged once its log record is on disk (survives power loss); "
         "os: once the OS has it (survives the daemon's crash, not the host's)",
     )
-    srv.add_argument(
-        "--checkpoint-every", type=int, default=live.checkpoint_every, help="pushes between checkpoints"
-    )
+    srv.add_argument("--checkpoint-every", type=int, default=live.checkpoint_every, help="pushes between checkpoints")
     srv.add_argument("--snapshot-dir", type=Path, help="where Snapshot writes (default: PATH.snapshots)")
 
     snap = commands.add_parser("snapshot", help="ask a serving daemon for a consistent snapshot")
@@ -170,9 +168,7 @@ def _create(args: argparse.Namespace) -> None:
             eps=args.eps,
             initial_accumulator_value=args.initial_accumulator,
         )
-    manifest = Manifest(
-        layout=layout, dtype=args.dtype, seed=args.seed, init_std=args.init_std, optimizer=optimizer
-    )
+    manifest = Manifest(layout=layout, dtype=args.dtype, seed=args.seed, init_std=args.init_std, optimizer=optimizer)
     with tqdm(total=layout.total_rows, unit="row", unit_scale=True, disable=args.no_progress, desc="create") as bar:
         create_table(args.path, manifest, chunk_rows=args.chunk_rows, overwrite=args.overwrite, progress=bar.update)
     print(f"created {args.path}\n{describe_table(manifest)}")

@@ -216,9 +216,7 @@ class LiveTable:
         rows, version = got
         return rows, version if self.seqlock is not None else self.version
 
-    def gather_chunks(
-        self, layer_id: int, row_ids: np.ndarray, chunk_rows: int
-    ) -> Iterator[tuple[np.ndarray, int]]:
+    def gather_chunks(self, layer_id: int, row_ids: np.ndarray, chunk_rows: int) -> Iterator[tuple[np.ndarray, int]]:
         """`gather` in consecutive chunks of at most chunk_rows rows, each with its version; every id
         is checked before the first chunk."""
         if chunk_rows < 1:
@@ -246,8 +244,10 @@ class LiveTable:
         a non-positive lr_scale) raises InvalidArgumentError and changes nothing.
         """
         if not self.trainable:
-            reason = "it has no optimizer (create it with --optimizer)" if self.manifest.optimizer is None else (
-                "it is served read-only"
+            reason = (
+                "it has no optimizer (create it with --optimizer)"
+                if self.manifest.optimizer is None
+                else "it is served read-only"
             )
             raise ReadOnlyError(f"pushes are refused: {reason}")
         assert self._wal is not None and self.seqlock is not None and self.manifest.optimizer is not None
@@ -262,8 +262,10 @@ class LiveTable:
             raise InvalidArgumentError("row ids of a push must be distinct; sum the gradients of repeated ids first")
         if not (np.isfinite(lr_scale) and lr_scale > 0):
             raise InvalidArgumentError(f"lr_scale must be a positive finite number; got {lr_scale}")
-        optimizer = self.manifest.optimizer if lr_scale == 1.0 else replace(
-            self.manifest.optimizer, lr=self.manifest.optimizer.lr * lr_scale
+        optimizer = (
+            self.manifest.optimizer
+            if lr_scale == 1.0
+            else replace(self.manifest.optimizer, lr=self.manifest.optimizer.lr * lr_scale)
         )
         dtype = self.manifest.dtype
         states = self._state[layer_id]

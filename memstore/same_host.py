@@ -45,9 +45,7 @@ def advertise(live: LiveTable) -> pb.SameHostAccess:
         stat = path.stat()
         files.append(pb.LayerFile(layer_id=layer_id, path=str(path), device=stat.st_dev, inode=stat.st_ino))
     seqlock = str(live.seqlock.path.resolve()) if live.seqlock is not None else ""
-    return pb.SameHostAccess(
-        host_id=host_id(), table_dir=str(table.path.resolve()), files=files, seqlock_path=seqlock
-    )
+    return pb.SameHostAccess(host_id=host_id(), table_dir=str(table.path.resolve()), files=files, seqlock_path=seqlock)
 
 
 class SameHostReader:

@@ -66,9 +66,7 @@ def main() -> int:
     engram = lm_config.engram
     assert engram is not None
     config = TrainConfig(steps=args.steps, eval_every=max(1, args.steps // 3), out_dir=args.out)
-    manifest = Manifest(
-        layout=engram.layout(), dtype=DType.FLOAT16, seed=engram.seed, optimizer=config.table_optimizer
-    )
+    manifest = Manifest(layout=engram.layout(), dtype=DType.FLOAT16, seed=engram.seed, optimizer=config.table_optimizer)
     _fresh_table(args.table, manifest)
     daemon, address = start_daemon(args.table)
     try:
