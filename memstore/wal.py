@@ -248,7 +248,10 @@ class WriteAheadLog:
     def __init__(
         self, directory: Path, durability: Durability = Durability.FSYNC, segment_bytes: int = 256 << 20
     ) -> None:
-        """Open the log in `directory` (created if missing) and recover it; see the module docstring."""
+        """Open the log in `directory` (created if missing) and recover it; see the module docstring.
+
+        Raises DataLossError when the log is damaged in a way a crash mid-append cannot explain.
+        """
         if isinstance(segment_bytes, bool) or not isinstance(segment_bytes, int) or segment_bytes <= 0:
             raise InvalidArgumentError(f"segment_bytes must be a positive int, got {segment_bytes!r}")
         self.directory = Path(directory)
@@ -389,7 +392,8 @@ class WriteAheadLog:
     def records(self, after_version: int | None = None) -> Iterator[WalRecord]:
         """Every good record with version > `after_version` (all when None), in version order.
 
-        Sees the log as it is when iteration starts; records appended later are not included.
+        Sees the log as it is when iteration starts; records appended later are not included. Each
+        record's CRC is checked again (DataLossError if a file changed since the log was opened).
         """
         files: list[tuple[BinaryIO, _Segment, int]] = []
         try:
