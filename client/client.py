@@ -80,15 +80,22 @@ class MemstoreClient:
             )
 
     def lookup(
-        self, layer_id: int, row_ids: Any, *, timeout: float | None = None, out: torch.Tensor | None = None
-    ) -> torch.Tensor:
+        self,
+        layer_id: int,
+        row_ids: Any,
+        *,
+        timeout: float | None = None,
+        out: torch.Tensor | None = None,
+        return_version: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, int]:
         """Rows for `row_ids` (numpy/torch integers of any shape) of one layer: [*row_ids.shape, dim].
 
         Duplicate ids cross the wire once when that saves at least `config.dedup_min_saving`
         of the rows (Engram's Zipfian N-grams repeat a lot). The tensor has the stored dtype, on the CPU.
         With `out` (a contiguous CPU tensor of the stored dtype and [*row_ids.shape, dim] or
         [row_ids.size, dim]) the rows land there and a view of `out` is returned: buffers
-        reused across steps (the prefetcher's) cost no allocation.
+        reused across steps (the prefetcher's) cost no allocation. With `return_version`, also
+        the table version the rows show (pushes applied; no row is torn by a concurrent push).
         """
         if not 0 <= layer_id < 2**32:
             raise InvalidArgumentError(f"layer id {layer_id} is not an Engram layer id (0 <= id < 2**32)")
@@ -101,19 +108,22 @@ class MemstoreClient:
             if len(flat) > limit:  # the rows the wire would carry, deduplicated or not
                 distinct = _distinct_count(flat)
                 check_request_rows(distinct if self._dedup_pays(distinct, len(flat)) else len(flat), limit)
-            rows = local.gather(layer_id, flat, target)  # [N, dim]; None: pushes kept overlapping the read
-            if rows is not None:
-                return local.manifest.dtype.to_torch(rows.reshape(*ids.shape, rows.shape[-1]))  # [*shape, dim]
+            got = local.gather(layer_id, flat, target)  # None: pushes kept overlapping the read
+            if got is not None:
+                rows, version = got  # [N, dim]
+                tensor = local.manifest.dtype.to_torch(rows.reshape(*ids.shape, rows.shape[-1]))  # [*shape, dim]
+                return (tensor, version) if return_version else tensor
         # numpy, not torch, on this path: torch's OpenMP workers spin after each parallel op
         # and starve the gRPC receive thread on small hosts (measured: 2x slower lookups).
         # Restoring duplicates costs a row gather here, so dedup only when it saves rows on the wire.
         if self._dedup_pays(_distinct_count(flat), len(flat)):
             unique, inverse = np.unique(flat, return_inverse=True)  # [U], [N]
-            dtype, rows = self._fetch(layer_id, unique, timeout)  # [U, dim]
+            dtype, rows, version = self._fetch(layer_id, unique, timeout)  # [U, dim]
             rows = take_rows(rows, inverse, target)  # [N, dim]
         else:
-            dtype, rows = self._fetch(layer_id, flat, timeout, target)  # [N, dim]
-        return dtype.to_torch(rows.reshape(*ids.shape, rows.shape[-1]))  # [*shape, dim]
+            dtype, rows, version = self._fetch(layer_id, flat, timeout, target)  # [N, dim]
+        tensor = dtype.to_torch(rows.reshape(*ids.shape, rows.shape[-1]))  # [*shape, dim]
+        return (tensor, version) if return_version else tensor
 
     def push(
         self,
@@ -210,14 +220,17 @@ class MemstoreClient:
 
     def _fetch(
         self, layer_id: int, ids: np.ndarray, timeout: float | None, out: np.ndarray | None = None
-    ) -> tuple[DType, np.ndarray]:
+    ) -> tuple[DType, np.ndarray, int]:
+        """(dtype, rows [N, dim], the version of the first message: every row shows at least it)."""
         request = pb.LookupRequest(layer_id=layer_id, row_ids=encode_row_ids(ids))
         dtype: DType | None = None
+        version = 0
         received = 0
         try:
             for message in self._stub.Lookup(request, timeout=self._timeout(timeout)):
                 if dtype is None:
                     dtype = DType.from_wire(message.dtype)
+                    version = message.version
                     if out is None:
                         out = np.empty((message.num_rows, message.dim), dtype=dtype.numpy)
                     elif out.shape != (message.num_rows, message.dim) or out.dtype != dtype.numpy:
@@ -236,7 +249,7 @@ class MemstoreClient:
         if out is None or received != len(ids) or out.shape[0] != len(ids):
             raise DataLossError(f"lookup of {len(ids)} rows of layer {layer_id} returned {received}")
         assert dtype is not None
-        return dtype, out
+        return dtype, out, version
 
     def _dedup_pays(self, distinct: int, total: int) -> bool:
         return distinct <= (1.0 - self.config.dedup_min_saving) * total
@@ -253,7 +266,7 @@ class MemstoreClient:
             served = self._describe(timeout)
             with self._describe_lock:
                 if not self._local_checked:
-                    self._local = open_if_same_host(served.same_host, served.fingerprint)
+                    self._local = open_if_same_host(served.same_host, served.fingerprint, served.version)
                     self._local_checked = True
             if self._local is None and self.config.same_host:
                 raise UnavailableError(

@@ -57,12 +57,14 @@ class ClientConfig:
         # Reads are retried by gRPC; a push is retried by the client itself, with its step id, which
         # the daemon uses to answer a repeat without applying it twice (see MemstoreClient.push).
         readers = [{"service": _SERVICE, "method": method} for method in ("Describe", "Lookup")]
-        service_config = {"methodConfig": [{"name": readers, "retryPolicy": retry}]}
+        # gRPC rejects a retry policy of one attempt (the whole channel fails): then there is none.
+        policy = {"retryPolicy": retry} if self.max_attempts > 1 else {}
+        service_config = {"methodConfig": [{"name": readers, **policy}]}
         return [
             ("grpc.max_receive_message_length", -1),
             ("grpc.max_send_message_length", self.max_request_bytes),
             ("grpc.http2.lookahead_bytes", self.window_bytes),
-            ("grpc.enable_retries", 1),
+            ("grpc.enable_retries", int(self.max_attempts > 1)),
             ("grpc.service_config", json.dumps(service_config)),
             # A request is buffered for replay until committed; the default 256 KiB would
             # silently disable retries for lookups above 32k ids.

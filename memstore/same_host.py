@@ -51,16 +51,22 @@ def advertise(live: LiveTable) -> pb.SameHostAccess:
 class SameHostReader:
     """The daemon's table mapped read-only in this process, read under its sequence lock if trained."""
 
-    def __init__(self, table: Table, seqlock: SeqLock | None) -> None:
+    def __init__(self, table: Table, seqlock: SeqLock | None, frozen_version: int = 0) -> None:
         self.table = table
         self.manifest = table.manifest
         self.seqlock = seqlock
+        self.frozen_version = frozen_version
 
-    def gather(self, layer_id: int, row_ids: np.ndarray, out: np.ndarray | None = None) -> np.ndarray | None:
-        """Rows as the daemon would return them, or None when pushes kept overlapping the read."""
+    def gather(
+        self, layer_id: int, row_ids: np.ndarray, out: np.ndarray | None = None
+    ) -> tuple[np.ndarray, int] | None:
+        """(rows as the daemon would return them, the version they show), or None when pushes
+        kept overlapping the read. A frozen table's version is the one it was served at."""
         store = self.table.store(layer_id)
         got = consistent_gather(store, self.seqlock, store.check_ids(row_ids), out)
-        return None if got is None else got[0]
+        if got is None or self.seqlock is not None:
+            return got
+        return got[0], self.frozen_version
 
     def close(self) -> None:
         self.table.close()
@@ -68,7 +74,7 @@ class SameHostReader:
             self.seqlock.close()
 
 
-def open_if_same_host(access: pb.SameHostAccess, fingerprint: str) -> SameHostReader | None:
+def open_if_same_host(access: pb.SameHostAccess, fingerprint: str, version: int = 0) -> SameHostReader | None:
     """The daemon's table opened read-only in this process, or None when it is not the same table here
     (or it is trained and this CPU does not keep memory accesses in order)."""
     if not access.host_id or access.host_id != host_id():
@@ -91,4 +97,4 @@ def open_if_same_host(access: pb.SameHostAccess, fingerprint: str) -> SameHostRe
     except OSError:
         table.close()
         return None
-    return SameHostReader(table, seqlock)
+    return SameHostReader(table, seqlock, version)

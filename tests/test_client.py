@@ -198,3 +198,9 @@ def test_same_host_refuses_a_file_that_is_not_the_daemons(daemon_factory, tmp_pa
         with MemstoreClient(daemon.address) as client:
             np.testing.assert_array_equal(client.lookup(1, [3]).numpy(), opened.gather(1, np.array([3])))
             assert client.transport == "grpc"
+
+
+def test_one_attempt_means_no_retry_policy(daemon) -> None:
+    # gRPC refuses a retry policy of one attempt and fails the channel; the client then sends none.
+    with MemstoreClient(daemon.address, ClientConfig(max_attempts=1, same_host=False)) as client:
+        assert client.lookup(1, np.arange(3)).shape == (3, 16)

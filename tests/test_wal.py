@@ -369,7 +369,10 @@ def test_kill_9_loses_no_acknowledged_record(tmp_path: Path, durability: Durabil
             read += 1
         time.sleep(rng.random() * 0.005)  # let the writer get anywhere into a later append
         os.kill(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate(timeout=10)
+        proc.wait(timeout=10)
+        # Read the rest through the same buffered reader: readline() may already hold lines that
+        # communicate() (which reads the raw pipe) would never see.
+        out, err = proc.stdout.read(), proc.stderr.read()
     finally:
         watchdog.cancel()
         if proc.poll() is None:

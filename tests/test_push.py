@@ -1,0 +1,229 @@
+"""Pushes through a real daemon: client push, versions, errors, concurrent replicas, snapshots, Pusher modes."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from client import ClientConfig, MemstoreClient, PushAck, PushConfig, Pusher
+from memstore.create import create_table
+from memstore.dtypes import DType
+from memstore.errors import InvalidArgumentError, ReadOnlyError, UnavailableError
+from memstore.live import LiveConfig, LiveTable
+from memstore.manifest import Manifest
+from memstore.optim import OptimizerConfig, OptimizerKind
+from memstore.service import ServerConfig
+from memstore.wal import Durability
+from memstore.wire import memstore_pb2 as pb
+from tests.helpers import FAST_FAIL, SMALL_LAYOUT
+
+LAYER = SMALL_LAYOUT.layer_ids[0]
+DIM = SMALL_LAYOUT.dim
+SGD_1 = OptimizerConfig(kind=OptimizerKind.SGD, lr=1.0)  # a push of -g adds g exactly (small integers)
+
+
+def _serve_trainable(path: Path, daemon_factory, init_std: float = 1.0):
+    manifest = Manifest(layout=SMALL_LAYOUT, dtype=DType.FLOAT32, seed=1, optimizer=SGD_1, init_std=init_std)
+    live = LiveTable.open(create_table(path, manifest), config=LiveConfig(durability=Durability.OS))
+    return daemon_factory(live, ServerConfig(snapshot_dir=path.parent / "snaps")), live
+
+
+@pytest.fixture
+def trainable(tmp_path, daemon_factory):
+    """(daemon, LiveTable) of a float32 table trained by SGD with lr 1."""
+    daemon, live = _serve_trainable(tmp_path / "t", daemon_factory)
+    yield daemon, live
+    live.close()
+
+
+@pytest.fixture
+def zero_table(tmp_path, daemon_factory):
+    """Like `trainable`, with every row starting at 0: sums of small integers are exact in any order."""
+    daemon, live = _serve_trainable(tmp_path / "zero", daemon_factory, init_std=0.0)
+    yield daemon, live
+    live.close()
+
+
+def test_a_push_is_visible_to_the_next_lookup_on_both_transports(trainable, client_config) -> None:
+    daemon, live = trainable
+    ids = np.array([3, 7, 11])
+    before = live.gather(LAYER, ids)[0].copy()
+    with MemstoreClient(daemon.address, client_config) as client:
+        assert client.trainable and client.version() == 0
+        client.lookup(LAYER, ids)  # maps the files first on the same-host path
+        ack = client.push(LAYER, ids, -np.ones((3, DIM), dtype=np.float32))
+        assert ack == PushAck(version=1, layer_step=1, rows=3)
+        rows, version = client.lookup(LAYER, ids, return_version=True)
+        np.testing.assert_array_equal(rows.numpy(), before + 1)
+        assert version == 1 and client.version() == 1
+
+
+def test_repeated_ids_are_summed_before_sending(trainable) -> None:
+    daemon, live = trainable
+    before = live.gather(LAYER, np.array([5, 9]))[0].copy()
+    with MemstoreClient(daemon.address, FAST_FAIL) as client:
+        ack = client.push(
+            LAYER,
+            np.array([[5, 9], [5, 5]]),
+            -np.arange(1, 5, dtype=np.float32).reshape(2, 2, 1) * np.ones((2, 2, DIM), np.float32),
+        )
+    assert ack.rows == 2
+    np.testing.assert_array_equal(live.gather(LAYER, np.array([5, 9]))[0], before + np.float32([[1 + 3 + 4], [2]]))
+
+
+def test_bad_pushes_get_precise_errors_and_change_nothing(trainable) -> None:
+    daemon, live = trainable
+    before = live.gather(LAYER, np.arange(100))[0].copy()
+    with MemstoreClient(daemon.address, FAST_FAIL) as client:
+        with pytest.raises(InvalidArgumentError, match="not finite"):
+            client.push(LAYER, np.array([1, 2]), np.array([[np.nan] * DIM, [0] * DIM], dtype=np.float32))
+        with pytest.raises(InvalidArgumentError, match="out of range"):
+            client.push(LAYER, np.array([10**8]), np.zeros((1, DIM), np.float32))
+        with pytest.raises(InvalidArgumentError, match="grads must be"):
+            client.push(LAYER, np.array([1, 2]), np.zeros((3, DIM), np.float32))
+        with pytest.raises(InvalidArgumentError, match="lr_scale"):
+            client.push(LAYER, np.array([1]), np.zeros((1, DIM), np.float32), lr_scale=-1.0)
+        raw = pb.PushRequest(layer_id=LAYER, row_ids=np.array([1], "<i8").tobytes(), grads=b"\0" * 7)
+        with pytest.raises(Exception, match="grads holds 7 bytes"):
+            client._stub.Push(raw, timeout=5)
+    np.testing.assert_array_equal(live.gather(LAYER, np.arange(100))[0], before)
+    assert live.version == 0
+
+
+def test_a_frozen_table_refuses_pushes(daemon, client_config) -> None:
+    with MemstoreClient(daemon.address, client_config) as client:
+        assert not client.trainable
+        with pytest.raises(ReadOnlyError, match="no optimizer"):
+            client.push(LAYER, np.array([1]), np.zeros((1, DIM), np.float32))
+
+
+def test_concurrent_replicas_lose_no_update(zero_table) -> None:
+    daemon, live = zero_table
+    replicas, pushes, rows = 8, 25, 64
+    before = live.gather(LAYER, np.arange(rows))[0].copy()
+    expected = before.copy()
+    plans = []
+    for r in range(replicas):
+        rng = np.random.default_rng(r)
+        plan = [
+            (rng.choice(rows, 20, replace=False), rng.integers(1, 5, (20, 1)).astype(np.float32)) for _ in range(pushes)
+        ]
+        for ids, inc in plan:
+            expected[ids] += inc
+        plans.append(plan)
+    errors: list[BaseException] = []
+
+    def replica(plan) -> None:
+        try:
+            with MemstoreClient(daemon.address, replace(FAST_FAIL, client_id=f"r{id(plan)}")) as client:
+                for step, (ids, inc) in enumerate(plan, start=1):
+                    client.push(LAYER, ids, -np.repeat(inc, DIM, axis=1), step_id=step)
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=replica, args=(plan,)) for plan in plans]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert live.version == replicas * pushes
+    np.testing.assert_array_equal(live.gather(LAYER, np.arange(rows))[0], expected)  # float32 sums of small integers
+
+
+def test_snapshot_rpc_writes_a_servable_copy(trainable, tmp_path) -> None:
+    daemon, live = trainable
+    with MemstoreClient(daemon.address, FAST_FAIL) as client:
+        client.push(LAYER, np.array([1, 2]), np.ones((2, DIM), np.float32))
+        path, version = client.snapshot("after-one")
+        assert version == 1 and Path(path) == (tmp_path / "snaps" / "after-one").resolve()
+        for bad in ("", "..", "a/b", ".hidden"):
+            with pytest.raises(InvalidArgumentError, match="plain directory name"):
+                client.snapshot(bad)
+        with pytest.raises(InvalidArgumentError, match="exists"):
+            client.snapshot("after-one")
+    with LiveTable.open(path, read_only=True) as snap:
+        np.testing.assert_array_equal(snap.gather(LAYER, np.array([1, 2]))[0], live.gather(LAYER, np.array([1, 2]))[0])
+
+
+class _SlowTarget:
+    """A push target with a fixed latency that records how many steps were unacknowledged."""
+
+    def __init__(self, latency_s: float, fail_step: int | None = None) -> None:
+        self.latency_s = latency_s
+        self.fail_step = fail_step
+        self.acked: set[int] = set()
+        self.lock = threading.Lock()
+
+    def push(self, layer_id, row_ids, grads, *, step_id=0, lr_scale=None) -> PushAck:
+        time.sleep(self.latency_s)
+        if step_id == self.fail_step:
+            raise UnavailableError("daemon gone")
+        with self.lock:
+            self.acked.add(step_id)
+        return PushAck(version=step_id, layer_step=step_id, rows=len(row_ids))
+
+
+def _grads() -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    return {layer: (np.arange(4), np.zeros((4, DIM), np.float32)) for layer in SMALL_LAYOUT.layer_ids}
+
+
+@pytest.mark.parametrize("staleness", [0, 1, 3])
+def test_pusher_keeps_at_most_k_steps_unacknowledged(staleness: int) -> None:
+    target = _SlowTarget(0.01)
+    with Pusher(target, SMALL_LAYOUT.layer_ids, PushConfig(max_in_flight_steps=staleness)) as pusher:
+        for step in range(1, 12):
+            pusher.push_step(step, _grads())
+            with target.lock:
+                unacknowledged = step - len(target.acked)
+            assert unacknowledged <= staleness
+        assert pusher.stats.max_in_flight_seen <= staleness + 1
+    assert target.acked == set(range(1, 12))  # close() flushed the rest
+
+
+def test_an_async_push_error_surfaces_in_a_later_step_naming_it() -> None:
+    target = _SlowTarget(0.005, fail_step=3)
+    pusher = Pusher(target, SMALL_LAYOUT.layer_ids, PushConfig(max_in_flight_steps=2))
+    with pytest.raises(UnavailableError, match="push of step 3, layer"):
+        for step in range(1, 10):
+            pusher.push_step(step, _grads())
+        pusher.flush()
+    pusher.close()
+
+
+def test_push_is_retried_with_its_step_id_across_a_daemon_restart(tmp_path, daemon_factory) -> None:
+    path = create_table(tmp_path / "t", Manifest(layout=SMALL_LAYOUT, dtype=DType.FLOAT32, seed=1, optimizer=SGD_1))
+    config = replace(FAST_FAIL, max_attempts=5, initial_backoff_s=0.2, max_backoff_s=0.5)
+    with MemstoreClient(f"127.0.0.1:{_free_port()}", config) as client:
+        port = int(client.address.rsplit(":", 1)[1])
+        started: list = []
+
+        def start_late() -> None:
+            time.sleep(0.3)
+            live = LiveTable.open(path, config=LiveConfig(durability=Durability.OS))
+            started.append(live)
+            daemon_factory(live, port=port)
+
+        starter = threading.Thread(target=start_late)
+        starter.start()
+        ack = client.push(LAYER, np.array([1]), np.ones((1, DIM), np.float32), step_id=1)
+        starter.join()
+        assert ack.version == 1
+    started[0].close()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_client_id_defaults_to_host_and_pid() -> None:
+    assert ":" in ClientConfig().client_id
