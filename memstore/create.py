@@ -55,16 +55,16 @@ def create_table(
                         progress(count)
                 f.flush()
                 os.fsync(f.fileno())
-            _write_initial_state(tmp, manifest, layer_id)
+            write_initial_state(tmp, manifest, layer_id)
         manifest.write(tmp)
-        _replace_dir(tmp, path)
+        replace_table_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
 
 
-def _replace_dir(new: Path, target: Path) -> None:
+def replace_table_dir(new: Path, target: Path) -> None:
     """Move `new` to `target`; an existing table is moved aside first, never rewritten in place
     (daemons may still map its files), and removed only after the new table is in place."""
     old = None
@@ -77,7 +77,7 @@ def _replace_dir(new: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _write_initial_state(table_dir: Path, manifest: Manifest, layer_id: int) -> None:
+def write_initial_state(table_dir: Path, manifest: Manifest, layer_id: int) -> None:
     """The optimizer state files of one layer; zeros are a sparse file (no disk until written)."""
     if manifest.optimizer is None:
         return

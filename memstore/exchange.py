@@ -42,6 +42,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
+from memstore.create import replace_table_dir, write_initial_state
 from memstore.dtypes import DType
 from memstore.errors import InvalidArgumentError, TableFormatError
 from memstore.manifest import MANIFEST_NAME, Manifest, fsync_dir
@@ -153,9 +154,9 @@ def import_safetensors(
                             progress(count)
                     out.flush()
                     os.fsync(out.fileno())
-                _write_fresh_state(tmp, manifest, layer_id, chunk_rows)
+                write_initial_state(tmp, manifest, layer_id)  # the file holds rows: the optimizer starts afresh
             manifest.write(tmp)  # also fsyncs tmp, making the row files' entries durable
-            _replace_dir(tmp, dest)
+            replace_table_dir(tmp, dest)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -207,43 +208,6 @@ def _header(manifest: Manifest, dtype: DType) -> bytes:
         offset += size
     text = json.dumps(header, separators=(",", ":")).encode()
     return text + b" " * (-len(text) % 8)
-
-
-def _write_fresh_state(table_dir: Path, manifest: Manifest, layer_id: int, chunk_rows: int) -> None:
-    """A trainable table's optimizer state files for one layer, at the optimizer's initial values.
-
-    The file holds rows only, so an imported table starts its optimizer afresh, as a created one does.
-    """
-    # getattr: the optimizer is a recent manifest field; a manifest without it describes a frozen table.
-    optimizer = getattr(manifest, "optimizer", None)
-    if optimizer is None:
-        return
-    num_rows = manifest.layout.num_rows(layer_id)
-    first_row = optimizer.initial_state(1, manifest.layout.dim)  # slot -> [1, width]: every row starts alike
-    for slot, (name, width) in manifest.state_files(layer_id).items():
-        value = float(first_row[slot][0, 0])
-        with open(table_dir / name, "wb") as f:
-            if value == 0.0:
-                f.truncate(num_rows * width * 4)  # a sparse file: zeros take no disk until trained
-            else:
-                for _, count in _chunks(num_rows, chunk_rows):
-                    f.write(np.full((count, width), value, dtype="<f4"))
-            f.flush()
-            os.fsync(f.fileno())
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Move `new` to `target`; an existing table is moved aside first, never rewritten in place
-    (daemons may still map its files), and removed only after the new table is in place.
-    The same discipline as memstore.create."""
-    old = None
-    if target.exists():
-        old = target.parent / f".{target.name}.replaced-{os.getpid()}"
-        os.replace(target, old)
-    os.replace(new, target)
-    fsync_dir(target.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # --- reading -------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -314,7 +314,6 @@ def test_interrupted_import_and_export_leave_the_old_table_and_file(tmp_path: Pa
     assert path.read_bytes() == old_file and _leftovers(tmp_path) == []
 
 
-@pytest.mark.skipif("optimizer" not in {f.name for f in fields(Manifest)}, reason="manifests have no optimizer yet")
 @pytest.mark.parametrize(
     "optimizer",
     [
