@@ -263,22 +263,28 @@ def _check_state(config: OptimizerConfig, state: Any, num_rows: int, dim: int) -
 def _fma32(a: np.ndarray | np.float32, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Correctly rounded float32 ``a*x + y`` (one rounding, as a hardware FMA).
 
-    The float64 product of two float32 values is exact (48 of 53 bits), and the float64 sum is
-    rounded to odd before the final rounding to float32; rounding to odd with >= 2 extra bits
-    makes the double rounding equal to a single one (Boldo & Melquiond, 2008).
+    The float64 product of two float32 values is exact (48 of 53 bits), so only the float64 sum
+    rounds before the final rounding to float32. That double rounding can differ from a single
+    one only where the float64 sum lies exactly halfway between two float32 values (its 29
+    dropped bits are 100...0) or in float32's subnormal range; there, and only there, the sum is
+    rounded to odd first (TwoSum gives its exact error), which makes the double rounding equal to
+    a single one (Boldo & Melquiond, 2008). Everywhere else the plain float64 sum is already right.
     """
     prod = np.multiply(a, x, dtype=np.float64)
     addend = y.astype(np.float64)
     total = prod + addend
-    # Non-finite inputs (a corrupt row) make `err` NaN: masked out below, they pass through as
-    # the plain sum would; an overflow to float32 infinity is the FMA's answer too.
     with np.errstate(invalid="ignore", over="ignore"):
-        # TwoSum: the exact rounding error of `total`, which is never inexact itself.
-        back = total - prod
-        err = (prod - (total - back)) + (addend - back)
-        inexact_even = (err != 0) & ((total.view(np.int64) & 1) == 0) & np.isfinite(total)
-        if inexact_even.any():
-            total[inexact_even] = np.nextafter(total[inexact_even], np.copysign(np.inf, err[inexact_even]))
+        dropped = total.view(np.int64) & 0x1FFFFFFF
+        suspect = (dropped == 0x10000000) | (np.abs(total) < 2.0**-126)
+        if suspect.any():
+            p, q, t = np.broadcast_to(prod, total.shape)[suspect], addend[suspect], total[suspect]
+            # TwoSum: the exact rounding error of `t`. Non-finite inputs make it NaN: masked out below,
+            # they pass through as the plain sum would.
+            back = t - p
+            err = (p - (t - back)) + (q - back)
+            inexact_even = (err != 0) & ((t.view(np.int64) & 1) == 0) & np.isfinite(t)
+            t[inexact_even] = np.nextafter(t[inexact_even], np.copysign(np.inf, err[inexact_even]))
+            total[suspect] = t
         return total.astype(np.float32)
 
 
