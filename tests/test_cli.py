@@ -182,3 +182,26 @@ def test_console_entry_point(tmp_path: Path) -> None:
     )
     assert failed.returncode == 2
     assert "not a memstore table" in failed.stderr
+
+
+def test_create_with_an_optimizer_records_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "t"
+    assert _create(path, "--optimizer", "rowwise_adagrad", "--lr", "0.05", "--initial-accumulator", "0.1") == 0
+    assert "optimizer: rowwise_adagrad (lr 0.05" in capsys.readouterr().out
+    optimizer = Manifest.read(path).optimizer
+    assert optimizer is not None and optimizer.kind.value == "rowwise_adagrad" and optimizer.lr == 0.05
+    assert (path / "layer_1.sum.f32").stat().st_size == LAYOUT.num_rows(1) * 4
+    assert (
+        main(["create", str(tmp_path / "bad"), *CREATE_ARGS, "--no-progress", "--optimizer", "adam", "--lr", "-1"]) == 2
+    )
+
+
+def test_export_then_import_round_trips(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert _create(tmp_path / "t", "--dtype", "float16") == 0
+    assert main(["export", str(tmp_path / "t"), str(tmp_path / "rows.safetensors")]) == 0
+    assert main(["import", str(tmp_path / "rows.safetensors"), str(tmp_path / "copy")]) == 0
+    assert "imported" in capsys.readouterr().out
+    for layer in LAYOUT.layer_ids:
+        name = f"layer_{layer}.rows"
+        assert (tmp_path / "copy" / name).read_bytes() == (tmp_path / "t" / name).read_bytes()
+    assert main(["import", str(tmp_path / "rows.safetensors"), str(tmp_path / "copy")]) == 2  # exists

@@ -227,3 +227,49 @@ def _free_port() -> int:
 
 def test_client_id_defaults_to_host_and_pid() -> None:
     assert ":" in ClientConfig().client_id
+
+
+def test_same_host_readers_never_see_a_torn_row_while_pushes_land(zero_table) -> None:
+    # Each push adds one amount to every value of every row it touches, so a torn read shows a row
+    # whose values differ from each other.
+    daemon, live = zero_table
+    ids = np.arange(200)
+    stop = threading.Event()
+
+    def keep_pushing() -> None:
+        with MemstoreClient(daemon.address, FAST_FAIL) as pusher:
+            k = 0
+            while not stop.is_set():
+                k += 1
+                pusher.push(LAYER, ids, -np.full((len(ids), DIM), k % 5 + 1, np.float32))
+
+    writer = threading.Thread(target=keep_pushing)
+    writer.start()
+    try:
+        with MemstoreClient(daemon.address, replace(FAST_FAIL, same_host=True)) as reader:
+            versions = []
+            for _ in range(200):
+                rows, version = reader.lookup(LAYER, ids, return_version=True)
+                assert (rows == rows[:, :1]).all(), "a row mixes values of two versions"
+                versions.append(version)
+            assert reader.transport == "same-host"
+    finally:
+        stop.set()
+        writer.join()
+    assert versions == sorted(versions) and versions[-1] > 0
+
+
+def test_a_snapshot_serves_read_only_while_training_goes_on(trainable, daemon_factory) -> None:
+    daemon, live = trainable
+    with MemstoreClient(daemon.address, FAST_FAIL) as trainer:
+        trainer.push(LAYER, np.array([4]), np.ones((1, DIM), np.float32))
+        path, version = trainer.snapshot("for-inference")
+        with LiveTable.open(path, read_only=True) as snapshot:
+            inference = daemon_factory(snapshot)
+            with MemstoreClient(inference.address, FAST_FAIL) as reader:
+                served = reader.lookup(LAYER, np.array([4])).numpy()
+                trainer.push(LAYER, np.array([4]), np.ones((1, DIM), np.float32))  # training goes on
+                np.testing.assert_array_equal(reader.lookup(LAYER, np.array([4])).numpy(), served)
+                assert not reader.trainable and reader.version() == version
+                with pytest.raises(ReadOnlyError, match="read-only"):
+                    reader.push(LAYER, np.array([4]), np.ones((1, DIM), np.float32))
