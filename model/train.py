@@ -84,6 +84,7 @@ class TrainResult:
     train_seconds: float = 0.0  # training steps only, evaluations excluded
     eval_seconds: float = 0.0
     prefetched: bool = False
+    prefetch_ahead: int = 0  # 1: step N+1's rows fetched during step N; 0: at each step's start
     non_embedding_params: int = 0
 
     @property
@@ -184,8 +185,8 @@ def train(
     if prefetcher is None:
         steps: Iterator = ((x, y, None) for x, y in stream)
     else:
-        ahead = 0 if pusher is not None and pusher.config.synchronous else 1
-        steps = _prefetched(stream, prefetcher, ahead)
+        result.prefetch_ahead = 0 if pusher is not None and pusher.config.synchronous else 1
+        steps = _prefetched(stream, prefetcher, result.prefetch_ahead)
     sync_tables = _memstore_tables(model)
     stall = _StallMeter(model, prefetcher)
     device = next(model.parameters()).device
@@ -394,6 +395,12 @@ def main(argv: list[str] | None = None) -> None:
     print(report(result, config))
 
 
+def _fetch_mode(result: TrainResult) -> str:
+    if not result.prefetched:
+        return "when each layer needed them"
+    return "prefetched one step ahead" if result.prefetch_ahead else "prefetched at each step's start"
+
+
 def report(result: TrainResult, config: TrainConfig) -> str:
     """A few lines on what the run did."""
     lines = [
@@ -407,7 +414,7 @@ def report(result: TrainResult, config: TrainConfig) -> str:
         per_layer = ", ".join(f"layer {layer} {s:.2f} s" for layer, s in sorted(result.stall_seconds.items()))
         lines.append(
             f"memstore: {result.rows_fetched:,} rows looked up "
-            f"({'prefetched one step ahead' if result.prefetched else 'when each layer needed them'}); "
+            f"({_fetch_mode(result)}); "
             f"exposed stall {stall:.2f} s = {result.stall_share:.1%} of training time ({per_layer})"
         )
     if result.rows_pushed:
