@@ -15,7 +15,7 @@ from memstore.dtypes import DType
 from memstore.errors import InvalidArgumentError, MemstoreError
 from memstore.layout import EngramLayout
 from memstore.live import CHECKPOINT_NAME, LiveConfig
-from memstore.manifest import Manifest, parse_dtype
+from memstore.manifest import Init, Manifest, parse_dtype
 from memstore.optim import OptimizerConfig, OptimizerKind
 from memstore.service import ServerConfig, serve
 from memstore.wal import Durability
@@ -62,6 +62,11 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--chunk-rows", type=int, default=DEFAULT_CHUNK_ROWS, help="rows generated per write")
     create.add_argument("--overwrite", action="store_true", help="replace an existing table at PATH")
     create.add_argument("--no-progress", action="store_true", help="no progress bar")
+    create.add_argument(
+        "--lazy",
+        action="store_true",
+        help="write no rows: sparse files, never-written rows generated when read (tables larger than disk)",
+    )
     optimizer = OptimizerConfig()
     create.add_argument(
         "--optimizer",
@@ -128,7 +133,8 @@ def describe_table(manifest: Manifest) -> str:
     """Human-readable summary of a table: layout, rows, parameters, bytes, fingerprint."""
     layout = manifest.layout
     lines = [
-        f"format version {manifest.format_version}, backend {manifest.backend.value}, dtype {manifest.dtype.value}",
+        f"format version {manifest.format_version}, backend {manifest.backend.value}, dtype {manifest.dtype.value}, "
+        f"{manifest.init.value} init",
         f"layout: layers {list(layout.layer_ids)}, orders 2..{layout.max_ngram}, "
         f"{layout.heads_per_ngram} heads per order, dim {layout.dim}, "
         f"seed {manifest.seed}, init std {manifest.init_std}",
@@ -168,7 +174,14 @@ def _create(args: argparse.Namespace) -> None:
             eps=args.eps,
             initial_accumulator_value=args.initial_accumulator,
         )
-    manifest = Manifest(layout=layout, dtype=args.dtype, seed=args.seed, init_std=args.init_std, optimizer=optimizer)
+    manifest = Manifest(
+        layout=layout,
+        dtype=args.dtype,
+        seed=args.seed,
+        init_std=args.init_std,
+        optimizer=optimizer,
+        init=Init.LAZY if args.lazy else Init.EAGER,
+    )
     with tqdm(total=layout.total_rows, unit="row", unit_scale=True, disable=args.no_progress, desc="create") as bar:
         create_table(args.path, manifest, chunk_rows=args.chunk_rows, overwrite=args.overwrite, progress=bar.update)
     print(f"created {args.path}\n{describe_table(manifest)}")
@@ -187,6 +200,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(manifest.to_json(), end="")
             else:
                 print(describe_table(manifest))
+                on_disk = sum(f.stat().st_blocks * 512 for f in args.path.rglob("*") if f.is_file())
+                print(
+                    f"materialised: {on_disk:,} bytes on disk for {manifest.layout.num_params:,} logical parameters "
+                    f"({on_disk / max(1, manifest.total_bytes):.2%} of the rows' {manifest.total_bytes:,} bytes)"
+                )
                 checkpoint = args.path / CHECKPOINT_NAME
                 if checkpoint.exists():
                     print(f"checkpoint: {checkpoint.read_text().strip()}")

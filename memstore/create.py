@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from memstore.errors import InvalidArgumentError
-from memstore.manifest import MANIFEST_NAME, Manifest, fsync_dir
+from memstore.manifest import MANIFEST_NAME, Init, Manifest, fsync_dir
 from memstore.rowgen import initial_rows
 
 DEFAULT_CHUNK_ROWS = 16_384
@@ -28,7 +28,11 @@ def create_table(
     overwrite: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> Path:
-    """Write a new table at `path`; `progress(rows)` is called after each chunk. Returns the path."""
+    """Write a new table at `path`; `progress(rows)` is called after each chunk. Returns the path.
+
+    A lazy table (`manifest.init` LAZY) writes no rows: its files are sparse (no disk until a
+    row is written) and never-written rows are generated when read, identical to an eager table's.
+    """
     path = Path(path)
     if chunk_rows < 1:
         raise InvalidArgumentError(f"chunk_rows is {chunk_rows}; it must be at least 1")
@@ -45,6 +49,11 @@ def create_table(
         for layer_id in layout.layer_ids:
             with open(tmp / manifest.layer_file(layer_id), "wb") as f:
                 num_rows = layout.num_rows(layer_id)
+                if manifest.init is Init.LAZY:
+                    f.truncate(manifest.layer_bytes(layer_id))
+                    if progress is not None:
+                        progress(num_rows)
+                    num_rows = 0
                 for start in range(0, num_rows, chunk_rows):
                     count = min(chunk_rows, num_rows - start)
                     rows = initial_rows(

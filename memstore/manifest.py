@@ -19,6 +19,13 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 
 
+class Init(enum.Enum):
+    """When a table's initial rows are written."""
+
+    EAGER = "eager"  # every row written at create
+    LAZY = "lazy"  # none: a row never written reads as its initial value, generated on the fly
+
+
 class Backend(enum.Enum):
     """Where a table's rows live."""
 
@@ -36,6 +43,7 @@ class Manifest:
     backend: Backend = Backend.MMAP
     # How pushed gradients update the rows; None: the table is frozen (lookups only).
     optimizer: OptimizerConfig | None = None
+    init: Init = Init.EAGER
     format_version: int = FORMAT_VERSION
 
     @property
@@ -74,6 +82,7 @@ class Manifest:
             "init_generator": GENERATOR,
             "backend": self.backend.value,
             "optimizer": None if self.optimizer is None else self.optimizer.to_dict(),
+            "init": self.init.value,
             "files": {str(layer_id): self.layer_file(layer_id) for layer_id in self.layout.layer_ids},
         }
         return json.dumps(data, indent=2) + "\n"
@@ -97,7 +106,7 @@ class Manifest:
                     f"the table's rows were initialised by generator {generator!r}; this memstore has {GENERATOR!r}"
                 )
             data.pop("files")
-            known = {"layout", "dtype", "seed", "init_std", "backend", "optimizer"}
+            known = {"layout", "dtype", "seed", "init_std", "backend", "optimizer", "init"}
             unknown = set(data) - known
             if unknown:
                 raise TableFormatError(f"manifest has unknown keys {sorted(unknown)}; known keys are {sorted(known)}")
@@ -108,6 +117,7 @@ class Manifest:
                 init_std=float(data["init_std"]),
                 backend=Backend(data["backend"]),
                 optimizer=None if data.get("optimizer") is None else OptimizerConfig.from_dict(data["optimizer"]),
+                init=Init(data.get("init", Init.EAGER.value)),
             )
         except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
             raise TableFormatError(f"manifest is malformed: {exc!r}") from exc

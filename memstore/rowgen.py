@@ -127,7 +127,13 @@ def initial_rows(
     seed: int, layer_id: int, row_start: int, num_rows: int, dim: int, std: float, dtype: DType
 ) -> np.ndarray:
     """The stored form of rows row_start..row_start+num_rows of a freshly created layer."""
-    values = normal_rows(seed, layer_id, row_start, num_rows, dim)
+    return initial_rows_at(seed, layer_id, np.arange(row_start, row_start + num_rows, dtype=np.int64), dim, std, dtype)
+
+
+def initial_rows_at(seed: int, layer_id: int, row_ids: np.ndarray, dim: int, std: float, dtype: DType) -> np.ndarray:
+    """The stored form of arbitrary rows of a freshly created layer (what a lazy table serves
+    for rows never written)."""
+    values = normal_rows_at(seed, layer_id, row_ids, dim)
     if std != 1.0:
         values *= std
     return dtype.from_float64(values)

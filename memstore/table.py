@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from memstore.errors import InvalidArgumentError
-from memstore.manifest import Backend, Manifest
+from memstore.manifest import Backend, Init, Manifest
+from memstore.rowgen import initial_rows_at
 from memstore.storage import MmapRowStore, RowStore
 
 
@@ -37,6 +38,7 @@ class Table:
                         layout.dim,
                         manifest.dtype,
                         read_only,
+                        _initial_rows(manifest, layer_id) if manifest.init is Init.LAZY else None,
                     )
         except BaseException:
             for store in stores.values():
@@ -83,3 +85,9 @@ class Table:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _initial_rows(manifest: Manifest, layer_id: int):
+    """The generator of a lazy layer's never-written rows (what an eager create would have written)."""
+    dim, seed, std, dtype = manifest.layout.dim, manifest.seed, manifest.init_std, manifest.dtype
+    return lambda ids: initial_rows_at(seed, layer_id, ids, dim, std, dtype)

@@ -53,9 +53,9 @@ def test_info(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["info", str(tmp_path / "t")]) == 0
     out = capsys.readouterr().out
     manifest = Manifest.read(tmp_path / "t")
-    assert out == describe_table(manifest) + "\n"
+    assert out.startswith(describe_table(manifest) + "\nmaterialised: ")
     assert f"fingerprint: {fingerprint(LAYOUT, 5)}" in out
-    assert "format version 1, backend mmap, dtype float16" in out
+    assert "format version 1, backend mmap, dtype float16, eager init" in out
 
 
 def test_info_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

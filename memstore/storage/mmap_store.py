@@ -3,10 +3,17 @@
 Reads are page-cache hits once warm and are shared by every process mapping the file.
 The file is never truncated or resized while mapped; tables are created elsewhere and
 renamed into place (see memstore.create).
+
+A lazy store (`initial_rows` given) starts as a sparse file: a row whose bytes are all zero
+was never written and reads as `initial_rows(ids)`. So that a written row is never mistaken for
+an unwritten one, a row of all +0.0 is stored with its first value as -0.0 (equal in value).
+Disk grows with the pages of rows actually written.
 """
 
 from __future__ import annotations
 
+import mmap
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +26,18 @@ from memstore.storage.base import RowStore, take_rows
 class MmapRowStore(RowStore):
     """Rows in a flat file, read with numpy fancy indexing on a memory map."""
 
-    def __init__(self, path: Path, num_rows: int, dim: int, dtype: DType, read_only: bool = True) -> None:
+    def __init__(
+        self,
+        path: Path,
+        num_rows: int,
+        dim: int,
+        dtype: DType,
+        read_only: bool = True,
+        initial_rows: Callable[[np.ndarray], np.ndarray] | None = None,
+    ) -> None:
         super().__init__(num_rows, dim, dtype, read_only)
         self.path = Path(path)
+        self.initial_rows = initial_rows
         expected = num_rows * dim * dtype.itemsize
         try:
             actual = self.path.stat().st_size
@@ -32,21 +48,56 @@ class MmapRowStore(RowStore):
                 f"row file {self.path} holds {actual} bytes; the manifest needs {expected} "
                 f"({num_rows} rows x {dim} x {dtype.itemsize} B): the table is damaged or incomplete"
             )
-        self._rows: np.memmap | None = np.memmap(
-            self.path, dtype=dtype.numpy, mode="r" if read_only else "r+", shape=(num_rows, dim)
-        )
+        self._map: mmap.mmap | None = None
+        if expected:
+            with open(self.path, "rb" if read_only else "r+b") as f:
+                self._map = mmap.mmap(f.fileno(), expected, access=mmap.ACCESS_READ if read_only else mmap.ACCESS_WRITE)
+            # Lookups touch scattered rows: read-around would fetch (in a sparse file, zero-fill) 32
+            # pages per fault for one row. Measured on a sparse 200 GB file: 7.9 s -> 0.03 s for 4k rows.
+            if hasattr(mmap, "MADV_RANDOM"):
+                self._map.madvise(mmap.MADV_RANDOM)
+            self._rows: np.ndarray | None = np.frombuffer(self._map, dtype=dtype.numpy).reshape(num_rows, dim)
+        else:
+            self._rows = np.empty((0, dim), dtype=dtype.numpy)
 
     def _gather(self, ids: np.ndarray, out: np.ndarray | None) -> np.ndarray:
-        return take_rows(self._rows, ids, out)
+        rows = take_rows(self._rows, ids, out)
+        if self.initial_rows is not None and len(ids):
+            unwritten = ~_row_words(rows).any(axis=1)
+            if unwritten.any():
+                rows[unwritten] = self.initial_rows(ids[unwritten])
+        return rows
 
     def _update(self, ids: np.ndarray, rows: np.ndarray) -> None:
+        if self.initial_rows is not None:
+            rows = np.ascontiguousarray(rows)
+            words = _row_words(rows)
+            zero = ~words.any(axis=1)
+            if zero.any():
+                rows = rows.copy()
+                first = rows.view(f"<u{self.dtype.itemsize}")[:, 0]  # the first value's raw bits
+                first[zero] = 1 << (8 * self.dtype.itemsize - 1)  # -0.0: written, and equal to +0.0
         self._rows[ids] = rows
 
+    @property
+    def bytes_on_disk(self) -> int:
+        """Bytes the file occupies on disk (less than its size while a lazy store is sparse)."""
+        return self.path.stat().st_blocks * 512
+
     def _flush(self) -> None:
-        self._rows.flush()
+        if self._map is not None:
+            self._map.flush()
 
     def close(self) -> None:
         if self._rows is None:
             return
         super().close()
-        self._rows = None  # unmaps once no gathered view is alive (gathers return copies)
+        self._rows = None
+        self._map = None  # unmapped once no array views it (gathers return copies)
+
+
+def _row_words(rows: np.ndarray) -> np.ndarray:
+    """Each row's raw bytes as [N, words] unsigned integers (8-byte words when they divide the row)."""
+    row_bytes = rows.shape[1] * rows.itemsize
+    word = 8 if row_bytes % 8 == 0 else 1
+    return rows.view(np.uint8).reshape(len(rows), row_bytes).view(f"<u{word}")
