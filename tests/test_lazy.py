@@ -22,7 +22,7 @@ from tests.helpers import SMALL_LAYOUT
 
 # rows x dim = 1.0e11 parameters: 200 GB of float16 if written.
 HUNDRED_BILLION = EngramLayout(
-    layer_ids=(2, 15), vocab_size_per_ngram=(390_000_000, 390_000_000), max_ngram=3, heads_per_ngram=8, dim=32
+    layer_ids=(2, 15), vocab_size_per_ngram=(97_700_000, 97_700_000), max_ngram=3, heads_per_ngram=8, dim=32
 )
 
 
