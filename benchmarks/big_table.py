@@ -38,11 +38,11 @@ ONE_BILLION = EngramLayout(
 )
 
 
-def _rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+def _rss_mib(pid: int) -> str:
+    """Resident memory: anonymous (the daemon's own) and file-backed (mapped table pages, reclaimable)."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    anon, files = (int(fields[key].split()[0]) / 1024 for key in ("RssAnon", "RssFile"))
+    return f"{anon:.0f} MiB anonymous + {files:.0f} MiB mapped file pages"
 
 
 def _lazy_table(path: Path) -> Manifest:
@@ -93,7 +93,7 @@ def main() -> int:
             print(f"| {batch:,} | {big_rate / 1e6:.2f} M | {small_rate / 1e6:.2f} M | {small_rate / big_rate:.1f}x |")
         rss_after = {name: _rss_mib(process.pid) for name, (process, _) in daemons.items()}
         for name in daemons:
-            print(f"daemon RSS {name}: {rss_before[name]:.0f} MiB before, {rss_after[name]:.0f} MiB after")
+            print(f"daemon RSS {name}: before {rss_before[name]}; after {rss_after[name]}")
         for client in clients.values():
             client.close()
     finally:

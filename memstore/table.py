@@ -39,6 +39,8 @@ class Table:
                         manifest.dtype,
                         read_only,
                         _initial_rows(manifest, layer_id) if manifest.init is Init.LAZY else None,
+                        # Which pages hold data can be kept when no other process writes the file.
+                        known_pages=not read_only or manifest.optimizer is None,
                     )
         except BaseException:
             for store in stores.values():

@@ -98,3 +98,18 @@ def test_a_hundred_billion_parameter_table_in_seconds(tmp_path, capsys) -> None:
     assert main(["info", str(path)]) == 0
     out = capsys.readouterr().out
     assert "lazy init" in out and f"{HUNDRED_BILLION.num_params:,} logical parameters" in out
+
+
+def test_a_reopened_lazy_table_finds_its_written_rows(tmp_path) -> None:
+    manifest = Manifest(layout=SMALL_LAYOUT, dtype=DType.FLOAT16, seed=2, init=Init.LAZY)
+    path = create_table(tmp_path / "lazy", manifest)
+    eager = Table.open(create_table(tmp_path / "eager", replace(manifest, init=Init.EAGER)))
+    written = np.array([3, 250, 251, 1100])
+    values = np.full((4, SMALL_LAYOUT.dim), 2.5, np.float16)
+    with Table.open(path, read_only=False) as table:
+        table.update(1, written, values)
+    with Table.open(path) as reopened, eager:  # frozen: the store learns the data pages from the file
+        ids = np.arange(SMALL_LAYOUT.num_rows(1))
+        got, expected = reopened.gather(1, ids), eager.gather(1, ids)
+        expected[written] = values
+        assert got.tobytes() == expected.tobytes()

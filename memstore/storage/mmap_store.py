@@ -7,12 +7,18 @@ renamed into place (see memstore.create).
 A lazy store (`initial_rows` given) starts as a sparse file: a row whose bytes are all zero
 was never written and reads as `initial_rows(ids)`. So that a written row is never mistaken for
 an unwritten one, a row of all +0.0 is stored with its first value as -0.0 (equal in value).
-Disk grows with the pages of rows actually written.
+Disk grows with the pages of rows actually written. With `known_pages`, the store also keeps
+which file pages hold data (read once from the file's extents, then updated by its own writes)
+and generates rows on pages that do not without touching the map, so reading never-written
+rows does not fill the page cache (and the daemon's resident memory) with zero pages. Only a
+store whose file no other process writes may keep it (the writer itself, or any reader of a
+frozen table).
 """
 
 from __future__ import annotations
 
 import mmap
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,10 +40,13 @@ class MmapRowStore(RowStore):
         dtype: DType,
         read_only: bool = True,
         initial_rows: Callable[[np.ndarray], np.ndarray] | None = None,
+        known_pages: bool = False,
     ) -> None:
         super().__init__(num_rows, dim, dtype, read_only)
         self.path = Path(path)
         self.initial_rows = initial_rows
+        self._row_bytes = dim * dtype.itemsize
+        self._data_pages = _data_pages(self.path, num_rows * self._row_bytes) if initial_rows and known_pages else None
         expected = num_rows * dim * dtype.itemsize
         try:
             actual = self.path.stat().st_size
@@ -61,12 +70,26 @@ class MmapRowStore(RowStore):
             self._rows = np.empty((0, dim), dtype=dtype.numpy)
 
     def _gather(self, ids: np.ndarray, out: np.ndarray | None) -> np.ndarray:
-        rows = take_rows(self._rows, ids, out)
+        if self._data_pages is None or not len(ids):
+            rows = take_rows(self._rows, ids, out)
+        else:  # rows on pages without data are generated; only the others are read from the map
+            stored = self._on_data_pages(ids)
+            rows = np.empty((len(ids), self.dim), dtype=self.dtype.numpy) if out is None else out
+            if stored.any():
+                rows[stored] = take_rows(self._rows, ids[stored])
+            if not stored.all():
+                rows[~stored] = self.initial_rows(ids[~stored])
         if self.initial_rows is not None and len(ids):
             unwritten = ~_row_words(rows).any(axis=1)
             if unwritten.any():
                 rows[unwritten] = self.initial_rows(ids[unwritten])
         return rows
+
+    def _on_data_pages(self, ids: np.ndarray) -> np.ndarray:
+        """Whether each row's first or last byte lies on a page that holds data."""
+        first = ids * self._row_bytes // _PAGE
+        last = ((ids + 1) * self._row_bytes - 1) // _PAGE
+        return self._data_pages[first] | self._data_pages[last]
 
     def _update(self, ids: np.ndarray, rows: np.ndarray) -> None:
         if self.initial_rows is not None:
@@ -77,6 +100,9 @@ class MmapRowStore(RowStore):
                 rows = rows.copy()
                 first = rows.view(f"<u{self.dtype.itemsize}")[:, 0]  # the first value's raw bits
                 first[zero] = 1 << (8 * self.dtype.itemsize - 1)  # -0.0: written, and equal to +0.0
+        if self._data_pages is not None:  # before the write: a reader never skips a page that has data
+            self._data_pages[ids * self._row_bytes // _PAGE] = True  # the pages `_on_data_pages` checks
+            self._data_pages[((ids + 1) * self._row_bytes - 1) // _PAGE] = True
         self._rows[ids] = rows
 
     @property
@@ -94,6 +120,28 @@ class MmapRowStore(RowStore):
         super().close()
         self._rows = None
         self._map = None  # unmapped once no array views it (gathers return copies)
+
+
+_PAGE = mmap.PAGESIZE
+
+
+def _data_pages(path: Path, size: int) -> np.ndarray:
+    """Per page of the file: whether it holds data (not a hole), from the file's extents."""
+    pages = np.zeros(-(-size // _PAGE), dtype=bool)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        offset = 0
+        while offset < size:
+            try:
+                start = os.lseek(fd, offset, os.SEEK_DATA)
+            except OSError:  # ENXIO: no data past offset
+                break
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+            pages[start // _PAGE : -(-end // _PAGE)] = True
+            offset = end
+    finally:
+        os.close(fd)
+    return pages
 
 
 def _row_words(rows: np.ndarray) -> np.ndarray:
