@@ -70,19 +70,24 @@ class MmapRowStore(RowStore):
             self._rows = np.empty((0, dim), dtype=dtype.numpy)
 
     def _gather(self, ids: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+        if self.initial_rows is None:
+            return take_rows(self._rows, ids, out)
         if self._data_pages is None or not len(ids):
-            rows = take_rows(self._rows, ids, out)
-        else:  # rows on pages without data are generated; only the others are read from the map
-            stored = self._on_data_pages(ids)
-            rows = np.empty((len(ids), self.dim), dtype=self.dtype.numpy) if out is None else out
-            if stored.any():
-                rows[stored] = take_rows(self._rows, ids[stored])
-            if not stored.all():
-                rows[~stored] = self.initial_rows(ids[~stored])
-        if self.initial_rows is not None and len(ids):
-            unwritten = ~_row_words(rows).any(axis=1)
-            if unwritten.any():
-                rows[unwritten] = self.initial_rows(ids[unwritten])
+            return self._fill_unwritten(ids, take_rows(self._rows, ids, out))
+        # Rows on pages without data were never written: generated without touching the map.
+        stored = self._on_data_pages(ids)
+        rows = np.empty((len(ids), self.dim), dtype=self.dtype.numpy) if out is None else out
+        if stored.any():
+            rows[stored] = self._fill_unwritten(ids[stored], take_rows(self._rows, ids[stored]))
+        if not stored.all():
+            rows[~stored] = self.initial_rows(ids[~stored])
+        return rows
+
+    def _fill_unwritten(self, ids: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Replace the rows read as all-zero bytes (never written) by their initial values."""
+        unwritten = ~_row_words(rows).any(axis=1)
+        if unwritten.any():
+            rows[unwritten] = self.initial_rows(ids[unwritten])
         return rows
 
     def _on_data_pages(self, ids: np.ndarray) -> np.ndarray:
