@@ -11,6 +11,7 @@ from memstore.layout import EngramLayout
 from memstore.manifest import Manifest
 from model.corpus import CorpusConfig
 from model.engram import EngramConfig
+from model.lm import LMConfig
 
 SMALL_LAYOUT = EngramLayout(layer_ids=(1, 4), vocab_size_per_ngram=(500, 700), max_ngram=3, heads_per_ngram=4, dim=16)
 
@@ -26,3 +27,10 @@ def make_table(path: Path, dtype: DType = DType.FLOAT16, layout: EngramLayout = 
 # A tiny Engram LM setting (one Engram layer) and corpus for model tests.
 SMALL_ENGRAM = EngramConfig(layer_ids=(1,), vocab_size_per_ngram=(500, 500), heads_per_ngram=2, n_embed_per_ngram=16)
 SMALL_CORPUS = CorpusConfig(num_people=30, num_cities=8, num_rivers=4, num_orgs=6, num_documents=400)
+
+
+def small_lm_config(vocab_size: int) -> LMConfig:
+    """A two-block LM with one Engram layer (SMALL_ENGRAM): trains in a second."""
+    return LMConfig(
+        vocab_size=vocab_size, max_seq_len=32, d_model=32, n_layers=2, n_heads=2, mlp_hidden=64, engram=SMALL_ENGRAM
+    )

@@ -16,7 +16,7 @@ from memstore.table import Table
 from model.data import PreparedData
 from model.lm import LMConfig
 from model.train import TableSource, TrainConfig, build_model, load_checkpoint, save_checkpoint, train
-from tests.helpers import SMALL_ENGRAM
+from tests.helpers import SMALL_ENGRAM, small_lm_config
 
 ENGRAM = SMALL_ENGRAM
 
@@ -28,9 +28,7 @@ def data(lm_data: PreparedData) -> PreparedData:
 
 @pytest.fixture
 def config(data) -> LMConfig:
-    return LMConfig(
-        vocab_size=data.vocab_size, max_seq_len=32, d_model=32, n_layers=2, n_heads=2, mlp_hidden=64, engram=ENGRAM
-    )
+    return small_lm_config(data.vocab_size)
 
 
 def test_logits_at_t_ignore_later_tokens(data, config) -> None:

@@ -21,9 +21,8 @@ from memstore.errors import (
 )
 from memstore.manifest import Manifest
 from memstore.table import Table
-from model.lm import LMConfig
 from model.train import TableSource, TrainConfig, build_model, train
-from tests.helpers import SMALL_ENGRAM, SMALL_LAYOUT
+from tests.helpers import SMALL_ENGRAM, SMALL_LAYOUT, small_lm_config
 
 LAYERS = SMALL_LAYOUT.layer_ids  # (1, 4)
 DIM = SMALL_LAYOUT.dim
@@ -198,24 +197,12 @@ def engram_client(tmp_path, daemon_factory):
             yield client
 
 
-def _lm_config(lm_data) -> LMConfig:
-    return LMConfig(
-        vocab_size=lm_data.vocab_size,
-        max_seq_len=32,
-        d_model=32,
-        n_layers=2,
-        n_heads=2,
-        mlp_hidden=64,
-        engram=SMALL_ENGRAM,
-    )
-
-
 def test_training_with_prefetch_equals_training_without(lm_data, engram_client) -> None:
     config = TrainConfig(steps=6, batch_size=4, eval_every=3, eval_batches=1)
     losses = {}
     for prefetch in (False, True):
         torch.manual_seed(0)
-        model = build_model(_lm_config(lm_data), lm_data, TableSource.MEMSTORE, engram_client)
+        model = build_model(small_lm_config(lm_data.vocab_size), lm_data, TableSource.MEMSTORE, engram_client)
         if prefetch:
             with Prefetcher(engram_client, model.row_ids, SMALL_ENGRAM.layer_ids) as prefetcher:
                 result = train(model, lm_data, config, progress=False, prefetcher=prefetcher)
@@ -229,7 +216,7 @@ def test_training_with_prefetch_equals_training_without(lm_data, engram_client) 
 
 def test_prefetched_generation_equals_plain_generation_and_fetches_only_new_positions(lm_data, engram_client) -> None:
     torch.manual_seed(0)
-    model = build_model(_lm_config(lm_data), lm_data, TableSource.MEMSTORE, engram_client).eval()
+    model = build_model(small_lm_config(lm_data.vocab_size), lm_data, TableSource.MEMSTORE, engram_client).eval()
     prompt = torch.from_numpy(np.stack([lm_data.val[:5], lm_data.val[40:45]]).astype(np.int64))  # [2, 5]
     new_tokens = 40  # past max_seq_len 32: the window slides, the cached rows follow it
     torch.manual_seed(1)

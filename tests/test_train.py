@@ -13,9 +13,8 @@ from memstore.live import LiveConfig, LiveTable
 from memstore.manifest import Manifest
 from memstore.optim import OptimizerConfig, OptimizerKind
 from memstore.wal import Durability
-from model.lm import LMConfig
 from model.train import TableSource, TrainConfig, build_model, train
-from tests.helpers import SMALL_ENGRAM
+from tests.helpers import SMALL_ENGRAM, small_lm_config
 
 # The stated tolerance: the memstore's optimizers are bit-exact against PyTorch's formulas with a
 # correctly rounded sqrt, but CPU torch's sqrt (MKL) is off by 1 ulp for ~1 in 6 values and its
@@ -29,25 +28,13 @@ OPTIMIZERS = {
 }
 
 
-def _config(lm_data) -> LMConfig:
-    return LMConfig(
-        vocab_size=lm_data.vocab_size,
-        max_seq_len=32,
-        d_model=32,
-        n_layers=2,
-        n_heads=2,
-        mlp_hidden=64,
-        engram=SMALL_ENGRAM,
-    )
-
-
 @pytest.mark.parametrize("prefetch", [True, False], ids=["prefetch", "lookup"])
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_memstore_training_matches_in_process_training(lm_data, tmp_path, daemon_factory, name, prefetch) -> None:
     optimizer = OPTIMIZERS[name]
     config = TrainConfig(steps=12, batch_size=4, eval_every=6, eval_batches=1, table_optimizer=optimizer)
     torch.manual_seed(0)
-    local = build_model(_config(lm_data), lm_data, TableSource.LOCAL)
+    local = build_model(small_lm_config(lm_data.vocab_size), lm_data, TableSource.LOCAL)
     initial = {k: v.clone() for k, v in local.state_dict().items()}
     local_result = train(local, lm_data, config, progress=False)
 
@@ -57,7 +44,9 @@ def test_memstore_training_matches_in_process_training(lm_data, tmp_path, daemon
         LiveTable.open(path, config=LiveConfig(durability=Durability.OS)) as live,
         MemstoreClient(daemon_factory(live).address) as client,
     ):
-        remote = build_model(_config(lm_data), lm_data, TableSource.MEMSTORE, client, track_gradients=not prefetch)
+        remote = build_model(
+            small_lm_config(lm_data.vocab_size), lm_data, TableSource.MEMSTORE, client, track_gradients=not prefetch
+        )
         remote.load_state_dict(initial, strict=False)  # the same dense weights
         layers = SMALL_ENGRAM.layer_ids
         prefetcher = Prefetcher(client, remote.row_ids, layers) if prefetch else None
