@@ -10,6 +10,10 @@ then orders 2..N, each order's search starts at `vocab_size_per_ngram[order-2] -
 each head takes the next prime above the previous start that no earlier head of any
 layer took. The model's hashing (issue: model/hashing.py) calls `engram_primes` too, so
 table and model can never disagree.
+
+A table imported from a checkpoint made elsewhere may have other head sizes: `head_sizes`
+then lists them explicitly (per layer, per order, per head; the manifest records them and the
+model's hashing takes the same list), instead of the rule.
 """
 
 from __future__ import annotations
@@ -92,6 +96,8 @@ class EngramLayout:
     max_ngram: int = 3
     heads_per_ngram: int = 8
     dim: int = 32
+    # Explicit head sizes [layer][order - 2][head], in layer_ids order, instead of the prime rule.
+    head_sizes_override: tuple[tuple[tuple[int, ...], ...], ...] | None = None
     _primes: dict[int, list[list[int]]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -121,13 +127,35 @@ class EngramLayout:
             problems.append(f"heads_per_ngram is {self.heads_per_ngram}; it must be at least 1")
         if self.dim < 1:
             problems.append(f"dim is {self.dim}; it must be at least 1")
+        if self.head_sizes_override is not None:
+            override = tuple(
+                tuple(tuple(as_int("head_sizes", size) for size in order) for order in layer)
+                for layer in self.head_sizes_override
+            )
+            object.__setattr__(self, "head_sizes_override", override)
+            expected = (len(self.layer_ids), self.max_ngram - 1, self.heads_per_ngram)
+            shape_ok = len(override) == expected[0] and all(
+                len(layer) == expected[1] and all(len(order) == expected[2] for order in layer) for layer in override
+            )
+            if not shape_ok:
+                problems.append(
+                    f"head_sizes must list {expected[0]} layers x {expected[1]} orders x {expected[2]} heads"
+                )
+            elif any(size < 2 for layer in override for order in layer for size in order):
+                problems.append("head_sizes must all be at least 2")
         if problems:
             raise InvalidArgumentError("invalid Engram layout: " + "; ".join(problems))
-        primes = engram_primes(self.layer_ids, self.vocab_size_per_ngram, self.max_ngram, self.heads_per_ngram)
+        if self.head_sizes_override is None:
+            primes = engram_primes(self.layer_ids, self.vocab_size_per_ngram, self.max_ngram, self.heads_per_ngram)
+        else:
+            primes = {
+                layer: [list(order) for order in sizes]
+                for layer, sizes in zip(self.layer_ids, self.head_sizes_override)
+            }
         object.__setattr__(self, "_primes", primes)
 
     def primes(self, layer_id: int) -> list[list[int]]:
-        """[order - 2][head] prime table sizes of one layer."""
+        """[order - 2][head] table sizes of one layer (primes by Engram's rule, or the explicit sizes)."""
         return [list(heads) for heads in self._primes[self._checked(layer_id)]]
 
     def head_sizes(self, layer_id: int) -> list[int]:
@@ -160,8 +188,9 @@ class EngramLayout:
         return layer_id
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON form, with the derived primes written out for readers in other languages."""
-        return {
+        """JSON form, with the head sizes written out for readers in other languages (`primes`;
+        `explicit_head_sizes` true when they are not the prime rule's)."""
+        data: dict[str, Any] = {
             "layer_ids": list(self.layer_ids),
             "vocab_size_per_ngram": list(self.vocab_size_per_ngram),
             "max_ngram": self.max_ngram,
@@ -169,17 +198,32 @@ class EngramLayout:
             "dim": self.dim,
             "primes": {str(layer_id): self.primes(layer_id) for layer_id in self.layer_ids},
         }
+        if self.head_sizes_override is not None:
+            data["explicit_head_sizes"] = True
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EngramLayout:
-        """Inverse of to_dict; rejects unknown keys and primes that disagree with the rule."""
+        """Inverse of to_dict; rejects unknown keys, and rule-derived primes that disagree with the rule."""
         known = {"layer_ids", "vocab_size_per_ngram", "max_ngram", "heads_per_ngram", "dim", "primes"}
+        known.add("explicit_head_sizes")
         unknown = set(data) - known
         if unknown:
             raise InvalidArgumentError(f"unknown layout keys {sorted(unknown)}; known keys are {sorted(known)}")
-        layout = cls(**{k: v for k, v in data.items() if k != "primes"})
+        fields_ = {k: v for k, v in data.items() if k not in ("primes", "explicit_head_sizes")}
+        if data.get("explicit_head_sizes"):
+            if "primes" not in data:
+                raise InvalidArgumentError("a layout with explicit_head_sizes must list them under 'primes'")
+            fields_["head_sizes_override"] = tuple(
+                tuple(tuple(order) for order in data["primes"][str(layer)]) for layer in data["layer_ids"]
+            )
+            return cls(**fields_)
+        layout = cls(**fields_)
         if "primes" in data and data["primes"] != layout.to_dict()["primes"]:
-            raise InvalidArgumentError("layout primes do not follow Engram's prime rule for these sizes")
+            raise InvalidArgumentError(
+                "layout primes do not follow Engram's prime rule for these sizes; set explicit_head_sizes for "
+                "a table whose head sizes came from elsewhere"
+            )
         return layout
 
 

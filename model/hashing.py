@@ -35,7 +35,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from memstore.errors import InvalidArgumentError
-from memstore.layout import EngramLayout, as_int, engram_primes
+from memstore.layout import EngramLayout, as_int
 
 _LAYER_SEED_STRIDE = 10007  # the reference's PRIME_1: layer l draws from default_rng(seed + 10007 * l)
 _CHUNK = 16_384  # positions reduced at a time, so a chunk's mixes, quotients and outputs stay in cache
@@ -86,7 +86,10 @@ class NgramHashMapping:
         compressed_vocab_size: int,
         pad_id: int,
         seed: int,
+        head_sizes: Sequence[Sequence[Sequence[int]]] | None = None,
     ) -> None:
+        """`head_sizes` ([layer][order - 2][head], in layer_ids order) replaces Engram's prime rule
+        for a table whose head sizes came from elsewhere (a layout with explicit head sizes)."""
         # The table layout validates layer ids, orders, sizes and heads (InvalidArgumentError).
         self._layout = EngramLayout(
             layer_ids=tuple(layer_ids),
@@ -94,6 +97,7 @@ class NgramHashMapping:
             max_ngram=max_ngram,
             heads_per_ngram=heads_per_ngram,
             dim=1,
+            head_sizes_override=None if head_sizes is None else tuple(tuple(map(tuple, layer)) for layer in head_sizes),
         )
         self.layer_ids: list[int] = list(self._layout.layer_ids)
         self.vocab_size_per_ngram: list[int] = list(self._layout.vocab_size_per_ngram)
@@ -111,7 +115,7 @@ class NgramHashMapping:
         if self.seed < 0:
             raise InvalidArgumentError(f"seed is {self.seed}; it must be non-negative")
         self.num_heads = (self.max_ngram - 1) * self.heads_per_ngram
-        self._primes = engram_primes(self.layer_ids, self.vocab_size_per_ngram, self.max_ngram, self.heads_per_ngram)
+        self._primes = {layer_id: self._layout.primes(layer_id) for layer_id in self.layer_ids}
         self.multipliers: dict[int, np.ndarray] = {
             layer_id: _multipliers(self.seed, layer_id, self.max_ngram, self.compressed_vocab_size)
             for layer_id in self.layer_ids
@@ -121,7 +125,7 @@ class NgramHashMapping:
         }
 
     def primes(self, layer_id: int) -> list[list[int]]:
-        """[order - 2][head] prime table sizes of one layer (Engram's prime rule)."""
+        """[order - 2][head] table sizes of one layer (Engram's prime rule, or the explicit sizes)."""
         return [list(heads) for heads in self._primes[self._checked_layer(layer_id)]]
 
     def layout(self, dim: int) -> EngramLayout:
@@ -132,6 +136,7 @@ class NgramHashMapping:
             max_ngram=self.max_ngram,
             heads_per_ngram=self.heads_per_ngram,
             dim=dim,
+            head_sizes_override=self._layout.head_sizes_override,
         )
 
     def hash(self, compressed_ids: np.ndarray) -> dict[int, np.ndarray]:

@@ -278,3 +278,14 @@ def test_vectorised_hash_equals_the_slow_rule(
     for layer_id in layer_ids:
         assert hashed[layer_id].tolist() == _slow(mapping, ids, layer_id)
         np.testing.assert_array_equal(rows[layer_id], hashed[layer_id] + layout.head_offsets(layer_id))
+
+
+def test_explicit_head_sizes_drive_the_hash_and_the_layout() -> None:
+    sizes = (((1000, 1001), (997, 5)),)
+    mapping = NgramHashMapping([3], [50, 50], 3, 2, compressed_vocab_size=40, pad_id=0, seed=1, head_sizes=sizes)
+    assert mapping.primes(3) == [[1000, 1001], [997, 5]]
+    hashes = mapping.hash(np.random.default_rng(0).integers(0, 40, (4, 30)))[3]  # [B, T, heads]
+    assert (hashes < np.array([1000, 1001, 997, 5])).all() and (hashes >= 0).all()
+    layout = mapping.layout(dim=8)
+    assert layout.head_sizes_override == sizes and layout.num_rows(3) == 1000 + 1001 + 997 + 5
+    assert (mapping.row_ids(np.zeros((1, 3), np.int64))[3] < layout.num_rows(3)).all()

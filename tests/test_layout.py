@@ -371,3 +371,38 @@ def test_from_dict_validates_the_sizes() -> None:
     data["dim"] = 0
     with pytest.raises(InvalidArgumentError, match="dim is 0"):
         EngramLayout.from_dict(data)
+
+
+EXPLICIT = (((1000, 1001), (997, 5)), ((64, 65), (66, 67)))
+
+
+def test_explicit_head_sizes_replace_the_prime_rule() -> None:
+    layout = EngramLayout(
+        layer_ids=(2, 15),
+        vocab_size_per_ngram=(10, 10),
+        max_ngram=3,
+        heads_per_ngram=2,
+        dim=4,
+        head_sizes_override=EXPLICIT,
+    )
+    assert layout.primes(2) == [[1000, 1001], [997, 5]] and layout.num_rows(15) == 64 + 65 + 66 + 67
+    assert layout.head_offsets(2) == [0, 1000, 2001, 2998]
+    data = layout.to_dict()
+    assert data["explicit_head_sizes"] is True
+    assert EngramLayout.from_dict(json.loads(json.dumps(data))) == layout
+    rule = EngramLayout(layer_ids=(2, 15), vocab_size_per_ngram=(10, 10), max_ngram=3, heads_per_ngram=2, dim=4)
+    assert fingerprint(layout, 0) != fingerprint(rule, 0)
+    without_flag = {k: v for k, v in data.items() if k != "explicit_head_sizes"}
+    with pytest.raises(InvalidArgumentError, match="explicit_head_sizes"):
+        EngramLayout.from_dict(without_flag)
+
+
+@pytest.mark.parametrize(
+    "sizes, message",
+    [(EXPLICIT[:1], "2 layers x 2 orders x 2 heads"), ((((1, 2), (3, 4)),) * 2, "at least 2")],
+)
+def test_explicit_head_sizes_are_checked(sizes, message) -> None:
+    with pytest.raises(InvalidArgumentError, match=message):
+        EngramLayout(
+            layer_ids=(2, 15), vocab_size_per_ngram=(10, 10), max_ngram=3, heads_per_ngram=2, head_sizes_override=sizes
+        )
