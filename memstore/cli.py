@@ -4,6 +4,7 @@ here, once."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -122,10 +123,21 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("dest", type=Path)
     export.add_argument("--dtype", type=_dtype, help="convert the rows (default: the table's dtype)")
 
-    imp = commands.add_parser("import", help="create a table from a safetensors file written by `memstore export`")
+    imp = commands.add_parser("import", help="create a table from a safetensors file (rows per layer)")
     imp.add_argument("src", type=Path)
     imp.add_argument("path", type=Path)
+    imp.add_argument(
+        "--manifest",
+        type=Path,
+        help="a manifest.json for a file made elsewhere (layout, e.g. with explicit_head_sizes, and dtype); "
+        "default: the one `memstore export` stores in the file",
+    )
     imp.add_argument("--overwrite", action="store_true", help="replace an existing table at PATH")
+    imp.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    verify = commands.add_parser("verify", help="check a table's rows against the SHA-256 in its manifest")
+    verify.add_argument("path", type=Path)
+    verify.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
@@ -187,6 +199,26 @@ def _create(args: argparse.Namespace) -> None:
     print(f"created {args.path}\n{describe_table(manifest)}")
 
 
+def _verify(args: argparse.Namespace) -> int:
+    from memstore.exchange import rows_digest
+
+    manifest = Manifest.read(args.path)
+    if manifest.rows_sha256 is None:
+        raise InvalidArgumentError(f"{args.path} records no rows sha256 (a lazy table): nothing to verify against")
+    total = manifest.layout.total_rows
+    with tqdm(total=total, unit="row", unit_scale=True, disable=args.no_progress, desc="verify") as bar:
+        actual = rows_digest(args.path, progress=bar.update)
+    if actual == manifest.rows_sha256:
+        print(f"{args.path}: rows sha256 {actual} as recorded")
+        return 0
+    trained = (args.path / CHECKPOINT_NAME).exists() and json.loads((args.path / CHECKPOINT_NAME).read_text())[
+        "version"
+    ]
+    why = f"expected once trained ({trained} pushes since create or import)" if trained else "the rows are damaged"
+    print(f"{args.path}: rows sha256 {actual}, recorded {manifest.rows_sha256}: {why}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `memstore` console script."""
     args = _parser().parse_args(argv)
@@ -234,8 +266,16 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "import":
             from memstore.exchange import import_safetensors
 
-            import_safetensors(args.src, args.path, overwrite=args.overwrite)
-            print(f"imported {args.src} as {args.path}\n{describe_table(Manifest.read(args.path))}")
+            manifest = Manifest.from_json(args.manifest.read_text()) if args.manifest else None
+            total = manifest.layout.total_rows if manifest else None
+            with tqdm(total=total, unit="row", unit_scale=True, disable=args.no_progress, desc="import") as bar:
+                import_safetensors(args.src, args.path, manifest, overwrite=args.overwrite, progress=bar.update)
+            imported = Manifest.read(args.path)
+            print(
+                f"imported {args.src} as {args.path}\n{describe_table(imported)}\nrows sha256: {imported.rows_sha256}"
+            )
+        elif args.command == "verify":
+            return _verify(args)
     except MemstoreError as exc:
         print(f"memstore {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -7,9 +7,11 @@ only when complete, so an interrupted create leaves no half table that looks val
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +48,7 @@ def create_table(
     tmp.mkdir()
     try:
         layout = manifest.layout
+        digest = hashlib.sha256()
         for layer_id in layout.layer_ids:
             with open(tmp / manifest.layer_file(layer_id), "wb") as f:
                 num_rows = layout.num_rows(layer_id)
@@ -59,12 +62,16 @@ def create_table(
                     rows = initial_rows(
                         manifest.seed, layer_id, start, count, layout.dim, manifest.init_std, manifest.dtype
                     )
-                    f.write(rows.tobytes())
+                    data = rows.tobytes()
+                    digest.update(data)
+                    f.write(data)
                     if progress is not None:
                         progress(count)
                 f.flush()
                 os.fsync(f.fileno())
             write_initial_state(tmp, manifest, layer_id)
+        # A lazy table's rows are never all generated: it records no digest.
+        manifest = replace(manifest, rows_sha256=None if manifest.init is Init.LAZY else digest.hexdigest())
         manifest.write(tmp)
         replace_table_dir(tmp, path)
     except BaseException:

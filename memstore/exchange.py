@@ -29,13 +29,14 @@ as the memstore does everywhere (`DType.from_float64`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import shutil
 import struct
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -45,7 +46,7 @@ import torch
 from memstore.create import replace_table_dir, write_initial_state
 from memstore.dtypes import DType
 from memstore.errors import InvalidArgumentError, TableFormatError
-from memstore.manifest import MANIFEST_NAME, Manifest, fsync_dir
+from memstore.manifest import MANIFEST_NAME, Init, Manifest, fsync_dir
 from memstore.table import Table
 
 FORMAT = "1"
@@ -144,17 +145,21 @@ def import_safetensors(
         tmp.mkdir()
         try:
             layout = manifest.layout
+            digest = hashlib.sha256()
             for layer_id in layout.layer_ids:
                 entry = entries[layer_id]
                 with open(tmp / manifest.layer_file(layer_id), "wb") as out:
                     for start, count in _chunks(layout.num_rows(layer_id), chunk_rows):
                         rows = _read_rows(f, st, entry, start, count, src)
-                        out.write(_convert(rows, entry.dtype, manifest.dtype))
+                        data = _convert(rows, entry.dtype, manifest.dtype)
+                        digest.update(data)
+                        out.write(data)
                         if progress is not None:
                             progress(count)
                     out.flush()
                     os.fsync(out.fileno())
                 write_initial_state(tmp, manifest, layer_id)  # the file holds rows: the optimizer starts afresh
+            manifest = replace(manifest, init=Init.EAGER, rows_sha256=digest.hexdigest())
             manifest.write(tmp)  # also fsyncs tmp, making the row files' entries durable
             replace_table_dir(tmp, dest)
         except BaseException:
@@ -388,3 +393,18 @@ def _check_dest(dest: Path, overwrite: bool) -> None:
 
 def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def rows_digest(
+    table_dir: str | Path, chunk_rows: int = DEFAULT_CHUNK_ROWS, progress: Callable[[int], None] | None = None
+) -> str:
+    """SHA-256 of every row of a table (layers in order, raw bytes): what create and import record."""
+    digest = hashlib.sha256()
+    with Table.open(table_dir) as table:
+        layout = table.manifest.layout
+        for layer_id in layout.layer_ids:
+            for start, count in _chunks(layout.num_rows(layer_id), chunk_rows):
+                digest.update(table.gather(layer_id, np.arange(start, start + count)).tobytes())
+                if progress is not None:
+                    progress(count)
+    return digest.hexdigest()

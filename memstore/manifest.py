@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,8 @@ class Manifest:
     # How pushed gradients update the rows; None: the table is frozen (lookups only).
     optimizer: OptimizerConfig | None = None
     init: Init = Init.EAGER
+    # SHA-256 of every row as created or imported (layers in order, raw bytes); `memstore verify`.
+    rows_sha256: str | None = field(default=None, compare=False)
     format_version: int = FORMAT_VERSION
 
     @property
@@ -83,6 +85,7 @@ class Manifest:
             "backend": self.backend.value,
             "optimizer": None if self.optimizer is None else self.optimizer.to_dict(),
             "init": self.init.value,
+            "rows_sha256": self.rows_sha256,
             "files": {str(layer_id): self.layer_file(layer_id) for layer_id in self.layout.layer_ids},
         }
         return json.dumps(data, indent=2) + "\n"
@@ -106,7 +109,7 @@ class Manifest:
                     f"the table's rows were initialised by generator {generator!r}; this memstore has {GENERATOR!r}"
                 )
             data.pop("files")
-            known = {"layout", "dtype", "seed", "init_std", "backend", "optimizer", "init"}
+            known = {"layout", "dtype", "seed", "init_std", "backend", "optimizer", "init", "rows_sha256"}
             unknown = set(data) - known
             if unknown:
                 raise TableFormatError(f"manifest has unknown keys {sorted(unknown)}; known keys are {sorted(known)}")
@@ -118,6 +121,7 @@ class Manifest:
                 backend=Backend(data["backend"]),
                 optimizer=None if data.get("optimizer") is None else OptimizerConfig.from_dict(data["optimizer"]),
                 init=Init(data.get("init", Init.EAGER.value)),
+                rows_sha256=data.get("rows_sha256"),
             )
         except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
             raise TableFormatError(f"manifest is malformed: {exc!r}") from exc

@@ -3,12 +3,14 @@ console entry point in a subprocess."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from memstore.cli import describe_table, main
@@ -205,3 +207,43 @@ def test_export_then_import_round_trips(tmp_path: Path, capsys: pytest.CaptureFi
         name = f"layer_{layer}.rows"
         assert (tmp_path / "copy" / name).read_bytes() == (tmp_path / "t" / name).read_bytes()
     assert main(["import", str(tmp_path / "rows.safetensors"), str(tmp_path / "copy")]) == 2  # exists
+
+
+def test_verify_checks_the_rows_against_their_recorded_sha256(tmp_path: Path, capsys) -> None:
+    assert _create(tmp_path / "t") == 0
+    assert main(["verify", str(tmp_path / "t"), "--no-progress"]) == 0
+    assert "as recorded" in capsys.readouterr().out
+    rows = tmp_path / "t" / "layer_4.rows"
+    data = bytearray(rows.read_bytes())
+    data[100] ^= 1  # one flipped bit
+    rows.write_bytes(bytes(data))
+    assert main(["verify", str(tmp_path / "t"), "--no-progress"]) == 2
+    assert "damaged" in capsys.readouterr().err
+
+
+def test_import_with_a_manifest_for_a_file_made_elsewhere(tmp_path: Path, capsys) -> None:
+    from safetensors.numpy import save_file
+
+    layout = EngramLayout(
+        layer_ids=(3,),
+        vocab_size_per_ngram=(10, 10),
+        max_ngram=3,
+        heads_per_ngram=2,
+        dim=4,
+        head_sizes_override=(((7, 9), (11, 5)),),
+    )
+    rows = np.random.default_rng(0).standard_normal((32, 4)).astype(np.float32)
+    save_file({"layer_3": rows}, str(tmp_path / "elsewhere.safetensors"))
+    (tmp_path / "manifest.json").write_text(Manifest(layout=layout, dtype=DType.FLOAT32).to_json())
+    args = [
+        "import",
+        str(tmp_path / "elsewhere.safetensors"),
+        str(tmp_path / "t"),
+        "--manifest",
+        str(tmp_path / "manifest.json"),
+    ]
+    assert main([*args, "--no-progress"]) == 0
+    assert f"rows sha256: {hashlib.sha256(rows.tobytes()).hexdigest()}" in capsys.readouterr().out
+    with Table.open(tmp_path / "t") as table:
+        np.testing.assert_array_equal(table.gather(3, np.arange(32)), rows)
+    assert main(["verify", str(tmp_path / "t"), "--no-progress"]) == 0

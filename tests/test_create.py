@@ -15,6 +15,7 @@ from memstore.layout import EngramLayout, fingerprint
 from memstore.manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest
 from memstore.rowgen import initial_rows
 from memstore.table import Table
+from tests.helpers import make_table
 
 LAYOUT = EngramLayout(layer_ids=(1, 4), vocab_size_per_ngram=(50, 70), max_ngram=3, heads_per_ngram=2, dim=8)
 
@@ -224,3 +225,11 @@ def test_create_after_an_interrupted_create(tmp_path: Path) -> None:
     path = create_table(tmp_path / "t", _manifest())
     assert Manifest.read(path) == _manifest()
     assert _entries(tmp_path) == ["t"]
+
+
+def test_create_records_the_sha256_of_its_rows(tmp_path) -> None:
+    from memstore.exchange import rows_digest
+
+    path = make_table(tmp_path / "t")
+    recorded = Manifest.read(path).rows_sha256
+    assert recorded is not None and recorded == rows_digest(path)

@@ -9,12 +9,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import lmdb
 import numpy as np
 import pytest
 
 from memstore.dtypes import DType
 from memstore.errors import InvalidArgumentError, ReadOnlyError, TableFormatError
-from memstore.storage import MmapRowStore, RowStore
+from memstore.storage import LmdbRowStore, MmapRowStore, RowStore
 
 NUM_ROWS, DIM = 37, 8
 
@@ -51,8 +52,42 @@ def _mmap_snapshot(directory: Path) -> bytes:
     return _mmap_file(directory).read_bytes()
 
 
+_LMDB_BLOCK_ROWS = 8  # NUM_ROWS = 37: four whole blocks and a short last one
+
+
+def _lmdb_env(directory: Path) -> Path:
+    return directory / "layer.lmdb"
+
+
+def _storage_dtype(rows: np.ndarray) -> DType:
+    return next(dtype for dtype in DType if dtype.numpy == rows.dtype)
+
+
+def _lmdb_write(directory: Path, rows: np.ndarray) -> None:
+    num_rows, dim = rows.shape
+    LmdbRowStore.create(_lmdb_env(directory), num_rows, dim, _storage_dtype(rows), [rows], _LMDB_BLOCK_ROWS)
+
+
+def _lmdb_open(directory: Path, num_rows: int, dim: int, dtype: DType, read_only: bool) -> RowStore:
+    return LmdbRowStore(_lmdb_env(directory), num_rows, dim, dtype, read_only=read_only)
+
+
+def _lmdb_truncate(directory: Path) -> None:
+    """Drop the last block, as a copy cut short would."""
+    with lmdb.open(str(_lmdb_env(directory)), max_dbs=2) as env:
+        rows_db = env.open_db(b"rows", create=False)
+        with env.begin(write=True, db=rows_db) as txn:
+            with txn.cursor() as cursor:
+                assert cursor.last() and cursor.delete()
+
+
+def _lmdb_snapshot(directory: Path) -> bytes:
+    return (_lmdb_env(directory) / "data.mdb").read_bytes()
+
+
 BACKENDS = [
     Backend("mmap", _mmap_write, _mmap_open, _mmap_truncate, _mmap_snapshot),
+    Backend("lmdb", _lmdb_write, _lmdb_open, _lmdb_truncate, _lmdb_snapshot),
 ]
 
 
