@@ -16,7 +16,7 @@ from memstore.dtypes import DType
 from memstore.errors import InvalidArgumentError, MemstoreError
 from memstore.layout import EngramLayout
 from memstore.live import CHECKPOINT_NAME, LiveConfig
-from memstore.manifest import Init, Manifest, parse_dtype
+from memstore.manifest import Backend, Init, Manifest, parse_dtype
 from memstore.optim import OptimizerConfig, OptimizerKind
 from memstore.service import ServerConfig, serve
 from memstore.wal import Durability
@@ -63,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--chunk-rows", type=int, default=DEFAULT_CHUNK_ROWS, help="rows generated per write")
     create.add_argument("--overwrite", action="store_true", help="replace an existing table at PATH")
     create.add_argument("--no-progress", action="store_true", help="no progress bar")
+    create.add_argument(
+        "--backend", type=Backend, choices=list(Backend), default=Backend.MMAP, help="mmap files or LMDB"
+    )
     create.add_argument(
         "--lazy",
         action="store_true",
@@ -193,6 +196,7 @@ def _create(args: argparse.Namespace) -> None:
         init_std=args.init_std,
         optimizer=optimizer,
         init=Init.LAZY if args.lazy else Init.EAGER,
+        backend=args.backend,
     )
     with tqdm(total=layout.total_rows, unit="row", unit_scale=True, disable=args.no_progress, desc="create") as bar:
         create_table(args.path, manifest, chunk_rows=args.chunk_rows, overwrite=args.overwrite, progress=bar.update)

@@ -10,15 +10,18 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from memstore.dtypes import DType
 from memstore.errors import InvalidArgumentError
-from memstore.manifest import MANIFEST_NAME, Init, Manifest, fsync_dir
+from memstore.manifest import MANIFEST_NAME, Backend, Init, Manifest, fsync_dir
 from memstore.rowgen import initial_rows
+from memstore.storage.lmdb_store import LmdbRowStore
 
 DEFAULT_CHUNK_ROWS = 16_384
 
@@ -50,25 +53,17 @@ def create_table(
         layout = manifest.layout
         digest = hashlib.sha256()
         for layer_id in layout.layer_ids:
-            with open(tmp / manifest.layer_file(layer_id), "wb") as f:
-                num_rows = layout.num_rows(layer_id)
-                if manifest.init is Init.LAZY:
+            num_rows = layout.num_rows(layer_id)
+            target = tmp / manifest.layer_file(layer_id)
+            if manifest.init is Init.LAZY:  # sparse: no disk until rows are written
+                with open(target, "wb") as f:
                     f.truncate(manifest.layer_bytes(layer_id))
-                    if progress is not None:
-                        progress(num_rows)
-                    num_rows = 0
-                for start in range(0, num_rows, chunk_rows):
-                    count = min(chunk_rows, num_rows - start)
-                    rows = initial_rows(
-                        manifest.seed, layer_id, start, count, layout.dim, manifest.init_std, manifest.dtype
-                    )
-                    data = rows.tobytes()
-                    digest.update(data)
-                    f.write(data)
-                    if progress is not None:
-                        progress(count)
-                f.flush()
-                os.fsync(f.fileno())
+                    os.fsync(f.fileno())
+                if progress is not None:
+                    progress(num_rows)
+            else:
+                chunks = _initial_chunks(manifest, layer_id, chunk_rows, digest, progress)
+                _write_store(manifest.backend, target, num_rows, layout.dim, manifest.dtype, chunks)
             write_initial_state(tmp, manifest, layer_id)
         # A lazy table's rows are never all generated: it records no digest.
         manifest = replace(manifest, rows_sha256=None if manifest.init is Init.LAZY else digest.hexdigest())
@@ -94,19 +89,53 @@ def replace_table_dir(new: Path, target: Path) -> None:
 
 
 def write_initial_state(table_dir: Path, manifest: Manifest, layer_id: int) -> None:
-    """The optimizer state files of one layer; zeros are a sparse file (no disk until written)."""
+    """The optimizer state stores of one layer; zeros in an mmap table are a sparse file (no disk until written)."""
     if manifest.optimizer is None:
         return
     num_rows = manifest.layout.num_rows(layer_id)
     first_row = manifest.optimizer.initial_state(1, manifest.layout.dim)  # slot -> [1, width]: every row's start
     for slot, (name, width) in manifest.state_files(layer_id).items():
         value = float(first_row[slot][0, 0])
-        with open(table_dir / name, "wb") as f:
-            if value == 0.0:
+        if manifest.backend is Backend.MMAP and value == 0.0:
+            with open(table_dir / name, "wb") as f:
                 f.truncate(num_rows * width * 4)
-            else:
-                chunk = np.full((DEFAULT_CHUNK_ROWS, width), value, dtype="<f4")
-                for start in range(0, num_rows, DEFAULT_CHUNK_ROWS):
-                    f.write(chunk[: min(DEFAULT_CHUNK_ROWS, num_rows - start)].tobytes())
-            f.flush()
-            os.fsync(f.fileno())
+                os.fsync(f.fileno())
+            continue
+        chunks = (
+            np.full((min(DEFAULT_CHUNK_ROWS, num_rows - start), width), value, dtype="<f4")
+            for start in range(0, num_rows, DEFAULT_CHUNK_ROWS)
+        )
+        _write_store(manifest.backend, table_dir / name, num_rows, width, DType.FLOAT32, chunks)
+
+
+def _initial_chunks(
+    manifest: Manifest,
+    layer_id: int,
+    chunk_rows: int,
+    digest: Any,
+    progress: Callable[[int], None] | None,
+) -> Iterator[np.ndarray]:
+    """A layer's initial rows in chunks, each also fed to `digest` and counted by `progress`."""
+    layout = manifest.layout
+    num_rows = layout.num_rows(layer_id)
+    for start in range(0, num_rows, chunk_rows):
+        count = min(chunk_rows, num_rows - start)
+        rows = initial_rows(manifest.seed, layer_id, start, count, layout.dim, manifest.init_std, manifest.dtype)
+        digest.update(rows)
+        yield rows
+        if progress is not None:
+            progress(count)
+
+
+def _write_store(
+    backend: Backend, path: Path, num_rows: int, width: int, dtype: DType, chunks: Iterable[np.ndarray]
+) -> None:
+    """A new store of `backend` at `path` from row chunks, synced to disk."""
+    if backend is Backend.LMDB:
+        LmdbRowStore.create(path, num_rows, width, dtype, chunks)
+        return
+    with open(path, "wb") as f:
+        for rows in chunks:
+            f.write(rows.tobytes())
+        f.flush()
+        os.fsync(f.fileno())

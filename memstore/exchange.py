@@ -46,7 +46,7 @@ import torch
 from memstore.create import replace_table_dir, write_initial_state
 from memstore.dtypes import DType
 from memstore.errors import InvalidArgumentError, TableFormatError
-from memstore.manifest import MANIFEST_NAME, Init, Manifest, fsync_dir
+from memstore.manifest import MANIFEST_NAME, Backend, Init, Manifest, fsync_dir
 from memstore.table import Table
 
 FORMAT = "1"
@@ -137,6 +137,8 @@ def import_safetensors(
         st = _read_header(f, src)
         if manifest is None:
             manifest = _manifest_from_metadata(st, src)
+        if manifest.backend is not Backend.MMAP:
+            raise InvalidArgumentError("import writes mmap tables; give a manifest with backend 'mmap'")
         entries = _check_entries(st, manifest, src)
         _check_dest(dest, overwrite)
         dest.parent.mkdir(parents=True, exist_ok=True)

@@ -47,8 +47,8 @@ from memstore.errors import (
 )
 from memstore.manifest import Manifest, fsync_dir
 from memstore.optim import apply_update
-from memstore.storage import MmapRowStore, RowStore
-from memstore.table import Table
+from memstore.storage import RowStore
+from memstore.table import Table, open_store
 from memstore.wal import Durability, WriteAheadLog
 
 CHECKPOINT_NAME = "checkpoint.json"
@@ -354,8 +354,8 @@ class LiveTable:
             start = self.version
             self._snapshots += 1
         try:
-            for name in self._file_names():
-                _copy_durably(self.path / name, tmp / name)
+            for name, store in self._stores_by_name().items():
+                store.copy_to(tmp / name)
             self.manifest.write(tmp)
             with self._push_lock:
                 end = _Checkpoint(self.version, dict(self.layer_steps))
@@ -383,11 +383,13 @@ class LiveTable:
                 self._snapshots -= 1
         return end.version
 
-    def _file_names(self) -> list[str]:
-        names = [self.manifest.layer_file(layer) for layer in self.manifest.layout.layer_ids]
-        for layer in self.manifest.layout.layer_ids:
-            names += [name for name, _ in self.manifest.state_files(layer).values()]
-        return names
+    def _stores_by_name(self) -> dict[str, RowStore]:
+        """Every store of the table (rows, then optimizer state) by its name in the table directory."""
+        stores = {self.manifest.layer_file(layer): self.table.store(layer) for layer in self.manifest.layout.layer_ids}
+        for layer, states in self._state.items():
+            for slot, store in states.items():
+                stores[self.manifest.state_files(layer)[slot][0]] = store
+        return stores
 
     def close(self) -> None:
         """Checkpoint (trainable tables) and release the files. Idempotent."""
@@ -423,10 +425,12 @@ class LiveTable:
 
 
 def _open_state(table_dir: Path, manifest: Manifest) -> dict[int, dict[str, RowStore]]:
-    """The optimizer state stores of every layer: slot -> float32 rows of the slot's width."""
+    """The optimizer state stores of every layer (the rows' backend): slot -> float32 rows of the slot's width."""
     return {
         layer: {
-            slot: MmapRowStore(table_dir / name, manifest.layout.num_rows(layer), width, DType.FLOAT32, False)
+            slot: open_store(
+                manifest.backend, table_dir / name, manifest.layout.num_rows(layer), width, DType.FLOAT32, False
+            )
             for slot, (name, width) in manifest.state_files(layer).items()
         }
         for layer in manifest.layout.layer_ids
@@ -449,12 +453,6 @@ def _lock_writer(table_dir: Path):
 def _has_records_after(wal_dir: Path, version: int) -> bool:
     with WriteAheadLog(wal_dir, Durability.OS) as wal:
         return wal.last_version is not None and wal.last_version > version
-
-
-def _copy_durably(src: Path, dst: Path) -> None:
-    shutil.copyfile(src, dst)
-    with open(dst, "rb+") as f:
-        os.fsync(f.fileno())
 
 
 @dataclass

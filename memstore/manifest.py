@@ -30,6 +30,7 @@ class Backend(enum.Enum):
     """Where a table's rows live."""
 
     MMAP = "mmap"  # one flat little-endian file per layer, memory-mapped
+    LMDB = "lmdb"  # one LMDB environment per layer, rows packed in fixed-size blocks
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,10 @@ class Manifest:
     rows_sha256: str | None = field(default=None, compare=False)
     format_version: int = FORMAT_VERSION
 
+    def __post_init__(self) -> None:
+        if self.init is Init.LAZY and self.backend is not Backend.MMAP:
+            raise InvalidArgumentError("lazy tables need the mmap backend (their files are sparse)")
+
     @property
     def fingerprint(self) -> str:
         """Hash of layout + seed: what a model checks before trusting the table."""
@@ -56,7 +61,7 @@ class Manifest:
     def layer_file(self, layer_id: int) -> str:
         """File name, inside the table directory, of one layer's rows."""
         self.layout.num_rows(layer_id)  # rejects unknown layers
-        return f"layer_{layer_id}.rows"
+        return f"layer_{layer_id}.rows" if self.backend is Backend.MMAP else f"layer_{layer_id}.lmdb"
 
     def state_files(self, layer_id: int) -> dict[str, tuple[str, int]]:
         """Optimizer state of one layer: slot -> (file name, float32 values per row); empty if frozen."""
@@ -64,7 +69,8 @@ class Manifest:
         if self.optimizer is None:
             return {}
         slots = self.optimizer.state_slots(self.layout.dim)
-        return {slot: (f"layer_{layer_id}.{slot}.f32", width) for slot, width in slots.items()}
+        suffix = "f32" if self.backend is Backend.MMAP else "f32.lmdb"
+        return {slot: (f"layer_{layer_id}.{slot}.{suffix}", width) for slot, width in slots.items()}
 
     def layer_bytes(self, layer_id: int) -> int:
         return self.layout.num_rows(layer_id) * self.layout.dim * self.dtype.itemsize

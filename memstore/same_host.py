@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from memstore.live import LiveTable, SeqLock, consistent_gather
+from memstore.manifest import Backend
 from memstore.table import Table
 from memstore.wire import memstore_pb2 as pb
 
@@ -35,10 +36,14 @@ def host_id() -> str:
     return f"{socket.gethostname()}/{boot}"
 
 
-def advertise(live: LiveTable) -> pb.SameHostAccess:
-    """What the daemon tells clients so those on its host can map the table's files."""
+def advertise(live: LiveTable) -> pb.SameHostAccess | None:
+    """What the daemon tells clients so those on its host can map the table's files (None for an
+    LMDB table: LMDB allows one open of an environment per process, and a same-host client may be
+    the daemon's own process)."""
     table = live.table
     assert table is not None
+    if table.manifest.backend is not Backend.MMAP:
+        return None
     files = []
     for layer_id in table.manifest.layout.layer_ids:
         path = (table.path / table.manifest.layer_file(layer_id)).resolve()

@@ -123,7 +123,7 @@ class MemstoreServicer(pb_grpc.MemstoreServicer):
                 max_rows_per_request=config.max_rows_per_request, chunk_bytes=self._chunk_rows * self._row_bytes
             ),
             server_version=__version__,
-            same_host=advertise(live) if config.same_host else None,
+            same_host=advertise(live) if config.same_host else None,  # None: not offered
             trainable=live.trainable,
         )
 

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 
+from memstore.dtypes import DType
 from memstore.errors import InvalidArgumentError
 from memstore.manifest import Backend, Init, Manifest
 from memstore.rowgen import initial_rows_at
 from memstore.storage import MmapRowStore, RowStore
+from memstore.storage.lmdb_store import LmdbRowStore
 
 
 class Table:
@@ -31,17 +33,17 @@ class Table:
         stores: dict[int, RowStore] = {}
         try:
             for layer_id in layout.layer_ids:
-                if manifest.backend is Backend.MMAP:
-                    stores[layer_id] = MmapRowStore(
-                        path / manifest.layer_file(layer_id),
-                        layout.num_rows(layer_id),
-                        layout.dim,
-                        manifest.dtype,
-                        read_only,
-                        _initial_rows(manifest, layer_id) if manifest.init is Init.LAZY else None,
-                        # Which pages hold data can be kept when no other process writes the file.
-                        known_pages=not read_only or manifest.optimizer is None,
-                    )
+                stores[layer_id] = open_store(
+                    manifest.backend,
+                    path / manifest.layer_file(layer_id),
+                    layout.num_rows(layer_id),
+                    layout.dim,
+                    manifest.dtype,
+                    read_only,
+                    _initial_rows(manifest, layer_id) if manifest.init is Init.LAZY else None,
+                    # Which pages hold data can be kept when no other process writes the file.
+                    known_pages=not read_only or manifest.optimizer is None,
+                )
         except BaseException:
             for store in stores.values():
                 store.close()
@@ -87,6 +89,22 @@ class Table:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def open_store(
+    backend: Backend,
+    path: Path,
+    num_rows: int,
+    width: int,
+    dtype: DType,
+    read_only: bool,
+    initial_rows: Callable[[np.ndarray], np.ndarray] | None = None,
+    known_pages: bool = False,
+) -> RowStore:
+    """The row store of `backend` at `path` (rows of a layer, or a slot of optimizer state)."""
+    if backend is Backend.LMDB:
+        return LmdbRowStore(path, num_rows, width, dtype, read_only)
+    return MmapRowStore(path, num_rows, width, dtype, read_only, initial_rows, known_pages)
 
 
 def _initial_rows(manifest: Manifest, layer_id: int):

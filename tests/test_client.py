@@ -204,3 +204,20 @@ def test_one_attempt_means_no_retry_policy(daemon) -> None:
     # gRPC refuses a retry policy of one attempt and fails the channel; the client then sends none.
     with MemstoreClient(daemon.address, ClientConfig(max_attempts=1, same_host=False)) as client:
         assert client.lookup(1, np.arange(3)).shape == (3, 16)
+
+
+def test_an_lmdb_table_is_served_over_grpc_only(tmp_path, daemon_factory) -> None:
+    from memstore.create import create_table
+    from memstore.manifest import Backend, Manifest
+
+    path = create_table(tmp_path / "lmdb", Manifest(layout=SMALL_LAYOUT, dtype=DType.FLOAT16, backend=Backend.LMDB))
+    with Table.open(path) as table:
+        daemon = daemon_factory(table)
+        ids = np.random.default_rng(3).integers(0, 1000, (5, 40))
+        with MemstoreClient(daemon.address, ClientConfig(same_host=None)) as client:
+            np.testing.assert_array_equal(
+                client.lookup(1, ids).numpy(), table.gather(1, ids.reshape(-1)).reshape(5, 40, 16)
+            )
+            assert client.transport == "grpc"  # one LMDB open per process: no same-host mapping offered
+        with MemstoreClient(daemon.address, ClientConfig(same_host=True)) as client, pytest.raises(UnavailableError):
+            client.lookup(1, ids)

@@ -14,7 +14,7 @@ from memstore.create import create_table
 from memstore.dtypes import DType
 from memstore.errors import MemstoreError
 from memstore.launch import start_daemon, stop_daemon
-from memstore.manifest import Manifest
+from memstore.manifest import Backend, Manifest
 from memstore.optim import OptimizerConfig, OptimizerKind
 from memstore.wal import Durability
 from tests.helpers import FAST_FAIL, SMALL_LAYOUT
@@ -32,10 +32,10 @@ def _push(i: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.mark.parametrize("durability", list(Durability))
-@pytest.mark.parametrize("seed", [0, 1])
-def test_acknowledged_pushes_survive_kill_9(tmp_path, durability: Durability, seed: int) -> None:
+@pytest.mark.parametrize("backend, seed", [(Backend.MMAP, 0), (Backend.MMAP, 1), (Backend.LMDB, 2)])
+def test_acknowledged_pushes_survive_kill_9(tmp_path, durability: Durability, backend: Backend, seed: int) -> None:
     optimizer = OptimizerConfig(kind=OptimizerKind.SGD, lr=1.0)
-    manifest = Manifest(layout=SMALL_LAYOUT, dtype=DType.FLOAT32, optimizer=optimizer, init_std=0.0)
+    manifest = Manifest(layout=SMALL_LAYOUT, dtype=DType.FLOAT32, optimizer=optimizer, init_std=0.0, backend=backend)
     path = create_table(tmp_path / "t", manifest)
     args = ["--durability", durability.value, "--checkpoint-every", "7", "--no-same-host"]
     process, address = start_daemon(path, args)

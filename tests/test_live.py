@@ -14,9 +14,9 @@ from memstore.dtypes import DType
 from memstore.errors import InvalidArgumentError, ReadOnlyError, TableFormatError, UnavailableError
 from memstore.layout import EngramLayout
 from memstore.live import LiveConfig, LiveTable
-from memstore.manifest import Manifest
+from memstore.manifest import Backend, Manifest
 from memstore.optim import OptimizerConfig, OptimizerKind, apply_update
-from memstore.table import Table
+from memstore.table import Table, open_store
 from memstore.wal import Durability
 from tests.helpers import SMALL_LAYOUT
 
@@ -25,9 +25,20 @@ DIM = SMALL_LAYOUT.dim
 FAST = LiveConfig(durability=Durability.OS)
 
 
-def _trainable(path: Path, kind: OptimizerKind = OptimizerKind.ADAM, dtype: DType = DType.FLOAT32, **kw) -> Path:
-    optimizer = OptimizerConfig(kind=kind, lr=0.1, **kw)
-    return create_table(path, Manifest(layout=SMALL_LAYOUT, dtype=dtype, seed=3, optimizer=optimizer))
+@pytest.fixture(params=list(Backend), ids=lambda b: b.value)
+def backend(request: pytest.FixtureRequest) -> Backend:
+    return request.param
+
+
+def _trainable(
+    path: Path,
+    kind: OptimizerKind = OptimizerKind.ADAM,
+    dtype: DType = DType.FLOAT32,
+    backend: Backend = Backend.MMAP,
+) -> Path:
+    optimizer = OptimizerConfig(kind=kind, lr=0.1)
+    manifest = Manifest(layout=SMALL_LAYOUT, dtype=dtype, seed=3, optimizer=optimizer, backend=backend)
+    return create_table(path, manifest)
 
 
 def _push_args(i: int, count: int = 40) -> tuple[np.ndarray, np.ndarray]:
@@ -37,14 +48,30 @@ def _push_args(i: int, count: int = 40) -> tuple[np.ndarray, np.ndarray]:
     return ids, rng.standard_normal((count, DIM)).astype(np.float32)
 
 
-def _files(path: Path) -> dict[str, bytes]:
-    return {f.name: f.read_bytes() for f in sorted(path.iterdir()) if f.suffix in {".rows", ".f32"}}
+def _files(path: Path, live: LiveTable | None = None) -> dict[str, bytes]:
+    """Every row and optimizer-state value of a table, per store, whatever the backend (through
+    `live`'s own stores when it has the table open: LMDB allows one open per process)."""
+    if live is not None:
+        return {
+            name: store.gather(np.arange(store.num_rows)).tobytes() for name, store in live._stores_by_name().items()
+        }
+    manifest = Manifest.read(path)
+    contents = {}
+    for layer in manifest.layout.layer_ids:
+        num_rows = manifest.layout.num_rows(layer)
+        stores = {manifest.layer_file(layer): (manifest.layout.dim, manifest.dtype)}
+        stores |= {name: (width, DType.FLOAT32) for name, width in manifest.state_files(layer).values()}
+        for name, (width, dtype) in stores.items():
+            store = open_store(manifest.backend, path / name, num_rows, width, dtype, read_only=True)
+            contents[name] = store.gather(np.arange(num_rows)).tobytes()
+            store.close()
+    return contents
 
 
 @pytest.mark.parametrize("kind", list(OptimizerKind))
 @pytest.mark.parametrize("dtype", list(DType))
-def test_pushes_apply_the_optimizer_and_count_versions(tmp_path, kind: OptimizerKind, dtype: DType) -> None:
-    path = _trainable(tmp_path / "t", kind, dtype)
+def test_pushes_apply_the_optimizer_and_count_versions(tmp_path, kind: OptimizerKind, dtype: DType, backend) -> None:
+    path = _trainable(tmp_path / "t", kind, dtype, backend)
     with Table.open(path) as table:
         expected = {
             layer: dtype.to_float32(table.gather(layer, np.arange(table.manifest.layout.num_rows(layer))))
@@ -88,11 +115,11 @@ def test_pushes_apply_the_optimizer_and_count_versions(tmp_path, kind: Optimizer
     ],
     ids=["repeated-ids", "nan", "width", "float64", "range"],
 )
-def test_bad_pushes_change_nothing(tmp_path, mutate, error, message) -> None:
-    path = _trainable(tmp_path / "t")
+def test_bad_pushes_change_nothing(tmp_path, mutate, error, message, backend) -> None:
+    path = _trainable(tmp_path / "t", backend=backend)
     with LiveTable.open(path, config=FAST) as live:
         live.push(LAYER, *_push_args(1))
-        before = _files(path)
+        before = _files(path, live)
         with pytest.raises(error, match=message):
             live.push(LAYER, *mutate(*_push_args(2)))
         with pytest.raises(InvalidArgumentError, match="lr_scale"):
@@ -100,7 +127,7 @@ def test_bad_pushes_change_nothing(tmp_path, mutate, error, message) -> None:
         with pytest.raises(InvalidArgumentError, match="not a layer|layer"):
             live.push(99, *_push_args(2))
         assert live.version == 1 and live.layer_steps[LAYER] == 1
-        assert _files(path) == before
+        assert _files(path, live) == before
 
 
 def test_frozen_and_read_only_tables_refuse_pushes(tmp_path, table_path) -> None:
@@ -131,30 +158,31 @@ def test_a_retried_step_is_answered_without_applying_it_again(tmp_path) -> None:
 
 
 def _expected_after(path: Path, pushes: int, dest: Path) -> dict[str, bytes]:
-    """The files of a fresh copy of the table after the first `pushes` pushes of the sequence."""
-    _trainable(dest)
+    """The contents of a fresh copy of the table after the first `pushes` pushes of the sequence."""
+    _trainable(dest, backend=Manifest.read(path).backend)
     with LiveTable.open(dest, config=FAST) as live:
         for i in range(1, pushes + 1):
             live.push(LAYER, *_push_args(i))
     return _files(dest)
 
 
-def test_recovery_replays_the_log_over_lost_writes(tmp_path) -> None:
-    path = _trainable(tmp_path / "t")
-    pristine = _files(path)
+def test_recovery_replays_the_log_over_lost_writes(tmp_path, backend) -> None:
+    path = _trainable(tmp_path / "t", backend=backend)
+    pristine = shutil.copytree(path, tmp_path / "pristine")
     live = LiveTable.open(path, config=LiveConfig(durability=Durability.FSYNC, checkpoint_every=0))
     for i in range(1, 9):
         live.push(LAYER, *_push_args(i))
     live._close_files()  # a crash: no checkpoint
-    for name, data in pristine.items():  # and the page cache lost every write to the files
-        (path / name).write_bytes(data)
+    for name in _files(pristine):  # and every write to the stores was lost
+        (shutil.rmtree if (path / name).is_dir() else Path.unlink)(path / name)
+        (shutil.copytree if (pristine / name).is_dir() else shutil.copyfile)(pristine / name, path / name)
     with LiveTable.open(path, config=FAST) as recovered:
         assert recovered.version == 8 and recovered.layer_steps[LAYER] == 8
     assert _files(path) == _expected_after(path, 8, tmp_path / "expected")
 
 
-def test_a_checkpoint_drops_the_log_and_a_reopen_continues(tmp_path) -> None:
-    path = _trainable(tmp_path / "t")
+def test_a_checkpoint_drops_the_log_and_a_reopen_continues(tmp_path, backend) -> None:
+    path = _trainable(tmp_path / "t", backend=backend)
     with LiveTable.open(path, config=LiveConfig(durability=Durability.OS, checkpoint_every=3)) as live:
         for i in range(1, 8):
             live.push(LAYER, *_push_args(i))
@@ -174,8 +202,8 @@ def test_read_only_open_refuses_an_unrecovered_table(tmp_path) -> None:
         LiveTable.open(path, read_only=True)
 
 
-def test_a_snapshot_taken_while_pushing_is_the_table_at_one_version(tmp_path) -> None:
-    path = _trainable(tmp_path / "t")
+def test_a_snapshot_taken_while_pushing_is_the_table_at_one_version(tmp_path, backend) -> None:
+    path = _trainable(tmp_path / "t", backend=backend)
     with LiveTable.open(path, config=FAST) as live:
         stop = threading.Event()
 

@@ -409,3 +409,256 @@ def test_close_twice_is_harmless(opened: Opened) -> None:
         store = opened.open(read_only=read_only)
         opened.close(store)
         store.close()
+
+
+# --------------------------------------------------------------------------- LMDB only
+
+
+def _lmdb_store(
+    path: Path, rows: np.ndarray, dtype: DType, block_rows: int, read_only: bool = False, chunk: int = 10
+) -> LmdbRowStore:
+    """A new LMDB store at `path` holding `rows`, written in chunks of `chunk` rows (not block-aligned)."""
+    num_rows, dim = rows.shape
+    chunks = (rows[start : start + chunk] for start in range(0, num_rows, chunk))
+    LmdbRowStore.create(path, num_rows, dim, dtype, chunks, block_rows=block_rows)
+    return LmdbRowStore(path, num_rows, dim, dtype, read_only=read_only)
+
+
+@pytest.mark.parametrize("num_rows", [37, 40])
+@pytest.mark.parametrize("block_rows", [1, 5, 8, 40, 64])
+def test_lmdb_block_boundaries(tmp_path: Path, num_rows: int, block_rows: int) -> None:
+    """Ids at block edges and in the short last block read and update right, with and without the
+    located-address cache, and after reopening."""
+    dtype = DType.FLOAT16
+    expected = _rows(dtype, num_rows=num_rows)
+    store = _lmdb_store(tmp_path / "env", expected, dtype, block_rows)
+    assert store.block_rows == block_rows
+    last = num_rows - 1
+    edges = sorted({0, block_rows - 1, block_rows, 2 * block_rows - 1, (last // block_rows) * block_rows, last} - {-1})
+    edges = np.array([i for i in edges if i < num_rows])
+    for use_cache in (True, False):
+        store.use_address_cache = use_cache
+        assert _same(store.gather(np.arange(num_rows)), expected)
+        assert _same(store.gather(edges[::-1]), expected[edges[::-1]])
+        assert _same(store.gather(np.array([last, 0, last])), expected[[last, 0, last]])
+    new = _rows(dtype, num_rows=len(edges), seed=9)
+    store.update(edges, new)
+    expected[edges] = new
+    for use_cache in (True, False):
+        store.use_address_cache = use_cache
+        assert _same(store.gather(np.arange(num_rows)), expected)
+    store.close()
+    again = LmdbRowStore(tmp_path / "env", num_rows, DIM, dtype)
+    assert again.block_rows == block_rows  # taken from the store
+    assert _same(again.gather(np.arange(num_rows)[::-1]), expected[::-1])
+    again.close()
+
+
+@pytest.mark.parametrize(
+    ("dim", "dtype", "block_rows", "one_phase"),
+    [(64, DType.FLOAT32, 32, True), (24, DType.FLOAT32, 64, False), (8, DType.FLOAT16, 4, None)],
+    ids=["blocks-on-own-pages", "odd-row-size", "blocks-inside-leaves"],
+)
+def test_lmdb_updates_and_gathers_interleaved_match_numpy(
+    tmp_path: Path, dim: int, dtype: DType, block_rows: int, one_phase: bool | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Many small updates between gathers: the addresses kept across own commits stay right, both
+    where blocks have their own pages (8 KiB blocks: only touched ones move) and where they share
+    leaf pages (all may move); with rows all at one offset modulo the row size (a contiguous take)
+    and not (96-byte rows do not divide a page: a take by byte address)."""
+    num_rows = 200 * block_rows - 3
+    expected = _rows(dtype, num_rows=num_rows, dim=dim)
+    store = _lmdb_store(tmp_path / "env", expected, dtype, block_rows, chunk=1000)
+    rng = np.random.default_rng(5)
+    for step in range(40):
+        ids = rng.choice(num_rows, size=int(rng.integers(1, 30)), replace=False)
+        new = _rows(dtype, num_rows=len(ids), dim=dim, seed=100 + step)
+        store.update(ids, new)
+        expected[ids] = new
+        probe = rng.integers(0, num_rows, 500)
+        assert _same(store.gather(probe), expected[probe]), step
+    assert _same(store.gather(np.arange(num_rows)), expected)
+    if one_phase is not None:
+        assert (store._cache_phase >= 0) == one_phase
+    # Warm, the cache serves every block: a gather locates nothing.
+    monkeypatch.setattr(store, "_locate", lambda txn, blocks: pytest.fail("a block was located again"))
+    assert _same(store.gather(np.arange(num_rows)[::-1]), expected[::-1])
+    monkeypatch.undo()
+    store.close()
+
+
+def test_lmdb_update_is_all_or_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    dtype = DType.FLOAT32
+    initial = _rows(dtype)
+    store = _lmdb_store(tmp_path / "env", initial, dtype, block_rows=4)
+    store.gather(np.arange(NUM_ROWS))  # locate every block first
+    puts = []
+    real_put = store._put_block
+
+    def failing_put(txn: lmdb.Transaction, block: int, rows: np.ndarray) -> None:
+        puts.append(block)
+        if len(puts) == 3:
+            raise OSError("disk on fire")
+        real_put(txn, block, rows)
+
+    monkeypatch.setattr(store, "_put_block", failing_put)
+    ids = np.array([0, 5, 9, 13, 17, 36])  # blocks 0, 1, 2, 3, 4, 9
+    with pytest.raises(OSError, match="disk on fire"):
+        store.update(ids, _rows(dtype, num_rows=len(ids), seed=7))
+    assert puts == [0, 1, 2]  # two blocks were put inside the transaction before it failed
+    monkeypatch.undo()
+    assert _same(store.gather(np.arange(NUM_ROWS)), initial)
+    store.close()
+    again = LmdbRowStore(tmp_path / "env", NUM_ROWS, DIM, dtype)
+    assert _same(again.gather(np.arange(NUM_ROWS)), initial)
+    again.close()
+
+
+def _versioned_writes(store: LmdbRowStore, versions: int, rows: int, pause_s: float = 0.0) -> None:
+    """Rows 0..rows-1 all set to v (every value), for v = 1..versions, one update each."""
+    import time
+
+    ids = np.arange(rows)
+    for version in range(1, versions + 1):
+        store.update(ids, np.full((rows, store.dim), version, dtype=np.float32))
+        time.sleep(pause_s)
+
+
+@pytest.mark.parametrize("use_cache", [True, False], ids=["cached", "located"])
+def test_lmdb_readers_in_threads_see_whole_updates(tmp_path: Path, use_cache: bool) -> None:
+    """A gather is one snapshot: while a writer sets a multi-block span of rows to a version per
+    update, every gather of the span sees one single version, never mixing two, never going back."""
+    import threading
+
+    span, versions = 30, 60
+    store = _lmdb_store(tmp_path / "env", np.zeros((NUM_ROWS, DIM), np.float32), DType.FLOAT32, block_rows=4)
+    store.use_address_cache = use_cache
+    failures: list[str] = []
+    seen: list[set[float]] = []
+    done = threading.Event()
+
+    def read() -> None:
+        versions_seen: set[float] = set()
+        last = 0.0
+        ids = np.arange(span)[::-1]
+        while not done.is_set() or not versions_seen:
+            rows = store.gather(ids)
+            if not (rows == rows[0, 0]).all():
+                failures.append(f"a gather mixed versions {sorted(set(rows.ravel().tolist()))}")
+            if rows[0, 0] < last:
+                failures.append(f"went back from version {last} to {rows[0, 0]}")
+            last = float(rows[0, 0])
+            versions_seen.add(last)
+        seen.append(versions_seen)
+
+    readers = [threading.Thread(target=read) for _ in range(3)]
+    for reader in readers:
+        reader.start()
+    try:
+        _versioned_writes(store, versions, span)
+    finally:
+        done.set()
+        for reader in readers:
+            reader.join()
+    assert not failures, failures[:3]
+    assert all(s <= set(range(versions + 1)) for s in seen)
+    assert _same(store.gather(np.arange(span)), np.full((span, DIM), versions, np.float32))
+    store.close()
+
+
+_READER = """
+import sys, numpy as np
+from memstore.dtypes import DType
+from memstore.storage import LmdbRowStore
+store = LmdbRowStore(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), DType.FLOAT32)
+span, last, seen = int(sys.argv[4]), 0.0, set()
+print("ready", flush=True)
+while last < int(sys.argv[5]):
+    rows = store.gather(np.arange(span))
+    assert (rows == rows[0, 0]).all(), sorted(set(rows.ravel().tolist()))
+    assert rows[0, 0] >= last, (last, rows[0, 0])
+    last = float(rows[0, 0])
+    seen.add(last)
+print(len(seen))
+"""
+
+
+def test_lmdb_reader_process_sees_whole_updates(tmp_path: Path) -> None:
+    """Another process reading while this one writes: each of its gathers sees one version."""
+    import subprocess
+    import sys
+
+    span, versions = 30, 200
+    store = _lmdb_store(tmp_path / "env", np.zeros((NUM_ROWS, DIM), np.float32), DType.FLOAT32, block_rows=4)
+    repo = Path(__file__).resolve().parent.parent
+    args = [str(tmp_path / "env"), str(NUM_ROWS), str(DIM), str(span), str(versions)]
+    with subprocess.Popen(
+        [sys.executable, "-c", _READER, *args], cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as reader:
+        assert reader.stdout.readline().strip() == "ready"
+        _versioned_writes(store, versions, span, pause_s=0.001)
+        out, err = reader.communicate(timeout=60)
+    assert reader.returncode == 0, err
+    assert int(out) >= 1  # versions it saw: usually dozens
+    store.close()
+
+
+def test_lmdb_write_grows_a_full_map(tmp_path: Path) -> None:
+    dtype = DType.FLOAT32
+    rows = _rows(dtype, num_rows=4000, dim=64)  # 1 MiB
+    LmdbRowStore.create(tmp_path / "env", 4000, 64, dtype, [rows], block_rows=32)
+    store = LmdbRowStore(tmp_path / "env", 4000, 64, dtype, read_only=False, map_size=1 << 20)
+    before = store._env.info()["map_size"]
+    new = _rows(dtype, num_rows=4000, dim=64, seed=3)
+    store.update(np.arange(4000), new)  # copies every block: does not fit the map as opened
+    assert store._env.info()["map_size"] > before
+    assert _same(store.gather(np.arange(4000)), new)
+    store.close()
+
+
+def test_lmdb_open_checks_the_metadata(tmp_path: Path) -> None:
+    dtype = DType.FLOAT16
+    path = tmp_path / "env"
+    _lmdb_store(path, _rows(dtype), dtype, block_rows=8).close()
+    with pytest.raises(TableFormatError, match="8 rows per block; expected 16"):
+        LmdbRowStore(path, NUM_ROWS, DIM, dtype, block_rows=16)
+    with pytest.raises(TableFormatError, match="float16; expected .* float32"):
+        LmdbRowStore(path, NUM_ROWS, DIM, DType.FLOAT32)
+    with lmdb.open(str(path), max_dbs=2) as env, env.begin(write=True, db=env.open_db(b"meta")) as txn:
+        txn.put(b"layout", b"{not json")
+    with pytest.raises(TableFormatError, match="unreadable metadata"):
+        LmdbRowStore(path, NUM_ROWS, DIM, dtype)
+    with open(path / "data.mdb", "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(TableFormatError, match="damaged"):
+        LmdbRowStore(path, NUM_ROWS, DIM, dtype)
+
+
+def test_lmdb_create_is_incomplete_until_its_last_transaction(tmp_path: Path) -> None:
+    dtype = DType.FLOAT16
+    rows = _rows(dtype)
+
+    def chunks_then_crash() -> Iterator[np.ndarray]:
+        yield rows[:20]
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        LmdbRowStore.create(tmp_path / "env", NUM_ROWS, DIM, dtype, chunks_then_crash(), block_rows=4)
+    with pytest.raises(TableFormatError, match="damaged or incomplete"):
+        LmdbRowStore(tmp_path / "env", NUM_ROWS, DIM, dtype)
+    with pytest.raises(InvalidArgumentError, match="already holds"):
+        LmdbRowStore.create(tmp_path / "env", NUM_ROWS, DIM, dtype, [rows])
+    with pytest.raises(InvalidArgumentError, match="held 36 rows"):
+        LmdbRowStore.create(tmp_path / "short", NUM_ROWS, DIM, dtype, [rows[:36]])
+    with pytest.raises(InvalidArgumentError, match="more than"):
+        LmdbRowStore.create(tmp_path / "long", NUM_ROWS, DIM, dtype, [rows, rows[:1]])
+    with pytest.raises(InvalidArgumentError, match="chunks must be"):
+        LmdbRowStore.create(tmp_path / "wide", NUM_ROWS, DIM, dtype, [rows.astype(np.float32)])
+
+
+def test_lmdb_empty_store(tmp_path: Path) -> None:
+    store = _lmdb_store(tmp_path / "env", np.zeros((0, DIM), np.float16), DType.FLOAT16, block_rows=8)
+    assert store.gather(np.array([], dtype=np.int64)).shape == (0, DIM)
+    with pytest.raises(InvalidArgumentError, match="out of range"):
+        store.gather(np.array([0]))
+    store.close()

@@ -8,6 +8,7 @@ whichever the backend.
 from __future__ import annotations
 
 import abc
+from pathlib import Path
 
 import numpy as np
 
@@ -26,7 +27,8 @@ def take_rows(rows: np.ndarray, ids: np.ndarray, out: np.ndarray | None = None) 
     as_items = rows.view(np.ndarray).view(row_type).reshape(num_rows)  # [num_rows] opaque rows
     if out is None:
         return np.take(as_items, ids).view(rows.dtype).reshape(len(ids), dim)  # [len(ids), dim]
-    np.take(as_items, ids, out=out.view(row_type).reshape(len(ids)))  # out [len(ids), dim] as opaque rows
+    # mode="clip": ids are checked already, and the default mode buffers the whole result when `out` is given.
+    np.take(as_items, ids, out=out.view(row_type).reshape(len(ids)), mode="clip")  # out [len(ids), dim] as rows
     return out
 
 
@@ -73,6 +75,12 @@ class RowStore(abc.ABC):
     def close(self) -> None:
         """Release the storage; flushes first when writable."""
         self.flush()
+
+    def copy_to(self, dest: Path) -> None:
+        """Write a copy of the stored rows at `dest` (synced to disk), as another store of this
+        backend would open them. Rows updated during the copy may be seen before or after the
+        update (callers replay their log over the copy; memstore.live)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot copy itself")
 
     def check_ids(self, row_ids: np.ndarray) -> np.ndarray:
         """The ids as a 1-D int64 array, or InvalidArgumentError if any is not a row of this store."""

@@ -3,9 +3,10 @@
 Layout of the environment directory (`subdir=True`: data.mdb and lock.mdb):
 
 - named DB ``rows``: key = block index as 8-byte big-endian (keys sort numerically), value =
-  `block_rows` consecutive rows (the last block may be shorter) as raw little-endian bytes of
-  the storage dtype, row-major. One key per row reaches only a few percent of the mmap
-  backend's gather speed: per-key work in Python dominates.
+  `block_rows` consecutive rows as raw little-endian bytes of the storage dtype, row-major. The
+  last block is padded with zero rows to the same size: every value then sits the same way on
+  its pages (see below). One key per row reaches only a few percent of the mmap backend's
+  gather speed: per-key work in Python dominates.
 - named DB ``meta``: key ``layout`` = JSON with the format tag, num_rows, dim, dtype and
   block_rows. It is written in the last transaction of `create`, so an interrupted create
   leaves a directory that does not open.
@@ -16,12 +17,25 @@ writer. An update is one write transaction (all rows of the request or none).
 
 Gathers are vectorised: inside the read transaction each needed block is located once (its
 value is a zero-copy view into LMDB's map, valid while the transaction lives), and then all
-requested rows are copied with one numpy take over the map, addressed by byte offset. Locating a
-block costs ~2 us of Python, 8x the copy of the rows it serves, so the located addresses are kept
-per snapshot (transaction id): while no other process writes, a warm gather touches no LMDB
-call but the transaction itself. Own updates keep the addresses of the blocks they did not
-touch (a value stored on its own overflow pages does not move unless rewritten); a commit by
-another process starts the addresses over.
+requested rows are copied with one numpy take over the map, each row addressed by where it
+lies. A value larger than a page has overflow pages of its own and starts 16 bytes into its
+first page, so when the row size divides the page size every row starts at the same offset
+modulo the row size: the map is then a contiguous array of rows (for that offset) and the take
+is the mmap backend's. Otherwise (blocks packed inside leaf pages, odd row sizes) rows are
+taken by byte address, about 1.7x slower.
+
+Locating a block costs ~2 us of Python, 8x the copy of the rows it serves, so the located
+addresses are kept per snapshot (transaction id): while no other process writes, a warm gather
+makes no LMDB call but beginning its transaction. Own updates keep the addresses of the blocks
+they did not touch (a value on its own overflow pages does not move unless rewritten); a commit
+by another process starts the addresses over.
+
+Block size and disk: an overflow value takes whole pages after a 16-byte header, so 64 rows of
+128 bytes (8192 bytes) take 3 pages where 63 rows take 2: 2M such rows are 367 MiB on disk with
+64 rows per block, 249 MiB with 63 (the mmap file: 244 MiB), at the same gather speed.
+
+Commits fsync the data (sync) but not the meta page (metasync off): a system crash may lose the
+last commits, never integrity; `flush` makes everything durable, as for the mmap backend.
 
 One `LmdbRowStore` per environment per process (LMDB forbids opening one twice in a process).
 """
@@ -52,11 +66,8 @@ _KEY = struct.Struct(">Q").pack  # block index -> key
 _MAX_READERS = 1024
 _CREATE_TXN_BYTES = 64 << 20  # rows written per transaction by `create`
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-
-
-def block_key(block: int) -> bytes:
-    """The key of block `block` (rows block*block_rows ..) in the rows DB."""
-    return _KEY(block)
+_DAMAGED = (lmdb.InvalidError, lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.VersionMismatchError)
+_NO_PHASE, _MIXED = -2, -1  # block values located so far: none; not all at one offset modulo the row size
 
 
 class LmdbRowStore(RowStore):
@@ -81,21 +92,27 @@ class LmdbRowStore(RowStore):
             raise TableFormatError(f"LMDB row store {self.path} is missing (no data.mdb)")
         self._row_bytes = dim * dtype.itemsize
         self._env: lmdb.Environment | None = None
-        env = lmdb.open(
-            str(self.path),
-            map_size=map_size or _default_map_size(num_rows, self._row_bytes, block_rows or DEFAULT_BLOCK_ROWS),
-            subdir=True,
-            readonly=read_only,
-            create=False,
-            lock=True,
-            readahead=False,  # random access: read-around would fetch neighbours nobody asked for
-            sync=True,
-            metasync=False,  # one fsync per commit; a system crash may lose the last commits, never integrity
-            max_readers=_MAX_READERS,
-            max_dbs=2,
-        )
+        try:
+            env = lmdb.open(
+                str(self.path),
+                map_size=map_size or _default_map_size(num_rows, self._row_bytes, block_rows or DEFAULT_BLOCK_ROWS),
+                subdir=True,
+                readonly=read_only,
+                create=False,
+                lock=True,
+                readahead=False,  # random access: read-around would fetch neighbours nobody asked for
+                sync=True,
+                metasync=False,  # one fsync per commit; a system crash may lose the last commits, never integrity
+                max_readers=_MAX_READERS,
+                max_dbs=2,
+            )
+        except _DAMAGED as exc:
+            raise TableFormatError(f"LMDB row store {self.path} is damaged: {exc}") from None
         try:
             self.block_rows = self._validate(env, block_rows)
+        except _DAMAGED as exc:
+            env.close()
+            raise TableFormatError(f"LMDB row store {self.path} is damaged: {exc}") from None
         except BaseException:
             env.close()
             raise
@@ -106,13 +123,13 @@ class LmdbRowStore(RowStore):
         # Block values larger than a page live on their own overflow pages: a commit that does not
         # rewrite them leaves them in place. Smaller ones live inside leaf pages, which any write
         # to a neighbouring key copies elsewhere.
-        page = env.stat()["psize"]
-        self._full_blocks_stay = self._block_bytes > page
-        self._last_block_stays = self._block_len(self._num_blocks - 1) * self._row_bytes > page
-        # Located block addresses for snapshot `_cache_txn` (0: not located yet).
+        self._blocks_stay = self._block_bytes > env.stat()["psize"]
+        # Located block addresses for snapshot `_cache_txn` (0: not located yet), and the offset
+        # modulo the row size they all share (_NO_PHASE: none located yet; _MIXED: no common one).
         self._cache_lock = threading.Lock()
         self._cache_txn = -1
         self._cache = np.zeros(self._num_blocks, dtype=np.int64)
+        self._cache_phase = _NO_PHASE
         self.use_address_cache = True  # False: locate every block on every gather (benchmarks, tests)
         # set_mapsize needs no transaction open in this process: gathers and updates hold the gate.
         self._gate = threading.Condition()
@@ -159,19 +176,15 @@ class LmdbRowStore(RowStore):
             rows_db = env.open_db(_ROWS_DB)
             meta_db = env.open_db(_META_DB)
             blocks_per_txn = max(1, _CREATE_TXN_BYTES // (block_rows * row_bytes))
-            written = 0
             block = 0
             txn = env.begin(write=True)
             try:
                 for rows in _blocks(chunks, block_rows, dim, dtype, num_rows):
                     txn.put(_KEY(block), rows, append=True, db=rows_db)
-                    written += len(rows) // row_bytes
                     block += 1
                     if block % blocks_per_txn == 0:
                         txn.commit()
                         txn = env.begin(write=True)
-                if written != num_rows:
-                    raise InvalidArgumentError(f"the chunks held {written} rows; the store needs {num_rows}")
                 txn.put(_META_KEY, _meta_bytes(num_rows, dim, dtype, block_rows), db=meta_db)
                 txn.commit()
             except BaseException:
@@ -185,19 +198,31 @@ class LmdbRowStore(RowStore):
     # ------------------------------------------------------------------ the contract
 
     def _gather(self, ids: np.ndarray, out: np.ndarray | None) -> np.ndarray:
-        if out is None:
-            out = np.empty((len(ids), self.dim), dtype=self.dtype.numpy)
-        if not len(ids):
-            return out
+        n, row_bytes = len(ids), self._row_bytes
+        if not n:
+            return np.empty((0, self.dim), dtype=self.dtype.numpy) if out is None else out
         blocks = ids // self.block_rows
-        with self._read() as txn:
-            addresses = self._block_addresses(txn, blocks)  # [len(ids)] value address of each row's block
-            addresses += (ids - blocks * self.block_rows) * self._row_bytes
-            low = int(addresses.min())
-            addresses -= low
-            rows = _rows_at(low, int(addresses.max()) + self._row_bytes, self._row_bytes)
-            row_type = rows.dtype
-            np.take(rows, addresses, out=out.view(row_type).reshape(len(ids)))
+        with self._transaction(write=False) as txn:
+            addresses, phase = self._block_addresses(txn, blocks)  # [n] address of each row's block
+            addresses += (ids - blocks * self.block_rows) * row_bytes  # of each row
+            if phase >= 0:  # every row at `phase` modulo row_bytes: the map as a contiguous array of rows
+                addresses -= phase
+                addresses //= row_bytes  # slots: a row's address is slot * row_bytes + phase
+                low = int(addresses.min())
+                addresses -= low
+                span = _rows_at(low * row_bytes + phase, int(addresses.max()) + 1, row_bytes, row_bytes)
+                if out is None:
+                    rows = np.take(span, addresses)  # [n] opaque rows, copied out of the map
+                else:  # not buffered (mode="raise" with `out` is): the slots are in range by construction
+                    np.take(span, addresses, out=out.view(span.dtype).reshape(n), mode="clip")
+                    return out
+            else:  # rows at any byte: indexing a view with a row at each byte (take would copy it whole)
+                low = int(addresses.min())
+                addresses -= low
+                rows = _rows_at(low, int(addresses.max()) + 1, row_bytes, 1)[addresses]
+        if out is None:
+            return rows.view(self.dtype.numpy).reshape(n, self.dim)
+        out.view(rows.dtype).reshape(n)[:] = rows
         return out
 
     def _update(self, ids: np.ndarray, rows: np.ndarray) -> None:
@@ -211,24 +236,18 @@ class LmdbRowStore(RowStore):
             try:
                 with self._transaction(write=True) as txn:
                     txn_id = txn.id()
+                    blocks_rows = scratch.reshape(len(touched), self.block_rows, self.dim)
                     for i, block in enumerate(touched.tolist()):  # read every block before any put moves them
-                        value = self._block_value(txn, block)
-                        scratch[i * self.block_rows : i * self.block_rows + len(value)] = value
+                        blocks_rows[i] = self._block_value(txn, block)
                     scratch[local] = rows
                     for i, block in enumerate(touched.tolist()):
-                        count = self._block_len(block)
-                        self._put_block(txn, block, scratch[i * self.block_rows : i * self.block_rows + count])
+                        self._put_block(txn, block, blocks_rows[i])
                 break
             except lmdb.MapFullError:  # aborted: nothing written; grow the map and do it again
                 self._grow()
         with self._cache_lock:
             if self._cache_txn == txn_id - 1:  # our commit is the only change since the cached snapshot
-                if self._full_blocks_stay:
-                    self._cache[touched] = 0
-                    if not self._last_block_stays:
-                        self._cache[-1] = 0
-                else:
-                    self._cache[:] = 0
+                self._cache[touched if self._blocks_stay else slice(None)] = 0
                 self._cache_txn = txn_id
 
     def _put_block(self, txn: lmdb.Transaction, block: int, rows: np.ndarray) -> None:
@@ -244,6 +263,14 @@ class LmdbRowStore(RowStore):
         super().close()
         self._env.close()
         self._env = None
+
+    def copy_to(self, dest: Path) -> None:
+        """LMDB's own copy of the environment (one read snapshot: consistent), synced to disk."""
+        dest = Path(dest)
+        dest.mkdir(parents=True)
+        self._env.copy(str(dest))
+        with open(dest / "data.mdb", "rb+") as copied:
+            os.fsync(copied.fileno())
 
     @property
     def bytes_on_disk(self) -> int:
@@ -289,66 +316,66 @@ class LmdbRowStore(RowStore):
                 with txn.cursor(rows_db) as cursor:
                     for block, position in ((0, cursor.first), (num_blocks - 1, cursor.last)):
                         position()
-                        count = min(block_rows, self.num_rows - block * block_rows)
-                        if cursor.key() != _KEY(block) or len(cursor.value()) != count * self._row_bytes:
+                        if cursor.key() != _KEY(block) or len(cursor.value()) != block_rows * self._row_bytes:
                             problem = f"has a wrong key or size at block {block}"
             if problem:
                 raise TableFormatError(f"{where} {problem}: the store is damaged or incomplete")
         return block_rows
 
-    def _block_len(self, block: int) -> int:
-        return min(self.block_rows, self.num_rows - block * self.block_rows)
-
     def _block_value(self, txn: lmdb.Transaction, block: int) -> np.ndarray:
-        """Block `block` as [rows, dim], a view into the map valid inside `txn` (until its next write)."""
+        """Block `block` as [block_rows, dim], a view into the map valid inside `txn` (until its next write)."""
         value = txn.get(_KEY(block), db=self._rows_db)
-        count = self._block_len(block)
-        if value is None or len(value) != count * self._row_bytes:
+        if value is None or len(value) != self._block_bytes:
             got = "is missing" if value is None else f"holds {len(value)} bytes"
             raise TableFormatError(
-                f"block {block} of LMDB row store {self.path} {got}; expected {count * self._row_bytes}: "
+                f"block {block} of LMDB row store {self.path} {got}; expected {self._block_bytes}: "
                 "the store is damaged or incomplete"
             )
-        return np.frombuffer(value, dtype=self.dtype.numpy).reshape(count, self.dim)
+        return np.frombuffer(value, dtype=self.dtype.numpy).reshape(self.block_rows, self.dim)
 
     def _locate(self, txn: lmdb.Transaction, blocks: np.ndarray) -> np.ndarray:
         """The address of each block's value in the map (valid inside `txn`)."""
         addresses = np.empty(len(blocks), dtype=np.int64)
-        get, db, key, full = txn.get, self._rows_db, _KEY, self._block_bytes
-        last = self._num_blocks - 1
+        get, db, key, size = txn.get, self._rows_db, _KEY, self._block_bytes
         for i, block in enumerate(blocks.tolist()):
             value = get(key(block), db=db)
-            if value is None or (len(value) != full and block != last):
+            if value is None or len(value) != size:
                 self._block_value(txn, block)  # raises, saying what is wrong
             addresses[i] = np.frombuffer(value, dtype=np.uint8).ctypes.data
-        if len(blocks) and blocks[-1] == last:
-            self._block_value(txn, last)  # the short last block: checks its size
         return addresses
 
-    def _block_addresses(self, txn: lmdb.Transaction, blocks: np.ndarray) -> np.ndarray:
-        """The value address of each of `blocks` (repeats allowed) in `txn`'s snapshot, a new array."""
+    def _phase(self, addresses: np.ndarray, phase: int = _NO_PHASE) -> int:
+        """The offset modulo the row size that `addresses` share with `phase`, or _MIXED."""
+        if phase == _MIXED or not len(addresses):
+            return phase
+        phases = addresses % self._row_bytes
+        first = int(phases[0]) if phase == _NO_PHASE else phase
+        return first if (phases == first).all() else _MIXED
+
+    def _block_addresses(self, txn: lmdb.Transaction, blocks: np.ndarray) -> tuple[np.ndarray, int]:
+        """The value address of each of `blocks` (repeats allowed) in `txn`'s snapshot (a new array),
+        and the offset modulo the row size they all share (or _MIXED)."""
         txn_id = txn.id()
         if self.use_address_cache:
             with self._cache_lock:
                 if txn_id > self._cache_txn:  # a newer snapshot: what was located may have moved
                     self._cache[:] = 0
                     self._cache_txn = txn_id
+                    self._cache_phase = _NO_PHASE
                 if txn_id == self._cache_txn:
                     addresses = self._cache[blocks]
                     missing = addresses == 0
                     if missing.any():
                         needed = np.unique(blocks[missing])
-                        self._cache[needed] = self._locate(txn, needed)
+                        located = self._locate(txn, needed)
+                        self._cache[needed] = located
+                        self._cache_phase = self._phase(located, self._cache_phase)
                         addresses = self._cache[blocks]
-                    return addresses
+                    return addresses, self._cache_phase
         # An older snapshot than the one cached (a gather that began before a commit), or no cache.
         needed, which = np.unique(blocks, return_inverse=True)
-        return self._locate(txn, needed)[which.reshape(-1)]
-
-    @contextmanager
-    def _read(self) -> Iterator[lmdb.Transaction]:
-        with self._transaction(write=False) as txn:
-            yield txn
+        located = self._locate(txn, needed)
+        return located[which.reshape(-1)], self._phase(located)
 
     @contextmanager
     def _transaction(self, write: bool) -> Iterator[lmdb.Transaction]:
@@ -397,28 +424,30 @@ class LmdbRowStore(RowStore):
                 with self._cache_lock:
                     self._cache[:] = 0
                     self._cache_txn = -1
+                    self._cache_phase = _NO_PHASE
             finally:
                 self._resizing = False
                 self._gate.notify_all()
 
 
 class _MapRows:
-    """`__array_interface__` of overlapping rows, one starting at each byte of a read-only span."""
+    """`__array_interface__` of read-only memory as opaque rows."""
 
-    def __init__(self, address: int, size: int, row_bytes: int) -> None:
+    def __init__(self, address: int, count: int, row_bytes: int, stride: int) -> None:
         self.__array_interface__ = {
             "version": 3,
             "data": (address, True),
-            "shape": (size - row_bytes + 1,),
-            "strides": (1,),
+            "shape": (count,),
+            "strides": (stride,),
             "typestr": f"|V{row_bytes}",
         }
 
 
-def _rows_at(address: int, size: int, row_bytes: int) -> np.ndarray:
-    """[size - row_bytes + 1] opaque rows of `row_bytes`, row i starting at byte address + i: any
-    row of the span by its byte offset. Only the rows taken are read."""
-    return np.asarray(_MapRows(address, size, row_bytes))
+def _rows_at(address: int, count: int, row_bytes: int, stride: int) -> np.ndarray:
+    """[count] opaque rows of `row_bytes`, row i at address + i * stride: with stride row_bytes a
+    contiguous array of rows, with stride 1 (rows overlapping) a row at each byte. Numpy reads
+    only the rows indexed: only they need to be readable."""
+    return np.asarray(_MapRows(address, count, row_bytes, stride))
 
 
 def _blocks(chunks: Iterable[np.ndarray], block_rows: int, dim: int, dtype: DType, num_rows: int) -> Iterator[bytes]:
@@ -452,8 +481,11 @@ def _blocks(chunks: Iterable[np.ndarray], block_rows: int, dim: int, dtype: DTyp
         if rest:
             pending[:rest] = chunk[start:]
             filled = rest
-    if filled:
-        yield pending[:filled].tobytes()
+    if total != num_rows:
+        raise InvalidArgumentError(f"the chunks held {total} rows; the store needs {num_rows}")
+    if filled:  # the last block, padded with zero rows
+        pending[filled:] = 0
+        yield pending.tobytes()
 
 
 def _meta_bytes(num_rows: int, dim: int, dtype: DType, block_rows: int) -> bytes:

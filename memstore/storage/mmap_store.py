@@ -119,6 +119,13 @@ class MmapRowStore(RowStore):
         if self._map is not None:
             self._map.flush()
 
+    def copy_to(self, dest: Path) -> None:
+        """A copy of the file; holes stay holes (a lazy store's copy stays sparse)."""
+        with open(self.path, "rb") as src, open(dest, "wb") as out:
+            _copy_sparse(src.fileno(), out.fileno(), self.path.stat().st_size)
+            out.flush()
+            os.fsync(out.fileno())
+
     def close(self) -> None:
         if self._rows is None:
             return
@@ -147,6 +154,25 @@ def _data_pages(path: Path, size: int) -> np.ndarray:
     finally:
         os.close(fd)
     return pages
+
+
+def _copy_sparse(src: int, dst: int, size: int) -> None:
+    """Copy the data extents of `src` into `dst` and size it: holes are not written."""
+    os.ftruncate(dst, size)
+    offset = 0
+    while offset < size:
+        try:
+            start = os.lseek(src, offset, os.SEEK_DATA)
+        except OSError:  # ENXIO: only a hole is left
+            break
+        end = os.lseek(src, start, os.SEEK_HOLE)
+        position = start
+        while position < end:
+            copied = os.copy_file_range(src, dst, end - position, position, position)
+            if copied == 0:
+                break
+            position += copied
+        offset = end
 
 
 def _row_words(rows: np.ndarray) -> np.ndarray:
