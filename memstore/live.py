@@ -78,8 +78,12 @@ class PushResult:
 
 @dataclass
 class _Checkpoint:
+    """What the files hold at least: the version, each layer's optimizer steps, and each client's
+    last step per layer (so a retried push is recognised across restarts too)."""
+
     version: int = 0
     layer_steps: dict[int, int] = field(default_factory=dict)
+    last_push: dict[tuple[str, int], tuple[int, PushResult]] = field(default_factory=dict)
 
     @classmethod
     def read(cls, table_dir: Path) -> _Checkpoint:
@@ -88,13 +92,25 @@ class _Checkpoint:
             return cls()
         try:
             data = json.loads(path.read_text())
-            return cls(int(data["version"]), {int(k): int(v) for k, v in data["layer_steps"].items()})
+            last_push = {
+                (client, int(layer)): (int(step), PushResult(int(version), int(layer_step), int(rows)))
+                for client, layer, step, version, layer_step, rows in data.get("last_push", [])
+            }
+            layer_steps = {int(k): int(v) for k, v in data["layer_steps"].items()}
+            return cls(int(data["version"]), layer_steps, last_push)
         except (KeyError, TypeError, ValueError) as exc:
             raise TableFormatError(f"{path} is malformed ({exc!r}); restore the table from a snapshot") from None
 
     def write(self, table_dir: Path) -> None:
         tmp = table_dir / (CHECKPOINT_NAME + ".tmp")
-        data = {"version": self.version, "layer_steps": {str(k): v for k, v in sorted(self.layer_steps.items())}}
+        data = {
+            "version": self.version,
+            "layer_steps": {str(k): v for k, v in sorted(self.layer_steps.items())},
+            "last_push": [
+                [client, layer, step, ack.version, ack.layer_step, ack.rows]
+                for (client, layer), (step, ack) in sorted(self.last_push.items())
+            ],
+        }
         with open(tmp, "w") as f:
             json.dump(data, f)
             f.flush()
@@ -166,13 +182,14 @@ class LiveTable:
         self._push_lock = threading.Lock()
         self._snapshots = 0  # snapshots in progress: the log must keep their records
         self._pushes_since_checkpoint = 0
-        self._last_push: dict[tuple[str, int], tuple[int, PushResult]] = {}  # (client, layer) -> last step id
+        self._last_push: dict[tuple[str, int], tuple[int, PushResult]] = {}  # (client, layer) -> last step, ack
         self._state: dict[int, dict[str, RowStore]] = {}
         self.seqlock: SeqLock | None = None
         self._wal: WriteAheadLog | None = None
         checkpoint = _Checkpoint.read(self.path)
         self.version = checkpoint.version
         self.layer_steps = {layer: checkpoint.layer_steps.get(layer, 0) for layer in self.manifest.layout.layer_ids}
+        self._last_push = checkpoint.last_push
         try:
             if self.trainable:
                 self._state = _open_state(self.path, self.manifest)
@@ -325,7 +342,7 @@ class LiveTable:
             return self.version
         assert self._wal is not None
         with self._push_lock:
-            checkpoint = _Checkpoint(self.version, dict(self.layer_steps))
+            checkpoint = _Checkpoint(self.version, dict(self.layer_steps), dict(self._last_push))
             self._pushes_since_checkpoint = 0
         # Flushing outside the lock may also flush later pushes: harmless, replay rewrites them.
         self.table.flush()

@@ -155,6 +155,9 @@ def test_a_retried_step_is_answered_without_applying_it_again(tmp_path) -> None:
         assert again == first and live.version == 1
         np.testing.assert_array_equal(live.gather(LAYER, np.arange(200))[0], rows)
         assert live.push(LAYER, *_push_args(1), step_id=7, client_id="replica-1").version == 2  # another client
+    with LiveTable.open(tmp_path / "t", config=FAST) as reopened:  # the checkpoint remembers the last steps
+        assert reopened.push(LAYER, *_push_args(1), step_id=7, client_id="replica-0") == first
+        assert reopened.version == 2
 
 
 def _expected_after(path: Path, pushes: int, dest: Path) -> dict[str, bytes]:
