@@ -30,7 +30,7 @@ from memstore.dtypes import DType  # noqa: E402
 from memstore.launch import start_daemon, stop_daemon  # noqa: E402
 from memstore.layout import EngramLayout  # noqa: E402
 from memstore.live import LiveConfig, LiveTable  # noqa: E402
-from memstore.manifest import Manifest  # noqa: E402
+from memstore.manifest import Backend, Manifest  # noqa: E402
 from memstore.optim import OptimizerConfig, OptimizerKind  # noqa: E402
 from memstore.wal import Durability  # noqa: E402
 
@@ -64,6 +64,7 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=8192, help="distinct rows per push")
     parser.add_argument("--seconds", type=float, default=2.0, help="per configuration")
     parser.add_argument("--table-rows", type=int, default=1_000_000)
+    parser.add_argument("--backend", type=Backend, choices=list(Backend), default=Backend.MMAP)
     args = parser.parse_args()
     layout = _layout(args.table_rows)
     work = Path(tempfile.mkdtemp(prefix="memstore-push-"))
@@ -74,7 +75,8 @@ def main() -> int:
     print("|---|---|---|---:|---:|---:|")
     try:
         for kind in OptimizerKind:
-            manifest = Manifest(layout=layout, dtype=DType.FLOAT16, optimizer=OptimizerConfig(kind=kind, lr=0.01))
+            optimizer = OptimizerConfig(kind=kind, lr=0.01)
+            manifest = Manifest(layout=layout, dtype=DType.FLOAT16, optimizer=optimizer, backend=args.backend)
             path = create_table(work / kind.value, manifest)
             num_rows = layout.num_rows(1)
             for durability in Durability:

@@ -268,7 +268,7 @@ class LmdbRowStore(RowStore):
         """LMDB's own copy of the environment (one read snapshot: consistent), synced to disk."""
         dest = Path(dest)
         dest.mkdir(parents=True)
-        self._env.copy(str(dest))
+        self._env.copy(str(dest), compact=True)  # compact: the copy holds no free pages
         with open(dest / "data.mdb", "rb+") as copied:
             os.fsync(copied.fileno())
 
