@@ -7,7 +7,6 @@
 #include <Python.h>
 #include <math.h>
 #include <stdint.h>
-#include <string.h>
 
 static const double A[6] = {-3.969683028665376e01, 2.209460984245205e02, -2.759285104469687e02,
                             1.383577518672690e02, -3.066479806614716e01, 2.506628277459239e00};
@@ -77,66 +76,6 @@ static double inverse_normal_cdf(double p) {
     return numerator / denominator;
 }
 
-/* Stored forms of a generated value (memstore.dtypes.DType.from_float64, bit for bit). */
-enum { AS_FLOAT64 = 0, AS_FLOAT32 = 1, AS_FLOAT16 = 2, AS_BFLOAT16 = 3 };
-static const Py_ssize_t itemsize[4] = {8, 4, 2, 2};
-
-static inline void store(void *out, Py_ssize_t index, int kind, double value) {
-    switch (kind) {
-        case AS_FLOAT64:
-            ((double *)out)[index] = value;
-            break;
-        case AS_FLOAT32:
-            ((float *)out)[index] = (float)value; /* round to nearest even, as numpy's astype */
-            break;
-        case AS_FLOAT16: {
-            _Float16 half = (_Float16)value; /* correctly rounded, as numpy's astype(float16) */
-            memcpy((uint16_t *)out + index, &half, 2);
-            break;
-        }
-        default: { /* bfloat16: float32 first, then round to nearest even on the 16 dropped bits */
-            float single = (float)value;
-            uint32_t bits;
-            memcpy(&bits, &single, 4);
-            ((uint16_t *)out)[index] = (uint16_t)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
-        }
-    }
-}
-
-/* initial_rows_at(key, row_ids, dim, std, kind, out): rows `row_ids` scaled by `std` in the
- * stored form `kind` into `out` (len(row_ids) * dim values): rowgen.initial_rows_at. */
-static PyObject *initial_rows_at(PyObject *self, PyObject *args) {
-    unsigned long long key;
-    Py_buffer ids, out;
-    Py_ssize_t dim;
-    double std;
-    int kind;
-    if (!PyArg_ParseTuple(args, "Ky*ndiw*", &key, &ids, &dim, &std, &kind, &out)) return NULL;
-    Py_ssize_t count = ids.len / (Py_ssize_t)sizeof(int64_t);
-    if (dim < 1 || kind < 0 || kind > 3 || ids.len % (Py_ssize_t)sizeof(int64_t) ||
-        out.len != count * dim * itemsize[kind]) {
-        PyBuffer_Release(&ids);
-        PyBuffer_Release(&out);
-        PyErr_SetString(PyExc_ValueError, "need int64 ids and an out of len(ids) * dim values of the kind");
-        return NULL;
-    }
-    const int64_t *row_ids = (const int64_t *)ids.buf;
-    Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t i = 0; i < count; i++) {
-        uint64_t base = (uint64_t)row_ids[i] * (uint64_t)dim;
-        for (Py_ssize_t col = 0; col < dim; col++) {
-            uint64_t bits = fmix64((base + (uint64_t)(col + 1)) * GOLDEN + (uint64_t)key) >> 12;
-            double value = inverse_normal_cdf(((double)bits + 0.5) * 0x1p-52);
-            if (std != 1.0) value = value * std;
-            store(out.buf, i * dim + col, kind, value);
-        }
-    }
-    Py_END_ALLOW_THREADS
-    PyBuffer_Release(&ids);
-    PyBuffer_Release(&out);
-    Py_RETURN_NONE;
-}
-
 /* normal_rows_at(key, row_ids, dim, out): standard normals of rows `row_ids` (int64 buffer) into
  * `out` (a writable float64 buffer of len(row_ids) * dim), for the stream `key` (rowgen._stream_key). */
 static PyObject *normal_rows_at(PyObject *self, PyObject *args) {
@@ -170,7 +109,6 @@ static PyObject *normal_rows_at(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"normal_rows_at", normal_rows_at, METH_VARARGS, "Standard normals of rows into a float64 buffer."},
-    {"initial_rows_at", initial_rows_at, METH_VARARGS, "Initial rows, scaled and in their stored form."},
     {NULL, NULL, 0, NULL},
 };
 

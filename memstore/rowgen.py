@@ -130,18 +130,18 @@ def normal_rows_at(seed: int, layer_id: int, row_ids: np.ndarray, dim: int) -> n
     ids = np.ascontiguousarray(row_ids, dtype=np.int64)
     out = np.empty((len(ids), dim), dtype=np.float64)
     key = int(_stream_key(seed, layer_id))
-    _split(len(ids) * dim, len(ids), lambda a, b: _compiled.normal_rows_at(key, ids[a:b], dim, out[a:b]))
-    return out
-
-
-def _split(values: int, rows: int, run) -> None:
-    """run(first, last) over row ranges, on several threads for big requests (the C loop releases the GIL)."""
-    parts = min(_THREADS, max(1, values // _VALUES_PER_THREAD))
+    parts = min(_THREADS, max(1, len(ids) * dim // _VALUES_PER_THREAD))
     if parts == 1:
-        run(0, rows)
-        return
-    bounds = np.linspace(0, rows, parts + 1).astype(int)
-    list(_pool().map(lambda b: run(b[0], b[1]), zip(bounds[:-1], bounds[1:])))
+        _compiled.normal_rows_at(key, ids, dim, out)
+    else:  # the compiled loop releases the GIL: split big requests over the cores
+        bounds = np.linspace(0, len(ids), parts + 1).astype(int)
+        list(
+            _pool().map(
+                lambda b: _compiled.normal_rows_at(key, ids[b[0] : b[1]], dim, out[b[0] : b[1]]),
+                zip(bounds[:-1], bounds[1:]),
+            )
+        )
+    return out
 
 
 _THREADS = min(8, os.cpu_count() or 1)
@@ -178,18 +178,7 @@ def initial_rows(
 def initial_rows_at(seed: int, layer_id: int, row_ids: np.ndarray, dim: int, std: float, dtype: DType) -> np.ndarray:
     """The stored form of arbitrary rows of a freshly created layer (what a lazy table serves
     for rows never written)."""
-    if _compiled is not None:  # scaled and rounded in C too: no float64 intermediate
-        ids = np.ascontiguousarray(row_ids, dtype=np.int64)
-        out = np.empty((len(ids), dim), dtype=dtype.numpy)
-        key, kind = int(_stream_key(seed, layer_id)), _KINDS[dtype]
-        _split(
-            len(ids) * dim, len(ids), lambda a, b: _compiled.initial_rows_at(key, ids[a:b], dim, std, kind, out[a:b])
-        )
-        return out
-    values = _normal_rows_at_numpy(seed, layer_id, row_ids, dim)
+    values = normal_rows_at(seed, layer_id, row_ids, dim)
     if std != 1.0:
         values *= std
     return dtype.from_float64(values)
-
-
-_KINDS = {DType.FLOAT32: 1, DType.FLOAT16: 2, DType.BFLOAT16: 3}  # _rowgen.c's stored forms

@@ -317,15 +317,3 @@ def test_the_compiled_generator_gives_the_numpy_bits(dim: int) -> None:
     got = rowgen.normal_rows_at(11, 7, ids, dim)  # big enough to be split over threads
     assert got.view(np.uint64).tobytes() == expected.view(np.uint64).tobytes()
     assert (np.abs(expected) > 1.96).mean() > 0.03  # the tail branch (custom log) is exercised
-
-
-@pytest.mark.skipif(rowgen._compiled is None, reason="memstore._rowgen was not built (no C compiler at install)")
-@pytest.mark.parametrize("dtype", list(DType))
-@pytest.mark.parametrize("std", [1.0, 0.02, 3e-5])  # 3e-5: many float16 subnormals and zeros
-def test_the_compiled_initial_rows_give_the_numpy_bits(dtype: DType, std: float) -> None:
-    ids = np.random.default_rng(5).integers(0, 2**40, 40_000)
-    expected = rowgen._normal_rows_at_numpy(2, 9, ids, 16)
-    if std != 1.0:
-        expected *= std
-    got = rowgen.initial_rows_at(2, 9, ids, 16, std, dtype)
-    assert got.dtype == dtype.numpy and got.tobytes() == dtype.from_float64(expected).tobytes()
