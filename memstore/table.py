@@ -107,7 +107,7 @@ def open_store(
     return MmapRowStore(path, num_rows, width, dtype, read_only, initial_rows, known_pages)
 
 
-def _initial_rows(manifest: Manifest, layer_id: int):
+def _initial_rows(manifest: Manifest, layer_id: int) -> Callable[[np.ndarray], np.ndarray]:
     """The generator of a lazy layer's never-written rows (what an eager create would have written)."""
     dim, seed, std, dtype = manifest.layout.dim, manifest.seed, manifest.init_std, manifest.dtype
     return lambda ids: initial_rows_at(seed, layer_id, ids, dim, std, dtype)
