@@ -15,7 +15,12 @@ def _build(cls: type, data: dict[str, Any]) -> Any:
     unknown = set(data) - known
     if unknown:
         raise InvalidArgumentError(f"unknown {cls.__name__} keys {sorted(unknown)}; known keys are {sorted(known)}")
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+    return cls(**{k: _tuples(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+def _tuples(value: Any) -> Any:
+    """JSON lists back to (nested) tuples, as the frozen configs hold them."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
 def lm_config_to_dict(config: LMConfig) -> dict[str, Any]:

@@ -42,6 +42,8 @@ class EngramConfig:
     kernel_size: int = 4
     hc_mult: int = 1  # hyper-connection branches (mHC uses 4)
     seed: int = 0  # hashing multipliers and the table's initial rows
+    # Explicit head sizes [layer][order - 2][head] (a table imported from elsewhere), else the prime rule.
+    head_sizes: tuple[tuple[tuple[int, ...], ...], ...] | None = None
 
     def __post_init__(self) -> None:
         if self.n_embed_per_ngram % self.heads_per_ngram:
@@ -75,6 +77,7 @@ class EngramConfig:
             max_ngram=self.max_ngram,
             heads_per_ngram=self.heads_per_ngram,
             dim=self.head_dim,
+            head_sizes_override=self.head_sizes,
         )
 
 

@@ -138,6 +138,7 @@ class EngramLM(nn.Module):
                 compressed_vocab_size=compression.compressed_vocab_size,
                 pad_id=int(compression.compressed_id(pad_id)),
                 seed=engram.seed,
+                head_sizes=engram.head_sizes,
             )
         self.token_embedding = nn.Embedding(config.vocab_size, config.d_model)
         self.blocks = nn.ModuleList(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import numpy as np
@@ -111,3 +112,15 @@ def test_train_and_generate_command_lines(tmp_path, capsys) -> None:
     assert capsys.readouterr().out.startswith("[local] The river")
     with pytest.raises(SystemExit):
         train_cli.main(["--source", "memstore", "--data-dir", data_dir])
+
+
+def test_an_lm_hashes_with_explicit_head_sizes(data, config, tmp_path) -> None:
+    from model.config import lm_config_from_dict, lm_config_to_dict
+
+    sizes = (((1009, 1013), (997, 991)),)  # [layer][order][head], as a table made elsewhere would list them
+    explicit = replace(config, engram=replace(ENGRAM, head_sizes=sizes))
+    model = build_model(explicit, data, TableSource.LOCAL)
+    ids = model.row_ids(torch.from_numpy(data.val[:64].astype(np.int64)).view(2, 32))[1]  # [B, T, heads]
+    assert model.hashing.primes(1) == [[1009, 1013], [997, 991]]
+    assert int(ids.max()) < 1009 + 1013 + 997 + 991 == explicit.engram.layout().num_rows(1)
+    assert lm_config_from_dict(json.loads(json.dumps(lm_config_to_dict(explicit)))) == explicit
