@@ -199,7 +199,7 @@ class MemstoreClient:
     def _out_rows(self, out: torch.Tensor, shape: tuple[int, ...], timeout: float | None) -> np.ndarray:
         """`out` as a writable raw [N, dim] array, or InvalidArgumentError saying what it must be."""
         manifest = self._manifest(timeout)
-        dtype, dim = manifest.dtype, manifest.layout.dim
+        dtype, dim = manifest.dtype, manifest.dtype.stored_width(manifest.layout.dim)
         count = int(np.prod(shape))
         if (
             not isinstance(out, torch.Tensor)
@@ -232,8 +232,8 @@ class MemstoreClient:
                     dtype = DType.from_wire(message.dtype)
                     version = message.version
                     if out is None:
-                        out = np.empty((message.num_rows, message.dim), dtype=dtype.numpy)
-                    elif out.shape != (message.num_rows, message.dim) or out.dtype != dtype.numpy:
+                        out = np.empty((message.num_rows, dtype.stored_width(message.dim)), dtype=dtype.numpy)
+                    elif out.shape != (message.num_rows, dtype.stored_width(message.dim)) or out.dtype != dtype.numpy:
                         raise DataLossError(
                             f"lookup of layer {layer_id} answered {message.num_rows} x {message.dim} rows of "
                             f"{dtype.value}; the client expected {out.shape} of {out.dtype} from the table's manifest"

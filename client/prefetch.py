@@ -73,7 +73,8 @@ class TableFetcher:
     ) -> torch.Tensor:
         """Rows [*row_ids.shape, dim] of the stored dtype, written into `out` when given."""
         ids = np.asarray(row_ids, dtype=np.int64)
-        dtype, dim = self.table.manifest.dtype, self.table.manifest.layout.dim
+        dtype = self.table.manifest.dtype
+        dim = dtype.stored_width(self.table.manifest.layout.dim)
         target = None if out is None else dtype.raw_view(out).reshape(ids.size, dim)  # [N, dim]
         rows = self.table.gather(layer_id, ids.reshape(-1), target)  # [N, dim]
         return dtype.to_torch(rows.reshape(*ids.shape, dim))  # [*shape, dim]
@@ -169,7 +170,8 @@ class PrefetchHandle:
         self._waited: set[int] = set()
 
     def rows(self, layer_id: int) -> torch.Tensor:
-        """This step's rows [*ids.shape, dim] of one layer, in the stored dtype on the configured device.
+        """This step's rows [*ids.shape, dim] of one layer, in the stored dtype on the configured device
+        (quantized rows: decoded to float32 there).
 
         Waits for this layer's lookup only; a failed lookup raises here, naming step and layer.
         The tensor is a view of a reused buffer: valid until `release()`.
@@ -200,6 +202,8 @@ class PrefetchHandle:
                     stats.ready_on_request += ready
         if self._buffers.copied:  # the compute stream waits for the copy; the host does not
             torch.cuda.current_stream(self._buffers.device).wait_event(self._buffers.copied[layer_id])
+        if self._prefetcher.storage.quantized:  # decoded on the model's device, on its stream
+            return self._prefetcher.storage.dequantize(rows)  # [*ids.shape, dim] float32
         return rows
 
     def release(self) -> None:
@@ -247,11 +251,13 @@ class Prefetcher:
             raise InvalidArgumentError(
                 f"the table has layers {list(manifest.layout.layer_ids)}; it cannot serve layers {sorted(missing)}"
             )
+        self.storage = manifest.dtype
         self.dtype = manifest.dtype.torch
         self.device = torch.device(self.config.device)
         self._free: queue.Queue[_BufferSet] = queue.Queue()
         for _ in range(self.config.depth):
-            self._free.put(_BufferSet(self.layer_ids, manifest.layout.dim, self.dtype, self.device))
+            width = manifest.dtype.stored_width(manifest.layout.dim)  # stored units per row
+            self._free.put(_BufferSet(self.layer_ids, width, self.dtype, self.device))
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._pool = ThreadPoolExecutor(max_workers=len(self.layer_ids), thread_name_prefix="engram-prefetch")
         self._steps = 0

@@ -63,7 +63,8 @@ def create_table(
                     progress(num_rows)
             else:
                 chunks = _initial_chunks(manifest, layer_id, chunk_rows, digest, progress)
-                _write_store(manifest.backend, target, num_rows, layout.dim, manifest.dtype, chunks)
+                width = manifest.dtype.stored_width(layout.dim)
+                _write_store(manifest.backend, target, num_rows, width, manifest.dtype, chunks)
             write_initial_state(tmp, manifest, layer_id)
         # A lazy table's rows are never all generated: it records no digest.
         manifest = replace(manifest, rows_sha256=None if manifest.init is Init.LAZY else digest.hexdigest())

@@ -11,11 +11,31 @@ from memstore.wire import memstore_pb2 as pb
 
 
 class DType(enum.Enum):
-    """How the values of a row are stored on disk and sent on the wire (always little-endian)."""
+    """How the values of a row are stored on disk and sent on the wire (always little-endian).
+
+    The quantized types store a row as `dim` one-byte codes and then the row's float32 scale
+    (`stored_width(dim)` = dim + 4 bytes): a quarter of float32's bytes per lookup. Their raw rows
+    travel as bytes; `dequantize` turns them into float32 values on the caller's device.
+    """
 
     FLOAT32 = "float32"
     FLOAT16 = "float16"
     BFLOAT16 = "bfloat16"
+    FLOAT8_E4M3_ROWSCALE = "float8_e4m3_rowscale"
+    INT8_ROWSCALE = "int8_rowscale"
+
+    @property
+    def quantized(self) -> bool:
+        """Whether rows are one-byte codes plus a per-row float32 scale."""
+        return self in _QMAX
+
+    def stored_width(self, dim: int) -> int:
+        """Stored units (of `numpy`) per row of `dim` values."""
+        return dim + 4 if self.quantized else dim
+
+    def row_bytes(self, dim: int) -> int:
+        """Bytes per stored row of `dim` values."""
+        return self.stored_width(dim) * self.itemsize
 
     @property
     def numpy(self) -> np.dtype:
@@ -43,7 +63,10 @@ class DType(enum.Enum):
         raise ValueError(f"unknown wire dtype {value}")
 
     def from_float64(self, values: np.ndarray) -> np.ndarray:
-        """Round float64 values to this storage type (round to nearest even; bfloat16 via float32)."""
+        """Round float64 values [N, dim] to stored rows (round to nearest even; bfloat16 via float32;
+        quantized: scale = max |value| of the row / the code's largest value, codes rounded)."""
+        if self.quantized:
+            return self._quantize(np.asarray(values, dtype=np.float64))
         if self is DType.BFLOAT16:
             bits = values.astype("<f4").view("<u4")
             # Round to nearest even on the 16 dropped bits; values are finite here.
@@ -52,10 +75,35 @@ class DType(enum.Enum):
         return values.astype(self.numpy)
 
     def to_float32(self, values: np.ndarray) -> np.ndarray:
-        """Raw storage values as float32 (exact: every storage type widens to float32 without rounding)."""
+        """Raw stored rows as float32 values [N, dim] (exact for the float types; quantized rows decode)."""
+        if self.quantized:
+            return self.dequantize(torch.from_numpy(np.ascontiguousarray(values))).numpy()
         if self is DType.BFLOAT16:
             return (values.astype("<u4") << np.uint32(16)).view("<f4")
         return values.astype("<f4")
+
+    def dequantize(self, rows: torch.Tensor) -> torch.Tensor:
+        """Stored rows as a tensor ([..., stored_width], any device) -> float32 values [..., dim]."""
+        if not self.quantized:
+            return rows.float()
+        codes, scale = rows[..., :-4], rows[..., -4:].contiguous().view(torch.float32)  # [..., dim], [..., 1]
+        if self is DType.FLOAT8_E4M3_ROWSCALE:
+            values = codes.contiguous().view(torch.float8_e4m3fn).float()
+        else:
+            values = codes.contiguous().view(torch.int8).float()
+        return values * scale
+
+    def _quantize(self, values: np.ndarray) -> np.ndarray:
+        count, dim = values.shape
+        amax = np.abs(values).max(axis=1, keepdims=True) if dim else np.zeros((count, 1))
+        scale = (amax / _QMAX[self]).astype(np.float32)  # [N, 1]
+        safe = np.where(scale > 0, scale, np.float32(1))
+        scaled = np.clip(values / safe, -_QMAX[self], _QMAX[self])  # [N, dim] in code units
+        if self is DType.FLOAT8_E4M3_ROWSCALE:
+            codes = torch.from_numpy(scaled.astype(np.float32)).to(torch.float8_e4m3fn).view(torch.uint8).numpy()
+        else:
+            codes = np.rint(scaled).astype(np.int8).view(np.uint8)
+        return np.concatenate([codes, scale.view(np.uint8).reshape(count, 4)], axis=1)  # [N, dim + 4]
 
     def to_torch(self, values: np.ndarray) -> torch.Tensor:
         """A tensor sharing memory with `values` (raw storage array), of this dtype."""
@@ -71,6 +119,25 @@ class DType(enum.Enum):
         return tensor.numpy()
 
 
-_NUMPY = {DType.FLOAT32: "<f4", DType.FLOAT16: "<f2", DType.BFLOAT16: "<u2"}
-_TORCH = {DType.FLOAT32: torch.float32, DType.FLOAT16: torch.float16, DType.BFLOAT16: torch.bfloat16}
-_WIRE = {DType.FLOAT32: pb.DTYPE_FLOAT32, DType.FLOAT16: pb.DTYPE_FLOAT16, DType.BFLOAT16: pb.DTYPE_BFLOAT16}
+_QMAX = {DType.FLOAT8_E4M3_ROWSCALE: 448.0, DType.INT8_ROWSCALE: 127.0}  # the codes' largest magnitude
+_NUMPY = {
+    DType.FLOAT32: "<f4",
+    DType.FLOAT16: "<f2",
+    DType.BFLOAT16: "<u2",
+    DType.FLOAT8_E4M3_ROWSCALE: "u1",
+    DType.INT8_ROWSCALE: "u1",
+}
+_TORCH = {
+    DType.FLOAT32: torch.float32,
+    DType.FLOAT16: torch.float16,
+    DType.BFLOAT16: torch.bfloat16,
+    DType.FLOAT8_E4M3_ROWSCALE: torch.uint8,
+    DType.INT8_ROWSCALE: torch.uint8,
+}
+_WIRE = {
+    DType.FLOAT32: pb.DTYPE_FLOAT32,
+    DType.FLOAT16: pb.DTYPE_FLOAT16,
+    DType.BFLOAT16: pb.DTYPE_BFLOAT16,
+    DType.FLOAT8_E4M3_ROWSCALE: pb.DTYPE_FLOAT8_E4M3_ROWSCALE,
+    DType.INT8_ROWSCALE: pb.DTYPE_INT8_ROWSCALE,
+}

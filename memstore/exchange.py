@@ -56,6 +56,7 @@ DEFAULT_CHUNK_ROWS = 65_536
 
 _ST_DTYPES = {DType.FLOAT32: "F32", DType.FLOAT16: "F16", DType.BFLOAT16: "BF16"}
 _FROM_ST = {name: dtype for dtype, name in _ST_DTYPES.items()}
+_RAW = "U8"  # quantized rows travel raw ([rows, dim + 4] bytes); the manifest says which format
 # The safetensors library refuses headers above 100 MB; so do we, before reading one into memory.
 _MAX_HEADER_BYTES = 100_000_000
 
@@ -205,10 +206,10 @@ def _header(manifest: Manifest, dtype: DType) -> bytes:
     header: dict[str, Any] = {"__metadata__": {MANIFEST_KEY: manifest.to_json(), FORMAT_KEY: FORMAT}}
     offset = 0
     for layer_id in layout.layer_ids:
-        shape = [layout.num_rows(layer_id), layout.dim]
-        size = shape[0] * shape[1] * dtype.itemsize
+        shape = [layout.num_rows(layer_id), dtype.stored_width(layout.dim)]
+        size = shape[0] * dtype.row_bytes(layout.dim)
         header[tensor_name(layer_id)] = {
-            "dtype": _ST_DTYPES[dtype],
+            "dtype": _RAW if dtype.quantized else _ST_DTYPES[dtype],
             "shape": shape,
             "data_offsets": [offset, offset + size],
         }
@@ -313,7 +314,11 @@ def _check_entries(st: _SafeTensors, manifest: Manifest, src: Path) -> dict[int,
                 f"{src} has no tensor {name!r}: the manifest's layout has layers {list(layout.layer_ids)}, "
                 f"the file has {sorted(n for n in st.entries if n.startswith('layer_'))}"
             )
+        if entry.st_dtype == _RAW and manifest.dtype.quantized:  # raw quantized rows, as exported
+            entry = replace(entry, dtype=manifest.dtype)
         shape = (layout.num_rows(layer_id), layout.dim)
+        if entry.dtype is not None:
+            shape = (shape[0], entry.dtype.stored_width(layout.dim))
         if entry.shape != shape:
             raise InvalidArgumentError(
                 f"tensor {name!r} of {src} is {list(entry.shape)}; layer {layer_id} of the layout needs "
@@ -337,7 +342,7 @@ def _read_rows(f: BinaryIO, st: _SafeTensors, entry: _Entry, start: int, count: 
     assert entry.dtype is not None
     dim = entry.shape[1]
     rows = np.empty((count, dim), dtype=entry.dtype.numpy)
-    f.seek(st.data_start + entry.begin + start * dim * entry.dtype.itemsize)
+    f.seek(st.data_start + entry.begin + start * dim * entry.dtype.itemsize)  # dim: stored units per row
     buf = rows.reshape(-1).view(np.uint8)
     if f.readinto(buf) != buf.nbytes:  # sizes were checked: only a file truncated under us gets here
         raise TableFormatError(f"{src} ended inside tensor {entry.name!r}; was it changed while being read?")
@@ -351,6 +356,8 @@ def _convert(rows: np.ndarray, src: DType, dst: DType) -> np.ndarray:
     """Raw rows of `src` as raw rows of `dst`: widening is exact, narrowing rounds to nearest even."""
     if src is dst:
         return rows
+    if src.quantized or dst.quantized:  # decode to float32 (exact for the float types), then encode
+        return dst.from_float64(src.to_float32(rows).astype(np.float64))
     if src is DType.BFLOAT16:
         # bfloat16 is the top half of a float32: widening is a shift.
         wide = (rows.astype("<u4") << np.uint32(16)).view("<f4")

@@ -271,9 +271,10 @@ class LiveTable:
         store = self.table.store(layer_id)
         ids = store.check_ids(row_ids)
         grads = np.asarray(grads)
-        if grads.dtype != np.float32 or grads.shape != (len(ids), store.dim):
+        dim = self.manifest.layout.dim
+        if grads.dtype != np.float32 or grads.shape != (len(ids), dim):
             raise InvalidArgumentError(
-                f"gradients must be float32 [{len(ids)}, {store.dim}] (one row per id); got {grads.dtype} {grads.shape}"
+                f"gradients must be float32 [{len(ids)}, {dim}] (one row per id); got {grads.dtype} {grads.shape}"
             )
         if len(np.unique(ids)) != len(ids):
             raise InvalidArgumentError("row ids of a push must be distinct; sum the gradients of repeated ids first")
@@ -497,7 +498,7 @@ class _Record:
         offset = _RECORD_HEADER.size
         client_id = payload[offset : offset + client_len].decode()
         offset += client_len
-        dim = manifest.layout.dim
+        dim = manifest.dtype.stored_width(manifest.layout.dim)  # stored units per row
         ids = np.frombuffer(payload, dtype="<i8", count=count, offset=offset)
         offset += ids.nbytes
         rows = np.frombuffer(payload, dtype=manifest.dtype.numpy, count=count * dim, offset=offset).reshape(count, dim)

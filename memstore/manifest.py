@@ -52,6 +52,8 @@ class Manifest:
     def __post_init__(self) -> None:
         if self.init is Init.LAZY and self.backend is not Backend.MMAP:
             raise InvalidArgumentError("lazy tables need the mmap backend (their files are sparse)")
+        if self.init is Init.LAZY and self.dtype.quantized:
+            raise InvalidArgumentError("lazy tables store float rows (float32, float16, bfloat16), not quantized ones")
 
     @property
     def fingerprint(self) -> str:
@@ -73,7 +75,7 @@ class Manifest:
         return {slot: (f"layer_{layer_id}.{slot}.{suffix}", width) for slot, width in slots.items()}
 
     def layer_bytes(self, layer_id: int) -> int:
-        return self.layout.num_rows(layer_id) * self.layout.dim * self.dtype.itemsize
+        return self.layout.num_rows(layer_id) * self.dtype.row_bytes(self.layout.dim)
 
     @property
     def total_bytes(self) -> int:

@@ -113,7 +113,7 @@ class MemstoreServicer(pb_grpc.MemstoreServicer):
         self._config = config
         self._counters = counters
         manifest = live.manifest
-        self._row_bytes = manifest.layout.dim * manifest.dtype.itemsize
+        self._row_bytes = manifest.dtype.row_bytes(manifest.layout.dim)
         self._chunk_rows = max(1, config.chunk_bytes // self._row_bytes)
         self._snapshot_dir = config.snapshot_dir or live.path.with_name(live.path.name + ".snapshots")
         self._describe = pb.DescribeResponse(

@@ -37,7 +37,7 @@ class Table:
                     manifest.backend,
                     path / manifest.layer_file(layer_id),
                     layout.num_rows(layer_id),
-                    layout.dim,
+                    manifest.dtype.stored_width(layout.dim),
                     manifest.dtype,
                     read_only,
                     _initial_rows(manifest, layer_id) if manifest.init is Init.LAZY else None,

@@ -50,9 +50,10 @@ class MappedTable:
         self.layer_id = layer_id
 
     def __call__(self, row_ids: torch.Tensor) -> torch.Tensor:
-        rows = self.table.gather(self.layer_id, row_ids.reshape(-1).cpu().numpy())  # [N, dim] storage dtype
+        rows = self.table.gather(self.layer_id, row_ids.reshape(-1).cpu().numpy())  # [N, stored width] raw
         dtype = self.table.manifest.dtype
-        return dtype.to_torch(rows).float().reshape(*row_ids.shape, -1).to(row_ids.device)  # [B, T, heads, dim]
+        stored = dtype.to_torch(rows).reshape(*row_ids.shape, -1).to(row_ids.device)  # [B, T, heads, stored width]
+        return dtype.dequantize(stored)  # [B, T, heads, dim] float32
 
 
 class MemstoreTable:
@@ -73,7 +74,8 @@ class MemstoreTable:
 
     def __call__(self, row_ids: torch.Tensor) -> torch.Tensor:
         start = time.perf_counter()
-        rows = self.client.lookup(self.layer_id, row_ids.cpu()).float()  # [B, T, heads, dim]
+        stored = self.client.lookup(self.layer_id, row_ids.cpu())  # [B, T, heads, stored width]
+        rows = self.client.describe().dtype.dequantize(stored)  # [B, T, heads, dim] float32
         self.lookup_seconds += time.perf_counter() - start
         self.rows_fetched += row_ids.numel()
         if self.track_gradients and torch.is_grad_enabled():

@@ -21,10 +21,11 @@ from memstore.manifest import MANIFEST_NAME, Manifest
 from memstore.optim import OptimizerConfig, OptimizerKind
 from memstore.table import Table
 from model.sources import LocalTable
-from tests.helpers import SMALL_LAYOUT, make_table
+from tests.helpers import FLOAT_DTYPES, SMALL_LAYOUT, make_table
 
 LAYERS = SMALL_LAYOUT.layer_ids
 DTYPES = pytest.mark.parametrize("dtype", list(DType), ids=lambda d: d.value)
+FLOAT_DTYPES_ONLY = pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=lambda d: d.value)
 
 
 def _all_rows(table_dir: Path) -> dict[int, np.ndarray]:
@@ -68,7 +69,7 @@ def test_round_trip_is_bit_exact(tmp_path: Path, dtype: DType, chunk_rows: int) 
     assert _leftovers(tmp_path) == []
 
 
-@DTYPES
+@FLOAT_DTYPES_ONLY
 def test_export_loads_with_the_safetensors_library(tmp_path: Path, dtype: DType) -> None:
     source = make_table(tmp_path / "src", dtype)
     path = export_safetensors(source, tmp_path / "t.safetensors")
@@ -109,7 +110,7 @@ def test_export_float32_from_float16_widens_exactly_and_imports_back(tmp_path: P
     assert all(np.array_equal(r, rows[layer].astype(np.float32)) for layer, r in _all_rows(wide).items())
 
 
-@DTYPES
+@FLOAT_DTYPES_ONLY
 def test_bfloat16_and_float16_cross_conversion_matches_torch(tmp_path: Path, dtype: DType) -> None:
     source = make_table(tmp_path / "src", DType.BFLOAT16 if dtype is DType.FLOAT16 else DType.FLOAT16)
     other = Manifest.read(source).dtype
@@ -141,7 +142,7 @@ def _special_values() -> torch.Tensor:
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # 65520 -> float16 inf
-@DTYPES
+@FLOAT_DTYPES_ONLY
 def test_import_a_file_written_by_save_file(tmp_path: Path, dtype: DType) -> None:
     # A table trained in process: LocalTable embeddings (float32), perturbed so they are not the init.
     generator = torch.Generator().manual_seed(0)

@@ -244,3 +244,21 @@ def test_cuda_rows_land_on_the_device_after_their_event() -> None:
             handle = upcoming
         handle.release()
         assert all(buffers.host[1].is_pinned() for buffers in list(prefetcher._free.queue))
+
+
+@pytest.mark.parametrize("dtype", [DType.FLOAT8_E4M3_ROWSCALE, DType.INT8_ROWSCALE], ids=lambda d: d.value)
+def test_quantized_rows_reach_the_model_decoded(tmp_path, daemon_factory, dtype: DType) -> None:
+    from model.sources import MappedTable, MemstoreTable
+
+    path = create_table(tmp_path / "q", Manifest(layout=SMALL_LAYOUT, dtype=dtype, seed=0))
+    ids = _ids(3)[1]  # [2, 8, 8]
+    with Table.open(path) as table, MemstoreClient(daemon_factory(table).address) as client:
+        expected = dtype.to_float32(table.gather(1, ids.reshape(-1))).reshape(*ids.shape, DIM)  # [2, 8, 8, dim]
+        raw = client.lookup(1, ids)
+        assert raw.dtype == torch.uint8 and raw.shape == (*ids.shape, DIM + 4)  # a quarter of float32's bytes
+        for source in (MemstoreTable(client, 1), MappedTable(table, 1)):
+            np.testing.assert_array_equal(source(torch.from_numpy(ids)).numpy(), expected)
+        with Prefetcher(client, _ids, LAYERS) as prefetcher, prefetcher.submit(3) as handle:
+            rows = handle.rows(1)
+            assert rows.dtype == torch.float32
+            np.testing.assert_array_equal(rows.numpy(), expected)

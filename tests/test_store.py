@@ -16,6 +16,7 @@ import pytest
 from memstore.dtypes import DType
 from memstore.errors import InvalidArgumentError, ReadOnlyError, TableFormatError
 from memstore.storage import LmdbRowStore, MmapRowStore, RowStore
+from tests.helpers import FLOAT_DTYPES
 
 NUM_ROWS, DIM = 37, 8
 
@@ -60,7 +61,7 @@ def _lmdb_env(directory: Path) -> Path:
 
 
 def _storage_dtype(rows: np.ndarray) -> DType:
-    return next(dtype for dtype in DType if dtype.numpy == rows.dtype)
+    return next(dtype for dtype in FLOAT_DTYPES if dtype.numpy == rows.dtype)
 
 
 def _lmdb_write(directory: Path, rows: np.ndarray) -> None:
@@ -96,7 +97,7 @@ def backend(request: pytest.FixtureRequest) -> Backend:
     return request.param
 
 
-@pytest.fixture(params=list(DType), ids=lambda dtype: dtype.value)
+@pytest.fixture(params=FLOAT_DTYPES, ids=lambda dtype: dtype.value)
 def dtype(request: pytest.FixtureRequest) -> DType:
     return request.param
 
