@@ -76,7 +76,7 @@ def test_rows_arrive_before_they_are_needed_when_compute_exceeds_latency() -> No
         for step in range(1, 6):
             upcoming = prefetcher.submit(step)  # fetched while this step "computes"
             for layer in LAYERS:
-                time.sleep(3 * latency)  # compute before each Engram layer, longer than a lookup
+                time.sleep(8 * latency)  # compute before each Engram layer, far longer than a lookup (a busy CI)
                 np.testing.assert_array_equal(handle.rows(layer).numpy(), _expected_rows(layer, _ids(step - 1)[layer]))
             handle.release()
             handle = upcoming
@@ -84,7 +84,7 @@ def test_rows_arrive_before_they_are_needed_when_compute_exceeds_latency() -> No
         stats = prefetcher.stats
     assert stats.requests == 10 and stats.ready_on_request == 10  # every layer's rows were there when asked
     assert stats.total_stall_s < latency  # ten waits on finished futures, not one lookup's latency
-    assert min(stats.fetch_s.values()) >= 6 * latency  # the lookups did take their time, behind the compute
+    assert min(stats.fetch_s.values()) >= 5 * latency  # the lookups did take their time, behind the compute
 
 
 def test_without_overlap_the_whole_fetch_is_stall() -> None:
