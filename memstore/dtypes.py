@@ -7,6 +7,7 @@ import enum
 import numpy as np
 import torch
 
+from memstore.errors import InvalidArgumentError
 from memstore.wire import memstore_pb2 as pb
 
 
@@ -16,6 +17,9 @@ class DType(enum.Enum):
     The quantized types store a row as `dim` one-byte codes and then the row's float32 scale
     (`stored_width(dim)` = dim + 4 bytes): a quarter of float32's bytes per lookup. Their raw rows
     travel as bytes; `dequantize` turns them into float32 values on the caller's device.
+    BYTES rows are opaque (a format the memstore does not decode, such as a production checkpoint's
+    256 fp8 bytes + 8 bytes of scale): imported, stored and served as they are, never generated,
+    decoded or trained here.
     """
 
     FLOAT32 = "float32"
@@ -23,6 +27,12 @@ class DType(enum.Enum):
     BFLOAT16 = "bfloat16"
     FLOAT8_E4M3_ROWSCALE = "float8_e4m3_rowscale"
     INT8_ROWSCALE = "int8_rowscale"
+    BYTES = "bytes"  # opaque rows of `dim` bytes, imported and served as they are
+
+    @property
+    def opaque(self) -> bool:
+        """Whether rows are bytes this project does not decode."""
+        return self is DType.BYTES
 
     @property
     def quantized(self) -> bool:
@@ -65,6 +75,8 @@ class DType(enum.Enum):
     def from_float64(self, values: np.ndarray) -> np.ndarray:
         """Round float64 values [N, dim] to stored rows (round to nearest even; bfloat16 via float32;
         quantized: scale = max |value| of the row / the code's largest value, codes rounded)."""
+        if self.opaque:
+            raise InvalidArgumentError("opaque byte rows are imported as they are, never generated or encoded")
         if self.quantized:
             return self._quantize(np.asarray(values, dtype=np.float64))
         if self is DType.BFLOAT16:
@@ -76,7 +88,7 @@ class DType(enum.Enum):
 
     def to_float32(self, values: np.ndarray) -> np.ndarray:
         """Raw stored rows as float32 values [N, dim] (exact for the float types; quantized rows decode)."""
-        if self.quantized:
+        if self.quantized or self.opaque:
             return self.dequantize(torch.from_numpy(np.ascontiguousarray(values))).numpy()
         if self is DType.BFLOAT16:
             return (values.astype("<u4") << np.uint32(16)).view("<f4")
@@ -84,6 +96,8 @@ class DType(enum.Enum):
 
     def dequantize(self, rows: torch.Tensor) -> torch.Tensor:
         """Stored rows as a tensor ([..., stored_width], any device) -> float32 values [..., dim]."""
+        if self.opaque:
+            raise InvalidArgumentError("opaque byte rows have no values here: decode them in the model")
         if not self.quantized:
             return rows.float()
         codes, scale = rows[..., :-4], rows[..., -4:].contiguous().view(torch.float32)  # [..., dim], [..., 1]
@@ -126,6 +140,7 @@ _NUMPY = {
     DType.BFLOAT16: "<u2",
     DType.FLOAT8_E4M3_ROWSCALE: "u1",
     DType.INT8_ROWSCALE: "u1",
+    DType.BYTES: "u1",
 }
 _TORCH = {
     DType.FLOAT32: torch.float32,
@@ -133,6 +148,7 @@ _TORCH = {
     DType.BFLOAT16: torch.bfloat16,
     DType.FLOAT8_E4M3_ROWSCALE: torch.uint8,
     DType.INT8_ROWSCALE: torch.uint8,
+    DType.BYTES: torch.uint8,
 }
 _WIRE = {
     DType.FLOAT32: pb.DTYPE_FLOAT32,
@@ -140,4 +156,5 @@ _WIRE = {
     DType.BFLOAT16: pb.DTYPE_BFLOAT16,
     DType.FLOAT8_E4M3_ROWSCALE: pb.DTYPE_FLOAT8_E4M3_ROWSCALE,
     DType.INT8_ROWSCALE: pb.DTYPE_INT8_ROWSCALE,
+    DType.BYTES: pb.DTYPE_BYTES,
 }

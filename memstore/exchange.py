@@ -209,7 +209,7 @@ def _header(manifest: Manifest, dtype: DType) -> bytes:
         shape = [layout.num_rows(layer_id), dtype.stored_width(layout.dim)]
         size = shape[0] * dtype.row_bytes(layout.dim)
         header[tensor_name(layer_id)] = {
-            "dtype": _RAW if dtype.quantized else _ST_DTYPES[dtype],
+            "dtype": _RAW if dtype.quantized or dtype.opaque else _ST_DTYPES[dtype],
             "shape": shape,
             "data_offsets": [offset, offset + size],
         }
@@ -314,7 +314,7 @@ def _check_entries(st: _SafeTensors, manifest: Manifest, src: Path) -> dict[int,
                 f"{src} has no tensor {name!r}: the manifest's layout has layers {list(layout.layer_ids)}, "
                 f"the file has {sorted(n for n in st.entries if n.startswith('layer_'))}"
             )
-        if entry.st_dtype == _RAW and manifest.dtype.quantized:  # raw quantized rows, as exported
+        if entry.st_dtype == _RAW and (manifest.dtype.quantized or manifest.dtype.opaque):  # raw rows
             entry = replace(entry, dtype=manifest.dtype)
         shape = (layout.num_rows(layer_id), layout.dim)
         if entry.dtype is not None:

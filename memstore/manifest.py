@@ -52,8 +52,10 @@ class Manifest:
     def __post_init__(self) -> None:
         if self.init is Init.LAZY and self.backend is not Backend.MMAP:
             raise InvalidArgumentError("lazy tables need the mmap backend (their files are sparse)")
-        if self.init is Init.LAZY and self.dtype.quantized:
+        if self.init is Init.LAZY and (self.dtype.quantized or self.dtype.opaque):
             raise InvalidArgumentError("lazy tables store float rows (float32, float16, bfloat16), not quantized ones")
+        if self.dtype.opaque and self.optimizer is not None:
+            raise InvalidArgumentError("opaque byte rows cannot be trained here: give the table no optimizer")
 
     @property
     def fingerprint(self) -> str:

@@ -16,7 +16,9 @@ from model.lm import LMConfig
 SMALL_LAYOUT = EngramLayout(layer_ids=(1, 4), vocab_size_per_ngram=(500, 700), max_ngram=3, heads_per_ngram=4, dim=16)
 
 # The float storage types (quantized ones are raw bytes below the table: tested through tables).
-FLOAT_DTYPES = [dtype for dtype in DType if not dtype.quantized]
+FLOAT_DTYPES = [dtype for dtype in DType if not dtype.quantized and not dtype.opaque]
+# The types a table can be created in (opaque byte rows are only imported).
+CREATABLE_DTYPES = [dtype for dtype in DType if not dtype.opaque]
 
 # Fail fast: short deadline, one retry.
 FAST_FAIL = ClientConfig(timeout_s=5.0, max_attempts=2, initial_backoff_s=0.05, max_backoff_s=0.1)

@@ -21,10 +21,10 @@ from memstore.manifest import MANIFEST_NAME, Manifest
 from memstore.optim import OptimizerConfig, OptimizerKind
 from memstore.table import Table
 from model.sources import LocalTable
-from tests.helpers import FLOAT_DTYPES, SMALL_LAYOUT, make_table
+from tests.helpers import CREATABLE_DTYPES, FLOAT_DTYPES, SMALL_LAYOUT, make_table
 
 LAYERS = SMALL_LAYOUT.layer_ids
-DTYPES = pytest.mark.parametrize("dtype", list(DType), ids=lambda d: d.value)
+DTYPES = pytest.mark.parametrize("dtype", CREATABLE_DTYPES, ids=lambda d: d.value)
 FLOAT_DTYPES_ONLY = pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=lambda d: d.value)
 
 
@@ -331,3 +331,34 @@ def test_trainable_table_imports_with_fresh_optimizer_state(tmp_path: Path, opti
     assert Manifest.read(dest) == manifest
     files = _row_files(source)
     assert len(files) > len(LAYERS) and _row_files(dest) == files
+
+
+def test_opaque_byte_rows_are_imported_and_served_as_they_are(tmp_path: Path, daemon_factory) -> None:
+    # A production checkpoint's layout: each row 256 fp8 bytes + 8 bytes of scale (264 bytes),
+    # orders 2..4 x 8 heads, head sizes of its own. The memstore serves the bytes untouched.
+    from client import MemstoreClient
+    from memstore.layout import EngramLayout
+
+    sizes = tuple(tuple(tuple(101 + 2 * (8 * order + head) for head in range(8)) for order in range(3)) for _ in (0,))
+    layout = EngramLayout(
+        layer_ids=(2,),
+        vocab_size_per_ngram=(100, 100, 100),
+        max_ngram=4,
+        heads_per_ngram=8,
+        dim=264,
+        head_sizes_override=sizes,
+    )
+    num_rows = layout.num_rows(2)
+    rows = np.random.default_rng(0).integers(0, 256, (num_rows, 264), dtype=np.uint8)
+    save_file({"layer_2": torch.from_numpy(rows)}, str(tmp_path / "ckpt.safetensors"))
+    manifest = Manifest(layout=layout, dtype=DType.BYTES)
+    path = import_safetensors(tmp_path / "ckpt.safetensors", tmp_path / "t", manifest)
+    ids = np.random.default_rng(1).integers(0, num_rows, (4, 9))
+    with Table.open(path) as table, MemstoreClient(daemon_factory(table).address) as client:
+        got = client.lookup(2, ids)
+        assert got.dtype == torch.uint8 and got.shape == (4, 9, 264)
+        np.testing.assert_array_equal(got.numpy(), rows[ids])
+        with pytest.raises(InvalidArgumentError, match="decode them in the model"):
+            DType.BYTES.dequantize(got)
+    with pytest.raises(InvalidArgumentError, match="imported as they are"):
+        create_table(tmp_path / "new", manifest)

@@ -18,7 +18,7 @@ from memstore.manifest import Backend, Manifest
 from memstore.optim import OptimizerConfig, OptimizerKind, apply_update
 from memstore.table import Table, open_store
 from memstore.wal import Durability
-from tests.helpers import SMALL_LAYOUT
+from tests.helpers import CREATABLE_DTYPES, SMALL_LAYOUT
 
 LAYER = SMALL_LAYOUT.layer_ids[0]
 DIM = SMALL_LAYOUT.dim
@@ -69,7 +69,7 @@ def _files(path: Path, live: LiveTable | None = None) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("kind", list(OptimizerKind))
-@pytest.mark.parametrize("dtype", list(DType))
+@pytest.mark.parametrize("dtype", CREATABLE_DTYPES)
 def test_pushes_apply_the_optimizer_and_count_versions(tmp_path, kind: OptimizerKind, dtype: DType, backend) -> None:
     path = _trainable(tmp_path / "t", kind, dtype, backend)
     with Table.open(path) as table:

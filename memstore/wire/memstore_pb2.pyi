@@ -15,12 +15,14 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DTYPE_BFLOAT16: _ClassVar[DType]
     DTYPE_FLOAT8_E4M3_ROWSCALE: _ClassVar[DType]
     DTYPE_INT8_ROWSCALE: _ClassVar[DType]
+    DTYPE_BYTES: _ClassVar[DType]
 DTYPE_UNSPECIFIED: DType
 DTYPE_FLOAT32: DType
 DTYPE_FLOAT16: DType
 DTYPE_BFLOAT16: DType
 DTYPE_FLOAT8_E4M3_ROWSCALE: DType
 DTYPE_INT8_ROWSCALE: DType
+DTYPE_BYTES: DType
 
 class DescribeRequest(_message.Message):
     __slots__ = ()
