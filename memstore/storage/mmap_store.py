@@ -76,6 +76,12 @@ class MmapRowStore(RowStore):
             return self._fill_unwritten(ids, take_rows(self._rows, ids, out))
         # Rows on pages without data were never written: generated without touching the map.
         stored = self._on_data_pages(ids)
+        if not stored.any():  # all never written (a big table barely trained): no copy through a mask
+            generated = self.initial_rows(ids)
+            if out is None:
+                return generated
+            out[...] = generated
+            return out
         rows = np.empty((len(ids), self.dim), dtype=self.dtype.numpy) if out is None else out
         if stored.any():
             rows[stored] = self._fill_unwritten(ids[stored], take_rows(self._rows, ids[stored]))
