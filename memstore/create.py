@@ -45,10 +45,7 @@ def create_table(
         raise InvalidArgumentError(f"{path} already exists; remove it or pass overwrite=True (--overwrite)")
     if path.exists() and not (path / MANIFEST_NAME).is_file():
         raise InvalidArgumentError(f"{path} exists and is not a memstore table; refusing to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.creating-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = staging_dir(path, "creating")
     try:
         layout = manifest.layout
         digest = hashlib.sha256()
@@ -74,6 +71,15 @@ def create_table(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def staging_dir(target: Path, purpose: str) -> Path:
+    """A fresh hidden directory beside `target` where a new table is built before it is renamed into place."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.{purpose}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
 
 
 def replace_table_dir(new: Path, target: Path) -> None:

@@ -43,7 +43,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
-from memstore.create import replace_table_dir, write_initial_state
+from memstore.create import replace_table_dir, staging_dir, write_initial_state
 from memstore.dtypes import DType
 from memstore.errors import InvalidArgumentError, TableFormatError
 from memstore.manifest import MANIFEST_NAME, Backend, Init, Manifest, fsync_dir
@@ -142,10 +142,7 @@ def import_safetensors(
             raise InvalidArgumentError("import writes mmap tables; give a manifest with backend 'mmap'")
         entries = _check_entries(st, manifest, src)
         _check_dest(dest, overwrite)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.parent / f".{dest.name}.importing-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        tmp = staging_dir(dest, "importing")
         try:
             layout = manifest.layout
             digest = hashlib.sha256()
