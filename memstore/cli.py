@@ -4,7 +4,6 @@ here, once."""
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ from memstore.create import DEFAULT_CHUNK_ROWS, create_table
 from memstore.dtypes import DType
 from memstore.errors import InvalidArgumentError, MemstoreError
 from memstore.layout import EngramLayout
-from memstore.live import CHECKPOINT_NAME, LiveConfig
+from memstore.live import CHECKPOINT_NAME, LiveConfig, table_version
 from memstore.manifest import Backend, Init, Manifest, parse_dtype
 from memstore.optim import OptimizerConfig, OptimizerKind
 from memstore.service import ServerConfig, serve
@@ -215,9 +214,7 @@ def _verify(args: argparse.Namespace) -> int:
     if actual == manifest.rows_sha256:
         print(f"{args.path}: rows sha256 {actual} as recorded")
         return 0
-    trained = (args.path / CHECKPOINT_NAME).exists() and json.loads((args.path / CHECKPOINT_NAME).read_text())[
-        "version"
-    ]
+    trained = table_version(args.path)
     why = f"expected once trained ({trained} pushes since create or import)" if trained else "the rows are damaged"
     print(f"{args.path}: rows sha256 {actual}, recorded {manifest.rows_sha256}: {why}", file=sys.stderr)
     return 2

@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from memstore.create import staging_dir
 from memstore.dtypes import DType
 from memstore.errors import (
     DataLossError,
@@ -119,6 +120,11 @@ class _Checkpoint:
         fsync_dir(table_dir)
 
 
+def table_version(table_dir: Path) -> int:
+    """Pushes applied to a table, as its checkpoint records them (0 for a table never trained)."""
+    return _Checkpoint.read(Path(table_dir)).version
+
+
 class SeqLock:
     """A sequence word in a shared file: even when the rows are stable, odd while a push writes them.
 
@@ -149,11 +155,15 @@ class SeqLock:
 
 
 def consistent_gather(
-    store: RowStore, seqlock: SeqLock | None, ids: np.ndarray, out: np.ndarray | None = None
+    store: RowStore, seqlock: SeqLock | None, ids: np.ndarray, out: np.ndarray | None, frozen_version: int
 ) -> tuple[np.ndarray, int] | None:
-    """Rows read with no push overlapping them and the version they show, or None after a few tries."""
+    """Rows read with no push overlapping them and the version they show, or None after a few tries.
+
+    `ids` are checked already. Without a sequence lock nothing writes the table: its rows show
+    `frozen_version`.
+    """
     if seqlock is None:
-        return store.gather(ids, out), 0
+        return store.gather(ids, out), frozen_version
     for attempt in range(_READ_TRIES):
         before = seqlock.read()
         if before % 2 == 0:
@@ -182,14 +192,13 @@ class LiveTable:
         self._push_lock = threading.Lock()
         self._snapshots = 0  # snapshots in progress: the log must keep their records
         self._pushes_since_checkpoint = 0
-        self._last_push: dict[tuple[str, int], tuple[int, PushResult]] = {}  # (client, layer) -> last step, ack
         self._state: dict[int, dict[str, RowStore]] = {}
         self.seqlock: SeqLock | None = None
         self._wal: WriteAheadLog | None = None
         checkpoint = _Checkpoint.read(self.path)
         self.version = checkpoint.version
         self.layer_steps = {layer: checkpoint.layer_steps.get(layer, 0) for layer in self.manifest.layout.layer_ids}
-        self._last_push = checkpoint.last_push
+        self._last_push = checkpoint.last_push  # (client, layer) -> (last step id, its ack)
         try:
             if self.trainable:
                 self._state = _open_state(self.path, self.manifest)
@@ -225,22 +234,24 @@ class LiveTable:
     def gather(self, layer_id: int, row_ids: np.ndarray, out: np.ndarray | None = None) -> tuple[np.ndarray, int]:
         """Rows [len(row_ids), dim] (storage dtype) none of them torn by a push, and the version they show."""
         store = self.table.store(layer_id)
-        ids = store.check_ids(row_ids)
-        got = consistent_gather(store, self.seqlock, ids, out)
-        if got is None:  # pushes kept overlapping: exclude them for one read
-            with self._push_lock:
-                return store.gather(ids, out), self.version
-        rows, version = got
-        return rows, version if self.seqlock is not None else self.version
+        return self._gather_checked(store, store.check_ids(row_ids), out)
 
     def gather_chunks(self, layer_id: int, row_ids: np.ndarray, chunk_rows: int) -> Iterator[tuple[np.ndarray, int]]:
         """`gather` in consecutive chunks of at most chunk_rows rows, each with its version; every id
         is checked before the first chunk."""
         if chunk_rows < 1:
             raise InvalidArgumentError(f"chunk_rows is {chunk_rows}; it must be at least 1")
-        ids = self.table.store(layer_id).check_ids(row_ids)
+        store = self.table.store(layer_id)
+        ids = store.check_ids(row_ids)
         for start in range(0, len(ids), chunk_rows):
-            yield self.gather(layer_id, ids[start : start + chunk_rows])
+            yield self._gather_checked(store, ids[start : start + chunk_rows], None)
+
+    def _gather_checked(self, store: RowStore, ids: np.ndarray, out: np.ndarray | None) -> tuple[np.ndarray, int]:
+        got = consistent_gather(store, self.seqlock, ids, out, self.version)
+        if got is None:  # pushes kept overlapping: exclude them for one read
+            with self._push_lock:
+                return store.gather(ids, out), self.version
+        return got
 
     # -- writes ------------------------------------------------------------------------------
 
@@ -308,9 +319,7 @@ class LiveTable:
         """Write an after-image into the files inside the sequence lock (caller holds the push lock)."""
         if self.seqlock is not None:
             self.seqlock.set(2 * self.version + 1)
-        self.table.store(record.layer_id).update(record.ids, record.rows)
-        for slot, values in record.state.items():
-            self._state[record.layer_id][slot].update(record.ids, values)
+        record.write_to(self.table, self._state)
         self.layer_steps[record.layer_id] = record.layer_step
         self.version = version
         if self.seqlock is not None:
@@ -346,10 +355,8 @@ class LiveTable:
             checkpoint = _Checkpoint(self.version, dict(self.layer_steps), dict(self._last_push))
             self._pushes_since_checkpoint = 0
         # Flushing outside the lock may also flush later pushes: harmless, replay rewrites them.
-        self.table.flush()
-        for states in self._state.values():
-            for store in states.values():
-                store.flush()
+        for store in self._stores_by_name().values():
+            store.flush()
         checkpoint.write(self.path)
         if not self._snapshots:
             self._wal.truncate_through(checkpoint.version)
@@ -364,10 +371,7 @@ class LiveTable:
         dest = Path(dest)
         if dest.exists():
             raise InvalidArgumentError(f"{dest} exists; snapshots never overwrite: pick a new path")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.parent / f".{dest.name}.snapshot-{os.getpid()}-{threading.get_ident()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        tmp = staging_dir(dest, f"snapshot-{threading.get_ident()}")
         with self._push_lock:
             start = self.version
             self._snapshots += 1
@@ -383,10 +387,7 @@ class LiveTable:
                     for record in self._wal.records(start):
                         if record.version > end.version:
                             break
-                        logged = _Record.decode(record.payload, self.manifest)
-                        copy.store(logged.layer_id).update(logged.ids, logged.rows)
-                        for slot, values in logged.state.items():
-                            states[logged.layer_id][slot].update(logged.ids, values)
+                        _Record.decode(record.payload, self.manifest).write_to(copy, states)
                     for layer_states in states.values():
                         for store in layer_states.values():
                             store.close()
@@ -484,6 +485,12 @@ class _Record:
     ids: np.ndarray
     rows: np.ndarray  # storage dtype
     state: dict[str, np.ndarray]
+
+    def write_to(self, table: Table, states: dict[int, dict[str, RowStore]]) -> None:
+        """Write the after-image: the rows into the table, the optimizer state into `states`."""
+        table.store(self.layer_id).update(self.ids, self.rows)
+        for slot, values in self.state.items():
+            states[self.layer_id][slot].update(self.ids, values)
 
     def encode(self) -> bytes:
         client = self.client_id.encode()[:65535]

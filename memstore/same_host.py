@@ -68,10 +68,7 @@ class SameHostReader:
         """(rows as the daemon would return them, the version they show), or None when pushes
         kept overlapping the read. A frozen table's version is the one it was served at."""
         store = self.table.store(layer_id)
-        got = consistent_gather(store, self.seqlock, store.check_ids(row_ids), out)
-        if got is None or self.seqlock is not None:
-            return got
-        return got[0], self.frozen_version
+        return consistent_gather(store, self.seqlock, store.check_ids(row_ids), out, self.frozen_version)
 
     def close(self) -> None:
         self.table.close()
