@@ -97,8 +97,7 @@ class MemstoreClient:
         reused across steps (the prefetcher's) cost no allocation. With `return_version`, also
         the table version the rows show (pushes applied; no row is torn by a concurrent push).
         """
-        if not 0 <= layer_id < 2**32:
-            raise InvalidArgumentError(f"layer id {layer_id} is not an Engram layer id (0 <= id < 2**32)")
+        _check_layer_id(layer_id)
         ids = _as_int64_array(row_ids)
         flat = ids.reshape(-1)  # [N]
         target = None if out is None else self._out_rows(out, ids.shape, timeout)  # [N, dim] view of out
@@ -145,8 +144,7 @@ class MemstoreClient:
         answers a repeat of the last step it applied for this client and layer without applying
         it again, so UNAVAILABLE is retried only for pushes that carry one.
         """
-        if not 0 <= layer_id < 2**32:
-            raise InvalidArgumentError(f"layer id {layer_id} is not an Engram layer id (0 <= id < 2**32)")
+        _check_layer_id(layer_id)
         ids = _as_int64_array(row_ids).reshape(-1)  # [N]
         values = grads.detach().to("cpu", torch.float32).numpy() if isinstance(grads, torch.Tensor) else grads
         values = np.asarray(values, dtype=np.float32)
@@ -183,18 +181,12 @@ class MemstoreClient:
     def snapshot(self, name: str, *, timeout: float | None = None) -> tuple[str, int]:
         """Ask the daemon for a consistent snapshot named `name` (in its snapshot directory):
         (its path on the daemon's host, the version it holds)."""
-        try:
-            response = self._stub.Snapshot(pb.SnapshotRequest(name=name), timeout=self._timeout(timeout))
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from None
+        response = self._unary(self._stub.Snapshot, pb.SnapshotRequest(name=name), timeout)
         return response.path, response.version
 
     def version(self, timeout: float | None = None) -> int:
         """The served table's version now (pushes applied since creation)."""
-        try:
-            return self._stub.Describe(pb.DescribeRequest(), timeout=self._timeout(timeout)).version
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from None
+        return self._unary(self._stub.Describe, pb.DescribeRequest(), timeout).version
 
     def _out_rows(self, out: torch.Tensor, shape: tuple[int, ...], timeout: float | None) -> np.ndarray:
         """`out` as a writable raw [N, dim] array, or InvalidArgumentError saying what it must be."""
@@ -283,11 +275,15 @@ class MemstoreClient:
     def _describe(self, timeout: float | None) -> pb.DescribeResponse:
         with self._describe_lock:
             if self._described is None:
-                try:
-                    self._described = self._stub.Describe(pb.DescribeRequest(), timeout=self._timeout(timeout))
-                except grpc.RpcError as exc:
-                    raise error_from_rpc(exc) from None
+                self._described = self._unary(self._stub.Describe, pb.DescribeRequest(), timeout)
             return self._described
+
+    def _unary(self, method: Any, request: Any, timeout: float | None) -> Any:
+        """One unary call with this client's deadline, failing with the project's exception."""
+        try:
+            return method(request, timeout=self._timeout(timeout))
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
 
     def _timeout(self, timeout: float | None) -> float:
         return self.config.timeout_s if timeout is None else timeout
@@ -323,6 +319,11 @@ def sum_duplicate_rows(ids: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, n
         return ordered, rows[:0].astype(np.float32)
     starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])  # [U]
     return ordered[starts], np.add.reduceat(rows[order].astype(np.float32, copy=False), starts, axis=0)
+
+
+def _check_layer_id(layer_id: int) -> None:
+    if not 0 <= layer_id < 2**32:
+        raise InvalidArgumentError(f"layer id {layer_id} is not an Engram layer id (0 <= id < 2**32)")
 
 
 def _distinct_count(ids: np.ndarray) -> int:
