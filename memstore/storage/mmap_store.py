@@ -98,9 +98,12 @@ class MmapRowStore(RowStore):
 
     def _on_data_pages(self, ids: np.ndarray) -> np.ndarray:
         """Whether each row's first or last byte lies on a page that holds data."""
-        first = ids * self._row_bytes // _PAGE
-        last = ((ids + 1) * self._row_bytes - 1) // _PAGE
+        first, last = self._end_pages(ids)
         return self._data_pages[first] | self._data_pages[last]
+
+    def _end_pages(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The pages of each row's first and last byte (what `_on_data_pages` checks, `_update` marks)."""
+        return ids * self._row_bytes // _PAGE, ((ids + 1) * self._row_bytes - 1) // _PAGE
 
     def _update(self, ids: np.ndarray, rows: np.ndarray) -> None:
         if self.initial_rows is not None:
@@ -112,8 +115,8 @@ class MmapRowStore(RowStore):
                 first = rows.view(f"<u{self.dtype.itemsize}")[:, 0]  # the first value's raw bits
                 first[zero] = 1 << (8 * self.dtype.itemsize - 1)  # -0.0: written, and equal to +0.0
         if self._data_pages is not None:  # before the write: a reader never skips a page that has data
-            self._data_pages[ids * self._row_bytes // _PAGE] = True  # the pages `_on_data_pages` checks
-            self._data_pages[((ids + 1) * self._row_bytes - 1) // _PAGE] = True
+            for pages in self._end_pages(ids):
+                self._data_pages[pages] = True
         self._rows[ids] = rows
 
     @property
