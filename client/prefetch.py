@@ -252,12 +252,11 @@ class Prefetcher:
                 f"the table has layers {list(manifest.layout.layer_ids)}; it cannot serve layers {sorted(missing)}"
             )
         self.storage = manifest.dtype
-        self.dtype = manifest.dtype.torch
         self.device = torch.device(self.config.device)
         self._free: queue.Queue[_BufferSet] = queue.Queue()
         for _ in range(self.config.depth):
             width = manifest.dtype.stored_width(manifest.layout.dim)  # stored units per row
-            self._free.put(_BufferSet(self.layer_ids, width, self.dtype, self.device))
+            self._free.put(_BufferSet(self.layer_ids, width, self.storage.torch, self.device))
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._pool = ThreadPoolExecutor(max_workers=len(self.layer_ids), thread_name_prefix="engram-prefetch")
         self._steps = 0
