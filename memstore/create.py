@@ -20,7 +20,8 @@ import numpy as np
 from memstore.dtypes import DType
 from memstore.errors import InvalidArgumentError
 from memstore.manifest import MANIFEST_NAME, Backend, Init, Manifest, fsync_dir
-from memstore.rowgen import initial_rows
+from memstore.rowgen import initial_rows, initial_rows_at
+from memstore.sharding import DEFAULT_PARTITIONS, Sharding
 from memstore.storage.lmdb_store import LmdbRowStore
 
 DEFAULT_CHUNK_ROWS = 16_384
@@ -50,7 +51,7 @@ def create_table(
         layout = manifest.layout
         digest = hashlib.sha256()
         for layer_id in layout.layer_ids:
-            num_rows = layout.num_rows(layer_id)
+            num_rows = manifest.stored_rows(layer_id)
             target = tmp / manifest.layer_file(layer_id)
             if manifest.init is Init.LAZY:  # sparse: no disk until rows are written
                 with open(target, "wb") as f:
@@ -71,6 +72,58 @@ def create_table(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def create_sharded(
+    path: str | Path,
+    manifest: Manifest,
+    num_shards: int,
+    num_partitions: int = DEFAULT_PARTITIONS,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    overwrite: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> list[Path]:
+    """Write a table split over `num_shards` shards: `path/shard-0` ... each a table directory
+    holding its partitions' rows. Nothing appears at `path` until every shard is complete."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise InvalidArgumentError(f"{path} already exists; remove it or pass overwrite=True (--overwrite)")
+    if path.exists() and not shard_dirs(path):
+        raise InvalidArgumentError(f"{path} exists and is not a sharded memstore table; refusing to replace it")
+    if manifest.sharding is not None:
+        raise InvalidArgumentError("give create_sharded the manifest of the whole table (no sharding)")
+    for layer_id in manifest.layout.layer_ids:
+        if manifest.layout.num_rows(layer_id) < num_partitions:
+            raise InvalidArgumentError(
+                f"layer {layer_id} has {manifest.layout.num_rows(layer_id)} rows, fewer than {num_partitions} "
+                "partitions; ask for fewer partitions (--partitions)"
+            )
+    tmp = staging_dir(path, "creating")
+    try:
+        for shard in range(num_shards):
+            sharding = Sharding.spread(num_shards, shard, num_partitions)
+            create_table(tmp / shard_name(shard), replace(manifest, sharding=sharding), chunk_rows, progress=progress)
+        replace_table_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return [path / shard_name(shard) for shard in range(num_shards)]
+
+
+def shard_name(shard: int) -> str:
+    """The directory of one shard inside a sharded table."""
+    return f"shard-{shard}"
+
+
+def shard_dirs(path: Path) -> list[Path]:
+    """The shard directories of a sharded table at `path`, in shard order (empty if it is not one)."""
+    found = sorted((p for p in Path(path).glob("shard-*") if (p / MANIFEST_NAME).is_file()), key=_shard_number)
+    return found if [_shard_number(p) for p in found] == list(range(len(found))) else []
+
+
+def _shard_number(path: Path) -> int:
+    suffix = path.name.removeprefix("shard-")
+    return int(suffix) if suffix.isdigit() else -1
 
 
 def staging_dir(target: Path, purpose: str) -> Path:
@@ -99,7 +152,7 @@ def write_initial_state(table_dir: Path, manifest: Manifest, layer_id: int) -> N
     """The optimizer state stores of one layer; zeros in an mmap table are a sparse file (no disk until written)."""
     if manifest.optimizer is None:
         return
-    num_rows = manifest.layout.num_rows(layer_id)
+    num_rows = manifest.stored_rows(layer_id)
     first_row = manifest.optimizer.initial_state(1, manifest.layout.dim)  # slot -> [1, width]: every row's start
     for slot, (name, width) in manifest.state_files(layer_id).items():
         value = float(first_row[slot][0, 0])
@@ -123,11 +176,15 @@ def _initial_chunks(
     progress: Callable[[int], None] | None,
 ) -> Iterator[np.ndarray]:
     """A layer's initial rows in chunks, each also fed to `digest` and counted by `progress`."""
-    layout = manifest.layout
-    num_rows = layout.num_rows(layer_id)
+    layout, sharding = manifest.layout, manifest.sharding
+    num_rows = manifest.stored_rows(layer_id)
     for start in range(0, num_rows, chunk_rows):
         count = min(chunk_rows, num_rows - start)
-        rows = initial_rows(manifest.seed, layer_id, start, count, layout.dim, manifest.init_std, manifest.dtype)
+        if sharding is None:
+            rows = initial_rows(manifest.seed, layer_id, start, count, layout.dim, manifest.init_std, manifest.dtype)
+        else:  # a shard's rows are the initial rows of the global ids it holds, in its own order
+            ids = sharding.to_global(np.arange(start, start + count), layout.num_rows(layer_id))
+            rows = initial_rows_at(manifest.seed, layer_id, ids, layout.dim, manifest.init_std, manifest.dtype)
         digest.update(rows)
         yield rows
         if progress is not None:

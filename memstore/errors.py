@@ -46,6 +46,10 @@ class LayoutMismatchError(MemstoreError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class WrongShardError(LayoutMismatchError):
+    """Rows were sent to a shard that does not hold their partition."""
+
+
 class TableFormatError(MemstoreError):
     """A table directory on disk is missing, incomplete or inconsistent."""
 

@@ -233,8 +233,7 @@ class LiveTable:
 
     def gather(self, layer_id: int, row_ids: np.ndarray, out: np.ndarray | None = None) -> tuple[np.ndarray, int]:
         """Rows [len(row_ids), dim] (storage dtype) none of them torn by a push, and the version they show."""
-        store = self.table.store(layer_id)
-        return self._gather_checked(store, store.check_ids(row_ids), out)
+        return self._gather_checked(self.table.store(layer_id), self.table.local_ids(layer_id, row_ids), out)
 
     def gather_chunks(self, layer_id: int, row_ids: np.ndarray, chunk_rows: int) -> Iterator[tuple[np.ndarray, int]]:
         """`gather` in consecutive chunks of at most chunk_rows rows, each with its version; every id
@@ -242,7 +241,7 @@ class LiveTable:
         if chunk_rows < 1:
             raise InvalidArgumentError(f"chunk_rows is {chunk_rows}; it must be at least 1")
         store = self.table.store(layer_id)
-        ids = store.check_ids(row_ids)
+        ids = self.table.local_ids(layer_id, row_ids)
         for start in range(0, len(ids), chunk_rows):
             yield self._gather_checked(store, ids[start : start + chunk_rows], None)
 
@@ -280,7 +279,7 @@ class LiveTable:
             raise ReadOnlyError(f"pushes are refused: {reason}")
         assert self._wal is not None and self.seqlock is not None and self.manifest.optimizer is not None
         store = self.table.store(layer_id)
-        ids = store.check_ids(row_ids)
+        ids = self.table.local_ids(layer_id, row_ids)  # the log and the files are in the shard's own row indices
         grads = np.asarray(grads)
         dim = self.manifest.layout.dim
         if grads.dtype != np.float32 or grads.shape != (len(ids), dim):
@@ -448,7 +447,7 @@ def _open_state(table_dir: Path, manifest: Manifest) -> dict[int, dict[str, RowS
     return {
         layer: {
             slot: open_store(
-                manifest.backend, table_dir / name, manifest.layout.num_rows(layer), width, DType.FLOAT32, False
+                manifest.backend, table_dir / name, manifest.stored_rows(layer), width, DType.FLOAT32, False
             )
             for slot, (name, width) in manifest.state_files(layer).items()
         }

@@ -14,6 +14,7 @@ from memstore.errors import InvalidArgumentError, TableFormatError
 from memstore.layout import EngramLayout, fingerprint
 from memstore.optim import OptimizerConfig
 from memstore.rowgen import GENERATOR
+from memstore.sharding import Sharding
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -45,6 +46,8 @@ class Manifest:
     # How pushed gradients update the rows; None: the table is frozen (lookups only).
     optimizer: OptimizerConfig | None = None
     init: Init = Init.EAGER
+    # None: the table holds every row; else the partitions of one shard (memstore.sharding).
+    sharding: Sharding | None = None
     # SHA-256 of every row as created or imported (layers in order, raw bytes); `memstore verify`.
     rows_sha256: str | None = field(default=None, compare=False)
     format_version: int = FORMAT_VERSION
@@ -76,8 +79,13 @@ class Manifest:
         suffix = "f32" if self.backend is Backend.MMAP else "f32.lmdb"
         return {slot: (f"layer_{layer_id}.{slot}.{suffix}", width) for slot, width in slots.items()}
 
+    def stored_rows(self, layer_id: int) -> int:
+        """Rows of one layer this table directory stores: all of them, or its shard's partitions'."""
+        num_rows = self.layout.num_rows(layer_id)
+        return num_rows if self.sharding is None else self.sharding.local_rows(num_rows)
+
     def layer_bytes(self, layer_id: int) -> int:
-        return self.layout.num_rows(layer_id) * self.dtype.row_bytes(self.layout.dim)
+        return self.stored_rows(layer_id) * self.dtype.row_bytes(self.layout.dim)
 
     @property
     def total_bytes(self) -> int:
@@ -95,6 +103,7 @@ class Manifest:
             "backend": self.backend.value,
             "optimizer": None if self.optimizer is None else self.optimizer.to_dict(),
             "init": self.init.value,
+            "sharding": None if self.sharding is None else self.sharding.to_dict(),
             "rows_sha256": self.rows_sha256,
             "files": {str(layer_id): self.layer_file(layer_id) for layer_id in self.layout.layer_ids},
         }
@@ -119,7 +128,7 @@ class Manifest:
                     f"the table's rows were initialised by generator {generator!r}; this memstore has {GENERATOR!r}"
                 )
             data.pop("files")
-            known = {"layout", "dtype", "seed", "init_std", "backend", "optimizer", "init", "rows_sha256"}
+            known = {"layout", "dtype", "seed", "init_std", "backend", "optimizer", "init", "sharding", "rows_sha256"}
             unknown = set(data) - known
             if unknown:
                 raise TableFormatError(f"manifest has unknown keys {sorted(unknown)}; known keys are {sorted(known)}")
@@ -131,6 +140,7 @@ class Manifest:
                 backend=Backend(data["backend"]),
                 optimizer=None if data.get("optimizer") is None else OptimizerConfig.from_dict(data["optimizer"]),
                 init=Init(data.get("init", Init.EAGER.value)),
+                sharding=None if data.get("sharding") is None else Sharding.from_dict(data["sharding"]),
                 rows_sha256=data.get("rows_sha256"),
             )
         except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:

@@ -67,8 +67,8 @@ class SameHostReader:
     ) -> tuple[np.ndarray, int] | None:
         """(rows as the daemon would return them, the version they show), or None when pushes
         kept overlapping the read. A frozen table's version is the one it was served at."""
-        store = self.table.store(layer_id)
-        return consistent_gather(store, self.seqlock, store.check_ids(row_ids), out, self.frozen_version)
+        ids = self.table.local_ids(layer_id, row_ids)
+        return consistent_gather(self.table.store(layer_id), self.seqlock, ids, out, self.frozen_version)
 
     def close(self) -> None:
         self.table.close()

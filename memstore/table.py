@@ -12,6 +12,7 @@ from memstore.errors import InvalidArgumentError
 from memstore.manifest import Backend, Init, Manifest
 from memstore.rowgen import initial_rows_at
 from memstore.storage import MmapRowStore, RowStore
+from memstore.storage.base import check_row_ids
 from memstore.storage.lmdb_store import LmdbRowStore
 
 
@@ -36,7 +37,7 @@ class Table:
                 stores[layer_id] = open_store(
                     manifest.backend,
                     path / manifest.layer_file(layer_id),
-                    layout.num_rows(layer_id),
+                    manifest.stored_rows(layer_id),
                     manifest.dtype.stored_width(layout.dim),
                     manifest.dtype,
                     read_only,
@@ -55,9 +56,20 @@ class Table:
         self.manifest.layout.num_rows(layer_id)  # rejects unknown layers with a clear message
         return self._stores[layer_id]
 
+    def local_ids(self, layer_id: int, row_ids: np.ndarray) -> np.ndarray:
+        """Checked row ids of one layer as indices into its store: the ids themselves, or (a shard)
+        their places among the shard's rows. InvalidArgumentError for ids out of the layer's range,
+        WrongShardError for rows of partitions this shard does not hold."""
+        sharding = self.manifest.sharding
+        if sharding is None:
+            return self.store(layer_id).check_ids(row_ids)
+        num_rows = self.manifest.layout.num_rows(layer_id)
+        ids = check_row_ids(row_ids, num_rows)
+        return sharding.to_local(ids, num_rows)
+
     def gather(self, layer_id: int, row_ids: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """Rows [len(row_ids), dim] of one layer, in request order (written into `out` if given)."""
-        return self.store(layer_id).gather(row_ids, out)
+        return self.store(layer_id).gather(self.local_ids(layer_id, row_ids), out)
 
     def gather_chunks(self, layer_id: int, row_ids: np.ndarray, chunk_rows: int) -> Iterator[np.ndarray]:
         """The rows of `gather`, as consecutive chunks of at most chunk_rows rows.
@@ -67,13 +79,13 @@ class Table:
         if chunk_rows < 1:
             raise InvalidArgumentError(f"chunk_rows is {chunk_rows}; it must be at least 1")
         store = self.store(layer_id)
-        ids = store.check_ids(row_ids)
+        ids = self.local_ids(layer_id, row_ids)
         for start in range(0, len(ids), chunk_rows):
             yield store.gather(ids[start : start + chunk_rows])
 
     def update(self, layer_id: int, row_ids: np.ndarray, rows: np.ndarray) -> None:
         """Overwrite rows of one layer (unique ids, storage dtype)."""
-        self.store(layer_id).update(row_ids, rows)
+        self.store(layer_id).update(self.local_ids(layer_id, row_ids), rows)
 
     def flush(self) -> None:
         for store in self._stores.values():
@@ -110,4 +122,7 @@ def open_store(
 def _initial_rows(manifest: Manifest, layer_id: int) -> Callable[[np.ndarray], np.ndarray]:
     """The generator of a lazy layer's never-written rows (what an eager create would have written)."""
     dim, seed, std, dtype = manifest.layout.dim, manifest.seed, manifest.init_std, manifest.dtype
-    return lambda ids: initial_rows_at(seed, layer_id, ids, dim, std, dtype)
+    sharding, num_rows = manifest.sharding, manifest.layout.num_rows(layer_id)
+    if sharding is None:
+        return lambda ids: initial_rows_at(seed, layer_id, ids, dim, std, dtype)
+    return lambda ids: initial_rows_at(seed, layer_id, sharding.to_global(ids, num_rows), dim, std, dtype)

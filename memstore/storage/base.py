@@ -32,6 +32,23 @@ def take_rows(rows: np.ndarray, ids: np.ndarray, out: np.ndarray | None = None) 
     return out
 
 
+def check_row_ids(row_ids: np.ndarray, num_rows: int) -> np.ndarray:
+    """The ids as a 1-D int64 array, or InvalidArgumentError if any is not in 0..num_rows-1."""
+    ids = np.asarray(row_ids)
+    if ids.ndim != 1:
+        raise InvalidArgumentError(f"row ids must be 1-D; got shape {ids.shape}")
+    if ids.size == 0:
+        return np.empty(0, dtype=np.int64)  # np.asarray([]) is float64: empty is fine whatever its dtype
+    if ids.dtype.kind not in "iu":
+        raise InvalidArgumentError(f"row ids must be integers; got {ids.dtype}")
+    ids = ids.astype(np.int64, copy=False)
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= num_rows:
+        bad = low if low < 0 else high
+        raise InvalidArgumentError(f"row id {bad} is out of range: this layer has rows 0..{num_rows - 1}")
+    return ids
+
+
 class RowStore(abc.ABC):
     """`num_rows` rows of `dim` values of `dtype`, addressed by int64 row id."""
 
@@ -84,20 +101,7 @@ class RowStore(abc.ABC):
 
     def check_ids(self, row_ids: np.ndarray) -> np.ndarray:
         """The ids as a 1-D int64 array, or InvalidArgumentError if any is not a row of this store."""
-        ids = np.asarray(row_ids)
-        if ids.ndim != 1:
-            raise InvalidArgumentError(f"row ids must be 1-D; got shape {ids.shape}")
-        if ids.size == 0:
-            return np.empty(0, dtype=np.int64)  # np.asarray([]) is float64: empty is fine whatever its dtype
-        if ids.dtype.kind not in "iu":
-            raise InvalidArgumentError(f"row ids must be integers; got {ids.dtype}")
-        ids = ids.astype(np.int64, copy=False)
-        if len(ids):
-            low, high = int(ids.min()), int(ids.max())
-            if low < 0 or high >= self.num_rows:
-                bad = low if low < 0 else high
-                raise InvalidArgumentError(f"row id {bad} is out of range: this layer has rows 0..{self.num_rows - 1}")
-        return ids
+        return check_row_ids(row_ids, self.num_rows)
 
     def check_out(self, out: np.ndarray, num_ids: int) -> None:
         """InvalidArgumentError unless `out` can receive `num_ids` rows of this store."""
