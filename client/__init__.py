@@ -1,7 +1,9 @@
 """The PyTorch-side client of the Engram memstore."""
 
 from client.client import MemstoreClient, PushAck, sum_duplicate_rows
-from client.config import ClientConfig
+from client.cluster import ClusterClient
+from client.cluster_spec import ClusterSpec
+from client.config import ClientConfig, LoadBalancing
 from client.prefetch import PrefetchConfig, Prefetcher, PrefetchHandle, PrefetchStats, TableFetcher
 from client.push import PushConfig, Pusher, PushStats
 from memstore.errors import (
@@ -16,6 +18,9 @@ from memstore.errors import (
 __all__ = [
     "MemstoreClient",
     "ClientConfig",
+    "LoadBalancing",
+    "ClusterClient",
+    "ClusterSpec",
     "Prefetcher",
     "PrefetchConfig",
     "PrefetchHandle",

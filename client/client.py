@@ -97,10 +97,10 @@ class MemstoreClient:
         reused across steps (the prefetcher's) cost no allocation. With `return_version`, also
         the table version the rows show (pushes applied; no row is torn by a concurrent push).
         """
-        _check_layer_id(layer_id)
-        ids = _as_int64_array(row_ids)
+        check_layer_id(layer_id)
+        ids = as_int64_array(row_ids)
         flat = ids.reshape(-1)  # [N]
-        target = None if out is None else self._out_rows(out, ids.shape, timeout)  # [N, dim] view of out
+        target = None if out is None else out_rows(out, ids.shape, self._manifest(timeout))  # [N, dim] view of out
         local = self._same_host_table(timeout)
         if local is not None:  # rows straight from the mapped files: same checks, same errors as the daemon
             limit = self.server_limits(timeout).max_rows_per_request
@@ -144,15 +144,9 @@ class MemstoreClient:
         answers a repeat of the last step it applied for this client and layer without applying
         it again, so UNAVAILABLE is retried only for pushes that carry one.
         """
-        _check_layer_id(layer_id)
-        ids = _as_int64_array(row_ids).reshape(-1)  # [N]
-        values = grads.detach().to("cpu", torch.float32).numpy() if isinstance(grads, torch.Tensor) else grads
-        values = np.asarray(values, dtype=np.float32)
-        if values.ndim < 1 or values.size != len(ids) * (values.shape[-1] if values.ndim else 0):
-            raise InvalidArgumentError(
-                f"grads must be [*row_ids.shape, dim] float32: {len(ids)} rows; got shape {values.shape}"
-            )
-        unique, summed = sum_duplicate_rows(ids, values.reshape(len(ids), -1))  # [U], [U, dim]
+        check_layer_id(layer_id)
+        ids = as_int64_array(row_ids).reshape(-1)  # [N]
+        unique, summed = sum_duplicate_rows(ids, grad_rows(grads, len(ids)))  # [U], [U, dim]
         request = pb.PushRequest(
             layer_id=layer_id,
             row_ids=encode_row_ids(unique),
@@ -187,28 +181,6 @@ class MemstoreClient:
     def version(self, timeout: float | None = None) -> int:
         """The served table's version now (pushes applied since creation)."""
         return self._unary(self._stub.Describe, pb.DescribeRequest(), timeout).version
-
-    def _out_rows(self, out: torch.Tensor, shape: tuple[int, ...], timeout: float | None) -> np.ndarray:
-        """`out` as a writable raw [N, dim] array, or InvalidArgumentError saying what it must be."""
-        manifest = self._manifest(timeout)
-        dtype, dim = manifest.dtype, manifest.dtype.stored_width(manifest.layout.dim)
-        count = int(np.prod(shape))
-        if (
-            not isinstance(out, torch.Tensor)
-            or out.dtype != dtype.torch
-            or out.device.type != "cpu"
-            or not out.is_contiguous()
-            or tuple(out.shape) not in ((*shape, dim), (count, dim))
-        ):
-            described = type(out).__name__
-            if isinstance(out, torch.Tensor):
-                layout = "" if out.is_contiguous() else ", not contiguous"
-                described = f"{tuple(out.shape)} of {out.dtype} on {out.device}{layout}"
-            raise InvalidArgumentError(
-                f"out must be a contiguous CPU tensor of {dtype.torch} shaped {(*shape, dim)} or {(count, dim)}; "
-                f"got {described}"
-            )
-        return dtype.raw_view(out).reshape(count, dim)  # [N, dim], shares memory with out
 
     def _fetch(
         self, layer_id: int, ids: np.ndarray, timeout: float | None, out: np.ndarray | None = None
@@ -321,7 +293,42 @@ def sum_duplicate_rows(ids: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, n
     return ordered[starts], np.add.reduceat(rows[order].astype(np.float32, copy=False), starts, axis=0)
 
 
-def _check_layer_id(layer_id: int) -> None:
+def out_rows(out: torch.Tensor, shape: tuple[int, ...], manifest: Manifest) -> np.ndarray:
+    """`out` as a writable raw [N, dim] array for rows of `shape` ids, or InvalidArgumentError saying
+    what it must be."""
+    dtype, dim = manifest.dtype, manifest.dtype.stored_width(manifest.layout.dim)
+    count = int(np.prod(shape))
+    if (
+        not isinstance(out, torch.Tensor)
+        or out.dtype != dtype.torch
+        or out.device.type != "cpu"
+        or not out.is_contiguous()
+        or tuple(out.shape) not in ((*shape, dim), (count, dim))
+    ):
+        described = type(out).__name__
+        if isinstance(out, torch.Tensor):
+            layout = "" if out.is_contiguous() else ", not contiguous"
+            described = f"{tuple(out.shape)} of {out.dtype} on {out.device}{layout}"
+        raise InvalidArgumentError(
+            f"out must be a contiguous CPU tensor of {dtype.torch} shaped {(*shape, dim)} or {(count, dim)}; "
+            f"got {described}"
+        )
+    return dtype.raw_view(out).reshape(count, dim)  # [N, dim], shares memory with out
+
+
+def grad_rows(grads: Any, num_ids: int) -> np.ndarray:
+    """Gradients [*row_ids.shape, dim] (torch or numpy) as float32 rows [num_ids, dim]."""
+    values = grads.detach().to("cpu", torch.float32).numpy() if isinstance(grads, torch.Tensor) else grads
+    values = np.asarray(values, dtype=np.float32)
+    if values.ndim < 1 or values.size != num_ids * (values.shape[-1] if values.ndim else 0):
+        raise InvalidArgumentError(
+            f"grads must be [*row_ids.shape, dim] float32: {num_ids} rows; got shape {values.shape}"
+        )
+    return values.reshape(num_ids, values.shape[-1])  # [N, dim]
+
+
+def check_layer_id(layer_id: int) -> None:
+    """InvalidArgumentError unless `layer_id` can be an Engram layer id (the wire's uint32)."""
     if not 0 <= layer_id < 2**32:
         raise InvalidArgumentError(f"layer id {layer_id} is not an Engram layer id (0 <= id < 2**32)")
 
@@ -334,7 +341,8 @@ def _distinct_count(ids: np.ndarray) -> int:
     return 1 + int(np.count_nonzero(ordered[1:] != ordered[:-1]))
 
 
-def _as_int64_array(row_ids: Any) -> np.ndarray:
+def as_int64_array(row_ids: Any) -> np.ndarray:
+    """Row ids (numpy or torch integers of any shape) as int64, or InvalidArgumentError."""
     if isinstance(row_ids, torch.Tensor):
         if row_ids.is_floating_point() or row_ids.is_complex() or row_ids.dtype == torch.bool:
             raise InvalidArgumentError(f"row ids must be integers; got a {row_ids.dtype} tensor")

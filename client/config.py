@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import json
 import os
 import socket
@@ -11,6 +12,15 @@ from memstore.errors import InvalidArgumentError
 from memstore.wire import memstore_pb2 as pb
 
 _SERVICE = pb.DESCRIPTOR.services_by_name["Memstore"].full_name
+
+
+class LoadBalancing(enum.Enum):
+    """How a channel whose target names several daemons (the replicas of a shard) spreads calls."""
+
+    PICK_FIRST = "pick_first"  # one daemon at a time: the first that connects
+    # Every ready daemon in turn; with client-side health checking, only those whose gRPC
+    # health service says SERVING (a replica lagging its primary says NOT_SERVING).
+    ROUND_ROBIN = "round_robin"
 
 
 @dataclass(frozen=True)
@@ -34,6 +44,10 @@ class ClientConfig:
     max_request_bytes: int = 256 << 20
     # Names this client in the daemon's logs and write-ahead log (a replica name, say).
     client_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+    load_balancing: LoadBalancing = LoadBalancing.PICK_FIRST
+    # Deadline of one attempt on one replica inside a cluster call's deadline; on expiry the
+    # cluster client tries another replica (None: an attempt may take the whole deadline).
+    attempt_timeout_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.timeout_s <= 0:
@@ -44,6 +58,8 @@ class ClientConfig:
             raise InvalidArgumentError(f"ClientConfig.dedup_min_saving must be in [0, 1); got {self.dedup_min_saving}")
         if not 0 < self.initial_backoff_s <= self.max_backoff_s:
             raise InvalidArgumentError("ClientConfig needs 0 < initial_backoff_s <= max_backoff_s")
+        if self.attempt_timeout_s is not None and self.attempt_timeout_s <= 0:
+            raise InvalidArgumentError(f"ClientConfig.attempt_timeout_s must be positive; got {self.attempt_timeout_s}")
 
     def channel_options(self) -> list[tuple[str, object]]:
         """gRPC channel options: message limits, window, and the retry policy as a service config."""
@@ -59,7 +75,10 @@ class ClientConfig:
         readers = [{"service": _SERVICE, "method": method} for method in ("Describe", "Lookup")]
         # gRPC rejects a retry policy of one attempt (the whole channel fails): then there is none.
         policy = {"retryPolicy": retry} if self.max_attempts > 1 else {}
-        service_config = {"methodConfig": [{"name": readers, **policy}]}
+        service_config: dict[str, object] = {"methodConfig": [{"name": readers, **policy}]}
+        if self.load_balancing is LoadBalancing.ROUND_ROBIN:
+            service_config["loadBalancingConfig"] = [{"round_robin": {}}]
+            service_config["healthCheckConfig"] = {"serviceName": _SERVICE}
         return [
             ("grpc.max_receive_message_length", -1),
             ("grpc.max_send_message_length", self.max_request_bytes),

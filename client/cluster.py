@@ -1,0 +1,298 @@
+"""ClusterClient: one table served by several shards, each by a primary and read replicas.
+
+The same calls as `MemstoreClient` (so the prefetcher, the pusher and the model take either):
+
+- lookup: ids are split by shard (the partition assignment every shard's manifest records),
+  the parts are fetched in parallel and the rows reassembled in request order. Each shard's
+  reads go through one gRPC channel over all its daemons with the round_robin policy and
+  client-side health checking (a replica lagging its primary reports NOT_SERVING and gets no
+  calls); gRPC's retry policy retries UNAVAILABLE before any row arrived. A replica that fails
+  mid-stream, or exceeds `ClientConfig.attempt_timeout_s`, is retried here on the next
+  replica within the call's deadline (gRPC's own per-attempt timeout, `perAttemptRecvTimeout`,
+  has open C-core bugs: grpc/grpc#38908, #39935).
+- push: gradients are summed per row once, split by shard and sent to every shard's primary,
+  an empty part included, so each shard's optimizer counts the same steps as one table would
+  (Adam's bias correction depends on it). With a step id a push is safe to repeat whole after
+  a failure: shards that applied it answer the repeat without applying it again.
+
+At connect every listed daemon is described: a daemon serving another table, another shard
+or another partition assignment is refused (LayoutMismatchError); an unreachable one is not
+an error while its shard has another daemon up.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from client.client import (
+    MemstoreClient,
+    PushAck,
+    as_int64_array,
+    check_layer_id,
+    grad_rows,
+    out_rows,
+    sum_duplicate_rows,
+)
+from client.cluster_spec import ClusterSpec
+from client.config import ClientConfig, LoadBalancing
+from memstore.errors import (
+    DataLossError,
+    DeadlineExceededError,
+    LayoutMismatchError,
+    MemstoreError,
+    UnavailableError,
+)
+from memstore.manifest import Manifest
+from memstore.sharding import Sharding
+
+log = logging.getLogger("client.cluster")
+
+# A replica that failed this way may be followed by a healthy one: try the call again.
+_RETRY_ON_ANOTHER_REPLICA = (UnavailableError, DeadlineExceededError, DataLossError)
+
+
+class ClusterClient:
+    """A sharded, replicated table behind the `MemstoreClient` interface. Thread-safe; a context manager."""
+
+    def __init__(
+        self, spec: ClusterSpec, config: ClientConfig | None = None, *, expected_fingerprint: str | None = None
+    ) -> None:
+        self.spec = spec
+        self.config = config or ClientConfig()
+        reader_config = replace(self.config, load_balancing=LoadBalancing.ROUND_ROBIN)
+        self._primaries = [MemstoreClient(shard.primary, self.config) for shard in spec.shards]
+        self._readers = [
+            MemstoreClient(shard.reads(), reader_config) if shard.replicas or shard.read_target else primary
+            for shard, primary in zip(spec.shards, self._primaries)
+        ]
+        self._pool = ThreadPoolExecutor(max_workers=len(spec.shards), thread_name_prefix="memstore-shard")
+        try:
+            self._manifest, self._sharding = self._check_cluster()
+            if expected_fingerprint is not None:
+                self.check_fingerprint(expected_fingerprint)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- the table ---------------------------------------------------------------------------
+
+    def describe(self, timeout: float | None = None) -> Manifest:
+        """The whole table's manifest (layout, dtype, seed, optimizer; no shard section)."""
+        return self._manifest
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.spec.shards)
+
+    @property
+    def trainable(self) -> bool:
+        """Whether every shard's primary takes pushes."""
+        return all(primary.trainable for primary in self._primaries)
+
+    @property
+    def transport(self) -> str:
+        """How lookups travel: "grpc", "same-host", or both (per shard)."""
+        return "+".join(sorted({reader.transport for reader in self._readers}))
+
+    def check_fingerprint(self, expected: str, timeout: float | None = None) -> None:
+        """LayoutMismatchError unless the cluster serves the table with this fingerprint."""
+        if self._manifest.fingerprint != expected:
+            raise LayoutMismatchError(
+                f"the cluster serves a table with fingerprint {self._manifest.fingerprint}, expected {expected}: "
+                "point the model at the cluster built for it"
+            )
+
+    def version(self, timeout: float | None = None) -> int:
+        """Pushes applied over all shards (each shard counts its own)."""
+        return sum(self._on_every_shard(lambda shard: self._primaries[shard].version(timeout)))
+
+    def snapshot(self, name: str, *, timeout: float | None = None) -> list[tuple[str, int]]:
+        """A snapshot named `name` on every shard's primary: [(path on its host, version)] in shard order.
+
+        Each shard's snapshot is consistent; across shards they are taken one after another, so
+        take them between training steps (after `Pusher.flush`) for a table-wide consistent copy.
+        """
+        return self._on_every_shard(lambda shard: self._primaries[shard].snapshot(name, timeout=timeout))
+
+    # -- rows --------------------------------------------------------------------------------
+
+    def lookup(
+        self,
+        layer_id: int,
+        row_ids: Any,
+        *,
+        timeout: float | None = None,
+        out: torch.Tensor | None = None,
+        return_version: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, int]:
+        """Rows [*row_ids.shape, dim] of the stored dtype, as `MemstoreClient.lookup` returns them.
+
+        With `return_version`, also the sum of the shards' versions the rows show.
+        """
+        check_layer_id(layer_id)
+        if self.num_shards == 1:
+            return self._readers[0].lookup(layer_id, row_ids, timeout=timeout, out=out, return_version=return_version)
+        ids = as_int64_array(row_ids)
+        flat = ids.reshape(-1)  # [N]
+        dtype, dim = self._manifest.dtype, self._manifest.dtype.stored_width(self._manifest.layout.dim)
+        if out is None:
+            out = torch.empty((*ids.shape, dim), dtype=dtype.torch)
+        rows = out_rows(out, ids.shape, self._manifest)  # [N, dim], shares memory with out
+        deadline = time.monotonic() + self._timeout(timeout)
+        parts = self._split(flat)  # shard -> positions in flat
+        futures = {shard: self._pool.submit(self._read, shard, layer_id, flat[at], deadline) for shard, at in parts}
+        versions = []
+        for shard, at in parts:
+            part_rows, version = _result(futures, shard)  # [len(at), dim]
+            rows[at] = part_rows
+            versions.append(version)
+        return (out, sum(versions)) if return_version else out
+
+    def push(
+        self,
+        layer_id: int,
+        row_ids: Any,
+        grads: Any,
+        *,
+        step_id: int = 0,
+        lr_scale: float | None = None,
+        timeout: float | None = None,
+    ) -> PushAck:
+        """Gradients [*row_ids.shape, dim] to every shard's primary (see `MemstoreClient.push`).
+
+        Returns the sum of the shards' versions after it, the layer's optimizer step, and the rows sent.
+        """
+        check_layer_id(layer_id)
+        ids = as_int64_array(row_ids).reshape(-1)  # [N]
+        unique, summed = sum_duplicate_rows(ids, grad_rows(grads, len(ids)))  # [U], [U, dim]
+        owner = self._sharding.shard_of(unique)  # [U]
+
+        def push_to(shard: int) -> PushAck:
+            mine = owner == shard  # empty parts are pushed too: every shard's optimizer steps together
+            return self._primaries[shard].push(
+                layer_id, unique[mine], summed[mine], step_id=step_id, lr_scale=lr_scale, timeout=timeout
+            )
+
+        acks = self._on_every_shard(push_to)
+        return PushAck(sum(a.version for a in acks), max(a.layer_step for a in acks), len(unique))
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _split(self, flat: np.ndarray) -> list[tuple[int, np.ndarray]]:
+        """(shard, positions of its ids in `flat`) for every shard that has some."""
+        # Negative ids still route somewhere (numpy's % is non-negative); that shard rejects them.
+        owner = self._sharding.shard_of(flat)  # [N]
+        order = np.argsort(owner, kind="stable")  # positions grouped by shard
+        ends = np.cumsum(np.bincount(owner, minlength=self.num_shards))  # [S]
+        return [
+            (shard, order[end - count : end])
+            for shard, (end, count) in enumerate(zip(ends, np.diff(ends, prepend=0)))
+            if count
+        ]
+
+    def _read(self, shard: int, layer_id: int, ids: np.ndarray, deadline: float) -> tuple[np.ndarray, int]:
+        """One shard's rows [len(ids), dim] (raw storage dtype) and version, retried on another replica."""
+        reader = self._readers[shard]
+        dtype = self._manifest.dtype
+        for attempt in range(1, self.config.max_attempts + 1):
+            remaining = deadline - time.monotonic()
+            limit = self.config.attempt_timeout_s
+            attempt_s = remaining if limit is None else min(remaining, limit)
+            try:
+                if remaining <= 0:
+                    raise DeadlineExceededError(f"the lookup's deadline passed before shard {shard} answered")
+                rows, version = reader.lookup(layer_id, ids, timeout=attempt_s, return_version=True)
+                return dtype.raw_view(rows).reshape(len(ids), -1), version
+            except _RETRY_ON_ANOTHER_REPLICA as exc:
+                if attempt == self.config.max_attempts or deadline - time.monotonic() <= 0:
+                    raise _on_shard(exc, shard, self.spec.shards[shard].addresses) from None
+                log.info("shard %d lookup attempt %d failed (%s); trying another replica", shard, attempt, exc)
+            except MemstoreError as exc:
+                raise _on_shard(exc, shard, self.spec.shards[shard].addresses) from None
+        raise AssertionError("unreachable")
+
+    def _on_every_shard(self, call: Any) -> list[Any]:
+        """`call(shard)` for every shard in parallel; results in shard order, or the first shard's error."""
+        futures = {shard: self._pool.submit(call, shard) for shard in range(self.num_shards)}
+        return [_result(futures, shard, self.spec.shards[shard].addresses) for shard in range(self.num_shards)]
+
+    def _check_cluster(self) -> tuple[Manifest, Sharding]:
+        """Describe every daemon; the table's manifest and the partition assignment they all agree on."""
+        seen: list[tuple[int, str, Manifest]] = []
+        for shard, addresses in enumerate(self.spec.shards):
+            reachable = []
+            for address in addresses.addresses:
+                try:
+                    with MemstoreClient(address, replace(self.config, same_host=False)) as probe:
+                        reachable.append((shard, address, probe.describe()))
+                except UnavailableError as exc:  # a replica may be down; its shard needs only one daemon up
+                    log.warning("shard %d daemon %s is unreachable at connect: %s", shard, address, exc)
+            if not reachable:
+                raise UnavailableError(f"no daemon of shard {shard} answers: {list(addresses.addresses)}")
+            seen += reachable
+        first_shard, first_address, first = seen[0]
+        table = replace(first, sharding=None)
+        sharding = first.sharding or Sharding.spread(1, 0, 1)
+        for shard, address, manifest in seen:
+            if replace(manifest, sharding=None) != table:
+                raise LayoutMismatchError(
+                    f"{address} (shard {shard}) serves table {manifest.fingerprint}, but {first_address} "
+                    f"(shard {first_shard}) serves {first.fingerprint} (or another dtype or optimizer): "
+                    "every daemon of a cluster must serve the same table"
+                )
+            held = manifest.sharding or Sharding.spread(1, 0, 1)
+            if held.assignment != sharding.assignment or held.num_partitions != sharding.num_partitions:
+                raise LayoutMismatchError(
+                    f"{address} records another partition assignment than {first_address}: the shards come "
+                    "from different `memstore create --shards` / `memstore reshard` runs"
+                )
+            if held.num_shards != self.num_shards or held.shard != shard:
+                raise LayoutMismatchError(
+                    f"{address} is listed as shard {shard} of {self.num_shards} but serves shard {held.shard} "
+                    f"of {held.num_shards}: list the shards in order (shard-0 first), each with its own daemons"
+                )
+        return table, sharding
+
+    def _timeout(self, timeout: float | None) -> float:
+        return self.config.timeout_s if timeout is None else timeout
+
+    def close(self) -> None:
+        """Close every channel and the worker pool."""
+        for client in {id(c): c for c in (*self._primaries, *self._readers)}.values():
+            client.close()
+        self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> ClusterClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _result(futures: dict[int, Future], shard: int, addresses: tuple[str, ...] = ()) -> Any:
+    """The shard's result; on an error, wait for every part first so no call outlives this one."""
+    try:
+        return futures[shard].result()
+    except BaseException as exc:
+        for future in futures.values():
+            future.exception()  # waits; their own errors are secondary to this one
+        if isinstance(exc, MemstoreError) and addresses:
+            raise _on_shard(exc, shard, addresses) from None
+        raise
+
+
+def _on_shard(exc: MemstoreError, shard: int, addresses: tuple[str, ...]) -> MemstoreError:
+    """The same kind of error, saying which shard failed (once)."""
+    prefix = f"shard {shard} ({', '.join(addresses)}): "
+    if str(exc).startswith(prefix):
+        return exc
+    error = type(exc)(prefix + str(exc))
+    error.code = exc.code
+    return error
