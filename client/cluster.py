@@ -22,10 +22,12 @@ an error while its shard has another daemon up.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -296,3 +298,28 @@ def _on_shard(exc: MemstoreError, shard: int, addresses: tuple[str, ...]) -> Mem
     error = type(exc)(prefix + str(exc))
     error.code = exc.code
     return error
+
+
+def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that name a memstore: one daemon (--memstore) or a cluster (--cluster / --shard)."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--memstore", metavar="HOST:PORT", help="one daemon's address")
+    group.add_argument("--cluster", type=Path, metavar="FILE", help="a cluster spec (TOML: shards, replicas)")
+    group.add_argument(
+        "--shard",
+        action="append",
+        metavar="PRIMARY[,REPLICA...]",
+        help="a shard's daemons, primary first; repeat once per shard, in shard order (the spec as flags)",
+    )
+
+
+def connect(
+    args: argparse.Namespace, config: ClientConfig | None = None, *, expected_fingerprint: str | None = None
+) -> MemstoreClient | ClusterClient | None:
+    """The client the connection flags name (None when none is given)."""
+    if args.memstore:
+        return MemstoreClient(args.memstore, config, expected_fingerprint=expected_fingerprint)
+    if args.cluster is not None or args.shard:
+        spec = ClusterSpec.from_file(args.cluster) if args.cluster is not None else ClusterSpec.from_flags(args.shard)
+        return ClusterClient(spec, config, expected_fingerprint=expected_fingerprint)
+    return None

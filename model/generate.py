@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from client import MemstoreClient, Prefetcher
+from client import Prefetcher
+from client.cluster import add_connection_arguments, connect
 from memstore.layout import fingerprint
 from model.data import DataConfig, PreparedData, prepare_data
 from model.lm import EngramLM
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, required=True)
     parser.add_argument("--source", type=TableSource, choices=list(TableSource), help="default: as trained")
-    parser.add_argument("--memstore", help="daemon address HOST:PORT (with --source memstore)")
+    add_connection_arguments(parser)  # with --source memstore: --memstore, --cluster or --shard
     parser.add_argument("--prompt", action="append", help="repeat for several prompts")
     parser.add_argument("--samples", type=int, default=1, help="samples per prompt")
     parser.add_argument("--max-new-tokens", type=int, default=60)
@@ -57,8 +58,8 @@ def main(argv: list[str] | None = None) -> None:
     client = None
     prefetcher = None
     try:
-        if args.source is TableSource.MEMSTORE or (args.source is None and args.memstore):
-            client = MemstoreClient(args.memstore)
+        if args.source is not TableSource.LOCAL and args.source is not TableSource.NONE:
+            client = connect(args)
         model, source = load_checkpoint(args.checkpoint, data, client, args.source)
         engram = model.config.engram
         if client is not None and engram is not None:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from client import MemstoreClient, PrefetchHandle
+from client import ClusterClient, MemstoreClient, PrefetchHandle
 from memstore.dtypes import DType
 from memstore.layout import EngramLayout
 from memstore.rowgen import initial_rows
@@ -64,7 +64,7 @@ class MemstoreTable:
     last call, repeats included: what a training client pushes back (the push sums repeats).
     """
 
-    def __init__(self, client: MemstoreClient, layer_id: int, track_gradients: bool = False) -> None:
+    def __init__(self, client: MemstoreClient | ClusterClient, layer_id: int, track_gradients: bool = False) -> None:
         self.client = client
         self.layer_id = layer_id
         self.track_gradients = track_gradients
@@ -122,7 +122,7 @@ def local_tables(layout: EngramLayout, seed: int) -> dict[int, RowSource]:
 
 
 def memstore_tables(
-    client: MemstoreClient, layout: EngramLayout, track_gradients: bool = False
+    client: MemstoreClient | ClusterClient, layout: EngramLayout, track_gradients: bool = False
 ) -> dict[int, RowSource]:
     """A memstore-backed table per Engram layer, all through one client."""
     return {layer_id: MemstoreTable(client, layer_id, track_gradients) for layer_id in layout.layer_ids}

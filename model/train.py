@@ -32,7 +32,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from client import MemstoreClient, Prefetcher, PrefetchHandle, PushConfig, Pusher
+from client import ClusterClient, MemstoreClient, Prefetcher, PrefetchHandle, PushConfig, Pusher
+from client.cluster import add_connection_arguments, connect
 from memstore.layout import fingerprint
 from memstore.optim import OptimizerConfig, OptimizerKind
 from model.compression import CompressedTokenizer
@@ -97,7 +98,7 @@ def build_model(
     lm_config: LMConfig,
     data: PreparedData,
     source: TableSource,
-    client: MemstoreClient | None = None,
+    client: MemstoreClient | ClusterClient | None = None,
     track_gradients: bool = False,
 ) -> EngramLM:
     """The LM with its tables from `source` (the config's Engram is dropped for NONE); memstore
@@ -321,7 +322,10 @@ def save_checkpoint(model: EngramLM, source: TableSource, path: Path, result: Tr
 
 
 def load_checkpoint(
-    path: Path, data: PreparedData, client: MemstoreClient | None = None, source: TableSource | None = None
+    path: Path,
+    data: PreparedData,
+    client: MemstoreClient | ClusterClient | None = None,
+    source: TableSource | None = None,
 ) -> tuple[EngramLM, TableSource]:
     """Rebuild a model saved by save_checkpoint (optionally with its tables from another source)."""
     payload = torch.load(path, map_location="cpu", weights_only=True)
@@ -339,7 +343,7 @@ def main(argv: list[str] | None = None) -> None:
     defaults = TrainConfig()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", type=TableSource, choices=list(TableSource), default=TableSource.LOCAL)
-    parser.add_argument("--memstore", help="daemon address HOST:PORT (with --source memstore)")
+    add_connection_arguments(parser)  # with --source memstore: --memstore, --cluster or --shard
     parser.add_argument(
         "--no-prefetch", action="store_true", help="look rows up when each layer needs them (no overlap)"
     )
@@ -359,8 +363,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-dir", type=Path, default=DataConfig().data_dir)
     parser.add_argument("--lm-config", type=Path, help="JSON file of LMConfig fields (unknown keys are errors)")
     args = parser.parse_args(argv)
-    if args.source is TableSource.MEMSTORE and not args.memstore:
-        parser.error("--source memstore needs --memstore HOST:PORT (the address `memstore serve` listens on)")
+    if args.source is TableSource.MEMSTORE and not (args.memstore or args.cluster or args.shard):
+        parser.error("--source memstore needs --memstore HOST:PORT (`memstore serve`'s address) or --cluster FILE")
     config = TrainConfig(
         steps=args.steps,
         batch_size=args.batch_size,
@@ -376,7 +380,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.source is TableSource.MEMSTORE:
         engram = lm_config.engram
         assert engram is not None
-        client = MemstoreClient(args.memstore, expected_fingerprint=fingerprint(engram.layout(), engram.seed))
+        client = connect(args, expected_fingerprint=fingerprint(engram.layout(), engram.seed))
     prefetcher = pusher = None
     try:
         push = client is not None and client.trainable and not args.freeze_tables

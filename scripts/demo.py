@@ -1,6 +1,8 @@
 """The main job: an Engram LM that trains and samples through a memstore daemon.
 
-    python scripts/demo.py [--steps 150]
+    python scripts/demo.py [--steps 150] [--shards N]
+    python scripts/demo.py --create-only --table DIR [--shards N]   # steps 1-2 only (a deployment's init job)
+    python scripts/demo.py --cluster FILE [--steps S]              # steps 3-4 through a running cluster
 
 1. generate the corpus and train the BPE tokenizer locally (cached in data/);
 2. create the Engram table the model's layout needs (tables/engram-lm, fresh each run), with
@@ -10,6 +12,10 @@
    (synchronous, so it trains exactly as a table in process would); then sample;
 4. snapshot the trained table while the daemon serves;
 5. stop the daemon with SIGTERM and report.
+
+With `--shards N` the table is created in N shards and each is served by its own daemon; the
+model reads and trains through a `ClusterClient`. `--cluster FILE` (a cluster spec, see
+client/cluster_spec.py) uses daemons that are already running, e.g. docker-compose.yml's.
 """
 
 from __future__ import annotations
@@ -23,14 +29,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from client import MemstoreClient, Prefetcher, PushConfig, Pusher  # noqa: E402
+from client import ClusterClient, ClusterSpec, MemstoreClient, Prefetcher, PushConfig, Pusher  # noqa: E402
 from memstore.cli import describe_table  # noqa: E402
-from memstore.create import create_table  # noqa: E402
+from memstore.create import create_sharded, create_table, shard_dirs  # noqa: E402
 from memstore.dtypes import DType  # noqa: E402
 from memstore.errors import TableFormatError  # noqa: E402
 from memstore.launch import start_daemon, stop_daemon  # noqa: E402
-from memstore.manifest import Manifest  # noqa: E402
-from model.data import DataConfig, prepare_data  # noqa: E402
+from memstore.manifest import MANIFEST_NAME, Manifest  # noqa: E402
+from model.data import DataConfig, PreparedData, prepare_data  # noqa: E402
 from model.generate import sample  # noqa: E402
 from model.lm import LMConfig  # noqa: E402
 from model.train import TableSource, TrainConfig, build_model, report, save_checkpoint, train  # noqa: E402
@@ -38,16 +44,20 @@ from model.train import TableSource, TrainConfig, build_model, report, save_chec
 PROMPTS = ["The river", "In 1843,", "The University of"]
 
 
-def _fresh_table(path: Path, manifest: Manifest) -> None:
-    """The demo trains its table: start from the initial rows every run."""
-    try:
-        Manifest.read(path)
-        exists = True
-    except TableFormatError:
-        exists = False
-    create_table(path, manifest, overwrite=exists)
-    shutil.rmtree(path.with_name(path.name + ".snapshots"), ignore_errors=True)
-    print(f"created {path}\n{describe_table(manifest)}")
+def _fresh_table(path: Path, manifest: Manifest, shards: int) -> list[Path]:
+    """The demo trains its table: start from the initial rows every run. Returns the shard directories."""
+    if path.exists():  # only ever a table this demo made: refuse anything else
+        if not ((path / MANIFEST_NAME).is_file() or shard_dirs(path)):
+            raise TableFormatError(f"{path} exists and is not a memstore table; pick another --table")
+        shutil.rmtree(path)
+    for stale in path.parent.glob(f"{path.name}*.snapshots"):
+        shutil.rmtree(stale)
+    if shards > 1:
+        dirs = create_sharded(path, manifest, shards)
+    else:
+        dirs = [create_table(path, manifest)]
+    print(f"created {path}{f' in {shards} shards' if shards > 1 else ''}\n{describe_table(manifest)}")
+    return dirs
 
 
 def main() -> int:
@@ -55,55 +65,96 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--table", type=Path, default=REPO / "tables" / "engram-lm")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "demo")
+    parser.add_argument("--shards", type=int, default=1, help="create the table in N shards, one daemon each")
+    parser.add_argument("--create-only", action="store_true", help="prepare the data and create the table, then exit")
+    parser.add_argument("--cluster", type=Path, help="train through running daemons described by this cluster spec")
     args = parser.parse_args()
+    if args.shards < 1:
+        parser.error("--shards must be at least 1")
+    if args.cluster is not None and args.create_only:
+        parser.error("--cluster uses an existing table; --create-only makes one: give one of them")
 
     print("== 1. data: generated corpus, locally trained BPE")
     data = prepare_data(DataConfig(data_dir=REPO / "data"))
     print(f"{len(data.train):,} train and {len(data.val):,} validation tokens, vocabulary {data.vocab_size}")
 
-    print("\n== 2. the Engram table, served by a memstore daemon")
     lm_config = LMConfig(vocab_size=data.vocab_size)
     engram = lm_config.engram
     assert engram is not None
     config = TrainConfig(steps=args.steps, eval_every=max(1, args.steps // 3), out_dir=args.out)
     manifest = Manifest(layout=engram.layout(), dtype=DType.FLOAT16, seed=engram.seed, optimizer=config.table_optimizer)
-    _fresh_table(args.table, manifest)
-    daemon, address = start_daemon(args.table)
+    if args.cluster is not None:
+        spec = ClusterSpec.from_file(args.cluster)
+        print(f"\n== 2. the Engram table, served by the cluster in {args.cluster} ({len(spec.shards)} shards)")
+        with ClusterClient(spec, expected_fingerprint=manifest.fingerprint) as client:
+            print(f"fingerprint {manifest.fingerprint} checked on every daemon")
+            _train_and_sample(client, lm_config, data, config, args)
+        return 0
+
+    print("\n== 2. the Engram table" + ("" if args.create_only else ", served by memstore daemons"))
+    shard_dirs = _fresh_table(args.table, manifest, args.shards)
+    if args.create_only:
+        return 0
+    daemons = []
     try:
-        with MemstoreClient(address, expected_fingerprint=manifest.fingerprint) as client:
-            print(f"daemon at {address}, fingerprint {manifest.fingerprint} checked")
-            print(f"\n== 3. train {args.steps} steps through the daemon (rows pushed back), then sample")
-            model = build_model(lm_config, data, TableSource.MEMSTORE, client)
-            with (
-                Prefetcher(client, model.row_ids, engram.layer_ids) as prefetcher,
-                Pusher(client, engram.layer_ids, PushConfig(max_in_flight_steps=0)) as pusher,
-            ):
-                result = train(model, data, config, prefetcher=prefetcher, pusher=pusher)
-                save_checkpoint(model, TableSource.MEMSTORE, args.out / "ckpt.pt", result)
-                print(report(result, config))
-                trained = prefetcher.stats.total_stall_s
-                start = time.perf_counter()
-                texts = sample(model, data, PROMPTS, max_new_tokens=40, temperature=0.7, seed=0, prefetcher=prefetcher)
-                sampling_s = time.perf_counter() - start
-                sampling_stall = prefetcher.stats.total_stall_s - trained
-            print(
-                f"lookups went {client.transport}: {'the daemon' if client.transport == 'grpc' else 'its files'}"
-                " (the same-host path maps the daemon's table files when the client shares its host)"
-            )
-            print(f"checkpoint: {args.out / 'ckpt.pt'}")
-            print(
-                f"sampling: {sampling_s:.1f} s, waited {sampling_stall:.2f} s ({sampling_stall / sampling_s:.1%}) "
-                "for rows prefetched per new token"
-            )
-            for text in texts:
-                print(f"  > {text!r}")
-            path, version = client.snapshot("demo")
-            print(f"\n== 4. snapshot of the trained table (version {version}) at {path}")
+        for shard_dir in shard_dirs:
+            daemons.append(start_daemon(shard_dir))
+        addresses = [address for _, address in daemons]
+        if len(addresses) == 1:
+            client = MemstoreClient(addresses[0], expected_fingerprint=manifest.fingerprint)
+        else:
+            client = ClusterClient(ClusterSpec.from_flags(addresses), expected_fingerprint=manifest.fingerprint)
+        with client:
+            print(f"daemons at {', '.join(addresses)}, fingerprint {manifest.fingerprint} checked")
+            _train_and_sample(client, lm_config, data, config, args)
     finally:
-        print("\n== 5. stop the daemon (SIGTERM)")
-        code = stop_daemon(daemon)
-        print(f"daemon exited with code {code}")
-    return 0 if code == 0 else 1
+        print("\n== 5. stop the daemons (SIGTERM)")
+        codes = [stop_daemon(process) for process, _ in daemons]
+        print(f"daemons exited with codes {codes}")
+    return 0 if codes and not any(codes) else 1
+
+
+def _train_and_sample(
+    client: MemstoreClient | ClusterClient,
+    lm_config: LMConfig,
+    data: PreparedData,
+    config: TrainConfig,
+    args: argparse.Namespace,
+) -> None:
+    """Steps 3 and 4: train through the client (rows prefetched, gradients pushed), sample, snapshot."""
+    engram = lm_config.engram
+    assert engram is not None
+    print(f"\n== 3. train {args.steps} steps through the daemons (rows pushed back), then sample")
+    model = build_model(lm_config, data, TableSource.MEMSTORE, client)
+    with (
+        Prefetcher(client, model.row_ids, engram.layer_ids) as prefetcher,
+        Pusher(client, engram.layer_ids, PushConfig(max_in_flight_steps=0)) as pusher,
+    ):
+        result = train(model, data, config, prefetcher=prefetcher, pusher=pusher)
+        save_checkpoint(model, TableSource.MEMSTORE, args.out / "ckpt.pt", result)
+        print(report(result, config))
+        trained = prefetcher.stats.total_stall_s
+        start = time.perf_counter()
+        texts = sample(model, data, PROMPTS, max_new_tokens=40, temperature=0.7, seed=0, prefetcher=prefetcher)
+        sampling_s = time.perf_counter() - start
+        sampling_stall = prefetcher.stats.total_stall_s - trained
+    print(
+        f"lookups went {client.transport}: {'the daemons' if client.transport == 'grpc' else 'their files'}"
+        " (the same-host path maps a daemon's table files when the client shares its host)"
+    )
+    print(f"checkpoint: {args.out / 'ckpt.pt'}")
+    print(
+        f"sampling: {sampling_s:.1f} s, waited {sampling_stall:.2f} s ({sampling_stall / sampling_s:.1%}) "
+        "for rows prefetched per new token"
+    )
+    for text in texts:
+        print(f"  > {text!r}")
+    snapshots = client.snapshot("demo")
+    if isinstance(client, MemstoreClient):
+        snapshots = [snapshots]
+    print("\n== 4. snapshot of the trained table")
+    for shard, (path, version) in enumerate(snapshots):
+        print(f"  {'shard ' + str(shard) + ': ' if len(snapshots) > 1 else ''}version {version} at {path}")
 
 
 if __name__ == "__main__":
