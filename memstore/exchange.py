@@ -43,7 +43,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
-from memstore.create import replace_table_dir, staging_dir, write_initial_state
+from memstore.create import replace_table_dir, shard_dirs, staging_dir, write_initial_state
 from memstore.dtypes import DType
 from memstore.errors import InvalidArgumentError, TableFormatError
 from memstore.manifest import MANIFEST_NAME, Backend, Init, Manifest, fsync_dir
@@ -84,6 +84,7 @@ def export_safetensors(
     _check_chunk_rows(chunk_rows)
     if dest.is_dir():
         raise InvalidArgumentError(f"{dest} is a directory; give the path of the .safetensors file to write")
+    _check_whole(Path(table_dir))
     with Table.open(table_dir) as table:
         manifest = table.manifest
         out_dtype = manifest.dtype if dtype is None else dtype
@@ -140,6 +141,12 @@ def import_safetensors(
             manifest = _manifest_from_metadata(st, src)
         if manifest.backend is not Backend.MMAP:
             raise InvalidArgumentError("import writes mmap tables; give a manifest with backend 'mmap'")
+        if manifest.sharding is not None:  # the file holds every row: a shard's table would not match it
+            raise InvalidArgumentError(
+                f"the manifest describes shard {manifest.sharding.shard} of {manifest.sharding.num_shards} (it has a "
+                '"sharding" section) but import writes whole tables: set "sharding" to null, import, then '
+                "`memstore reshard` the table into shards"
+            )
         entries = _check_entries(st, manifest, src)
         _check_dest(dest, overwrite)
         tmp = staging_dir(dest, "importing")
@@ -378,6 +385,17 @@ def _chunks(num_rows: int, chunk_rows: int) -> Iterator[tuple[int, int]]:
         yield start, min(chunk_rows, num_rows - start)
 
 
+def _check_whole(table_dir: Path) -> None:
+    """InvalidArgumentError for a sharded table or one of its shards: a file holds a whole table."""
+    sharding = Manifest.read(table_dir).sharding if (table_dir / MANIFEST_NAME).is_file() else None
+    if shard_dirs(table_dir) or sharding is not None:
+        what = "a sharded table" if sharding is None else f"shard {sharding.shard} of {sharding.num_shards}"
+        raise InvalidArgumentError(
+            f"{table_dir} is {what}; export writes whole tables: reshard it to one shard first "
+            "(memstore reshard SOURCE DEST --shards 1) and export DEST"
+        )
+
+
 def _check_chunk_rows(chunk_rows: int) -> None:
     if chunk_rows < 1:
         raise InvalidArgumentError(f"chunk_rows is {chunk_rows}; it must be at least 1")
@@ -404,13 +422,15 @@ def _is_count(value: Any) -> bool:
 def rows_digest(
     table_dir: str | Path, chunk_rows: int = DEFAULT_CHUNK_ROWS, progress: Callable[[int], None] | None = None
 ) -> str:
-    """SHA-256 of every row of a table (layers in order, raw bytes): what create and import record."""
+    """SHA-256 of every row a table directory stores (layers in order, raw bytes; a shard's rows in its
+    own order): what create, import and reshard record."""
     digest = hashlib.sha256()
     with Table.open(table_dir) as table:
-        layout = table.manifest.layout
-        for layer_id in layout.layer_ids:
-            for start, count in _chunks(layout.num_rows(layer_id), chunk_rows):
-                digest.update(table.gather(layer_id, np.arange(start, start + count)).tobytes())
+        manifest = table.manifest
+        for layer_id in manifest.layout.layer_ids:
+            store = table.store(layer_id)  # rows in the directory's own order: global ids for a whole table
+            for start, count in _chunks(manifest.stored_rows(layer_id), chunk_rows):
+                digest.update(store.gather(np.arange(start, start + count)).tobytes())
                 if progress is not None:
                     progress(count)
     return digest.hexdigest()

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from memstore.create import create_table
+from memstore.create import create_sharded, create_table, shard_dirs
 from memstore.dtypes import DType
-from memstore.errors import InvalidArgumentError
+from memstore.errors import InvalidArgumentError, WrongShardError
+from memstore.exchange import rows_digest
 from memstore.layout import EngramLayout, fingerprint
-from memstore.manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest
+from memstore.manifest import FORMAT_VERSION, MANIFEST_NAME, Backend, Init, Manifest
 from memstore.rowgen import initial_rows
+from memstore.sharding import Sharding
 from memstore.table import Table
 from tests.helpers import CREATABLE_DTYPES, make_table
 
@@ -233,3 +236,88 @@ def test_create_records_the_sha256_of_its_rows(tmp_path) -> None:
     path = make_table(tmp_path / "t")
     recorded = Manifest.read(path).rows_sha256
     assert recorded is not None and recorded == rows_digest(path)
+
+
+# --------------------------------------------------------------------------- sharded tables
+
+
+def _sharded(path: Path, manifest: Manifest, shards: int = 3, partitions: int = 8) -> list[Path]:
+    return create_sharded(path, manifest, shards, partitions, chunk_rows=7)
+
+
+def test_shards_together_hold_the_plain_tables_rows(tmp_path: Path) -> None:
+    plain = create_table(tmp_path / "plain", _manifest(DType.BFLOAT16, seed=2))
+    shards = _sharded(tmp_path / "sharded", _manifest(DType.BFLOAT16, seed=2))
+    assert shards == [tmp_path / "sharded" / f"shard-{k}" for k in range(3)] == shard_dirs(tmp_path / "sharded")
+    for layer in LAYOUT.layer_ids:
+        num_rows = LAYOUT.num_rows(layer)
+        expected = np.frombuffer((plain / f"layer_{layer}.rows").read_bytes(), dtype="<u2").reshape(num_rows, -1)
+        seen = np.zeros(num_rows, dtype=np.int64)
+        for shard in shards:
+            manifest = Manifest.read(shard)
+            stored = np.frombuffer((shard / f"layer_{layer}.rows").read_bytes(), dtype="<u2").reshape(-1, LAYOUT.dim)
+            assert len(stored) == manifest.stored_rows(layer)
+            ids = manifest.sharding.to_global(np.arange(len(stored)), num_rows)
+            assert stored.tobytes() == expected[ids].tobytes()
+            seen[ids] += 1
+        assert (seen == 1).all()  # every row in exactly one shard
+
+
+def test_every_shard_records_the_same_table(tmp_path: Path) -> None:
+    shards = _sharded(tmp_path / "t", _manifest(seed=4))
+    manifests = [Manifest.read(shard) for shard in shards]
+    assert {m.fingerprint for m in manifests} == {fingerprint(LAYOUT, 4)}
+    assert {m.sharding.assignment for m in manifests} == {Sharding.spread(3, 0, 8).assignment}
+    assert [m.sharding for m in manifests] == [Sharding.spread(3, k, 8) for k in range(3)]
+    for shard, manifest in zip(shards, manifests, strict=True):
+        assert manifest.rows_sha256 == rows_digest(shard)  # each shard's own rows, in its own order
+    assert _entries(tmp_path) == ["t"]
+
+
+def test_a_shard_refuses_rows_it_does_not_hold(tmp_path: Path) -> None:
+    shards = _sharded(tmp_path / "t", _manifest())
+    with Table.open(shards[0]) as table:  # partitions 0-2 of 8
+        table.gather(1, np.array([0, 8, 2]))
+        with pytest.raises(WrongShardError, match=r"row 13 is in partition 5, held by shard 1; this is shard 0 of 3"):
+            table.gather(1, np.array([0, 13]))
+        with pytest.raises(WrongShardError, match="held by shard 2"):
+            table.gather(4, np.array([7]))
+        with pytest.raises(InvalidArgumentError, match="out of range"):
+            table.gather(1, np.array([LAYOUT.num_rows(1)]))
+
+
+def test_lazy_shards_read_the_eager_rows(tmp_path: Path) -> None:
+    eager = _sharded(tmp_path / "eager", _manifest(DType.FLOAT32, seed=6))
+    lazy = _sharded(tmp_path / "lazy", replace(_manifest(DType.FLOAT32, seed=6), init=Init.LAZY))
+    for eager_shard, lazy_shard in zip(eager, lazy, strict=True):
+        assert (lazy_shard / "layer_1.rows").stat().st_blocks == 0  # nothing written
+        with Table.open(eager_shard) as e, Table.open(lazy_shard) as z:
+            for layer in LAYOUT.layer_ids:
+                sharding = e.manifest.sharding
+                ids = sharding.to_global(np.arange(e.manifest.stored_rows(layer)), LAYOUT.num_rows(layer))
+                assert z.gather(layer, ids).tobytes() == e.gather(layer, ids).tobytes()
+
+
+def test_lmdb_shards(tmp_path: Path) -> None:
+    plain = create_table(tmp_path / "plain", _manifest(seed=1))
+    shards = _sharded(tmp_path / "t", replace(_manifest(seed=1), backend=Backend.LMDB), shards=2, partitions=4)
+    assert (shards[1] / "layer_4.lmdb" / "data.mdb").is_file()
+    with Table.open(plain) as whole:
+        for shard in shards:
+            with Table.open(shard) as table:
+                for layer in LAYOUT.layer_ids:
+                    ids = np.flatnonzero(table.manifest.sharding.shard_of(np.arange(LAYOUT.num_rows(layer))) == 1)
+                    if table.manifest.sharding.shard == 1:
+                        assert table.gather(layer, ids[::-1]).tobytes() == whole.gather(layer, ids[::-1]).tobytes()
+                    else:
+                        with pytest.raises(WrongShardError):
+                            table.gather(layer, ids[:1])
+
+
+@pytest.mark.parametrize(
+    ("shards", "partitions", "message"), [(9, 8, "9 shards need 1..8"), (2, 10**4, "fewer than 10000 partitions")]
+)
+def test_impossible_shardings_leave_nothing(tmp_path: Path, shards: int, partitions: int, message: str) -> None:
+    with pytest.raises(InvalidArgumentError, match=message):
+        create_sharded(tmp_path / "t", _manifest(), shards, partitions)
+    assert _entries(tmp_path) == []
