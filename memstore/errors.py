@@ -56,6 +56,13 @@ class TableFormatError(MemstoreError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class ReplicationGapError(MemstoreError):
+    """A follower asked for pushes its primary cannot stream: older than the primary still holds
+    (the follower is too far behind), or past the primary's own version (the two tables diverged)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 class ReadOnlyError(MemstoreError):
     """A write was attempted on a table opened read-only."""
 

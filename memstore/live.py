@@ -18,11 +18,19 @@ reads of a trained table are refused on other architectures (memstore.same_host)
 Durable state on disk: the row and state files, `checkpoint.json` (the version and per-layer
 optimizer steps the files hold at least), and `wal/`. A checkpoint msyncs the files, records
 the version, and drops log segments at or below it; recovery replays records above it.
+
+Replication (memstore.replica, docs/replication.md): every applied record also goes to a
+bounded in-memory feed (`LiveConfig.feed_bytes`), from which `records_after` hands followers the
+records past their version (waiting for the next push when they are up to date; reading the
+log when the feed no longer holds them). A table opened with `primary=` is a read replica: it
+refuses pushes and takes its primary's records through `apply_replicated`, which logs and
+applies them exactly as `push` does, so its files, versions and optimizer steps stay identical.
 """
 
 from __future__ import annotations
 
 import fcntl
+import itertools
 import json
 import mmap
 import os
@@ -30,6 +38,7 @@ import shutil
 import struct
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -43,6 +52,7 @@ from memstore.errors import (
     DataLossError,
     InvalidArgumentError,
     ReadOnlyError,
+    ReplicationGapError,
     TableFormatError,
     UnavailableError,
 )
@@ -50,7 +60,7 @@ from memstore.manifest import Manifest, fsync_dir
 from memstore.optim import apply_update
 from memstore.storage import RowStore
 from memstore.table import Table, open_store
-from memstore.wal import Durability, WriteAheadLog
+from memstore.wal import Durability, WalRecord, WriteAheadLog
 
 CHECKPOINT_NAME = "checkpoint.json"
 SEQLOCK_NAME = "seqlock"
@@ -66,6 +76,14 @@ class LiveConfig:
 
     durability: Durability = Durability.FSYNC
     checkpoint_every: int = 1000  # pushes between automatic checkpoints (0: only on close)
+    # Bytes of the most recent records kept in memory for followers (the newest is always kept);
+    # a follower further behind is served from the log, which holds the pushes since the last
+    # checkpoint, and past that must restart from a snapshot.
+    feed_bytes: int = 64 << 20
+
+    def __post_init__(self) -> None:
+        if self.feed_bytes < 0:
+            raise InvalidArgumentError(f"feed_bytes must be 0 or more; got {self.feed_bytes}")
 
 
 @dataclass
@@ -174,20 +192,84 @@ def consistent_gather(
     return None
 
 
+class _Feed:
+    """The records applied since a version `base`, the oldest evicted past a byte bound, and a
+    condition streaming readers wait on for the next one.
+
+    Holds consecutive versions (base, base + len]. The newest record is always kept, so a
+    follower that keeps up is fed from memory even when one record is larger than the bound.
+    """
+
+    def __init__(self, base: int, max_bytes: int) -> None:
+        self.base = base
+        self.max_bytes = max_bytes
+        self.changed = threading.Condition()
+        self.closed = False
+        self._records: deque[WalRecord] = deque()
+        self._bytes = 0
+
+    def append(self, version: int, payload: bytes) -> None:
+        """Add the record of `version` (the one after the last held) and wake the waiting readers."""
+        with self.changed:
+            self._records.append(WalRecord(version, payload))
+            self._bytes += len(payload)
+            while self._bytes > self.max_bytes and len(self._records) > 1:
+                evicted = self._records.popleft()
+                self._bytes -= len(evicted.payload)
+                self.base = evicted.version
+            self.changed.notify_all()
+
+    def after(self, version: int, max_bytes: int) -> list[WalRecord] | None:
+        """The held records past `version`, at least one and about max_bytes at most ([] when none
+        is newer yet), or None when the record after `version` is not held. The caller holds `changed`."""
+        if version < self.base:
+            return None
+        batch: list[WalRecord] = []
+        size = 0
+        for record in itertools.islice(self._records, version - self.base, None):
+            if batch and size + len(record.payload) > max_bytes:
+                break
+            batch.append(record)
+            size += len(record.payload)
+        return batch
+
+    def close(self) -> None:
+        """Wake every waiting reader for good: the table stops serving followers."""
+        with self.changed:
+            self.closed = True
+            self.changed.notify_all()
+
+
 class LiveTable:
     """A table opened for serving: frozen (no optimizer, or read-only) or trainable.
 
     Use as a context manager, or call close() (which checkpoints a trainable table).
     """
 
-    def __init__(self, table: Table, config: LiveConfig | None = None, writer_lock: Any = None) -> None:
+    def __init__(
+        self, table: Table, config: LiveConfig | None = None, writer_lock: Any = None, primary: str | None = None
+    ) -> None:
         """Serve an open table: trainable when it has an optimizer and is open writable (then
-        `writer_lock` is the flock from `open`, released on close)."""
+        `writer_lock` is the flock from `open`, released on close). With `primary` (its address)
+        the table is a read replica: it refuses pushes and applies the primary's records instead."""
         self.table: Table | None = table
         self.path = table.path
         self.manifest = table.manifest
         self.config = config or LiveConfig()
         self.trainable = self.manifest.optimizer is not None and not table.read_only
+        self.primary = primary
+        if primary is not None and not self.trainable:
+            table.close()
+            if writer_lock is not None:
+                writer_lock.close()
+            raise InvalidArgumentError(
+                f"{self.path} cannot follow {primary}: "
+                + (
+                    "it has no optimizer, so it never changes; serve the copy without --follow"
+                    if self.manifest.optimizer is None
+                    else "a replica applies its primary's pushes, so it must be opened writable; drop --read-only"
+                )
+            )
         self._lock_file = writer_lock
         self._push_lock = threading.Lock()
         self._snapshots = 0  # snapshots in progress: the log must keep their records
@@ -199,6 +281,7 @@ class LiveTable:
         self.version = checkpoint.version
         self.layer_steps = {layer: checkpoint.layer_steps.get(layer, 0) for layer in self.manifest.layout.layer_ids}
         self._last_push = checkpoint.last_push  # (client, layer) -> (last step id, its ack)
+        self._feed = _Feed(self.version, self.config.feed_bytes)  # what followers stream (recovery adds to it)
         try:
             if self.trainable:
                 self._state = _open_state(self.path, self.manifest)
@@ -216,8 +299,13 @@ class LiveTable:
             raise
 
     @classmethod
-    def open(cls, path: str | Path, read_only: bool = False, config: LiveConfig | None = None) -> LiveTable:
-        """Open a table directory for serving; writable (one writer per table) unless read_only or frozen."""
+    def open(
+        cls, path: str | Path, read_only: bool = False, config: LiveConfig | None = None, primary: str | None = None
+    ) -> LiveTable:
+        """Open a table directory for serving; writable (one writer per table) unless read_only or frozen.
+
+        With `primary`, a read replica of the daemon at that address (see `apply_replicated`).
+        """
         path = Path(path)
         writable = not read_only and Manifest.read(path).optimizer is not None
         lock = _lock_writer(path) if writable else None
@@ -227,7 +315,12 @@ class LiveTable:
             if lock is not None:
                 lock.close()
             raise
-        return cls(table, config, lock)
+        return cls(table, config, lock, primary)
+
+    @property
+    def accepts_pushes(self) -> bool:
+        """Whether `push` may succeed: trainable and not a replica."""
+        return self.trainable and self.primary is None
 
     # -- reads -------------------------------------------------------------------------------
 
@@ -270,6 +363,11 @@ class LiveTable:
         Bad input (unknown layer, ids out of range or repeated, wrong shape, non-finite values,
         a non-positive lr_scale) raises InvalidArgumentError and changes nothing.
         """
+        if self.primary is not None:
+            raise ReadOnlyError(
+                f"pushes are refused: this daemon is a read replica of {self.primary}; push to the primary at "
+                f"{self.primary}"
+            )
         if not self.trainable:
             reason = (
                 "it has no optimizer (create it with --optimizer)"
@@ -306,13 +404,126 @@ class LiveTable:
             state = {slot: s.gather(ids) for slot, s in states.items()}
             new_rows, new_state = apply_update(optimizer, rows, state, grads, step)  # rejects NaN/Inf first
             record = _Record(layer_id, step, step_id, client_id, ids, dtype.from_float64(new_rows), new_state)
-            self._wal.append(self.version + 1, record.encode())
+            payload = record.encode()
+            self._wal.append(self.version + 1, payload)
             result = self._apply(record, self.version + 1)
+            self._feed.append(result.version, payload)  # after the apply: followers never pass this table
             self._pushes_since_checkpoint += 1
             due = self.config.checkpoint_every and self._pushes_since_checkpoint >= self.config.checkpoint_every
         if due:
             self.checkpoint()
         return result
+
+    # -- replication ---------------------------------------------------------------------------
+
+    def apply_replicated(self, version: int, payload: bytes) -> PushResult:
+        """Apply one record streamed from the primary (a replica only): the push of `version`, as
+        the primary logged it. Logged with this table's durability, then applied under the same
+        sequence lock as a push (readers never see a torn row); the optimizer steps and each
+        client's last step move exactly as on the primary. `version` must be the next one
+        (DataLossError otherwise, and for a malformed record; nothing is applied then)."""
+        if self.primary is None:
+            raise ReadOnlyError(
+                "apply_replicated is for read replicas; open the table with primary= (memstore serve --follow)"
+            )
+        assert self._wal is not None
+        record = self._decode_replicated(version, payload)
+        with self._push_lock:
+            if version != self.version + 1:
+                raise DataLossError(
+                    f"the record of version {version} does not follow this replica's version {self.version}; "
+                    f"follow {self.primary} again from version {self.version}"
+                )
+            self._wal.append(version, payload)
+            result = self._apply(record, version)
+            self._feed.append(version, payload)  # a replica can feed replicas of its own
+            self._pushes_since_checkpoint += 1
+            due = self.config.checkpoint_every and self._pushes_since_checkpoint >= self.config.checkpoint_every
+        if due:
+            self.checkpoint()
+        return result
+
+    def _decode_replicated(self, version: int, payload: bytes) -> _Record:
+        """A streamed record decoded and checked against this table, so a bad one changes nothing."""
+        try:
+            record = _Record.decode(payload, self.manifest)
+        except (struct.error, ValueError, InvalidArgumentError) as exc:  # truncated, bad layer, bad client id
+            raise DataLossError(f"the record of version {version} from {self.primary} is malformed: {exc}") from None
+        stored = self.manifest.stored_rows(record.layer_id)
+        if len(record.ids) and not (0 <= int(record.ids.min()) and int(record.ids.max()) < stored):
+            raise DataLossError(
+                f"the record of version {version} from {self.primary} writes rows outside layer "
+                f"{record.layer_id}'s {stored} rows"
+            )
+        return record
+
+    def records_after(self, version: int, max_bytes: int, timeout_s: float) -> list[WalRecord]:
+        """The records a follower at `version` applies next (consecutive, at least one, about
+        max_bytes at most), waiting up to timeout_s for the next push; [] when none came (a
+        heartbeat is due).
+
+        From the in-memory feed, else from the write-ahead log while it still holds them.
+        Raises ReplicationGapError when neither does, or when `version` is past this table's
+        (the follower's table has pushes this one never made), and UnavailableError once the
+        table stopped feeding followers (`close_feed`).
+        """
+        deadline = time.monotonic() + timeout_s
+        feed = self._feed
+        with feed.changed:
+            while True:
+                if feed.closed:
+                    raise UnavailableError(f"{self.path} stopped serving followers (the daemon is stopping)")
+                if version > self.version:
+                    raise ReplicationGapError(
+                        f"the follower's table is at version {version}, past this table's version {self.version}: "
+                        "it has pushes this one never made (trained on its own, or this table was restored from "
+                        "an older snapshot); replace the follower's table with a snapshot of this one"
+                    )
+                held = feed.after(version, max_bytes)
+                if held is None:
+                    break  # older than the feed: try the log, outside the lock
+                if held:
+                    return held
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return []
+                feed.changed.wait(remaining)
+        return self._logged_records_after(version, max_bytes, feed.base)
+
+    def _logged_records_after(self, version: int, max_bytes: int, feed_base: int) -> list[WalRecord]:
+        """`records_after` from the write-ahead log, for a follower older than the feed."""
+        batch: list[WalRecord] = []
+        size = 0
+        oldest = feed_base  # the version after which this table holds every push
+        # A push is logged before it is applied: records past the applied version stay for the next
+        # call, or a follower could ask from a version this table does not show yet.
+        applied = self.version
+        if self._wal is not None:
+            # The log keeps the pushes since the last checkpoint; iteration sees segments opened at
+            # its start, so a checkpoint deleting them meanwhile does not disturb it.
+            for record in self._wal.records(version):
+                if not batch and record.version != version + 1:
+                    oldest = min(oldest, record.version - 1)  # the one after `version` was checkpointed away
+                    break
+                if record.version > applied or batch and size + len(record.payload) > max_bytes:
+                    break
+                batch.append(record)
+                size += len(record.payload)
+        if batch:
+            return batch
+        raise ReplicationGapError(
+            f"the follower's table is at version {version}, too far behind to catch up by streaming: this table "
+            f"(version {self.version}) holds pushes only after version {oldest} (its in-memory feed keeps the "
+            f"last {self.config.feed_bytes / 2**20:g} MiB of records, its log the pushes since its last "
+            "checkpoint). Take a snapshot on this daemon (`memstore snapshot ADDRESS NAME`), copy it to the "
+            "follower's table directory and restart the follower; a larger --feed-mb here keeps followers "
+            "further behind in reach"
+        )
+
+    def close_feed(self) -> None:
+        """Stop serving followers: wake every `records_after` waiting, which then raises
+        UnavailableError (a stopping daemon must not wait for its streams' heartbeats)."""
+        self._feed.close()
 
     def _apply(self, record: _Record, version: int) -> PushResult:
         """Write an after-image into the files inside the sequence lock (caller holds the push lock)."""
@@ -341,6 +552,7 @@ class LiveTable:
                     "pushes are missing: restore the table from a snapshot"
                 )
             self._apply(_Record.decode(record.payload, self.manifest), record.version)
+            self._feed.append(record.version, record.payload)  # followers behind the crash can still catch up
             replayed += 1
         if replayed:
             self.checkpoint()
@@ -413,6 +625,7 @@ class LiveTable:
         """Checkpoint (trainable tables) and release the files. Idempotent."""
         if self.table is None:
             return
+        self.close_feed()
         if self.trainable and self._wal is not None:
             self.checkpoint()
         self._close_files()

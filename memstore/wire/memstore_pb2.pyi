@@ -16,6 +16,13 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DTYPE_FLOAT8_E4M3_ROWSCALE: _ClassVar[DType]
     DTYPE_INT8_ROWSCALE: _ClassVar[DType]
     DTYPE_BYTES: _ClassVar[DType]
+
+class ReplicationRole(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    REPLICATION_ROLE_UNSPECIFIED: _ClassVar[ReplicationRole]
+    REPLICATION_ROLE_STANDALONE: _ClassVar[ReplicationRole]
+    REPLICATION_ROLE_PRIMARY: _ClassVar[ReplicationRole]
+    REPLICATION_ROLE_REPLICA: _ClassVar[ReplicationRole]
 DTYPE_UNSPECIFIED: DType
 DTYPE_FLOAT32: DType
 DTYPE_FLOAT16: DType
@@ -23,13 +30,17 @@ DTYPE_BFLOAT16: DType
 DTYPE_FLOAT8_E4M3_ROWSCALE: DType
 DTYPE_INT8_ROWSCALE: DType
 DTYPE_BYTES: DType
+REPLICATION_ROLE_UNSPECIFIED: ReplicationRole
+REPLICATION_ROLE_STANDALONE: ReplicationRole
+REPLICATION_ROLE_PRIMARY: ReplicationRole
+REPLICATION_ROLE_REPLICA: ReplicationRole
 
 class DescribeRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class DescribeResponse(_message.Message):
-    __slots__ = ("manifest_json", "fingerprint", "limits", "server_version", "same_host", "version", "trainable")
+    __slots__ = ("manifest_json", "fingerprint", "limits", "server_version", "same_host", "version", "trainable", "replication")
     MANIFEST_JSON_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
@@ -37,6 +48,7 @@ class DescribeResponse(_message.Message):
     SAME_HOST_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TRAINABLE_FIELD_NUMBER: _ClassVar[int]
+    REPLICATION_FIELD_NUMBER: _ClassVar[int]
     manifest_json: str
     fingerprint: str
     limits: ServerLimits
@@ -44,7 +56,30 @@ class DescribeResponse(_message.Message):
     same_host: SameHostAccess
     version: int
     trainable: bool
-    def __init__(self, manifest_json: _Optional[str] = ..., fingerprint: _Optional[str] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., server_version: _Optional[str] = ..., same_host: _Optional[_Union[SameHostAccess, _Mapping]] = ..., version: _Optional[int] = ..., trainable: _Optional[bool] = ...) -> None: ...
+    replication: Replication
+    def __init__(self, manifest_json: _Optional[str] = ..., fingerprint: _Optional[str] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., server_version: _Optional[str] = ..., same_host: _Optional[_Union[SameHostAccess, _Mapping]] = ..., version: _Optional[int] = ..., trainable: _Optional[bool] = ..., replication: _Optional[_Union[Replication, _Mapping]] = ...) -> None: ...
+
+class Replication(_message.Message):
+    __slots__ = ("role", "primary_address", "applied_version", "primary_version", "lag_versions", "seconds_since_contact", "followers", "serving", "problem")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    PRIMARY_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PRIMARY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    LAG_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_SINCE_CONTACT_FIELD_NUMBER: _ClassVar[int]
+    FOLLOWERS_FIELD_NUMBER: _ClassVar[int]
+    SERVING_FIELD_NUMBER: _ClassVar[int]
+    PROBLEM_FIELD_NUMBER: _ClassVar[int]
+    role: ReplicationRole
+    primary_address: str
+    applied_version: int
+    primary_version: int
+    lag_versions: int
+    seconds_since_contact: float
+    followers: int
+    serving: bool
+    problem: str
+    def __init__(self, role: _Optional[_Union[ReplicationRole, str]] = ..., primary_address: _Optional[str] = ..., applied_version: _Optional[int] = ..., primary_version: _Optional[int] = ..., lag_versions: _Optional[int] = ..., seconds_since_contact: _Optional[float] = ..., followers: _Optional[int] = ..., serving: _Optional[bool] = ..., problem: _Optional[str] = ...) -> None: ...
 
 class SameHostAccess(_message.Message):
     __slots__ = ("host_id", "table_dir", "files", "seqlock_path")
@@ -139,3 +174,33 @@ class SnapshotResponse(_message.Message):
     path: str
     version: int
     def __init__(self, path: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+
+class FollowRequest(_message.Message):
+    __slots__ = ("from_version", "fingerprint", "manifest_json", "follower_id", "heartbeat_s")
+    FROM_VERSION_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_JSON_FIELD_NUMBER: _ClassVar[int]
+    FOLLOWER_ID_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_S_FIELD_NUMBER: _ClassVar[int]
+    from_version: int
+    fingerprint: str
+    manifest_json: str
+    follower_id: str
+    heartbeat_s: float
+    def __init__(self, from_version: _Optional[int] = ..., fingerprint: _Optional[str] = ..., manifest_json: _Optional[str] = ..., follower_id: _Optional[str] = ..., heartbeat_s: _Optional[float] = ...) -> None: ...
+
+class FollowResponse(_message.Message):
+    __slots__ = ("records", "primary_version")
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    PRIMARY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    records: _containers.RepeatedCompositeFieldContainer[ReplicatedRecord]
+    primary_version: int
+    def __init__(self, records: _Optional[_Iterable[_Union[ReplicatedRecord, _Mapping]]] = ..., primary_version: _Optional[int] = ...) -> None: ...
+
+class ReplicatedRecord(_message.Message):
+    __slots__ = ("version", "payload")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    payload: bytes
+    def __init__(self, version: _Optional[int] = ..., payload: _Optional[bytes] = ...) -> None: ...

@@ -55,6 +55,11 @@ class MemstoreStub:
                 request_serializer=memstore_dot_wire_dot_memstore__pb2.SnapshotRequest.SerializeToString,
                 response_deserializer=memstore_dot_wire_dot_memstore__pb2.SnapshotResponse.FromString,
                 _registered_method=True)
+        self.Follow = channel.unary_stream(
+                '/engram.memstore.v1.Memstore/Follow',
+                request_serializer=memstore_dot_wire_dot_memstore__pb2.FollowRequest.SerializeToString,
+                response_deserializer=memstore_dot_wire_dot_memstore__pb2.FollowResponse.FromString,
+                _registered_method=True)
 
 
 class MemstoreServicer:
@@ -96,6 +101,19 @@ class MemstoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Follow(self, request, context):
+        """The after-image of every push past `from_version`, in version order, for a read replica
+        (`memstore serve DIR --follow PRIMARY`) to apply to its own copy of the table. The stream
+        never ends on its own: it sends records as pushes land and a heartbeat (a response with no
+        records) when idle. Fails with FAILED_PRECONDITION when the follower's manifest differs from
+        the primary's, or when the records after `from_version` are no longer held (the follower is
+        too far behind: copy a snapshot to it), and RESOURCE_EXHAUSTED when the primary already
+        streams to as many followers as it allows.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MemstoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -118,6 +136,11 @@ def add_MemstoreServicer_to_server(servicer, server):
                     servicer.Snapshot,
                     request_deserializer=memstore_dot_wire_dot_memstore__pb2.SnapshotRequest.FromString,
                     response_serializer=memstore_dot_wire_dot_memstore__pb2.SnapshotResponse.SerializeToString,
+            ),
+            'Follow': grpc.unary_stream_rpc_method_handler(
+                    servicer.Follow,
+                    request_deserializer=memstore_dot_wire_dot_memstore__pb2.FollowRequest.FromString,
+                    response_serializer=memstore_dot_wire_dot_memstore__pb2.FollowResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -229,6 +252,33 @@ class Memstore:
             '/engram.memstore.v1.Memstore/Snapshot',
             memstore_dot_wire_dot_memstore__pb2.SnapshotRequest.SerializeToString,
             memstore_dot_wire_dot_memstore__pb2.SnapshotResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Follow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/engram.memstore.v1.Memstore/Follow',
+            memstore_dot_wire_dot_memstore__pb2.FollowRequest.SerializeToString,
+            memstore_dot_wire_dot_memstore__pb2.FollowResponse.FromString,
             options,
             channel_credentials,
             insecure,
