@@ -1,23 +1,28 @@
-"""`memstore` command line: create, info, serve, snapshot, export, import. Arguments are parsed and checked
-here, once."""
+"""`memstore` command line: create, info, serve, snapshot, export, import, verify, reshard. Arguments are
+parsed and checked here, once."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from tqdm import tqdm
 
-from memstore.create import DEFAULT_CHUNK_ROWS, create_table
+from memstore.create import DEFAULT_CHUNK_ROWS, create_sharded, create_table
 from memstore.dtypes import DType
 from memstore.errors import InvalidArgumentError, MemstoreError
 from memstore.layout import EngramLayout
 from memstore.live import CHECKPOINT_NAME, LiveConfig, table_version
 from memstore.manifest import Backend, Init, Manifest, parse_dtype
 from memstore.optim import OptimizerConfig, OptimizerKind
-from memstore.service import ServerConfig, serve
+from memstore.replica import DEFAULT_MAX_LAG
+from memstore.reshard import reshard, table_dirs
+from memstore.service import SERVICE_NAME, ServerConfig, serve
+from memstore.sharding import DEFAULT_PARTITIONS, _ranges
 from memstore.wal import Durability
 
 
@@ -70,6 +75,14 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="write no rows: sparse files, never-written rows generated when read (tables larger than disk)",
     )
+    create.add_argument(
+        "--shards", type=int, default=1, help="split the table over N shard directories PATH/shard-K (default 1)"
+    )
+    create.add_argument(
+        "--partitions",
+        type=int,
+        help=f"partitions spread over the shards (default {DEFAULT_PARTITIONS}); `memstore reshard` moves whole ones",
+    )
     optimizer = OptimizerConfig()
     create.add_argument(
         "--optimizer",
@@ -115,10 +128,48 @@ def _parser() -> argparse.ArgumentParser:
     )
     srv.add_argument("--checkpoint-every", type=int, default=live.checkpoint_every, help="pushes between checkpoints")
     srv.add_argument("--snapshot-dir", type=Path, help="where Snapshot writes (default: PATH.snapshots)")
+    srv.add_argument(
+        "--follow",
+        metavar="ADDRESS",
+        help="serve PATH as a read replica of the daemon at ADDRESS (host:port): stream and apply its pushes, "
+        "refuse pushes here; PATH must be a copy of the primary's table (a snapshot of it, a copy of its "
+        "directory, or an identical `memstore create`); see docs/replication.md",
+    )
+    srv.add_argument(
+        "--max-lag",
+        type=int,
+        default=DEFAULT_MAX_LAG,
+        metavar="VERSIONS",
+        help="with --follow: answer lookups (and report SERVING) only while at most this many versions behind "
+        "the primary; above it lookups fail with UNAVAILABLE so clients retry elsewhere",
+    )
+    srv.add_argument(
+        "--feed-mb",
+        type=float,
+        default=live.feed_bytes / 2**20,
+        metavar="MB",
+        help="recent pushes kept in memory for followers; a follower further behind reads this daemon's log "
+        "(the pushes since its last checkpoint), and past that must restart from a snapshot",
+    )
+    srv.add_argument(
+        "--max-followers",
+        type=int,
+        default=defaults.max_followers,
+        help="followers streaming at once (each holds a worker thread of its own, on top of --max-workers)",
+    )
 
     snap = commands.add_parser("snapshot", help="ask a serving daemon for a consistent snapshot")
     snap.add_argument("address", help="the daemon's HOST:PORT")
     snap.add_argument("name", help="directory name inside the daemon's snapshot directory")
+
+    health = commands.add_parser(
+        "health", help="gRPC health check of a daemon (exit 0 when SERVING): for container health probes"
+    )
+    health.add_argument("address", help="the daemon's HOST:PORT")
+    health.add_argument(
+        "--service", default="", help=f"the service to check, e.g. {SERVICE_NAME} (default: the whole server)"
+    )
+    health.add_argument("--timeout", type=float, default=5.0, help="seconds before an unanswered check fails")
 
     export = commands.add_parser("export", help="write a table's rows to a safetensors file")
     export.add_argument("path", type=Path)
@@ -140,6 +191,17 @@ def _parser() -> argparse.ArgumentParser:
     verify = commands.add_parser("verify", help="check a table's rows against the SHA-256 in its manifest")
     verify.add_argument("path", type=Path)
     verify.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    resh = commands.add_parser(
+        "reshard", help="copy a table, offline, onto another number of shards (checked by a checksum of all rows)"
+    )
+    resh.add_argument("source", type=Path, help="a table directory, or a sharded one (shard-0 ...)")
+    resh.add_argument("dest", type=Path, help="where the new table is written; must not exist")
+    resh.add_argument("--shards", type=int, required=True, help="shards of the new table (1: a plain table)")
+    resh.add_argument(
+        "--partitions", type=int, help=f"partitions of the new table (default: the source's; {DEFAULT_PARTITIONS})"
+    )
+    resh.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
@@ -168,7 +230,21 @@ def describe_table(manifest: Manifest) -> str:
     else:
         settings = ", ".join(f"{k} {v}" for k, v in manifest.optimizer.to_dict().items() if k != "kind")
         lines.append(f"optimizer: {manifest.optimizer.kind.value} ({settings})")
+    if manifest.sharding is not None:  # the bytes above are this shard's; the rows, the table's
+        lines.append(describe_shard(manifest))
     return "\n".join(lines)
+
+
+def describe_shard(manifest: Manifest) -> str:
+    """One line on a shard's manifest: which shard, its partitions, the rows it stores of each layer."""
+    sharding = manifest.sharding
+    assert sharding is not None
+    layers = manifest.layout.layer_ids
+    stored = ", ".join(f"{manifest.stored_rows(layer):,} stored rows of layer {layer}" for layer in layers)
+    return (
+        f"shard {sharding.shard} of {sharding.num_shards}, partitions {_ranges(sharding.partitions)} "
+        f"of {sharding.num_partitions}, {stored}"
+    )
 
 
 def _create(args: argparse.Namespace) -> None:
@@ -197,27 +273,128 @@ def _create(args: argparse.Namespace) -> None:
         init=Init.LAZY if args.lazy else Init.EAGER,
         backend=args.backend,
     )
+    if args.shards < 1:
+        raise InvalidArgumentError(f"--shards is {args.shards}; it must be at least 1")
+    if args.partitions is not None and args.shards == 1:
+        raise InvalidArgumentError("--partitions splits a table over shards; give --shards N (N > 1) with it")
+    partitions = DEFAULT_PARTITIONS if args.partitions is None else args.partitions
     with tqdm(total=layout.total_rows, unit="row", unit_scale=True, disable=args.no_progress, desc="create") as bar:
-        create_table(args.path, manifest, chunk_rows=args.chunk_rows, overwrite=args.overwrite, progress=bar.update)
-    print(f"created {args.path}\n{describe_table(manifest)}")
+        if args.shards == 1:
+            create_table(args.path, manifest, chunk_rows=args.chunk_rows, overwrite=args.overwrite, progress=bar.update)
+            shards = []
+        else:
+            shards = create_sharded(
+                args.path, manifest, args.shards, partitions, args.chunk_rows, args.overwrite, progress=bar.update
+            )
+    if not shards:
+        print(f"created {args.path}\n{describe_table(manifest)}")
+        return
+    print(f"created {args.path}: {args.shards} shards of {partitions} partitions\n{describe_table(manifest)}")
+    for shard in shards:
+        print(f"{shard}: {describe_shard(Manifest.read(shard))}")
+
+
+def _info(args: argparse.Namespace) -> None:
+    """`memstore info`: one table directory, or every shard of a sharded table."""
+    dirs = table_dirs(args.path)
+    manifests = [Manifest.read(d) for d in dirs]
+    if dirs == [args.path]:  # a plain table, or one shard given directly
+        if args.json:
+            print(manifests[0].to_json(), end="")
+            return
+        print(describe_table(manifests[0]))
+        _print_disk(args.path, manifests[0])
+        return
+    if args.json:  # one manifest per shard, in shard order
+        print(json.dumps([json.loads(m.to_json()) for m in manifests], indent=2))
+        return
+    whole = replace(manifests[0], sharding=None)
+    print(f"sharded table: {len(dirs)} shards of {manifests[0].sharding.num_partitions} partitions")
+    print(describe_table(whole))
+    for path, manifest in zip(dirs, manifests, strict=True):
+        print(f"{path.name}: {describe_shard(manifest)}")
+        _print_disk(path, manifest)
+
+
+def _print_disk(path: Path, manifest: Manifest) -> None:
+    """What one table directory occupies on disk, and its checkpoint."""
+    on_disk = sum(f.stat().st_blocks * 512 for f in path.rglob("*") if f.is_file())
+    params = sum(manifest.stored_rows(layer) for layer in manifest.layout.layer_ids) * manifest.layout.dim
+    print(
+        f"materialised: {on_disk:,} bytes on disk for {params:,} logical parameters "
+        f"({on_disk / max(1, manifest.total_bytes):.2%} of the rows' {manifest.total_bytes:,} bytes)"
+    )
+    checkpoint = path / CHECKPOINT_NAME
+    if checkpoint.exists():
+        print(f"checkpoint: {checkpoint.read_text().strip()}")
 
 
 def _verify(args: argparse.Namespace) -> int:
+    """`memstore verify`: every table directory (all shards of a sharded table); 2 if any differs."""
     from memstore.exchange import rows_digest
 
-    manifest = Manifest.read(args.path)
-    if manifest.rows_sha256 is None:
-        raise InvalidArgumentError(f"{args.path} records no rows sha256 (a lazy table): nothing to verify against")
-    total = manifest.layout.total_rows
+    dirs = table_dirs(args.path)
+    manifests = [Manifest.read(d) for d in dirs]
+    for path, manifest in zip(dirs, manifests, strict=True):
+        if manifest.rows_sha256 is None:
+            raise InvalidArgumentError(f"{path} records no rows sha256 (a lazy table): nothing to verify against")
+    total = sum(m.stored_rows(layer) for m in manifests for layer in m.layout.layer_ids)
     with tqdm(total=total, unit="row", unit_scale=True, disable=args.no_progress, desc="verify") as bar:
-        actual = rows_digest(args.path, progress=bar.update)
-    if actual == manifest.rows_sha256:
-        print(f"{args.path}: rows sha256 {actual} as recorded")
-        return 0
-    trained = table_version(args.path)
-    why = f"expected once trained ({trained} pushes since create or import)" if trained else "the rows are damaged"
-    print(f"{args.path}: rows sha256 {actual}, recorded {manifest.rows_sha256}: {why}", file=sys.stderr)
-    return 2
+        digests = [rows_digest(path, progress=bar.update) for path in dirs]
+    failed = 0
+    for path, manifest, actual in zip(dirs, manifests, digests, strict=True):
+        if actual == manifest.rows_sha256:
+            print(f"{path}: rows sha256 {actual} as recorded")
+            continue
+        failed += 1
+        trained = table_version(path)
+        why = (
+            f"expected once trained ({trained} pushes since create, import or reshard)"
+            if trained
+            else "the rows are damaged"
+        )
+        print(f"{path}: rows sha256 {actual}, recorded {manifest.rows_sha256}: {why}", file=sys.stderr)
+    return 2 if failed else 0
+
+
+def _reshard(args: argparse.Namespace) -> None:
+    """`memstore reshard`: copy, verify, print where the rows went and the checksum both sides agree on."""
+    source_dirs = table_dirs(args.source)
+    total = 3 * Manifest.read(source_dirs[0]).layout.total_rows  # checksum, copy, read-back: see reshard()
+    with tqdm(total=total, unit="row", unit_scale=True, disable=args.no_progress, desc="reshard") as bar:
+        report = reshard(args.source, args.dest, args.shards, args.partitions, progress=bar.update)
+    into = "one plain table" if args.shards == 1 else f"{args.shards} shards of {report.num_partitions} partitions"
+    print(
+        f"resharded {args.source} ({report.source_shards} shard{'s' if report.source_shards > 1 else ''}) into "
+        f"{args.dest} ({into}): {report.rows_moved:,} rows in {report.elapsed_s:.1f} s"
+    )
+    if args.shards > 1:
+        for shard in table_dirs(args.dest):
+            print(f"{shard}: {describe_shard(Manifest.read(shard))}")
+    print(f"checksum of all rows: {report.dest_checksum.rows} (source and destination agree)")
+    if report.dest_checksum.state is not None:
+        print(f"checksum of the optimizer state: {report.dest_checksum.state} (source and destination agree)")
+    if report.layer_steps:
+        steps = ", ".join(f"layer {layer} at step {step}" for layer, step in report.layer_steps.items())
+        print(f"optimizer steps carried over: {steps}; version 0, no log (re-seed any followers from these shards)")
+
+
+def _health(args: argparse.Namespace) -> int:
+    """One grpc.health.v1 Check with a deadline: 0 when SERVING; 1 otherwise, unreachable included."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    if args.timeout <= 0:
+        raise InvalidArgumentError(f"--timeout must be positive; got {args.timeout}")
+    request = health_pb2.HealthCheckRequest(service=args.service)
+    with grpc.insecure_channel(args.address) as channel:
+        try:
+            response = health_pb2_grpc.HealthStub(channel).Check(request, timeout=args.timeout)
+        except grpc.RpcError as exc:  # UNAVAILABLE (nothing listening), DEADLINE_EXCEEDED, NOT_FOUND (service)
+            print(f"{args.address}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    print(f"{args.address}: {health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)}")
+    return 0 if response.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -228,19 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "create":
             _create(args)
         elif args.command == "info":
-            manifest = Manifest.read(args.path)
-            if args.json:
-                print(manifest.to_json(), end="")
-            else:
-                print(describe_table(manifest))
-                on_disk = sum(f.stat().st_blocks * 512 for f in args.path.rglob("*") if f.is_file())
-                print(
-                    f"materialised: {on_disk:,} bytes on disk for {manifest.layout.num_params:,} logical parameters "
-                    f"({on_disk / max(1, manifest.total_bytes):.2%} of the rows' {manifest.total_bytes:,} bytes)"
-                )
-                checkpoint = args.path / CHECKPOINT_NAME
-                if checkpoint.exists():
-                    print(f"checkpoint: {checkpoint.read_text().strip()}")
+            _info(args)
         elif args.command == "serve":
             config = ServerConfig(
                 max_rows_per_request=args.max_rows_per_request,
@@ -250,15 +415,31 @@ def main(argv: list[str] | None = None) -> int:
                 log_interval_s=args.log_interval,
                 same_host=not args.no_same_host,
                 snapshot_dir=args.snapshot_dir,
+                max_followers=args.max_followers,
             )
-            live = LiveConfig(durability=args.durability, checkpoint_every=args.checkpoint_every)
-            return serve(args.path, args.listen, config, args.port_file, read_only=args.read_only, live_config=live)
+            live = LiveConfig(
+                durability=args.durability,
+                checkpoint_every=args.checkpoint_every,
+                feed_bytes=int(args.feed_mb * 2**20),
+            )
+            return serve(
+                args.path,
+                args.listen,
+                config,
+                args.port_file,
+                read_only=args.read_only,
+                live_config=live,
+                follow=args.follow,
+                max_lag=args.max_lag,
+            )
         elif args.command == "snapshot":
             from client import MemstoreClient
 
             with MemstoreClient(args.address) as client:
                 path, version = client.snapshot(args.name)
             print(f"snapshot of version {version} at {path}")
+        elif args.command == "health":
+            return _health(args)
         elif args.command == "export":
             from memstore.exchange import export_safetensors
 
@@ -277,6 +458,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         elif args.command == "verify":
             return _verify(args)
+        elif args.command == "reshard":
+            _reshard(args)
     except MemstoreError as exc:
         print(f"memstore {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -60,7 +60,7 @@ def _fresh_table(path: Path, manifest: Manifest, shards: int) -> list[Path]:
     return dirs
 
 
-def main() -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--table", type=Path, default=REPO / "tables" / "engram-lm")
@@ -68,6 +68,11 @@ def main() -> int:
     parser.add_argument("--shards", type=int, default=1, help="create the table in N shards, one daemon each")
     parser.add_argument("--create-only", action="store_true", help="prepare the data and create the table, then exit")
     parser.add_argument("--cluster", type=Path, help="train through running daemons described by this cluster spec")
+    return parser
+
+
+def main() -> int:
+    parser = _parser()
     args = parser.parse_args()
     if args.shards < 1:
         parser.error("--shards must be at least 1")

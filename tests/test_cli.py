@@ -1,22 +1,27 @@
-"""The `memstore` command line: create and info in process, bad arguments, and the real
-console entry point in a subprocess."""
+"""The `memstore` command line: create and info in process, bad arguments, the real
+console entry point in a subprocess, and health checks against real servers."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from grpc_health.v1 import health
 
 from memstore.cli import describe_table, main
 from memstore.dtypes import DType
+from memstore.launch import daemon_process
 from memstore.layout import EngramLayout, fingerprint
 from memstore.manifest import Manifest
+from memstore.service import SERVICE_NAME, create_server
 from memstore.table import Table
 
 REPO = Path(__file__).resolve().parent.parent
@@ -247,3 +252,161 @@ def test_import_with_a_manifest_for_a_file_made_elsewhere(tmp_path: Path, capsys
     with Table.open(tmp_path / "t") as table:
         np.testing.assert_array_equal(table.gather(3, np.arange(32)), rows)
     assert main(["verify", str(tmp_path / "t"), "--no-progress"]) == 0
+
+
+# --------------------------------------------------------------------------- sharded tables
+
+
+def _shard_line(shard: Path) -> str:
+    """What info and create print about one shard: its partitions and the rows it stores."""
+    manifest = Manifest.read(shard)
+    sharding = manifest.sharding
+    partitions = f"partitions {sharding.partitions[0]}-{sharding.partitions[-1]} of {sharding.num_partitions}"
+    stored = ", ".join(f"{manifest.stored_rows(layer):,} stored rows of layer {layer}" for layer in LAYOUT.layer_ids)
+    return f"shard {sharding.shard} of {sharding.num_shards}, {partitions}, {stored}"
+
+
+def test_create_shards_prints_each_shard(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "t"
+    assert _create(path, "--shards", "3", "--partitions", "8") == 0
+    out = capsys.readouterr().out
+    shards = [path / f"shard-{k}" for k in range(3)]
+    assert out.startswith(f"created {path}: 3 shards of 8 partitions\n{describe_table(Manifest(layout=LAYOUT))}\n")
+    assert out.endswith("".join(f"{shard}: {_shard_line(shard)}\n" for shard in shards))
+    assert "shard 1 of 3, partitions 3-5 of 8, 96 stored rows of layer 1, 108 stored rows of layer 4" in out
+    assert sorted(p.name for p in path.iterdir()) == ["shard-0", "shard-1", "shard-2"]
+
+
+def test_partitions_need_shards(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert _create(tmp_path / "t", "--partitions", "8") == 2
+    assert "give --shards N" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()
+
+
+def test_info_of_a_shard_and_of_a_sharded_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "t"
+    assert _create(path, "--shards", "3", "--partitions", "8", "--optimizer", "adam") == 0
+    capsys.readouterr()
+    assert main(["info", str(path / "shard-1")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(describe_table(Manifest.read(path / "shard-1")) + "\nmaterialised: ")
+    assert f"\n{_shard_line(path / 'shard-1')}\n" in out
+    assert main(["info", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("sharded table: 3 shards of 8 partitions\n")
+    for k in range(3):
+        assert f"\nshard-{k}: {_shard_line(path / f'shard-{k}')}\nmaterialised: " in out
+    assert main(["info", str(path), "--json"]) == 0
+    manifests = json.loads(capsys.readouterr().out)
+    assert [m["sharding"]["shard"] for m in manifests] == [0, 1, 2]
+
+
+def test_verify_checks_every_shard(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "t"
+    assert _create(path, "--shards", "3", "--partitions", "8") == 0
+    assert main(["verify", str(path), "--no-progress"]) == 0
+    assert capsys.readouterr().out.count("as recorded") == 3
+    rows = path / "shard-2" / "layer_1.rows"
+    data = bytearray(rows.read_bytes())
+    data[5] ^= 1
+    rows.write_bytes(bytes(data))
+    assert main(["verify", str(path), "--no-progress"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out.count("as recorded") == 2
+    assert f"{path / 'shard-2'}: rows sha256" in captured.err and "damaged" in captured.err
+
+
+def test_reshard_prints_the_checksum_both_sides_agree_on(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from memstore.reshard import table_checksum
+
+    source, dest = tmp_path / "t", tmp_path / "u"
+    assert _create(source, "--shards", "2", "--partitions", "8", "--optimizer", "adam") == 0
+    capsys.readouterr()
+    assert main(["reshard", str(source), str(dest), "--shards", "3", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    checksum = table_checksum(dest)
+    assert checksum == table_checksum(source)
+    into = f"into {dest} (3 shards of 8 partitions): {LAYOUT.total_rows:,} rows in "
+    assert out.startswith(f"resharded {source} (2 shards) {into}")
+    for k in range(3):
+        assert f"{dest / f'shard-{k}'}: {_shard_line(dest / f'shard-{k}')}\n" in out
+    assert f"checksum of all rows: {checksum.rows} (source and destination agree)\n" in out
+    assert f"checksum of the optimizer state: {checksum.state} (source and destination agree)\n" in out
+    assert "optimizer steps carried over: layer 1 at step 0, layer 4 at step 0" in out
+    assert main(["verify", str(dest), "--no-progress"]) == 0
+    assert main(["reshard", str(source), str(dest), "--shards", "1", "--no-progress"]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_export_refuses_a_sharded_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert _create(tmp_path / "t", "--shards", "2", "--partitions", "8") == 0
+    capsys.readouterr()
+    for path, what in [(tmp_path / "t", "a sharded table"), (tmp_path / "t" / "shard-1", "shard 1 of 2")]:
+        assert main(["export", str(path), str(tmp_path / "rows.safetensors")]) == 2
+        assert f"{path} is {what}; export writes whole tables: reshard it to one shard first" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t"]
+
+
+def test_import_never_writes_a_shard(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert _create(tmp_path / "plain") == 0
+    assert _create(tmp_path / "sharded", "--shards", "2", "--partitions", "8") == 0
+    assert main(["export", str(tmp_path / "plain"), str(tmp_path / "rows.safetensors")]) == 0
+    capsys.readouterr()
+    shard_manifest = str(tmp_path / "sharded" / "shard-0" / "manifest.json")
+    args = ["import", str(tmp_path / "rows.safetensors"), str(tmp_path / "t"), "--manifest", shard_manifest]
+    assert main([*args, "--no-progress"]) == 2
+    assert "describes shard 0 of 2" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()
+
+
+def test_health_of_a_serving_daemon_process(table_path: Path) -> None:
+    """The real pair: `memstore serve` in a process, `python -m memstore health` against it."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    with daemon_process(table_path) as address:
+        checked = subprocess.run(
+            [sys.executable, "-m", "memstore", "health", address, "--timeout", "10"],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    assert checked.returncode == 0, checked.stderr
+    assert checked.stdout == f"{address}: SERVING\n"
+
+
+def test_health_of_each_service_and_of_a_draining_server(table, capsys: pytest.CaptureFixture[str]) -> None:
+    servicer = health.HealthServicer()
+    server, port = create_server(table, "127.0.0.1:0", health_servicer=servicer)
+    server.start()
+    address = f"127.0.0.1:{port}"
+    try:
+        assert main(["health", address, "--service", SERVICE_NAME]) == 0
+        assert capsys.readouterr().out == f"{address}: SERVING\n"
+        assert main(["health", address, "--service", "no.such.Service"]) == 1
+        assert "NOT_FOUND" in capsys.readouterr().err
+        servicer.enter_graceful_shutdown()  # what `memstore serve` does on SIGTERM, before draining
+        assert main(["health", address]) == 1
+        assert capsys.readouterr().out == f"{address}: NOT_SERVING\n"
+    finally:
+        server.stop(grace=None).wait()
+
+
+def test_health_of_a_closed_port_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as sock:  # a port that was free a moment ago and has no listener now
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    assert main(["health", f"127.0.0.1:{port}", "--timeout", "10"]) == 1
+    assert "UNAVAILABLE" in capsys.readouterr().err
+
+
+def test_health_of_a_silent_listener_exits_1_at_the_deadline(capsys: pytest.CaptureFixture[str]) -> None:
+    """A socket that accepts connections but never answers (a hung process): the deadline ends the check."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        start = time.monotonic()
+        assert main(["health", f"127.0.0.1:{sock.getsockname()[1]}", "--timeout", "0.5"]) == 1
+        assert time.monotonic() - start < 5
+    assert "DEADLINE_EXCEEDED" in capsys.readouterr().err
+
+
+def test_health_timeout_must_be_positive(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["health", "127.0.0.1:1", "--timeout", "0"]) == 2
+    assert "--timeout must be positive" in capsys.readouterr().err
