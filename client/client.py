@@ -18,6 +18,7 @@ from memstore.errors import (
     DataLossError,
     InvalidArgumentError,
     LayoutMismatchError,
+    ResourceExhaustedError,
     UnavailableError,
     error_from_rpc,
 )
@@ -40,7 +41,7 @@ class MemstoreClient:
     ) -> None:
         self.address = address
         self.config = config or ClientConfig()
-        self._channel = grpc.insecure_channel(address, options=self.config.channel_options())
+        self._channel = self.config.open_channel(address)
         self._stub = pb_grpc.MemstoreStub(self._channel)
         self._describe_lock = threading.Lock()
         self._described: pb.DescribeResponse | None = None
@@ -164,11 +165,15 @@ class MemstoreClient:
                 return PushAck(version=response.version, layer_step=response.layer_step, rows=len(unique))
             except grpc.RpcError as exc:
                 error = error_from_rpc(exc)
+            # A busy daemon refused the push before applying anything: always safe to send again.
             # A push may have been applied before its answer was lost: only one with a step id
-            # (which the daemon recognises when repeated) is safe to send again.
-            if not isinstance(error, UnavailableError) or step_id <= 0 or attempt == self.config.max_attempts:
+            # (which the daemon recognises when repeated) is safe to send again then.
+            busy = isinstance(error, ResourceExhaustedError) and error.retry_after_s is not None
+            lost = isinstance(error, UnavailableError) and step_id > 0
+            if not (busy or lost) or attempt == self.config.max_attempts:
                 raise error
-            time.sleep(min(backoff, max(0.0, deadline - time.monotonic())))
+            wait = max(backoff, error.retry_after_s) if busy else backoff
+            time.sleep(min(wait, max(0.0, deadline - time.monotonic())))
             backoff = min(2 * backoff, self.config.max_backoff_s)
         raise AssertionError("unreachable")
 
@@ -181,6 +186,10 @@ class MemstoreClient:
     def version(self, timeout: float | None = None) -> int:
         """The served table's version now (pushes applied since creation)."""
         return self._unary(self._stub.Describe, pb.DescribeRequest(), timeout).version
+
+    def stats(self, timeout: float | None = None) -> str:
+        """The daemon's metrics in the Prometheus text format (`memstore.metrics.summarize` reads them)."""
+        return self._unary(self._stub.Stats, pb.StatsRequest(), timeout).prometheus_text
 
     def _fetch(
         self, layer_id: int, ids: np.ndarray, timeout: float | None, out: np.ndarray | None = None

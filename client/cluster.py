@@ -44,6 +44,7 @@ from client.client import (
 )
 from client.cluster_spec import ClusterSpec
 from client.config import ClientConfig, LoadBalancing
+from memstore.auth import add_client_arguments, client_security
 from memstore.errors import (
     DataLossError,
     DeadlineExceededError,
@@ -311,12 +312,16 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="PRIMARY[,REPLICA...]",
         help="a shard's daemons, primary first; repeat once per shard, in shard order (the spec as flags)",
     )
+    add_client_arguments(parser)
 
 
 def connect(
     args: argparse.Namespace, config: ClientConfig | None = None, *, expected_fingerprint: str | None = None
 ) -> MemstoreClient | ClusterClient | None:
-    """The client the connection flags name (None when none is given)."""
+    """The client the connection flags name (None when none is given), with their TLS and token."""
+    tls, token = client_security(args)
+    if tls is not None or token is not None:
+        config = replace(config or ClientConfig(), tls=tls, token=token)
     if args.memstore:
         return MemstoreClient(args.memstore, config, expected_fingerprint=expected_fingerprint)
     if args.cluster is not None or args.shard:

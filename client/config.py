@@ -8,6 +8,9 @@ import os
 import socket
 from dataclasses import dataclass, field
 
+import grpc
+
+from memstore.auth import ClientTls, open_channel
 from memstore.errors import InvalidArgumentError
 from memstore.wire import memstore_pb2 as pb
 
@@ -48,6 +51,10 @@ class ClientConfig:
     # Deadline of one attempt on one replica inside a cluster call's deadline; on expiry the
     # cluster client tries another replica (None: an attempt may take the whole deadline).
     attempt_timeout_s: float | None = None
+    # TLS to daemons started with --tls-cert (None: plaintext), and the bearer token sent with
+    # every call to daemons started with --token-file (kept out of repr, hence out of logs).
+    tls: ClientTls | None = None
+    token: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.timeout_s <= 0:
@@ -68,7 +75,9 @@ class ClientConfig:
             "initialBackoff": f"{self.initial_backoff_s}s",
             "maxBackoff": f"{self.max_backoff_s}s",
             "backoffMultiplier": 2,
-            "retryableStatusCodes": ["UNAVAILABLE"],
+            # RESOURCE_EXHAUSTED only when the daemon was busy: a request over a limit comes with
+            # pushback -1, which tells gRPC not to repeat it (memstore.limits).
+            "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"],
         }
         # Reads are retried by gRPC; a push is retried by the client itself, with its step id, which
         # the daemon uses to answer a repeat without applying it twice (see MemstoreClient.push).
@@ -90,3 +99,7 @@ class ClientConfig:
             ("grpc.per_rpc_retry_buffer_size", self.max_request_bytes),
             ("grpc.retry_buffer_size", 4 * self.max_request_bytes),
         ]
+
+    def open_channel(self, target: str) -> grpc.Channel:
+        """A channel to `target` with these options, TLS and token."""
+        return open_channel(target, self.channel_options(), self.tls, self.token)

@@ -41,6 +41,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from client.metrics import PREFETCH_ROWS, PREFETCH_STALL
 from memstore.errors import InternalError, InvalidArgumentError, MemstoreError, ResourceExhaustedError
 from memstore.manifest import Manifest
 from memstore.table import Table
@@ -161,11 +162,14 @@ class PrefetchHandle:
         row_ids: dict[int, np.ndarray],
         futures: dict[int, Future],
         buffers: _BufferSet,
+        fetched_in_submit_s: dict[int, float] | None = None,
     ) -> None:
         self.step = step
         self.row_ids = row_ids
         self._prefetcher = prefetcher
         self._futures = futures
+        # Without overlap the model already waited in submit(): part of each layer's stall.
+        self._fetched_in_submit_s = fetched_in_submit_s or {}
         self._buffers: _BufferSet | None = buffers
         self._waited: set[int] = set()
 
@@ -196,8 +200,10 @@ class PrefetchHandle:
         finally:
             if first_request:
                 self._waited.add(layer_id)
+                stall = time.perf_counter() - start
+                PREFETCH_STALL.labels(str(layer_id)).observe(stall + self._fetched_in_submit_s.get(layer_id, 0.0))
                 with self._prefetcher._stats_lock:
-                    stats.stall_s[layer_id] = stats.stall_s.get(layer_id, 0.0) + time.perf_counter() - start
+                    stats.stall_s[layer_id] = stats.stall_s.get(layer_id, 0.0) + stall
                     stats.requests += 1
                     stats.ready_on_request += ready
         if self._buffers.copied:  # the compute stream waits for the copy; the host does not
@@ -284,28 +290,31 @@ class Prefetcher:
             self.stats.rows += sum(i.size for i in ids.values())
             views = {layer: buffers.host_view(layer, ids[layer].shape, self.stats) for layer in self.layer_ids}
         futures: dict[int, Future] = {}
+        fetched_in_submit_s: dict[int, float] = {}
         for layer in self.layer_ids:
             if self.config.overlap:
                 futures[layer] = self._pool.submit(self._fetch, layer, ids[layer], views[layer], buffers)
             else:
-                futures[layer] = self._fetch_now(layer, ids[layer], views[layer], buffers)
-        return PrefetchHandle(self, step, ids, futures, buffers)
+                futures[layer], fetched_in_submit_s[layer] = self._fetch_now(layer, ids[layer], views[layer], buffers)
+        return PrefetchHandle(self, step, ids, futures, buffers, fetched_in_submit_s)
 
-    def _fetch_now(self, layer: int, ids: np.ndarray, host: torch.Tensor, buffers: _BufferSet) -> Future:
-        """The synchronous baseline: fetch in the caller, and count the whole fetch as stall."""
+    def _fetch_now(self, layer: int, ids: np.ndarray, host: torch.Tensor, buffers: _BufferSet) -> tuple[Future, float]:
+        """The synchronous baseline: fetch in the caller, and count the whole fetch as stall (returned)."""
         future: Future = Future()
         start = time.perf_counter()
         try:
             future.set_result(self._fetch(layer, ids, host, buffers))
         except BaseException as exc:  # surfaces in rows(), exactly as with overlap
             future.set_exception(exc)
+        stall = time.perf_counter() - start
         with self._stats_lock:
-            self.stats.stall_s[layer] = self.stats.stall_s.get(layer, 0.0) + time.perf_counter() - start
-        return future
+            self.stats.stall_s[layer] = self.stats.stall_s.get(layer, 0.0) + stall
+        return future, stall
 
     def _fetch(self, layer: int, ids: np.ndarray, host: torch.Tensor, buffers: _BufferSet) -> torch.Tensor:
         start = time.perf_counter()
         self.fetcher.lookup(layer, ids, timeout=self.config.timeout_s, out=host)
+        PREFETCH_ROWS.labels(str(layer)).inc(ids.size)
         rows = host
         if self._copy_stream is not None:
             with torch.cuda.stream(self._copy_stream):

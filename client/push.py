@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from client.client import PushAck
+from client.metrics import PUSH_WAIT
 from memstore.errors import InternalError, InvalidArgumentError, MemstoreError
 
 
@@ -124,7 +125,9 @@ class Pusher:
                         self.stats.last_version = max(self.stats.last_version, ack.version)
                 self._in_flight.popleft()
         finally:
-            self.stats.wait_s += time.perf_counter() - start
+            waited = time.perf_counter() - start
+            PUSH_WAIT.observe(waited)
+            self.stats.wait_s += waited
 
     def _push_layer(
         self, step: int, layer: int, ids: np.ndarray, values: np.ndarray, lr_scale: float | None

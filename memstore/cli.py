@@ -1,29 +1,28 @@
-"""`memstore` command line: create, info, serve, snapshot, export, import, verify, reshard. Arguments are
-parsed and checked here, once."""
+"""`memstore` command line: create, info, serve, snapshot, health, stats, export, import, verify, reshard.
+Arguments are parsed and checked here, once (`serve` in cli_serve.py, the calls to a daemon in cli_remote.py)."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from dataclasses import replace
 from pathlib import Path
 
 from tqdm import tqdm
 
+from memstore.cli_remote import add_remote_parsers, run_health, run_snapshot, run_stats
+from memstore.cli_serve import add_serve_parser, run_serve
 from memstore.create import DEFAULT_CHUNK_ROWS, create_sharded, create_table
 from memstore.dtypes import DType
 from memstore.errors import InvalidArgumentError, MemstoreError
 from memstore.layout import EngramLayout
-from memstore.live import CHECKPOINT_NAME, LiveConfig, table_version
+from memstore.live import CHECKPOINT_NAME, table_version
+from memstore.logs import LogFormat, configure_logging
 from memstore.manifest import Backend, Init, Manifest, parse_dtype
 from memstore.optim import OptimizerConfig, OptimizerKind
-from memstore.replica import DEFAULT_MAX_LAG
 from memstore.reshard import reshard, table_dirs
-from memstore.service import SERVICE_NAME, ServerConfig, serve
 from memstore.sharding import DEFAULT_PARTITIONS, _ranges
-from memstore.wal import Durability
 
 
 def _dtype(text: str) -> DType:
@@ -50,6 +49,13 @@ def _float_pair(text: str) -> tuple[float, float]:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="memstore", description="Engram memstore: create, inspect and serve tables.")
+    parser.add_argument(
+        "--log-format",
+        type=LogFormat,
+        choices=list(LogFormat),
+        default=LogFormat.TEXT,
+        help="json: one JSON object per log line (time, level, logger, message), for log collectors",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     create = commands.add_parser("create", help="create a table with deterministic initial rows")
@@ -101,75 +107,8 @@ def _parser() -> argparse.ArgumentParser:
     info.add_argument("path", type=Path)
     info.add_argument("--json", action="store_true", help="print the manifest as JSON")
 
-    defaults = ServerConfig()
-    srv = commands.add_parser("serve", help="serve a table over gRPC until SIGTERM/Ctrl-C")
-    srv.add_argument("path", type=Path)
-    srv.add_argument("--listen", default="127.0.0.1:50051", help="host:port; port 0 picks a free one")
-    srv.add_argument("--port-file", type=Path, help="write the bound port here once serving")
-    srv.add_argument("--max-rows-per-request", type=int, default=defaults.max_rows_per_request)
-    srv.add_argument("--chunk-bytes", type=int, default=defaults.chunk_bytes, help="row bytes per streamed message")
-    srv.add_argument("--max-workers", type=int, default=defaults.max_workers, help="concurrent calls served")
-    srv.add_argument("--grace", type=float, default=defaults.grace_s, help="seconds to drain calls on SIGTERM")
-    srv.add_argument(
-        "--log-interval", type=float, default=defaults.log_interval_s, help="seconds between traffic lines"
-    )
-    srv.add_argument(
-        "--no-same-host", action="store_true", help="do not let clients on this host map the table's files"
-    )
-    srv.add_argument("--read-only", action="store_true", help="refuse pushes (e.g. a snapshot serving inference)")
-    live = LiveConfig()
-    srv.add_argument(
-        "--durability",
-        type=Durability,
-        choices=list(Durability),
-        default=live.durability,
-        help="fsync: a push is acknowledged once its log record is on disk (survives power loss); "
-        "os: once the OS has it (survives the daemon's crash, not the host's)",
-    )
-    srv.add_argument("--checkpoint-every", type=int, default=live.checkpoint_every, help="pushes between checkpoints")
-    srv.add_argument("--snapshot-dir", type=Path, help="where Snapshot writes (default: PATH.snapshots)")
-    srv.add_argument(
-        "--follow",
-        metavar="ADDRESS",
-        help="serve PATH as a read replica of the daemon at ADDRESS (host:port): stream and apply its pushes, "
-        "refuse pushes here; PATH must be a copy of the primary's table (a snapshot of it, a copy of its "
-        "directory, or an identical `memstore create`); see docs/replication.md",
-    )
-    srv.add_argument(
-        "--max-lag",
-        type=int,
-        default=DEFAULT_MAX_LAG,
-        metavar="VERSIONS",
-        help="with --follow: answer lookups (and report SERVING) only while at most this many versions behind "
-        "the primary; above it lookups fail with UNAVAILABLE so clients retry elsewhere",
-    )
-    srv.add_argument(
-        "--feed-mb",
-        type=float,
-        default=live.feed_bytes / 2**20,
-        metavar="MB",
-        help="recent pushes kept in memory for followers; a follower further behind reads this daemon's log "
-        "(the pushes since its last checkpoint), and past that must restart from a snapshot",
-    )
-    srv.add_argument(
-        "--max-followers",
-        type=int,
-        default=defaults.max_followers,
-        help="followers streaming at once (each holds a worker thread of its own, on top of --max-workers)",
-    )
-
-    snap = commands.add_parser("snapshot", help="ask a serving daemon for a consistent snapshot")
-    snap.add_argument("address", help="the daemon's HOST:PORT")
-    snap.add_argument("name", help="directory name inside the daemon's snapshot directory")
-
-    health = commands.add_parser(
-        "health", help="gRPC health check of a daemon (exit 0 when SERVING): for container health probes"
-    )
-    health.add_argument("address", help="the daemon's HOST:PORT")
-    health.add_argument(
-        "--service", default="", help=f"the service to check, e.g. {SERVICE_NAME} (default: the whole server)"
-    )
-    health.add_argument("--timeout", type=float, default=5.0, help="seconds before an unanswered check fails")
+    add_serve_parser(commands)
+    add_remote_parsers(commands)
 
     export = commands.add_parser("export", help="write a table's rows to a safetensors file")
     export.add_argument("path", type=Path)
@@ -379,67 +318,23 @@ def _reshard(args: argparse.Namespace) -> None:
         print(f"optimizer steps carried over: {steps}; version 0, no log (re-seed any followers from these shards)")
 
 
-def _health(args: argparse.Namespace) -> int:
-    """One grpc.health.v1 Check with a deadline: 0 when SERVING; 1 otherwise, unreachable included."""
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    if args.timeout <= 0:
-        raise InvalidArgumentError(f"--timeout must be positive; got {args.timeout}")
-    request = health_pb2.HealthCheckRequest(service=args.service)
-    with grpc.insecure_channel(args.address) as channel:
-        try:
-            response = health_pb2_grpc.HealthStub(channel).Check(request, timeout=args.timeout)
-        except grpc.RpcError as exc:  # UNAVAILABLE (nothing listening), DEADLINE_EXCEEDED, NOT_FOUND (service)
-            print(f"{args.address}: {exc.code().name}: {exc.details()}", file=sys.stderr)
-            return 1
-    print(f"{args.address}: {health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)}")
-    return 0 if response.status == health_pb2.HealthCheckResponse.SERVING else 1
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `memstore` console script."""
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_format)
     try:
         if args.command == "create":
             _create(args)
         elif args.command == "info":
             _info(args)
         elif args.command == "serve":
-            config = ServerConfig(
-                max_rows_per_request=args.max_rows_per_request,
-                chunk_bytes=args.chunk_bytes,
-                max_workers=args.max_workers,
-                grace_s=args.grace,
-                log_interval_s=args.log_interval,
-                same_host=not args.no_same_host,
-                snapshot_dir=args.snapshot_dir,
-                max_followers=args.max_followers,
-            )
-            live = LiveConfig(
-                durability=args.durability,
-                checkpoint_every=args.checkpoint_every,
-                feed_bytes=int(args.feed_mb * 2**20),
-            )
-            return serve(
-                args.path,
-                args.listen,
-                config,
-                args.port_file,
-                read_only=args.read_only,
-                live_config=live,
-                follow=args.follow,
-                max_lag=args.max_lag,
-            )
+            return run_serve(args)
         elif args.command == "snapshot":
-            from client import MemstoreClient
-
-            with MemstoreClient(args.address) as client:
-                path, version = client.snapshot(args.name)
-            print(f"snapshot of version {version} at {path}")
+            return run_snapshot(args)
         elif args.command == "health":
-            return _health(args)
+            return run_health(args)
+        elif args.command == "stats":
+            return run_stats(args)
         elif args.command == "export":
             from memstore.exchange import export_safetensors
 

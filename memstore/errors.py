@@ -23,9 +23,15 @@ class InvalidArgumentError(MemstoreError, ValueError):
 
 
 class ResourceExhaustedError(MemstoreError):
-    """The request is larger than a configured limit; split it."""
+    """A configured limit refused the call. `retry_after_s` is None when the request itself is over
+    the limit (split it, or raise the limit); otherwise the daemon was busy and a retry after that
+    many seconds may succeed (nothing was applied)."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class UnavailableError(MemstoreError):
@@ -63,8 +69,15 @@ class ReplicationGapError(MemstoreError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class UnauthenticatedError(MemstoreError):
+    """The call carried no valid bearer token (or no client certificate the daemon trusts)."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
 class ReadOnlyError(MemstoreError):
-    """A write was attempted on a table opened read-only."""
+    """A write was refused: the table is served read-only, frozen or as a replica, or the
+    caller's token may only read."""
 
     code = grpc.StatusCode.PERMISSION_DENIED
 
@@ -90,6 +103,7 @@ _BY_CODE: dict[grpc.StatusCode, type[MemstoreError]] = {
         DeadlineExceededError,
         LayoutMismatchError,
         ReadOnlyError,
+        UnauthenticatedError,
         DataLossError,
         InternalError,
     )
@@ -104,8 +118,31 @@ def error_from_status(code: grpc.StatusCode, details: str) -> MemstoreError:
     return err
 
 
+# gRPC's retry pushback (trailing metadata, milliseconds): negative means "do not retry".
+RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
+
+
 def error_from_rpc(exc: grpc.RpcError) -> MemstoreError:
     """Translate a failed call (a grpc.RpcError that is also a grpc.Call) into a project exception."""
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     details = exc.details() if hasattr(exc, "details") else str(exc)
-    return error_from_status(code, details or "no details")
+    err = error_from_status(code, details or "no details")
+    if isinstance(err, ResourceExhaustedError):
+        err.retry_after_s = _pushback_s(exc)
+    return err
+
+
+def _pushback_s(exc: grpc.RpcError) -> float | None:
+    """The server's retry pushback in seconds; None when it said not to retry (or said nothing
+    and the limit is gRPC's own message size, which a retry cannot meet either)."""
+    trailing = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
+    for key, value in trailing or ():
+        if key == RETRY_PUSHBACK_KEY:
+            try:
+                millis = int(value)
+            except ValueError:
+                return None
+            return None if millis < 0 else millis / 1000
+    details = exc.details() if hasattr(exc, "details") else ""
+    # gRPC's own concurrency limit sends no pushback; it clears as calls finish.
+    return 0.0 if details and "Concurrent RPC limit" in details else None

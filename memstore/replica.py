@@ -24,10 +24,11 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import grpc
 
+from memstore.auth import ClientTls, open_channel
 from memstore.errors import (
     DataLossError,
     InvalidArgumentError,
@@ -60,6 +61,9 @@ class FollowConfig:
     # Reconnection backoff, doubling from initial to max.
     initial_backoff_s: float = 0.1
     max_backoff_s: float = 5.0
+    # TLS to a primary served with --tls-cert, and a token (read scope suffices) for one with --token-file.
+    tls: ClientTls | None = None
+    token: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.max_lag < 0:
@@ -90,10 +94,10 @@ class ReplicaStatus:
 def manifest_differences(ours: Manifest, theirs: Manifest) -> list[str]:
     """What differs between two manifests, one "field: ours vs. theirs" line each ([] when equal)."""
     differences = []
-    for field in fields(Manifest):
-        mine, other = getattr(ours, field.name), getattr(theirs, field.name)
-        if field.compare and mine != other:
-            differences.append(f"{field.name}: {_show(field.name, mine, ours)} vs. {_show(field.name, other, theirs)}")
+    for spec in fields(Manifest):
+        mine, other = getattr(ours, spec.name), getattr(theirs, spec.name)
+        if spec.compare and mine != other:
+            differences.append(f"{spec.name}: {_show(spec.name, mine, ours)} vs. {_show(spec.name, other, theirs)}")
     return differences
 
 
@@ -273,7 +277,8 @@ class Follower:
 
     def _channel(self) -> grpc.Channel:
         # Records are sent whole (a push's after-image can exceed gRPC's 4 MiB default).
-        return grpc.insecure_channel(self.primary, options=[("grpc.max_receive_message_length", -1)])
+        options = [("grpc.max_receive_message_length", -1)]
+        return open_channel(self.primary, options, self.config.tls, self.config.token)
 
     def _describe(self, stub: pb_grpc.MemstoreStub) -> None:
         described = stub.Describe(pb.DescribeRequest(), timeout=self.config.describe_timeout_s)

@@ -29,17 +29,22 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from memstore import __version__
+from memstore.auth import TlsConfig, TokenInterceptor, TokenTable, is_loopback
 from memstore.codec import check_request_rows, decode_grads, decode_row_ids
 from memstore.errors import (
+    RETRY_PUSHBACK_KEY,
     InternalError,
     InvalidArgumentError,
     MemstoreError,
+    ReadOnlyError,
     ResourceExhaustedError,
     UnavailableError,
 )
+from memstore.limits import InFlightBudget, lookup_cost, push_cost
 from memstore.live import LiveConfig, LiveTable
 from memstore.manifest import Manifest
-from memstore.replica import DEFAULT_MAX_LAG, FollowConfig, Follower, check_same_table
+from memstore.metrics import DaemonMetrics
+from memstore.replica import FollowConfig, Follower, check_same_table
 from memstore.same_host import advertise
 from memstore.table import Table
 from memstore.wire import memstore_pb2 as pb
@@ -73,9 +78,31 @@ class ServerConfig:
     follow_heartbeat_s: float = 1.0
     # Record bytes per Follow message (a larger record travels alone).
     follow_batch_bytes: int = 4 << 20
+    # Limits (memstore.limits); a call past one fails with RESOURCE_EXHAUSTED. Bytes of one
+    # request message (refused by gRPC before it is decoded):
+    max_message_bytes: int = 64 << 20
+    # Calls served or queued at once, Follow streams not counted (they have max_followers):
+    max_concurrent_calls: int = 64
+    # Memory the calls in progress may hold at once (requests, gathered rows, optimizer work):
+    max_in_flight_bytes: int = 1 << 30
+    # TLS (certificate and key, optionally a CA for client certificates) and bearer tokens
+    # (`read TOKEN` / `write TOKEN` lines): memstore.auth.
+    tls: TlsConfig | None = None
+    token_file: Path | None = None
+    # Serve Prometheus metrics at http://HOST:PORT/metrics, HOST the listen address's (0: any free port).
+    metrics_port: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("max_rows_per_request", "chunk_bytes", "max_workers", "window_bytes", "follow_batch_bytes"):
+        for name in (
+            "max_rows_per_request",
+            "chunk_bytes",
+            "max_workers",
+            "window_bytes",
+            "follow_batch_bytes",
+            "max_message_bytes",
+            "max_concurrent_calls",
+            "max_in_flight_bytes",
+        ):
             if getattr(self, name) < 1:
                 raise InvalidArgumentError(f"ServerConfig.{name} must be at least 1; got {getattr(self, name)}")
         if self.max_followers < 0:
@@ -88,7 +115,7 @@ class ServerConfig:
 
     def grpc_options(self) -> list[tuple[str, int]]:
         return [
-            ("grpc.max_receive_message_length", self.max_rows_per_request * 8 + 1024),
+            ("grpc.max_receive_message_length", self.max_message_bytes),
             # Lookup messages stay within chunk_bytes by construction; a Follow message carries whole
             # logged records, and one push's after-image with its optimizer state (Adam: 2.4x the
             # push request) can exceed any chunk. The server sends only what it built: no cap.
@@ -99,45 +126,6 @@ class ServerConfig:
 
 _MIN_HEARTBEAT_S = 0.01
 _MAX_HEARTBEAT_S = 60.0
-
-
-class TrafficCounters:
-    """Thread-safe counts since the last snapshot, for the periodic log line."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._reset()
-
-    def _reset(self) -> None:
-        self.lookups = self.rows = self.bytes = self.errors = self.pushes = self.pushed_rows = 0
-
-    def add_lookup(self, rows: int, nbytes: int) -> None:
-        with self._lock:
-            self.lookups += 1
-            self.rows += rows
-            self.bytes += nbytes
-
-    def add_push(self, rows: int) -> None:
-        with self._lock:
-            self.pushes += 1
-            self.pushed_rows += rows
-
-    def add_error(self) -> None:
-        with self._lock:
-            self.errors += 1
-
-    def snapshot_and_reset(self) -> dict[str, int]:
-        with self._lock:
-            snap = {
-                "lookups": self.lookups,
-                "rows": self.rows,
-                "bytes": self.bytes,
-                "pushes": self.pushes,
-                "pushed_rows": self.pushed_rows,
-                "errors": self.errors,
-            }
-            self._reset()
-        return snap
 
 
 class FollowerSlots:
@@ -170,25 +158,32 @@ class FollowerSlots:
 
 
 class MemstoreServicer(pb_grpc.MemstoreServicer):
-    """Translates RPCs to `LiveTable` calls and project errors to status codes."""
+    """Translates RPCs to `LiveTable` calls and project errors to status codes, counting each call."""
 
     def __init__(
-        self, live: LiveTable, config: ServerConfig, counters: TrafficCounters, replica: Follower | None = None
+        self, live: LiveTable, config: ServerConfig, metrics: DaemonMetrics, replica: Follower | None = None
     ) -> None:
         self._live = live
         self._config = config
-        self._counters = counters
+        self._metrics = metrics
         self._replica = replica
         self.followers = FollowerSlots(config.max_followers)
+        self.budget = InFlightBudget(config.max_in_flight_bytes)
         manifest = live.manifest
         self._row_bytes = manifest.dtype.row_bytes(manifest.layout.dim)
         self._chunk_rows = max(1, config.chunk_bytes // self._row_bytes)
+        optimizer = manifest.optimizer
+        self._state_width = 0 if optimizer is None else sum(optimizer.state_slots(manifest.layout.dim).values())
         self._snapshot_dir = config.snapshot_dir or live.path.with_name(live.path.name + ".snapshots")
         self._describe = pb.DescribeResponse(
             manifest_json=manifest.to_json(),
             fingerprint=manifest.fingerprint,
             limits=pb.ServerLimits(
-                max_rows_per_request=config.max_rows_per_request, chunk_bytes=self._chunk_rows * self._row_bytes
+                max_rows_per_request=config.max_rows_per_request,
+                chunk_bytes=self._chunk_rows * self._row_bytes,
+                max_message_bytes=config.max_message_bytes,
+                max_concurrent_calls=config.max_concurrent_calls,
+                max_in_flight_bytes=config.max_in_flight_bytes,
             ),
             server_version=__version__,
             same_host=advertise(live) if config.same_host else None,  # None: not offered
@@ -196,11 +191,12 @@ class MemstoreServicer(pb_grpc.MemstoreServicer):
         )
 
     def Describe(self, request: pb.DescribeRequest, context: grpc.ServicerContext) -> pb.DescribeResponse:
-        response = pb.DescribeResponse()
-        response.CopyFrom(self._describe)
-        response.version = self._live.version
-        response.replication.CopyFrom(self._replication())
-        return response
+        with self._call("Describe", context):
+            response = pb.DescribeResponse()
+            response.CopyFrom(self._describe)
+            response.version = self._live.version
+            response.replication.CopyFrom(self._replication())
+            return response
 
     def _replication(self) -> pb.Replication:
         followers = self.followers.active
@@ -224,42 +220,56 @@ class MemstoreServicer(pb_grpc.MemstoreServicer):
         )
 
     def Lookup(self, request: pb.LookupRequest, context: grpc.ServicerContext) -> Iterator[pb.LookupResponse]:
-        with self._translate_errors(context):
+        with self._call("Lookup", context):
             if self._replica is not None:
                 self._replica.check_readable()  # UNAVAILABLE beyond the lag bound: clients retry elsewhere
             ids = decode_row_ids(request.row_ids)
             check_request_rows(len(ids), self._config.max_rows_per_request)
-            chunks = self._live.gather_chunks(request.layer_id, ids, self._chunk_rows)
-            first = next(chunks, None)  # every id is checked here, before any row is sent
-        header = {"dtype": self._live.manifest.dtype.wire, "dim": self._live.manifest.layout.dim, "num_rows": len(ids)}
-        if first is None:
-            yield pb.LookupResponse(**header, version=self._live.version)
-            return
-        offset = 0
-        with self._translate_errors(context):
-            for rows, version in itertools.chain([first], chunks):
-                yield pb.LookupResponse(**header, row_offset=offset, rows=rows.tobytes(), version=version)
-                offset += len(rows)
-        self._counters.add_lookup(len(ids), len(ids) * self._row_bytes)
+            cost = lookup_cost(len(ids), self._row_bytes, self._chunk_rows, self._config.window_bytes)
+            with self.budget.reserve(cost, f"a lookup of {len(ids):,} rows"):
+                chunks = self._live.gather_chunks(request.layer_id, ids, self._chunk_rows)
+                first = next(chunks, None)  # every id is checked here, before any row is sent
+                header = {
+                    "dtype": self._live.manifest.dtype.wire,
+                    "dim": self._live.manifest.layout.dim,
+                    "num_rows": len(ids),
+                }
+                if first is None:
+                    yield pb.LookupResponse(**header, version=self._live.version)
+                    return
+                offset = 0
+                for rows, version in itertools.chain([first], chunks):
+                    yield pb.LookupResponse(**header, row_offset=offset, rows=rows.tobytes(), version=version)
+                    offset += len(rows)
+            self._metrics.rows_served.inc(len(ids))
+            self._metrics.bytes_served.inc(len(ids) * self._row_bytes)
 
     def Push(self, request: pb.PushRequest, context: grpc.ServicerContext) -> pb.PushResponse:
-        with self._translate_errors(context):
+        with self._call("Push", context):
             ids = decode_row_ids(request.row_ids)
             check_request_rows(len(ids), self._config.max_rows_per_request)
-            grads = decode_grads(request.grads, len(ids), self._live.manifest.layout.dim)
-            result = self._live.push(
-                request.layer_id,
-                ids,
-                grads,
-                lr_scale=request.lr_scale if request.HasField("lr_scale") else 1.0,
-                step_id=request.step_id,
-                client_id=request.client_id,
-            )
-            self._counters.add_push(result.rows)
+            dim = self._live.manifest.layout.dim
+            with self.budget.reserve(push_cost(len(ids), dim, self._state_width), f"a push of {len(ids):,} rows"):
+                grads = decode_grads(request.grads, len(ids), dim)
+                result = self._live.push(
+                    request.layer_id,
+                    ids,
+                    grads,
+                    lr_scale=request.lr_scale if request.HasField("lr_scale") else 1.0,
+                    step_id=request.step_id,
+                    client_id=request.client_id,
+                )
+            self._metrics.pushes.inc()
+            self._metrics.pushed_rows.inc(result.rows)
             return pb.PushResponse(version=result.version, layer_step=result.layer_step)
 
     def Snapshot(self, request: pb.SnapshotRequest, context: grpc.ServicerContext) -> pb.SnapshotResponse:
-        with self._translate_errors(context):
+        with self._call("Snapshot", context):
+            if self._live.table.read_only:
+                raise ReadOnlyError(
+                    "snapshots are refused: this daemon serves its table read-only (--read-only, or a frozen "
+                    "table) and writes nothing on its host; snapshot the primary, or copy the directory"
+                )
             name = request.name
             if not name or name in {".", ".."} or "/" in name or "\\" in name or name.startswith("."):
                 raise InvalidArgumentError(
@@ -270,9 +280,13 @@ class MemstoreServicer(pb_grpc.MemstoreServicer):
             log.info("snapshot of version %d written to %s", version, dest)
             return pb.SnapshotResponse(path=str(dest.resolve()), version=version)
 
+    def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsResponse:
+        with self._call("Stats", context):
+            return pb.StatsResponse(prometheus_text=self._metrics.text().decode())
+
     def Follow(self, request: pb.FollowRequest, context: grpc.ServicerContext) -> Iterator[pb.FollowResponse]:
         follower = request.follower_id or context.peer()
-        with self._translate_errors(context):
+        with self._call("Follow", context):
             check_same_table(
                 Manifest.from_json(request.manifest_json), self._live.manifest, f"follower {follower}", "this daemon"
             )
@@ -282,13 +296,14 @@ class MemstoreServicer(pb_grpc.MemstoreServicer):
                     f"heartbeat_s must be in [{_MIN_HEARTBEAT_S}, {_MAX_HEARTBEAT_S}] seconds; got {heartbeat_s}"
                 )
             self.followers.acquire(follower)
-        if not context.add_callback(self.followers.release):  # released when the stream ends, however it ends
-            self.followers.release()
-            return
-        version = request.from_version
-        log.info("follower %s streams from version %d (this daemon is at %d)", follower, version, self._live.version)
-        while context.is_active():
-            with self._translate_errors(context):
+            if not context.add_callback(self.followers.release):  # released when the stream ends, however it ends
+                self.followers.release()
+                return
+            version = request.from_version
+            log.info(
+                "follower %s streams from version %d (this daemon is at %d)", follower, version, self._live.version
+            )
+            while context.is_active():
                 try:
                     records = self._live.records_after(version, self._config.follow_batch_bytes, heartbeat_s)
                 except UnavailableError:  # this daemon is stopping: the follower reconnects later
@@ -297,27 +312,41 @@ class MemstoreServicer(pb_grpc.MemstoreServicer):
                 except MemstoreError as exc:  # too far behind, or diverged: worth a line here too
                     log.warning("follower %s at version %d: %s", follower, version, exc)
                     raise
-            response = pb.FollowResponse(primary_version=self._live.version)
-            for record in records:
-                # Added in place: a ReplicatedRecord built first would be copied once more on the way in
-                # (measured: 1.4 instead of 2.2 ms per 1.35 MB record).
-                response.records.add(version=record.version, payload=record.payload)
-            yield response
-            if records:
-                version = records[-1].version
-        log.info("follower %s left at version %d", follower, version)
+                response = pb.FollowResponse(primary_version=self._live.version)
+                for record in records:
+                    # Added in place: a ReplicatedRecord built first would be copied once more on the way in
+                    # (measured: 1.4 instead of 2.2 ms per 1.35 MB record).
+                    response.records.add(version=record.version, payload=record.payload)
+                yield response
+                if records:
+                    version = records[-1].version
+            log.info("follower %s left at version %d", follower, version)
 
     @contextlib.contextmanager
-    def _translate_errors(self, context: grpc.ServicerContext) -> Iterator[None]:
-        try:
-            yield
-        except MemstoreError as exc:
-            self._counters.add_error()
-            context.abort(exc.code, str(exc))
-        except Exception as exc:  # never crash a worker; report it precisely instead
-            self._counters.add_error()
-            log.exception("call failed unexpectedly")
-            context.abort(InternalError.code, f"internal error: {exc!r}")
+    def _call(self, method: str, context: grpc.ServicerContext) -> Iterator[None]:
+        """Count and time one call, and turn what it raises into its status code."""
+        with self._metrics.observe(method) as outcome:
+            try:
+                yield
+            except MemstoreError as exc:
+                outcome.code = exc.code
+                if isinstance(exc, ResourceExhaustedError):
+                    self._refuse(exc, context)
+                context.abort(exc.code, str(exc))
+            except GeneratorExit:  # the client cancelled a stream, or went away
+                outcome.code = grpc.StatusCode.CANCELLED
+                raise
+            except Exception as exc:  # never crash a worker; report it precisely instead
+                outcome.code = InternalError.code
+                log.exception("call failed unexpectedly")
+                context.abort(InternalError.code, f"internal error: {exc!r}")
+
+    def _refuse(self, exc: ResourceExhaustedError, context: grpc.ServicerContext) -> None:
+        """Tell gRPC's retry policy whether to repeat a refused call (pushback -1: never)."""
+        busy = exc.retry_after_s is not None
+        self._metrics.rejected.labels("busy" if busy else "too_large").inc()
+        pushback = round(exc.retry_after_s * 1000) if busy else -1
+        context.set_trailing_metadata(((RETRY_PUSHBACK_KEY, str(pushback)),))
 
 
 def create_server(
@@ -325,21 +354,31 @@ def create_server(
     address: str = "127.0.0.1:0",
     config: ServerConfig | None = None,
     health_servicer: health.HealthServicer | None = None,
-    counters: TrafficCounters | None = None,
+    metrics: DaemonMetrics | None = None,
     replica: Follower | None = None,
 ) -> tuple[grpc.Server, int]:
     """A gRPC server (not started) serving `table`, with health and reflection; returns it and its port.
 
     A plain `Table` is served frozen; a `LiveTable` opened writable with an optimizer takes pushes.
     With `replica` (the Follower of a replica table), lookups and health follow its lag bound.
+    `config.tls` makes it listen with TLS, `config.token_file` asks every call for a token.
     """
     config = config or ServerConfig()
     live = table if isinstance(table, LiveTable) else LiveTable(table)
+    metrics = metrics or DaemonMetrics()
     # Each Follow stream holds a thread for its whole life: they get threads of their own.
     pool = futures.ThreadPoolExecutor(max_workers=config.max_workers + config.max_followers)
-    server = grpc.server(pool, options=config.grpc_options())
-    servicer = MemstoreServicer(live, config, counters or TrafficCounters(), replica)
+    interceptors = [] if config.token_file is None else [TokenInterceptor(TokenTable.from_file(config.token_file))]
+    server = grpc.server(
+        pool,
+        options=config.grpc_options(),
+        interceptors=interceptors,
+        # Past this many calls gRPC answers RESOURCE_EXHAUSTED at once: queued calls are bounded too.
+        maximum_concurrent_rpcs=config.max_concurrent_calls + config.max_followers,
+    )
+    servicer = MemstoreServicer(live, config, metrics, replica)
     pb_grpc.add_MemstoreServicer_to_server(servicer, server)
+    metrics.track(live, servicer.budget, replica)
     health_servicer = health_servicer or health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):
@@ -348,7 +387,10 @@ def create_server(
         replica.add_health_listener(lambda serving: _set_health(health_servicer, serving))
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     try:
-        port = server.add_insecure_port(address)
+        if config.tls is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, config.tls.server_credentials())
     except RuntimeError as exc:
         raise InvalidArgumentError(f"cannot listen on {address}: {exc}") from None
     return server, port
@@ -368,14 +410,14 @@ def serve(
     read_only: bool = False,
     live_config: LiveConfig | None = None,
     follow: str | None = None,
-    max_lag: int = DEFAULT_MAX_LAG,
+    follow_config: FollowConfig | None = None,
 ) -> int:
     """Serve a table until SIGTERM or SIGINT, then drain in-flight calls; returns the exit code 0.
 
     A table with an optimizer takes pushes unless `read_only` (e.g. a snapshot serving inference),
     or `follow` names its primary: then it is a read replica that applies the primary's pushes
-    and answers lookups while at most `max_lag` versions behind. Raises LayoutMismatchError
-    when that primary serves another table.
+    and answers lookups while at most `follow_config.max_lag` versions behind. Raises
+    LayoutMismatchError when that primary serves another table.
     """
     config = config or ServerConfig()
     stop = threading.Event()
@@ -383,51 +425,36 @@ def serve(
     table: LiveTable | None = None
     replica: Follower | None = None
     health_servicer = health.HealthServicer()
-    counters = TrafficCounters()
+    metrics = DaemonMetrics()
+    host = address.rsplit(":", 1)[0]
     try:
         table = LiveTable.open(table_path, read_only=read_only, config=live_config, primary=follow)
         if follow is not None:
-            replica = Follower(table, FollowConfig(max_lag=max_lag))
+            replica = Follower(table, follow_config or FollowConfig())
             replica.check_primary()  # another table: raises here, before serving anything
-        server, port = create_server(table, address, config, health_servicer, counters, replica)
+        server, port = create_server(table, address, config, health_servicer, metrics, replica)
+        warning = exposure_warning(address, config)
+        if warning is not None:
+            log.warning(warning)
         server.start()
         if replica is not None:
             replica.start()
-        layout = table.manifest.layout
-        host = address.rsplit(":", 1)[0]
-        log.info(
-            "serving %s on %s:%d (%s, version %d): layers %s, %d rows x %d %s, %.2f GB, fingerprint %s",
-            table_path,
-            host,
-            port,
-            f"replica of {follow}, {table.config.durability.value} durability, max lag {max_lag} versions"
-            if replica is not None
-            else f"trainable, {table.manifest.optimizer.kind.value}, {table.config.durability.value} durability"
-            if table.trainable
-            else "frozen",
-            table.version,
-            list(layout.layer_ids),
-            sum(table.manifest.stored_rows(layer_id) for layer_id in layout.layer_ids),
-            layout.dim,
-            table.manifest.dtype.value,
-            table.manifest.total_bytes / 1e9,
-            table.manifest.fingerprint,
-        )
+        _log_serving(table, table_path, f"{host}:{port}", replica)
+        if config.metrics_port is not None:
+            metrics_port = metrics.serve_http(config.metrics_port, host.strip("[]"))
+            log.info("metrics at http://%s:%d/metrics", host, metrics_port)
         if port_file is not None:
             port_file.write_text(f"{port}\n")
+        last = metrics.counts()
         while not stop.wait(config.log_interval_s):
-            snap = counters.snapshot_and_reset()
+            now = metrics.counts()
             log.info(
-                "last %.0fs: %d lookups, %d rows, %.1f MB; %d pushes, %d rows, version %d; %d errors",
+                "last %.0fs: %s; version %d",
                 config.log_interval_s,
-                snap["lookups"],
-                snap["rows"],
-                snap["bytes"] / 1e6,
-                snap["pushes"],
-                snap["pushed_rows"],
+                ", ".join(f"{now[name] - last[name]:,.0f} {name}" for name in now),
                 table.version,
-                snap["errors"],
             )
+            last = now
             if replica is not None:
                 _log_replica(replica)
         log.info("stopping: draining in-flight calls (up to %.0fs)", config.grace_s)
@@ -445,6 +472,42 @@ def serve(
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0
+
+
+def exposure_warning(address: str, config: ServerConfig) -> str | None:
+    """The warning a daemon logs on start when other hosts can reach it and neither TLS nor tokens
+    guard it (None when loopback-only or guarded)."""
+    if is_loopback(address) or config.token_file is not None or config.tls is not None:
+        return None
+    return (
+        f"LISTENING ON {address} WITHOUT TLS OR TOKENS: anyone who can reach this port can read the table "
+        "and train it (push). Give --token-file (and --tls-cert/--tls-key), or listen on 127.0.0.1 "
+        "behind your own network policy."
+    )
+
+
+def _log_serving(table: LiveTable, table_path: Path, address: str, replica: Follower | None) -> None:
+    manifest = table.manifest
+    if replica is not None:
+        role = f"replica of {replica.primary}, {table.config.durability.value} durability, "
+        role += f"max lag {replica.config.max_lag} versions"
+    elif table.trainable:
+        role = f"trainable, {manifest.optimizer.kind.value}, {table.config.durability.value} durability"
+    else:
+        role = "frozen"
+    log.info(
+        "serving %s on %s (%s, version %d): layers %s, %d rows x %d %s, %.2f GB, fingerprint %s",
+        table_path,
+        address,
+        role,
+        table.version,
+        list(manifest.layout.layer_ids),
+        sum(manifest.stored_rows(layer_id) for layer_id in manifest.layout.layer_ids),
+        manifest.layout.dim,
+        manifest.dtype.value,
+        manifest.total_bytes / 1e9,
+        manifest.fingerprint,
+    )
 
 
 def _log_replica(replica: Follower) -> None:

@@ -95,6 +95,9 @@ class Durability(enum.Enum):
     FSYNC = "fsync"  # fdatasync before append returns: survives power loss
     OS = "os"  # write() returned before append returns: survives kill -9 of the daemon, not power loss
 
+    def __str__(self) -> str:  # as argparse shows the choices
+        return self.value
+
 
 @dataclass(frozen=True)
 class WalRecord:

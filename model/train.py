@@ -29,6 +29,7 @@ from itertools import islice
 from pathlib import Path
 
 import numpy as np
+import prometheus_client
 import torch
 from tqdm import tqdm
 
@@ -362,7 +363,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=defaults.out_dir, help="checkpoint and history directory")
     parser.add_argument("--data-dir", type=Path, default=DataConfig().data_dir)
     parser.add_argument("--lm-config", type=Path, help="JSON file of LMConfig fields (unknown keys are errors)")
+    parser.add_argument(
+        "--metrics-port", type=int, help="serve Prometheus metrics (prefetch stall, push wait) on this port"
+    )
     args = parser.parse_args(argv)
+    if args.metrics_port is not None:
+        prometheus_client.start_http_server(args.metrics_port)
     if args.source is TableSource.MEMSTORE and not (args.memstore or args.cluster or args.shard):
         parser.error("--source memstore needs --memstore HOST:PORT (`memstore serve`'s address) or --cluster FILE")
     config = TrainConfig(

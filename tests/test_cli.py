@@ -6,19 +6,22 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 from grpc_health.v1 import health
 
+from client import ClientConfig, MemstoreClient
 from memstore.cli import describe_table, main
 from memstore.dtypes import DType
-from memstore.launch import daemon_process
+from memstore.launch import daemon_process, start_daemon, stop_daemon
 from memstore.layout import EngramLayout, fingerprint
 from memstore.manifest import Manifest
 from memstore.service import SERVICE_NAME, create_server
@@ -410,3 +413,36 @@ def test_health_of_a_silent_listener_exits_1_at_the_deadline(capsys: pytest.Capt
 def test_health_timeout_must_be_positive(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["health", "127.0.0.1:1", "--timeout", "0"]) == 2
     assert "--timeout must be positive" in capsys.readouterr().err
+
+
+def test_serve_with_tokens_metrics_and_json_logs(table_path: Path, tmp_path: Path, capsys) -> None:
+    """`memstore serve --token-file --metrics-port --log-format json`: the token guards the table,
+    Prometheus scrapes the port, `memstore stats` prints the same counts, every log line is JSON."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text("read a-read-token-of-length\n")
+    with socket.socket() as sock:  # a free port for the metrics endpoint
+        sock.bind(("127.0.0.1", 0))
+        metrics_port = sock.getsockname()[1]
+    args = ["--token-file", str(tokens), "--metrics-port", str(metrics_port), "--log-format", "json"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MEMSTORE_TOKEN": ""}
+    process, address = start_daemon(table_path, args, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        assert main(["stats", address]) == 2  # no token
+        assert "bearer token is required" in capsys.readouterr().err
+        with MemstoreClient(address, ClientConfig(same_host=False, token="a-read-token-of-length")) as client:
+            for _ in range(3):
+                client.lookup(1, np.arange(10))
+        assert main(["stats", address, "--token-file", str(tokens)]) == 0
+        printed = capsys.readouterr().out
+        assert "memstore_rows_served_total" in printed and " 30" in printed
+        assert re.search(r"^Lookup\s+3\b", printed, re.MULTILINE), printed
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
+            scraped = response.read().decode()
+        assert 'memstore_requests_total{code="OK",method="Lookup"} 3.0' in scraped
+        assert 'memstore_requests_total{code="UNAUTHENTICATED",method="Stats"}' not in scraped  # refused before
+    finally:
+        assert stop_daemon(process) == 0
+    lines = [json.loads(line) for line in process.stderr.read().splitlines() if line.strip()]
+    assert {"time", "level", "logger", "message"} <= set(lines[0])
+    assert any(line["message"].startswith("serving ") for line in lines)
+    assert any("metrics at http://127.0.0.1:" in line["message"] for line in lines)

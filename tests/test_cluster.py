@@ -20,8 +20,9 @@ from memstore.errors import InvalidArgumentError, LayoutMismatchError, Unavailab
 from memstore.launch import start_daemon, stop_daemon
 from memstore.live import LiveTable
 from memstore.manifest import Manifest
+from memstore.metrics import DaemonMetrics
 from memstore.optim import OptimizerConfig, OptimizerKind
-from memstore.service import SERVICE_NAME, TrafficCounters, create_server
+from memstore.service import SERVICE_NAME, create_server
 from memstore.table import Table
 from tests.helpers import FAST_FAIL, SMALL_LAYOUT
 
@@ -277,9 +278,9 @@ def test_reads_skip_a_replica_whose_health_is_not_serving(sharded_table) -> None
     """Client-side health checking: a NOT_SERVING replica (a lagging follower says so) gets no reads."""
     tables = [Table.open(shard_dirs(sharded_table[1])[0]) for _ in range(2)]
     healths = [health.HealthServicer() for _ in tables]
-    counters = [TrafficCounters() for _ in tables]
+    metrics = [DaemonMetrics() for _ in tables]
     servers = [
-        create_server(t, "127.0.0.1:0", health_servicer=h, counters=c) for t, h, c in zip(tables, healths, counters)
+        create_server(t, "127.0.0.1:0", health_servicer=h, metrics=m) for t, h, m in zip(tables, healths, metrics)
     ]
     try:
         for server, _ in servers:
@@ -291,14 +292,14 @@ def test_reads_skip_a_replica_whose_health_is_not_serving(sharded_table) -> None
         with MemstoreClient(shard.reads(), replace(GRPC, load_balancing=LoadBalancing.ROUND_ROBIN)) as reader:
             for _ in range(20):
                 reader.lookup(1, ids)
-        served = [c.snapshot_and_reset()["lookups"] for c in counters]
+        served = [m.total("memstore_requests_total", method="Lookup") for m in metrics]
         assert served == [20, 0]
         for name in ("", SERVICE_NAME):  # back to SERVING: it takes its share again
             healths[1].set(name, health_pb2.HealthCheckResponse.SERVING)
         with MemstoreClient(shard.reads(), replace(GRPC, load_balancing=LoadBalancing.ROUND_ROBIN)) as reader:
             for _ in range(20):
                 reader.lookup(1, ids)
-        assert all(c.snapshot_and_reset()["lookups"] > 0 for c in counters)
+        assert metrics[1].total("memstore_requests_total", method="Lookup") > 0
     finally:
         for server, _ in servers:
             server.stop(None).wait()

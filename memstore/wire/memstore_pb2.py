@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmemstore/wire/memstore.proto\x12\x12\x65ngram.memstore.v1\"\x11\n\x0f\x44\x65scribeRequest\"\x99\x02\n\x10\x44\x65scribeResponse\x12\x15\n\rmanifest_json\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x30\n\x06limits\x18\x03 \x01(\x0b\x32 .engram.memstore.v1.ServerLimits\x12\x16\n\x0eserver_version\x18\x04 \x01(\t\x12\x35\n\tsame_host\x18\x05 \x01(\x0b\x32\".engram.memstore.v1.SameHostAccess\x12\x0f\n\x07version\x18\x06 \x01(\x04\x12\x11\n\ttrainable\x18\x07 \x01(\x08\x12\x34\n\x0breplication\x18\x08 \x01(\x0b\x32\x1f.engram.memstore.v1.Replication\"\x94\x02\n\x0bReplication\x12\x31\n\x04role\x18\x01 \x01(\x0e\x32#.engram.memstore.v1.ReplicationRole\x12\x17\n\x0fprimary_address\x18\x02 \x01(\t\x12\x17\n\x0f\x61pplied_version\x18\x03 \x01(\x04\x12\x17\n\x0fprimary_version\x18\x04 \x01(\x04\x12\x14\n\x0clag_versions\x18\x05 \x01(\x04\x12\"\n\x15seconds_since_contact\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x11\n\tfollowers\x18\x07 \x01(\r\x12\x0f\n\x07serving\x18\x08 \x01(\x08\x12\x0f\n\x07problem\x18\t \x01(\tB\x18\n\x16_seconds_since_contact\"x\n\x0eSameHostAccess\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x11\n\ttable_dir\x18\x02 \x01(\t\x12,\n\x05\x66iles\x18\x03 \x03(\x0b\x32\x1d.engram.memstore.v1.LayerFile\x12\x14\n\x0cseqlock_path\x18\x04 \x01(\t\"J\n\tLayerFile\x12\x10\n\x08layer_id\x18\x01 \x01(\r\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\x04\x12\r\n\x05inode\x18\x04 \x01(\x04\"A\n\x0cServerLimits\x12\x1c\n\x14max_rows_per_request\x18\x01 \x01(\x04\x12\x13\n\x0b\x63hunk_bytes\x18\x02 \x01(\x04\"2\n\rLookupRequest\x12\x10\n\x08layer_id\x18\x01 \x01(\r\x12\x0f\n\x07row_ids\x18\x02 \x01(\x0c\"\x8c\x01\n\x0eLookupResponse\x12(\n\x05\x64type\x18\x01 \x01(\x0e\x32\x19.engram.memstore.v1.DType\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\x12\x10\n\x08num_rows\x18\x03 \x01(\x04\x12\x12\n\nrow_offset\x18\x04 \x01(\x04\x12\x0c\n\x04rows\x18\x05 \x01(\x0c\x12\x0f\n\x07version\x18\x06 \x01(\x04\"\x87\x01\n\x0bPushRequest\x12\x10\n\x08layer_id\x18\x01 \x01(\r\x12\x0f\n\x07row_ids\x18\x02 \x01(\x0c\x12\r\n\x05grads\x18\x03 \x01(\x0c\x12\x0f\n\x07step_id\x18\x04 \x01(\x03\x12\x11\n\tclient_id\x18\x05 \x01(\t\x12\x15\n\x08lr_scale\x18\x06 \x01(\x01H\x00\x88\x01\x01\x42\x0b\n\t_lr_scale\"3\n\x0cPushResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x12\n\nlayer_step\x18\x02 \x01(\x04\"\x1f\n\x0fSnapshotRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"1\n\x10SnapshotResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\"{\n\rFollowRequest\x12\x14\n\x0c\x66rom_version\x18\x01 \x01(\x04\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x15\n\rmanifest_json\x18\x03 \x01(\t\x12\x13\n\x0b\x66ollower_id\x18\x04 \x01(\t\x12\x13\n\x0bheartbeat_s\x18\x05 \x01(\x01\"`\n\x0e\x46ollowResponse\x12\x35\n\x07records\x18\x01 \x03(\x0b\x32$.engram.memstore.v1.ReplicatedRecord\x12\x17\n\x0fprimary_version\x18\x02 \x01(\x04\"4\n\x10ReplicatedRecord\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x0f\n\x07payload\x18\x02 \x01(\x0c*\xa2\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x12\x1e\n\x1a\x44TYPE_FLOAT8_E4M3_ROWSCALE\x10\x04\x12\x17\n\x13\x44TYPE_INT8_ROWSCALE\x10\x05\x12\x0f\n\x0b\x44TYPE_BYTES\x10\x06*\x90\x01\n\x0fReplicationRole\x12 \n\x1cREPLICATION_ROLE_UNSPECIFIED\x10\x00\x12\x1f\n\x1bREPLICATION_ROLE_STANDALONE\x10\x01\x12\x1c\n\x18REPLICATION_ROLE_PRIMARY\x10\x02\x12\x1c\n\x18REPLICATION_ROLE_REPLICA\x10\x03\x32\xa9\x03\n\x08Memstore\x12U\n\x08\x44\x65scribe\x12#.engram.memstore.v1.DescribeRequest\x1a$.engram.memstore.v1.DescribeResponse\x12Q\n\x06Lookup\x12!.engram.memstore.v1.LookupRequest\x1a\".engram.memstore.v1.LookupResponse0\x01\x12I\n\x04Push\x12\x1f.engram.memstore.v1.PushRequest\x1a .engram.memstore.v1.PushResponse\x12U\n\x08Snapshot\x12#.engram.memstore.v1.SnapshotRequest\x1a$.engram.memstore.v1.SnapshotResponse\x12Q\n\x06\x46ollow\x12!.engram.memstore.v1.FollowRequest\x1a\".engram.memstore.v1.FollowResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmemstore/wire/memstore.proto\x12\x12\x65ngram.memstore.v1\"\x11\n\x0f\x44\x65scribeRequest\"\x99\x02\n\x10\x44\x65scribeResponse\x12\x15\n\rmanifest_json\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x30\n\x06limits\x18\x03 \x01(\x0b\x32 .engram.memstore.v1.ServerLimits\x12\x16\n\x0eserver_version\x18\x04 \x01(\t\x12\x35\n\tsame_host\x18\x05 \x01(\x0b\x32\".engram.memstore.v1.SameHostAccess\x12\x0f\n\x07version\x18\x06 \x01(\x04\x12\x11\n\ttrainable\x18\x07 \x01(\x08\x12\x34\n\x0breplication\x18\x08 \x01(\x0b\x32\x1f.engram.memstore.v1.Replication\"\x94\x02\n\x0bReplication\x12\x31\n\x04role\x18\x01 \x01(\x0e\x32#.engram.memstore.v1.ReplicationRole\x12\x17\n\x0fprimary_address\x18\x02 \x01(\t\x12\x17\n\x0f\x61pplied_version\x18\x03 \x01(\x04\x12\x17\n\x0fprimary_version\x18\x04 \x01(\x04\x12\x14\n\x0clag_versions\x18\x05 \x01(\x04\x12\"\n\x15seconds_since_contact\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x11\n\tfollowers\x18\x07 \x01(\r\x12\x0f\n\x07serving\x18\x08 \x01(\x08\x12\x0f\n\x07problem\x18\t \x01(\tB\x18\n\x16_seconds_since_contact\"x\n\x0eSameHostAccess\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x11\n\ttable_dir\x18\x02 \x01(\t\x12,\n\x05\x66iles\x18\x03 \x03(\x0b\x32\x1d.engram.memstore.v1.LayerFile\x12\x14\n\x0cseqlock_path\x18\x04 \x01(\t\"J\n\tLayerFile\x12\x10\n\x08layer_id\x18\x01 \x01(\r\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\x04\x12\r\n\x05inode\x18\x04 \x01(\x04\"\x97\x01\n\x0cServerLimits\x12\x1c\n\x14max_rows_per_request\x18\x01 \x01(\x04\x12\x13\n\x0b\x63hunk_bytes\x18\x02 \x01(\x04\x12\x19\n\x11max_message_bytes\x18\x03 \x01(\x04\x12\x1c\n\x14max_concurrent_calls\x18\x04 \x01(\x04\x12\x1b\n\x13max_in_flight_bytes\x18\x05 \x01(\x04\"2\n\rLookupRequest\x12\x10\n\x08layer_id\x18\x01 \x01(\r\x12\x0f\n\x07row_ids\x18\x02 \x01(\x0c\"\x8c\x01\n\x0eLookupResponse\x12(\n\x05\x64type\x18\x01 \x01(\x0e\x32\x19.engram.memstore.v1.DType\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\x12\x10\n\x08num_rows\x18\x03 \x01(\x04\x12\x12\n\nrow_offset\x18\x04 \x01(\x04\x12\x0c\n\x04rows\x18\x05 \x01(\x0c\x12\x0f\n\x07version\x18\x06 \x01(\x04\"\x87\x01\n\x0bPushRequest\x12\x10\n\x08layer_id\x18\x01 \x01(\r\x12\x0f\n\x07row_ids\x18\x02 \x01(\x0c\x12\r\n\x05grads\x18\x03 \x01(\x0c\x12\x0f\n\x07step_id\x18\x04 \x01(\x03\x12\x11\n\tclient_id\x18\x05 \x01(\t\x12\x15\n\x08lr_scale\x18\x06 \x01(\x01H\x00\x88\x01\x01\x42\x0b\n\t_lr_scale\"3\n\x0cPushResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x12\n\nlayer_step\x18\x02 \x01(\x04\"\x1f\n\x0fSnapshotRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"1\n\x10SnapshotResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\"{\n\rFollowRequest\x12\x14\n\x0c\x66rom_version\x18\x01 \x01(\x04\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x15\n\rmanifest_json\x18\x03 \x01(\t\x12\x13\n\x0b\x66ollower_id\x18\x04 \x01(\t\x12\x13\n\x0bheartbeat_s\x18\x05 \x01(\x01\"`\n\x0e\x46ollowResponse\x12\x35\n\x07records\x18\x01 \x03(\x0b\x32$.engram.memstore.v1.ReplicatedRecord\x12\x17\n\x0fprimary_version\x18\x02 \x01(\x04\"4\n\x10ReplicatedRecord\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\"\x0e\n\x0cStatsRequest\"(\n\rStatsResponse\x12\x17\n\x0fprometheus_text\x18\x01 \x01(\t*\xa2\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x12\x1e\n\x1a\x44TYPE_FLOAT8_E4M3_ROWSCALE\x10\x04\x12\x17\n\x13\x44TYPE_INT8_ROWSCALE\x10\x05\x12\x0f\n\x0b\x44TYPE_BYTES\x10\x06*\x90\x01\n\x0fReplicationRole\x12 \n\x1cREPLICATION_ROLE_UNSPECIFIED\x10\x00\x12\x1f\n\x1bREPLICATION_ROLE_STANDALONE\x10\x01\x12\x1c\n\x18REPLICATION_ROLE_PRIMARY\x10\x02\x12\x1c\n\x18REPLICATION_ROLE_REPLICA\x10\x03\x32\xf7\x03\n\x08Memstore\x12U\n\x08\x44\x65scribe\x12#.engram.memstore.v1.DescribeRequest\x1a$.engram.memstore.v1.DescribeResponse\x12Q\n\x06Lookup\x12!.engram.memstore.v1.LookupRequest\x1a\".engram.memstore.v1.LookupResponse0\x01\x12I\n\x04Push\x12\x1f.engram.memstore.v1.PushRequest\x1a .engram.memstore.v1.PushResponse\x12U\n\x08Snapshot\x12#.engram.memstore.v1.SnapshotRequest\x1a$.engram.memstore.v1.SnapshotResponse\x12Q\n\x06\x46ollow\x12!.engram.memstore.v1.FollowRequest\x1a\".engram.memstore.v1.FollowResponse0\x01\x12L\n\x05Stats\x12 .engram.memstore.v1.StatsRequest\x1a!.engram.memstore.v1.StatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'memstore.wire.memstore_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=1647
-  _globals['_DTYPE']._serialized_end=1809
-  _globals['_REPLICATIONROLE']._serialized_start=1812
-  _globals['_REPLICATIONROLE']._serialized_end=1956
+  _globals['_DTYPE']._serialized_start=1792
+  _globals['_DTYPE']._serialized_end=1954
+  _globals['_REPLICATIONROLE']._serialized_start=1957
+  _globals['_REPLICATIONROLE']._serialized_end=2101
   _globals['_DESCRIBEREQUEST']._serialized_start=52
   _globals['_DESCRIBEREQUEST']._serialized_end=69
   _globals['_DESCRIBERESPONSE']._serialized_start=72
@@ -45,26 +45,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMEHOSTACCESS']._serialized_end=754
   _globals['_LAYERFILE']._serialized_start=756
   _globals['_LAYERFILE']._serialized_end=830
-  _globals['_SERVERLIMITS']._serialized_start=832
-  _globals['_SERVERLIMITS']._serialized_end=897
-  _globals['_LOOKUPREQUEST']._serialized_start=899
-  _globals['_LOOKUPREQUEST']._serialized_end=949
-  _globals['_LOOKUPRESPONSE']._serialized_start=952
-  _globals['_LOOKUPRESPONSE']._serialized_end=1092
-  _globals['_PUSHREQUEST']._serialized_start=1095
-  _globals['_PUSHREQUEST']._serialized_end=1230
-  _globals['_PUSHRESPONSE']._serialized_start=1232
-  _globals['_PUSHRESPONSE']._serialized_end=1283
-  _globals['_SNAPSHOTREQUEST']._serialized_start=1285
-  _globals['_SNAPSHOTREQUEST']._serialized_end=1316
-  _globals['_SNAPSHOTRESPONSE']._serialized_start=1318
-  _globals['_SNAPSHOTRESPONSE']._serialized_end=1367
-  _globals['_FOLLOWREQUEST']._serialized_start=1369
-  _globals['_FOLLOWREQUEST']._serialized_end=1492
-  _globals['_FOLLOWRESPONSE']._serialized_start=1494
-  _globals['_FOLLOWRESPONSE']._serialized_end=1590
-  _globals['_REPLICATEDRECORD']._serialized_start=1592
-  _globals['_REPLICATEDRECORD']._serialized_end=1644
-  _globals['_MEMSTORE']._serialized_start=1959
-  _globals['_MEMSTORE']._serialized_end=2384
+  _globals['_SERVERLIMITS']._serialized_start=833
+  _globals['_SERVERLIMITS']._serialized_end=984
+  _globals['_LOOKUPREQUEST']._serialized_start=986
+  _globals['_LOOKUPREQUEST']._serialized_end=1036
+  _globals['_LOOKUPRESPONSE']._serialized_start=1039
+  _globals['_LOOKUPRESPONSE']._serialized_end=1179
+  _globals['_PUSHREQUEST']._serialized_start=1182
+  _globals['_PUSHREQUEST']._serialized_end=1317
+  _globals['_PUSHRESPONSE']._serialized_start=1319
+  _globals['_PUSHRESPONSE']._serialized_end=1370
+  _globals['_SNAPSHOTREQUEST']._serialized_start=1372
+  _globals['_SNAPSHOTREQUEST']._serialized_end=1403
+  _globals['_SNAPSHOTRESPONSE']._serialized_start=1405
+  _globals['_SNAPSHOTRESPONSE']._serialized_end=1454
+  _globals['_FOLLOWREQUEST']._serialized_start=1456
+  _globals['_FOLLOWREQUEST']._serialized_end=1579
+  _globals['_FOLLOWRESPONSE']._serialized_start=1581
+  _globals['_FOLLOWRESPONSE']._serialized_end=1677
+  _globals['_REPLICATEDRECORD']._serialized_start=1679
+  _globals['_REPLICATEDRECORD']._serialized_end=1731
+  _globals['_STATSREQUEST']._serialized_start=1733
+  _globals['_STATSREQUEST']._serialized_end=1747
+  _globals['_STATSRESPONSE']._serialized_start=1749
+  _globals['_STATSRESPONSE']._serialized_end=1789
+  _globals['_MEMSTORE']._serialized_start=2104
+  _globals['_MEMSTORE']._serialized_end=2607
 # @@protoc_insertion_point(module_scope)

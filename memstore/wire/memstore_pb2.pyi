@@ -106,12 +106,18 @@ class LayerFile(_message.Message):
     def __init__(self, layer_id: _Optional[int] = ..., path: _Optional[str] = ..., device: _Optional[int] = ..., inode: _Optional[int] = ...) -> None: ...
 
 class ServerLimits(_message.Message):
-    __slots__ = ("max_rows_per_request", "chunk_bytes")
+    __slots__ = ("max_rows_per_request", "chunk_bytes", "max_message_bytes", "max_concurrent_calls", "max_in_flight_bytes")
     MAX_ROWS_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONCURRENT_CALLS_FIELD_NUMBER: _ClassVar[int]
+    MAX_IN_FLIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
     max_rows_per_request: int
     chunk_bytes: int
-    def __init__(self, max_rows_per_request: _Optional[int] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
+    max_message_bytes: int
+    max_concurrent_calls: int
+    max_in_flight_bytes: int
+    def __init__(self, max_rows_per_request: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_concurrent_calls: _Optional[int] = ..., max_in_flight_bytes: _Optional[int] = ...) -> None: ...
 
 class LookupRequest(_message.Message):
     __slots__ = ("layer_id", "row_ids")
@@ -204,3 +210,13 @@ class ReplicatedRecord(_message.Message):
     version: int
     payload: bytes
     def __init__(self, version: _Optional[int] = ..., payload: _Optional[bytes] = ...) -> None: ...
+
+class StatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StatsResponse(_message.Message):
+    __slots__ = ("prometheus_text",)
+    PROMETHEUS_TEXT_FIELD_NUMBER: _ClassVar[int]
+    prometheus_text: str
+    def __init__(self, prometheus_text: _Optional[str] = ...) -> None: ...

@@ -60,6 +60,11 @@ class MemstoreStub:
                 request_serializer=memstore_dot_wire_dot_memstore__pb2.FollowRequest.SerializeToString,
                 response_deserializer=memstore_dot_wire_dot_memstore__pb2.FollowResponse.FromString,
                 _registered_method=True)
+        self.Stats = channel.unary_unary(
+                '/engram.memstore.v1.Memstore/Stats',
+                request_serializer=memstore_dot_wire_dot_memstore__pb2.StatsRequest.SerializeToString,
+                response_deserializer=memstore_dot_wire_dot_memstore__pb2.StatsResponse.FromString,
+                _registered_method=True)
 
 
 class MemstoreServicer:
@@ -114,6 +119,15 @@ class MemstoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Stats(self, request, context):
+        """The daemon's metrics (calls, errors and latency per RPC, rows and bytes served, pushes,
+        limits hit) in the Prometheus text format: what `memstore serve --metrics-port` exposes over
+        HTTP, for `memstore stats` and hosts that cannot reach that port.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MemstoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -141,6 +155,11 @@ def add_MemstoreServicer_to_server(servicer, server):
                     servicer.Follow,
                     request_deserializer=memstore_dot_wire_dot_memstore__pb2.FollowRequest.FromString,
                     response_serializer=memstore_dot_wire_dot_memstore__pb2.FollowResponse.SerializeToString,
+            ),
+            'Stats': grpc.unary_unary_rpc_method_handler(
+                    servicer.Stats,
+                    request_deserializer=memstore_dot_wire_dot_memstore__pb2.StatsRequest.FromString,
+                    response_serializer=memstore_dot_wire_dot_memstore__pb2.StatsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -279,6 +298,33 @@ class Memstore:
             '/engram.memstore.v1.Memstore/Follow',
             memstore_dot_wire_dot_memstore__pb2.FollowRequest.SerializeToString,
             memstore_dot_wire_dot_memstore__pb2.FollowResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Stats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/engram.memstore.v1.Memstore/Stats',
+            memstore_dot_wire_dot_memstore__pb2.StatsRequest.SerializeToString,
+            memstore_dot_wire_dot_memstore__pb2.StatsResponse.FromString,
             options,
             channel_credentials,
             insecure,

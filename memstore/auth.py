@@ -1,0 +1,246 @@
+"""Who may call the daemon: TLS (optionally with client certificates) and bearer tokens with scopes.
+
+The daemon's tokens live in a file, one per line, `read TOKEN` or `write TOKEN` (`#` starts a
+comment). A read token may look rows up, describe, follow and read stats; a write token may
+also push and snapshot. Calls without a valid token get UNAUTHENTICATED, a read token on a
+write method PERMISSION_DENIED. The gRPC health service answers without a token, as
+orchestrators' probes expect (it tells nothing about the table). Tokens are kept as SHA-256
+digests and compared in constant time.
+
+The client side (`ClientTls`, `open_channel`) is here too: clients, replicas following a
+primary and the command line all connect the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import enum
+import hashlib
+import hmac
+import ipaddress
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from memstore.errors import InvalidArgumentError
+
+METADATA_KEY = "authorization"
+TOKEN_ENV = "MEMSTORE_TOKEN"
+_HEALTH_PREFIX = "/grpc.health.v1.Health/"
+# Methods that change the table or write files on the daemon's host.
+WRITE_METHODS = frozenset({"Push", "Snapshot"})
+
+
+class Scope(enum.Enum):
+    """What a token may do."""
+
+    READ = "read"
+    WRITE = "write"  # read and write
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """The daemon's certificate and key (PEM files); with `client_ca`, clients must present a
+    certificate signed by it (mutual TLS)."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        pair = [(_read(self.key, "TLS key"), _read(self.cert, "TLS certificate"))]
+        roots = None if self.client_ca is None else _read(self.client_ca, "client CA")
+        return grpc.ssl_server_credentials(pair, root_certificates=roots, require_client_auth=roots is not None)
+
+
+class TokenTable:
+    """Token digests and their scopes."""
+
+    def __init__(self, tokens: dict[str, Scope]) -> None:
+        if not tokens:
+            raise InvalidArgumentError("a token table needs at least one token")
+        self._digests = {_digest(token): scope for token, scope in tokens.items()}
+
+    @classmethod
+    def from_file(cls, path: Path) -> TokenTable:
+        """Parse `read TOKEN` / `write TOKEN` lines; anything else is an error naming the line."""
+        tokens: dict[str, Scope] = {}
+        for number, line in enumerate(_read(path, "token file").decode().splitlines(), 1):
+            text = line.split("#", 1)[0].strip()
+            if not text:
+                continue
+            parts = text.split()
+            if len(parts) != 2 or parts[0] not in {s.value for s in Scope}:
+                raise InvalidArgumentError(f"{path} line {number}: expected `read TOKEN` or `write TOKEN`")
+            if len(parts[1]) < 16:
+                raise InvalidArgumentError(f"{path} line {number}: a token must have at least 16 characters")
+            tokens[parts[1]] = Scope(parts[0])
+        return cls(tokens)
+
+    def scope(self, token: str) -> Scope | None:
+        """The token's scope, or None for an unknown token (constant-time comparison)."""
+        digest = _digest(token)
+        found = None
+        for known, scope in self._digests.items():
+            if hmac.compare_digest(known, digest):
+                found = scope
+        return found
+
+
+class TokenInterceptor(grpc.ServerInterceptor):
+    """Checks `authorization: Bearer TOKEN` on every call before the servicer sees it."""
+
+    def __init__(self, tokens: TokenTable) -> None:
+        self._tokens = tokens
+
+    def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
+        method = details.method
+        if method.startswith(_HEALTH_PREFIX):
+            return continuation(details)
+        presented = dict(details.invocation_metadata or ()).get(METADATA_KEY, "")
+        scheme, _, token = presented.partition(" ")
+        scope = self._tokens.scope(token) if scheme.lower() == "bearer" and token else None
+        if scope is None:
+            return _refusal(
+                continuation(details),
+                grpc.StatusCode.UNAUTHENTICATED,
+                "a valid bearer token is required (ClientConfig.token, or `authorization: Bearer TOKEN` metadata)",
+            )
+        if scope is Scope.READ and method.rsplit("/", 1)[-1] in WRITE_METHODS:
+            return _refusal(
+                continuation(details),
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{method.rsplit('/', 1)[-1]} needs a write token; this token may only read",
+            )
+        return continuation(details)
+
+
+@dataclass(frozen=True)
+class ClientTls:
+    """TLS as a client: the CA that signed the daemon's certificate (PEM; None: the system's
+    roots), this client's own certificate and key for daemons that require one (mutual TLS),
+    and the name to expect in the daemon's certificate when it differs from the address's host."""
+
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    server_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.cert is None) != (self.key is None):
+            raise InvalidArgumentError("a client certificate needs its key and the key its certificate; give both")
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            root_certificates=None if self.ca is None else _read(self.ca, "TLS CA"),
+            private_key=None if self.key is None else _read(self.key, "TLS key"),
+            certificate_chain=None if self.cert is None else _read(self.cert, "TLS certificate"),
+        )
+
+
+def open_channel(
+    target: str, options: Sequence[tuple[str, object]], tls: ClientTls | None = None, token: str | None = None
+) -> grpc.Channel:
+    """A channel to `target`: TLS when `tls` is given, and `authorization: Bearer token` on every call."""
+    options = list(options)
+    if tls is None:
+        channel = grpc.insecure_channel(target, options=options)
+    else:
+        if tls.server_name is not None:
+            options.append(("grpc.ssl_target_name_override", tls.server_name))
+        channel = grpc.secure_channel(target, tls.credentials(), options=options)
+    if token is None:
+        return channel
+    return grpc.intercept_channel(channel, _BearerToken(token))
+
+
+def read_token(path: Path | None) -> str | None:
+    """A client's token: the first non-comment line of `path`, else $MEMSTORE_TOKEN, else None."""
+    if path is None:
+        return os.environ.get(TOKEN_ENV) or None
+    for line in _read(path, "token file").decode().splitlines():
+        text = line.split("#", 1)[0].strip()
+        if text:
+            return text.split()[-1]  # a daemon's `read TOKEN` line works as well as the bare token
+    raise InvalidArgumentError(f"the token file {path} holds no token")
+
+
+def add_client_arguments(parser: argparse.ArgumentParser) -> None:
+    """--tls-ca, --tls-cert, --tls-key, --tls-server-name and --token-file, for commands that call a daemon."""
+    group = parser.add_argument_group("connecting to a daemon with TLS or a token")
+    group.add_argument(
+        "--tls-ca", type=Path, help="connect with TLS; the CA (PEM) that signed the daemon's certificate"
+    )
+    group.add_argument("--tls-cert", type=Path, help="this client's certificate (PEM), for daemons that require one")
+    group.add_argument("--tls-key", type=Path, help="this client's key (PEM)")
+    group.add_argument("--tls-server-name", help="the name in the daemon's certificate, when not the address's host")
+    group.add_argument("--token-file", type=Path, help=f"a file holding the bearer token (default: ${TOKEN_ENV})")
+
+
+def client_security(args: argparse.Namespace) -> tuple[ClientTls | None, str | None]:
+    """(TLS, token) from the arguments `add_client_arguments` added."""
+    wants_tls = any(getattr(args, name) is not None for name in ("tls_ca", "tls_cert", "tls_key", "tls_server_name"))
+    tls = ClientTls(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name) if wants_tls else None
+    return tls, read_token(args.token_file)
+
+
+class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    def __init__(self, token: str) -> None:
+        self._metadata = (METADATA_KEY, f"Bearer {token}")
+
+    def _with_token(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        return details._replace(metadata=[*(details.metadata or ()), self._metadata])
+
+    def intercept_unary_unary(self, continuation: Callable, details: Any, request: Any) -> Any:
+        return continuation(self._with_token(details), request)
+
+    def intercept_unary_stream(self, continuation: Callable, details: Any, request: Any) -> Any:
+        return continuation(self._with_token(details), request)
+
+
+def is_loopback(address: str) -> bool:
+    """Whether HOST:PORT listens on loopback only."""
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name, or "0.0.0.0"-like wildcards spelled otherwise: assume public
+
+
+def _refusal(handler: Any, code: grpc.StatusCode, message: str) -> Any:
+    """A handler of the same kind as `handler` that aborts every call with `code`."""
+
+    def abort(request_or_iterator: Any, context: grpc.ServicerContext) -> Any:
+        context.abort(code, message)
+
+    if handler is None:  # unknown method: let gRPC answer UNIMPLEMENTED
+        return None
+    kinds = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
+    make = kinds[(handler.request_streaming, handler.response_streaming)]
+    return make(
+        abort,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+def _digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise InvalidArgumentError(f"cannot read the {what} {path}: {exc.strerror}") from None

@@ -1,0 +1,253 @@
+"""Who may call: TLS (and client certificates), bearer tokens with read and write scopes, a read-only
+daemon, and the warning for a daemon exposed without either. Certificates are made in the test."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import trustme
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from client import MemstoreClient
+from memstore.auth import ClientTls, Scope, TlsConfig, TokenTable, is_loopback, open_channel, read_token
+from memstore.create import create_table
+from memstore.errors import InvalidArgumentError, ReadOnlyError, UnauthenticatedError, UnavailableError
+from memstore.live import LiveConfig, LiveTable
+from memstore.manifest import Manifest
+from memstore.optim import OptimizerConfig, OptimizerKind
+from memstore.replica import FollowConfig, Follower
+from memstore.service import ServerConfig, create_server, exposure_warning
+from memstore.wal import Durability
+from tests.helpers import FAST_FAIL, SMALL_LAYOUT
+
+LAYER = 1
+DIM = SMALL_LAYOUT.dim
+READ_TOKEN = "r" * 8 + "ead-token-0123"
+WRITE_TOKEN = "w" * 8 + "rite-token-0123"
+GRPC = replace(FAST_FAIL, same_host=False, max_attempts=1)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A CA, a server certificate for 127.0.0.1 and localhost, and a client certificate, as PEM files."""
+    root = tmp_path_factory.mktemp("pki")
+    ca = trustme.CA()
+    server = ca.issue_cert("127.0.0.1", "localhost")
+    client = ca.issue_cert("trainer@example.test")
+    other_ca = trustme.CA()
+    files = {
+        "ca": root / "ca.pem",
+        "other_ca": root / "other-ca.pem",
+        "server_cert": root / "server.pem",
+        "server_key": root / "server.key",
+        "client_cert": root / "client.pem",
+        "client_key": root / "client.key",
+    }
+    ca.cert_pem.write_to_path(str(files["ca"]))
+    other_ca.cert_pem.write_to_path(str(files["other_ca"]))
+    server.cert_chain_pems[0].write_to_path(str(files["server_cert"]))
+    server.private_key_pem.write_to_path(str(files["server_key"]))
+    client.cert_chain_pems[0].write_to_path(str(files["client_cert"]))
+    client.private_key_pem.write_to_path(str(files["client_key"]))
+    return files
+
+
+@pytest.fixture
+def tokens(tmp_path: Path) -> Path:
+    path = tmp_path / "tokens"
+    path.write_text(f"# who may call\nread {READ_TOKEN}\nwrite {WRITE_TOKEN}  # the trainer\n")
+    return path
+
+
+@pytest.fixture
+def trainable(tmp_path: Path):
+    """A trainable table served by LiveTable (opened and closed by the test through this fixture)."""
+    optimizer = OptimizerConfig(kind=OptimizerKind.SGD, lr=1.0)
+    path = create_table(tmp_path / "t", Manifest(layout=SMALL_LAYOUT, seed=1, optimizer=optimizer))
+    opened: list[LiveTable] = []
+
+    def open_table(read_only: bool = False) -> LiveTable:
+        opened.append(LiveTable.open(path, read_only=read_only, config=LiveConfig(durability=Durability.OS)))
+        return opened[-1]
+
+    yield open_table
+    for live in opened:
+        live.close()
+
+
+@pytest.fixture
+def serve():
+    servers: list[grpc.Server] = []
+
+    def start(live: LiveTable, config: ServerConfig) -> str:
+        server, port = create_server(live, "127.0.0.1:0", config)
+        server.start()
+        servers.append(server)
+        return f"127.0.0.1:{port}"
+
+    yield start
+    for server in servers:
+        server.stop(None).wait()
+
+
+def _push(client: MemstoreClient) -> None:
+    client.push(LAYER, np.arange(4), np.ones((4, DIM), np.float32))
+
+
+def test_token_file_parsing(tmp_path: Path, tokens: Path) -> None:
+    table = TokenTable.from_file(tokens)
+    assert table.scope(READ_TOKEN) is Scope.READ
+    assert table.scope(WRITE_TOKEN) is Scope.WRITE
+    assert table.scope("not-a-token-at-all") is None
+    bad = tmp_path / "bad"
+    bad.write_text("admin sometokenlongenough\n")
+    with pytest.raises(InvalidArgumentError, match="line 1: expected `read TOKEN` or `write TOKEN`"):
+        TokenTable.from_file(bad)
+    bad.write_text("read short\n")
+    with pytest.raises(InvalidArgumentError, match="at least 16 characters"):
+        TokenTable.from_file(bad)
+    with pytest.raises(InvalidArgumentError, match="cannot read the token file"):
+        TokenTable.from_file(tmp_path / "missing")
+
+
+def test_client_token_from_file_or_environment(tmp_path: Path, tokens: Path, monkeypatch) -> None:
+    bare = tmp_path / "bare"
+    bare.write_text(f"{WRITE_TOKEN}\n")
+    assert read_token(bare) == WRITE_TOKEN
+    assert read_token(tokens) == READ_TOKEN  # a daemon's file works: its first token
+    monkeypatch.setenv("MEMSTORE_TOKEN", READ_TOKEN)
+    assert read_token(None) == READ_TOKEN
+    monkeypatch.delenv("MEMSTORE_TOKEN")
+    assert read_token(None) is None
+
+
+def test_tokens_scope_what_each_caller_may_do(trainable, serve, tokens: Path) -> None:
+    live = trainable()
+    address = serve(live, ServerConfig(same_host=False, token_file=tokens))
+    with MemstoreClient(address, GRPC) as anonymous:
+        with pytest.raises(UnauthenticatedError, match="bearer token is required"):
+            anonymous.version()
+    with MemstoreClient(address, replace(GRPC, token="wrong-token-of-some-length")) as wrong:
+        with pytest.raises(UnauthenticatedError):
+            wrong.lookup(LAYER, np.arange(3))
+    before = live.gather(LAYER, np.arange(8))[0].copy()
+    with MemstoreClient(address, replace(GRPC, token=READ_TOKEN)) as reader:
+        assert np.array_equal(reader.lookup(LAYER, np.arange(8)).numpy(), before)
+        with pytest.raises(ReadOnlyError, match="Push needs a write token"):
+            _push(reader)
+        with pytest.raises(ReadOnlyError, match="Snapshot needs a write token"):
+            reader.snapshot("s1")
+        assert reader.version() == 0  # nothing was applied
+    assert np.array_equal(live.gather(LAYER, np.arange(8))[0], before)
+    with MemstoreClient(address, replace(GRPC, token=WRITE_TOKEN)) as writer:
+        _push(writer)
+        assert writer.version() == 1
+        assert writer.snapshot("s1")[1] == 1
+
+
+def test_health_answers_without_a_token(trainable, serve, tokens: Path) -> None:
+    """Orchestrators' probes carry no token; the health service tells nothing about the table."""
+    address = serve(trainable(), ServerConfig(same_host=False, token_file=tokens))
+    with grpc.insecure_channel(address) as channel:
+        response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    assert response.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_the_token_stays_out_of_the_config_repr() -> None:
+    assert WRITE_TOKEN not in repr(replace(GRPC, token=WRITE_TOKEN))
+
+
+def test_tls_serves_clients_that_trust_its_ca_only(trainable, serve, pki) -> None:
+    tls = TlsConfig(pki["server_cert"], pki["server_key"])
+    address = serve(trainable(), ServerConfig(same_host=False, tls=tls))
+    with MemstoreClient(address, replace(GRPC, tls=ClientTls(ca=pki["ca"]))) as client:
+        assert client.lookup(LAYER, np.arange(5)).shape == (5, DIM)
+        _push(client)
+    with MemstoreClient(address, GRPC) as plaintext:
+        with pytest.raises(UnavailableError):
+            plaintext.version()
+    with MemstoreClient(address, replace(GRPC, tls=ClientTls(ca=pki["other_ca"]))) as untrusting:
+        with pytest.raises(UnavailableError):
+            untrusting.version()
+
+
+def test_mutual_tls_requires_a_client_certificate_from_the_ca(trainable, serve, pki) -> None:
+    tls = TlsConfig(pki["server_cert"], pki["server_key"], client_ca=pki["ca"])
+    address = serve(trainable(), ServerConfig(same_host=False, tls=tls))
+    with MemstoreClient(address, replace(GRPC, tls=ClientTls(ca=pki["ca"]))) as no_cert:
+        with pytest.raises(UnavailableError):
+            no_cert.version()
+    with_cert = ClientTls(ca=pki["ca"], cert=pki["client_cert"], key=pki["client_key"])
+    with MemstoreClient(address, replace(GRPC, tls=with_cert)) as client:
+        assert client.version() == 0
+
+
+def test_tls_and_tokens_together(trainable, serve, pki, tokens: Path) -> None:
+    tls = TlsConfig(pki["server_cert"], pki["server_key"])
+    address = serve(trainable(), ServerConfig(same_host=False, tls=tls, token_file=tokens))
+    with MemstoreClient(address, replace(GRPC, tls=ClientTls(ca=pki["ca"]), token=WRITE_TOKEN)) as client:
+        _push(client)
+        assert client.version() == 1
+    with open_channel(address, [], ClientTls(ca=pki["ca"])) as channel:  # health over TLS, no token
+        response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    assert response.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_a_client_certificate_needs_its_key() -> None:
+    with pytest.raises(InvalidArgumentError, match="give both"):
+        ClientTls(cert=Path("client.pem"))
+
+
+def test_a_read_only_daemon_refuses_pushes_and_snapshots(trainable, serve, tmp_path: Path) -> None:
+    live = trainable(read_only=True)
+    address = serve(live, ServerConfig(same_host=False, snapshot_dir=tmp_path / "snaps"))
+    with MemstoreClient(address, GRPC) as client:
+        with pytest.raises(ReadOnlyError):
+            _push(client)
+        with pytest.raises(ReadOnlyError, match="snapshots are refused"):
+            client.snapshot("s1")
+        assert client.lookup(LAYER, np.arange(3)).shape == (3, DIM)
+    assert not (tmp_path / "snaps").exists()
+
+
+def test_binding_a_public_interface_without_tls_or_tokens_warns(tokens: Path, pki) -> None:
+    assert is_loopback("127.0.0.1:50051") and is_loopback("[::1]:1") and is_loopback("localhost:1")
+    assert not is_loopback("0.0.0.0:50051") and not is_loopback("10.0.0.5:1") and not is_loopback("host.example:1")
+    assert exposure_warning("127.0.0.1:50051", ServerConfig()) is None
+    warning = exposure_warning("0.0.0.0:50051", ServerConfig())
+    assert warning is not None and "WITHOUT TLS OR TOKENS" in warning and "push" in warning
+    assert exposure_warning("0.0.0.0:50051", ServerConfig(token_file=tokens)) is None
+    tls = TlsConfig(pki["server_cert"], pki["server_key"])
+    assert exposure_warning("0.0.0.0:50051", ServerConfig(tls=tls)) is None
+
+
+def test_a_replica_follows_a_primary_behind_tls_and_a_token(trainable, serve, pki, tokens: Path, tmp_path) -> None:
+    """The replica shows the primary a read token over TLS, and still applies every push."""
+    primary_live = trainable()
+    tls = TlsConfig(pki["server_cert"], pki["server_key"])
+    primary = serve(primary_live, ServerConfig(same_host=False, tls=tls, token_file=tokens))
+    copy = tmp_path / "replica"
+    shutil.copytree(primary_live.path, copy)
+    replica_live = LiveTable.open(copy, config=LiveConfig(durability=Durability.OS), primary=primary)
+    follower = Follower(replica_live, FollowConfig(tls=ClientTls(ca=pki["ca"]), token=READ_TOKEN))
+    try:
+        follower.check_primary()
+        follower.start()
+        with MemstoreClient(primary, replace(GRPC, tls=ClientTls(ca=pki["ca"]), token=WRITE_TOKEN)) as client:
+            _push(client)
+            _push(client)
+        for _ in range(500):
+            if replica_live.version == 2:
+                break
+            time.sleep(0.01)
+        assert replica_live.version == 2
+        assert np.array_equal(replica_live.gather(LAYER, np.arange(8))[0], primary_live.gather(LAYER, np.arange(8))[0])
+    finally:
+        follower.stop()
+        replica_live.close()

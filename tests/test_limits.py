@@ -1,0 +1,193 @@
+"""Limits: the in-flight byte budget, concurrent calls and message size, refused with
+RESOURCE_EXHAUSTED; requests over a limit are not retried, calls refused for load are."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import replace
+
+import grpc
+import numpy as np
+import pytest
+
+from client import MemstoreClient
+from memstore.errors import RETRY_PUSHBACK_KEY, ResourceExhaustedError
+from memstore.limits import BUSY_RETRY_MS, InFlightBudget, lookup_cost
+from memstore.metrics import DaemonMetrics
+from memstore.service import ServerConfig, create_server
+from memstore.table import Table
+from memstore.wire import memstore_pb2 as pb
+from memstore.wire import memstore_pb2_grpc as pb_grpc
+from tests.helpers import FAST_FAIL
+
+LAYER = 1
+GRPC = replace(FAST_FAIL, same_host=False, max_attempts=5, initial_backoff_s=0.05, max_backoff_s=0.2)
+
+
+def test_budget_reserves_and_releases() -> None:
+    budget = InFlightBudget(100)
+    with budget.reserve(60, "a"):
+        assert budget.reserved == 60
+        with budget.reserve(40, "b"):
+            assert budget.reserved == 100
+    assert budget.reserved == 0
+
+
+def test_budget_refuses_a_busy_daemon_with_a_retry_hint() -> None:
+    budget = InFlightBudget(100)
+    with budget.reserve(60, "a"):
+        with pytest.raises(ResourceExhaustedError, match="retry shortly") as caught:
+            with budget.reserve(41, "a lookup"):
+                pass
+    assert caught.value.retry_after_s == BUSY_RETRY_MS / 1000
+    assert budget.reserved == 0
+
+
+def test_budget_refuses_what_can_never_fit_without_a_retry_hint() -> None:
+    budget = InFlightBudget(100)
+    with pytest.raises(ResourceExhaustedError, match="split it") as caught:
+        with budget.reserve(101, "a push"):
+            pass
+    assert caught.value.retry_after_s is None
+    assert budget.reserved == 0
+
+
+def test_budget_is_released_when_the_call_fails() -> None:
+    budget = InFlightBudget(100)
+    with pytest.raises(KeyError):
+        with budget.reserve(80, "a"):
+            raise KeyError("the call failed")
+    assert budget.reserved == 0
+
+
+class _Served:
+    """An in-process daemon with its own metrics."""
+
+    def __init__(self, table: Table, config: ServerConfig) -> None:
+        self.metrics = DaemonMetrics()
+        self.server, port = create_server(table, "127.0.0.1:0", config, metrics=self.metrics)
+        self.server.start()
+        self.address = f"127.0.0.1:{port}"
+
+    def calls(self, method: str, code: str | None = None) -> float:
+        labels = {"method": method} | ({"code": code} if code else {})
+        return self.metrics.total("memstore_requests_total", **labels)
+
+
+@pytest.fixture
+def served(table: Table):
+    started: list[_Served] = []
+
+    def start(**limits: int) -> _Served:
+        started.append(_Served(table, ServerConfig(same_host=False, **limits)))
+        return started[-1]
+
+    yield start
+    for daemon in started:
+        daemon.server.stop(None).wait()
+
+
+def _row_bytes(table: Table) -> int:
+    return table.manifest.dtype.row_bytes(table.manifest.layout.dim)
+
+
+def _held_lookup(address: str, ids: np.ndarray) -> tuple[grpc.Channel, object]:
+    """A lookup whose stream nobody reads: flow control stops the daemon mid-stream, so the call
+    (and its reservation) stays in progress until cancelled."""
+    channel = grpc.insecure_channel(address, options=[("grpc.http2.lookahead_bytes", 1 << 16)])
+    stream = pb_grpc.MemstoreStub(channel).Lookup(pb.LookupRequest(layer_id=LAYER, row_ids=ids.tobytes()))
+    next(stream)  # the daemon has reserved its bytes and sent the first chunk
+    return channel, stream
+
+
+def test_a_lookup_larger_than_the_whole_budget_is_refused_once(served, table: Table) -> None:
+    ids = np.arange(400, dtype=np.int64)
+    daemon = served(max_in_flight_bytes=lookup_cost(len(ids), _row_bytes(table), 10**6, 16 << 20) - 1)
+    with MemstoreClient(daemon.address, GRPC) as client:
+        with pytest.raises(ResourceExhaustedError, match="more than this daemon's whole in-flight budget") as caught:
+            client.lookup(LAYER, ids)
+        assert caught.value.retry_after_s is None
+        assert daemon.calls("Lookup", "RESOURCE_EXHAUSTED") == 1  # pushback -1: gRPC did not retry it
+        assert daemon.metrics.total("memstore_rejected_total", reason="too_large") == 1
+        assert client.lookup(LAYER, ids[:10]).shape == (10, table.manifest.layout.dim)  # still serving
+
+
+def test_a_busy_daemon_refuses_and_the_client_retries_once_it_has_room(served, table: Table) -> None:
+    """Backpressure: while one big lookup holds most of the budget, another is refused; gRPC's retry
+    policy repeats it after the daemon's pushback, and it succeeds once the first is gone."""
+    held_ids = np.arange(table.manifest.layout.num_rows(LAYER), dtype=np.int64)
+    row_bytes = _row_bytes(table)
+    config = ServerConfig(same_host=False, chunk_bytes=4096)
+    chunk_rows = config.chunk_bytes // row_bytes
+    held = lookup_cost(len(held_ids), row_bytes, chunk_rows, config.window_bytes)
+    ids = np.arange(50, dtype=np.int64)
+    daemon = served(chunk_bytes=4096, max_in_flight_bytes=held + lookup_cost(len(ids), row_bytes, chunk_rows, 0))
+    channel, stream = _held_lookup(daemon.address, held_ids)
+    try:
+        result: dict[str, object] = {}
+
+        def lookup() -> None:
+            with MemstoreClient(daemon.address, GRPC) as client:
+                result["rows"] = client.lookup(LAYER, ids)
+
+        worker = threading.Thread(target=lookup)
+        worker.start()
+        while daemon.metrics.total("memstore_rejected_total", reason="busy") < 1:
+            worker.join(0.01)
+        stream.cancel()  # the held lookup ends: its bytes come back, the retry gets in
+        worker.join(10)
+    finally:
+        channel.close()
+    assert np.array_equal(result["rows"].numpy(), table.gather(LAYER, ids))
+    assert daemon.calls("Lookup", "OK") >= 1
+
+
+def test_busy_refusals_carry_a_pushback_and_oversized_ones_say_never(served, table: Table) -> None:
+    row_bytes = _row_bytes(table)
+    ids = np.arange(100, dtype=np.int64)
+    cost = lookup_cost(len(ids), row_bytes, ServerConfig().chunk_bytes // row_bytes, ServerConfig().window_bytes)
+    daemon = served(max_in_flight_bytes=cost - 1)
+    with grpc.insecure_channel(daemon.address) as channel:
+        stream = pb_grpc.MemstoreStub(channel).Lookup(pb.LookupRequest(layer_id=LAYER, row_ids=ids.tobytes()))
+        with pytest.raises(grpc.RpcError) as caught:
+            list(stream)
+    assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert (RETRY_PUSHBACK_KEY, "-1") in tuple(caught.value.trailing_metadata())
+
+
+def test_rows_over_the_request_limit_are_not_retried(served) -> None:
+    daemon = served(max_rows_per_request=10)
+    with MemstoreClient(daemon.address, GRPC) as client:
+        with pytest.raises(ResourceExhaustedError, match="10"):
+            client.lookup(LAYER, np.arange(11))
+    assert daemon.calls("Lookup", "RESOURCE_EXHAUSTED") == 1
+
+
+def test_a_message_over_the_size_limit_is_refused_before_decoding(served) -> None:
+    daemon = served(max_message_bytes=1024)
+    with MemstoreClient(daemon.address, replace(GRPC, max_attempts=1)) as client:
+        with pytest.raises(ResourceExhaustedError):
+            client.lookup(LAYER, np.arange(1000))  # 8,000 bytes of ids
+        assert client.lookup(LAYER, np.arange(100)).shape[0] == 100
+
+
+def test_calls_past_the_concurrency_limit_are_refused_at_once(served, table: Table) -> None:
+    daemon = served(max_concurrent_calls=1, max_followers=0, chunk_bytes=4096)
+    channel, stream = _held_lookup(daemon.address, np.arange(table.manifest.layout.num_rows(LAYER), dtype=np.int64))
+    try:
+        with MemstoreClient(daemon.address, replace(GRPC, max_attempts=1)) as client:
+            with pytest.raises(ResourceExhaustedError, match="Concurrent RPC limit") as caught:
+                client.version()
+            assert caught.value.retry_after_s == 0.0  # load, not the request: worth retrying
+            stream.cancel()
+            channel.close()
+            for _ in range(100):  # the slot frees once the cancelled call is cleaned up
+                try:
+                    assert client.version() == 0
+                    break
+                except ResourceExhaustedError:
+                    threading.Event().wait(0.02)
+            else:
+                pytest.fail("the daemon never served again after the held call ended")
+    finally:
+        channel.close()

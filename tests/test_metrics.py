@@ -1,0 +1,163 @@
+"""Metrics: the daemon's Prometheus registry (calls, errors by code, latency, rows, pushes, gauges),
+its summary for `memstore stats`, the client's prefetch-stall metric, and JSON logs."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import urllib.request
+from dataclasses import replace
+
+import grpc
+import numpy as np
+import pytest
+from prometheus_client import REGISTRY
+
+from client import MemstoreClient, PrefetchConfig, Prefetcher
+from memstore.create import create_table
+from memstore.errors import InvalidArgumentError
+from memstore.live import LiveConfig, LiveTable
+from memstore.logs import JsonFormatter, LogFormat, configure_logging
+from memstore.manifest import Manifest
+from memstore.metrics import DaemonMetrics, summarize
+from memstore.optim import OptimizerConfig, OptimizerKind
+from memstore.service import ServerConfig, create_server
+from memstore.wal import Durability
+from tests.helpers import FAST_FAIL, SMALL_LAYOUT
+
+LAYER = 1
+DIM = SMALL_LAYOUT.dim
+GRPC = replace(FAST_FAIL, same_host=False)
+
+
+def test_calls_are_counted_by_method_and_code_and_timed() -> None:
+    metrics = DaemonMetrics()
+    with metrics.observe("Lookup"):
+        pass
+    with pytest.raises(KeyError):
+        with metrics.observe("Lookup") as outcome:
+            outcome.code = grpc.StatusCode.INVALID_ARGUMENT
+            raise KeyError("refused")
+    with pytest.raises(RuntimeError):
+        with metrics.observe("Push"):
+            raise RuntimeError("no code set: counted as UNKNOWN")
+    assert metrics.total("memstore_requests_total", method="Lookup", code="OK") == 1
+    assert metrics.total("memstore_requests_total", method="Lookup", code="INVALID_ARGUMENT") == 1
+    assert metrics.total("memstore_requests_total", method="Push", code="UNKNOWN") == 1
+    assert metrics.total("memstore_request_seconds_count", method="Lookup") == 2
+    assert metrics.total("memstore_in_flight_requests") == 0
+
+
+def test_summary_reads_calls_errors_and_quantiles_back_from_the_text() -> None:
+    metrics = DaemonMetrics()
+    for _ in range(99):
+        metrics.latency.labels("Lookup").observe(0.0008)  # bucket <= 1 ms
+        metrics.requests.labels("Lookup", "OK").inc()
+    metrics.latency.labels("Lookup").observe(0.3)  # bucket <= 500 ms
+    metrics.requests.labels("Lookup", "INVALID_ARGUMENT").inc()
+    metrics.rows_served.inc(1234)
+    summary = summarize(metrics.text().decode())
+    lookup = summary.methods["Lookup"]
+    assert lookup.calls == 100 and lookup.errors == {"INVALID_ARGUMENT": 1}
+    assert lookup.p50_s == 0.001 and lookup.p99_s == 0.001
+    assert summary.values["memstore_rows_served_total"] == 1234
+    assert any(line.startswith("Lookup") and "INVALID_ARGUMENT 1" in line for line in summary.lines())
+
+
+@pytest.fixture
+def trainable(tmp_path):
+    optimizer = OptimizerConfig(kind=OptimizerKind.SGD, lr=1.0)
+    path = create_table(tmp_path / "t", Manifest(layout=SMALL_LAYOUT, seed=1, optimizer=optimizer))
+    live = LiveTable.open(path, config=LiveConfig(durability=Durability.OS))
+    yield live
+    live.close()
+
+
+def test_a_daemon_counts_what_it_serves_and_refuses(trainable) -> None:
+    metrics = DaemonMetrics()
+    server, port = create_server(trainable, "127.0.0.1:0", ServerConfig(same_host=False), metrics=metrics)
+    server.start()
+    try:
+        with MemstoreClient(f"127.0.0.1:{port}", GRPC) as client:
+            for _ in range(3):
+                client.lookup(LAYER, np.arange(10))
+            with pytest.raises(InvalidArgumentError):
+                client.lookup(LAYER, np.array([-1]))
+            client.push(LAYER, np.arange(5), np.ones((5, DIM), np.float32))
+            with pytest.raises(InvalidArgumentError):
+                client.push(LAYER, np.arange(2), np.full((2, DIM), np.nan, np.float32))
+            text = client.stats()
+    finally:
+        server.stop(None).wait()
+    summary = summarize(text)
+    assert summary.methods["Lookup"].calls == 4
+    assert summary.methods["Lookup"].errors == {"INVALID_ARGUMENT": 1}
+    assert summary.methods["Push"].errors == {"INVALID_ARGUMENT": 1}
+    assert summary.values["memstore_rows_served_total"] == 30
+    assert summary.values["memstore_bytes_served_total"] == 30 * DIM * 2
+    assert summary.values["memstore_pushes_applied_total"] == 1
+    assert summary.values["memstore_pushed_rows_total"] == 5
+    assert summary.values["memstore_table_version"] == 1  # read off the table when scraped
+    assert summary.values["memstore_in_flight_bytes"] == 0
+
+
+def test_metrics_over_http(trainable) -> None:
+    metrics = DaemonMetrics()
+    create_server(trainable, "127.0.0.1:0", metrics=metrics)  # binds the version gauge to the table
+    port = metrics.serve_http(0)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    assert "memstore_table_version 0.0" in text and "# TYPE memstore_request_seconds histogram" in text
+
+
+def test_prefetch_stall_is_a_client_metric(table) -> None:
+    from client import TableFetcher
+
+    def stalls() -> float:
+        return REGISTRY.get_sample_value("memstore_client_prefetch_stall_seconds_count", {"layer": str(LAYER)}) or 0
+
+    before = stalls()
+    ids = {LAYER: np.arange(20).reshape(2, 10)}
+    with Prefetcher(TableFetcher(table), lambda _: ids, (LAYER,), PrefetchConfig(overlap=False)) as prefetcher:
+        for step in range(3):
+            with prefetcher.submit(step) as handle:
+                handle.rows(LAYER)
+    assert stalls() == before + 3
+    assert REGISTRY.get_sample_value("memstore_client_prefetch_rows_total", {"layer": str(LAYER)}) >= 60
+
+
+def test_json_logs_are_one_object_per_line_with_extras_and_exceptions() -> None:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    log = logging.getLogger("memstore.test_json")
+    log.addHandler(handler)
+    log.propagate = False
+    try:
+        log.warning("lag %d versions", 7, extra={"replica": "b:1"})
+        try:
+            raise ValueError("broken")
+        except ValueError:
+            log.exception("it failed")
+    finally:
+        log.removeHandler(handler)
+    first, second = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert first["message"] == "lag 7 versions" and first["level"] == "WARNING" and first["replica"] == "b:1"
+    assert first["logger"] == "memstore.test_json" and first["time"].endswith("+00:00")
+    assert "ValueError: broken" in second["exception"]
+
+
+def test_configure_logging_replaces_the_handlers(capsys) -> None:
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    try:
+        configure_logging(LogFormat.JSON)
+        logging.getLogger("memstore.x").info("hello")
+        assert json.loads(capsys.readouterr().err.strip().splitlines()[-1])["message"] == "hello"
+        configure_logging(LogFormat.TEXT)
+        logging.getLogger("memstore.x").info("hello")
+        assert capsys.readouterr().err.rstrip().endswith("INFO memstore.x: hello")
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
