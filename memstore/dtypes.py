@@ -1,14 +1,22 @@
-"""Row storage types: one closed set, with their numpy, torch and wire forms."""
+"""Row storage types: one closed set, with their numpy, torch and wire forms.
+
+torch is imported where a torch form is asked for, not with this module: the daemon and the
+command line (a container's health probe runs `memstore health` every few seconds) start
+without it unless they serve quantized rows.
+"""
 
 from __future__ import annotations
 
 import enum
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from memstore.errors import InvalidArgumentError
 from memstore.wire import memstore_pb2 as pb
+
+if TYPE_CHECKING:
+    import torch
 
 
 class DType(enum.Enum):
@@ -54,7 +62,9 @@ class DType(enum.Enum):
 
     @property
     def torch(self) -> torch.dtype:
-        return _TORCH[self]
+        import torch
+
+        return getattr(torch, _TORCH[self])
 
     @property
     def itemsize(self) -> int:
@@ -89,6 +99,8 @@ class DType(enum.Enum):
     def to_float32(self, values: np.ndarray) -> np.ndarray:
         """Raw stored rows as float32 values [N, dim] (exact for the float types; quantized rows decode)."""
         if self.quantized or self.opaque:
+            import torch
+
             return self.dequantize(torch.from_numpy(np.ascontiguousarray(values))).numpy()
         if self is DType.BFLOAT16:
             return (values.astype("<u4") << np.uint32(16)).view("<f4")
@@ -100,6 +112,8 @@ class DType(enum.Enum):
             raise InvalidArgumentError("opaque byte rows have no values here: decode them in the model")
         if not self.quantized:
             return rows.float()
+        import torch
+
         codes, scale = rows[..., :-4], rows[..., -4:].contiguous().view(torch.float32)  # [..., dim], [..., 1]
         if self is DType.FLOAT8_E4M3_ROWSCALE:
             values = codes.contiguous().view(torch.float8_e4m3fn).float()
@@ -114,6 +128,8 @@ class DType(enum.Enum):
         safe = np.where(scale > 0, scale, np.float32(1))
         scaled = np.clip(values / safe, -_QMAX[self], _QMAX[self])  # [N, dim] in code units
         if self is DType.FLOAT8_E4M3_ROWSCALE:
+            import torch
+
             codes = torch.from_numpy(scaled.astype(np.float32)).to(torch.float8_e4m3fn).view(torch.uint8).numpy()
         else:
             codes = np.rint(scaled).astype(np.int8).view(np.uint8)
@@ -121,11 +137,15 @@ class DType(enum.Enum):
 
     def to_torch(self, values: np.ndarray) -> torch.Tensor:
         """A tensor sharing memory with `values` (raw storage array), of this dtype."""
+        import torch
+
         tensor = torch.from_numpy(values)
         return tensor.view(torch.bfloat16) if self is DType.BFLOAT16 else tensor
 
     def raw_view(self, tensor: torch.Tensor) -> np.ndarray:
         """The raw storage array sharing memory with a CPU tensor of this dtype (inverse of to_torch)."""
+        import torch
+
         if tensor.dtype != self.torch or tensor.device.type != "cpu":
             raise ValueError(f"expected a CPU tensor of {self.torch}; got {tensor.dtype} on {tensor.device}")
         if self is DType.BFLOAT16:
@@ -142,13 +162,13 @@ _NUMPY = {
     DType.INT8_ROWSCALE: "u1",
     DType.BYTES: "u1",
 }
-_TORCH = {
-    DType.FLOAT32: torch.float32,
-    DType.FLOAT16: torch.float16,
-    DType.BFLOAT16: torch.bfloat16,
-    DType.FLOAT8_E4M3_ROWSCALE: torch.uint8,
-    DType.INT8_ROWSCALE: torch.uint8,
-    DType.BYTES: torch.uint8,
+_TORCH = {  # names of torch dtypes
+    DType.FLOAT32: "float32",
+    DType.FLOAT16: "float16",
+    DType.BFLOAT16: "bfloat16",
+    DType.FLOAT8_E4M3_ROWSCALE: "uint8",
+    DType.INT8_ROWSCALE: "uint8",
+    DType.BYTES: "uint8",
 }
 _WIRE = {
     DType.FLOAT32: pb.DTYPE_FLOAT32,
