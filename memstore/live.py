@@ -29,6 +29,7 @@ applies them exactly as `push` does, so its files, versions and optimizer steps 
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import itertools
 import json
@@ -68,6 +69,7 @@ WAL_DIR = "wal"
 LOCK_NAME = "writer.lock"
 _READ_TRIES = 8
 _RECORD_HEADER = struct.Struct("<IQqQH")  # layer id, layer step, client's step id, rows, client id length
+_MAX_CLIENT_ID_BYTES = (1 << 16) - 1  # the record header's client id length is 16 bits
 
 
 @dataclass(frozen=True)
@@ -361,7 +363,8 @@ class LiveTable:
 
         Returns once the update is durable (per `LiveConfig.durability`) and visible to readers.
         Bad input (unknown layer, ids out of range or repeated, wrong shape, non-finite values,
-        a non-positive lr_scale) raises InvalidArgumentError and changes nothing.
+        a non-positive lr_scale, a client_id over 65535 bytes, an update that overflows float32 or
+        the storage dtype) raises InvalidArgumentError and changes nothing.
         """
         if self.primary is not None:
             raise ReadOnlyError(
@@ -388,11 +391,23 @@ class LiveTable:
             raise InvalidArgumentError("row ids of a push must be distinct; sum the gradients of repeated ids first")
         if not (np.isfinite(lr_scale) and lr_scale > 0):
             raise InvalidArgumentError(f"lr_scale must be a positive finite number; got {lr_scale}")
-        optimizer = (
-            self.manifest.optimizer
-            if lr_scale == 1.0
-            else replace(self.manifest.optimizer, lr=self.manifest.optimizer.lr * lr_scale)
-        )
+        if len(client_id.encode()) > _MAX_CLIENT_ID_BYTES:
+            # The log record stores the id with a 16-bit length: a longer one would be cut, maybe inside a
+            # UTF-8 character, and the record could then never be replayed (recovery, snapshots, replicas).
+            raise InvalidArgumentError(
+                f"client_id is {len(client_id.encode())} bytes of UTF-8; at most {_MAX_CLIENT_ID_BYTES}: "
+                "name the client more briefly"
+            )
+        optimizer = self.manifest.optimizer
+        if lr_scale != 1.0:
+            lr = optimizer.lr * lr_scale
+            try:
+                optimizer = replace(optimizer, lr=lr)
+            except InvalidArgumentError:  # checked in float32, where the update is computed
+                raise InvalidArgumentError(
+                    f"lr_scale {lr_scale!r} times the table's lr {optimizer.lr!r} gives a learning rate of {lr!r}, "
+                    "which is not a positive finite float32 (the update is computed in float32): scale it less"
+                ) from None
         dtype = self.manifest.dtype
         states = self._state[layer_id]
         with self._push_lock:
@@ -403,7 +418,7 @@ class LiveTable:
             rows = dtype.to_float32(store.gather(ids))
             state = {slot: s.gather(ids) for slot, s in states.items()}
             new_rows, new_state = apply_update(optimizer, rows, state, grads, step)  # rejects NaN/Inf first
-            record = _Record(layer_id, step, step_id, client_id, ids, dtype.from_float64(new_rows), new_state)
+            record = _Record(layer_id, step, step_id, client_id, ids, _storable(dtype, new_rows), new_state)
             payload = record.encode()
             self._wal.append(self.version + 1, payload)
             result = self._apply(record, self.version + 1)
@@ -580,9 +595,20 @@ class LiveTable:
         replayed onto it, which brings every row to the version read at the end. Returns it.
         """
         dest = Path(dest)
-        if dest.exists():
-            raise InvalidArgumentError(f"{dest} exists; snapshots never overwrite: pick a new path")
-        tmp = staging_dir(dest, f"snapshot-{threading.get_ident()}")
+        if "\0" in str(dest):  # the OS refuses such paths with a ValueError: the caller's mistake, not ours
+            raise InvalidArgumentError(f"snapshot path {str(dest)!r} contains a NUL character; pick a plain name")
+        try:
+            if dest.exists():
+                raise InvalidArgumentError(f"{dest} exists; snapshots never overwrite: pick a new path")
+            tmp = staging_dir(dest, f"snapshot-{threading.get_ident()}")
+        except OSError as exc:
+            if exc.errno != errno.ENAMETOOLONG:
+                raise
+            # The copy is staged as ".<name>.snapshot-<thread>-<pid>" first: ~40 bytes more than the name.
+            raise InvalidArgumentError(
+                f"snapshot name {dest.name[:40]!r}... ({len(os.fsencode(dest.name))} bytes) is too long for the "
+                "file system (255 bytes per name, including a ~40-byte staging suffix): pick a shorter name"
+            ) from None
         with self._push_lock:
             start = self.version
             self._snapshots += 1
@@ -653,6 +679,26 @@ class LiveTable:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _storable(dtype: DType, rows: np.ndarray) -> np.ndarray:
+    """Updated float32 rows [N, dim] in the storage dtype; InvalidArgumentError when a value is finite in
+    float32 but past the range of a 16-bit storage type (it would be stored as Inf)."""
+    if dtype not in (DType.FLOAT16, DType.BFLOAT16):
+        return dtype.from_float64(rows)  # float32 holds any finite update; quantized rows keep a float32 scale
+    with np.errstate(over="ignore"):  # an overflow is reported below, precisely
+        stored = dtype.from_float64(rows)
+    bad = ~np.isfinite(dtype.to_float32(stored)).all(axis=1)
+    if bad.any():
+        positions = np.flatnonzero(bad)
+        listed = ", ".join(str(int(p)) for p in positions[:8])
+        more = f" and {positions.size - 8} more" if positions.size > 8 else ""
+        raise InvalidArgumentError(
+            f"the updated rows at positions [{listed}]{more} (of {len(rows)} in the push) exceed the range of the "
+            f"table's {dtype.value} storage (largest |value| {float(np.abs(rows[positions]).max()):.3g}); the push "
+            "is rejected and nothing changed: clip or scale down the gradients (or the lr_scale)"
+        )
+    return stored
 
 
 def _open_state(table_dir: Path, manifest: Manifest) -> dict[int, dict[str, RowStore]]:

@@ -143,8 +143,10 @@ class Manifest:
                 sharding=None if data.get("sharding") is None else Sharding.from_dict(data["sharding"]),
                 rows_sha256=data.get("rows_sha256"),
             )
-        except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
-            raise TableFormatError(f"manifest is malformed: {exc!r}") from exc
+        # AttributeError: a section of the wrong JSON type (a list where an object belongs);
+        # RecursionError: JSON nested deeper than the parser goes (a hostile follower's manifest).
+        except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as exc:
+            raise TableFormatError(f"manifest is malformed: {type(exc).__name__}: {str(exc)[:200]}") from None
         if manifest.fingerprint != recorded_fingerprint:
             raise TableFormatError(
                 f"manifest fingerprint {recorded_fingerprint} does not match its layout ({manifest.fingerprint}); "

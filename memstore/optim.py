@@ -207,7 +207,8 @@ def apply_update(
     occurrences; the caller guarantees the rows are distinct), ``state`` maps each slot of
     ``config.state_slots(dim)`` to float32 ``[N, width]``. ``step`` is the 1-based number of
     steps applied to this layer including this one (Adam's bias correction uses it). Non-finite
-    gradients reject the whole push before anything is computed.
+    gradients reject the whole push before anything is computed, and so does an update that
+    overflows float32 (an Inf or NaN in the new rows or state): InvalidArgumentError either way.
     """
     if not isinstance(config, OptimizerConfig):
         raise InvalidArgumentError(f"config must be an OptimizerConfig, got {type(config).__name__}")
@@ -232,7 +233,33 @@ def apply_update(
             f"gradients of rows at positions [{listed}]{more} (of {num_rows} in the push) are not finite "
             "(NaN or Inf); the push is rejected and nothing changed"
         )
-    return _UPDATES[config.kind](config, rows, state, grads, int(step))
+    # Finite gradients can still overflow float32 (g*g past 3.4e38 in an Adagrad sum or Adam's second
+    # moment, lr*g in SGD): computed quietly, then checked below, so an Inf never reaches the table.
+    with np.errstate(over="ignore", invalid="ignore"):
+        new_rows, new_state = _UPDATES[config.kind](config, rows, state, grads, int(step))
+    _check_finite_update(config, grads, new_rows, new_state)
+    return new_rows, new_state
+
+
+def _check_finite_update(
+    config: OptimizerConfig, grads: np.ndarray, new_rows: np.ndarray, new_state: dict[str, np.ndarray]
+) -> None:
+    """InvalidArgumentError when the update overflowed float32 anywhere (rows or state), naming where."""
+    arrays = [("rows", new_rows), *sorted(new_state.items())]
+    if all(np.isfinite(values).all() for _, values in arrays):
+        return
+    overflowed = {name: ~np.isfinite(values).all(axis=1) for name, values in arrays}
+    bad = np.logical_or.reduce(list(overflowed.values()))
+    positions = np.flatnonzero(bad)
+    listed = ", ".join(str(int(p)) for p in positions[:_MAX_LISTED])
+    more = f" and {positions.size - _MAX_LISTED} more" if positions.size > _MAX_LISTED else ""
+    where = ", ".join(name if name == "rows" else f"state {name!r}" for name, mask in overflowed.items() if mask.any())
+    largest = float(np.abs(grads[positions]).max())
+    raise InvalidArgumentError(
+        f"the {config.kind.value} update of rows at positions [{listed}]{more} (of {len(grads)} in the push) "
+        f"overflows float32 in its {where} (largest |gradient| there {largest:.3g}, lr {config.lr:.3g}); "
+        "the push is rejected and nothing changed: clip or scale down the gradients (or the lr_scale)"
+    )
 
 
 def _check_matrix(name: str, array: Any) -> None:

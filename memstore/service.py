@@ -19,10 +19,11 @@ import itertools
 import logging
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -349,6 +350,36 @@ class MemstoreServicer(pb_grpc.MemstoreServicer):
         context.set_trailing_metadata(((RETRY_PUSHBACK_KEY, str(pushback)),))
 
 
+class _ParseRequests(grpc.ServerInterceptor):
+    """Parse requests inside the call, so a message that is not valid protobuf gets INVALID_ARGUMENT
+    (gRPC Python's own deserializer failure is INTERNAL, "Exception deserializing request!")."""
+
+    def __init__(self, metrics: DaemonMetrics) -> None:
+        self._metrics = metrics
+
+    def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
+        handler = continuation(details)
+        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+            return handler  # unknown method (UNIMPLEMENTED), or none of ours: as it is
+        parse, method = handler.request_deserializer, details.method.rsplit("/", 1)[-1]
+        behavior = handler.unary_stream if handler.response_streaming else handler.unary_unary
+
+        def parsed(data: bytes, context: grpc.ServicerContext) -> Any:
+            try:
+                request = parse(data)
+            except Exception as exc:  # DecodeError, or worse from a hostile message
+                self._metrics.requests.labels(method, InvalidArgumentError.code.name).inc()
+                context.abort(
+                    InvalidArgumentError.code, f"the request is not a valid {method} message: {str(exc)[:200]}"
+                )
+            return behavior(request, context)
+
+        make = (
+            grpc.unary_stream_rpc_method_handler if handler.response_streaming else grpc.unary_unary_rpc_method_handler
+        )
+        return make(parsed, request_deserializer=None, response_serializer=handler.response_serializer)
+
+
 def create_server(
     table: Table | LiveTable,
     address: str = "127.0.0.1:0",
@@ -368,7 +399,9 @@ def create_server(
     metrics = metrics or DaemonMetrics()
     # Each Follow stream holds a thread for its whole life: they get threads of their own.
     pool = futures.ThreadPoolExecutor(max_workers=config.max_workers + config.max_followers)
-    interceptors = [] if config.token_file is None else [TokenInterceptor(TokenTable.from_file(config.token_file))]
+    interceptors: list[grpc.ServerInterceptor] = [_ParseRequests(metrics)]
+    if config.token_file is not None:  # first: a call without a valid token is refused unparsed
+        interceptors.insert(0, TokenInterceptor(TokenTable.from_file(config.token_file)))
     server = grpc.server(
         pool,
         options=config.grpc_options(),
