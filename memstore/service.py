@@ -10,6 +10,10 @@ server runs every call, streams included, on a worker thread, and a Follow strea
 thread for as long as the follower stays: the pool has `ServerConfig.max_followers` threads on
 top of `max_workers`, and a follower beyond that many gets RESOURCE_EXHAUSTED, so followers
 never take the threads lookups and pushes need.
+
+Every call is counted and timed (memstore.metrics), parsed inside the call so a malformed
+message gets INVALID_ARGUMENT, checked against the limits (memstore.limits) and, with TLS or a
+token file, against who may make it (memstore.auth); docs/operations.md.
 """
 
 from __future__ import annotations
