@@ -274,6 +274,9 @@ class LiveTable:
             )
         self._lock_file = writer_lock
         self._push_lock = threading.Lock()
+        # One checkpoint at a time, in version order: two pushes can both find one due, and
+        # interleaved checkpoints would share the temp file and could record an older version last.
+        self._checkpoint_lock = threading.Lock()
         self._snapshots = 0  # snapshots in progress: the log must keep their records
         self._pushes_since_checkpoint = 0
         self._state: dict[int, dict[str, RowStore]] = {}
@@ -577,15 +580,16 @@ class LiveTable:
         if not self.trainable:
             return self.version
         assert self._wal is not None
-        with self._push_lock:
-            checkpoint = _Checkpoint(self.version, dict(self.layer_steps), dict(self._last_push))
-            self._pushes_since_checkpoint = 0
-        # Flushing outside the lock may also flush later pushes: harmless, replay rewrites them.
-        for store in self._stores_by_name().values():
-            store.flush()
-        checkpoint.write(self.path)
-        if not self._snapshots:
-            self._wal.truncate_through(checkpoint.version)
+        with self._checkpoint_lock:
+            with self._push_lock:
+                checkpoint = _Checkpoint(self.version, dict(self.layer_steps), dict(self._last_push))
+                self._pushes_since_checkpoint = 0
+            # Flushing outside the push lock may also flush later pushes: harmless, replay rewrites them.
+            for store in self._stores_by_name().values():
+                store.flush()
+            checkpoint.write(self.path)
+            if not self._snapshots:
+                self._wal.truncate_through(checkpoint.version)
         return checkpoint.version
 
     def snapshot(self, dest: str | Path) -> int:

@@ -273,3 +273,27 @@ def test_snapshot_copies_keep_the_original_untouched(tmp_path) -> None:
     shutil.rmtree(tmp_path / "snap")
     with LiveTable.open(path, config=FAST) as live:
         assert live.version == 2
+
+
+def test_concurrent_pushes_that_each_find_a_checkpoint_due_all_succeed(tmp_path: Path) -> None:
+    """Two pushes crossing --checkpoint-every together used to run two checkpoints at once, sharing
+    the temp file: one push failed with an internal error after it had been applied."""
+    path = _trainable(tmp_path / "t", OptimizerKind.SGD)
+    failures: list[BaseException] = []
+    with LiveTable.open(path, config=LiveConfig(durability=Durability.OS, checkpoint_every=1)) as live:
+
+        def pusher(seed: int) -> None:
+            for i in range(50):
+                try:
+                    live.push(LAYER, *_push_args(1000 * seed + i, count=8))
+                except BaseException as exc:  # noqa: BLE001 - any failure fails the test below
+                    failures.append(exc)
+
+        threads = [threading.Thread(target=pusher, args=(seed,)) for seed in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert failures == [] and live.version == 400
+    with LiveTable.open(path, config=FAST) as reopened:
+        assert reopened.version == 400
