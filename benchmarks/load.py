@@ -66,6 +66,7 @@ from memstore.exchange import import_safetensors, tensor_name  # noqa: E402
 from memstore.launch import start_daemon, stop_daemon  # noqa: E402
 from memstore.layout import EngramLayout  # noqa: E402
 from memstore.manifest import Manifest  # noqa: E402
+from memstore.metrics import summarize  # noqa: E402
 from memstore.optim import OptimizerConfig, OptimizerKind  # noqa: E402
 from memstore.wal import Durability  # noqa: E402
 
@@ -406,6 +407,9 @@ def main() -> int:
     parser.add_argument(
         "--checkpoint-every", type=int, default=None, help="passed to memstore serve (default: the daemon's, 1000)"
     )
+    parser.add_argument(
+        "--max-in-flight-bytes", type=int, default=None, help="passed to memstore serve (default: the daemon's, 1 GiB)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="4 clients, 5 s, a small table: a smoke run")
     args = parser.parse_args()
@@ -432,6 +436,8 @@ def main() -> int:
         serve_args = ["--no-same-host", "--durability", args.durability.value, "--max-rows-per-request", str(max_rows)]
         if args.checkpoint_every is not None:
             serve_args += ["--checkpoint-every", str(args.checkpoint_every)]
+        if args.max_in_flight_bytes is not None:
+            serve_args += ["--max-in-flight-bytes", str(args.max_in_flight_bytes)]
         print(f"daemon: memstore serve {' '.join(serve_args)}")
         log_path = work / "daemon.log"
         with open(log_path, "wb") as log:
@@ -460,10 +466,13 @@ def main() -> int:
                 t = time.perf_counter()
                 final = {layer: read_all(client, layer, rows, max_batch) for layer, rows in layer_rows.items()}
                 read_s = time.perf_counter() - t
+                daemon_stats = summarize(client.stats())
         finally:
             code = stop_daemon(daemon)
         log_text = log_path.read_text(errors="replace")
         ok = _report(spec, results, samples, machine, initial_zero, version, final, read_s, code, log_text)
+        print("\n== the daemon's own count (memstore stats)")
+        print("\n".join(daemon_stats.lines()))
         return 0 if ok else 1
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -194,13 +194,33 @@ class MemstoreClient:
     def _fetch(
         self, layer_id: int, ids: np.ndarray, timeout: float | None, out: np.ndarray | None = None
     ) -> tuple[DType, np.ndarray, int]:
-        """(dtype, rows [N, dim], the version of the first message: every row shows at least it)."""
+        """(dtype, rows [N, dim], the version of the first message: every row shows at least it).
+
+        A daemon too busy for the lookup (its in-flight budget or call limit) refuses it before
+        sending a row; gRPC's retry policy repeats it a few times, and then this loop, until the
+        deadline: a loaded daemon slows its callers down rather than failing them.
+        """
         request = pb.LookupRequest(layer_id=layer_id, row_ids=encode_row_ids(ids))
+        deadline = time.monotonic() + self._timeout(timeout)
+        backoff = self.config.initial_backoff_s
+        while True:
+            try:
+                return self._fetch_once(request, layer_id, len(ids), max(0.0, deadline - time.monotonic()), out)
+            except ResourceExhaustedError as exc:
+                wait = None if exc.retry_after_s is None else max(backoff, exc.retry_after_s)
+                if wait is None or time.monotonic() + wait >= deadline:
+                    raise
+            time.sleep(wait)
+            backoff = min(2 * backoff, self.config.max_backoff_s)
+
+    def _fetch_once(
+        self, request: pb.LookupRequest, layer_id: int, num_ids: int, timeout: float, out: np.ndarray | None
+    ) -> tuple[DType, np.ndarray, int]:
         dtype: DType | None = None
         version = 0
         received = 0
         try:
-            for message in self._stub.Lookup(request, timeout=self._timeout(timeout)):
+            for message in self._stub.Lookup(request, timeout=timeout):
                 if dtype is None:
                     dtype = DType.from_wire(message.dtype)
                     version = message.version
@@ -219,8 +239,8 @@ class MemstoreClient:
                 received += count
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
-        if out is None or received != len(ids) or out.shape[0] != len(ids):
-            raise DataLossError(f"lookup of {len(ids)} rows of layer {layer_id} returned {received}")
+        if out is None or received != num_ids or out.shape[0] != num_ids:
+            raise DataLossError(f"lookup of {num_ids} rows of layer {layer_id} returned {received}")
         assert dtype is not None
         return dtype, out, version
 

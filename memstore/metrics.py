@@ -135,7 +135,7 @@ class StatsSummary:
     """What `memstore stats` prints, read back from the exposition text."""
 
     methods: dict[str, MethodStats]
-    values: dict[str, float]  # every other metric without labels, e.g. memstore_rows_served_total
+    values: dict[str, float]  # every other sample: memstore_rows_served_total, memstore_rejected_total{reason=busy}
 
     def lines(self) -> list[str]:
         out = []
@@ -162,8 +162,9 @@ def summarize(text: str) -> StatsSummary:
                     stats.errors[sample.labels["code"]] = int(sample.value)
             elif sample.name == "memstore_request_seconds_bucket":
                 buckets.setdefault(sample.labels["method"], []).append((float(sample.labels["le"]), sample.value))
-            elif not sample.labels and not sample.name.endswith("_created"):
-                values[sample.name] = sample.value
+            elif not sample.name.endswith("_created") and not sample.name.startswith("memstore_request_seconds"):
+                labels = ",".join(f"{key}={value}" for key, value in sorted(sample.labels.items()))
+                values[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
     for method, counts in buckets.items():
         stats = methods.setdefault(method, MethodStats())
         stats.p50_s, stats.p99_s = _quantile(counts, 0.5), _quantile(counts, 0.99)

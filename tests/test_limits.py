@@ -112,9 +112,11 @@ def test_a_lookup_larger_than_the_whole_budget_is_refused_once(served, table: Ta
         assert client.lookup(LAYER, ids[:10]).shape == (10, table.manifest.layout.dim)  # still serving
 
 
-def test_a_busy_daemon_refuses_and_the_client_retries_once_it_has_room(served, table: Table) -> None:
-    """Backpressure: while one big lookup holds most of the budget, another is refused; gRPC's retry
-    policy repeats it after the daemon's pushback, and it succeeds once the first is gone."""
+@pytest.mark.parametrize("attempts", [1, 5], ids=["client-loop", "grpc-retry-policy"])
+def test_a_busy_daemon_refuses_and_the_client_retries_once_it_has_room(served, table: Table, attempts: int) -> None:
+    """Backpressure: while one big lookup holds most of the budget, another is refused; it is repeated
+    (by gRPC's retry policy after the daemon's pushback, then by the client until its deadline) and
+    succeeds once the first is gone."""
     held_ids = np.arange(table.manifest.layout.num_rows(LAYER), dtype=np.int64)
     row_bytes = _row_bytes(table)
     config = ServerConfig(same_host=False, chunk_bytes=4096)
@@ -127,7 +129,7 @@ def test_a_busy_daemon_refuses_and_the_client_retries_once_it_has_room(served, t
         result: dict[str, object] = {}
 
         def lookup() -> None:
-            with MemstoreClient(daemon.address, GRPC) as client:
+            with MemstoreClient(daemon.address, replace(GRPC, max_attempts=attempts)) as client:
                 result["rows"] = client.lookup(LAYER, ids)
 
         worker = threading.Thread(target=lookup)
