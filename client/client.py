@@ -159,23 +159,24 @@ class MemstoreClient:
             request.lr_scale = lr_scale
         deadline = time.monotonic() + self._timeout(timeout)
         backoff = self.config.initial_backoff_s
-        for attempt in range(1, self.config.max_attempts + 1):
+        lost_answers = 0
+        while True:
             try:
                 response = self._stub.Push(request, timeout=max(0.0, deadline - time.monotonic()))
                 return PushAck(version=response.version, layer_step=response.layer_step, rows=len(unique))
             except grpc.RpcError as exc:
                 error = error_from_rpc(exc)
-            # A busy daemon refused the push before applying anything: always safe to send again.
-            # A push may have been applied before its answer was lost: only one with a step id
-            # (which the daemon recognises when repeated) is safe to send again then.
+            # A busy daemon refused the push before applying anything: safe to send again until the
+            # deadline. A push may have been applied before its answer was lost: only one with a step
+            # id (which the daemon recognises when repeated) is safe to send again, max_attempts times.
             busy = isinstance(error, ResourceExhaustedError) and error.retry_after_s is not None
             lost = isinstance(error, UnavailableError) and step_id > 0
-            if not (busy or lost) or attempt == self.config.max_attempts:
-                raise error
+            lost_answers += lost
             wait = max(backoff, error.retry_after_s) if busy else backoff
-            time.sleep(min(wait, max(0.0, deadline - time.monotonic())))
+            if not (busy or lost) or lost_answers >= self.config.max_attempts or time.monotonic() + wait >= deadline:
+                raise error
+            time.sleep(wait)
             backoff = min(2 * backoff, self.config.max_backoff_s)
-        raise AssertionError("unreachable")
 
     def snapshot(self, name: str, *, timeout: float | None = None) -> tuple[str, int]:
         """Ask the daemon for a consistent snapshot named `name` (in its snapshot directory):
