@@ -22,7 +22,7 @@ from memstore.logs import LogFormat, configure_logging
 from memstore.manifest import Backend, Init, Manifest, parse_dtype
 from memstore.optim import OptimizerConfig, OptimizerKind
 from memstore.reshard import reshard, table_dirs
-from memstore.sharding import DEFAULT_PARTITIONS, _ranges
+from memstore.sharding import DEFAULT_PARTITIONS, partition_ranges
 
 
 def _dtype(text: str) -> DType:
@@ -181,7 +181,7 @@ def describe_shard(manifest: Manifest) -> str:
     layers = manifest.layout.layer_ids
     stored = ", ".join(f"{manifest.stored_rows(layer):,} stored rows of layer {layer}" for layer in layers)
     return (
-        f"shard {sharding.shard} of {sharding.num_shards}, partitions {_ranges(sharding.partitions)} "
+        f"shard {sharding.shard} of {sharding.num_shards}, partitions {partition_ranges(sharding.partitions)} "
         f"of {sharding.num_partitions}, {stored}"
     )
 

@@ -62,7 +62,7 @@ def create_table(
             else:
                 chunks = _initial_chunks(manifest, layer_id, chunk_rows, digest, progress)
                 width = manifest.dtype.stored_width(layout.dim)
-                _write_store(manifest.backend, target, num_rows, width, manifest.dtype, chunks)
+                write_store(manifest.backend, target, num_rows, width, manifest.dtype, chunks)
             write_initial_state(tmp, manifest, layer_id)
         # A lazy table's rows are never all generated: it records no digest.
         manifest = replace(manifest, rows_sha256=None if manifest.init is Init.LAZY else digest.hexdigest())
@@ -165,7 +165,7 @@ def write_initial_state(table_dir: Path, manifest: Manifest, layer_id: int) -> N
             np.full((min(DEFAULT_CHUNK_ROWS, num_rows - start), width), value, dtype="<f4")
             for start in range(0, num_rows, DEFAULT_CHUNK_ROWS)
         )
-        _write_store(manifest.backend, table_dir / name, num_rows, width, DType.FLOAT32, chunks)
+        write_store(manifest.backend, table_dir / name, num_rows, width, DType.FLOAT32, chunks)
 
 
 def _initial_chunks(
@@ -191,7 +191,7 @@ def _initial_chunks(
             progress(count)
 
 
-def _write_store(
+def write_store(
     backend: Backend, path: Path, num_rows: int, width: int, dtype: DType, chunks: Iterable[np.ndarray]
 ) -> None:
     """A new store of `backend` at `path` from row chunks, synced to disk."""

@@ -43,7 +43,7 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -98,7 +98,7 @@ class PushResult:
 
 
 @dataclass
-class _Checkpoint:
+class Checkpoint:
     """What the files hold at least: the version, each layer's optimizer steps, and each client's
     last step per layer (so a retried push is recognised across restarts too)."""
 
@@ -107,7 +107,7 @@ class _Checkpoint:
     last_push: dict[tuple[str, int], tuple[int, PushResult]] = field(default_factory=dict)
 
     @classmethod
-    def read(cls, table_dir: Path) -> _Checkpoint:
+    def read(cls, table_dir: Path) -> Checkpoint:
         path = table_dir / CHECKPOINT_NAME
         if not path.exists():
             return cls()
@@ -142,7 +142,7 @@ class _Checkpoint:
 
 def table_version(table_dir: Path) -> int:
     """Pushes applied to a table, as its checkpoint records them (0 for a table never trained)."""
-    return _Checkpoint.read(Path(table_dir)).version
+    return Checkpoint.read(Path(table_dir)).version
 
 
 class SeqLock:
@@ -282,7 +282,7 @@ class LiveTable:
         self._state: dict[int, dict[str, RowStore]] = {}
         self.seqlock: SeqLock | None = None
         self._wal: WriteAheadLog | None = None
-        checkpoint = _Checkpoint.read(self.path)
+        checkpoint = Checkpoint.read(self.path)
         self.version = checkpoint.version
         self.layer_steps = {layer: checkpoint.layer_steps.get(layer, 0) for layer in self.manifest.layout.layer_ids}
         self._last_push = checkpoint.last_push  # (client, layer) -> (last step id, its ack)
@@ -294,7 +294,7 @@ class LiveTable:
                 self._recover()
                 self.seqlock = SeqLock(self.path / SEQLOCK_NAME, create=True)
                 self.seqlock.set(2 * self.version)
-            elif (self.path / WAL_DIR).exists() and _has_records_after(self.path / WAL_DIR, self.version):
+            elif (self.path / WAL_DIR).exists() and has_records_after(self.path / WAL_DIR, self.version):
                 raise TableFormatError(
                     f"{self.path} has pushes in its log past its checkpoint (a writer stopped uncleanly); "
                     "open it writable once to recover, or serve a snapshot read-only"
@@ -313,7 +313,7 @@ class LiveTable:
         """
         path = Path(path)
         writable = not read_only and Manifest.read(path).optimizer is not None
-        lock = _lock_writer(path) if writable else None
+        lock = lock_writer(path) if writable else None
         try:
             table = Table.open(path, read_only=not writable)
         except BaseException:
@@ -582,7 +582,7 @@ class LiveTable:
         assert self._wal is not None
         with self._checkpoint_lock:
             with self._push_lock:
-                checkpoint = _Checkpoint(self.version, dict(self.layer_steps), dict(self._last_push))
+                checkpoint = Checkpoint(self.version, dict(self.layer_steps), dict(self._last_push))
                 self._pushes_since_checkpoint = 0
             # Flushing outside the push lock may also flush later pushes: harmless, replay rewrites them.
             for store in self._stores_by_name().values():
@@ -621,7 +621,7 @@ class LiveTable:
                 store.copy_to(tmp / name)
             self.manifest.write(tmp)
             with self._push_lock:
-                end = _Checkpoint(self.version, dict(self.layer_steps))
+                end = Checkpoint(self.version, dict(self.layer_steps))
             if self._wal is not None:
                 with Table.open(tmp, read_only=False) as copy:
                     states = _open_state(tmp, self.manifest)
@@ -718,8 +718,9 @@ def _open_state(table_dir: Path, manifest: Manifest) -> dict[int, dict[str, RowS
     }
 
 
-def _lock_writer(table_dir: Path):
-    """One writer per table: a second daemon opening it writable fails instead of corrupting it."""
+def lock_writer(table_dir: Path) -> IO[str]:
+    """One writer per table: a second daemon opening it writable fails instead of corrupting it. Returns
+    the locked file; closing it releases the lock."""
     handle = open(table_dir / LOCK_NAME, "a+")
     try:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -731,7 +732,8 @@ def _lock_writer(table_dir: Path):
     return handle
 
 
-def _has_records_after(wal_dir: Path, version: int) -> bool:
+def has_records_after(wal_dir: Path, version: int) -> bool:
+    """Whether the log in `wal_dir` holds pushes past `version` (a writer stopped before checkpointing them)."""
     with WriteAheadLog(wal_dir, Durability.OS) as wal:
         return wal.last_version is not None and wal.last_version > version
 

@@ -43,15 +43,15 @@ import numpy as np
 
 from memstore.create import (
     DEFAULT_CHUNK_ROWS,
-    _write_store,
     replace_table_dir,
     shard_dirs,
     shard_name,
     staging_dir,
+    write_store,
 )
 from memstore.dtypes import DType
 from memstore.errors import DataLossError, InvalidArgumentError, TableFormatError, UnavailableError
-from memstore.live import WAL_DIR, _Checkpoint, _has_records_after, _lock_writer
+from memstore.live import WAL_DIR, Checkpoint, has_records_after, lock_writer
 from memstore.manifest import MANIFEST_NAME, Init, Manifest
 from memstore.sharding import DEFAULT_PARTITIONS, Sharding
 from memstore.storage import RowStore
@@ -227,7 +227,7 @@ def _source_partitions(manifest: Manifest) -> int:
 def _lock_offline(table_dir: Path) -> IO[str]:
     """The writer lock of one source shard; UnavailableError naming what to stop while a daemon trains it."""
     try:
-        return _lock_writer(table_dir)
+        return lock_writer(table_dir)
     except UnavailableError:
         raise UnavailableError(
             f"{table_dir} is open for writing (a writable daemon serves it); reshard works offline: "
@@ -240,9 +240,9 @@ def _layer_steps(dirs: list[Path], whole: Manifest) -> dict[int, int]:
     table). Refuses a shard whose log holds pushes its files may not hold yet."""
     if whole.optimizer is None:
         return {}
-    checkpoints = [_Checkpoint.read(d) for d in dirs]
+    checkpoints = [Checkpoint.read(d) for d in dirs]
     for path, checkpoint in zip(dirs, checkpoints, strict=True):
-        if (path / WAL_DIR).exists() and _has_records_after(path / WAL_DIR, checkpoint.version):
+        if (path / WAL_DIR).exists() and has_records_after(path / WAL_DIR, checkpoint.version):
             raise TableFormatError(
                 f"{path} has pushes in its log past its checkpoint (its daemon stopped uncleanly): resharding "
                 "would lose them. Start its daemon (`memstore serve`) and stop it once, or open it writable "
@@ -390,14 +390,14 @@ def _write_shard(
         rows = _digested(_counted(chunks, progress), digest)
         width = manifest.dtype.stored_width(layout.dim)
         num_rows = manifest.stored_rows(layer)
-        _write_store(manifest.backend, path / manifest.layer_file(layer), num_rows, width, manifest.dtype, rows)
+        write_store(manifest.backend, path / manifest.layer_file(layer), num_rows, width, manifest.dtype, rows)
         for slot, (name, slot_width) in manifest.state_files(layer).items():
             chunks = _copied_chunks(reader, manifest, layer, slot, chunk_rows)
-            _write_store(manifest.backend, path / name, num_rows, slot_width, DType.FLOAT32, chunks)
+            write_store(manifest.backend, path / name, num_rows, slot_width, DType.FLOAT32, chunks)
     # Like create: the SHA-256 of this directory's own rows in its own order, for `memstore verify`.
     replace(manifest, rows_sha256=digest.hexdigest()).write(path)
     if manifest.optimizer is not None:
-        _Checkpoint(version=0, layer_steps=dict(layer_steps)).write(path)
+        Checkpoint(version=0, layer_steps=dict(layer_steps)).write(path)
 
 
 def _copied_chunks(

@@ -90,7 +90,7 @@ class Sharding:
             partition = bad % self.num_partitions
             raise WrongShardError(
                 f"row {bad} is in partition {partition}, held by shard {self.assignment[partition]}; this is shard "
-                f"{self.shard} of {self.num_shards} (partitions {_ranges(self.partitions)}): route it by the "
+                f"{self.shard} of {self.num_shards} (partitions {partition_ranges(self.partitions)}): route it by the "
                 "assignment in the manifest"
             )
         return starts + row_ids // self.num_partitions
@@ -131,7 +131,7 @@ class Sharding:
         return sharding
 
 
-def _ranges(values: tuple[int, ...]) -> str:
+def partition_ranges(values: tuple[int, ...]) -> str:
     """(1, 2, 3, 7) -> '1-3,7': partition lists in messages."""
     runs: list[list[int]] = []
     for value in values:

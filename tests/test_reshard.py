@@ -13,7 +13,7 @@ from memstore.cli import main
 from memstore.create import create_sharded, create_table, shard_dirs
 from memstore.dtypes import DType
 from memstore.errors import DataLossError, InvalidArgumentError, TableFormatError, UnavailableError
-from memstore.live import CHECKPOINT_NAME, WAL_DIR, LiveConfig, LiveTable, _Checkpoint
+from memstore.live import CHECKPOINT_NAME, WAL_DIR, Checkpoint, LiveConfig, LiveTable
 from memstore.manifest import Backend, Init, Manifest
 from memstore.optim import OptimizerConfig, OptimizerKind
 from memstore.reshard import reshard, table_checksum
@@ -128,7 +128,7 @@ def test_reshard_moves_every_row_and_its_optimizer_state(
         assert manifest.backend is backend
         expected = None if after == 1 else Sharding.spread(after, index, expected_partitions)
         assert manifest.sharding == expected
-        checkpoint = _Checkpoint.read(shard)
+        checkpoint = Checkpoint.read(shard)
         assert checkpoint.version == 0 and checkpoint.last_push == {}
         assert checkpoint.layer_steps == {layer: PUSHES for layer in SMALL_LAYOUT.layer_ids}
         assert not (shard / WAL_DIR).exists()
@@ -241,7 +241,7 @@ def test_a_write_damaged_before_verification_is_caught(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, what: str
 ) -> None:
     source = _trained(tmp_path / "source", 2, 16)
-    write_store = reshard_module._write_store
+    write_store = reshard_module.write_store
 
     def damaging(backend, path, num_rows, width, dtype, chunks):  # one flipped bit in one file of shard-2
         if path.parent.name == "shard-2" and path.name == name:
@@ -250,7 +250,7 @@ def test_a_write_damaged_before_verification_is_caught(
             chunks[0].view(np.uint8).reshape(-1)[3] ^= 1
         write_store(backend, path, num_rows, width, dtype, chunks)
 
-    monkeypatch.setattr(reshard_module, "_write_store", damaging)
+    monkeypatch.setattr(reshard_module, "write_store", damaging)
     with pytest.raises(DataLossError, match=f"the {what} read back from the new files"):
         reshard(source, tmp_path / "dest", 3)
     assert _entries(tmp_path) == ["source"]  # neither the destination nor its staging directory
