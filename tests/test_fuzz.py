@@ -6,13 +6,14 @@ messages, ids of the wrong byte length, negative, huge or past the layer, unknow
 over the row limit, NaN/Inf and overflowing gradients, bad lr_scale values, odd snapshot names and
 follower requests, streams cut short and clients that vanish mid-call.
 
-A reference model (`Fuzzed`, in tests/fuzzing.py with the strategies) predicts every call from the request alone: the status codes it may
-get (with the words its message must contain) or, for a valid call, exactly what it answers and,
-for a valid push, the bytes it writes (the optimizer applied to the rows the model holds). After
-every case the table directory must hold exactly the predicted bytes (rows, optimizer state,
-sequence word, write-ahead log: a rejected call writes nothing at all), the daemon must report the
-predicted version and still answer a lookup correctly. When a test ends, the write-ahead log it
-left is replayed onto the table as created and must rebuild the very same files.
+A reference model (`Fuzzed`, in tests/fuzzing.py with the strategies) predicts every call from the
+request alone: the status codes it may get (with the words its message must contain) or, for a
+valid call, exactly what it answers and, for a valid push, the bytes it writes (the optimizer
+applied to the rows the model holds). After every case the table directory must hold exactly the
+predicted bytes (rows, optimizer state, sequence word, write-ahead log: a rejected call writes
+nothing at all), the daemon must report the predicted version and still answer a lookup correctly.
+When a test ends, the write-ahead log it left is replayed onto the table as created and must
+rebuild the very same files.
 
 `MEMSTORE_FUZZ_EXAMPLES` sets the examples per property test (default 40: the file runs in about
 30 s on 2 cores); the cases run are printed when the module ends, e.g.

@@ -235,6 +235,7 @@ def test_same_host_readers_never_see_a_torn_row_while_pushes_land(zero_table) ->
     daemon, live = zero_table
     ids = np.arange(200)
     stop = threading.Event()
+    pushing = threading.Event()
 
     def keep_pushing() -> None:
         with MemstoreClient(daemon.address, FAST_FAIL) as pusher:
@@ -242,10 +243,13 @@ def test_same_host_readers_never_see_a_torn_row_while_pushes_land(zero_table) ->
             while not stop.is_set():
                 k += 1
                 pusher.push(LAYER, ids, -np.full((len(ids), DIM), k % 5 + 1, np.float32))
+                pushing.set()
 
     writer = threading.Thread(target=keep_pushing)
     writer.start()
     try:
+        # Same-host reads take microseconds: without this, all 200 can finish before the first push lands.
+        assert pushing.wait(30), "the writer never pushed"
         with MemstoreClient(daemon.address, replace(FAST_FAIL, same_host=True)) as reader:
             versions = []
             for _ in range(200):
