@@ -58,7 +58,7 @@ from memstore.errors import (
     UnavailableError,
 )
 from memstore.manifest import Manifest, fsync_dir
-from memstore.optim import apply_update
+from memstore.optim import apply_update, listed_positions
 from memstore.storage import RowStore
 from memstore.table import Table, open_store
 from memstore.wal import Durability, WalRecord, WriteAheadLog
@@ -694,12 +694,9 @@ def _storable(dtype: DType, rows: np.ndarray) -> np.ndarray:
         stored = dtype.from_float64(rows)
     bad = ~np.isfinite(dtype.to_float32(stored)).all(axis=1)
     if bad.any():
-        positions = np.flatnonzero(bad)
-        listed = ", ".join(str(int(p)) for p in positions[:8])
-        more = f" and {positions.size - 8} more" if positions.size > 8 else ""
         raise InvalidArgumentError(
-            f"the updated rows at positions [{listed}]{more} (of {len(rows)} in the push) exceed the range of the "
-            f"table's {dtype.value} storage (largest |value| {float(np.abs(rows[positions]).max()):.3g}); the push "
+            f"the updated rows at positions {listed_positions(bad)} (of {len(rows)} in the push) exceed the range of "
+            f"the table's {dtype.value} storage (largest |value| {float(np.abs(rows[bad]).max()):.3g}); the push "
             "is rejected and nothing changed: clip or scale down the gradients (or the lr_scale)"
         )
     return stored

@@ -226,11 +226,8 @@ def apply_update(
     _check_state(config, state, num_rows, dim)
     bad = ~np.isfinite(grads).all(axis=1)
     if bad.any():
-        positions = np.flatnonzero(bad)
-        listed = ", ".join(str(int(p)) for p in positions[:_MAX_LISTED])
-        more = f" and {positions.size - _MAX_LISTED} more" if positions.size > _MAX_LISTED else ""
         raise InvalidArgumentError(
-            f"gradients of rows at positions [{listed}]{more} (of {num_rows} in the push) are not finite "
+            f"gradients of rows at positions {listed_positions(bad)} (of {num_rows} in the push) are not finite "
             "(NaN or Inf); the push is rejected and nothing changed"
         )
     # Finite gradients can still overflow float32 (g*g past 3.4e38 in an Adagrad sum or Adam's second
@@ -239,6 +236,14 @@ def apply_update(
         new_rows, new_state = _UPDATES[config.kind](config, rows, state, grads, int(step))
     _check_finite_update(config, grads, new_rows, new_state)
     return new_rows, new_state
+
+
+def listed_positions(bad: np.ndarray) -> str:
+    """'[0, 3, 9] and 12 more': the positions where a boolean mask [N] is set, for error messages."""
+    positions = np.flatnonzero(bad)
+    listed = ", ".join(str(int(p)) for p in positions[:_MAX_LISTED])
+    more = f" and {positions.size - _MAX_LISTED} more" if positions.size > _MAX_LISTED else ""
+    return f"[{listed}]{more}"
 
 
 def _check_finite_update(
@@ -250,13 +255,10 @@ def _check_finite_update(
         return
     overflowed = {name: ~np.isfinite(values).all(axis=1) for name, values in arrays}
     bad = np.logical_or.reduce(list(overflowed.values()))
-    positions = np.flatnonzero(bad)
-    listed = ", ".join(str(int(p)) for p in positions[:_MAX_LISTED])
-    more = f" and {positions.size - _MAX_LISTED} more" if positions.size > _MAX_LISTED else ""
     where = ", ".join(name if name == "rows" else f"state {name!r}" for name, mask in overflowed.items() if mask.any())
-    largest = float(np.abs(grads[positions]).max())
+    largest = float(np.abs(grads[bad]).max())
     raise InvalidArgumentError(
-        f"the {config.kind.value} update of rows at positions [{listed}]{more} (of {len(grads)} in the push) "
+        f"the {config.kind.value} update of rows at positions {listed_positions(bad)} (of {len(grads)} in the push) "
         f"overflows float32 in its {where} (largest |gradient| there {largest:.3g}, lr {config.lr:.3g}); "
         "the push is rejected and nothing changed: clip or scale down the gradients (or the lr_scale)"
     )
