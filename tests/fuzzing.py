@@ -548,6 +548,21 @@ def _resize(data: bytes, draw: Callable, fault: bool) -> bytes:
 LOOKUP_FAULTS = ["id_bytes", "negative_id", "id_past_end", "extreme_id", "unknown_layer", "oversized", "empty"]
 
 
+def _spoil_ids(draw: Callable, ids: np.ndarray, faults: set[str], rows: int) -> int:
+    """Put the id faults drawn (negative, past the layer, extreme) at one drawn position of `ids`,
+    in place; returns that position (0 for no ids)."""
+    if not len(ids):
+        return 0
+    at = draw(st.integers(0, len(ids) - 1))
+    if "negative_id" in faults:
+        ids[at] = draw(st.integers(-(1 << 63), -1))
+    if "id_past_end" in faults:
+        ids[at] = draw(st.one_of(st.just(rows), st.integers(rows, (1 << 63) - 1)))
+    if "extreme_id" in faults:
+        ids[at] = draw(st.sampled_from(EXTREME_IDS))
+    return at
+
+
 @st.composite
 def lookup_requests(draw: Callable) -> pb.LookupRequest:
     """Lookups, valid or with up to two faults; repeated ids are valid in a lookup."""
@@ -561,14 +576,7 @@ def lookup_requests(draw: Callable) -> pb.LookupRequest:
     else:
         size = draw(st.integers(1, MAX_ROWS))
     ids = draw(arrays(np.int64, size, elements=st.integers(0, rows - 1)))
-    if size:
-        at = draw(st.integers(0, size - 1))
-        if "negative_id" in faults:
-            ids[at] = draw(st.integers(-(1 << 63), -1))
-        if "id_past_end" in faults:
-            ids[at] = draw(st.one_of(st.just(rows), st.integers(rows, (1 << 63) - 1)))
-        if "extreme_id" in faults:
-            ids[at] = draw(st.sampled_from(EXTREME_IDS))
+    _spoil_ids(draw, ids, faults, rows)
     return pb.LookupRequest(layer_id=layer, row_ids=_resize(ids.astype("<i8").tobytes(), draw, "id_bytes" in faults))
 
 
@@ -602,16 +610,9 @@ def push_requests(draw: Callable, faults_max: int = 2) -> pb.PushRequest:
     rows = NUM_ROWS.get(layer, 300)
     size = draw(st.integers(MAX_ROWS + 1, MAX_ROWS + 4) if "oversized" in faults else st.integers(0, MAX_ROWS))
     ids = draw(arrays(np.int64, size, elements=st.integers(0, rows - 1), unique=True))
-    if size:
-        at = draw(st.integers(0, size - 1))
-        if "negative_id" in faults:
-            ids[at] = draw(st.integers(-(1 << 63), -1))
-        if "id_past_end" in faults:
-            ids[at] = draw(st.one_of(st.just(rows), st.integers(rows, (1 << 63) - 1)))
-        if "extreme_id" in faults:
-            ids[at] = draw(st.sampled_from(EXTREME_IDS))
-        if "duplicate_id" in faults and size > 1:
-            ids[(at + 1) % size] = ids[at]
+    at = _spoil_ids(draw, ids, faults, rows)
+    if "duplicate_id" in faults and size > 1:
+        ids[(at + 1) % size] = ids[at]
     grad_rows = max(0, size + (draw(st.sampled_from([-1, 1])) if "grad_rows" in faults else 0))
     grad_dim = DIM + (draw(st.sampled_from([-1, 1])) if "grad_dim" in faults else 0)
     values = st.floats(width=32) if "wild_grads" in faults else st.floats(-4, 4, width=32)
