@@ -19,7 +19,7 @@ import hashlib
 import hmac
 import ipaddress
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,11 +69,7 @@ class TokenTable:
     def from_file(cls, path: Path) -> TokenTable:
         """Parse `read TOKEN` / `write TOKEN` lines; anything else is an error naming the line."""
         tokens: dict[str, Scope] = {}
-        for number, line in enumerate(_read(path, "token file").decode().splitlines(), 1):
-            text = line.split("#", 1)[0].strip()
-            if not text:
-                continue
-            parts = text.split()
+        for number, parts in _token_lines(path):
             if len(parts) != 2 or parts[0] not in {s.value for s in Scope}:
                 raise InvalidArgumentError(f"{path} line {number}: expected `read TOKEN` or `write TOKEN`")
             if len(parts[1]) < 16:
@@ -162,10 +158,8 @@ def read_token(path: Path | None) -> str | None:
     """A client's token: the first non-comment line of `path`, else $MEMSTORE_TOKEN, else None."""
     if path is None:
         return os.environ.get(TOKEN_ENV) or None
-    for line in _read(path, "token file").decode().splitlines():
-        text = line.split("#", 1)[0].strip()
-        if text:
-            return text.split()[-1]  # a daemon's `read TOKEN` line works as well as the bare token
+    for _, parts in _token_lines(path):
+        return parts[-1]  # a daemon's `read TOKEN` line works as well as the bare token
     raise InvalidArgumentError(f"the token file {path} holds no token")
 
 
@@ -237,6 +231,14 @@ def _refusal(handler: Any, code: grpc.StatusCode, message: str) -> Any:
 
 def _digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _token_lines(path: Path) -> Iterator[tuple[int, list[str]]]:
+    """(line number, words) of each line of a token file that holds more than a `#` comment."""
+    for number, line in enumerate(_read(path, "token file").decode().splitlines(), 1):
+        words = line.split("#", 1)[0].split()
+        if words:
+            yield number, words
 
 
 def _read(path: Path, what: str) -> bytes:
