@@ -100,6 +100,8 @@ def test_a_daemon_counts_what_it_serves_and_refuses(trainable) -> None:
     assert summary.values["memstore_pushed_rows_total"] == 5
     assert summary.values["memstore_table_version"] == 1  # read off the table when scraped
     assert summary.values["memstore_in_flight_bytes"] == 0
+    counts = metrics.counts()  # the daemon's periodic log line
+    assert counts["lookups"] == 4 and counts["errors"] == 2 and counts["pushes"] == 1 and counts["rows served"] == 30
 
 
 def test_metrics_over_http(trainable) -> None:
