@@ -9,6 +9,7 @@ from memstore.create import create_table
 from memstore.dtypes import DType
 from memstore.layout import EngramLayout
 from memstore.manifest import Manifest
+from memstore.optim import OptimizerConfig
 from model.corpus import CorpusConfig
 from model.engram import EngramConfig
 from model.lm import LMConfig
@@ -24,9 +25,15 @@ CREATABLE_DTYPES = [dtype for dtype in DType if not dtype.opaque]
 FAST_FAIL = ClientConfig(timeout_s=5.0, max_attempts=2, initial_backoff_s=0.05, max_backoff_s=0.1)
 
 
-def make_table(path: Path, dtype: DType = DType.FLOAT16, layout: EngramLayout = SMALL_LAYOUT, seed: int = 0) -> Path:
-    """Create a small table at `path` and return the path."""
-    return create_table(path, Manifest(layout=layout, dtype=dtype, seed=seed))
+def make_table(
+    path: Path,
+    dtype: DType = DType.FLOAT16,
+    layout: EngramLayout = SMALL_LAYOUT,
+    seed: int = 0,
+    optimizer: OptimizerConfig | None = None,
+) -> Path:
+    """Create a small table at `path` (trainable with `optimizer`) and return the path."""
+    return create_table(path, Manifest(layout=layout, dtype=dtype, seed=seed, optimizer=optimizer))
 
 
 # A tiny Engram LM setting (one Engram layer) and corpus for model tests.

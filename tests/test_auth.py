@@ -16,15 +16,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client import MemstoreClient
 from memstore.auth import ClientTls, Scope, TlsConfig, TokenTable, is_loopback, open_channel, read_token
-from memstore.create import create_table
 from memstore.errors import InvalidArgumentError, ReadOnlyError, UnauthenticatedError, UnavailableError
 from memstore.live import LiveConfig, LiveTable
-from memstore.manifest import Manifest
 from memstore.optim import OptimizerConfig, OptimizerKind
 from memstore.replica import FollowConfig, Follower
 from memstore.service import ServerConfig, create_server, exposure_warning
 from memstore.wal import Durability
-from tests.helpers import FAST_FAIL, SMALL_LAYOUT
+from tests.helpers import FAST_FAIL, SMALL_LAYOUT, make_table
 
 LAYER = 1
 DIM = SMALL_LAYOUT.dim
@@ -68,8 +66,7 @@ def tokens(tmp_path: Path) -> Path:
 @pytest.fixture
 def trainable(tmp_path: Path):
     """A trainable table served by LiveTable (opened and closed by the test through this fixture)."""
-    optimizer = OptimizerConfig(kind=OptimizerKind.SGD, lr=1.0)
-    path = create_table(tmp_path / "t", Manifest(layout=SMALL_LAYOUT, seed=1, optimizer=optimizer))
+    path = make_table(tmp_path / "t", seed=1, optimizer=OptimizerConfig(kind=OptimizerKind.SGD, lr=1.0))
     opened: list[LiveTable] = []
 
     def open_table(read_only: bool = False) -> LiveTable:

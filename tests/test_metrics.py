@@ -15,16 +15,14 @@ import pytest
 from prometheus_client import REGISTRY
 
 from client import MemstoreClient, PrefetchConfig, Prefetcher
-from memstore.create import create_table
 from memstore.errors import InvalidArgumentError
 from memstore.live import LiveConfig, LiveTable
 from memstore.logs import JsonFormatter, LogFormat, configure_logging
-from memstore.manifest import Manifest
 from memstore.metrics import DaemonMetrics, summarize
 from memstore.optim import OptimizerConfig, OptimizerKind
 from memstore.service import ServerConfig, create_server
 from memstore.wal import Durability
-from tests.helpers import FAST_FAIL, SMALL_LAYOUT
+from tests.helpers import FAST_FAIL, SMALL_LAYOUT, make_table
 
 LAYER = 1
 DIM = SMALL_LAYOUT.dim
@@ -67,8 +65,7 @@ def test_summary_reads_calls_errors_and_quantiles_back_from_the_text() -> None:
 
 @pytest.fixture
 def trainable(tmp_path):
-    optimizer = OptimizerConfig(kind=OptimizerKind.SGD, lr=1.0)
-    path = create_table(tmp_path / "t", Manifest(layout=SMALL_LAYOUT, seed=1, optimizer=optimizer))
+    path = make_table(tmp_path / "t", seed=1, optimizer=OptimizerConfig(kind=OptimizerKind.SGD, lr=1.0))
     live = LiveTable.open(path, config=LiveConfig(durability=Durability.OS))
     yield live
     live.close()
