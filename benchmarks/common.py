@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from memstore.create import create_table
@@ -28,3 +29,9 @@ def ensure_table(path: Path, layout: EngramLayout, dtype: DType = DType.FLOAT16,
             while f.read(64 << 20):
                 pass
     return manifest
+
+
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far (Linux /proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

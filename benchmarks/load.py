@@ -58,6 +58,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.common import process_cpu_s  # noqa: E402
 from client import ClientConfig, MemstoreClient  # noqa: E402
 from client.client import sum_duplicate_rows  # noqa: E402
 from memstore.dtypes import DType  # noqa: E402
@@ -271,8 +272,7 @@ class MemorySampler(threading.Thread):
     def read(self) -> dict[str, float]:
         text = Path(f"/proc/{self.pid}/status").read_text()
         sample = {name: float(re.search(rf"^{name}:\s+(\d+)", text, re.M).group(1)) for name in self.FIELDS}
-        stat = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        sample["cpu_s"] = (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
+        sample["cpu_s"] = process_cpu_s(self.pid)
         sample["t"] = time.perf_counter() - self._start
         return sample
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 import shutil
 import sys
 import tempfile
@@ -34,6 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.common import process_cpu_s  # noqa: E402
 from client import ClientConfig, MemstoreClient  # noqa: E402
 from memstore.create import create_table  # noqa: E402
 from memstore.dtypes import DType  # noqa: E402
@@ -44,12 +44,6 @@ from memstore.optim import OptimizerConfig, OptimizerKind  # noqa: E402
 from memstore.wal import Durability  # noqa: E402
 
 SAMPLE_PERIOD_S = 0.01
-
-
-def _cpu_s(pid: int) -> float:
-    """CPU seconds (user + system) a process has used so far (Linux)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _table_files(path: Path, manifest: Manifest) -> dict[str, str]:
@@ -115,9 +109,9 @@ def main() -> int:
         try:
             with MemstoreClient(alone_address, config) as trainer:
                 alone_acked: dict[int, float] = {}
-                cpu = _cpu_s(alone.pid)
+                cpu = process_cpu_s(alone.pid)
                 alone_s = _push_for(trainer, args.seconds, batches, alone_acked)
-                alone_cpu_ms = 1000 * (_cpu_s(alone.pid) - cpu) / len(alone_acked)
+                alone_cpu_ms = 1000 * (process_cpu_s(alone.pid) - cpu) / len(alone_acked)
         finally:
             stop_daemon(alone)
         print(
@@ -142,14 +136,14 @@ def main() -> int:
 
                 sampler = threading.Thread(target=sample)
                 sampler.start()
-                cpu = _cpu_s(primary.pid), _cpu_s(replica.pid)
+                cpu = process_cpu_s(primary.pid), process_cpu_s(replica.pid)
                 pushing_s = _push_for(trainer, args.seconds, batches, acked)
-                primary_cpu_ms = 1000 * (_cpu_s(primary.pid) - cpu[0]) / len(acked)
+                primary_cpu_ms = 1000 * (process_cpu_s(primary.pid) - cpu[0]) / len(acked)
                 stopped = time.monotonic()
                 while replica_probe.version() < max(acked):
                     time.sleep(0.001)
                 drain_s = time.monotonic() - stopped
-                replica_cpu_ms = 1000 * (_cpu_s(replica.pid) - cpu[1]) / len(acked)
+                replica_cpu_ms = 1000 * (process_cpu_s(replica.pid) - cpu[1]) / len(acked)
                 stop.set()
                 sampler.join()
         finally:
