@@ -7,6 +7,7 @@ from pathlib import Path
 
 from memstore.auth import ClientTls, TlsConfig, read_token
 from memstore.errors import InvalidArgumentError
+from memstore.integrity import IntegrityConfig
 from memstore.live import LiveConfig
 from memstore.logs import LogFormat
 from memstore.replica import DEFAULT_MAX_LAG, FollowConfig
@@ -82,7 +83,10 @@ def run_serve(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
     )
     live = LiveConfig(
-        durability=args.durability, checkpoint_every=args.checkpoint_every, feed_bytes=int(args.feed_mb * 2**20)
+        durability=args.durability,
+        checkpoint_every=args.checkpoint_every,
+        feed_bytes=int(args.feed_mb * 2**20),
+        integrity=IntegrityConfig(enabled=not args.no_integrity, scrub_period_s=args.scrub_period),
     )
     follow = None
     if args.follow is not None:
@@ -114,6 +118,19 @@ def _add_durability(srv: argparse.ArgumentParser) -> None:
         "os: once the OS has it (survives the daemon's crash, not the host's)",
     )
     srv.add_argument("--checkpoint-every", type=int, default=live.checkpoint_every, help="pushes between checkpoints")
+    srv.add_argument(
+        "--scrub-period",
+        type=float,
+        default=live.integrity.scrub_period_s,
+        metavar="SECONDS",
+        help="verify every row against its checksum again within this period (0: only on first read); damage "
+        "answers DATA_LOSS for its rows and turns health NOT_SERVING",
+    )
+    srv.add_argument(
+        "--no-integrity",
+        action="store_true",
+        help="do not keep or check row checksums (removes a writable table's; a later checked start rebuilds them)",
+    )
     srv.add_argument(
         "--feed-mb",
         type=float,
