@@ -476,7 +476,8 @@ class TableIntegrity:
             rows = _raw_rows(checked.store, ids)  # a lazy store may store a row differently (-0.0 for +0.0)
         checked.sums.reserve(ids)  # a no-op after the push's own reservation (replays reserve here)
         checked.sums.sums[ids] = row_checksums(rows)
-        checked.sums.versions[ids >> _SHIFT] = version
+        blocks = ids >> _SHIFT  # a replay of older records never lowers a block's version
+        checked.sums.versions[blocks] = np.maximum(checked.sums.versions[blocks], np.uint64(version))
 
     def reserve(self, layer: int, ids: np.ndarray) -> None:
         """Disk space for the checksums a write of these rows of a layer will update (before it is logged)."""
