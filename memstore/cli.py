@@ -288,7 +288,9 @@ def _verify(args: argparse.Namespace) -> int:
         elif damage:
             worst = 2
             for found in damage:
-                print(f"{path}: DAMAGED: {found.describe()} do not match their checksums", file=sys.stderr)
+                print(f"{path}: damaged: {found.describe()} do not match their checksums", file=sys.stderr)
+            if not trained:  # the create digest too, as verify always reported it
+                _verify_digest(path, manifest, trained, True, args.no_progress)
         elif trained:
             print(
                 f"{path}: intact: trained ({trained} pushes since create, import or reshard), every row and optimizer "

@@ -647,7 +647,8 @@ class TableIntegrity:
                 self.scrub_passes += 1
                 self._stop.wait(max(0.0, start + half - time.monotonic()))
         except Exception:  # never kill the daemon from here; say why the scrub stopped
-            if not self._stop.is_set():
+            closed = any(_closed(c.store) for c in self._stores.values())  # a Table closed under a server
+            if not self._stop.is_set() and not closed:
                 log.exception("%s: the integrity scrub stopped", self.path)
 
     def close(self) -> None:
@@ -662,6 +663,11 @@ class TableIntegrity:
         self._stores = {}
         self._by_layer = {}
         self._rows_of = {}
+
+
+def _closed(store: RowStore) -> bool:
+    """Whether a store was closed (its map or environment released)."""
+    return getattr(store, "_rows", True) is None or getattr(store, "_env", True) is None
 
 
 def _build_missing(

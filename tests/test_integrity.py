@@ -228,7 +228,7 @@ def test_verify_tells_a_trained_table_from_a_damaged_one(tmp_path: Path, capsys)
     assert "intact: trained (3 pushes" in capsys.readouterr().out
     _flip(path / "layer_1.exp_avg.f32", 12, row_bytes=4 * DIM)
     assert cli_main(["verify", str(path), "--no-progress"]) == 2
-    assert "DAMAGED: layer 1 optimizer state 'exp_avg' 12 in layer_1.exp_avg.f32" in capsys.readouterr().err
+    assert "damaged: layer 1 optimizer state 'exp_avg' 12 in layer_1.exp_avg.f32" in capsys.readouterr().err
 
 
 def test_verify_without_checksums_says_it_cannot_tell_for_a_trained_table(tmp_path: Path, capsys) -> None:
