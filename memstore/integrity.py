@@ -110,8 +110,7 @@ def row_checksums(rows: np.ndarray) -> np.ndarray:
     multipliers = _MULTIPLIER_CACHE.get(words.shape[1])
     if multipliers is None:
         multipliers = _MULTIPLIER_CACHE.setdefault(words.shape[1], _multipliers(words.shape[1]))
-    with np.errstate(over="ignore"):
-        return (words * multipliers).sum(axis=1, dtype=np.uint64)
+    return words @ multipliers  # integer matmul wraps modulo 2**64, ~3x faster than multiply-and-sum
 
 
 def sums_path(store_path: Path) -> Path:
