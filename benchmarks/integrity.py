@@ -9,8 +9,10 @@ push, a background scrub at its default period), one with `--no-integrity`. Both
 reported on its own), then measured alternately, lookups then pushes, `--repeats` times each for
 `--seconds`: the best rate of each side is compared, so machine noise does not pass for cost.
 One client over gRPC on loopback (no same-host reads), each call waiting for its answer.
-Also reported: one unthrottled pass over every block of the table in process (what a scrub
-pass costs, spread over half the scrub period by the daemon).
+The daemon's CPU time per call (the least over the repeats) is reported too: it is what the checks
+add, and far less disturbed by other load on the machine than throughput. Also reported: one
+unthrottled pass over every block of the table in process (what a scrub pass costs, spread over
+half the scrub period by the daemon).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.common import process_cpu_s  # noqa: E402
 from client import ClientConfig, MemstoreClient  # noqa: E402
 from memstore.create import create_table  # noqa: E402
 from memstore.dtypes import DType  # noqa: E402
@@ -38,14 +41,15 @@ from memstore.optim import OptimizerConfig  # noqa: E402
 from memstore.wal import Durability  # noqa: E402
 
 
-def _rate(call, batches: list, seconds: float) -> float:
-    """Calls per second of `call(*batch)` over about `seconds`."""
+def _rate(call, batches: list, seconds: float, pid: int) -> tuple[float, float]:
+    """(calls per second, daemon CPU ms per call) of `call(*batch)` over about `seconds`."""
     done = 0
+    cpu = process_cpu_s(pid)
     start = time.perf_counter()
     while time.perf_counter() - start < seconds:
         call(*batches[done % len(batches)])
         done += 1
-    return done / (time.perf_counter() - start)
+    return done / (time.perf_counter() - start), 1000 * (process_cpu_s(pid) - cpu) / done
 
 
 def main() -> int:
@@ -95,22 +99,27 @@ def main() -> int:
                     client.lookup(1, np.arange(first, min(num_rows, first + 65536)))
                 print(f"warm-up read of every row, checksums {side}: {time.perf_counter() - t:.2f} s")
             best = {(kind, side): 0.0 for kind in ("lookup", "push") for side in clients}
+            cpu = {(kind, side): float("inf") for kind in ("lookup", "push") for side in clients}
             for kind, batches in (("lookup", lookups), ("push", pushes)):
-                for _ in range(args.repeats):
-                    for side, client in clients.items():
-                        call = client.lookup if kind == "lookup" else client.push
-                        best[kind, side] = max(best[kind, side], _rate(call, batches, args.seconds))
+                for repeat in range(args.repeats):
+                    for side in ("on", "off") if repeat % 2 else ("off", "on"):  # neither side always first
+                        call = clients[side].lookup if kind == "lookup" else clients[side].push
+                        rate, cpu_ms = _rate(call, batches, args.seconds, daemons[side][0].pid)
+                        best[kind, side] = max(best[kind, side], rate)
+                        cpu[kind, side] = min(cpu[kind, side], cpu_ms)
         finally:
             for client in clients.values():
                 client.close()
         print(f"\nbest of {args.repeats} x {args.seconds:g} s, {args.rows:,} rows per call, one client over gRPC:\n")
-        print("| call | checksums off | checksums on | cost |")
-        print("|---|---:|---:|---:|")
+        print("| call | checksums off | checksums on | throughput cost | daemon CPU per call off / on | CPU cost |")
+        print("|---|---:|---:|---:|---:|---:|")
         for kind in ("lookup", "push"):
             off, on = best[kind, "off"], best[kind, "on"]
+            cpu_off, cpu_on = cpu[kind, "off"], cpu[kind, "on"]
             print(
                 f"| {kind} | {off:,.1f}/s ({off * args.rows / 1e6:.2f} M rows/s) | "
-                f"{on:,.1f}/s ({on * args.rows / 1e6:.2f} M rows/s) | {100 * (1 - on / off):.1f}% |"
+                f"{on:,.1f}/s ({on * args.rows / 1e6:.2f} M rows/s) | {100 * (1 - on / off):.1f}% | "
+                f"{cpu_off:.3f} / {cpu_on:.3f} ms | {100 * (cpu_on / cpu_off - 1):.1f}% |"
             )
     finally:
         for process, _ in daemons.values():

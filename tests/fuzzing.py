@@ -146,12 +146,12 @@ class Expect:
 
 def _predict_sums(files: dict[str, bytes], store: str, ids: np.ndarray, rows: np.ndarray, version: int) -> None:
     """The store's checksum sidecar after a push wrote `rows` at `ids` (memstore.integrity's format: a
-    64-byte header, a u64 checksum per row, a u64 version per block of rows)."""
+    64-byte header, a u32 checksum per row padded to 8 bytes, a u64 version per block of rows)."""
     name = store + SUMS_SUFFIX
     data = bytearray(files[name])
     num_rows = int.from_bytes(data[16:24], "little")
-    sums = np.frombuffer(data, dtype="<u8", count=num_rows, offset=64)
-    versions = np.frombuffer(data, dtype="<u8", offset=64 + 8 * num_rows)
+    sums = np.frombuffer(data, dtype="<u4", count=num_rows, offset=64)
+    versions = np.frombuffer(data, dtype="<u8", offset=64 + -(-4 * num_rows // 8) * 8)
     sums[ids] = row_checksums(np.ascontiguousarray(rows))
     versions[ids // BLOCK_ROWS] = np.maximum(versions[ids // BLOCK_ROWS], version)
     files[name] = bytes(data)
