@@ -6,8 +6,10 @@ Two identical trainable tables (float16, dim 32, Adam) are created; one `memstor
 serves each, one with checksums (the default: checked on first read of each block, kept by every
 push, a background scrub at its default period), one with `--no-integrity`. Both are warmed
 (every block read once, so the on-side's first-read verification is done: its one-off cost is
-reported on its own), then measured alternately, lookups then pushes, `--repeats` times each for
-`--seconds`: the best rate of each side is compared, so machine noise does not pass for cost.
+reported on its own), then measured side by side: one client alternates calls between the two
+daemons, one by one, for `--seconds` (lookups, then pushes), so a load spike on the machine hits
+both sides alike; each side's rate is its calls over the time its own calls took. Repeated
+`--repeats` times: the best rate of each side is compared.
 One client over gRPC on loopback (no same-host reads), each call waiting for its answer.
 The daemon's CPU time per call (the least over the repeats) is reported too: it is what the checks
 add, and far less disturbed by other load on the machine than throughput. Also reported: one
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -41,15 +44,27 @@ from memstore.optim import OptimizerConfig  # noqa: E402
 from memstore.wal import Durability  # noqa: E402
 
 
-def _rate(call, batches: list, seconds: float, pid: int) -> tuple[float, float]:
-    """(calls per second, daemon CPU ms per call) of `call(*batch)` over about `seconds`."""
-    done = 0
-    cpu = process_cpu_s(pid)
+def _side_by_side(calls: dict, batches: list, seconds: float, pids: dict) -> dict[str, tuple[float, float, float]]:
+    """Per side: (calls per second of its own time, median ms, daemon CPU ms per call), the sides'
+    calls alternating one by one for about `seconds`: a load spike on the machine hits both alike."""
+    spent = {side: [] for side in calls}
+    cpu = {side: process_cpu_s(pid) for side, pid in pids.items()}
     start = time.perf_counter()
+    done = 0
     while time.perf_counter() - start < seconds:
-        call(*batches[done % len(batches)])
+        for side in calls if done % 2 else reversed(list(calls)):
+            t = time.perf_counter()
+            calls[side](*batches[done % len(batches)])
+            spent[side].append(time.perf_counter() - t)
         done += 1
-    return done / (time.perf_counter() - start), 1000 * (process_cpu_s(pid) - cpu) / done
+    return {
+        side: (
+            len(times) / sum(times),
+            1000 * statistics.median(times),
+            1000 * (process_cpu_s(pids[side]) - cpu[side]) / len(times),
+        )
+        for side, times in spent.items()
+    }
 
 
 def main() -> int:
@@ -99,26 +114,32 @@ def main() -> int:
                     client.lookup(1, np.arange(first, min(num_rows, first + 65536)))
                 print(f"warm-up read of every row, checksums {side}: {time.perf_counter() - t:.2f} s")
             best = {(kind, side): 0.0 for kind in ("lookup", "push") for side in clients}
+            median = {(kind, side): float("inf") for kind in ("lookup", "push") for side in clients}
             cpu = {(kind, side): float("inf") for kind in ("lookup", "push") for side in clients}
+            pids = {side: process.pid for side, (process, _) in daemons.items()}
             for kind, batches in (("lookup", lookups), ("push", pushes)):
-                for repeat in range(args.repeats):
-                    for side in ("on", "off") if repeat % 2 else ("off", "on"):  # neither side always first
-                        call = clients[side].lookup if kind == "lookup" else clients[side].push
-                        rate, cpu_ms = _rate(call, batches, args.seconds, daemons[side][0].pid)
+                calls = {side: c.lookup if kind == "lookup" else c.push for side, c in clients.items()}
+                for _ in range(args.repeats):
+                    for side, (rate, median_ms, cpu_ms) in _side_by_side(calls, batches, args.seconds, pids).items():
                         best[kind, side] = max(best[kind, side], rate)
+                        median[kind, side] = min(median[kind, side], median_ms)
                         cpu[kind, side] = min(cpu[kind, side], cpu_ms)
         finally:
             for client in clients.values():
                 client.close()
         print(f"\nbest of {args.repeats} x {args.seconds:g} s, {args.rows:,} rows per call, one client over gRPC:\n")
-        print("| call | checksums off | checksums on | throughput cost | daemon CPU per call off / on | CPU cost |")
-        print("|---|---:|---:|---:|---:|---:|")
+        print(
+            "| call | checksums off | checksums on | throughput cost | median call off / on | "
+            "daemon CPU per call off / on | CPU cost |"
+        )
+        print("|---|---:|---:|---:|---:|---:|---:|")
         for kind in ("lookup", "push"):
             off, on = best[kind, "off"], best[kind, "on"]
             cpu_off, cpu_on = cpu[kind, "off"], cpu[kind, "on"]
             print(
                 f"| {kind} | {off:,.1f}/s ({off * args.rows / 1e6:.2f} M rows/s) | "
                 f"{on:,.1f}/s ({on * args.rows / 1e6:.2f} M rows/s) | {100 * (1 - on / off):.1f}% | "
+                f"{median[kind, 'off']:.3f} / {median[kind, 'on']:.3f} ms | "
                 f"{cpu_off:.3f} / {cpu_on:.3f} ms | {100 * (cpu_on / cpu_off - 1):.1f}% |"
             )
     finally:

@@ -355,6 +355,16 @@ class _Checked:
         self.ok = np.zeros(blocks, dtype=bool)  # verified, not damaged: a read costs this one lookup
         self.bad = np.zeros(blocks, dtype=bool)
         self.bad_rows: dict[int, list[int]] = {}
+        # Every block verified and none damaged: a read then costs nothing at all. Set on the slow path,
+        # cleared when damage is found (both under `flag_lock`).
+        self.all_ok = False
+        self.flag_lock = threading.Lock()
+
+    def note_verified(self) -> None:
+        """Set `all_ok` once every block is verified (called after verifying some)."""
+        with self.flag_lock:
+            if not self.all_ok and not self.bad_rows and self.ok.all():
+                self.all_ok = True
 
     def mismatched(self, start: int, stop: int) -> np.ndarray:
         """Store-local rows in start..stop-1 whose bytes do not match their checksum."""
@@ -449,7 +459,7 @@ class TableIntegrity:
         """DataLossError when any of the rows (store-local ids) lies in a damaged block; verifies the
         blocks not verified yet first. `locked`: the caller holds the push lock."""
         checked = self._stores.get(name)
-        if checked is None or not len(ids):
+        if checked is None or not len(ids) or checked.all_ok:
             return
         blocks = ids >> _SHIFT
         if checked.ok[blocks].all():
@@ -469,7 +479,7 @@ class TableIntegrity:
     def check_rows(self, layer: int, ids: np.ndarray) -> None:
         """`check` for rows of a layer (store-local ids): what a lookup reads."""
         checked = self._rows_of.get(layer)
-        if checked is not None and len(ids) and not checked.ok[ids >> _SHIFT].all():
+        if checked is not None and not checked.all_ok:
             self.check(checked.name, ids)
 
     def check_layer(self, layer: int, ids: np.ndarray, locked: bool = False) -> None:
@@ -525,7 +535,6 @@ class TableIntegrity:
             checked = self._stores.get(found.file)
             if checked is not None:
                 blocks = np.unique(np.asarray(found.rows, dtype=np.int64) >> _SHIFT)
-                checked.ok[blocks] = False
                 self._verify_blocks(checked, blocks[~checked.bad[blocks]], locked=False)
 
     @staticmethod
@@ -535,16 +544,23 @@ class TableIntegrity:
         return f"layer {checked.layer} optimizer state {checked.slot!r} of rows"
 
     def _verify_blocks(self, checked: _Checked, blocks: np.ndarray, locked: bool) -> None:
-        """Verify whole blocks; a mismatch is checked again under the push lock, then marks the block bad."""
+        """Verify whole blocks (sorted, distinct); a mismatch is checked again under the push lock, then marks
+        the block bad. Consecutive blocks are verified together, up to _CHUNK_ROWS rows at a time."""
         n = checked.store.num_rows
         suspects: list[int] = []
-        for block in blocks.tolist():
-            start, stop = block << _SHIFT, min(n, (block + 1) << _SHIFT)
-            if len(checked.mismatched(start, stop)):
-                suspects.append(block)
-            else:
-                checked.ok[block] = True
+        blocks = np.asarray(blocks, dtype=np.int64)
+        per_chunk = _CHUNK_ROWS // BLOCK_ROWS
+        # Runs of consecutive blocks, each cut into chunks: [first, last) block ranges.
+        breaks = np.flatnonzero(np.diff(blocks) != 1) + 1
+        for run in np.split(blocks, breaks) if len(blocks) else ():
+            for first in range(int(run[0]), int(run[-1]) + 1, per_chunk):
+                last = min(int(run[-1]) + 1, first + per_chunk)
+                wrong = np.unique(checked.mismatched(first << _SHIFT, min(n, last << _SHIFT)) >> _SHIFT)
+                checked.ok[first:last] = ~checked.bad[first:last]  # a block found bad meanwhile stays refused
+                checked.ok[wrong] = False
+                suspects.extend(wrong.tolist())
         if not suspects:
+            checked.note_verified()
             return
         if locked:
             self._confirm(checked, suspects)
@@ -561,11 +577,16 @@ class TableIntegrity:
             if not rows:
                 checked.ok[block] = True
                 continue
-            checked.ok[block] = False
-            if not checked.bad[block]:
-                checked.bad[block] = True
-                checked.bad_rows[block] = rows
-                found.extend(rows)
+            with checked.flag_lock:
+                checked.all_ok = False
+                checked.ok[block] = False
+                if not checked.bad[block]:
+                    checked.bad[block] = True
+                    checked.bad_rows[block] = rows
+                    found.extend(rows)
+        if not found:
+            checked.note_verified()
+            return
         if found:
             damage = Damage(checked.name, checked.layer, checked.slot, found)
             self.damage.append(damage)
@@ -647,9 +668,7 @@ class TableIntegrity:
                 for checked in stores:
                     for first in range(0, len(checked.ok), _SCRUB_BATCH_BLOCKS):
                         blocks = np.arange(first, min(len(checked.ok), first + _SCRUB_BATCH_BLOCKS))
-                        blocks = blocks[~checked.bad[blocks]]
-                        checked.ok[blocks] = False  # verified again now, not trusted from before
-                        self._verify_blocks(checked, blocks, locked=False)
+                        self._verify_blocks(checked, blocks[~checked.bad[blocks]], locked=False)
                         done += 1
                         # Pace the pass over 80% of the half period: a steady trickle, not a burst.
                         if self._stop.wait(max(0.0, start + 0.8 * half * done / batches - time.monotonic())):
