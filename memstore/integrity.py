@@ -355,16 +355,33 @@ class _Checked:
         self.ok = np.zeros(blocks, dtype=bool)  # verified, not damaged: a read costs this one lookup
         self.bad = np.zeros(blocks, dtype=bool)
         self.bad_rows: dict[int, list[int]] = {}
-        # Every block verified and none damaged: a read then costs nothing at all. Set on the slow path,
-        # cleared when damage is found (both under `flag_lock`).
+        # Every block verified and none damaged: a read then costs nothing at all. `ok`, the count of
+        # blocks not ok and `all_ok` change together under `flag_lock`.
         self.all_ok = False
+        self.not_ok = blocks
         self.flag_lock = threading.Lock()
 
-    def note_verified(self) -> None:
-        """Set `all_ok` once every block is verified (called after verifying some)."""
+    def set_ok(self, first: int, last: int, ok: np.ndarray) -> None:
+        """Blocks first..last-1 verified: `ok` per block (False: a mismatch). A block marked bad stays not ok."""
         with self.flag_lock:
-            if not self.all_ok and not self.bad_rows and self.ok.all():
-                self.all_ok = True
+            was = self.ok[first:last]
+            now = ok & ~self.bad[first:last]
+            self.not_ok += int(np.count_nonzero(was)) - int(np.count_nonzero(now))
+            self.ok[first:last] = now
+            self.all_ok = self.not_ok == 0
+
+    def set_bad(self, block: int, rows: list[int]) -> bool:
+        """Mark a block damaged for good; True when it was not marked before."""
+        with self.flag_lock:
+            if self.ok[block]:
+                self.ok[block] = False
+                self.not_ok += 1
+            self.all_ok = False
+            if self.bad[block]:
+                return False
+            self.bad[block] = True
+            self.bad_rows[block] = rows
+            return True
 
     def mismatched(self, start: int, stop: int) -> np.ndarray:
         """Store-local rows in start..stop-1 whose bytes do not match their checksum."""
@@ -556,11 +573,11 @@ class TableIntegrity:
             for first in range(int(run[0]), int(run[-1]) + 1, per_chunk):
                 last = min(int(run[-1]) + 1, first + per_chunk)
                 wrong = np.unique(checked.mismatched(first << _SHIFT, min(n, last << _SHIFT)) >> _SHIFT)
-                checked.ok[first:last] = ~checked.bad[first:last]  # a block found bad meanwhile stays refused
-                checked.ok[wrong] = False
+                ok = np.ones(last - first, dtype=bool)
+                ok[wrong - first] = False
+                checked.set_ok(first, last, ok)
                 suspects.extend(wrong.tolist())
         if not suspects:
-            checked.note_verified()
             return
         if locked:
             self._confirm(checked, suspects)
@@ -575,18 +592,9 @@ class TableIntegrity:
             start, stop = block << _SHIFT, min(n, (block + 1) << _SHIFT)
             rows = checked.mismatched(start, stop).tolist()
             if not rows:
-                checked.ok[block] = True
-                continue
-            with checked.flag_lock:
-                checked.all_ok = False
-                checked.ok[block] = False
-                if not checked.bad[block]:
-                    checked.bad[block] = True
-                    checked.bad_rows[block] = rows
-                    found.extend(rows)
-        if not found:
-            checked.note_verified()
-            return
+                checked.set_ok(block, block + 1, np.ones(1, dtype=bool))  # a push was writing it
+            elif checked.set_bad(block, rows):
+                found.extend(rows)
         if found:
             damage = Damage(checked.name, checked.layer, checked.slot, found)
             self.damage.append(damage)
