@@ -393,3 +393,37 @@ def test_a_non_finite_or_negative_init_std_is_rejected(tmp_path: Path, std: floa
     assert code == 2
     assert "init_std" in capsys.readouterr().err
     assert not (tmp_path / "t").exists()
+
+
+# --------------------------------------------------------------------------- sparse checksum files
+
+
+def test_a_sparse_checksum_file_gets_disk_before_a_push_is_logged(tmp_path: Path, monkeypatch) -> None:
+    """A huge lazy table's checksum file stays sparse; a push reserves the pages it writes first, so a full
+    disk fails the push cleanly (nothing logged or applied) instead of SIGBUS on a write through the map."""
+    import errno
+
+    from memstore import integrity
+    from memstore.errors import ResourceExhaustedError
+
+    monkeypatch.setattr(integrity, "_SPARSE_SIDECAR_BYTES", 0)  # as for a table of billions of rows
+    manifest = Manifest(layout=SMALL_LAYOUT, init=Init.LAZY, optimizer=OptimizerConfig(kind="sgd", lr=0.1))
+    path = create_table(tmp_path / "t", manifest)
+    sums = sums_path(path / "layer_1.rows")
+    assert sums.stat().st_blocks * 512 < sums.stat().st_size  # sparse
+    real_fallocate = os.posix_fallocate
+
+    def full_disk(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with LiveTable.open(path, config=NO_SCRUB) as live:
+        monkeypatch.setattr(os, "posix_fallocate", full_disk)
+        with pytest.raises(ResourceExhaustedError, match="no disk space for the row checksums"):
+            live.push(1, np.array([4000]), _grads(1))
+        assert live.version == 0
+        monkeypatch.setattr(os, "posix_fallocate", real_fallocate)
+    with LiveTable.open(path, config=NO_SCRUB) as live:  # nothing was logged: nothing replays
+        assert live.version == 0
+        live.push(1, np.array([4000]), _grads(1))
+        assert live.version == 1 and live.integrity.verify_all() == []
+    assert verify_table(path, Manifest.read(path)) == []
