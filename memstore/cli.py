@@ -8,6 +8,7 @@ import json
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import IO
 
 from tqdm import tqdm
 
@@ -15,9 +16,9 @@ from memstore.cli_remote import add_remote_parsers, run_health, run_snapshot, ru
 from memstore.cli_serve import add_serve_parser, run_serve
 from memstore.create import DEFAULT_CHUNK_ROWS, create_sharded, create_table
 from memstore.dtypes import DType
-from memstore.errors import InvalidArgumentError, MemstoreError
+from memstore.errors import InvalidArgumentError, MemstoreError, UnavailableError
 from memstore.layout import EngramLayout
-from memstore.live import CHECKPOINT_NAME, table_version
+from memstore.live import CHECKPOINT_NAME, lock_writer, table_version
 from memstore.logs import LogFormat, configure_logging
 from memstore.manifest import Backend, Init, Manifest, parse_dtype
 from memstore.optim import OptimizerConfig, OptimizerKind
@@ -281,8 +282,15 @@ def _verify(args: argparse.Namespace) -> int:
     manifests = [Manifest.read(d) for d in dirs]  # also checks each manifest against its own checksums
     worst = 0
     for path, manifest in zip(dirs, manifests, strict=True):
-        trained = table_version(path)
-        damage = verify_table(path, manifest)
+        # Rows read while a daemon pushes into them would not match their checksums yet: refuse, rather
+        # than report damage that is not there (UnavailableError names the way out).
+        writer = _lock_for_verify(path) if manifest.optimizer is not None else None
+        try:
+            trained = table_version(path)
+            damage = verify_table(path, manifest)
+        finally:
+            if writer is not None:
+                writer.close()
         if damage is None:  # no checksums (an older memstore, or reshard): the create digest is all there is
             worst = max(worst, _verify_digest(path, manifest, trained, False, args.no_progress))
         elif damage:
@@ -299,6 +307,20 @@ def _verify(args: argparse.Namespace) -> int:
         else:
             worst = max(worst, _verify_digest(path, manifest, trained, True, args.no_progress))
     return worst
+
+
+def _lock_for_verify(path: Path) -> IO[str] | None:
+    """The table's writer lock (no daemon may push while its rows are checked), or None where the lock
+    file cannot be created (a read-only copy: nothing writes it either)."""
+    try:
+        return lock_writer(path)
+    except UnavailableError:
+        raise UnavailableError(
+            f"{path} is open for writing by a daemon: its rows change under the check (pushes would read as "
+            "damage); verify a snapshot (`memstore snapshot`), or stop the daemon first"
+        ) from None
+    except OSError:
+        return None
 
 
 def _verify_digest(path: Path, manifest: Manifest, trained: int, summed: bool, quiet: bool) -> int:
