@@ -31,6 +31,8 @@ sidecars: pushes then no longer keep them, and the next checked start rebuilds t
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import logging
 import mmap
@@ -405,13 +407,16 @@ class _Checked:
 class TableIntegrity:
     """The checksums of one open table's stores: checks, updates, scrub, and what was found damaged."""
 
-    def __init__(self, stores: list[_Checked], push_lock: threading.Lock, path: Path) -> None:
+    def __init__(
+        self, stores: list[_Checked], push_lock: threading.Lock, path: Path, writer_lock: Path | None = None
+    ) -> None:
         self._stores = {s.name: s for s in stores}
         self._by_layer: dict[int, list[_Checked]] = {}
         for s in stores:
             self._by_layer.setdefault(s.layer, []).append(s)
         self._rows_of = {s.layer: s for s in stores if s.slot is None}
         self._push_lock = push_lock
+        self._writer_lock = writer_lock  # read-only open of a trainable table: another process may push
         self.path = path
         self.damage: list[Damage] = []
         self._listeners: list[Callable[[], None]] = []
@@ -431,6 +436,7 @@ class TableIntegrity:
         push_lock: threading.Lock,
         config: IntegrityConfig,
         untrained: bool,
+        writer_lock: Path | None = None,
     ) -> TableIntegrity | None:
         """Checks for the stores of an open table (file name -> store), or None when off or impossible.
 
@@ -468,7 +474,7 @@ class TableIntegrity:
             for c in checked:
                 c.sums.close()
             raise
-        return cls(checked, push_lock, path)
+        return cls(checked, push_lock, path, writer_lock)
 
     # -- reads and writes ------------------------------------------------------------------------
 
@@ -581,9 +587,11 @@ class TableIntegrity:
             return
         if locked:
             self._confirm(checked, suspects)
-        else:
-            with self._push_lock:  # no write in flight: what still differs is damage
+            return
+        with self._push_lock, _no_other_writer(self._writer_lock) as excluded:
+            if excluded:  # no write in flight: what still differs is damage
                 self._confirm(checked, suspects)
+            # else another process pushes into this table (read-only here): the blocks stay unverified
 
     def _confirm(self, checked: _Checked, blocks: list[int]) -> None:
         n = checked.store.num_rows
@@ -700,6 +708,30 @@ class TableIntegrity:
         self._stores = {}
         self._by_layer = {}
         self._rows_of = {}
+
+
+@contextlib.contextmanager
+def _no_other_writer(lock_path: Path | None) -> Iterator[bool]:
+    """Whether no other process can be writing the table while the block is held: True at once for a
+    table this process writes (its push lock excludes its own pushes) or one nothing writes; else the
+    writer's flock taken for the moment of the check (False while a writing daemon holds it)."""
+    if lock_path is None:
+        yield True
+        return
+    try:
+        handle = open(lock_path, "a+")
+    except OSError:  # a read-only copy: nothing writes it
+        yield True
+        return
+    try:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        handle.close()  # releases the flock
 
 
 def _closed(store: RowStore) -> bool:

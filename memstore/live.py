@@ -325,6 +325,9 @@ class LiveTable:
             self._push_lock,
             self.config.integrity,
             untrained,
+            # Served read-only, a trainable table may be pushed into by another process: damage is only
+            # confirmed while that process's writer lock is free.
+            None if self.trainable or self.manifest.optimizer is None else self.path / LOCK_NAME,
         )
 
     @classmethod
