@@ -331,7 +331,7 @@ def _verify_digest(path: Path, manifest: Manifest, trained: int, summed: bool, q
     if trained:
         print(
             f"{path}: cannot verify: trained ({trained} pushes) and it has no row checksums (made by an older "
-            "memstore or by reshard); open it writable once (memstore serve) to build them",
+            "memstore); open it writable once (memstore serve) to build them",
             file=sys.stderr,
         )
         return 3

@@ -10,8 +10,10 @@ optimizer state slot) has a sidecar `<store file>.sums` beside it:
 
 Checksums are of the bytes as stored, so a row never written in a sparse file (a lazy table, or
 zero optimizer state) has the bytes of zeros and the checksum 0: an all-zero sidecar is right for
-a sparse store, and a row whose bytes appear in a hole later is damage. The sidecar itself is
-never sparse (space is allocated when it is written), so updating it never meets a full disk.
+a sparse store, and a row whose bytes appear in a hole later is damage. A sidecar gets its disk
+space when written, except a large all-zero one (a huge lazy table's), which stays sparse: a push
+reserves the pages it will write before it is logged (`TableIntegrity.reserve`), so updating a
+sidecar through its map never meets a full disk (ResourceExhaustedError instead, nothing applied).
 
 Create and import write the sidecars; every applied push, replayed log record and replicated
 record rewrites the checksums of exactly the rows it wrote and the version of their blocks, inside
@@ -22,7 +24,7 @@ under it (a push may have been writing the block); one that remains marks the bl
 good: reads and pushes touching it raise DataLossError naming the layer, rows and file, and the
 table's health turns NOT_SERVING (`TableIntegrity.add_damage_listener`).
 
-A table without sidecars (made by an older memstore, or by `reshard`) gets them on its first
+A table without sidecars (made by an older memstore) gets them on its first
 writable open, from the rows as they are then (checked against the manifest's rows sha256 when
 the table was never trained), with a log line; opened read-only it is served unchecked, with a
 warning. Turning checking off (`IntegrityConfig.enabled`) on a writable table deletes its
@@ -456,7 +458,7 @@ class TableIntegrity:
         missing = [name for name, p in paths.items() if not p.exists()]
         if missing and not writable:
             log.warning(
-                "%s has no row checksums (made by an older memstore or by reshard): damage is not detected while "
+                "%s has no row checksums (made by an older memstore): damage is not detected while "
                 "it is served; open it writable once, or `memstore verify` it",
                 path,
             )
@@ -762,8 +764,7 @@ def _build_missing(
                 "damaged; restore the table from a snapshot"
             )
     log.warning(
-        "%s: no row checksums for %s (made by an older memstore or by reshard): building them from the rows as they "
-        "are now",
+        "%s: no row checksums for %s (made by an older memstore): building them from the rows as they are now",
         path,
         ", ".join(missing),
     )

@@ -51,6 +51,7 @@ from memstore.create import (
 )
 from memstore.dtypes import DType
 from memstore.errors import DataLossError, InvalidArgumentError, TableFormatError, UnavailableError
+from memstore.integrity import write_table_sums
 from memstore.live import WAL_DIR, Checkpoint, has_records_after, lock_writer
 from memstore.manifest import MANIFEST_NAME, Init, Manifest
 from memstore.sharding import DEFAULT_PARTITIONS, Sharding
@@ -396,6 +397,7 @@ def _write_shard(
             write_store(manifest.backend, path / name, num_rows, slot_width, DType.FLOAT32, chunks)
     # Like create: the SHA-256 of this directory's own rows in its own order, for `memstore verify`.
     replace(manifest, rows_sha256=digest.hexdigest()).write(path)
+    write_table_sums(path, manifest)  # the rows' checksums (memstore.integrity), as create writes them
     if manifest.optimizer is not None:
         Checkpoint(version=0, layer_steps=dict(layer_steps)).write(path)
 
