@@ -266,6 +266,11 @@ def _print_disk(path: Path, manifest: Manifest) -> None:
     checkpoint = path / CHECKPOINT_NAME
     if checkpoint.exists():
         print(f"checkpoint: {checkpoint.read_text().strip()}")
+    if manifest.optimizer is not None:  # who holds it, and whether its files hold every acknowledged push
+        from memstore.offline import table_state
+
+        for line in table_state(path).lines():
+            print(line)
 
 
 def _verify(args: argparse.Namespace) -> int:
