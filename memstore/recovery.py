@@ -15,7 +15,11 @@ a deleted ``wal/`` that lost nothing. When the high-water mark is above what the
 the log hold, or the log's last version is above the checkpoint's with no record to replay
 (``checkpoint.json`` deleted or replaced), acknowledged pushes cannot be accounted for: the
 table refuses to open, naming the versions, unless `accept_data_loss` (``--accept-data-loss``),
-which serves it at the version that can be accounted for and logs what was lost.
+which serves it and logs what was lost. The version it then serves at skips past every version
+acknowledged before (the high-water mark plus one, which no record holds): a version number
+never names two different tables, so a replica or a cache that saw the lost pushes cannot
+mistake the new pushes for the ones after them (a replica gets a replication gap and must be
+re-seeded from a snapshot) and a client's version-keyed cache sees the change.
 
 Limits: with ``--durability os`` a host crash can lose the log's tail and the seqlock page
 together, and then nothing records that pushes were acknowledged. A seqlock file copied in from
@@ -61,7 +65,7 @@ class Recovery:
     durability: Durability
 
     def losses(self) -> tuple[int, list[str]]:
-        """(the version the table can be served at, what cannot be accounted for: empty when nothing)."""
+        """(the version the table is served at, what cannot be accounted for: empty when nothing lost)."""
         version = self.recovered
         lost = []
         if self.log_last is not None and self.log_last > version:
@@ -85,6 +89,7 @@ class Recovery:
                 f"acknowledged (the seqlock file records version {self.acknowledged}) but are in neither the "
                 f"checkpoint nor the log ({where}){cut}"
             )
+            version = self.acknowledged + 1  # never reuse a version the lost pushes had (module docstring)
         return version, lost
 
 
@@ -117,10 +122,17 @@ def settle(recovery: Recovery, accept_data_loss: bool) -> int:
     if not accept_data_loss:
         raise DataLossError(
             f"{path}: acknowledged pushes cannot be accounted for: {text}. Refusing to serve it: restore the table "
-            f"from a snapshot, or start with --accept-data-loss to serve it at version {version} (the pushes "
-            "above it are lost: trainers must redo them, and rows may hold parts of them)"
+            f"from a snapshot, or start with --accept-data-loss to serve it as it is, at version {version} (the "
+            "lost pushes must be redone by the trainers, rows may hold parts of them, and replicas must be "
+            "re-seeded from a snapshot)"
         )
-    log.error("%s: ACCEPTING DATA LOSS (--accept-data-loss): %s. Serving at version %d", path, text, version)
+    log.error(
+        "%s: ACCEPTING DATA LOSS (--accept-data-loss): %s. Serving at version %d: versions are never reused, "
+        "so replicas that saw the lost pushes stop with a replication gap (re-seed them from a snapshot)",
+        path,
+        text,
+        version,
+    )
     return version
 
 

@@ -20,7 +20,7 @@ import pytest
 from client import MemstoreClient
 from memstore.create import create_table
 from memstore.dtypes import DType
-from memstore.errors import DataLossError, MemstoreError
+from memstore.errors import DataLossError, MemstoreError, ReplicationGapError
 from memstore.launch import start_daemon, stop_daemon
 from memstore.live import LiveConfig, LiveTable
 from memstore.manifest import Backend, Manifest
@@ -164,16 +164,16 @@ def test_an_acknowledged_push_cut_from_the_log_refuses_to_serve_unless_accepted(
     refused = _serve_fails(path)
     assert "acknowledged pushes cannot be accounted for: pushes 3..3 (1 versions) were acknowledged" in refused
     assert f"recovery cut {length - 1} bytes at offset {offset} of {segment}: the record of version 3" in refused
-    assert "--accept-data-loss to serve it at version 2" in refused
+    assert "--accept-data-loss to serve it as it is, at version 4" in refused  # 3 is never reused
     process, address, log = _serve(path, tmp_path, "--accept-data-loss")
     try:
-        assert _version_served(address) == 2
+        assert _version_served(address) == 4
     finally:
         assert stop_daemon(process) == 0
     assert "ERROR memstore.recovery" in log.read_text() and "ACCEPTING DATA LOSS" in log.read_text()
     process, address, _log = _serve(path, tmp_path)  # accepted once: the next start needs no flag
     try:
-        assert _version_served(address) == 2
+        assert _version_served(address) == 4
     finally:
         assert stop_daemon(process) == 0
 
@@ -191,7 +191,7 @@ def test_a_deleted_log_refuses_to_serve_a_trained_table(tmp_path: Path) -> None:
     )
     process, address, _log = _serve(path, tmp_path, "--accept-data-loss")
     try:
-        assert _version_served(address) == 0
+        assert _version_served(address) == 5
     finally:
         assert stop_daemon(process) == 0
 
@@ -222,3 +222,23 @@ def test_a_lost_checkpoint_is_not_taken_for_a_fresh_table(tmp_path: Path) -> Non
         assert live.push(LAYER, *_push(6)).version == 6
     with LiveTable.open(path) as live:
         assert live.version == 6
+
+
+def test_after_accepted_loss_a_replica_that_saw_the_lost_pushes_cannot_continue(tmp_path: Path) -> None:
+    """Versions are never reused after an accepted loss: a follower at a version the lost pushes made
+    would otherwise take the new pushes as the ones after its own and silently diverge."""
+    path = create_table(tmp_path / "t", Manifest(layout=SMALL_LAYOUT, optimizer=SGD))
+    live = LiveTable.open(path, config=LiveConfig(durability=Durability.FSYNC, checkpoint_every=0))
+    for i in range(1, 4):
+        live.push(LAYER, *_push(i))  # a follower streaming them reaches version 3
+    live._close_files()  # a crash
+    segment, offset, _length = _last_frame(path)
+    os.truncate(segment, offset + 5)  # push 3's record damaged
+    with LiveTable.open(path, config=LiveConfig(accept_data_loss=True, checkpoint_every=0)) as accepted:
+        assert accepted.version == 4  # 3 was acknowledged; 4 marks the loss and names no push
+        assert accepted.push(LAYER, *_push(4)).version == 5
+        with pytest.raises(ReplicationGapError):
+            accepted.records_after(3, 1 << 20, 0)  # the follower at 3 must be re-seeded
+        assert [r.version for r in accepted.records_after(4, 1 << 20, 0)] == [5]
+    with LiveTable.open(path) as reopened:
+        assert reopened.version == 5
