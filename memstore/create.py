@@ -11,6 +11,8 @@ acknowledging pushes into the deleted files, a read-only one serving the old row
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import os
 import shutil
@@ -149,13 +151,36 @@ def replace_table_dir(new: Path, target: Path) -> None:
     daemon or reader holds the existing table: it is held exclusively from the check to the move."""
     old = None
     with _held_for_replacement(target):
-        if target.exists():
+        if not target.exists():
+            os.replace(new, target)
+        elif _exchange(new, target):  # one atomic step: PATH always names a whole table, old or new
+            old = new
+        else:  # no atomic exchange here: two renames, the first undone if the second fails
             old = target.parent / f".{target.name}.replaced-{os.getpid()}"
             os.replace(target, old)
-        os.replace(new, target)
+            try:
+                os.replace(new, target)
+            except BaseException:
+                os.replace(old, target)
+                raise
         fsync_dir(target.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories atomically (Linux renameat2 RENAME_EXCHANGE); False where the system or
+    file system cannot."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 def check_replaceable(target: Path) -> None:
