@@ -158,10 +158,16 @@ class SeqLock:
 
     def __init__(self, path: Path, create: bool = False) -> None:
         self.path = path
-        if create and not path.exists():
+        if create and (not path.exists() or path.stat().st_size < 8):
+            # Also replaces a short file (a host crash can leave a new file empty), which could not be
+            # mapped: its word only matters to the writer opening it now, which sets it next.
             tmp = path.with_name(path.name + ".tmp")
-            tmp.write_bytes(bytes(8))
+            with open(tmp, "wb") as f:
+                f.write(bytes(8))
+                f.flush()
+                os.fsync(f.fileno())
             os.replace(tmp, path)
+            fsync_dir(path.parent)
         mode = "r+b" if create else "rb"
         with open(path, mode) as f:
             self._map = mmap.mmap(f.fileno(), 8, access=mmap.ACCESS_WRITE if create else mmap.ACCESS_READ)

@@ -242,3 +242,15 @@ def test_after_accepted_loss_a_replica_that_saw_the_lost_pushes_cannot_continue(
         assert [r.version for r in accepted.records_after(4, 1 << 20, 0)] == [5]
     with LiveTable.open(path) as reopened:
         assert reopened.version == 5
+
+
+def test_an_empty_seqlock_file_does_not_stop_a_start(tmp_path: Path) -> None:
+    """A host crash can leave the seqlock file empty (it was created without a sync before): mapping
+    8 bytes of it raised a raw ValueError on every start."""
+    path = create_table(tmp_path / "t", Manifest(layout=SMALL_LAYOUT, optimizer=SGD))
+    with LiveTable.open(path) as live:
+        live.push(LAYER, *_push(1))
+    os.truncate(path / "seqlock", 0)
+    with LiveTable.open(path) as live:
+        assert live.version == 1
+        assert (path / "seqlock").read_bytes() == (2).to_bytes(8, "little")
