@@ -32,6 +32,7 @@ from __future__ import annotations
 import errno
 import itertools
 import json
+import logging
 import mmap
 import os
 import shutil
@@ -71,6 +72,8 @@ LOCK_NAME = "writer.lock"  # the writer's pid, for messages (the lock is on the 
 _READ_TRIES = 8
 _RECORD_HEADER = struct.Struct("<IQqQH")  # layer id, layer step, client's step id, rows, client id length
 _MAX_CLIENT_ID_BYTES = (1 << 16) - 1  # the record header's client id length is 16 bits
+
+log = logging.getLogger("memstore.live")
 
 
 @dataclass(frozen=True)
@@ -123,7 +126,7 @@ class Checkpoint:
             }
             layer_steps = {int(k): int(v) for k, v in data["layer_steps"].items()}
             return cls(int(data["version"]), layer_steps, last_push)
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:  # AttributeError: not a JSON object
             raise TableFormatError(f"{path} is malformed ({exc!r}); restore the table from a snapshot") from None
 
     def write(self, table_dir: Path) -> None:
@@ -292,12 +295,12 @@ class LiveTable:
         self._state: dict[int, dict[str, RowStore]] = {}
         self.seqlock: SeqLock | None = None
         self._wal: WriteAheadLog | None = None
-        checkpoint = Checkpoint.read(self.path)
-        self.version = checkpoint.version
-        self.layer_steps = {layer: checkpoint.layer_steps.get(layer, 0) for layer in self.manifest.layout.layer_ids}
-        self._last_push = checkpoint.last_push  # (client, layer) -> (last step id, its ack)
-        self._feed = _Feed(self.version, self.config.feed_bytes)  # what followers stream (recovery adds to it)
         try:
+            checkpoint = self._read_checkpoint()
+            self.version = checkpoint.version
+            self.layer_steps = {layer: checkpoint.layer_steps.get(layer, 0) for layer in self.manifest.layout.layer_ids}
+            self._last_push = checkpoint.last_push  # (client, layer) -> (last step id, its ack)
+            self._feed = _Feed(self.version, self.config.feed_bytes)  # what followers stream (recovery adds to it)
             if self.trainable:
                 self._state = _open_state(self.path, self.manifest)
                 log_missing = not (self.path / WAL_DIR).is_dir()
@@ -316,6 +319,24 @@ class LiveTable:
         except BaseException:
             self._close_files()
             raise
+
+    def _read_checkpoint(self) -> Checkpoint:
+        """checkpoint.json; a damaged one is refused, unless `accept_data_loss` (then the log's version is
+        adopted by recovery, and the optimizer steps and clients' last steps start again from zero)."""
+        try:
+            return Checkpoint.read(self.path)
+        except TableFormatError as exc:
+            if not (self.trainable and self.config.accept_data_loss):
+                raise TableFormatError(
+                    f"{exc}, or start it with --accept-data-loss to serve it at the version its log records (its "
+                    "optimizer steps and the clients' last steps are then lost)"
+                ) from None
+            log.error(
+                "%s: ACCEPTING DATA LOSS (--accept-data-loss): %s; starting from an empty checkpoint",
+                self.path,
+                exc,
+            )
+            return Checkpoint()
 
     @classmethod
     def open(
@@ -583,10 +604,18 @@ class LiveTable:
         replayed = 0
         for record in self._wal.records(self.version):
             if record.version != self.version + 1:
-                raise DataLossError(
-                    f"{self.path / WAL_DIR} jumps from version {self.version} to {record.version}; "
-                    "pushes are missing: restore the table from a snapshot"
+                gap = (
+                    f"{self.path / WAL_DIR} jumps from version {self.version} (checkpoint.json's) to "
+                    f"{record.version}: pushes {self.version + 1}..{record.version - 1} are missing"
                 )
+                if not self.config.accept_data_loss:
+                    raise DataLossError(
+                        f"{gap}; restore the table from a snapshot, or start with --accept-data-loss to replay the "
+                        f"log from version {record.version} on (the missing pushes are lost)"
+                    )
+                log.error("%s: ACCEPTING DATA LOSS (--accept-data-loss): %s", self.path, gap)
+                self.version = record.version - 1
+                self._feed = _Feed(self.version, self.config.feed_bytes)
             self._apply(_Record.decode(record.payload, self.manifest), record.version)
             self._feed.append(record.version, record.payload)  # followers behind the crash can still catch up
             replayed += 1

@@ -40,6 +40,9 @@ class TableLock:
             os.close(self._fd)  # closing the last descriptor releases the flock
             self._fd = None
 
+    def __del__(self) -> None:  # a lock dropped on an error path must not stay held for the process's life
+        self.close()
+
     def __enter__(self) -> TableLock:
         return self
 

@@ -20,7 +20,7 @@ import pytest
 from client import MemstoreClient
 from memstore.create import create_table
 from memstore.dtypes import DType
-from memstore.errors import DataLossError, MemstoreError, ReplicationGapError
+from memstore.errors import DataLossError, MemstoreError, ReplicationGapError, TableFormatError
 from memstore.launch import start_daemon, stop_daemon
 from memstore.live import LiveConfig, LiveTable
 from memstore.manifest import Backend, Manifest
@@ -254,3 +254,20 @@ def test_an_empty_seqlock_file_does_not_stop_a_start(tmp_path: Path) -> None:
     with LiveTable.open(path) as live:
         assert live.version == 1
         assert (path / "seqlock").read_bytes() == (2).to_bytes(8, "little")
+
+
+@pytest.mark.parametrize("damage", [b"{not json", b"[]"], ids=["not-json", "not-an-object"])
+def test_a_damaged_checkpoint_is_refused_cleanly_and_can_be_accepted(tmp_path: Path, damage: bytes) -> None:
+    path = create_table(tmp_path / "t", Manifest(layout=SMALL_LAYOUT, optimizer=SGD))
+    live = LiveTable.open(path, config=LiveConfig(checkpoint_every=2))
+    for i in range(1, 6):
+        live.push(LAYER, *_push(i))  # checkpoints at 2 and 4 drop the log below them: it holds push 5
+    live._close_files()  # a crash
+    (path / "checkpoint.json").write_bytes(damage)
+    for _ in range(2):  # the failed open released the table: the second fails the same way
+        with pytest.raises(TableFormatError, match="checkpoint.json is malformed.*--accept-data-loss"):
+            LiveTable.open(path)
+    with LiveTable.open(path, config=LiveConfig(accept_data_loss=True)) as accepted:
+        assert accepted.version == 5  # replayed from the log, whose first record is push 5
+    with LiveTable.open(path) as reopened:
+        assert reopened.version == 5
