@@ -129,7 +129,8 @@ def _add_durability(srv: argparse.ArgumentParser) -> None:
         "--accept-data-loss",
         action="store_true",
         help="serve even when acknowledged pushes cannot be accounted for (log cut or deleted, checkpoint.json "
-        "lost): at the version that can be, logging what was lost. Without it such a table refuses to start",
+        "lost or damaged), logging what was lost; the version skips past the lost ones, so replicas that saw them "
+        "must be re-seeded. Without it such a table refuses to start (docs/operations.md)",
     )
 
 
