@@ -269,7 +269,11 @@ def _print_disk(path: Path, manifest: Manifest) -> None:
     if manifest.optimizer is not None:  # who holds it, and whether its files hold every acknowledged push
         from memstore.offline import table_state
 
-        for line in table_state(path).lines():
+        try:
+            lines = table_state(path).lines()
+        except MemstoreError as exc:  # info is how an operator looks at a damaged table: say it, go on
+            lines = [f"DAMAGED: {exc}"]
+        for line in lines:
             print(line)
 
 

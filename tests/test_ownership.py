@@ -194,3 +194,13 @@ def test_offline_readers_refuse_a_table_being_trained(tmp_path: Path) -> None:
         info = _memstore("info", path)
         assert info.returncode == 0 and f"in use: open for writing by pid {os.getpid()}" in info.stdout
     export_safetensors(path, tmp_path / "out.safetensors")
+
+
+def test_info_reports_a_damaged_checkpoint_and_log_instead_of_failing(tmp_path: Path) -> None:
+    path = make_table(tmp_path / "t", optimizer=SGD)
+    with LiveTable.open(path, config=NO_CHECKPOINT) as live:
+        _push(live, 1)
+    (path / "checkpoint.json").write_text("[]")
+    info = _memstore("info", path)
+    assert info.returncode == 0 and "DAMAGED: " in info.stdout and "checkpoint.json is malformed" in info.stdout
+    assert "optimizer: sgd" in info.stdout
