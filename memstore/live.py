@@ -86,8 +86,8 @@ class LiveConfig:
     # a follower further behind is served from the log, which holds the pushes since the last
     # checkpoint, and past that must restart from a snapshot.
     feed_bytes: int = 64 << 20
-    # Serve even when acknowledged pushes cannot be accounted for on open (memstore.recovery), at the
-    # version that can be; without it such a table refuses to open.
+    # Serve even when acknowledged pushes cannot be accounted for on open (memstore.recovery), logging
+    # what was lost, at a version past every one acknowledged before; without it such a table refuses to open.
     accept_data_loss: bool = False
 
     def __post_init__(self) -> None:
