@@ -8,7 +8,6 @@ import json
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import IO
 
 from tqdm import tqdm
 
@@ -16,11 +15,12 @@ from memstore.cli_remote import add_remote_parsers, run_health, run_snapshot, ru
 from memstore.cli_serve import add_serve_parser, run_serve
 from memstore.create import DEFAULT_CHUNK_ROWS, create_sharded, create_table
 from memstore.dtypes import DType
-from memstore.errors import InvalidArgumentError, MemstoreError, UnavailableError
+from memstore.errors import InvalidArgumentError, MemstoreError
 from memstore.layout import EngramLayout
-from memstore.live import CHECKPOINT_NAME, lock_writer, table_version
+from memstore.live import CHECKPOINT_NAME, table_version
 from memstore.logs import LogFormat, configure_logging
 from memstore.manifest import Backend, Init, Manifest, parse_dtype
+from memstore.offline import reading_offline
 from memstore.optim import OptimizerConfig, OptimizerKind
 from memstore.reshard import reshard, table_dirs
 from memstore.sharding import DEFAULT_PARTITIONS, partition_ranges
@@ -271,6 +271,15 @@ def _print_disk(path: Path, manifest: Manifest) -> None:
     checkpoint = path / CHECKPOINT_NAME
     if checkpoint.exists():
         print(f"checkpoint: {checkpoint.read_text().strip()}")
+    if manifest.optimizer is not None:  # who holds it, and whether its files hold every acknowledged push
+        from memstore.offline import table_state
+
+        try:
+            lines = table_state(path).lines()
+        except MemstoreError as exc:  # info is how an operator looks at a damaged table: say it, go on
+            lines = [f"DAMAGED: {exc}"]
+        for line in lines:
+            print(line)
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -282,15 +291,11 @@ def _verify(args: argparse.Namespace) -> int:
     manifests = [Manifest.read(d) for d in dirs]  # also checks each manifest against its own checksums
     worst = 0
     for path, manifest in zip(dirs, manifests, strict=True):
-        # Rows read while a daemon pushes into them would not match their checksums yet: refuse, rather
-        # than report damage that is not there (UnavailableError names the way out).
-        writer = _lock_for_verify(path) if manifest.optimizer is not None else None
-        try:
+        # No daemon may push while the rows are checked (a push in flight would read as damage), nor may the
+        # files lack pushes their log holds: UnavailableError / TableFormatError say what to do.
+        with reading_offline(path, "verify"):
             trained = table_version(path)
             damage = verify_table(path, manifest)
-        finally:
-            if writer is not None:
-                writer.close()
         if damage is None:  # no checksums (an older memstore, or reshard): the create digest is all there is
             worst = max(worst, _verify_digest(path, manifest, trained, False, args.no_progress))
         elif damage:
@@ -307,20 +312,6 @@ def _verify(args: argparse.Namespace) -> int:
         else:
             worst = max(worst, _verify_digest(path, manifest, trained, True, args.no_progress))
     return worst
-
-
-def _lock_for_verify(path: Path) -> IO[str] | None:
-    """The table's writer lock (no daemon may push while its rows are checked), or None where the lock
-    file cannot be created (a read-only copy: nothing writes it either)."""
-    try:
-        return lock_writer(path)
-    except UnavailableError:
-        raise UnavailableError(
-            f"{path} is open for writing by a daemon: its rows change under the check (pushes would read as "
-            "damage); verify a snapshot (`memstore snapshot`), or stop the daemon first"
-        ) from None
-    except OSError:
-        return None
 
 
 def _verify_digest(path: Path, manifest: Manifest, trained: int, summed: bool, quiet: bool) -> int:

@@ -33,8 +33,6 @@ sidecars: pushes then no longer keep them, and the next checked start rebuilds t
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import logging
 import mmap
@@ -409,16 +407,13 @@ class _Checked:
 class TableIntegrity:
     """The checksums of one open table's stores: checks, updates, scrub, and what was found damaged."""
 
-    def __init__(
-        self, stores: list[_Checked], push_lock: threading.Lock, path: Path, writer_lock: Path | None = None
-    ) -> None:
+    def __init__(self, stores: list[_Checked], push_lock: threading.Lock, path: Path) -> None:
         self._stores = {s.name: s for s in stores}
         self._by_layer: dict[int, list[_Checked]] = {}
         for s in stores:
             self._by_layer.setdefault(s.layer, []).append(s)
         self._rows_of = {s.layer: s for s in stores if s.slot is None}
         self._push_lock = push_lock
-        self._writer_lock = writer_lock  # read-only open of a trainable table: another process may push
         self.path = path
         self.damage: list[Damage] = []
         self._listeners: list[Callable[[], None]] = []
@@ -438,7 +433,6 @@ class TableIntegrity:
         push_lock: threading.Lock,
         config: IntegrityConfig,
         untrained: bool,
-        writer_lock: Path | None = None,
     ) -> TableIntegrity | None:
         """Checks for the stores of an open table (file name -> store), or None when off or impossible.
 
@@ -476,7 +470,7 @@ class TableIntegrity:
             for c in checked:
                 c.sums.close()
             raise
-        return cls(checked, push_lock, path, writer_lock)
+        return cls(checked, push_lock, path)
 
     # -- reads and writes ------------------------------------------------------------------------
 
@@ -590,10 +584,10 @@ class TableIntegrity:
         if locked:
             self._confirm(checked, suspects)
             return
-        with self._push_lock, _no_other_writer(self._writer_lock) as excluded:
-            if excluded:  # no write in flight: what still differs is damage
-                self._confirm(checked, suspects)
-            # else another process pushes into this table (read-only here): the blocks stay unverified
+        # No write in flight: what still differs is damage. (No other process writes the table meanwhile: a
+        # writer holds the table's directory exclusively, memstore.ownership.)
+        with self._push_lock:
+            self._confirm(checked, suspects)
 
     def _confirm(self, checked: _Checked, blocks: list[int]) -> None:
         n = checked.store.num_rows
@@ -710,30 +704,6 @@ class TableIntegrity:
         self._stores = {}
         self._by_layer = {}
         self._rows_of = {}
-
-
-@contextlib.contextmanager
-def _no_other_writer(lock_path: Path | None) -> Iterator[bool]:
-    """Whether no other process can be writing the table while the block is held: True at once for a
-    table this process writes (its push lock excludes its own pushes) or one nothing writes; else the
-    writer's flock taken for the moment of the check (False while a writing daemon holds it)."""
-    if lock_path is None:
-        yield True
-        return
-    try:
-        handle = open(lock_path, "a+")
-    except OSError:  # a read-only copy: nothing writes it
-        yield True
-        return
-    try:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        yield True
-    finally:
-        handle.close()  # releases the flock
 
 
 def _closed(store: RowStore) -> bool:
