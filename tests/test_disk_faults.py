@@ -27,7 +27,7 @@ from client import MemstoreClient
 from memstore.create import create_table
 from memstore.dtypes import DType
 from memstore.errors import InternalError, ResourceExhaustedError, TableFormatError
-from memstore.live import SEQLOCK_NAME, WAL_DIR, LiveConfig, LiveTable
+from memstore.live import WAL_DIR, LiveConfig, LiveTable
 from memstore.manifest import Backend, Init, Manifest
 from memstore.optim import OptimizerConfig, OptimizerKind
 from memstore.service import SERVICE_NAME, create_server
@@ -362,15 +362,6 @@ def test_a_truncated_optimizer_state_file_is_refused_at_start(tmp_path) -> None:
     os.truncate(state, state.stat().st_size - 4096)
     with pytest.raises(TableFormatError, match=state.name):
         LiveTable.open(path)
-
-
-def test_a_damaged_sequence_lock_file_does_not_stop_the_writer(tmp_path) -> None:
-    """An empty `seqlock` (a crash while it was created, an operator) made the daemon fail to start
-    with a bare ValueError from mmap."""
-    path = create_table(tmp_path / "table", LAZY_TRAINABLE)
-    (path / SEQLOCK_NAME).write_bytes(b"")
-    with LiveTable.open(path) as live:
-        assert live.push(1, np.arange(3), grads(3)).version == 1
 
 
 _OPEN_AS_NOBODY = """
