@@ -406,3 +406,19 @@ def test_reshard_on_a_full_disk_is_a_clear_error_and_leaves_nothing(tmp_path, ca
         err = capsys.readouterr().err
         assert "is full" in err and "Free space" in err and "Traceback" not in err, err
         assert sorted(p.name for p in disk.iterdir()) == ["table"]  # no staging debris
+
+
+def test_a_log_write_that_finds_the_disk_full_is_cut_back_and_the_log_goes_on(tmp_path) -> None:
+    """The log refused every append after one ENOSPC until it was reopened (INTERNAL for every push)."""
+    with small_disk(tmp_path / "disk", 256 << 10) as disk:
+        with WriteAheadLog(disk / "wal", Durability.FSYNC, segment_bytes=64 << 10) as wal:
+            wal.append(1, b"one")
+            filler = fill(disk)
+            for version in (2, 2):  # the same version again: the refused one left nothing behind
+                with pytest.raises(DiskFullError, match="nothing was applied"):
+                    wal.append(version, bytes(48 << 10))
+            filler.unlink()
+            wal.append(2, bytes(48 << 10))
+            wal.append(3, bytes(48 << 10))  # into a new segment
+        with WriteAheadLog(disk / "wal", Durability.FSYNC) as reopened:
+            assert [(r.version, len(r.payload)) for r in reopened.records()] == [(1, 3), (2, 48 << 10), (3, 48 << 10)]
