@@ -422,3 +422,43 @@ def test_a_log_write_that_finds_the_disk_full_is_cut_back_and_the_log_goes_on(tm
             wal.append(3, bytes(48 << 10))  # into a new segment
         with WriteAheadLog(disk / "wal", Durability.FSYNC) as reopened:
             assert [(r.version, len(r.payload)) for r in reopened.records()] == [(1, 3), (2, 48 << 10), (3, 48 << 10)]
+
+
+def test_a_replica_on_a_full_disk_keeps_following_and_catches_up_once_space_is_back(tmp_path) -> None:
+    """A replica that could not apply a record for want of space stopped following for good."""
+    from memstore.replica import FollowConfig, Follower
+
+    quick = FollowConfig(heartbeat_s=0.05, silence_s=2.0, initial_backoff_s=0.05, max_backoff_s=0.2)
+    primary_path = create_table(tmp_path / "primary", LAZY_TRAINABLE)
+    with small_disk(tmp_path / "disk", 1 << 20) as disk:
+        replica_path = create_table(disk / "replica", LAZY_TRAINABLE)
+        primary = LiveTable.open(primary_path, config=LiveConfig(Durability.OS))
+        server, port = create_server(primary, "127.0.0.1:0")
+        server.start()
+        replica = LiveTable.open(replica_path, config=LiveConfig(Durability.OS), primary=f"127.0.0.1:{port}")
+        follower = Follower(replica, quick)
+        try:
+            follower.start()
+            primary.push(1, np.arange(4), grads(4))
+            _wait_until(lambda: replica.version == 1)
+            filler = fill(disk)
+            primary.push(1, fresh_page_ids(10, 30), grads(30))
+            _wait_until(lambda: "is full" in follower.status().problem)
+            assert replica.version == 1
+            filler.unlink()
+            _wait_until(lambda: replica.version == 2)
+            np.testing.assert_array_equal(
+                replica.gather(1, fresh_page_ids(10, 30))[0], primary.gather(1, fresh_page_ids(10, 30))[0]
+            )
+        finally:
+            follower.stop()
+            replica.close()
+            server.stop(None).wait()
+            primary.close()
+
+
+def _wait_until(condition, timeout_s: float = WAIT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
