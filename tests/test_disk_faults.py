@@ -301,9 +301,10 @@ print("survived", flush=True)
 
 
 @pytest.mark.skipif(not REPORTER, reason=NO_REPORTER)
-def test_a_row_file_truncated_under_a_reader_is_named_before_it_dies(tmp_path) -> None:
+@pytest.mark.parametrize("backend, name", [(Backend.MMAP, "layer_1.rows"), (Backend.LMDB, "layer_1.lmdb/data.mdb")])
+def test_a_row_file_truncated_under_a_reader_is_named_before_it_dies(tmp_path, backend, name) -> None:
     """A process that maps a table (a daemon, a same-host client) died of SIGBUS with an empty log."""
-    path = create_table(tmp_path / "table", Manifest(layout=SMALL_LAYOUT, dtype=DType.FLOAT32))
+    path = create_table(tmp_path / "table", Manifest(layout=SMALL_LAYOUT, dtype=DType.FLOAT32, backend=backend))
     child = subprocess.Popen(
         [sys.executable, "-c", _MAP_AND_FAULT, str(path)],
         stdin=subprocess.PIPE,
@@ -313,14 +314,14 @@ def test_a_row_file_truncated_under_a_reader_is_named_before_it_dies(tmp_path) -
     )
     try:
         assert child.stdout.readline().strip() == "mapped"
-        os.truncate(path / "layer_1.rows", 4096)  # another process cuts the file short
+        os.truncate(path / name, 8192)  # another process cuts the file short
         _, err = child.communicate("go\n", timeout=WAIT_S)
     finally:
         if child.poll() is None:
             child.kill()
         child.wait(WAIT_S)
     assert child.returncode == -signal.SIGBUS
-    assert "SIGBUS" in err and str((path / "layer_1.rows").resolve()) in err, err
+    assert "SIGBUS" in err and str((path / name).resolve()) in err, err
 
 
 def test_a_daemon_whose_row_file_is_truncated_logs_the_file_before_dying(tmp_path) -> None:
