@@ -268,6 +268,15 @@ def _print_disk(path: Path, manifest: Manifest) -> None:
     checkpoint = path / CHECKPOINT_NAME
     if checkpoint.exists():
         print(f"checkpoint: {checkpoint.read_text().strip()}")
+    if manifest.optimizer is not None:  # who holds it, and whether its files hold every acknowledged push
+        from memstore.offline import table_state
+
+        try:
+            lines = table_state(path).lines()
+        except MemstoreError as exc:  # info is how an operator looks at a damaged table: say it, go on
+            lines = [f"DAMAGED: {exc}"]
+        for line in lines:
+            print(line)
 
 
 def _verify(args: argparse.Namespace) -> int:

@@ -3,14 +3,21 @@
 Rows are generated chunk by chunk (never the whole table in RAM) into a hidden temporary
 directory beside the target; files and directory are fsynced and the directory renamed
 only when complete, so an interrupted create leaves no half table that looks valid.
+
+Replacing a table (``--overwrite``, here and in import) is refused while any daemon serves it
+or an offline reader reads it (memstore.ownership): a trainable daemon would go on
+acknowledging pushes into the deleted files, a read-only one serving the old rows.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import os
 import shutil
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -20,6 +27,7 @@ import numpy as np
 from memstore.dtypes import DType
 from memstore.errors import InvalidArgumentError
 from memstore.manifest import MANIFEST_NAME, Backend, Init, Manifest, fsync_dir
+from memstore.ownership import lock_table
 from memstore.rowgen import initial_rows, initial_rows_at
 from memstore.sharding import DEFAULT_PARTITIONS, Sharding
 from memstore.space import check_free, disk_full_error, is_disk_full
@@ -47,6 +55,7 @@ def create_table(
         raise InvalidArgumentError(f"{path} already exists; remove it or pass overwrite=True (--overwrite)")
     if path.exists() and not (path / MANIFEST_NAME).is_file():
         raise InvalidArgumentError(f"{path} exists and is not a memstore table; refusing to replace it")
+    check_replaceable(path)  # before writing any row; checked again, and held, while replacing
     check_disk_for(path, manifest)
     tmp = staging_dir(path, "creating")
     try:
@@ -131,6 +140,7 @@ def create_sharded(
         raise InvalidArgumentError(f"{path} exists and is not a sharded memstore table; refusing to replace it")
     if manifest.sharding is not None:
         raise InvalidArgumentError("give create_sharded the manifest of the whole table (no sharding)")
+    check_replaceable(path)
     for layer_id in manifest.layout.layer_ids:
         if manifest.layout.num_rows(layer_id) < num_partitions:
             raise InvalidArgumentError(
@@ -181,16 +191,64 @@ def staging_dir(target: Path, purpose: str) -> Path:
 
 
 def replace_table_dir(new: Path, target: Path) -> None:
-    """Move `new` to `target`; an existing table is moved aside first, never rewritten in place
-    (daemons may still map its files), and removed only after the new table is in place."""
+    """Move `new` to `target`; an existing table is moved aside first, never rewritten in place, and
+    removed only after the new table is in place. Refused (UnavailableError, nothing moved) while a
+    daemon or reader holds the existing table: it is held exclusively from the check to the move."""
     old = None
-    if target.exists():
-        old = target.parent / f".{target.name}.replaced-{os.getpid()}"
-        os.replace(target, old)
-    os.replace(new, target)
-    fsync_dir(target.parent)
+    with _held_for_replacement(target):
+        if not target.exists():
+            os.replace(new, target)
+        elif _exchange(new, target):  # one atomic step: PATH always names a whole table, old or new
+            old = new
+        else:  # no atomic exchange here: two renames, the first undone if the second fails
+            old = target.parent / f".{target.name}.replaced-{os.getpid()}"
+            os.replace(target, old)
+            try:
+                os.replace(new, target)
+            except BaseException:
+                os.replace(old, target)
+                raise
+        fsync_dir(target.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories atomically (Linux renameat2 RENAME_EXCHANGE); False where the system or
+    file system cannot."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def check_replaceable(target: Path) -> None:
+    """UnavailableError while a daemon serves (or a reader reads) the table at `target` or one of its shards."""
+    with _held_for_replacement(Path(target)):
+        pass
+
+
+@contextmanager
+def _held_for_replacement(target: Path) -> Iterator[None]:
+    """Exclusive locks on the table at `target` and its shards (nothing when there is none)."""
+    with ExitStack() as stack:
+        if target.is_dir():
+            for directory in [target, *shard_dirs(target)]:
+                stack.enter_context(
+                    lock_table(
+                        directory,
+                        exclusive=True,
+                        advice="--overwrite never replaces a table in use (a daemon would go on serving, or "
+                        "acknowledging pushes into, the deleted files): stop it first, then run this again",
+                    )
+                )
+        yield
 
 
 def write_initial_state(table_dir: Path, manifest: Manifest, layer_id: int) -> None:
