@@ -47,17 +47,43 @@ NO_REPORTER = "memstore._fatal was not built (no C compiler at install): faultha
 
 @contextlib.contextmanager
 def small_disk(where: Path, size: int) -> Iterator[Path]:
-    """A tmpfs of `size` bytes mounted at `where` for the block (skips the test when mounting is not allowed)."""
+    """A tmpfs of `size` bytes for the block, at `where` when this process may mount (root); else mounted
+    by a helper in a user and mount namespace of its own (`unshare -rm`) and reached through its
+    /proc/PID/root. Skips the test when neither is allowed. MEMSTORE_TEST_USERNS=1 forces the helper."""
     where.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True, text=True
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs ({mounted.stderr.strip()}): full-disk tests need root")
+    refused = "forced by MEMSTORE_TEST_USERNS"
+    if not os.environ.get("MEMSTORE_TEST_USERNS"):
+        mounted = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True, text=True
+        )
+        if mounted.returncode == 0:
+            try:
+                yield where
+            finally:
+                subprocess.run(["umount", "-l", str(where)], capture_output=True)
+            return
+        refused = mounted.stderr.strip()
+    script = 'mount -t tmpfs -o size="$1" tmpfs "$2" && echo mounted && exec sleep 3600'
     try:
-        yield where
+        helper = subprocess.Popen(
+            ["unshare", "-rm", "sh", "-c", script, "sh", str(size), str(where)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    except FileNotFoundError:
+        pytest.skip(f"cannot mount a small tmpfs ({refused}) and there is no unshare: full-disk tests need either")
+    try:
+        if helper.stdout.readline().strip() != "mounted":
+            helper.kill()
+            pytest.skip(f"cannot mount a small tmpfs ({refused}; in a user namespace: {helper.stderr.read().strip()})")
+        yield Path(f"/proc/{helper.pid}/root") / where.relative_to("/")
     finally:
-        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+        if helper.poll() is None:
+            helper.kill()
+        helper.wait(WAIT_S)
+        helper.stdout.close()
+        helper.stderr.close()
 
 
 def fill(disk: Path) -> Path:
@@ -87,7 +113,8 @@ def fresh_page_ids(start_page: int, count: int) -> np.ndarray:
 
 
 class Served:
-    """`memstore serve` in a child process, its log in a file; killed in `stop`."""
+    """`memstore serve` in a child process, its log in a file; killed in `stop`. Without same-host reads:
+    they resolve the table's real path, which a tmpfs reached through /proc/PID/root does not have."""
 
     def __init__(self, table: Path, logs: Path, *flags: str) -> None:
         self.log = logs / f"serve-{time.monotonic_ns()}.log"
@@ -95,7 +122,7 @@ class Served:
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "memstore", "serve", str(table), "--listen", "127.0.0.1:0"]
-                + ["--port-file", str(port_file), "--checkpoint-every", "1000", *flags],
+                + ["--port-file", str(port_file), "--checkpoint-every", "1000", "--no-same-host", *flags],
                 stdout=subprocess.DEVNULL,
                 stderr=log,
             )
