@@ -24,6 +24,8 @@ from memstore.offline import reading_offline
 from memstore.optim import OptimizerConfig, OptimizerKind
 from memstore.reshard import reshard, table_dirs
 from memstore.sharding import DEFAULT_PARTITIONS, partition_ranges
+from memstore.space import disk_full_error, is_disk_full
+from memstore.table import permission_message
 
 
 def _dtype(text: str) -> DType:
@@ -403,6 +405,15 @@ def main(argv: list[str] | None = None) -> int:
             _reshard(args)
     except MemstoreError as exc:
         print(f"memstore {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except PermissionError as exc:  # a table file this user may not read or write: say which, not a traceback
+        print(f"memstore {args.command}: error: {permission_message(Path(exc.filename or '.'))}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        where = Path(exc.filename or (getattr(args, "path", None) or "."))
+        print(f"memstore {args.command}: error: {disk_full_error(where, args.command, exc)}", file=sys.stderr)
         return 2
     return 0
 

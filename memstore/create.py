@@ -31,6 +31,7 @@ from memstore.manifest import MANIFEST_NAME, Backend, Init, Manifest, fsync_dir
 from memstore.ownership import lock_table
 from memstore.rowgen import initial_rows, initial_rows_at
 from memstore.sharding import DEFAULT_PARTITIONS, Sharding
+from memstore.space import check_free, disk_full_error, is_disk_full
 from memstore.storage.lmdb_store import LmdbRowStore
 
 DEFAULT_CHUNK_ROWS = 16_384
@@ -56,6 +57,7 @@ def create_table(
     if path.exists() and not (path / MANIFEST_NAME).is_file():
         raise InvalidArgumentError(f"{path} exists and is not a memstore table; refusing to replace it")
     check_replaceable(path)  # before writing any row; checked again, and held, while replacing
+    check_disk_for(path, manifest)
     tmp = staging_dir(path, "creating")
     try:
         layout = manifest.layout
@@ -79,10 +81,47 @@ def create_table(
         manifest.write(tmp)
         write_table_sums(tmp, manifest)  # the rows' checksums, kept current by every push
         replace_table_dir(tmp, path)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(exc):  # another writer took the space meanwhile: no debris, a clear error
+            raise disk_full_error(path.parent, f"creating {path}", exc) from None
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def disk_bytes(manifest: Manifest) -> int:
+    """Bytes a new table of `manifest` takes on disk: rows (none for a lazy table) and the optimizer
+    state that is not zero in an mmap file (zeros are sparse); LMDB with its page overhead."""
+    total = 0
+    for layer_id in manifest.layout.layer_ids:
+        if manifest.init is not Init.LAZY:
+            total += manifest.layer_bytes(layer_id)
+        if manifest.optimizer is not None:
+            first_row = manifest.optimizer.initial_state(1, manifest.layout.dim)
+            for slot, (_name, width) in manifest.state_files(layer_id).items():
+                if manifest.backend is Backend.LMDB or float(first_row[slot][0, 0]) != 0.0:
+                    total += manifest.stored_rows(layer_id) * width * 4
+    if manifest.backend is Backend.LMDB:
+        total += total // 16  # headers and tree pages: a few percent (docs/benchmarks.md)
+    return total
+
+
+def check_disk_for(path: Path, manifest: Manifest) -> None:
+    """DiskFullError, before anything is written, when the disk cannot hold the new table."""
+    lazy = (
+        " or create it with --lazy (rows then take disk only as they are trained)"
+        if manifest.init is Init.EAGER
+        else ""
+    )
+    check_free(
+        path.parent if path.parent.exists() else path,
+        disk_bytes(manifest),
+        f"creating the table {path}",
+        f"free space there, create it on another file system{lazy}",
+    )
 
 
 def create_sharded(
@@ -110,6 +149,12 @@ def create_sharded(
                 f"layer {layer_id} has {manifest.layout.num_rows(layer_id)} rows, fewer than {num_partitions} "
                 "partitions; ask for fewer partitions (--partitions)"
             )
+    check_free(
+        path.parent if path.parent.exists() else path,
+        disk_bytes(manifest),
+        f"creating the sharded table {path}",
+        "free space there, or create it on another file system",
+    )
     tmp = staging_dir(path, "creating")
     try:
         for shard in range(num_shards):

@@ -13,7 +13,7 @@ zero optimizer state) has the bytes of zeros and the checksum 0: an all-zero sid
 a sparse store, and a row whose bytes appear in a hole later is damage. A sidecar gets its disk
 space when written, except a large all-zero one (a huge lazy table's), which stays sparse: a push
 reserves the pages it will write before it is logged (`TableIntegrity.reserve`), so updating a
-sidecar through its map never meets a full disk (ResourceExhaustedError instead, nothing applied).
+sidecar through its map never meets a full disk (DiskFullError instead, nothing applied).
 
 Create and import write the sidecars; every applied push, replayed log record and replicated
 record rewrites the checksums of exactly the rows it wrote and the version of their blocks, inside
@@ -46,9 +46,11 @@ from pathlib import Path
 
 import numpy as np
 
+from memstore import space
 from memstore.dtypes import DType
-from memstore.errors import DataLossError, InvalidArgumentError, ResourceExhaustedError, TableFormatError
+from memstore.errors import DataLossError, InvalidArgumentError, TableFormatError
 from memstore.manifest import Manifest, fsync_dir
+from memstore.space import page_runs
 from memstore.storage import MmapRowStore, RowStore
 from memstore.storage.base import take_rows
 from memstore.table import Table, open_store
@@ -178,21 +180,17 @@ class SumsFile:
 
     def reserve(self, ids: np.ndarray) -> None:
         """Give disk space to the sidecar pages a write of these rows touches (a sparse sidecar), so writing
-        them through the map never meets a full disk (SIGBUS): ResourceExhaustedError when the disk is full."""
+        them through the map never meets a full disk (SIGBUS): DiskFullError when the disk is full."""
         allocated = self._allocated
         if allocated is None or not len(ids):
             return
         offsets = np.concatenate([_HEADER_BYTES + 4 * ids, _versions_offset(self.num_rows) + 8 * (ids >> _SHIFT)])
         pages = np.unique(offsets // _PAGE)
-        for page in pages[~allocated[pages]].tolist():
-            try:
-                os.posix_fallocate(self._fd, page * _PAGE, min(_PAGE, len(self._map) - page * _PAGE))
-            except OSError as exc:
-                raise ResourceExhaustedError(
-                    f"no disk space for the row checksums in {self.path} ({exc.strerror}); nothing was applied: "
-                    "free disk space and retry"
-                ) from None
-            allocated[page] = True
+        pages = pages[~allocated[pages]]
+        if len(pages):
+            runs = page_runs(pages, pages, _PAGE, len(self._map))
+            space.reserve(self._fd, runs, self.path, "a push (its rows' checksums)")  # DiskFullError when full
+            allocated[pages] = True
 
     def holes(self, start: int, stop: int) -> bool:
         """Whether the sums of rows start..stop-1 lie on pages without disk space (all zero: never written)."""

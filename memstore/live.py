@@ -47,10 +47,12 @@ from typing import Any
 
 import numpy as np
 
+from memstore import fatal
 from memstore.create import staging_dir
 from memstore.dtypes import DType
 from memstore.errors import (
     DataLossError,
+    InternalError,
     InvalidArgumentError,
     ReadOnlyError,
     ReplicationGapError,
@@ -62,8 +64,9 @@ from memstore.manifest import Manifest, fsync_dir
 from memstore.optim import apply_update, listed_positions
 from memstore.ownership import TableInUseError, TableLock, lock_table, record_writer_pid
 from memstore.recovery import Recovery, acknowledged_version, pending_recovery, settle
+from memstore.space import DiskFullError, disk_full_error, is_disk_full
 from memstore.storage import RowStore
-from memstore.table import Table, open_store
+from memstore.table import Table, open_store, permission_message, read_manifest
 from memstore.wal import Durability, WalRecord, WriteAheadLog, inspect_log
 
 CHECKPOINT_NAME = "checkpoint.json"
@@ -142,10 +145,14 @@ class Checkpoint:
                 for (client, layer), (step, ack) in sorted(self.last_push.items())
             ],
         }
-        with open(tmp, "w") as f:
-            json.dump(data, f)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(tmp, "w") as f:
+                json.dump(data, f)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a full disk leaves no half-written checkpoint behind
+            raise
         os.replace(tmp, table_dir / CHECKPOINT_NAME)
         fsync_dir(table_dir)
 
@@ -176,8 +183,11 @@ class SeqLock:
             fsync_dir(path.parent)
         mode = "r+b" if create else "rb"
         with open(path, mode) as f:
+            if os.fstat(f.fileno()).st_size < 8:  # mapping a shorter file would die of SIGBUS on the first read
+                raise TableFormatError(f"sequence lock {path} is shorter than 8 bytes: the table directory is damaged")
             self._map = mmap.mmap(f.fileno(), 8, access=mmap.ACCESS_WRITE if create else mmap.ACCESS_READ)
         self._word = np.frombuffer(self._map, dtype="<i8", count=1)
+        fatal.register_mapping(self._word.ctypes.data, 8, path)
 
     def read(self) -> int:
         return int(self._word[0])
@@ -186,6 +196,7 @@ class SeqLock:
         self._word[0] = value
 
     def close(self) -> None:
+        fatal.unregister_mapping(self._word.ctypes.data)
         del self._word
         self._map.close()
 
@@ -294,6 +305,9 @@ class LiveTable:
         # interleaved checkpoints would share the temp file and could record an older version last.
         self._checkpoint_lock = threading.Lock()
         self._snapshots = 0  # snapshots in progress: the log must keep their records
+        # Why this table can no longer take pushes safely (None: it can), and who wants to know.
+        self.failure: str | None = None
+        self._failure_listeners: list[Any] = []
         self._pushes_since_checkpoint = 0
         self._state: dict[int, dict[str, RowStore]] = {}
         self.seqlock: SeqLock | None = None
@@ -369,16 +383,22 @@ class LiveTable:
         With `primary`, a read replica of the daemon at that address (see `apply_replicated`).
         """
         path = Path(path)
-        manifest = Manifest.read(path)
+        manifest = read_manifest(path)
         writable = not read_only and manifest.optimizer is not None
-        lock = lock_writer(path) if writable else _lock_reader(path, manifest)
+        try:
+            lock = lock_writer(path) if writable else _lock_reader(path, manifest)
+        except PermissionError as exc:
+            raise TableFormatError(permission_message(Path(exc.filename or path))) from None
         try:
             table = Table.open(path, read_only=not writable)
         except BaseException:
             if lock is not None:
                 lock.close()
             raise
-        return cls(table, config, lock, primary)
+        try:
+            return cls(table, config, lock, primary)
+        except PermissionError as exc:  # the log or the optimizer state (the files are closed already)
+            raise TableFormatError(permission_message(Path(exc.filename or path))) from None
 
     @property
     def accepts_pushes(self) -> bool:
@@ -488,16 +508,63 @@ class LiveTable:
             new_rows, new_state = apply_update(optimizer, rows, state, grads, step)  # rejects NaN/Inf first
             record = _Record(layer_id, step, step_id, client_id, ids, _storable(dtype, new_rows), new_state)
             payload = record.encode()
-            if self.integrity is not None:  # a full disk fails the push here, with nothing logged or applied
-                self.integrity.reserve(layer_id, ids)
-            self._wal.append(self.version + 1, payload)
-            result = self._apply(record, self.version + 1)
+            result = self._log_and_apply(record, self.version + 1, payload)
             self._feed.append(result.version, payload)  # after the apply: followers never pass this table
             self._pushes_since_checkpoint += 1
             due = self.config.checkpoint_every and self._pushes_since_checkpoint >= self.config.checkpoint_every
         if due:
-            self.checkpoint()
+            self._checkpoint_due()
         return result
+
+    def add_failure_listener(self, listener: Any) -> None:
+        """Call `listener(message)` once if the table fails so that it can no longer take pushes safely
+        (a failed fsync of the log, a failed write after logging): the daemon turns NOT_SERVING."""
+        self._failure_listeners.append(listener)
+        if self.failure is not None:
+            listener(self.failure)
+
+    def _fail(self, message: str) -> None:
+        if self.failure is None:
+            self.failure = message
+            log.error("%s", message)
+            for listener in self._failure_listeners:
+                listener(message)
+
+    def _log_and_apply(self, record: _Record, version: int, payload: bytes) -> PushResult:
+        """Reserve disk space, log, apply (the caller holds the push lock). A full disk refuses the push
+        before anything is logged (DiskFullError, and the next push may succeed); an I/O error after that
+        leaves the table unable to take pushes until a restart, which replays the log."""
+        if self.failure is not None:
+            raise InternalError(self.failure)
+        assert self._wal is not None
+        record.reserve(self.table, self._state)  # a full disk: DiskFullError with nothing logged or applied
+        if self.integrity is not None:  # and the pages of the rows' checksums (a sparse checksum file)
+            self.integrity.reserve(record.layer_id, record.ids)
+        try:
+            self._wal.append(version, payload)  # a full disk: DiskFullError with the log as it was
+        except OSError as exc:
+            self._fail(
+                f"{self.path}: the write-ahead log failed to write or sync the push of version {version} ({exc}); "
+                "pushes acknowledged before may not be durable, so this daemon takes no more: restart it (it "
+                "recovers from the log)"
+            )
+            raise InternalError(self.failure) from None
+        try:
+            return self._apply(record, version)
+        except BaseException as exc:
+            self._fail(
+                f"{self.path}: the push of version {version} was logged but writing it into the table failed "
+                f"({exc!r}); this daemon takes no more pushes: restart it (it replays the log)"
+            )
+            raise
+
+    def _checkpoint_due(self) -> None:
+        """A checkpoint after a push: one that fails (a full disk) is retried later, never fails the push,
+        which is logged and applied already."""
+        try:
+            self.checkpoint()
+        except (OSError, DiskFullError) as exc:
+            log.warning("%s: checkpoint failed (%s); the log keeps the pushes since the last one", self.path, exc)
 
     # -- replication ---------------------------------------------------------------------------
 
@@ -519,15 +586,12 @@ class LiveTable:
                     f"the record of version {version} does not follow this replica's version {self.version}; "
                     f"follow {self.primary} again from version {self.version}"
                 )
-            if self.integrity is not None:
-                self.integrity.reserve(record.layer_id, record.ids)
-            self._wal.append(version, payload)
-            result = self._apply(record, version)
+            result = self._log_and_apply(record, version, payload)
             self._feed.append(version, payload)  # a replica can feed replicas of its own
             self._pushes_since_checkpoint += 1
             due = self.config.checkpoint_every and self._pushes_since_checkpoint >= self.config.checkpoint_every
         if due:
-            self.checkpoint()
+            self._checkpoint_due()
         return result
 
     def _decode_replicated(self, version: int, payload: bytes) -> _Record:
@@ -728,6 +792,11 @@ class LiveTable:
             end.write(tmp)
             os.replace(tmp, dest)
             fsync_dir(dest.parent)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if is_disk_full(exc):
+                raise disk_full_error(dest.parent, f"the snapshot {dest.name}", exc) from None
+            raise
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -787,7 +856,7 @@ class LiveTable:
         if self.table is None:
             return
         self.close_feed()
-        if self.trainable and self._wal is not None:
+        if self.trainable and self._wal is not None and self.failure is None:  # after a failure: the restart replays
             self.checkpoint()
         self._close_files()
 
@@ -905,6 +974,12 @@ class _Record:
     ids: np.ndarray
     rows: np.ndarray  # storage dtype
     state: dict[str, np.ndarray]
+
+    def reserve(self, table: Table, states: dict[int, dict[str, RowStore]]) -> None:
+        """Disk space for `write_to` (DiskFullError when there is none); writes nothing."""
+        table.store(self.layer_id).reserve(self.ids)
+        for slot in self.state:
+            states[self.layer_id][slot].reserve(self.ids)
 
     def write_to(self, table: Table, states: dict[int, dict[str, RowStore]]) -> None:
         """Write the after-image: the rows into the table, the optimizer state into `states`."""

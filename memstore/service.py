@@ -422,6 +422,7 @@ def create_server(
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     if replica is not None:
         replica.add_health_listener(lambda serving: _set_health(health_servicer, serving and _intact(live)))
+    live.add_failure_listener(lambda _message: _set_health(health_servicer, False))  # it cannot write safely
     if live.integrity is not None:  # damaged rows found (on read or by the scrub): NOT_SERVING for good
         live.integrity.add_damage_listener(lambda: _set_health(health_servicer, False))
         if not live.integrity.intact:

@@ -59,8 +59,11 @@ Durability
   kernel crash, which can lose the last few seconds of records (recovery then cuts back to a
   consistent prefix).
 
-After a failed write or sync the log refuses further appends: after a failed fsync the kernel may
-already have dropped the dirty pages, so the only safe continuation is a restart, which recovers.
+A write that fails for want of space (ENOSPC, EDQUOT) is cut back to the last good record and
+raised as `DiskFullError` (memstore.space): nothing was logged, and appends go on once there is
+room. After any other failed write, or a failed sync, the log refuses further appends: after a
+failed fsync the kernel may already have dropped the dirty pages, so the only safe continuation
+is a restart, which recovers (`failed` says why).
 """
 
 from __future__ import annotations
@@ -79,6 +82,7 @@ from types import TracebackType
 from typing import BinaryIO
 
 from memstore.errors import DataLossError, InternalError, InvalidArgumentError
+from memstore.space import disk_full_error, is_disk_full
 
 FORMAT_VERSION = 1
 SEGMENT_MAGIC = b"EWSG"
@@ -455,9 +459,15 @@ class WriteAheadLog:
                     self._rename(current, version)
                 assert self._fd is not None
                 _write_all(self._fd, [memoryview(header), view], current.end)
+            except OSError as exc:
+                if is_disk_full(exc) and self._cut_back():
+                    raise disk_full_error(self.directory, f"logging the push of version {version}", exc) from None
+                self._fail(exc)
+                raise
+            try:
                 if self.durability is Durability.FSYNC:
                     _datasync(self._fd)
-            except OSError as exc:
+            except OSError as exc:  # the kernel may have dropped the pages it could not write: never retry
                 self._fail(exc)
                 raise
             current.end += frame_len
@@ -517,6 +527,8 @@ class WriteAheadLog:
                 if deleted:
                     _fsync_dir(self.directory)
             except OSError as exc:
+                if is_disk_full(exc):  # only the new segment's creation can need space, and it left nothing
+                    raise disk_full_error(self.directory, "starting a new log segment", exc) from None
                 self._fail(exc)
                 raise
 
@@ -545,9 +557,25 @@ class WriteAheadLog:
             raise InternalError(f"write-ahead log {self.directory} is closed")
         if self._failed is not None:
             raise InternalError(
-                f"write-ahead log {self.directory} refuses writes after an I/O error ({self._failed}); "
-                "reopen it to recover"
+                f"write-ahead log {self.directory} refuses writes after an I/O error ({self._failed}): the "
+                "disk may have dropped acknowledged writes; restart the daemon, which recovers from the log"
             )
+
+    @property
+    def failed(self) -> OSError | None:
+        """The I/O error after which the log refuses appends until it is reopened (None: healthy)."""
+        return self._failed
+
+    def _cut_back(self) -> bool:
+        """After a write that found the disk full: cut whatever part of the frame reached the file
+        (the last segment back to its last good record). True when the log is as before the append."""
+        if self._fd is None or not self._segments:
+            return True  # the segment that was being created is unlinked by _new_segment
+        try:
+            os.ftruncate(self._fd, self._segments[-1].end)
+            return True
+        except OSError:
+            return False
 
     def _fail(self, exc: OSError) -> None:
         self._failed = exc

@@ -405,7 +405,7 @@ def test_a_sparse_checksum_file_gets_disk_before_a_push_is_logged(tmp_path: Path
     import errno
 
     from memstore import integrity
-    from memstore.errors import ResourceExhaustedError
+    from memstore.space import DiskFullError
 
     monkeypatch.setattr(integrity, "_SPARSE_SIDECAR_BYTES", 0)  # as for a table of billions of rows
     manifest = Manifest(layout=SMALL_LAYOUT, init=Init.LAZY, optimizer=OptimizerConfig(kind="sgd", lr=0.1))
@@ -414,12 +414,14 @@ def test_a_sparse_checksum_file_gets_disk_before_a_push_is_logged(tmp_path: Path
     assert sums.stat().st_blocks * 512 < sums.stat().st_size  # sparse
     real_fallocate = os.posix_fallocate
 
-    def full_disk(fd: int, offset: int, length: int) -> None:
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    def full_disk(fd: int, offset: int, length: int) -> None:  # for the checksum files only: rows still fit
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".sums"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fallocate(fd, offset, length)
 
     with LiveTable.open(path, config=NO_SCRUB) as live:
         monkeypatch.setattr(os, "posix_fallocate", full_disk)
-        with pytest.raises(ResourceExhaustedError, match="no disk space for the row checksums"):
+        with pytest.raises(DiskFullError, match=r"is full.*a push \(its rows' checksums\) was refused"):
             live.push(1, np.array([4000]), _grads(1))
         assert live.version == 0
         monkeypatch.setattr(os, "posix_fallocate", real_fallocate)
