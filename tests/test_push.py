@@ -16,8 +16,9 @@ from memstore.dtypes import DType
 from memstore.errors import InvalidArgumentError, ReadOnlyError, UnavailableError
 from memstore.live import LiveConfig, LiveTable
 from memstore.manifest import Manifest
+from memstore.metrics import DaemonMetrics
 from memstore.optim import OptimizerConfig, OptimizerKind
-from memstore.service import ServerConfig
+from memstore.service import ServerConfig, create_server
 from memstore.wal import Durability
 from memstore.wire import memstore_pb2 as pb
 from tests.helpers import FAST_FAIL, SMALL_LAYOUT
@@ -196,33 +197,86 @@ def test_an_async_push_error_surfaces_in_a_later_step_naming_it() -> None:
     pusher.close()
 
 
-def test_push_is_retried_with_its_step_id_across_a_daemon_restart(tmp_path, daemon_factory) -> None:
+@pytest.mark.parametrize("stop", ["checkpointed", "crashed"])
+def test_an_applied_push_whose_answer_was_lost_is_retried_across_a_daemon_restart_and_applied_once(
+    tmp_path, stop: str
+) -> None:
+    """The daemon applies the push and stops (cleanly, or crashing with the push only in its log)
+    before answering; the client's retry (same step id) reaches the daemon restarted on the table,
+    which recognises the step: applied once, and the first answer given again."""
     path = create_table(tmp_path / "t", Manifest(layout=SMALL_LAYOUT, dtype=DType.FLOAT32, seed=1, optimizer=SGD_1))
-    config = replace(FAST_FAIL, max_attempts=5, initial_backoff_s=0.2, max_backoff_s=0.5)
-    with MemstoreClient(f"127.0.0.1:{_free_port()}", config) as client:
-        port = int(client.address.rsplit(":", 1)[1])
-        started: list = []
+    # The client's address is a link to the listening daemon's Unix socket: the restarted daemon
+    # listens before the first one stops, with no moment in which the address is free (a TCP port
+    # freed by the stop could be taken by another process, and the client's retry could come too early).
+    link = tmp_path / "daemon.sock"
+    link.symlink_to(tmp_path / "first.sock")
+    address = f"unix:{link}"
+    ids, grads = np.array([1]), -np.ones((1, DIM), np.float32)
+    first = LiveTable.open(path, config=LiveConfig(durability=Durability.OS, checkpoint_every=0))
+    before = first.gather(LAYER, ids)[0].copy()
+    server, _ = create_server(first, f"unix:{tmp_path / 'first.sock'}", ServerConfig(same_host=False))
+    applied, stopped = threading.Event(), threading.Event()
+    push = first.push
 
-        def start_late() -> None:
-            time.sleep(0.3)
-            live = LiveTable.open(path, config=LiveConfig(durability=Durability.OS))
-            started.append(live)
-            daemon_factory(live, port=port)
+    def push_then_hang(*args, **kwargs):  # the daemon dies between applying and answering
+        result = push(*args, **kwargs)
+        applied.set()
+        stopped.wait(30)
+        return result
 
-        starter = threading.Thread(target=start_late)
-        starter.start()
-        ack = client.push(LAYER, np.array([1]), np.ones((1, DIM), np.float32), step_id=1)
-        starter.join()
-        assert ack.version == 1
-    started[0].close()
+    first.push = push_then_hang
+    servers = [server]
+    server.start()
+    config = replace(FAST_FAIL, same_host=False, timeout_s=30.0, max_attempts=2)  # one retry: it must land
+    result: dict[str, object] = {}
 
+    def train_step() -> None:
+        with MemstoreClient(address, config) as client:
+            try:
+                result["ack"] = client.push(LAYER, ids, grads, step_id=7)
+            except BaseException as exc:  # reported below
+                result["error"] = exc
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    trainer = threading.Thread(target=train_step)
+    trainer.start()
+    second = None
+    try:
+        assert applied.wait(30), "the push never reached the daemon"
+        # The push is applied; its answer is not sent yet.
+        if stop == "checkpointed":
+            first.close()
+        else:
+            first._close_files()  # a crash: the push is only in the log, replayed by the restart
+        second = LiveTable.open(path, config=LiveConfig(durability=Durability.OS))  # the restart
+        assert second.version == 1
+        metrics = DaemonMetrics()
+        # Listening before the first daemon goes: the client's first retry finds the restarted one.
+        restarted, _ = create_server(
+            second, f"unix:{tmp_path / 'second.sock'}", ServerConfig(same_host=False), metrics=metrics
+        )
+        servers.append(restarted)
+        restarted.start()
+        (tmp_path / "moved.sock").symlink_to(tmp_path / "second.sock")
+        (tmp_path / "moved.sock").replace(link)  # rename: atomic
+        stopping = server.stop(grace=None)  # the first daemon goes without answering
+        stopped.set()
+        assert stopping.wait(30)
+        trainer.join(60)
+        assert not trainer.is_alive(), "the push neither succeeded nor failed by its deadline"
+    finally:
+        stopped.set()
+        for running in servers:
+            running.stop(grace=None).wait(30)
+        trainer.join(60)
+        first.close()
+        if second is not None:
+            second.close()
+    assert "error" not in result, result.get("error")
+    assert result["ack"] == PushAck(version=1, layer_step=1, rows=1)  # the first answer, sent again
+    assert metrics.total("memstore_requests_total", method="Push", code="OK") == 1  # the retry got there
+    with LiveTable.open(path, read_only=True) as reopened:
+        assert reopened.version == 1
+        np.testing.assert_array_equal(reopened.gather(LAYER, ids)[0], before + 1)  # applied once
 
 
 def test_client_id_defaults_to_host_and_pid() -> None:
