@@ -7,6 +7,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 
@@ -14,6 +15,7 @@ from client import ClientConfig, MemstoreClient, PushAck, PushConfig, Pusher
 from memstore.create import create_table
 from memstore.dtypes import DType
 from memstore.errors import InvalidArgumentError, ReadOnlyError, UnavailableError
+from memstore.layout import EngramLayout
 from memstore.live import LiveConfig, LiveTable
 from memstore.manifest import Manifest
 from memstore.metrics import DaemonMetrics
@@ -21,15 +23,15 @@ from memstore.optim import OptimizerConfig, OptimizerKind
 from memstore.service import ServerConfig, create_server
 from memstore.wal import Durability
 from memstore.wire import memstore_pb2 as pb
-from tests.helpers import FAST_FAIL, SMALL_LAYOUT
+from tests.helpers import DEADLINE_S, FAST_FAIL, SMALL_LAYOUT, join_all
 
 LAYER = SMALL_LAYOUT.layer_ids[0]
 DIM = SMALL_LAYOUT.dim
 SGD_1 = OptimizerConfig(kind=OptimizerKind.SGD, lr=1.0)  # a push of -g adds g exactly (small integers)
 
 
-def _serve_trainable(path: Path, daemon_factory, init_std: float = 1.0):
-    manifest = Manifest(layout=SMALL_LAYOUT, dtype=DType.FLOAT32, seed=1, optimizer=SGD_1, init_std=init_std)
+def _serve_trainable(path: Path, daemon_factory, init_std: float = 1.0, layout: EngramLayout = SMALL_LAYOUT):
+    manifest = Manifest(layout=layout, dtype=DType.FLOAT32, seed=1, optimizer=SGD_1, init_std=init_std)
     live = LiveTable.open(create_table(path, manifest), config=LiveConfig(durability=Durability.OS))
     return daemon_factory(live, ServerConfig(snapshot_dir=path.parent / "snaps")), live
 
@@ -90,8 +92,11 @@ def test_bad_pushes_get_precise_errors_and_change_nothing(trainable) -> None:
         with pytest.raises(InvalidArgumentError, match="lr_scale"):
             client.push(LAYER, np.array([1]), np.zeros((1, DIM), np.float32), lr_scale=-1.0)
         raw = pb.PushRequest(layer_id=LAYER, row_ids=np.array([1], "<i8").tobytes(), grads=b"\0" * 7)
-        with pytest.raises(Exception, match="grads holds 7 bytes"):
+        with pytest.raises(grpc.RpcError) as caught:
             client._stub.Push(raw, timeout=5)
+        assert (
+            caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "grads holds 7 bytes" in caught.value.details()
+        )
     np.testing.assert_array_equal(live.gather(LAYER, np.arange(100))[0], before)
     assert live.version == 0
 
@@ -130,8 +135,7 @@ def test_concurrent_replicas_lose_no_update(zero_table) -> None:
     threads = [threading.Thread(target=replica, args=(plan,)) for plan in plans]
     for t in threads:
         t.start()
-    for t in threads:
-        t.join()
+    join_all(threads)
     assert not errors
     assert live.version == replicas * pushes
     np.testing.assert_array_equal(live.gather(LAYER, np.arange(rows))[0], expected)  # float32 sums of small integers
@@ -283,38 +287,46 @@ def test_client_id_defaults_to_host_and_pid() -> None:
     assert ":" in ClientConfig().client_id
 
 
-def test_same_host_readers_never_see_a_torn_row_while_pushes_land(zero_table) -> None:
+def test_same_host_readers_never_see_a_torn_row_while_pushes_land(tmp_path, daemon_factory) -> None:
     # Each push adds one amount to every value of every row it touches, so a torn read shows a row
-    # whose values differ from each other.
-    daemon, live = zero_table
-    ids = np.arange(200)
+    # whose values differ from each other. Wide rows: numpy copies them without holding the GIL, so
+    # the in-process reader can overlap the daemon's write of a row (16 values never would).
+    wide = EngramLayout(layer_ids=(LAYER,), vocab_size_per_ngram=(60, 60), max_ngram=3, heads_per_ngram=1, dim=512)
+    daemon, live = _serve_trainable(tmp_path / "wide", daemon_factory, init_std=0.0, layout=wide)
+    ids = np.arange(wide.num_rows(LAYER))
     stop = threading.Event()
-    pushing = threading.Event()
+    failures: list[BaseException] = []
 
     def keep_pushing() -> None:
-        with MemstoreClient(daemon.address, FAST_FAIL) as pusher:
-            k = 0
-            while not stop.is_set():
-                k += 1
-                pusher.push(LAYER, ids, -np.full((len(ids), DIM), k % 5 + 1, np.float32))
-                pushing.set()
+        try:
+            with MemstoreClient(daemon.address, FAST_FAIL) as pusher:
+                k = 0
+                while not stop.is_set():
+                    k += 1
+                    pusher.push(LAYER, ids, -np.full((len(ids), wide.dim), k % 5 + 1, np.float32))
+        except BaseException as exc:  # reported below
+            failures.append(exc)
 
     writer = threading.Thread(target=keep_pushing)
     writer.start()
     try:
-        # Same-host reads take microseconds: without this, all 200 can finish before the first push lands.
-        assert pushing.wait(30), "the writer never pushed"
         with MemstoreClient(daemon.address, replace(FAST_FAIL, same_host=True)) as reader:
-            versions = []
-            for _ in range(200):
+            # Same-host reads take microseconds, a push a millisecond: reads continue until they have
+            # seen 30 versions, else they could all fall between two pushes and prove nothing.
+            versions: list[int] = []
+            deadline = time.monotonic() + DEADLINE_S
+            while len(versions) < 200 or len(set(versions)) < 30:
+                assert time.monotonic() < deadline, f"reads saw versions {sorted(set(versions))}: {failures}"
                 rows, version = reader.lookup(LAYER, ids, return_version=True)
                 assert (rows == rows[:, :1]).all(), "a row mixes values of two versions"
                 versions.append(version)
             assert reader.transport == "same-host"
     finally:
         stop.set()
-        writer.join()
-    assert versions == sorted(versions) and versions[-1] > 0
+        join_all([writer])
+        live.close()
+    assert not failures
+    assert versions == sorted(versions)
 
 
 def test_a_snapshot_serves_read_only_while_training_goes_on(trainable, daemon_factory) -> None:
