@@ -24,7 +24,7 @@ from memstore.metrics import DaemonMetrics, summarize
 from memstore.optim import OptimizerConfig, OptimizerKind
 from memstore.service import SERVICE_NAME, create_server
 from memstore.table import Table
-from tests.helpers import FAST_FAIL, SMALL_LAYOUT, join_all
+from tests.helpers import DEADLINE_S, FAST_FAIL, SMALL_LAYOUT, join_all
 
 GRPC = replace(FAST_FAIL, same_host=False)
 ADAM = OptimizerConfig(kind=OptimizerKind.ADAM, lr=0.05)
@@ -321,6 +321,6 @@ def test_reads_skip_a_replica_whose_health_is_not_serving(sharded_table) -> None
         assert metrics[1].total("memstore_requests_total", method="Lookup") > 0
     finally:
         for server, _ in servers:
-            server.stop(None).wait()
+            assert server.stop(None).wait(DEADLINE_S)
         for table in tables:
             table.close()

@@ -18,7 +18,7 @@ from memstore.service import ServerConfig, create_server
 from memstore.table import Table
 from memstore.wire import memstore_pb2 as pb
 from memstore.wire import memstore_pb2_grpc as pb_grpc
-from tests.helpers import FAST_FAIL, join_all, wait_until
+from tests.helpers import DEADLINE_S, FAST_FAIL, join_all, wait_until
 
 LAYER = 1
 GRPC = replace(FAST_FAIL, same_host=False, max_attempts=5, initial_backoff_s=0.05, max_backoff_s=0.2)
@@ -84,7 +84,7 @@ def served(table: Table):
 
     yield start
     for daemon in started:
-        daemon.server.stop(None).wait()
+        assert daemon.server.stop(None).wait(DEADLINE_S)
 
 
 def _row_bytes(table: Table) -> int:

@@ -23,7 +23,7 @@ from memstore.metrics import DaemonMetrics, summarize
 from memstore.optim import OptimizerConfig, OptimizerKind
 from memstore.service import ServerConfig, create_server
 from memstore.wal import Durability
-from tests.helpers import FAST_FAIL, SMALL_LAYOUT, make_table
+from tests.helpers import DEADLINE_S, FAST_FAIL, SMALL_LAYOUT, make_table
 
 LAYER = 1
 DIM = SMALL_LAYOUT.dim
@@ -87,7 +87,7 @@ def test_a_daemon_counts_what_it_serves_and_refuses(trainable) -> None:
                 client.push(LAYER, np.arange(2), np.full((2, DIM), np.nan, np.float32))
             text = client.stats()
     finally:
-        server.stop(None).wait()
+        assert server.stop(None).wait(DEADLINE_S)
     summary = summarize(text)
     assert summary.methods["Lookup"].calls == 4
     assert summary.methods["Lookup"].errors == {"INVALID_ARGUMENT": 1}
@@ -119,7 +119,7 @@ def test_metrics_over_http(trainable, monkeypatch) -> None:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
             text = response.read().decode()
     finally:
-        server.stop(None).wait(30)
+        assert server.stop(None).wait(DEADLINE_S)
         for http in http_servers:
             http.shutdown()
             http.server_close()

@@ -40,7 +40,7 @@ from memstore.table import open_store
 from memstore.wal import Durability
 from memstore.wire import memstore_pb2 as pb
 from memstore.wire import memstore_pb2_grpc as pb_grpc
-from tests.helpers import FAST_FAIL, SMALL_LAYOUT, join_all, wait_until
+from tests.helpers import DEADLINE_S, FAST_FAIL, SMALL_LAYOUT, join_all, wait_until
 
 LAYERS = SMALL_LAYOUT.layer_ids
 DIM = SMALL_LAYOUT.dim
@@ -129,7 +129,7 @@ class Served:
         """Stop following, serving, and close the table; idempotent."""
         if self.follower is not None:
             self.follower.stop()
-        self.server.stop(grace=None).wait()
+        assert self.server.stop(grace=None).wait(DEADLINE_S)
         self.live.close()
 
 
