@@ -9,8 +9,8 @@
 
 ARG PYTHON_VERSION=3.11
 
-# Build stage: a compiler for the optional C row generator (memstore/_rowgen.c); the runtime
-# image gets the finished virtual environment only.
+# Build stage: a compiler for the optional C row generator (memstore/_rowgen.c) and SIGBUS
+# reporter (memstore/_fatal.c); the runtime image gets the finished virtual environment only.
 FROM python:${PYTHON_VERSION}-slim AS build
 # Unpinned (DL3008): the compiler is the base release's, and never reaches the runtime image.
 # hadolint ignore=DL3008
@@ -33,7 +33,7 @@ COPY pyproject.toml README.md /src/
 COPY memstore /src/memstore
 COPY client /src/client
 COPY model /src/model
-RUN pip install /src && python -c "import memstore._rowgen"
+RUN pip install /src && python -c "import memstore._rowgen, memstore._fatal"
 
 FROM python:${PYTHON_VERSION}-slim
 RUN groupadd --gid 10001 memstore && useradd --uid 10001 --gid 10001 --create-home memstore

@@ -23,6 +23,8 @@ from memstore.manifest import Backend, Init, Manifest, parse_dtype
 from memstore.optim import OptimizerConfig, OptimizerKind
 from memstore.reshard import reshard, table_dirs
 from memstore.sharding import DEFAULT_PARTITIONS, partition_ranges
+from memstore.space import disk_full_error, is_disk_full
+from memstore.table import permission_message
 
 
 def _dtype(text: str) -> DType:
@@ -266,6 +268,15 @@ def _print_disk(path: Path, manifest: Manifest) -> None:
     checkpoint = path / CHECKPOINT_NAME
     if checkpoint.exists():
         print(f"checkpoint: {checkpoint.read_text().strip()}")
+    if manifest.optimizer is not None:  # who holds it, and whether its files hold every acknowledged push
+        from memstore.offline import table_state
+
+        try:
+            lines = table_state(path).lines()
+        except MemstoreError as exc:  # info is how an operator looks at a damaged table: say it, go on
+            lines = [f"DAMAGED: {exc}"]
+        for line in lines:
+            print(line)
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -357,6 +368,15 @@ def main(argv: list[str] | None = None) -> int:
             _reshard(args)
     except MemstoreError as exc:
         print(f"memstore {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except PermissionError as exc:  # a table file this user may not read or write: say which, not a traceback
+        print(f"memstore {args.command}: error: {permission_message(Path(exc.filename or '.'))}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        where = Path(exc.filename or (getattr(args, "path", None) or "."))
+        print(f"memstore {args.command}: error: {disk_full_error(where, args.command, exc)}", file=sys.stderr)
         return 2
     return 0
 

@@ -82,7 +82,10 @@ def run_serve(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
     )
     live = LiveConfig(
-        durability=args.durability, checkpoint_every=args.checkpoint_every, feed_bytes=int(args.feed_mb * 2**20)
+        durability=args.durability,
+        checkpoint_every=args.checkpoint_every,
+        feed_bytes=int(args.feed_mb * 2**20),
+        accept_data_loss=args.accept_data_loss,
     )
     follow = None
     if args.follow is not None:
@@ -121,6 +124,13 @@ def _add_durability(srv: argparse.ArgumentParser) -> None:
         metavar="MB",
         help="recent pushes kept in memory for followers; a follower further behind reads this daemon's log "
         "(the pushes since its last checkpoint), and past that must restart from a snapshot",
+    )
+    srv.add_argument(
+        "--accept-data-loss",
+        action="store_true",
+        help="serve even when acknowledged pushes cannot be accounted for (log cut or deleted, checkpoint.json "
+        "lost or damaged), logging what was lost; the version skips past the lost ones, so replicas that saw them "
+        "must be re-seeded. Without it such a table refuses to start (docs/operations.md)",
     )
 
 

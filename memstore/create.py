@@ -3,14 +3,21 @@
 Rows are generated chunk by chunk (never the whole table in RAM) into a hidden temporary
 directory beside the target; files and directory are fsynced and the directory renamed
 only when complete, so an interrupted create leaves no half table that looks valid.
+
+Replacing a table (``--overwrite``, here and in import) is refused while any daemon serves it
+or an offline reader reads it (memstore.ownership): a trainable daemon would go on
+acknowledging pushes into the deleted files, a read-only one serving the old rows.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import os
 import shutil
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -20,8 +27,10 @@ import numpy as np
 from memstore.dtypes import DType
 from memstore.errors import InvalidArgumentError
 from memstore.manifest import MANIFEST_NAME, Backend, Init, Manifest, fsync_dir
+from memstore.ownership import lock_table
 from memstore.rowgen import initial_rows, initial_rows_at
 from memstore.sharding import DEFAULT_PARTITIONS, Sharding
+from memstore.space import check_free, disk_full_error, is_disk_full
 from memstore.storage.lmdb_store import LmdbRowStore
 
 DEFAULT_CHUNK_ROWS = 16_384
@@ -46,6 +55,8 @@ def create_table(
         raise InvalidArgumentError(f"{path} already exists; remove it or pass overwrite=True (--overwrite)")
     if path.exists() and not (path / MANIFEST_NAME).is_file():
         raise InvalidArgumentError(f"{path} exists and is not a memstore table; refusing to replace it")
+    check_replaceable(path)  # before writing any row; checked again, and held, while replacing
+    check_disk_for(path, manifest)
     tmp = staging_dir(path, "creating")
     try:
         layout = manifest.layout
@@ -68,10 +79,47 @@ def create_table(
         manifest = replace(manifest, rows_sha256=None if manifest.init is Init.LAZY else digest.hexdigest())
         manifest.write(tmp)
         replace_table_dir(tmp, path)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(exc):  # another writer took the space meanwhile: no debris, a clear error
+            raise disk_full_error(path.parent, f"creating {path}", exc) from None
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def disk_bytes(manifest: Manifest) -> int:
+    """Bytes a new table of `manifest` takes on disk: rows (none for a lazy table) and the optimizer
+    state that is not zero in an mmap file (zeros are sparse); LMDB with its page overhead."""
+    total = 0
+    for layer_id in manifest.layout.layer_ids:
+        if manifest.init is not Init.LAZY:
+            total += manifest.layer_bytes(layer_id)
+        if manifest.optimizer is not None:
+            first_row = manifest.optimizer.initial_state(1, manifest.layout.dim)
+            for slot, (_name, width) in manifest.state_files(layer_id).items():
+                if manifest.backend is Backend.LMDB or float(first_row[slot][0, 0]) != 0.0:
+                    total += manifest.stored_rows(layer_id) * width * 4
+    if manifest.backend is Backend.LMDB:
+        total += total // 16  # headers and tree pages: a few percent (docs/benchmarks.md)
+    return total
+
+
+def check_disk_for(path: Path, manifest: Manifest) -> None:
+    """DiskFullError, before anything is written, when the disk cannot hold the new table."""
+    lazy = (
+        " or create it with --lazy (rows then take disk only as they are trained)"
+        if manifest.init is Init.EAGER
+        else ""
+    )
+    check_free(
+        path.parent if path.parent.exists() else path,
+        disk_bytes(manifest),
+        f"creating the table {path}",
+        f"free space there, create it on another file system{lazy}",
+    )
 
 
 def create_sharded(
@@ -92,12 +140,19 @@ def create_sharded(
         raise InvalidArgumentError(f"{path} exists and is not a sharded memstore table; refusing to replace it")
     if manifest.sharding is not None:
         raise InvalidArgumentError("give create_sharded the manifest of the whole table (no sharding)")
+    check_replaceable(path)
     for layer_id in manifest.layout.layer_ids:
         if manifest.layout.num_rows(layer_id) < num_partitions:
             raise InvalidArgumentError(
                 f"layer {layer_id} has {manifest.layout.num_rows(layer_id)} rows, fewer than {num_partitions} "
                 "partitions; ask for fewer partitions (--partitions)"
             )
+    check_free(
+        path.parent if path.parent.exists() else path,
+        disk_bytes(manifest),
+        f"creating the sharded table {path}",
+        "free space there, or create it on another file system",
+    )
     tmp = staging_dir(path, "creating")
     try:
         for shard in range(num_shards):
@@ -136,16 +191,64 @@ def staging_dir(target: Path, purpose: str) -> Path:
 
 
 def replace_table_dir(new: Path, target: Path) -> None:
-    """Move `new` to `target`; an existing table is moved aside first, never rewritten in place
-    (daemons may still map its files), and removed only after the new table is in place."""
+    """Move `new` to `target`; an existing table is moved aside first, never rewritten in place, and
+    removed only after the new table is in place. Refused (UnavailableError, nothing moved) while a
+    daemon or reader holds the existing table: it is held exclusively from the check to the move."""
     old = None
-    if target.exists():
-        old = target.parent / f".{target.name}.replaced-{os.getpid()}"
-        os.replace(target, old)
-    os.replace(new, target)
-    fsync_dir(target.parent)
+    with _held_for_replacement(target):
+        if not target.exists():
+            os.replace(new, target)
+        elif _exchange(new, target):  # one atomic step: PATH always names a whole table, old or new
+            old = new
+        else:  # no atomic exchange here: two renames, the first undone if the second fails
+            old = target.parent / f".{target.name}.replaced-{os.getpid()}"
+            os.replace(target, old)
+            try:
+                os.replace(new, target)
+            except BaseException:
+                os.replace(old, target)
+                raise
+        fsync_dir(target.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories atomically (Linux renameat2 RENAME_EXCHANGE); False where the system or
+    file system cannot."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def check_replaceable(target: Path) -> None:
+    """UnavailableError while a daemon serves (or a reader reads) the table at `target` or one of its shards."""
+    with _held_for_replacement(Path(target)):
+        pass
+
+
+@contextmanager
+def _held_for_replacement(target: Path) -> Iterator[None]:
+    """Exclusive locks on the table at `target` and its shards (nothing when there is none)."""
+    with ExitStack() as stack:
+        if target.is_dir():
+            for directory in [target, *shard_dirs(target)]:
+                stack.enter_context(
+                    lock_table(
+                        directory,
+                        exclusive=True,
+                        advice="--overwrite never replaces a table in use (a daemon would go on serving, or "
+                        "acknowledging pushes into, the deleted files): stop it first, then run this again",
+                    )
+                )
+        yield
 
 
 def write_initial_state(table_dir: Path, manifest: Manifest, layer_id: int) -> None:

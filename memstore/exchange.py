@@ -43,10 +43,11 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
-from memstore.create import replace_table_dir, shard_dirs, staging_dir, write_initial_state
+from memstore.create import check_replaceable, replace_table_dir, shard_dirs, staging_dir, write_initial_state
 from memstore.dtypes import DType
 from memstore.errors import InvalidArgumentError, TableFormatError
 from memstore.manifest import MANIFEST_NAME, Backend, Init, Manifest, fsync_dir
+from memstore.offline import reading_offline
 from memstore.table import Table
 
 FORMAT = "1"
@@ -76,16 +77,16 @@ def export_safetensors(
     """Write every layer's rows to a safetensors file at `dest` (in `dtype`, default the table's); returns dest.
 
     `progress(rows)` is called after each chunk. The file is written to dest + ".tmp", fsynced and
-    renamed, so `dest` is either the old file or the complete new one. Rows are read from the
-    table's memory map without locking: for a table being trained, export a snapshot of it
-    (`memstore.live.LiveTable.snapshot`), or a row may mix two versions. Optimizer state is not exported.
+    renamed, so `dest` is either the old file or the complete new one. The table is read offline
+    (memstore.offline): refused while a daemon trains it (export a snapshot of it instead) and
+    while its files may lack pushes its log holds. Optimizer state is not exported.
     """
     dest = Path(dest)
     _check_chunk_rows(chunk_rows)
     if dest.is_dir():
         raise InvalidArgumentError(f"{dest} is a directory; give the path of the .safetensors file to write")
     _check_whole(Path(table_dir))
-    with Table.open(table_dir) as table:
+    with reading_offline(table_dir, "export"), Table.open(table_dir) as table:
         manifest = table.manifest
         out_dtype = manifest.dtype if dtype is None else dtype
         if not isinstance(out_dtype, DType):
@@ -413,6 +414,8 @@ def _check_dest(dest: Path, overwrite: bool) -> None:
         raise InvalidArgumentError(f"{dest} already exists; remove it or pass overwrite=True (--overwrite)")
     if dest.exists() and not (dest / MANIFEST_NAME).is_file():
         raise InvalidArgumentError(f"{dest} exists and is not a memstore table; refusing to replace it")
+    if dest.exists():
+        check_replaceable(dest)
 
 
 def _is_count(value: Any) -> bool:
@@ -425,7 +428,7 @@ def rows_digest(
     """SHA-256 of every row a table directory stores (layers in order, raw bytes; a shard's rows in its
     own order): what create, import and reshard record."""
     digest = hashlib.sha256()
-    with Table.open(table_dir) as table:
+    with reading_offline(table_dir, "verify"), Table.open(table_dir) as table:
         manifest = table.manifest
         for layer_id in manifest.layout.layer_ids:
             store = table.store(layer_id)  # rows in the directory's own order: global ids for a whole table

@@ -30,9 +30,9 @@ applies them exactly as `push` does, so its files, versions and optimizer steps 
 from __future__ import annotations
 
 import errno
-import fcntl
 import itertools
 import json
+import logging
 import mmap
 import os
 import shutil
@@ -43,14 +43,16 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 
+from memstore import fatal
 from memstore.create import staging_dir
 from memstore.dtypes import DType
 from memstore.errors import (
     DataLossError,
+    InternalError,
     InvalidArgumentError,
     ReadOnlyError,
     ReplicationGapError,
@@ -59,17 +61,22 @@ from memstore.errors import (
 )
 from memstore.manifest import Manifest, fsync_dir
 from memstore.optim import apply_update, listed_positions
+from memstore.ownership import TableInUseError, TableLock, lock_table, record_writer_pid
+from memstore.recovery import Recovery, acknowledged_version, pending_recovery, settle
+from memstore.space import DiskFullError, disk_full_error, is_disk_full
 from memstore.storage import RowStore
-from memstore.table import Table, open_store
-from memstore.wal import Durability, WalRecord, WriteAheadLog
+from memstore.table import Table, open_store, permission_message, read_manifest
+from memstore.wal import Durability, WalRecord, WriteAheadLog, inspect_log
 
 CHECKPOINT_NAME = "checkpoint.json"
 SEQLOCK_NAME = "seqlock"
 WAL_DIR = "wal"
-LOCK_NAME = "writer.lock"
+LOCK_NAME = "writer.lock"  # the writer's pid, for messages (the lock is on the directory: memstore.ownership)
 _READ_TRIES = 8
 _RECORD_HEADER = struct.Struct("<IQqQH")  # layer id, layer step, client's step id, rows, client id length
 _MAX_CLIENT_ID_BYTES = (1 << 16) - 1  # the record header's client id length is 16 bits
+
+log = logging.getLogger("memstore.live")
 
 
 @dataclass(frozen=True)
@@ -82,6 +89,9 @@ class LiveConfig:
     # a follower further behind is served from the log, which holds the pushes since the last
     # checkpoint, and past that must restart from a snapshot.
     feed_bytes: int = 64 << 20
+    # Serve even when acknowledged pushes cannot be accounted for on open (memstore.recovery), logging
+    # what was lost, at a version past every one acknowledged before; without it such a table refuses to open.
+    accept_data_loss: bool = False
 
     def __post_init__(self) -> None:
         if self.feed_bytes < 0:
@@ -119,7 +129,7 @@ class Checkpoint:
             }
             layer_steps = {int(k): int(v) for k, v in data["layer_steps"].items()}
             return cls(int(data["version"]), layer_steps, last_push)
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:  # AttributeError: not a JSON object
             raise TableFormatError(f"{path} is malformed ({exc!r}); restore the table from a snapshot") from None
 
     def write(self, table_dir: Path) -> None:
@@ -132,10 +142,14 @@ class Checkpoint:
                 for (client, layer), (step, ack) in sorted(self.last_push.items())
             ],
         }
-        with open(tmp, "w") as f:
-            json.dump(data, f)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(tmp, "w") as f:
+                json.dump(data, f)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a full disk leaves no half-written checkpoint behind
+            raise
         os.replace(tmp, table_dir / CHECKPOINT_NAME)
         fsync_dir(table_dir)
 
@@ -154,14 +168,23 @@ class SeqLock:
 
     def __init__(self, path: Path, create: bool = False) -> None:
         self.path = path
-        if create and not path.exists():
+        if create and (not path.exists() or path.stat().st_size < 8):
+            # Also replaces a short file (a host crash can leave a new file empty), which could not be
+            # mapped: its word only matters to the writer opening it now, which sets it next.
             tmp = path.with_name(path.name + ".tmp")
-            tmp.write_bytes(bytes(8))
+            with open(tmp, "wb") as f:
+                f.write(bytes(8))
+                f.flush()
+                os.fsync(f.fileno())
             os.replace(tmp, path)
+            fsync_dir(path.parent)
         mode = "r+b" if create else "rb"
         with open(path, mode) as f:
+            if os.fstat(f.fileno()).st_size < 8:  # mapping a shorter file would die of SIGBUS on the first read
+                raise TableFormatError(f"sequence lock {path} is shorter than 8 bytes: the table directory is damaged")
             self._map = mmap.mmap(f.fileno(), 8, access=mmap.ACCESS_WRITE if create else mmap.ACCESS_READ)
         self._word = np.frombuffer(self._map, dtype="<i8", count=1)
+        fatal.register_mapping(self._word.ctypes.data, 8, path)
 
     def read(self) -> int:
         return int(self._word[0])
@@ -170,6 +193,7 @@ class SeqLock:
         self._word[0] = value
 
     def close(self) -> None:
+        fatal.unregister_mapping(self._word.ctypes.data)
         del self._word
         self._map.close()
 
@@ -278,30 +302,55 @@ class LiveTable:
         # interleaved checkpoints would share the temp file and could record an older version last.
         self._checkpoint_lock = threading.Lock()
         self._snapshots = 0  # snapshots in progress: the log must keep their records
+        # Why this table can no longer take pushes safely (None: it can), and who wants to know.
+        self.failure: str | None = None
+        self._failure_listeners: list[Any] = []
         self._pushes_since_checkpoint = 0
         self._state: dict[int, dict[str, RowStore]] = {}
         self.seqlock: SeqLock | None = None
         self._wal: WriteAheadLog | None = None
-        checkpoint = Checkpoint.read(self.path)
-        self.version = checkpoint.version
-        self.layer_steps = {layer: checkpoint.layer_steps.get(layer, 0) for layer in self.manifest.layout.layer_ids}
-        self._last_push = checkpoint.last_push  # (client, layer) -> (last step id, its ack)
-        self._feed = _Feed(self.version, self.config.feed_bytes)  # what followers stream (recovery adds to it)
         try:
+            checkpoint = self._read_checkpoint()
+            self.version = checkpoint.version
+            self.layer_steps = {layer: checkpoint.layer_steps.get(layer, 0) for layer in self.manifest.layout.layer_ids}
+            self._last_push = checkpoint.last_push  # (client, layer) -> (last step id, its ack)
+            self._feed = _Feed(self.version, self.config.feed_bytes)  # what followers stream (recovery adds to it)
             if self.trainable:
                 self._state = _open_state(self.path, self.manifest)
+                log_missing = not (self.path / WAL_DIR).is_dir()
+                acknowledged = acknowledged_version(self.path / SEQLOCK_NAME)  # before anything resets it
                 self._wal = WriteAheadLog(self.path / WAL_DIR, self.config.durability)
-                self._recover()
+                self._recover(log_missing, acknowledged)
                 self.seqlock = SeqLock(self.path / SEQLOCK_NAME, create=True)
                 self.seqlock.set(2 * self.version)
-            elif (self.path / WAL_DIR).exists() and has_records_after(self.path / WAL_DIR, self.version):
-                raise TableFormatError(
-                    f"{self.path} has pushes in its log past its checkpoint (a writer stopped uncleanly); "
-                    "open it writable once to recover, or serve a snapshot read-only"
-                )
+            elif self.manifest.optimizer is not None:
+                pending = pending_recovery(self.path, self.path / WAL_DIR, self.version, self.path / SEQLOCK_NAME)
+                if pending is not None:
+                    raise TableFormatError(
+                        f"{pending}; open it writable once to recover (start its daemon without --read-only, then "
+                        "stop it), or serve a snapshot read-only"
+                    )
         except BaseException:
             self._close_files()
             raise
+
+    def _read_checkpoint(self) -> Checkpoint:
+        """checkpoint.json; a damaged one is refused, unless `accept_data_loss` (then the log's version is
+        adopted by recovery, and the optimizer steps and clients' last steps start again from zero)."""
+        try:
+            return Checkpoint.read(self.path)
+        except TableFormatError as exc:
+            if not (self.trainable and self.config.accept_data_loss):
+                raise TableFormatError(
+                    f"{exc}, or start it with --accept-data-loss to serve it at the version its log records (its "
+                    "optimizer steps and the clients' last steps are then lost)"
+                ) from None
+            log.error(
+                "%s: ACCEPTING DATA LOSS (--accept-data-loss): %s; starting from an empty checkpoint",
+                self.path,
+                exc,
+            )
+            return Checkpoint()
 
     @classmethod
     def open(
@@ -312,15 +361,22 @@ class LiveTable:
         With `primary`, a read replica of the daemon at that address (see `apply_replicated`).
         """
         path = Path(path)
-        writable = not read_only and Manifest.read(path).optimizer is not None
-        lock = lock_writer(path) if writable else None
+        manifest = read_manifest(path)
+        writable = not read_only and manifest.optimizer is not None
+        try:
+            lock = lock_writer(path) if writable else _lock_reader(path, manifest)
+        except PermissionError as exc:
+            raise TableFormatError(permission_message(Path(exc.filename or path))) from None
         try:
             table = Table.open(path, read_only=not writable)
         except BaseException:
             if lock is not None:
                 lock.close()
             raise
-        return cls(table, config, lock, primary)
+        try:
+            return cls(table, config, lock, primary)
+        except PermissionError as exc:  # the log or the optimizer state (the files are closed already)
+            raise TableFormatError(permission_message(Path(exc.filename or path))) from None
 
     @property
     def accepts_pushes(self) -> bool:
@@ -423,14 +479,61 @@ class LiveTable:
             new_rows, new_state = apply_update(optimizer, rows, state, grads, step)  # rejects NaN/Inf first
             record = _Record(layer_id, step, step_id, client_id, ids, _storable(dtype, new_rows), new_state)
             payload = record.encode()
-            self._wal.append(self.version + 1, payload)
-            result = self._apply(record, self.version + 1)
+            result = self._log_and_apply(record, self.version + 1, payload)
             self._feed.append(result.version, payload)  # after the apply: followers never pass this table
             self._pushes_since_checkpoint += 1
             due = self.config.checkpoint_every and self._pushes_since_checkpoint >= self.config.checkpoint_every
         if due:
-            self.checkpoint()
+            self._checkpoint_due()
         return result
+
+    def add_failure_listener(self, listener: Any) -> None:
+        """Call `listener(message)` once if the table fails so that it can no longer take pushes safely
+        (a failed fsync of the log, a failed write after logging): the daemon turns NOT_SERVING."""
+        self._failure_listeners.append(listener)
+        if self.failure is not None:
+            listener(self.failure)
+
+    def _fail(self, message: str) -> None:
+        if self.failure is None:
+            self.failure = message
+            log.error("%s", message)
+            for listener in self._failure_listeners:
+                listener(message)
+
+    def _log_and_apply(self, record: _Record, version: int, payload: bytes) -> PushResult:
+        """Reserve disk space, log, apply (the caller holds the push lock). A full disk refuses the push
+        before anything is logged (DiskFullError, and the next push may succeed); an I/O error after that
+        leaves the table unable to take pushes until a restart, which replays the log."""
+        if self.failure is not None:
+            raise InternalError(self.failure)
+        assert self._wal is not None
+        record.reserve(self.table, self._state)  # a full disk: DiskFullError with nothing logged or applied
+        try:
+            self._wal.append(version, payload)  # a full disk: DiskFullError with the log as it was
+        except OSError as exc:
+            self._fail(
+                f"{self.path}: the write-ahead log failed to write or sync the push of version {version} ({exc}); "
+                "pushes acknowledged before may not be durable, so this daemon takes no more: restart it (it "
+                "recovers from the log)"
+            )
+            raise InternalError(self.failure) from None
+        try:
+            return self._apply(record, version)
+        except BaseException as exc:
+            self._fail(
+                f"{self.path}: the push of version {version} was logged but writing it into the table failed "
+                f"({exc!r}); this daemon takes no more pushes: restart it (it replays the log)"
+            )
+            raise
+
+    def _checkpoint_due(self) -> None:
+        """A checkpoint after a push: one that fails (a full disk) is retried later, never fails the push,
+        which is logged and applied already."""
+        try:
+            self.checkpoint()
+        except (OSError, DiskFullError) as exc:
+            log.warning("%s: checkpoint failed (%s); the log keeps the pushes since the last one", self.path, exc)
 
     # -- replication ---------------------------------------------------------------------------
 
@@ -452,13 +555,12 @@ class LiveTable:
                     f"the record of version {version} does not follow this replica's version {self.version}; "
                     f"follow {self.primary} again from version {self.version}"
                 )
-            self._wal.append(version, payload)
-            result = self._apply(record, version)
+            result = self._log_and_apply(record, version, payload)
             self._feed.append(version, payload)  # a replica can feed replicas of its own
             self._pushes_since_checkpoint += 1
             due = self.config.checkpoint_every and self._pushes_since_checkpoint >= self.config.checkpoint_every
         if due:
-            self.checkpoint()
+            self._checkpoint_due()
         return result
 
     def _decode_replicated(self, version: int, payload: bytes) -> _Record:
@@ -559,21 +661,46 @@ class LiveTable:
 
     # -- durability ----------------------------------------------------------------------------
 
-    def _recover(self) -> None:
-        """Replay logged pushes past the checkpoint (after-images: idempotent), then checkpoint."""
+    def _recover(self, log_missing: bool, acknowledged: int | None) -> None:
+        """Replay logged pushes past the checkpoint (after-images: idempotent), account for every
+        acknowledged push (memstore.recovery: logs what the log's recovery cut, refuses to open when
+        acknowledged pushes are missing unless `accept_data_loss`), then checkpoint."""
         assert self._wal is not None
+        checkpointed = self.version
         replayed = 0
         for record in self._wal.records(self.version):
             if record.version != self.version + 1:
-                raise DataLossError(
-                    f"{self.path / WAL_DIR} jumps from version {self.version} to {record.version}; "
-                    "pushes are missing: restore the table from a snapshot"
+                gap = (
+                    f"{self.path / WAL_DIR} jumps from version {self.version} (checkpoint.json's) to "
+                    f"{record.version}: pushes {self.version + 1}..{record.version - 1} are missing"
                 )
+                if not self.config.accept_data_loss:
+                    raise DataLossError(
+                        f"{gap}; restore the table from a snapshot, or start with --accept-data-loss to replay the "
+                        f"log from version {record.version} on (the missing pushes are lost)"
+                    )
+                log.error("%s: ACCEPTING DATA LOSS (--accept-data-loss): %s", self.path, gap)
+                self.version = record.version - 1
+                self._feed = _Feed(self.version, self.config.feed_bytes)
             self._apply(_Record.decode(record.payload, self.manifest), record.version)
             self._feed.append(record.version, record.payload)  # followers behind the crash can still catch up
             replayed += 1
-        if replayed:
-            self.checkpoint()
+        found = Recovery(
+            self.path,
+            checkpointed,
+            self.version,
+            self._wal.last_version,
+            acknowledged,
+            self._wal.tail_cut,
+            log_missing,
+            self.config.durability,
+        )
+        version = settle(found, self.config.accept_data_loss)
+        if version != self.version:  # accepted: checkpoint.json was behind the log, whose version the files hold
+            self.version = version
+            self._feed = _Feed(version, self.config.feed_bytes)
+        if replayed or version != checkpointed or found.losses()[1]:
+            self.checkpoint()  # records what was accepted, so the next open does not ask again
 
     def checkpoint(self) -> int:
         """Make the files durable at the current version, record it, and drop the log below it."""
@@ -635,6 +762,11 @@ class LiveTable:
             end.write(tmp)
             os.replace(tmp, dest)
             fsync_dir(dest.parent)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if is_disk_full(exc):
+                raise disk_full_error(dest.parent, f"the snapshot {dest.name}", exc) from None
+            raise
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -656,7 +788,7 @@ class LiveTable:
         if self.table is None:
             return
         self.close_feed()
-        if self.trainable and self._wal is not None:
+        if self.trainable and self._wal is not None and self.failure is None:  # after a failure: the restart replays
             self.checkpoint()
         self._close_files()
 
@@ -715,24 +847,49 @@ def _open_state(table_dir: Path, manifest: Manifest) -> dict[int, dict[str, RowS
     }
 
 
-def lock_writer(table_dir: Path) -> IO[str]:
-    """One writer per table: a second daemon opening it writable fails instead of corrupting it. Returns
-    the locked file; closing it releases the lock."""
-    handle = open(table_dir / LOCK_NAME, "a+")
+def lock_writer(table_dir: Path) -> TableLock:
+    """One writer per table: a second daemon opening it writable fails instead of corrupting it, and so
+    does a writer while a read-only daemon serves it (memstore.ownership). Returns the lock; closing it
+    releases it. Records this process's pid in ``writer.lock`` for other processes' messages."""
     try:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
+        lock = lock_table(
+            table_dir,
+            exclusive=True,
+            advice="one writer per table: stop that daemon, or serve a snapshot of it "
+            "(`memstore snapshot ADDRESS NAME`, then `memstore serve SNAPSHOT --read-only`)",
+        )
+    except TableInUseError as exc:
+        if exc.writer:
+            raise
         raise UnavailableError(
-            f"{table_dir} is open for writing by another process; serve it read-only or stop the other daemon"
+            f"{table_dir} is served read-only (or read offline) by another process: a writer would change its rows "
+            "under that reader; stop it first"
         ) from None
-    return handle
+    try:
+        record_writer_pid(table_dir)
+    except OSError:
+        pass  # only messages use the pid: a read-only file system must not stop a writer
+    return lock
+
+
+def _lock_reader(table_dir: Path, manifest: Manifest) -> TableLock:
+    """The shared lock a read-only or frozen daemon holds: no writer trains the table while it serves
+    (it does not follow a writer's sequence lock), and no --overwrite replaces it."""
+    advice = (
+        "a read-only daemon does not see a writer's pushes consistently: serve a snapshot of it read-only "
+        "(`memstore snapshot ADDRESS NAME`, then `memstore serve SNAPSHOT --read-only`), follow it "
+        "(`memstore serve COPY --follow ADDRESS`), or stop that daemon"
+        if manifest.optimizer is not None
+        else "stop that process first"
+    )
+    return lock_table(table_dir, exclusive=False, advice=advice)
 
 
 def has_records_after(wal_dir: Path, version: int) -> bool:
-    """Whether the log in `wal_dir` holds pushes past `version` (a writer stopped before checkpointing them)."""
-    with WriteAheadLog(wal_dir, Durability.OS) as wal:
-        return wal.last_version is not None and wal.last_version > version
+    """Whether the log in `wal_dir` holds pushes past `version` (a writer stopped before checkpointing
+    them). Changes nothing: a torn tail is left for the writer's recovery to cut."""
+    last = inspect_log(wal_dir).last_version
+    return last is not None and last > version
 
 
 @dataclass
@@ -746,6 +903,12 @@ class _Record:
     ids: np.ndarray
     rows: np.ndarray  # storage dtype
     state: dict[str, np.ndarray]
+
+    def reserve(self, table: Table, states: dict[int, dict[str, RowStore]]) -> None:
+        """Disk space for `write_to` (DiskFullError when there is none); writes nothing."""
+        table.store(self.layer_id).reserve(self.ids)
+        for slot in self.state:
+            states[self.layer_id][slot].reserve(self.ids)
 
     def write_to(self, table: Table, states: dict[int, dict[str, RowStore]]) -> None:
         """Write the after-image: the rows into the table, the optimizer state into `states`."""

@@ -38,6 +38,7 @@ from memstore.errors import (
 )
 from memstore.live import LiveTable
 from memstore.manifest import Manifest
+from memstore.space import DiskFullError
 from memstore.wire import memstore_pb2 as pb
 from memstore.wire import memstore_pb2_grpc as pb_grpc
 
@@ -330,6 +331,9 @@ class Follower:
             return f"{exc.code().name}: {exc.details()}"
         if isinstance(exc, DataLossError):  # a record out of order or malformed: start again from our version
             log.error("replica of %s: %s; reconnecting", self.primary, exc)
+            return str(exc)
+        if isinstance(exc, DiskFullError):  # nothing applied: follow again, and catch up once space is freed
+            log.error("replica of %s: %s", self.primary, exc)
             return str(exc)
         if isinstance(exc, MemstoreError):  # another table, or a local failure (the log refuses writes)
             self.stop_following(str(exc))

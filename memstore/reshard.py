@@ -5,10 +5,11 @@ memstore.sharding); the destination is a plain table when M is 1, else `dest/sha
 `dest/shard-{M-1}` spread over `num_partitions` partitions (`Sharding.spread`). Rows follow
 their global id: row r lands in partition r % num_partitions and in the shard holding it.
 
-Offline: every trainable source shard's writer lock is held from the first read to the end, so
-no daemon can train it meanwhile (a running writable daemon makes reshard fail), and a source
-whose log holds pushes past its checkpoint is refused (they would be lost: the files do not
-hold them yet).
+Offline: every source shard is held for reading from the first read to the end
+(memstore.offline: a shared lock on its directory), so no daemon can train it meanwhile (a running
+writable daemon makes reshard fail), and a source whose files may lack acknowledged pushes (its
+log holds pushes past its checkpoint, or its writer acknowledged more than checkpoint and log
+hold) is refused: they would be lost.
 
 Every destination file is written once, streaming in chunks in its own row order, into a
 staging directory beside `dest`; nothing appears at `dest` until the written files, read back
@@ -37,7 +38,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 
@@ -50,9 +51,10 @@ from memstore.create import (
     write_store,
 )
 from memstore.dtypes import DType
-from memstore.errors import DataLossError, InvalidArgumentError, TableFormatError, UnavailableError
-from memstore.live import WAL_DIR, Checkpoint, has_records_after, lock_writer
+from memstore.errors import DataLossError, InvalidArgumentError, TableFormatError
+from memstore.live import Checkpoint
 from memstore.manifest import MANIFEST_NAME, Init, Manifest
+from memstore.offline import reading_offline
 from memstore.sharding import DEFAULT_PARTITIONS, Sharding
 from memstore.storage import RowStore
 from memstore.table import Table, open_store
@@ -115,9 +117,8 @@ def reshard(
     partitions = num_partitions if num_partitions is not None else _source_partitions(manifests[0])
     shardings = _dest_shardings(whole, num_shards, partitions)
     with ExitStack() as stack:
-        if whole.optimizer is not None:  # a frozen table has no writer to keep out
-            for d in dirs:
-                stack.callback(_lock_offline(d).close)
+        for d in dirs:
+            stack.enter_context(reading_offline(d, "reshard"))
         steps = _layer_steps(dirs, whole)
         with _Reader.open(dirs, manifests) as reader:
             source_sum = reader.checksum(partitions, chunk_rows, progress)
@@ -161,15 +162,18 @@ def table_checksum(
 
     Partitions are taken in the order of `num_partitions` partitions (default: the table's own,
     DEFAULT_PARTITIONS for a plain table): two tables with equal rows and state have equal
-    checksums when computed with the same partition count. Rows are read without locking: for a
-    table being trained, checksum a snapshot.
+    checksums when computed with the same partition count. Read offline (memstore.offline): refused
+    while a daemon trains the table; checksum a snapshot of it instead.
     """
     dirs = table_dirs(Path(path))
     manifests = [Manifest.read(d) for d in dirs]
     _whole_manifest(dirs, manifests)
     partitions = num_partitions if num_partitions is not None else _source_partitions(manifests[0])
-    with _Reader.open(dirs, manifests) as reader:
-        return reader.checksum(partitions, chunk_rows)
+    with ExitStack() as stack:
+        for d in dirs:
+            stack.enter_context(reading_offline(d, "the checksum"))
+        with _Reader.open(dirs, manifests) as reader:
+            return reader.checksum(partitions, chunk_rows)
 
 
 # --- the source ----------------------------------------------------------------------------------
@@ -224,30 +228,12 @@ def _source_partitions(manifest: Manifest) -> int:
     return DEFAULT_PARTITIONS if manifest.sharding is None else manifest.sharding.num_partitions
 
 
-def _lock_offline(table_dir: Path) -> IO[str]:
-    """The writer lock of one source shard; UnavailableError naming what to stop while a daemon trains it."""
-    try:
-        return lock_writer(table_dir)
-    except UnavailableError:
-        raise UnavailableError(
-            f"{table_dir} is open for writing (a writable daemon serves it); reshard works offline: "
-            "stop that daemon, then run reshard again"
-        ) from None
-
-
 def _layer_steps(dirs: list[Path], whole: Manifest) -> dict[int, int]:
     """The optimizer steps of every layer, which every source shard must agree on (empty for a frozen
-    table). Refuses a shard whose log holds pushes its files may not hold yet."""
+    table). The shards were checked recovered when they were locked (`reading_offline`)."""
     if whole.optimizer is None:
         return {}
     checkpoints = [Checkpoint.read(d) for d in dirs]
-    for path, checkpoint in zip(dirs, checkpoints, strict=True):
-        if (path / WAL_DIR).exists() and has_records_after(path / WAL_DIR, checkpoint.version):
-            raise TableFormatError(
-                f"{path} has pushes in its log past its checkpoint (its daemon stopped uncleanly): resharding "
-                "would lose them. Start its daemon (`memstore serve`) and stop it once, or open it writable "
-                "(memstore.live.LiveTable.open), to replay them, then run reshard again"
-            )
     steps = {layer: checkpoints[0].layer_steps.get(layer, 0) for layer in whole.layout.layer_ids}
     for path, checkpoint in zip(dirs, checkpoints, strict=True):
         for layer, step in steps.items():

@@ -422,6 +422,7 @@ def create_server(
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     if replica is not None:
         replica.add_health_listener(lambda serving: _set_health(health_servicer, serving))
+    live.add_failure_listener(lambda _message: _set_health(health_servicer, False))  # it cannot write safely
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     try:
         if config.tls is None:

@@ -40,10 +40,14 @@ crash in the middle of an append can only leave a damaged *tail of the last segm
 header or payload, or bytes that fail the magic or CRC check (or a partial file header if the
 crash hit a segment's creation). Such a tail is cut off (truncated to the end of the last good
 record, the file and the directory fsynced; a last segment whose file header is incomplete is
-deleted) and appends continue after the last good record. Anything else is real corruption and
-raises `DataLossError` naming the file and offset: a bad frame followed by a good one anywhere
-after it (found by searching the rest of the file for a valid frame), a bad frame or header in
-a segment that is not the last, or good frames whose versions or segment names are out of order.
+deleted) and appends continue after the last good record; `WriteAheadLog.tail_cut` says what was
+cut (offset, bytes, the record's version when its header was readable), for the caller to log and
+to weigh against what it knows was acknowledged (memstore.live does). Only the log's one writer
+repairs: readers use `inspect_log`, which finds the same and changes nothing. Anything else is
+real corruption and raises `DataLossError` naming the file and offset: a bad frame followed by a
+good one anywhere after it (found by searching the rest of the file for a valid frame), a bad
+frame or header in a segment that is not the last, or good frames whose versions or segment
+names are out of order.
 
 Durability
 ----------
@@ -55,8 +59,11 @@ Durability
   kernel crash, which can lose the last few seconds of records (recovery then cuts back to a
   consistent prefix).
 
-After a failed write or sync the log refuses further appends: after a failed fsync the kernel may
-already have dropped the dirty pages, so the only safe continuation is a restart, which recovers.
+A write that fails for want of space (ENOSPC, EDQUOT) is cut back to the last good record and
+raised as `DiskFullError` (memstore.space): nothing was logged, and appends go on once there is
+room. After any other failed write, or a failed sync, the log refuses further appends: after a
+failed fsync the kernel may already have dropped the dirty pages, so the only safe continuation
+is a restart, which recovers (`failed` says why).
 """
 
 from __future__ import annotations
@@ -75,6 +82,7 @@ from types import TracebackType
 from typing import BinaryIO
 
 from memstore.errors import DataLossError, InternalError, InvalidArgumentError
+from memstore.space import disk_full_error, is_disk_full
 
 FORMAT_VERSION = 1
 SEGMENT_MAGIC = b"EWSG"
@@ -242,6 +250,149 @@ def _write_all(fd: int, buffers: list[memoryview], offset: int) -> None:
             views[0] = views[0][n:]
 
 
+@dataclass(frozen=True)
+class TailCut:
+    """A damaged tail of the last segment, as recovery finds it: what a crash mid-append leaves.
+
+    The records before it are kept; the bytes from `offset` on are cut off (the whole file when
+    its own header was incomplete: the segment is deleted). `version` is the version the cut
+    record's header names, when that header was readable.
+    """
+
+    path: Path
+    offset: int
+    bytes: int
+    version: int | None
+    reason: str
+    segment_deleted: bool = False
+
+    def describe(self) -> str:
+        """One line for the log: where, how many bytes, which version, why."""
+        what = f"the record of version {self.version}" if self.version is not None else "a record of unknown version"
+        if self.segment_deleted:
+            return f"deleted {self.path} ({self.bytes} bytes, {self.reason}): a segment whose creation never completed"
+        return f"cut {self.bytes} bytes at offset {self.offset} of {self.path}: {what} ({self.reason})"
+
+
+@dataclass(frozen=True)
+class LogState:
+    """What recovery would find in a log directory (see `inspect_log`)."""
+
+    last_version: int | None  # as WriteAheadLog.last_version
+    tail_cut: TailCut | None  # the damaged tail recovery would cut off, if any
+
+
+def inspect_log(directory: Path) -> LogState:
+    """The state of the log in `directory` as opening it would recover it, changing nothing on disk.
+
+    For readers of a table that is not being written (offline tools, read-only daemons): opening a
+    WriteAheadLog cuts a damaged tail, which must only ever be done by the table's one writer (a
+    reader cutting the tail of an append in progress would destroy it). Raises DataLossError as
+    recovery does; a missing directory is an empty log.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return LogState(None, None)
+    segments, cut = _recover(directory, repair=False)
+    if not segments:
+        return LogState(None, cut)
+    last = segments[-1]
+    return LogState(last.last_version if last.last_version is not None else last.base_version, cut)
+
+
+def _recover(directory: Path, repair: bool) -> tuple[list[_Segment], TailCut | None]:
+    """Scan every segment in order and check how they chain; cut a torn tail off the last one when
+    `repair` (only the log's writer repairs). Returns the segments and the tail cut (or found)."""
+    paths = sorted(p for p in directory.iterdir() if _SEGMENT_NAME.fullmatch(p.name) and p.is_file())
+    segments: list[_Segment] = []
+    cut: TailCut | None = None
+    for i, path in enumerate(paths):
+        is_last = i == len(paths) - 1
+        segment, cut_here = _scan(directory, path, is_last, repair)
+        cut = cut_here or cut
+        if segment is None:
+            continue
+        prev = segments[-1] if segments else None
+        if prev is not None:
+            if prev.last_version is None:
+                raise DataLossError(f"{prev.path}: empty segment that is not the last one")
+            if segment.base_version != prev.last_version:
+                raise DataLossError(
+                    f"{path}: offset 0: base version {segment.base_version} does not follow the previous "
+                    f"segment's last version {prev.last_version}"
+                )
+        if segment.first_version is None:
+            if segment.base_version is not None and segment.name_version <= segment.base_version:
+                raise DataLossError(f"{path}: offset 0: named below its base version {segment.base_version}")
+        elif segment.first_version != segment.name_version:
+            raise DataLossError(
+                f"{path}: offset {_FILE_HEADER.size}: first record has version {segment.first_version}, "
+                "not the one the file is named after"
+            )
+        elif segment.base_version is not None and segment.first_version <= segment.base_version:
+            raise DataLossError(f"{path}: offset {_FILE_HEADER.size}: record version not above the base version")
+        segments.append(segment)
+    return segments, cut
+
+
+def _torn_version(f: BinaryIO, offset: int) -> int | None:
+    """The version a damaged frame's header names, if the header is complete and has the record magic."""
+    f.seek(offset)
+    head = f.read(_RECORD_HEADER.size)
+    if len(head) < _RECORD_HEADER.size:
+        return None
+    try:
+        return _parse_record_header(head)[1]
+    except _Corrupt:
+        return None
+
+
+def _scan(directory: Path, path: Path, is_last: bool, repair: bool) -> tuple[_Segment | None, TailCut | None]:
+    """Check every frame of one segment; find a torn tail of the last one and, when `repair`, cut it off
+    (the segment is None when its header was torn: it is deleted, or with no repair, skipped)."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        try:
+            base = _parse_file_header(f.read(_FILE_HEADER.size))
+        except _Corrupt as exc:
+            if is_last and _valid_frame_after(f, 0) is None:
+                # A crash while creating the segment: it never held an acknowledged record.
+                if repair:
+                    path.unlink()
+                    _fsync_dir(directory)
+                return None, TailCut(path, 0, size, None, str(exc), segment_deleted=True)
+            raise DataLossError(f"{path}: offset 0: {exc}") from exc
+        segment = _Segment(path, int(_SEGMENT_NAME.fullmatch(path.name)[1]), base)
+        offset = _FILE_HEADER.size
+        cut: TailCut | None = None
+        while offset < size:
+            try:
+                version, frame_len, _payload = _read_frame(f, offset, size)
+            except _Corrupt as exc:
+                found = _valid_frame_after(f, offset + 1)
+                if is_last and found is None:
+                    cut = TailCut(path, offset, size - offset, _torn_version(f, offset), str(exc))
+                    break
+                detail = f"; a valid record follows at offset {found}" if found is not None else ""
+                raise DataLossError(f"{path}: offset {offset}: {exc}{detail}") from exc
+            if segment.last_version is not None and version <= segment.last_version:
+                raise DataLossError(f"{path}: offset {offset}: version {version} after version {segment.last_version}")
+            if segment.first_version is None:
+                segment.first_version = version
+            segment.last_version = version
+            offset += frame_len
+        segment.end = offset
+    if offset < size and repair:
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            os.ftruncate(fd, offset)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        _fsync_dir(directory)
+    return segment, cut
+
+
 class WriteAheadLog:
     """A segmented, checksummed, append-only log of (version, payload) records. Thread-safe.
 
@@ -253,7 +404,8 @@ class WriteAheadLog:
     ) -> None:
         """Open the log in `directory` (created if missing) and recover it; see the module docstring.
 
-        Raises DataLossError when the log is damaged in a way a crash mid-append cannot explain.
+        Raises DataLossError when the log is damaged in a way a crash mid-append cannot explain;
+        `tail_cut` is the torn tail recovery cut off (None when there was none).
         """
         if isinstance(segment_bytes, bool) or not isinstance(segment_bytes, int) or segment_bytes <= 0:
             raise InvalidArgumentError(f"segment_bytes must be a positive int, got {segment_bytes!r}")
@@ -265,84 +417,9 @@ class WriteAheadLog:
         self._failed: OSError | None = None
         self._fd: int | None = None
         self.directory.mkdir(parents=True, exist_ok=True)
-        self._segments = self._recover()
+        self._segments, self.tail_cut = _recover(self.directory, repair=True)
         if self._segments:
             self._fd = os.open(self._segments[-1].path, os.O_WRONLY)
-
-    # -- recovery ---------------------------------------------------------------------------------
-
-    def _recover(self) -> list[_Segment]:
-        paths = sorted(p for p in self.directory.iterdir() if _SEGMENT_NAME.fullmatch(p.name) and p.is_file())
-        segments: list[_Segment] = []
-        for i, path in enumerate(paths):
-            is_last = i == len(paths) - 1
-            segment = self._scan(path, is_last)
-            if segment is None:
-                continue
-            prev = segments[-1] if segments else None
-            if prev is not None:
-                if prev.last_version is None:
-                    raise DataLossError(f"{prev.path}: empty segment that is not the last one")
-                if segment.base_version != prev.last_version:
-                    raise DataLossError(
-                        f"{path}: offset 0: base version {segment.base_version} does not follow the previous "
-                        f"segment's last version {prev.last_version}"
-                    )
-            if segment.first_version is None:
-                if segment.base_version is not None and segment.name_version <= segment.base_version:
-                    raise DataLossError(f"{path}: offset 0: named below its base version {segment.base_version}")
-            elif segment.first_version != segment.name_version:
-                raise DataLossError(
-                    f"{path}: offset {_FILE_HEADER.size}: first record has version {segment.first_version}, "
-                    "not the one the file is named after"
-                )
-            elif segment.base_version is not None and segment.first_version <= segment.base_version:
-                raise DataLossError(f"{path}: offset {_FILE_HEADER.size}: record version not above the base version")
-            segments.append(segment)
-        return segments
-
-    def _scan(self, path: Path, is_last: bool) -> _Segment | None:
-        """Check every frame of one segment; cut a torn tail off the last one (None: the file was deleted)."""
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            try:
-                base = _parse_file_header(f.read(_FILE_HEADER.size))
-            except _Corrupt as exc:
-                if is_last and _valid_frame_after(f, 0) is None:
-                    # A crash while creating the segment: it never held an acknowledged record.
-                    path.unlink()
-                    _fsync_dir(self.directory)
-                    return None
-                raise DataLossError(f"{path}: offset 0: {exc}") from exc
-            segment = _Segment(path, int(_SEGMENT_NAME.fullmatch(path.name)[1]), base)
-            offset = _FILE_HEADER.size
-            while offset < size:
-                try:
-                    version, frame_len, _payload = _read_frame(f, offset, size)
-                except _Corrupt as exc:
-                    found = _valid_frame_after(f, offset + 1)
-                    if is_last and found is None:
-                        break
-                    detail = f"; a valid record follows at offset {found}" if found is not None else ""
-                    raise DataLossError(f"{path}: offset {offset}: {exc}{detail}") from exc
-                if segment.last_version is not None and version <= segment.last_version:
-                    raise DataLossError(
-                        f"{path}: offset {offset}: version {version} after version {segment.last_version}"
-                    )
-                if segment.first_version is None:
-                    segment.first_version = version
-                segment.last_version = version
-                offset += frame_len
-            segment.end = offset
-        if offset < size:
-            fd = os.open(path, os.O_WRONLY)
-            try:
-                os.ftruncate(fd, offset)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            _fsync_dir(self.directory)
-        return segment
 
     # -- public API -------------------------------------------------------------------------------
 
@@ -382,9 +459,15 @@ class WriteAheadLog:
                     self._rename(current, version)
                 assert self._fd is not None
                 _write_all(self._fd, [memoryview(header), view], current.end)
+            except OSError as exc:
+                if is_disk_full(exc) and self._cut_back():
+                    raise disk_full_error(self.directory, f"logging the push of version {version}", exc) from None
+                self._fail(exc)
+                raise
+            try:
                 if self.durability is Durability.FSYNC:
                     _datasync(self._fd)
-            except OSError as exc:
+            except OSError as exc:  # the kernel may have dropped the pages it could not write: never retry
                 self._fail(exc)
                 raise
             current.end += frame_len
@@ -444,6 +527,8 @@ class WriteAheadLog:
                 if deleted:
                     _fsync_dir(self.directory)
             except OSError as exc:
+                if is_disk_full(exc):  # only the new segment's creation can need space, and it left nothing
+                    raise disk_full_error(self.directory, "starting a new log segment", exc) from None
                 self._fail(exc)
                 raise
 
@@ -472,9 +557,25 @@ class WriteAheadLog:
             raise InternalError(f"write-ahead log {self.directory} is closed")
         if self._failed is not None:
             raise InternalError(
-                f"write-ahead log {self.directory} refuses writes after an I/O error ({self._failed}); "
-                "reopen it to recover"
+                f"write-ahead log {self.directory} refuses writes after an I/O error ({self._failed}): the "
+                "disk may have dropped acknowledged writes; restart the daemon, which recovers from the log"
             )
+
+    @property
+    def failed(self) -> OSError | None:
+        """The I/O error after which the log refuses appends until it is reopened (None: healthy)."""
+        return self._failed
+
+    def _cut_back(self) -> bool:
+        """After a write that found the disk full: cut whatever part of the frame reached the file
+        (the last segment back to its last good record). True when the log is as before the append."""
+        if self._fd is None or not self._segments:
+            return True  # the segment that was being created is unlinked by _new_segment
+        try:
+            os.ftruncate(self._fd, self._segments[-1].end)
+            return True
+        except OSError:
+            return False
 
     def _fail(self, exc: OSError) -> None:
         self._failed = exc

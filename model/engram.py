@@ -10,7 +10,8 @@ share one contiguous row range, so the ids arrive here as row ids [B, T, (N-1)*K
              alpha_t = sigmoid(ssqrt(RMSNorm(h_t) . RMSNorm(W_K^m e_t) / sqrt(D)))  [B, T, HC, 1]
              with ssqrt(x) = sign(x) sqrt(|x|), the signed square root of the public demo
 4. output:   y = alpha * v;  y = y + SiLU(CausalDepthwiseConv1d(RMSNorm(y)))   [B, T, HC, D]
-             kernel 4, dilation N, the convolution initialised to zero.
+             kernel 4, dilation N, the convolution initialised to zero; this RMSNorm's epsilon
+             is 1e-5 (the reference's ShortConv), the gate's norms use PyTorch's default.
 
 The block adds y to the residual stream before attention. Where the rows come from is
 pluggable (model/sources.py): an in-process table or the memstore daemon.
@@ -81,13 +82,20 @@ class EngramConfig:
         )
 
 
+SHORT_CONV_NORM_EPS = 1e-5  # DeepSeek's ShortConv norm_eps; the gate's key and query norms keep PyTorch's default
+
+
 class ShortConv(nn.Module):
     """Causal depthwise Conv1d over time with RMSNorm before and SiLU after, per branch."""
 
-    def __init__(self, hidden_size: int, kernel_size: int, dilation: int, hc_mult: int) -> None:
+    def __init__(
+        self, hidden_size: int, kernel_size: int, dilation: int, hc_mult: int, norm_eps: float = SHORT_CONV_NORM_EPS
+    ) -> None:
         super().__init__()
         channels = hidden_size * hc_mult
-        self.norms = nn.ModuleList(nn.RMSNorm(hidden_size) for _ in range(hc_mult))
+        # An explicit epsilon, as DeepSeek's ShortConv (norm_eps=1e-5): PyTorch's default (the dtype's
+        # machine epsilon, 1.2e-7 in float32) changes the output wherever the gated value is small.
+        self.norms = nn.ModuleList(nn.RMSNorm(hidden_size, eps=norm_eps) for _ in range(hc_mult))
         self.conv = nn.Conv1d(
             channels,
             channels,

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from memstore import create
 from memstore.create import create_sharded, create_table, shard_dirs
 from memstore.dtypes import DType
 from memstore.errors import InvalidArgumentError, WrongShardError
@@ -211,6 +214,42 @@ def test_interrupted_overwrite_keeps_the_old_table(tmp_path: Path) -> None:
         create_table(path, _manifest(seed=2), chunk_rows=16, overwrite=True, progress=_Interrupt(3))
     assert _files(path) == before
     assert _entries(tmp_path) == ["t"]
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "two-renames"])
+def test_a_failure_while_replacing_leaves_the_old_table_at_its_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exchange: bool
+) -> None:
+    """The old table is swapped for the new in one atomic step (renameat2 RENAME_EXCHANGE); where that is
+    not available, a failed second rename puts the old table back. PATH never ends up empty, with the old
+    table hidden in a dot-directory and the new one deleted."""
+    path = create_table(tmp_path / "t", _manifest(seed=1))
+    before = _files(path)
+    real_replace = os.replace
+    calls = []
+
+    def failing(*args: object) -> None:
+        raise OSError(errno.EIO, "I/O error while replacing")
+
+    def second_rename_fails(src: object, dst: object) -> None:
+        if Path(dst) == path and not calls:  # the new table onto PATH, once the old one was moved aside
+            calls.append(src)
+            failing()
+        real_replace(src, dst)
+
+    if exchange:
+        monkeypatch.setattr(create, "_exchange", failing)
+    else:
+        monkeypatch.setattr(create, "_exchange", lambda a, b: False, raising=False)
+        monkeypatch.setattr(os, "replace", second_rename_fails)
+    # (with renameat2, the only step that can fail is the exchange itself)
+    with pytest.raises(OSError, match="while replacing"):
+        create_table(path, _manifest(seed=2), overwrite=True)
+    monkeypatch.undo()
+    assert _files(path) == before
+    assert _entries(tmp_path) == ["t"]
+    create_table(path, _manifest(seed=2), overwrite=True)  # and without a failure, the new table
+    assert Manifest.read(path) == _manifest(seed=2)
 
 
 def test_failing_create_leaves_nothing(tmp_path: Path) -> None:

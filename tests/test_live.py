@@ -144,8 +144,13 @@ def test_one_writer_per_table(tmp_path) -> None:
     with LiveTable.open(path, config=FAST):
         with pytest.raises(UnavailableError, match="another process"):
             LiveTable.open(path, config=FAST)
-        with LiveTable.open(path, read_only=True) as reader:  # readers are welcome
-            assert not reader.trainable
+        # A read-only reader would serve rows changing under it at a stale version: refused, saying what works.
+        with pytest.raises(UnavailableError, match=r"open for writing.*serve a snapshot of it read-only"):
+            LiveTable.open(path, read_only=True)
+    with LiveTable.open(path, read_only=True) as reader:  # once the writer is gone
+        assert not reader.trainable
+        with pytest.raises(UnavailableError, match="served read-only .* a writer would change its rows"):
+            LiveTable.open(path, config=FAST)
 
 
 def test_a_retried_step_is_answered_without_applying_it_again(tmp_path) -> None:

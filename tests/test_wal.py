@@ -17,7 +17,16 @@ from pathlib import Path
 import pytest
 
 from memstore.errors import DataLossError, InternalError, InvalidArgumentError
-from memstore.wal import FILE_HEADER_SIZE, RECORD_HEADER_SIZE, Durability, WalRecord, WriteAheadLog
+from memstore.live import has_records_after
+from memstore.wal import (
+    FILE_HEADER_SIZE,
+    RECORD_HEADER_SIZE,
+    Durability,
+    TailCut,
+    WalRecord,
+    WriteAheadLog,
+    inspect_log,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 _HEADER = struct.Struct("<4sHHQQI")
@@ -198,6 +207,50 @@ def test_torn_segment_header_is_removed(tmp_path: Path, kept: int) -> None:
         wal.append(2, b"two")
     with _open(tmp_path) as wal:
         assert list(wal.records()) == [WalRecord(1, _payload(1)), WalRecord(2, b"two")]
+
+
+@pytest.mark.parametrize("kept", [3, RECORD_HEADER_SIZE + 1])
+def test_a_cut_tail_is_reported_with_its_bytes_and_version(tmp_path: Path, kept: int) -> None:
+    with _open(tmp_path) as wal:
+        _fill(wal, [1, 2, 3])
+        assert wal.tail_cut is None
+    (segment,) = _segments(tmp_path)
+    start = _frames(segment)[-1][0]
+    os.truncate(segment, start + kept)
+    with _open(tmp_path) as wal:
+        cut = wal.tail_cut
+        assert (cut.path, cut.offset, cut.bytes) == (segment, start, kept)
+        assert cut.version == (3 if kept >= RECORD_HEADER_SIZE else None)  # known once its header is whole
+        assert f"cut {kept} bytes at offset {start}" in cut.describe()
+    with _open(tmp_path) as wal:
+        assert wal.tail_cut is None  # cut once
+
+
+def test_a_deleted_torn_segment_is_reported(tmp_path: Path) -> None:
+    with _open(tmp_path, segment_bytes=60) as wal:
+        _fill(wal, [1, 2])
+    last = _segments(tmp_path)[-1]
+    os.truncate(last, 7)
+    with _open(tmp_path, segment_bytes=60) as wal:
+        assert wal.tail_cut == TailCut(last, 0, 7, None, wal.tail_cut.reason, segment_deleted=True)
+        assert "incomplete file header" in wal.tail_cut.describe()
+
+
+@pytest.mark.parametrize("torn", ["record", "segment header"])
+def test_readers_of_a_log_never_cut_it(tmp_path: Path, torn: str) -> None:
+    """Only the log's writer may cut a torn tail: a reader seeing a writer's append in progress would
+    destroy it. inspect_log (and has_records_after, which offline tools and read-only opens use) report
+    the log as recovery would find it and leave every byte in place."""
+    with _open(tmp_path, segment_bytes=60 if torn == "segment header" else 1 << 20) as wal:
+        _fill(wal, [1, 2])
+    last = _segments(tmp_path)[-1]
+    os.truncate(last, 7 if torn == "segment header" else last.stat().st_size - 3)
+    before = {p.name: p.read_bytes() for p in _segments(tmp_path)}
+    state = inspect_log(tmp_path)
+    assert state.last_version == 1 and state.tail_cut is not None
+    assert not has_records_after(tmp_path, 1) and has_records_after(tmp_path, 0)
+    assert {p.name: p.read_bytes() for p in _segments(tmp_path)} == before
+    assert inspect_log(tmp_path / "missing").last_version is None and not (tmp_path / "missing").exists()
 
 
 @pytest.mark.parametrize("where", ["magic", "version", "crc", "payload"])
@@ -473,10 +526,10 @@ def test_io_error_poisons_the_log_until_reopened(tmp_path: Path, monkeypatch: py
         _fill(wal, [1, 2])
 
         def broken(*_args: object) -> int:
-            raise OSError(28, "No space left on device")
+            raise OSError(5, "Input/output error")  # a full disk is not an I/O error: tests/test_disk_faults.py
 
         monkeypatch.setattr(os, failing, broken)
-        with pytest.raises(OSError, match="No space"):
+        with pytest.raises(OSError, match="Input/output"):
             wal.append(3, b"three")
         monkeypatch.undo()
         with pytest.raises(InternalError, match="I/O error"):

@@ -84,6 +84,10 @@ class RowStore(abc.ABC):
             raise InvalidArgumentError("row ids of an update must be unique; sum or drop duplicates first")
         self._update(ids, rows)
 
+    def reserve(self, row_ids: np.ndarray) -> None:
+        """Make sure writing these rows cannot fail for want of disk space (DiskFullError now if it
+        would); writes nothing. A backend whose writes report a full disk themselves needs nothing."""
+
     def flush(self) -> None:
         """Make every update so far durable on disk."""
         if not self.read_only:

@@ -53,8 +53,10 @@ from pathlib import Path
 import lmdb
 import numpy as np
 
+from memstore import fatal
 from memstore.dtypes import DType
 from memstore.errors import InvalidArgumentError, TableFormatError
+from memstore.space import check_free, disk_full_error
 from memstore.storage.base import RowStore
 
 FORMAT = "memstore-lmdb-rows-v1"
@@ -108,7 +110,15 @@ class LmdbRowStore(RowStore):
             )
         except _DAMAGED as exc:
             raise TableFormatError(f"LMDB row store {self.path} is damaged: {exc}") from None
+        except lmdb.Error as exc:
+            if "Permission denied" in str(exc):
+                raise TableFormatError(
+                    f"LMDB row store {self.path} cannot be opened: permission denied; run as a user who may "
+                    "access the table's files, or fix their ownership or mode (chown/chmod)"
+                ) from None
+            raise
         try:
+            _check_size(env, self.path)  # before any page is read through the map: a short file is SIGBUS
             self.block_rows = self._validate(env, block_rows)
         except _DAMAGED as exc:
             env.close()
@@ -117,6 +127,7 @@ class LmdbRowStore(RowStore):
             env.close()
             raise
         self._env = env
+        self._mapped = _register_map(self.path)
         self._rows_db = env.open_db(_ROWS_DB, create=False)
         self._num_blocks = -(-num_rows // self.block_rows)
         self._block_bytes = self.block_rows * self._row_bytes
@@ -245,10 +256,25 @@ class LmdbRowStore(RowStore):
                 break
             except lmdb.MapFullError:  # aborted: nothing written; grow the map and do it again
                 self._grow()
+            except lmdb.Error as exc:  # aborted: nothing written
+                if "No space left" in str(exc) or "quota" in str(exc).lower():
+                    raise disk_full_error(self.path, f"writing {len(ids)} rows") from None
+                raise
         with self._cache_lock:
             if self._cache_txn == txn_id - 1:  # our commit is the only change since the cached snapshot
                 self._cache[touched if self._blocks_stay else slice(None)] = 0
                 self._cache_txn = txn_id
+
+    def reserve(self, row_ids: np.ndarray) -> None:
+        """DiskFullError unless the disk has room for rewriting the blocks of these rows (LMDB copies
+        each block it changes, and may grow its file by as much); writes nothing."""
+        if not len(row_ids):
+            return
+        blocks = len(np.unique(np.asarray(row_ids) // self.block_rows))
+        needed = blocks * (self._block_bytes + 2 * _PAGE) + 16 * _PAGE  # values, their headers, tree pages
+        check_free(
+            self.path, needed, f"writing {len(row_ids)} rows", "free space on it, then retry (nothing was applied)"
+        )
 
     def _put_block(self, txn: lmdb.Transaction, block: int, rows: np.ndarray) -> None:
         txn.put(_KEY(block), rows, db=self._rows_db)
@@ -261,6 +287,8 @@ class LmdbRowStore(RowStore):
         if self._env is None:
             return
         super().close()
+        for address in self._mapped:
+            fatal.unregister_mapping(address)
         self._env.close()
         self._env = None
 
@@ -421,6 +449,9 @@ class LmdbRowStore(RowStore):
                 while self._active:
                     self._gate.wait()
                 self._env.set_mapsize(map_size)
+                for address in self._mapped:
+                    fatal.unregister_mapping(address)
+                self._mapped = _register_map(self.path)
                 with self._cache_lock:
                     self._cache[:] = 0
                     self._cache_txn = -1
@@ -486,6 +517,35 @@ def _blocks(chunks: Iterable[np.ndarray], block_rows: int, dim: int, dtype: DTyp
     if filled:  # the last block, padded with zero rows
         pending[filled:] = 0
         yield pending.tobytes()
+
+
+def _check_size(env: lmdb.Environment, path: Path) -> None:
+    """TableFormatError when data.mdb is shorter than its last page says (truncated): reading the
+    missing pages through the map would kill the process with SIGBUS."""
+    needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+    actual = (path / "data.mdb").stat().st_size
+    if actual < needed:
+        raise TableFormatError(
+            f"LMDB row store {path}: data.mdb holds {actual} bytes but its last page needs {needed}: "
+            "the file was truncated; restore the table from a snapshot or backup"
+        )
+
+
+def _register_map(path: Path) -> list[int]:
+    """Register this process's mappings of `path`/data.mdb for the SIGBUS report; their addresses."""
+    data = os.path.realpath(path / "data.mdb")
+    found = []
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                parts = line.split(maxsplit=5)
+                if len(parts) == 6 and parts[5].rstrip("\n") == data:
+                    start, end = (int(x, 16) for x in parts[0].split("-"))
+                    fatal.register_mapping(start, end - start, data)
+                    found.append(start)
+    except OSError:  # no /proc: the fault is still reported, without the file's name
+        pass
+    return found
 
 
 def _meta_bytes(num_rows: int, dim: int, dtype: DType, block_rows: int) -> bytes:

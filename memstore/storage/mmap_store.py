@@ -13,6 +13,11 @@ and generates rows on pages that do not without touching the map, so reading nev
 rows does not fill the page cache (and the daemon's resident memory) with zero pages. Only a
 store whose file no other process writes may keep it (the writer itself, or any reader of a
 frozen table).
+
+A writable store whose file has holes (a lazy table, zero optimizer state, a sparse copy)
+reserves the blocks of the pages it is about to write (`reserve`, also called by every update)
+before writing them through the map: a full disk is then a DiskFullError with nothing written,
+never SIGBUS (memstore.space).
 """
 
 from __future__ import annotations
@@ -24,8 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
+from memstore import fatal
 from memstore.dtypes import DType
 from memstore.errors import TableFormatError
+from memstore.space import page_runs, reserve
 from memstore.storage.base import RowStore, take_rows
 
 
@@ -46,32 +53,78 @@ class MmapRowStore(RowStore):
         self.path = Path(path)
         self.initial_rows = initial_rows
         self._row_bytes = dim * dtype.itemsize
-        self._data_pages = _data_pages(self.path, num_rows * self._row_bytes) if initial_rows and known_pages else None
         expected = num_rows * dim * dtype.itemsize
         try:
-            actual = self.path.stat().st_size
+            stat = self.path.stat()
         except FileNotFoundError:
             raise TableFormatError(f"row file {self.path} is missing") from None
-        if actual != expected:
+        except PermissionError:
+            raise TableFormatError(f"row file {self.path} cannot be read: {_permission_advice(self.path)}") from None
+        if stat.st_size != expected:
             raise TableFormatError(
-                f"row file {self.path} holds {actual} bytes; the manifest needs {expected} "
+                f"row file {self.path} holds {stat.st_size} bytes; the manifest needs {expected} "
                 f"({num_rows} rows x {dim} x {dtype.itemsize} B): the table is damaged or incomplete"
             )
+        self._data_pages = _data_pages(self.path, expected) if initial_rows and known_pages else None
         self._map: mmap.mmap | None = None
+        # Pages known to have disk blocks (None: all do) and the descriptor that reserves the others.
+        self._allocated: np.ndarray | None = None
+        self._fd: int | None = None
         if expected:
-            with open(self.path, "rb" if read_only else "r+b") as f:
-                self._map = mmap.mmap(f.fileno(), expected, access=mmap.ACCESS_READ if read_only else mmap.ACCESS_WRITE)
+            try:
+                with open(self.path, "rb" if read_only else "r+b") as f:
+                    self._map = mmap.mmap(
+                        f.fileno(), expected, access=mmap.ACCESS_READ if read_only else mmap.ACCESS_WRITE
+                    )
+                    if not read_only and stat.st_blocks * 512 < expected:  # holes: reserve before writing
+                        self._fd = os.dup(f.fileno())
+                        self._allocated = (
+                            self._data_pages if self._data_pages is not None else _data_pages(self.path, expected)
+                        )
+            except PermissionError:
+                mode = "read" if read_only else "read and written"
+                raise TableFormatError(
+                    f"row file {self.path} cannot be {mode}: {_permission_advice(self.path)}"
+                ) from None
             # Lookups touch scattered rows: read-around would fetch (in a sparse file, zero-fill) 32
             # pages per fault for one row. Measured on a sparse 200 GB file: 7.9 s -> 0.03 s for 4k rows.
             if hasattr(mmap, "MADV_RANDOM"):
                 self._map.madvise(mmap.MADV_RANDOM)
             self._rows: np.ndarray | None = np.frombuffer(self._map, dtype=dtype.numpy).reshape(num_rows, dim)
+            fatal.register_mapping(self._rows.ctypes.data, expected, self.path)
         else:
             self._rows = np.empty((0, dim), dtype=dtype.numpy)
 
+    def reserve(self, row_ids: np.ndarray) -> None:
+        """Allocate disk blocks for rows about to be written (DiskFullError when the disk is full;
+        nothing is written either way). Free for a file without holes and for pages reserved before."""
+        if self._allocated is None or not len(row_ids):
+            return
+        first, last = self._end_pages(np.asarray(row_ids, dtype=np.int64))
+        needed = ~(self._allocated[first] & self._allocated[last])
+        if (last - first > 1).any():  # rows longer than a page: their middle pages too
+            needed |= True
+        if not needed.any():
+            return
+        first, last = first[needed], last[needed]
+        reserve(self._fd, page_runs(first, last, _PAGE, self._map.size()), self.path, f"writing {len(first)} rows")
+        for a, b in zip(first.tolist(), last.tolist()):
+            self._allocated[a : b + 1] = True
+
     def _gather(self, ids: np.ndarray, out: np.ndarray | None) -> np.ndarray:
         if self.initial_rows is None:
-            return take_rows(self._rows, ids, out)
+            if self._allocated is None or not len(ids):
+                return take_rows(self._rows, ids, out)
+            # Rows on pages without blocks are zeros, read without touching the map: on tmpfs even a
+            # read fault allocates a page, and on a full disk that is SIGBUS.
+            stored = self._on_pages(self._allocated, ids)
+            if stored.all():
+                return take_rows(self._rows, ids, out)
+            rows = np.zeros((len(ids), self.dim), dtype=self.dtype.numpy) if out is None else out
+            rows[~stored] = 0
+            if stored.any():
+                rows[stored] = take_rows(self._rows, ids[stored])
+            return rows
         if self._data_pages is None or not len(ids):
             return self._fill_unwritten(ids, take_rows(self._rows, ids, out))
         # Rows on pages without data were never written: generated without touching the map.
@@ -97,9 +150,14 @@ class MmapRowStore(RowStore):
         return rows
 
     def _on_data_pages(self, ids: np.ndarray) -> np.ndarray:
-        """Whether each row's first or last byte lies on a page that holds data."""
+        """Whether each row's first and last byte lie on pages that hold data (a row written has both)."""
+        return self._on_pages(self._data_pages, ids)
+
+    def _on_pages(self, pages: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """Whether each row's first and last byte lie on pages marked in `pages` (its middle ones are
+        marked with them whenever it is written)."""
         first, last = self._end_pages(ids)
-        return self._data_pages[first] | self._data_pages[last]
+        return pages[first] & pages[last]
 
     def _end_pages(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The pages of each row's first and last byte (what `_on_data_pages` checks, `_update` marks)."""
@@ -114,6 +172,7 @@ class MmapRowStore(RowStore):
                 rows = rows.copy()
                 first = rows.view(f"<u{self.dtype.itemsize}")[:, 0]  # the first value's raw bits
                 first[zero] = 1 << (8 * self.dtype.itemsize - 1)  # -0.0: written, and equal to +0.0
+        self.reserve(ids)  # before writing through the map: a full disk is an error, not SIGBUS
         if self._data_pages is not None:  # before the write: a reader never skips a page that has data
             for pages in self._end_pages(ids):
                 self._data_pages[pages] = True
@@ -139,11 +198,29 @@ class MmapRowStore(RowStore):
         if self._rows is None:
             return
         super().close()
+        if self._map is not None:
+            fatal.unregister_mapping(self._rows.ctypes.data)
         self._rows = None
         self._map = None  # unmapped once no array views it (gathers return copies)
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 _PAGE = mmap.PAGESIZE
+
+
+def _permission_advice(path: Path) -> str:
+    """What to do about a file this process may not open (names its owner and mode)."""
+    try:
+        st = path.stat()
+        owner = f"owned by uid {st.st_uid}, mode {st.st_mode & 0o777:o}"
+    except OSError:
+        owner = "its directory cannot be searched"
+    return (
+        f"permission denied ({owner}); run as a user who may access the table's files, "
+        "or fix their ownership or mode (chown/chmod)"
+    )
 
 
 def _data_pages(path: Path, size: int) -> np.ndarray:
