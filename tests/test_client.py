@@ -200,7 +200,7 @@ def test_same_host_refuses_a_file_that_is_not_the_daemons(daemon_factory, tmp_pa
             assert client.transport == "grpc"
 
 
-def test_one_attempt_means_no_retry_policy(daemon) -> None:
+def test_a_one_attempt_client_gets_a_working_channel(daemon) -> None:
     # gRPC refuses a retry policy of one attempt and fails the channel; the client then sends none.
     with MemstoreClient(daemon.address, ClientConfig(max_attempts=1, same_host=False)) as client:
         assert client.lookup(1, np.arange(3)).shape == (3, 16)
