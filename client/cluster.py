@@ -6,7 +6,7 @@ The same calls as `MemstoreClient` (so the prefetcher, the pusher and the model 
   the parts are fetched in parallel and the rows reassembled in request order. Each shard's
   reads go through one gRPC channel over all its daemons with the round_robin policy and
   client-side health checking (a replica lagging its primary reports NOT_SERVING and gets no
-  calls); gRPC's retry policy retries UNAVAILABLE before any row arrived. A replica that fails
+  calls); MemstoreClient retries UNAVAILABLE within the call's deadline. A replica that fails
   mid-stream, or exceeds `ClientConfig.attempt_timeout_s`, is retried here on the next
   replica within the call's deadline (gRPC's own per-attempt timeout, `perAttemptRecvTimeout`,
   has open C-core bugs: grpc/grpc#38908, #39935).

@@ -32,7 +32,7 @@ class ClientConfig:
 
     # Deadline of every call unless the call passes its own.
     timeout_s: float = 30.0
-    # Attempts per call on UNAVAILABLE (gRPC's own retry, with exponential backoff).
+    # Attempts per call on UNAVAILABLE (with exponential backoff), all within the call's deadline.
     max_attempts: int = 5
     initial_backoff_s: float = 0.1
     max_backoff_s: float = 2.0
@@ -60,7 +60,7 @@ class ClientConfig:
         if self.timeout_s <= 0:
             raise InvalidArgumentError(f"ClientConfig.timeout_s must be positive; got {self.timeout_s}")
         if not 1 <= self.max_attempts <= 5:
-            raise InvalidArgumentError(f"ClientConfig.max_attempts must be 1..5 (gRPC's cap); got {self.max_attempts}")
+            raise InvalidArgumentError(f"ClientConfig.max_attempts must be 1..5; got {self.max_attempts}")
         if not 0.0 <= self.dedup_min_saving < 1.0:
             raise InvalidArgumentError(f"ClientConfig.dedup_min_saving must be in [0, 1); got {self.dedup_min_saving}")
         if not 0 < self.initial_backoff_s <= self.max_backoff_s:
@@ -69,22 +69,14 @@ class ClientConfig:
             raise InvalidArgumentError(f"ClientConfig.attempt_timeout_s must be positive; got {self.attempt_timeout_s}")
 
     def channel_options(self) -> list[tuple[str, object]]:
-        """gRPC channel options: message limits, window, and the retry policy as a service config."""
-        retry = {
-            "maxAttempts": self.max_attempts,
-            "initialBackoff": f"{self.initial_backoff_s}s",
-            "maxBackoff": f"{self.max_backoff_s}s",
-            "backoffMultiplier": 2,
-            # RESOURCE_EXHAUSTED only when the daemon was busy: a request over a limit comes with
-            # pushback -1, which tells gRPC not to repeat it (memstore.limits).
-            "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"],
-        }
-        # Reads are retried by gRPC; a push is retried by the client itself, with its step id, which
-        # the daemon uses to answer a repeat without applying it twice (see MemstoreClient.push).
-        readers = [{"service": _SERVICE, "method": method} for method in ("Describe", "Lookup")]
-        # gRPC rejects a retry policy of one attempt (the whole channel fails): then there is none.
-        policy = {"retryPolicy": retry} if self.max_attempts > 1 else {}
-        service_config: dict[str, object] = {"methodConfig": [{"name": readers, **policy}]}
+        """gRPC channel options: message limits, window, load balancing; gRPC's own retries off.
+
+        The client retries in Python (MemstoreClient._retrying), every attempt inside the call's one
+        deadline. gRPC's retry policy is not used: with it, a Lookup stream whose daemon dies during
+        the call blocks forever, past its deadline (grpc 1.85's retry filter, on giving up, completes
+        the call's status but never its pending receive of a message, and the deadline cannot end it).
+        """
+        service_config: dict[str, object] = {}
         if self.load_balancing is LoadBalancing.ROUND_ROBIN:
             service_config["loadBalancingConfig"] = [{"round_robin": {}}]
             service_config["healthCheckConfig"] = {"serviceName": _SERVICE}
@@ -92,12 +84,9 @@ class ClientConfig:
             ("grpc.max_receive_message_length", -1),
             ("grpc.max_send_message_length", self.max_request_bytes),
             ("grpc.http2.lookahead_bytes", self.window_bytes),
-            ("grpc.enable_retries", int(self.max_attempts > 1)),
+            # Off: no retry filter in the call stack, not even for gRPC's transparent retries.
+            ("grpc.enable_retries", 0),
             ("grpc.service_config", json.dumps(service_config)),
-            # A request is buffered for replay until committed; the default 256 KiB would
-            # silently disable retries for lookups above 32k ids.
-            ("grpc.per_rpc_retry_buffer_size", self.max_request_bytes),
-            ("grpc.retry_buffer_size", 4 * self.max_request_bytes),
         ]
 
     def open_channel(self, target: str) -> grpc.Channel:

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
 import threading
 import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,8 +25,13 @@ from client import (
     ResourceExhaustedError,
     UnavailableError,
 )
+from client.cluster import ClusterClient
+from client.cluster_spec import ClusterSpec
+from client.prefetch import PrefetchConfig, Prefetcher
 from memstore.dtypes import DType
+from memstore.launch import start_daemon
 from memstore.layout import fingerprint
+from memstore.optim import OptimizerConfig, OptimizerKind
 from memstore.service import ServerConfig
 from memstore.table import Table
 from tests.helpers import CREATABLE_DTYPES, SMALL_LAYOUT, make_table
@@ -221,3 +231,97 @@ def test_an_lmdb_table_is_served_over_grpc_only(tmp_path, daemon_factory) -> Non
             assert client.transport == "grpc"  # one LMDB open per process: no same-host mapping offered
         with MemstoreClient(daemon.address, ClientConfig(same_host=True)) as client, pytest.raises(UnavailableError):
             client.lookup(1, ids)
+
+
+def _queued_bytes(port: int) -> int:
+    """Bytes waiting unread in the receive queues of the TCP connections a daemon on `port` accepted."""
+    queued = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):  # gRPC listens on IPv6 sockets that take IPv4 too
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            local_port = int(fields[1].rsplit(":", 1)[1], 16)
+            if local_port == port and fields[3] == "01":  # ESTABLISHED, the daemon's end
+                queued += int(fields[4].split(":")[1], 16)
+    return queued
+
+
+def _call_while_the_daemon_dies(process: subprocess.Popen, port: int, call: Callable[[], object]) -> object:
+    """Stop the daemon, start `call` in a thread, kill the daemon once the call's request reached
+    it, and return what the call raised (or returned). Fails, rather than hangs, if the call
+    outlives the daemon by a minute (far past any deadline the tests give)."""
+    os.kill(process.pid, signal.SIGSTOP)
+    queued_before = _queued_bytes(port)
+    outcome: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = call()
+        except BaseException as exc:  # noqa: BLE001 - the outcome is what the test checks
+            outcome["result"] = exc
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    for _ in range(1000):  # until the request is in the stopped daemon's socket: the call is in flight
+        if _queued_bytes(port) > queued_before:
+            break
+        worker.join(0.01)
+    in_flight = _queued_bytes(port) > queued_before
+    process.kill()
+    process.wait()
+    worker.join(60)
+    assert not worker.is_alive(), "the call outlived its deadline: it hangs on a dead daemon"
+    assert in_flight, f"the call never reached the daemon; it ended with {outcome['result']!r}"
+    return outcome["result"]
+
+
+@pytest.fixture
+def dying_daemon(tmp_path) -> Iterator[Callable[..., tuple[subprocess.Popen, str]]]:
+    """Start `memstore serve` children (a trainable table) that tests stop and kill; all are killed after."""
+    path = make_table(tmp_path / "trainable", optimizer=OptimizerConfig(kind=OptimizerKind.SGD, lr=0.1))
+    started: list[subprocess.Popen] = []
+
+    def start() -> tuple[subprocess.Popen, str]:
+        process, address = start_daemon(path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        started.append(process)
+        return process, address
+
+    yield start
+    for process in started:
+        process.kill()  # SIGKILL ends a stopped process too
+        process.wait()
+
+
+# Default retries (5 attempts), a deadline well below the test's minute.
+_DEFAULT_RETRIES = ClientConfig(timeout_s=5.0, same_host=False)
+
+
+@pytest.mark.parametrize("call", ["lookup", "version", "push", "cluster-lookup", "prefetch"])
+def test_a_call_ends_when_its_daemon_dies_mid_call(dying_daemon, call: str) -> None:
+    """A daemon stopped (SIGSTOP) during a call and then killed: the call fails with the project's
+    error instead of blocking forever (gRPC's retry policy used to hang streamed lookups)."""
+    process, address = dying_daemon()
+    port = int(address.rsplit(":", 1)[1])
+    ids = np.arange(8)
+    if call == "cluster-lookup":
+        client = ClusterClient(ClusterSpec.from_flags([address]), _DEFAULT_RETRIES)
+    else:
+        client = MemstoreClient(address, _DEFAULT_RETRIES)
+    with client:
+        assert client.lookup(1, ids).shape == (8, 16)  # connected and described
+        if call == "prefetch":
+            # Fetched in submit (no pool thread that a regression would leave hanging at exit).
+            with Prefetcher(client, lambda _: {1: ids}, [1], PrefetchConfig(overlap=False)) as prefetcher:
+
+                def fetch_step() -> torch.Tensor:
+                    with prefetcher.submit(None) as handle:
+                        return handle.rows(1)
+
+                result = _call_while_the_daemon_dies(process, port, fetch_step)
+        elif call == "push":
+            grads = np.ones((8, 16), np.float32)
+            result = _call_while_the_daemon_dies(process, port, lambda: client.push(1, ids, grads, step_id=1))
+        elif call == "version":
+            result = _call_while_the_daemon_dies(process, port, client.version)
+        else:
+            result = _call_while_the_daemon_dies(process, port, lambda: client.lookup(1, ids))
+    assert isinstance(result, (DeadlineExceededError, UnavailableError)), result
