@@ -21,11 +21,13 @@ from grpc_health.v1 import health
 from client import ClientConfig, MemstoreClient
 from memstore.cli import describe_table, main
 from memstore.dtypes import DType
+from memstore.errors import InvalidArgumentError
 from memstore.launch import daemon_process, start_daemon, stop_daemon
 from memstore.layout import EngramLayout, fingerprint
 from memstore.manifest import Manifest
-from memstore.service import SERVICE_NAME, create_server
+from memstore.service import SERVICE_NAME, check_listen_address, create_server
 from memstore.table import Table
+from tests.helpers import make_table
 
 REPO = Path(__file__).resolve().parent.parent
 LAYOUT = EngramLayout(layer_ids=(1, 4), vocab_size_per_ngram=(50, 70), max_ngram=3, heads_per_ngram=2, dim=8)
@@ -446,3 +448,68 @@ def test_serve_with_tokens_metrics_and_json_logs(table_path: Path, tmp_path: Pat
     assert {"time", "level", "logger", "message"} <= set(lines[0])
     assert any(line["message"].startswith("serving ") for line in lines)
     assert any("metrics at http://127.0.0.1:" in line["message"] for line in lines)
+
+
+def _serve_must_fail(table_path: Path, tmp_path: Path, *args: str) -> str:
+    """Run `memstore serve` expecting it to refuse to start: its stderr, once it exited 2. Fails (instead
+    of waiting forever) as soon as it writes its port file, i.e. serves."""
+    port_file = tmp_path / "started.port"
+    command = [sys.executable, "-m", "memstore", "serve", str(table_path), "--port-file", str(port_file), *args]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen(command, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while process.poll() is None and not port_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not port_file.exists(), f"memstore serve {' '.join(args)} started serving"
+        assert process.poll() is not None, "memstore serve neither served nor exited"
+    finally:
+        process.kill()
+        stderr = process.communicate()[1]
+    assert process.returncode == 2, stderr
+    assert "Traceback" not in stderr, stderr
+    return stderr
+
+
+def test_serve_refuses_a_port_another_daemon_serves(table_path: Path, tmp_path: Path) -> None:
+    """Two daemons on one port would share it (SO_REUSEPORT), clients reaching either table at random."""
+    other = make_table(tmp_path / "other", seed=1)
+    with daemon_process(other) as address:
+        stderr = _serve_must_fail(table_path, tmp_path, "--listen", address)
+        assert f"cannot listen on {address}: the port is in use" in stderr
+        with MemstoreClient(address, ClientConfig(same_host=False)) as client:  # the first still serves its table
+            assert client.describe().seed == 1
+
+
+@pytest.mark.parametrize("listen", ["127.0.0.1:99999", "127.0.0.1:-1", "127.0.0.1", "127.0.0.1:http", ":50051"])
+def test_a_listen_address_that_is_not_host_port_is_refused(listen: str) -> None:
+    """gRPC would serve 127.0.0.1:99999 on port 34463 and a bare host on port 443."""
+    with pytest.raises(InvalidArgumentError, match="expected HOST:PORT with a port from 0 to 65535"):
+        check_listen_address(listen)
+    check_listen_address("[::1]:0")
+    check_listen_address("localhost:65535")
+
+
+def test_serve_listen_checks_hold_in_a_process(table_path: Path, tmp_path: Path) -> None:
+    stderr = _serve_must_fail(table_path, tmp_path, "--listen", "127.0.0.1:99999")
+    assert "expected HOST:PORT with a port from 0 to 65535" in stderr
+
+
+def test_serve_refuses_a_port_file_in_a_missing_directory(
+    table_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    port_file = tmp_path / "no" / "such" / "port"
+    assert main(["serve", str(table_path), "--listen", "127.0.0.1:0", "--port-file", str(port_file)]) == 2
+    assert f"cannot write the port file {port_file}: the directory {port_file.parent} does not exist" in (
+        capsys.readouterr().err
+    )
+
+
+def test_serve_refuses_a_metrics_port_in_use_before_serving(table_path: Path, tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        stderr = _serve_must_fail(table_path, tmp_path, "--listen", "127.0.0.1:0", "--metrics-port", str(port))
+    assert f"cannot serve metrics on 127.0.0.1:{port}" in stderr
+    assert "choose another --metrics-port" in stderr
