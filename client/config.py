@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from memstore.auth import ClientTls, open_channel
+from memstore.auth import ClientTls, check_token, open_channel
 from memstore.errors import InvalidArgumentError
 from memstore.wire import memstore_pb2 as pb
 
@@ -65,6 +65,8 @@ class ClientConfig:
             raise InvalidArgumentError(f"ClientConfig.dedup_min_saving must be in [0, 1); got {self.dedup_min_saving}")
         if not 0 < self.initial_backoff_s <= self.max_backoff_s:
             raise InvalidArgumentError("ClientConfig needs 0 < initial_backoff_s <= max_backoff_s")
+        if self.token is not None:
+            check_token(self.token, "ClientConfig.token")
         if self.attempt_timeout_s is not None and self.attempt_timeout_s <= 0:
             raise InvalidArgumentError(f"ClientConfig.attempt_timeout_s must be positive; got {self.attempt_timeout_s}")
 

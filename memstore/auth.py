@@ -74,6 +74,7 @@ class TokenTable:
                 raise InvalidArgumentError(f"{path} line {number}: expected `read TOKEN` or `write TOKEN`")
             if len(parts[1]) < 16:
                 raise InvalidArgumentError(f"{path} line {number}: a token must have at least 16 characters")
+            check_token(parts[1], f"{path} line {number}")
             tokens[parts[1]] = Scope(parts[0])
         return cls(tokens)
 
@@ -157,10 +158,31 @@ def open_channel(
 def read_token(path: Path | None) -> str | None:
     """A client's token: the first non-comment line of `path`, else $MEMSTORE_TOKEN, else None."""
     if path is None:
-        return os.environ.get(TOKEN_ENV) or None
-    for _, parts in _token_lines(path):
+        # `export MEMSTORE_TOKEN="$(cat file)"` drops the newline, other ways keep it: drop it here.
+        token = os.environ.get(TOKEN_ENV, "").rstrip("\r\n")
+        if token:
+            check_token(token, f"${TOKEN_ENV}")
+        return token or None
+    for number, parts in _token_lines(path):
+        check_token(parts[-1], f"{path} line {number}")
         return parts[-1]  # a daemon's `read TOKEN` line works as well as the bare token
     raise InvalidArgumentError(f"the token file {path} holds no token")
+
+
+def check_token(token: str, where: str = "the token") -> None:
+    """InvalidArgumentError unless `token` can travel as a bearer token: printable ASCII without
+    spaces (gRPC refuses other metadata only when the call is made, as "Invalid metadata").
+    The message names the first bad character's position and kind, never the token."""
+    for position, char in enumerate(token):
+        if not "!" <= char <= "~":
+            kind = "a newline" if char in "\r\n" else "whitespace" if char.isspace() else f"character U+{ord(char):04X}"
+            hint = " (strip the newline of the file it was read from)" if char in "\r\n" else ""
+            raise InvalidArgumentError(
+                f"{where}: a token holds printable ASCII characters only, without spaces; it has {kind} at "
+                f"position {position}{hint}"
+            )
+    if not token:
+        raise InvalidArgumentError(f"{where}: the token is empty")
 
 
 def add_client_arguments(parser: argparse.ArgumentParser) -> None:
@@ -184,6 +206,7 @@ def client_security(args: argparse.Namespace) -> tuple[ClientTls | None, str | N
 
 class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
     def __init__(self, token: str) -> None:
+        check_token(token)
         self._metadata = (METADATA_KEY, f"Bearer {token}")
 
     def _with_token(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
