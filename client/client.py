@@ -420,8 +420,12 @@ def as_int64_array(row_ids: Any) -> np.ndarray:
             raise InvalidArgumentError(f"row ids must be integers; got a {row_ids.dtype} tensor")
         return row_ids.detach().to("cpu", torch.int64).numpy()
     ids = np.asarray(row_ids)
+    if not isinstance(row_ids, np.ndarray) and ids.size == 0:
+        # numpy makes [] float64: an empty list (or tuple) of ids is no ids, not floats.
+        return np.zeros(ids.shape, dtype=np.int64)
     if ids.dtype.kind not in "iu":
-        raise InvalidArgumentError(f"row ids must be integers; got {ids.dtype}")
+        given = f"a {type(row_ids).__name__} of " if not isinstance(row_ids, np.ndarray) else ""
+        raise InvalidArgumentError(f"row ids must be integers; got {given}{ids.dtype} values")
     if ids.dtype.kind == "u" and ids.size and int(ids.max()) > np.iinfo(np.int64).max:
         raise InvalidArgumentError("row ids must fit in int64")
     return ids.astype(np.int64, copy=False)

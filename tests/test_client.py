@@ -31,6 +31,7 @@ from client.prefetch import PrefetchConfig, Prefetcher
 from memstore.dtypes import DType
 from memstore.launch import start_daemon
 from memstore.layout import fingerprint
+from memstore.live import LiveTable
 from memstore.optim import OptimizerConfig, OptimizerKind
 from memstore.service import ServerConfig
 from memstore.table import Table
@@ -325,3 +326,20 @@ def test_a_call_ends_when_its_daemon_dies_mid_call(dying_daemon, call: str) -> N
         else:
             result = _call_while_the_daemon_dies(process, port, lambda: client.lookup(1, ids))
     assert isinstance(result, (DeadlineExceededError, UnavailableError)), result
+
+
+@pytest.mark.parametrize("empty", [[], (), [[]]], ids=["list", "tuple", "nested"])
+def test_an_empty_list_of_ids_is_no_ids_not_floats(daemon_factory, client_config, tmp_path, empty) -> None:
+    """numpy types [] as float64: it used to be refused as "row ids must be integers; got float64"."""
+    path = make_table(tmp_path / "trainable", optimizer=OptimizerConfig(kind=OptimizerKind.SGD, lr=0.1))
+    with LiveTable.open(path) as live:
+        daemon = daemon_factory(live)
+        try:
+            with MemstoreClient(daemon.address, client_config) as client:
+                assert client.lookup(1, empty).shape == (*np.shape(empty), 16)
+                assert client.push(1, empty, np.zeros((*np.shape(empty), 16), np.float32), step_id=1).rows == 0
+                assert client.push(4, [], [], step_id=1).rows == 0
+                with pytest.raises(InvalidArgumentError, match="got a list of float64 values"):
+                    client.lookup(1, [0.5])
+        finally:
+            daemon.stop()
