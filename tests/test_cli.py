@@ -3,6 +3,7 @@ console entry point in a subprocess, and health checks against real servers."""
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -19,12 +20,13 @@ import pytest
 from grpc_health.v1 import health
 
 from client import ClientConfig, MemstoreClient
-from memstore.cli import describe_table, main
+from memstore.cli import _parser, describe_table, main
 from memstore.dtypes import DType
 from memstore.errors import InvalidArgumentError
 from memstore.launch import daemon_process, start_daemon, stop_daemon
 from memstore.layout import EngramLayout, fingerprint
 from memstore.manifest import Manifest
+from memstore.optim import OptimizerConfig, OptimizerKind
 from memstore.service import SERVICE_NAME, check_listen_address, create_server
 from memstore.table import Table
 from tests.helpers import make_table
@@ -513,3 +515,60 @@ def test_serve_refuses_a_metrics_port_in_use_before_serving(table_path: Path, tm
         stderr = _serve_must_fail(table_path, tmp_path, "--listen", "127.0.0.1:0", "--metrics-port", str(port))
     assert f"cannot serve metrics on 127.0.0.1:{port}" in stderr
     assert "choose another --metrics-port" in stderr
+
+
+def _all_parsers() -> dict[str, argparse.ArgumentParser]:
+    """The top-level parser and every subcommand's, by name."""
+    top = _parser()
+    (commands,) = [action for action in top._actions if isinstance(action, argparse._SubParsersAction)]
+    return {"memstore": top, **commands.choices}
+
+
+@pytest.mark.parametrize("command", sorted(_all_parsers()))
+def test_help_shows_the_values_enum_flags_take(command: str) -> None:
+    """`--backend {Backend.MMAP,Backend.LMDB}` told users to type what the flag refuses."""
+    shown = _all_parsers()[command].format_help()
+    assert not re.search(r"\b[A-Z][A-Za-z]+\.[A-Z][A-Z_]+\b", shown), shown
+
+
+def test_enum_flags_take_and_list_their_values(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert _create(tmp_path / "t", "--backend", "lmdb", "--optimizer", "adam") == 0
+    manifest = Manifest.read(tmp_path / "t")
+    assert manifest.backend.value == "lmdb" and manifest.optimizer.kind.value == "adam"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        _create(tmp_path / "u", "--backend", "mmapp")
+    assert exited.value.code == 2
+    assert "invalid choice 'mmapp' (choose from mmap, lmdb)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flags", "said"),
+    [
+        (["--lr", "0.1"], "--lr set an optimizer's hyperparameters, but no --optimizer is given"),
+        (["--eps", "1e-6", "--betas", "0.8,0.9"], "--betas, --eps set an optimizer's hyperparameters"),
+        (["--optimizer", "sgd", "--betas", "0.8,0.9"], "--betas does not apply to --optimizer sgd (only to adam)"),
+        (["--optimizer", "sgd", "--eps", "1e-6"], "--eps does not apply to --optimizer sgd"),
+        (["--optimizer", "adam", "--initial-accumulator", "0.1"], "--initial-accumulator does not apply to"),
+    ],
+    ids=["lr", "eps-betas", "sgd-betas", "sgd-eps", "adam-accumulator"],
+)
+def test_optimizer_flags_that_would_be_ignored_are_refused(
+    tmp_path: Path, flags: list[str], said: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`create --lr 0.1` without --optimizer made a frozen table, the learning rate silently dropped."""
+    assert _create(tmp_path / "t", *flags) == 2
+    assert said in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()
+
+
+def test_optimizer_defaults_apply_when_flags_are_left_out(tmp_path: Path) -> None:
+    assert _create(tmp_path / "t", "--optimizer", "adagrad", "--lr", "0.5") == 0
+    recorded = Manifest.read(tmp_path / "t").optimizer
+    assert recorded == OptimizerConfig(kind=OptimizerKind.ADAGRAD, lr=0.5)
+
+
+@pytest.mark.parametrize("flag", [["--max-lag", "3"], ["--follow-token-file", "tokens"], ["--follow-tls-ca", "ca"]])
+def test_replica_flags_without_follow_are_refused(table_path: Path, tmp_path: Path, flag: list[str]) -> None:
+    stderr = _serve_must_fail(table_path, tmp_path, "--listen", "127.0.0.1:0", *flag)
+    assert f"{flag[0]} configure a replica and need --follow PRIMARY" in stderr
