@@ -143,6 +143,7 @@ def open_channel(
     target: str, options: Sequence[tuple[str, object]], tls: ClientTls | None = None, token: str | None = None
 ) -> grpc.Channel:
     """A channel to `target`: TLS when `tls` is given, and `authorization: Bearer token` on every call."""
+    check_target(target)
     options = list(options)
     if tls is None:
         channel = grpc.insecure_channel(target, options=options)
@@ -153,6 +154,24 @@ def open_channel(
     if token is None:
         return channel
     return grpc.intercept_channel(channel, _BearerToken(token))
+
+
+# gRPC target schemes passed through as they are (a Unix socket, a DNS name, a list of IPs, ...).
+_TARGET_SCHEMES = ("dns:", "unix:", "unix-abstract:", "ipv4:", "ipv6:", "vsock:", "xds:")
+
+
+def check_target(target: str) -> None:
+    """InvalidArgumentError unless `target` is HOST:PORT with a port from 1 to 65535, or a gRPC
+    target with a scheme. gRPC itself would dial 127.0.0.1:99999 as port 34463 (whatever listens
+    there, another daemon included) and a bare host on port 443."""
+    if target.startswith(_TARGET_SCHEMES):
+        return
+    host, sep, port = target.rpartition(":")
+    if not sep or not host.strip("[]") or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidArgumentError(
+            f"{target!r} is not a daemon's address: expected HOST:PORT with a port from 1 to 65535 "
+            "(e.g. 127.0.0.1:50051), or a gRPC target such as unix:/path/to/socket or dns:///host:port"
+        )
 
 
 def read_token(path: Path | None) -> str | None:

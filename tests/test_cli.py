@@ -572,3 +572,8 @@ def test_optimizer_defaults_apply_when_flags_are_left_out(tmp_path: Path) -> Non
 def test_replica_flags_without_follow_are_refused(table_path: Path, tmp_path: Path, flag: list[str]) -> None:
     stderr = _serve_must_fail(table_path, tmp_path, "--listen", "127.0.0.1:0", *flag)
     assert f"{flag[0]} configure a replica and need --follow PRIMARY" in stderr
+
+
+def test_health_of_an_address_with_a_port_past_65535_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["health", "127.0.0.1:99999", "--timeout", "10"]) == 2
+    assert "'127.0.0.1:99999' is not a daemon's address" in capsys.readouterr().err

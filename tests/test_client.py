@@ -343,3 +343,22 @@ def test_an_empty_list_of_ids_is_no_ids_not_floats(daemon_factory, client_config
                     client.lookup(1, [0.5])
         finally:
             daemon.stop()
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:99999", "127.0.0.1:0", "127.0.0.1", "localhost:http", ""])
+def test_an_address_that_is_not_host_port_is_refused(address: str) -> None:
+    """gRPC would dial 127.0.0.1:99999 as port 34463, whatever serves there, and a bare host on 443."""
+    with pytest.raises(InvalidArgumentError, match="is not a daemon's address: expected HOST:PORT"):
+        MemstoreClient(address)
+
+
+def test_a_port_past_65535_does_not_reach_the_daemon_on_the_wrapped_port(daemon) -> None:
+    wrapped = f"127.0.0.1:{daemon.port + 65536}"  # what gRPC would dial: this very daemon
+    with pytest.raises(InvalidArgumentError, match="port from 1 to 65535"):
+        MemstoreClient(wrapped, ClientConfig(same_host=False)).version()
+
+
+def test_grpc_targets_with_a_scheme_pass(daemon, tmp_path) -> None:
+    with MemstoreClient(f"ipv4:{daemon.address}", ClientConfig(same_host=False)) as client:
+        assert client.lookup(1, [0]).shape == (1, 16)
+    MemstoreClient(f"unix:{tmp_path / 'socket'}").close()  # a Unix socket target is taken as it is
