@@ -28,6 +28,7 @@ from client import (
 from client.cluster import ClusterClient
 from client.cluster_spec import ClusterSpec
 from client.prefetch import PrefetchConfig, Prefetcher
+from client.push import Pusher
 from memstore.dtypes import DType
 from memstore.launch import start_daemon
 from memstore.layout import fingerprint
@@ -362,3 +363,39 @@ def test_grpc_targets_with_a_scheme_pass(daemon, tmp_path) -> None:
     with MemstoreClient(f"ipv4:{daemon.address}", ClientConfig(same_host=False)) as client:
         assert client.lookup(1, [0]).shape == (1, 16)
     MemstoreClient(f"unix:{tmp_path / 'socket'}").close()  # a Unix socket target is taken as it is
+
+
+@pytest.fixture
+def trainable_daemon(daemon_factory, tmp_path) -> Iterator:
+    """A daemon serving a trainable (SGD) copy of the small table; yields (daemon, its LiveTable)."""
+    path = make_table(tmp_path / "trainable", optimizer=OptimizerConfig(kind=OptimizerKind.SGD, lr=0.1))
+    with LiveTable.open(path) as live:
+        daemon = daemon_factory(live)
+        try:
+            yield daemon, live
+        finally:
+            daemon.stop()
+
+
+def test_a_pusher_step_that_does_not_increase_is_refused_not_dropped(trainable_daemon) -> None:
+    """The daemon answers a repeated step id as a retry without applying it: the second step 1's
+    gradients used to vanish with an acknowledgement."""
+    daemon, live = trainable_daemon
+    grads = {1: (np.arange(4), np.ones((4, 16), np.float32))}
+    with MemstoreClient(daemon.address, ClientConfig(same_host=False)) as client, Pusher(client, [1, 4]) as pusher:
+        pusher.push_step(1, grads)
+        with pytest.raises(InvalidArgumentError, match="step ids must increase: step 1 after step 1"):
+            pusher.push_step(1, grads)
+        pusher.push_step(2, grads)
+    assert live.version == 2
+
+
+def test_a_pusher_step_with_an_unknown_layer_pushes_nothing(trainable_daemon) -> None:
+    """A layer the pusher has no worker for raised a raw KeyError after the layers before it were pushed."""
+    daemon, live = trainable_daemon
+    grads = {layer: (np.arange(4), np.ones((4, 16), np.float32)) for layer in (1, 7)}
+    with MemstoreClient(daemon.address, ClientConfig(same_host=False)) as client, Pusher(client, [1, 4]) as pusher:
+        with pytest.raises(InvalidArgumentError, match=r"layers \[7\]; this pusher pushes layers \[1, 4\]"):
+            pusher.push_step(1, grads)
+        pusher.flush()
+    assert live.version == 0
