@@ -48,6 +48,9 @@ def stop_daemon(process: subprocess.Popen, timeout_s: float = 60.0) -> int:
     """SIGTERM (graceful drain), SIGKILL if it does not exit in time; returns the exit code."""
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
+        # A stopped process (SIGSTOP, Ctrl-Z, a debugger) acts on SIGTERM only once continued:
+        # without this it would sit out the whole timeout and be killed undrained.
+        process.send_signal(signal.SIGCONT)
         try:
             process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:

@@ -23,6 +23,7 @@ import itertools
 import logging
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
@@ -494,7 +495,7 @@ def serve(
         if port_file is not None:
             write_port_file(port_file, port)
         last = metrics.counts()
-        while not stop.wait(config.log_interval_s):
+        while not _wait_for_signal(stop, config.log_interval_s):
             now = metrics.counts()
             log.info(
                 "last %.0fs: %s; version %d",
@@ -616,3 +617,20 @@ def _serve_metrics(metrics: DaemonMetrics, port: int, host: str) -> int:
         raise InvalidArgumentError(
             f"cannot serve metrics on {host}:{port}: {exc.strerror}; choose another --metrics-port (0: a free one)"
         ) from None
+
+
+# How often the main thread wakes while serving, so that it runs a signal's handler (see below).
+_SIGNAL_POLL_S = 0.2
+
+
+def _wait_for_signal(stop: threading.Event, seconds: float) -> bool:
+    """`stop.wait(seconds)`, waking every _SIGNAL_POLL_S: Python runs a signal's handler only in the
+    main thread, once that thread runs again. A SIGTERM the kernel hands to one of gRPC's threads
+    (as after the daemon was stopped and continued) would otherwise wait out the whole interval."""
+    deadline = time.monotonic() + seconds
+    while not stop.is_set():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        stop.wait(min(left, _SIGNAL_POLL_S))
+    return True
