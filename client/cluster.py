@@ -235,8 +235,8 @@ class ClusterClient:
                 try:
                     with MemstoreClient(address, replace(self.config, same_host=False)) as probe:
                         reachable.append((shard, address, probe.describe()))
-                except UnavailableError as exc:  # a replica may be down; its shard needs only one daemon up
-                    log.warning("shard %d daemon %s is unreachable at connect: %s", shard, address, exc)
+                except (UnavailableError, DeadlineExceededError) as exc:  # down or hung: its shard needs one up
+                    log.warning("shard %d daemon %s does not answer at connect: %s", shard, address, exc)
             if not reachable:
                 raise UnavailableError(f"no daemon of shard {shard} answers: {list(addresses.addresses)}")
             seen += reachable

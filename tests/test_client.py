@@ -399,3 +399,15 @@ def test_a_pusher_step_with_an_unknown_layer_pushes_nothing(trainable_daemon) ->
             pusher.push_step(1, grads)
         pusher.flush()
     assert live.version == 0
+
+
+def test_a_cluster_connects_while_one_daemon_of_a_shard_hangs(daemon, table: Table) -> None:
+    """A hung daemon (it accepts connections, never answers) failed the whole ClusterClient with
+    DeadlineExceededError at connect, though its shard had another daemon up; only an unreachable
+    one (UNAVAILABLE) was let pass."""
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(8)
+        spec = ClusterSpec.from_flags([f"127.0.0.1:{hung.getsockname()[1]},{daemon.address}"])
+        with ClusterClient(spec, ClientConfig(timeout_s=1.0, same_host=False)) as cluster:
+            np.testing.assert_array_equal(cluster.lookup(1, [3, 5]).numpy(), table.gather(1, np.array([3, 5])))
