@@ -12,7 +12,7 @@ import grpc
 import numpy as np
 import torch
 
-from client.config import ClientConfig
+from client.config import ClientConfig, check_timeout
 from memstore.codec import check_request_rows, encode_grads, encode_row_ids
 from memstore.dtypes import DType
 from memstore.errors import (
@@ -322,7 +322,7 @@ class MemstoreClient:
             backoff = min(2 * backoff, self.config.max_backoff_s)
 
     def _timeout(self, timeout: float | None) -> float:
-        return self.config.timeout_s if timeout is None else timeout
+        return self.config.timeout_s if timeout is None else check_timeout(timeout)
 
     def close(self) -> None:
         """Close the channel (in-flight calls are cancelled) and unmap same-host files."""

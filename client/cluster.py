@@ -43,7 +43,7 @@ from client.client import (
     sum_duplicate_rows,
 )
 from client.cluster_spec import ClusterSpec
-from client.config import ClientConfig, LoadBalancing
+from client.config import ClientConfig, LoadBalancing, check_timeout
 from memstore.auth import add_client_arguments, client_security
 from memstore.errors import (
     DataLossError,
@@ -264,7 +264,7 @@ class ClusterClient:
         return table, sharding
 
     def _timeout(self, timeout: float | None) -> float:
-        return self.config.timeout_s if timeout is None else timeout
+        return self.config.timeout_s if timeout is None else check_timeout(timeout)
 
     def close(self) -> None:
         """Close every channel and the worker pool."""

@@ -17,6 +17,21 @@ from memstore.wire import memstore_pb2 as pb
 _SERVICE = pb.DESCRIPTOR.services_by_name["Memstore"].full_name
 
 
+# The longest deadline a call may have. gRPC turns a longer one (1e10 s, inf, nan) into a deadline
+# already past: every call would fail at once with "Deadline Exceeded".
+MAX_TIMEOUT_S = 1e6
+
+
+def check_timeout(seconds: float, name: str = "timeout") -> float:
+    """`seconds` when it is a usable deadline (0 < seconds <= MAX_TIMEOUT_S), else InvalidArgumentError."""
+    if not 0 < seconds <= MAX_TIMEOUT_S:  # False for nan too
+        raise InvalidArgumentError(
+            f"{name} must be a number of seconds above 0 and at most {MAX_TIMEOUT_S:.0e} (every call has a "
+            f"deadline); got {seconds}"
+        )
+    return seconds
+
+
 class LoadBalancing(enum.Enum):
     """How a channel whose target names several daemons (the replicas of a shard) spreads calls."""
 
@@ -57,18 +72,17 @@ class ClientConfig:
     token: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        if self.timeout_s <= 0:
-            raise InvalidArgumentError(f"ClientConfig.timeout_s must be positive; got {self.timeout_s}")
+        check_timeout(self.timeout_s, "ClientConfig.timeout_s")
         if not 1 <= self.max_attempts <= 5:
             raise InvalidArgumentError(f"ClientConfig.max_attempts must be 1..5; got {self.max_attempts}")
         if not 0.0 <= self.dedup_min_saving < 1.0:
             raise InvalidArgumentError(f"ClientConfig.dedup_min_saving must be in [0, 1); got {self.dedup_min_saving}")
-        if not 0 < self.initial_backoff_s <= self.max_backoff_s:
+        if not 0 < self.initial_backoff_s <= self.max_backoff_s <= MAX_TIMEOUT_S:
             raise InvalidArgumentError("ClientConfig needs 0 < initial_backoff_s <= max_backoff_s")
         if self.token is not None:
             check_token(self.token, "ClientConfig.token")
-        if self.attempt_timeout_s is not None and self.attempt_timeout_s <= 0:
-            raise InvalidArgumentError(f"ClientConfig.attempt_timeout_s must be positive; got {self.attempt_timeout_s}")
+        if self.attempt_timeout_s is not None:
+            check_timeout(self.attempt_timeout_s, "ClientConfig.attempt_timeout_s")
 
     def channel_options(self) -> list[tuple[str, object]]:
         """gRPC channel options: message limits, window, load balancing; gRPC's own retries off.

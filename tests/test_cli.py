@@ -577,3 +577,10 @@ def test_replica_flags_without_follow_are_refused(table_path: Path, tmp_path: Pa
 def test_health_of_an_address_with_a_port_past_65535_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["health", "127.0.0.1:99999", "--timeout", "10"]) == 2
     assert "'127.0.0.1:99999' is not a daemon's address" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["stats", "health"])
+@pytest.mark.parametrize("seconds", ["nan", "inf", "0"])
+def test_a_timeout_grpc_cannot_keep_is_refused(command: str, seconds: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([command, "127.0.0.1:1", "--timeout", seconds]) == 2
+    assert "--timeout must be positive" in capsys.readouterr().err

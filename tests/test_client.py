@@ -411,3 +411,19 @@ def test_a_cluster_connects_while_one_daemon_of_a_shard_hangs(daemon, table: Tab
         spec = ClusterSpec.from_flags([f"127.0.0.1:{hung.getsockname()[1]},{daemon.address}"])
         with ClusterClient(spec, ClientConfig(timeout_s=1.0, same_host=False)) as cluster:
             np.testing.assert_array_equal(cluster.lookup(1, [3, 5]).numpy(), table.gather(1, np.array([3, 5])))
+
+
+@pytest.mark.parametrize("seconds", [float("nan"), float("inf"), 1e10, 0.0, -1.0])
+def test_a_deadline_grpc_cannot_keep_is_refused_not_failed_as_exceeded(daemon, seconds: float) -> None:
+    """gRPC turns a deadline of 1e10 s, inf or nan into one already past: `timeout_s=inf` (meant as
+    "no deadline") failed every call at once with "Deadline Exceeded", and nan passed the config's check."""
+    with pytest.raises(InvalidArgumentError, match="ClientConfig.timeout_s must be a number of seconds above 0"):
+        ClientConfig(timeout_s=seconds)
+    with pytest.raises(InvalidArgumentError, match="PrefetchConfig.timeout_s must be"):
+        PrefetchConfig(timeout_s=seconds)
+    with MemstoreClient(daemon.address, ClientConfig(same_host=False)) as client:
+        with pytest.raises(InvalidArgumentError, match="timeout must be a number of seconds above 0"):
+            client.lookup(1, [0], timeout=seconds)
+        with pytest.raises(InvalidArgumentError, match="timeout must be a number of seconds above 0"):
+            client.version(timeout=seconds)
+        assert client.version(timeout=1e6) == 0  # the longest deadline taken
