@@ -578,12 +578,14 @@ def _log_replica(replica: Follower) -> None:
 
 def check_listen_address(address: str) -> None:
     """InvalidArgumentError unless `address` is HOST:PORT with a port in 0..65535 (gRPC itself
-    would serve port 99999 as 34463, and a bare host on port 443)."""
+    would serve port 99999 as 34463, and a bare host on port 443), or a Unix socket (unix:PATH)."""
+    if address.startswith(("unix:", "unix-abstract:")):
+        return
     host, sep, port = address.rpartition(":")
     if not sep or not host.strip("[]") or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise InvalidArgumentError(
             f"cannot listen on {address!r}: expected HOST:PORT with a port from 0 to 65535 (0 picks a free one), "
-            "e.g. 127.0.0.1:50051 or [::1]:50051"
+            "e.g. 127.0.0.1:50051 or [::1]:50051, or unix:PATH"
         )
 
 

@@ -490,6 +490,7 @@ def test_a_listen_address_that_is_not_host_port_is_refused(listen: str) -> None:
         check_listen_address(listen)
     check_listen_address("[::1]:0")
     check_listen_address("localhost:65535")
+    check_listen_address("unix:/run/memstore.sock")  # a Unix socket, as tests and sidecars use
 
 
 def test_serve_listen_checks_hold_in_a_process(table_path: Path, tmp_path: Path) -> None:

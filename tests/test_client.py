@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 import torch
@@ -34,7 +35,7 @@ from memstore.launch import start_daemon
 from memstore.layout import fingerprint
 from memstore.live import LiveTable
 from memstore.optim import OptimizerConfig, OptimizerKind
-from memstore.service import ServerConfig
+from memstore.service import ServerConfig, create_server
 from memstore.table import Table
 from tests.helpers import CREATABLE_DTYPES, SMALL_LAYOUT, make_table
 
@@ -128,14 +129,9 @@ def test_expected_fingerprint_is_checked_on_connect(daemon, client_config) -> No
         MemstoreClient(daemon.address, client_config, expected_fingerprint="0" * 16)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def test_unreachable_daemon_raises_unavailable(client_config) -> None:
-    with MemstoreClient(f"127.0.0.1:{_free_port()}", client_config) as client:
+def test_unreachable_daemon_raises_unavailable(client_config, tmp_path) -> None:
+    # A Unix socket nobody listens on: unlike a "free" TCP port, nothing can take it meanwhile.
+    with MemstoreClient(f"unix:{tmp_path / 'nobody.sock'}", client_config) as client:
         with pytest.raises(UnavailableError) as info:
             client.lookup(1, [0])
         assert isinstance(info.value, MemstoreError)
@@ -153,24 +149,42 @@ def test_deadline_is_enforced_against_a_stuck_daemon(client_config) -> None:
             assert time.monotonic() - start < 5
 
 
-def test_retries_unavailable_until_the_daemon_is_up(daemon_factory, table: Table) -> None:
-    port = _free_port()
+@pytest.fixture
+def unix_servers() -> Iterator[Callable[[Table, str], grpc.Server]]:
+    """Start daemons on Unix sockets (`start(table, address)`); all are stopped afterwards. A socket path
+    is this test's own: a daemon restarted on it cannot meet another's, as a re-bound TCP port can."""
+    started: list[grpc.Server] = []
+
+    def start(table: Table, address: str) -> grpc.Server:
+        server, _ = create_server(table, address, ServerConfig(same_host=False))
+        server.start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop(grace=None).wait()
+
+
+def test_retries_unavailable_until_the_daemon_is_up(unix_servers, table: Table, tmp_path) -> None:
+    address = f"unix:{tmp_path / 'daemon.sock'}"
     config = ClientConfig(timeout_s=20, max_attempts=5, initial_backoff_s=0.5, max_backoff_s=2.0, same_host=False)
-    starter = threading.Timer(0.3, lambda: daemon_factory(table, port=port))
-    with MemstoreClient(f"127.0.0.1:{port}", config) as client:
+    starter = threading.Timer(0.3, lambda: unix_servers(table, address))
+    with MemstoreClient(address, config) as client:
         starter.start()
         rows = client.lookup(1, [1, 2])
     starter.join()
     assert rows.shape == (2, 16)
 
 
-def test_client_survives_a_daemon_restart(daemon_factory, table: Table) -> None:
-    first = daemon_factory(table)
+def test_client_survives_a_daemon_restart(unix_servers, table: Table, tmp_path) -> None:
+    address = f"unix:{tmp_path / 'daemon.sock'}"
+    first = unix_servers(table, address)
     config = ClientConfig(timeout_s=20, max_attempts=5, initial_backoff_s=0.5, max_backoff_s=2.0)
-    with MemstoreClient(first.address, config) as client:
+    with MemstoreClient(address, config) as client:
         before = client.lookup(4, [3])
-        first.stop()
-        daemon_factory(table, port=first.port)
+        first.stop(grace=None).wait()
+        unix_servers(table, address)
         assert torch.equal(client.lookup(4, [3]), before)
 
 
