@@ -199,3 +199,11 @@ def test_sigterm_that_lands_on_a_grpc_thread_stops_the_daemon(table_path: Path) 
     finally:
         process.kill()
         process.wait()
+
+
+@pytest.mark.parametrize("text", [True, False], ids=["text", "bytes"])
+def test_start_daemon_reports_why_the_daemon_did_not_start(tmp_path: Path, text: bool) -> None:
+    """The daemon's error goes to stderr; start_daemon reported only stdout ("see its log"), losing
+    the captured reason."""
+    with pytest.raises(RuntimeError, match=r"did not start: exit code 2: memstore serve: error: .*no_table"):
+        start_daemon(tmp_path / "no_table", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=text)
