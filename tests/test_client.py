@@ -9,6 +9,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -311,7 +312,7 @@ def dying_daemon(tmp_path) -> Iterator[Callable[..., tuple[subprocess.Popen, str
 _DEFAULT_RETRIES = ClientConfig(timeout_s=5.0, same_host=False)
 
 
-@pytest.mark.parametrize("call", ["lookup", "version", "push", "cluster-lookup", "prefetch"])
+@pytest.mark.parametrize("call", ["lookup", "version", "push", "cluster-lookup", "prefetch", "same-host-lookup"])
 def test_a_call_ends_when_its_daemon_dies_mid_call(dying_daemon, call: str) -> None:
     """A daemon stopped (SIGSTOP) during a call and then killed: the call fails with the project's
     error instead of blocking forever (gRPC's retry policy used to hang streamed lookups)."""
@@ -320,10 +321,15 @@ def test_a_call_ends_when_its_daemon_dies_mid_call(dying_daemon, call: str) -> N
     ids = np.arange(8)
     if call == "cluster-lookup":
         client = ClusterClient(ClusterSpec.from_flags([address]), _DEFAULT_RETRIES)
+    elif call == "same-host-lookup":  # rows from the mapped files, once Describe (sent mid-death here) answers
+        client = MemstoreClient(address, replace(_DEFAULT_RETRIES, same_host=True))
     else:
         client = MemstoreClient(address, _DEFAULT_RETRIES)
     with client:
-        assert client.lookup(1, ids).shape == (8, 16)  # connected and described
+        if call == "same-host-lookup":
+            assert client.version() == 0  # connected, not described
+        else:
+            assert client.lookup(1, ids).shape == (8, 16)  # connected and described
         if call == "prefetch":
             # Fetched in submit (no pool thread that a regression would leave hanging at exit).
             with Prefetcher(client, lambda _: {1: ids}, [1], PrefetchConfig(overlap=False)) as prefetcher:
