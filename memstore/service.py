@@ -111,6 +111,13 @@ class ServerConfig:
         ):
             if getattr(self, name) < 1:
                 raise InvalidArgumentError(f"ServerConfig.{name} must be at least 1; got {getattr(self, name)}")
+        # `not a < x <= b` holds for nan too. A zero interval spun the serving loop writing log lines.
+        if not 0 < self.log_interval_s <= 86400:
+            raise InvalidArgumentError(
+                f"ServerConfig.log_interval_s must be in (0, 86400] seconds; got {self.log_interval_s}"
+            )
+        if not 0 <= self.grace_s <= 86400:
+            raise InvalidArgumentError(f"ServerConfig.grace_s must be in [0, 86400] seconds; got {self.grace_s}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise InvalidArgumentError(f"ServerConfig.metrics_port must be a port, 0 to 65535; got {self.metrics_port}")
         if self.max_followers < 0:

@@ -17,7 +17,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from memstore.codec import check_request_rows, encode_row_ids
 from memstore.dtypes import DType
-from memstore.errors import ResourceExhaustedError
+from memstore.errors import InvalidArgumentError, ResourceExhaustedError
 from memstore.launch import start_daemon, stop_daemon
 from memstore.manifest import Manifest
 from memstore.service import SERVICE_NAME, ServerConfig
@@ -207,3 +207,13 @@ def test_start_daemon_reports_why_the_daemon_did_not_start(tmp_path: Path, text:
     the captured reason."""
     with pytest.raises(RuntimeError, match=r"did not start: exit code 2: memstore serve: error: .*no_table"):
         start_daemon(tmp_path / "no_table", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=text)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("log_interval_s", 0.0), ("log_interval_s", -1.0), ("log_interval_s", float("nan")), ("grace_s", -5.0)],
+)
+def test_intervals_a_daemon_cannot_keep_are_refused(field: str, value: float) -> None:
+    """`--log-interval 0` spun the serving loop (15,000 log lines a second); `--grace -5` was taken."""
+    with pytest.raises(InvalidArgumentError, match=f"ServerConfig.{field} must be in"):
+        ServerConfig(**{field: value})
