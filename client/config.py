@@ -90,7 +90,8 @@ class ClientConfig:
         The client retries in Python (MemstoreClient._retrying), every attempt inside the call's one
         deadline. gRPC's retry policy is not used: with it, a Lookup stream whose daemon dies during
         the call blocks forever, past its deadline (grpc 1.85's retry filter, on giving up, completes
-        the call's status but never its pending receive of a message, and the deadline cannot end it).
+        the call's status but never its pending receive of a message, and the deadline cannot end it;
+        grpc/grpc#41036 reports retry-policy calls hanging past their deadline since 1.72).
         """
         service_config: dict[str, object] = {}
         if self.load_balancing is LoadBalancing.ROUND_ROBIN:
