@@ -293,12 +293,15 @@ def _call_while_the_daemon_dies(process: subprocess.Popen, port: int, call: Call
 
 @pytest.fixture
 def dying_daemon(tmp_path) -> Iterator[Callable[..., tuple[subprocess.Popen, str]]]:
-    """Start `memstore serve` children (a trainable table) that tests stop and kill; all are killed after."""
+    """Start `memstore serve` children that tests stop and kill (of a trainable table; with
+    `trainable=False` of a frozen one, which several may serve); all are killed after."""
     path = make_table(tmp_path / "trainable", optimizer=OptimizerConfig(kind=OptimizerKind.SGD, lr=0.1))
+    frozen = make_table(tmp_path / "frozen")
     started: list[subprocess.Popen] = []
 
-    def start() -> tuple[subprocess.Popen, str]:
-        process, address = start_daemon(path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    def start(trainable: bool = True) -> tuple[subprocess.Popen, str]:
+        served = path if trainable else frozen
+        process, address = start_daemon(served, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         started.append(process)
         return process, address
 
@@ -447,3 +450,18 @@ def test_a_deadline_grpc_cannot_keep_is_refused_not_failed_as_exceeded(daemon, s
         with pytest.raises(InvalidArgumentError, match="timeout must be a number of seconds above 0"):
             client.version(timeout=seconds)
         assert client.version(timeout=1e6) == 0  # the longest deadline taken
+
+
+def test_a_one_shard_cluster_fails_over_from_a_hung_replica(dying_daemon) -> None:
+    """One shard, two daemons, one of them stopped (SIGSTOP, still READY to gRPC): a one-shard
+    ClusterClient skipped its replica retry, so `attempt_timeout_s` was ignored and the lookup that
+    round robin sent to the hung daemon waited out the whole deadline."""
+    (hung, first), (_, second) = dying_daemon(trainable=False), dying_daemon(trainable=False)
+    config = ClientConfig(timeout_s=20.0, attempt_timeout_s=1.0, same_host=False)
+    with ClusterClient(ClusterSpec.from_flags([f"{second},{first}"]), config) as cluster:
+        expected = cluster.lookup(1, np.arange(8))
+        for _ in range(4):  # both daemons serve: round robin has them both READY
+            assert torch.equal(cluster.lookup(1, np.arange(8)), expected)
+        hung.send_signal(signal.SIGSTOP)
+        for _ in range(4):  # round robin sends some of these to the hung daemon first
+            assert torch.equal(cluster.lookup(1, np.arange(8)), expected)
