@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
 import torch
 
-from client.config import ClientConfig
+from client.config import ClientConfig, check_timeout
 from memstore.codec import check_request_rows, encode_grads, encode_row_ids
 from memstore.dtypes import DType
 from memstore.errors import (
     DataLossError,
+    DeadlineExceededError,
     InvalidArgumentError,
     LayoutMismatchError,
     ResourceExhaustedError,
@@ -27,6 +29,8 @@ from memstore.same_host import SameHostReader, open_if_same_host
 from memstore.storage.base import take_rows
 from memstore.wire import memstore_pb2 as pb
 from memstore.wire import memstore_pb2_grpc as pb_grpc
+
+_T = TypeVar("_T")
 
 
 class MemstoreClient:
@@ -101,10 +105,12 @@ class MemstoreClient:
         check_layer_id(layer_id)
         ids = as_int64_array(row_ids)
         flat = ids.reshape(-1)  # [N]
-        target = None if out is None else out_rows(out, ids.shape, self._manifest(timeout))  # [N, dim] view of out
-        local = self._same_host_table(timeout)
+        # One deadline for the whole call: the first lookup's Describe takes from it too.
+        deadline = time.monotonic() + self._timeout(timeout)
+        target = None if out is None else out_rows(out, ids.shape, self._manifest(_left(deadline)))  # [N, dim]
+        local = self._same_host_table(_left(deadline))
         if local is not None:  # rows straight from the mapped files: same checks, same errors as the daemon
-            limit = self.server_limits(timeout).max_rows_per_request
+            limit = self.server_limits(_left(deadline)).max_rows_per_request
             if len(flat) > limit:  # the rows the wire would carry, deduplicated or not
                 distinct = _distinct_count(flat)
                 check_request_rows(distinct if self._dedup_pays(distinct, len(flat)) else len(flat), limit)
@@ -118,10 +124,10 @@ class MemstoreClient:
         # Restoring duplicates costs a row gather here, so dedup only when it saves rows on the wire.
         if self._dedup_pays(_distinct_count(flat), len(flat)):
             unique, inverse = np.unique(flat, return_inverse=True)  # [U], [N]
-            dtype, rows, version = self._fetch(layer_id, unique, timeout)  # [U, dim]
+            dtype, rows, version = self._fetch(layer_id, unique, deadline)  # [U, dim]
             rows = take_rows(rows, inverse, target)  # [N, dim]
         else:
-            dtype, rows, version = self._fetch(layer_id, flat, timeout, target)  # [N, dim]
+            dtype, rows, version = self._fetch(layer_id, flat, deadline, target)  # [N, dim]
         tensor = dtype.to_torch(rows.reshape(*ids.shape, rows.shape[-1]))  # [*shape, dim]
         return (tensor, version) if return_version else tensor
 
@@ -158,30 +164,19 @@ class MemstoreClient:
         if lr_scale is not None:
             request.lr_scale = lr_scale
         deadline = time.monotonic() + self._timeout(timeout)
-        backoff = self.config.initial_backoff_s
-        lost_answers = 0
-        while True:
-            try:
-                response = self._stub.Push(request, timeout=max(0.0, deadline - time.monotonic()))
-                return PushAck(version=response.version, layer_step=response.layer_step, rows=len(unique))
-            except grpc.RpcError as exc:
-                error = error_from_rpc(exc)
-            # A busy daemon refused the push before applying anything: safe to send again until the
-            # deadline. A push may have been applied before its answer was lost: only one with a step
-            # id (which the daemon recognises when repeated) is safe to send again, max_attempts times.
-            busy = isinstance(error, ResourceExhaustedError) and error.retry_after_s is not None
-            lost = isinstance(error, UnavailableError) and step_id > 0
-            lost_answers += lost
-            wait = max(backoff, error.retry_after_s) if busy else backoff
-            if not (busy or lost) or lost_answers >= self.config.max_attempts or time.monotonic() + wait >= deadline:
-                raise error
-            time.sleep(wait)
-            backoff = min(2 * backoff, self.config.max_backoff_s)
+
+        def attempt(seconds: float) -> PushAck:
+            response = self._call(self._stub.Push, request, seconds)
+            return PushAck(version=response.version, layer_step=response.layer_step, rows=len(unique))
+
+        # A push may have been applied before its answer was lost: only one with a step id (which the
+        # daemon recognises when repeated) is safe to send again on UNAVAILABLE.
+        return self._retrying(attempt, deadline, retry_unavailable=step_id > 0)
 
     def snapshot(self, name: str, *, timeout: float | None = None) -> tuple[str, int]:
         """Ask the daemon for a consistent snapshot named `name` (in its snapshot directory):
         (its path on the daemon's host, the version it holds)."""
-        response = self._unary(self._stub.Snapshot, pb.SnapshotRequest(name=name), timeout)
+        response = self._unary(self._stub.Snapshot, pb.SnapshotRequest(name=name), timeout, retry=False)
         return response.path, response.version
 
     def version(self, timeout: float | None = None) -> int:
@@ -193,26 +188,17 @@ class MemstoreClient:
         return self._unary(self._stub.Stats, pb.StatsRequest(), timeout).prometheus_text
 
     def _fetch(
-        self, layer_id: int, ids: np.ndarray, timeout: float | None, out: np.ndarray | None = None
+        self, layer_id: int, ids: np.ndarray, deadline: float, out: np.ndarray | None = None
     ) -> tuple[DType, np.ndarray, int]:
         """(dtype, rows [N, dim], the version of the first message: every row shows at least it).
 
         A daemon too busy for the lookup (its in-flight budget or call limit) refuses it before
-        sending a row; gRPC's retry policy repeats it a few times, and then this loop, until the
-        deadline: a loaded daemon slows its callers down rather than failing them.
+        sending a row; it is repeated until the deadline: a loaded daemon slows its callers down
+        rather than failing them. A lookup that failed UNAVAILABLE (no daemon, or the connection
+        broke mid-stream) is repeated whole, `max_attempts` times in all.
         """
         request = pb.LookupRequest(layer_id=layer_id, row_ids=encode_row_ids(ids))
-        deadline = time.monotonic() + self._timeout(timeout)
-        backoff = self.config.initial_backoff_s
-        while True:
-            try:
-                return self._fetch_once(request, layer_id, len(ids), max(0.0, deadline - time.monotonic()), out)
-            except ResourceExhaustedError as exc:
-                wait = None if exc.retry_after_s is None else max(backoff, exc.retry_after_s)
-                if wait is None or time.monotonic() + wait >= deadline:
-                    raise
-            time.sleep(wait)
-            backoff = min(2 * backoff, self.config.max_backoff_s)
+        return self._retrying(lambda seconds: self._fetch_once(request, layer_id, len(ids), seconds, out), deadline)
 
     def _fetch_once(
         self, request: pb.LookupRequest, layer_id: int, num_ids: int, timeout: float, out: np.ndarray | None
@@ -280,15 +266,63 @@ class MemstoreClient:
                 self._described = self._unary(self._stub.Describe, pb.DescribeRequest(), timeout)
             return self._described
 
-    def _unary(self, method: Any, request: Any, timeout: float | None) -> Any:
-        """One unary call with this client's deadline, failing with the project's exception."""
+    def _unary(self, method: Any, request: Any, timeout: float | None, *, retry: bool = True) -> Any:
+        """A unary call within this client's deadline (retried like a lookup unless `retry` is False)."""
+        deadline = time.monotonic() + self._timeout(timeout)
+        if not retry:
+            return self._call(method, request, _left(deadline))
+        # A busy daemon's refusal of a cheap call is repeated a few times, not for the whole deadline.
+        return self._retrying(lambda seconds: self._call(method, request, seconds), deadline, busy_until_deadline=False)
+
+    @staticmethod
+    def _call(method: Any, request: Any, seconds: float) -> Any:
+        """One attempt of a unary call, failing with the project's exception."""
         try:
-            return method(request, timeout=self._timeout(timeout))
+            return method(request, timeout=seconds)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
 
+    def _retrying(
+        self,
+        attempt: Callable[[float], _T],
+        deadline: float,
+        *,
+        retry_unavailable: bool = True,
+        busy_until_deadline: bool = True,
+    ) -> _T:
+        """`attempt(seconds left)` until it succeeds, fails for good, or the deadline comes.
+
+        Repeated: UNAVAILABLE (nothing answered, or the connection broke), `max_attempts` attempts in
+        all unless `retry_unavailable` is False; RESOURCE_EXHAUSTED with a pushback (a busy daemon)
+        until the deadline, or `max_attempts` attempts in all unless `busy_until_deadline`. Every
+        attempt gets only what is left of the one deadline and no backoff sleeps past it, so the call
+        ends by its deadline whatever happens to the daemon.
+        """
+        backoff = self.config.initial_backoff_s
+        attempts = unavailable = 0
+        while True:
+            attempts += 1
+            try:
+                return attempt(_left(deadline))
+            except UnavailableError as exc:
+                unavailable += 1
+                if not retry_unavailable or unavailable >= self.config.max_attempts:
+                    raise
+                error: Exception = exc
+                wait = backoff
+            except ResourceExhaustedError as exc:
+                if exc.retry_after_s is None:  # the request itself is over a limit: a repeat fails too
+                    raise
+                if not busy_until_deadline and attempts >= self.config.max_attempts:
+                    raise
+                error, wait = exc, max(backoff, exc.retry_after_s)
+            if time.monotonic() + wait >= deadline:
+                raise error
+            time.sleep(wait)
+            backoff = min(2 * backoff, self.config.max_backoff_s)
+
     def _timeout(self, timeout: float | None) -> float:
-        return self.config.timeout_s if timeout is None else timeout
+        return self.config.timeout_s if timeout is None else check_timeout(timeout)
 
     def close(self) -> None:
         """Close the channel (in-flight calls are cancelled) and unmap same-host files."""
@@ -311,6 +345,14 @@ class PushAck:
     version: int
     layer_step: int
     rows: int
+
+
+def _left(deadline: float) -> float:
+    """Seconds until `deadline`; DeadlineExceededError once it has passed (no attempt starts then)."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise DeadlineExceededError("the call's deadline passed before it could be (re)sent")
+    return left
 
 
 def sum_duplicate_rows(ids: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -378,8 +420,12 @@ def as_int64_array(row_ids: Any) -> np.ndarray:
             raise InvalidArgumentError(f"row ids must be integers; got a {row_ids.dtype} tensor")
         return row_ids.detach().to("cpu", torch.int64).numpy()
     ids = np.asarray(row_ids)
+    if not isinstance(row_ids, np.ndarray) and ids.size == 0:
+        # numpy makes [] float64: an empty list (or tuple) of ids is no ids, not floats.
+        return np.zeros(ids.shape, dtype=np.int64)
     if ids.dtype.kind not in "iu":
-        raise InvalidArgumentError(f"row ids must be integers; got {ids.dtype}")
+        given = f"a {type(row_ids).__name__} of " if not isinstance(row_ids, np.ndarray) else ""
+        raise InvalidArgumentError(f"row ids must be integers; got {given}{ids.dtype} values")
     if ids.dtype.kind == "u" and ids.size and int(ids.max()) > np.iinfo(np.int64).max:
         raise InvalidArgumentError("row ids must fit in int64")
     return ids.astype(np.int64, copy=False)

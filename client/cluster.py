@@ -6,7 +6,7 @@ The same calls as `MemstoreClient` (so the prefetcher, the pusher and the model 
   the parts are fetched in parallel and the rows reassembled in request order. Each shard's
   reads go through one gRPC channel over all its daemons with the round_robin policy and
   client-side health checking (a replica lagging its primary reports NOT_SERVING and gets no
-  calls); gRPC's retry policy retries UNAVAILABLE before any row arrived. A replica that fails
+  calls); MemstoreClient retries UNAVAILABLE within the call's deadline. A replica that fails
   mid-stream, or exceeds `ClientConfig.attempt_timeout_s`, is retried here on the next
   replica within the call's deadline (gRPC's own per-attempt timeout, `perAttemptRecvTimeout`,
   has open C-core bugs: grpc/grpc#38908, #39935).
@@ -43,7 +43,7 @@ from client.client import (
     sum_duplicate_rows,
 )
 from client.cluster_spec import ClusterSpec
-from client.config import ClientConfig, LoadBalancing
+from client.config import ClientConfig, LoadBalancing, check_timeout
 from memstore.auth import add_client_arguments, client_security
 from memstore.errors import (
     DataLossError,
@@ -140,8 +140,15 @@ class ClusterClient:
         With `return_version`, also the sum of the shards' versions the rows show.
         """
         check_layer_id(layer_id)
-        if self.num_shards == 1:
-            return self._readers[0].lookup(layer_id, row_ids, timeout=timeout, out=out, return_version=return_version)
+        if self.num_shards == 1:  # no split: the rows land in `out` directly, replicas retried all the same
+            reader = self._readers[0]
+            return self._on_replicas(
+                0,
+                lambda seconds: reader.lookup(
+                    layer_id, row_ids, timeout=seconds, out=out, return_version=return_version
+                ),
+                time.monotonic() + self._timeout(timeout),
+            )
         ids = as_int64_array(row_ids)
         flat = ids.reshape(-1)  # [N]
         dtype, dim = self._manifest.dtype, self._manifest.dtype.stored_width(self._manifest.layout.dim)
@@ -204,19 +211,28 @@ class ClusterClient:
         """One shard's rows [len(ids), dim] (raw storage dtype) and version, retried on another replica."""
         reader = self._readers[shard]
         dtype = self._manifest.dtype
-        for attempt in range(1, self.config.max_attempts + 1):
+
+        def attempt(seconds: float) -> tuple[np.ndarray, int]:
+            rows, version = reader.lookup(layer_id, ids, timeout=seconds, return_version=True)
+            return dtype.raw_view(rows).reshape(len(ids), -1), version
+
+        return self._on_replicas(shard, attempt, deadline)
+
+    def _on_replicas(self, shard: int, attempt: Any, deadline: float) -> Any:
+        """`attempt(seconds)` on the shard's readers, again (on the next replica) after a replica failed
+        or took `attempt_timeout_s`, within `deadline`."""
+        for number in range(1, self.config.max_attempts + 1):
             remaining = deadline - time.monotonic()
             limit = self.config.attempt_timeout_s
             attempt_s = remaining if limit is None else min(remaining, limit)
             try:
                 if remaining <= 0:
                     raise DeadlineExceededError(f"the lookup's deadline passed before shard {shard} answered")
-                rows, version = reader.lookup(layer_id, ids, timeout=attempt_s, return_version=True)
-                return dtype.raw_view(rows).reshape(len(ids), -1), version
+                return attempt(attempt_s)
             except _RETRY_ON_ANOTHER_REPLICA as exc:
-                if attempt == self.config.max_attempts or deadline - time.monotonic() <= 0:
+                if number == self.config.max_attempts or deadline - time.monotonic() <= 0:
                     raise _on_shard(exc, shard, self.spec.shards[shard].addresses) from None
-                log.info("shard %d lookup attempt %d failed (%s); trying another replica", shard, attempt, exc)
+                log.info("shard %d lookup attempt %d failed (%s); trying another replica", shard, number, exc)
             except MemstoreError as exc:
                 raise _on_shard(exc, shard, self.spec.shards[shard].addresses) from None
         raise AssertionError("unreachable")
@@ -235,8 +251,8 @@ class ClusterClient:
                 try:
                     with MemstoreClient(address, replace(self.config, same_host=False)) as probe:
                         reachable.append((shard, address, probe.describe()))
-                except UnavailableError as exc:  # a replica may be down; its shard needs only one daemon up
-                    log.warning("shard %d daemon %s is unreachable at connect: %s", shard, address, exc)
+                except (UnavailableError, DeadlineExceededError) as exc:  # down or hung: its shard needs one up
+                    log.warning("shard %d daemon %s does not answer at connect: %s", shard, address, exc)
             if not reachable:
                 raise UnavailableError(f"no daemon of shard {shard} answers: {list(addresses.addresses)}")
             seen += reachable
@@ -264,7 +280,7 @@ class ClusterClient:
         return table, sharding
 
     def _timeout(self, timeout: float | None) -> float:
-        return self.config.timeout_s if timeout is None else timeout
+        return self.config.timeout_s if timeout is None else check_timeout(timeout)
 
     def close(self) -> None:
         """Close every channel and the worker pool."""

@@ -10,11 +10,26 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from memstore.auth import ClientTls, open_channel
+from memstore.auth import ClientTls, check_token, open_channel
 from memstore.errors import InvalidArgumentError
 from memstore.wire import memstore_pb2 as pb
 
 _SERVICE = pb.DESCRIPTOR.services_by_name["Memstore"].full_name
+
+
+# The longest deadline a call may have. gRPC turns a longer one (1e10 s, inf, nan) into a deadline
+# already past: every call would fail at once with "Deadline Exceeded".
+MAX_TIMEOUT_S = 1e6
+
+
+def check_timeout(seconds: float, name: str = "timeout") -> float:
+    """`seconds` when it is a usable deadline (0 < seconds <= MAX_TIMEOUT_S), else InvalidArgumentError."""
+    if not 0 < seconds <= MAX_TIMEOUT_S:  # False for nan too
+        raise InvalidArgumentError(
+            f"{name} must be a number of seconds above 0 and at most {MAX_TIMEOUT_S:.0e} (every call has a "
+            f"deadline); got {seconds}"
+        )
+    return seconds
 
 
 class LoadBalancing(enum.Enum):
@@ -32,7 +47,7 @@ class ClientConfig:
 
     # Deadline of every call unless the call passes its own.
     timeout_s: float = 30.0
-    # Attempts per call on UNAVAILABLE (gRPC's own retry, with exponential backoff).
+    # Attempts per call on UNAVAILABLE (with exponential backoff), all within the call's deadline.
     max_attempts: int = 5
     initial_backoff_s: float = 0.1
     max_backoff_s: float = 2.0
@@ -57,34 +72,28 @@ class ClientConfig:
     token: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        if self.timeout_s <= 0:
-            raise InvalidArgumentError(f"ClientConfig.timeout_s must be positive; got {self.timeout_s}")
+        check_timeout(self.timeout_s, "ClientConfig.timeout_s")
         if not 1 <= self.max_attempts <= 5:
-            raise InvalidArgumentError(f"ClientConfig.max_attempts must be 1..5 (gRPC's cap); got {self.max_attempts}")
+            raise InvalidArgumentError(f"ClientConfig.max_attempts must be 1..5; got {self.max_attempts}")
         if not 0.0 <= self.dedup_min_saving < 1.0:
             raise InvalidArgumentError(f"ClientConfig.dedup_min_saving must be in [0, 1); got {self.dedup_min_saving}")
-        if not 0 < self.initial_backoff_s <= self.max_backoff_s:
+        if not 0 < self.initial_backoff_s <= self.max_backoff_s <= MAX_TIMEOUT_S:
             raise InvalidArgumentError("ClientConfig needs 0 < initial_backoff_s <= max_backoff_s")
-        if self.attempt_timeout_s is not None and self.attempt_timeout_s <= 0:
-            raise InvalidArgumentError(f"ClientConfig.attempt_timeout_s must be positive; got {self.attempt_timeout_s}")
+        if self.token is not None:
+            check_token(self.token, "ClientConfig.token")
+        if self.attempt_timeout_s is not None:
+            check_timeout(self.attempt_timeout_s, "ClientConfig.attempt_timeout_s")
 
     def channel_options(self) -> list[tuple[str, object]]:
-        """gRPC channel options: message limits, window, and the retry policy as a service config."""
-        retry = {
-            "maxAttempts": self.max_attempts,
-            "initialBackoff": f"{self.initial_backoff_s}s",
-            "maxBackoff": f"{self.max_backoff_s}s",
-            "backoffMultiplier": 2,
-            # RESOURCE_EXHAUSTED only when the daemon was busy: a request over a limit comes with
-            # pushback -1, which tells gRPC not to repeat it (memstore.limits).
-            "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"],
-        }
-        # Reads are retried by gRPC; a push is retried by the client itself, with its step id, which
-        # the daemon uses to answer a repeat without applying it twice (see MemstoreClient.push).
-        readers = [{"service": _SERVICE, "method": method} for method in ("Describe", "Lookup")]
-        # gRPC rejects a retry policy of one attempt (the whole channel fails): then there is none.
-        policy = {"retryPolicy": retry} if self.max_attempts > 1 else {}
-        service_config: dict[str, object] = {"methodConfig": [{"name": readers, **policy}]}
+        """gRPC channel options: message limits, window, load balancing; gRPC's own retries off.
+
+        The client retries in Python (MemstoreClient._retrying), every attempt inside the call's one
+        deadline. gRPC's retry policy is not used: with it, a Lookup stream whose daemon dies during
+        the call blocks forever, past its deadline (grpc 1.85's retry filter, on giving up, completes
+        the call's status but never its pending receive of a message, and the deadline cannot end it;
+        grpc/grpc#41036 reports retry-policy calls hanging past their deadline since 1.72).
+        """
+        service_config: dict[str, object] = {}
         if self.load_balancing is LoadBalancing.ROUND_ROBIN:
             service_config["loadBalancingConfig"] = [{"round_robin": {}}]
             service_config["healthCheckConfig"] = {"serviceName": _SERVICE}
@@ -92,12 +101,9 @@ class ClientConfig:
             ("grpc.max_receive_message_length", -1),
             ("grpc.max_send_message_length", self.max_request_bytes),
             ("grpc.http2.lookahead_bytes", self.window_bytes),
-            ("grpc.enable_retries", int(self.max_attempts > 1)),
+            # Off: no retry filter in the call stack, not even for gRPC's transparent retries.
+            ("grpc.enable_retries", 0),
             ("grpc.service_config", json.dumps(service_config)),
-            # A request is buffered for replay until committed; the default 256 KiB would
-            # silently disable retries for lookups above 32k ids.
-            ("grpc.per_rpc_retry_buffer_size", self.max_request_bytes),
-            ("grpc.retry_buffer_size", 4 * self.max_request_bytes),
         ]
 
     def open_channel(self, target: str) -> grpc.Channel:

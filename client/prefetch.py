@@ -41,6 +41,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from client.config import check_timeout
 from client.metrics import PREFETCH_ROWS, PREFETCH_STALL
 from memstore.errors import InternalError, InvalidArgumentError, MemstoreError, ResourceExhaustedError
 from memstore.manifest import Manifest
@@ -94,8 +95,9 @@ class PrefetchConfig:
     def __post_init__(self) -> None:
         if self.depth < 1:
             raise InvalidArgumentError(f"PrefetchConfig.depth must be at least 1; got {self.depth}")
-        if self.acquire_timeout_s <= 0 or (self.timeout_s is not None and self.timeout_s <= 0):
-            raise InvalidArgumentError("PrefetchConfig timeouts must be positive")
+        check_timeout(self.acquire_timeout_s, "PrefetchConfig.acquire_timeout_s")
+        if self.timeout_s is not None:
+            check_timeout(self.timeout_s, "PrefetchConfig.timeout_s")
 
 
 @dataclass

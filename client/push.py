@@ -79,6 +79,7 @@ class Pusher:
             for layer in self.layer_ids
         }
         self._in_flight: deque[tuple[int, dict[int, Future]]] = deque()
+        self._last_step = 0
 
     def push_step(
         self, step: int, grads: dict[int, tuple[np.ndarray, np.ndarray]], lr_scale: float | None = None
@@ -90,6 +91,18 @@ class Pusher:
         """
         if step < 1:
             raise InvalidArgumentError(f"step ids start at 1 (the daemon recognises retries by them); got {step}")
+        if step <= self._last_step:
+            # The daemon would answer it as a retry of the step it last applied and drop these gradients.
+            raise InvalidArgumentError(
+                f"step ids must increase: step {step} after step {self._last_step} would be taken for a retry "
+                "of an applied step and not applied"
+            )
+        unknown = sorted(set(grads) - set(self.layer_ids))
+        if unknown:  # checked before any layer is sent: a step is pushed whole or not at all
+            raise InvalidArgumentError(
+                f"step {step} has gradients for layers {unknown}; this pusher pushes layers {list(self.layer_ids)}"
+            )
+        self._last_step = step
         futures = {
             layer: self._workers[layer].submit(self._push_layer, step, layer, ids, values, lr_scale)
             for layer, (ids, values) in grads.items()

@@ -74,6 +74,7 @@ class TokenTable:
                 raise InvalidArgumentError(f"{path} line {number}: expected `read TOKEN` or `write TOKEN`")
             if len(parts[1]) < 16:
                 raise InvalidArgumentError(f"{path} line {number}: a token must have at least 16 characters")
+            check_token(parts[1], f"{path} line {number}")
             tokens[parts[1]] = Scope(parts[0])
         return cls(tokens)
 
@@ -142,6 +143,7 @@ def open_channel(
     target: str, options: Sequence[tuple[str, object]], tls: ClientTls | None = None, token: str | None = None
 ) -> grpc.Channel:
     """A channel to `target`: TLS when `tls` is given, and `authorization: Bearer token` on every call."""
+    check_target(target)
     options = list(options)
     if tls is None:
         channel = grpc.insecure_channel(target, options=options)
@@ -154,13 +156,52 @@ def open_channel(
     return grpc.intercept_channel(channel, _BearerToken(token))
 
 
+# gRPC target schemes passed through as they are (a Unix socket, a DNS name, a list of IPs, ...).
+_TARGET_SCHEMES = ("dns:", "unix:", "unix-abstract:", "ipv4:", "ipv6:", "vsock:", "xds:")
+
+
+def check_target(target: str) -> None:
+    """InvalidArgumentError unless `target` is HOST:PORT with a port from 1 to 65535, or a gRPC
+    target with a scheme. gRPC itself would dial 127.0.0.1:99999 as port 34463 (whatever listens
+    there, another daemon included) and a bare host on port 443."""
+    if target.startswith(_TARGET_SCHEMES):
+        return
+    host, sep, port = target.rpartition(":")
+    if not sep or not host.strip("[]") or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidArgumentError(
+            f"{target!r} is not a daemon's address: expected HOST:PORT with a port from 1 to 65535 "
+            "(e.g. 127.0.0.1:50051), or a gRPC target such as unix:/path/to/socket or dns:///host:port"
+        )
+
+
 def read_token(path: Path | None) -> str | None:
     """A client's token: the first non-comment line of `path`, else $MEMSTORE_TOKEN, else None."""
     if path is None:
-        return os.environ.get(TOKEN_ENV) or None
-    for _, parts in _token_lines(path):
+        # `export MEMSTORE_TOKEN="$(cat file)"` drops the newline, other ways keep it: drop it here.
+        token = os.environ.get(TOKEN_ENV, "").rstrip("\r\n")
+        if token:
+            check_token(token, f"${TOKEN_ENV}")
+        return token or None
+    for number, parts in _token_lines(path):
+        check_token(parts[-1], f"{path} line {number}")
         return parts[-1]  # a daemon's `read TOKEN` line works as well as the bare token
     raise InvalidArgumentError(f"the token file {path} holds no token")
+
+
+def check_token(token: str, where: str = "the token") -> None:
+    """InvalidArgumentError unless `token` can travel as a bearer token: printable ASCII without
+    spaces (gRPC refuses other metadata only when the call is made, as "Invalid metadata").
+    The message names the first bad character's position and kind, never the token."""
+    for position, char in enumerate(token):
+        if not "!" <= char <= "~":
+            kind = "a newline" if char in "\r\n" else "whitespace" if char.isspace() else f"character U+{ord(char):04X}"
+            hint = " (strip the newline of the file it was read from)" if char in "\r\n" else ""
+            raise InvalidArgumentError(
+                f"{where}: a token holds printable ASCII characters only, without spaces; it has {kind} at "
+                f"position {position}{hint}"
+            )
+    if not token:
+        raise InvalidArgumentError(f"{where}: the token is empty")
 
 
 def add_client_arguments(parser: argparse.ArgumentParser) -> None:
@@ -184,6 +225,7 @@ def client_security(args: argparse.Namespace) -> tuple[ClientTls | None, str | N
 
 class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
     def __init__(self, token: str) -> None:
+        check_token(token)
         self._metadata = (METADATA_KEY, f"Bearer {token}")
 
     def _with_token(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from memstore.cli_args import enum_choice
 from memstore.cli_remote import add_remote_parsers, run_health, run_snapshot, run_stats
 from memstore.cli_serve import add_serve_parser, run_serve
 from memstore.create import DEFAULT_CHUNK_ROWS, create_sharded, create_table
@@ -54,8 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="memstore", description="Engram memstore: create, inspect and serve tables.")
     parser.add_argument(
         "--log-format",
-        type=LogFormat,
-        choices=list(LogFormat),
+        **enum_choice(LogFormat),
         default=LogFormat.TEXT,
         help="json: one JSON object per log line (time, level, logger, message), for log collectors",
     )
@@ -77,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--overwrite", action="store_true", help="replace an existing table at PATH")
     create.add_argument("--no-progress", action="store_true", help="no progress bar")
     create.add_argument(
-        "--backend", type=Backend, choices=list(Backend), default=Backend.MMAP, help="mmap files or LMDB"
+        "--backend", **enum_choice(Backend), default=Backend.MMAP, help="mmap files or LMDB (default mmap)"
     )
     create.add_argument(
         "--lazy",
@@ -95,15 +95,23 @@ def _parser() -> argparse.ArgumentParser:
     optimizer = OptimizerConfig()
     create.add_argument(
         "--optimizer",
-        type=OptimizerKind,
-        choices=list(OptimizerKind),
+        **enum_choice(OptimizerKind),
         help="server-side optimizer applied to pushed gradients (default: none, a frozen table)",
     )
-    create.add_argument("--lr", type=float, default=optimizer.lr, help="the optimizer's learning rate")
-    create.add_argument("--betas", type=_float_pair, default=optimizer.betas, help="adam's betas, e.g. 0.9,0.999")
-    create.add_argument("--eps", type=float, default=optimizer.eps)
+    # Default None: given without the optimizer that reads it, a flag is an error, not ignored.
+    create.add_argument("--lr", type=float, help=f"with --optimizer: its learning rate (default {optimizer.lr})")
     create.add_argument(
-        "--initial-accumulator", type=float, default=optimizer.initial_accumulator_value, help="adagrad kinds"
+        "--betas",
+        type=_float_pair,
+        help=f"with --optimizer adam: its betas (default {','.join(map(str, optimizer.betas))})",
+    )
+    create.add_argument(
+        "--eps", type=float, help=f"with --optimizer adagrad, rowwise_adagrad or adam (default {optimizer.eps})"
+    )
+    create.add_argument(
+        "--initial-accumulator",
+        type=float,
+        help=f"with --optimizer adagrad or rowwise_adagrad (default {optimizer.initial_accumulator_value})",
     )
 
     info = commands.add_parser("info", help="print a table's layout, size and fingerprint")
@@ -201,15 +209,7 @@ def _create(args: argparse.Namespace) -> None:
         heads_per_ngram=args.heads_per_ngram,
         dim=args.dim,
     )
-    optimizer = None
-    if args.optimizer is not None:
-        optimizer = OptimizerConfig(
-            kind=args.optimizer,
-            lr=args.lr,
-            betas=args.betas,
-            eps=args.eps,
-            initial_accumulator_value=args.initial_accumulator,
-        )
+    optimizer = _optimizer(args)
     manifest = Manifest(
         layout=layout,
         dtype=args.dtype,
@@ -238,6 +238,46 @@ def _create(args: argparse.Namespace) -> None:
     print(f"created {args.path}: {args.shards} shards of {partitions} partitions\n{describe_table(manifest)}")
     for shard in shards:
         print(f"{shard}: {describe_shard(Manifest.read(shard))}")
+
+
+# The optimizer flags, and the kinds that read each (any other kind would ignore it).
+_OPTIMIZER_FLAGS = {
+    "lr": ("--lr", tuple(OptimizerKind)),
+    "betas": ("--betas", (OptimizerKind.ADAM,)),
+    "eps": ("--eps", (OptimizerKind.ADAGRAD, OptimizerKind.ROWWISE_ADAGRAD, OptimizerKind.ADAM)),
+    "initial_accumulator": ("--initial-accumulator", (OptimizerKind.ADAGRAD, OptimizerKind.ROWWISE_ADAGRAD)),
+}
+
+
+def _optimizer(args: argparse.Namespace) -> OptimizerConfig | None:
+    """The optimizer the flags ask for (None: a frozen table); InvalidArgumentError for a flag that
+    the chosen optimizer (or none) would ignore."""
+    given = [name for name in _OPTIMIZER_FLAGS if getattr(args, name) is not None]
+    if args.optimizer is None:
+        if given:
+            flags = ", ".join(_OPTIMIZER_FLAGS[name][0] for name in given)
+            raise InvalidArgumentError(
+                f"{flags} set an optimizer's hyperparameters, but no --optimizer is given: the table would be "
+                "frozen and take no pushes; add --optimizer sgd|adagrad|rowwise_adagrad|adam, or drop them"
+            )
+        return None
+    for name in given:
+        flag, kinds = _OPTIMIZER_FLAGS[name]
+        if args.optimizer not in kinds:
+            raise InvalidArgumentError(
+                f"{flag} does not apply to --optimizer {args.optimizer.value} (only to "
+                f"{', '.join(kind.value for kind in kinds)}); drop it"
+            )
+    defaults = OptimizerConfig()
+    return OptimizerConfig(
+        kind=args.optimizer,
+        lr=defaults.lr if args.lr is None else args.lr,
+        betas=defaults.betas if args.betas is None else args.betas,
+        eps=defaults.eps if args.eps is None else args.eps,
+        initial_accumulator_value=(
+            defaults.initial_accumulator_value if args.initial_accumulator is None else args.initial_accumulator
+        ),
+    )
 
 
 def _info(args: argparse.Namespace) -> None:

@@ -52,8 +52,7 @@ def run_snapshot(args: argparse.Namespace) -> int:
 
 def run_health(args: argparse.Namespace) -> int:
     """One grpc.health.v1 Check with a deadline: 0 when SERVING; 1 otherwise, unreachable included."""
-    if args.timeout <= 0:
-        raise InvalidArgumentError(f"--timeout must be positive; got {args.timeout}")
+    _check_timeout(args.timeout)
     tls, _ = client_security(args)  # health needs no token
     request = health_pb2.HealthCheckRequest(service=args.service)
     with open_channel(args.address, [], tls) as channel:
@@ -70,6 +69,7 @@ def run_stats(args: argparse.Namespace) -> int:
     """Print the daemon's metrics, summarised per RPC (or raw with --raw)."""
     from client import ClientConfig, MemstoreClient
 
+    _check_timeout(args.timeout)
     tls, token = client_security(args)
     with MemstoreClient(args.address, ClientConfig(tls=tls, token=token, same_host=False)) as client:
         text = client.stats(timeout=args.timeout)
@@ -79,3 +79,9 @@ def run_stats(args: argparse.Namespace) -> int:
         print(f"{args.address}:")
         print("\n".join(summarize(text).lines()))
     return 0
+
+
+def _check_timeout(seconds: float) -> None:
+    """A --timeout gRPC can honour: gRPC fails a call at once for one of 1e10 s, inf or nan."""
+    if not 0 < seconds <= 1e6:  # False for nan too
+        raise InvalidArgumentError(f"--timeout must be positive seconds, at most 1e6; got {seconds}")

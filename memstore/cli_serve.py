@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from memstore.auth import ClientTls, TlsConfig, read_token
+from memstore.cli_args import enum_choice
 from memstore.errors import InvalidArgumentError
 from memstore.integrity import IntegrityConfig
 from memstore.live import LiveConfig
@@ -46,8 +47,7 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
     )
     srv.add_argument(
         "--log-format",
-        type=LogFormat,
-        choices=list(LogFormat),
+        **enum_choice(LogFormat),
         default=argparse.SUPPRESS,  # `memstore --log-format json serve ...` works as well
         help="json: one JSON object per log line (time, level, logger, message), for log collectors",
     )
@@ -89,13 +89,15 @@ def run_serve(args: argparse.Namespace) -> int:
         accept_data_loss=args.accept_data_loss,
         integrity=IntegrityConfig(enabled=not args.no_integrity, scrub_period_s=args.scrub_period),
     )
+    _check_follow_flags(args)
     follow = None
     if args.follow is not None:
         # A replica shows the primary its own certificate (if it has one) and the follow token.
         primary_tls = None
         if args.follow_tls_ca is not None:
             primary_tls = ClientTls(args.follow_tls_ca, args.tls_cert, args.tls_key)
-        follow = FollowConfig(max_lag=args.max_lag, tls=primary_tls, token=read_token(args.follow_token_file))
+        max_lag = DEFAULT_MAX_LAG if args.max_lag is None else args.max_lag
+        follow = FollowConfig(max_lag=max_lag, tls=primary_tls, token=read_token(args.follow_token_file))
     return serve(
         args.path,
         args.listen,
@@ -108,12 +110,31 @@ def run_serve(args: argparse.Namespace) -> int:
     )
 
 
+def _check_follow_flags(args: argparse.Namespace) -> None:
+    """InvalidArgumentError for a replication flag given without --follow (it would be ignored)."""
+    if args.follow is not None:
+        return
+    given = [
+        flag
+        for flag, value in (
+            ("--max-lag", args.max_lag),
+            ("--follow-tls-ca", args.follow_tls_ca),
+            ("--follow-token-file", args.follow_token_file),
+        )
+        if value is not None
+    ]
+    if given:
+        raise InvalidArgumentError(
+            f"{', '.join(given)} configure a replica and need --follow PRIMARY; without it this daemon is a "
+            "primary (or a frozen table) and would ignore them"
+        )
+
+
 def _add_durability(srv: argparse.ArgumentParser) -> None:
     live = LiveConfig()
     srv.add_argument(
         "--durability",
-        type=Durability,
-        choices=list(Durability),
+        **enum_choice(Durability),
         default=live.durability,
         help="fsync: a push is acknowledged once its log record is on disk (survives power loss); "
         "os: once the OS has it (survives the daemon's crash, not the host's)",
@@ -197,10 +218,9 @@ def _add_replication(srv: argparse.ArgumentParser, defaults: ServerConfig) -> No
     group.add_argument(
         "--max-lag",
         type=int,
-        default=DEFAULT_MAX_LAG,
         metavar="VERSIONS",
         help="with --follow: answer lookups (and report SERVING) only while at most this many versions behind "
-        "the primary; above it lookups fail with UNAVAILABLE so clients retry elsewhere",
+        f"the primary; above it lookups fail with UNAVAILABLE so clients retry elsewhere (default {DEFAULT_MAX_LAG})",
     )
     group.add_argument(
         "--follow-tls-ca",

@@ -38,16 +38,25 @@ def start_daemon(
         while not (port_file.exists() and port_file.read_text().strip()):
             if process.poll() is not None or time.monotonic() > deadline:
                 process.kill()
-                output = process.communicate()[0]
-                raise RuntimeError(f"memstore serve {table_path} did not start: {output or 'see its log'}")
+                raise RuntimeError(f"memstore serve {table_path} did not start: {_what_it_said(process)}")
             time.sleep(0.05)
         return process, f"127.0.0.1:{port_file.read_text().strip()}"
+
+
+def _what_it_said(process: subprocess.Popen) -> str:
+    """The exit code and whatever of stdout and stderr was captured (its error is on stderr)."""
+    said = [part.decode(errors="replace") if isinstance(part, bytes) else part for part in process.communicate()]
+    captured = "\n".join(part.strip() for part in said if part and part.strip())
+    return f"exit code {process.returncode}: {captured or 'see its log (stderr was not captured)'}"
 
 
 def stop_daemon(process: subprocess.Popen, timeout_s: float = 60.0) -> int:
     """SIGTERM (graceful drain), SIGKILL if it does not exit in time; returns the exit code."""
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
+        # A stopped process (SIGSTOP, Ctrl-Z, a debugger) acts on SIGTERM only once continued:
+        # without this it would sit out the whole timeout and be killed undrained.
+        process.send_signal(signal.SIGCONT)
         try:
             process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:

@@ -23,6 +23,7 @@ import itertools
 import logging
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
@@ -110,6 +111,15 @@ class ServerConfig:
         ):
             if getattr(self, name) < 1:
                 raise InvalidArgumentError(f"ServerConfig.{name} must be at least 1; got {getattr(self, name)}")
+        # `not a < x <= b` holds for nan too. A zero interval spun the serving loop writing log lines.
+        if not 0 < self.log_interval_s <= 86400:
+            raise InvalidArgumentError(
+                f"ServerConfig.log_interval_s must be in (0, 86400] seconds; got {self.log_interval_s}"
+            )
+        if not 0 <= self.grace_s <= 86400:
+            raise InvalidArgumentError(f"ServerConfig.grace_s must be in [0, 86400] seconds; got {self.grace_s}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise InvalidArgumentError(f"ServerConfig.metrics_port must be a port, 0 to 65535; got {self.metrics_port}")
         if self.max_followers < 0:
             raise InvalidArgumentError(f"ServerConfig.max_followers must be 0 or more; got {self.max_followers}")
         if not _MIN_HEARTBEAT_S <= self.follow_heartbeat_s <= _MAX_HEARTBEAT_S:
@@ -126,6 +136,9 @@ class ServerConfig:
             # push request) can exceed any chunk. The server sends only what it built: no cap.
             ("grpc.max_send_message_length", -1),
             ("grpc.http2.lookahead_bytes", self.window_bytes),
+            # gRPC sets SO_REUSEPORT by default: a second daemon on a port in use would start and
+            # share it, clients getting either table at random. Off: that bind fails.
+            ("grpc.so_reuseport", 0),
         ]
 
 
@@ -428,13 +441,17 @@ def create_server(
         if not live.integrity.intact:
             _set_health(health_servicer, False)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    check_listen_address(address)
     try:
         if config.tls is None:
             port = server.add_insecure_port(address)
         else:
             port = server.add_secure_port(address, config.tls.server_credentials())
-    except RuntimeError as exc:
-        raise InvalidArgumentError(f"cannot listen on {address}: {exc}") from None
+    except RuntimeError:
+        raise InvalidArgumentError(
+            f"cannot listen on {address}: the port is in use (another daemon serving there?) or the host is not "
+            "an address of this machine; stop what holds the port or choose another (port 0 picks a free one)"
+        ) from None
     return server, port
 
 
@@ -466,6 +483,8 @@ def serve(
     LayoutMismatchError when that primary serves another table.
     """
     config = config or ServerConfig()
+    check_listen_address(address)  # before the table is opened: a typo fails at once
+    check_port_file(port_file)
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     table: LiveTable | None = None
@@ -482,17 +501,17 @@ def serve(
         warning = exposure_warning(address, config)
         if warning is not None:
             log.warning(warning)
+        if config.metrics_port is not None:  # before serving: a port in use fails the start, not a running daemon
+            metrics_port = _serve_metrics(metrics, config.metrics_port, host)
+            log.info("metrics at http://%s:%d/metrics", host, metrics_port)
         server.start()
         if replica is not None:
             replica.start()
         _log_serving(table, table_path, f"{host}:{port}", replica)
-        if config.metrics_port is not None:
-            metrics_port = metrics.serve_http(config.metrics_port, host.strip("[]"))
-            log.info("metrics at http://%s:%d/metrics", host, metrics_port)
         if port_file is not None:
-            port_file.write_text(f"{port}\n")
+            write_port_file(port_file, port)
         last = metrics.counts()
-        while not stop.wait(config.log_interval_s):
+        while not _wait_for_signal(stop, config.log_interval_s):
             now = metrics.counts()
             log.info(
                 "last %.0fs: %s; version %d",
@@ -571,3 +590,65 @@ def _log_replica(replica: Follower) -> None:
         "serving" if status.serving else "NOT serving",
         f" ({status.problem})" if status.problem else "",
     )
+
+
+def check_listen_address(address: str) -> None:
+    """InvalidArgumentError unless `address` is HOST:PORT with a port in 0..65535 (gRPC itself
+    would serve port 99999 as 34463, and a bare host on port 443), or a Unix socket (unix:PATH)."""
+    if address.startswith(("unix:", "unix-abstract:")):
+        return
+    host, sep, port = address.rpartition(":")
+    if not sep or not host.strip("[]") or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise InvalidArgumentError(
+            f"cannot listen on {address!r}: expected HOST:PORT with a port from 0 to 65535 (0 picks a free one), "
+            "e.g. 127.0.0.1:50051 or [::1]:50051, or unix:PATH"
+        )
+
+
+def check_port_file(port_file: Path | None) -> None:
+    """InvalidArgumentError unless the port file can be written where it is asked for (checked
+    before serving, not found out once the daemon is up)."""
+    if port_file is None:
+        return
+    parent = port_file.parent
+    if not parent.is_dir():
+        raise InvalidArgumentError(f"cannot write the port file {port_file}: the directory {parent} does not exist")
+    if port_file.is_dir():
+        raise InvalidArgumentError(f"cannot write the port file {port_file}: it is a directory")
+
+
+def write_port_file(port_file: Path, port: int) -> None:
+    """Write the bound port whole (temp file, rename): a reader never sees an empty or partial file."""
+    partial = port_file.with_name(f".{port_file.name}.partial")
+    try:
+        partial.write_text(f"{port}\n")
+        partial.replace(port_file)
+    except OSError as exc:
+        raise InvalidArgumentError(f"cannot write the port file {port_file}: {exc.strerror}") from None
+
+
+def _serve_metrics(metrics: DaemonMetrics, port: int, host: str) -> int:
+    """Start the metrics HTTP server; its port, or InvalidArgumentError saying why it cannot listen."""
+    try:
+        return metrics.serve_http(port, host.strip("[]"))
+    except OSError as exc:
+        raise InvalidArgumentError(
+            f"cannot serve metrics on {host}:{port}: {exc.strerror}; choose another --metrics-port (0: a free one)"
+        ) from None
+
+
+# How often the main thread wakes while serving, so that it runs a signal's handler (see below).
+_SIGNAL_POLL_S = 0.2
+
+
+def _wait_for_signal(stop: threading.Event, seconds: float) -> bool:
+    """`stop.wait(seconds)`, waking every _SIGNAL_POLL_S: Python runs a signal's handler only in the
+    main thread, once that thread runs again. A SIGTERM the kernel hands to one of gRPC's threads
+    (as after the daemon was stopped and continued) would otherwise wait out the whole interval."""
+    deadline = time.monotonic() + seconds
+    while not stop.is_set():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        stop.wait(min(left, _SIGNAL_POLL_S))
+    return True

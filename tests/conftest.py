@@ -12,7 +12,7 @@ from client import ClientConfig, MemstoreClient
 from memstore.service import ServerConfig, create_server
 from memstore.table import Table
 from model.data import DataConfig, PreparedData, prepare_data
-from tests.helpers import FAST_FAIL, SMALL_CORPUS, make_table
+from tests.helpers import DEADLINE_S, FAST_FAIL, SMALL_CORPUS, make_table
 
 
 @pytest.fixture(scope="session")
@@ -34,7 +34,7 @@ def lm_data(tmp_path_factory: pytest.TempPathFactory) -> PreparedData:
 
 
 class Daemon:
-    """A started in-process server on 127.0.0.1:<free port>."""
+    """A started in-process server on 127.0.0.1, on the port it bound (port 0: one the kernel picked)."""
 
     def __init__(self, table: Table, config: ServerConfig | None = None, port: int = 0) -> None:
         self.server, self.port = create_server(table, f"127.0.0.1:{port}", config)
@@ -42,7 +42,7 @@ class Daemon:
         self.address = f"127.0.0.1:{self.port}"
 
     def stop(self) -> None:
-        self.server.stop(grace=None).wait()
+        assert self.server.stop(grace=None).wait(DEADLINE_S), f"the daemon at {self.address} did not stop"
 
 
 @pytest.fixture
@@ -55,7 +55,7 @@ def daemon_factory() -> Iterator:
         return started[-1]
 
     yield start
-    for daemon in started:
+    for daemon in started:  # each stops, or fails the test, by its deadline
         daemon.stop()
 
 

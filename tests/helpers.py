@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import IO
 
 from client import ClientConfig
 from memstore.create import create_table
@@ -46,3 +51,35 @@ def small_lm_config(vocab_size: int) -> LMConfig:
     return LMConfig(
         vocab_size=vocab_size, max_seq_len=32, d_model=32, n_layers=2, n_heads=2, mlp_hidden=64, engram=SMALL_ENGRAM
     )
+
+
+# Every wait in a test has a deadline: a regression fails the test instead of hanging CI.
+DEADLINE_S = 60.0
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = DEADLINE_S) -> None:
+    """Poll `condition` until it holds; AssertionError naming `what` once `timeout_s` has passed."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {timeout_s:g}s waiting until {what}"
+        time.sleep(0.01)
+
+
+def join_all(threads: Iterable[threading.Thread], timeout_s: float = DEADLINE_S) -> None:
+    """Join every thread within one shared deadline; AssertionError naming those still running."""
+    deadline = time.monotonic() + timeout_s
+    threads = list(threads)
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    running = [thread.name for thread in threads if thread.is_alive()]
+    assert not running, f"threads still running after {timeout_s:g}s: {running}"
+
+
+def readline_within(stream: IO[str], timeout_s: float = DEADLINE_S) -> str:
+    """The next line of a child's pipe, or AssertionError after `timeout_s` (the child hung)."""
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: lines.put(stream.readline()), daemon=True).start()
+    try:
+        return lines.get(timeout=timeout_s)
+    except queue.Empty:
+        raise AssertionError(f"no line from the child within {timeout_s:g}s") from None

@@ -3,6 +3,7 @@ daemon, and the warning for a daemon exposed without either. Certificates are ma
 
 from __future__ import annotations
 
+import re
 import shutil
 import time
 from dataclasses import replace
@@ -248,3 +249,43 @@ def test_a_replica_follows_a_primary_behind_tls_and_a_token(trainable, serve, pk
     finally:
         follower.stop()
         replica_live.close()
+
+
+def test_a_token_read_from_the_environment_loses_its_newline(trainable, serve, tokens: Path, monkeypatch) -> None:
+    """`MEMSTORE_TOKEN` set from a file with its newline used to fail every call with "Invalid metadata"."""
+    monkeypatch.setenv("MEMSTORE_TOKEN", f"{READ_TOKEN}\n")
+    assert read_token(None) == READ_TOKEN
+    address = serve(trainable(), ServerConfig(same_host=False, token_file=tokens))
+    with MemstoreClient(address, replace(GRPC, token=read_token(None))) as reader:
+        assert reader.version() == 0
+
+
+@pytest.mark.parametrize(
+    ("token", "said"),
+    [
+        (f"{READ_TOKEN}\n", "a newline at position 22 (strip the newline"),
+        (f"{READ_TOKEN[:5]} {READ_TOKEN[5:]}", "whitespace at position 5"),
+        (f"{READ_TOKEN}\x07", "character U+0007 at position 22"),
+        (f"{READ_TOKEN}é", "character U+00E9 at position 22"),
+        ("", "the token is empty"),
+    ],
+    ids=["newline", "space", "control", "non-ascii", "empty"],
+)
+def test_a_token_that_cannot_travel_is_refused_clearly(tmp_path: Path, token: str, said: str, monkeypatch) -> None:
+    """Refused where it is given (the client's config, a token file, the environment), never echoed,
+    instead of every call failing with gRPC's "Invalid metadata"."""
+    with pytest.raises(InvalidArgumentError, match=f"ClientConfig.token: .*{re.escape(said)}") as caught:
+        replace(GRPC, token=token)
+    if token:
+        assert token not in str(caught.value)
+    if token.strip() and token != f"{READ_TOKEN}\n":  # file and environment lose a newline by design
+        path = tmp_path / "tokens"
+        path.write_text(f"read {token}\n", encoding="utf-8")
+        if " " not in token:  # a space splits the line into three words: a malformed line instead
+            with pytest.raises(InvalidArgumentError, match=f"line 1: .*{re.escape(said)}"):
+                TokenTable.from_file(path)
+            with pytest.raises(InvalidArgumentError, match=f"line 1: .*{re.escape(said)}"):
+                read_token(path)
+        monkeypatch.setenv("MEMSTORE_TOKEN", token)
+        with pytest.raises(InvalidArgumentError, match=f"MEMSTORE_TOKEN: .*{re.escape(said)}"):
+            read_token(None)

@@ -3,6 +3,7 @@ console entry point in a subprocess, and health checks against real servers."""
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -19,13 +20,16 @@ import pytest
 from grpc_health.v1 import health
 
 from client import ClientConfig, MemstoreClient
-from memstore.cli import describe_table, main
+from memstore.cli import _parser, describe_table, main
 from memstore.dtypes import DType
+from memstore.errors import InvalidArgumentError
 from memstore.launch import daemon_process, start_daemon, stop_daemon
 from memstore.layout import EngramLayout, fingerprint
 from memstore.manifest import Manifest
-from memstore.service import SERVICE_NAME, create_server
+from memstore.optim import OptimizerConfig, OptimizerKind
+from memstore.service import SERVICE_NAME, check_listen_address, create_server
 from memstore.table import Table
+from tests.helpers import make_table
 
 REPO = Path(__file__).resolve().parent.parent
 LAYOUT = EngramLayout(layer_ids=(1, 4), vocab_size_per_ngram=(50, 70), max_ngram=3, heads_per_ngram=2, dim=8)
@@ -446,3 +450,138 @@ def test_serve_with_tokens_metrics_and_json_logs(table_path: Path, tmp_path: Pat
     assert {"time", "level", "logger", "message"} <= set(lines[0])
     assert any(line["message"].startswith("serving ") for line in lines)
     assert any("metrics at http://127.0.0.1:" in line["message"] for line in lines)
+
+
+def _serve_must_fail(table_path: Path, tmp_path: Path, *args: str) -> str:
+    """Run `memstore serve` expecting it to refuse to start: its stderr, once it exited 2. Fails (instead
+    of waiting forever) as soon as it writes its port file, i.e. serves."""
+    port_file = tmp_path / "started.port"
+    command = [sys.executable, "-m", "memstore", "serve", str(table_path), "--port-file", str(port_file), *args]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen(command, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while process.poll() is None and not port_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not port_file.exists(), f"memstore serve {' '.join(args)} started serving"
+        assert process.poll() is not None, "memstore serve neither served nor exited"
+    finally:
+        process.kill()
+        stderr = process.communicate()[1]
+    assert process.returncode == 2, stderr
+    assert "Traceback" not in stderr, stderr
+    return stderr
+
+
+def test_serve_refuses_a_port_another_daemon_serves(table_path: Path, tmp_path: Path) -> None:
+    """Two daemons on one port would share it (SO_REUSEPORT), clients reaching either table at random."""
+    other = make_table(tmp_path / "other", seed=1)
+    with daemon_process(other) as address:
+        stderr = _serve_must_fail(table_path, tmp_path, "--listen", address)
+        assert f"cannot listen on {address}: the port is in use" in stderr
+        with MemstoreClient(address, ClientConfig(same_host=False)) as client:  # the first still serves its table
+            assert client.describe().seed == 1
+
+
+@pytest.mark.parametrize("listen", ["127.0.0.1:99999", "127.0.0.1:-1", "127.0.0.1", "127.0.0.1:http", ":50051"])
+def test_a_listen_address_that_is_not_host_port_is_refused(listen: str) -> None:
+    """gRPC would serve 127.0.0.1:99999 on port 34463 and a bare host on port 443."""
+    with pytest.raises(InvalidArgumentError, match="expected HOST:PORT with a port from 0 to 65535"):
+        check_listen_address(listen)
+    check_listen_address("[::1]:0")
+    check_listen_address("localhost:65535")
+    check_listen_address("unix:/run/memstore.sock")  # a Unix socket, as tests and sidecars use
+
+
+def test_serve_listen_checks_hold_in_a_process(table_path: Path, tmp_path: Path) -> None:
+    stderr = _serve_must_fail(table_path, tmp_path, "--listen", "127.0.0.1:99999")
+    assert "expected HOST:PORT with a port from 0 to 65535" in stderr
+
+
+def test_serve_refuses_a_port_file_in_a_missing_directory(
+    table_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    port_file = tmp_path / "no" / "such" / "port"
+    assert main(["serve", str(table_path), "--listen", "127.0.0.1:0", "--port-file", str(port_file)]) == 2
+    assert f"cannot write the port file {port_file}: the directory {port_file.parent} does not exist" in (
+        capsys.readouterr().err
+    )
+
+
+def test_serve_refuses_a_metrics_port_in_use_before_serving(table_path: Path, tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        stderr = _serve_must_fail(table_path, tmp_path, "--listen", "127.0.0.1:0", "--metrics-port", str(port))
+    assert f"cannot serve metrics on 127.0.0.1:{port}" in stderr
+    assert "choose another --metrics-port" in stderr
+
+
+def _all_parsers() -> dict[str, argparse.ArgumentParser]:
+    """The top-level parser and every subcommand's, by name."""
+    top = _parser()
+    (commands,) = [action for action in top._actions if isinstance(action, argparse._SubParsersAction)]
+    return {"memstore": top, **commands.choices}
+
+
+@pytest.mark.parametrize("command", sorted(_all_parsers()))
+def test_help_shows_the_values_enum_flags_take(command: str) -> None:
+    """`--backend {Backend.MMAP,Backend.LMDB}` told users to type what the flag refuses."""
+    shown = _all_parsers()[command].format_help()
+    assert not re.search(r"\b[A-Z][A-Za-z]+\.[A-Z][A-Z_]+\b", shown), shown
+
+
+def test_enum_flags_take_and_list_their_values(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert _create(tmp_path / "t", "--backend", "lmdb", "--optimizer", "adam") == 0
+    manifest = Manifest.read(tmp_path / "t")
+    assert manifest.backend.value == "lmdb" and manifest.optimizer.kind.value == "adam"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        _create(tmp_path / "u", "--backend", "mmapp")
+    assert exited.value.code == 2
+    assert "invalid choice 'mmapp' (choose from mmap, lmdb)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flags", "said"),
+    [
+        (["--lr", "0.1"], "--lr set an optimizer's hyperparameters, but no --optimizer is given"),
+        (["--eps", "1e-6", "--betas", "0.8,0.9"], "--betas, --eps set an optimizer's hyperparameters"),
+        (["--optimizer", "sgd", "--betas", "0.8,0.9"], "--betas does not apply to --optimizer sgd (only to adam)"),
+        (["--optimizer", "sgd", "--eps", "1e-6"], "--eps does not apply to --optimizer sgd"),
+        (["--optimizer", "adam", "--initial-accumulator", "0.1"], "--initial-accumulator does not apply to"),
+    ],
+    ids=["lr", "eps-betas", "sgd-betas", "sgd-eps", "adam-accumulator"],
+)
+def test_optimizer_flags_that_would_be_ignored_are_refused(
+    tmp_path: Path, flags: list[str], said: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`create --lr 0.1` without --optimizer made a frozen table, the learning rate silently dropped."""
+    assert _create(tmp_path / "t", *flags) == 2
+    assert said in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()
+
+
+def test_optimizer_defaults_apply_when_flags_are_left_out(tmp_path: Path) -> None:
+    assert _create(tmp_path / "t", "--optimizer", "adagrad", "--lr", "0.5") == 0
+    recorded = Manifest.read(tmp_path / "t").optimizer
+    assert recorded == OptimizerConfig(kind=OptimizerKind.ADAGRAD, lr=0.5)
+
+
+@pytest.mark.parametrize("flag", [["--max-lag", "3"], ["--follow-token-file", "tokens"], ["--follow-tls-ca", "ca"]])
+def test_replica_flags_without_follow_are_refused(table_path: Path, tmp_path: Path, flag: list[str]) -> None:
+    stderr = _serve_must_fail(table_path, tmp_path, "--listen", "127.0.0.1:0", *flag)
+    assert f"{flag[0]} configure a replica and need --follow PRIMARY" in stderr
+
+
+def test_health_of_an_address_with_a_port_past_65535_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["health", "127.0.0.1:99999", "--timeout", "10"]) == 2
+    assert "'127.0.0.1:99999' is not a daemon's address" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["stats", "health"])
+@pytest.mark.parametrize("seconds", ["nan", "inf", "0"])
+def test_a_timeout_grpc_cannot_keep_is_refused(command: str, seconds: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([command, "127.0.0.1:1", "--timeout", seconds]) == 2
+    assert "--timeout must be positive" in capsys.readouterr().err

@@ -20,11 +20,11 @@ from memstore.errors import InvalidArgumentError, LayoutMismatchError, Unavailab
 from memstore.launch import start_daemon, stop_daemon
 from memstore.live import LiveTable
 from memstore.manifest import Manifest
-from memstore.metrics import DaemonMetrics
+from memstore.metrics import DaemonMetrics, summarize
 from memstore.optim import OptimizerConfig, OptimizerKind
 from memstore.service import SERVICE_NAME, create_server
 from memstore.table import Table
-from tests.helpers import FAST_FAIL, SMALL_LAYOUT
+from tests.helpers import DEADLINE_S, FAST_FAIL, SMALL_LAYOUT, join_all
 
 GRPC = replace(FAST_FAIL, same_host=False)
 ADAM = OptimizerConfig(kind=OptimizerKind.ADAM, lr=0.05)
@@ -53,10 +53,17 @@ def replicated(daemon_factory, sharded_table: tuple[Path, Path]) -> Iterator[Clu
         table.close()
 
 
-@pytest.mark.parametrize("config", [GRPC, replace(FAST_FAIL, same_host=None)], ids=["grpc", "same-host"])
-def test_lookups_through_three_shards_equal_one_daemon(replicated, daemon_factory, sharded_table, config) -> None:
+@pytest.mark.parametrize(
+    ("config", "transport"),
+    [(GRPC, "grpc"), (replace(FAST_FAIL, same_host=None), "same-host")],
+    ids=["grpc", "same-host"],
+)
+def test_lookups_through_three_shards_equal_one_daemon(
+    replicated, daemon_factory, sharded_table, config, transport
+) -> None:
     plain = daemon_factory(Table.open(sharded_table[0]))
     with ClusterClient(replicated, config) as cluster, MemstoreClient(plain.address, GRPC) as single:
+        assert cluster.num_shards == 3
         for layer_id in SMALL_LAYOUT.layer_ids:
             ids = torch.from_numpy(_random_ids(layer_id, 5000, seed=layer_id)).reshape(50, 100)
             assert torch.equal(cluster.lookup(layer_id, ids), single.lookup(layer_id, ids))
@@ -67,6 +74,7 @@ def test_lookups_through_three_shards_equal_one_daemon(replicated, daemon_factor
         assert cluster.describe().fingerprint == single.describe().fingerprint
         assert cluster.describe().sharding is None
         assert cluster.lookup(1, np.array([], dtype=np.int64)).shape == (0, SMALL_LAYOUT.dim)
+        assert cluster.transport == transport  # every shard's rows came the way the test is named for
 
 
 def test_bad_ids_fail_like_one_daemon(replicated) -> None:
@@ -173,11 +181,18 @@ class _Processes:
 
     def kill(self, index: int) -> None:
         self.processes[index].kill()
-        self.processes[index].wait()
+        self.processes[index].wait(timeout=60)
 
     def restart(self, index: int) -> None:
+        # Its old port, which the cluster spec names; freed by the kill (see the report on port reuse).
         process, _ = start_daemon(self.paths[index], ["--no-same-host", "--listen", self.addresses[index]])
         self.processes[index] = process
+
+    def lookups_served(self, index: int) -> float:
+        """Lookups this daemon process has answered (its own metrics, read over the Stats RPC)."""
+        with MemstoreClient(self.addresses[index], GRPC) as client:
+            lookup = summarize(client.stats()).methods.get("Lookup")
+        return 0.0 if lookup is None else lookup.calls
 
     def stop(self) -> None:
         for process in self.processes:
@@ -192,7 +207,8 @@ def processes() -> Iterator[_Processes]:
 
 
 def test_killing_a_replica_of_each_shard_fails_no_lookup(processes: _Processes, tmp_path) -> None:
-    """10k lookups while one replica of each shard is killed, then restarted: none fails, all exact."""
+    """10k lookups while one replica of each shard is killed, then restarted: none fails, all exact.
+    The killed replicas took their share of the reads before, and the restarted ones take it again."""
     manifest = Manifest(layout=SMALL_LAYOUT, seed=5)
     copies = [create_sharded(tmp_path / f"copy{r}", manifest, 2, num_partitions=8) for r in range(2)]
     for shard in range(2):
@@ -232,16 +248,19 @@ def test_killing_a_replica_of_each_shard_fails_no_lookup(processes: _Processes, 
         worker.start()
     try:
         _wait_for(lambda: sum(counts) >= 2000)
+        assert processes.lookups_served(1) > 0 and processes.lookups_served(3) > 0  # killing them matters
         processes.kill(1)  # the second replica of each shard
         processes.kill(3)
-        _wait_for(lambda: sum(counts) >= 6000)
+        at_kill = sum(counts)
+        _wait_for(lambda: sum(counts) >= at_kill + 4000)  # lookups go on while they are down
         processes.restart(1)
         processes.restart(3)
+        # The cluster's reads reach the restarted replicas again (the count starts afresh in the new process).
+        _wait_for(lambda: processes.lookups_served(1) > 0 and processes.lookups_served(3) > 0)
         _wait_for(lambda: sum(counts) >= 10_000)
     finally:
         done.set()
-        for worker in workers:
-            worker.join()
+        join_all(workers)
         for table in tables:
             table.close()
     assert not failures, f"{len(failures)} of {sum(counts)} lookups failed, first: {failures[0]!r}"
@@ -302,6 +321,6 @@ def test_reads_skip_a_replica_whose_health_is_not_serving(sharded_table) -> None
         assert metrics[1].total("memstore_requests_total", method="Lookup") > 0
     finally:
         for server, _ in servers:
-            server.stop(None).wait()
+            assert server.stop(None).wait(DEADLINE_S)
         for table in tables:
             table.close()

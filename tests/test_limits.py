@@ -18,7 +18,7 @@ from memstore.service import ServerConfig, create_server
 from memstore.table import Table
 from memstore.wire import memstore_pb2 as pb
 from memstore.wire import memstore_pb2_grpc as pb_grpc
-from tests.helpers import FAST_FAIL
+from tests.helpers import DEADLINE_S, FAST_FAIL, join_all, wait_until
 
 LAYER = 1
 GRPC = replace(FAST_FAIL, same_host=False, max_attempts=5, initial_backoff_s=0.05, max_backoff_s=0.2)
@@ -84,17 +84,24 @@ def served(table: Table):
 
     yield start
     for daemon in started:
-        daemon.server.stop(None).wait()
+        assert daemon.server.stop(None).wait(DEADLINE_S)
 
 
 def _row_bytes(table: Table) -> int:
     return table.manifest.dtype.row_bytes(table.manifest.layout.dim)
 
 
+def _held_ids(table: Table) -> np.ndarray:
+    """Every row of the layer, 8 times over (1.2 MB of rows): a response no buffer swallows whole."""
+    return np.tile(np.arange(table.manifest.layout.num_rows(LAYER), dtype=np.int64), 8)
+
+
 def _held_lookup(address: str, ids: np.ndarray) -> tuple[grpc.Channel, object]:
     """A lookup whose stream nobody reads: flow control stops the daemon mid-stream, so the call
-    (and its reservation) stays in progress until cancelled."""
-    channel = grpc.insecure_channel(address, options=[("grpc.http2.lookahead_bytes", 1 << 16)])
+    (and its reservation) stays in progress until cancelled. Without BDP probing: it grows the
+    window as data arrives, and the daemon then sends a small table's whole response and is done."""
+    options = [("grpc.http2.lookahead_bytes", 1 << 16), ("grpc.http2.bdp_probe", 0)]
+    channel = grpc.insecure_channel(address, options=options)
     stream = pb_grpc.MemstoreStub(channel).Lookup(pb.LookupRequest(layer_id=LAYER, row_ids=ids.tobytes()))
     next(stream)  # the daemon has reserved its bytes and sent the first chunk
     return channel, stream
@@ -117,7 +124,7 @@ def test_a_busy_daemon_refuses_and_the_client_retries_once_it_has_room(served, t
     """Backpressure: while one big lookup holds most of the budget, another is refused; it is repeated
     (by gRPC's retry policy after the daemon's pushback, then by the client until its deadline) and
     succeeds once the first is gone."""
-    held_ids = np.arange(table.manifest.layout.num_rows(LAYER), dtype=np.int64)
+    held_ids = _held_ids(table)
     row_bytes = _row_bytes(table)
     config = ServerConfig(same_host=False, chunk_bytes=4096)
     chunk_rows = config.chunk_bytes // row_bytes
@@ -125,36 +132,65 @@ def test_a_busy_daemon_refuses_and_the_client_retries_once_it_has_room(served, t
     ids = np.arange(50, dtype=np.int64)
     daemon = served(chunk_bytes=4096, max_in_flight_bytes=held + lookup_cost(len(ids), row_bytes, chunk_rows, 0))
     channel, stream = _held_lookup(daemon.address, held_ids)
+    result: dict[str, object] = {}
     try:
-        result: dict[str, object] = {}
 
         def lookup() -> None:
-            with MemstoreClient(daemon.address, replace(GRPC, max_attempts=attempts)) as client:
-                result["rows"] = client.lookup(LAYER, ids)
+            try:
+                with MemstoreClient(daemon.address, replace(GRPC, max_attempts=attempts)) as client:
+                    result["rows"] = client.lookup(LAYER, ids)
+            except BaseException as exc:  # reported below
+                result["error"] = exc
 
         worker = threading.Thread(target=lookup)
         worker.start()
-        while daemon.metrics.total("memstore_rejected_total", reason="busy") < 1:
-            worker.join(0.01)
+
+        def busy() -> float:
+            return daemon.metrics.total("memstore_rejected_total", reason="busy")
+
+        wait_until(lambda: busy() >= 1 or not worker.is_alive(), "the daemon refused the lookup as busy")
+        assert daemon.calls("Lookup", "OK") == 0  # refused while the held lookup holds the budget
         stream.cancel()  # the held lookup ends: its bytes come back, the retry gets in
-        worker.join(10)
+        join_all([worker])
     finally:
         channel.close()
+    assert "error" not in result, result["error"]
     assert np.array_equal(result["rows"].numpy(), table.gather(LAYER, ids))
-    assert daemon.calls("Lookup", "OK") >= 1
+    assert busy() >= 1 and daemon.calls("Lookup", "RESOURCE_EXHAUSTED") == busy()  # refused, then retried
+    assert daemon.calls("Lookup", "OK") == 1  # once it had room
+    # The held lookup held its bytes until cancelled (counted just after it released them).
+    wait_until(lambda: daemon.calls("Lookup", "CANCELLED") == 1, "the held lookup was counted as cancelled")
 
 
 def test_busy_refusals_carry_a_pushback_and_oversized_ones_say_never(served, table: Table) -> None:
     row_bytes = _row_bytes(table)
+    chunk_rows = 4096 // row_bytes
+    held_ids = _held_ids(table)
+    held = lookup_cost(len(held_ids), row_bytes, chunk_rows, ServerConfig().window_bytes)
     ids = np.arange(100, dtype=np.int64)
-    cost = lookup_cost(len(ids), row_bytes, ServerConfig().chunk_bytes // row_bytes, ServerConfig().window_bytes)
-    daemon = served(max_in_flight_bytes=cost - 1)
-    with grpc.insecure_channel(daemon.address) as channel:
-        stream = pb_grpc.MemstoreStub(channel).Lookup(pb.LookupRequest(layer_id=LAYER, row_ids=ids.tobytes()))
-        with pytest.raises(grpc.RpcError) as caught:
-            list(stream)
-    assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert (RETRY_PUSHBACK_KEY, "-1") in tuple(caught.value.trailing_metadata())
+    cost = lookup_cost(len(ids), row_bytes, chunk_rows, ServerConfig().window_bytes)
+    daemon = served(chunk_bytes=4096, max_in_flight_bytes=held + cost - 1)  # each fits alone, not both at once
+
+    def refusal(row_ids: np.ndarray) -> grpc.RpcError:
+        """A lookup's refusal through a channel without retries (so the pushback comes back to us)."""
+        with grpc.insecure_channel(daemon.address) as channel:
+            request = pb.LookupRequest(layer_id=LAYER, row_ids=row_ids.tobytes())
+            with pytest.raises(grpc.RpcError) as caught:
+                list(pb_grpc.MemstoreStub(channel).Lookup(request, timeout=10))
+        assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        return caught.value
+
+    never = refusal(np.tile(held_ids, 2))  # more than the whole budget
+    assert (RETRY_PUSHBACK_KEY, "-1") in tuple(never.trailing_metadata())
+    channel, stream = _held_lookup(daemon.address, held_ids)
+    try:
+        busy = refusal(ids)  # fits the budget, but not while the held lookup holds its share
+    finally:
+        stream.cancel()
+        channel.close()
+    assert (RETRY_PUSHBACK_KEY, str(BUSY_RETRY_MS)) in tuple(busy.trailing_metadata())
+    assert daemon.metrics.total("memstore_rejected_total", reason="busy") == 1
+    assert daemon.metrics.total("memstore_rejected_total", reason="too_large") == 1
 
 
 def test_rows_over_the_request_limit_are_not_retried(served) -> None:
@@ -168,14 +204,16 @@ def test_rows_over_the_request_limit_are_not_retried(served) -> None:
 def test_a_message_over_the_size_limit_is_refused_before_decoding(served) -> None:
     daemon = served(max_message_bytes=1024)
     with MemstoreClient(daemon.address, replace(GRPC, max_attempts=1)) as client:
-        with pytest.raises(ResourceExhaustedError):
+        with pytest.raises(ResourceExhaustedError, match="larger than max"):
             client.lookup(LAYER, np.arange(1000))  # 8,000 bytes of ids
+        assert daemon.calls("Lookup") == 0  # gRPC refused it: no handler parsed or counted it
         assert client.lookup(LAYER, np.arange(100)).shape[0] == 100
+        assert daemon.calls("Lookup", "OK") == daemon.calls("Lookup") == 1
 
 
 def test_calls_past_the_concurrency_limit_are_refused_at_once(served, table: Table) -> None:
     daemon = served(max_concurrent_calls=1, max_followers=0, chunk_bytes=4096)
-    channel, stream = _held_lookup(daemon.address, np.arange(table.manifest.layout.num_rows(LAYER), dtype=np.int64))
+    channel, stream = _held_lookup(daemon.address, _held_ids(table))
     try:
         with MemstoreClient(daemon.address, replace(GRPC, max_attempts=1)) as client:
             with pytest.raises(ResourceExhaustedError, match="Concurrent RPC limit") as caught:

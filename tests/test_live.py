@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from memstore.manifest import Backend, Manifest
 from memstore.optim import OptimizerConfig, OptimizerKind, apply_update
 from memstore.table import Table, open_store
 from memstore.wal import Durability
-from tests.helpers import CREATABLE_DTYPES, SMALL_LAYOUT
+from tests.helpers import CREATABLE_DTYPES, DEADLINE_S, SMALL_LAYOUT, join_all
 
 LAYER = SMALL_LAYOUT.layer_ids[0]
 DIM = SMALL_LAYOUT.dim
@@ -214,22 +215,31 @@ def test_a_snapshot_taken_while_pushing_is_the_table_at_one_version(tmp_path, ba
     path = _trainable(tmp_path / "t", backend=backend)
     with LiveTable.open(path, config=FAST) as live:
         stop = threading.Event()
+        five = threading.Event()  # set after the fifth push, or when the writer failed
+        failures: list[BaseException] = []
 
         def keep_pushing() -> None:
             i = 0
-            while not stop.is_set() and i < 400:
-                i += 1
-                live.push(LAYER, *_push_args(i))
+            try:
+                while not stop.is_set() and i < 400:
+                    i += 1
+                    live.push(LAYER, *_push_args(i))
+                    if i == 5:
+                        five.set()
+            except BaseException as exc:  # reported below
+                failures.append(exc)
+                five.set()
 
         writer = threading.Thread(target=keep_pushing)
         writer.start()
         try:
-            while live.version < 5:
-                pass
+            assert five.wait(DEADLINE_S), "the writer did not push 5 times"
+            assert not failures, failures
             version = live.snapshot(tmp_path / "snap")
         finally:
             stop.set()
-            writer.join()
+            join_all([writer])
+    assert not failures
     assert version >= 5
     snapshot = _files(tmp_path / "snap")
     assert snapshot == _expected_after(path, version, tmp_path / "expected")
@@ -248,25 +258,34 @@ def test_readers_never_see_a_torn_row(tmp_path) -> None:
     ids = np.arange(layout.num_rows(1))
     with LiveTable.open(path, config=FAST) as live:
         stop = threading.Event()
+        failures: list[BaseException] = []
 
         def keep_pushing() -> None:
             k = 0
-            while not stop.is_set():
-                k += 1
-                live.push(1, ids, np.full((len(ids), 512), -float(k % 7 + 1), dtype=np.float32))
+            try:
+                while not stop.is_set():
+                    k += 1
+                    live.push(1, ids, np.full((len(ids), 512), -float(k % 7 + 1), dtype=np.float32))
+            except BaseException as exc:  # reported below
+                failures.append(exc)
 
         writer = threading.Thread(target=keep_pushing)
         writer.start()
         try:
-            reads = 0
-            while reads < 300:
-                rows, _ = live.gather(1, ids)
+            # At least 300 reads, and reads of several versions: reads that all came before (or all
+            # after) the pushes would prove nothing.
+            reads, versions = 0, set()
+            deadline = time.monotonic() + DEADLINE_S
+            while reads < 300 or len(versions) < 100:
+                assert time.monotonic() < deadline, f"{reads} reads saw versions {sorted(versions)}: {failures}"
+                rows, version = live.gather(1, ids)
                 assert (rows == rows[:, :1]).all(), "a row mixes values of two versions"
+                versions.add(version)
                 reads += 1
         finally:
             stop.set()
-            writer.join()
-        assert live.version > 0
+            join_all([writer])
+        assert not failures
 
 
 def test_snapshot_copies_keep_the_original_untouched(tmp_path) -> None:
@@ -297,8 +316,7 @@ def test_concurrent_pushes_that_each_find_a_checkpoint_due_all_succeed(tmp_path:
         threads = [threading.Thread(target=pusher, args=(seed,)) for seed in range(8)]
         for thread in threads:
             thread.start()
-        for thread in threads:
-            thread.join()
+        join_all(threads)
         assert failures == [] and live.version == 400
     with LiveTable.open(path, config=FAST) as reopened:
         assert reopened.version == 400

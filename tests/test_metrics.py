@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
+import memstore.metrics
 from client import MemstoreClient, PrefetchConfig, Prefetcher
 from memstore.errors import InvalidArgumentError
 from memstore.live import LiveConfig, LiveTable
@@ -22,7 +23,7 @@ from memstore.metrics import DaemonMetrics, summarize
 from memstore.optim import OptimizerConfig, OptimizerKind
 from memstore.service import ServerConfig, create_server
 from memstore.wal import Durability
-from tests.helpers import FAST_FAIL, SMALL_LAYOUT, make_table
+from tests.helpers import DEADLINE_S, FAST_FAIL, SMALL_LAYOUT, make_table
 
 LAYER = 1
 DIM = SMALL_LAYOUT.dim
@@ -86,7 +87,7 @@ def test_a_daemon_counts_what_it_serves_and_refuses(trainable) -> None:
                 client.push(LAYER, np.arange(2), np.full((2, DIM), np.nan, np.float32))
             text = client.stats()
     finally:
-        server.stop(None).wait()
+        assert server.stop(None).wait(DEADLINE_S)
     summary = summarize(text)
     assert summary.methods["Lookup"].calls == 4
     assert summary.methods["Lookup"].errors == {"INVALID_ARGUMENT": 1}
@@ -101,29 +102,49 @@ def test_a_daemon_counts_what_it_serves_and_refuses(trainable) -> None:
     assert counts["lookups"] == 4 and counts["errors"] == 2 and counts["pushes"] == 1 and counts["rows served"] == 30
 
 
-def test_metrics_over_http(trainable) -> None:
+def test_metrics_over_http(trainable, monkeypatch) -> None:
+    http_servers = []
+    real_start_http_server = memstore.metrics.start_http_server
+
+    def start_http_server(*args, **kwargs):  # the real one; its server is kept, to be shut down below
+        started = real_start_http_server(*args, **kwargs)
+        http_servers.append(started[0])
+        return started
+
+    monkeypatch.setattr(memstore.metrics, "start_http_server", start_http_server)
     metrics = DaemonMetrics()
-    create_server(trainable, "127.0.0.1:0", metrics=metrics)  # binds the version gauge to the table
-    port = metrics.serve_http(0)
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        text = response.read().decode()
+    server, _ = create_server(trainable, "127.0.0.1:0", metrics=metrics)  # binds the version gauge to the table
+    try:
+        port = metrics.serve_http(0)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+            text = response.read().decode()
+    finally:
+        assert server.stop(None).wait(DEADLINE_S)
+        for http in http_servers:
+            http.shutdown()
+            http.server_close()
+    assert len(http_servers) == 1
+    with pytest.raises(OSError):  # stopped: nothing is left listening after the test
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10)
     assert "memstore_table_version 0.0" in text and "# TYPE memstore_request_seconds histogram" in text
 
 
 def test_prefetch_stall_is_a_client_metric(table) -> None:
     from client import TableFetcher
 
-    def stalls() -> float:
-        return REGISTRY.get_sample_value("memstore_client_prefetch_stall_seconds_count", {"layer": str(LAYER)}) or 0
+    def sample(name: str) -> float:
+        # The process-wide registry: other tests count too, so only this test's increase is checked.
+        return REGISTRY.get_sample_value(name, {"layer": str(LAYER)}) or 0
 
-    before = stalls()
+    stalls_before = sample("memstore_client_prefetch_stall_seconds_count")
+    rows_before = sample("memstore_client_prefetch_rows_total")
     ids = {LAYER: np.arange(20).reshape(2, 10)}
     with Prefetcher(TableFetcher(table), lambda _: ids, (LAYER,), PrefetchConfig(overlap=False)) as prefetcher:
         for step in range(3):
             with prefetcher.submit(step) as handle:
                 handle.rows(LAYER)
-    assert stalls() == before + 3
-    assert REGISTRY.get_sample_value("memstore_client_prefetch_rows_total", {"layer": str(LAYER)}) >= 60
+    assert sample("memstore_client_prefetch_stall_seconds_count") == stalls_before + 3
+    assert sample("memstore_client_prefetch_rows_total") == rows_before + 3 * 20
 
 
 def test_json_logs_are_one_object_per_line_with_extras_and_exceptions() -> None:

@@ -22,7 +22,7 @@ from memstore.errors import (
 from memstore.manifest import Manifest
 from memstore.table import Table
 from model.train import TableSource, TrainConfig, build_model, train
-from tests.helpers import SMALL_ENGRAM, SMALL_LAYOUT, small_lm_config
+from tests.helpers import DEADLINE_S, SMALL_ENGRAM, SMALL_LAYOUT, small_lm_config, wait_until
 
 LAYERS = SMALL_LAYOUT.layer_ids  # (1, 4)
 DIM = SMALL_LAYOUT.dim
@@ -69,22 +69,47 @@ def _prefetcher(store, config: PrefetchConfig | None = None) -> Prefetcher:
     return Prefetcher(store, row_ids_fn=lambda step: _ids(step), layer_ids=LAYERS, config=config)
 
 
+class GatedStore(FakeStore):
+    """A FakeStore whose lookups of step n (each layer's n-th call) finish only once `open(n)` is
+    called: the test decides when a fetch ends, rather than a latency racing a sleep."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gates: dict[int, threading.Event] = defaultdict(threading.Event)
+        self.finished: dict[int, int] = defaultdict(int)  # step -> lookups done
+
+    def open(self, step: int) -> None:
+        self.gates[step].set()
+
+    def lookup(self, layer_id, row_ids, *, timeout=None, out=None) -> torch.Tensor:
+        with self._lock:
+            step = self.calls[layer_id]  # the call number FakeStore.lookup is about to count
+            gate = self.gates[step]
+        assert gate.wait(DEADLINE_S), f"step {step} was never let through"
+        rows = super().lookup(layer_id, row_ids, timeout=timeout, out=out)
+        with self._lock:
+            self.finished[step] += 1
+        return rows
+
+
 def test_rows_arrive_before_they_are_needed_when_compute_exceeds_latency() -> None:
-    latency = 0.02
-    with _prefetcher(FakeStore(latency_s=latency)) as prefetcher:
+    store = GatedStore()
+    with _prefetcher(store) as prefetcher:
         handle = prefetcher.submit(0)
+        store.open(0)
         for step in range(1, 6):
-            upcoming = prefetcher.submit(step)  # fetched while this step "computes"
+            upcoming = prefetcher.submit(step)  # returns with its lookups still waiting: fetched behind the step
+            assert store.finished[step] == 0
+            store.open(step)  # this step's "compute" lasts until the next step's rows are in
+            wait_until(lambda: all(f.done() for f in upcoming._futures.values()), f"step {step}'s rows arrived")
             for layer in LAYERS:
-                time.sleep(8 * latency)  # compute before each Engram layer, far longer than a lookup (a busy CI)
                 np.testing.assert_array_equal(handle.rows(layer).numpy(), _expected_rows(layer, _ids(step - 1)[layer]))
             handle.release()
             handle = upcoming
         handle.release()
         stats = prefetcher.stats
+    assert store.finished == {step: len(LAYERS) for step in range(6)}
     assert stats.requests == 10 and stats.ready_on_request == 10  # every layer's rows were there when asked
-    assert stats.total_stall_s < latency  # ten waits on finished futures, not one lookup's latency
-    assert min(stats.fetch_s.values()) >= 5 * latency  # the lookups did take their time, behind the compute
 
 
 def test_without_overlap_the_whole_fetch_is_stall() -> None:

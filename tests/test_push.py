@@ -7,6 +7,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 
@@ -14,21 +15,23 @@ from client import ClientConfig, MemstoreClient, PushAck, PushConfig, Pusher
 from memstore.create import create_table
 from memstore.dtypes import DType
 from memstore.errors import InvalidArgumentError, ReadOnlyError, UnavailableError
+from memstore.layout import EngramLayout
 from memstore.live import LiveConfig, LiveTable
 from memstore.manifest import Manifest
+from memstore.metrics import DaemonMetrics
 from memstore.optim import OptimizerConfig, OptimizerKind
-from memstore.service import ServerConfig
+from memstore.service import ServerConfig, create_server
 from memstore.wal import Durability
 from memstore.wire import memstore_pb2 as pb
-from tests.helpers import FAST_FAIL, SMALL_LAYOUT
+from tests.helpers import DEADLINE_S, FAST_FAIL, SMALL_LAYOUT, join_all
 
 LAYER = SMALL_LAYOUT.layer_ids[0]
 DIM = SMALL_LAYOUT.dim
 SGD_1 = OptimizerConfig(kind=OptimizerKind.SGD, lr=1.0)  # a push of -g adds g exactly (small integers)
 
 
-def _serve_trainable(path: Path, daemon_factory, init_std: float = 1.0):
-    manifest = Manifest(layout=SMALL_LAYOUT, dtype=DType.FLOAT32, seed=1, optimizer=SGD_1, init_std=init_std)
+def _serve_trainable(path: Path, daemon_factory, init_std: float = 1.0, layout: EngramLayout = SMALL_LAYOUT):
+    manifest = Manifest(layout=layout, dtype=DType.FLOAT32, seed=1, optimizer=SGD_1, init_std=init_std)
     live = LiveTable.open(create_table(path, manifest), config=LiveConfig(durability=Durability.OS))
     return daemon_factory(live, ServerConfig(snapshot_dir=path.parent / "snaps")), live
 
@@ -89,8 +92,11 @@ def test_bad_pushes_get_precise_errors_and_change_nothing(trainable) -> None:
         with pytest.raises(InvalidArgumentError, match="lr_scale"):
             client.push(LAYER, np.array([1]), np.zeros((1, DIM), np.float32), lr_scale=-1.0)
         raw = pb.PushRequest(layer_id=LAYER, row_ids=np.array([1], "<i8").tobytes(), grads=b"\0" * 7)
-        with pytest.raises(Exception, match="grads holds 7 bytes"):
+        with pytest.raises(grpc.RpcError) as caught:
             client._stub.Push(raw, timeout=5)
+        assert (
+            caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "grads holds 7 bytes" in caught.value.details()
+        )
     np.testing.assert_array_equal(live.gather(LAYER, np.arange(100))[0], before)
     assert live.version == 0
 
@@ -129,8 +135,7 @@ def test_concurrent_replicas_lose_no_update(zero_table) -> None:
     threads = [threading.Thread(target=replica, args=(plan,)) for plan in plans]
     for t in threads:
         t.start()
-    for t in threads:
-        t.join()
+    join_all(threads)
     assert not errors
     assert live.version == replicas * pushes
     np.testing.assert_array_equal(live.gather(LAYER, np.arange(rows))[0], expected)  # float32 sums of small integers
@@ -196,71 +201,132 @@ def test_an_async_push_error_surfaces_in_a_later_step_naming_it() -> None:
     pusher.close()
 
 
-def test_push_is_retried_with_its_step_id_across_a_daemon_restart(tmp_path, daemon_factory) -> None:
+@pytest.mark.parametrize("stop", ["checkpointed", "crashed"])
+def test_an_applied_push_whose_answer_was_lost_is_retried_across_a_daemon_restart_and_applied_once(
+    tmp_path, stop: str
+) -> None:
+    """The daemon applies the push and stops (cleanly, or crashing with the push only in its log)
+    before answering; the client's retry (same step id) reaches the daemon restarted on the table,
+    which recognises the step: applied once, and the first answer given again."""
     path = create_table(tmp_path / "t", Manifest(layout=SMALL_LAYOUT, dtype=DType.FLOAT32, seed=1, optimizer=SGD_1))
-    config = replace(FAST_FAIL, max_attempts=5, initial_backoff_s=0.2, max_backoff_s=0.5)
-    with MemstoreClient(f"127.0.0.1:{_free_port()}", config) as client:
-        port = int(client.address.rsplit(":", 1)[1])
-        started: list = []
+    # The client's address is a link to the listening daemon's Unix socket: the restarted daemon
+    # listens before the first one stops, with no moment in which the address is free (a TCP port
+    # freed by the stop could be taken by another process, and the client's retry could come too early).
+    link = tmp_path / "daemon.sock"
+    link.symlink_to(tmp_path / "first.sock")
+    address = f"unix:{link}"
+    ids, grads = np.array([1]), -np.ones((1, DIM), np.float32)
+    first = LiveTable.open(path, config=LiveConfig(durability=Durability.OS, checkpoint_every=0))
+    before = first.gather(LAYER, ids)[0].copy()
+    server, _ = create_server(first, f"unix:{tmp_path / 'first.sock'}", ServerConfig(same_host=False))
+    applied, stopped = threading.Event(), threading.Event()
+    push = first.push
 
-        def start_late() -> None:
-            time.sleep(0.3)
-            live = LiveTable.open(path, config=LiveConfig(durability=Durability.OS))
-            started.append(live)
-            daemon_factory(live, port=port)
+    def push_then_hang(*args, **kwargs):  # the daemon dies between applying and answering
+        result = push(*args, **kwargs)
+        applied.set()
+        stopped.wait(30)
+        return result
 
-        starter = threading.Thread(target=start_late)
-        starter.start()
-        ack = client.push(LAYER, np.array([1]), np.ones((1, DIM), np.float32), step_id=1)
-        starter.join()
-        assert ack.version == 1
-    started[0].close()
+    first.push = push_then_hang
+    servers = [server]
+    server.start()
+    config = replace(FAST_FAIL, same_host=False, timeout_s=30.0, max_attempts=2)  # one retry: it must land
+    result: dict[str, object] = {}
 
+    def train_step() -> None:
+        with MemstoreClient(address, config) as client:
+            try:
+                result["ack"] = client.push(LAYER, ids, grads, step_id=7)
+            except BaseException as exc:  # reported below
+                result["error"] = exc
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    trainer = threading.Thread(target=train_step)
+    trainer.start()
+    second = None
+    try:
+        assert applied.wait(30), "the push never reached the daemon"
+        # The push is applied; its answer is not sent yet.
+        if stop == "checkpointed":
+            first.close()
+        else:
+            first._close_files()  # a crash: the push is only in the log, replayed by the restart
+        second = LiveTable.open(path, config=LiveConfig(durability=Durability.OS))  # the restart
+        assert second.version == 1
+        metrics = DaemonMetrics()
+        # Listening before the first daemon goes: the client's first retry finds the restarted one.
+        restarted, _ = create_server(
+            second, f"unix:{tmp_path / 'second.sock'}", ServerConfig(same_host=False), metrics=metrics
+        )
+        servers.append(restarted)
+        restarted.start()
+        (tmp_path / "moved.sock").symlink_to(tmp_path / "second.sock")
+        (tmp_path / "moved.sock").replace(link)  # rename: atomic
+        stopping = server.stop(grace=None)  # the first daemon goes without answering
+        stopped.set()
+        assert stopping.wait(30)
+        trainer.join(60)
+        assert not trainer.is_alive(), "the push neither succeeded nor failed by its deadline"
+    finally:
+        stopped.set()
+        for running in servers:
+            running.stop(grace=None).wait(30)
+        trainer.join(60)
+        first.close()
+        if second is not None:
+            second.close()
+    assert "error" not in result, result.get("error")
+    assert result["ack"] == PushAck(version=1, layer_step=1, rows=1)  # the first answer, sent again
+    assert metrics.total("memstore_requests_total", method="Push", code="OK") == 1  # the retry got there
+    with LiveTable.open(path, read_only=True) as reopened:
+        assert reopened.version == 1
+        np.testing.assert_array_equal(reopened.gather(LAYER, ids)[0], before + 1)  # applied once
 
 
 def test_client_id_defaults_to_host_and_pid() -> None:
     assert ":" in ClientConfig().client_id
 
 
-def test_same_host_readers_never_see_a_torn_row_while_pushes_land(zero_table) -> None:
+def test_same_host_readers_never_see_a_torn_row_while_pushes_land(tmp_path, daemon_factory) -> None:
     # Each push adds one amount to every value of every row it touches, so a torn read shows a row
-    # whose values differ from each other.
-    daemon, live = zero_table
-    ids = np.arange(200)
+    # whose values differ from each other. Wide rows: numpy copies them without holding the GIL, so
+    # the in-process reader can overlap the daemon's write of a row (16 values never would).
+    wide = EngramLayout(layer_ids=(LAYER,), vocab_size_per_ngram=(60, 60), max_ngram=3, heads_per_ngram=1, dim=512)
+    daemon, live = _serve_trainable(tmp_path / "wide", daemon_factory, init_std=0.0, layout=wide)
+    ids = np.arange(wide.num_rows(LAYER))
     stop = threading.Event()
-    pushing = threading.Event()
+    failures: list[BaseException] = []
 
     def keep_pushing() -> None:
-        with MemstoreClient(daemon.address, FAST_FAIL) as pusher:
-            k = 0
-            while not stop.is_set():
-                k += 1
-                pusher.push(LAYER, ids, -np.full((len(ids), DIM), k % 5 + 1, np.float32))
-                pushing.set()
+        try:
+            with MemstoreClient(daemon.address, FAST_FAIL) as pusher:
+                k = 0
+                while not stop.is_set():
+                    k += 1
+                    pusher.push(LAYER, ids, -np.full((len(ids), wide.dim), k % 5 + 1, np.float32))
+        except BaseException as exc:  # reported below
+            failures.append(exc)
 
     writer = threading.Thread(target=keep_pushing)
     writer.start()
     try:
-        # Same-host reads take microseconds: without this, all 200 can finish before the first push lands.
-        assert pushing.wait(30), "the writer never pushed"
         with MemstoreClient(daemon.address, replace(FAST_FAIL, same_host=True)) as reader:
-            versions = []
-            for _ in range(200):
+            # Same-host reads take microseconds, a push a millisecond: reads continue until they have
+            # seen 30 versions, else they could all fall between two pushes and prove nothing.
+            versions: list[int] = []
+            deadline = time.monotonic() + DEADLINE_S
+            while len(versions) < 200 or len(set(versions)) < 30:
+                assert time.monotonic() < deadline, f"reads saw versions {sorted(set(versions))}: {failures}"
                 rows, version = reader.lookup(LAYER, ids, return_version=True)
                 assert (rows == rows[:, :1]).all(), "a row mixes values of two versions"
                 versions.append(version)
             assert reader.transport == "same-host"
     finally:
         stop.set()
-        writer.join()
-    assert versions == sorted(versions) and versions[-1] > 0
+        join_all([writer])
+        live.close()
+    assert not failures
+    assert versions == sorted(versions)
 
 
 def test_a_snapshot_serves_read_only_while_training_goes_on(trainable, daemon_factory) -> None:

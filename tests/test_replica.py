@@ -40,7 +40,7 @@ from memstore.table import open_store
 from memstore.wal import Durability
 from memstore.wire import memstore_pb2 as pb
 from memstore.wire import memstore_pb2_grpc as pb_grpc
-from tests.helpers import FAST_FAIL, SMALL_LAYOUT
+from tests.helpers import DEADLINE_S, FAST_FAIL, SMALL_LAYOUT, join_all, wait_until
 
 LAYERS = SMALL_LAYOUT.layer_ids
 DIM = SMALL_LAYOUT.dim
@@ -129,14 +129,14 @@ class Served:
         """Stop following, serving, and close the table; idempotent."""
         if self.follower is not None:
             self.follower.stop()
-        self.server.stop(grace=None).wait()
+        assert self.server.stop(grace=None).wait(DEADLINE_S)
         self.live.close()
 
 
 @pytest.fixture
 def serve() -> Iterator[Callable[..., Served]]:
-    """`serve(path, primary=None, config=FAST, follow=QUICK, server=None, port=0)`: a started primary
-    (or, with `primary`, a following replica); all are stopped afterwards, replicas first."""
+    """`serve(path, primary=None, config=FAST, follow=QUICK, server=None, listen="127.0.0.1:0")`: a
+    started primary (or, with `primary`, a following replica); all are stopped afterwards, replicas first."""
     started: list[Served] = []
 
     def start(
@@ -145,16 +145,17 @@ def serve() -> Iterator[Callable[..., Served]]:
         config: LiveConfig = FAST,
         follow: FollowConfig = QUICK,
         server: ServerConfig | None = None,
-        port: int = 0,
+        listen: str = "127.0.0.1:0",
         start_following: bool = True,
     ) -> Served:
         live = LiveTable.open(path, config=config, primary=primary)
         follower = None if primary is None else Follower(live, follow)
-        grpc_server, bound = create_server(live, f"127.0.0.1:{port}", server, replica=follower)
+        grpc_server, bound = create_server(live, listen, server, replica=follower)
         grpc_server.start()
         if follower is not None and start_following:
             follower.start()
-        started.append(Served(live, grpc_server, f"127.0.0.1:{bound}", follower))
+        address = listen if listen.startswith("unix:") else f"127.0.0.1:{bound}"
+        started.append(Served(live, grpc_server, address, follower))
         return started[-1]
 
     yield start
@@ -177,13 +178,13 @@ def test_records_after_waits_for_pushes_and_reads_the_log_behind_the_feed(tables
     with LiveTable.open(path, config=one_record) as live:
         assert live.records_after(0, 1 << 20, timeout_s=0.01) == []  # up to date: a heartbeat is due
         woken: list = []
-        waiter = threading.Thread(target=lambda: woken.append(live.records_after(0, 1 << 20, timeout_s=10)))
+        # A wait far longer than the test's deadline: only the push can end it in time.
+        waiter = threading.Thread(target=lambda: woken.append(live.records_after(0, 1 << 20, timeout_s=600)))
         waiter.start()
-        time.sleep(0.1)
-        started = time.monotonic()
+        wait_until(lambda: len(live._feed.changed._waiters) == 1, "the follower waits for the next push")
         _push(live, 1, 1)
-        waiter.join()
-        assert time.monotonic() - started < 2 and [r.version for r in woken[0]] == [1]  # woken by the push
+        join_all([waiter])  # woken by the push
+        assert [r.version for r in woken[0]] == [1]
         _push(live, 2, 6)
         logged = _logged(live)
         assert [(r.version, r.payload) for r in live.records_after(5, 1 << 20, 0)] == logged[5:]  # from the feed
@@ -405,18 +406,19 @@ def test_followers_beyond_max_followers_are_refused(tables, serve) -> None:
 
 def test_a_replica_keeps_serving_while_its_primary_is_down_and_catches_up_after(tables, serve) -> None:
     primary_path, replica_path = tables
-    primary = serve(primary_path)
-    port = int(primary.address.rsplit(":", 1)[1])
+    # The primary restarts at its own Unix socket: a TCP port freed by its stop could be taken meanwhile.
+    listen = f"unix:{primary_path.parent / 'primary.sock'}"
+    primary = serve(primary_path, listen=listen)
     replica = serve(replica_path, primary=primary.address)
     _push(primary.live, 1, 5)
     _wait_until(lambda: replica.live.version == 5)
     primary.stop()
     _wait_until(lambda: "unreachable" in replica.follower.status().problem)
-    time.sleep(0.3)
+    _wait_until(lambda: replica.follower.status().seconds_since_contact > 0.3)  # down a while, no contact
     status = replica.follower.status()
-    assert status.serving and status.seconds_since_contact > 0.3
+    assert status.serving and "unreachable" in status.problem and status.applied_version == 5
     assert _lookup_status(replica.address) == (grpc.StatusCode.OK, "")  # still serving version 5
-    restarted = serve(primary_path, port=port)
+    restarted = serve(primary_path, listen=listen)
     _push(restarted.live, 6, 10)
     _wait_until(lambda: replica.live.version == 10)  # reconnected with backoff, and caught up
     assert replica.follower.status().problem == ""
@@ -427,7 +429,8 @@ def test_a_silent_primary_is_presumed_dead_and_followed_again_once_it_speaks(tab
     primary_path, replica_path = tables
     process, address = start_daemon(primary_path, ["--durability", "os"])
     try:
-        quiet = replace(QUICK, silence_s=0.5, describe_timeout_s=5.0)
+        # A Describe deadline beyond the test's: stop() can only return in time by hanging up.
+        quiet = replace(QUICK, silence_s=0.5, describe_timeout_s=600.0)
         replica = serve(replica_path, primary=address, follow=quiet)
         _wait_until(lambda: replica.follower.status().seconds_since_contact is not None)
         process.send_signal(signal.SIGSTOP)  # a hung host: the connection stays open, nothing arrives
@@ -439,13 +442,18 @@ def test_a_silent_primary_is_presumed_dead_and_followed_again_once_it_speaks(tab
         _wait_until(lambda: replica.live.version == 1)
         process.send_signal(signal.SIGSTOP)
         _wait_until(lambda: "presumed dead" in replica.follower.status().problem)
-        time.sleep(0.3)  # past the backoff: reconnecting, its Describe hangs (deadline 5 s)
-        started = time.monotonic()
-        replica.follower.stop()
-        assert time.monotonic() - started < 1.0  # hung up at once, not at the deadline
+        # Past the backoff: connected again (the dead stream's connection was dropped before the
+        # problem was set), its Describe hanging on the stopped primary.
+        _wait_until(lambda: replica.follower._connection is not None)
+        stopper = threading.Thread(target=replica.follower.stop)
+        stopper.start()
+        # Hung up on the Describe at once: without that, stop() waits until gRPC gives up connecting
+        # to the stopped primary (its 20 s connect timeout), or the 600 s Describe deadline.
+        join_all([stopper], timeout_s=10.0)
+        assert "presumed dead" in replica.follower.status().problem  # the Describe never answered
     finally:
         process.kill()  # after SIGSTOP/SIGCONT a daemon may see SIGTERM only once its log interval ends
-        process.wait()
+        process.wait(timeout=60)
 
 
 def test_a_killed_replica_restarts_and_catches_up_while_pushes_go_on(tables, serve) -> None:
@@ -469,35 +477,35 @@ def test_a_killed_replica_restarts_and_catches_up_while_pushes_go_on(tables, ser
     try:
         _wait_until(lambda: _describe(address).version >= 20)
         replica.send_signal(signal.SIGKILL)
-        replica.wait()
-        time.sleep(0.3)  # pushes go on without it
+        replica.wait(timeout=60)
+        at_kill = pushed[0]
+        _wait_until(lambda: pushed[0] >= at_kill + 20)  # pushes go on without it
         replica, address = start_daemon(replica_path, args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         _wait_until(lambda: _describe(address).version >= pushed[0] > 0)
         stop.set()
-        pusher.join()
+        join_all([pusher])
         _wait_until(lambda: _describe(address).version == primary.live.version)
         assert _describe(address).replication.serving
     finally:
         stop.set()
-        pusher.join()
+        join_all([pusher])
         assert stop_daemon(replica) == 0
     assert _contents(replica_path) == _contents(primary_path, primary.live)
 
 
 def test_a_stopping_primary_ends_follow_streams_at_once(tables) -> None:
     primary_path, _ = tables
-    process, address = start_daemon(primary_path, ["--grace", "30", "--durability", "os"])
+    # A grace beyond the test's deadlines: the daemon exits in time only if the stream ends at once.
+    process, address = start_daemon(primary_path, ["--grace", "600", "--durability", "os"])
     try:
         with grpc.insecure_channel(address) as channel:
             request = pb.FollowRequest(manifest_json=MANIFEST.to_json(), heartbeat_s=0.05)
             stream = pb_grpc.MemstoreStub(channel).Follow(request)
             next(stream)  # streaming
-            started = time.monotonic()
             process.send_signal(signal.SIGTERM)
             with pytest.raises(grpc.RpcError) as info:
                 list(stream)
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert process.wait(timeout=10) == 0
-        assert time.monotonic() - started < 5  # not the 30 s grace: the stream did not hold the drain
+        assert process.wait(timeout=60) == 0  # not the 600 s grace: the stream did not hold the drain
     finally:
         stop_daemon(process)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import os
 import signal
 import subprocess
 import threading
@@ -15,7 +17,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from memstore.codec import check_request_rows, encode_row_ids
 from memstore.dtypes import DType
-from memstore.errors import ResourceExhaustedError
+from memstore.errors import InvalidArgumentError, ResourceExhaustedError
 from memstore.launch import start_daemon, stop_daemon
 from memstore.manifest import Manifest
 from memstore.service import SERVICE_NAME, ServerConfig
@@ -163,3 +165,55 @@ def test_sigterm_drains_in_flight_calls_and_exits_zero(table_path: Path) -> None
         assert "serving" in output and "stopped" in output
     finally:
         stop_daemon(process)
+
+
+def test_stop_daemon_drains_a_stopped_daemon_instead_of_killing_it(table_path: Path) -> None:
+    """A SIGSTOPped daemon acts on SIGTERM only once continued: stop_daemon waited out its timeout,
+    then SIGKILLed it undrained."""
+    process, _ = start_daemon(table_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        process.send_signal(signal.SIGSTOP)
+        assert stop_daemon(process, timeout_s=30) == 0  # drained and exited, not killed (-9)
+        assert "stopped" in process.communicate(timeout=30)[0]
+    finally:
+        process.kill()
+        process.wait()
+
+
+_TGKILL = {"x86_64": 234, "aarch64": 131}.get(os.uname().machine)
+
+
+@pytest.mark.skipif(_TGKILL is None or not Path("/proc/self/task").is_dir(), reason="needs Linux tgkill")
+def test_sigterm_that_lands_on_a_grpc_thread_stops_the_daemon(table_path: Path) -> None:
+    """The kernel may hand a process's SIGTERM to any thread (it did after a SIGSTOP/SIGCONT); Python
+    runs the handler in the main thread only once that thread wakes, which the serving loop did
+    once per log interval (a minute). Sent here to one of the daemon's other threads on purpose."""
+    process, _ = start_daemon(table_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        threads = [int(tid) for tid in os.listdir(f"/proc/{process.pid}/task") if int(tid) != process.pid]
+        assert threads, "the daemon runs gRPC's threads"
+        libc = ctypes.CDLL(None, use_errno=True)
+        assert libc.syscall(_TGKILL, process.pid, threads[0], signal.SIGTERM) == 0, os.strerror(ctypes.get_errno())
+        assert process.wait(timeout=30) == 0  # drained and exited well before the log interval
+        assert "stopped" in process.communicate(timeout=30)[0]
+    finally:
+        process.kill()
+        process.wait()
+
+
+@pytest.mark.parametrize("text", [True, False], ids=["text", "bytes"])
+def test_start_daemon_reports_why_the_daemon_did_not_start(tmp_path: Path, text: bool) -> None:
+    """The daemon's error goes to stderr; start_daemon reported only stdout ("see its log"), losing
+    the captured reason."""
+    with pytest.raises(RuntimeError, match=r"did not start: exit code 2: memstore serve: error: .*no_table"):
+        start_daemon(tmp_path / "no_table", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=text)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("log_interval_s", 0.0), ("log_interval_s", -1.0), ("log_interval_s", float("nan")), ("grace_s", -5.0)],
+)
+def test_intervals_a_daemon_cannot_keep_are_refused(field: str, value: float) -> None:
+    """`--log-interval 0` spun the serving loop (15,000 log lines a second); `--grace -5` was taken."""
+    with pytest.raises(InvalidArgumentError, match=f"ServerConfig.{field} must be in"):
+        ServerConfig(**{field: value})

@@ -16,7 +16,7 @@ import pytest
 from memstore.dtypes import DType
 from memstore.errors import InvalidArgumentError, ReadOnlyError, TableFormatError
 from memstore.storage import LmdbRowStore, MmapRowStore, RowStore
-from tests.helpers import FLOAT_DTYPES
+from tests.helpers import FLOAT_DTYPES, join_all, readline_within
 
 NUM_ROWS, DIM = 37, 8
 
@@ -515,14 +515,23 @@ def test_lmdb_update_is_all_or_nothing(tmp_path: Path, monkeypatch: pytest.Monke
     again.close()
 
 
-def _versioned_writes(store: LmdbRowStore, versions: int, rows: int, pause_s: float = 0.0) -> None:
-    """Rows 0..rows-1 all set to v (every value), for v = 1..versions, one update each."""
+def _versioned_writes(store: LmdbRowStore, rows: int, enough: Callable[[], object], timeout_s: float = 30.0) -> int:
+    """Rows 0..rows-1 all set to v (every value), for v = 1, 2, ... one update each, until `enough()`
+    (the readers saw what they need) or `timeout_s` has passed; returns the last version written."""
     import time
 
     ids = np.arange(rows)
-    for version in range(1, versions + 1):
+    version = 0
+    deadline = time.monotonic() + timeout_s
+    while not enough() and time.monotonic() < deadline:
+        version += 1
         store.update(ids, np.full((rows, store.dim), version, dtype=np.float32))
-        time.sleep(pause_s)
+        time.sleep(0)  # let the readers run between updates
+    return version
+
+
+# Readers must see this many versions each, while the writer writes: one would prove nothing.
+_VERSIONS_SEEN = 3
 
 
 @pytest.mark.parametrize("use_cache", [True, False], ids=["cached", "located"])
@@ -531,18 +540,17 @@ def test_lmdb_readers_in_threads_see_whole_updates(tmp_path: Path, use_cache: bo
     update, every gather of the span sees one single version, never mixing two, never going back."""
     import threading
 
-    span, versions = 30, 60
+    span = 30
     store = _lmdb_store(tmp_path / "env", np.zeros((NUM_ROWS, DIM), np.float32), DType.FLOAT32, block_rows=4)
     store.use_address_cache = use_cache
     failures: list[str] = []
-    seen: list[set[float]] = []
+    seen: list[set[float]] = [set() for _ in range(3)]
     done = threading.Event()
 
-    def read() -> None:
-        versions_seen: set[float] = set()
+    def read(versions_seen: set[float]) -> None:
         last = 0.0
         ids = np.arange(span)[::-1]
-        while not done.is_set() or not versions_seen:
+        while not done.is_set():
             rows = store.gather(ids)
             if not (rows == rows[0, 0]).all():
                 failures.append(f"a gather mixed versions {sorted(set(rows.ravel().tolist()))}")
@@ -550,18 +558,17 @@ def test_lmdb_readers_in_threads_see_whole_updates(tmp_path: Path, use_cache: bo
                 failures.append(f"went back from version {last} to {rows[0, 0]}")
             last = float(rows[0, 0])
             versions_seen.add(last)
-        seen.append(versions_seen)
 
-    readers = [threading.Thread(target=read) for _ in range(3)]
+    readers = [threading.Thread(target=read, args=(s,)) for s in seen]
     for reader in readers:
         reader.start()
     try:
-        _versioned_writes(store, versions, span)
+        versions = _versioned_writes(store, span, lambda: all(len(s) >= _VERSIONS_SEEN for s in seen) or failures)
     finally:
         done.set()
-        for reader in readers:
-            reader.join()
+        join_all(readers)
     assert not failures, failures[:3]
+    assert all(len(s) >= _VERSIONS_SEEN for s in seen), [sorted(s) for s in seen]  # they read while it wrote
     assert all(s <= set(range(versions + 1)) for s in seen)
     assert _same(store.gather(np.arange(span)), np.full((span, DIM), versions, np.float32))
     store.close()
@@ -574,7 +581,7 @@ from memstore.storage import LmdbRowStore
 store = LmdbRowStore(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), DType.FLOAT32)
 span, last, seen = int(sys.argv[4]), 0.0, set()
 print("ready", flush=True)
-while last < int(sys.argv[5]):
+while len(seen) < int(sys.argv[5]):
     rows = store.gather(np.arange(span))
     assert (rows == rows[0, 0]).all(), sorted(set(rows.ravel().tolist()))
     assert rows[0, 0] >= last, (last, rows[0, 0])
@@ -585,23 +592,29 @@ print(len(seen))
 
 
 def test_lmdb_reader_process_sees_whole_updates(tmp_path: Path) -> None:
-    """Another process reading while this one writes: each of its gathers sees one version."""
+    """Another process reading while this one writes: each of its gathers sees one version, and it
+    sees several versions (it exits once it has; the writer writes until then)."""
     import subprocess
     import sys
 
-    span, versions = 30, 200
+    span = 30
     store = _lmdb_store(tmp_path / "env", np.zeros((NUM_ROWS, DIM), np.float32), DType.FLOAT32, block_rows=4)
     repo = Path(__file__).resolve().parent.parent
-    args = [str(tmp_path / "env"), str(NUM_ROWS), str(DIM), str(span), str(versions)]
-    with subprocess.Popen(
+    args = [str(tmp_path / "env"), str(NUM_ROWS), str(DIM), str(span), str(_VERSIONS_SEEN)]
+    reader = subprocess.Popen(
         [sys.executable, "-c", _READER, *args], cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    ) as reader:
-        assert reader.stdout.readline().strip() == "ready"
-        _versioned_writes(store, versions, span, pause_s=0.001)
+    )
+    try:
+        assert readline_within(reader.stdout).strip() == "ready"
+        _versioned_writes(store, span, lambda: reader.poll() is not None)
+        assert reader.poll() is not None, f"the reader saw fewer than {_VERSIONS_SEEN} versions while they were written"
         out, err = reader.communicate(timeout=60)
+    finally:
+        reader.kill()  # a no-op once it exited; a hung reader must not outlive the test
+        reader.communicate()
+        store.close()
     assert reader.returncode == 0, err
-    assert int(out) >= 1  # versions it saw: usually dozens
-    store.close()
+    assert int(out) >= _VERSIONS_SEEN
 
 
 def test_lmdb_write_grows_a_full_map(tmp_path: Path) -> None:
