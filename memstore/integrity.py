@@ -11,8 +11,9 @@ optimizer state slot) has a sidecar `<store file>.sums` beside it:
 Checksums are of the bytes as stored, so a row never written in a sparse file (a lazy table, or
 zero optimizer state) has the bytes of zeros and the checksum 0: an all-zero sidecar is right for
 a sparse store, and a row whose bytes appear in a hole later is damage. A sidecar gets its disk
-space when written, except a large all-zero one (a huge lazy table's), which stays sparse: a push
-reserves the pages it will write before it is logged (`TableIntegrity.reserve`), so updating a
+space when written, except an all-zero one (a lazy table's, zero optimizer state's), which stays
+sparse like its store: a push reserves the pages it will write before it is logged
+(`TableIntegrity.reserve`), so updating a
 sidecar through its map never meets a full disk (DiskFullError instead, nothing applied).
 
 Create and import write the sidecars; every applied push, replayed log record and replicated
@@ -65,9 +66,6 @@ _HEADER = struct.Struct("<8sIIQQ")
 _HEADER_BYTES = 64
 _CHUNK_ROWS = 1 << 16  # rows hashed at once when building or verifying whole stores
 _SCRUB_BATCH_BLOCKS = 64  # blocks verified per scrub step (between pauses)
-# A sidecar of zero sums larger than this stays sparse (a huge lazy table): its pages get disk space when
-# a push first writes them (`SumsFile.reserve`, before the push is logged). Smaller ones are allocated whole.
-_SPARSE_SIDECAR_BYTES = 64 << 20
 _PAGE = mmap.PAGESIZE
 
 
@@ -172,7 +170,7 @@ class SumsFile:
                 self._map = mmap.mmap(f.fileno(), size, access=access)
                 # Pages with disk space, when some have none (a sparse sidecar); None: every page has.
                 self._allocated = _allocated_pages(f.fileno(), size)
-                self._fd = os.dup(f.fileno()) if writable and self._allocated is not None else None
+                self._fd = os.dup(f.fileno()) if self._allocated is not None else None
         except FileNotFoundError:
             raise TableFormatError(f"checksum file {path} is missing") from None
         self.sums = np.frombuffer(self._map, dtype="<u4", count=num_rows, offset=_HEADER_BYTES)
@@ -191,6 +189,47 @@ class SumsFile:
             runs = page_runs(pages, pages, _PAGE, len(self._map))
             space.reserve(self._fd, runs, self.path, "a push (its rows' checksums)")  # DiskFullError when full
             allocated[pages] = True
+            if allocated.all():
+                self._allocated = None  # every page has disk now: no more reservations or preads
+
+    def expected(self, start: int, stop: int) -> np.ndarray:
+        """The recorded checksums of rows start..stop-1. A sparse sidecar is read with pread, not through
+        its map: reading a hole through a shared map allocates a page on tmpfs (SIGBUS when full)."""
+        if self._allocated is None:
+            return self.sums[start:stop]
+        data = os.pread(self._fd, 4 * (stop - start), _HEADER_BYTES + 4 * start)
+        return np.frombuffer(data, dtype="<u4")
+
+    def copy_to(self, target: Path) -> None:
+        """A copy of the sidecar at `target` (synced), as sparse as this one: only data extents are copied."""
+        size = len(self._map)
+        with open(self.path, "rb") as src, open(target, "wb") as out:
+            out.truncate(size)
+            if self._allocated is None:
+                os.posix_fallocate(out.fileno(), 0, size)
+            offset = 0
+            while offset < size:
+                try:
+                    start = os.lseek(src.fileno(), offset, os.SEEK_DATA)
+                except OSError:  # ENXIO: only a hole is left
+                    break
+                end = os.lseek(src.fileno(), start, os.SEEK_HOLE)
+                position = start
+                while position < end:
+                    copied = os.copy_file_range(src.fileno(), out.fileno(), end - position, position, position)
+                    if copied == 0:
+                        break
+                    position += copied
+                offset = end
+            out.flush()
+            os.fsync(out.fileno())
+
+    def block_versions(self) -> np.ndarray:
+        """A copy of every block's version (pread for a sparse sidecar, as `expected`)."""
+        if self._allocated is None:
+            return self.versions.copy()
+        data = os.pread(self._fd, 8 * len(self.versions), _versions_offset(self.num_rows))
+        return np.frombuffer(data, dtype="<u8").copy()
 
     def holes(self, start: int, stop: int) -> bool:
         """Whether the sums of rows start..stop-1 lie on pages without disk space (all zero: never written)."""
@@ -214,13 +253,13 @@ class SumsFile:
 
 def write_sums_file(path: Path, num_rows: int, row_bytes: int, chunks: Iterator[np.ndarray] | None) -> None:
     """A new sidecar at `path` (temp file, fsync, rename), from the store's raw rows in order (None:
-    every row is zero bytes, the sums are all 0). Space is allocated, never left sparse."""
+    every row is zero bytes, the sums are all 0: the sidecar is left sparse, like the store)."""
     blocks = _num_blocks(num_rows)
     size = _sidecar_bytes(num_rows)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
-        if chunks is None and size > _SPARSE_SIDECAR_BYTES:
-            f.truncate(size)  # sparse: pushes reserve the pages they write (SumsFile.reserve)
+        if chunks is None:
+            f.truncate(size)  # sparse, like its store: pushes reserve the pages they write (SumsFile.reserve)
         else:
             os.posix_fallocate(f.fileno(), 0, size)  # on disk: writes through the map never meet a full disk
         f.write(_HEADER.pack(_MAGIC, BLOCK_ROWS, row_bytes, num_rows, blocks).ljust(_HEADER_BYTES, b"\0"))
@@ -307,16 +346,33 @@ def _raw_rows(store: RowStore, ids: np.ndarray) -> np.ndarray:
     return store.gather(ids)
 
 
-def _raw_range(store: RowStore, start: int, stop: int) -> np.ndarray:
-    """Stored bytes of rows start..stop-1 (a view into the map for the mmap backend: no copy)."""
-    if isinstance(store, MmapRowStore):
-        return store._rows[start:stop]
-    return store.gather(np.arange(start, stop))
+def _raw_range(store: RowStore, start: int, stop: int) -> tuple[np.ndarray, int]:
+    """Stored bytes of rows start..stop-1 ([rows, row bytes] of uint8 for the mmap backend) and how many
+    rows the file still holds (fewer: it was truncated under us).
+
+    A row file is read with pread, not through the map: reading a hole of a sparse file through a
+    shared map allocates a page on tmpfs (SIGBUS when it is full), and a truncated file kills a
+    reader of the map; pread returns zeros for a hole and a short count past the end."""
+    if not isinstance(store, MmapRowStore):
+        return store.gather(np.arange(start, stop)), stop - start
+    row_bytes = store._row_bytes
+    fd = os.open(store.path, os.O_RDONLY)
+    try:
+        data = os.pread(fd, (stop - start) * row_bytes, start * row_bytes)
+    finally:
+        os.close(fd)
+    whole = len(data) // row_bytes
+    rows = np.zeros((stop - start, row_bytes), dtype=np.uint8)
+    rows[:whole] = np.frombuffer(data, dtype=np.uint8, count=whole * row_bytes).reshape(whole, row_bytes)
+    return rows, whole
 
 
 def _raw_chunks(store: RowStore) -> Iterator[np.ndarray]:
     for start in range(0, store.num_rows, _CHUNK_ROWS):
-        yield _raw_range(store, start, min(store.num_rows, start + _CHUNK_ROWS))
+        rows, whole = _raw_range(store, start, min(store.num_rows, start + _CHUNK_ROWS))
+        if whole < len(rows):
+            raise DataLossError(f"{getattr(store, 'path', store)} is shorter than its {store.num_rows} rows")
+        yield rows
 
 
 @dataclass
@@ -386,7 +442,6 @@ class _Checked:
     def mismatched(self, start: int, stop: int) -> np.ndarray:
         """Store-local rows in start..stop-1 whose bytes do not match their checksum."""
         store = self.store
-        expected = self.sums.sums[start:stop]
         pages = getattr(store, "_data_pages", None)
         if isinstance(store, MmapRowStore) and store.initial_rows is not None and pages is not None:
             # Rows on pages without data are zero bytes (sum 0) without reading them into memory.
@@ -394,11 +449,19 @@ class _Checked:
             stored = store._on_data_pages(ids)
             if not stored.any() and self.sums.holes(start, stop):
                 return np.empty(0, dtype=np.int64)  # nothing written, nothing recorded: nothing to read
+            expected = self.sums.expected(start, stop)
             actual = np.zeros(stop - start, dtype=np.uint32)
             if stored.any():
                 actual[stored] = row_checksums(take_rows(store._rows, ids[stored]))
         else:
-            actual = row_checksums(_raw_range(store, start, stop))
+            expected = self.sums.expected(start, stop)
+            rows, whole = _raw_range(store, start, stop)
+            actual = row_checksums(rows)
+            if whole < stop - start:  # the file lost its end: those rows are gone
+                return (
+                    np.concatenate([np.flatnonzero(actual[:whole] != expected[:whole]), np.arange(whole, stop - start)])
+                    + start
+                )
         return np.flatnonzero(actual != expected) + start
 
 
@@ -539,12 +602,7 @@ class TableIntegrity:
     def copy_sums_to(self, dest: Path) -> None:
         """Copy every sidecar into `dest` (a snapshot: pushes replayed onto the copy then fix torn sums)."""
         for checked in self._stores.values():
-            target = dest / checked.sums.path.name
-            with open(target, "wb") as out:
-                os.posix_fallocate(out.fileno(), 0, len(checked.sums._map))
-                out.write(checked.sums._map[:])
-                out.flush()
-                os.fsync(out.fileno())
+            checked.sums.copy_to(dest / checked.sums.path.name)
 
     def confirm_copy_damage(self, damage: list[Damage]) -> None:
         """Check again, in this table, the rows a copy of it found damaged (marks its blocks when they are)."""
@@ -633,10 +691,11 @@ class TableIntegrity:
         as written at `version`). Blocks written after the checkpoint at `since` are verified now.
         """
         ahead = []
-        for checked in self._stores.values():
-            blocks = np.flatnonzero(checked.sums.versions > np.uint64(version))
+        versions = {name: checked.sums.block_versions() for name, checked in self._stores.items()}
+        for name, checked in self._stores.items():
+            blocks = np.flatnonzero(versions[name] > np.uint64(version))
             if len(blocks):
-                ahead.append((checked, blocks, int(checked.sums.versions[blocks].max())))
+                ahead.append((checked, blocks, int(versions[name][blocks].max())))
         if ahead:
             what = "; ".join(f"{c.name}: {len(b)} blocks written by versions up to {top}" for c, b, top in ahead)
             message = (
@@ -649,9 +708,10 @@ class TableIntegrity:
                 raise DataLossError(message)
             log.error("%s (accepted)", message)
             for checked, blocks, _ in ahead:
-                checked.sums.versions[blocks] = version
+                checked.sums.versions[blocks] = version  # pages that hold data: written by those pushes
+                versions[checked.name][blocks] = version
         for checked in self._stores.values():
-            recent = np.flatnonzero(checked.sums.versions > np.uint64(since))
+            recent = np.flatnonzero(versions[checked.name] > np.uint64(since))
             self._verify_blocks(checked, recent, locked=False)
 
     def flush(self) -> None:
@@ -772,18 +832,3 @@ def verify_table(path: Path, manifest: Manifest) -> list[Damage] | None:
         finally:
             for store in states:
                 store.close()
-
-
-def max_block_version(path: Path, manifest: Manifest) -> int:
-    """The newest version recorded in a table's sidecars (0 without any)."""
-    top = 0
-    for name, _, rows, row_bytes, _ in _store_specs(manifest):
-        p = sums_path(path / name)
-        if p.exists():
-            sums = SumsFile(p, rows, row_bytes, False)
-            try:
-                if len(sums.versions):
-                    top = max(top, int(sums.versions.max()))
-            finally:
-                sums.close()
-    return top
