@@ -21,6 +21,7 @@ from memstore.layout import EngramLayout
 from memstore.live import CHECKPOINT_NAME, table_version
 from memstore.logs import LogFormat, configure_logging
 from memstore.manifest import Backend, Init, Manifest, parse_dtype
+from memstore.offline import reading_offline
 from memstore.optim import OptimizerConfig, OptimizerKind
 from memstore.reshard import reshard, table_dirs
 from memstore.sharding import DEFAULT_PARTITIONS, partition_ranges
@@ -137,7 +138,11 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--overwrite", action="store_true", help="replace an existing table at PATH")
     imp.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    verify = commands.add_parser("verify", help="check a table's rows against the SHA-256 in its manifest")
+    verify = commands.add_parser(
+        "verify",
+        help="check every row and optimizer value against its checksum (and an untrained table's rows against the "
+        "SHA-256 in its manifest); exit 0 intact, 2 damaged, 3 trained without checksums",
+    )
     verify.add_argument("path", type=Path)
     verify.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -320,31 +325,63 @@ def _print_disk(path: Path, manifest: Manifest) -> None:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    """`memstore verify`: every table directory (all shards of a sharded table); 2 if any differs."""
-    from memstore.exchange import rows_digest
+    """`memstore verify`: every table directory (all shards of a sharded table); 0 when intact, 2 when damaged,
+    3 when a trained table has no row checksums to verify against."""
+    from memstore.integrity import verify_table
 
     dirs = table_dirs(args.path)
-    manifests = [Manifest.read(d) for d in dirs]
+    manifests = [Manifest.read(d) for d in dirs]  # also checks each manifest against its own checksums
+    worst = 0
     for path, manifest in zip(dirs, manifests, strict=True):
-        if manifest.rows_sha256 is None:
-            raise InvalidArgumentError(f"{path} records no rows sha256 (a lazy table): nothing to verify against")
-    total = sum(m.stored_rows(layer) for m in manifests for layer in m.layout.layer_ids)
-    with tqdm(total=total, unit="row", unit_scale=True, disable=args.no_progress, desc="verify") as bar:
-        digests = [rows_digest(path, progress=bar.update) for path in dirs]
-    failed = 0
-    for path, manifest, actual in zip(dirs, manifests, digests, strict=True):
-        if actual == manifest.rows_sha256:
-            print(f"{path}: rows sha256 {actual} as recorded")
-            continue
-        failed += 1
-        trained = table_version(path)
-        why = (
-            f"expected once trained ({trained} pushes since create, import or reshard)"
-            if trained
-            else "the rows are damaged"
+        # No daemon may push while the rows are checked (a push in flight would read as damage), nor may the
+        # files lack pushes their log holds: UnavailableError / TableFormatError say what to do.
+        with reading_offline(path, "verify"):
+            trained = table_version(path)
+            damage = verify_table(path, manifest)
+        if damage is None:  # no checksums (an older memstore, or reshard): the create digest is all there is
+            worst = max(worst, _verify_digest(path, manifest, trained, False, args.no_progress))
+        elif damage:
+            worst = 2
+            for found in damage:
+                print(f"{path}: damaged: {found.describe()} do not match their checksums", file=sys.stderr)
+            if not trained:  # the create digest too, as verify always reported it
+                _verify_digest(path, manifest, trained, True, args.no_progress)
+        elif trained:
+            print(
+                f"{path}: intact: trained ({trained} pushes since create, import or reshard), every row and optimizer "
+                "value matches the checksum its last write recorded"
+            )
+        else:
+            worst = max(worst, _verify_digest(path, manifest, trained, True, args.no_progress))
+    return worst
+
+
+def _verify_digest(path: Path, manifest: Manifest, trained: int, summed: bool, quiet: bool) -> int:
+    """The rows against the sha256 recorded at create: 0 as recorded, 2 damaged, 3 nothing to compare with
+    (trained, or lazy, and no checksums). `summed`: every row matched its checksum already."""
+    from memstore.exchange import rows_digest
+
+    if trained:
+        print(
+            f"{path}: cannot verify: trained ({trained} pushes) and it has no row checksums (made by an older "
+            "memstore); open it writable once (memstore serve) to build them",
+            file=sys.stderr,
         )
-        print(f"{path}: rows sha256 {actual}, recorded {manifest.rows_sha256}: {why}", file=sys.stderr)
-    return 2 if failed else 0
+        return 3
+    if manifest.rows_sha256 is None:
+        if summed:
+            print(f"{path}: intact: every row matches its checksum (a lazy table records no sha256)")
+            return 0
+        print(f"{path}: cannot verify: a lazy table without row checksums (made by an older memstore)", file=sys.stderr)
+        return 3
+    total = sum(manifest.stored_rows(layer) for layer in manifest.layout.layer_ids)
+    with tqdm(total=total, unit="row", unit_scale=True, disable=quiet, desc="verify") as bar:
+        actual = rows_digest(path, progress=bar.update)
+    if actual == manifest.rows_sha256:
+        print(f"{path}: rows sha256 {actual} as recorded")
+        return 0
+    print(f"{path}: rows sha256 {actual}, recorded {manifest.rows_sha256}: the rows are damaged", file=sys.stderr)
+    return 2
 
 
 def _reshard(args: argparse.Namespace) -> None:

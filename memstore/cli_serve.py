@@ -8,6 +8,7 @@ from pathlib import Path
 from memstore.auth import ClientTls, TlsConfig, read_token
 from memstore.cli_args import enum_choice
 from memstore.errors import InvalidArgumentError
+from memstore.integrity import IntegrityConfig
 from memstore.live import LiveConfig
 from memstore.logs import LogFormat
 from memstore.replica import DEFAULT_MAX_LAG, FollowConfig
@@ -86,6 +87,7 @@ def run_serve(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every,
         feed_bytes=int(args.feed_mb * 2**20),
         accept_data_loss=args.accept_data_loss,
+        integrity=IntegrityConfig(enabled=not args.no_integrity, scrub_period_s=args.scrub_period),
     )
     _check_follow_flags(args)
     follow = None
@@ -138,6 +140,19 @@ def _add_durability(srv: argparse.ArgumentParser) -> None:
         "os: once the OS has it (survives the daemon's crash, not the host's)",
     )
     srv.add_argument("--checkpoint-every", type=int, default=live.checkpoint_every, help="pushes between checkpoints")
+    srv.add_argument(
+        "--scrub-period",
+        type=float,
+        default=live.integrity.scrub_period_s,
+        metavar="SECONDS",
+        help="verify every row against its checksum again within this period (0: only on first read); damage "
+        "answers DATA_LOSS for its rows and turns health NOT_SERVING",
+    )
+    srv.add_argument(
+        "--no-integrity",
+        action="store_true",
+        help="do not keep or check row checksums (removes a writable table's; a later checked start rebuilds them)",
+    )
     srv.add_argument(
         "--feed-mb",
         type=float,

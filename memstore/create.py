@@ -26,6 +26,7 @@ import numpy as np
 
 from memstore.dtypes import DType
 from memstore.errors import InvalidArgumentError
+from memstore.integrity import write_table_sums
 from memstore.manifest import MANIFEST_NAME, Backend, Init, Manifest, fsync_dir
 from memstore.ownership import lock_table
 from memstore.rowgen import initial_rows, initial_rows_at
@@ -78,6 +79,7 @@ def create_table(
         # A lazy table's rows are never all generated: it records no digest.
         manifest = replace(manifest, rows_sha256=None if manifest.init is Init.LAZY else digest.hexdigest())
         manifest.write(tmp)
+        write_table_sums(tmp, manifest)  # the rows' checksums, kept current by every push
         replace_table_dir(tmp, path)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -46,6 +46,7 @@ import torch
 from memstore.create import check_replaceable, replace_table_dir, shard_dirs, staging_dir, write_initial_state
 from memstore.dtypes import DType
 from memstore.errors import InvalidArgumentError, TableFormatError
+from memstore.integrity import write_table_sums
 from memstore.manifest import MANIFEST_NAME, Backend, Init, Manifest, fsync_dir
 from memstore.offline import reading_offline
 from memstore.table import Table
@@ -169,6 +170,7 @@ def import_safetensors(
                 write_initial_state(tmp, manifest, layer_id)  # the file holds rows: the optimizer starts afresh
             manifest = replace(manifest, init=Init.EAGER, rows_sha256=digest.hexdigest())
             manifest.write(tmp)  # also fsyncs tmp, making the row files' entries durable
+            write_table_sums(tmp, manifest)  # the rows' checksums, kept current by every push
             replace_table_dir(tmp, dest)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

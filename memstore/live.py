@@ -59,6 +59,7 @@ from memstore.errors import (
     TableFormatError,
     UnavailableError,
 )
+from memstore.integrity import IntegrityConfig, TableIntegrity
 from memstore.manifest import Manifest, fsync_dir
 from memstore.optim import apply_update, listed_positions
 from memstore.ownership import TableInUseError, TableLock, lock_table, record_writer_pid
@@ -92,6 +93,8 @@ class LiveConfig:
     # Serve even when acknowledged pushes cannot be accounted for on open (memstore.recovery), logging
     # what was lost, at a version past every one acknowledged before; without it such a table refuses to open.
     accept_data_loss: bool = False
+    # Row checksums checked on read and by a background scrub (memstore.integrity).
+    integrity: IntegrityConfig = field(default_factory=IntegrityConfig)
 
     def __post_init__(self) -> None:
         if self.feed_bytes < 0:
@@ -309,6 +312,7 @@ class LiveTable:
         self._state: dict[int, dict[str, RowStore]] = {}
         self.seqlock: SeqLock | None = None
         self._wal: WriteAheadLog | None = None
+        self.integrity: TableIntegrity | None = None  # None: checksums off (or the table has none, read-only)
         try:
             checkpoint = self._read_checkpoint()
             self.version = checkpoint.version
@@ -320,7 +324,10 @@ class LiveTable:
                 log_missing = not (self.path / WAL_DIR).is_dir()
                 acknowledged = acknowledged_version(self.path / SEQLOCK_NAME)  # before anything resets it
                 self._wal = WriteAheadLog(self.path / WAL_DIR, self.config.durability)
+                self._open_integrity(untrained=self.version == 0 and not self._wal.last_version)
                 self._recover(log_missing, acknowledged)
+                if self.integrity is not None:  # files ahead of the log (a host crash with --durability os)
+                    self.integrity.check_not_ahead(self.version, checkpoint.version, self.config.accept_data_loss)
                 self.seqlock = SeqLock(self.path / SEQLOCK_NAME, create=True)
                 self.seqlock.set(2 * self.version)
             elif self.manifest.optimizer is not None:
@@ -330,6 +337,10 @@ class LiveTable:
                         f"{pending}; open it writable once to recover (start its daemon without --read-only, then "
                         "stop it), or serve a snapshot read-only"
                     )
+            if not self.trainable:
+                self._open_integrity(untrained=False)
+            if self.integrity is not None:
+                self.integrity.start_scrub(self.config.integrity.scrub_period_s)
         except BaseException:
             self._close_files()
             raise
@@ -351,6 +362,17 @@ class LiveTable:
                 exc,
             )
             return Checkpoint()
+
+    def _open_integrity(self, untrained: bool) -> None:
+        self.integrity = TableIntegrity.open(
+            self.path,
+            self.manifest,
+            self._stores_by_name(),
+            self.trainable,
+            self._push_lock,
+            self.config.integrity,
+            untrained,
+        )
 
     @classmethod
     def open(
@@ -387,7 +409,8 @@ class LiveTable:
 
     def gather(self, layer_id: int, row_ids: np.ndarray, out: np.ndarray | None = None) -> tuple[np.ndarray, int]:
         """Rows [len(row_ids), dim] (storage dtype) none of them torn by a push, and the version they show."""
-        return self._gather_checked(self.table.store(layer_id), self.table.local_ids(layer_id, row_ids), out)
+        ids = self.table.local_ids(layer_id, row_ids)
+        return self._gather_checked(layer_id, self.table.store(layer_id), ids, out)
 
     def gather_chunks(self, layer_id: int, row_ids: np.ndarray, chunk_rows: int) -> Iterator[tuple[np.ndarray, int]]:
         """`gather` in consecutive chunks of at most chunk_rows rows, each with its version; every id
@@ -397,9 +420,13 @@ class LiveTable:
         store = self.table.store(layer_id)
         ids = self.table.local_ids(layer_id, row_ids)
         for start in range(0, len(ids), chunk_rows):
-            yield self._gather_checked(store, ids[start : start + chunk_rows], None)
+            yield self._gather_checked(layer_id, store, ids[start : start + chunk_rows], None)
 
-    def _gather_checked(self, store: RowStore, ids: np.ndarray, out: np.ndarray | None) -> tuple[np.ndarray, int]:
+    def _gather_checked(
+        self, layer_id: int, store: RowStore, ids: np.ndarray, out: np.ndarray | None
+    ) -> tuple[np.ndarray, int]:
+        if self.integrity is not None:
+            self.integrity.check_rows(layer_id, ids)  # DataLossError for rows in damaged blocks
         got = consistent_gather(store, self.seqlock, ids, out, self.version)
         if got is None:  # pushes kept overlapping: exclude them for one read
             with self._push_lock:
@@ -474,6 +501,8 @@ class LiveTable:
             if repeat is not None and step_id <= repeat[0]:
                 return repeat[1]  # a retry of a push already applied: answer it again, apply nothing
             step = self.layer_steps[layer_id] + 1
+            if self.integrity is not None:  # never compute (log, replicate) an update from damaged rows or state
+                self.integrity.check_layer(layer_id, ids, locked=True)
             rows = dtype.to_float32(store.gather(ids))
             state = {slot: s.gather(ids) for slot, s in states.items()}
             new_rows, new_state = apply_update(optimizer, rows, state, grads, step)  # rejects NaN/Inf first
@@ -509,6 +538,8 @@ class LiveTable:
             raise InternalError(self.failure)
         assert self._wal is not None
         record.reserve(self.table, self._state)  # a full disk: DiskFullError with nothing logged or applied
+        if self.integrity is not None:  # and the pages of the rows' checksums (a sparse checksum file)
+            self.integrity.reserve(record.layer_id, record.ids)
         try:
             self._wal.append(version, payload)  # a full disk: DiskFullError with the log as it was
         except OSError as exc:
@@ -650,6 +681,8 @@ class LiveTable:
         if self.seqlock is not None:
             self.seqlock.set(2 * self.version + 1)
         record.write_to(self.table, self._state)
+        if self.integrity is not None:
+            self.integrity.record_push(record.layer_id, record.ids, record.rows, record.state, version)
         self.layer_steps[record.layer_id] = record.layer_step
         self.version = version
         if self.seqlock is not None:
@@ -714,6 +747,8 @@ class LiveTable:
             # Flushing outside the push lock may also flush later pushes: harmless, replay rewrites them.
             for store in self._stores_by_name().values():
                 store.flush()
+            if self.integrity is not None:
+                self.integrity.flush()
             checkpoint.write(self.path)
             if not self._snapshots:
                 self._wal.truncate_through(checkpoint.version)
@@ -740,25 +775,20 @@ class LiveTable:
                 f"snapshot name {dest.name[:40]!r}... ({len(os.fsencode(dest.name))} bytes) is too long for the "
                 "file system (255 bytes per name, including a ~40-byte staging suffix): pick a shorter name"
             ) from None
+        if self.integrity is not None:
+            self.integrity.refuse_if_damaged("a snapshot")
         with self._push_lock:
             start = self.version
             self._snapshots += 1
         try:
             for name, store in self._stores_by_name().items():
                 store.copy_to(tmp / name)
+            if self.integrity is not None:
+                self.integrity.copy_sums_to(tmp)
             self.manifest.write(tmp)
             with self._push_lock:
                 end = Checkpoint(self.version, dict(self.layer_steps))
-            if self._wal is not None:
-                with Table.open(tmp, read_only=False) as copy:
-                    states = _open_state(tmp, self.manifest)
-                    for record in self._wal.records(start):
-                        if record.version > end.version:
-                            break
-                        _Record.decode(record.payload, self.manifest).write_to(copy, states)
-                    for layer_states in states.values():
-                        for store in layer_states.values():
-                            store.close()
+            self._complete_copy(tmp, start, end.version)
             end.write(tmp)
             os.replace(tmp, dest)
             fsync_dir(dest.parent)
@@ -774,6 +804,44 @@ class LiveTable:
             with self._push_lock:
                 self._snapshots -= 1
         return end.version
+
+    def _complete_copy(self, tmp: Path, start: int, end: int) -> None:
+        """Replay the pushes start+1..end onto a snapshot's copied files (and their checksums), then
+        verify every copied row against its checksum: a snapshot never copies damage silently."""
+        if self._wal is None and self.integrity is None:
+            return
+        with Table.open(tmp, read_only=self._wal is None) as copy:
+            states = _open_state(tmp, self.manifest) if self._wal is not None else {}
+            stores = {self.manifest.layer_file(layer): copy.store(layer) for layer in self.manifest.layout.layer_ids}
+            for layer, slots in states.items():
+                stores.update({self.manifest.state_files(layer)[slot][0]: store for slot, store in slots.items()})
+            checks = None
+            try:
+                if self.integrity is not None:
+                    config = IntegrityConfig(scrub_period_s=0)
+                    writable = self._wal is not None
+                    checks = TableIntegrity.open(tmp, self.manifest, stores, writable, threading.Lock(), config, False)
+                for record in self._wal.records(start) if self._wal is not None else ():
+                    if record.version > end:
+                        break
+                    decoded = _Record.decode(record.payload, self.manifest)
+                    decoded.write_to(copy, states)
+                    if checks is not None:
+                        checks.record_push(decoded.layer_id, decoded.ids, decoded.rows, decoded.state, record.version)
+                if checks is not None and checks.verify_all(locked=True):
+                    assert self.integrity is not None
+                    self.integrity.confirm_copy_damage(checks.damage)  # the source's blocks, checked again
+                    raise DataLossError(
+                        f"the snapshot of {self.path} copied damaged rows: "
+                        + "; ".join(d.describe() for d in checks.damage)
+                        + ": no snapshot was written; restore the table from an older snapshot"
+                    )
+            finally:
+                if checks is not None:
+                    checks.close()
+                for layer_states in states.values():
+                    for store in layer_states.values():
+                        store.close()
 
     def _stores_by_name(self) -> dict[str, RowStore]:
         """Every store of the table (rows, then optimizer state) by its name in the table directory."""
@@ -793,6 +861,9 @@ class LiveTable:
         self._close_files()
 
     def _close_files(self) -> None:
+        if self.integrity is not None:
+            self.integrity.close()  # stops the scrub before the stores it reads close
+            self.integrity = None
         for states in self._state.values():
             for store in states.values():
                 store.close()

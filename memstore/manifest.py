@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import enum
+import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +20,8 @@ from memstore.sharding import Sharding
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+# Key of the per-field checksums a written manifest carries: an edited field is named when read.
+CHECKSUMS_KEY = "checksums"
 
 
 class Init(enum.Enum):
@@ -53,6 +57,11 @@ class Manifest:
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
+        std = self.init_std
+        if isinstance(std, bool) or not isinstance(std, (int, float)) or not math.isfinite(std) or std < 0:
+            raise InvalidArgumentError(
+                f"init_std is {std!r}; it must be a finite number >= 0 (the standard deviation of the initial rows)"
+            )
         if self.init is Init.LAZY and self.backend is not Backend.MMAP:
             raise InvalidArgumentError("lazy tables need the mmap backend (their files are sparse)")
         if self.init is Init.LAZY and (self.dtype.quantized or self.dtype.opaque):
@@ -107,6 +116,7 @@ class Manifest:
             "rows_sha256": self.rows_sha256,
             "files": {str(layer_id): self.layer_file(layer_id) for layer_id in self.layout.layer_ids},
         }
+        data[CHECKSUMS_KEY] = {key: _field_checksum(value) for key, value in data.items()}
         return json.dumps(data, indent=2) + "\n"
 
     @classmethod
@@ -116,6 +126,8 @@ class Manifest:
             data: dict[str, Any] = json.loads(text)
             if not isinstance(data, dict):
                 raise TableFormatError(f"manifest is malformed: it must be a JSON object; got {type(data).__name__}")
+            recorded = data.pop(CHECKSUMS_KEY, None)
+            written = dict(data)  # the fields as read, for the checksums (checked last: the checks above say more)
             version = data.pop("format_version")
             if version != FORMAT_VERSION:
                 raise TableFormatError(
@@ -152,6 +164,8 @@ class Manifest:
                 f"manifest fingerprint {recorded_fingerprint} does not match its layout ({manifest.fingerprint}); "
                 "the manifest was edited by hand: recreate the table"
             )
+        if recorded is not None:
+            _check_fields(written, recorded)
         return manifest
 
     def write(self, table_dir: Path) -> None:
@@ -164,6 +178,28 @@ class Manifest:
         if not path.is_file():
             raise TableFormatError(f"{table_dir} is not a memstore table: {MANIFEST_NAME} is missing")
         return cls.from_json(path.read_text())
+
+
+def _field_checksum(value: Any) -> str:
+    """A short checksum of one manifest field's JSON value (key order and spacing do not matter)."""
+    canonical = json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def _check_fields(data: dict[str, Any], recorded: Any) -> None:
+    """TableFormatError naming the fields edited since memstore wrote the manifest (`recorded`: its
+    `checksums` section). A manifest without one (written by hand for `import --manifest`, or by an
+    older memstore) is taken as it is."""
+    if not isinstance(recorded, dict):
+        raise TableFormatError(f"manifest is malformed: {CHECKSUMS_KEY!r} must be an object")
+    edited = sorted(key for key in set(data) | set(recorded) if recorded.get(key) != _field_checksum(data.get(key)))
+    if edited:
+        raise TableFormatError(
+            f"manifest.json was edited after memstore wrote it: {', '.join(edited)} no longer match the checksums "
+            f"recorded in its {CHECKSUMS_KEY!r} section. A table's description must not change under its rows: "
+            "restore the original manifest (from a snapshot or backup) or recreate the table (a manifest written "
+            f"for `import --manifest` needs no {CHECKSUMS_KEY!r} section)"
+        )
 
 
 def _write_durably(path: Path, data: bytes) -> None:

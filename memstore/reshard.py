@@ -52,6 +52,7 @@ from memstore.create import (
 )
 from memstore.dtypes import DType
 from memstore.errors import DataLossError, InvalidArgumentError, TableFormatError
+from memstore.integrity import write_table_sums
 from memstore.live import Checkpoint
 from memstore.manifest import MANIFEST_NAME, Init, Manifest
 from memstore.offline import reading_offline
@@ -382,6 +383,7 @@ def _write_shard(
             write_store(manifest.backend, path / name, num_rows, slot_width, DType.FLOAT32, chunks)
     # Like create: the SHA-256 of this directory's own rows in its own order, for `memstore verify`.
     replace(manifest, rows_sha256=digest.hexdigest()).write(path)
+    write_table_sums(path, manifest)  # the rows' checksums (memstore.integrity), as create writes them
     if manifest.optimizer is not None:
         Checkpoint(version=0, layer_steps=dict(layer_steps)).write(path)
 

@@ -434,8 +434,12 @@ def create_server(
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     if replica is not None:
-        replica.add_health_listener(lambda serving: _set_health(health_servicer, serving))
+        replica.add_health_listener(lambda serving: _set_health(health_servicer, serving and _intact(live)))
     live.add_failure_listener(lambda _message: _set_health(health_servicer, False))  # it cannot write safely
+    if live.integrity is not None:  # damaged rows found (on read or by the scrub): NOT_SERVING for good
+        live.integrity.add_damage_listener(lambda: _set_health(health_servicer, False))
+        if not live.integrity.intact:
+            _set_health(health_servicer, False)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     check_listen_address(address)
     try:
@@ -449,6 +453,10 @@ def create_server(
             "an address of this machine; stop what holds the port or choose another (port 0 picks a free one)"
         ) from None
     return server, port
+
+
+def _intact(live: LiveTable) -> bool:
+    return live.integrity is None or live.integrity.intact
 
 
 def _set_health(health_servicer: health.HealthServicer, serving: bool) -> None:

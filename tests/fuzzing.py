@@ -27,6 +27,7 @@ from hypothesis.extra.numpy import arrays
 from memstore.create import create_table
 from memstore.dtypes import DType
 from memstore.errors import InvalidArgumentError, MemstoreError
+from memstore.integrity import BLOCK_ROWS, SUMS_SUFFIX, row_checksums
 from memstore.layout import EngramLayout
 from memstore.live import LiveConfig, LiveTable
 from memstore.manifest import Manifest
@@ -141,6 +142,19 @@ class Expect:
 
     errors: list[tuple[grpc.StatusCode, str]] = field(default_factory=list)
     ok: Callable[[list[bytes]], None] | None = None
+
+
+def _predict_sums(files: dict[str, bytes], store: str, ids: np.ndarray, rows: np.ndarray, version: int) -> None:
+    """The store's checksum sidecar after a push wrote `rows` at `ids` (memstore.integrity's format: a
+    64-byte header, a u32 checksum per row padded to 8 bytes, a u64 version per block of rows)."""
+    name = store + SUMS_SUFFIX
+    data = bytearray(files[name])
+    num_rows = int.from_bytes(data[16:24], "little")
+    sums = np.frombuffer(data, dtype="<u4", count=num_rows, offset=64)
+    versions = np.frombuffer(data, dtype="<u8", offset=64 + -(-4 * num_rows // 8) * 8)
+    sums[ids] = row_checksums(np.ascontiguousarray(rows))
+    versions[ids // BLOCK_ROWS] = np.maximum(versions[ids // BLOCK_ROWS], version)
+    files[name] = bytes(data)
 
 
 class Fuzzed:
@@ -408,10 +422,13 @@ class Fuzzed:
         rows = self.rows(layer).copy()
         rows[ids] = stored
         predicted[self.manifest.layer_file(layer)] = rows.tobytes()
+        _predict_sums(predicted, self.manifest.layer_file(layer), ids, rows[ids], self.version + 1)
         for slot, values in self.state(layer).items():
             values = values.copy()
             values[ids] = new_state[slot]
-            predicted[self.manifest.state_files(layer)[slot][0]] = values.tobytes()
+            name = self.manifest.state_files(layer)[slot][0]
+            predicted[name] = values.tobytes()
+            _predict_sums(predicted, name, ids, values[ids], self.version + 1)
         predicted["seqlock"] = (2 * (self.version + 1)).to_bytes(8, "little")
         got = self.disk()
         logged = {name for name in got.keys() | predicted.keys() if name.startswith("wal/")}

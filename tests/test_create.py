@@ -46,7 +46,13 @@ def _entries(directory: Path) -> list[str]:
 def test_chunk_size_does_not_change_the_bytes(tmp_path: Path, dtype: DType) -> None:
     tables = [create_table(tmp_path / f"chunk{chunk}", _manifest(dtype), chunk_rows=chunk) for chunk in (1, 7, 16_384)]
     reference = _files(tables[0])
-    assert sorted(reference) == ["layer_1.rows", "layer_4.rows", MANIFEST_NAME]
+    assert sorted(reference) == [
+        "layer_1.rows",
+        "layer_1.rows.sums",
+        "layer_4.rows",
+        "layer_4.rows.sums",
+        MANIFEST_NAME,
+    ]
     for table in tables[1:]:
         assert _files(table) == reference
 

@@ -192,7 +192,7 @@ TAMPERING: list[tuple[str, Callable[[dict[str, Any]], object], str]] = [
     ("seed not a number", lambda d: d.update(seed="zero"), "malformed"),
     ("layout not a dict", lambda d: d.update(layout=[1, 4]), "malformed"),
     ("invalid layout", lambda d: d["layout"].update(dim=0), "malformed.*dim is 0"),
-    ("dtype of another size", lambda d: d.update(dtype="float32"), "damaged or incomplete"),
+    ("dtype of another size", lambda d: d.update(dtype="float32"), "edited after memstore wrote it: dtype"),
     ("other row generator", lambda d: d.update(init_generator="philox-v0"), "generator 'philox-v0'"),
     ("missing row generator", lambda d: d.pop("init_generator"), "malformed.*init_generator"),
 ]
