@@ -16,7 +16,7 @@ from memstore.cli_remote import add_remote_parsers, run_health, run_snapshot, ru
 from memstore.cli_serve import add_serve_parser, run_serve
 from memstore.create import DEFAULT_CHUNK_ROWS, create_sharded, create_table
 from memstore.dtypes import DType
-from memstore.errors import InvalidArgumentError, MemstoreError
+from memstore.errors import InvalidArgumentError, MemstoreError, permission_message
 from memstore.layout import EngramLayout
 from memstore.live import CHECKPOINT_NAME, table_version
 from memstore.logs import LogFormat, configure_logging
@@ -26,7 +26,6 @@ from memstore.optim import OptimizerConfig, OptimizerKind
 from memstore.reshard import reshard, table_dirs
 from memstore.sharding import DEFAULT_PARTITIONS, partition_ranges
 from memstore.space import disk_full_error, is_disk_full
-from memstore.table import permission_message
 
 
 def _dtype(text: str) -> DType:

@@ -7,6 +7,9 @@ so callers only ever catch `MemstoreError` subclasses, never `grpc.RpcError`.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import grpc
 
 
@@ -146,3 +149,16 @@ def _pushback_s(exc: grpc.RpcError) -> float | None:
     details = exc.details() if hasattr(exc, "details") else ""
     # gRPC's own concurrency limit sends no pushback; it clears as calls finish.
     return 0.0 if details and "Concurrent RPC limit" in details else None
+
+
+def permission_message(path: Path) -> str:
+    """What to do about a table file this process may not open (names its owner and mode)."""
+    try:
+        st = path.stat()
+        owner = f"owned by uid {st.st_uid}, mode {st.st_mode & 0o777:o}"
+    except OSError:
+        owner = "its directory cannot be searched"
+    return (
+        f"{path} cannot be opened: permission denied ({owner}) for uid {os.geteuid()}; run as a user who may "
+        "read and write the table's files, or fix their ownership or mode (chown/chmod)"
+    )

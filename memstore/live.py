@@ -58,6 +58,7 @@ from memstore.errors import (
     ReplicationGapError,
     TableFormatError,
     UnavailableError,
+    permission_message,
 )
 from memstore.integrity import IntegrityConfig, TableIntegrity
 from memstore.manifest import Manifest, fsync_dir
@@ -66,7 +67,7 @@ from memstore.ownership import TableInUseError, TableLock, lock_table, record_wr
 from memstore.recovery import Recovery, acknowledged_version, pending_recovery, settle
 from memstore.space import DiskFullError, disk_full_error, is_disk_full
 from memstore.storage import RowStore
-from memstore.table import Table, open_store, permission_message, read_manifest
+from memstore.table import Table, open_store, read_manifest
 from memstore.wal import Durability, WalRecord, WriteAheadLog, inspect_log
 
 CHECKPOINT_NAME = "checkpoint.json"

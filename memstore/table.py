@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 
 from memstore.dtypes import DType
-from memstore.errors import InvalidArgumentError, TableFormatError
+from memstore.errors import InvalidArgumentError, TableFormatError, permission_message
 from memstore.manifest import Backend, Init, Manifest
 from memstore.rowgen import initial_rows_at
 from memstore.storage import MmapRowStore, RowStore
@@ -110,19 +109,6 @@ def read_manifest(path: Path) -> Manifest:
         return Manifest.read(path)
     except PermissionError as exc:
         raise TableFormatError(permission_message(Path(exc.filename or path))) from None
-
-
-def permission_message(path: Path) -> str:
-    """What to do about a table file this process may not open (names its owner and mode)."""
-    try:
-        st = path.stat()
-        owner = f"owned by uid {st.st_uid}, mode {st.st_mode & 0o777:o}"
-    except OSError:
-        owner = "its directory cannot be searched"
-    return (
-        f"{path} cannot be opened: permission denied ({owner}) for uid {os.geteuid()}; run as a user who may "
-        "read and write the table's files, or fix their ownership or mode (chown/chmod)"
-    )
 
 
 def open_store(

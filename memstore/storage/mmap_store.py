@@ -31,7 +31,7 @@ import numpy as np
 
 from memstore import fatal
 from memstore.dtypes import DType
-from memstore.errors import TableFormatError
+from memstore.errors import TableFormatError, permission_message
 from memstore.space import page_runs, reserve
 from memstore.storage.base import RowStore, take_rows
 
@@ -59,7 +59,7 @@ class MmapRowStore(RowStore):
         except FileNotFoundError:
             raise TableFormatError(f"row file {self.path} is missing") from None
         except PermissionError:
-            raise TableFormatError(f"row file {self.path} cannot be read: {_permission_advice(self.path)}") from None
+            raise TableFormatError(permission_message(self.path)) from None
         if stat.st_size != expected:
             raise TableFormatError(
                 f"row file {self.path} holds {stat.st_size} bytes; the manifest needs {expected} "
@@ -82,10 +82,7 @@ class MmapRowStore(RowStore):
                             self._data_pages if self._data_pages is not None else _data_pages(self.path, expected)
                         )
             except PermissionError:
-                mode = "read" if read_only else "read and written"
-                raise TableFormatError(
-                    f"row file {self.path} cannot be {mode}: {_permission_advice(self.path)}"
-                ) from None
+                raise TableFormatError(permission_message(self.path)) from None
             # Lookups touch scattered rows: read-around would fetch (in a sparse file, zero-fill) 32
             # pages per fault for one row. Measured on a sparse 200 GB file: 7.9 s -> 0.03 s for 4k rows.
             if hasattr(mmap, "MADV_RANDOM"):
@@ -208,19 +205,6 @@ class MmapRowStore(RowStore):
 
 
 _PAGE = mmap.PAGESIZE
-
-
-def _permission_advice(path: Path) -> str:
-    """What to do about a file this process may not open (names its owner and mode)."""
-    try:
-        st = path.stat()
-        owner = f"owned by uid {st.st_uid}, mode {st.st_mode & 0o777:o}"
-    except OSError:
-        owner = "its directory cannot be searched"
-    return (
-        f"permission denied ({owner}); run as a user who may access the table's files, "
-        "or fix their ownership or mode (chown/chmod)"
-    )
 
 
 def _data_pages(path: Path, size: int) -> np.ndarray:
