@@ -278,16 +278,7 @@ def _allocated_pages(fd: int, size: int) -> np.ndarray | None:
     """Per page of a file: whether it has disk space (from its extents); None when every page has."""
     if os.fstat(fd).st_blocks * 512 >= size:
         return None
-    pages = np.zeros(-(-size // _PAGE), dtype=bool)
-    offset = 0
-    while offset < size:
-        try:
-            start = os.lseek(fd, offset, os.SEEK_DATA)
-        except OSError:  # ENXIO: no data past offset
-            break
-        end = os.lseek(fd, start, os.SEEK_HOLE)
-        pages[start // _PAGE : -(-end // _PAGE)] = True
-        offset = end
+    pages = space.data_pages(fd, size)
     return None if pages.all() else pages
 
 

@@ -11,6 +11,7 @@ byte) turns a full disk into an ENOSPC error before anything is written, which c
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import shutil
 from pathlib import Path
@@ -79,6 +80,23 @@ def page_runs(first: np.ndarray, last: np.ndarray, page: int, size: int) -> list
         offset = int(pages[s]) * page
         runs.append((offset, min(int(pages[e - 1] + 1) * page, size) - offset))
     return runs
+
+
+def data_pages(fd: int, size: int) -> np.ndarray:
+    """Per page of the first `size` bytes of the file open as `fd`: whether it holds data (not a
+    hole), from the file's extents."""
+    page = mmap.PAGESIZE
+    pages = np.zeros(-(-size // page), dtype=bool)
+    offset = 0
+    while offset < size:
+        try:
+            start = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError:  # ENXIO: no data past offset
+            break
+        end = os.lseek(fd, start, os.SEEK_HOLE)
+        pages[start // page : -(-end // page)] = True
+        offset = end
+    return pages
 
 
 def check_free(directory: Path, needed: int, what: str, advice: str) -> None:

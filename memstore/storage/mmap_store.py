@@ -32,7 +32,7 @@ import numpy as np
 from memstore import fatal
 from memstore.dtypes import DType
 from memstore.errors import TableFormatError, permission_message
-from memstore.space import page_runs, reserve
+from memstore.space import data_pages, page_runs, reserve
 from memstore.storage.base import RowStore, take_rows
 
 
@@ -209,21 +209,11 @@ _PAGE = mmap.PAGESIZE
 
 def _data_pages(path: Path, size: int) -> np.ndarray:
     """Per page of the file: whether it holds data (not a hole), from the file's extents."""
-    pages = np.zeros(-(-size // _PAGE), dtype=bool)
     fd = os.open(path, os.O_RDONLY)
     try:
-        offset = 0
-        while offset < size:
-            try:
-                start = os.lseek(fd, offset, os.SEEK_DATA)
-            except OSError:  # ENXIO: no data past offset
-                break
-            end = os.lseek(fd, start, os.SEEK_HOLE)
-            pages[start // _PAGE : -(-end // _PAGE)] = True
-            offset = end
+        return data_pages(fd, size)
     finally:
         os.close(fd)
-    return pages
 
 
 def _copy_sparse(src: int, dst: int, size: int) -> None:
