@@ -70,7 +70,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.source is not TableSource.LOCAL and args.source is not TableSource.NONE:
             client = connect(args)
-        model, source = load_checkpoint(args.checkpoint, data, client, args.source, device=args.device)
+        try:
+            model, source = load_checkpoint(args.checkpoint, data, client, args.source, device=args.device)
+        except ValueError as exc:  # a memstore checkpoint without an address, or one that does not fit: usage
+            parser.error(f"{args.checkpoint}: {exc}")
         engram = model.config.engram
         if client is not None and engram is not None:
             client.check_fingerprint(fingerprint(engram.layout(), engram.seed))

@@ -309,3 +309,23 @@ def test_cuda_generation_is_the_same_with_and_without_the_prefetcher(data, confi
             assert prefetcher.stats.steps == 20  # the prompt, then each new position but the last
     assert prefetched.device.type == "cuda"
     assert torch.equal(prefetched, plain)
+
+
+def test_generating_from_a_memstore_checkpoint_without_an_address_is_a_usage_error(tmp_path, capsys) -> None:
+    from model import generate as generate_cli
+    from model import train as train_cli
+
+    data_dir = str(tmp_path / "data")
+    train_cli.main(
+        ["--source", "local", "--steps", "1", "--eval-every", "1", "--out", str(tmp_path / "run")]
+        + ["--data-dir", data_dir, "--device", "cpu"]
+    )
+    checkpoint = tmp_path / "run" / "ckpt.pt"
+    payload = torch.load(checkpoint, weights_only=True)
+    torch.save({**payload, "source": TableSource.MEMSTORE.value}, checkpoint)  # as a memstore run saves it
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        generate_cli.main(["--checkpoint", str(checkpoint), "--data-dir", data_dir, "--device", "cpu"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "needs a daemon address (--memstore HOST:PORT)" in err and "Traceback" not in err
