@@ -80,7 +80,7 @@ import numpy as np
 import torch
 
 from client.config import check_timeout
-from client.metrics import PREFETCH_ROWS, PREFETCH_STALL
+from client.metrics import PREFETCH_GPU_STALL, PREFETCH_ROWS, PREFETCH_STALL
 from memstore.errors import InternalError, InvalidArgumentError, MemstoreError, ResourceExhaustedError
 from memstore.manifest import Manifest
 from memstore.table import Table
@@ -467,6 +467,7 @@ class Prefetcher:
                 return
             self._gpu_waits.popleft()
             waited_s = max(0.0, arrived.elapsed_time(copied) / 1000.0)  # the copy ended after the consumer arrived
+            PREFETCH_GPU_STALL.labels(str(layer)).observe(waited_s)
             with self._stats_lock:
                 self.stats.gpu_stall_s[layer] = self.stats.gpu_stall_s.get(layer, 0.0) + waited_s
 

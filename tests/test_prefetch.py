@@ -461,6 +461,12 @@ def test_cuda_the_device_is_resolved_once_at_construction() -> None:
 
 @needs_cuda
 def test_cuda_the_consumer_streams_wait_for_copies_is_counted() -> None:
+    from prometheus_client import REGISTRY
+
+    def observed() -> float:
+        return REGISTRY.get_sample_value("memstore_client_prefetch_gpu_stall_seconds_count", {"layer": "1"}) or 0.0
+
+    before = observed()
     with _prefetcher(FakeStore(), PrefetchConfig(device="cuda")) as prefetcher:
         with torch.cuda.stream(prefetcher._copy_stream):
             torch.cuda._sleep(_CYCLES)  # the copies queue behind this; the compute stream is idle
@@ -468,6 +474,7 @@ def test_cuda_the_consumer_streams_wait_for_copies_is_counted() -> None:
             got = [{layer: handle.rows(layer) * 1 for layer in LAYERS}]
     assert set(prefetcher.stats.gpu_stall_s) == set(LAYERS) and prefetcher.stats.total_gpu_stall_s > 0
     assert "GPU stall" in prefetcher.stats.summary()
+    assert observed() == before + 1  # one wait of layer 1, collected by release() or close()
     _assert_steps_equal_the_table(got)
 
 
