@@ -17,6 +17,12 @@ PREFETCH_STALL = Histogram(
     ["layer"],
     buckets=_BUCKETS,
 )
+PREFETCH_GPU_STALL = Histogram(
+    "memstore_client_prefetch_gpu_stall_seconds",
+    "Time a CUDA stream waited for a layer's prefetched rows to be copied to the device (0 when the copy kept up)",
+    ["layer"],
+    buckets=_BUCKETS,
+)
 PREFETCH_ROWS = Counter("memstore_client_prefetch_rows", "Rows fetched by prefetchers, per layer", ["layer"])
 PUSH_WAIT = Histogram(
     "memstore_client_push_wait_seconds",

@@ -26,6 +26,42 @@ project's exception of the same kind, with the step and layer named. A failed la
 returns its buffer's contents (stale rows of an earlier step) nor zeros: the paper finds a
 model with its Engram zeroed keeps only 29% of its factual recall. The next step's handle is
 independent and unaffected.
+
+CUDA: streams, events and buffers
+---------------------------------
+`PrefetchConfig.device` is resolved once, in the constructor ("cuda" becomes
+`cuda:<torch.cuda.current_device()>`); the copy stream, every buffer, every event and every
+wait use that device, whatever device is current later (DDP's `set_device`) or on the worker
+threads (each thread has its own current device). Per buffer set and layer there is a pinned
+host tensor `host`, a device tensor `on_device`, and these orderings:
+
+1. Device memory is allocated under `torch.cuda.stream(copy stream)`, so the caching allocator
+   takes it from the copy stream's pool: a block freed by the caller's stream, still read by its
+   queued kernels, is never handed to the copy.
+2. A worker, before writing a layer's rows into `host`, waits on its own thread
+   (`Event.synchronize`) for `copied`, the event of the last copy that read that host tensor:
+   a queued non-blocking copy never reads rows of a later step.
+3. On the copy stream the worker waits (`wait_event`, no host block) for every `released` event
+   of the set's previous step, then copies `host` into `on_device` (non-blocking) and records a
+   fresh `copied` event (timing-enabled) on the copy stream.
+4. `rows(layer)` runs on the consumer stream: the stream current (for the prefetcher's device)
+   when it is called. It records a timing event there, makes that stream wait on `copied`, and
+   marks `on_device` as used by it (`record_stream`), so a buffer that grows or is dropped at
+   close returns to the allocator only after the consumer's queued work.
+5. `release(stream=None)` records one `released` event on each stream that called rows() in
+   this step (or on `stream` when given) and returns the set to the pool. The device buffer is
+   overwritten (step 3) only after those events, the host buffer (step 2) only after the copy.
+   release is idempotent and thread-safe (one set is returned once), and after `close()` it is a
+   no-op, so an exception that led to the close is not hidden by another one.
+
+Stall: `stats.stall_s` is the host's wait in rows(); `stats.gpu_stall_s` the time the consumer
+stream waited for a copy (the timing event of step 4 to `copied`), collected without a host
+sync as the events complete (at submit and release; `close()` collects the rest).
+
+CUDA graphs: submit() and rows() refuse to run while the current stream is capturing (their
+waits use events recorded outside the capture, and the buffers alternate between steps). Call
+`handle.rows(layer)` before `graph.replay()`, outside capture, and copy the rows into the
+graph's static input tensors (`static.copy_(rows)`, on the stream that replays).
 """
 
 from __future__ import annotations
@@ -33,8 +69,10 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -42,7 +80,7 @@ import numpy as np
 import torch
 
 from client.config import check_timeout
-from client.metrics import PREFETCH_ROWS, PREFETCH_STALL
+from client.metrics import PREFETCH_GPU_STALL, PREFETCH_ROWS, PREFETCH_STALL
 from memstore.errors import InternalError, InvalidArgumentError, MemstoreError, ResourceExhaustedError
 from memstore.manifest import Manifest
 from memstore.table import Table
@@ -105,7 +143,8 @@ class PrefetchStats:
     """What prefetching cost the model: exposed stall per layer, and fetch work done behind it."""
 
     steps: int = 0
-    stall_s: dict[int, float] = field(default_factory=dict)  # time rows() waited, per layer
+    stall_s: dict[int, float] = field(default_factory=dict)  # time rows() waited on the host, per layer
+    gpu_stall_s: dict[int, float] = field(default_factory=dict)  # time the consumer stream waited for copies (CUDA)
     fetch_s: dict[int, float] = field(default_factory=dict)  # time the lookups took, per layer
     ready_on_request: int = 0  # rows() calls that found their rows already there
     requests: int = 0
@@ -114,39 +153,69 @@ class PrefetchStats:
 
     @property
     def total_stall_s(self) -> float:
-        """Exposed stall over all layers and steps."""
+        """Exposed host stall over all layers and steps."""
         return sum(self.stall_s.values())
 
+    @property
+    def total_gpu_stall_s(self) -> float:
+        """Time consumer streams waited for copies, over all layers and steps (0 without CUDA)."""
+        return sum(self.gpu_stall_s.values())
+
     def summary(self) -> str:
-        """One line for logs: steps, rows, exposed stall (total and per layer)."""
+        """One line for logs: steps, rows, exposed stall (total and per layer, host and GPU)."""
         per_layer = ", ".join(f"layer {layer} {s:.3f} s" for layer, s in sorted(self.stall_s.items()))
+        gpu = ""
+        if self.gpu_stall_s:
+            gpu_layers = ", ".join(f"layer {layer} {s:.3f} s" for layer, s in sorted(self.gpu_stall_s.items()))
+            gpu = f"; GPU stall {self.total_gpu_stall_s:.3f} s ({gpu_layers})"
         return (
-            f"{self.steps} prefetches, {self.rows:,} rows; exposed stall {self.total_stall_s:.3f} s ({per_layer}); "
+            f"{self.steps} prefetches, {self.rows:,} rows; "
+            f"exposed stall {self.total_stall_s:.3f} s ({per_layer}){gpu}; "
             f"{self.ready_on_request}/{self.requests} layers' rows were ready when asked for"
         )
 
 
 class _BufferSet:
-    """One step's landing buffers: a host tensor per layer (pinned on CUDA), a device copy and event."""
+    """One step's landing buffers: a host tensor per layer (pinned on CUDA), a device copy and events.
 
-    def __init__(self, layer_ids: tuple[int, ...], dim: int, dtype: torch.dtype, device: torch.device) -> None:
+    The orderings between them are the module docstring's "CUDA: streams, events and buffers".
+    """
+
+    def __init__(
+        self,
+        layer_ids: tuple[int, ...],
+        dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        copy_stream: torch.cuda.Stream | None,
+    ) -> None:
         self.dim = dim
         self.dtype = dtype
         self.device = device
-        self.host = {layer: torch.empty(0, dim, dtype=dtype, pin_memory=device.type == "cuda") for layer in layer_ids}
-        self.on_device = {layer: torch.empty(0, dim, dtype=dtype, device=device) for layer in layer_ids}
-        self.copied = {layer: torch.cuda.Event() for layer in layer_ids} if device.type == "cuda" else {}
-        self.released: torch.cuda.Event | None = None  # compute stream done with on_device
+        self.copy_stream = copy_stream
+        cuda = device.type == "cuda"
+        self.host = {layer: torch.empty(0, dim, dtype=dtype, pin_memory=cuda) for layer in layer_ids}
+        self.on_device = {layer: self._device_empty(0) for layer in layer_ids}
+        self.copied: dict[int, torch.cuda.Event] = {}  # layer -> event of the last copy out of host[layer]
+        self.released: list[torch.cuda.Event] = []  # consumer streams done with on_device (previous step)
+
+    def _device_empty(self, count: int) -> torch.Tensor:
+        if self.copy_stream is None:
+            return torch.empty(count, self.dim, dtype=self.dtype, device=self.device)
+        with torch.cuda.stream(self.copy_stream):  # the copy stream's pool: no block a queued kernel still reads
+            return torch.empty(count, self.dim, dtype=self.dtype, device=self.device)
 
     def host_view(self, layer: int, shape: tuple[int, ...], stats: PrefetchStats) -> torch.Tensor:
         """A [*shape, dim] view of the layer's host buffer, grown (and counted) only if too small."""
         count = int(np.prod(shape))
         if count > len(self.host[layer]):
-            pinned = self.device.type == "cuda"
-            self.host[layer] = torch.empty(count, self.dim, dtype=self.dtype, pin_memory=pinned)
+            # The old pinned tensor may still be read by a queued copy: torch's pinned-memory cache
+            # keeps its block until that copy completes. The old device tensor was marked with each
+            # consumer stream (record_stream in rows()), so it is reused only after their work.
+            self.host[layer] = torch.empty(count, self.dim, dtype=self.dtype, pin_memory=self.device.type == "cuda")
             stats.buffer_allocations += 1
             if self.device.type != "cpu":
-                self.on_device[layer] = torch.empty(count, self.dim, dtype=self.dtype, device=self.device)
+                self.on_device[layer] = self._device_empty(count)
                 stats.buffer_allocations += 1
         return self.host[layer][:count].view(*shape, self.dim)  # [*shape, dim]
 
@@ -174,15 +243,20 @@ class PrefetchHandle:
         self._fetched_in_submit_s = fetched_in_submit_s or {}
         self._buffers: _BufferSet | None = buffers
         self._waited: set[int] = set()
+        self._consumers: list[torch.cuda.Stream] = []  # CUDA: the streams rows() was called on
+        self._lock = threading.Lock()
 
     def rows(self, layer_id: int) -> torch.Tensor:
         """This step's rows [*ids.shape, dim] of one layer, in the stored dtype on the configured device
         (quantized rows: decoded to float32 there).
 
         Waits for this layer's lookup only; a failed lookup raises here, naming step and layer.
-        The tensor is a view of a reused buffer: valid until `release()`.
+        The tensor is a view of a reused buffer: valid until `release()`. On CUDA the stream current
+        now is the consumer: it waits for the copy, and release() records on it.
         """
-        if self._buffers is None:
+        _refuse_capture("handle.rows()")
+        buffers = self._buffers
+        if buffers is None:
             raise InvalidArgumentError(f"the handle of step {self.step} was released; its rows are gone")
         future = self._futures.get(layer_id)
         if future is None:
@@ -193,6 +267,10 @@ class PrefetchHandle:
         start = time.perf_counter()
         try:
             rows = future.result()
+        except CancelledError:
+            raise InvalidArgumentError(
+                f"the prefetcher was closed before step {self.step}, layer {layer_id} was fetched"
+            ) from None
         except MemstoreError as exc:
             named = type(exc)(f"prefetch of step {self.step}, layer {layer_id}: {exc}")
             named.code = exc.code
@@ -208,22 +286,45 @@ class PrefetchHandle:
                     stats.stall_s[layer_id] = stats.stall_s.get(layer_id, 0.0) + stall
                     stats.requests += 1
                     stats.ready_on_request += ready
-        if self._buffers.copied:  # the compute stream waits for the copy; the host does not
-            torch.cuda.current_stream(self._buffers.device).wait_event(self._buffers.copied[layer_id])
+        if buffers.copy_stream is not None:
+            self._consume_on_device(layer_id, buffers)
         if self._prefetcher.storage.quantized:  # decoded on the model's device, on its stream
             return self._prefetcher.storage.dequantize(rows)  # [*ids.shape, dim] float32
         return rows
 
-    def release(self) -> None:
-        """Return the buffer set to the pool (after the step's backward). Idempotent."""
-        buffers, self._buffers = self._buffers, None
-        if buffers is None:
+    def _consume_on_device(self, layer_id: int, buffers: _BufferSet) -> None:
+        """The consumer stream waits for the copy (the host does not) and marks the buffer as its own."""
+        consumer = torch.cuda.current_stream(buffers.device)
+        with self._lock:
+            if consumer not in self._consumers:
+                self._consumers.append(consumer)
+        arrived = torch.cuda.Event(enable_timing=True)
+        arrived.record(consumer)
+        copied = buffers.copied[layer_id]
+        consumer.wait_event(copied)
+        buffers.on_device[layer_id].record_stream(consumer)
+        self._prefetcher._gpu_waits.append((layer_id, arrived, copied))
+
+    def release(self, stream: torch.cuda.Stream | None = None) -> None:
+        """Return the buffer set to the pool (after the step's backward). Idempotent and thread-safe;
+        a no-op once the prefetcher is closed.
+
+        On CUDA the next copy into these device buffers waits for the work queued so far on every
+        stream that called rows() in this step, or on `stream` alone when given.
+        """
+        with self._lock:
+            buffers, self._buffers = self._buffers, None
+            consumers = [stream] if stream is not None else list(self._consumers)
+        if buffers is None or self._prefetcher.closed:
             return
-        for future in self._futures.values():  # a worker may still write into the buffers
-            future.exception()
-        if buffers.copied:  # the next copy into these device buffers waits for this step's compute
-            buffers.released = torch.cuda.Event()
-            buffers.released.record(torch.cuda.current_stream(buffers.device))
+        wait_futures(self._futures.values())  # a worker may still write into the buffers; never raises
+        if buffers.copy_stream is not None:
+            buffers.released = []
+            for consumer in consumers:
+                event = torch.cuda.Event()
+                event.record(consumer)
+                buffers.released.append(event)
+            self._prefetcher._collect_gpu_stalls(block=False)
         self._prefetcher._free.put(buffers)
 
     def __enter__(self) -> PrefetchHandle:
@@ -252,6 +353,7 @@ class Prefetcher:
         self.layer_ids = tuple(layer_ids)
         self.config = config or PrefetchConfig()
         self.stats = PrefetchStats()
+        self.closed = False
         self._stats_lock = threading.Lock()
         manifest = fetcher.describe(self.config.timeout_s)
         missing = set(self.layer_ids) - set(manifest.layout.layer_ids)
@@ -260,21 +362,27 @@ class Prefetcher:
                 f"the table has layers {list(manifest.layout.layer_ids)}; it cannot serve layers {sorted(missing)}"
             )
         self.storage = manifest.dtype
-        self.device = torch.device(self.config.device)
-        self._free: queue.Queue[_BufferSet] = queue.Queue()
-        for _ in range(self.config.depth):
-            width = manifest.dtype.stored_width(manifest.layout.dim)  # stored units per row
-            self._free.put(_BufferSet(self.layer_ids, width, self.storage.torch, self.device))
+        self.device = _resolve_device(self.config.device)
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._gpu_waits: deque[tuple[int, torch.cuda.Event, torch.cuda.Event]] = deque()  # (layer, arrived, copied)
+        self._gpu_waits_lock = threading.Lock()  # release() and submit() may collect from different threads
+        self._free: queue.Queue[_BufferSet] = queue.Queue()
+        width = manifest.dtype.stored_width(manifest.layout.dim)  # stored units per row
+        for _ in range(self.config.depth):
+            self._free.put(_BufferSet(self.layer_ids, width, self.storage.torch, self.device, self._copy_stream))
         self._pool = ThreadPoolExecutor(max_workers=len(self.layer_ids), thread_name_prefix="engram-prefetch")
         self._steps = 0
 
     def submit(self, input_ids: Any) -> PrefetchHandle:
         """Hash `input_ids` [B, T] for every layer and start fetching their rows."""
+        _refuse_capture("prefetcher.submit()")
         return self.submit_row_ids(self.row_ids_fn(input_ids))
 
     def submit_row_ids(self, row_ids: RowIds) -> PrefetchHandle:
         """Start fetching rows for ids already hashed: {layer id: row ids [...]} for every layer."""
+        _refuse_capture("prefetcher.submit_row_ids()")
+        if self.closed:
+            raise InvalidArgumentError("the prefetcher is closed; open a new one to fetch more steps")
         if set(row_ids) != set(self.layer_ids):
             raise InvalidArgumentError(f"row ids are for layers {sorted(row_ids)}; expected {list(self.layer_ids)}")
         ids = {layer: _as_numpy(row_ids[layer]) for layer in self.layer_ids}
@@ -285,12 +393,19 @@ class Prefetcher:
                 f"all {self.config.depth} prefetch buffer sets are held by unreleased steps; call "
                 "handle.release() when a step is done, or raise PrefetchConfig.depth"
             ) from None
+        try:
+            with self._stats_lock:
+                views = {layer: buffers.host_view(layer, ids[layer].shape, self.stats) for layer in self.layer_ids}
+        except BaseException:
+            self._free.put(buffers)  # a failed allocation must not cost the pool its set
+            raise
+        if self._copy_stream is not None:
+            self._collect_gpu_stalls(block=False)
         step = self._steps
         self._steps += 1
         with self._stats_lock:
             self.stats.steps += 1
             self.stats.rows += sum(i.size for i in ids.values())
-            views = {layer: buffers.host_view(layer, ids[layer].shape, self.stats) for layer in self.layer_ids}
         futures: dict[int, Future] = {}
         fetched_in_submit_s: dict[int, float] = {}
         for layer in self.layer_ids:
@@ -315,31 +430,79 @@ class Prefetcher:
 
     def _fetch(self, layer: int, ids: np.ndarray, host: torch.Tensor, buffers: _BufferSet) -> torch.Tensor:
         start = time.perf_counter()
+        previous_copy = buffers.copied.get(layer)
+        if previous_copy is not None:  # a queued copy may still read the host buffer: wait here, not in the caller
+            previous_copy.synchronize()
         self.fetcher.lookup(layer, ids, timeout=self.config.timeout_s, out=host)
         PREFETCH_ROWS.labels(str(layer)).inc(ids.size)
         rows = host
         if self._copy_stream is not None:
-            with torch.cuda.stream(self._copy_stream):
-                if buffers.released is not None:  # the previous step's compute still reads these buffers
-                    self._copy_stream.wait_event(buffers.released)
+            with torch.cuda.device(self.device), torch.cuda.stream(self._copy_stream):
+                for released in buffers.released:  # the previous step's consumers still read the device buffer
+                    self._copy_stream.wait_event(released)
                 rows = buffers.device_view(layer, ids.shape)
                 rows.copy_(host, non_blocking=True)
-                buffers.copied[layer].record(self._copy_stream)
+                copied = torch.cuda.Event(enable_timing=True)
+                copied.record(self._copy_stream)
+                buffers.copied[layer] = copied
         elif self.device.type != "cpu":
             rows = buffers.device_view(layer, ids.shape).copy_(host)
         with self._stats_lock:
             self.stats.fetch_s[layer] = self.stats.fetch_s.get(layer, 0.0) + time.perf_counter() - start
         return rows
 
+    def _collect_gpu_stalls(self, block: bool) -> None:
+        """Add the consumer streams' waits for copies to stats.gpu_stall_s, oldest first, for the events
+        that completed (all of them when `block`: only close() blocks)."""
+        with self._gpu_waits_lock:
+            self._collect_gpu_stalls_locked(block)
+
+    def _collect_gpu_stalls_locked(self, block: bool) -> None:
+        while self._gpu_waits:
+            layer, arrived, copied = self._gpu_waits[0]
+            if block:
+                arrived.synchronize()
+                copied.synchronize()
+            elif not (arrived.query() and copied.query()):
+                return
+            self._gpu_waits.popleft()
+            waited_s = max(0.0, arrived.elapsed_time(copied) / 1000.0)  # the copy ended after the consumer arrived
+            PREFETCH_GPU_STALL.labels(str(layer)).observe(waited_s)
+            with self._stats_lock:
+                self.stats.gpu_stall_s[layer] = self.stats.gpu_stall_s.get(layer, 0.0) + waited_s
+
     def close(self) -> None:
-        """Stop the workers (in-flight lookups finish first)."""
+        """Stop the workers (in-flight lookups finish first), and collect the GPU stall still in flight.
+        Idempotent; handles released afterwards return nothing."""
+        self.closed = True
         self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._copy_stream is not None:
+            self._collect_gpu_stalls(block=True)
+            self._copy_stream.synchronize()  # no copy outlives the prefetcher's buffers
 
     def __enter__(self) -> Prefetcher:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _resolve_device(name: str) -> torch.device:
+    """The device, with CUDA's index fixed now: the device current at construction."""
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _refuse_capture(what: str) -> None:
+    """CUDA graphs: the prefetcher's waits and alternating buffers cannot be captured."""
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        raise InvalidArgumentError(
+            f"{what} cannot run inside CUDA graph capture (its events are recorded outside it and its buffers "
+            "alternate between steps): call handle.rows(layer) before replay, outside capture, and copy the rows "
+            "into the graph's static input tensors"
+        )
 
 
 def _as_numpy(ids: torch.Tensor | np.ndarray) -> np.ndarray:

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from client import MemstoreClient, PrefetchConfig, Prefetcher, TableFetcher
+import client.prefetch as prefetch_module
+from client import MemstoreClient, PrefetchConfig, Prefetcher, PrefetchStats, TableFetcher
 from memstore.create import create_table
 from memstore.dtypes import DType
 from memstore.errors import (
@@ -287,3 +288,219 @@ def test_quantized_rows_reach_the_model_decoded(tmp_path, daemon_factory, dtype:
             rows = handle.rows(1)
             assert rows.dtype == torch.float32
             np.testing.assert_array_equal(rows.numpy(), expected)
+
+
+def _closed_with_a_step_pending() -> tuple[Prefetcher, GatedStore, object, object]:
+    """A prefetcher closed while step 0's lookups ran and step 1's were still queued (so cancelled)."""
+    store = GatedStore()
+    prefetcher = _prefetcher(store)
+    running = prefetcher.submit(0)  # both workers block on step 0's gate
+    pending = prefetcher.submit(1)  # queued behind them
+    closer = threading.Thread(target=prefetcher.close)
+    closer.start()
+    wait_until(lambda: all(f.cancelled() for f in pending._futures.values()), "step 1's lookups were cancelled")
+    store.open(0)
+    closer.join(DEADLINE_S)
+    assert not closer.is_alive()
+    return prefetcher, store, running, pending
+
+
+def test_release_after_close_keeps_the_original_error() -> None:
+    prefetcher, _, running, pending = _closed_with_a_step_pending()
+    with pytest.raises(ValueError, match="the step's own failure"):
+        try:
+            raise ValueError("the step's own failure")
+        finally:  # what a training loop's cleanup does once the prefetcher's `with` has closed it
+            pending.release()
+            running.release()
+    assert prefetcher._free.qsize() == 0  # a no-op: nothing goes back to a closed prefetcher
+
+
+def test_rows_of_a_step_cancelled_by_close_say_so() -> None:
+    _, _, _, pending = _closed_with_a_step_pending()
+    with pytest.raises(InvalidArgumentError, match="closed before step 1, layer 1 was fetched"):
+        pending.rows(1)
+
+
+def test_submit_after_close_is_refused_clearly() -> None:
+    prefetcher = _prefetcher(FakeStore())
+    prefetcher.close()
+    prefetcher.close()  # idempotent
+    with pytest.raises(InvalidArgumentError, match="closed"):
+        prefetcher.submit(0)
+    assert prefetcher.stats.steps == 0
+
+
+def test_a_failed_buffer_allocation_returns_the_set_to_the_pool() -> None:
+    huge = np.broadcast_to(np.int64(0), (2**38,))  # 2^38 ids in no memory; their rows need 32 TiB
+    with _prefetcher(FakeStore(), PrefetchConfig(depth=1, acquire_timeout_s=1.0)) as prefetcher:
+        with pytest.raises(RuntimeError):
+            prefetcher.submit_row_ids({layer: huge for layer in LAYERS})
+        assert prefetcher.stats.steps == 0 and prefetcher.stats.rows == 0
+        with prefetcher.submit(0) as handle:  # the only set is back: no ResourceExhaustedError
+            np.testing.assert_array_equal(handle.rows(4).numpy(), _expected_rows(4, _ids(0)[4]))
+
+
+def test_a_handle_released_by_many_threads_returns_its_set_once() -> None:
+    with _prefetcher(FakeStore(), PrefetchConfig(depth=2)) as prefetcher:
+        for step in range(50):
+            handle = prefetcher.submit(step)
+            barrier = threading.Barrier(8)
+            threads = [threading.Thread(target=lambda: (barrier.wait(DEADLINE_S), handle.release())) for _ in range(8)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(DEADLINE_S)
+            assert prefetcher._free.qsize() == 2
+
+
+def test_submit_and_rows_refuse_cuda_graph_capture(monkeypatch) -> None:
+    with _prefetcher(FakeStore()) as prefetcher:
+        handle = prefetcher.submit(0)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+        for call in (lambda: prefetcher.submit(1), lambda: prefetcher.submit_row_ids(_ids(1)), lambda: handle.rows(1)):
+            with pytest.raises(InvalidArgumentError, match="CUDA graph capture.*static input"):
+                call()
+        monkeypatch.undo()
+        assert prefetcher.stats.steps == 1
+        np.testing.assert_array_equal(handle.rows(1).numpy(), _expected_rows(1, _ids(0)[1]))
+        handle.release()
+
+
+def test_summary_reports_the_gpu_stall_beside_the_host_stall() -> None:
+    stats = PrefetchStats(steps=2, stall_s={1: 0.5}, gpu_stall_s={1: 0.25, 4: 0.125})
+    assert stats.total_gpu_stall_s == 0.375
+    assert "exposed stall 0.500 s" in stats.summary() and "GPU stall 0.375 s" in stats.summary()
+    assert "GPU" not in PrefetchStats(stall_s={1: 0.5}).summary()  # no CUDA, no GPU figure
+
+
+def test_the_module_docstring_states_the_stream_discipline() -> None:
+    doc = prefetch_module.__doc__
+    for contract in ("copy stream's pool", "Event.synchronize", "wait_event", "record_stream", "released", "capture"):
+        assert contract in doc
+
+
+# CUDA probes: the compute (or copy) stream is held back by torch.cuda._sleep and nothing syncs the host,
+# so a missing ordering shows as wrong rows. Every step's rows are compared bit for bit with the table.
+_CYCLES = 50_000_000  # tens of milliseconds of GPU time at any clock rate
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _assert_steps_equal_the_table(got: list[dict[int, torch.Tensor]]) -> None:
+    for step, rows in enumerate(got):
+        for layer in LAYERS:
+            np.testing.assert_array_equal(rows[layer].cpu().numpy(), _expected_rows(layer, _ids(step)[layer]))
+
+
+@needs_cuda
+def test_cuda_a_pinned_buffer_is_not_overwritten_while_its_copy_is_queued() -> None:
+    steps, got = 8, []
+    with _prefetcher(FakeStore(), PrefetchConfig(device="cuda")) as prefetcher:
+        handle = prefetcher.submit(0)
+        for step in range(steps):
+            upcoming = prefetcher.submit(step + 1) if step + 1 < steps else None
+            torch.cuda._sleep(_CYCLES)  # the compute stream falls behind the host
+            got.append({layer: handle.rows(layer) * 1 for layer in LAYERS})
+            handle.release()
+            handle = upcoming
+        torch.cuda.synchronize()
+    _assert_steps_equal_the_table(got)
+
+
+@needs_cuda
+def test_cuda_device_buffers_never_take_a_block_queued_kernels_still_read() -> None:
+    count = _ids(0)[LAYERS[0]].size
+    with _prefetcher(FakeStore(), PrefetchConfig(device="cuda", depth=1)) as prefetcher:
+        sentinel = torch.full((count, DIM), -1.0, device=prefetcher.device)  # the size of a layer's buffer
+        torch.cuda._sleep(_CYCLES)
+        later = sentinel * 1  # queued behind the sleep: reads sentinel's block
+        del sentinel  # the block is free for the compute stream's next allocation at once
+        with prefetcher.submit(0) as handle:
+            got = [{layer: handle.rows(layer) * 1 for layer in LAYERS}]
+        torch.cuda.synchronize()
+    assert torch.equal(later, torch.full_like(later, -1.0))
+    _assert_steps_equal_the_table(got)
+
+
+@needs_cuda
+def test_cuda_release_orders_the_next_copy_after_the_consuming_stream() -> None:
+    steps, got, side = 6, [], torch.cuda.Stream()
+    with _prefetcher(FakeStore(), PrefetchConfig(device="cuda")) as prefetcher:
+        handle = prefetcher.submit(0)
+        for step in range(steps):
+            upcoming = prefetcher.submit(step + 1) if step + 1 < steps else None
+            with torch.cuda.stream(side):  # the step runs on a stream of its own
+                views = {layer: handle.rows(layer) for layer in LAYERS}
+                torch.cuda._sleep(_CYCLES)
+                got.append({layer: views[layer] * 1 for layer in LAYERS})
+            handle.release()  # outside: the current stream is the idle default one
+            handle = upcoming
+        side.synchronize()
+    _assert_steps_equal_the_table(got)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_cuda_the_device_is_resolved_once_at_construction() -> None:
+    previous = torch.cuda.current_device()
+    try:
+        torch.cuda.set_device(0)
+        with _prefetcher(FakeStore(), PrefetchConfig(device="cuda")) as prefetcher:
+            torch.cuda.set_device(1)  # as DDP does after the prefetcher was built
+            got = []
+            for step in range(3):
+                with prefetcher.submit(step) as handle:
+                    rows = {layer: handle.rows(layer) for layer in LAYERS}
+                    assert all(r.device == torch.device("cuda", 0) for r in rows.values())
+                    got.append({layer: r * 1 for layer, r in rows.items()})
+            torch.cuda.synchronize(0)
+    finally:
+        torch.cuda.set_device(previous)
+    _assert_steps_equal_the_table(got)
+
+
+@needs_cuda
+def test_cuda_the_consumer_streams_wait_for_copies_is_counted() -> None:
+    from prometheus_client import REGISTRY
+
+    def observed() -> float:
+        return REGISTRY.get_sample_value("memstore_client_prefetch_gpu_stall_seconds_count", {"layer": "1"}) or 0.0
+
+    before = observed()
+    with _prefetcher(FakeStore(), PrefetchConfig(device="cuda")) as prefetcher:
+        with torch.cuda.stream(prefetcher._copy_stream):
+            torch.cuda._sleep(_CYCLES)  # the copies queue behind this; the compute stream is idle
+        with prefetcher.submit(0) as handle:
+            got = [{layer: handle.rows(layer) * 1 for layer in LAYERS}]
+    assert set(prefetcher.stats.gpu_stall_s) == set(LAYERS) and prefetcher.stats.total_gpu_stall_s > 0
+    assert "GPU stall" in prefetcher.stats.summary()
+    assert observed() == before + 1  # one wait of layer 1, collected by release() or close()
+    _assert_steps_equal_the_table(got)
+
+
+@needs_cuda
+def test_cuda_graphs_take_rows_copied_into_static_inputs_and_refuse_capture() -> None:
+    count = _ids(0)[1].size
+    with _prefetcher(FakeStore(), PrefetchConfig(device="cuda")) as prefetcher:
+        static = torch.zeros(count, DIM, device=prefetcher.device)
+        warmup = torch.cuda.Stream()
+        warmup.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(warmup):
+            static * 2
+        torch.cuda.current_stream().wait_stream(warmup)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = static * 2
+        handle = prefetcher.submit(0)
+        with pytest.raises(InvalidArgumentError, match="capture"), torch.cuda.graph(torch.cuda.CUDAGraph()):
+            handle.rows(1)
+        handle.release()
+        got = []
+        for step in range(4):
+            with prefetcher.submit(step) as handle:
+                static.copy_(handle.rows(1).reshape(count, DIM))  # outside capture, on the replaying stream
+                graph.replay()
+                got.append((out / 2).reshape(*_ids(step)[1].shape, DIM))
+        torch.cuda.synchronize()
+    for step, rows in enumerate(got):
+        np.testing.assert_array_equal(rows.cpu().numpy(), _expected_rows(1, _ids(step)[1]))
