@@ -17,10 +17,11 @@ artificially slow store), so a fast loopback cannot hide the overlap, or its abs
 The daemon is a child process; sync and prefetch use gRPC (the same-host path switched off).
 
 `--device` (auto: cuda if PyTorch sees a GPU, else cpu) is where the model runs; on cuda the
-prefetcher lands rows through pinned buffers and a side stream. The exposed stall column is the
-prefetcher's host-side wait for rows (PrefetchStats.stall_s); a GPU's wait on the copy events is
-not in it. The "excess" column is every cost over in-process, host or GPU: (time - in-process
-time) / time, with each step's loss read back (a device sync) so GPU work is inside the time.
+prefetcher lands rows through pinned buffers and a side stream. Stall columns: the host's wait for
+rows (PrefetchStats.stall_s), and on CUDA the model's stream's wait for the rows' copies
+(PrefetchStats.gpu_stall_s; 0 on the CPU). The "excess" column is every cost over in-process,
+host or GPU: (time - in-process time) / time, with each step's loss read back (a device sync)
+so GPU work is inside the time.
 """
 
 from __future__ import annotations
@@ -73,7 +74,8 @@ class SlowStore:
 @dataclass
 class Measured:
     seconds: float  # per training step, or per generated token
-    stall_share: float
+    stall_share: float  # the host's wait for rows
+    gpu_stall_share: float = 0.0  # the model's CUDA stream's wait for the rows' copies (PrefetchStats.gpu_stall_s)
 
 
 DEVICE = torch.device("cpu")  # set by --device
@@ -97,6 +99,9 @@ def _train_step_time(variant: str, lm_config, data, table: Table, stores: dict, 
         model = _model(lm_config, data, {layer: MemstoreTable(store, layer, device=DEVICE) for layer in layers})
         with Prefetcher(store, model.row_ids, layers, PrefetchConfig(device=str(DEVICE))) as prefetcher:
             result = train(model, data, config, progress=False, prefetcher=prefetcher)
+        # After close(), which collects the copies' waits still in flight; evaluation does not use the prefetcher.
+        gpu_share = prefetcher.stats.total_gpu_stall_s / result.train_seconds
+        return Measured(result.train_seconds / config.steps, result.stall_share, gpu_share)
     return Measured(result.train_seconds / config.steps, result.stall_share)
 
 
@@ -115,7 +120,8 @@ def _generation_token_time(variant: str, lm_config, data, table: Table, stores: 
             torch.cuda.synchronize(DEVICE)  # the last token's kernels are part of its time
         elapsed = time.perf_counter() - start
         stall = prefetcher.stats.total_stall_s if variant != "in-process" else 0.0
-    return Measured(elapsed / (new_tokens * len(prompts)), stall / elapsed)
+    gpu_stall = prefetcher.stats.total_gpu_stall_s if variant != "in-process" else 0.0  # complete after close()
+    return Measured(elapsed / (new_tokens * len(prompts)), stall / elapsed, gpu_stall / elapsed)
 
 
 def _rounds(measure, rounds: int) -> dict[str, Measured]:
@@ -128,7 +134,11 @@ def _rounds(measure, rounds: int) -> dict[str, Measured]:
         for variant in VARIANTS if r % 2 == 0 else reversed(VARIANTS):
             samples[variant].append(measure(variant))
     return {
-        v: Measured(statistics.median(m.seconds for m in ms), statistics.median(m.stall_share for m in ms))
+        v: Measured(
+            statistics.median(m.seconds for m in ms),
+            statistics.median(m.stall_share for m in ms),
+            statistics.median(m.gpu_stall_share for m in ms),
+        )
         for v, ms in samples.items()
     }
 
@@ -144,6 +154,7 @@ def _rows(kind: str, unit: str, results: dict[str, Measured], per_second: float)
             "time_ratio_to_in_process": m.seconds / base,
             "throughput_ratio_to_in_process": base / m.seconds,
             "exposed_stall_share": m.stall_share,  # host waits for rows only
+            "gpu_stall_share": m.gpu_stall_share,  # CUDA: the model's stream waiting for row copies
             "excess_over_in_process": (m.seconds - base) / m.seconds,  # every wait, host or GPU
         }
         for variant, m in results.items()
@@ -221,14 +232,14 @@ def main() -> int:
 
 
 def _print(rows: list[dict]) -> None:
-    print("\n| phase | variant | time | tokens/s | ratio to in-process (time) | exposed stall (host) | excess |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print("\n| phase | variant | time | tokens/s | ratio to in-process (time) | host stall | GPU stall | excess |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         time_text = f"{row['step_ms']:.1f} ms/step" if "step_ms" in row else f"{row['us_per_token']:.0f} us/token"
         print(
             f"| {row['phase']} | {row['variant']} | {time_text} | {row['tokens_per_s']:,.0f} | "
             f"{row['time_ratio_to_in_process']:.3f} | {row['exposed_stall_share']:.1%} | "
-            f"{row['excess_over_in_process']:.1%} |"
+            f"{row['gpu_stall_share']:.1%} | {row['excess_over_in_process']:.1%} |"
         )
     sync = next(r for r in rows if r["variant"] == "sync")["exposed_stall_share"]
     pre = next(r for r in rows if r["variant"] == "prefetch")["exposed_stall_share"]

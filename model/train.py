@@ -96,6 +96,9 @@ class TrainResult:
     tokens_per_s: float = 0.0
     rows_fetched: int = 0
     stall_seconds: dict[int, float] = field(default_factory=dict)  # training steps' wait for rows, per layer
+    # On CUDA: the model's stream waiting for the rows' copies, per layer (the prefetcher's gpu_stall_s,
+    # collected as the copies complete, so a last step's may be missing).
+    gpu_stall_seconds: dict[int, float] = field(default_factory=dict)
     push_wait_seconds: float = 0.0  # training steps' wait for push acknowledgements
     rows_pushed: int = 0
     table_version: int = 0  # the memstore table's version after the last acknowledged push
@@ -259,6 +262,7 @@ def train(
     result.train_seconds = time.perf_counter() - start - result.eval_seconds
     result.tokens_per_s = config.steps * config.batch_size * model.config.max_seq_len / result.train_seconds
     result.stall_seconds = stall.seconds()
+    result.gpu_stall_seconds = stall.gpu_seconds()
     result.rows_fetched = stall.rows()
     return result
 
@@ -277,6 +281,15 @@ class _StallMeter:
         self._start = self._totals()
         self._excluded: dict[int, float] = {}
         self._rows_start = self._rows_total()
+        self._gpu_start = self._gpu_totals()
+
+    def _gpu_totals(self) -> dict[int, float]:
+        return dict(self.prefetcher.stats.gpu_stall_s) if self.prefetcher is not None else {}
+
+    def gpu_seconds(self) -> dict[int, float]:
+        """The model's stream's wait for row copies per layer since the meter started (CUDA; evaluations
+        look rows up without the prefetcher, so all of it is training's)."""
+        return {layer: total - self._gpu_start.get(layer, 0.0) for layer, total in self._gpu_totals().items()}
 
     def _totals(self) -> dict[int, float]:
         if self.prefetcher is not None:
@@ -455,6 +468,9 @@ def report(result: TrainResult, config: TrainConfig) -> str:
             f"({_fetch_mode(result)}); "
             f"exposed stall {stall:.2f} s = {result.stall_share:.1%} of training time ({per_layer})"
         )
+        if result.gpu_stall_seconds:
+            gpu = sum(result.gpu_stall_seconds.values())
+            lines.append(f"memstore: the GPU waited {gpu:.2f} s for row copies ({gpu / result.train_seconds:.1%})")
     if result.rows_pushed:
         lines.append(
             f"memstore: {result.rows_pushed:,} row gradients pushed, table now at version {result.table_version}; "

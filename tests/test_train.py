@@ -358,6 +358,10 @@ def _train_on(device: str, lm_data, path, daemon_factory, monkeypatch) -> tuple:
     finally:
         torch.use_deterministic_algorithms(deterministic)
     assert next(remote.parameters()).device.type == torch.device(device).type
+    # The model's stream's waits for the rows' copies: reported per layer on CUDA, none on the CPU.
+    assert set(remote_result.gpu_stall_seconds) <= set(layers)
+    assert all(s >= 0 for s in remote_result.gpu_stall_seconds.values())
+    assert device == "cuda" or not remote_result.gpu_stall_seconds
     return reference, reference_rows, remote_result, remote_rows, initial[ROWS_KEY].cpu().numpy()
 
 
