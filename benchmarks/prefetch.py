@@ -1,6 +1,6 @@
 """What a memstore-held Engram table costs the small Engram LM, with and without prefetch.
 
-    python benchmarks/prefetch.py [--steps 40] [--rounds 2] [--latency-ms 20] [--json out.json]
+    python benchmarks/prefetch.py [--steps 40] [--rounds 2] [--latency-ms 20] [--device auto] [--json out.json]
 
 One run, same seeds, same batches, same initial weights, three variants:
 - in-process:  the table memory-mapped in the training process (the limit);
@@ -15,6 +15,13 @@ position fetched once) reports tokens/s; both as ratios to in-process, with the 
 machine is shared and noisy. Then the same with `--latency-ms` added to every lookup (an
 artificially slow store), so a fast loopback cannot hide the overlap, or its absence.
 The daemon is a child process; sync and prefetch use gRPC (the same-host path switched off).
+
+`--device` (auto: cuda if PyTorch sees a GPU, else cpu) is where the model runs; on cuda the
+prefetcher lands rows through pinned buffers and a side stream. Stall columns: the host's wait for
+rows (PrefetchStats.stall_s), and on CUDA the model's stream's wait for the rows' copies
+(PrefetchStats.gpu_stall_s; 0 on the CPU). The "excess" column is every cost over in-process,
+host or GPU: (time - in-process time) / time, with each step's loss read back (a device sync)
+so GPU work is inside the time.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from memstore.manifest import Manifest  # noqa: E402
 from memstore.table import Table  # noqa: E402
 from model.compression import CompressedTokenizer  # noqa: E402
 from model.data import DataConfig, PreparedData, prepare_data  # noqa: E402
+from model.device import add_device_argument  # noqa: E402
 from model.lm import EngramLM, LMConfig  # noqa: E402
 from model.sources import MappedTable, MemstoreTable  # noqa: E402
 from model.train import TrainConfig, train  # noqa: E402
@@ -66,7 +74,8 @@ class SlowStore:
 @dataclass
 class Measured:
     seconds: float  # per training step, or per generated token
-    stall_share: float
+    stall_share: float  # the host's wait for rows
+    gpu_stall_share: float = 0.0  # the model's CUDA stream's wait for the rows' copies (PrefetchStats.gpu_stall_s)
 
 
 DEVICE = torch.device("cpu")  # set by --device
@@ -84,12 +93,15 @@ def _train_step_time(variant: str, lm_config, data, table: Table, stores: dict, 
         model = _model(lm_config, data, {layer: MappedTable(table, layer) for layer in layers})
         result = train(model, data, config, progress=False)
     elif variant == "sync":
-        model = _model(lm_config, data, {layer: MemstoreTable(store, layer) for layer in layers})
+        model = _model(lm_config, data, {layer: MemstoreTable(store, layer, device=DEVICE) for layer in layers})
         result = train(model, data, config, progress=False)
     else:
-        model = _model(lm_config, data, {layer: MemstoreTable(store, layer) for layer in layers})
+        model = _model(lm_config, data, {layer: MemstoreTable(store, layer, device=DEVICE) for layer in layers})
         with Prefetcher(store, model.row_ids, layers, PrefetchConfig(device=str(DEVICE))) as prefetcher:
             result = train(model, data, config, progress=False, prefetcher=prefetcher)
+        # After close(), which collects the copies' waits still in flight; evaluation does not use the prefetcher.
+        gpu_share = prefetcher.stats.total_gpu_stall_s / result.train_seconds
+        return Measured(result.train_seconds / config.steps, result.stall_share, gpu_share)
     return Measured(result.train_seconds / config.steps, result.stall_share)
 
 
@@ -104,9 +116,12 @@ def _generation_token_time(variant: str, lm_config, data, table: Table, stores: 
         torch.manual_seed(0)
         start = time.perf_counter()
         model.generate(prompts.to(DEVICE), new_tokens, prefetcher=prefetcher)
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize(DEVICE)  # the last token's kernels are part of its time
         elapsed = time.perf_counter() - start
         stall = prefetcher.stats.total_stall_s if variant != "in-process" else 0.0
-    return Measured(elapsed / (new_tokens * len(prompts)), stall / elapsed)
+    gpu_stall = prefetcher.stats.total_gpu_stall_s if variant != "in-process" else 0.0  # complete after close()
+    return Measured(elapsed / (new_tokens * len(prompts)), stall / elapsed, gpu_stall / elapsed)
 
 
 def _rounds(measure, rounds: int) -> dict[str, Measured]:
@@ -119,7 +134,11 @@ def _rounds(measure, rounds: int) -> dict[str, Measured]:
         for variant in VARIANTS if r % 2 == 0 else reversed(VARIANTS):
             samples[variant].append(measure(variant))
     return {
-        v: Measured(statistics.median(m.seconds for m in ms), statistics.median(m.stall_share for m in ms))
+        v: Measured(
+            statistics.median(m.seconds for m in ms),
+            statistics.median(m.stall_share for m in ms),
+            statistics.median(m.gpu_stall_share for m in ms),
+        )
         for v, ms in samples.items()
     }
 
@@ -134,7 +153,9 @@ def _rows(kind: str, unit: str, results: dict[str, Measured], per_second: float)
             "tokens_per_s": per_second / m.seconds,
             "time_ratio_to_in_process": m.seconds / base,
             "throughput_ratio_to_in_process": base / m.seconds,
-            "exposed_stall_share": m.stall_share,
+            "exposed_stall_share": m.stall_share,  # host waits for rows only
+            "gpu_stall_share": m.gpu_stall_share,  # CUDA: the model's stream waiting for row copies
+            "excess_over_in_process": (m.seconds - base) / m.seconds,  # every wait, host or GPU
         }
         for variant, m in results.items()
     ]
@@ -150,10 +171,10 @@ def main() -> int:
     parser.add_argument("--latency-ms", type=float, default=20.0, help="added per lookup in the slow-store run")
     parser.add_argument("--table", type=Path, default=REPO / "tables" / "bench-prefetch")
     parser.add_argument("--json", type=Path, help="also write the results here")
-    parser.add_argument("--device", default="cpu", help="where the model runs (cuda: pinned buffers, side stream)")
+    add_device_argument(parser)
     args = parser.parse_args()
     global DEVICE
-    DEVICE = torch.device(args.device)
+    DEVICE = args.device
 
     data = prepare_data(DataConfig(data_dir=REPO / "data"))
     lm_config = LMConfig(vocab_size=data.vocab_size)
@@ -211,13 +232,14 @@ def main() -> int:
 
 
 def _print(rows: list[dict]) -> None:
-    print("\n| phase | variant | time | tokens/s | ratio to in-process (time) | exposed stall |")
-    print("|---|---|---:|---:|---:|---:|")
+    print("\n| phase | variant | time | tokens/s | ratio to in-process (time) | host stall | GPU stall | excess |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         time_text = f"{row['step_ms']:.1f} ms/step" if "step_ms" in row else f"{row['us_per_token']:.0f} us/token"
         print(
             f"| {row['phase']} | {row['variant']} | {time_text} | {row['tokens_per_s']:,.0f} | "
-            f"{row['time_ratio_to_in_process']:.3f} | {row['exposed_stall_share']:.1%} |"
+            f"{row['time_ratio_to_in_process']:.3f} | {row['exposed_stall_share']:.1%} | "
+            f"{row['gpu_stall_share']:.1%} | {row['excess_over_in_process']:.1%} |"
         )
     sync = next(r for r in rows if r["variant"] == "sync")["exposed_stall_share"]
     pre = next(r for r in rows if r["variant"] == "prefetch")["exposed_stall_share"]

@@ -76,9 +76,29 @@ def _encode(tokenizer: Tokenizer, documents: list[str]) -> np.ndarray:
 
 
 def _save(path: Path, write) -> None:
+    """Write through `write(tmp)`, make it durable, then rename over `path`: a crash leaves the old
+    file or the whole new one (meta.json, written last, never marks files that are not on disk)."""
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     os.replace(tmp, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # the rename itself
+    finally:
+        os.close(directory)
+
+
+def _save_array(path: Path, values: np.ndarray) -> None:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # closed (flushed) before the fsync and the rename
+            np.save(f, values)
+
+    _save(path, write)
 
 
 def prepare_data(config: DataConfig = DataConfig()) -> PreparedData:
@@ -93,8 +113,8 @@ def prepare_data(config: DataConfig = DataConfig()) -> PreparedData:
         num_val = max(1, int(len(documents) * config.val_fraction))
         tokenizer = _train_tokenizer(documents[num_val:], config.vocab_size)
         _save(tokenizer_path, lambda p: tokenizer.save(str(p)))
-        _save(train_path, lambda p: np.save(open(p, "wb"), _encode(tokenizer, documents[num_val:])))
-        _save(val_path, lambda p: np.save(open(p, "wb"), _encode(tokenizer, documents[:num_val])))
+        _save_array(train_path, _encode(tokenizer, documents[num_val:]))
+        _save_array(val_path, _encode(tokenizer, documents[:num_val]))
         _save(meta_path, lambda p: p.write_text(json.dumps({"key": config.key()})))
     tokenizer = Tokenizer.from_file(str(tokenizer_path))
     assert [tokenizer.token_to_id(t) for t in SPECIAL_TOKENS] == [0, 1, 2]

@@ -2,6 +2,9 @@
 
 python -m model.generate --checkpoint runs/engram/ckpt.pt --prompt "The river" --samples 3
 python -m model.generate --checkpoint runs/engram/ckpt.pt --source memstore --memstore 127.0.0.1:50051
+
+`--device` (default auto: cuda when PyTorch sees a GPU, else cpu) is where the model runs and the
+prefetched rows land.
 """
 
 from __future__ import annotations
@@ -11,10 +14,11 @@ from pathlib import Path
 
 import torch
 
-from client import Prefetcher
+from client import PrefetchConfig, Prefetcher
 from client.cluster import add_connection_arguments, connect
 from memstore.layout import fingerprint
 from model.data import DataConfig, PreparedData, prepare_data
+from model.device import add_device_argument, check_rows_device
 from model.lm import EngramLM
 from model.train import TableSource, load_checkpoint
 
@@ -28,13 +32,18 @@ def sample(
     seed: int,
     prefetcher: Prefetcher | None = None,
 ) -> list[str]:
-    """One continuation per prompt, decoded to text (the prompt included); rows prefetched per token if given."""
+    """One continuation per prompt, decoded to text (the prompt included), computed on the model's device;
+    rows prefetched per token if given (the prefetcher must deliver them on that device)."""
+    device = next(model.parameters()).device
+    if prefetcher is not None:
+        check_rows_device(device, prefetcher.device, "the prefetcher")
     torch.manual_seed(seed)
     model.eval()
     texts = []
     for prompt in prompts:
         ids = [data.bos_id, *data.tokenizer.encode(prompt).ids]
-        out = model.generate(torch.tensor([ids]), max_new_tokens, temperature=temperature, prefetcher=prefetcher)
+        tokens = torch.tensor([ids], device=device)  # [1, T0]
+        out = model.generate(tokens, max_new_tokens, temperature=temperature, prefetcher=prefetcher)
         tokens = out[0].tolist()[1:]
         if data.eos_id in tokens[len(ids) - 1 :]:
             tokens = tokens[: tokens.index(data.eos_id, len(ids) - 1)]
@@ -53,6 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-dir", type=Path, default=DataConfig().data_dir)
+    add_device_argument(parser)
     args = parser.parse_args(argv)
     data = prepare_data(DataConfig(data_dir=args.data_dir))
     client = None
@@ -60,13 +70,16 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.source is not TableSource.LOCAL and args.source is not TableSource.NONE:
             client = connect(args)
-        model, source = load_checkpoint(args.checkpoint, data, client, args.source)
+        try:
+            model, source = load_checkpoint(args.checkpoint, data, client, args.source, device=args.device)
+        except ValueError as exc:  # a memstore checkpoint without an address, or one that does not fit: usage
+            parser.error(f"{args.checkpoint}: {exc}")
         engram = model.config.engram
         if client is not None and engram is not None:
             client.check_fingerprint(fingerprint(engram.layout(), engram.seed))
         prompts = (args.prompt or ["The"]) * args.samples
         if client is not None and engram is not None and source is TableSource.MEMSTORE:
-            prefetcher = Prefetcher(client, model.row_ids, engram.layer_ids)
+            prefetcher = Prefetcher(client, model.row_ids, engram.layer_ids, PrefetchConfig(device=str(args.device)))
         for text in sample(model, data, prompts, args.max_new_tokens, args.temperature, args.seed, prefetcher):
             print(f"[{source.value}] {text}")
         if prefetcher is not None:

@@ -64,24 +64,33 @@ class MemstoreTable:
     last call, repeats included: what a training client pushes back (the push sums repeats).
     """
 
-    def __init__(self, client: MemstoreClient | ClusterClient, layer_id: int, track_gradients: bool = False) -> None:
+    def __init__(
+        self,
+        client: MemstoreClient | ClusterClient,
+        layer_id: int,
+        track_gradients: bool = False,
+        device: torch.device | str | None = None,
+    ) -> None:
         self.client = client
         self.layer_id = layer_id
         self.track_gradients = track_gradients
+        self.device = None if device is None else torch.device(device)  # None: the row ids' device
         self.rows_fetched = 0
         self.lookup_seconds = 0.0
         self._fetched: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def __call__(self, row_ids: torch.Tensor) -> torch.Tensor:
         start = time.perf_counter()
-        stored = self.client.lookup(self.layer_id, row_ids.cpu())  # [B, T, heads, stored width]
-        rows = self.client.describe().dtype.dequantize(stored)  # [B, T, heads, dim] float32
+        stored = self.client.lookup(self.layer_id, row_ids.cpu())  # [B, T, heads, stored width], host
+        # The stored bytes travel (a quarter of float32's for fp8/int8) and decode where the model is.
+        device = self.device or row_ids.device
+        rows = self.client.describe().dtype.dequantize(stored.to(device))  # [B, T, heads, dim] float32
         self.lookup_seconds += time.perf_counter() - start
         self.rows_fetched += row_ids.numel()
         if self.track_gradients and torch.is_grad_enabled():
-            rows.requires_grad_(True)
+            rows = rows.detach().requires_grad_(True)  # a leaf on the model's device
             self._fetched.append((row_ids.reshape(-1).cpu(), rows))
-        return rows.to(row_ids.device)
+        return rows
 
     def row_gradients(self) -> tuple[np.ndarray, np.ndarray]:
         """(row ids [N], gradients [N, dim]) of the rows fetched since the last call, repeats included."""
@@ -89,7 +98,7 @@ class MemstoreTable:
         self._fetched.clear()
         if not fetched:
             return np.empty(0, dtype=np.int64), np.empty((0, 0), dtype=np.float32)
-        return torch.cat([i for i, _ in fetched]).numpy(), torch.cat([g for _, g in fetched]).numpy()
+        return torch.cat([i for i, _ in fetched]).numpy(), torch.cat([g for _, g in fetched]).cpu().numpy()
 
 
 class TrackedRows:
@@ -122,7 +131,10 @@ def local_tables(layout: EngramLayout, seed: int) -> dict[int, RowSource]:
 
 
 def memstore_tables(
-    client: MemstoreClient | ClusterClient, layout: EngramLayout, track_gradients: bool = False
+    client: MemstoreClient | ClusterClient,
+    layout: EngramLayout,
+    track_gradients: bool = False,
+    device: torch.device | str | None = None,
 ) -> dict[int, RowSource]:
-    """A memstore-backed table per Engram layer, all through one client."""
-    return {layer_id: MemstoreTable(client, layer_id, track_gradients) for layer_id in layout.layer_ids}
+    """A memstore-backed table per Engram layer, all through one client, its rows decoded on `device`."""
+    return {layer_id: MemstoreTable(client, layer_id, track_gradients, device) for layer_id in layout.layer_ids}

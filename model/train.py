@@ -3,6 +3,11 @@
     python -m model.train --source memstore --memstore 127.0.0.1:50051 --steps 200
     python -m model.train --source local --steps 600 --out runs/engram
     python -m model.train --source none --steps 600 --out runs/baseline     # no Engram
+    python -m model.train --source memstore --memstore 127.0.0.1:50051 --device cuda
+
+`--device` (default auto: cuda when PyTorch sees a GPU, else cpu) puts the model, the batches and
+the rows there: the prefetcher lands rows on it through pinned buffers and a side stream, and
+quantized rows travel as their stored bytes and decode on it.
 
 With `--source memstore` the rows come from the daemon; when the served table has an
 optimizer (`memstore create --optimizer adam`) each step's row gradients are pushed back and
@@ -33,13 +38,15 @@ import prometheus_client
 import torch
 from tqdm import tqdm
 
-from client import ClusterClient, MemstoreClient, Prefetcher, PrefetchHandle, PushConfig, Pusher
+from client import ClusterClient, MemstoreClient, PrefetchConfig, Prefetcher, PrefetchHandle, PushConfig, Pusher
 from client.cluster import add_connection_arguments, connect
+from memstore.errors import InvalidArgumentError
 from memstore.layout import fingerprint
 from memstore.optim import OptimizerConfig, OptimizerKind
 from model.compression import CompressedTokenizer
 from model.config import lm_config_from_dict, lm_config_to_dict
 from model.data import DataConfig, PreparedData, batches, eval_batches, prepare_data
+from model.device import add_device_argument, check_rows_device
 from model.lm import EngramLM, LMConfig
 from model.sources import MemstoreTable, TrackedRows, local_tables, memstore_tables
 
@@ -68,6 +75,15 @@ class TrainConfig:
     seed: int = 0
     out_dir: Path = Path("runs/engram")
 
+    def __post_init__(self) -> None:
+        # Checked before anything runs: a zero here used to fail only after the first pushes
+        # (eval_every: division by zero) or after the checkpoint was overwritten (steps).
+        for name in ("steps", "batch_size", "eval_every", "eval_batches"):
+            if getattr(self, name) < 1:
+                raise InvalidArgumentError(f"TrainConfig.{name} must be at least 1; got {getattr(self, name)}")
+        if self.warmup_steps < 0:
+            raise InvalidArgumentError(f"TrainConfig.warmup_steps must be >= 0; got {self.warmup_steps}")
+
 
 @dataclass
 class TrainResult:
@@ -80,6 +96,9 @@ class TrainResult:
     tokens_per_s: float = 0.0
     rows_fetched: int = 0
     stall_seconds: dict[int, float] = field(default_factory=dict)  # training steps' wait for rows, per layer
+    # On CUDA: the model's stream waiting for the rows' copies, per layer (the prefetcher's gpu_stall_s,
+    # collected as the copies complete, so a last step's may be missing).
+    gpu_stall_seconds: dict[int, float] = field(default_factory=dict)
     push_wait_seconds: float = 0.0  # training steps' wait for push acknowledgements
     rows_pushed: int = 0
     table_version: int = 0  # the memstore table's version after the last acknowledged push
@@ -101,11 +120,14 @@ def build_model(
     source: TableSource,
     client: MemstoreClient | ClusterClient | None = None,
     track_gradients: bool = False,
+    device: torch.device | str = "cpu",
 ) -> EngramLM:
-    """The LM with its tables from `source` (the config's Engram is dropped for NONE); memstore
-    tables keep their rows' gradients for pushing when `track_gradients`."""
+    """The LM on `device` with its tables from `source` (the config's Engram is dropped for NONE);
+    memstore tables decode their rows on `device` and keep the rows' gradients for pushing when
+    `track_gradients`."""
+    device = torch.device(device)
     if source is TableSource.NONE:
-        return EngramLM(replace(lm_config, engram=None))
+        return EngramLM(replace(lm_config, engram=None)).to(device)
     engram = lm_config.engram
     assert engram is not None
     layout = engram.layout()
@@ -114,9 +136,9 @@ def build_model(
     else:
         if client is None:
             raise ValueError("--source memstore needs a daemon address (--memstore HOST:PORT)")
-        tables = memstore_tables(client, layout, track_gradients)
+        tables = memstore_tables(client, layout, track_gradients, device)
     compression = CompressedTokenizer(data.tokenizer)
-    return EngramLM(lm_config, compression, data.pad_id, tables)
+    return EngramLM(lm_config, compression, data.pad_id, tables).to(device)
 
 
 def _lr_at(step: int, config: TrainConfig) -> float:
@@ -179,6 +201,9 @@ def train(
     tables learn: each step's row gradients are pushed (the model's memstore tables must track
     gradients when there is no prefetcher).
     """
+    device = next(model.parameters()).device
+    if prefetcher is not None:
+        check_rows_device(device, prefetcher.device, "the prefetcher")
     torch.manual_seed(config.seed)
     optimizers = _optimizers(model, config)
     base_lrs = [[g["lr"] for g in opt.param_groups] for opt in optimizers]
@@ -191,7 +216,6 @@ def train(
         steps = _prefetched(stream, prefetcher, result.prefetch_ahead)
     sync_tables = _memstore_tables(model)
     stall = _StallMeter(model, prefetcher)
-    device = next(model.parameters()).device
     start = time.perf_counter()
     bar = tqdm(enumerate(steps), total=config.steps, disable=not progress, desc="train", unit="step")
     for step, (x, y, handle) in bar:
@@ -238,6 +262,7 @@ def train(
     result.train_seconds = time.perf_counter() - start - result.eval_seconds
     result.tokens_per_s = config.steps * config.batch_size * model.config.max_seq_len / result.train_seconds
     result.stall_seconds = stall.seconds()
+    result.gpu_stall_seconds = stall.gpu_seconds()
     result.rows_fetched = stall.rows()
     return result
 
@@ -256,6 +281,15 @@ class _StallMeter:
         self._start = self._totals()
         self._excluded: dict[int, float] = {}
         self._rows_start = self._rows_total()
+        self._gpu_start = self._gpu_totals()
+
+    def _gpu_totals(self) -> dict[int, float]:
+        return dict(self.prefetcher.stats.gpu_stall_s) if self.prefetcher is not None else {}
+
+    def gpu_seconds(self) -> dict[int, float]:
+        """The model's stream's wait for row copies per layer since the meter started (CUDA; evaluations
+        look rows up without the prefetcher, so all of it is training's)."""
+        return {layer: total - self._gpu_start.get(layer, 0.0) for layer, total in self._gpu_totals().items()}
 
     def _totals(self) -> dict[int, float]:
         if self.prefetcher is not None:
@@ -327,12 +361,13 @@ def load_checkpoint(
     data: PreparedData,
     client: MemstoreClient | ClusterClient | None = None,
     source: TableSource | None = None,
+    device: torch.device | str = "cpu",
 ) -> tuple[EngramLM, TableSource]:
-    """Rebuild a model saved by save_checkpoint (optionally with its tables from another source)."""
+    """Rebuild a model saved by save_checkpoint on `device` (optionally with its tables from another source)."""
     payload = torch.load(path, map_location="cpu", weights_only=True)
     saved_source = TableSource(payload["source"])
     source = source or saved_source
-    model = build_model(lm_config_from_dict(payload["lm_config"]), data, source, client)
+    model = build_model(lm_config_from_dict(payload["lm_config"]), data, source, client, device=device)
     # A memstore-trained checkpoint holds no tables; a local one's tables are only loaded into local tables.
     missing, unexpected = model.load_state_dict(payload["state_dict"], strict=False)
     if [k for k in missing if ".table." not in k] or [k for k in unexpected if ".table." not in k]:
@@ -363,6 +398,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=defaults.out_dir, help="checkpoint and history directory")
     parser.add_argument("--data-dir", type=Path, default=DataConfig().data_dir)
     parser.add_argument("--lm-config", type=Path, help="JSON file of LMConfig fields (unknown keys are errors)")
+    add_device_argument(parser)
     parser.add_argument(
         "--metrics-port", type=int, help="serve Prometheus metrics (prefetch stall, push wait) on this port"
     )
@@ -371,14 +407,17 @@ def main(argv: list[str] | None = None) -> None:
         prometheus_client.start_http_server(args.metrics_port)
     if args.source is TableSource.MEMSTORE and not (args.memstore or args.cluster or args.shard):
         parser.error("--source memstore needs --memstore HOST:PORT (`memstore serve`'s address) or --cluster FILE")
-    config = TrainConfig(
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        eval_every=args.eval_every,
-        seed=args.seed,
-        out_dir=args.out,
-    )
+    try:
+        config = TrainConfig(
+            steps=args.steps,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            eval_every=args.eval_every,
+            seed=args.seed,
+            out_dir=args.out,
+        )
+    except InvalidArgumentError as exc:
+        parser.error(str(exc).replace("TrainConfig.", "--").replace("_", "-"))
     lm_config = lm_config_from_dict(json.loads(args.lm_config.read_text())) if args.lm_config else LMConfig()
     data = prepare_data(DataConfig(data_dir=args.data_dir))
     lm_config = replace(lm_config, vocab_size=data.vocab_size)
@@ -390,10 +429,12 @@ def main(argv: list[str] | None = None) -> None:
     prefetcher = pusher = None
     try:
         push = client is not None and client.trainable and not args.freeze_tables
-        model = build_model(lm_config, data, args.source, client, track_gradients=push and args.no_prefetch)
+        model = build_model(
+            lm_config, data, args.source, client, track_gradients=push and args.no_prefetch, device=args.device
+        )
         layers = lm_config.engram.layer_ids if lm_config.engram is not None else ()
         if client is not None and not args.no_prefetch:
-            prefetcher = Prefetcher(client, model.row_ids, layers)
+            prefetcher = Prefetcher(client, model.row_ids, layers, PrefetchConfig(device=str(args.device)))
         if push:
             pusher = Pusher(client, layers, PushConfig(max_in_flight_steps=args.push_staleness))
         result = train(model, data, config, prefetcher=prefetcher, pusher=pusher)
@@ -427,6 +468,9 @@ def report(result: TrainResult, config: TrainConfig) -> str:
             f"({_fetch_mode(result)}); "
             f"exposed stall {stall:.2f} s = {result.stall_share:.1%} of training time ({per_layer})"
         )
+        if result.gpu_stall_seconds:
+            gpu = sum(result.gpu_stall_seconds.values())
+            lines.append(f"memstore: the GPU waited {gpu:.2f} s for row copies ({gpu / result.train_seconds:.1%})")
     if result.rows_pushed:
         lines.append(
             f"memstore: {result.rows_pushed:,} row gradients pushed, table now at version {result.table_version}; "

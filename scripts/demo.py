@@ -29,7 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from client import ClusterClient, ClusterSpec, MemstoreClient, Prefetcher, PushConfig, Pusher  # noqa: E402
+from client import ClusterClient, ClusterSpec, MemstoreClient, PrefetchConfig, Prefetcher, PushConfig, Pusher  # noqa: E402
 from memstore.cli import describe_table  # noqa: E402
 from memstore.create import create_sharded, create_table, shard_dirs  # noqa: E402
 from memstore.dtypes import DType  # noqa: E402
@@ -37,6 +37,7 @@ from memstore.errors import TableFormatError  # noqa: E402
 from memstore.launch import start_daemon, stop_daemon  # noqa: E402
 from memstore.manifest import MANIFEST_NAME, Manifest  # noqa: E402
 from model.data import DataConfig, PreparedData, prepare_data  # noqa: E402
+from model.device import add_device_argument  # noqa: E402
 from model.generate import sample  # noqa: E402
 from model.lm import LMConfig  # noqa: E402
 from model.train import TableSource, TrainConfig, build_model, report, save_checkpoint, train  # noqa: E402
@@ -68,6 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--shards", type=int, default=1, help="create the table in N shards, one daemon each")
     parser.add_argument("--create-only", action="store_true", help="prepare the data and create the table, then exit")
     parser.add_argument("--cluster", type=Path, help="train through running daemons described by this cluster spec")
+    add_device_argument(parser)
     return parser
 
 
@@ -130,9 +132,9 @@ def _train_and_sample(
     engram = lm_config.engram
     assert engram is not None
     print(f"\n== 3. train {args.steps} steps through the daemons (rows pushed back), then sample")
-    model = build_model(lm_config, data, TableSource.MEMSTORE, client)
+    model = build_model(lm_config, data, TableSource.MEMSTORE, client, device=args.device)
     with (
-        Prefetcher(client, model.row_ids, engram.layer_ids) as prefetcher,
+        Prefetcher(client, model.row_ids, engram.layer_ids, PrefetchConfig(device=str(args.device))) as prefetcher,
         Pusher(client, engram.layer_ids, PushConfig(max_in_flight_steps=0)) as pusher,
     ):
         result = train(model, data, config, prefetcher=prefetcher, pusher=pusher)

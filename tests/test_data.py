@@ -68,3 +68,32 @@ def test_eval_batches_tile_the_validation_split(small_data) -> None:
     targets = np.concatenate([y for _, y in evals]).reshape(-1)
     np.testing.assert_array_equal(inputs, small_data.val[: len(inputs)])
     np.testing.assert_array_equal(targets, small_data.val[1 : len(inputs) + 1])  # the next token of each
+
+
+def test_prepared_files_are_durable_before_meta_marks_them_fresh(tmp_path, monkeypatch) -> None:
+    """A crash after meta.json is renamed into place must not leave a cache of empty or torn files
+    that later runs trust: each file is closed and fsynced before its rename, meta.json last."""
+    import os
+
+    import model.data as data_module
+
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))))
+        real_fsync(fd)
+
+    def replace(src, dst) -> None:
+        events.append(("replace", os.path.basename(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(data_module.os, "fsync", fsync)
+    monkeypatch.setattr(data_module.os, "replace", replace)
+    prepare_data(DataConfig(data_dir=tmp_path / "d", vocab_size=600, corpus=SMALL))
+    renames = [name for kind, name in events if kind == "replace"]
+    assert sorted(renames) == ["meta.json", "tokenizer.json", "train.npy", "val.npy"] and renames[-1] == "meta.json"
+    for name in renames:
+        at = events.index(("replace", name))
+        assert ("fsync", name + ".tmp") in events[:at]  # the data, before the rename
+        assert ("fsync", "d") in events[at + 1 :]  # the rename, before anything trusts it

@@ -14,12 +14,14 @@ from memstore.create import create_table
 from memstore.dtypes import DType
 from memstore.manifest import Manifest
 from memstore.table import Table
+from model.compression import CompressedTokenizer
 from model.data import PreparedData
-from model.lm import LMConfig
+from model.lm import EngramLM, LMConfig
 from model.train import TableSource, TrainConfig, build_model, load_checkpoint, save_checkpoint, train
 from tests.helpers import SMALL_ENGRAM, small_lm_config
 
 ENGRAM = SMALL_ENGRAM
+DIM = SMALL_ENGRAM.layout().dim
 
 
 @pytest.fixture
@@ -127,3 +129,203 @@ def test_an_lm_hashes_with_explicit_head_sizes(data, config, tmp_path) -> None:
     assert model.hashing.primes(1) == [[1009, 1013], [997, 991]]
     assert int(ids.max()) < 1009 + 1013 + 997 + 991 == explicit.engram.layout().num_rows(1)
     assert lm_config_from_dict(json.loads(json.dumps(lm_config_to_dict(explicit)))) == explicit
+
+
+# --- where the model runs: --device, rows on the model's device, decoding there --------------------
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _no_gpu(monkeypatch) -> None:
+    """This process sees no GPU, whatever the machine has (so the CPU-machine behaviour is tested everywhere)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+def test_device_names_resolve_and_unknown_ones_are_refused(monkeypatch) -> None:
+    from memstore.errors import InvalidArgumentError
+    from model.device import resolve_device
+
+    _no_gpu(monkeypatch)
+    assert resolve_device("auto") == torch.device("cpu")  # a CPU-only machine behaves as before
+    assert resolve_device("CPU") == torch.device("cpu")
+    for bad in ("gpu", "cuda:x", "cuda:-1", "mps", ""):
+        with pytest.raises(InvalidArgumentError, match="pass auto, cpu, cuda or cuda:N"):
+            resolve_device(bad)
+    for absent in ("cuda", "cuda:0"):
+        with pytest.raises(InvalidArgumentError, match="sees no CUDA GPU"):
+            resolve_device(absent)
+
+
+@pytest.mark.parametrize("cli", ["train", "generate"])
+def test_device_flag_without_a_gpu_is_a_usage_error_not_a_traceback(tmp_path, capsys, monkeypatch, cli) -> None:
+    from model import generate as generate_cli
+    from model import train as train_cli
+
+    _no_gpu(monkeypatch)
+    main = train_cli.main if cli == "train" else generate_cli.main
+    base = ["--data-dir", str(tmp_path / "data")] + ([] if cli == "train" else ["--checkpoint", str(tmp_path / "c")])
+    for value, message in (("cuda", "sees no CUDA GPU"), ("tpu", "unknown device 'tpu'")):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*base, "--device", value])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert "argument --device" in err and message in err and "Traceback" not in err
+    assert not (tmp_path / "data").exists()  # refused before any work
+
+
+def test_train_and_generate_run_on_the_auto_device(tmp_path, capsys, monkeypatch) -> None:
+    from model import generate as generate_cli
+    from model import train as train_cli
+
+    _no_gpu(monkeypatch)
+    data_dir = str(tmp_path / "data")
+    run = ["--source", "local", "--steps", "2", "--eval-every", "2", "--out", str(tmp_path / "run")]
+    train_cli.main([*run, "--data-dir", data_dir, "--device", "auto"])
+    assert "2 steps" in capsys.readouterr().out
+    checkpoint = str(tmp_path / "run" / "ckpt.pt")
+    generate_cli.main(["--checkpoint", checkpoint, "--max-new-tokens", "3", "--data-dir", data_dir, "--device", "cpu"])
+    assert capsys.readouterr().out.startswith("[local] The")
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--steps", "0"), ("--eval-every", "0"), ("--batch-size", "0")])
+def test_zero_steps_or_intervals_are_refused_before_the_checkpoint_is_touched(tmp_path, capsys, flag, value) -> None:
+    from model import train as train_cli
+
+    (tmp_path / "run").mkdir()
+    checkpoint = tmp_path / "run" / "ckpt.pt"
+    checkpoint.write_bytes(b"an earlier run's weights")
+    argv = ["--source", "local", "--steps", "2", "--out", str(tmp_path / "run"), "--data-dir", str(tmp_path / "d")]
+    with pytest.raises(SystemExit) as exit_info:
+        train_cli.main([*argv, flag, value])
+    assert exit_info.value.code == 2
+    assert f"{flag} must be at least 1; got 0" in capsys.readouterr().err
+    assert checkpoint.read_bytes() == b"an earlier run's weights"
+
+
+def _table_fetcher(tmp_path, dtype: DType = DType.FLOAT32):
+    from client import TableFetcher
+
+    path = create_table(tmp_path / "t", Manifest(layout=ENGRAM.layout(), dtype=dtype, seed=ENGRAM.seed))
+    return Table.open(path), TableFetcher
+
+
+@pytest.mark.parametrize("use", ["train", "generate"])
+def test_a_prefetcher_delivering_rows_elsewhere_than_the_model_is_refused(data, config, tmp_path, use) -> None:
+    """Rows on another device than the model's would be copied by every layer, blocking and unseen by the
+    stall figures (what a CUDA model got with the default PrefetchConfig). The meta device stands in
+    for the GPU here: the same mismatch, on any machine."""
+    from client import PrefetchConfig, Prefetcher
+    from memstore.errors import InvalidArgumentError
+    from model.generate import sample
+
+    model = build_model(config, data, TableSource.LOCAL)  # on the CPU
+    table, fetcher = _table_fetcher(tmp_path)
+    with table, Prefetcher(fetcher(table), model.row_ids, ENGRAM.layer_ids, PrefetchConfig(device="meta")) as pre:
+        with pytest.raises(InvalidArgumentError, match=r"PrefetchConfig\(device='cpu'\)"):
+            if use == "train":
+                train(model, data, TrainConfig(steps=2, batch_size=2, eval_every=2), progress=False, prefetcher=pre)
+            else:
+                sample(model, data, ["The"], 2, 0.8, 0, prefetcher=pre)
+        assert pre.stats.steps == 0  # refused before anything was fetched
+
+
+@pytest.mark.parametrize("dtype", [DType.FLOAT16, DType.FLOAT8_E4M3_ROWSCALE, DType.INT8_ROWSCALE])
+def test_memstore_rows_travel_as_stored_and_decode_on_the_tables_device(
+    tmp_path, daemon_factory, monkeypatch, dtype
+) -> None:
+    """The stored bytes (a quarter of float32's for fp8/int8) move to the device and decode there; on
+    the CPU the rows are the same bits as decoding the stored rows directly."""
+    from model.sources import MemstoreTable
+
+    path = create_table(tmp_path / "t", Manifest(layout=ENGRAM.layout(), dtype=dtype, seed=ENGRAM.seed))
+    layer = ENGRAM.layer_ids[0]
+    ids = torch.from_numpy(np.random.default_rng(0).integers(0, ENGRAM.layout().num_rows(layer), (2, 5, 4)))
+    decoded_on: list[tuple[str, int]] = []
+    dequantize = DType.dequantize
+
+    def spy(self, rows):
+        decoded_on.append((rows.device.type, rows.shape[-1]))
+        return dequantize(self, rows)
+
+    with Table.open(path) as table, MemstoreClient(daemon_factory(table).address) as client:
+        expected = dtype.to_float32(table.gather(layer, ids.reshape(-1).numpy()))  # [N, dim]
+        cpu_rows = MemstoreTable(client, layer)(ids)
+        assert cpu_rows.device.type == "cpu"
+        np.testing.assert_array_equal(cpu_rows.reshape(-1, DIM).numpy(), expected)
+        monkeypatch.setattr(DType, "dequantize", spy)
+        meta_rows = MemstoreTable(client, layer, device="meta")(ids)
+    assert meta_rows.device.type == "meta" and meta_rows.shape == (2, 5, 4, DIM)
+    assert decoded_on == [("meta", dtype.stored_width(DIM))]
+
+
+@CUDA
+@pytest.mark.parametrize("dtype", [DType.FLOAT32, DType.BFLOAT16, DType.FLOAT8_E4M3_ROWSCALE, DType.INT8_ROWSCALE])
+def test_memstore_rows_on_cuda_are_the_cpu_rows_bit_for_bit(tmp_path, daemon_factory, dtype) -> None:
+    from model.sources import MemstoreTable
+
+    path = create_table(tmp_path / "t", Manifest(layout=ENGRAM.layout(), dtype=dtype, seed=ENGRAM.seed))
+    layer = ENGRAM.layer_ids[0]
+    ids = torch.from_numpy(np.random.default_rng(0).integers(0, ENGRAM.layout().num_rows(layer), (2, 5, 4)))
+    with Table.open(path) as table, MemstoreClient(daemon_factory(table).address) as client:
+        cpu_rows = MemstoreTable(client, layer)(ids)
+        gpu_rows = MemstoreTable(client, layer, device="cuda")(ids.cuda())
+    assert gpu_rows.device.type == "cuda"
+    assert torch.equal(gpu_rows.cpu().view(torch.int32), cpu_rows.view(torch.int32))
+
+
+@CUDA
+def test_a_cuda_model_refuses_the_default_cpu_prefetcher(data, config, tmp_path) -> None:
+    from client import Prefetcher
+    from memstore.errors import InvalidArgumentError
+
+    model = build_model(config, data, TableSource.LOCAL, device="cuda")
+    table, fetcher = _table_fetcher(tmp_path)
+    with table, Prefetcher(fetcher(table), model.row_ids, ENGRAM.layer_ids) as prefetcher:
+        with pytest.raises(InvalidArgumentError, match="PrefetchConfig"):
+            train(model, data, TrainConfig(steps=2, batch_size=2, eval_every=2), progress=False, prefetcher=prefetcher)
+
+
+@CUDA
+@pytest.mark.parametrize("dtype", [DType.FLOAT32, DType.INT8_ROWSCALE])
+def test_cuda_generation_is_the_same_with_and_without_the_prefetcher(data, config, tmp_path, dtype) -> None:
+    """Same weights, same rows (the table's, decoded on the GPU either way), same seed: the same tokens.
+    The forward passes are the same kernels on the same values, and each step draws once from the
+    CUDA generator in both, so the tokens must agree exactly."""
+    from client import PrefetchConfig, Prefetcher, TableFetcher
+    from model.sources import MappedTable
+
+    torch.manual_seed(0)
+    path = create_table(tmp_path / "t", Manifest(layout=ENGRAM.layout(), dtype=dtype, seed=ENGRAM.seed))
+    prompt = torch.from_numpy(data.val[:24].astype(np.int64)).view(2, 12).cuda()  # [B, T0]
+    with Table.open(path) as table:
+        tables = {layer: MappedTable(table, layer) for layer in ENGRAM.layer_ids}  # rows read from the table
+        model = EngramLM(config, CompressedTokenizer(data.tokenizer), data.pad_id, tables).to("cuda")
+        torch.manual_seed(1)
+        plain = model.generate(prompt, 20)
+        config_cuda = PrefetchConfig(device="cuda")
+        with Prefetcher(TableFetcher(table), model.row_ids, ENGRAM.layer_ids, config_cuda) as prefetcher:
+            torch.manual_seed(1)
+            prefetched = model.generate(prompt, 20, prefetcher=prefetcher)
+            assert prefetcher.stats.steps == 20  # the prompt, then each new position but the last
+    assert prefetched.device.type == "cuda"
+    assert torch.equal(prefetched, plain)
+
+
+def test_generating_from_a_memstore_checkpoint_without_an_address_is_a_usage_error(tmp_path, capsys) -> None:
+    from model import generate as generate_cli
+    from model import train as train_cli
+
+    data_dir = str(tmp_path / "data")
+    train_cli.main(
+        ["--source", "local", "--steps", "1", "--eval-every", "1", "--out", str(tmp_path / "run")]
+        + ["--data-dir", data_dir, "--device", "cpu"]
+    )
+    checkpoint = tmp_path / "run" / "ckpt.pt"
+    payload = torch.load(checkpoint, weights_only=True)
+    torch.save({**payload, "source": TableSource.MEMSTORE.value}, checkpoint)  # as a memstore run saves it
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        generate_cli.main(["--checkpoint", str(checkpoint), "--data-dir", data_dir, "--device", "cpu"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "needs a daemon address (--memstore HOST:PORT)" in err and "Traceback" not in err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -19,6 +20,10 @@ from model import train as train_module
 from model.train import TableSource, TrainConfig, TrainResult, build_model, train
 from tests.helpers import SMALL_ENGRAM, small_lm_config
 from tests.reference_train import ServerArithmetic
+
+# cuBLAS picks deterministic reductions only with a fixed workspace, read when its first handle is
+# made: set before any test of the session runs a matmul on a GPU (no effect on the CPU).
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 # What the comparison can differ by, and so its tolerance: zero. The reference trains the same
 # model in process with the daemon's own arithmetic (tests/reference_train.py: the client's
@@ -267,3 +272,108 @@ def test_in_process_tables_step_as_the_daemon_does(lm_data, monkeypatch, name) -
 def test_the_step_check_catches_a_learning_rate_off_by_a_tenth_of_a_percent(lm_data, monkeypatch, name) -> None:
     checker = _train_with_checked_torch_optimizer(lm_data, OPTIMIZERS[name], monkeypatch, lr_factor=1.001)
     assert checker.worst > 1.0
+
+
+# The same comparison with the model on a GPU: training through the daemon, rows prefetched onto
+# the GPU (pinned buffers, side stream) and gradients pushed back from it, against the table trained
+# in process on the same GPU with the daemon's arithmetic. What can differ, and so the tolerance:
+# again zero. Both runs do the same float32 kernels on the same values on one device; the only
+# source of different bits on a GPU is a kernel whose reduction order varies from run to run
+# (atomics, cuBLAS split reductions, cuDNN algorithm choice, the fused attention kernels), and
+# those are ruled out: deterministic algorithms are required (an op without one raises instead of
+# passing silently), cuBLAS has a fixed workspace (above), and attention runs on the math backend.
+# The rows' gradients leave the GPU by an exact copy, and the daemon's update of them is the CPU
+# arithmetic the tests above pin down; so the row updates must be equal bit for bit, as on the CPU.
+# CPU-vs-GPU runs are not compared bit for bit: the GPU's matmuls and convolution sum in another
+# order (and cuDNN may use TF32), so their gradients differ by rounding that 20 steps of training
+# compound; what carries over from the CPU is the daemon's arithmetic on whatever gradients arrive.
+# The CPU run of the same test checks the harness itself on any machine.
+
+
+class _ServerArithmeticOnDevice(ServerArithmetic):
+    """ServerArithmetic for tables on any device: the same step on a host copy of each table (the copies
+    both ways are exact), written back; the host copies carry the optimizer state across steps."""
+
+    def __init__(self, params: list[torch.nn.Parameter], config: OptimizerConfig) -> None:
+        super().__init__(params, config)
+        self._host = {
+            id(p): torch.nn.Parameter(p.detach().cpu().clone()) for g in self.param_groups for p in g["params"]
+        }
+
+    @torch.no_grad()
+    def step(self, closure: None = None) -> None:  # type: ignore[override]
+        on_device = [list(group["params"]) for group in self.param_groups]
+        for group in self.param_groups:
+            hosts = [self._host[id(param)] for param in group["params"]]
+            for host, param in zip(hosts, group["params"]):
+                host.grad = None if param.grad is None else param.grad.cpu()  # uncoalesced, in lookup order
+            group["params"] = hosts
+        try:
+            super().step()
+        finally:
+            for group, params in zip(self.param_groups, on_device):
+                group["params"] = params
+                for param in params:
+                    param.copy_(self._host[id(param)])
+
+
+def _train_on(device: str, lm_data, path, daemon_factory, monkeypatch) -> tuple:
+    """(reference result, its rows, memstore result, its rows, initial rows) of 20 steps on `device`."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from client import PrefetchConfig
+
+    optimizer = OPTIMIZERS["adam"]
+    config = replace(_config(optimizer), steps=20, eval_every=10)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            torch.manual_seed(0)
+            local = build_model(small_lm_config(lm_data.vocab_size), lm_data, TableSource.LOCAL, device=device)
+            initial = {k: v.clone() for k, v in local.state_dict().items()}
+            with monkeypatch.context() as patch:
+                patch.setattr(train_module, "_torch_table_optimizer", _ServerArithmeticOnDevice)
+                reference = train(local, lm_data, config, progress=False)
+            reference_rows = local.blocks[LAYER].engram.table.embedding.weight.detach().cpu().numpy()
+
+            manifest = Manifest(
+                layout=SMALL_ENGRAM.layout(), dtype=DType.FLOAT32, seed=SMALL_ENGRAM.seed, optimizer=optimizer
+            )
+            layers = SMALL_ENGRAM.layer_ids
+            with (
+                LiveTable.open(create_table(path, manifest), config=LiveConfig(durability=Durability.OS)) as live,
+                MemstoreClient(daemon_factory(live).address) as client,
+            ):
+                lm_config = small_lm_config(lm_data.vocab_size)
+                remote = build_model(lm_config, lm_data, TableSource.MEMSTORE, client, device=device)
+                remote.load_state_dict(initial, strict=False)  # the same dense weights
+                with (
+                    Prefetcher(client, remote.row_ids, layers, PrefetchConfig(device=device)) as prefetcher,
+                    Pusher(client, layers, PushConfig(max_in_flight_steps=0)) as pusher,
+                ):
+                    remote_result = train(remote, lm_data, config, progress=False, prefetcher=prefetcher, pusher=pusher)
+                assert live.version == config.steps * len(layers)
+                remote_rows = live.gather(LAYER, np.arange(SMALL_ENGRAM.layout().num_rows(LAYER)))[0]
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    assert next(remote.parameters()).device.type == torch.device(device).type
+    # The model's stream's waits for the rows' copies: reported per layer on CUDA, none on the CPU.
+    assert set(remote_result.gpu_stall_seconds) <= set(layers)
+    assert all(s >= 0 for s in remote_result.gpu_stall_seconds.values())
+    assert device == "cuda" or not remote_result.gpu_stall_seconds
+    return reference, reference_rows, remote_result, remote_rows, initial[ROWS_KEY].cpu().numpy()
+
+
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))],
+)
+def test_training_on_a_device_through_the_prefetcher_matches_in_process(
+    lm_data, tmp_path, daemon_factory, monkeypatch, device
+) -> None:
+    reference, reference_rows, remote, remote_rows, initial = _train_on(
+        device, lm_data, tmp_path / "t", daemon_factory, monkeypatch
+    )
+    assert len(remote.train_loss) == 20
+    _assert_same_training(remote, remote_rows, reference, reference_rows, initial)
