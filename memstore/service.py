@@ -24,11 +24,10 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -46,6 +45,7 @@ from memstore.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
+from memstore.guard import REQUEST_BYTES, CallGuard, GuardConfig
 from memstore.limits import InFlightBudget, lookup_cost, push_cost
 from memstore.live import LiveConfig, LiveTable
 from memstore.manifest import Manifest
@@ -97,6 +97,13 @@ class ServerConfig:
     token_file: Path | None = None
     # Serve Prometheus metrics at http://HOST:PORT/metrics, HOST the listen address's (0: any free port).
     metrics_port: int | None = None
+    # Seconds a call's request message may take to arrive, and each response message to be taken by the
+    # client, before the call is cancelled and what it holds returned (memstore.guard).
+    request_timeout_s: float = 10.0
+    send_timeout_s: float = 30.0
+    # Calls one peer host may have in progress at once (0: no limit), and health Watch streams in all.
+    max_calls_per_peer: int = 32
+    max_watch_streams: int = 16
 
     def __post_init__(self) -> None:
         for name in (
@@ -108,6 +115,7 @@ class ServerConfig:
             "max_message_bytes",
             "max_concurrent_calls",
             "max_in_flight_bytes",
+            "max_watch_streams",
         ):
             if getattr(self, name) < 1:
                 raise InvalidArgumentError(f"ServerConfig.{name} must be at least 1; got {getattr(self, name)}")
@@ -120,6 +128,15 @@ class ServerConfig:
             raise InvalidArgumentError(f"ServerConfig.grace_s must be in [0, 86400] seconds; got {self.grace_s}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise InvalidArgumentError(f"ServerConfig.metrics_port must be a port, 0 to 65535; got {self.metrics_port}")
+        for name in ("request_timeout_s", "send_timeout_s"):
+            if not 0 < getattr(self, name) <= 86400:
+                raise InvalidArgumentError(
+                    f"ServerConfig.{name} must be in (0, 86400] seconds; got {getattr(self, name)}"
+                )
+        if self.max_calls_per_peer < 0:
+            raise InvalidArgumentError(
+                f"ServerConfig.max_calls_per_peer must be 0 or more; got {self.max_calls_per_peer}"
+            )
         if self.max_followers < 0:
             raise InvalidArgumentError(f"ServerConfig.max_followers must be 0 or more; got {self.max_followers}")
         if not _MIN_HEARTBEAT_S <= self.follow_heartbeat_s <= _MAX_HEARTBEAT_S:
@@ -139,9 +156,19 @@ class ServerConfig:
             # gRPC sets SO_REUSEPORT by default: a second daemon on a port in use would start and
             # share it, clients getting either table at random. Off: that bind fails.
             ("grpc.so_reuseport", 0),
+            # A connection that has not finished its (TLS) handshake in this time is closed, one with
+            # no call for this long too; streams per connection are bounded by what the daemon admits.
+            ("grpc.server_handshake_timeout_ms", 10_000),
+            ("grpc.max_connection_idle_ms", 10 * 60_000),
+            ("grpc.max_concurrent_streams", self.max_concurrent_calls + self.max_followers + self.max_watch_streams),
+            # Keepalive pings more often than once a minute without calls: the connection is closed.
+            ("grpc.http2.min_ping_interval_without_data_ms", 60_000),
+            ("grpc.http2.max_ping_strikes", 2),
         ]
 
 
+# Threads beyond the admitted calls: health checks, reflection and refusals (each brief).
+_SPARE_THREADS = 8
 _MIN_HEARTBEAT_S = 0.01
 _MAX_HEARTBEAT_S = 60.0
 
@@ -243,7 +270,9 @@ class MemstoreServicer(pb_grpc.MemstoreServicer):
                 self._replica.check_readable()  # UNAVAILABLE beyond the lag bound: clients retry elsewhere
             ids = decode_row_ids(request.row_ids)
             check_request_rows(len(ids), self._config.max_rows_per_request)
-            cost = lookup_cost(len(ids), self._row_bytes, self._chunk_rows, self._config.window_bytes)
+            cost = lookup_cost(
+                len(ids), self._row_bytes, self._chunk_rows, self._config.window_bytes, REQUEST_BYTES.get()
+            )
             with self.budget.reserve(cost, f"a lookup of {len(ids):,} rows"):
                 chunks = self._live.gather_chunks(request.layer_id, ids, self._chunk_rows)
                 first = next(chunks, None)  # every id is checked here, before any row is sent
@@ -267,7 +296,9 @@ class MemstoreServicer(pb_grpc.MemstoreServicer):
             ids = decode_row_ids(request.row_ids)
             check_request_rows(len(ids), self._config.max_rows_per_request)
             dim = self._live.manifest.layout.dim
-            with self.budget.reserve(push_cost(len(ids), dim, self._state_width), f"a push of {len(ids):,} rows"):
+            with self.budget.reserve(
+                push_cost(len(ids), dim, self._state_width, REQUEST_BYTES.get()), f"a push of {len(ids):,} rows"
+            ):
                 grads = decode_grads(request.grads, len(ids), dim)
                 result = self._live.push(
                     request.layer_id,
@@ -367,36 +398,6 @@ class MemstoreServicer(pb_grpc.MemstoreServicer):
         context.set_trailing_metadata(((RETRY_PUSHBACK_KEY, str(pushback)),))
 
 
-class _ParseRequests(grpc.ServerInterceptor):
-    """Parse requests inside the call, so a message that is not valid protobuf gets INVALID_ARGUMENT
-    (gRPC Python's own deserializer failure is INTERNAL, "Exception deserializing request!")."""
-
-    def __init__(self, metrics: DaemonMetrics) -> None:
-        self._metrics = metrics
-
-    def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
-        handler = continuation(details)
-        if handler is None or handler.request_streaming or handler.request_deserializer is None:
-            return handler  # unknown method (UNIMPLEMENTED), or none of ours: as it is
-        parse, method = handler.request_deserializer, details.method.rsplit("/", 1)[-1]
-        behavior = handler.unary_stream if handler.response_streaming else handler.unary_unary
-
-        def parsed(data: bytes, context: grpc.ServicerContext) -> Any:
-            try:
-                request = parse(data)
-            except Exception as exc:  # DecodeError, or worse from a hostile message
-                self._metrics.requests.labels(method, InvalidArgumentError.code.name).inc()
-                context.abort(
-                    InvalidArgumentError.code, f"the request is not a valid {method} message: {str(exc)[:200]}"
-                )
-            return behavior(request, context)
-
-        make = (
-            grpc.unary_stream_rpc_method_handler if handler.response_streaming else grpc.unary_unary_rpc_method_handler
-        )
-        return make(parsed, request_deserializer=None, response_serializer=handler.response_serializer)
-
-
 def create_server(
     table: Table | LiveTable,
     address: str = "127.0.0.1:0",
@@ -414,18 +415,34 @@ def create_server(
     config = config or ServerConfig()
     live = table if isinstance(table, LiveTable) else LiveTable(table)
     metrics = metrics or DaemonMetrics()
-    # Each Follow stream holds a thread for its whole life: they get threads of their own.
-    pool = futures.ThreadPoolExecutor(max_workers=config.max_workers + config.max_followers)
-    interceptors: list[grpc.ServerInterceptor] = [_ParseRequests(metrics)]
-    if config.token_file is not None:  # first: a call without a valid token is refused unparsed
-        interceptors.insert(0, TokenInterceptor(TokenTable.from_file(config.token_file)))
+    # Every admitted call gets a thread at once (one waiting for its request or for a slow reader
+    # holds no more than that: the work itself runs in max_workers slots, memstore.guard), Follow
+    # streams hold theirs for their whole life, and a few more serve health checks and refusals.
+    admitted = config.max_concurrent_calls + config.max_followers
+    pool = futures.ThreadPoolExecutor(max_workers=admitted + _SPARE_THREADS)
+    check = None if config.token_file is None else TokenInterceptor(TokenTable.from_file(config.token_file))
+    guard = CallGuard(
+        GuardConfig(
+            service=SERVICE_NAME,
+            max_workers=config.max_workers,
+            max_calls=config.max_concurrent_calls,
+            request_timeout_s=config.request_timeout_s,
+            send_timeout_s=config.send_timeout_s,
+            max_calls_per_peer=config.max_calls_per_peer,
+            max_watch_streams=config.max_watch_streams,
+        ),
+        check,
+        lambda method, exc: _count_refusal(metrics, method, exc),
+    )
     server = grpc.server(
         pool,
         options=config.grpc_options(),
-        interceptors=interceptors,
-        # Past this many calls gRPC answers RESOURCE_EXHAUSTED at once: queued calls are bounded too.
-        maximum_concurrent_rpcs=config.max_concurrent_calls + config.max_followers,
+        interceptors=[guard],
+        # The guard admits max_concurrent_calls of ours; this bounds everything else too (health, reflection):
+        # past it gRPC answers RESOURCE_EXHAUSTED at once. Watch streams hold no thread once started.
+        maximum_concurrent_rpcs=admitted + config.max_watch_streams + _SPARE_THREADS,
     )
+    server.guard = guard  # type: ignore[attr-defined]  # for tests and metrics: watchdog, peers
     servicer = MemstoreServicer(live, config, metrics, replica)
     pb_grpc.add_MemstoreServicer_to_server(servicer, server)
     metrics.track(live, servicer.budget, replica)
@@ -453,6 +470,13 @@ def create_server(
             "an address of this machine; stop what holds the port or choose another (port 0 picks a free one)"
         ) from None
     return server, port
+
+
+def _count_refusal(metrics: DaemonMetrics, method: str, exc: MemstoreError) -> None:
+    """Count a call the guard refused before the servicer saw it, as the servicer counts its own."""
+    metrics.requests.labels(method, exc.code.name).inc()
+    if isinstance(exc, ResourceExhaustedError):
+        metrics.rejected.labels("busy" if exc.retry_after_s is not None else "too_large").inc()
 
 
 def _intact(live: LiveTable) -> bool:
