@@ -203,6 +203,20 @@ def test_busy_refusals_carry_a_pushback_and_oversized_ones_say_never(served, tab
     assert daemon.metrics.total("memstore_rejected_total", reason="too_large") == 1
 
 
+def test_the_request_message_counts_in_the_budget(served, table: Table) -> None:
+    """A lookup holds its request as received too (8 bytes an id): a budget that fits everything
+    but the request refuses it, where it once admitted it and held more than the budget."""
+    ids = np.arange(20_000, dtype=np.int64) % table.manifest.layout.num_rows(LAYER)
+    without_request = lookup_cost(len(ids), _row_bytes(table), 10**6, 16 << 20)
+    daemon = served(max_in_flight_bytes=without_request + _request_bytes(ids) // 2)
+    with grpc.insecure_channel(daemon.address) as channel:  # the client would split the lookup to fit
+        request = pb.LookupRequest(layer_id=LAYER, row_ids=ids.tobytes())
+        with pytest.raises(grpc.RpcError) as caught:
+            list(pb_grpc.MemstoreStub(channel).Lookup(request, timeout=DEADLINE_S))
+    assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "more than this daemon's whole in-flight budget" in caught.value.details()
+
+
 def test_rows_over_the_request_limit_are_not_retried(served) -> None:
     daemon = served(max_rows_per_request=10)
     with MemstoreClient(daemon.address, GRPC) as client:
