@@ -161,9 +161,6 @@ class ServerConfig:
             ("grpc.server_handshake_timeout_ms", 10_000),
             ("grpc.max_connection_idle_ms", 10 * 60_000),
             ("grpc.max_concurrent_streams", self.max_concurrent_calls + self.max_followers + self.max_watch_streams),
-            # Keepalive pings more often than once a minute without calls: the connection is closed.
-            ("grpc.http2.min_ping_interval_without_data_ms", 60_000),
-            ("grpc.http2.max_ping_strikes", 2),
         ]
 
 

@@ -13,6 +13,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from memstore.errors import InvalidArgumentError
 from memstore.guard import peer_host
 from memstore.metrics import DaemonMetrics
 from memstore.service import SERVICE_NAME, ServerConfig, create_server
@@ -225,3 +226,11 @@ def test_peer_host_drops_the_port_only() -> None:
     assert peer_host("ipv4:10.0.0.1:5555") == "ipv4:10.0.0.1"
     assert peer_host("ipv6:[::1]:5555") == "ipv6:[::1]"
     assert peer_host("unix:/tmp/sock") == "unix:/tmp/sock"
+
+
+@pytest.mark.parametrize(
+    "setting", [{"request_timeout_s": 0}, {"send_timeout_s": float("nan")}, {"max_calls_per_peer": -1}]
+)
+def test_slow_limits_out_of_range_are_refused(setting: dict) -> None:
+    with pytest.raises(InvalidArgumentError, match=next(iter(setting))):
+        ServerConfig(**setting)
