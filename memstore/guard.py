@@ -53,34 +53,43 @@ class GuardConfig:
 
 
 class Watchdog:
-    """One thread that runs an action (cancel a call) for each armed key whose deadline passes."""
+    """Runs an action (cancel a call) for each armed key whose deadline passes. Its one thread runs
+    only while something is armed: a stopped server leaves no thread behind."""
 
     def __init__(self, poll_s: float = 0.05) -> None:
         self._poll_s = poll_s
         self._lock = threading.Lock()
         self._due: dict[object, tuple[float, Callable[[], None]]] = {}
-        self._stopped = threading.Event()
+        self._running = False
         self.fired = 0  # actions run so far
-        threading.Thread(target=self._run, name="memstore-watchdog", daemon=True).start()
 
     def arm(self, key: object, seconds: float, action: Callable[[], None]) -> None:
         """Run `action` in `seconds` unless `disarm(key)` comes first (re-arming replaces)."""
         with self._lock:
             self._due[key] = (time.monotonic() + seconds, action)
+            if not self._running:
+                self._running = True
+                threading.Thread(target=self._run, name="memstore-watchdog", daemon=True).start()
+
+    @property
+    def running(self) -> bool:
+        """Whether its thread runs now (only while something is armed, or just was)."""
+        return self._running
 
     def disarm(self, key: object) -> None:
         with self._lock:
             self._due.pop(key, None)
 
-    def stop(self) -> None:
-        self._stopped.set()
-
     def _run(self) -> None:
-        while not self._stopped.wait(self._poll_s):
+        while True:
+            time.sleep(self._poll_s)
             now = time.monotonic()
             with self._lock:
                 expired = [key for key, (due, _) in self._due.items() if due <= now]
                 actions = [self._due.pop(key)[1] for key in expired]
+                if not self._due and not actions:
+                    self._running = False
+                    return
             for action in actions:
                 self.fired += 1
                 action()

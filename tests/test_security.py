@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from memstore.errors import InvalidArgumentError
-from memstore.guard import peer_host
+from memstore.guard import Watchdog, peer_host
 from memstore.metrics import DaemonMetrics
 from memstore.service import SERVICE_NAME, ServerConfig, create_server
 from memstore.table import Table
@@ -234,3 +234,14 @@ def test_peer_host_drops_the_port_only() -> None:
 def test_slow_limits_out_of_range_are_refused(setting: dict) -> None:
     with pytest.raises(InvalidArgumentError, match=next(iter(setting))):
         ServerConfig(**setting)
+
+
+def test_slow_watchdog_fires_once_and_leaves_no_thread() -> None:
+    watchdog = Watchdog(poll_s=0.01)
+    fired = threading.Event()
+    watchdog.arm("a", 0.0, fired.set)
+    watchdog.arm("b", 0.0, lambda: pytest.fail("disarmed, yet fired"))
+    watchdog.disarm("b")
+    assert fired.wait(WAIT_S)
+    wait_until(lambda: not watchdog.running, "the idle watchdog's thread ends", WAIT_S)
+    assert watchdog.fired == 1
