@@ -20,10 +20,12 @@ so that it runs before any message is read:
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent import futures
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +35,9 @@ from memstore.errors import RETRY_PUSHBACK_KEY, InvalidArgumentError, MemstoreEr
 from memstore.limits import BUSY_RETRY_MS
 
 _HEALTH_WATCH = "/grpc.health.v1.Health/Watch"
+
+# Threads for health checks and reflection (each brief, or cut at the read deadline).
+_SIDE_THREADS = 8
 
 # Bytes of the request message being served (as received), for the servicer's in-flight budget.
 REQUEST_BYTES: contextvars.ContextVar[int] = contextvars.ContextVar("memstore_request_bytes", default=0)
@@ -44,7 +49,8 @@ class GuardConfig:
 
     service: str  # full name of the service whose calls are parsed, counted per peer and take work slots
     max_workers: int
-    max_calls: int  # calls of `service` at once, untimed methods not counted (they have limits of their own)
+    max_calls: int  # calls of `service` at once, untimed methods not counted
+    max_untimed: int  # untimed calls (Follow streams) at once
     request_timeout_s: float
     send_timeout_s: float
     max_calls_per_peer: int
@@ -156,6 +162,10 @@ class CallGuard(grpc.ServerInterceptor):
         self._watch_lock = threading.Lock()
         self.watch_streams = 0
         self.calls = 0  # calls of the service in progress (untimed ones not counted)
+        self.untimed = 0  # untimed calls in progress
+        # Health and reflection run on threads of their own: however many wait for their request,
+        # the service's calls never wait for a thread behind them.
+        self._side_pool = futures.ThreadPoolExecutor(max_workers=_SIDE_THREADS, thread_name_prefix="memstore-side")
 
     def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
         handler = continuation(details)
@@ -177,7 +187,7 @@ class CallGuard(grpc.ServerInterceptor):
         slot = ours and name not in self._config.untimed_methods
 
         def serve(requests: Iterator[Any], context: grpc.ServicerContext, send_response_callback: Any = None) -> Any:
-            if ours and not self._admit(context, name, slot):
+            if ours and not self._admit(context, name, not slot):
                 return None
             if method == _HEALTH_WATCH and not self._admit_watch(context):
                 return None
@@ -206,8 +216,8 @@ class CallGuard(grpc.ServerInterceptor):
 
         if method == _HEALTH_WATCH and getattr(behavior, "experimental_non_blocking", False):
             serve.experimental_non_blocking = True  # type: ignore[attr-defined]
-            pool = getattr(behavior, "experimental_thread_pool", None)
-            serve.experimental_thread_pool = pool  # type: ignore[attr-defined]
+        if not ours:
+            serve.experimental_thread_pool = self._side_pool  # type: ignore[attr-defined]
         return _make(handler, serve)
 
     def _streaming_requests(self, handler: Any) -> Any:
@@ -217,6 +227,7 @@ class CallGuard(grpc.ServerInterceptor):
             result = behavior(self._timed_requests(requests, context), context)
             return self._send(result, context, False) if handler.response_streaming else result
 
+        serve.experimental_thread_pool = self._side_pool  # type: ignore[attr-defined]
         return _make(handler, serve)
 
     def _timed_requests(self, requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
@@ -268,44 +279,42 @@ class CallGuard(grpc.ServerInterceptor):
                 return False
         return True
 
-    def _admit(self, context: grpc.ServicerContext, name: str, counted: bool) -> bool:
-        """Count the call against its peer's share and (`counted`) the daemon's; False if it already ended."""
+    def _admit(self, context: grpc.ServicerContext, name: str, untimed: bool) -> bool:
+        """Count the call against its peer's share and the daemon's; False if it already ended."""
         peer = peer_host(context.peer())
-        if counted:
-            with self._watch_lock:
-                full = self.calls >= self._config.max_calls
-                if not full:
-                    self.calls += 1
-            if full:
-                self._refuse(
-                    context,
-                    name,
-                    ResourceExhaustedError(
-                        f"this daemon already serves {self._config.max_calls} calls, its limit "
-                        "(--max-concurrent-calls): retry shortly",
-                        retry_after_s=BUSY_RETRY_MS / 1000,
-                    ),
-                )
+        with self._watch_lock:
+            held, limit = (self.untimed, self._config.max_untimed) if untimed else (self.calls, self._config.max_calls)
+            if held < limit:
+                self._count(untimed, 1)
+        if held >= limit:
+            flag = "--max-followers" if untimed else "--max-concurrent-calls"
+            busy = (
+                f"this daemon already serves {limit} {name if untimed else ''} calls, its limit ({flag}): retry shortly"
+            )
+            self._refuse(
+                context, name, ResourceExhaustedError(busy.replace("  ", " "), retry_after_s=BUSY_RETRY_MS / 1000)
+            )
         try:
             self.peers.acquire(peer)
         except ResourceExhaustedError as exc:
-            if counted:
-                self._call_ended()
+            self._count(untimed, -1)
             self._refuse(context, name, exc)
 
         def ended() -> None:
             self.peers.release(peer)
-            if counted:
-                self._call_ended()
+            self._count(untimed, -1)
 
         if not context.add_callback(ended):
             ended()
             return False
         return True
 
-    def _call_ended(self) -> None:
-        with self._watch_lock:
-            self.calls -= 1
+    def _count(self, untimed: bool, step: int) -> None:
+        with self._watch_lock if step < 0 else contextlib.nullcontext():
+            if untimed:
+                self.untimed += step
+            else:
+                self.calls += step
 
     def _refuse(self, context: grpc.ServicerContext, name: str, exc: MemstoreError) -> None:
         """Count the refusal, tell gRPC's retry policy when to repeat it (-1: never), abort the call."""

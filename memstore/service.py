@@ -101,9 +101,10 @@ class ServerConfig:
     # client, before the call is cancelled and what it holds returned (memstore.guard).
     request_timeout_s: float = 10.0
     send_timeout_s: float = 30.0
-    # Calls one peer host may have in progress at once (0: no limit), and health Watch streams in all.
+    # Calls one peer host may have in progress at once (0: no limit), and health Watch streams in all
+    # (round_robin clients keep one open per connection; each holds no thread, only a little memory).
     max_calls_per_peer: int = 32
-    max_watch_streams: int = 16
+    max_watch_streams: int = 256
 
     def __post_init__(self) -> None:
         for name in (
@@ -164,7 +165,7 @@ class ServerConfig:
         ]
 
 
-# Threads beyond the admitted calls: health checks, reflection and refusals (each brief).
+# Threads beyond the admitted calls, for the refusals of calls past them (each brief).
 _SPARE_THREADS = 8
 _MIN_HEARTBEAT_S = 0.01
 _MAX_HEARTBEAT_S = 60.0
@@ -423,6 +424,7 @@ def create_server(
             service=SERVICE_NAME,
             max_workers=config.max_workers,
             max_calls=config.max_concurrent_calls,
+            max_untimed=config.max_followers,
             request_timeout_s=config.request_timeout_s,
             send_timeout_s=config.send_timeout_s,
             max_calls_per_peer=config.max_calls_per_peer,
@@ -435,9 +437,9 @@ def create_server(
         pool,
         options=config.grpc_options(),
         interceptors=[guard],
-        # The guard admits max_concurrent_calls of ours; this bounds everything else too (health, reflection):
-        # past it gRPC answers RESOURCE_EXHAUSTED at once. Watch streams hold no thread once started.
-        maximum_concurrent_rpcs=admitted + config.max_watch_streams + _SPARE_THREADS,
+        # No maximum_concurrent_rpcs: it counted health Watch streams and silent health checks with
+        # the table's calls, so they could lock those out. The guard admits max_concurrent_calls and
+        # max_followers of ours, max_watch_streams Watch streams; health and reflection have their own threads.
     )
     server.guard = guard  # type: ignore[attr-defined]  # for tests and metrics: watchdog, peers
     servicer = MemstoreServicer(live, config, metrics, replica)

@@ -62,7 +62,7 @@ def served(table: Table, tmp_path: Path) -> Iterator:
 def channels() -> Iterator:
     opened: list[grpc.Channel] = []
 
-    def open_channel(address: str, **options: int) -> grpc.Channel:
+    def open_channel(address: str, **options: int | str) -> grpc.Channel:
         opened.append(grpc.insecure_channel(address, options=list(options.items())))
         return opened[-1]
 
@@ -161,8 +161,7 @@ def test_slow_reflection_stream_that_never_asks_is_cancelled(served, channels) -
 def test_unauthenticated_watch_streams_stay_off_the_workers_and_are_bounded(served, channels) -> None:
     """Health Watch streams (round_robin clients open one per connection) hold no thread once
     started; past max_watch_streams they are refused, and a valid client still answers."""
-    daemon = served()  # max_watch_streams 16 by default
-    assert ServerConfig().max_watch_streams == 16
+    daemon = served(max_watch_streams=16)
     health = health_pb2_grpc.HealthStub(channels(daemon.address))
     streams = [health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=WAIT_S) for _ in range(30)]
     try:
