@@ -50,7 +50,7 @@ class GuardConfig:
     service: str  # full name of the service whose calls are parsed, counted per peer and take work slots
     max_workers: int
     max_calls: int  # calls of `service` at once, untimed methods not counted
-    max_untimed: int  # untimed calls (Follow streams) at once
+    max_untimed: int  # untimed calls (Follow streams) at once, waiting for their request included
     request_timeout_s: float
     send_timeout_s: float
     max_calls_per_peer: int
@@ -288,12 +288,9 @@ class CallGuard(grpc.ServerInterceptor):
                 self._count(untimed, 1)
         if held >= limit:
             flag = "--max-followers" if untimed else "--max-concurrent-calls"
-            busy = (
-                f"this daemon already serves {limit} {name if untimed else ''} calls, its limit ({flag}): retry shortly"
-            )
-            self._refuse(
-                context, name, ResourceExhaustedError(busy.replace("  ", " "), retry_after_s=BUSY_RETRY_MS / 1000)
-            )
+            what = f"{name} calls" if untimed else "calls"
+            busy = f"this daemon already serves {held} {what}, its limit ({flag}): retry shortly"
+            self._refuse(context, name, ResourceExhaustedError(busy, retry_after_s=BUSY_RETRY_MS / 1000))
         try:
             self.peers.acquire(peer)
         except ResourceExhaustedError as exc:

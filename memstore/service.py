@@ -424,7 +424,8 @@ def create_server(
             service=SERVICE_NAME,
             max_workers=config.max_workers,
             max_calls=config.max_concurrent_calls,
-            max_untimed=config.max_followers,
+            # Follow streams past max_followers get the servicer's own refusal; these stop a flood.
+            max_untimed=config.max_followers + _SPARE_THREADS,
             request_timeout_s=config.request_timeout_s,
             send_timeout_s=config.send_timeout_s,
             max_calls_per_peer=config.max_calls_per_peer,
