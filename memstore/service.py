@@ -6,14 +6,15 @@ one until SIGTERM/SIGINT, then drains in-flight calls and returns 0.
 
 Replication (docs/replication.md): any trainable daemon streams its pushes to followers
 (`Follow`); `serve(..., follow=PRIMARY)` runs a read replica (memstore.replica). gRPC's sync
-server runs every call, streams included, on a worker thread, and a Follow stream holds its
-thread for as long as the follower stays: the pool has `ServerConfig.max_followers` threads on
-top of `max_workers`, and a follower beyond that many gets RESOURCE_EXHAUSTED, so followers
-never take the threads lookups and pushes need.
+server runs every call, streams included, on a thread, and a Follow stream holds its thread for
+as long as the follower stays: a follower beyond `ServerConfig.max_followers` gets
+RESOURCE_EXHAUSTED, and Follow streams take no work slot, so they never take what lookups and
+pushes need.
 
-Every call is counted and timed (memstore.metrics), parsed inside the call so a malformed
-message gets INVALID_ARGUMENT, checked against the limits (memstore.limits) and, with TLS or a
-token file, against who may make it (memstore.auth); docs/operations.md.
+Every call passes memstore.guard first (the token check of memstore.auth before its request is
+read, read and send deadlines, per-peer and concurrency limits, `max_workers` work slots), is
+parsed there so a malformed message gets INVALID_ARGUMENT, and is counted and timed
+(memstore.metrics) and checked against the limits (memstore.limits); docs/operations.md.
 """
 
 from __future__ import annotations
