@@ -48,9 +48,8 @@ from memstore.errors import (
 )
 from memstore.limits import InFlightBudget, lookup_cost, push_cost
 from memstore.live import LiveConfig, LiveTable
-from memstore.manifest import Manifest
 from memstore.metrics import DaemonMetrics
-from memstore.replica import FollowConfig, Follower, check_same_table
+from memstore.replica import FollowConfig, Follower, check_follower_manifest
 from memstore.same_host import advertise
 from memstore.table import Table
 from memstore.wire import memstore_pb2 as pb
@@ -305,9 +304,7 @@ class MemstoreServicer(pb_grpc.MemstoreServicer):
     def Follow(self, request: pb.FollowRequest, context: grpc.ServicerContext) -> Iterator[pb.FollowResponse]:
         follower = request.follower_id or context.peer()
         with self._call("Follow", context):
-            check_same_table(
-                Manifest.from_json(request.manifest_json), self._live.manifest, f"follower {follower}", "this daemon"
-            )
+            check_follower_manifest(request.manifest_json, self._live.manifest, f"follower {follower}", "this daemon")
             heartbeat_s = request.heartbeat_s or self._config.follow_heartbeat_s
             if not _MIN_HEARTBEAT_S <= heartbeat_s <= _MAX_HEARTBEAT_S:
                 raise InvalidArgumentError(
