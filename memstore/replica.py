@@ -63,7 +63,7 @@ class FollowConfig:
     # Reconnection backoff, doubling from initial to max.
     initial_backoff_s: float = 0.1
     max_backoff_s: float = 5.0
-    # TLS to a primary served with --tls-cert, and a token (read scope suffices) for one with --token-file.
+    # TLS to a primary served with --tls-cert, and a replicate token for one with --token-file.
     tls: ClientTls | None = None
     token: str | None = field(default=None, repr=False)
 
