@@ -528,3 +528,24 @@ def test_a_follow_request_with_a_costly_layout_is_refused_without_building_it(ta
         next(pb_grpc.MemstoreStub(channel).Follow(request, timeout=5))
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION, info.value.details()
     assert "follower costly cannot follow this daemon: their tables differ (layout" in info.value.details()
+
+
+@pytest.mark.parametrize(
+    ("manifest_json", "said"),
+    [
+        ("not json", "sent a manifest that is not JSON"),
+        ("[" * 100_000, "not JSON"),
+        (" " * (1 << 20) + "{}", "bytes, over"),
+    ],
+    ids=["garbage", "deeply-nested", "oversized"],
+)
+def test_a_malformed_follow_manifest_is_the_callers_error(tables, serve, manifest_json: str, said: str) -> None:
+    """A malformed manifest in a Follow request was answered FAILED_PRECONDITION "manifest is
+    malformed", as if this daemon's table were damaged; it is the caller's INVALID_ARGUMENT."""
+    primary_path, _ = tables
+    primary = serve(primary_path)
+    request = pb.FollowRequest(manifest_json=manifest_json, follower_id="odd")
+    with grpc.insecure_channel(primary.address) as channel, pytest.raises(grpc.RpcError) as info:
+        next(pb_grpc.MemstoreStub(channel).Follow(request, timeout=5))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    assert "follower odd" in info.value.details() and said in info.value.details()
