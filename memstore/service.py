@@ -35,7 +35,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from memstore import __version__
-from memstore.auth import TlsConfig, TokenInterceptor, TokenTable, is_loopback
+from memstore.auth import TlsConfig, TokenInterceptor, TokenTable
+from memstore.auth import exposure_warning as auth_exposure_warning
 from memstore.codec import check_request_rows, decode_grads, decode_row_ids
 from memstore.errors import (
     RETRY_PUSHBACK_KEY,
@@ -48,9 +49,8 @@ from memstore.errors import (
 )
 from memstore.limits import InFlightBudget, lookup_cost, push_cost
 from memstore.live import LiveConfig, LiveTable
-from memstore.manifest import Manifest
 from memstore.metrics import DaemonMetrics
-from memstore.replica import FollowConfig, Follower, check_same_table
+from memstore.replica import FollowConfig, Follower, check_follower_manifest
 from memstore.same_host import advertise
 from memstore.table import Table
 from memstore.wire import memstore_pb2 as pb
@@ -95,8 +95,10 @@ class ServerConfig:
     # (`read TOKEN` / `write TOKEN` lines): memstore.auth.
     tls: TlsConfig | None = None
     token_file: Path | None = None
-    # Serve Prometheus metrics at http://HOST:PORT/metrics, HOST the listen address's (0: any free port).
+    # Serve Prometheus metrics at http://metrics_host:PORT/metrics (0: any free port). Plain HTTP, so
+    # loopback unless asked: a scraper elsewhere needs metrics_host (and a network it may trust).
     metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
         for name in (
@@ -305,9 +307,7 @@ class MemstoreServicer(pb_grpc.MemstoreServicer):
     def Follow(self, request: pb.FollowRequest, context: grpc.ServicerContext) -> Iterator[pb.FollowResponse]:
         follower = request.follower_id or context.peer()
         with self._call("Follow", context):
-            check_same_table(
-                Manifest.from_json(request.manifest_json), self._live.manifest, f"follower {follower}", "this daemon"
-            )
+            check_follower_manifest(request.manifest_json, self._live.manifest, f"follower {follower}", "this daemon")
             heartbeat_s = request.heartbeat_s or self._config.follow_heartbeat_s
             if not _MIN_HEARTBEAT_S <= heartbeat_s <= _MAX_HEARTBEAT_S:
                 raise InvalidArgumentError(
@@ -418,7 +418,7 @@ def create_server(
     pool = futures.ThreadPoolExecutor(max_workers=config.max_workers + config.max_followers)
     interceptors: list[grpc.ServerInterceptor] = [_ParseRequests(metrics)]
     if config.token_file is not None:  # first: a call without a valid token is refused unparsed
-        interceptors.insert(0, TokenInterceptor(TokenTable.from_file(config.token_file)))
+        interceptors.insert(0, TokenInterceptor(TokenTable.from_file(config.token_file), metrics.auth_refused_call))
     server = grpc.server(
         pool,
         options=config.grpc_options(),
@@ -502,8 +502,8 @@ def serve(
         if warning is not None:
             log.warning(warning)
         if config.metrics_port is not None:  # before serving: a port in use fails the start, not a running daemon
-            metrics_port = _serve_metrics(metrics, config.metrics_port, host)
-            log.info("metrics at http://%s:%d/metrics", host, metrics_port)
+            metrics_port = _serve_metrics(metrics, config.metrics_port, config.metrics_host)
+            log.info("metrics at http://%s:%d/metrics", config.metrics_host, metrics_port)
         server.start()
         if replica is not None:
             replica.start()
@@ -542,13 +542,7 @@ def serve(
 def exposure_warning(address: str, config: ServerConfig) -> str | None:
     """The warning a daemon logs on start when other hosts can reach it and neither TLS nor tokens
     guard it (None when loopback-only or guarded)."""
-    if is_loopback(address) or config.token_file is not None or config.tls is not None:
-        return None
-    return (
-        f"LISTENING ON {address} WITHOUT TLS OR TOKENS: anyone who can reach this port can read the table "
-        "and train it (push). Give --token-file (and --tls-cert/--tls-key), or listen on 127.0.0.1 "
-        "behind your own network policy."
-    )
+    return auth_exposure_warning(address, config.tls, config.token_file)
 
 
 def _log_serving(table: LiveTable, table_path: Path, address: str, replica: Follower | None) -> None:
