@@ -30,7 +30,7 @@ from memstore.errors import InvalidArgumentError, MemstoreError
 from memstore.integrity import BLOCK_ROWS, SUMS_SUFFIX, row_checksums
 from memstore.layout import EngramLayout
 from memstore.live import LiveConfig, LiveTable
-from memstore.manifest import Manifest
+from memstore.manifest import CHECKSUMS_KEY, Manifest
 from memstore.optim import OptimizerConfig, OptimizerKind, apply_update
 from memstore.replica import manifest_differences
 from memstore.service import SERVICE_NAME, ServerConfig
@@ -481,12 +481,26 @@ class Fuzzed:
         return Expect([too_long] if size > 200 else [], ok)
 
     def expect_follow(self, request: pb.FollowRequest) -> Expect:
+        # The daemon compares the raw JSON fields with its own before it builds anything: junk is the
+        # caller's INVALID_ARGUMENT, another layout is refused unparsed, only our layout is parsed.
         try:
-            theirs = Manifest.from_json(request.manifest_json)
-        except MemstoreError:
-            return Expect([(FP, "manifest|table format|generator")])
-        if manifest_differences(theirs, self.manifest):
+            raw = json.loads(request.manifest_json)
+        except (ValueError, RecursionError):
+            return Expect([(IA, "not JSON")])
+        if not isinstance(raw, dict):
+            return Expect([(IA, "not a JSON object")])
+        ours = json.loads(self.manifest.to_json())
+        differing = {key for key in set(ours) | set(raw) if ours.get(key) != raw.get(key)}
+        differing -= {"rows_sha256", CHECKSUMS_KEY}
+        if "layout" in differing:
             return Expect([(FP, "cannot follow")])
+        if differing:
+            try:
+                theirs = Manifest.from_json(request.manifest_json)
+            except MemstoreError:
+                return Expect([(FP, "manifest|table format|generator")])
+            if manifest_differences(theirs, self.manifest):
+                return Expect([(FP, "cannot follow")])
         heartbeat_s = request.heartbeat_s or CONFIG.follow_heartbeat_s
         if not 0.01 <= heartbeat_s <= 60:
             return Expect([(IA, "heartbeat_s must be in")])
