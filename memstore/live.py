@@ -60,6 +60,7 @@ from memstore.errors import (
     UnavailableError,
     permission_message,
 )
+from memstore.fsafe import temp_beside
 from memstore.integrity import IntegrityConfig, TableIntegrity
 from memstore.manifest import Manifest, fsync_dir
 from memstore.optim import apply_update, listed_positions
@@ -137,7 +138,7 @@ class Checkpoint:
             raise TableFormatError(f"{path} is malformed ({exc!r}); restore the table from a snapshot") from None
 
     def write(self, table_dir: Path) -> None:
-        tmp = table_dir / (CHECKPOINT_NAME + ".tmp")
+        out, tmp = temp_beside(table_dir / CHECKPOINT_NAME, "w")
         data = {
             "version": self.version,
             "layer_steps": {str(k): v for k, v in sorted(self.layer_steps.items())},
@@ -147,7 +148,7 @@ class Checkpoint:
             ],
         }
         try:
-            with open(tmp, "w") as f:
+            with out as f:
                 json.dump(data, f)
                 f.flush()
                 os.fsync(f.fileno())
@@ -175,8 +176,8 @@ class SeqLock:
         if create and (not path.exists() or path.stat().st_size < 8):
             # Also replaces a short file (a host crash can leave a new file empty), which could not be
             # mapped: its word only matters to the writer opening it now, which sets it next.
-            tmp = path.with_name(path.name + ".tmp")
-            with open(tmp, "wb") as f:
+            out, tmp = temp_beside(path)
+            with out as f:
                 f.write(bytes(8))
                 f.flush()
                 os.fsync(f.fileno())

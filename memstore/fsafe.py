@@ -1,0 +1,67 @@
+"""Private files and safe temp files: the modes memstore creates files with, and temp files no one can plant.
+
+Tables hold rows and optimizer state from which gradients follow, so everything memstore writes is
+private by default: directories 0700, files 0600, whatever the umask. An operator who wants a
+group (a backup user, a read-only daemon under another account) to read them opts in with
+``--group-readable`` (directories 0750, files 0640); others never get access.
+
+Temp files are created with O_CREAT | O_EXCL | O_NOFOLLOW under a unique name: a symlink or file
+planted at a predictable ``DEST.tmp`` can neither redirect the write nor be truncated.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+from typing import IO
+
+_PRIVATE = (0o700, 0o600)
+_GROUP = (0o750, 0o640)
+_modes = _PRIVATE
+
+
+def set_group_readable(group_readable: bool) -> None:
+    """The process-wide policy (parsed once at the CLI edge): also narrows the umask so that every file
+    a library writes (row stores, LMDB, logs) gets at most these modes."""
+    global _modes
+    _modes = _GROUP if group_readable else _PRIVATE
+    os.umask(0o027 if group_readable else 0o077)
+
+
+def dir_mode() -> int:
+    """The mode new table directories get."""
+    return _modes[0]
+
+
+def file_mode() -> int:
+    """The mode new table files get."""
+    return _modes[1]
+
+
+def make_dir(path: Path, parents: bool = False) -> None:
+    """mkdir with the private mode, whatever the umask (an existing directory is an error, as with mkdir)."""
+    if parents:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    os.mkdir(path, dir_mode())
+    os.chmod(path, dir_mode())  # the umask may have removed bits we want (group-readable) - never adds others'
+
+
+def open_new(path: Path, flags: int = os.O_WRONLY) -> int:
+    """Create `path` (which must not exist, nor be a symlink), private; returns the descriptor."""
+    fd = os.open(path, flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, file_mode())
+    os.fchmod(fd, file_mode())
+    return fd
+
+
+def temp_beside(path: Path, mode: str = "wb") -> tuple[IO, Path]:
+    """A new private temp file beside `path` (unique name, never following a planted link), opened with
+    `mode`; the caller fsyncs it and renames it onto `path`. Returns the file and its path."""
+    for _ in range(16):
+        tmp = path.with_name(f"{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            fd = open_new(tmp, os.O_RDWR)
+        except FileExistsError:
+            continue
+        return os.fdopen(fd, mode), tmp
+    raise FileExistsError(f"could not create a unique temp file beside {path}")
