@@ -186,7 +186,8 @@ def _shard_number(path: Path) -> int:
 
 def staging_dir(target: Path, purpose: str) -> Path:
     """A fresh hidden directory beside `target` where a new table is built before it is renamed into place."""
-    target.parent.mkdir(parents=True, exist_ok=True)
+    if not target.parent.is_dir():  # a new snapshots directory, say: private like the tables it will hold
+        make_dir(target.parent, parents=True)
     tmp = target.parent / f".{target.name}.{purpose}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     make_dir(tmp)  # private (0700) whatever the umask: it becomes the table directory

@@ -11,8 +11,11 @@ planted at a predictable ``DEST.tmp`` can neither redirect the write nor be trun
 
 from __future__ import annotations
 
+import argparse
 import os
 import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
@@ -21,12 +24,19 @@ _GROUP = (0o750, 0o640)
 _modes = _PRIVATE
 
 
-def set_group_readable(group_readable: bool) -> None:
-    """The process-wide policy (parsed once at the CLI edge): also narrows the umask so that every file
-    a library writes (row stores, LMDB, logs) gets at most these modes."""
+@contextmanager
+def file_policy(group_readable: bool) -> Iterator[None]:
+    """The process-wide policy for one command (set once at the CLI edge): also narrows the umask so that
+    every file a library writes (row stores, LMDB, logs) gets at most these modes. Both are restored after."""
     global _modes
+    saved = _modes
     _modes = _GROUP if group_readable else _PRIVATE
-    os.umask(0o027 if group_readable else 0o077)
+    umask = os.umask(0o027 if group_readable else 0o077)
+    try:
+        yield
+    finally:
+        os.umask(umask)
+        _modes = saved
 
 
 def dir_mode() -> int:
@@ -65,3 +75,13 @@ def temp_beside(path: Path, mode: str = "wb") -> tuple[IO, Path]:
             continue
         return os.fdopen(fd, mode), tmp
     raise FileExistsError(f"could not create a unique temp file beside {path}")
+
+
+def add_group_readable(parser: argparse.ArgumentParser) -> None:
+    """The --group-readable flag of the commands that write tables."""
+    parser.add_argument(
+        "--group-readable",
+        action="store_true",
+        help="let the file's group read what this writes (directories 0750, files 0640); default private: "
+        "0700 and 0600, whatever the umask",
+    )
