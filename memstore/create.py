@@ -26,7 +26,7 @@ import numpy as np
 
 from memstore.dtypes import DType
 from memstore.errors import InvalidArgumentError, MemstoreError
-from memstore.fsafe import make_dir
+from memstore.fsafe import make_dir, restrict_tree
 from memstore.integrity import write_table_sums
 from memstore.manifest import MANIFEST_NAME, Backend, Init, Manifest, fsync_dir
 from memstore.ownership import lock_table
@@ -203,6 +203,7 @@ def replace_table_dir(new: Path, target: Path, overwrite: bool = False) -> None:
     takes minutes): without `overwrite` anything that appeared there since is refused (the rename
     never replaces), with it only a memstore table is replaced."""
     old = None
+    restrict_tree(new)  # private (0700/0600) whatever the umask the stores' files were created with
     with _held_for_replacement(target):
         if not overwrite or not os.path.lexists(target):
             rename_noreplace(new, target)

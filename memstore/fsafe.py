@@ -12,6 +12,7 @@ planted at a predictable ``DEST.tmp`` can neither redirect the write nor be trun
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import secrets
 from collections.abc import Iterator
@@ -85,3 +86,30 @@ def add_group_readable(parser: argparse.ArgumentParser) -> None:
         help="let the file's group read what this writes (directories 0750, files 0640); default private: "
         "0700 and 0600, whatever the umask",
     )
+
+
+def restrict_tree(root: Path) -> None:
+    """Give a newly written tree (a table or snapshot before it is renamed into place) the policy's modes:
+    the libraries that wrote its files (mmap stores, LMDB) created them with the process's umask.
+    Symbolic links are left alone (chmod would change what they point to)."""
+    os.chmod(root, dir_mode())
+    for parent, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = os.path.join(parent, name)
+            if not os.path.islink(path):
+                os.chmod(path, dir_mode() if name in dirs else file_mode())
+
+
+def copy_range(src: int, dst: int, count: int, position: int) -> int:
+    """copy_file_range, or a read and a write where the kernel refuses it between these file systems
+    (EXDEV: a snapshot directory on another disk than the table)."""
+    try:
+        return os.copy_file_range(src, dst, count, position, position)
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+    data = os.pread(src, min(count, 8 << 20), position)
+    view = memoryview(data)
+    while view:
+        view = view[os.pwrite(dst, view, position + len(data) - len(view)) :]
+    return len(data)

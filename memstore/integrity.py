@@ -50,7 +50,7 @@ import numpy as np
 from memstore import space
 from memstore.dtypes import DType
 from memstore.errors import DataLossError, InvalidArgumentError, TableFormatError
-from memstore.fsafe import temp_beside
+from memstore.fsafe import copy_range, temp_beside
 from memstore.manifest import Manifest, fsync_dir
 from memstore.space import page_runs
 from memstore.storage import MmapRowStore, RowStore
@@ -217,7 +217,7 @@ class SumsFile:
                 end = os.lseek(src.fileno(), start, os.SEEK_HOLE)
                 position = start
                 while position < end:
-                    copied = os.copy_file_range(src.fileno(), out.fileno(), end - position, position, position)
+                    copied = copy_range(src.fileno(), out.fileno(), end - position, position)
                     if copied == 0:
                         break
                     position += copied

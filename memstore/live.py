@@ -60,7 +60,7 @@ from memstore.errors import (
     UnavailableError,
     permission_message,
 )
-from memstore.fsafe import temp_beside
+from memstore.fsafe import restrict_tree, temp_beside
 from memstore.integrity import IntegrityConfig, TableIntegrity
 from memstore.manifest import Manifest, fsync_dir
 from memstore.optim import apply_update, listed_positions
@@ -803,6 +803,7 @@ class LiveTable:
                 end = Checkpoint(self.version, dict(self.layer_steps))
             self._complete_copy(tmp, start, end.version)
             end.write(tmp)
+            restrict_tree(tmp)  # private whatever the umask the copies were created with
             rename_noreplace(tmp, dest)  # whatever appeared at dest during the copy is never replaced
             fsync_dir(dest.parent)
         except OSError as exc:
