@@ -308,7 +308,7 @@ class MemstoreServicer(pb_grpc.MemstoreServicer):
         follower = request.follower_id or context.peer()
         with self._call("Follow", context):
             check_same_table(
-                Manifest.from_json(request.manifest_json), self._live.manifest, f"follower {follower!r}", "this daemon"
+                Manifest.from_json(request.manifest_json), self._live.manifest, f"follower {follower}", "this daemon"
             )
             heartbeat_s = request.heartbeat_s or self._config.follow_heartbeat_s
             if not _MIN_HEARTBEAT_S <= heartbeat_s <= _MAX_HEARTBEAT_S:
