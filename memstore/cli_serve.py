@@ -8,6 +8,7 @@ from pathlib import Path
 from memstore.auth import ClientTls, TlsConfig, read_token
 from memstore.cli_args import enum_choice
 from memstore.errors import InvalidArgumentError
+from memstore.fsafe import add_group_readable
 from memstore.integrity import IntegrityConfig
 from memstore.live import LiveConfig
 from memstore.logs import LogFormat
@@ -40,6 +41,13 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
         "--read-only", action="store_true", help="refuse pushes and snapshots (e.g. a snapshot serving inference)"
     )
     srv.add_argument("--snapshot-dir", type=Path, help="where Snapshot writes (default: PATH.snapshots)")
+    srv.add_argument(
+        "--max-snapshots",
+        type=int,
+        default=defaults.max_snapshots,
+        help="snapshots kept in the snapshot directory; more are refused until old ones are deleted",
+    )
+    add_group_readable(srv)
     srv.add_argument(
         "--metrics-port",
         type=int,
@@ -80,6 +88,7 @@ def run_serve(args: argparse.Namespace) -> int:
         log_interval_s=args.log_interval,
         same_host=not args.no_same_host,
         snapshot_dir=args.snapshot_dir,
+        max_snapshots=args.max_snapshots,
         max_followers=args.max_followers,
         max_message_bytes=args.max_message_bytes,
         max_concurrent_calls=args.max_concurrent_calls,

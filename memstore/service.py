@@ -52,6 +52,7 @@ from memstore.live import LiveConfig, LiveTable
 from memstore.metrics import DaemonMetrics
 from memstore.replica import FollowConfig, Follower, check_follower_manifest
 from memstore.same_host import advertise
+from memstore.snapshots import DEFAULT_MAX_SNAPSHOTS, SnapshotSlots, check_snapshot_name
 from memstore.table import Table
 from memstore.wire import memstore_pb2 as pb
 from memstore.wire import memstore_pb2_grpc as pb_grpc
@@ -80,6 +81,8 @@ class ServerConfig:
     snapshot_dir: Path | None = None
     # Follow streams served at once; each holds a worker thread of its own (added to max_workers).
     max_followers: int = 4
+    # Snapshots kept in snapshot_dir (those being written included); more are refused.
+    max_snapshots: int = DEFAULT_MAX_SNAPSHOTS
     # Seconds between a Follow stream's heartbeats when the follower does not ask for a period.
     follow_heartbeat_s: float = 1.0
     # Record bytes per Follow message (a larger record travels alone).
@@ -110,6 +113,7 @@ class ServerConfig:
             "max_message_bytes",
             "max_concurrent_calls",
             "max_in_flight_bytes",
+            "max_snapshots",
         ):
             if getattr(self, name) < 1:
                 raise InvalidArgumentError(f"ServerConfig.{name} must be at least 1; got {getattr(self, name)}")
@@ -195,6 +199,7 @@ class MemstoreServicer(pb_grpc.MemstoreServicer):
         optimizer = manifest.optimizer
         self._state_width = 0 if optimizer is None else sum(optimizer.state_slots(manifest.layout.dim).values())
         self._snapshot_dir = config.snapshot_dir or live.path.with_name(live.path.name + ".snapshots")
+        self._snapshot_slots = SnapshotSlots(self._snapshot_dir, config.max_snapshots)
         self._describe = pb.DescribeResponse(
             manifest_json=manifest.to_json(),
             fingerprint=manifest.fingerprint,
@@ -290,13 +295,10 @@ class MemstoreServicer(pb_grpc.MemstoreServicer):
                     "snapshots are refused: this daemon serves its table read-only (--read-only, or a frozen "
                     "table) and writes nothing on its host; snapshot the primary, or copy the directory"
                 )
-            name = request.name
-            if not name or name in {".", ".."} or "/" in name or "\\" in name or name.startswith("."):
-                raise InvalidArgumentError(
-                    f"snapshot name {name!r} must be a plain directory name (no separators, not hidden)"
-                )
-            dest = self._snapshot_dir / name
-            version = self._live.snapshot(dest)
+            check_snapshot_name(request.name)  # before anything is logged or created: the name is the client's
+            dest = self._snapshot_dir / request.name
+            with self._snapshot_slots.held():
+                version = self._live.snapshot(dest)
             log.info("snapshot of version %d written to %s", version, dest)
             return pb.SnapshotResponse(path=str(dest.resolve()), version=version)
 
@@ -319,16 +321,16 @@ class MemstoreServicer(pb_grpc.MemstoreServicer):
                 return
             version = request.from_version
             log.info(
-                "follower %s streams from version %d (this daemon is at %d)", follower, version, self._live.version
+                "follower %r streams from version %d (this daemon is at %d)", follower, version, self._live.version
             )
             while context.is_active():
                 try:
                     records = self._live.records_after(version, self._config.follow_batch_bytes, heartbeat_s)
                 except UnavailableError:  # this daemon is stopping: the follower reconnects later
-                    log.info("follower %s at version %d: this daemon is stopping", follower, version)
+                    log.info("follower %r at version %d: this daemon is stopping", follower, version)
                     raise
                 except MemstoreError as exc:  # too far behind, or diverged: worth a line here too
-                    log.warning("follower %s at version %d: %s", follower, version, exc)
+                    log.warning("follower %r at version %d: %s", follower, version, exc)
                     raise
                 response = pb.FollowResponse(primary_version=self._live.version)
                 for record in records:
@@ -338,7 +340,7 @@ class MemstoreServicer(pb_grpc.MemstoreServicer):
                 yield response
                 if records:
                     version = records[-1].version
-            log.info("follower %s left at version %d", follower, version)
+            log.info("follower %r left at version %d", follower, version)
 
     @contextlib.contextmanager
     def _call(self, method: str, context: grpc.ServicerContext) -> Iterator[None]:
