@@ -1,9 +1,14 @@
 """Who may call the daemon: TLS (optionally with client certificates) and bearer tokens with scopes.
 
-The daemon's tokens live in a file, one per line, `read TOKEN` or `write TOKEN` (`#` starts a
-comment). A read token may look rows up, describe, follow and read stats; a write token may
-also push and snapshot. Calls without a valid token get UNAUTHENTICATED, a read token on a
-write method PERMISSION_DENIED. The gRPC health service answers without a token, as
+The daemon's tokens live in a file, one per line, `read TOKEN`, `write TOKEN` or `replicate TOKEN`
+(a line whose first non-blank character is `#` is a comment; nothing may follow a token, so a `#`
+inside a token is part of it). A read token may look rows up, describe and read stats; a write
+token may also push and snapshot; a replicate token may read and `Follow`. Follow is a scope of
+its own, implied by neither: a follower receives every push (row ids, optimizer state, who pushed)
+and holds a --max-followers slot, which a reader or a trainer has no need for. Calls without a
+valid token get UNAUTHENTICATED, a token outside its scope PERMISSION_DENIED; both are counted
+(`memstore_auth_refused_total`) and logged (rate-limited, never the token). The file, and TLS
+keys, must not be readable by group or others (`chmod 600`). The gRPC health service answers without a token, as
 orchestrators' probes expect (it tells nothing about the table). Tokens are kept as SHA-256
 digests and compared in constant time.
 
@@ -18,7 +23,11 @@ import enum
 import hashlib
 import hmac
 import ipaddress
+import logging
 import os
+import stat
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,11 +37,17 @@ import grpc
 
 from memstore.errors import InvalidArgumentError
 
+log = logging.getLogger("memstore.auth")
+
 METADATA_KEY = "authorization"
 TOKEN_ENV = "MEMSTORE_TOKEN"
 _HEALTH_PREFIX = "/grpc.health.v1.Health/"
 # Methods that change the table or write files on the daemon's host.
 WRITE_METHODS = frozenset({"Push", "Snapshot"})
+# Methods that stream the table's changes to a replica.
+REPLICATE_METHODS = frozenset({"Follow"})
+# Seconds between two log lines about refused calls (the ones between are counted in the next).
+REFUSAL_LOG_INTERVAL_S = 10.0
 
 
 class Scope(enum.Enum):
@@ -40,6 +55,15 @@ class Scope(enum.Enum):
 
     READ = "read"
     WRITE = "write"  # read and write
+    REPLICATE = "replicate"  # read and Follow
+
+    def allows(self, method: str) -> bool:
+        """Whether this scope may call `method` (its short name: Push, Follow, ...)."""
+        if method in WRITE_METHODS:
+            return self is Scope.WRITE
+        if method in REPLICATE_METHODS:
+            return self is Scope.REPLICATE
+        return True
 
 
 @dataclass(frozen=True)
@@ -52,7 +76,7 @@ class TlsConfig:
     client_ca: Path | None = None
 
     def server_credentials(self) -> grpc.ServerCredentials:
-        pair = [(_read(self.key, "TLS key"), _read(self.cert, "TLS certificate"))]
+        pair = [(_read(self.key, "TLS key", private=True), _read(self.cert, "TLS certificate"))]
         roots = None if self.client_ca is None else _read(self.client_ca, "client CA")
         return grpc.ssl_server_credentials(pair, root_certificates=roots, require_client_auth=roots is not None)
 
@@ -67,15 +91,26 @@ class TokenTable:
 
     @classmethod
     def from_file(cls, path: Path) -> TokenTable:
-        """Parse `read TOKEN` / `write TOKEN` lines; anything else is an error naming the line."""
+        """Parse `read TOKEN` / `write TOKEN` / `replicate TOKEN` lines; anything else (a trailing
+        comment, a token given twice) is an error naming the line, never the token."""
         tokens: dict[str, Scope] = {}
+        lines: dict[str, int] = {}
         for number, parts in _token_lines(path):
             if len(parts) != 2 or parts[0] not in {s.value for s in Scope}:
-                raise InvalidArgumentError(f"{path} line {number}: expected `read TOKEN` or `write TOKEN`")
+                raise InvalidArgumentError(
+                    f"{path} line {number}: expected `read TOKEN`, `write TOKEN` or `replicate TOKEN` "
+                    "(comments go on lines of their own, starting with #)"
+                )
             if len(parts[1]) < 16:
                 raise InvalidArgumentError(f"{path} line {number}: a token must have at least 16 characters")
             check_token(parts[1], f"{path} line {number}")
+            if parts[1] in tokens:  # which scope it has would depend on the line order
+                raise InvalidArgumentError(
+                    f"{path} line {number}: this token is already on line {lines[parts[1]]}; give each token "
+                    "one line (and one scope)"
+                )
             tokens[parts[1]] = Scope(parts[0])
+            lines[parts[1]] = number
         return cls(tokens)
 
     def scope(self, token: str) -> Scope | None:
@@ -89,10 +124,32 @@ class TokenTable:
 
 
 class TokenInterceptor(grpc.ServerInterceptor):
-    """Checks `authorization: Bearer TOKEN` on every call before the servicer sees it."""
+    """Checks `authorization: Bearer TOKEN` on every call before the servicer sees it; each refusal
+    is passed to `on_refusal(method, reason)` (reason: missing, invalid or scope) and logged at most
+    once per REFUSAL_LOG_INTERVAL_S."""
 
-    def __init__(self, tokens: TokenTable) -> None:
+    def __init__(self, tokens: TokenTable, on_refusal: Callable[[str, str], None] | None = None) -> None:
         self._tokens = tokens
+        self._on_refusal = on_refusal
+        self._log_lock = threading.Lock()
+        self._last_logged = -REFUSAL_LOG_INTERVAL_S
+        self._unlogged = 0
+
+    def _refused(self, method: str, reason: str) -> None:
+        if self._on_refusal is not None:
+            self._on_refusal(method, reason)
+        with self._log_lock:
+            self._unlogged += 1
+            now = time.monotonic()
+            if now - self._last_logged < REFUSAL_LOG_INTERVAL_S:
+                return
+            count, self._unlogged, self._last_logged = self._unlogged, 0, now
+        log.warning(
+            "refused a %s call: %s token%s",
+            method,
+            reason,
+            f" ({count - 1} more refusals since the last line)" if count > 1 else "",
+        )
 
     def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
         method = details.method
@@ -101,18 +158,27 @@ class TokenInterceptor(grpc.ServerInterceptor):
         presented = dict(details.invocation_metadata or ()).get(METADATA_KEY, "")
         scheme, _, token = presented.partition(" ")
         scope = self._tokens.scope(token) if scheme.lower() == "bearer" and token else None
+        short = method.rsplit("/", 1)[-1]
         if scope is None:
+            handler = continuation(details)
+            # The label is the method only for methods this daemon serves: callers choose the name.
+            self._refused(short if handler is not None else "unknown", "invalid" if presented else "missing")
             return _refusal(
-                continuation(details),
+                handler,
                 grpc.StatusCode.UNAUTHENTICATED,
                 "a valid bearer token is required (ClientConfig.token, or `authorization: Bearer TOKEN` metadata)",
             )
-        if scope is Scope.READ and method.rsplit("/", 1)[-1] in WRITE_METHODS:
-            return _refusal(
-                continuation(details),
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"{method.rsplit('/', 1)[-1]} needs a write token; this token may only read",
-            )
+        if not scope.allows(short):
+            handler = continuation(details)
+            self._refused(short if handler is not None else "unknown", "scope")
+            if short in REPLICATE_METHODS:
+                message = (
+                    f"{short} needs a replicate token; this is a {scope.value} token. Add a line `replicate TOKEN` "
+                    "to this daemon's --token-file and give the replica that token (--follow-token-file)"
+                )
+            else:
+                message = f"{short} needs a write token; this is a {scope.value} token"
+            return _refusal(handler, grpc.StatusCode.PERMISSION_DENIED, message)
         return continuation(details)
 
 
@@ -134,7 +200,7 @@ class ClientTls:
     def credentials(self) -> grpc.ChannelCredentials:
         return grpc.ssl_channel_credentials(
             root_certificates=None if self.ca is None else _read(self.ca, "TLS CA"),
-            private_key=None if self.key is None else _read(self.key, "TLS key"),
+            private_key=None if self.key is None else _read(self.key, "TLS key", private=True),
             certificate_chain=None if self.cert is None else _read(self.cert, "TLS certificate"),
         )
 
@@ -145,6 +211,12 @@ def open_channel(
     """A channel to `target`: TLS when `tls` is given, and `authorization: Bearer token` on every call."""
     check_target(target)
     options = list(options)
+    if tls is None and token is not None and not _is_local_target(target):
+        log.warning(
+            "sending a bearer token to %s without TLS: anyone on the path can read it and use it; connect with "
+            "TLS (ClientConfig.tls, --tls-ca) or to a loopback address",
+            target,
+        )
     if tls is None:
         channel = grpc.insecure_channel(target, options=options)
     else:
@@ -183,6 +255,11 @@ def read_token(path: Path | None) -> str | None:
             check_token(token, f"${TOKEN_ENV}")
         return token or None
     for number, parts in _token_lines(path):
+        if len(parts) > 2 or (len(parts) == 2 and parts[0] not in {s.value for s in Scope}):
+            raise InvalidArgumentError(
+                f"{path} line {number}: expected the token alone, or a daemon's `SCOPE TOKEN` line (comments go on "
+                "lines of their own, starting with #)"
+            )
         check_token(parts[-1], f"{path} line {number}")
         return parts[-1]  # a daemon's `read TOKEN` line works as well as the bare token
     raise InvalidArgumentError(f"the token file {path} holds no token")
@@ -249,6 +326,41 @@ def is_loopback(address: str) -> bool:
         return False  # a host name, or "0.0.0.0"-like wildcards spelled otherwise: assume public
 
 
+def _is_local_target(target: str) -> bool:
+    """Whether a channel target stays on this host (a Unix socket or a loopback address)."""
+    if target.startswith(("unix:", "unix-abstract:", "vsock:")):
+        return True
+    for scheme in ("dns:///", "dns:", "ipv4:", "ipv6:"):
+        if target.startswith(scheme):
+            return all(is_loopback(part) for part in target[len(scheme) :].split(","))
+    return is_loopback(target)
+
+
+def exposure_warning(address: str, tls: TlsConfig | None, token_file: Path | None) -> str | None:
+    """The warning a daemon logs on start when other hosts can reach it and nothing guards its
+    writes, or its tokens travel in plaintext (None when loopback-only or guarded)."""
+    if is_loopback(address) or address.startswith(("unix:", "unix-abstract:")):
+        return None
+    if tls is None and token_file is None:
+        return (
+            f"LISTENING ON {address} WITHOUT TLS OR TOKENS: anyone who can reach this port can read the table "
+            "and train it (push). Give --token-file (and --tls-cert/--tls-key), or listen on 127.0.0.1 "
+            "behind your own network policy."
+        )
+    if tls is not None and tls.client_ca is None and token_file is None:
+        return (
+            f"LISTENING ON {address} WITH TLS BUT NEITHER TOKENS NOR CLIENT CERTIFICATES: TLS encrypts, it does "
+            "not say who may call; anyone who can reach this port can read the table, push and snapshot. Give "
+            "--token-file or --tls-client-ca."
+        )
+    if tls is None:
+        return (
+            f"LISTENING ON {address} WITH TOKENS BUT WITHOUT TLS: tokens travel in plaintext and anyone on the "
+            "path can read and reuse them. Give --tls-cert/--tls-key."
+        )
+    return None
+
+
 def _refusal(handler: Any, code: grpc.StatusCode, message: str) -> Any:
     """A handler of the same kind as `handler` that aborts every call with `code`."""
 
@@ -276,15 +388,24 @@ def _digest(token: str) -> str:
 
 
 def _token_lines(path: Path) -> Iterator[tuple[int, list[str]]]:
-    """(line number, words) of each line of a token file that holds more than a `#` comment."""
-    for number, line in enumerate(_read(path, "token file").decode().splitlines(), 1):
-        words = line.split("#", 1)[0].split()
-        if words:
+    """(line number, words) of each line of a token file that is neither blank nor a comment (a
+    line starting with `#`; a `#` elsewhere is part of a word)."""
+    for number, line in enumerate(_read(path, "token file", private=True).decode().splitlines(), 1):
+        words = line.split()
+        if words and not words[0].startswith("#"):
             yield number, words
 
 
-def _read(path: Path, what: str) -> bytes:
+def _read(path: Path, what: str, private: bool = False) -> bytes:
+    """The file's bytes; with `private`, InvalidArgumentError when group or others may access it."""
     try:
-        return Path(path).read_bytes()
+        with open(path, "rb") as file:
+            mode = os.fstat(file.fileno()).st_mode
+            if private and mode & 0o077:
+                raise InvalidArgumentError(
+                    f"the {what} {path} is open to group or others (mode {stat.S_IMODE(mode):04o}): anyone on this "
+                    f"host could read the secret in it; run `chmod 600 {path}`"
+                )
+            return file.read()
     except OSError as exc:
         raise InvalidArgumentError(f"cannot read the {what} {path}: {exc.strerror}") from None

@@ -17,6 +17,7 @@ from memstore.cli_serve import add_serve_parser, run_serve
 from memstore.create import DEFAULT_CHUNK_ROWS, create_sharded, create_table
 from memstore.dtypes import DType
 from memstore.errors import InvalidArgumentError, MemstoreError, permission_message
+from memstore.fsafe import add_group_readable, file_policy
 from memstore.layout import EngramLayout
 from memstore.live import CHECKPOINT_NAME, table_version
 from memstore.logs import LogFormat, configure_logging
@@ -74,6 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--init-std", type=float, default=1.0, help="std of the N(0, std^2) init (nn.Embedding: 1)")
     create.add_argument("--chunk-rows", type=int, default=DEFAULT_CHUNK_ROWS, help="rows generated per write")
     create.add_argument("--overwrite", action="store_true", help="replace an existing table at PATH")
+    add_group_readable(create)
     create.add_argument("--no-progress", action="store_true", help="no progress bar")
     create.add_argument(
         "--backend", **enum_choice(Backend), default=Backend.MMAP, help="mmap files or LMDB (default mmap)"
@@ -135,6 +137,7 @@ def _parser() -> argparse.ArgumentParser:
         "default: the one `memstore export` stores in the file",
     )
     imp.add_argument("--overwrite", action="store_true", help="replace an existing table at PATH")
+    add_group_readable(imp)
     imp.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     verify = commands.add_parser(
@@ -409,6 +412,11 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `memstore` console script."""
     args = _parser().parse_args(argv)
     configure_logging(args.log_format)
+    with file_policy(getattr(args, "group_readable", False)):  # private files (0600/0700) unless asked
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         if args.command == "create":
             _create(args)

@@ -8,6 +8,7 @@ from pathlib import Path
 from memstore.auth import ClientTls, TlsConfig, read_token
 from memstore.cli_args import enum_choice
 from memstore.errors import InvalidArgumentError
+from memstore.fsafe import add_group_readable
 from memstore.integrity import IntegrityConfig
 from memstore.live import LiveConfig
 from memstore.logs import LogFormat
@@ -41,9 +42,22 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
     )
     srv.add_argument("--snapshot-dir", type=Path, help="where Snapshot writes (default: PATH.snapshots)")
     srv.add_argument(
+        "--max-snapshots",
+        type=int,
+        default=defaults.max_snapshots,
+        help="snapshots kept in the snapshot directory; more are refused until old ones are deleted",
+    )
+    add_group_readable(srv)
+    srv.add_argument(
         "--metrics-port",
         type=int,
-        help="serve Prometheus metrics at http://HOST:PORT/metrics, HOST the --listen host (0: a free port)",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics, HOST the --metrics-host (0: a free port)",
+    )
+    srv.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        help="the address the metrics endpoint listens on (default 127.0.0.1; it is plain HTTP without tokens, "
+        "so give another only where the network is trusted)",
     )
     srv.add_argument(
         "--log-format",
@@ -74,6 +88,7 @@ def run_serve(args: argparse.Namespace) -> int:
         log_interval_s=args.log_interval,
         same_host=not args.no_same_host,
         snapshot_dir=args.snapshot_dir,
+        max_snapshots=args.max_snapshots,
         max_followers=args.max_followers,
         max_message_bytes=args.max_message_bytes,
         max_concurrent_calls=args.max_concurrent_calls,
@@ -84,6 +99,7 @@ def run_serve(args: argparse.Namespace) -> int:
         tls=tls,
         token_file=args.token_file,
         metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
     )
     live = LiveConfig(
         durability=args.durability,
@@ -222,8 +238,9 @@ def _add_security(srv: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--token-file",
         type=Path,
-        help="require a bearer token on every call: lines `read TOKEN` (lookups) or `write TOKEN` (also pushes "
-        "and snapshots); health checks need none",
+        help="require a bearer token on every call: lines `read TOKEN` (lookups), `write TOKEN` (also pushes "
+        "and snapshots) or `replicate TOKEN` (lookups and Follow, for replicas); health checks need none; the "
+        "file must not be readable by group or others",
     )
 
 
@@ -250,7 +267,9 @@ def _add_replication(srv: argparse.ArgumentParser, defaults: ServerConfig) -> No
         "are shown to it as this replica's client certificate)",
     )
     group.add_argument(
-        "--follow-token-file", type=Path, help="with --follow: a file holding the token to show the primary"
+        "--follow-token-file",
+        type=Path,
+        help="with --follow: a file holding the token to show the primary (a `replicate TOKEN` of its --token-file)",
     )
     group.add_argument(
         "--max-followers",

@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 
 from memstore.dtypes import DType
-from memstore.errors import InvalidArgumentError
+from memstore.errors import InvalidArgumentError, MemstoreError
+from memstore.fsafe import make_dir, restrict_tree
 from memstore.integrity import write_table_sums
 from memstore.manifest import MANIFEST_NAME, Backend, Init, Manifest, fsync_dir
 from memstore.ownership import lock_table
@@ -54,8 +55,8 @@ def create_table(
         raise InvalidArgumentError(f"chunk_rows is {chunk_rows}; it must be at least 1")
     if path.exists() and not overwrite:
         raise InvalidArgumentError(f"{path} already exists; remove it or pass overwrite=True (--overwrite)")
-    if path.exists() and not (path / MANIFEST_NAME).is_file():
-        raise InvalidArgumentError(f"{path} exists and is not a memstore table; refusing to replace it")
+    if path.exists():
+        check_table_root(path)
     check_replaceable(path)  # before writing any row; checked again, and held, while replacing
     check_disk_for(path, manifest)
     tmp = staging_dir(path, "creating")
@@ -80,7 +81,7 @@ def create_table(
         manifest = replace(manifest, rows_sha256=None if manifest.init is Init.LAZY else digest.hexdigest())
         manifest.write(tmp)
         write_table_sums(tmp, manifest)  # the rows' checksums, kept current by every push
-        replace_table_dir(tmp, path)
+        replace_table_dir(tmp, path, overwrite)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if is_disk_full(exc):  # another writer took the space meanwhile: no debris, a clear error
@@ -138,8 +139,8 @@ def create_sharded(
     path = Path(path)
     if path.exists() and not overwrite:
         raise InvalidArgumentError(f"{path} already exists; remove it or pass overwrite=True (--overwrite)")
-    if path.exists() and not shard_dirs(path):
-        raise InvalidArgumentError(f"{path} exists and is not a sharded memstore table; refusing to replace it")
+    if path.exists():
+        check_table_root(path)
     if manifest.sharding is not None:
         raise InvalidArgumentError("give create_sharded the manifest of the whole table (no sharding)")
     check_replaceable(path)
@@ -160,7 +161,7 @@ def create_sharded(
         for shard in range(num_shards):
             sharding = Sharding.spread(num_shards, shard, num_partitions)
             create_table(tmp / shard_name(shard), replace(manifest, sharding=sharding), chunk_rows, progress=progress)
-        replace_table_dir(tmp, path)
+        replace_table_dir(tmp, path, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -185,22 +186,31 @@ def _shard_number(path: Path) -> int:
 
 def staging_dir(target: Path, purpose: str) -> Path:
     """A fresh hidden directory beside `target` where a new table is built before it is renamed into place."""
-    target.parent.mkdir(parents=True, exist_ok=True)
+    if not target.parent.is_dir():  # a new snapshots directory, say: private like the tables it will hold
+        make_dir(target.parent, parents=True)
     tmp = target.parent / f".{target.name}.{purpose}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    make_dir(tmp)  # private (0700) whatever the umask: it becomes the table directory
     return tmp
 
 
-def replace_table_dir(new: Path, target: Path) -> None:
+def replace_table_dir(new: Path, target: Path, overwrite: bool = False) -> None:
     """Move `new` to `target`; an existing table is moved aside first, never rewritten in place, and
     removed only after the new table is in place. Refused (UnavailableError, nothing moved) while a
-    daemon or reader holds the existing table: it is held exclusively from the check to the move."""
+    daemon or reader holds the existing table: it is held exclusively from the check to the move.
+
+    What is at `target` is checked again here, at the move, not only when the caller began (a copy
+    takes minutes): without `overwrite` anything that appeared there since is refused (the rename
+    never replaces), with it only a memstore table is replaced."""
     old = None
+    restrict_tree(new)  # private (0700/0600) whatever the umask the stores' files were created with
     with _held_for_replacement(target):
-        if not target.exists():
-            os.replace(new, target)
-        elif _exchange(new, target):  # one atomic step: PATH always names a whole table, old or new
+        if not overwrite or not os.path.lexists(target):
+            rename_noreplace(new, target)
+            fsync_dir(target.parent)
+            return
+        check_table_root(target)  # under the lock: what is there now, not what was there when the copy began
+        if _exchange(new, target):  # one atomic step: PATH always names a whole table, old or new
             old = new
         else:  # no atomic exchange here: two renames, the first undone if the second fails
             old = target.parent / f".{target.name}.replaced-{os.getpid()}"
@@ -218,16 +228,73 @@ def replace_table_dir(new: Path, target: Path) -> None:
 def _exchange(a: Path, b: Path) -> bool:
     """Swap two directories atomically (Linux renameat2 RENAME_EXCHANGE); False where the system or
     file system cannot."""
+    return _renameat2(a, b, _RENAME_EXCHANGE)
+
+
+_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
+
+
+def _renameat2(a: Path, b: Path, flags: int) -> bool:
+    """renameat2(a, b, flags); False where the system or file system cannot."""
     renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
     if renameat2 is None:
         return False
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+    at_fdcwd = -100
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), flags) == 0:
         return True
     err = ctypes.get_errno()
     if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
         return False
     raise OSError(err, os.strerror(err), str(b))
+
+
+def check_table_root(path: Path) -> None:
+    """InvalidArgumentError (naming what was found) unless `path` is a table or a sharded table's root
+    as memstore writes them: a readable manifest, or only shard directories each with one. An
+    overwrite deletes what is at `path`: a stray manifest.json (or shard-0/manifest.json) is not enough."""
+    refuse = f"{path} exists and is not a memstore table"
+    advice = "refusing to replace it: remove it yourself if it should go, or pick another path"
+    if path.is_symlink() or not path.is_dir():
+        kind = "a symbolic link" if path.is_symlink() else "not a directory"
+        raise InvalidArgumentError(f"{refuse} ({kind}); {advice}")
+    if (path / MANIFEST_NAME).exists():
+        try:
+            Manifest.read(path)
+        except (MemstoreError, OSError, ValueError) as exc:
+            raise InvalidArgumentError(f"{refuse}: its {MANIFEST_NAME} does not parse ({exc}); {advice}") from None
+        return
+    shards = shard_dirs(path)
+    others = sorted(p.name for p in path.iterdir() if p not in shards)
+    if not shards or others:
+        found = ", ".join(repr(name) for name in others[:5]) + (" ..." if len(others) > 5 else "")
+        raise InvalidArgumentError(f"{refuse} (no {MANIFEST_NAME}; it holds {found or 'nothing'}); {advice}")
+    for shard in shards:
+        try:
+            manifest = Manifest.read(shard)
+        except (MemstoreError, OSError, ValueError) as exc:
+            raise InvalidArgumentError(
+                f"{refuse}: {shard.name}/{MANIFEST_NAME} does not parse ({exc}); {advice}"
+            ) from None
+        if manifest.sharding is None:
+            raise InvalidArgumentError(f"{refuse}: {shard.name} is a whole table, not a shard; {advice}")
+
+
+def rename_noreplace(src: Path, dest: Path) -> None:
+    """Rename `src` to `dest` only if nothing is at `dest` (InvalidArgumentError otherwise), atomically
+    where the system has renameat2 RENAME_NOREPLACE."""
+    try:
+        if _renameat2(src, dest, _RENAME_NOREPLACE):
+            return
+    except FileExistsError:
+        pass
+    else:
+        if not os.path.lexists(dest):  # no atomic form here: the check and the rename are as close as they can be
+            os.rename(src, dest)
+            return
+    raise InvalidArgumentError(
+        f"{dest} appeared while the new table was being written (something else created it); nothing was "
+        f"replaced and the new table was discarded: remove {dest} or pick another path, then run this again"
+    )
 
 
 def check_replaceable(target: Path) -> None:

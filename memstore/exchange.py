@@ -43,9 +43,17 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
-from memstore.create import check_replaceable, replace_table_dir, shard_dirs, staging_dir, write_initial_state
+from memstore.create import (
+    check_replaceable,
+    check_table_root,
+    replace_table_dir,
+    shard_dirs,
+    staging_dir,
+    write_initial_state,
+)
 from memstore.dtypes import DType
 from memstore.errors import InvalidArgumentError, TableFormatError
+from memstore.fsafe import temp_beside
 from memstore.integrity import write_table_sums
 from memstore.manifest import MANIFEST_NAME, Backend, Init, Manifest, fsync_dir
 from memstore.offline import reading_offline
@@ -95,9 +103,9 @@ def export_safetensors(
         layout = manifest.layout
         header = _header(manifest, out_dtype)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(dest.name + ".tmp")
+        out, tmp = temp_beside(dest)  # never through a planted DEST.tmp link
         try:
-            with open(tmp, "wb") as f:
+            with out as f:
                 f.write(struct.pack("<Q", len(header)))
                 f.write(header)
                 for layer_id in layout.layer_ids:  # the header's data order
@@ -171,7 +179,7 @@ def import_safetensors(
             manifest = replace(manifest, init=Init.EAGER, rows_sha256=digest.hexdigest())
             manifest.write(tmp)  # also fsyncs tmp, making the row files' entries durable
             write_table_sums(tmp, manifest)  # the rows' checksums, kept current by every push
-            replace_table_dir(tmp, dest)
+            replace_table_dir(tmp, dest, overwrite)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -414,9 +422,8 @@ def _check_dest(dest: Path, overwrite: bool) -> None:
     """create_table's rules: an existing path is replaced only with overwrite, and only if it is a table."""
     if dest.exists() and not overwrite:
         raise InvalidArgumentError(f"{dest} already exists; remove it or pass overwrite=True (--overwrite)")
-    if dest.exists() and not (dest / MANIFEST_NAME).is_file():
-        raise InvalidArgumentError(f"{dest} exists and is not a memstore table; refusing to replace it")
-    if dest.exists():
+    if os.path.lexists(dest):
+        check_table_root(dest)
         check_replaceable(dest)
 
 

@@ -169,8 +169,8 @@ class CallGuard(grpc.ServerInterceptor):
 
     def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
         handler = continuation(details)
-        if handler is None:
-            return None  # unknown method: gRPC answers UNIMPLEMENTED
+        if handler is None:  # unknown method: gRPC answers UNIMPLEMENTED (the check counts a refusal)
+            return None if self._check is None else self._check.intercept_service(lambda _d: None, details)
         checked = handler if self._check is None else self._check.intercept_service(lambda _d: handler, details)
         if checked is not handler:  # refused: abort before a byte of the request is read
             refusal = _behavior(checked)

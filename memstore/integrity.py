@@ -50,6 +50,7 @@ import numpy as np
 from memstore import space
 from memstore.dtypes import DType
 from memstore.errors import DataLossError, InvalidArgumentError, TableFormatError
+from memstore.fsafe import copy_range, temp_beside
 from memstore.manifest import Manifest, fsync_dir
 from memstore.space import page_runs
 from memstore.storage import MmapRowStore, RowStore
@@ -216,7 +217,7 @@ class SumsFile:
                 end = os.lseek(src.fileno(), start, os.SEEK_HOLE)
                 position = start
                 while position < end:
-                    copied = os.copy_file_range(src.fileno(), out.fileno(), end - position, position, position)
+                    copied = copy_range(src.fileno(), out.fileno(), end - position, position)
                     if copied == 0:
                         break
                     position += copied
@@ -256,8 +257,8 @@ def write_sums_file(path: Path, num_rows: int, row_bytes: int, chunks: Iterator[
     every row is zero bytes, the sums are all 0: the sidecar is left sparse, like the store)."""
     blocks = _num_blocks(num_rows)
     size = _sidecar_bytes(num_rows)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    out, tmp = temp_beside(path)
+    with out as f:
         if chunks is None:
             f.truncate(size)  # sparse, like its store: pushes reserve the pages they write (SumsFile.reserve)
         else:

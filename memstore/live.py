@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 
 from memstore import fatal
-from memstore.create import staging_dir
+from memstore.create import rename_noreplace, staging_dir
 from memstore.dtypes import DType
 from memstore.errors import (
     DataLossError,
@@ -60,12 +60,13 @@ from memstore.errors import (
     UnavailableError,
     permission_message,
 )
+from memstore.fsafe import restrict_tree, temp_beside
 from memstore.integrity import IntegrityConfig, TableIntegrity
 from memstore.manifest import Manifest, fsync_dir
 from memstore.optim import apply_update, listed_positions
 from memstore.ownership import TableInUseError, TableLock, lock_table, record_writer_pid
 from memstore.recovery import Recovery, acknowledged_version, pending_recovery, settle
-from memstore.space import DiskFullError, disk_full_error, is_disk_full
+from memstore.space import DiskFullError, check_free, disk_full_error, is_disk_full
 from memstore.storage import RowStore
 from memstore.table import Table, open_store, read_manifest
 from memstore.wal import Durability, WalRecord, WriteAheadLog, inspect_log
@@ -137,7 +138,7 @@ class Checkpoint:
             raise TableFormatError(f"{path} is malformed ({exc!r}); restore the table from a snapshot") from None
 
     def write(self, table_dir: Path) -> None:
-        tmp = table_dir / (CHECKPOINT_NAME + ".tmp")
+        out, tmp = temp_beside(table_dir / CHECKPOINT_NAME, "w")
         data = {
             "version": self.version,
             "layer_steps": {str(k): v for k, v in sorted(self.layer_steps.items())},
@@ -147,7 +148,7 @@ class Checkpoint:
             ],
         }
         try:
-            with open(tmp, "w") as f:
+            with out as f:
                 json.dump(data, f)
                 f.flush()
                 os.fsync(f.fileno())
@@ -175,8 +176,8 @@ class SeqLock:
         if create and (not path.exists() or path.stat().st_size < 8):
             # Also replaces a short file (a host crash can leave a new file empty), which could not be
             # mapped: its word only matters to the writer opening it now, which sets it next.
-            tmp = path.with_name(path.name + ".tmp")
-            with open(tmp, "wb") as f:
+            out, tmp = temp_beside(path)
+            with out as f:
                 f.write(bytes(8))
                 f.flush()
                 os.fsync(f.fileno())
@@ -755,6 +756,16 @@ class LiveTable:
                 self._wal.truncate_through(checkpoint.version)
         return checkpoint.version
 
+    def _check_space_for_snapshot(self, dest: Path) -> None:
+        """DiskFullError before copying when the snapshot's file system lacks room for the table's files."""
+        needed = sum(store.bytes_on_disk for store in self._stores_by_name().values())
+        check_free(
+            dest.parent,
+            needed,
+            f"the snapshot {dest.name}",
+            f"free space there (delete old snapshots in {dest.parent}), or snapshot to another file system",
+        )
+
     def snapshot(self, dest: str | Path) -> int:
         """A consistent copy (rows, optimizer state, manifest) at one version, taken while pushes go on.
 
@@ -765,8 +776,9 @@ class LiveTable:
         if "\0" in str(dest):  # the OS refuses such paths with a ValueError: the caller's mistake, not ours
             raise InvalidArgumentError(f"snapshot path {str(dest)!r} contains a NUL character; pick a plain name")
         try:
-            if dest.exists():
+            if os.path.lexists(dest):  # a dangling symlink too: the rename would fail on it after the copy
                 raise InvalidArgumentError(f"{dest} exists; snapshots never overwrite: pick a new path")
+            self._check_space_for_snapshot(dest)
             tmp = staging_dir(dest, f"snapshot-{threading.get_ident()}")
         except OSError as exc:
             if exc.errno != errno.ENAMETOOLONG:
@@ -791,7 +803,8 @@ class LiveTable:
                 end = Checkpoint(self.version, dict(self.layer_steps))
             self._complete_copy(tmp, start, end.version)
             end.write(tmp)
-            os.replace(tmp, dest)
+            restrict_tree(tmp)  # private whatever the umask the copies were created with
+            rename_noreplace(tmp, dest)  # whatever appeared at dest during the copy is never replaced
             fsync_dir(dest.parent)
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -13,6 +13,7 @@ from typing import Any
 
 from memstore.dtypes import DType
 from memstore.errors import InvalidArgumentError, TableFormatError
+from memstore.fsafe import temp_beside
 from memstore.layout import EngramLayout, fingerprint
 from memstore.optim import OptimizerConfig
 from memstore.rowgen import GENERATOR
@@ -203,8 +204,8 @@ def _check_fields(data: dict[str, Any], recorded: Any) -> None:
 
 
 def _write_durably(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    out, tmp = temp_beside(path)
+    with out as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())

@@ -8,13 +8,18 @@ benchmarks); `memstore serve --metrics-port` exposes it over HTTP for Prometheus
 from __future__ import annotations
 
 import contextlib
+import ipaddress
+import logging
+import socket
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer, _get_best_family, _SilentHandler
 from prometheus_client.parser import text_string_to_metric_families
 
 if TYPE_CHECKING:
@@ -23,6 +28,12 @@ if TYPE_CHECKING:
     from memstore.replica import Follower
 
 # Latency buckets (seconds): a 1k-row lookup takes ~1 ms, a 256k-row one ~100 ms.
+log = logging.getLogger("memstore.metrics")
+
+# The metrics endpoint serves this many connections at once and closes the others at once; each
+# gets this many seconds per read or write (a half-open connection used to hold a thread forever).
+METRICS_MAX_CONNECTIONS = 8
+METRICS_TIMEOUT_S = 5.0
 _BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 
 
@@ -31,6 +42,7 @@ class DaemonMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self._http_servers: list[_BoundedServer] = []
         r = self.registry
         self.requests = Counter(
             "memstore_requests", "RPCs finished, by method and status code", ["method", "code"], registry=r
@@ -46,6 +58,17 @@ class DaemonMetrics:
             "memstore_rejected",
             "Calls the daemon refused with RESOURCE_EXHAUSTED: too_large (over a limit by itself) or busy",
             ["reason"],
+            registry=r,
+        )
+        self.auth_refused = Counter(
+            "memstore_auth_refused",
+            "Calls refused by the token check, by method and reason (missing, invalid or scope)",
+            ["method", "reason"],
+            registry=r,
+        )
+        self.metrics_connections_refused = Counter(
+            "memstore_metrics_connections_refused",
+            f"Metrics HTTP connections closed unserved: {METRICS_MAX_CONNECTIONS} were being served",
             registry=r,
         )
         self.in_flight = Gauge("memstore_in_flight_requests", "RPCs being served now", registry=r)
@@ -107,10 +130,76 @@ class DaemonMetrics:
                     total += sample.value
         return total
 
+    def auth_refused_call(self, method: str, reason: str) -> None:
+        """Count one call the token check refused (memstore.auth.TokenInterceptor's `on_refusal`)."""
+        self.auth_refused.labels(method, reason).inc()
+
     def serve_http(self, port: int, address: str = "127.0.0.1") -> int:
-        """Expose the metrics at http://address:port/metrics (0: a free port); returns the port."""
-        server, _ = start_http_server(port, address, registry=self.registry)
+        """Expose the metrics at http://address:port/metrics (0: a free port) on a daemon thread,
+        at most METRICS_MAX_CONNECTIONS connections at once; returns the port."""
+        if not _loopback(address):
+            log.warning(
+                "metrics served over plain HTTP without tokens on %s: anyone who can reach port %d there reads the "
+                "daemon's counters; keep --metrics-host on 127.0.0.1 unless the network is trusted",
+                address,
+                port,
+            )
+        server_class = type("_MetricsServer", (_BoundedServer,), {})
+        server_class.address_family, host = _get_best_family(address, port)
+        server = server_class((host, port), _TimedHandler, self.metrics_connections_refused)
+        server.set_app(make_wsgi_app(self.registry))
+        threading.Thread(target=server.serve_forever, name="memstore-metrics", daemon=True).start()
+        self._http_servers.append(server)
         return server.server_port
+
+    def close_http(self) -> None:
+        """Stop serving the metrics over HTTP (every endpoint `serve_http` started)."""
+        while self._http_servers:
+            server = self._http_servers.pop()
+            server.shutdown()
+            server.server_close()
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class _TimedHandler(_SilentHandler):
+    timeout = METRICS_TIMEOUT_S  # socketserver sets it on the connection: a silent peer times out
+
+
+class _BoundedServer(ThreadingWSGIServer):
+    """A WSGI server with a thread per connection, up to METRICS_MAX_CONNECTIONS; beyond that a
+    connection is closed at once (and counted) instead of getting a thread of its own."""
+
+    request_queue_size = 64  # connections waiting for accept, so a burst is refused rather than left hanging
+
+    def __init__(self, address: tuple[str, int], handler: type, refused: Counter) -> None:
+        super().__init__(address, handler)
+        self._slots = threading.BoundedSemaphore(METRICS_MAX_CONNECTIONS)
+        self._refused = refused
+
+    def process_request(self, request: socket.socket, client_address: object) -> None:
+        if not self._slots.acquire(blocking=False):
+            self._refused.inc()
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: socket.socket, client_address: object) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
 
 @dataclass

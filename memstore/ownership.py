@@ -22,6 +22,7 @@ from pathlib import Path
 from types import TracebackType
 
 from memstore.errors import UnavailableError
+from memstore.fsafe import temp_beside
 
 PID_NAME = "writer.lock"
 _TRIES = 3
@@ -90,8 +91,9 @@ def lock_table(table_dir: str | Path, exclusive: bool, advice: str) -> TableLock
 
 def record_writer_pid(table_dir: Path) -> None:
     """Write this process's pid to ``writer.lock`` (for messages only: the lock is the directory's)."""
-    tmp = Path(table_dir) / (PID_NAME + ".tmp")
-    tmp.write_text(f"{os.getpid()}\n")
+    out, tmp = temp_beside(Path(table_dir) / PID_NAME, "w")
+    with out as f:
+        f.write(f"{os.getpid()}\n")
     os.replace(tmp, Path(table_dir) / PID_NAME)
 
 

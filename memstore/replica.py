@@ -18,6 +18,7 @@ last version (Describe reports the seconds since the primary was last heard from
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -37,7 +38,7 @@ from memstore.errors import (
     UnavailableError,
 )
 from memstore.live import LiveTable
-from memstore.manifest import Manifest
+from memstore.manifest import CHECKSUMS_KEY, Manifest
 from memstore.space import DiskFullError
 from memstore.wire import memstore_pb2 as pb
 from memstore.wire import memstore_pb2_grpc as pb_grpc
@@ -62,7 +63,7 @@ class FollowConfig:
     # Reconnection backoff, doubling from initial to max.
     initial_backoff_s: float = 0.1
     max_backoff_s: float = 5.0
-    # TLS to a primary served with --tls-cert, and a token (read scope suffices) for one with --token-file.
+    # TLS to a primary served with --tls-cert, and a replicate token for one with --token-file.
     tls: ClientTls | None = None
     token: str | None = field(default=None, repr=False)
 
@@ -128,6 +129,45 @@ def check_same_table(replica: Manifest, primary: Manifest, replica_name: str, pr
             f"{replica_name}'s first); a replica serves a copy of its primary's table: a snapshot of it "
             "(`memstore snapshot`), a copy of its directory, or an identical `memstore create`"
         )
+
+
+# The largest manifest a Follow request may carry: a real one is a few KB (the primes of each layer).
+MAX_FOLLOW_MANIFEST_BYTES = 1 << 20
+# Manifest keys that are not part of what makes two tables the same (see Manifest's compare=False).
+_NOT_COMPARED = frozenset({"rows_sha256", CHECKSUMS_KEY})
+
+
+def check_follower_manifest(manifest_json: str, ours: Manifest, follower_name: str, our_name: str) -> None:
+    """Raise unless a follower's manifest (as it sent it) describes `ours`, computing nothing the
+    sender chose the size of: the raw JSON fields are compared with ours first; a manifest is
+    parsed (which builds its layout, a prime search) only when its layout is ours, for the
+    detailed message of `check_same_table`. A different layout is refused by its fingerprints."""
+    if len(manifest_json) > MAX_FOLLOW_MANIFEST_BYTES:
+        raise InvalidArgumentError(
+            f"{follower_name} sent a manifest of {len(manifest_json)} bytes, over {MAX_FOLLOW_MANIFEST_BYTES}"
+        )
+    try:
+        theirs = json.loads(manifest_json)
+    except (ValueError, RecursionError):
+        raise InvalidArgumentError(f"{follower_name} sent a manifest that is not JSON") from None
+    if not isinstance(theirs, dict):
+        raise InvalidArgumentError(f"{follower_name} sent a manifest that is not a JSON object")
+    mine = json.loads(ours.to_json())
+    differing = sorted(
+        key for key in (set(mine) | set(theirs)) - _NOT_COMPARED if mine.get(key, None) != theirs.get(key, None)
+    )
+    if not differing:
+        return
+    if "layout" in differing:
+        claimed = theirs.get("fingerprint")
+        shown = claimed if isinstance(claimed, str) and len(claimed) <= 64 else "unknown"
+        raise LayoutMismatchError(
+            f"{follower_name} cannot follow {our_name}: their tables differ (layout: fingerprint {shown} vs. "
+            f"{ours.fingerprint}, the follower's first); a replica serves a copy of its primary's table: a snapshot "
+            "of it (`memstore snapshot`), a copy of its directory, or an identical `memstore create`"
+        )
+    # The layout is ours: parsing costs what opening this table did, and names each difference.
+    check_same_table(Manifest.from_json(manifest_json), ours, follower_name, our_name)
 
 
 class Follower:

@@ -52,6 +52,7 @@ from memstore.create import (
 )
 from memstore.dtypes import DType
 from memstore.errors import DataLossError, InvalidArgumentError, TableFormatError
+from memstore.fsafe import make_dir
 from memstore.integrity import write_table_sums
 from memstore.live import Checkpoint
 from memstore.manifest import MANIFEST_NAME, Init, Manifest
@@ -369,7 +370,8 @@ def _write_shard(
 ) -> None:
     """One destination table directory: each layer's rows then its state slots, each file written once in
     the shard's local order (its partitions ascending, each in global-id order)."""
-    path.mkdir(exist_ok=True)
+    if not path.is_dir():
+        make_dir(path)
     layout = manifest.layout
     digest = hashlib.sha256()
     for layer in layout.layer_ids:

@@ -35,7 +35,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from memstore import __version__
-from memstore.auth import TlsConfig, TokenInterceptor, TokenTable, is_loopback
+from memstore.auth import TlsConfig, TokenInterceptor, TokenTable
+from memstore.auth import exposure_warning as auth_exposure_warning
 from memstore.codec import check_request_rows, decode_grads, decode_row_ids
 from memstore.errors import (
     RETRY_PUSHBACK_KEY,
@@ -49,10 +50,10 @@ from memstore.errors import (
 from memstore.guard import REQUEST_BYTES, CallGuard, GuardConfig
 from memstore.limits import InFlightBudget, lookup_cost, push_cost
 from memstore.live import LiveConfig, LiveTable
-from memstore.manifest import Manifest
 from memstore.metrics import DaemonMetrics
-from memstore.replica import FollowConfig, Follower, check_same_table
+from memstore.replica import FollowConfig, Follower, check_follower_manifest
 from memstore.same_host import advertise
+from memstore.snapshots import DEFAULT_MAX_SNAPSHOTS, SnapshotSlots, check_snapshot_name
 from memstore.table import Table
 from memstore.wire import memstore_pb2 as pb
 from memstore.wire import memstore_pb2_grpc as pb_grpc
@@ -81,6 +82,8 @@ class ServerConfig:
     snapshot_dir: Path | None = None
     # Follow streams served at once; each holds a worker thread of its own (added to max_workers).
     max_followers: int = 4
+    # Snapshots kept in snapshot_dir (those being written included); more are refused.
+    max_snapshots: int = DEFAULT_MAX_SNAPSHOTS
     # Seconds between a Follow stream's heartbeats when the follower does not ask for a period.
     follow_heartbeat_s: float = 1.0
     # Record bytes per Follow message (a larger record travels alone).
@@ -96,8 +99,10 @@ class ServerConfig:
     # (`read TOKEN` / `write TOKEN` lines): memstore.auth.
     tls: TlsConfig | None = None
     token_file: Path | None = None
-    # Serve Prometheus metrics at http://HOST:PORT/metrics, HOST the listen address's (0: any free port).
+    # Serve Prometheus metrics at http://metrics_host:PORT/metrics (0: any free port). Plain HTTP, so
+    # loopback unless asked: a scraper elsewhere needs metrics_host (and a network it may trust).
     metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
     # Seconds a call's request message may take to arrive, and each response message to be taken by the
     # client, before the call is cancelled and what it holds returned (memstore.guard).
     request_timeout_s: float = 10.0
@@ -118,6 +123,7 @@ class ServerConfig:
             "max_concurrent_calls",
             "max_in_flight_bytes",
             "max_watch_streams",
+            "max_snapshots",
         ):
             if getattr(self, name) < 1:
                 raise InvalidArgumentError(f"ServerConfig.{name} must be at least 1; got {getattr(self, name)}")
@@ -219,6 +225,7 @@ class MemstoreServicer(pb_grpc.MemstoreServicer):
         optimizer = manifest.optimizer
         self._state_width = 0 if optimizer is None else sum(optimizer.state_slots(manifest.layout.dim).values())
         self._snapshot_dir = config.snapshot_dir or live.path.with_name(live.path.name + ".snapshots")
+        self._snapshot_slots = SnapshotSlots(self._snapshot_dir, config.max_snapshots)
         self._describe = pb.DescribeResponse(
             manifest_json=manifest.to_json(),
             fingerprint=manifest.fingerprint,
@@ -318,13 +325,10 @@ class MemstoreServicer(pb_grpc.MemstoreServicer):
                     "snapshots are refused: this daemon serves its table read-only (--read-only, or a frozen "
                     "table) and writes nothing on its host; snapshot the primary, or copy the directory"
                 )
-            name = request.name
-            if not name or name in {".", ".."} or "/" in name or "\\" in name or name.startswith("."):
-                raise InvalidArgumentError(
-                    f"snapshot name {name!r} must be a plain directory name (no separators, not hidden)"
-                )
-            dest = self._snapshot_dir / name
-            version = self._live.snapshot(dest)
+            check_snapshot_name(request.name)  # before anything is logged or created: the name is the client's
+            dest = self._snapshot_dir / request.name
+            with self._snapshot_slots.held():
+                version = self._live.snapshot(dest)
             log.info("snapshot of version %d written to %s", version, dest)
             return pb.SnapshotResponse(path=str(dest.resolve()), version=version)
 
@@ -335,9 +339,7 @@ class MemstoreServicer(pb_grpc.MemstoreServicer):
     def Follow(self, request: pb.FollowRequest, context: grpc.ServicerContext) -> Iterator[pb.FollowResponse]:
         follower = request.follower_id or context.peer()
         with self._call("Follow", context):
-            check_same_table(
-                Manifest.from_json(request.manifest_json), self._live.manifest, f"follower {follower}", "this daemon"
-            )
+            check_follower_manifest(request.manifest_json, self._live.manifest, f"follower {follower}", "this daemon")
             heartbeat_s = request.heartbeat_s or self._config.follow_heartbeat_s
             if not _MIN_HEARTBEAT_S <= heartbeat_s <= _MAX_HEARTBEAT_S:
                 raise InvalidArgumentError(
@@ -349,16 +351,16 @@ class MemstoreServicer(pb_grpc.MemstoreServicer):
                 return
             version = request.from_version
             log.info(
-                "follower %s streams from version %d (this daemon is at %d)", follower, version, self._live.version
+                "follower %r streams from version %d (this daemon is at %d)", follower, version, self._live.version
             )
             while context.is_active():
                 try:
                     records = self._live.records_after(version, self._config.follow_batch_bytes, heartbeat_s)
                 except UnavailableError:  # this daemon is stopping: the follower reconnects later
-                    log.info("follower %s at version %d: this daemon is stopping", follower, version)
+                    log.info("follower %r at version %d: this daemon is stopping", follower, version)
                     raise
                 except MemstoreError as exc:  # too far behind, or diverged: worth a line here too
-                    log.warning("follower %s at version %d: %s", follower, version, exc)
+                    log.warning("follower %r at version %d: %s", follower, version, exc)
                     raise
                 response = pb.FollowResponse(primary_version=self._live.version)
                 for record in records:
@@ -368,7 +370,7 @@ class MemstoreServicer(pb_grpc.MemstoreServicer):
                 yield response
                 if records:
                     version = records[-1].version
-            log.info("follower %s left at version %d", follower, version)
+            log.info("follower %r left at version %d", follower, version)
 
     @contextlib.contextmanager
     def _call(self, method: str, context: grpc.ServicerContext) -> Iterator[None]:
@@ -419,7 +421,11 @@ def create_server(
     # streams hold theirs for their whole life, and a few more serve health checks and refusals.
     admitted = config.max_concurrent_calls + config.max_followers
     pool = futures.ThreadPoolExecutor(max_workers=admitted + _SPARE_THREADS)
-    check = None if config.token_file is None else TokenInterceptor(TokenTable.from_file(config.token_file))
+    check = (
+        None
+        if config.token_file is None
+        else TokenInterceptor(TokenTable.from_file(config.token_file), metrics.auth_refused_call)
+    )
     guard = CallGuard(
         GuardConfig(
             service=SERVICE_NAME,
@@ -527,8 +533,8 @@ def serve(
         if warning is not None:
             log.warning(warning)
         if config.metrics_port is not None:  # before serving: a port in use fails the start, not a running daemon
-            metrics_port = _serve_metrics(metrics, config.metrics_port, host)
-            log.info("metrics at http://%s:%d/metrics", host, metrics_port)
+            metrics_port = _serve_metrics(metrics, config.metrics_port, config.metrics_host)
+            log.info("metrics at http://%s:%d/metrics", config.metrics_host, metrics_port)
         server.start()
         if replica is not None:
             replica.start()
@@ -567,13 +573,7 @@ def serve(
 def exposure_warning(address: str, config: ServerConfig) -> str | None:
     """The warning a daemon logs on start when other hosts can reach it and neither TLS nor tokens
     guard it (None when loopback-only or guarded)."""
-    if is_loopback(address) or config.token_file is not None or config.tls is not None:
-        return None
-    return (
-        f"LISTENING ON {address} WITHOUT TLS OR TOKENS: anyone who can reach this port can read the table "
-        "and train it (push). Give --token-file (and --tls-cert/--tls-key), or listen on 127.0.0.1 "
-        "behind your own network policy."
-    )
+    return auth_exposure_warning(address, config.tls, config.token_file)
 
 
 def _log_serving(table: LiveTable, table_path: Path, address: str, replica: Follower | None) -> None:

@@ -82,6 +82,7 @@ from types import TracebackType
 from typing import BinaryIO
 
 from memstore.errors import DataLossError, InternalError, InvalidArgumentError
+from memstore.fsafe import file_mode, make_dir
 from memstore.space import disk_full_error, is_disk_full
 
 FORMAT_VERSION = 1
@@ -416,7 +417,8 @@ class WriteAheadLog:
         self._closed = False
         self._failed: OSError | None = None
         self._fd: int | None = None
-        self.directory.mkdir(parents=True, exist_ok=True)
+        if not self.directory.is_dir():
+            make_dir(self.directory, parents=True)
         self._segments, self.tail_cut = _recover(self.directory, repair=True)
         if self._segments:
             self._fd = os.open(self._segments[-1].path, os.O_WRONLY)
@@ -589,7 +591,7 @@ class WriteAheadLog:
     def _new_segment(self, name_version: int, sync_file: bool, sync_dir: bool) -> _Segment:
         """Create and switch to an empty segment named `name_version`."""
         path = _segment_path(self.directory, name_version)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, file_mode())
         try:
             _write_all(fd, [memoryview(_file_header(self.last_version))], 0)
             if sync_file:

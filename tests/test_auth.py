@@ -3,6 +3,7 @@ daemon, and the warning for a daemon exposed without either. Certificates are ma
 
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 import time
@@ -19,16 +20,20 @@ from client import MemstoreClient
 from memstore.auth import ClientTls, Scope, TlsConfig, TokenTable, is_loopback, open_channel, read_token
 from memstore.errors import InvalidArgumentError, ReadOnlyError, UnauthenticatedError, UnavailableError
 from memstore.live import LiveConfig, LiveTable
+from memstore.metrics import DaemonMetrics
 from memstore.optim import OptimizerConfig, OptimizerKind
 from memstore.replica import FollowConfig, Follower
 from memstore.service import ServerConfig, create_server, exposure_warning
 from memstore.wal import Durability
+from memstore.wire import memstore_pb2 as pb
+from memstore.wire import memstore_pb2_grpc as pb_grpc
 from tests.helpers import FAST_FAIL, SMALL_LAYOUT, make_table
 
 LAYER = 1
 DIM = SMALL_LAYOUT.dim
 READ_TOKEN = "r" * 8 + "ead-token-0123"
 WRITE_TOKEN = "w" * 8 + "rite-token-0123"
+REPLICATE_TOKEN = "replicate-token-0123"
 GRPC = replace(FAST_FAIL, same_host=False, max_attempts=1)
 
 
@@ -54,14 +59,23 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     server.private_key_pem.write_to_path(str(files["server_key"]))
     client.cert_chain_pems[0].write_to_path(str(files["client_cert"]))
     client.private_key_pem.write_to_path(str(files["client_key"]))
+    for key in ("server_key", "client_key"):
+        files[key].chmod(0o600)  # a key others may read is refused
     return files
 
 
 @pytest.fixture
 def tokens(tmp_path: Path) -> Path:
     path = tmp_path / "tokens"
-    path.write_text(f"# who may call\nread {READ_TOKEN}\nwrite {WRITE_TOKEN}  # the trainer\n")
+    lines = f"# who may call\nread {READ_TOKEN}\n  # the trainer\nwrite {WRITE_TOKEN}\nreplicate {REPLICATE_TOKEN}\n"
+    _write_private(path, lines)
     return path
+
+
+def _write_private(path: Path, text: str) -> None:
+    """A token file as it should be: readable by its owner only (others' access is refused)."""
+    path.write_text(text, encoding="utf-8")
+    path.chmod(0o600)
 
 
 @pytest.fixture
@@ -104,10 +118,10 @@ def test_token_file_parsing(tmp_path: Path, tokens: Path) -> None:
     assert table.scope(WRITE_TOKEN) is Scope.WRITE
     assert table.scope("not-a-token-at-all") is None
     bad = tmp_path / "bad"
-    bad.write_text("admin sometokenlongenough\n")
-    with pytest.raises(InvalidArgumentError, match="line 1: expected `read TOKEN` or `write TOKEN`"):
+    _write_private(bad, "admin sometokenlongenough\n")
+    with pytest.raises(InvalidArgumentError, match="line 1: expected `read TOKEN`, `write TOKEN` or `replicate TOKEN`"):
         TokenTable.from_file(bad)
-    bad.write_text("read short\n")
+    _write_private(bad, "read short\n")
     with pytest.raises(InvalidArgumentError, match="at least 16 characters"):
         TokenTable.from_file(bad)
     with pytest.raises(InvalidArgumentError, match="cannot read the token file"):
@@ -116,7 +130,7 @@ def test_token_file_parsing(tmp_path: Path, tokens: Path) -> None:
 
 def test_client_token_from_file_or_environment(tmp_path: Path, tokens: Path, monkeypatch) -> None:
     bare = tmp_path / "bare"
-    bare.write_text(f"{WRITE_TOKEN}\n")
+    _write_private(bare, f"{WRITE_TOKEN}\n")
     assert read_token(bare) == WRITE_TOKEN
     assert read_token(tokens) == READ_TOKEN  # a daemon's file works: its first token
     monkeypatch.setenv("MEMSTORE_TOKEN", READ_TOKEN)
@@ -220,20 +234,21 @@ def test_binding_a_public_interface_without_tls_or_tokens_warns(tokens: Path, pk
     assert exposure_warning("127.0.0.1:50051", ServerConfig()) is None
     warning = exposure_warning("0.0.0.0:50051", ServerConfig())
     assert warning is not None and "WITHOUT TLS OR TOKENS" in warning and "push" in warning
-    assert exposure_warning("0.0.0.0:50051", ServerConfig(token_file=tokens)) is None
     tls = TlsConfig(pki["server_cert"], pki["server_key"])
-    assert exposure_warning("0.0.0.0:50051", ServerConfig(tls=tls)) is None
+    assert exposure_warning("0.0.0.0:50051", ServerConfig(tls=tls, token_file=tokens)) is None
+    mutual = TlsConfig(pki["server_cert"], pki["server_key"], pki["ca"])
+    assert exposure_warning("0.0.0.0:50051", ServerConfig(tls=mutual)) is None
 
 
 def test_a_replica_follows_a_primary_behind_tls_and_a_token(trainable, serve, pki, tokens: Path, tmp_path) -> None:
-    """The replica shows the primary a read token over TLS, and still applies every push."""
+    """The replica shows the primary a replicate token over TLS, and still applies every push."""
     primary_live = trainable()
     tls = TlsConfig(pki["server_cert"], pki["server_key"])
     primary = serve(primary_live, ServerConfig(same_host=False, tls=tls, token_file=tokens))
     copy = tmp_path / "replica"
     shutil.copytree(primary_live.path, copy)
     replica_live = LiveTable.open(copy, config=LiveConfig(durability=Durability.OS), primary=primary)
-    follower = Follower(replica_live, FollowConfig(tls=ClientTls(ca=pki["ca"]), token=READ_TOKEN))
+    follower = Follower(replica_live, FollowConfig(tls=ClientTls(ca=pki["ca"]), token=REPLICATE_TOKEN))
     try:
         follower.check_primary()
         follower.start()
@@ -280,7 +295,7 @@ def test_a_token_that_cannot_travel_is_refused_clearly(tmp_path: Path, token: st
         assert token not in str(caught.value)
     if token.strip() and token != f"{READ_TOKEN}\n":  # file and environment lose a newline by design
         path = tmp_path / "tokens"
-        path.write_text(f"read {token}\n", encoding="utf-8")
+        _write_private(path, f"read {token}\n")
         if " " not in token:  # a space splits the line into three words: a malformed line instead
             with pytest.raises(InvalidArgumentError, match=f"line 1: .*{re.escape(said)}"):
                 TokenTable.from_file(path)
@@ -289,3 +304,125 @@ def test_a_token_that_cannot_travel_is_refused_clearly(tmp_path: Path, token: st
         monkeypatch.setenv("MEMSTORE_TOKEN", token)
         with pytest.raises(InvalidArgumentError, match=f"MEMSTORE_TOKEN: .*{re.escape(said)}"):
             read_token(None)
+
+
+def _follow_request(live: LiveTable) -> pb.FollowRequest:
+    return pb.FollowRequest(manifest_json=live.manifest.to_json(), follower_id="test", heartbeat_s=0.05)
+
+
+def test_follow_needs_a_replicate_token(trainable, serve, tokens: Path) -> None:
+    """A read (or write) token used to open Follow streams: every push, with row ids and optimizer
+    state, and a --max-followers slot each. Follow is the replicate scope's alone now."""
+    live = trainable()
+    address = serve(live, ServerConfig(same_host=False, token_file=tokens, max_followers=1))
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.MemstoreStub(channel)
+        for token in (READ_TOKEN, WRITE_TOKEN):
+            with pytest.raises(grpc.RpcError) as info:
+                next(stub.Follow(_follow_request(live), metadata=[("authorization", f"Bearer {token}")], timeout=5))
+            assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert "Follow needs a replicate token" in info.value.details()
+            assert "`replicate TOKEN`" in info.value.details() and "--follow-token-file" in info.value.details()
+        # Those refusals held no follower slot: the only one is the replica's.
+        stream = stub.Follow(_follow_request(live), metadata=[("authorization", f"Bearer {REPLICATE_TOKEN}")])
+        try:
+            assert list(next(stream).records) == []  # a heartbeat: following
+        finally:
+            stream.cancel()
+    with MemstoreClient(address, replace(GRPC, token=REPLICATE_TOKEN)) as replica:
+        assert replica.lookup(LAYER, np.arange(3)).shape == (3, DIM)  # a replica may read what it follows
+        with pytest.raises(ReadOnlyError, match="Push needs a write token; this is a replicate token"):
+            _push(replica)
+    assert TokenTable.from_file(tokens).scope(REPLICATE_TOKEN) is Scope.REPLICATE
+
+
+def test_tls_without_tokens_or_client_certificates_warns(pki, tokens: Path) -> None:
+    """TLS alone says nothing about who may call: anyone could push and snapshot unwarned."""
+    tls = TlsConfig(pki["server_cert"], pki["server_key"])
+    warning = exposure_warning("0.0.0.0:50051", ServerConfig(tls=tls))
+    assert warning is not None and "NEITHER TOKENS NOR CLIENT CERTIFICATES" in warning and "--token-file" in warning
+    plaintext_tokens = exposure_warning("0.0.0.0:50051", ServerConfig(token_file=tokens))
+    assert plaintext_tokens is not None and "tokens travel in plaintext" in plaintext_tokens
+    assert exposure_warning("127.0.0.1:50051", ServerConfig(tls=tls)) is None
+
+
+def test_a_secret_file_others_may_read_is_refused(tmp_path: Path, tokens: Path, pki, trainable) -> None:
+    """A token file or TLS key readable by group or others was used silently."""
+    tokens.chmod(0o644)
+    for load in (TokenTable.from_file, read_token):
+        with pytest.raises(InvalidArgumentError, match=rf"{re.escape(str(tokens))} is open to group or others"):
+            load(tokens)
+    with pytest.raises(InvalidArgumentError, match=r"\(mode 0644\).*`chmod 600 "):
+        create_server(trainable(), "127.0.0.1:0", ServerConfig(same_host=False, token_file=tokens))
+    key = tmp_path / "server.key"
+    shutil.copy(pki["server_key"], key)
+    key.chmod(0o640)
+    with pytest.raises(InvalidArgumentError, match=r"TLS key .* \(mode 0640\)"):
+        TlsConfig(pki["server_cert"], key).server_credentials()
+    with pytest.raises(InvalidArgumentError, match=r"TLS key .* \(mode 0640\)"):
+        ClientTls(ca=pki["ca"], cert=pki["client_cert"], key=key).credentials()
+
+
+def test_a_hash_inside_a_token_is_part_of_it(tmp_path: Path) -> None:
+    """`#` anywhere started a comment, so `write abcdefgh#ijklmnopq` silently meant `abcdefgh`."""
+    path = tmp_path / "tokens"
+    _write_private(path, "# comments start a line\nwrite 0123456789abcdef#ghij\n")
+    table = TokenTable.from_file(path)
+    assert table.scope("0123456789abcdef#ghij") is Scope.WRITE
+    assert table.scope("0123456789abcdef") is None
+    assert read_token(path) == "0123456789abcdef#ghij"
+    _write_private(path, f"write {WRITE_TOKEN} # the trainer\n")
+    with pytest.raises(InvalidArgumentError, match="line 1: .*comments go on lines of their own"):
+        TokenTable.from_file(path)
+    with pytest.raises(InvalidArgumentError, match="line 1: .*comments go on lines of their own"):
+        read_token(path)  # it used to send `#`-less text: the trainer's comment, or a truncated token
+
+
+def test_a_token_given_twice_is_refused(tmp_path: Path) -> None:
+    """The same token on a read and a write line took the scope of whichever line came last."""
+    path = tmp_path / "tokens"
+    _write_private(path, f"write {WRITE_TOKEN}\nread {WRITE_TOKEN}\n")
+    with pytest.raises(InvalidArgumentError, match="line 2: this token is already on line 1") as caught:
+        TokenTable.from_file(path)
+    assert WRITE_TOKEN not in str(caught.value)
+
+
+def test_a_token_sent_without_tls_to_another_host_warns(caplog, pki) -> None:
+    """The client sent a bearer token in plaintext across the network without a word."""
+    with caplog.at_level(logging.WARNING, logger="memstore.auth"):
+        for target, tls in [("127.0.0.1:50051", None), ("unix:/tmp/x.sock", None), ("10.0.0.5:50051", ClientTls())]:
+            open_channel(target, [], tls, READ_TOKEN).close()
+        assert not caplog.records
+        open_channel("10.0.0.5:50051", [], None, READ_TOKEN).close()
+    assert len(caplog.records) == 1
+    assert "sending a bearer token to 10.0.0.5:50051 without TLS" in caplog.text and READ_TOKEN not in caplog.text
+
+
+def test_refused_calls_are_counted_and_logged_without_the_token(trainable, tokens: Path, caplog) -> None:
+    """Authentication failures were neither counted nor logged."""
+    metrics = DaemonMetrics()
+    server, port = create_server(
+        trainable(), "127.0.0.1:0", ServerConfig(same_host=False, token_file=tokens), None, metrics
+    )
+    server.start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="memstore.auth"):
+            with MemstoreClient(f"127.0.0.1:{port}", GRPC) as anonymous:
+                for _ in range(3):
+                    with pytest.raises(UnauthenticatedError):
+                        anonymous.version()
+            with MemstoreClient(f"127.0.0.1:{port}", replace(GRPC, token="a-wrong-token-0123456")) as wrong:
+                with pytest.raises(UnauthenticatedError):
+                    wrong.version()
+            with MemstoreClient(f"127.0.0.1:{port}", replace(GRPC, token=READ_TOKEN)) as reader:
+                with pytest.raises(ReadOnlyError):
+                    _push(reader)
+    finally:
+        server.stop(None).wait(5)
+    assert metrics.total("memstore_auth_refused_total", method="Describe", reason="missing") == 3
+    assert metrics.total("memstore_auth_refused_total", method="Describe", reason="invalid") == 1
+    assert metrics.total("memstore_auth_refused_total", method="Push", reason="scope") == 1
+    refusals = [record for record in caplog.records if record.name == "memstore.auth"]
+    assert len(refusals) == 1  # rate-limited: one line for the burst, the rest counted into the next
+    assert "refused a Describe call: missing token" in refusals[0].getMessage()
+    assert "a-wrong-token" not in caplog.text and READ_TOKEN not in caplog.text

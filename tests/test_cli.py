@@ -424,6 +424,7 @@ def test_serve_with_tokens_metrics_and_json_logs(table_path: Path, tmp_path: Pat
     Prometheus scrapes the port, `memstore stats` prints the same counts, every log line is JSON."""
     tokens = tmp_path / "tokens"
     tokens.write_text("read a-read-token-of-length\n")
+    tokens.chmod(0o600)  # a token file others may read is refused
     with socket.socket() as sock:  # a free port for the metrics endpoint
         sock.bind(("127.0.0.1", 0))
         metrics_port = sock.getsockname()[1]

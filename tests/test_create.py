@@ -188,6 +188,72 @@ def test_overwrite_refuses_to_replace_something_that_is_not_a_table(tmp_path: Pa
     assert _entries(tmp_path) == ["dir", "file"]
 
 
+def _precious(directory: Path, *manifests: str) -> Path:
+    """A directory that is not a table but holds files named like one's (`manifests`: relative paths)."""
+    directory.mkdir()
+    (directory / "notes.txt").write_text("keep me")
+    for name in manifests:
+        (directory / name).parent.mkdir(parents=True, exist_ok=True)
+        (directory / name).write_text('{"not": "a memstore manifest"}')
+    return directory
+
+
+@pytest.mark.parametrize("planted", ["manifest.json", "shard-0/manifest.json"])
+def test_overwrite_refuses_a_directory_that_merely_holds_a_file_named_manifest_json(tmp_path, planted) -> None:
+    """create --overwrite deleted any directory holding manifest.json (create_table) or
+    shard-0/manifest.json (create_sharded), whatever they held."""
+    precious = _precious(tmp_path / "precious", planted)
+    for attempt in (
+        lambda: create_table(precious, _manifest(), overwrite=True),
+        lambda: create_sharded(precious, _manifest(), 2, 4, overwrite=True),
+    ):
+        with pytest.raises(InvalidArgumentError, match="not a memstore table.*(does not parse|holds 'notes.txt')"):
+            attempt()
+    assert (precious / "notes.txt").read_text() == "keep me"
+    assert _entries(tmp_path) == ["precious"]
+
+
+def test_overwrite_refuses_a_sharded_table_with_other_files_beside_its_shards(tmp_path: Path) -> None:
+    path = tmp_path / "t"
+    create_sharded(path, _manifest(), 2, 4)
+    (path / "notes.txt").write_text("keep me")
+    with pytest.raises(InvalidArgumentError, match="holds 'notes.txt'"):
+        create_sharded(path, _manifest(seed=2), 2, 4, overwrite=True)
+    assert (path / "notes.txt").read_text() == "keep me"
+    (path / "notes.txt").unlink()
+    create_sharded(path, _manifest(seed=2), 2, 4, overwrite=True)  # a sharded table as memstore writes it
+    assert Manifest.read(path / "shard-0").seed == 2
+
+
+def test_a_path_created_by_someone_else_during_a_create_is_never_replaced(tmp_path: Path) -> None:
+    """The destination was checked only when the create began: what appeared there during the
+    copy was moved aside and deleted."""
+    path = tmp_path / "t"
+
+    def someone_creates_it(rows: int) -> None:
+        if not path.exists():
+            _precious(path)
+
+    with pytest.raises(InvalidArgumentError, match="appeared while the new table was being written"):
+        create_table(path, _manifest(), chunk_rows=16, progress=someone_creates_it)
+    assert (path / "notes.txt").read_text() == "keep me"
+    assert _entries(tmp_path) == ["t"]
+
+
+def test_an_overwrite_rechecks_the_destination_when_it_replaces_it(tmp_path: Path) -> None:
+    path = create_table(tmp_path / "t", _manifest())
+
+    def someone_swaps_it(rows: int) -> None:
+        if (path / MANIFEST_NAME).exists():
+            path.rename(tmp_path / "moved")
+            _precious(path)
+
+    with pytest.raises(InvalidArgumentError, match="not a memstore table"):
+        create_table(path, _manifest(seed=2), chunk_rows=16, overwrite=True, progress=someone_swaps_it)
+    assert (path / "notes.txt").read_text() == "keep me"
+    assert _entries(tmp_path) == ["moved", "t"]
+
+
 # --------------------------------------------------------------------------- interrupted creates
 
 

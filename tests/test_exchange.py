@@ -266,6 +266,43 @@ def test_existing_dest_needs_overwrite_and_overwrite_replaces_a_table(tmp_path: 
     assert _leftovers(tmp_path) == []
 
 
+def test_overwrite_refuses_a_directory_that_merely_holds_a_file_named_manifest_json(tmp_path: Path) -> None:
+    """import --overwrite deleted any directory holding a file named manifest.json."""
+    path = export_safetensors(make_table(tmp_path / "src"), tmp_path / "t.safetensors")
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    (precious / MANIFEST_NAME).write_text("{}")
+    with pytest.raises(InvalidArgumentError, match="not a memstore table: its manifest.json does not parse"):
+        import_safetensors(path, precious, overwrite=True)
+    assert (precious / "notes.txt").read_text() == "keep me"
+
+
+def test_a_destination_created_during_an_import_is_never_replaced(tmp_path: Path) -> None:
+    path = export_safetensors(make_table(tmp_path / "src"), tmp_path / "t.safetensors")
+    dest = tmp_path / "dst"
+
+    def someone_creates_it(rows: int) -> None:
+        if not dest.exists():
+            dest.mkdir()
+            (dest / "notes.txt").write_text("keep me")
+
+    with pytest.raises(InvalidArgumentError, match="appeared while the new table was being written"):
+        import_safetensors(path, dest, chunk_rows=64, progress=someone_creates_it)
+    assert (dest / "notes.txt").read_text() == "keep me"
+    assert _leftovers(tmp_path) == []
+
+
+def test_an_export_never_writes_through_a_planted_tmp_link(tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep me")
+    dest = tmp_path / "t.safetensors"
+    (tmp_path / "t.safetensors.tmp").symlink_to(victim)
+    export_safetensors(make_table(tmp_path / "src"), dest)
+    assert victim.read_bytes() == b"keep me" and not dest.is_symlink()
+    assert load_file(str(dest)).keys()
+
+
 def test_overwrite_refuses_a_directory_that_is_not_a_table(tmp_path: Path) -> None:
     path = export_safetensors(make_table(tmp_path / "src"), tmp_path / "t.safetensors")
     precious = tmp_path / "precious"

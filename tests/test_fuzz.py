@@ -285,15 +285,17 @@ def _manifest_with_layout(layout: object) -> str:
 
 
 @pytest.mark.parametrize(
-    "manifest_json",
-    [_manifest_with_layout(""), _manifest_with_layout(["dim"]), "[" * 100_000],
+    ("manifest_json", "code"),
+    [(_manifest_with_layout(""), FP), (_manifest_with_layout(["dim"]), FP), ("[" * 100_000, IA)],
     ids=["layout-string", "layout-list", "deeply-nested"],
 )
-def test_a_malformed_follower_manifest_is_failed_precondition(fuzzed, manifest_json: str) -> None:
+def test_a_malformed_follower_manifest_is_refused_and_changes_nothing(fuzzed, manifest_json: str, code) -> None:
+    """Another table's layout, however malformed, is FAILED_PRECONDITION (it cannot follow this one);
+    bytes that are not a JSON object at all are the caller's INVALID_ARGUMENT."""
     follow = pb.FollowRequest(manifest_json=manifest_json, heartbeat_s=0.05)
     reply = fuzzed.call(path_of("Follow"), follow.SerializeToString(), max_messages=1)
     fuzzed.assert_unchanged()
-    assert reply.code is FP, f"{reply.code.name} {reply.details!r}"
+    assert reply.code is code, f"{reply.code.name} {reply.details!r}"
 
 
 # -- 4. streams cut short and clients that vanish ---------------------------------------------------

@@ -6,8 +6,14 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
+import re
+import socket
+import subprocess
+import threading
 import urllib.request
 from dataclasses import replace
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -17,13 +23,14 @@ from prometheus_client import REGISTRY
 import memstore.metrics
 from client import MemstoreClient, PrefetchConfig, Prefetcher
 from memstore.errors import InvalidArgumentError
+from memstore.launch import start_daemon, stop_daemon
 from memstore.live import LiveConfig, LiveTable
 from memstore.logs import JsonFormatter, LogFormat, configure_logging
-from memstore.metrics import DaemonMetrics, summarize
+from memstore.metrics import METRICS_MAX_CONNECTIONS, DaemonMetrics, summarize
 from memstore.optim import OptimizerConfig, OptimizerKind
 from memstore.service import ServerConfig, create_server
 from memstore.wal import Durability
-from tests.helpers import DEADLINE_S, FAST_FAIL, SMALL_LAYOUT, make_table
+from tests.helpers import DEADLINE_S, FAST_FAIL, SMALL_LAYOUT, make_table, wait_until
 
 LAYER = 1
 DIM = SMALL_LAYOUT.dim
@@ -102,16 +109,7 @@ def test_a_daemon_counts_what_it_serves_and_refuses(trainable) -> None:
     assert counts["lookups"] == 4 and counts["errors"] == 2 and counts["pushes"] == 1 and counts["rows served"] == 30
 
 
-def test_metrics_over_http(trainable, monkeypatch) -> None:
-    http_servers = []
-    real_start_http_server = memstore.metrics.start_http_server
-
-    def start_http_server(*args, **kwargs):  # the real one; its server is kept, to be shut down below
-        started = real_start_http_server(*args, **kwargs)
-        http_servers.append(started[0])
-        return started
-
-    monkeypatch.setattr(memstore.metrics, "start_http_server", start_http_server)
+def test_metrics_over_http(trainable) -> None:
     metrics = DaemonMetrics()
     server, _ = create_server(trainable, "127.0.0.1:0", metrics=metrics)  # binds the version gauge to the table
     try:
@@ -120,10 +118,7 @@ def test_metrics_over_http(trainable, monkeypatch) -> None:
             text = response.read().decode()
     finally:
         assert server.stop(None).wait(DEADLINE_S)
-        for http in http_servers:
-            http.shutdown()
-            http.server_close()
-    assert len(http_servers) == 1
+        metrics.close_http()
     with pytest.raises(OSError):  # stopped: nothing is left listening after the test
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10)
     assert "memstore_table_version 0.0" in text and "# TYPE memstore_request_seconds histogram" in text
@@ -181,3 +176,57 @@ def test_configure_logging_replaces_the_handlers(capsys) -> None:
     finally:
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])
+
+
+def _silent_connections(port: int, count: int) -> list[socket.socket]:
+    """Connections that send nothing: half-open requests, as a scanner or attacker leaves them."""
+    return [socket.create_connection(("127.0.0.1", port), timeout=DEADLINE_S) for _ in range(count)]
+
+
+def test_the_metrics_endpoint_bounds_its_connections() -> None:
+    """A thread per connection, unbounded: 1,000 half-open connections made 1,000 threads."""
+    metrics = DaemonMetrics()
+    port = metrics.serve_http(0)
+    threads_before = threading.active_count()
+    held = _silent_connections(port, METRICS_MAX_CONNECTIONS)
+    extra = _silent_connections(port, 20)
+    try:
+        wait_until(
+            lambda: metrics.total("memstore_metrics_connections_refused_total") == len(extra),
+            "the connections beyond the bound to be refused",
+        )
+        for sock in extra:  # closed by the daemon at once, without a thread of their own
+            assert sock.recv(1) == b""
+        assert threading.active_count() <= threads_before + METRICS_MAX_CONNECTIONS
+        for sock in held:
+            sock.close()
+        wait_until(lambda: threading.active_count() <= threads_before, "the held connections' threads to end")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=DEADLINE_S) as response:
+            assert b"memstore_metrics_connections_refused_total 20.0" in response.read()
+    finally:
+        for sock in held + extra:
+            sock.close()
+        metrics.close_http()
+
+
+def test_a_silent_metrics_connection_is_closed(monkeypatch) -> None:
+    """A connection that never sends its request held its thread forever: now it times out."""
+    monkeypatch.setattr(memstore.metrics._TimedHandler, "timeout", 0.2)  # METRICS_TIMEOUT_S, shortened for the test
+    metrics = DaemonMetrics()
+    port = metrics.serve_http(0)
+    try:
+        (sock,) = _silent_connections(port, 1)
+        with sock:
+            assert sock.recv(1) == b""  # the daemon hung up (the socket's own timeout is DEADLINE_S)
+    finally:
+        metrics.close_http()
+
+
+def test_metrics_listen_on_loopback_unless_asked(table_path, tmp_path) -> None:
+    """The metrics endpoint took the --listen host: plain HTTP on every interface beside a TLS daemon."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    args = ["--listen", "0.0.0.0:0", "--metrics-port", "0"]
+    process, _ = start_daemon(table_path, args, env=env, stderr=subprocess.PIPE, text=True)
+    assert stop_daemon(process) == 0
+    said = process.stderr.read()
+    assert re.search(r"metrics at http://127\.0\.0\.1:\d+/metrics", said), said

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import subprocess
@@ -509,3 +510,42 @@ def test_a_stopping_primary_ends_follow_streams_at_once(tables) -> None:
         assert process.wait(timeout=60) == 0  # not the 600 s grace: the stream did not hold the drain
     finally:
         stop_daemon(process)
+
+
+def test_a_follow_request_with_a_costly_layout_is_refused_without_building_it(tables, serve) -> None:
+    """A few hundred bytes naming 25,000 heads used to make the primary search primes for seconds
+    (blocking lookups) before comparing anything; the raw fields are compared first now."""
+    primary_path, _ = tables
+    primary = serve(primary_path)
+    data = json.loads(MANIFEST.to_json())
+    # 25,000 heads per n-gram of 10^12 rows on four layers: building it takes the daemon ~15 s of CPU.
+    data["layout"] = {**data["layout"], "heads_per_ngram": 25_000, "layer_ids": [1, 4, 7, 10]}
+    data["layout"]["vocab_size_per_ngram"] = [10**12] * len(data["layout"]["vocab_size_per_ngram"])
+    del data["layout"]["primes"]  # the daemon would derive them: the costly part
+    request = pb.FollowRequest(manifest_json=json.dumps(data), follower_id="costly")
+    with grpc.insecure_channel(primary.address) as channel, pytest.raises(grpc.RpcError) as info:
+        # A deadline well inside the prime search's cost: building the layout first misses it.
+        next(pb_grpc.MemstoreStub(channel).Follow(request, timeout=5))
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION, info.value.details()
+    assert "follower costly cannot follow this daemon: their tables differ (layout" in info.value.details()
+
+
+@pytest.mark.parametrize(
+    ("manifest_json", "said"),
+    [
+        ("not json", "sent a manifest that is not JSON"),
+        ("[" * 100_000, "not JSON"),
+        (" " * (1 << 20) + "{}", "bytes, over"),
+    ],
+    ids=["garbage", "deeply-nested", "oversized"],
+)
+def test_a_malformed_follow_manifest_is_the_callers_error(tables, serve, manifest_json: str, said: str) -> None:
+    """A malformed manifest in a Follow request was answered FAILED_PRECONDITION "manifest is
+    malformed", as if this daemon's table were damaged; it is the caller's INVALID_ARGUMENT."""
+    primary_path, _ = tables
+    primary = serve(primary_path)
+    request = pb.FollowRequest(manifest_json=manifest_json, follower_id="odd")
+    with grpc.insecure_channel(primary.address) as channel, pytest.raises(grpc.RpcError) as info:
+        next(pb_grpc.MemstoreStub(channel).Follow(request, timeout=5))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    assert "follower odd" in info.value.details() and said in info.value.details()

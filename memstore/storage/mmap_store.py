@@ -32,6 +32,7 @@ import numpy as np
 from memstore import fatal
 from memstore.dtypes import DType
 from memstore.errors import TableFormatError, permission_message
+from memstore.fsafe import copy_range
 from memstore.space import data_pages, page_runs, reserve
 from memstore.storage.base import RowStore, take_rows
 
@@ -228,7 +229,7 @@ def _copy_sparse(src: int, dst: int, size: int) -> None:
         end = os.lseek(src, start, os.SEEK_HOLE)
         position = start
         while position < end:
-            copied = os.copy_file_range(src, dst, end - position, position, position)
+            copied = copy_range(src, dst, end - position, position)
             if copied == 0:
                 break
             position += copied
