@@ -93,6 +93,9 @@ def run_serve(args: argparse.Namespace) -> int:
         max_message_bytes=args.max_message_bytes,
         max_concurrent_calls=args.max_concurrent_calls,
         max_in_flight_bytes=args.max_in_flight_bytes,
+        max_calls_per_peer=args.max_calls_per_peer,
+        request_timeout_s=args.request_timeout,
+        send_timeout_s=args.send_timeout,
         tls=tls,
         token_file=args.token_file,
         metrics_port=args.metrics_port,
@@ -197,6 +200,24 @@ def _add_limits(srv: argparse.ArgumentParser, defaults: ServerConfig) -> None:
         type=int,
         default=defaults.max_concurrent_calls,
         help="calls served or queued at once (Follow streams not counted); more are refused at once",
+    )
+    group.add_argument(
+        "--max-calls-per-peer",
+        type=int,
+        default=defaults.max_calls_per_peer,
+        help="calls one client host may have in progress at once (0: no limit); more are refused",
+    )
+    group.add_argument(
+        "--request-timeout",
+        type=float,
+        default=defaults.request_timeout_s,
+        help="seconds a call's request may take to arrive before the call is cancelled",
+    )
+    group.add_argument(
+        "--send-timeout",
+        type=float,
+        default=defaults.send_timeout_s,
+        help="seconds a client may leave a response message unread before its call is cancelled",
     )
     group.add_argument(
         "--max-in-flight-bytes",

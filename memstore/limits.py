@@ -18,16 +18,19 @@ from memstore.errors import ResourceExhaustedError
 BUSY_RETRY_MS = 50
 
 
-def lookup_cost(num_ids: int, row_bytes: int, chunk_rows: int, window_bytes: int) -> int:
-    """Bytes a Lookup holds: its ids (as received and as local ids), the chunk being gathered
-    and the one being sent, and what HTTP/2 flow control lets queue up for a slow reader."""
-    return 16 * num_ids + 2 * min(num_ids, chunk_rows) * row_bytes + min(num_ids * row_bytes, window_bytes)
+def lookup_cost(num_ids: int, row_bytes: int, chunk_rows: int, window_bytes: int, request_bytes: int = 0) -> int:
+    """Bytes a Lookup holds: its request as it came off the wire (`request_bytes`), its ids (as
+    parsed and as local ids), the chunk being gathered and the one being sent, and what HTTP/2
+    flow control lets queue up for a slow reader."""
+    rows = 2 * min(num_ids, chunk_rows) * row_bytes + min(num_ids * row_bytes, window_bytes)
+    return request_bytes + 16 * num_ids + rows
 
 
-def push_cost(num_ids: int, dim: int, state_width: int) -> int:
-    """Bytes a Push holds: its ids and float32 gradients (as received and decoded), and the
-    optimizer's float32 rows and state (`state_width` floats a row) before and after the update."""
-    return num_ids * (8 + 8 * dim + 8 * (dim + state_width))
+def push_cost(num_ids: int, dim: int, state_width: int, request_bytes: int = 0) -> int:
+    """Bytes a Push holds: its request as it came off the wire (`request_bytes`), its ids and float32
+    gradients (as parsed and decoded), and the optimizer's float32 rows and state (`state_width`
+    floats a row) before and after the update."""
+    return request_bytes + num_ids * (8 + 8 * dim + 8 * (dim + state_width))
 
 
 class InFlightBudget:

@@ -6,14 +6,15 @@ one until SIGTERM/SIGINT, then drains in-flight calls and returns 0.
 
 Replication (docs/replication.md): any trainable daemon streams its pushes to followers
 (`Follow`); `serve(..., follow=PRIMARY)` runs a read replica (memstore.replica). gRPC's sync
-server runs every call, streams included, on a worker thread, and a Follow stream holds its
-thread for as long as the follower stays: the pool has `ServerConfig.max_followers` threads on
-top of `max_workers`, and a follower beyond that many gets RESOURCE_EXHAUSTED, so followers
-never take the threads lookups and pushes need.
+server runs every call, streams included, on a thread, and a Follow stream holds its thread for
+as long as the follower stays: a follower beyond `ServerConfig.max_followers` gets
+RESOURCE_EXHAUSTED, and Follow streams take no work slot, so they never take what lookups and
+pushes need.
 
-Every call is counted and timed (memstore.metrics), parsed inside the call so a malformed
-message gets INVALID_ARGUMENT, checked against the limits (memstore.limits) and, with TLS or a
-token file, against who may make it (memstore.auth); docs/operations.md.
+Every call passes memstore.guard first (the token check of memstore.auth before its request is
+read, read and send deadlines, per-peer and concurrency limits, `max_workers` work slots), is
+parsed there so a malformed message gets INVALID_ARGUMENT, and is counted and timed
+(memstore.metrics) and checked against the limits (memstore.limits); docs/operations.md.
 """
 
 from __future__ import annotations
@@ -24,11 +25,10 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -47,6 +47,7 @@ from memstore.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
+from memstore.guard import REQUEST_BYTES, CallGuard, GuardConfig
 from memstore.limits import InFlightBudget, lookup_cost, push_cost
 from memstore.live import LiveConfig, LiveTable
 from memstore.metrics import DaemonMetrics
@@ -102,6 +103,14 @@ class ServerConfig:
     # loopback unless asked: a scraper elsewhere needs metrics_host (and a network it may trust).
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
+    # Seconds a call's request message may take to arrive, and each response message to be taken by the
+    # client, before the call is cancelled and what it holds returned (memstore.guard).
+    request_timeout_s: float = 10.0
+    send_timeout_s: float = 30.0
+    # Calls one peer host may have in progress at once (0: no limit), and health Watch streams in all
+    # (round_robin clients keep one open per connection; each holds no thread, only a little memory).
+    max_calls_per_peer: int = 32
+    max_watch_streams: int = 256
 
     def __post_init__(self) -> None:
         for name in (
@@ -113,6 +122,7 @@ class ServerConfig:
             "max_message_bytes",
             "max_concurrent_calls",
             "max_in_flight_bytes",
+            "max_watch_streams",
             "max_snapshots",
         ):
             if getattr(self, name) < 1:
@@ -126,6 +136,15 @@ class ServerConfig:
             raise InvalidArgumentError(f"ServerConfig.grace_s must be in [0, 86400] seconds; got {self.grace_s}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise InvalidArgumentError(f"ServerConfig.metrics_port must be a port, 0 to 65535; got {self.metrics_port}")
+        for name in ("request_timeout_s", "send_timeout_s"):
+            if not 0 < getattr(self, name) <= 86400:
+                raise InvalidArgumentError(
+                    f"ServerConfig.{name} must be in (0, 86400] seconds; got {getattr(self, name)}"
+                )
+        if self.max_calls_per_peer < 0:
+            raise InvalidArgumentError(
+                f"ServerConfig.max_calls_per_peer must be 0 or more; got {self.max_calls_per_peer}"
+            )
         if self.max_followers < 0:
             raise InvalidArgumentError(f"ServerConfig.max_followers must be 0 or more; got {self.max_followers}")
         if not _MIN_HEARTBEAT_S <= self.follow_heartbeat_s <= _MAX_HEARTBEAT_S:
@@ -145,9 +164,16 @@ class ServerConfig:
             # gRPC sets SO_REUSEPORT by default: a second daemon on a port in use would start and
             # share it, clients getting either table at random. Off: that bind fails.
             ("grpc.so_reuseport", 0),
+            # A connection that has not finished its (TLS) handshake in this time is closed, one with
+            # no call for this long too; streams per connection are bounded by what the daemon admits.
+            ("grpc.server_handshake_timeout_ms", 10_000),
+            ("grpc.max_connection_idle_ms", 10 * 60_000),
+            ("grpc.max_concurrent_streams", self.max_concurrent_calls + self.max_followers + self.max_watch_streams),
         ]
 
 
+# Threads beyond the admitted calls, for the refusals of calls past them (each brief).
+_SPARE_THREADS = 8
 _MIN_HEARTBEAT_S = 0.01
 _MAX_HEARTBEAT_S = 60.0
 
@@ -250,7 +276,9 @@ class MemstoreServicer(pb_grpc.MemstoreServicer):
                 self._replica.check_readable()  # UNAVAILABLE beyond the lag bound: clients retry elsewhere
             ids = decode_row_ids(request.row_ids)
             check_request_rows(len(ids), self._config.max_rows_per_request)
-            cost = lookup_cost(len(ids), self._row_bytes, self._chunk_rows, self._config.window_bytes)
+            cost = lookup_cost(
+                len(ids), self._row_bytes, self._chunk_rows, self._config.window_bytes, REQUEST_BYTES.get()
+            )
             with self.budget.reserve(cost, f"a lookup of {len(ids):,} rows"):
                 chunks = self._live.gather_chunks(request.layer_id, ids, self._chunk_rows)
                 first = next(chunks, None)  # every id is checked here, before any row is sent
@@ -274,7 +302,9 @@ class MemstoreServicer(pb_grpc.MemstoreServicer):
             ids = decode_row_ids(request.row_ids)
             check_request_rows(len(ids), self._config.max_rows_per_request)
             dim = self._live.manifest.layout.dim
-            with self.budget.reserve(push_cost(len(ids), dim, self._state_width), f"a push of {len(ids):,} rows"):
+            with self.budget.reserve(
+                push_cost(len(ids), dim, self._state_width, REQUEST_BYTES.get()), f"a push of {len(ids):,} rows"
+            ):
                 grads = decode_grads(request.grads, len(ids), dim)
                 result = self._live.push(
                     request.layer_id,
@@ -369,36 +399,6 @@ class MemstoreServicer(pb_grpc.MemstoreServicer):
         context.set_trailing_metadata(((RETRY_PUSHBACK_KEY, str(pushback)),))
 
 
-class _ParseRequests(grpc.ServerInterceptor):
-    """Parse requests inside the call, so a message that is not valid protobuf gets INVALID_ARGUMENT
-    (gRPC Python's own deserializer failure is INTERNAL, "Exception deserializing request!")."""
-
-    def __init__(self, metrics: DaemonMetrics) -> None:
-        self._metrics = metrics
-
-    def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
-        handler = continuation(details)
-        if handler is None or handler.request_streaming or handler.request_deserializer is None:
-            return handler  # unknown method (UNIMPLEMENTED), or none of ours: as it is
-        parse, method = handler.request_deserializer, details.method.rsplit("/", 1)[-1]
-        behavior = handler.unary_stream if handler.response_streaming else handler.unary_unary
-
-        def parsed(data: bytes, context: grpc.ServicerContext) -> Any:
-            try:
-                request = parse(data)
-            except Exception as exc:  # DecodeError, or worse from a hostile message
-                self._metrics.requests.labels(method, InvalidArgumentError.code.name).inc()
-                context.abort(
-                    InvalidArgumentError.code, f"the request is not a valid {method} message: {str(exc)[:200]}"
-                )
-            return behavior(request, context)
-
-        make = (
-            grpc.unary_stream_rpc_method_handler if handler.response_streaming else grpc.unary_unary_rpc_method_handler
-        )
-        return make(parsed, request_deserializer=None, response_serializer=handler.response_serializer)
-
-
 def create_server(
     table: Table | LiveTable,
     address: str = "127.0.0.1:0",
@@ -416,18 +416,40 @@ def create_server(
     config = config or ServerConfig()
     live = table if isinstance(table, LiveTable) else LiveTable(table)
     metrics = metrics or DaemonMetrics()
-    # Each Follow stream holds a thread for its whole life: they get threads of their own.
-    pool = futures.ThreadPoolExecutor(max_workers=config.max_workers + config.max_followers)
-    interceptors: list[grpc.ServerInterceptor] = [_ParseRequests(metrics)]
-    if config.token_file is not None:  # first: a call without a valid token is refused unparsed
-        interceptors.insert(0, TokenInterceptor(TokenTable.from_file(config.token_file), metrics.auth_refused_call))
+    # Every admitted call gets a thread at once (one waiting for its request or for a slow reader
+    # holds no more than that: the work itself runs in max_workers slots, memstore.guard), Follow
+    # streams hold theirs for their whole life, and a few more serve health checks and refusals.
+    admitted = config.max_concurrent_calls + config.max_followers
+    pool = futures.ThreadPoolExecutor(max_workers=admitted + _SPARE_THREADS)
+    check = (
+        None
+        if config.token_file is None
+        else TokenInterceptor(TokenTable.from_file(config.token_file), metrics.auth_refused_call)
+    )
+    guard = CallGuard(
+        GuardConfig(
+            service=SERVICE_NAME,
+            max_workers=config.max_workers,
+            max_calls=config.max_concurrent_calls,
+            # Follow streams past max_followers get the servicer's own refusal; these stop a flood.
+            max_untimed=config.max_followers + _SPARE_THREADS,
+            request_timeout_s=config.request_timeout_s,
+            send_timeout_s=config.send_timeout_s,
+            max_calls_per_peer=config.max_calls_per_peer,
+            max_watch_streams=config.max_watch_streams,
+        ),
+        check,
+        lambda method, exc: _count_refusal(metrics, method, exc),
+    )
     server = grpc.server(
         pool,
         options=config.grpc_options(),
-        interceptors=interceptors,
-        # Past this many calls gRPC answers RESOURCE_EXHAUSTED at once: queued calls are bounded too.
-        maximum_concurrent_rpcs=config.max_concurrent_calls + config.max_followers,
+        interceptors=[guard],
+        # No maximum_concurrent_rpcs: it counted health Watch streams and silent health checks with
+        # the table's calls, so they could lock those out. The guard admits max_concurrent_calls and
+        # max_followers of ours, max_watch_streams Watch streams; health and reflection have their own threads.
     )
+    server.guard = guard  # type: ignore[attr-defined]  # for tests and metrics: watchdog, peers
     servicer = MemstoreServicer(live, config, metrics, replica)
     pb_grpc.add_MemstoreServicer_to_server(servicer, server)
     metrics.track(live, servicer.budget, replica)
@@ -455,6 +477,13 @@ def create_server(
             "an address of this machine; stop what holds the port or choose another (port 0 picks a free one)"
         ) from None
     return server, port
+
+
+def _count_refusal(metrics: DaemonMetrics, method: str, exc: MemstoreError) -> None:
+    """Count a call the guard refused before the servicer saw it, as the servicer counts its own."""
+    metrics.requests.labels(method, exc.code.name).inc()
+    if isinstance(exc, ResourceExhaustedError):
+        metrics.rejected.labels("busy" if exc.retry_after_s is not None else "too_large").inc()
 
 
 def _intact(live: LiveTable) -> bool:

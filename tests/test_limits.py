@@ -96,6 +96,11 @@ def _held_ids(table: Table) -> np.ndarray:
     return np.tile(np.arange(table.manifest.layout.num_rows(LAYER), dtype=np.int64), 8)
 
 
+def _request_bytes(ids: np.ndarray) -> int:
+    """Bytes of a Lookup request for `ids` on the wire (the daemon counts them in its budget)."""
+    return pb.LookupRequest(layer_id=LAYER, row_ids=ids.tobytes()).ByteSize()
+
+
 def _held_lookup(address: str, ids: np.ndarray) -> tuple[grpc.Channel, object]:
     """A lookup whose stream nobody reads: flow control stops the daemon mid-stream, so the call
     (and its reservation) stays in progress until cancelled. Without BDP probing: it grows the
@@ -109,7 +114,9 @@ def _held_lookup(address: str, ids: np.ndarray) -> tuple[grpc.Channel, object]:
 
 def test_a_lookup_larger_than_the_whole_budget_is_refused_once(served, table: Table) -> None:
     ids = np.arange(400, dtype=np.int64)
-    daemon = served(max_in_flight_bytes=lookup_cost(len(ids), _row_bytes(table), 10**6, 16 << 20) - 1)
+    daemon = served(
+        max_in_flight_bytes=lookup_cost(len(ids), _row_bytes(table), 10**6, 16 << 20, _request_bytes(ids)) - 1
+    )
     with MemstoreClient(daemon.address, GRPC) as client:
         with pytest.raises(ResourceExhaustedError, match="more than this daemon's whole in-flight budget") as caught:
             client.lookup(LAYER, ids)
@@ -128,9 +135,12 @@ def test_a_busy_daemon_refuses_and_the_client_retries_once_it_has_room(served, t
     row_bytes = _row_bytes(table)
     config = ServerConfig(same_host=False, chunk_bytes=4096)
     chunk_rows = config.chunk_bytes // row_bytes
-    held = lookup_cost(len(held_ids), row_bytes, chunk_rows, config.window_bytes)
+    held = lookup_cost(len(held_ids), row_bytes, chunk_rows, config.window_bytes, _request_bytes(held_ids))
     ids = np.arange(50, dtype=np.int64)
-    daemon = served(chunk_bytes=4096, max_in_flight_bytes=held + lookup_cost(len(ids), row_bytes, chunk_rows, 0))
+    daemon = served(
+        chunk_bytes=4096,
+        max_in_flight_bytes=held + lookup_cost(len(ids), row_bytes, chunk_rows, 0, _request_bytes(ids)),
+    )
     channel, stream = _held_lookup(daemon.address, held_ids)
     result: dict[str, object] = {}
     try:
@@ -166,9 +176,9 @@ def test_busy_refusals_carry_a_pushback_and_oversized_ones_say_never(served, tab
     row_bytes = _row_bytes(table)
     chunk_rows = 4096 // row_bytes
     held_ids = _held_ids(table)
-    held = lookup_cost(len(held_ids), row_bytes, chunk_rows, ServerConfig().window_bytes)
+    held = lookup_cost(len(held_ids), row_bytes, chunk_rows, ServerConfig().window_bytes, _request_bytes(held_ids))
     ids = np.arange(100, dtype=np.int64)
-    cost = lookup_cost(len(ids), row_bytes, chunk_rows, ServerConfig().window_bytes)
+    cost = lookup_cost(len(ids), row_bytes, chunk_rows, ServerConfig().window_bytes, _request_bytes(ids))
     daemon = served(chunk_bytes=4096, max_in_flight_bytes=held + cost - 1)  # each fits alone, not both at once
 
     def refusal(row_ids: np.ndarray) -> grpc.RpcError:
@@ -191,6 +201,20 @@ def test_busy_refusals_carry_a_pushback_and_oversized_ones_say_never(served, tab
     assert (RETRY_PUSHBACK_KEY, str(BUSY_RETRY_MS)) in tuple(busy.trailing_metadata())
     assert daemon.metrics.total("memstore_rejected_total", reason="busy") == 1
     assert daemon.metrics.total("memstore_rejected_total", reason="too_large") == 1
+
+
+def test_the_request_message_counts_in_the_budget(served, table: Table) -> None:
+    """A lookup holds its request as received too (8 bytes an id): a budget that fits everything
+    but the request refuses it, where it once admitted it and held more than the budget."""
+    ids = np.arange(20_000, dtype=np.int64) % table.manifest.layout.num_rows(LAYER)
+    without_request = lookup_cost(len(ids), _row_bytes(table), 10**6, 16 << 20)
+    daemon = served(max_in_flight_bytes=without_request + _request_bytes(ids) // 2)
+    with grpc.insecure_channel(daemon.address) as channel:  # the client would split the lookup to fit
+        request = pb.LookupRequest(layer_id=LAYER, row_ids=ids.tobytes())
+        with pytest.raises(grpc.RpcError) as caught:
+            list(pb_grpc.MemstoreStub(channel).Lookup(request, timeout=DEADLINE_S))
+    assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "more than this daemon's whole in-flight budget" in caught.value.details()
 
 
 def test_rows_over_the_request_limit_are_not_retried(served) -> None:
@@ -216,9 +240,9 @@ def test_calls_past_the_concurrency_limit_are_refused_at_once(served, table: Tab
     channel, stream = _held_lookup(daemon.address, _held_ids(table))
     try:
         with MemstoreClient(daemon.address, replace(GRPC, max_attempts=1)) as client:
-            with pytest.raises(ResourceExhaustedError, match="Concurrent RPC limit") as caught:
+            with pytest.raises(ResourceExhaustedError, match="max-concurrent-calls") as caught:
                 client.version()
-            assert caught.value.retry_after_s == 0.0  # load, not the request: worth retrying
+            assert caught.value.retry_after_s == BUSY_RETRY_MS / 1000  # load, not the request: worth retrying
             stream.cancel()
             channel.close()
             for _ in range(100):  # the slot frees once the cancelled call is cleaned up
