@@ -331,6 +331,11 @@ def _all_holes(path: Path) -> bool:
         os.close(fd)
 
 
+def _lazy(store: RowStore) -> bool:
+    """Whether never-written rows of `store` are holes, read as generated rows."""
+    return isinstance(store, MmapRowStore) and store.initial_rows is not None
+
+
 def _raw_rows(store: RowStore, ids: np.ndarray) -> np.ndarray:
     """The stored bytes of rows (a lazy store's never-written rows as their zero bytes, not generated)."""
     if isinstance(store, MmapRowStore) and store.initial_rows is not None:
@@ -536,7 +541,20 @@ class TableIntegrity:
         blocks = ids >> _SHIFT
         if checked.ok[blocks].all():
             return
-        todo = np.unique(blocks[~checked.ok[blocks]])
+        unverified = ~checked.ok[blocks]
+        if checked.slot is None and not _lazy(checked.store):
+            # A lookup's rows are checked one by one, read as the lookup reads them next, and only as many
+            # whole blocks as those rows fill are verified besides: verifying every block a lookup touches
+            # would read and hash up to 256x its rows until each block was verified once (a fresh daemon, a
+            # huge table); this way reads cost at most twice their rows until then. Blocks of a row that does
+            # not match are verified too. (Optimizer state and lazy rows may be holes, never read through the
+            # map: their blocks are verified whole, with pread.)
+            asked = ids[unverified]
+            touched = np.unique(blocks[unverified])
+            unverified[unverified] = row_checksums(checked.store.gather(asked)) != checked.sums.sums[asked]
+            todo = np.union1d(np.unique(blocks[unverified]), touched[: max(1, len(asked) // BLOCK_ROWS)])
+        else:
+            todo = np.unique(blocks[unverified])
         self._verify_blocks(checked, todo[~checked.bad[todo]], locked)
         hit = checked.bad[blocks]
         if hit.any():
