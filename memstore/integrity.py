@@ -19,8 +19,10 @@ sidecar through its map never meets a full disk (DiskFullError instead, nothing 
 Create and import write the sidecars; every applied push, replayed log record and replicated
 record rewrites the checksums of exactly the rows it wrote and the version of their blocks, inside
 the same sequence-lock section as the rows. A block is verified (every row's bytes against its
-checksum) the first time a read or push touches it, and again by the scrub, which walks every block
-of every store once per half scrub period. A mismatch found without the push lock is checked again
+checksum) the first time a push touches it, and again by the scrub, which walks every block of every
+store once per half scrub period. A lookup checks the rows it reads and verifies as many whole blocks
+as those rows fill (`TableIntegrity.check`), so a fresh daemon's reads cost at most about twice
+their rows until every block is verified, and nothing after. A mismatch found without the push lock is checked again
 under it (a push may have been writing the block); one that remains marks the block damaged for
 good: reads and pushes touching it raise DataLossError naming the layer, rows and file, and the
 table's health turns NOT_SERVING (`TableIntegrity.add_damage_listener`).
