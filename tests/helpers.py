@@ -14,7 +14,10 @@ from memstore.create import create_table
 from memstore.dtypes import DType
 from memstore.layout import EngramLayout
 from memstore.manifest import Manifest
+from memstore.metrics import DaemonMetrics
 from memstore.optim import OptimizerConfig
+from memstore.service import ServerConfig, create_server
+from memstore.table import Table
 from model.corpus import CorpusConfig
 from model.engram import EngramConfig
 from model.lm import LMConfig
@@ -83,3 +86,18 @@ def readline_within(stream: IO[str], timeout_s: float = DEADLINE_S) -> str:
         return lines.get(timeout=timeout_s)
     except queue.Empty:
         raise AssertionError(f"no line from the child within {timeout_s:g}s") from None
+
+
+class InProcessDaemon:
+    """A daemon served in this process (create_server on a free loopback port) with its own metrics."""
+
+    def __init__(self, table: Table, config: ServerConfig) -> None:
+        self.metrics = DaemonMetrics()
+        self.server, port = create_server(table, "127.0.0.1:0", config, metrics=self.metrics)
+        self.server.start()
+        self.address = f"127.0.0.1:{port}"
+
+    def calls(self, method: str, code: str | None = None) -> float:
+        """Calls of `method` the daemon counted (with status `code` when given)."""
+        labels = {"method": method} | ({"code": code} if code else {})
+        return self.metrics.total("memstore_requests_total", **labels)

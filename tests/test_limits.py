@@ -13,12 +13,11 @@ import pytest
 from client import MemstoreClient
 from memstore.errors import RETRY_PUSHBACK_KEY, ResourceExhaustedError
 from memstore.limits import BUSY_RETRY_MS, InFlightBudget, lookup_cost
-from memstore.metrics import DaemonMetrics
-from memstore.service import ServerConfig, create_server
+from memstore.service import ServerConfig
 from memstore.table import Table
 from memstore.wire import memstore_pb2 as pb
 from memstore.wire import memstore_pb2_grpc as pb_grpc
-from tests.helpers import DEADLINE_S, FAST_FAIL, join_all, wait_until
+from tests.helpers import DEADLINE_S, FAST_FAIL, InProcessDaemon, join_all, wait_until
 
 LAYER = 1
 GRPC = replace(FAST_FAIL, same_host=False, max_attempts=5, initial_backoff_s=0.05, max_backoff_s=0.2)
@@ -60,26 +59,12 @@ def test_budget_is_released_when_the_call_fails() -> None:
     assert budget.reserved == 0
 
 
-class _Served:
-    """An in-process daemon with its own metrics."""
-
-    def __init__(self, table: Table, config: ServerConfig) -> None:
-        self.metrics = DaemonMetrics()
-        self.server, port = create_server(table, "127.0.0.1:0", config, metrics=self.metrics)
-        self.server.start()
-        self.address = f"127.0.0.1:{port}"
-
-    def calls(self, method: str, code: str | None = None) -> float:
-        labels = {"method": method} | ({"code": code} if code else {})
-        return self.metrics.total("memstore_requests_total", **labels)
-
-
 @pytest.fixture
 def served(table: Table):
-    started: list[_Served] = []
+    started: list[InProcessDaemon] = []
 
-    def start(**limits: int) -> _Served:
-        started.append(_Served(table, ServerConfig(same_host=False, **limits)))
+    def start(**limits: int) -> InProcessDaemon:
+        started.append(InProcessDaemon(table, ServerConfig(same_host=False, **limits)))
         return started[-1]
 
     yield start

@@ -15,12 +15,11 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from memstore.errors import InvalidArgumentError
 from memstore.guard import Watchdog, peer_host
-from memstore.metrics import DaemonMetrics
-from memstore.service import SERVICE_NAME, ServerConfig, create_server
+from memstore.service import SERVICE_NAME, ServerConfig
 from memstore.table import Table
 from memstore.wire import memstore_pb2 as pb
 from memstore.wire import memstore_pb2_grpc as pb_grpc
-from tests.helpers import wait_until
+from tests.helpers import InProcessDaemon, wait_until
 
 TOKEN = "s3cret-token-for-the-tests"
 BEARER = (("authorization", f"Bearer {TOKEN}"),)
@@ -32,25 +31,17 @@ MANY = 20
 WAIT_S = 15.0
 
 
-class _Served:
-    def __init__(self, table: Table, config: ServerConfig) -> None:
-        self.metrics = DaemonMetrics()
-        self.server, port = create_server(table, "127.0.0.1:0", config, metrics=self.metrics)
-        self.server.start()
-        self.address = f"127.0.0.1:{port}"
-
-
 @pytest.fixture
 def served(table: Table, tmp_path: Path) -> Iterator:
-    started: list[_Served] = []
+    started: list[InProcessDaemon] = []
 
-    def start(tokens: bool = False, **settings: object) -> _Served:
+    def start(tokens: bool = False, **settings: object) -> InProcessDaemon:
         token_file = None
         if tokens:
             token_file = tmp_path / "tokens"
             token_file.write_text(f"write {TOKEN}\n")
             token_file.chmod(0o600)
-        started.append(_Served(table, ServerConfig(same_host=False, token_file=token_file, **settings)))
+        started.append(InProcessDaemon(table, ServerConfig(same_host=False, token_file=token_file, **settings)))
         return started[-1]
 
     yield start
