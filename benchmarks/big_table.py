@@ -28,7 +28,7 @@ from memstore.dtypes import DType  # noqa: E402
 from memstore.errors import TableFormatError  # noqa: E402
 from memstore.launch import start_daemon, stop_daemon  # noqa: E402
 from memstore.layout import EngramLayout  # noqa: E402
-from memstore.manifest import Init, Manifest  # noqa: E402
+from memstore.tabledir.manifest import Init, Manifest  # noqa: E402
 
 HUNDRED_BILLION = EngramLayout(
     layer_ids=(2, 15), vocab_size_per_ngram=(97_700_000, 97_700_000), max_ngram=3, heads_per_ngram=8, dim=32

@@ -44,8 +44,8 @@ from benchmarks.common import REPO, ensure_table  # noqa: E402
 from client import ClientConfig, MemstoreClient, PrefetchConfig, Prefetcher, TableFetcher  # noqa: E402
 from memstore.dtypes import DType  # noqa: E402
 from memstore.launch import start_daemon, stop_daemon  # noqa: E402
-from memstore.manifest import Manifest  # noqa: E402
 from memstore.table import Table  # noqa: E402
+from memstore.tabledir.manifest import Manifest  # noqa: E402
 from model.compression import CompressedTokenizer  # noqa: E402
 from model.data import DataConfig, PreparedData, prepare_data  # noqa: E402
 from model.device import add_device_argument  # noqa: E402

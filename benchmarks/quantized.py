@@ -30,8 +30,8 @@ from client import ClientConfig, MemstoreClient  # noqa: E402
 from memstore.dtypes import DType  # noqa: E402
 from memstore.exchange import import_safetensors  # noqa: E402
 from memstore.launch import start_daemon, stop_daemon  # noqa: E402
-from memstore.manifest import Manifest  # noqa: E402
 from memstore.table import Table  # noqa: E402
+from memstore.tabledir.manifest import Manifest  # noqa: E402
 from model.compression import CompressedTokenizer  # noqa: E402
 from model.data import DataConfig, prepare_data  # noqa: E402
 from model.lm import EngramLM, LMConfig  # noqa: E402
