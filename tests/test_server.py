@@ -16,10 +16,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from memstore.codec import check_request_rows, encode_row_ids
+from memstore.daemon_config import ServerConfig
 from memstore.dtypes import DType
 from memstore.errors import InvalidArgumentError, ResourceExhaustedError
 from memstore.launch import start_daemon, stop_daemon
-from memstore.service import SERVICE_NAME, ServerConfig
+from memstore.service import SERVICE_NAME
 from memstore.table import Table
 from memstore.tabledir.manifest import Manifest
 from memstore.wire import memstore_pb2 as pb
