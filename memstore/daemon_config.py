@@ -167,14 +167,10 @@ class DaemonConfig:
                 )
         if self.follow is not None and not isinstance(self.follow, FollowConfig):
             raise InvalidArgumentError(f"DaemonConfig.follow must be a FollowConfig; got {type(self.follow).__name__}")
+        # A replica must also be writable and trainable: LiveTable.open says so, knowing the table.
         if self.primary is not None:
             if not self.primary:
                 raise InvalidArgumentError("DaemonConfig.primary is empty; give the primary's HOST:PORT, or None")
-            if self.read_only:
-                raise InvalidArgumentError(
-                    "a read replica (--follow) applies its primary's pushes to its own copy, so it cannot be "
-                    "read-only; drop --read-only (a replica refuses pushes from clients anyway)"
-                )
         elif self.follow is not None:
             raise InvalidArgumentError(
                 "DaemonConfig.follow configures a replica and needs DaemonConfig.primary (--follow PRIMARY); "
