@@ -30,7 +30,13 @@ def add_remote_parsers(commands: argparse._SubParsersAction) -> None:
         "--service", default="", help=f"the service to check, e.g. {SERVICE_NAME} (default: the whole server)"
     )
     add_renamed(
-        health, "--timeout-s", "--timeout", type=float, default=5.0, help="seconds before an unanswered check fails"
+        health,
+        "--timeout-s",
+        "--timeout",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="seconds before an unanswered check fails",
     )
     add_client_arguments(health)
 
@@ -39,7 +45,15 @@ def add_remote_parsers(commands: argparse._SubParsersAction) -> None:
     )
     stats.add_argument("address", help="the daemon's HOST:PORT")
     stats.add_argument("--raw", action="store_true", help="print the Prometheus text exposition as it is")
-    add_renamed(stats, "--timeout-s", "--timeout", type=float, default=10.0, help="seconds before the call fails")
+    add_renamed(
+        stats,
+        "--timeout-s",
+        "--timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="seconds before the call fails",
+    )
     add_client_arguments(stats)
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from memstore.auth import ClientTls, TlsConfig, read_token
 from memstore.cli_args import add_renamed, enum_choice, format_bytes, parse_bytes, parse_mebibytes
-from memstore.daemon_config import DEFAULT_LISTEN, DaemonConfig, ServerConfig
+from memstore.daemon_config import DaemonConfig, ObservabilityConfig, ServerConfig
 from memstore.errors import InvalidArgumentError
 from memstore.integrity import IntegrityConfig
 from memstore.live import LiveConfig
@@ -27,14 +27,14 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
     """The `serve` subcommand and its flags, in groups: table, network, security, durability,
     replication, limits, observability."""
     srv = commands.add_parser("serve", help="serve a table over gRPC until SIGTERM/Ctrl-C")
-    server, live = ServerConfig(), LiveConfig()
+    daemon, server, live = DaemonConfig(Path(".")), ServerConfig(), LiveConfig()
     _add_table(srv, server)
-    _add_network(srv, server)
+    _add_network(srv, daemon, server)
     _add_security(srv)
     _add_durability(srv, live)
     _add_replication(srv, server, live)
     _add_limits(srv, server)
-    _add_observability(srv, server)
+    _add_observability(srv, daemon.observability)
 
 
 def daemon_config(args: argparse.Namespace) -> DaemonConfig:
@@ -46,12 +46,11 @@ def daemon_config(args: argparse.Namespace) -> DaemonConfig:
         port_file=args.port_file,
         read_only=args.read_only,
         primary=args.follow,
+        grace_s=args.grace_s,
         server=ServerConfig(
             max_rows_per_request=args.max_rows_per_request,
             chunk_bytes=args.chunk_bytes,
             max_workers=args.max_workers,
-            grace_s=args.grace_s,
-            log_interval_s=args.log_interval_s,
             same_host=not args.no_same_host,
             snapshot_dir=args.snapshot_dir,
             max_snapshots=args.max_snapshots,
@@ -64,8 +63,6 @@ def daemon_config(args: argparse.Namespace) -> DaemonConfig:
             send_timeout_s=args.send_timeout_s,
             tls=_tls(args),
             token_file=args.token_file,
-            metrics_port=args.metrics_port,
-            metrics_host=args.metrics_host,
         ),
         live=LiveConfig(
             durability=args.durability,
@@ -75,6 +72,9 @@ def daemon_config(args: argparse.Namespace) -> DaemonConfig:
             integrity=IntegrityConfig(enabled=not args.no_integrity, scrub_period_s=args.scrub_period_s),
         ),
         follow=_follow(args),
+        observability=ObservabilityConfig(
+            metrics_port=args.metrics_port, metrics_host=args.metrics_host, log_interval_s=args.log_interval_s
+        ),
         group_readable=args.group_readable,
     )
 
@@ -135,11 +135,11 @@ def _add_table(srv: argparse.ArgumentParser, defaults: ServerConfig) -> None:
     add_group_readable(group)
 
 
-def _add_network(srv: argparse.ArgumentParser, defaults: ServerConfig) -> None:
+def _add_network(srv: argparse.ArgumentParser, daemon: DaemonConfig, defaults: ServerConfig) -> None:
     group = srv.add_argument_group("network")
     group.add_argument(
         "--listen",
-        default=DEFAULT_LISTEN,
+        default=daemon.listen,
         help="host:port (default loopback only; 0.0.0.0:PORT for other hosts); port 0 picks a free one",
     )
     group.add_argument("--port-file", type=Path, help="write the bound port here once serving")
@@ -156,7 +156,7 @@ def _add_network(srv: argparse.ArgumentParser, defaults: ServerConfig) -> None:
         "--grace-s",
         "--grace",
         type=float,
-        default=defaults.grace_s,
+        default=daemon.grace_s,
         metavar="SECONDS",
         help="seconds to drain calls on SIGTERM",
     )
@@ -316,7 +316,7 @@ def _add_limits(srv: argparse.ArgumentParser, defaults: ServerConfig) -> None:
     )
 
 
-def _add_observability(srv: argparse.ArgumentParser, defaults: ServerConfig) -> None:
+def _add_observability(srv: argparse.ArgumentParser, defaults: ObservabilityConfig) -> None:
     group = srv.add_argument_group("observability")
     group.add_argument(
         "--metrics-port",

@@ -1,12 +1,14 @@
-"""The daemon's configuration: `DaemonConfig`, everything one `memstore serve` runs with, and
-`ServerConfig`, the part a gRPC server of an open table reads (memstore.service).
+"""The daemon's configuration: `DaemonConfig`, everything one `memstore serve` runs with.
 
 `memstore serve` parses its flags into a DaemonConfig once, at the edge (memstore/cli_serve.py);
-`serve(config)` runs it. Each config checks itself when built and says what to change. The parts:
+`memstore.service.serve(config)` runs it. Each config checks itself when built and says what to
+change. Beside the table, the address, the port file and the drain period, its parts:
 
-- `ServerConfig`: network, limits, security (TLS, tokens), snapshots, metrics, the primary side of replication;
+- `ServerConfig`: what a gRPC server of the open table reads (`create_server`): streaming, limits,
+  security (TLS, tokens), snapshots, the primary's side of replication;
 - `LiveConfig` (memstore.live): durability, checkpoints, the feed kept for followers, row checksums;
-- `FollowConfig` (memstore.replica): the replica side, with `DaemonConfig.primary`.
+- `FollowConfig` (memstore.replica): the replica's side, with `DaemonConfig.primary`;
+- `ObservabilityConfig`: the metrics endpoint and the traffic log line.
 """
 
 from __future__ import annotations
@@ -28,9 +30,9 @@ MAX_HEARTBEAT_S = 60.0
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """What a gRPC server of an open table reads (memstore.service.create_server): network, limits,
-    security, snapshots, metrics and the primary's side of replication. The defaults suit one host
-    serving a few model replicas."""
+    """What a gRPC server of an open table reads (memstore.service.create_server): streaming, limits,
+    security, snapshots and the primary's side of replication. The defaults suit one host serving a
+    few model replicas."""
 
     max_rows_per_request: int = 1 << 22
     # Row bytes per streamed message: large enough to amortise per-message costs, small
@@ -39,8 +41,6 @@ class ServerConfig:
     max_workers: int = 8
     # HTTP/2 flow-control window per stream; a small window stalls large responses.
     window_bytes: int = 16 << 20
-    grace_s: float = 10.0
-    log_interval_s: float = 60.0
     # Let clients on this host map the table's files read-only instead of streaming rows.
     same_host: bool = True
     # Where Snapshot writes (default: "<table>.snapshots" beside the table).
@@ -64,10 +64,6 @@ class ServerConfig:
     # (`read TOKEN` / `write TOKEN` lines): memstore.auth.
     tls: TlsConfig | None = None
     token_file: Path | None = None
-    # Serve Prometheus metrics at http://metrics_host:PORT/metrics (0: any free port). Plain HTTP, so
-    # loopback unless asked: a scraper elsewhere needs metrics_host (and a network it may trust).
-    metrics_port: int | None = None
-    metrics_host: str = "127.0.0.1"
     # Seconds a call's request message may take to arrive, and each response message to be taken by the
     # client, before the call is cancelled and what it holds returned (memstore.guard).
     request_timeout_s: float = 10.0
@@ -92,15 +88,6 @@ class ServerConfig:
         ):
             if getattr(self, name) < 1:
                 raise InvalidArgumentError(f"ServerConfig.{name} must be at least 1; got {getattr(self, name)}")
-        # `not a < x <= b` holds for nan too. A zero interval spun the serving loop writing log lines.
-        if not 0 < self.log_interval_s <= 86400:
-            raise InvalidArgumentError(
-                f"ServerConfig.log_interval_s must be in (0, 86400] seconds; got {self.log_interval_s}"
-            )
-        if not 0 <= self.grace_s <= 86400:
-            raise InvalidArgumentError(f"ServerConfig.grace_s must be in [0, 86400] seconds; got {self.grace_s}")
-        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
-            raise InvalidArgumentError(f"ServerConfig.metrics_port must be a port, 0 to 65535; got {self.metrics_port}")
         for name in ("request_timeout_s", "send_timeout_s"):
             if not 0 < getattr(self, name) <= 86400:
                 raise InvalidArgumentError(
@@ -138,6 +125,28 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class ObservabilityConfig:
+    """What the daemon tells its operator: the Prometheus endpoint and the periodic traffic line."""
+
+    # Serve Prometheus metrics at http://metrics_host:PORT/metrics (0: any free port; None: not served).
+    # Plain HTTP, so loopback unless asked: a scraper elsewhere needs metrics_host (and a network it may trust).
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+    log_interval_s: float = 60.0  # seconds between traffic lines
+
+    def __post_init__(self) -> None:
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise InvalidArgumentError(
+                f"ObservabilityConfig.metrics_port must be a port, 0 to 65535; got {self.metrics_port}"
+            )
+        # `not a < x <= b` holds for nan too. A zero interval spun the serving loop writing log lines.
+        if not 0 < self.log_interval_s <= 86400:
+            raise InvalidArgumentError(
+                f"ObservabilityConfig.log_interval_s must be in (0, 86400] seconds; got {self.log_interval_s}"
+            )
+
+
+@dataclass(frozen=True)
 class DaemonConfig:
     """What one daemon serves and how: the table, where it listens, and its parts' configs."""
 
@@ -148,10 +157,13 @@ class DaemonConfig:
     read_only: bool = False
     # Serve the table as a read replica of the daemon at this address; None: a primary (or a frozen table).
     primary: str | None = None
+    # Seconds in-flight calls may take to finish after SIGTERM or SIGINT, before the daemon stops.
+    grace_s: float = 10.0
     server: ServerConfig = field(default_factory=ServerConfig)
     live: LiveConfig = field(default_factory=LiveConfig)
     # How a replica follows its primary (only with `primary`; None: FollowConfig's defaults).
     follow: FollowConfig | None = None
+    observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)
     # Let the file's group read what the daemon writes (snapshots, logs): 0750/0640 instead of 0700/0600.
     group_readable: bool = False
 
@@ -160,13 +172,17 @@ class DaemonConfig:
         if self.port_file is not None:
             object.__setattr__(self, "port_file", Path(self.port_file))
         check_listen_address(self.listen)
-        for name, kind in (("server", ServerConfig), ("live", LiveConfig)):
+        if not 0 <= self.grace_s <= 86400:  # False for nan too
+            raise InvalidArgumentError(f"DaemonConfig.grace_s must be in [0, 86400] seconds; got {self.grace_s}")
+        for name, kind in (("server", ServerConfig), ("live", LiveConfig), ("observability", ObservabilityConfig)):
             if not isinstance(getattr(self, name), kind):
                 raise InvalidArgumentError(
-                    f"DaemonConfig.{name} must be a {kind.__name__}; got {type(getattr(self, name)).__name__}"
+                    f"DaemonConfig.{name} takes {kind.__name__}, not {type(getattr(self, name)).__name__}"
                 )
         if self.follow is not None and not isinstance(self.follow, FollowConfig):
-            raise InvalidArgumentError(f"DaemonConfig.follow must be a FollowConfig; got {type(self.follow).__name__}")
+            raise InvalidArgumentError(
+                f"DaemonConfig.follow takes FollowConfig or None, not {type(self.follow).__name__}"
+            )
         # A replica must also be writable and trainable: LiveTable.open says so, knowing the table.
         if self.primary is not None:
             if not self.primary:

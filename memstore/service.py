@@ -405,7 +405,7 @@ def serve(config: DaemonConfig) -> int:
 
 
 def _serve(config: DaemonConfig) -> int:
-    address, port_file, settings = config.listen, config.port_file, config.server
+    address, port_file, settings, obs = config.listen, config.port_file, config.server, config.observability
     check_port_file(port_file)  # before the table is opened: a wrong path fails at once
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -423,9 +423,9 @@ def _serve(config: DaemonConfig) -> int:
         warning = exposure_warning(address, settings)
         if warning is not None:
             log.warning(warning)
-        if settings.metrics_port is not None:  # before serving: a port in use fails the start, not a running daemon
-            metrics_port = _serve_metrics(metrics, settings.metrics_port, settings.metrics_host)
-            log.info("metrics at http://%s:%d/metrics", settings.metrics_host, metrics_port)
+        if obs.metrics_port is not None:  # before serving: a port in use fails the start, not a running daemon
+            metrics_port = _serve_metrics(metrics, obs.metrics_port, obs.metrics_host)
+            log.info("metrics at http://%s:%d/metrics", obs.metrics_host, metrics_port)
         server.start()
         if replica is not None:
             replica.start()
@@ -433,23 +433,23 @@ def _serve(config: DaemonConfig) -> int:
         if port_file is not None:
             write_port_file(port_file, port)
         last = metrics.counts()
-        while not _wait_for_signal(stop, settings.log_interval_s):
+        while not _wait_for_signal(stop, obs.log_interval_s):
             now = metrics.counts()
             log.info(
                 "last %.0fs: %s; version %d",
-                settings.log_interval_s,
+                obs.log_interval_s,
                 ", ".join(f"{now[name] - last[name]:,.0f} {name}" for name in now),
                 table.version,
             )
             last = now
             if replica is not None:
                 _log_replica(replica)
-        log.info("stopping: draining in-flight calls (up to %.0fs)", settings.grace_s)
+        log.info("stopping: draining in-flight calls (up to %.0fs)", config.grace_s)
         health_servicer.enter_graceful_shutdown()
         if replica is not None:
             replica.stop()  # apply nothing more: the table closes next
         table.close_feed()  # end Follow streams now rather than after the grace period
-        server.stop(settings.grace_s).wait()
+        server.stop(config.grace_s).wait()
         log.info("stopped")
     finally:
         if replica is not None:

@@ -58,7 +58,7 @@ FLAGS: list[tuple[list[str], Callable[[DaemonConfig], Any], Any]] = [
     (["--port-file", "/run/port"], lambda c: c.port_file, Path("/run/port")),
     (["--chunk-bytes", "256KiB"], lambda c: c.server.chunk_bytes, 256 << 10),
     (["--max-workers", "3"], lambda c: c.server.max_workers, 3),
-    (["--grace-s", "2.5"], lambda c: c.server.grace_s, 2.5),
+    (["--grace-s", "2.5"], lambda c: c.grace_s, 2.5),
     (["--no-same-host"], lambda c: c.server.same_host, False),
     (["--tls-cert", "c.pem", "--tls-key", "k.pem"], lambda c: c.server.tls, TlsConfig(Path("c.pem"), Path("k.pem"))),
     (
@@ -84,9 +84,9 @@ FLAGS: list[tuple[list[str], Callable[[DaemonConfig], Any], Any]] = [
     (["--request-timeout-s", "4"], lambda c: c.server.request_timeout_s, 4.0),
     (["--send-timeout-s", "6"], lambda c: c.server.send_timeout_s, 6.0),
     (["--max-in-flight-bytes", "3GiB"], lambda c: c.server.max_in_flight_bytes, 3 << 30),
-    (["--metrics-port", "9100"], lambda c: c.server.metrics_port, 9100),
-    (["--metrics-host", "0.0.0.0"], lambda c: c.server.metrics_host, "0.0.0.0"),
-    (["--log-interval-s", "5"], lambda c: c.server.log_interval_s, 5.0),
+    (["--metrics-port", "9100"], lambda c: c.observability.metrics_port, 9100),
+    (["--metrics-host", "0.0.0.0"], lambda c: c.observability.metrics_host, "0.0.0.0"),
+    (["--log-interval-s", "5"], lambda c: c.observability.log_interval_s, 5.0),
 ]
 
 # Old spelling -> (new spelling, value given to each): the same field must get the same value.
@@ -221,8 +221,8 @@ def test_a_malformed_unit_is_an_argparse_error_naming_the_flag(
 @pytest.mark.parametrize(
     ("flags", "said"),
     [
-        (["--grace-s", "-5"], "ServerConfig.grace_s must be in [0, 86400] seconds; got -5.0"),
-        (["--log-interval", "0"], "ServerConfig.log_interval_s must be in (0, 86400] seconds; got 0.0"),
+        (["--grace-s", "-5"], "DaemonConfig.grace_s must be in [0, 86400] seconds; got -5.0"),
+        (["--log-interval", "0"], "ObservabilityConfig.log_interval_s must be in (0, 86400] seconds; got 0.0"),
         (["--chunk-bytes", "0"], "ServerConfig.chunk_bytes must be at least 1; got 0"),
         (["--scrub-period-s", "nan"], "scrub period must be 0 (off) or a positive number; got nan"),
         (["--listen", "127.0.0.1:99999"], "expected HOST:PORT with a port from 0 to 65535"),
@@ -262,9 +262,10 @@ def test_follow_settings_need_a_primary() -> None:
 @pytest.mark.parametrize(
     ("fields", "said"),
     [
-        ({"server": LiveConfig()}, "DaemonConfig.server must be a ServerConfig; got LiveConfig"),
-        ({"live": ServerConfig()}, "DaemonConfig.live must be a LiveConfig; got ServerConfig"),
-        ({"follow": LiveConfig(), "primary": "p:1"}, "DaemonConfig.follow must be a FollowConfig"),
+        ({"server": LiveConfig()}, "DaemonConfig.server takes ServerConfig, not LiveConfig"),
+        ({"live": ServerConfig()}, "DaemonConfig.live takes LiveConfig, not ServerConfig"),
+        ({"observability": ServerConfig()}, "DaemonConfig.observability takes ObservabilityConfig, not ServerConfig"),
+        ({"follow": LiveConfig(), "primary": "p:1"}, "DaemonConfig.follow takes FollowConfig or None, not LiveConfig"),
         ({"listen": "localhost"}, "cannot listen on 'localhost': expected HOST:PORT"),
     ],
 )
