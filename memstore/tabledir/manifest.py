@@ -13,13 +13,13 @@ from typing import Any
 from memstore.dtypes import DType
 from memstore.errors import InvalidArgumentError, TableFormatError
 from memstore.layout import EngramLayout, fingerprint
-from memstore.optim import OptimizerConfig
 from memstore.rowgen import GENERATOR
 from memstore.sharding import Sharding
 from memstore.tabledir.fsafe import write_durably
+from memstore.tabledir.names import MANIFEST_NAME, layer_file, state_file
+from memstore.tabledir.optimizer import OptimizerConfig
 
 FORMAT_VERSION = 1
-MANIFEST_NAME = "manifest.json"
 # Key of the per-field checksums a written manifest carries: an edited field is named when read.
 CHECKSUMS_KEY = "checksums"
 
@@ -77,7 +77,7 @@ class Manifest:
     def layer_file(self, layer_id: int) -> str:
         """File name, inside the table directory, of one layer's rows."""
         self.layout.num_rows(layer_id)  # rejects unknown layers
-        return f"layer_{layer_id}.rows" if self.backend is Backend.MMAP else f"layer_{layer_id}.lmdb"
+        return layer_file(layer_id, lmdb=self.backend is Backend.LMDB)
 
     def state_files(self, layer_id: int) -> dict[str, tuple[str, int]]:
         """Optimizer state of one layer: slot -> (file name, float32 values per row); empty if frozen."""
@@ -85,8 +85,8 @@ class Manifest:
         if self.optimizer is None:
             return {}
         slots = self.optimizer.state_slots(self.layout.dim)
-        suffix = "f32" if self.backend is Backend.MMAP else "f32.lmdb"
-        return {slot: (f"layer_{layer_id}.{slot}.{suffix}", width) for slot, width in slots.items()}
+        lmdb = self.backend is Backend.LMDB
+        return {slot: (state_file(layer_id, slot, lmdb), width) for slot, width in slots.items()}
 
     def stored_rows(self, layer_id: int) -> int:
         """Rows of one layer this table directory stores: all of them, or its shard's partitions'."""
