@@ -1,4 +1,33 @@
-"""The table manifest: `manifest.json` in a table directory, the one description of a table."""
+"""The table manifest: `manifest.json` in a table directory, the one description of a table.
+
+Schema (format version 1; docs/format.md has the whole table directory). A JSON object, written
+indented, with these keys (optimizer, init, sharding and rows_sha256 may be absent: read as null,
+"eager", null, null; every other key is required):
+
+    format_version  int     FORMAT_VERSION (1)
+    fingerprint     str     16 hex digits: SHA-256 of the canonical layout + seed (memstore.layout.fingerprint)
+    layout          object  the Engram layout (EngramLayout.to_dict: layer_ids, vocab_size_per_ngram,
+                            max_ngram, heads_per_ngram, dim, primes, optional explicit_head_sizes)
+    dtype           str     a DType value: float32, float16, bfloat16, float8_e4m3_rowscale, int8_rowscale, bytes
+    seed            int     seed of the initial rows
+    init_std        float   standard deviation of the initial rows
+    init_generator  str     the initial-row generator (memstore.rowgen.GENERATOR)
+    backend         str     "mmap" or "lmdb"
+    optimizer       object|null  OptimizerConfig.to_dict (kind, lr, betas, eps, initial_accumulator_value);
+                            null: a frozen table
+    init            str     "eager" or "lazy" (read as "eager" when absent)
+    sharding        object|null  Sharding.to_dict (num_partitions, num_shards, shard, assignment); null: whole
+    rows_sha256     str|null     SHA-256 of every row as created, imported or resharded; null: lazy table
+    files           object  layer id (string) -> its rows' file name; written for readers in other
+                            languages, ignored when read (the names follow from backend: tabledir.names)
+    checksums       object  key -> first 16 hex digits of SHA-256 of that key's canonical JSON value,
+                            for every other key; optional (a hand-written manifest has none)
+
+Readers refuse (TableFormatError) a format version other than theirs, an unknown key (here, in the
+layout, the optimizer or the sharding), an initial-row generator other than theirs, a fingerprint that
+does not match the layout and seed, and a field whose checksum does not match: a manifest is never
+half understood. A new format adds a version; it does not add keys silently.
+"""
 
 from __future__ import annotations
 
