@@ -34,10 +34,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import REPO, ensure_table  # noqa: E402
 from client import ClientConfig, ClusterClient, ClusterSpec, LoadBalancing, MemstoreClient  # noqa: E402
-from memstore.create import create_sharded, shard_dirs  # noqa: E402
+from memstore.create import create_sharded  # noqa: E402
 from memstore.launch import start_daemon, stop_daemon  # noqa: E402
 from memstore.layout import EngramLayout  # noqa: E402
 from memstore.tabledir.manifest import Manifest  # noqa: E402
+from memstore.tabledir.names import shard_dirs  # noqa: E402
 
 # One layer of 8 heads of 500k rows: 4M rows x 64 float16 = 512 MiB.
 FULL = EngramLayout(layer_ids=(1,), vocab_size_per_ngram=(500_000,), max_ngram=2, heads_per_ngram=8, dim=64)

@@ -33,9 +33,9 @@ from client import MemstoreClient, Prefetcher, PushConfig, Pusher  # noqa: E402
 from memstore.create import create_table  # noqa: E402
 from memstore.dtypes import DType  # noqa: E402
 from memstore.live import LiveConfig, LiveTable  # noqa: E402
-from memstore.optim import OptimizerConfig, OptimizerKind  # noqa: E402
 from memstore.service import create_server  # noqa: E402
 from memstore.tabledir.manifest import Manifest  # noqa: E402
+from memstore.tabledir.optimizer import OptimizerConfig, OptimizerKind  # noqa: E402
 from memstore.wal import Durability  # noqa: E402
 from model.data import DataConfig, prepare_data  # noqa: E402
 from model.lm import LMConfig  # noqa: E402

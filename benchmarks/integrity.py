@@ -39,8 +39,8 @@ from memstore.integrity import IntegrityConfig  # noqa: E402
 from memstore.launch import start_daemon, stop_daemon  # noqa: E402
 from memstore.layout import EngramLayout  # noqa: E402
 from memstore.live import LiveConfig, LiveTable  # noqa: E402
-from memstore.optim import OptimizerConfig  # noqa: E402
 from memstore.tabledir.manifest import Manifest  # noqa: E402
+from memstore.tabledir.optimizer import OptimizerConfig  # noqa: E402
 from memstore.wal import Durability  # noqa: E402
 
 

@@ -67,8 +67,8 @@ from memstore.exchange import import_safetensors, tensor_name  # noqa: E402
 from memstore.launch import start_daemon, stop_daemon  # noqa: E402
 from memstore.layout import EngramLayout  # noqa: E402
 from memstore.metrics import summarize  # noqa: E402
-from memstore.optim import OptimizerConfig, OptimizerKind  # noqa: E402
 from memstore.tabledir.manifest import Manifest  # noqa: E402
+from memstore.tabledir.optimizer import OptimizerConfig, OptimizerKind  # noqa: E402
 from memstore.wal import Durability  # noqa: E402
 
 LR = 0.5  # a power of two: -lr x an integer sum is exact in float32

@@ -30,8 +30,8 @@ from memstore.dtypes import DType  # noqa: E402
 from memstore.launch import start_daemon, stop_daemon  # noqa: E402
 from memstore.layout import EngramLayout  # noqa: E402
 from memstore.live import LiveConfig, LiveTable  # noqa: E402
-from memstore.optim import OptimizerConfig, OptimizerKind  # noqa: E402
 from memstore.tabledir.manifest import Backend, Manifest  # noqa: E402
+from memstore.tabledir.optimizer import OptimizerConfig, OptimizerKind  # noqa: E402
 from memstore.wal import Durability  # noqa: E402
 
 

@@ -39,8 +39,8 @@ from memstore.create import create_table  # noqa: E402
 from memstore.dtypes import DType  # noqa: E402
 from memstore.launch import start_daemon, stop_daemon  # noqa: E402
 from memstore.layout import EngramLayout  # noqa: E402
-from memstore.optim import OptimizerConfig, OptimizerKind  # noqa: E402
 from memstore.tabledir.manifest import Manifest  # noqa: E402
+from memstore.tabledir.optimizer import OptimizerConfig, OptimizerKind  # noqa: E402
 from memstore.wal import Durability  # noqa: E402
 
 SAMPLE_PERIOD_S = 0.01

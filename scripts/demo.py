@@ -31,11 +31,12 @@ sys.path.insert(0, str(REPO))
 
 from client import ClusterClient, ClusterSpec, MemstoreClient, PrefetchConfig, Prefetcher, PushConfig, Pusher  # noqa: E402
 from memstore.cli import describe_table  # noqa: E402
-from memstore.create import create_sharded, create_table, shard_dirs  # noqa: E402
+from memstore.create import create_sharded, create_table  # noqa: E402
 from memstore.dtypes import DType  # noqa: E402
 from memstore.errors import TableFormatError  # noqa: E402
 from memstore.launch import start_daemon, stop_daemon  # noqa: E402
-from memstore.tabledir.manifest import MANIFEST_NAME, Manifest  # noqa: E402
+from memstore.tabledir.manifest import Manifest  # noqa: E402
+from memstore.tabledir.names import MANIFEST_NAME, shard_dirs  # noqa: E402
 from model.data import DataConfig, PreparedData, prepare_data  # noqa: E402
 from model.device import add_device_argument  # noqa: E402
 from model.generate import sample  # noqa: E402

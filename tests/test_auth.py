@@ -22,9 +22,9 @@ from memstore.daemon_config import ServerConfig
 from memstore.errors import InvalidArgumentError, ReadOnlyError, UnauthenticatedError, UnavailableError
 from memstore.live import LiveConfig, LiveTable
 from memstore.metrics import DaemonMetrics
-from memstore.optim import OptimizerConfig, OptimizerKind
 from memstore.replica import FollowConfig, Follower
 from memstore.service import create_server, exposure_warning
+from memstore.tabledir.optimizer import OptimizerConfig, OptimizerKind
 from memstore.wal import Durability
 from memstore.wire import memstore_pb2 as pb
 from memstore.wire import memstore_pb2_grpc as pb_grpc

@@ -36,9 +36,9 @@ from memstore.dtypes import DType
 from memstore.launch import start_daemon
 from memstore.layout import fingerprint
 from memstore.live import LiveTable
-from memstore.optim import OptimizerConfig, OptimizerKind
 from memstore.service import create_server
 from memstore.table import Table
+from memstore.tabledir.optimizer import OptimizerConfig, OptimizerKind
 from tests.helpers import CREATABLE_DTYPES, SMALL_LAYOUT, make_table
 
 

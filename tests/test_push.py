@@ -19,9 +19,9 @@ from memstore.errors import InvalidArgumentError, ReadOnlyError, UnavailableErro
 from memstore.layout import EngramLayout
 from memstore.live import LiveConfig, LiveTable
 from memstore.metrics import DaemonMetrics
-from memstore.optim import OptimizerConfig, OptimizerKind
 from memstore.service import create_server
 from memstore.tabledir.manifest import Manifest
+from memstore.tabledir.optimizer import OptimizerConfig, OptimizerKind
 from memstore.wal import Durability
 from memstore.wire import memstore_pb2 as pb
 from tests.helpers import DEADLINE_S, FAST_FAIL, SMALL_LAYOUT, join_all
