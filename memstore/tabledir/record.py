@@ -103,9 +103,13 @@ class PushRecord:
             fmt = _PREFIX.unpack_from(view)[0]
             if fmt != FORMAT:
                 raise DataLossError(
-                    f"a push record is in format {fmt}, which this memstore does not read (it reads formats "
-                    f"{', '.join(map(str, READABLE_FORMATS))}): it was written by a newer memstore, so upgrade this "
-                    "one, or the record is damaged"
+                    f"a push record names format {fmt}, "
+                    + (
+                        "which this memstore does not read (it reads formats 1 and 2): it was written by a newer "
+                        "memstore, so upgrade this one"
+                        if fmt > FORMAT
+                        else "which has no such prefix: the record is damaged"
+                    )
                 )
             offset = _PREFIX.size
         try:
