@@ -50,7 +50,14 @@ from memstore.errors import (
 from memstore.feed import Feed, records_after
 from memstore.integrity import IntegrityConfig, TableIntegrity
 from memstore.optim import apply_update
-from memstore.recovery import Recovery, acknowledged_version, pending_recovery, settle
+from memstore.recovery import (
+    Recovery,
+    acknowledged_version,
+    logged_after,
+    pending_recovery,
+    read_checkpoint,
+    settle,
+)
 from memstore.snapshots import copy_table, publishing, replay_onto_copy, stage_snapshot
 from memstore.space import DiskFullError
 from memstore.storage import RowStore
@@ -133,7 +140,7 @@ class LiveTable:
         self._wal: WriteAheadLog | None = None
         self.integrity: TableIntegrity | None = None  # None: checksums off (or the table has none, read-only)
         try:
-            checkpoint = self._read_checkpoint()
+            checkpoint = read_checkpoint(self.path, self.trainable and self.config.accept_data_loss)
             self.version = checkpoint.version
             self.layer_steps = {layer: checkpoint.layer_steps.get(layer, 0) for layer in self.manifest.layout.layer_ids}
             self._last_push = checkpoint.last_push  # (client, layer) -> (last step id, its ack)
@@ -163,24 +170,6 @@ class LiveTable:
         except BaseException:
             self._close_files()
             raise
-
-    def _read_checkpoint(self) -> Checkpoint:
-        """checkpoint.json; a damaged one is refused, unless `accept_data_loss` (then the log's version is
-        adopted by recovery, and the optimizer steps and clients' last steps start again from zero)."""
-        try:
-            return Checkpoint.read(self.path)
-        except TableFormatError as exc:
-            if not (self.trainable and self.config.accept_data_loss):
-                raise TableFormatError(
-                    f"{exc}, or start it with --accept-data-loss to serve it at the version its log records (its "
-                    "optimizer steps and the clients' last steps are then lost)"
-                ) from None
-            log.error(
-                "%s: ACCEPTING DATA LOSS (--accept-data-loss): %s; starting from an empty checkpoint",
-                self.path,
-                exc,
-            )
-            return Checkpoint()
 
     def _open_integrity(self, untrained: bool) -> None:
         self.integrity = TableIntegrity.open(
@@ -444,18 +433,8 @@ class LiveTable:
         assert self._wal is not None
         checkpointed = self.version
         replayed = 0
-        for record in self._wal.records(self.version):
-            if record.version != self.version + 1:
-                gap = (
-                    f"{self.path / WAL_DIR} jumps from version {self.version} (checkpoint.json's) to "
-                    f"{record.version}: pushes {self.version + 1}..{record.version - 1} are missing"
-                )
-                if not self.config.accept_data_loss:
-                    raise DataLossError(
-                        f"{gap}; restore the table from a snapshot, or start with --accept-data-loss to replay the "
-                        f"log from version {record.version} on (the missing pushes are lost)"
-                    )
-                log.error("%s: ACCEPTING DATA LOSS (--accept-data-loss): %s", self.path, gap)
+        for record in logged_after(self._wal, self.path / WAL_DIR, self.version, self.config.accept_data_loss):
+            if record.version != self.version + 1:  # a gap, accepted (and logged)
                 self.version = record.version - 1
                 self._feed.reset(self.version)
             self._apply(PushRecord.decode(record.payload, self.manifest), record.version)
