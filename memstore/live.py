@@ -290,10 +290,7 @@ class LiveTable:
             new_rows, new_state = apply_update(optimizer, rows, state, grads, step)  # rejects NaN/Inf first
             record = PushRecord(layer_id, step, step_id, client_id, ids, storable(dtype, new_rows), new_state)
             payload = record.encode()
-            result = self._log_and_apply(record, self.version + 1, payload)
-            self._feed.append(result.version, payload)  # after the apply: followers never pass this table
-            self._pushes_since_checkpoint += 1
-            due = self.config.checkpoint_every and self._pushes_since_checkpoint >= self.config.checkpoint_every
+            result, due = self._commit(record, self.version + 1, payload)
         if due:
             self._checkpoint_due()
         return result
@@ -312,10 +309,11 @@ class LiveTable:
             for listener in self._failure_listeners:
                 listener(message)
 
-    def _log_and_apply(self, record: PushRecord, version: int, payload: bytes) -> PushResult:
-        """Reserve disk space, log, apply (the caller holds the push lock). A full disk refuses the push
-        before anything is logged (DiskFullError, and the next push may succeed); an I/O error after that
-        leaves the table unable to take pushes until a restart, which replays the log."""
+    def _commit(self, record: PushRecord, version: int, payload: bytes) -> tuple[PushResult, bool]:
+        """Reserve disk space, log, apply, feed (the caller holds the push lock); and whether a checkpoint
+        is due. A full disk refuses the push before anything is logged (DiskFullError, and the next push
+        may succeed); an I/O error after that leaves the table unable to take pushes until a restart,
+        which replays the log."""
         if self.failure is not None:
             raise InternalError(self.failure)
         assert self._wal is not None
@@ -333,13 +331,17 @@ class LiveTable:
             )
             raise InternalError(self.failure) from None
         try:
-            return self._apply(record, version)
+            result = self._apply(record, version)
         except BaseException as exc:
             self._fail(
                 f"{self.path}: the push of version {version} was logged but writing it into the table failed "
                 f"({exc!r}); this daemon takes no more pushes: restart it (it replays the log)"
             )
             raise
+        self._feed.append(version, payload)  # after the apply: followers never pass this table
+        self._pushes_since_checkpoint += 1
+        every = self.config.checkpoint_every
+        return result, bool(every and self._pushes_since_checkpoint >= every)
 
     def _checkpoint_due(self) -> None:
         """A checkpoint after a push: one that fails (a full disk) is retried later, never fails the push,
@@ -362,45 +364,26 @@ class LiveTable:
                 "apply_replicated is for read replicas; open the table with primary= (memstore serve --follow)"
             )
         assert self._wal is not None
-        record = self._decode_replicated(version, payload)
+        try:
+            record = PushRecord.decode(payload, self.manifest)  # checked against this table: a bad one changes nothing
+        except DataLossError as exc:
+            raise DataLossError(f"the record of version {version} from {self.primary} is refused: {exc}") from None
         with self._push_lock:
             if version != self.version + 1:
                 raise DataLossError(
                     f"the record of version {version} does not follow this replica's version {self.version}; "
                     f"follow {self.primary} again from version {self.version}"
                 )
-            result = self._log_and_apply(record, version, payload)
-            self._feed.append(version, payload)  # a replica can feed replicas of its own
-            self._pushes_since_checkpoint += 1
-            due = self.config.checkpoint_every and self._pushes_since_checkpoint >= self.config.checkpoint_every
+            result, due = self._commit(record, version, payload)  # a replica feeds replicas of its own too
         if due:
             self._checkpoint_due()
         return result
 
-    def _decode_replicated(self, version: int, payload: bytes) -> PushRecord:
-        """A streamed record decoded and checked against this table, so a bad one changes nothing."""
-        try:
-            record = PushRecord.decode(payload, self.manifest)
-        except DataLossError as exc:  # truncated, bad layer, bad client id, unknown format
-            raise DataLossError(f"the record of version {version} from {self.primary}: {exc}") from None
-        stored = self.manifest.stored_rows(record.layer_id)
-        if len(record.ids) and not (0 <= int(record.ids.min()) and int(record.ids.max()) < stored):
-            raise DataLossError(
-                f"the record of version {version} from {self.primary} writes rows outside layer "
-                f"{record.layer_id}'s {stored} rows"
-            )
-        return record
-
     def records_after(self, version: int, max_bytes: int, timeout_s: float) -> list[WalRecord]:
         """The records a follower at `version` applies next (consecutive, at least one, about
         max_bytes at most), waiting up to timeout_s for the next push; [] when none came (a
-        heartbeat is due).
-
-        From the in-memory feed, else from the write-ahead log while it still holds them.
-        Raises ReplicationGapError when neither does, or when `version` is past this table's
-        (the follower's table has pushes this one never made), and UnavailableError once the
-        table stopped feeding followers (`close_feed`).
-        """
+        heartbeat is due). From the feed, else the log; ReplicationGapError when neither holds
+        them or `version` is past this table's, UnavailableError after `close_feed` (memstore.feed)."""
         return records_after(self._feed, version, max_bytes, timeout_s, lambda: self.version, lambda: self._wal)
 
     def close_feed(self) -> None:

@@ -107,6 +107,15 @@ def test_a_record_that_is_not_whole_is_refused(payload: bytes, match: str) -> No
         PushRecord.decode(payload, TINY)
 
 
+@pytest.mark.parametrize("row", [-1, 23, 2**63 - 1])
+def test_a_record_writing_rows_outside_its_layer_is_refused(row: int) -> None:
+    """Its log frame's CRC can be right (a record built by a faulty or hostile primary): decoding checks
+    the ids against the table, so neither a replica nor a replay writes outside the layer's 23 rows."""
+    assert PushRecord.decode(replace(EXPECTED, ids=np.array([5, 22])).encode(), TINY).ids.tolist() == [5, 22]
+    with pytest.raises(DataLossError, match="outside layer 3's 23 rows"):
+        PushRecord.decode(replace(EXPECTED, ids=np.array([5, row])).encode(), TINY)
+
+
 def test_a_client_id_over_the_header_s_16_bits_is_refused_not_cut() -> None:
     """Cut, it could end inside a UTF-8 character and the record could never be read back."""
     longest = "x" + "é" * (MAX_CLIENT_ID_BYTES // 2)  # 65535 bytes of UTF-8
@@ -151,7 +160,7 @@ def test_every_record_decodes_to_what_was_encoded(
         layer_step,
         step_id,
         client_id,
-        ids=rng.integers(0, 2**63 - 1, size=count, dtype=np.int64),
+        ids=rng.integers(0, manifest.stored_rows(layer_id), size=count, dtype=np.int64),
         rows=rng.integers(0, 256, size=(count, width * dtype.itemsize), dtype=np.uint8).view(dtype.numpy),
         state={
             slot: rng.integers(0, 2**32, size=(count, w), dtype=np.uint32).view("<f4")  # any bits, NaNs included

@@ -96,7 +96,8 @@ class PushRecord:
     @classmethod
     def decode(cls, payload: bytes, manifest: Manifest) -> PushRecord:
         """A record of any readable format, for a table described by `manifest`; the arrays are
-        read-only views of `payload`. DataLossError when it is not a whole record of this table."""
+        read-only views of `payload`. DataLossError when it is not a whole record of this table
+        (or writes rows outside its layer)."""
         view = memoryview(payload)
         offset = 0
         if len(view) >= _PREFIX.size and _PREFIX.unpack_from(view)[1] == 0:  # a prefix: format 2 or later
@@ -113,9 +114,13 @@ class PushRecord:
                 )
             offset = _PREFIX.size
         try:
-            return cls._decode_body(view, offset, manifest)
+            record = cls._decode_body(view, offset, manifest)
         except (struct.error, ValueError, InvalidArgumentError) as exc:  # truncated, bad layer, bad client id
             raise DataLossError(f"a push record is malformed: {exc}") from None
+        stored = manifest.stored_rows(record.layer_id)
+        if len(record.ids) and not (0 <= int(record.ids.min()) and int(record.ids.max()) < stored):
+            raise DataLossError(f"a push record writes rows outside layer {record.layer_id}'s {stored} rows")
+        return record
 
     @classmethod
     def _decode_body(cls, payload: memoryview, offset: int, manifest: Manifest) -> PushRecord:
