@@ -63,12 +63,10 @@ if TYPE_CHECKING:
     from memstore.storage.base import RowStore
 
 FORMAT = 2  # what `encode` writes
-READABLE_FORMATS = (1, 2)
 MAX_CLIENT_ID_BYTES = (1 << 16) - 1  # the header's client id length is 16 bits
 _PREFIX = struct.Struct("<IQ")  # format, marker (0): absent in format 1
 _HEADER = struct.Struct("<IQqQH")  # layer_id, layer_step, step_id, count, client_len
 PREFIX_SIZE = _PREFIX.size  # 12
-HEADER_SIZE = _HEADER.size  # 30
 
 
 @dataclass
