@@ -8,12 +8,9 @@ Push (one layer's gradients for distinct row ids), one at a time under the push 
 A push that fails validation changes nothing. Since a log record holds after-images, replaying
 it is idempotent: recovery (on open) and snapshots simply re-write records in order.
 
-Reads check the sequence lock around their gather and retry if a push overlapped (falling back
-to the push lock after a few tries), so a row is seen before or after a push, never torn. The
-sequence word lives in a small shared file (`seqlock`) that same-host clients map too: they use
-the same protocol, so in-place reads stay consistent while the daemon trains. The protocol
-relies on the CPU keeping stores in order and loads in order (x86-64's TSO does); same-host
-reads of a trained table are refused on other architectures (memstore.same_host).
+Reads check the sequence lock (memstore.tabledir.seqlock, a file same-host clients map too)
+around their gather and retry if a push overlapped (falling back to the push lock after a few
+tries), so a row is seen before or after a push, never torn.
 
 Durable state on disk: the row and state files, `checkpoint.json` (the version and per-layer
 optimizer steps the files hold at least), and `wal/`. A checkpoint msyncs the files, records
