@@ -30,11 +30,13 @@ into a fresh directory instead.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from memstore.errors import DataLossError
-from memstore.wal import Durability, TailCut, inspect_log
+from memstore.errors import DataLossError, TableFormatError
+from memstore.tabledir.checkpoint import Checkpoint
+from memstore.wal import Durability, TailCut, WalRecord, WriteAheadLog, inspect_log
 
 log = logging.getLogger("memstore.recovery")
 
@@ -154,3 +156,39 @@ def pending_recovery(table_dir: Path, wal_dir: Path, checkpointed: int, seqlock_
             "pushes are missing"
         )
     return None
+
+
+def read_checkpoint(table_dir: Path, accept_data_loss: bool) -> Checkpoint:
+    """checkpoint.json; a damaged one is refused, unless `accept_data_loss` (a trainable table's: then the
+    log's version is adopted by recovery, and the optimizer steps and clients' last steps start again from zero)."""
+    try:
+        return Checkpoint.read(table_dir)
+    except TableFormatError as exc:
+        if not accept_data_loss:
+            raise TableFormatError(
+                f"{exc}, or start it with --accept-data-loss to serve it at the version its log records (its "
+                "optimizer steps and the clients' last steps are then lost)"
+            ) from None
+        log.error("%s: ACCEPTING DATA LOSS (--accept-data-loss): %s; starting from an empty checkpoint", table_dir, exc)
+        return Checkpoint()
+
+
+def logged_after(wal: WriteAheadLog, wal_dir: Path, checkpointed: int, accept_data_loss: bool) -> Iterator[WalRecord]:
+    """The log's records past the checkpoint's version, to replay in order. A record that does not follow
+    the one before (pushes missing) raises DataLossError, unless `accept_data_loss`: then it is logged,
+    and the records go on from there (the caller moves its version to the one before that record)."""
+    version = checkpointed
+    for record in wal.records(checkpointed):
+        if record.version != version + 1:
+            gap = (
+                f"{wal_dir} jumps from version {version} (checkpoint.json's) to "
+                f"{record.version}: pushes {version + 1}..{record.version - 1} are missing"
+            )
+            if not accept_data_loss:
+                raise DataLossError(
+                    f"{gap}; restore the table from a snapshot, or start with --accept-data-loss to replay the "
+                    f"log from version {record.version} on (the missing pushes are lost)"
+                )
+            log.error("%s: ACCEPTING DATA LOSS (--accept-data-loss): %s", wal_dir.parent, gap)
+        version = record.version
+        yield record

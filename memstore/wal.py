@@ -1,7 +1,7 @@
 """The write-ahead log that makes acknowledged training pushes durable.
 
 The daemon applies a push as: compute the new rows -> `WriteAheadLog.append` one record (an opaque
-payload, the after-image of the rows and their optimizer state, encoded by the caller) -> apply it
+payload, the after-image of the rows and their optimizer state: memstore.tabledir.record) -> apply it
 to the mmap'd table -> acknowledge. On restart it replays `records(after_version=checkpoint)`;
 records are after-images, so replaying one that already reached the table is harmless. Once the
 table is checkpointed at version V, `truncate_through(V)` drops the segments nobody needs any more.

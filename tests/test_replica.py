@@ -39,6 +39,7 @@ from memstore.sharding import Sharding
 from memstore.table import open_store
 from memstore.tabledir.manifest import Manifest
 from memstore.tabledir.optimizer import OptimizerConfig, OptimizerKind
+from memstore.tabledir.record import PushRecord
 from memstore.wal import Durability
 from memstore.wire import memstore_pb2 as pb
 from memstore.wire import memstore_pb2_grpc as pb_grpc
@@ -223,9 +224,8 @@ def test_apply_replicated_reproduces_the_primary_and_checks_its_input(tables) ->
         with pytest.raises(DataLossError, match="malformed"):
             replica.apply_replicated(1, records[0].payload[:-3])
         with pytest.raises(DataLossError, match="outside layer"):
-            bad = bytearray(records[0].payload)
-            bad[37:45] = (10**9).to_bytes(8, "little")  # the first row id (after the 30-byte header, "trainer")
-            replica.apply_replicated(1, bytes(bad))
+            bad = PushRecord.decode(records[0].payload, primary.manifest)
+            replica.apply_replicated(1, replace(bad, ids=np.r_[10**9, bad.ids[1:]]).encode())
         assert replica.version == 0 and _contents(replica_path, replica) == before
         for record in records:
             replica.apply_replicated(record.version, record.payload)

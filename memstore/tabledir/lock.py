@@ -118,3 +118,42 @@ def _in_use(path: Path, writer: bool, pid: int | None) -> str:
         return f"{path} is served read-only (or read offline) by another process"
     holder = f"pid {pid}" if pid is not None else "pid unknown"
     return f"{path} is open for writing by another process ({holder})"
+
+
+def lock_writer(table_dir: Path) -> TableLock:
+    """One writer per table: a second daemon opening it writable fails instead of corrupting it, and so
+    does a writer while a read-only daemon serves it. Returns the lock; closing it releases it. Records
+    this process's pid in ``writer.lock`` for other processes' messages."""
+    try:
+        lock = lock_table(
+            table_dir,
+            exclusive=True,
+            advice="one writer per table: stop that daemon, or serve a snapshot of it "
+            "(`memstore snapshot ADDRESS NAME`, then `memstore serve SNAPSHOT --read-only`)",
+        )
+    except TableInUseError as exc:
+        if exc.writer:
+            raise
+        raise UnavailableError(
+            f"{table_dir} is served read-only (or read offline) by another process: a writer would change its rows "
+            "under that reader; stop it first"
+        ) from None
+    try:
+        record_writer_pid(table_dir)
+    except OSError:
+        pass  # only messages use the pid: a read-only file system must not stop a writer
+    return lock
+
+
+def lock_reader(table_dir: Path, trainable: bool) -> TableLock:
+    """The shared lock a read-only or frozen daemon holds: no writer trains the table while it serves
+    (it does not follow a writer's sequence lock), and no --overwrite replaces it. `trainable`: the
+    table has an optimizer (a writer may train it), which the refusal's advice depends on."""
+    advice = (
+        "a read-only daemon does not see a writer's pushes consistently: serve a snapshot of it read-only "
+        "(`memstore snapshot ADDRESS NAME`, then `memstore serve SNAPSHOT --read-only`), follow it "
+        "(`memstore serve COPY --follow ADDRESS`), or stop that daemon"
+        if trainable
+        else "stop that process first"
+    )
+    return lock_table(table_dir, exclusive=False, advice=advice)
