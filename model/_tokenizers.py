@@ -15,6 +15,6 @@ except ImportError as exc:  # ModuleNotFoundError, or a broken install
         f"the Engram model's tokenizer code needs the optional `tokenizers` package, which is not "
         f"installed ({exc}); install the model extra: {INSTALL_HINT}",
         name="tokenizers",
-    ) from exc
+    ) from None  # the message carries the original error
 
 __all__ = ["INSTALL_HINT", "Regex", "Tokenizer", "decoders", "models", "normalizers", "pre_tokenizers", "trainers"]
