@@ -1,11 +1,11 @@
 """Evidence for the model: Engram LM vs. a baseline of equal non-embedding compute, and gate maps.
 
-    python -m benchmarks.engram_vs_baseline [--steps 600] [--out docs]
+    python -m benchmarks.engram_vs_baseline [--steps 600] [--out docs/results]
 
 Same data, same batches, same seed and steps. The baseline has no Engram; its MLP is widened
 so that its non-embedding parameter count matches the Engram LM's (Engram's projections and
 convolution counted, its tables not: they are the embedding-like memory). Writes
-docs/engram_vs_baseline.png (validation loss curves) and docs/engram_gates.png (gate value per
+docs/results/engram_vs_baseline.png (validation loss curves) and docs/results/engram_gates.png (gate value per
 token for a few validation sentences), and prints a Markdown table.
 """
 
@@ -66,7 +66,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--eval-every", type=int, default=50)
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "docs")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "docs" / "results")
     parser.add_argument("--data-dir", type=Path, default=DataConfig().data_dir)
     args = parser.parse_args()
     torch.set_num_threads(2)

@@ -10,7 +10,7 @@ Peers, all on one table of 64-value float16 rows, the same random ids per batch 
 - Redis: a real redis-server started here, one key per row, MGET in chunks, hiredis parser;
 - naive gRPC: one unary call, rows as `repeated float` (to show what the wire format costs).
 A peer whose software is missing is skipped with a line saying so. Writes a PNG plot of
-throughput against batch size (docs/peers.png) and prints a Markdown table.
+throughput against batch size (docs/results/peers.png) and prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -160,7 +160,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--calls", type=int, default=20)
     parser.add_argument("--batches", default="32,1024,65536,1048576")
-    parser.add_argument("--out", type=Path, default=REPO / "docs" / "peers.png")
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "results" / "peers.png")
     args = parser.parse_args()
     layout = QUICK if args.quick else FULL
     path = REPO / "bench-out" / ("lookup-quick" if args.quick else "lookup-2gib")

@@ -2,7 +2,7 @@
 
     python -m benchmarks.prefetch [--steps 40] [--rounds 2] [--latency-ms 20] [--device auto] [--json out.json]
 
-One run, same seeds, same batches, same initial weights, three variants:
+One run, same seeds, same batches, same initial weights, four variants:
 - in-process:  the table memory-mapped in the training process (the limit);
 - sync:        rows looked up from the daemon over gRPC when each Engram layer needs them;
 - prefetch:    the same daemon, every layer's rows fetched one step ahead (client/prefetch.py);
