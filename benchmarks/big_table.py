@@ -26,7 +26,7 @@ from memstore.dtypes import DType
 from memstore.errors import TableFormatError
 from memstore.launch import start_daemon, stop_daemon
 from memstore.layout import EngramLayout
-from memstore.manifest import Init, Manifest
+from memstore.tabledir.manifest import Init, Manifest
 
 HUNDRED_BILLION = EngramLayout(
     layer_ids=(2, 15), vocab_size_per_ngram=(97_700_000, 97_700_000), max_ngram=3, heads_per_ngram=8, dim=32

@@ -35,7 +35,7 @@ from client import ClientConfig, ClusterClient, ClusterSpec, LoadBalancing, Mems
 from memstore.create import create_sharded, shard_dirs
 from memstore.launch import start_daemon, stop_daemon
 from memstore.layout import EngramLayout
-from memstore.manifest import Manifest
+from memstore.tabledir.manifest import Manifest
 
 # One layer of 8 heads of 500k rows: 4M rows x 64 float16 = 512 MiB.
 FULL = EngramLayout(layer_ids=(1,), vocab_size_per_ngram=(500_000,), max_ngram=2, heads_per_ngram=8, dim=64)

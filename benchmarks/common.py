@@ -9,7 +9,7 @@ from memstore.create import create_table
 from memstore.dtypes import DType
 from memstore.errors import TableFormatError
 from memstore.layout import EngramLayout
-from memstore.manifest import Manifest
+from memstore.tabledir.manifest import Manifest
 
 REPO = Path(__file__).resolve().parent.parent
 

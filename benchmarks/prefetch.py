@@ -42,8 +42,8 @@ from benchmarks.common import REPO, ensure_table
 from client import ClientConfig, MemstoreClient, PrefetchConfig, Prefetcher, TableFetcher
 from memstore.dtypes import DType
 from memstore.launch import start_daemon, stop_daemon
-from memstore.manifest import Manifest
 from memstore.table import Table
+from memstore.tabledir.manifest import Manifest
 from model.compression import CompressedTokenizer
 from model.data import DataConfig, PreparedData, prepare_data
 from model.device import add_device_argument

@@ -28,8 +28,8 @@ from client import ClientConfig, MemstoreClient
 from memstore.dtypes import DType
 from memstore.exchange import import_safetensors
 from memstore.launch import start_daemon, stop_daemon
-from memstore.manifest import Manifest
 from memstore.table import Table
+from memstore.tabledir.manifest import Manifest
 from model.compression import CompressedTokenizer
 from model.data import DataConfig, prepare_data
 from model.lm import EngramLM, LMConfig

@@ -22,7 +22,7 @@ from memstore.create import create_table
 from memstore.dtypes import DType
 from memstore.launch import start_daemon, stop_daemon
 from memstore.layout import EngramLayout
-from memstore.manifest import Manifest
+from memstore.tabledir.manifest import Manifest
 from memstore.wire import memstore_pb2 as pb
 from memstore.wire import memstore_pb2_grpc as pb_grpc
 

@@ -24,9 +24,9 @@ from memstore.errors import (
     UnavailableError,
     error_from_rpc,
 )
-from memstore.manifest import Manifest
 from memstore.same_host import SameHostReader, open_if_same_host
 from memstore.storage.base import take_rows
+from memstore.tabledir.manifest import Manifest
 from memstore.wire import memstore_pb2 as pb
 from memstore.wire import memstore_pb2_grpc as pb_grpc
 

@@ -52,8 +52,8 @@ from memstore.errors import (
     MemstoreError,
     UnavailableError,
 )
-from memstore.manifest import Manifest
 from memstore.sharding import Sharding
+from memstore.tabledir.manifest import Manifest
 
 log = logging.getLogger("client.cluster")
 

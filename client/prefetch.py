@@ -82,8 +82,8 @@ import torch
 from client.config import check_timeout
 from client.metrics import PREFETCH_GPU_STALL, PREFETCH_ROWS, PREFETCH_STALL
 from memstore.errors import InternalError, InvalidArgumentError, MemstoreError, ResourceExhaustedError
-from memstore.manifest import Manifest
 from memstore.table import Table
+from memstore.tabledir.manifest import Manifest
 
 RowIds = Mapping[int, "torch.Tensor | np.ndarray"]
 

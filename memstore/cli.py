@@ -17,16 +17,16 @@ from memstore.cli_serve import add_serve_parser, run_serve
 from memstore.create import DEFAULT_CHUNK_ROWS, create_sharded, create_table
 from memstore.dtypes import DType
 from memstore.errors import InvalidArgumentError, MemstoreError, permission_message
-from memstore.fsafe import add_group_readable, file_policy
 from memstore.layout import EngramLayout
-from memstore.live import CHECKPOINT_NAME, table_version
 from memstore.logs import LogFormat, configure_logging
-from memstore.manifest import Backend, Init, Manifest, parse_dtype
 from memstore.offline import reading_offline
 from memstore.optim import OptimizerConfig, OptimizerKind
 from memstore.reshard import reshard, table_dirs
 from memstore.sharding import DEFAULT_PARTITIONS, partition_ranges
 from memstore.space import disk_full_error, is_disk_full
+from memstore.tabledir.checkpoint import CHECKPOINT_NAME, table_version
+from memstore.tabledir.fsafe import add_group_readable, file_policy
+from memstore.tabledir.manifest import Backend, Init, Manifest, parse_dtype
 
 
 def _dtype(text: str) -> DType:

@@ -8,12 +8,12 @@ from pathlib import Path
 from memstore.auth import ClientTls, TlsConfig, read_token
 from memstore.cli_args import enum_choice
 from memstore.errors import InvalidArgumentError
-from memstore.fsafe import add_group_readable
 from memstore.integrity import IntegrityConfig
 from memstore.live import LiveConfig
 from memstore.logs import LogFormat
 from memstore.replica import DEFAULT_MAX_LAG, FollowConfig
 from memstore.service import ServerConfig, serve
+from memstore.tabledir.fsafe import add_group_readable
 from memstore.wal import Durability
 
 

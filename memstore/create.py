@@ -5,7 +5,7 @@ directory beside the target; files and directory are fsynced and the directory r
 only when complete, so an interrupted create leaves no half table that looks valid.
 
 Replacing a table (``--overwrite``, here and in import) is refused while any daemon serves it
-or an offline reader reads it (memstore.ownership): a trainable daemon would go on
+or an offline reader reads it (memstore.tabledir.lock): a trainable daemon would go on
 acknowledging pushes into the deleted files, a read-only one serving the old rows.
 """
 
@@ -26,14 +26,14 @@ import numpy as np
 
 from memstore.dtypes import DType
 from memstore.errors import InvalidArgumentError, MemstoreError
-from memstore.fsafe import make_dir, restrict_tree
 from memstore.integrity import write_table_sums
-from memstore.manifest import MANIFEST_NAME, Backend, Init, Manifest, fsync_dir
-from memstore.ownership import lock_table
 from memstore.rowgen import initial_rows, initial_rows_at
 from memstore.sharding import DEFAULT_PARTITIONS, Sharding
 from memstore.space import check_free, disk_full_error, is_disk_full
 from memstore.storage.lmdb_store import LmdbRowStore
+from memstore.tabledir.fsafe import fsync_dir, make_dir, restrict_tree
+from memstore.tabledir.lock import lock_table
+from memstore.tabledir.manifest import MANIFEST_NAME, Backend, Init, Manifest
 
 DEFAULT_CHUNK_ROWS = 16_384
 

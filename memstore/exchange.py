@@ -53,11 +53,11 @@ from memstore.create import (
 )
 from memstore.dtypes import DType
 from memstore.errors import InvalidArgumentError, TableFormatError
-from memstore.fsafe import temp_beside
 from memstore.integrity import write_table_sums
-from memstore.manifest import MANIFEST_NAME, Backend, Init, Manifest, fsync_dir
 from memstore.offline import reading_offline
 from memstore.table import Table
+from memstore.tabledir.fsafe import fsync_dir, temp_beside
+from memstore.tabledir.manifest import MANIFEST_NAME, Backend, Init, Manifest
 
 FORMAT = "1"
 MANIFEST_KEY = "memstore.manifest"

@@ -52,12 +52,12 @@ import numpy as np
 from memstore import space
 from memstore.dtypes import DType
 from memstore.errors import DataLossError, InvalidArgumentError, TableFormatError
-from memstore.fsafe import copy_range, temp_beside
-from memstore.manifest import Manifest, fsync_dir
 from memstore.space import page_runs
 from memstore.storage import MmapRowStore, RowStore
 from memstore.storage.base import take_rows
 from memstore.table import Table, open_store
+from memstore.tabledir.fsafe import copy_range, fsync_dir, temp_beside
+from memstore.tabledir.manifest import Manifest
 
 log = logging.getLogger("memstore.integrity")
 
@@ -653,7 +653,7 @@ class TableIntegrity:
             self._confirm(checked, suspects)
             return
         # No write in flight: what still differs is damage. (No other process writes the table meanwhile: a
-        # writer holds the table's directory exclusively, memstore.ownership.)
+        # writer holds the table's directory exclusively, memstore.tabledir.lock.)
         with self._push_lock:
             self._confirm(checked, suspects)
 

@@ -31,9 +31,7 @@ from __future__ import annotations
 
 import errno
 import itertools
-import json
 import logging
-import mmap
 import os
 import shutil
 import struct
@@ -47,7 +45,6 @@ from typing import Any
 
 import numpy as np
 
-from memstore import fatal
 from memstore.create import rename_noreplace, staging_dir
 from memstore.dtypes import DType
 from memstore.errors import (
@@ -60,22 +57,21 @@ from memstore.errors import (
     UnavailableError,
     permission_message,
 )
-from memstore.fsafe import restrict_tree, temp_beside
 from memstore.integrity import IntegrityConfig, TableIntegrity
-from memstore.manifest import Manifest, fsync_dir
 from memstore.optim import apply_update, listed_positions
-from memstore.ownership import TableInUseError, TableLock, lock_table, record_writer_pid
 from memstore.recovery import Recovery, acknowledged_version, pending_recovery, settle
 from memstore.space import DiskFullError, check_free, disk_full_error, is_disk_full
 from memstore.storage import RowStore
 from memstore.table import Table, open_store, read_manifest
+from memstore.tabledir.checkpoint import Checkpoint, PushResult
+from memstore.tabledir.fsafe import fsync_dir, restrict_tree
+from memstore.tabledir.lock import TableInUseError, TableLock, lock_table, record_writer_pid
+from memstore.tabledir.manifest import Manifest
+from memstore.tabledir.seqlock import SEQLOCK_NAME, SeqLock, consistent_gather
 from memstore.wal import Durability, WalRecord, WriteAheadLog, inspect_log
 
-CHECKPOINT_NAME = "checkpoint.json"
-SEQLOCK_NAME = "seqlock"
 WAL_DIR = "wal"
-LOCK_NAME = "writer.lock"  # the writer's pid, for messages (the lock is on the directory: memstore.ownership)
-_READ_TRIES = 8
+LOCK_NAME = "writer.lock"  # the writer's pid, for messages (the lock is on the directory: memstore.tabledir.lock)
 _RECORD_HEADER = struct.Struct("<IQqQH")  # layer id, layer step, client's step id, rows, client id length
 _MAX_CLIENT_ID_BYTES = (1 << 16) - 1  # the record header's client id length is 16 bits
 
@@ -101,126 +97,6 @@ class LiveConfig:
     def __post_init__(self) -> None:
         if self.feed_bytes < 0:
             raise InvalidArgumentError(f"feed_bytes must be 0 or more; got {self.feed_bytes}")
-
-
-@dataclass
-class PushResult:
-    """What an acknowledged push did."""
-
-    version: int
-    layer_step: int
-    rows: int
-
-
-@dataclass
-class Checkpoint:
-    """What the files hold at least: the version, each layer's optimizer steps, and each client's
-    last step per layer (so a retried push is recognised across restarts too)."""
-
-    version: int = 0
-    layer_steps: dict[int, int] = field(default_factory=dict)
-    last_push: dict[tuple[str, int], tuple[int, PushResult]] = field(default_factory=dict)
-
-    @classmethod
-    def read(cls, table_dir: Path) -> Checkpoint:
-        path = table_dir / CHECKPOINT_NAME
-        if not path.exists():
-            return cls()
-        try:
-            data = json.loads(path.read_text())
-            last_push = {
-                (client, int(layer)): (int(step), PushResult(int(version), int(layer_step), int(rows)))
-                for client, layer, step, version, layer_step, rows in data.get("last_push", [])
-            }
-            layer_steps = {int(k): int(v) for k, v in data["layer_steps"].items()}
-            return cls(int(data["version"]), layer_steps, last_push)
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:  # AttributeError: not a JSON object
-            raise TableFormatError(f"{path} is malformed ({exc!r}); restore the table from a snapshot") from None
-
-    def write(self, table_dir: Path) -> None:
-        out, tmp = temp_beside(table_dir / CHECKPOINT_NAME, "w")
-        data = {
-            "version": self.version,
-            "layer_steps": {str(k): v for k, v in sorted(self.layer_steps.items())},
-            "last_push": [
-                [client, layer, step, ack.version, ack.layer_step, ack.rows]
-                for (client, layer), (step, ack) in sorted(self.last_push.items())
-            ],
-        }
-        try:
-            with out as f:
-                json.dump(data, f)
-                f.flush()
-                os.fsync(f.fileno())
-        except BaseException:
-            tmp.unlink(missing_ok=True)  # a full disk leaves no half-written checkpoint behind
-            raise
-        os.replace(tmp, table_dir / CHECKPOINT_NAME)
-        fsync_dir(table_dir)
-
-
-def table_version(table_dir: Path) -> int:
-    """Pushes applied to a table, as its checkpoint records them (0 for a table never trained)."""
-    return Checkpoint.read(Path(table_dir)).version
-
-
-class SeqLock:
-    """A sequence word in a shared file: even when the rows are stable, odd while a push writes them.
-
-    version = word // 2. Readers: read the word, gather, read it again; equal and even means no
-    push overlapped the gather.
-    """
-
-    def __init__(self, path: Path, create: bool = False) -> None:
-        self.path = path
-        if create and (not path.exists() or path.stat().st_size < 8):
-            # Also replaces a short file (a host crash can leave a new file empty), which could not be
-            # mapped: its word only matters to the writer opening it now, which sets it next.
-            out, tmp = temp_beside(path)
-            with out as f:
-                f.write(bytes(8))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            fsync_dir(path.parent)
-        mode = "r+b" if create else "rb"
-        with open(path, mode) as f:
-            if os.fstat(f.fileno()).st_size < 8:  # mapping a shorter file would die of SIGBUS on the first read
-                raise TableFormatError(f"sequence lock {path} is shorter than 8 bytes: the table directory is damaged")
-            self._map = mmap.mmap(f.fileno(), 8, access=mmap.ACCESS_WRITE if create else mmap.ACCESS_READ)
-        self._word = np.frombuffer(self._map, dtype="<i8", count=1)
-        fatal.register_mapping(self._word.ctypes.data, 8, path)
-
-    def read(self) -> int:
-        return int(self._word[0])
-
-    def set(self, value: int) -> None:
-        self._word[0] = value
-
-    def close(self) -> None:
-        fatal.unregister_mapping(self._word.ctypes.data)
-        del self._word
-        self._map.close()
-
-
-def consistent_gather(
-    store: RowStore, seqlock: SeqLock | None, ids: np.ndarray, out: np.ndarray | None, frozen_version: int
-) -> tuple[np.ndarray, int] | None:
-    """Rows read with no push overlapping them and the version they show, or None after a few tries.
-
-    `ids` are checked already. Without a sequence lock nothing writes the table: its rows show
-    `frozen_version`.
-    """
-    if seqlock is None:
-        return store.gather(ids, out), frozen_version
-    for attempt in range(_READ_TRIES):
-        before = seqlock.read()
-        if before % 2 == 0:
-            rows = store.gather(ids, out)
-            if seqlock.read() == before:
-                return rows, before // 2
-        time.sleep(0 if attempt < 2 else 0.0005)
-    return None
 
 
 class _Feed:
@@ -934,7 +810,7 @@ def _open_state(table_dir: Path, manifest: Manifest) -> dict[int, dict[str, RowS
 
 def lock_writer(table_dir: Path) -> TableLock:
     """One writer per table: a second daemon opening it writable fails instead of corrupting it, and so
-    does a writer while a read-only daemon serves it (memstore.ownership). Returns the lock; closing it
+    does a writer while a read-only daemon serves it (memstore.tabledir.lock). Returns the lock; closing it
     releases it. Records this process's pid in ``writer.lock`` for other processes' messages."""
     try:
         lock = lock_table(

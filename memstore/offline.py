@@ -4,7 +4,7 @@ An offline reader opens the files directly, without the write-ahead log, so it m
 while a daemon trains the table (rows change under it) nor read a table whose files lack
 pushes its log or its last writer acknowledged (a crash before a checkpoint: it would read
 stale rows and say nothing). `reading_offline` holds a shared lock on the table directory for
-the whole read (no writer can start meanwhile, see memstore.ownership) and refuses both cases
+the whole read (no writer can start meanwhile, see memstore.tabledir.lock) and refuses both cases
 with what to do. Recovery itself needs the writer (it replays and cuts the log): an offline
 reader never changes the table.
 """
@@ -17,10 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from memstore.errors import TableFormatError, UnavailableError
-from memstore.live import SEQLOCK_NAME, WAL_DIR, Checkpoint
-from memstore.manifest import Manifest
-from memstore.ownership import TableInUseError, lock_table, writer_pid
+from memstore.live import WAL_DIR
 from memstore.recovery import acknowledged_version, pending_recovery
+from memstore.tabledir.checkpoint import Checkpoint
+from memstore.tabledir.lock import TableInUseError, lock_table, writer_pid
+from memstore.tabledir.manifest import Manifest
+from memstore.tabledir.seqlock import SEQLOCK_NAME
 from memstore.wal import LogState, inspect_log
 
 

@@ -38,8 +38,8 @@ from memstore.errors import (
     UnavailableError,
 )
 from memstore.live import LiveTable
-from memstore.manifest import CHECKSUMS_KEY, Manifest
 from memstore.space import DiskFullError
+from memstore.tabledir.manifest import CHECKSUMS_KEY, Manifest
 from memstore.wire import memstore_pb2 as pb
 from memstore.wire import memstore_pb2_grpc as pb_grpc
 

@@ -52,14 +52,14 @@ from memstore.create import (
 )
 from memstore.dtypes import DType
 from memstore.errors import DataLossError, InvalidArgumentError, TableFormatError
-from memstore.fsafe import make_dir
 from memstore.integrity import write_table_sums
-from memstore.live import Checkpoint
-from memstore.manifest import MANIFEST_NAME, Init, Manifest
 from memstore.offline import reading_offline
 from memstore.sharding import DEFAULT_PARTITIONS, Sharding
 from memstore.storage import RowStore
 from memstore.table import Table, open_store
+from memstore.tabledir.checkpoint import Checkpoint
+from memstore.tabledir.fsafe import make_dir
+from memstore.tabledir.manifest import MANIFEST_NAME, Init, Manifest
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ container with another mount namespace would not) opens the table read-only and 
 own process. Rows are then as in-process as they can be: no serialisation, no socket.
 
 A trainable table also advertises its sequence-lock file: the client reads rows the way the
-daemon does (memstore.live.consistent_gather), so a push never tears a row it reads, and gives
+daemon does (memstore.tabledir.seqlock.consistent_gather), so a push never tears a row it reads, and gives
 up to gRPC for a call when pushes keep overlapping its reads. That protocol needs a CPU that
 keeps loads and stores in order (x86-64); elsewhere a trainable table is read over gRPC.
 """
@@ -20,9 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from memstore.live import LiveTable, SeqLock, consistent_gather
-from memstore.manifest import Backend
+from memstore.live import LiveTable
 from memstore.table import Table
+from memstore.tabledir.manifest import Backend
+from memstore.tabledir.seqlock import SeqLock, consistent_gather
 from memstore.wire import memstore_pb2 as pb
 
 _ORDERED_MEMORY = platform.machine().lower() in {"x86_64", "amd64"}

@@ -9,11 +9,11 @@ import numpy as np
 
 from memstore.dtypes import DType
 from memstore.errors import InvalidArgumentError, TableFormatError, permission_message
-from memstore.manifest import Backend, Init, Manifest
 from memstore.rowgen import initial_rows_at
 from memstore.storage import MmapRowStore, RowStore
 from memstore.storage.base import check_row_ids
 from memstore.storage.lmdb_store import LmdbRowStore
+from memstore.tabledir.manifest import Backend, Init, Manifest
 
 
 class Table:

@@ -82,8 +82,8 @@ from types import TracebackType
 from typing import BinaryIO
 
 from memstore.errors import DataLossError, InternalError, InvalidArgumentError
-from memstore.fsafe import file_mode, make_dir
 from memstore.space import disk_full_error, is_disk_full
+from memstore.tabledir.fsafe import file_mode, make_dir
 
 FORMAT_VERSION = 1
 SEGMENT_MAGIC = b"EWSG"

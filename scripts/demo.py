@@ -35,7 +35,7 @@ from memstore.create import create_sharded, create_table, shard_dirs
 from memstore.dtypes import DType
 from memstore.errors import TableFormatError
 from memstore.launch import start_daemon, stop_daemon
-from memstore.manifest import MANIFEST_NAME, Manifest
+from memstore.tabledir.manifest import MANIFEST_NAME, Manifest
 from model.data import DataConfig, PreparedData, prepare_data
 from model.device import add_device_argument
 from model.generate import sample

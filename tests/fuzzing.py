@@ -30,10 +30,10 @@ from memstore.errors import InvalidArgumentError, MemstoreError
 from memstore.integrity import BLOCK_ROWS, SUMS_SUFFIX, row_checksums
 from memstore.layout import EngramLayout
 from memstore.live import LiveConfig, LiveTable
-from memstore.manifest import CHECKSUMS_KEY, Manifest
 from memstore.optim import OptimizerConfig, OptimizerKind, apply_update
 from memstore.replica import manifest_differences
 from memstore.service import SERVICE_NAME, ServerConfig
+from memstore.tabledir.manifest import CHECKSUMS_KEY, Manifest
 from memstore.wal import Durability
 from memstore.wire import memstore_pb2 as pb
 

@@ -13,11 +13,11 @@ from client import ClientConfig
 from memstore.create import create_table
 from memstore.dtypes import DType
 from memstore.layout import EngramLayout
-from memstore.manifest import Manifest
 from memstore.metrics import DaemonMetrics
 from memstore.optim import OptimizerConfig
 from memstore.service import ServerConfig, create_server
 from memstore.table import Table
+from memstore.tabledir.manifest import Manifest
 from model.corpus import CorpusConfig
 from model.engram import EngramConfig
 from model.lm import LMConfig

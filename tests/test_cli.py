@@ -25,10 +25,10 @@ from memstore.dtypes import DType
 from memstore.errors import InvalidArgumentError
 from memstore.launch import daemon_process, start_daemon, stop_daemon
 from memstore.layout import EngramLayout, fingerprint
-from memstore.manifest import Manifest
 from memstore.optim import OptimizerConfig, OptimizerKind
 from memstore.service import SERVICE_NAME, check_listen_address, create_server
 from memstore.table import Table
+from memstore.tabledir.manifest import Manifest
 from tests.helpers import make_table
 
 REPO = Path(__file__).resolve().parent.parent

@@ -235,7 +235,7 @@ def test_a_one_attempt_client_gets_a_working_channel(daemon) -> None:
 
 def test_an_lmdb_table_is_served_over_grpc_only(tmp_path, daemon_factory) -> None:
     from memstore.create import create_table
-    from memstore.manifest import Backend, Manifest
+    from memstore.tabledir.manifest import Backend, Manifest
 
     path = create_table(tmp_path / "lmdb", Manifest(layout=SMALL_LAYOUT, dtype=DType.FLOAT16, backend=Backend.LMDB))
     with Table.open(path) as table:

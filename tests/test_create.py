@@ -17,10 +17,10 @@ from memstore.dtypes import DType
 from memstore.errors import InvalidArgumentError, WrongShardError
 from memstore.exchange import rows_digest
 from memstore.layout import EngramLayout, fingerprint
-from memstore.manifest import FORMAT_VERSION, MANIFEST_NAME, Backend, Init, Manifest
 from memstore.rowgen import initial_rows
 from memstore.sharding import Sharding
 from memstore.table import Table
+from memstore.tabledir.manifest import FORMAT_VERSION, MANIFEST_NAME, Backend, Init, Manifest
 from tests.helpers import CREATABLE_DTYPES, make_table
 
 LAYOUT = EngramLayout(layer_ids=(1, 4), vocab_size_per_ngram=(50, 70), max_ngram=3, heads_per_ngram=2, dim=8)

@@ -28,11 +28,11 @@ from memstore.create import create_table
 from memstore.dtypes import DType
 from memstore.errors import InternalError, ResourceExhaustedError, TableFormatError
 from memstore.live import WAL_DIR, LiveConfig, LiveTable
-from memstore.manifest import Backend, Init, Manifest
 from memstore.optim import OptimizerConfig, OptimizerKind
 from memstore.service import SERVICE_NAME, create_server
 from memstore.space import DiskFullError
 from memstore.table import Table
+from memstore.tabledir.manifest import Backend, Init, Manifest
 from memstore.wal import Durability, WriteAheadLog
 from memstore.wire import memstore_pb2 as pb
 from tests.helpers import FAST_FAIL, SMALL_LAYOUT

@@ -10,8 +10,8 @@ from client import MemstoreClient
 from client.client import sum_duplicate_rows
 from memstore.create import create_table
 from memstore.dtypes import DType
-from memstore.manifest import Manifest
 from memstore.table import Table
+from memstore.tabledir.manifest import Manifest
 from model.engram import Engram, EngramConfig, ShortConv
 from model.sources import LocalTable, MappedTable, MemstoreTable
 from tests.reference_engram import FLOAT32_EPS, EngramWeights, engram_reference

@@ -17,9 +17,9 @@ from memstore.create import create_table
 from memstore.dtypes import DType
 from memstore.errors import InvalidArgumentError, TableFormatError
 from memstore.exchange import export_safetensors, import_safetensors, load_into_embedding
-from memstore.manifest import MANIFEST_NAME, Manifest
 from memstore.optim import OptimizerConfig, OptimizerKind
 from memstore.table import Table
+from memstore.tabledir.manifest import MANIFEST_NAME, Manifest
 from model.sources import LocalTable
 from tests.helpers import CREATABLE_DTYPES, FLOAT_DTYPES, SMALL_LAYOUT, make_table
 

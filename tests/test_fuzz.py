@@ -44,7 +44,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from memstore.dtypes import DType
-from memstore.manifest import Manifest
+from memstore.tabledir.manifest import Manifest
 from memstore.wire import memstore_pb2 as pb
 from tests.fuzzing import (
     ADAM_F32,

@@ -24,10 +24,10 @@ from memstore.dtypes import DType
 from memstore.errors import DataLossError, InvalidArgumentError, TableFormatError
 from memstore.integrity import BLOCK_ROWS, IntegrityConfig, row_checksums, sums_path, verify_table
 from memstore.live import WAL_DIR, LiveConfig, LiveTable
-from memstore.manifest import MANIFEST_NAME, Backend, Init, Manifest
 from memstore.optim import OptimizerConfig
 from memstore.service import ServerConfig, create_server
 from memstore.storage.lmdb_store import LmdbRowStore
+from memstore.tabledir.manifest import MANIFEST_NAME, Backend, Init, Manifest
 from memstore.wal import Durability
 from tests.helpers import SMALL_LAYOUT, make_table
 

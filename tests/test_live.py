@@ -15,9 +15,9 @@ from memstore.dtypes import DType
 from memstore.errors import InvalidArgumentError, ReadOnlyError, TableFormatError, UnavailableError
 from memstore.layout import EngramLayout
 from memstore.live import LiveConfig, LiveTable
-from memstore.manifest import Backend, Manifest
 from memstore.optim import OptimizerConfig, OptimizerKind, apply_update
 from memstore.table import Table, open_store
+from memstore.tabledir.manifest import Backend, Manifest
 from memstore.wal import Durability
 from tests.helpers import CREATABLE_DTYPES, DEADLINE_S, SMALL_LAYOUT, join_all
 

@@ -12,8 +12,8 @@ import torch
 from client import MemstoreClient
 from memstore.create import create_table
 from memstore.dtypes import DType
-from memstore.manifest import Manifest
 from memstore.table import Table
+from memstore.tabledir.manifest import Manifest
 from model.compression import CompressedTokenizer
 from model.data import PreparedData
 from model.lm import EngramLM, LMConfig

@@ -20,8 +20,8 @@ from memstore.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
-from memstore.manifest import Manifest
 from memstore.table import Table
+from memstore.tabledir.manifest import Manifest
 from model.train import TableSource, TrainConfig, build_model, train
 from tests.helpers import DEADLINE_S, SMALL_ENGRAM, SMALL_LAYOUT, small_lm_config, wait_until
 

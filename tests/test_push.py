@@ -17,10 +17,10 @@ from memstore.dtypes import DType
 from memstore.errors import InvalidArgumentError, ReadOnlyError, UnavailableError
 from memstore.layout import EngramLayout
 from memstore.live import LiveConfig, LiveTable
-from memstore.manifest import Manifest
 from memstore.metrics import DaemonMetrics
 from memstore.optim import OptimizerConfig, OptimizerKind
 from memstore.service import ServerConfig, create_server
+from memstore.tabledir.manifest import Manifest
 from memstore.wal import Durability
 from memstore.wire import memstore_pb2 as pb
 from tests.helpers import DEADLINE_S, FAST_FAIL, SMALL_LAYOUT, join_all

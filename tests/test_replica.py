@@ -32,12 +32,12 @@ from memstore.errors import (
 )
 from memstore.launch import start_daemon, stop_daemon
 from memstore.live import LiveConfig, LiveTable
-from memstore.manifest import Manifest
 from memstore.optim import OptimizerConfig, OptimizerKind
 from memstore.replica import FollowConfig, Follower, check_same_table, manifest_differences
 from memstore.service import SERVICE_NAME, ServerConfig, create_server
 from memstore.sharding import Sharding
 from memstore.table import open_store
+from memstore.tabledir.manifest import Manifest
 from memstore.wal import Durability
 from memstore.wire import memstore_pb2 as pb
 from memstore.wire import memstore_pb2_grpc as pb_grpc

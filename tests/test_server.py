@@ -19,9 +19,9 @@ from memstore.codec import check_request_rows, encode_row_ids
 from memstore.dtypes import DType
 from memstore.errors import InvalidArgumentError, ResourceExhaustedError
 from memstore.launch import start_daemon, stop_daemon
-from memstore.manifest import Manifest
 from memstore.service import SERVICE_NAME, ServerConfig
 from memstore.table import Table
+from memstore.tabledir.manifest import Manifest
 from memstore.wire import memstore_pb2 as pb
 from memstore.wire import memstore_pb2_grpc as pb_grpc
 

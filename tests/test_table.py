@@ -15,9 +15,9 @@ from memstore.create import create_table
 from memstore.dtypes import DType
 from memstore.errors import InvalidArgumentError, ReadOnlyError, TableFormatError
 from memstore.layout import EngramLayout
-from memstore.manifest import MANIFEST_NAME, Manifest
 from memstore.rowgen import initial_rows
 from memstore.table import Table
+from memstore.tabledir.manifest import MANIFEST_NAME, Manifest
 from tests.helpers import CREATABLE_DTYPES
 
 LAYOUT = EngramLayout(layer_ids=(1, 4), vocab_size_per_ngram=(50, 70), max_ngram=3, heads_per_ngram=2, dim=8)

@@ -32,9 +32,9 @@ import numpy as np
 from memstore import fatal
 from memstore.dtypes import DType
 from memstore.errors import TableFormatError, permission_message
-from memstore.fsafe import copy_range
 from memstore.space import data_pages, page_runs, reserve
 from memstore.storage.base import RowStore, take_rows
+from memstore.tabledir.fsafe import copy_range
 
 
 class MmapRowStore(RowStore):

@@ -6,18 +6,17 @@ import enum
 import hashlib
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from memstore.dtypes import DType
 from memstore.errors import InvalidArgumentError, TableFormatError
-from memstore.fsafe import temp_beside
 from memstore.layout import EngramLayout, fingerprint
 from memstore.optim import OptimizerConfig
 from memstore.rowgen import GENERATOR
 from memstore.sharding import Sharding
+from memstore.tabledir.fsafe import write_durably
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -171,7 +170,7 @@ class Manifest:
 
     def write(self, table_dir: Path) -> None:
         """Write manifest.json durably (temp file, fsync, rename)."""
-        _write_durably(table_dir / MANIFEST_NAME, self.to_json().encode())
+        write_durably(table_dir / MANIFEST_NAME, self.to_json().encode())
 
     @classmethod
     def read(cls, table_dir: Path) -> Manifest:
@@ -201,25 +200,6 @@ def _check_fields(data: dict[str, Any], recorded: Any) -> None:
             "restore the original manifest (from a snapshot or backup) or recreate the table (a manifest written "
             f"for `import --manifest` needs no {CHECKSUMS_KEY!r} section)"
         )
-
-
-def _write_durably(path: Path, data: bytes) -> None:
-    out, tmp = temp_beside(path)
-    with out as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename or a new file inside `path` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def parse_dtype(name: str) -> DType:

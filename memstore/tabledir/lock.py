@@ -22,7 +22,7 @@ from pathlib import Path
 from types import TracebackType
 
 from memstore.errors import UnavailableError
-from memstore.fsafe import temp_beside
+from memstore.tabledir.fsafe import temp_beside
 
 PID_NAME = "writer.lock"
 _TRIES = 3

@@ -113,3 +113,23 @@ def copy_range(src: int, dst: int, count: int, position: int) -> int:
     while view:
         view = view[os.pwrite(dst, view, position + len(data) - len(view)) :]
     return len(data)
+
+
+def write_durably(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` atomically and durably: a private temp file, fsync, rename, fsync of the directory."""
+    out, tmp = temp_beside(path)
+    with out as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new file inside `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
