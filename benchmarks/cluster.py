@@ -32,10 +32,11 @@ import numpy as np
 
 from benchmarks.common import REPO, ensure_table
 from client import ClientConfig, ClusterClient, ClusterSpec, LoadBalancing, MemstoreClient
-from memstore.create import create_sharded, shard_dirs
+from memstore.create import create_sharded
 from memstore.launch import start_daemon, stop_daemon
 from memstore.layout import EngramLayout
 from memstore.tabledir.manifest import Manifest
+from memstore.tabledir.names import shard_dirs
 
 # One layer of 8 heads of 500k rows: 4M rows x 64 float16 = 512 MiB.
 FULL = EngramLayout(layer_ids=(1,), vocab_size_per_ngram=(500_000,), max_ngram=2, heads_per_ngram=8, dim=64)

@@ -31,9 +31,9 @@ from client import MemstoreClient, Prefetcher, PushConfig, Pusher
 from memstore.create import create_table
 from memstore.dtypes import DType
 from memstore.live import LiveConfig, LiveTable
-from memstore.optim import OptimizerConfig, OptimizerKind
 from memstore.service import create_server
 from memstore.tabledir.manifest import Manifest
+from memstore.tabledir.optimizer import OptimizerConfig, OptimizerKind
 from memstore.wal import Durability
 from model.data import DataConfig, prepare_data
 from model.lm import LMConfig

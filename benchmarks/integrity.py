@@ -37,8 +37,8 @@ from memstore.integrity import IntegrityConfig
 from memstore.launch import start_daemon, stop_daemon
 from memstore.layout import EngramLayout
 from memstore.live import LiveConfig, LiveTable
-from memstore.optim import OptimizerConfig
 from memstore.tabledir.manifest import Manifest
+from memstore.tabledir.optimizer import OptimizerConfig
 from memstore.wal import Durability
 
 

@@ -65,8 +65,8 @@ from memstore.exchange import import_safetensors, tensor_name
 from memstore.launch import start_daemon, stop_daemon
 from memstore.layout import EngramLayout
 from memstore.metrics import summarize
-from memstore.optim import OptimizerConfig, OptimizerKind
 from memstore.tabledir.manifest import Manifest
+from memstore.tabledir.optimizer import OptimizerConfig, OptimizerKind
 from memstore.wal import Durability
 
 LR = 0.5  # a power of two: -lr x an integer sum is exact in float32

@@ -28,8 +28,8 @@ from memstore.dtypes import DType
 from memstore.launch import start_daemon, stop_daemon
 from memstore.layout import EngramLayout
 from memstore.live import LiveConfig, LiveTable
-from memstore.optim import OptimizerConfig, OptimizerKind
 from memstore.tabledir.manifest import Backend, Manifest
+from memstore.tabledir.optimizer import OptimizerConfig, OptimizerKind
 from memstore.wal import Durability
 
 

@@ -37,8 +37,8 @@ from memstore.create import create_table
 from memstore.dtypes import DType
 from memstore.launch import start_daemon, stop_daemon
 from memstore.layout import EngramLayout
-from memstore.optim import OptimizerConfig, OptimizerKind
 from memstore.tabledir.manifest import Manifest
+from memstore.tabledir.optimizer import OptimizerConfig, OptimizerKind
 from memstore.wal import Durability
 
 SAMPLE_PERIOD_S = 0.01

@@ -20,13 +20,14 @@ from memstore.errors import InvalidArgumentError, MemstoreError, permission_mess
 from memstore.layout import EngramLayout
 from memstore.logs import LogFormat, configure_logging
 from memstore.offline import reading_offline
-from memstore.optim import OptimizerConfig, OptimizerKind
 from memstore.reshard import reshard, table_dirs
 from memstore.sharding import DEFAULT_PARTITIONS, partition_ranges
 from memstore.space import disk_full_error, is_disk_full
-from memstore.tabledir.checkpoint import CHECKPOINT_NAME, table_version
+from memstore.tabledir.checkpoint import table_version
 from memstore.tabledir.fsafe import add_group_readable, file_policy
 from memstore.tabledir.manifest import Backend, Init, Manifest, parse_dtype
+from memstore.tabledir.names import CHECKPOINT_NAME
+from memstore.tabledir.optimizer import OptimizerConfig, OptimizerKind
 
 
 def _dtype(text: str) -> DType:

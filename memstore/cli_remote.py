@@ -9,6 +9,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from memstore.auth import add_client_arguments, client_security, open_channel
+from memstore.cli_args import add_renamed
 from memstore.errors import InvalidArgumentError
 from memstore.metrics import summarize
 from memstore.service import SERVICE_NAME
@@ -28,7 +29,15 @@ def add_remote_parsers(commands: argparse._SubParsersAction) -> None:
     health.add_argument(
         "--service", default="", help=f"the service to check, e.g. {SERVICE_NAME} (default: the whole server)"
     )
-    health.add_argument("--timeout", type=float, default=5.0, help="seconds before an unanswered check fails")
+    add_renamed(
+        health,
+        "--timeout-s",
+        "--timeout",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="seconds before an unanswered check fails",
+    )
     add_client_arguments(health)
 
     stats = commands.add_parser(
@@ -36,7 +45,15 @@ def add_remote_parsers(commands: argparse._SubParsersAction) -> None:
     )
     stats.add_argument("address", help="the daemon's HOST:PORT")
     stats.add_argument("--raw", action="store_true", help="print the Prometheus text exposition as it is")
-    stats.add_argument("--timeout", type=float, default=10.0, help="seconds before the call fails")
+    add_renamed(
+        stats,
+        "--timeout-s",
+        "--timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="seconds before the call fails",
+    )
     add_client_arguments(stats)
 
 
@@ -52,12 +69,12 @@ def run_snapshot(args: argparse.Namespace) -> int:
 
 def run_health(args: argparse.Namespace) -> int:
     """One grpc.health.v1 Check with a deadline: 0 when SERVING; 1 otherwise, unreachable included."""
-    _check_timeout(args.timeout)
+    _check_timeout(args.timeout_s)
     tls, _ = client_security(args)  # health needs no token
     request = health_pb2.HealthCheckRequest(service=args.service)
     with open_channel(args.address, [], tls) as channel:
         try:
-            response = health_pb2_grpc.HealthStub(channel).Check(request, timeout=args.timeout)
+            response = health_pb2_grpc.HealthStub(channel).Check(request, timeout=args.timeout_s)
         except grpc.RpcError as exc:  # UNAVAILABLE (nothing listening), DEADLINE_EXCEEDED, NOT_FOUND (service)
             print(f"{args.address}: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
@@ -69,10 +86,10 @@ def run_stats(args: argparse.Namespace) -> int:
     """Print the daemon's metrics, summarised per RPC (or raw with --raw)."""
     from client import ClientConfig, MemstoreClient
 
-    _check_timeout(args.timeout)
+    _check_timeout(args.timeout_s)
     tls, token = client_security(args)
     with MemstoreClient(args.address, ClientConfig(tls=tls, token=token, same_host=False)) as client:
-        text = client.stats(timeout=args.timeout)
+        text = client.stats(timeout=args.timeout_s)
     if args.raw:
         print(text, end="")
     else:
@@ -82,6 +99,6 @@ def run_stats(args: argparse.Namespace) -> int:
 
 
 def _check_timeout(seconds: float) -> None:
-    """A --timeout gRPC can honour: gRPC fails a call at once for one of 1e10 s, inf or nan."""
+    """A --timeout-s gRPC can honour: gRPC fails a call at once for one of 1e10 s, inf or nan."""
     if not 0 < seconds <= 1e6:  # False for nan too
-        raise InvalidArgumentError(f"--timeout must be positive seconds, at most 1e6; got {seconds}")
+        raise InvalidArgumentError(f"--timeout-s must be positive seconds, at most 1e6; got {seconds}")

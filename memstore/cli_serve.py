@@ -1,4 +1,9 @@
-"""`memstore serve`: its flags, and the configs they become (parsed once, here)."""
+"""`memstore serve`: its flags, and the DaemonConfig they become (parsed once, here).
+
+Units: sizes are `-bytes` flags taking bytes or a binary unit (`64MiB`, memstore.cli_args.parse_bytes),
+durations are `-s` flags taking seconds; counts name what they count. A renamed flag keeps its old
+spelling as a hidden alias (the table in docs/operations.md).
+"""
 
 from __future__ import annotations
 
@@ -6,230 +11,162 @@ import argparse
 from pathlib import Path
 
 from memstore.auth import ClientTls, TlsConfig, read_token
-from memstore.cli_args import enum_choice
+from memstore.cli_args import add_renamed, enum_choice, format_bytes, parse_bytes, parse_mebibytes
+from memstore.daemon_config import DaemonConfig, ObservabilityConfig, ServerConfig
 from memstore.errors import InvalidArgumentError
 from memstore.integrity import IntegrityConfig
 from memstore.live import LiveConfig
 from memstore.logs import LogFormat
-from memstore.replica import DEFAULT_MAX_LAG, FollowConfig
-from memstore.service import ServerConfig, serve
+from memstore.replica import FollowConfig
+from memstore.service import serve
 from memstore.tabledir.fsafe import add_group_readable
 from memstore.wal import Durability
 
 
 def add_serve_parser(commands: argparse._SubParsersAction) -> None:
-    """The `serve` subcommand and its flags."""
-    defaults = ServerConfig()
+    """The `serve` subcommand and its flags, in groups: table, network, security, durability,
+    replication, limits, observability."""
     srv = commands.add_parser("serve", help="serve a table over gRPC until SIGTERM/Ctrl-C")
-    srv.add_argument("path", type=Path)
-    srv.add_argument(
-        "--listen",
-        default="127.0.0.1:50051",
-        help="host:port (default loopback only; 0.0.0.0:PORT for other hosts); port 0 picks a free one",
+    daemon, server, live = DaemonConfig(Path(".")), ServerConfig(), LiveConfig()
+    _add_table(srv, server)
+    _add_network(srv, daemon, server)
+    _add_security(srv)
+    _add_durability(srv, live)
+    _add_replication(srv, server, live)
+    _add_limits(srv, server)
+    _add_observability(srv, daemon.observability)
+
+
+def daemon_config(args: argparse.Namespace) -> DaemonConfig:
+    """The DaemonConfig `memstore serve`'s parsed flags ask for; InvalidArgumentError for flags that do not
+    go together (each config checks its own values and says what to change)."""
+    return DaemonConfig(
+        table=args.path,
+        listen=args.listen,
+        port_file=args.port_file,
+        read_only=args.read_only,
+        primary=args.follow,
+        grace_s=args.grace_s,
+        server=ServerConfig(
+            max_rows_per_request=args.max_rows_per_request,
+            chunk_bytes=args.chunk_bytes,
+            max_workers=args.max_workers,
+            same_host=not args.no_same_host,
+            snapshot_dir=args.snapshot_dir,
+            max_snapshots=args.max_snapshots,
+            max_followers=args.max_followers,
+            max_message_bytes=args.max_message_bytes,
+            max_concurrent_calls=args.max_concurrent_calls,
+            max_in_flight_bytes=args.max_in_flight_bytes,
+            max_calls_per_peer=args.max_calls_per_peer,
+            request_timeout_s=args.request_timeout_s,
+            send_timeout_s=args.send_timeout_s,
+            tls=_tls(args),
+            token_file=args.token_file,
+        ),
+        live=LiveConfig(
+            durability=args.durability,
+            checkpoint_every=args.checkpoint_every,
+            feed_bytes=args.feed_bytes,
+            accept_data_loss=args.accept_data_loss,
+            integrity=IntegrityConfig(enabled=not args.no_integrity, scrub_period_s=args.scrub_period_s),
+        ),
+        follow=_follow(args),
+        observability=ObservabilityConfig(
+            metrics_port=args.metrics_port, metrics_host=args.metrics_host, log_interval_s=args.log_interval_s
+        ),
+        group_readable=args.group_readable,
     )
-    srv.add_argument("--port-file", type=Path, help="write the bound port here once serving")
-    srv.add_argument("--chunk-bytes", type=int, default=defaults.chunk_bytes, help="row bytes per streamed message")
-    srv.add_argument("--max-workers", type=int, default=defaults.max_workers, help="threads serving calls")
-    srv.add_argument("--grace", type=float, default=defaults.grace_s, help="seconds to drain calls on SIGTERM")
-    srv.add_argument(
-        "--log-interval", type=float, default=defaults.log_interval_s, help="seconds between traffic lines"
-    )
-    srv.add_argument(
-        "--no-same-host", action="store_true", help="do not let clients on this host map the table's files"
-    )
-    srv.add_argument(
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Serve until SIGTERM/SIGINT; the exit code."""
+    return serve(daemon_config(args))
+
+
+def _tls(args: argparse.Namespace) -> TlsConfig | None:
+    if args.tls_cert is not None or args.tls_key is not None:
+        if args.tls_cert is None or args.tls_key is None:
+            raise InvalidArgumentError("--tls-cert and --tls-key go together")
+        return TlsConfig(args.tls_cert, args.tls_key, args.tls_client_ca)
+    if args.tls_client_ca is not None:
+        raise InvalidArgumentError("--tls-client-ca needs --tls-cert and --tls-key (client certificates need TLS)")
+    return None
+
+
+def _follow(args: argparse.Namespace) -> FollowConfig | None:
+    """How this replica follows its primary (None without --follow); InvalidArgumentError for a
+    replication flag given without --follow (it would be ignored)."""
+    if args.follow is None:
+        given = [
+            flag
+            for flag, value in (
+                ("--max-lag", args.max_lag),
+                ("--follow-tls-ca", args.follow_tls_ca),
+                ("--follow-token-file", args.follow_token_file),
+            )
+            if value is not None
+        ]
+        if given:
+            raise InvalidArgumentError(
+                f"{', '.join(given)} configure a replica and need --follow PRIMARY; without it this daemon is a "
+                "primary (or a frozen table) and would ignore them"
+            )
+        return None
+    # A replica shows the primary its own certificate (if it has one) and the follow token.
+    primary_tls = None if args.follow_tls_ca is None else ClientTls(args.follow_tls_ca, args.tls_cert, args.tls_key)
+    max_lag = FollowConfig().max_lag if args.max_lag is None else args.max_lag
+    return FollowConfig(max_lag=max_lag, tls=primary_tls, token=read_token(args.follow_token_file))
+
+
+def _add_table(srv: argparse.ArgumentParser, defaults: ServerConfig) -> None:
+    group = srv.add_argument_group("table")
+    group.add_argument("path", type=Path, help="the table directory to serve")
+    group.add_argument(
         "--read-only", action="store_true", help="refuse pushes and snapshots (e.g. a snapshot serving inference)"
     )
-    srv.add_argument("--snapshot-dir", type=Path, help="where Snapshot writes (default: PATH.snapshots)")
-    srv.add_argument(
+    group.add_argument("--snapshot-dir", type=Path, help="where Snapshot writes (default: PATH.snapshots)")
+    group.add_argument(
         "--max-snapshots",
         type=int,
         default=defaults.max_snapshots,
         help="snapshots kept in the snapshot directory; more are refused until old ones are deleted",
     )
-    add_group_readable(srv)
-    srv.add_argument(
-        "--metrics-port",
-        type=int,
-        help="serve Prometheus metrics at http://HOST:PORT/metrics, HOST the --metrics-host (0: a free port)",
-    )
-    srv.add_argument(
-        "--metrics-host",
-        default="127.0.0.1",
-        help="the address the metrics endpoint listens on (default 127.0.0.1; it is plain HTTP without tokens, "
-        "so give another only where the network is trusted)",
-    )
-    srv.add_argument(
-        "--log-format",
-        **enum_choice(LogFormat),
-        default=argparse.SUPPRESS,  # `memstore --log-format json serve ...` works as well
-        help="json: one JSON object per log line (time, level, logger, message), for log collectors",
-    )
-    _add_durability(srv)
-    _add_limits(srv, defaults)
-    _add_security(srv)
-    _add_replication(srv, defaults)
+    add_group_readable(group)
 
 
-def run_serve(args: argparse.Namespace) -> int:
-    """Serve until SIGTERM/SIGINT; the exit code."""
-    tls = None
-    if args.tls_cert is not None or args.tls_key is not None:
-        if args.tls_cert is None or args.tls_key is None:
-            raise InvalidArgumentError("--tls-cert and --tls-key go together")
-        tls = TlsConfig(args.tls_cert, args.tls_key, args.tls_client_ca)
-    elif args.tls_client_ca is not None:
-        raise InvalidArgumentError("--tls-client-ca needs --tls-cert and --tls-key (client certificates need TLS)")
-    config = ServerConfig(
-        max_rows_per_request=args.max_rows_per_request,
-        chunk_bytes=args.chunk_bytes,
-        max_workers=args.max_workers,
-        grace_s=args.grace,
-        log_interval_s=args.log_interval,
-        same_host=not args.no_same_host,
-        snapshot_dir=args.snapshot_dir,
-        max_snapshots=args.max_snapshots,
-        max_followers=args.max_followers,
-        max_message_bytes=args.max_message_bytes,
-        max_concurrent_calls=args.max_concurrent_calls,
-        max_in_flight_bytes=args.max_in_flight_bytes,
-        max_calls_per_peer=args.max_calls_per_peer,
-        request_timeout_s=args.request_timeout,
-        send_timeout_s=args.send_timeout,
-        tls=tls,
-        token_file=args.token_file,
-        metrics_port=args.metrics_port,
-        metrics_host=args.metrics_host,
+def _add_network(srv: argparse.ArgumentParser, daemon: DaemonConfig, defaults: ServerConfig) -> None:
+    group = srv.add_argument_group("network")
+    group.add_argument(
+        "--listen",
+        default=daemon.listen,
+        help="host:port (default loopback only; 0.0.0.0:PORT for other hosts); port 0 picks a free one",
     )
-    live = LiveConfig(
-        durability=args.durability,
-        checkpoint_every=args.checkpoint_every,
-        feed_bytes=int(args.feed_mb * 2**20),
-        accept_data_loss=args.accept_data_loss,
-        integrity=IntegrityConfig(enabled=not args.no_integrity, scrub_period_s=args.scrub_period),
+    group.add_argument("--port-file", type=Path, help="write the bound port here once serving")
+    group.add_argument(
+        "--chunk-bytes",
+        type=parse_bytes,
+        default=defaults.chunk_bytes,
+        metavar="BYTES",
+        help=f"row bytes per streamed message (default {format_bytes(defaults.chunk_bytes)})",
     )
-    _check_follow_flags(args)
-    follow = None
-    if args.follow is not None:
-        # A replica shows the primary its own certificate (if it has one) and the follow token.
-        primary_tls = None
-        if args.follow_tls_ca is not None:
-            primary_tls = ClientTls(args.follow_tls_ca, args.tls_cert, args.tls_key)
-        max_lag = DEFAULT_MAX_LAG if args.max_lag is None else args.max_lag
-        follow = FollowConfig(max_lag=max_lag, tls=primary_tls, token=read_token(args.follow_token_file))
-    return serve(
-        args.path,
-        args.listen,
-        config,
-        args.port_file,
-        read_only=args.read_only,
-        live_config=live,
-        follow=args.follow,
-        follow_config=follow,
-    )
-
-
-def _check_follow_flags(args: argparse.Namespace) -> None:
-    """InvalidArgumentError for a replication flag given without --follow (it would be ignored)."""
-    if args.follow is not None:
-        return
-    given = [
-        flag
-        for flag, value in (
-            ("--max-lag", args.max_lag),
-            ("--follow-tls-ca", args.follow_tls_ca),
-            ("--follow-token-file", args.follow_token_file),
-        )
-        if value is not None
-    ]
-    if given:
-        raise InvalidArgumentError(
-            f"{', '.join(given)} configure a replica and need --follow PRIMARY; without it this daemon is a "
-            "primary (or a frozen table) and would ignore them"
-        )
-
-
-def _add_durability(srv: argparse.ArgumentParser) -> None:
-    live = LiveConfig()
-    srv.add_argument(
-        "--durability",
-        **enum_choice(Durability),
-        default=live.durability,
-        help="fsync: a push is acknowledged once its log record is on disk (survives power loss); "
-        "os: once the OS has it (survives the daemon's crash, not the host's)",
-    )
-    srv.add_argument("--checkpoint-every", type=int, default=live.checkpoint_every, help="pushes between checkpoints")
-    srv.add_argument(
-        "--scrub-period",
+    group.add_argument("--max-workers", type=int, default=defaults.max_workers, help="threads serving calls")
+    add_renamed(
+        group,
+        "--grace-s",
+        "--grace",
         type=float,
-        default=live.integrity.scrub_period_s,
+        default=daemon.grace_s,
         metavar="SECONDS",
-        help="verify every row against its checksum again within this period (0: only on first read); damage "
-        "answers DATA_LOSS for its rows and turns health NOT_SERVING",
-    )
-    srv.add_argument(
-        "--no-integrity",
-        action="store_true",
-        help="do not keep or check row checksums (removes a writable table's; a later checked start rebuilds them)",
-    )
-    srv.add_argument(
-        "--feed-mb",
-        type=float,
-        default=live.feed_bytes / 2**20,
-        metavar="MB",
-        help="recent pushes kept in memory for followers; a follower further behind reads this daemon's log "
-        "(the pushes since its last checkpoint), and past that must restart from a snapshot",
-    )
-    srv.add_argument(
-        "--accept-data-loss",
-        action="store_true",
-        help="serve even when acknowledged pushes cannot be accounted for (log cut or deleted, checkpoint.json "
-        "lost or damaged), logging what was lost; the version skips past the lost ones, so replicas that saw them "
-        "must be re-seeded. Without it such a table refuses to start (docs/operations.md)",
-    )
-
-
-def _add_limits(srv: argparse.ArgumentParser, defaults: ServerConfig) -> None:
-    group = srv.add_argument_group("limits (a call past one fails with RESOURCE_EXHAUSTED)")
-    group.add_argument("--max-rows-per-request", type=int, default=defaults.max_rows_per_request)
-    group.add_argument(
-        "--max-message-bytes", type=int, default=defaults.max_message_bytes, help="bytes of one request message"
+        help="seconds to drain calls on SIGTERM",
     )
     group.add_argument(
-        "--max-concurrent-calls",
-        type=int,
-        default=defaults.max_concurrent_calls,
-        help="calls served or queued at once (Follow streams not counted); more are refused at once",
-    )
-    group.add_argument(
-        "--max-calls-per-peer",
-        type=int,
-        default=defaults.max_calls_per_peer,
-        help="calls one client host may have in progress at once (0: no limit); more are refused",
-    )
-    group.add_argument(
-        "--request-timeout",
-        type=float,
-        default=defaults.request_timeout_s,
-        help="seconds a call's request may take to arrive before the call is cancelled",
-    )
-    group.add_argument(
-        "--send-timeout",
-        type=float,
-        default=defaults.send_timeout_s,
-        help="seconds a client may leave a response message unread before its call is cancelled",
-    )
-    group.add_argument(
-        "--max-in-flight-bytes",
-        type=int,
-        default=defaults.max_in_flight_bytes,
-        help="memory the calls in progress may hold (requests, gathered rows, optimizer work); "
-        "a call that would pass it is refused, and the client retries it shortly",
+        "--no-same-host", action="store_true", help="do not let clients on this host map the table's files"
     )
 
 
 def _add_security(srv: argparse.ArgumentParser) -> None:
-    group = srv.add_argument_group("TLS and tokens (docs/operations.md)")
+    group = srv.add_argument_group("security: TLS and tokens (docs/operations.md)")
     group.add_argument("--tls-cert", type=Path, help="serve TLS with this certificate chain (PEM)")
     group.add_argument("--tls-key", type=Path, help="the certificate's private key (PEM)")
     group.add_argument(
@@ -244,7 +181,43 @@ def _add_security(srv: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_replication(srv: argparse.ArgumentParser, defaults: ServerConfig) -> None:
+def _add_durability(srv: argparse.ArgumentParser, defaults: LiveConfig) -> None:
+    group = srv.add_argument_group("durability")
+    group.add_argument(
+        "--durability",
+        **enum_choice(Durability),
+        default=defaults.durability,
+        help="fsync: a push is acknowledged once its log record is on disk (survives power loss); "
+        "os: once the OS has it (survives the daemon's crash, not the host's)",
+    )
+    group.add_argument(
+        "--checkpoint-every", type=int, default=defaults.checkpoint_every, help="pushes between checkpoints"
+    )
+    add_renamed(
+        group,
+        "--scrub-period-s",
+        "--scrub-period",
+        type=float,
+        default=defaults.integrity.scrub_period_s,
+        metavar="SECONDS",
+        help="verify every row against its checksum again within this period (0: only on first read); damage "
+        "answers DATA_LOSS for its rows and turns health NOT_SERVING",
+    )
+    group.add_argument(
+        "--no-integrity",
+        action="store_true",
+        help="do not keep or check row checksums (removes a writable table's; a later checked start rebuilds them)",
+    )
+    group.add_argument(
+        "--accept-data-loss",
+        action="store_true",
+        help="serve even when acknowledged pushes cannot be accounted for (log cut or deleted, checkpoint.json "
+        "lost or damaged), logging what was lost; the version skips past the lost ones, so replicas that saw them "
+        "must be re-seeded. Without it such a table refuses to start (docs/operations.md)",
+    )
+
+
+def _add_replication(srv: argparse.ArgumentParser, server: ServerConfig, live: LiveConfig) -> None:
     group = srv.add_argument_group("replication (docs/replication.md)")
     group.add_argument(
         "--follow",
@@ -258,7 +231,8 @@ def _add_replication(srv: argparse.ArgumentParser, defaults: ServerConfig) -> No
         type=int,
         metavar="VERSIONS",
         help="with --follow: answer lookups (and report SERVING) only while at most this many versions behind "
-        f"the primary; above it lookups fail with UNAVAILABLE so clients retry elsewhere (default {DEFAULT_MAX_LAG})",
+        "the primary; above it lookups fail with UNAVAILABLE so clients retry elsewhere "
+        f"(default {FollowConfig().max_lag})",
     )
     group.add_argument(
         "--follow-tls-ca",
@@ -274,6 +248,99 @@ def _add_replication(srv: argparse.ArgumentParser, defaults: ServerConfig) -> No
     group.add_argument(
         "--max-followers",
         type=int,
-        default=defaults.max_followers,
+        default=server.max_followers,
         help="followers streaming at once (each holds a worker thread of its own, on top of --max-workers)",
+    )
+    add_renamed(
+        group,
+        "--feed-bytes",
+        "--feed-mb",
+        type=parse_bytes,
+        old_type=parse_mebibytes,  # --feed-mb counted MiB
+        default=live.feed_bytes,
+        metavar="BYTES",
+        help=f"recent pushes kept in memory for followers (default {format_bytes(live.feed_bytes)}); a follower "
+        "further behind reads this daemon's log (the pushes since its last checkpoint), and past that must "
+        "restart from a snapshot",
+    )
+
+
+def _add_limits(srv: argparse.ArgumentParser, defaults: ServerConfig) -> None:
+    group = srv.add_argument_group("limits (a call past one fails with RESOURCE_EXHAUSTED)")
+    group.add_argument("--max-rows-per-request", type=int, default=defaults.max_rows_per_request)
+    group.add_argument(
+        "--max-message-bytes",
+        type=parse_bytes,
+        default=defaults.max_message_bytes,
+        metavar="BYTES",
+        help=f"bytes of one request message (default {format_bytes(defaults.max_message_bytes)})",
+    )
+    group.add_argument(
+        "--max-concurrent-calls",
+        type=int,
+        default=defaults.max_concurrent_calls,
+        help="calls served or queued at once (Follow streams not counted); more are refused at once",
+    )
+    group.add_argument(
+        "--max-calls-per-peer",
+        type=int,
+        default=defaults.max_calls_per_peer,
+        help="calls one client host may have in progress at once (0: no limit); more are refused",
+    )
+    add_renamed(
+        group,
+        "--request-timeout-s",
+        "--request-timeout",
+        type=float,
+        default=defaults.request_timeout_s,
+        metavar="SECONDS",
+        help="seconds a call's request may take to arrive before the call is cancelled",
+    )
+    add_renamed(
+        group,
+        "--send-timeout-s",
+        "--send-timeout",
+        type=float,
+        default=defaults.send_timeout_s,
+        metavar="SECONDS",
+        help="seconds a client may leave a response message unread before its call is cancelled",
+    )
+    group.add_argument(
+        "--max-in-flight-bytes",
+        type=parse_bytes,
+        default=defaults.max_in_flight_bytes,
+        metavar="BYTES",
+        help="memory the calls in progress may hold (requests, gathered rows, optimizer work; default "
+        f"{format_bytes(defaults.max_in_flight_bytes)}); "
+        "a call that would pass it is refused, and the client retries it shortly",
+    )
+
+
+def _add_observability(srv: argparse.ArgumentParser, defaults: ObservabilityConfig) -> None:
+    group = srv.add_argument_group("observability")
+    group.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve Prometheus metrics at http://HOST:PORT/metrics, HOST the --metrics-host (0: a free port)",
+    )
+    group.add_argument(
+        "--metrics-host",
+        default=defaults.metrics_host,
+        help="the address the metrics endpoint listens on (default 127.0.0.1; it is plain HTTP without tokens, "
+        "so give another only where the network is trusted)",
+    )
+    add_renamed(
+        group,
+        "--log-interval-s",
+        "--log-interval",
+        type=float,
+        default=defaults.log_interval_s,
+        metavar="SECONDS",
+        help="seconds between traffic lines",
+    )
+    group.add_argument(
+        "--log-format",
+        **enum_choice(LogFormat),
+        default=argparse.SUPPRESS,  # `memstore --log-format json serve ...` works as well; main() applies it
+        help="json: one JSON object per log line (time, level, logger, message), for log collectors",
     )

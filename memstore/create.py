@@ -11,13 +11,9 @@ acknowledging pushes into the deleted files, a read-only one serving the old row
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import hashlib
 import os
-import shutil
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import ExitStack, contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -25,15 +21,15 @@ from typing import Any
 import numpy as np
 
 from memstore.dtypes import DType
-from memstore.errors import InvalidArgumentError, MemstoreError
+from memstore.errors import InvalidArgumentError
 from memstore.integrity import write_table_sums
 from memstore.rowgen import initial_rows, initial_rows_at
 from memstore.sharding import DEFAULT_PARTITIONS, Sharding
 from memstore.space import check_free, disk_full_error, is_disk_full
 from memstore.storage.lmdb_store import LmdbRowStore
-from memstore.tabledir.fsafe import fsync_dir, make_dir, restrict_tree
-from memstore.tabledir.lock import lock_table
-from memstore.tabledir.manifest import MANIFEST_NAME, Backend, Init, Manifest
+from memstore.tabledir.manifest import Backend, Init, Manifest
+from memstore.tabledir.names import shard_name
+from memstore.tabledir.staging import check_replaceable, check_table_root, replace_table_dir, staged
 
 DEFAULT_CHUNK_ROWS = 16_384
 
@@ -59,36 +55,32 @@ def create_table(
         check_table_root(path)
     check_replaceable(path)  # before writing any row; checked again, and held, while replacing
     check_disk_for(path, manifest)
-    tmp = staging_dir(path, "creating")
     try:
-        layout = manifest.layout
-        digest = hashlib.sha256()
-        for layer_id in layout.layer_ids:
-            num_rows = manifest.stored_rows(layer_id)
-            target = tmp / manifest.layer_file(layer_id)
-            if manifest.init is Init.LAZY:  # sparse: no disk until rows are written
-                with open(target, "wb") as f:
-                    f.truncate(manifest.layer_bytes(layer_id))
-                    os.fsync(f.fileno())
-                if progress is not None:
-                    progress(num_rows)
-            else:
-                chunks = _initial_chunks(manifest, layer_id, chunk_rows, digest, progress)
-                width = manifest.dtype.stored_width(layout.dim)
-                write_store(manifest.backend, target, num_rows, width, manifest.dtype, chunks)
-            write_initial_state(tmp, manifest, layer_id)
-        # A lazy table's rows are never all generated: it records no digest.
-        manifest = replace(manifest, rows_sha256=None if manifest.init is Init.LAZY else digest.hexdigest())
-        manifest.write(tmp)
-        write_table_sums(tmp, manifest)  # the rows' checksums, kept current by every push
-        replace_table_dir(tmp, path, overwrite)
+        with staged(path, "creating") as tmp:
+            layout = manifest.layout
+            digest = hashlib.sha256()
+            for layer_id in layout.layer_ids:
+                num_rows = manifest.stored_rows(layer_id)
+                target = tmp / manifest.layer_file(layer_id)
+                if manifest.init is Init.LAZY:  # sparse: no disk until rows are written
+                    with open(target, "wb") as f:
+                        f.truncate(manifest.layer_bytes(layer_id))
+                        os.fsync(f.fileno())
+                    if progress is not None:
+                        progress(num_rows)
+                else:
+                    chunks = _initial_chunks(manifest, layer_id, chunk_rows, digest, progress)
+                    width = manifest.dtype.stored_width(layout.dim)
+                    write_store(manifest.backend, target, num_rows, width, manifest.dtype, chunks)
+                write_initial_state(tmp, manifest, layer_id)
+            # A lazy table's rows are never all generated: it records no digest.
+            manifest = replace(manifest, rows_sha256=None if manifest.init is Init.LAZY else digest.hexdigest())
+            manifest.write(tmp)
+            write_table_sums(tmp, manifest)  # the rows' checksums, kept current by every push
+            replace_table_dir(tmp, path, overwrite)
     except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
         if is_disk_full(exc):  # another writer took the space meanwhile: no debris, a clear error
             raise disk_full_error(path.parent, f"creating {path}", exc) from None
-        raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
 
@@ -156,168 +148,12 @@ def create_sharded(
         f"creating the sharded table {path}",
         "free space there, or create it on another file system",
     )
-    tmp = staging_dir(path, "creating")
-    try:
+    with staged(path, "creating") as tmp:
         for shard in range(num_shards):
             sharding = Sharding.spread(num_shards, shard, num_partitions)
             create_table(tmp / shard_name(shard), replace(manifest, sharding=sharding), chunk_rows, progress=progress)
         replace_table_dir(tmp, path, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return [path / shard_name(shard) for shard in range(num_shards)]
-
-
-def shard_name(shard: int) -> str:
-    """The directory of one shard inside a sharded table."""
-    return f"shard-{shard}"
-
-
-def shard_dirs(path: Path) -> list[Path]:
-    """The shard directories of a sharded table at `path`, in shard order (empty if it is not one)."""
-    found = sorted((p for p in Path(path).glob("shard-*") if (p / MANIFEST_NAME).is_file()), key=_shard_number)
-    return found if [_shard_number(p) for p in found] == list(range(len(found))) else []
-
-
-def _shard_number(path: Path) -> int:
-    suffix = path.name.removeprefix("shard-")
-    return int(suffix) if suffix.isdigit() else -1
-
-
-def staging_dir(target: Path, purpose: str) -> Path:
-    """A fresh hidden directory beside `target` where a new table is built before it is renamed into place."""
-    if not target.parent.is_dir():  # a new snapshots directory, say: private like the tables it will hold
-        make_dir(target.parent, parents=True)
-    tmp = target.parent / f".{target.name}.{purpose}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    make_dir(tmp)  # private (0700) whatever the umask: it becomes the table directory
-    return tmp
-
-
-def replace_table_dir(new: Path, target: Path, overwrite: bool = False) -> None:
-    """Move `new` to `target`; an existing table is moved aside first, never rewritten in place, and
-    removed only after the new table is in place. Refused (UnavailableError, nothing moved) while a
-    daemon or reader holds the existing table: it is held exclusively from the check to the move.
-
-    What is at `target` is checked again here, at the move, not only when the caller began (a copy
-    takes minutes): without `overwrite` anything that appeared there since is refused (the rename
-    never replaces), with it only a memstore table is replaced."""
-    old = None
-    restrict_tree(new)  # private (0700/0600) whatever the umask the stores' files were created with
-    with _held_for_replacement(target):
-        if not overwrite or not os.path.lexists(target):
-            rename_noreplace(new, target)
-            fsync_dir(target.parent)
-            return
-        check_table_root(target)  # under the lock: what is there now, not what was there when the copy began
-        if _exchange(new, target):  # one atomic step: PATH always names a whole table, old or new
-            old = new
-        else:  # no atomic exchange here: two renames, the first undone if the second fails
-            old = target.parent / f".{target.name}.replaced-{os.getpid()}"
-            os.replace(target, old)
-            try:
-                os.replace(new, target)
-            except BaseException:
-                os.replace(old, target)
-                raise
-        fsync_dir(target.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two directories atomically (Linux renameat2 RENAME_EXCHANGE); False where the system or
-    file system cannot."""
-    return _renameat2(a, b, _RENAME_EXCHANGE)
-
-
-_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
-
-
-def _renameat2(a: Path, b: Path, flags: int) -> bool:
-    """renameat2(a, b, flags); False where the system or file system cannot."""
-    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
-    if renameat2 is None:
-        return False
-    at_fdcwd = -100
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), flags) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, os.strerror(err), str(b))
-
-
-def check_table_root(path: Path) -> None:
-    """InvalidArgumentError (naming what was found) unless `path` is a table or a sharded table's root
-    as memstore writes them: a readable manifest, or only shard directories each with one. An
-    overwrite deletes what is at `path`: a stray manifest.json (or shard-0/manifest.json) is not enough."""
-    refuse = f"{path} exists and is not a memstore table"
-    advice = "refusing to replace it: remove it yourself if it should go, or pick another path"
-    if path.is_symlink() or not path.is_dir():
-        kind = "a symbolic link" if path.is_symlink() else "not a directory"
-        raise InvalidArgumentError(f"{refuse} ({kind}); {advice}")
-    if (path / MANIFEST_NAME).exists():
-        try:
-            Manifest.read(path)
-        except (MemstoreError, OSError, ValueError) as exc:
-            raise InvalidArgumentError(f"{refuse}: its {MANIFEST_NAME} does not parse ({exc}); {advice}") from None
-        return
-    shards = shard_dirs(path)
-    others = sorted(p.name for p in path.iterdir() if p not in shards)
-    if not shards or others:
-        found = ", ".join(repr(name) for name in others[:5]) + (" ..." if len(others) > 5 else "")
-        raise InvalidArgumentError(f"{refuse} (no {MANIFEST_NAME}; it holds {found or 'nothing'}); {advice}")
-    for shard in shards:
-        try:
-            manifest = Manifest.read(shard)
-        except (MemstoreError, OSError, ValueError) as exc:
-            raise InvalidArgumentError(
-                f"{refuse}: {shard.name}/{MANIFEST_NAME} does not parse ({exc}); {advice}"
-            ) from None
-        if manifest.sharding is None:
-            raise InvalidArgumentError(f"{refuse}: {shard.name} is a whole table, not a shard; {advice}")
-
-
-def rename_noreplace(src: Path, dest: Path) -> None:
-    """Rename `src` to `dest` only if nothing is at `dest` (InvalidArgumentError otherwise), atomically
-    where the system has renameat2 RENAME_NOREPLACE."""
-    try:
-        if _renameat2(src, dest, _RENAME_NOREPLACE):
-            return
-    except FileExistsError:
-        pass
-    else:
-        if not os.path.lexists(dest):  # no atomic form here: the check and the rename are as close as they can be
-            os.rename(src, dest)
-            return
-    raise InvalidArgumentError(
-        f"{dest} appeared while the new table was being written (something else created it); nothing was "
-        f"replaced and the new table was discarded: remove {dest} or pick another path, then run this again"
-    )
-
-
-def check_replaceable(target: Path) -> None:
-    """UnavailableError while a daemon serves (or a reader reads) the table at `target` or one of its shards."""
-    with _held_for_replacement(Path(target)):
-        pass
-
-
-@contextmanager
-def _held_for_replacement(target: Path) -> Iterator[None]:
-    """Exclusive locks on the table at `target` and its shards (nothing when there is none)."""
-    with ExitStack() as stack:
-        if target.is_dir():
-            for directory in [target, *shard_dirs(target)]:
-                stack.enter_context(
-                    lock_table(
-                        directory,
-                        exclusive=True,
-                        advice="--overwrite never replaces a table in use (a daemon would go on serving, or "
-                        "acknowledging pushes into, the deleted files): stop it first, then run this again",
-                    )
-                )
-        yield
 
 
 def write_initial_state(table_dir: Path, manifest: Manifest, layer_id: int) -> None:

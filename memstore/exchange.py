@@ -33,7 +33,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -43,21 +42,16 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
-from memstore.create import (
-    check_replaceable,
-    check_table_root,
-    replace_table_dir,
-    shard_dirs,
-    staging_dir,
-    write_initial_state,
-)
+from memstore.create import write_initial_state
 from memstore.dtypes import DType
 from memstore.errors import InvalidArgumentError, TableFormatError
 from memstore.integrity import write_table_sums
 from memstore.offline import reading_offline
 from memstore.table import Table
-from memstore.tabledir.fsafe import fsync_dir, temp_beside
-from memstore.tabledir.manifest import MANIFEST_NAME, Backend, Init, Manifest
+from memstore.tabledir.fsafe import writing_durably
+from memstore.tabledir.manifest import Backend, Init, Manifest
+from memstore.tabledir.names import MANIFEST_NAME, shard_dirs
+from memstore.tabledir.staging import check_replaceable, check_table_root, replace_table_dir, staged
 
 FORMAT = "1"
 MANIFEST_KEY = "memstore.manifest"
@@ -85,8 +79,8 @@ def export_safetensors(
 ) -> Path:
     """Write every layer's rows to a safetensors file at `dest` (in `dtype`, default the table's); returns dest.
 
-    `progress(rows)` is called after each chunk. The file is written to dest + ".tmp", fsynced and
-    renamed, so `dest` is either the old file or the complete new one. The table is read offline
+    `progress(rows)` is called after each chunk. The file is written to a temp file beside it, fsynced
+    and renamed, so `dest` is either the old file or the complete new one. The table is read offline
     (memstore.offline): refused while a daemon trains it (export a snapshot of it instead) and
     while its files may lack pushes its log holds. Optimizer state is not exported.
     """
@@ -103,24 +97,15 @@ def export_safetensors(
         layout = manifest.layout
         header = _header(manifest, out_dtype)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        out, tmp = temp_beside(dest)  # never through a planted DEST.tmp link
-        try:
-            with out as f:
-                f.write(struct.pack("<Q", len(header)))
-                f.write(header)
-                for layer_id in layout.layer_ids:  # the header's data order
-                    for start, count in _chunks(layout.num_rows(layer_id), chunk_rows):
-                        rows = table.gather(layer_id, np.arange(start, start + count, dtype=np.int64))
-                        f.write(_convert(rows, manifest.dtype, out_dtype))
-                        if progress is not None:
-                            progress(count)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, dest)
-            fsync_dir(dest.parent)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        with writing_durably(dest) as f:  # a private temp file: never through a planted DEST.tmp link
+            f.write(struct.pack("<Q", len(header)))
+            f.write(header)
+            for layer_id in layout.layer_ids:  # the header's data order
+                for start, count in _chunks(layout.num_rows(layer_id), chunk_rows):
+                    rows = table.gather(layer_id, np.arange(start, start + count, dtype=np.int64))
+                    f.write(_convert(rows, manifest.dtype, out_dtype))
+                    if progress is not None:
+                        progress(count)
     return dest
 
 
@@ -159,8 +144,7 @@ def import_safetensors(
             )
         entries = _check_entries(st, manifest, src)
         _check_dest(dest, overwrite)
-        tmp = staging_dir(dest, "importing")
-        try:
+        with staged(dest, "importing") as tmp:
             layout = manifest.layout
             digest = hashlib.sha256()
             for layer_id in layout.layer_ids:
@@ -180,9 +164,6 @@ def import_safetensors(
             manifest.write(tmp)  # also fsyncs tmp, making the row files' entries durable
             write_table_sums(tmp, manifest)  # the rows' checksums, kept current by every push
             replace_table_dir(tmp, dest, overwrite)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     return dest
 
 

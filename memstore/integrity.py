@@ -1,7 +1,7 @@
 """Row checksums kept current by every write, checked on read and by a background scrub.
 
 This module owns the checksum sidecar format. Every store of a table (a layer's rows, each
-optimizer state slot) has a sidecar `<store file>.sums` beside it:
+optimizer state slot) has a sidecar `<store file>.sums` beside it (`memstore.tabledir.names.sums_path`):
 
 - a 64-byte header: magic ``MSSUMS1\\0``, block rows (u32), row bytes (u32), rows (u64), blocks (u64);
 - one u32 checksum per row (`row_checksums` of the row's stored bytes), padded to 8 bytes;
@@ -56,12 +56,12 @@ from memstore.space import page_runs
 from memstore.storage import MmapRowStore, RowStore
 from memstore.storage.base import take_rows
 from memstore.table import Table, open_store
-from memstore.tabledir.fsafe import copy_range, fsync_dir, temp_beside
+from memstore.tabledir.fsafe import copy_range, writing_durably
 from memstore.tabledir.manifest import Manifest
+from memstore.tabledir.names import sums_path
 
 log = logging.getLogger("memstore.integrity")
 
-SUMS_SUFFIX = ".sums"
 BLOCK_ROWS = 256  # rows per verified block: a power of two (a row's block is id >> _SHIFT)
 _SHIFT = BLOCK_ROWS.bit_length() - 1
 _MAGIC = b"MSSUMS1\0"
@@ -118,11 +118,6 @@ def row_checksums(rows: np.ndarray) -> np.ndarray:
     if multipliers is None:
         multipliers = _MULTIPLIER_CACHE.setdefault(words.shape[1], _multipliers(words.shape[1]))
     return words @ multipliers  # integer matmul wraps modulo 2**32, ~3x faster than multiply-and-sum
-
-
-def sums_path(store_path: Path) -> Path:
-    """The sidecar of the store at `store_path` (a row file, or an LMDB directory)."""
-    return store_path.with_name(store_path.name + SUMS_SUFFIX)
 
 
 def _num_blocks(num_rows: int) -> int:
@@ -255,12 +250,11 @@ class SumsFile:
 
 
 def write_sums_file(path: Path, num_rows: int, row_bytes: int, chunks: Iterator[np.ndarray] | None) -> None:
-    """A new sidecar at `path` (temp file, fsync, rename), from the store's raw rows in order (None:
+    """A new sidecar at `path`, written durably (memstore.tabledir.fsafe), from the store's raw rows in order (None:
     every row is zero bytes, the sums are all 0: the sidecar is left sparse, like the store)."""
     blocks = _num_blocks(num_rows)
     size = _sidecar_bytes(num_rows)
-    out, tmp = temp_beside(path)
-    with out as f:
+    with writing_durably(path) as f:
         if chunks is None:
             f.truncate(size)  # sparse, like its store: pushes reserve the pages they write (SumsFile.reserve)
         else:
@@ -272,9 +266,6 @@ def write_sums_file(path: Path, num_rows: int, row_bytes: int, chunks: Iterator[
             written += len(rows)
         if chunks is not None and written != num_rows:
             raise TableFormatError(f"{path}: {written} rows were checksummed where the store has {num_rows}")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _allocated_pages(fd: int, size: int) -> np.ndarray | None:
@@ -312,7 +303,6 @@ def write_table_sums(table_dir: Path, manifest: Manifest) -> None:
             finally:
                 if slot is not None:
                     store.close()
-    fsync_dir(table_dir)
 
 
 def _all_holes(path: Path) -> bool:
@@ -811,7 +801,6 @@ def _build_missing(
     for name in missing:
         _, row_bytes, _ = specs[name]
         write_sums_file(sums_path(path / name), stores[name].num_rows, row_bytes, _raw_chunks(stores[name]))
-    fsync_dir(path)
 
 
 def _state_store(table_dir: Path, manifest: Manifest, layer: int, slot: str) -> RowStore:

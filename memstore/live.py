@@ -45,7 +45,6 @@ from typing import Any
 
 import numpy as np
 
-from memstore.create import rename_noreplace, staging_dir
 from memstore.dtypes import DType
 from memstore.errors import (
     DataLossError,
@@ -64,14 +63,13 @@ from memstore.space import DiskFullError, check_free, disk_full_error, is_disk_f
 from memstore.storage import RowStore
 from memstore.table import Table, open_store, read_manifest
 from memstore.tabledir.checkpoint import Checkpoint, PushResult
-from memstore.tabledir.fsafe import fsync_dir, restrict_tree
 from memstore.tabledir.lock import TableInUseError, TableLock, lock_table, record_writer_pid
 from memstore.tabledir.manifest import Manifest
-from memstore.tabledir.seqlock import SEQLOCK_NAME, SeqLock, consistent_gather
+from memstore.tabledir.names import SEQLOCK_NAME, WAL_DIR
+from memstore.tabledir.seqlock import SeqLock, consistent_gather
+from memstore.tabledir.staging import publish_dir, staging_dir
 from memstore.wal import Durability, WalRecord, WriteAheadLog, inspect_log
 
-WAL_DIR = "wal"
-LOCK_NAME = "writer.lock"  # the writer's pid, for messages (the lock is on the directory: memstore.tabledir.lock)
 _RECORD_HEADER = struct.Struct("<IQqQH")  # layer id, layer step, client's step id, rows, client id length
 _MAX_CLIENT_ID_BYTES = (1 << 16) - 1  # the record header's client id length is 16 bits
 
@@ -679,9 +677,7 @@ class LiveTable:
                 end = Checkpoint(self.version, dict(self.layer_steps))
             self._complete_copy(tmp, start, end.version)
             end.write(tmp)
-            restrict_tree(tmp)  # private whatever the umask the copies were created with
-            rename_noreplace(tmp, dest)  # whatever appeared at dest during the copy is never replaced
-            fsync_dir(dest.parent)
+            publish_dir(tmp, dest)  # private; whatever appeared at dest during the copy is never replaced
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             if is_disk_full(exc):

@@ -17,12 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from memstore.errors import TableFormatError, UnavailableError
-from memstore.live import WAL_DIR
 from memstore.recovery import acknowledged_version, pending_recovery
 from memstore.tabledir.checkpoint import Checkpoint
 from memstore.tabledir.lock import TableInUseError, lock_table, writer_pid
 from memstore.tabledir.manifest import Manifest
-from memstore.tabledir.seqlock import SEQLOCK_NAME
+from memstore.tabledir.names import SEQLOCK_NAME, WAL_DIR
 from memstore.wal import LogState, inspect_log
 
 

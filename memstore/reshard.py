@@ -32,7 +32,6 @@ What the destination does not inherit, on purpose:
 from __future__ import annotations
 
 import hashlib
-import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
@@ -42,14 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from memstore.create import (
-    DEFAULT_CHUNK_ROWS,
-    replace_table_dir,
-    shard_dirs,
-    shard_name,
-    staging_dir,
-    write_store,
-)
+from memstore.create import DEFAULT_CHUNK_ROWS, write_store
 from memstore.dtypes import DType
 from memstore.errors import DataLossError, InvalidArgumentError, TableFormatError
 from memstore.integrity import write_table_sums
@@ -59,7 +51,9 @@ from memstore.storage import RowStore
 from memstore.table import Table, open_store
 from memstore.tabledir.checkpoint import Checkpoint
 from memstore.tabledir.fsafe import make_dir
-from memstore.tabledir.manifest import MANIFEST_NAME, Init, Manifest
+from memstore.tabledir.manifest import Init, Manifest
+from memstore.tabledir.names import MANIFEST_NAME, shard_dirs, shard_name
+from memstore.tabledir.staging import replace_table_dir, staged
 
 
 @dataclass(frozen=True)
@@ -124,8 +118,7 @@ def reshard(
         steps = _layer_steps(dirs, whole)
         with _Reader.open(dirs, manifests) as reader:
             source_sum = reader.checksum(partitions, chunk_rows, progress)
-            tmp = staging_dir(dest, "resharding")
-            try:
+            with staged(dest, "resharding") as tmp:
                 shard_paths = [tmp] if shardings == [None] else [tmp / shard_name(s) for s in range(num_shards)]
                 for path, sharding in zip(shard_paths, shardings, strict=True):
                     _write_shard(reader, path, replace(whole, sharding=sharding), steps, chunk_rows, progress)
@@ -140,9 +133,6 @@ def reshard(
                         f"{dest}. Check the disk and run reshard again"
                     )
                 replace_table_dir(tmp, dest)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
     stored = [sum(replace(whole, sharding=s).stored_rows(layer) for layer in whole.layout.layer_ids) for s in shardings]
     return ReshardReport(
         dest=dest,

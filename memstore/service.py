@@ -5,7 +5,7 @@ tested without gRPC. `create_server` builds a server without starting it; `serve
 one until SIGTERM/SIGINT, then drains in-flight calls and returns 0.
 
 Replication (docs/replication.md): any trainable daemon streams its pushes to followers
-(`Follow`); `serve(..., follow=PRIMARY)` runs a read replica (memstore.replica). gRPC's sync
+(`Follow`); `serve` of a DaemonConfig with a `primary` runs a read replica (memstore.replica). gRPC's sync
 server runs every call, streams included, on a thread, and a Follow stream holds its thread for
 as long as the follower stays: a follower beyond `ServerConfig.max_followers` gets
 RESOURCE_EXHAUSTED, and Follow streams take no work slot, so they never take what lookups and
@@ -27,7 +27,6 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent import futures
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -35,9 +34,16 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from memstore import __version__
-from memstore.auth import TlsConfig, TokenInterceptor, TokenTable
+from memstore.auth import TokenInterceptor, TokenTable
 from memstore.auth import exposure_warning as auth_exposure_warning
 from memstore.codec import check_request_rows, decode_grads, decode_row_ids
+from memstore.daemon_config import (
+    MAX_HEARTBEAT_S,
+    MIN_HEARTBEAT_S,
+    DaemonConfig,
+    ServerConfig,
+    check_listen_address,
+)
 from memstore.errors import (
     RETRY_PUSHBACK_KEY,
     InternalError,
@@ -49,12 +55,13 @@ from memstore.errors import (
 )
 from memstore.guard import REQUEST_BYTES, CallGuard, GuardConfig
 from memstore.limits import InFlightBudget, lookup_cost, push_cost
-from memstore.live import LiveConfig, LiveTable
+from memstore.live import LiveTable
 from memstore.metrics import DaemonMetrics
-from memstore.replica import FollowConfig, Follower, check_follower_manifest
+from memstore.replica import Follower, check_follower_manifest
 from memstore.same_host import advertise
-from memstore.snapshots import DEFAULT_MAX_SNAPSHOTS, SnapshotSlots, check_snapshot_name
+from memstore.snapshots import SnapshotSlots, check_snapshot_name
 from memstore.table import Table
+from memstore.tabledir.fsafe import file_policy
 from memstore.wire import memstore_pb2 as pb
 from memstore.wire import memstore_pb2_grpc as pb_grpc
 
@@ -63,119 +70,8 @@ log = logging.getLogger("memstore.service")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Memstore"].full_name
 
 
-@dataclass(frozen=True)
-class ServerConfig:
-    """Daemon settings; the defaults suit one host serving a few model replicas."""
-
-    max_rows_per_request: int = 1 << 22
-    # Row bytes per streamed message: large enough to amortise per-message costs, small
-    # enough that gathering the next chunk overlaps sending this one (measured: 1 MiB).
-    chunk_bytes: int = 1 << 20
-    max_workers: int = 8
-    # HTTP/2 flow-control window per stream; a small window stalls large responses.
-    window_bytes: int = 16 << 20
-    grace_s: float = 10.0
-    log_interval_s: float = 60.0
-    # Let clients on this host map the table's files read-only instead of streaming rows.
-    same_host: bool = True
-    # Where Snapshot writes (default: "<table>.snapshots" beside the table).
-    snapshot_dir: Path | None = None
-    # Follow streams served at once; each holds a worker thread of its own (added to max_workers).
-    max_followers: int = 4
-    # Snapshots kept in snapshot_dir (those being written included); more are refused.
-    max_snapshots: int = DEFAULT_MAX_SNAPSHOTS
-    # Seconds between a Follow stream's heartbeats when the follower does not ask for a period.
-    follow_heartbeat_s: float = 1.0
-    # Record bytes per Follow message (a larger record travels alone).
-    follow_batch_bytes: int = 4 << 20
-    # Limits (memstore.limits); a call past one fails with RESOURCE_EXHAUSTED. Bytes of one
-    # request message (refused by gRPC before it is decoded):
-    max_message_bytes: int = 64 << 20
-    # Calls served or queued at once, Follow streams not counted (they have max_followers):
-    max_concurrent_calls: int = 64
-    # Memory the calls in progress may hold at once (requests, gathered rows, optimizer work):
-    max_in_flight_bytes: int = 1 << 30
-    # TLS (certificate and key, optionally a CA for client certificates) and bearer tokens
-    # (`read TOKEN` / `write TOKEN` lines): memstore.auth.
-    tls: TlsConfig | None = None
-    token_file: Path | None = None
-    # Serve Prometheus metrics at http://metrics_host:PORT/metrics (0: any free port). Plain HTTP, so
-    # loopback unless asked: a scraper elsewhere needs metrics_host (and a network it may trust).
-    metrics_port: int | None = None
-    metrics_host: str = "127.0.0.1"
-    # Seconds a call's request message may take to arrive, and each response message to be taken by the
-    # client, before the call is cancelled and what it holds returned (memstore.guard).
-    request_timeout_s: float = 10.0
-    send_timeout_s: float = 30.0
-    # Calls one peer host may have in progress at once (0: no limit), and health Watch streams in all
-    # (round_robin clients keep one open per connection; each holds no thread, only a little memory).
-    max_calls_per_peer: int = 32
-    max_watch_streams: int = 256
-
-    def __post_init__(self) -> None:
-        for name in (
-            "max_rows_per_request",
-            "chunk_bytes",
-            "max_workers",
-            "window_bytes",
-            "follow_batch_bytes",
-            "max_message_bytes",
-            "max_concurrent_calls",
-            "max_in_flight_bytes",
-            "max_watch_streams",
-            "max_snapshots",
-        ):
-            if getattr(self, name) < 1:
-                raise InvalidArgumentError(f"ServerConfig.{name} must be at least 1; got {getattr(self, name)}")
-        # `not a < x <= b` holds for nan too. A zero interval spun the serving loop writing log lines.
-        if not 0 < self.log_interval_s <= 86400:
-            raise InvalidArgumentError(
-                f"ServerConfig.log_interval_s must be in (0, 86400] seconds; got {self.log_interval_s}"
-            )
-        if not 0 <= self.grace_s <= 86400:
-            raise InvalidArgumentError(f"ServerConfig.grace_s must be in [0, 86400] seconds; got {self.grace_s}")
-        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
-            raise InvalidArgumentError(f"ServerConfig.metrics_port must be a port, 0 to 65535; got {self.metrics_port}")
-        for name in ("request_timeout_s", "send_timeout_s"):
-            if not 0 < getattr(self, name) <= 86400:
-                raise InvalidArgumentError(
-                    f"ServerConfig.{name} must be in (0, 86400] seconds; got {getattr(self, name)}"
-                )
-        if self.max_calls_per_peer < 0:
-            raise InvalidArgumentError(
-                f"ServerConfig.max_calls_per_peer must be 0 or more; got {self.max_calls_per_peer}"
-            )
-        if self.max_followers < 0:
-            raise InvalidArgumentError(f"ServerConfig.max_followers must be 0 or more; got {self.max_followers}")
-        if not _MIN_HEARTBEAT_S <= self.follow_heartbeat_s <= _MAX_HEARTBEAT_S:
-            raise InvalidArgumentError(
-                f"ServerConfig.follow_heartbeat_s must be in [{_MIN_HEARTBEAT_S}, {_MAX_HEARTBEAT_S}]; "
-                f"got {self.follow_heartbeat_s}"
-            )
-
-    def grpc_options(self) -> list[tuple[str, int]]:
-        return [
-            ("grpc.max_receive_message_length", self.max_message_bytes),
-            # Lookup messages stay within chunk_bytes by construction; a Follow message carries whole
-            # logged records, and one push's after-image with its optimizer state (Adam: 2.4x the
-            # push request) can exceed any chunk. The server sends only what it built: no cap.
-            ("grpc.max_send_message_length", -1),
-            ("grpc.http2.lookahead_bytes", self.window_bytes),
-            # gRPC sets SO_REUSEPORT by default: a second daemon on a port in use would start and
-            # share it, clients getting either table at random. Off: that bind fails.
-            ("grpc.so_reuseport", 0),
-            # A connection that has not finished its (TLS) handshake in this time is closed, one with
-            # no call for this long too; streams per connection are bounded by what the daemon admits.
-            ("grpc.server_handshake_timeout_ms", 10_000),
-            ("grpc.max_connection_idle_ms", 10 * 60_000),
-            ("grpc.max_concurrent_streams", self.max_concurrent_calls + self.max_followers + self.max_watch_streams),
-        ]
-
-
 # Threads beyond the admitted calls, for the refusals of calls past them (each brief).
 _SPARE_THREADS = 8
-_MIN_HEARTBEAT_S = 0.01
-_MAX_HEARTBEAT_S = 60.0
 
 
 class FollowerSlots:
@@ -341,9 +237,9 @@ class MemstoreServicer(pb_grpc.MemstoreServicer):
         with self._call("Follow", context):
             check_follower_manifest(request.manifest_json, self._live.manifest, f"follower {follower}", "this daemon")
             heartbeat_s = request.heartbeat_s or self._config.follow_heartbeat_s
-            if not _MIN_HEARTBEAT_S <= heartbeat_s <= _MAX_HEARTBEAT_S:
+            if not MIN_HEARTBEAT_S <= heartbeat_s <= MAX_HEARTBEAT_S:
                 raise InvalidArgumentError(
-                    f"heartbeat_s must be in [{_MIN_HEARTBEAT_S}, {_MAX_HEARTBEAT_S}] seconds; got {heartbeat_s}"
+                    f"heartbeat_s must be in [{MIN_HEARTBEAT_S}, {MAX_HEARTBEAT_S}] seconds; got {heartbeat_s}"
                 )
             self.followers.acquire(follower)
             if not context.add_callback(self.followers.release):  # released when the stream ends, however it ends
@@ -496,26 +392,21 @@ def _set_health(health_servicer: health.HealthServicer, serving: bool) -> None:
         health_servicer.set(name, status)
 
 
-def serve(
-    table_path: Path,
-    address: str = "127.0.0.1:50051",
-    config: ServerConfig | None = None,
-    port_file: Path | None = None,
-    read_only: bool = False,
-    live_config: LiveConfig | None = None,
-    follow: str | None = None,
-    follow_config: FollowConfig | None = None,
-) -> int:
-    """Serve a table until SIGTERM or SIGINT, then drain in-flight calls; returns the exit code 0.
+def serve(config: DaemonConfig) -> int:
+    """Serve `config.table` until SIGTERM or SIGINT, then drain in-flight calls; returns the exit code 0.
 
-    A table with an optimizer takes pushes unless `read_only` (e.g. a snapshot serving inference),
-    or `follow` names its primary: then it is a read replica that applies the primary's pushes
-    and answers lookups while at most `follow_config.max_lag` versions behind. Raises
+    A table with an optimizer takes pushes unless `config.read_only` (e.g. a snapshot serving inference),
+    or `config.primary` names its primary: then it is a read replica that applies the primary's pushes
+    and answers lookups while at most `config.follow_config.max_lag` versions behind. Raises
     LayoutMismatchError when that primary serves another table.
     """
-    config = config or ServerConfig()
-    check_listen_address(address)  # before the table is opened: a typo fails at once
-    check_port_file(port_file)
+    with file_policy(config.group_readable):
+        return _serve(config)
+
+
+def _serve(config: DaemonConfig) -> int:
+    address, port_file, settings, obs = config.listen, config.port_file, config.server, config.observability
+    check_port_file(port_file)  # before the table is opened: a wrong path fails at once
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     table: LiveTable | None = None
@@ -524,29 +415,29 @@ def serve(
     metrics = DaemonMetrics()
     host = address.rsplit(":", 1)[0]
     try:
-        table = LiveTable.open(table_path, read_only=read_only, config=live_config, primary=follow)
-        if follow is not None:
-            replica = Follower(table, follow_config or FollowConfig())
+        table = LiveTable.open(config.table, read_only=config.read_only, config=config.live, primary=config.primary)
+        if config.primary is not None:
+            replica = Follower(table, config.follow_config)
             replica.check_primary()  # another table: raises here, before serving anything
-        server, port = create_server(table, address, config, health_servicer, metrics, replica)
-        warning = exposure_warning(address, config)
+        server, port = create_server(table, address, settings, health_servicer, metrics, replica)
+        warning = exposure_warning(address, settings)
         if warning is not None:
             log.warning(warning)
-        if config.metrics_port is not None:  # before serving: a port in use fails the start, not a running daemon
-            metrics_port = _serve_metrics(metrics, config.metrics_port, config.metrics_host)
-            log.info("metrics at http://%s:%d/metrics", config.metrics_host, metrics_port)
+        if obs.metrics_port is not None:  # before serving: a port in use fails the start, not a running daemon
+            metrics_port = _serve_metrics(metrics, obs.metrics_port, obs.metrics_host)
+            log.info("metrics at http://%s:%d/metrics", obs.metrics_host, metrics_port)
         server.start()
         if replica is not None:
             replica.start()
-        _log_serving(table, table_path, f"{host}:{port}", replica)
+        _log_serving(table, config.table, f"{host}:{port}", replica)
         if port_file is not None:
             write_port_file(port_file, port)
         last = metrics.counts()
-        while not _wait_for_signal(stop, config.log_interval_s):
+        while not _wait_for_signal(stop, obs.log_interval_s):
             now = metrics.counts()
             log.info(
                 "last %.0fs: %s; version %d",
-                config.log_interval_s,
+                obs.log_interval_s,
                 ", ".join(f"{now[name] - last[name]:,.0f} {name}" for name in now),
                 table.version,
             )
@@ -615,19 +506,6 @@ def _log_replica(replica: Follower) -> None:
         "serving" if status.serving else "NOT serving",
         f" ({status.problem})" if status.problem else "",
     )
-
-
-def check_listen_address(address: str) -> None:
-    """InvalidArgumentError unless `address` is HOST:PORT with a port in 0..65535 (gRPC itself
-    would serve port 99999 as 34463, and a bare host on port 443), or a Unix socket (unix:PATH)."""
-    if address.startswith(("unix:", "unix-abstract:")):
-        return
-    host, sep, port = address.rpartition(":")
-    if not sep or not host.strip("[]") or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise InvalidArgumentError(
-            f"cannot listen on {address!r}: expected HOST:PORT with a port from 0 to 65535 (0 picks a free one), "
-            "e.g. 127.0.0.1:50051 or [::1]:50051, or unix:PATH"
-        )
 
 
 def check_port_file(port_file: Path | None) -> None:

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from memstore.errors import InvalidArgumentError, ResourceExhaustedError
+from memstore.tabledir.names import is_hidden
 
 NAME_RULE = "a plain directory name of 1 to 100 characters, each a letter, a digit, '_' or '-'"
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,100}")
@@ -39,7 +40,7 @@ class SnapshotSlots:
     def count(self) -> int:
         """Snapshots in the directory (hidden staging directories not counted: they are `_writing`)."""
         try:
-            return sum(1 for p in self.directory.iterdir() if not p.name.startswith("."))
+            return sum(1 for p in self.directory.iterdir() if not is_hidden(p.name))
         except FileNotFoundError:
             return 0
 

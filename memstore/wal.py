@@ -83,7 +83,7 @@ from typing import BinaryIO
 
 from memstore.errors import DataLossError, InternalError, InvalidArgumentError
 from memstore.space import disk_full_error, is_disk_full
-from memstore.tabledir.fsafe import file_mode, make_dir
+from memstore.tabledir.fsafe import file_mode, fsync_dir, make_dir
 
 FORMAT_VERSION = 1
 SEGMENT_MAGIC = b"EWSG"
@@ -148,14 +148,6 @@ def _datasync(fd: int) -> None:
     # Looked up at call time so that tests can count calls by monkeypatching os.
     sync = getattr(os, "fdatasync", None) or os.fsync
     sync(fd)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _file_header(base_version: int | None) -> bytes:
@@ -360,7 +352,7 @@ def _scan(directory: Path, path: Path, is_last: bool, repair: bool) -> tuple[_Se
                 # A crash while creating the segment: it never held an acknowledged record.
                 if repair:
                     path.unlink()
-                    _fsync_dir(directory)
+                    fsync_dir(directory)
                 return None, TailCut(path, 0, size, None, str(exc), segment_deleted=True)
             raise DataLossError(f"{path}: offset 0: {exc}") from exc
         segment = _Segment(path, int(_SEGMENT_NAME.fullmatch(path.name)[1]), base)
@@ -390,7 +382,7 @@ def _scan(directory: Path, path: Path, is_last: bool, repair: bool) -> tuple[_Se
             os.fsync(fd)
         finally:
             os.close(fd)
-        _fsync_dir(directory)
+        fsync_dir(directory)
     return segment, cut
 
 
@@ -527,7 +519,7 @@ class WriteAheadLog:
                     self._segments.pop(0)
                     deleted += 1
                 if deleted:
-                    _fsync_dir(self.directory)
+                    fsync_dir(self.directory)
             except OSError as exc:
                 if is_disk_full(exc):  # only the new segment's creation can need space, and it left nothing
                     raise disk_full_error(self.directory, "starting a new log segment", exc) from None
@@ -597,7 +589,7 @@ class WriteAheadLog:
             if sync_file:
                 _datasync(fd)
             if sync_dir:
-                _fsync_dir(self.directory)
+                fsync_dir(self.directory)
         except BaseException:
             os.close(fd)
             path.unlink(missing_ok=True)
@@ -616,7 +608,7 @@ class WriteAheadLog:
         segment.path = path
         segment.name_version = name_version
         if self.durability is Durability.FSYNC:
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
 
     def _read_segment(self, f: BinaryIO, path: Path, end: int, after_version: int | None) -> Iterator[WalRecord]:
         offset = _FILE_HEADER.size

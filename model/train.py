@@ -42,7 +42,7 @@ from client import ClusterClient, MemstoreClient, PrefetchConfig, Prefetcher, Pr
 from client.cluster import add_connection_arguments, connect
 from memstore.errors import InvalidArgumentError
 from memstore.layout import fingerprint
-from memstore.optim import OptimizerConfig, OptimizerKind
+from memstore.tabledir.optimizer import OptimizerConfig, OptimizerKind
 from model.compression import CompressedTokenizer
 from model.config import lm_config_from_dict, lm_config_to_dict
 from model.data import DataConfig, PreparedData, batches, eval_batches, prepare_data

@@ -31,11 +31,12 @@ from pathlib import Path
 
 from client import ClusterClient, ClusterSpec, MemstoreClient, PrefetchConfig, Prefetcher, PushConfig, Pusher
 from memstore.cli import describe_table
-from memstore.create import create_sharded, create_table, shard_dirs
+from memstore.create import create_sharded, create_table
 from memstore.dtypes import DType
 from memstore.errors import TableFormatError
 from memstore.launch import start_daemon, stop_daemon
-from memstore.tabledir.manifest import MANIFEST_NAME, Manifest
+from memstore.tabledir.manifest import Manifest
+from memstore.tabledir.names import MANIFEST_NAME, shard_dirs
 from model.data import DataConfig, PreparedData, prepare_data
 from model.device import add_device_argument
 from model.generate import sample

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from client import ClientConfig, MemstoreClient
-from memstore.service import ServerConfig, create_server
+from memstore.daemon_config import ServerConfig
+from memstore.service import create_server
 from memstore.table import Table
 from model.data import DataConfig, PreparedData, prepare_data
 from tests.helpers import DEADLINE_S, FAST_FAIL, SMALL_CORPUS, make_table

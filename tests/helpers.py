@@ -11,13 +11,14 @@ from typing import IO
 
 from client import ClientConfig
 from memstore.create import create_table
+from memstore.daemon_config import ServerConfig
 from memstore.dtypes import DType
 from memstore.layout import EngramLayout
 from memstore.metrics import DaemonMetrics
-from memstore.optim import OptimizerConfig
-from memstore.service import ServerConfig, create_server
+from memstore.service import create_server
 from memstore.table import Table
 from memstore.tabledir.manifest import Manifest
+from memstore.tabledir.optimizer import OptimizerConfig
 from model.corpus import CorpusConfig
 from model.engram import EngramConfig
 from model.lm import LMConfig

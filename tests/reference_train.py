@@ -16,7 +16,8 @@ from dataclasses import replace
 import torch
 
 from client import sum_duplicate_rows
-from memstore.optim import OptimizerConfig, apply_update
+from memstore.optim import apply_update
+from memstore.tabledir.optimizer import OptimizerConfig
 
 
 class ServerArithmetic(torch.optim.Optimizer):

@@ -21,14 +21,15 @@ from grpc_health.v1 import health
 
 from client import ClientConfig, MemstoreClient
 from memstore.cli import _parser, describe_table, main
+from memstore.daemon_config import check_listen_address
 from memstore.dtypes import DType
 from memstore.errors import InvalidArgumentError
 from memstore.launch import daemon_process, start_daemon, stop_daemon
 from memstore.layout import EngramLayout, fingerprint
-from memstore.optim import OptimizerConfig, OptimizerKind
-from memstore.service import SERVICE_NAME, check_listen_address, create_server
+from memstore.service import SERVICE_NAME, create_server
 from memstore.table import Table
 from memstore.tabledir.manifest import Manifest
+from memstore.tabledir.optimizer import OptimizerConfig, OptimizerKind
 from tests.helpers import make_table
 
 REPO = Path(__file__).resolve().parent.parent
@@ -416,7 +417,7 @@ def test_health_of_a_silent_listener_exits_1_at_the_deadline(capsys: pytest.Capt
 
 def test_health_timeout_must_be_positive(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["health", "127.0.0.1:1", "--timeout", "0"]) == 2
-    assert "--timeout must be positive" in capsys.readouterr().err
+    assert "--timeout-s must be positive" in capsys.readouterr().err
 
 
 def test_serve_with_tokens_metrics_and_json_logs(table_path: Path, tmp_path: Path, capsys) -> None:
@@ -585,4 +586,4 @@ def test_health_of_an_address_with_a_port_past_65535_is_refused(capsys: pytest.C
 @pytest.mark.parametrize("seconds", ["nan", "inf", "0"])
 def test_a_timeout_grpc_cannot_keep_is_refused(command: str, seconds: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main([command, "127.0.0.1:1", "--timeout", seconds]) == 2
-    assert "--timeout must be positive" in capsys.readouterr().err
+    assert "--timeout-s must be positive" in capsys.readouterr().err

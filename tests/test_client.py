@@ -31,13 +31,14 @@ from client.cluster import ClusterClient
 from client.cluster_spec import ClusterSpec
 from client.prefetch import PrefetchConfig, Prefetcher
 from client.push import Pusher
+from memstore.daemon_config import ServerConfig
 from memstore.dtypes import DType
 from memstore.launch import start_daemon
 from memstore.layout import fingerprint
 from memstore.live import LiveTable
-from memstore.optim import OptimizerConfig, OptimizerKind
-from memstore.service import ServerConfig, create_server
+from memstore.service import create_server
 from memstore.table import Table
+from memstore.tabledir.optimizer import OptimizerConfig, OptimizerKind
 from tests.helpers import CREATABLE_DTYPES, SMALL_LAYOUT, make_table
 
 

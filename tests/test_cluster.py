@@ -15,15 +15,16 @@ from grpc_health.v1 import health, health_pb2
 
 from client import ClusterClient, ClusterSpec, LoadBalancing, MemstoreClient, Prefetcher
 from client.cluster_spec import ShardAddresses
-from memstore.create import create_sharded, create_table, shard_dirs
+from memstore.create import create_sharded, create_table
 from memstore.errors import InvalidArgumentError, LayoutMismatchError, UnavailableError
 from memstore.launch import start_daemon, stop_daemon
 from memstore.live import LiveTable
 from memstore.metrics import DaemonMetrics, summarize
-from memstore.optim import OptimizerConfig, OptimizerKind
 from memstore.service import SERVICE_NAME, create_server
 from memstore.table import Table
 from memstore.tabledir.manifest import Manifest
+from memstore.tabledir.names import shard_dirs
+from memstore.tabledir.optimizer import OptimizerConfig, OptimizerKind
 from tests.helpers import DEADLINE_S, FAST_FAIL, SMALL_LAYOUT, join_all
 
 GRPC = replace(FAST_FAIL, same_host=False)

@@ -11,8 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from memstore import create
-from memstore.create import create_sharded, create_table, shard_dirs
+from memstore.create import create_sharded, create_table
 from memstore.dtypes import DType
 from memstore.errors import InvalidArgumentError, WrongShardError
 from memstore.exchange import rows_digest
@@ -20,7 +19,9 @@ from memstore.layout import EngramLayout, fingerprint
 from memstore.rowgen import initial_rows
 from memstore.sharding import Sharding
 from memstore.table import Table
-from memstore.tabledir.manifest import FORMAT_VERSION, MANIFEST_NAME, Backend, Init, Manifest
+from memstore.tabledir import staging
+from memstore.tabledir.manifest import FORMAT_VERSION, Backend, Init, Manifest
+from memstore.tabledir.names import MANIFEST_NAME, shard_dirs
 from tests.helpers import CREATABLE_DTYPES, make_table
 
 LAYOUT = EngramLayout(layer_ids=(1, 4), vocab_size_per_ngram=(50, 70), max_ngram=3, heads_per_ngram=2, dim=8)
@@ -310,9 +311,9 @@ def test_a_failure_while_replacing_leaves_the_old_table_at_its_path(
         real_replace(src, dst)
 
     if exchange:
-        monkeypatch.setattr(create, "_exchange", failing)
+        monkeypatch.setattr(staging, "_exchange", failing)
     else:
-        monkeypatch.setattr(create, "_exchange", lambda a, b: False, raising=False)
+        monkeypatch.setattr(staging, "_exchange", lambda a, b: False, raising=False)
         monkeypatch.setattr(os, "replace", second_rename_fails)
     # (with renameat2, the only step that can fail is the exchange itself)
     with pytest.raises(OSError, match="while replacing"):

@@ -27,12 +27,13 @@ from client import MemstoreClient
 from memstore.create import create_table
 from memstore.dtypes import DType
 from memstore.errors import InternalError, ResourceExhaustedError, TableFormatError
-from memstore.live import WAL_DIR, LiveConfig, LiveTable
-from memstore.optim import OptimizerConfig, OptimizerKind
+from memstore.live import LiveConfig, LiveTable
 from memstore.service import SERVICE_NAME, create_server
 from memstore.space import DiskFullError
 from memstore.table import Table
 from memstore.tabledir.manifest import Backend, Init, Manifest
+from memstore.tabledir.names import WAL_DIR
+from memstore.tabledir.optimizer import OptimizerConfig, OptimizerKind
 from memstore.wal import Durability, WriteAheadLog
 from memstore.wire import memstore_pb2 as pb
 from tests.helpers import FAST_FAIL, SMALL_LAYOUT

@@ -23,8 +23,8 @@ from memstore.dtypes import DType
 from memstore.errors import DataLossError, MemstoreError, ReplicationGapError, TableFormatError
 from memstore.launch import start_daemon, stop_daemon
 from memstore.live import LiveConfig, LiveTable
-from memstore.optim import OptimizerConfig, OptimizerKind
 from memstore.tabledir.manifest import Backend, Manifest
+from memstore.tabledir.optimizer import OptimizerConfig, OptimizerKind
 from memstore.wal import Durability
 from tests.helpers import FAST_FAIL, SMALL_LAYOUT
 

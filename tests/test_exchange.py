@@ -17,9 +17,10 @@ from memstore.create import create_table
 from memstore.dtypes import DType
 from memstore.errors import InvalidArgumentError, TableFormatError
 from memstore.exchange import export_safetensors, import_safetensors, load_into_embedding
-from memstore.optim import OptimizerConfig, OptimizerKind
 from memstore.table import Table
-from memstore.tabledir.manifest import MANIFEST_NAME, Manifest
+from memstore.tabledir.manifest import Manifest
+from memstore.tabledir.names import MANIFEST_NAME
+from memstore.tabledir.optimizer import OptimizerConfig, OptimizerKind
 from model.sources import LocalTable
 from tests.helpers import CREATABLE_DTYPES, FLOAT_DTYPES, SMALL_LAYOUT, make_table
 

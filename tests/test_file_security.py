@@ -20,13 +20,14 @@ import pytest
 
 from client import MemstoreClient
 from memstore.cli import main
+from memstore.daemon_config import ServerConfig
 from memstore.errors import InvalidArgumentError, ResourceExhaustedError
 from memstore.exchange import export_safetensors
 from memstore.live import LiveConfig, LiveTable
-from memstore.optim import OptimizerConfig, OptimizerKind
 from memstore.reshard import reshard
-from memstore.service import SERVICE_NAME, ServerConfig, create_server
+from memstore.service import SERVICE_NAME, create_server
 from memstore.space import DiskFullError
+from memstore.tabledir.optimizer import OptimizerConfig, OptimizerKind
 from memstore.wal import Durability
 from memstore.wire import memstore_pb2 as pb
 from tests.helpers import FAST_FAIL, SMALL_LAYOUT, make_table

@@ -20,14 +20,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from client import ClientConfig, MemstoreClient
 from memstore.cli import main as cli_main
 from memstore.create import create_table
+from memstore.daemon_config import ServerConfig
 from memstore.dtypes import DType
 from memstore.errors import DataLossError, InvalidArgumentError, TableFormatError
-from memstore.integrity import BLOCK_ROWS, IntegrityConfig, row_checksums, sums_path, verify_table
-from memstore.live import WAL_DIR, LiveConfig, LiveTable
-from memstore.optim import OptimizerConfig
-from memstore.service import ServerConfig, create_server
+from memstore.integrity import BLOCK_ROWS, IntegrityConfig, row_checksums, verify_table
+from memstore.live import LiveConfig, LiveTable
+from memstore.service import create_server
 from memstore.storage.lmdb_store import LmdbRowStore
-from memstore.tabledir.manifest import MANIFEST_NAME, Backend, Init, Manifest
+from memstore.tabledir.manifest import Backend, Init, Manifest
+from memstore.tabledir.names import MANIFEST_NAME, WAL_DIR, sums_path
+from memstore.tabledir.optimizer import OptimizerConfig
 from memstore.wal import Durability
 from tests.helpers import SMALL_LAYOUT, make_table
 

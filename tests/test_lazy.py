@@ -14,9 +14,9 @@ from memstore.create import create_table
 from memstore.dtypes import DType
 from memstore.layout import EngramLayout
 from memstore.live import LiveConfig, LiveTable
-from memstore.optim import OptimizerConfig, OptimizerKind
 from memstore.table import Table
 from memstore.tabledir.manifest import Init, Manifest
+from memstore.tabledir.optimizer import OptimizerConfig, OptimizerKind
 from memstore.wal import Durability
 from tests.helpers import FLOAT_DTYPES, SMALL_LAYOUT
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from client import MemstoreClient
+from memstore.daemon_config import ServerConfig
 from memstore.errors import RETRY_PUSHBACK_KEY, ResourceExhaustedError
 from memstore.limits import BUSY_RETRY_MS, InFlightBudget, lookup_cost
-from memstore.service import ServerConfig
 from memstore.table import Table
 from memstore.wire import memstore_pb2 as pb
 from memstore.wire import memstore_pb2_grpc as pb_grpc

@@ -15,9 +15,10 @@ from memstore.dtypes import DType
 from memstore.errors import InvalidArgumentError, ReadOnlyError, TableFormatError, UnavailableError
 from memstore.layout import EngramLayout
 from memstore.live import LiveConfig, LiveTable
-from memstore.optim import OptimizerConfig, OptimizerKind, apply_update
+from memstore.optim import apply_update
 from memstore.table import Table, open_store
 from memstore.tabledir.manifest import Backend, Manifest
+from memstore.tabledir.optimizer import OptimizerConfig, OptimizerKind
 from memstore.wal import Durability
 from tests.helpers import CREATABLE_DTYPES, DEADLINE_S, SMALL_LAYOUT, join_all
 

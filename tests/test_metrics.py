@@ -22,13 +22,14 @@ from prometheus_client import REGISTRY
 
 import memstore.metrics
 from client import MemstoreClient, PrefetchConfig, Prefetcher
+from memstore.daemon_config import ServerConfig
 from memstore.errors import InvalidArgumentError
 from memstore.launch import start_daemon, stop_daemon
 from memstore.live import LiveConfig, LiveTable
 from memstore.logs import JsonFormatter, LogFormat, configure_logging
 from memstore.metrics import METRICS_MAX_CONNECTIONS, DaemonMetrics, summarize
-from memstore.optim import OptimizerConfig, OptimizerKind
-from memstore.service import ServerConfig, create_server
+from memstore.service import create_server
+from memstore.tabledir.optimizer import OptimizerConfig, OptimizerKind
 from memstore.wal import Durability
 from tests.helpers import DEADLINE_S, FAST_FAIL, SMALL_LAYOUT, make_table, wait_until
 

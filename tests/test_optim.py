@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from memstore.errors import InvalidArgumentError
-from memstore.optim import OptimizerConfig, OptimizerKind, _fma32, apply_update
+from memstore.optim import _fma32, apply_update
+from memstore.tabledir.optimizer import OptimizerConfig, OptimizerKind
 
 ROWS, DIM, STEPS = 50, 8, 20
 TOUCHABLE = 40  # rows 40..49 are never pushed

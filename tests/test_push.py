@@ -13,14 +13,15 @@ import pytest
 
 from client import ClientConfig, MemstoreClient, PushAck, PushConfig, Pusher
 from memstore.create import create_table
+from memstore.daemon_config import ServerConfig
 from memstore.dtypes import DType
 from memstore.errors import InvalidArgumentError, ReadOnlyError, UnavailableError
 from memstore.layout import EngramLayout
 from memstore.live import LiveConfig, LiveTable
 from memstore.metrics import DaemonMetrics
-from memstore.optim import OptimizerConfig, OptimizerKind
-from memstore.service import ServerConfig, create_server
+from memstore.service import create_server
 from memstore.tabledir.manifest import Manifest
+from memstore.tabledir.optimizer import OptimizerConfig, OptimizerKind
 from memstore.wal import Durability
 from memstore.wire import memstore_pb2 as pb
 from tests.helpers import DEADLINE_S, FAST_FAIL, SMALL_LAYOUT, join_all

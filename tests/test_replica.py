@@ -21,6 +21,7 @@ from client import MemstoreClient
 from memstore.cli import main
 from memstore.codec import encode_row_ids
 from memstore.create import create_table
+from memstore.daemon_config import ServerConfig
 from memstore.dtypes import DType
 from memstore.errors import (
     DataLossError,
@@ -32,12 +33,12 @@ from memstore.errors import (
 )
 from memstore.launch import start_daemon, stop_daemon
 from memstore.live import LiveConfig, LiveTable
-from memstore.optim import OptimizerConfig, OptimizerKind
 from memstore.replica import FollowConfig, Follower, check_same_table, manifest_differences
-from memstore.service import SERVICE_NAME, ServerConfig, create_server
+from memstore.service import SERVICE_NAME, create_server
 from memstore.sharding import Sharding
 from memstore.table import open_store
 from memstore.tabledir.manifest import Manifest
+from memstore.tabledir.optimizer import OptimizerConfig, OptimizerKind
 from memstore.wal import Durability
 from memstore.wire import memstore_pb2 as pb
 from memstore.wire import memstore_pb2_grpc as pb_grpc

@@ -10,17 +10,18 @@ import pytest
 
 import memstore.reshard as reshard_module
 from memstore.cli import main
-from memstore.create import create_sharded, create_table, shard_dirs
+from memstore.create import create_sharded, create_table
 from memstore.dtypes import DType
 from memstore.errors import DataLossError, InvalidArgumentError, TableFormatError, UnavailableError
-from memstore.live import WAL_DIR, LiveConfig, LiveTable
-from memstore.optim import OptimizerConfig, OptimizerKind
+from memstore.live import LiveConfig, LiveTable
 from memstore.reshard import reshard, table_checksum
 from memstore.rowgen import initial_rows_at
 from memstore.sharding import DEFAULT_PARTITIONS, Sharding
 from memstore.table import Table, open_store
-from memstore.tabledir.checkpoint import CHECKPOINT_NAME, Checkpoint
+from memstore.tabledir.checkpoint import Checkpoint
 from memstore.tabledir.manifest import Backend, Init, Manifest
+from memstore.tabledir.names import CHECKPOINT_NAME, WAL_DIR, shard_dirs
+from memstore.tabledir.optimizer import OptimizerConfig, OptimizerKind
 from memstore.wal import Durability
 from tests.helpers import SMALL_LAYOUT, make_table
 

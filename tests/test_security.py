@@ -13,9 +13,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from memstore.daemon_config import ServerConfig
 from memstore.errors import InvalidArgumentError
 from memstore.guard import Watchdog, peer_host
-from memstore.service import SERVICE_NAME, ServerConfig
+from memstore.service import SERVICE_NAME
 from memstore.table import Table
 from memstore.wire import memstore_pb2 as pb
 from memstore.wire import memstore_pb2_grpc as pb_grpc

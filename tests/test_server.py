@@ -7,6 +7,8 @@ import os
 import signal
 import subprocess
 import threading
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import grpc
@@ -16,10 +18,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from memstore.codec import check_request_rows, encode_row_ids
+from memstore.daemon_config import DaemonConfig, ObservabilityConfig, ServerConfig
 from memstore.dtypes import DType
 from memstore.errors import InvalidArgumentError, ResourceExhaustedError
 from memstore.launch import start_daemon, stop_daemon
-from memstore.service import SERVICE_NAME, ServerConfig
+from memstore.service import SERVICE_NAME
 from memstore.table import Table
 from memstore.tabledir.manifest import Manifest
 from memstore.wire import memstore_pb2 as pb
@@ -210,10 +213,15 @@ def test_start_daemon_reports_why_the_daemon_did_not_start(tmp_path: Path, text:
 
 
 @pytest.mark.parametrize(
-    ("field", "value"),
-    [("log_interval_s", 0.0), ("log_interval_s", -1.0), ("log_interval_s", float("nan")), ("grace_s", -5.0)],
+    ("config", "field", "value"),
+    [
+        (ObservabilityConfig, "log_interval_s", 0.0),
+        (ObservabilityConfig, "log_interval_s", -1.0),
+        (ObservabilityConfig, "log_interval_s", float("nan")),
+        (partial(DaemonConfig, Path("t")), "grace_s", -5.0),
+    ],
 )
-def test_intervals_a_daemon_cannot_keep_are_refused(field: str, value: float) -> None:
+def test_intervals_a_daemon_cannot_keep_are_refused(config: Callable[..., object], field: str, value: float) -> None:
     """`--log-interval 0` spun the serving loop (15,000 log lines a second); `--grace -5` was taken."""
-    with pytest.raises(InvalidArgumentError, match=f"ServerConfig.{field} must be in"):
-        ServerConfig(**{field: value})
+    with pytest.raises(InvalidArgumentError, match=rf"Config\.{field} must be in"):
+        config(**{field: value})

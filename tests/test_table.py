@@ -17,7 +17,8 @@ from memstore.errors import InvalidArgumentError, ReadOnlyError, TableFormatErro
 from memstore.layout import EngramLayout
 from memstore.rowgen import initial_rows
 from memstore.table import Table
-from memstore.tabledir.manifest import MANIFEST_NAME, Manifest
+from memstore.tabledir.manifest import Manifest
+from memstore.tabledir.names import MANIFEST_NAME
 from tests.helpers import CREATABLE_DTYPES
 
 LAYOUT = EngramLayout(layer_ids=(1, 4), vocab_size_per_ngram=(50, 70), max_ngram=3, heads_per_ngram=2, dim=8)

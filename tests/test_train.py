@@ -13,8 +13,9 @@ from client import MemstoreClient, Prefetcher, PushConfig, Pusher, sum_duplicate
 from memstore.create import create_table
 from memstore.dtypes import DType
 from memstore.live import LiveConfig, LiveTable
-from memstore.optim import OptimizerConfig, OptimizerKind, apply_update
+from memstore.optim import apply_update
 from memstore.tabledir.manifest import Manifest
+from memstore.tabledir.optimizer import OptimizerConfig, OptimizerKind
 from memstore.wal import Durability
 from model import train as train_module
 from model.train import TableSource, TrainConfig, TrainResult, build_model, train

@@ -8,14 +8,12 @@ client retries after a restart is recognised and not applied twice.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from memstore.errors import TableFormatError
-from memstore.tabledir.fsafe import fsync_dir, temp_beside
-
-CHECKPOINT_NAME = "checkpoint.json"
+from memstore.tabledir.fsafe import write_durably
+from memstore.tabledir.names import CHECKPOINT_NAME
 
 
 @dataclass
@@ -53,7 +51,7 @@ class Checkpoint:
             raise TableFormatError(f"{path} is malformed ({exc!r}); restore the table from a snapshot") from None
 
     def write(self, table_dir: Path) -> None:
-        out, tmp = temp_beside(table_dir / CHECKPOINT_NAME, "w")
+        """Write checkpoint.json durably (a full disk leaves the previous one, and no temp file)."""
         data = {
             "version": self.version,
             "layer_steps": {str(k): v for k, v in sorted(self.layer_steps.items())},
@@ -62,16 +60,7 @@ class Checkpoint:
                 for (client, layer), (step, ack) in sorted(self.last_push.items())
             ],
         }
-        try:
-            with out as f:
-                json.dump(data, f)
-                f.flush()
-                os.fsync(f.fileno())
-        except BaseException:
-            tmp.unlink(missing_ok=True)  # a full disk leaves no half-written checkpoint behind
-            raise
-        os.replace(tmp, table_dir / CHECKPOINT_NAME)
-        fsync_dir(table_dir)
+        write_durably(table_dir / CHECKPOINT_NAME, json.dumps(data).encode())
 
 
 def table_version(table_dir: Path) -> int:

@@ -1,4 +1,4 @@
-"""Private files and safe temp files: the modes memstore creates files with, and temp files no one can plant.
+"""Private files, safe temp files and durable writes: the one place a table's files are written from.
 
 Tables hold rows and optimizer state from which gradients follow, so everything memstore writes is
 private by default: directories 0700, files 0600, whatever the umask. An operator who wants a
@@ -7,6 +7,11 @@ group (a backup user, a read-only daemon under another account) to read them opt
 
 Temp files are created with O_CREAT | O_EXCL | O_NOFOLLOW under a unique name: a symlink or file
 planted at a predictable ``DEST.tmp`` can neither redirect the write nor be truncated.
+
+A file is replaced durably in one way (`write_durably`, `writing_durably`): written to a temp file
+beside it, fsynced, renamed onto it, and the directory fsynced; on any failure the temp file is
+removed, so a reader sees the old file or the new one whole, and a crash leaves at most a
+``*.tmp`` file that nothing reads.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
+
+from memstore.tabledir.names import temp_name
 
 _PRIVATE = (0o700, 0o600)
 _GROUP = (0o750, 0o640)
@@ -69,7 +76,7 @@ def temp_beside(path: Path, mode: str = "wb") -> tuple[IO, Path]:
     """A new private temp file beside `path` (unique name, never following a planted link), opened with
     `mode`; the caller fsyncs it and renames it onto `path`. Returns the file and its path."""
     for _ in range(16):
-        tmp = path.with_name(f"{path.name}.{secrets.token_hex(6)}.tmp")
+        tmp = path.with_name(temp_name(path.name, secrets.token_hex(6)))
         try:
             fd = open_new(tmp, os.O_RDWR)
         except FileExistsError:
@@ -116,19 +123,32 @@ def copy_range(src: int, dst: int, count: int, position: int) -> int:
 
 
 def write_durably(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` atomically and durably: a private temp file, fsync, rename, fsync of the directory."""
-    out, tmp = temp_beside(path)
-    with out as f:
+    """Replace `path` with `data` atomically and durably (see `writing_durably`)."""
+    with writing_durably(path) as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+
+
+@contextmanager
+def writing_durably(path: Path, mode: str = "wb") -> Iterator[IO]:
+    """A private temp file beside `path` to stream the new content into; when the block ends it is
+    fsynced, renamed onto `path` and the directory fsynced. If the block (or the sync) fails the temp
+    file is removed and `path` is left as it was."""
+    out, tmp = temp_beside(path, mode)
+    try:
+        with out as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)
 
 
 def fsync_dir(path: Path) -> None:
-    """Make a rename or a new file inside `path` durable."""
-    fd = os.open(path, os.O_RDONLY)
+    """Make a rename, a new file or a deletion inside the directory `path` durable."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         os.fsync(fd)
     finally:

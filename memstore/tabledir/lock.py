@@ -22,9 +22,9 @@ from pathlib import Path
 from types import TracebackType
 
 from memstore.errors import UnavailableError
-from memstore.tabledir.fsafe import temp_beside
+from memstore.tabledir.fsafe import write_durably
+from memstore.tabledir.names import WRITER_LOCK_NAME
 
-PID_NAME = "writer.lock"
 _TRIES = 3
 
 
@@ -91,16 +91,13 @@ def lock_table(table_dir: str | Path, exclusive: bool, advice: str) -> TableLock
 
 def record_writer_pid(table_dir: Path) -> None:
     """Write this process's pid to ``writer.lock`` (for messages only: the lock is the directory's)."""
-    out, tmp = temp_beside(Path(table_dir) / PID_NAME, "w")
-    with out as f:
-        f.write(f"{os.getpid()}\n")
-    os.replace(tmp, Path(table_dir) / PID_NAME)
+    write_durably(Path(table_dir) / WRITER_LOCK_NAME, f"{os.getpid()}\n".encode())
 
 
 def writer_pid(table_dir: Path) -> int | None:
     """The pid ``writer.lock`` names, or None (no file, an old table's empty one, or unreadable)."""
     try:
-        pid = int((Path(table_dir) / PID_NAME).read_text().split()[0])
+        pid = int((Path(table_dir) / WRITER_LOCK_NAME).read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return None
     return pid if Path(f"/proc/{pid}").exists() else None  # a pid of a writer long gone says nothing

@@ -1,4 +1,33 @@
-"""The table manifest: `manifest.json` in a table directory, the one description of a table."""
+"""The table manifest: `manifest.json` in a table directory, the one description of a table.
+
+Schema (format version 1; docs/format.md has the whole table directory). A JSON object, written
+indented, with these keys (optimizer, init, sharding and rows_sha256 may be absent: read as null,
+"eager", null, null; every other key is required):
+
+    format_version  int     FORMAT_VERSION (1)
+    fingerprint     str     16 hex digits: SHA-256 of the canonical layout + seed (memstore.layout.fingerprint)
+    layout          object  the Engram layout (EngramLayout.to_dict: layer_ids, vocab_size_per_ngram,
+                            max_ngram, heads_per_ngram, dim, primes, optional explicit_head_sizes)
+    dtype           str     a DType value: float32, float16, bfloat16, float8_e4m3_rowscale, int8_rowscale, bytes
+    seed            int     seed of the initial rows
+    init_std        float   standard deviation of the initial rows
+    init_generator  str     the initial-row generator (memstore.rowgen.GENERATOR)
+    backend         str     "mmap" or "lmdb"
+    optimizer       object|null  OptimizerConfig.to_dict (kind, lr, betas, eps, initial_accumulator_value);
+                            null: a frozen table
+    init            str     "eager" or "lazy" (read as "eager" when absent)
+    sharding        object|null  Sharding.to_dict (num_partitions, num_shards, shard, assignment); null: whole
+    rows_sha256     str|null     SHA-256 of every row as created, imported or resharded; null: lazy table
+    files           object  layer id (string) -> its rows' file name; written for readers in other
+                            languages, ignored when read (the names follow from backend: tabledir.names)
+    checksums       object  key -> first 16 hex digits of SHA-256 of that key's canonical JSON value,
+                            for every other key; optional (a hand-written manifest has none)
+
+Readers refuse (TableFormatError) a format version other than theirs, an unknown key (here, in the
+layout, the optimizer or the sharding), an initial-row generator other than theirs, a fingerprint that
+does not match the layout and seed, and a field whose checksum does not match: a manifest is never
+half understood. A new format adds a version; it does not add keys silently.
+"""
 
 from __future__ import annotations
 
@@ -13,13 +42,13 @@ from typing import Any
 from memstore.dtypes import DType
 from memstore.errors import InvalidArgumentError, TableFormatError
 from memstore.layout import EngramLayout, fingerprint
-from memstore.optim import OptimizerConfig
 from memstore.rowgen import GENERATOR
 from memstore.sharding import Sharding
 from memstore.tabledir.fsafe import write_durably
+from memstore.tabledir.names import MANIFEST_NAME, layer_file, state_file
+from memstore.tabledir.optimizer import OptimizerConfig
 
 FORMAT_VERSION = 1
-MANIFEST_NAME = "manifest.json"
 # Key of the per-field checksums a written manifest carries: an edited field is named when read.
 CHECKSUMS_KEY = "checksums"
 
@@ -77,7 +106,7 @@ class Manifest:
     def layer_file(self, layer_id: int) -> str:
         """File name, inside the table directory, of one layer's rows."""
         self.layout.num_rows(layer_id)  # rejects unknown layers
-        return f"layer_{layer_id}.rows" if self.backend is Backend.MMAP else f"layer_{layer_id}.lmdb"
+        return layer_file(layer_id, lmdb=self.backend is Backend.LMDB)
 
     def state_files(self, layer_id: int) -> dict[str, tuple[str, int]]:
         """Optimizer state of one layer: slot -> (file name, float32 values per row); empty if frozen."""
@@ -85,8 +114,8 @@ class Manifest:
         if self.optimizer is None:
             return {}
         slots = self.optimizer.state_slots(self.layout.dim)
-        suffix = "f32" if self.backend is Backend.MMAP else "f32.lmdb"
-        return {slot: (f"layer_{layer_id}.{slot}.{suffix}", width) for slot, width in slots.items()}
+        lmdb = self.backend is Backend.LMDB
+        return {slot: (state_file(layer_id, slot, lmdb), width) for slot, width in slots.items()}
 
     def stored_rows(self, layer_id: int) -> int:
         """Rows of one layer this table directory stores: all of them, or its shard's partitions'."""

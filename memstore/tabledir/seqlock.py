@@ -11,15 +11,16 @@ import mmap
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from memstore import fatal
 from memstore.errors import TableFormatError
-from memstore.storage.base import RowStore
-from memstore.tabledir.fsafe import fsync_dir, temp_beside
+from memstore.tabledir.fsafe import write_durably
 
-SEQLOCK_NAME = "seqlock"
+if TYPE_CHECKING:
+    from memstore.storage.base import RowStore
 _READ_TRIES = 8
 
 
@@ -35,13 +36,7 @@ class SeqLock:
         if create and (not path.exists() or path.stat().st_size < 8):
             # Also replaces a short file (a host crash can leave a new file empty), which could not be
             # mapped: its word only matters to the writer opening it now, which sets it next.
-            out, tmp = temp_beside(path)
-            with out as f:
-                f.write(bytes(8))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            fsync_dir(path.parent)
+            write_durably(path, bytes(8))
         mode = "r+b" if create else "rb"
         with open(path, mode) as f:
             if os.fstat(f.fileno()).st_size < 8:  # mapping a shorter file would die of SIGBUS on the first read

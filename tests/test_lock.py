@@ -21,9 +21,9 @@ from memstore.errors import TableFormatError, UnavailableError
 from memstore.exchange import export_safetensors, import_safetensors, rows_digest
 from memstore.launch import start_daemon, stop_daemon
 from memstore.live import LiveConfig, LiveTable
-from memstore.optim import OptimizerConfig, OptimizerKind
 from memstore.reshard import reshard
 from memstore.tabledir.manifest import Manifest
+from memstore.tabledir.optimizer import OptimizerConfig, OptimizerKind
 from memstore.wal import Durability
 from tests.helpers import FAST_FAIL, SMALL_LAYOUT, make_table
 
