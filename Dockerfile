@@ -27,13 +27,14 @@ ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 RUN pip install --index-url "$TORCH_INDEX_URL" "torch==$TORCH_VERSION"
 
-# The project with the dependencies pyproject.toml declares (torch is already satisfied).
+# The project with the dependencies pyproject.toml declares (torch is already satisfied), and
+# its `model` extra (the tokenizer), since the image runs the demo model too.
 # setuptools skips an optional extension that fails to compile; with gcc here it must not have.
 COPY pyproject.toml README.md /src/
 COPY memstore /src/memstore
 COPY client /src/client
 COPY model /src/model
-RUN pip install /src && python -c "import memstore._rowgen, memstore._fatal"
+RUN pip install "/src[model]" && python -c "import memstore._rowgen, memstore._fatal"
 
 FROM python:${PYTHON_VERSION}-slim
 RUN groupadd --gid 10001 memstore && useradd --uid 10001 --gid 10001 --create-home memstore

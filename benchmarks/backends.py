@@ -1,7 +1,7 @@
 """Row store backends side by side: gather throughput of the mmap and the LMDB backend.
 
-    python benchmarks/backends.py                       # 2M rows x 64 float16 (256 MiB per backend)
-    python benchmarks/backends.py --rows 200000 --repeats 3   # smoke test
+    python -m benchmarks.backends                       # 2M rows x 64 float16 (256 MiB per backend)
+    python -m benchmarks.backends --rows 200000 --repeats 3   # smoke test
 
 Builds one table in both backends under a temporary directory (initial rows streamed from
 `memstore.rowgen.initial_rows` in chunks into the mmap file, then from that file into LMDB),
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -24,11 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from memstore.dtypes import DType  # noqa: E402
-from memstore.rowgen import initial_rows  # noqa: E402
-from memstore.storage import LmdbRowStore, MmapRowStore, RowStore  # noqa: E402
+from memstore.dtypes import DType
+from memstore.rowgen import initial_rows
+from memstore.storage import LmdbRowStore, MmapRowStore, RowStore
 
 CHUNK_ROWS = 65_536
 

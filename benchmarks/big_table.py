@@ -1,6 +1,6 @@
 """A 100B-parameter table on one small host: lazy create, lookups vs. a 1B-parameter table, daemon RSS.
 
-    python benchmarks/big_table.py [--batches 1024,65536] [--repeats 20]
+    python -m benchmarks.big_table [--batches 1024,65536] [--repeats 20]
 
 Creates (or reuses, under tables/) a lazy float16 table of 1.0e11 parameters (200 GB if
 written; sparse files, almost no disk) and an eager 1B-parameter table (2 GB), serves each with
@@ -19,16 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.common import REPO, ensure_table  # noqa: E402
-from client import ClientConfig, MemstoreClient  # noqa: E402
-from memstore.create import create_table  # noqa: E402
-from memstore.dtypes import DType  # noqa: E402
-from memstore.errors import TableFormatError  # noqa: E402
-from memstore.launch import start_daemon, stop_daemon  # noqa: E402
-from memstore.layout import EngramLayout  # noqa: E402
-from memstore.tabledir.manifest import Init, Manifest  # noqa: E402
+from benchmarks.common import REPO, ensure_table
+from client import ClientConfig, MemstoreClient
+from memstore.create import create_table
+from memstore.dtypes import DType
+from memstore.errors import TableFormatError
+from memstore.launch import start_daemon, stop_daemon
+from memstore.layout import EngramLayout
+from memstore.tabledir.manifest import Init, Manifest
 
 HUNDRED_BILLION = EngramLayout(
     layer_ids=(2, 15), vocab_size_per_ngram=(97_700_000, 97_700_000), max_ngram=3, heads_per_ngram=8, dim=32

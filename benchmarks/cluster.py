@@ -1,7 +1,7 @@
 """Scale-out on one host: one table served by 1, 2 and 4 daemons, and the memory they share.
 
-    python benchmarks/cluster.py            # 512 MiB table (4M rows x 64 float16)
-    python benchmarks/cluster.py --quick    # small table, for a smoke test
+    python -m benchmarks.cluster            # 512 MiB table (4M rows x 64 float16)
+    python -m benchmarks.cluster --quick    # small table, for a smoke test
 
 1. Throughput of one client against 1, 2 and 4 daemons of the same table, side by side
    (every configuration runs at once; calls alternate between them):
@@ -30,15 +30,13 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.common import REPO, ensure_table  # noqa: E402
-from client import ClientConfig, ClusterClient, ClusterSpec, LoadBalancing, MemstoreClient  # noqa: E402
-from memstore.create import create_sharded  # noqa: E402
-from memstore.launch import start_daemon, stop_daemon  # noqa: E402
-from memstore.layout import EngramLayout  # noqa: E402
-from memstore.tabledir.manifest import Manifest  # noqa: E402
-from memstore.tabledir.names import shard_dirs  # noqa: E402
+from benchmarks.common import REPO, ensure_table
+from client import ClientConfig, ClusterClient, ClusterSpec, LoadBalancing, MemstoreClient
+from memstore.create import create_sharded
+from memstore.launch import start_daemon, stop_daemon
+from memstore.layout import EngramLayout
+from memstore.tabledir.manifest import Manifest
+from memstore.tabledir.names import shard_dirs
 
 # One layer of 8 heads of 500k rows: 4M rows x 64 float16 = 512 MiB.
 FULL = EngramLayout(layer_ids=(1,), vocab_size_per_ngram=(500_000,), max_ngram=2, heads_per_ngram=8, dim=64)

@@ -1,32 +1,26 @@
 """Evidence for the model: Engram LM vs. a baseline of equal non-embedding compute, and gate maps.
 
-    python benchmarks/engram_vs_baseline.py [--steps 600] [--out docs]
+    python -m benchmarks.engram_vs_baseline [--steps 600] [--out docs/results]
 
 Same data, same batches, same seed and steps. The baseline has no Engram; its MLP is widened
 so that its non-embedding parameter count matches the Engram LM's (Engram's projections and
 convolution counted, its tables not: they are the embedding-like memory). Writes
-docs/engram_vs_baseline.png (validation loss curves) and docs/engram_gates.png (gate value per
+docs/results/engram_vs_baseline.png (validation loss curves) and docs/results/engram_gates.png (gate value per
 token for a few validation sentences), and prints a Markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import replace
 from pathlib import Path
 
-import matplotlib
+import torch
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from model.data import DataConfig, PreparedData, prepare_data  # noqa: E402
-from model.lm import EngramLM, LMConfig  # noqa: E402
-from model.train import TableSource, TrainConfig, TrainResult, build_model, train  # noqa: E402
+from model.data import DataConfig, PreparedData, prepare_data
+from model.lm import EngramLM, LMConfig
+from model.train import TableSource, TrainConfig, TrainResult, build_model, train
 
 
 def matched_baseline(lm_config: LMConfig, data: PreparedData, target_params: int) -> LMConfig:
@@ -56,7 +50,8 @@ def gate_map(model: EngramLM, data: PreparedData, sentences: list[str], path: Pa
                 labels.append(f"layer {block.engram.layer_id}")
                 tokens_per_row.append(pieces)
     width = max(len(r) for r in rows)
-    fig, axes = plt.subplots(len(rows), 1, figsize=(max(8, width * 0.45), 1.5 * len(rows) + 1), squeeze=False)
+    fig = Figure(figsize=(max(8, width * 0.45), 1.5 * len(rows) + 1))
+    axes = fig.subplots(len(rows), 1, squeeze=False)
     fig.subplots_adjust(hspace=1.6)  # room for each row's token labels
     for ax, row, label, pieces in zip(axes[:, 0], rows, labels, tokens_per_row):
         image = ax.imshow(row[None, :], aspect="auto", cmap="viridis", vmin=0, vmax=1)
@@ -65,14 +60,13 @@ def gate_map(model: EngramLM, data: PreparedData, sentences: list[str], path: Pa
     fig.colorbar(image, ax=axes[:, 0].tolist(), label="gate alpha_t")
     fig.suptitle("Engram gate per token (bright: the memory is used)")
     fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--eval-every", type=int, default=50)
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "docs")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "docs" / "results")
     parser.add_argument("--data-dir", type=Path, default=DataConfig().data_dir)
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -92,7 +86,8 @@ def main() -> None:
         results[name] = train(model, data, train_config)
 
     args.out.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig = Figure(figsize=(7, 4.2))
+    ax = fig.subplots()
     for name, r in results.items():
         ax.plot(r.eval_steps, r.val_loss, marker="o", markersize=3, label=name)
     ax.set_xlabel("step")
@@ -101,7 +96,6 @@ def main() -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.savefig(args.out / "engram_vs_baseline.png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
 
     print("\n| model | non-embedding params | Engram table params | val loss | tokens/s |")
     print("|---|---:|---:|---:|---:|")

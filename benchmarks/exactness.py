@@ -1,6 +1,6 @@
 """Training through the memstore vs. in process: the same loss curve, per optimizer.
 
-    python benchmarks/exactness.py [--steps 200]
+    python -m benchmarks.exactness [--steps 200]
 
 For SGD, Adagrad and Adam: train the default small Engram LM for `--steps` steps twice from the
 same weights, batches and seed: once with its tables in process (sparse nn.Embedding, PyTorch's
@@ -26,20 +26,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.common import REPO  # noqa: E402
-from client import MemstoreClient, Prefetcher, PushConfig, Pusher  # noqa: E402
-from memstore.create import create_table  # noqa: E402
-from memstore.dtypes import DType  # noqa: E402
-from memstore.live import LiveConfig, LiveTable  # noqa: E402
-from memstore.service import create_server  # noqa: E402
-from memstore.tabledir.manifest import Manifest  # noqa: E402
-from memstore.tabledir.optimizer import OptimizerConfig, OptimizerKind  # noqa: E402
-from memstore.wal import Durability  # noqa: E402
-from model.data import DataConfig, prepare_data  # noqa: E402
-from model.lm import LMConfig  # noqa: E402
-from model.train import TableSource, TrainConfig, build_model, train  # noqa: E402
+from benchmarks.common import REPO
+from client import MemstoreClient, Prefetcher, PushConfig, Pusher
+from memstore.create import create_table
+from memstore.dtypes import DType
+from memstore.live import LiveConfig, LiveTable
+from memstore.service import create_server
+from memstore.tabledir.manifest import Manifest
+from memstore.tabledir.optimizer import OptimizerConfig, OptimizerKind
+from memstore.wal import Durability
+from model.data import DataConfig, prepare_data
+from model.lm import LMConfig
+from model.train import TableSource, TrainConfig, build_model, train
 
 OPTIMIZERS = [
     OptimizerConfig(OptimizerKind.SGD, lr=0.5),

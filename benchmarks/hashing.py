@@ -1,7 +1,7 @@
 """Engram N-gram hashing speed, and the compression ratio of a tokenizer.
 
-    python benchmarks/hashing.py                                # hash 1M tokens, two layers
-    python benchmarks/hashing.py --tokenizer path/tokenizer.json  # also: that tokenizer's compression
+    python -m benchmarks.hashing                                # hash 1M tokens, two layers
+    python -m benchmarks.hashing --tokenizer path/tokenizer.json  # also: that tokenizer's compression
 
 Hashing uses Engram's demo config (layers [1, 15], 646,400 rows per order before the prime rule,
 orders 2..3, 8 heads each, pad 2, seed 0) with a compressed vocabulary of 100,000 ids, on random
@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from model.hashing import NgramHashMapping  # noqa: E402
+from model.hashing import NgramHashMapping
 
 DEMO = dict(
     layer_ids=[1, 15],

@@ -1,6 +1,6 @@
 """What row checksums cost: lookup and push throughput through a real daemon, checking on and off.
 
-    python benchmarks/integrity.py [--table-rows 1000000] [--rows 4096] [--seconds 2] [--repeats 5]
+    python -m benchmarks.integrity [--table-rows 1000000] [--rows 4096] [--seconds 2] [--repeats 5]
 
 Two identical trainable tables (float16, dim 32, Adam) are created; one `memstore serve` child
 serves each, one with checksums (the default: checked on first read of each block, kept by every
@@ -29,19 +29,17 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.common import process_cpu_s  # noqa: E402
-from client import ClientConfig, MemstoreClient  # noqa: E402
-from memstore.create import create_table  # noqa: E402
-from memstore.dtypes import DType  # noqa: E402
-from memstore.integrity import IntegrityConfig  # noqa: E402
-from memstore.launch import start_daemon, stop_daemon  # noqa: E402
-from memstore.layout import EngramLayout  # noqa: E402
-from memstore.live import LiveConfig, LiveTable  # noqa: E402
-from memstore.tabledir.manifest import Manifest  # noqa: E402
-from memstore.tabledir.optimizer import OptimizerConfig  # noqa: E402
-from memstore.wal import Durability  # noqa: E402
+from benchmarks.common import process_cpu_s
+from client import ClientConfig, MemstoreClient
+from memstore.create import create_table
+from memstore.dtypes import DType
+from memstore.integrity import IntegrityConfig
+from memstore.launch import start_daemon, stop_daemon
+from memstore.layout import EngramLayout
+from memstore.live import LiveConfig, LiveTable
+from memstore.tabledir.manifest import Manifest
+from memstore.tabledir.optimizer import OptimizerConfig
+from memstore.wal import Durability
 
 
 def _side_by_side(calls: dict, batches: list, seconds: float, pids: dict) -> dict[str, tuple[float, float, float]]:

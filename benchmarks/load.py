@@ -1,8 +1,8 @@
 """Sustained load: many client processes looking up and pushing against one daemon, checked exactly.
 
-    python benchmarks/load.py                      # 16 clients for 60 s, 1M-row float32 table (~1.5 min)
-    python benchmarks/load.py --quick              # 4 clients for 5 s, small table: a smoke run
-    python benchmarks/load.py --clients 8 --seconds 30 --durability os
+    python -m benchmarks.load                      # 16 clients for 60 s, 1M-row float32 table (~1.5 min)
+    python -m benchmarks.load --quick              # 4 clients for 5 s, small table: a smoke run
+    python -m benchmarks.load --clients 8 --seconds 30 --durability os
 
 One float32 table of 2 layers x ~500k rows x 32 (dim of the Engram LM), trained by server-side
 SGD with lr 0.5 and starting from rows that are all zero (a safetensors file of zeros imported
@@ -56,20 +56,18 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.common import process_cpu_s  # noqa: E402
-from client import ClientConfig, MemstoreClient  # noqa: E402
-from client.client import sum_duplicate_rows  # noqa: E402
-from memstore.dtypes import DType  # noqa: E402
-from memstore.errors import InvalidArgumentError, ResourceExhaustedError  # noqa: E402
-from memstore.exchange import import_safetensors, tensor_name  # noqa: E402
-from memstore.launch import start_daemon, stop_daemon  # noqa: E402
-from memstore.layout import EngramLayout  # noqa: E402
-from memstore.metrics import summarize  # noqa: E402
-from memstore.tabledir.manifest import Manifest  # noqa: E402
-from memstore.tabledir.optimizer import OptimizerConfig, OptimizerKind  # noqa: E402
-from memstore.wal import Durability  # noqa: E402
+from benchmarks.common import process_cpu_s
+from client import ClientConfig, MemstoreClient
+from client.client import sum_duplicate_rows
+from memstore.dtypes import DType
+from memstore.errors import InvalidArgumentError, ResourceExhaustedError
+from memstore.exchange import import_safetensors, tensor_name
+from memstore.launch import start_daemon, stop_daemon
+from memstore.layout import EngramLayout
+from memstore.metrics import summarize
+from memstore.tabledir.manifest import Manifest
+from memstore.tabledir.optimizer import OptimizerConfig, OptimizerKind
+from memstore.wal import Durability
 
 LR = 0.5  # a power of two: -lr x an integer sum is exact in float32
 GRAD_MAX = 4  # gradients are integers in [-GRAD_MAX, GRAD_MAX]

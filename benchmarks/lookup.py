@@ -1,7 +1,7 @@
 """Lookup throughput: in-process gather vs. the daemon over loopback gRPC, side by side.
 
-    python benchmarks/lookup.py                   # full run (2 GiB table, dim 64 float16)
-    python benchmarks/lookup.py --quick           # small table, for a smoke test
+    python -m benchmarks.lookup                   # full run (2 GiB table, dim 64 float16)
+    python -m benchmarks.lookup --quick           # small table, for a smoke test
 
 Each batch size is measured with the same random ids for both paths, alternating the two
 paths call by call so both see the same machine state. Also compares streamed chunk sizes
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,17 +19,15 @@ import grpc
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.common import REPO, ensure_table  # noqa: E402
-from client import ClientConfig, MemstoreClient  # noqa: E402
-from client.client import _distinct_count  # noqa: E402
-from memstore.codec import decode_row_ids, encode_row_ids  # noqa: E402
-from memstore.launch import daemon_process  # noqa: E402
-from memstore.layout import EngramLayout  # noqa: E402
-from memstore.table import Table  # noqa: E402
-from memstore.wire import memstore_pb2 as pb  # noqa: E402
-from memstore.wire import memstore_pb2_grpc as pb_grpc  # noqa: E402
+from benchmarks.common import REPO, ensure_table
+from client import ClientConfig, MemstoreClient
+from client.client import _distinct_count
+from memstore.codec import decode_row_ids, encode_row_ids
+from memstore.launch import daemon_process
+from memstore.layout import EngramLayout
+from memstore.table import Table
+from memstore.wire import memstore_pb2 as pb
+from memstore.wire import memstore_pb2_grpc as pb_grpc
 
 # One layer of 8 heads of ~2.1M rows: 16.8M rows x 64 float16 = 2.0 GiB.
 FULL = EngramLayout(layer_ids=(1,), vocab_size_per_ngram=(2_100_000,), max_ngram=2, heads_per_ngram=8, dim=64)

@@ -1,7 +1,7 @@
 """What users would pick instead, side by side: lookups of random rows through each peer.
 
-    python benchmarks/peers.py                      # 2 GiB table; starts and stops every server itself
-    python benchmarks/peers.py --quick              # small table, smoke test
+    python -m benchmarks.peers                      # 2 GiB table; starts and stops every server itself
+    python -m benchmarks.peers --quick              # small table, smoke test
 
 Peers, all on one table of 64-value float16 rows, the same random ids per batch size:
 - in-process: memstore's row gather on a memmap of the file (the limit on this machine);
@@ -10,7 +10,7 @@ Peers, all on one table of 64-value float16 rows, the same random ids per batch 
 - Redis: a real redis-server started here, one key per row, MGET in chunks, hiredis parser;
 - naive gRPC: one unary call, rows as `repeated float` (to show what the wire format costs).
 A peer whose software is missing is skipped with a line saying so. Writes a PNG plot of
-throughput against batch size (docs/peers.png) and prints a Markdown table.
+throughput against batch size (docs/results/peers.png) and prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -26,20 +25,15 @@ from concurrent import futures
 from pathlib import Path
 
 import grpc
-import matplotlib
 import numpy as np
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.common import REPO, ensure_table  # noqa: E402
-from benchmarks.lookup import FULL, QUICK  # noqa: E402
-from client import ClientConfig, MemstoreClient  # noqa: E402
-from memstore.launch import daemon_process  # noqa: E402
-from memstore.table import Table  # noqa: E402
+from benchmarks.common import REPO, ensure_table
+from benchmarks.lookup import FULL, QUICK
+from client import ClientConfig, MemstoreClient
+from memstore.launch import daemon_process
+from memstore.table import Table
 
 Lookup = Callable[[np.ndarray], object]
 
@@ -166,7 +160,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--calls", type=int, default=20)
     parser.add_argument("--batches", default="32,1024,65536,1048576")
-    parser.add_argument("--out", type=Path, default=REPO / "docs" / "peers.png")
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "results" / "peers.png")
     args = parser.parse_args()
     layout = QUICK if args.quick else FULL
     path = REPO / "bench-out" / ("lookup-quick" if args.quick else "lookup-2gib")
@@ -216,7 +210,8 @@ def main() -> None:
         ratio = np.median(times[redis_name][65536]) / np.median(daemon[65536])
         print(f"\ndaemon vs Redis at 64k rows: {ratio:.1f}x")
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    fig = Figure(figsize=(7.5, 4.5))
+    ax = fig.subplots()
     for name, by_batch in times.items():
         xs = sorted(by_batch)
         ax.plot(xs, [x / np.median(by_batch[x]) for x in xs], marker="o", label=name)

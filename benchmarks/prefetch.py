@@ -1,8 +1,8 @@
 """What a memstore-held Engram table costs the small Engram LM, with and without prefetch.
 
-    python benchmarks/prefetch.py [--steps 40] [--rounds 2] [--latency-ms 20] [--device auto] [--json out.json]
+    python -m benchmarks.prefetch [--steps 40] [--rounds 2] [--latency-ms 20] [--device auto] [--json out.json]
 
-One run, same seeds, same batches, same initial weights, three variants:
+One run, same seeds, same batches, same initial weights, four variants:
 - in-process:  the table memory-mapped in the training process (the limit);
 - sync:        rows looked up from the daemon over gRPC when each Engram layer needs them;
 - prefetch:    the same daemon, every layer's rows fetched one step ahead (client/prefetch.py);
@@ -38,20 +38,18 @@ from typing import Any
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.common import REPO, ensure_table  # noqa: E402
-from client import ClientConfig, MemstoreClient, PrefetchConfig, Prefetcher, TableFetcher  # noqa: E402
-from memstore.dtypes import DType  # noqa: E402
-from memstore.launch import start_daemon, stop_daemon  # noqa: E402
-from memstore.table import Table  # noqa: E402
-from memstore.tabledir.manifest import Manifest  # noqa: E402
-from model.compression import CompressedTokenizer  # noqa: E402
-from model.data import DataConfig, PreparedData, prepare_data  # noqa: E402
-from model.device import add_device_argument  # noqa: E402
-from model.lm import EngramLM, LMConfig  # noqa: E402
-from model.sources import MappedTable, MemstoreTable  # noqa: E402
-from model.train import TrainConfig, train  # noqa: E402
+from benchmarks.common import REPO, ensure_table
+from client import ClientConfig, MemstoreClient, PrefetchConfig, Prefetcher, TableFetcher
+from memstore.dtypes import DType
+from memstore.launch import start_daemon, stop_daemon
+from memstore.table import Table
+from memstore.tabledir.manifest import Manifest
+from model.compression import CompressedTokenizer
+from model.data import DataConfig, PreparedData, prepare_data
+from model.device import add_device_argument
+from model.lm import EngramLM, LMConfig
+from model.sources import MappedTable, MemstoreTable
+from model.train import TrainConfig, train
 
 VARIANTS = ("in-process", "sync", "prefetch", "prefetch, same-host")
 

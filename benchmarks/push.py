@@ -1,6 +1,6 @@
 """Push throughput per optimizer and durability mode: in process (LiveTable.push) and through the daemon.
 
-    python benchmarks/push.py [--rows 8192] [--seconds 2] [--table-rows 1000000]
+    python -m benchmarks.push [--rows 8192] [--seconds 2] [--table-rows 1000000]
 
 One float16 table of dim 32 (the Engram LM's row width) per optimizer, created fresh. Each
 configuration pushes batches of distinct random row ids with random float32 gradients for
@@ -22,17 +22,15 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from client import ClientConfig, MemstoreClient  # noqa: E402
-from memstore.create import create_table  # noqa: E402
-from memstore.dtypes import DType  # noqa: E402
-from memstore.launch import start_daemon, stop_daemon  # noqa: E402
-from memstore.layout import EngramLayout  # noqa: E402
-from memstore.live import LiveConfig, LiveTable  # noqa: E402
-from memstore.tabledir.manifest import Backend, Manifest  # noqa: E402
-from memstore.tabledir.optimizer import OptimizerConfig, OptimizerKind  # noqa: E402
-from memstore.wal import Durability  # noqa: E402
+from client import ClientConfig, MemstoreClient
+from memstore.create import create_table
+from memstore.dtypes import DType
+from memstore.launch import start_daemon, stop_daemon
+from memstore.layout import EngramLayout
+from memstore.live import LiveConfig, LiveTable
+from memstore.tabledir.manifest import Backend, Manifest
+from memstore.tabledir.optimizer import OptimizerConfig, OptimizerKind
+from memstore.wal import Durability
 
 
 def _layout(table_rows: int) -> EngramLayout:

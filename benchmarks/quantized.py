@@ -1,6 +1,6 @@
 """Quantized rows: bytes per lookup, lookup speed, and what serving a float32-trained table in fp8 / int8 costs.
 
-    python benchmarks/quantized.py [--steps 300] [--lookups 65536]
+    python -m benchmarks.quantized [--steps 300] [--lookups 65536]
 
 1. Train the default Engram LM with its tables in process (float32, SparseAdam), `--steps` steps.
 2. Write its tables to safetensors and import them as memstore tables in float32, float16,
@@ -23,20 +23,18 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.common import REPO  # noqa: E402
-from client import ClientConfig, MemstoreClient  # noqa: E402
-from memstore.dtypes import DType  # noqa: E402
-from memstore.exchange import import_safetensors  # noqa: E402
-from memstore.launch import start_daemon, stop_daemon  # noqa: E402
-from memstore.table import Table  # noqa: E402
-from memstore.tabledir.manifest import Manifest  # noqa: E402
-from model.compression import CompressedTokenizer  # noqa: E402
-from model.data import DataConfig, prepare_data  # noqa: E402
-from model.lm import EngramLM, LMConfig  # noqa: E402
-from model.sources import MappedTable  # noqa: E402
-from model.train import TableSource, TrainConfig, build_model, evaluate, train  # noqa: E402
+from benchmarks.common import REPO
+from client import ClientConfig, MemstoreClient
+from memstore.dtypes import DType
+from memstore.exchange import import_safetensors
+from memstore.launch import start_daemon, stop_daemon
+from memstore.table import Table
+from memstore.tabledir.manifest import Manifest
+from model.compression import CompressedTokenizer
+from model.data import DataConfig, prepare_data
+from model.lm import EngramLM, LMConfig
+from model.sources import MappedTable
+from model.train import TableSource, TrainConfig, build_model, evaluate, train
 
 DTYPES = [DType.FLOAT32, DType.FLOAT16, DType.BFLOAT16, DType.FLOAT8_E4M3_ROWSCALE, DType.INT8_ROWSCALE]
 

@@ -1,6 +1,6 @@
 """Replication: how far a read replica trails its primary while training pushes as fast as it can.
 
-    python benchmarks/replication.py [--seconds 15] [--rows 4096] [--durability fsync]
+    python -m benchmarks.replication [--seconds 15] [--rows 4096] [--durability fsync]
 
 One float16 table of dim 32 (the Engram LM's row width) trained by Adam, created twice
 identically (a primary's and a replica's). Both run as `memstore serve` child processes, the
@@ -31,17 +31,15 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.common import process_cpu_s  # noqa: E402
-from client import ClientConfig, MemstoreClient  # noqa: E402
-from memstore.create import create_table  # noqa: E402
-from memstore.dtypes import DType  # noqa: E402
-from memstore.launch import start_daemon, stop_daemon  # noqa: E402
-from memstore.layout import EngramLayout  # noqa: E402
-from memstore.tabledir.manifest import Manifest  # noqa: E402
-from memstore.tabledir.optimizer import OptimizerConfig, OptimizerKind  # noqa: E402
-from memstore.wal import Durability  # noqa: E402
+from benchmarks.common import process_cpu_s
+from client import ClientConfig, MemstoreClient
+from memstore.create import create_table
+from memstore.dtypes import DType
+from memstore.launch import start_daemon, stop_daemon
+from memstore.layout import EngramLayout
+from memstore.tabledir.manifest import Manifest
+from memstore.tabledir.optimizer import OptimizerConfig, OptimizerKind
+from memstore.wal import Durability
 
 SAMPLE_PERIOD_S = 0.01
 

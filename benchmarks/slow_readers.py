@@ -5,7 +5,7 @@ connections of their own, reads only the first message of each (flow control the
 daemon mid-stream), and prints the daemon's RSS before and while they are held, and how many
 lookups the daemon admitted and refused. Extra arguments after `--` go to `memstore serve`.
 
-    PYTHONPATH=$PWD .venv/bin/python benchmarks/slow_readers.py -- --max-calls-per-peer 0
+    .venv/bin/python -m benchmarks.slow_readers -- --max-calls-per-peer 0
 """
 
 from __future__ import annotations

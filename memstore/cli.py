@@ -71,7 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--max-ngram", type=int, default=3)
     create.add_argument("--heads-per-ngram", type=int, default=8)
     create.add_argument("--dim", type=int, required=True, help="values per row (n_embed_per_ngram / heads)")
-    create.add_argument("--dtype", type=_dtype, default="float16", help="float32, float16 or bfloat16")
+    creatable = ", ".join(dtype.value for dtype in DType if not dtype.opaque)  # opaque rows are only imported
+    create.add_argument("--dtype", type=_dtype, default="float16", help=f"one of {creatable} (default: float16)")
     create.add_argument("--seed", type=int, default=0)
     create.add_argument("--init-std", type=float, default=1.0, help="std of the N(0, std^2) init (nn.Embedding: 1)")
     create.add_argument("--chunk-rows", type=int, default=DEFAULT_CHUNK_ROWS, help="rows generated per write")

@@ -22,9 +22,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from tokenizers import Regex, Tokenizer, normalizers
 
 from memstore.errors import InvalidArgumentError
+from model._tokenizers import Regex, Tokenizer, normalizers
 
 _SENTINEL = "\ue000"  # a private-use character: carries a lone space past Strip
 _INVALID = "\ufffd"  # what decoding an incomplete UTF-8 sequence yields

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from model._tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from model.corpus import CorpusConfig, generate_corpus
 
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>"]  # ids 0, 1, 2

@@ -16,13 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.compression import CompressedTokenizer
 from model.engram import Engram, EngramConfig
 from model.hashing import NgramHashMapping
 from model.sources import RowSource
 
 if TYPE_CHECKING:
     from client.prefetch import Prefetcher
+    from model.compression import CompressedTokenizer  # needs the optional `tokenizers` package
 
 
 class PrefetchedRows(Protocol):

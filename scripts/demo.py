@@ -1,8 +1,11 @@
 """The main job: an Engram LM that trains and samples through a memstore daemon.
 
-    python scripts/demo.py [--steps 150] [--shards N]
-    python scripts/demo.py --create-only --table DIR [--shards N]   # steps 1-2 only (a deployment's init job)
-    python scripts/demo.py --cluster FILE [--steps S]              # steps 3-4 through a running cluster
+    python -m scripts.demo [--steps 150] [--shards N]
+    python -m scripts.demo --create-only --table DIR [--shards N]   # steps 1-2 only (a deployment's init job)
+    python -m scripts.demo --cluster FILE [--steps S]              # steps 3-4 through a running cluster
+
+from the repository root (scripts/demo.sh does that), so the repository's packages are imported;
+where the packages are installed (the image: `python scripts/demo.py`) it also runs as a file.
 
 1. generate the corpus and train the BPE tokenizer locally (cached in data/);
 2. create the Engram table the model's layout needs (tables/engram-lm, fresh each run), with
@@ -26,23 +29,21 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from client import ClusterClient, ClusterSpec, MemstoreClient, PrefetchConfig, Prefetcher, PushConfig, Pusher
+from memstore.cli import describe_table
+from memstore.create import create_sharded, create_table
+from memstore.dtypes import DType
+from memstore.errors import TableFormatError
+from memstore.launch import start_daemon, stop_daemon
+from memstore.tabledir.manifest import Manifest
+from memstore.tabledir.names import MANIFEST_NAME, shard_dirs
+from model.data import DataConfig, PreparedData, prepare_data
+from model.device import add_device_argument
+from model.generate import sample
+from model.lm import LMConfig
+from model.train import TableSource, TrainConfig, build_model, report, save_checkpoint, train
 
-from client import ClusterClient, ClusterSpec, MemstoreClient, PrefetchConfig, Prefetcher, PushConfig, Pusher  # noqa: E402
-from memstore.cli import describe_table  # noqa: E402
-from memstore.create import create_sharded, create_table  # noqa: E402
-from memstore.dtypes import DType  # noqa: E402
-from memstore.errors import TableFormatError  # noqa: E402
-from memstore.launch import start_daemon, stop_daemon  # noqa: E402
-from memstore.tabledir.manifest import Manifest  # noqa: E402
-from memstore.tabledir.names import MANIFEST_NAME, shard_dirs  # noqa: E402
-from model.data import DataConfig, PreparedData, prepare_data  # noqa: E402
-from model.device import add_device_argument  # noqa: E402
-from model.generate import sample  # noqa: E402
-from model.lm import LMConfig  # noqa: E402
-from model.train import TableSource, TrainConfig, build_model, report, save_checkpoint, train  # noqa: E402
-
+REPO = Path(__file__).resolve().parent.parent  # data/, tables/ and runs/ go beside scripts/
 PROMPTS = ["The river", "In 1843,", "The University of"]
 
 

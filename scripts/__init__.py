@@ -1,0 +1,1 @@
+"""Repository scripts; `python -m scripts.demo` runs the demo from the repository root."""
