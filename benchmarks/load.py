@@ -34,7 +34,7 @@ backpressure). At the end: the daemon's version must equal the acknowledged push
 row read back must equal -lr x the sum of the gradients acknowledged for it (a differing row is
 a lost or doubled update). Latency is per call as the client sees it (queueing in the daemon's
 worker pool included). The daemon's /proc/PID/status is sampled every second: RssAnon (heap:
-what would leak; it includes the last `--feed-mb` (64) MiB of pushes kept for followers, full a
+what would leak; it includes the last `--feed-bytes` (64 MiB) of pushes kept for followers, full a
 few seconds into the run) and RssFile (the table's mapped pages and the shared libraries: flat
 once every row was read).
 """

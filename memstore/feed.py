@@ -136,6 +136,6 @@ def _logged_records_after(
         f"(version {applied}) holds pushes only after version {oldest} (its in-memory feed keeps the "
         f"last {feed.max_bytes / 2**20:g} MiB of records, its log the pushes since its last "
         "checkpoint). Take a snapshot on this daemon (`memstore snapshot ADDRESS NAME`), copy it to the "
-        "follower's table directory and restart the follower; a larger --feed-mb here keeps followers "
+        "follower's table directory and restart the follower; a larger --feed-bytes here keeps followers "
         "further behind in reach"
     )

@@ -147,11 +147,11 @@ def test_the_scrub_finds_damage_in_rows_already_read_and_health_turns_not_servin
 
 
 def test_memstore_serve_with_a_short_scrub_period_turns_not_serving(tmp_path: Path) -> None:
-    """Through the command line: `memstore serve --scrub-period`, a subprocess."""
+    """Through the command line: `memstore serve --scrub-period-s`, a subprocess."""
     path = make_table(tmp_path / "t", optimizer=ADAM)
     port_file = tmp_path / "port"
     cmd = [sys.executable, "-m", "memstore", "serve", str(path), "--listen", "127.0.0.1:0"]
-    cmd += ["--port-file", str(port_file), "--scrub-period", "0.3", "--no-same-host"]
+    cmd += ["--port-file", str(port_file), "--scrub-period-s", "0.3", "--no-same-host"]
     child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         _wait(lambda: port_file.exists() and port_file.read_text().endswith("\n"), "the daemon's port")

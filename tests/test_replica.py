@@ -498,7 +498,7 @@ def test_a_killed_replica_restarts_and_catches_up_while_pushes_go_on(tables, ser
 def test_a_stopping_primary_ends_follow_streams_at_once(tables) -> None:
     primary_path, _ = tables
     # A grace beyond the test's deadlines: the daemon exits in time only if the stream ends at once.
-    process, address = start_daemon(primary_path, ["--grace", "600", "--durability", "os"])
+    process, address = start_daemon(primary_path, ["--grace-s", "600", "--durability", "os"])
     try:
         with grpc.insecure_channel(address) as channel:
             request = pb.FollowRequest(manifest_json=MANIFEST.to_json(), heartbeat_s=0.05)
