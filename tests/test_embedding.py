@@ -13,8 +13,8 @@ from memstore.create import create_table
 from memstore.dtypes import DType
 from memstore.errors import InvalidArgumentError
 from memstore.live import LiveConfig, LiveTable
-from memstore.optim_config import OptimizerConfig, OptimizerKind
 from memstore.tabledir.manifest import Manifest
+from memstore.tabledir.optimizer import OptimizerConfig, OptimizerKind
 from memstore.wal import Durability
 from tests.helpers import FAST_FAIL, SMALL_LAYOUT
 
