@@ -25,7 +25,8 @@ import numpy as np
 
 from memstore.dtypes import DType
 from memstore.rowgen import initial_rows
-from memstore.storage import LmdbRowStore, MmapRowStore, RowStore
+from memstore.storage import MmapRowStore, RowStore
+from memstore.storage.lmdb_store import LmdbRowStore
 
 CHUNK_ROWS = 65_536
 

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import REPO, ensure_table
-from client import ClientConfig, MemstoreClient, PrefetchConfig, Prefetcher, TableFetcher
+from client import ClientConfig, MemstoreClient, PrefetchConfig, Prefetcher, RemoteEmbedding, TableFetcher
 from memstore.dtypes import DType
 from memstore.launch import start_daemon, stop_daemon
 from memstore.table import Table
@@ -48,7 +48,7 @@ from model.compression import CompressedTokenizer
 from model.data import DataConfig, PreparedData, prepare_data
 from model.device import add_device_argument
 from model.lm import EngramLM, LMConfig
-from model.sources import MappedTable, MemstoreTable
+from model.sources import MappedTable
 from model.train import TrainConfig, train
 
 VARIANTS = ("in-process", "sync", "prefetch", "prefetch, same-host")
@@ -91,10 +91,10 @@ def _train_step_time(variant: str, lm_config, data, table: Table, stores: dict, 
         model = _model(lm_config, data, {layer: MappedTable(table, layer) for layer in layers})
         result = train(model, data, config, progress=False)
     elif variant == "sync":
-        model = _model(lm_config, data, {layer: MemstoreTable(store, layer, device=DEVICE) for layer in layers})
+        model = _model(lm_config, data, {layer: RemoteEmbedding(store, layer, device=DEVICE) for layer in layers})
         result = train(model, data, config, progress=False)
     else:
-        model = _model(lm_config, data, {layer: MemstoreTable(store, layer, device=DEVICE) for layer in layers})
+        model = _model(lm_config, data, {layer: RemoteEmbedding(store, layer, device=DEVICE) for layer in layers})
         with Prefetcher(store, model.row_ids, layers, PrefetchConfig(device=str(DEVICE))) as prefetcher:
             result = train(model, data, config, progress=False, prefetcher=prefetcher)
         # After close(), which collects the copies' waits still in flight; evaluation does not use the prefetcher.

@@ -4,7 +4,9 @@ from client.client import MemstoreClient, PushAck, sum_duplicate_rows
 from client.cluster import ClusterClient
 from client.cluster_spec import ClusterSpec
 from client.config import ClientConfig, LoadBalancing
+from client.embedding import RemoteEmbedding
 from client.prefetch import PrefetchConfig, Prefetcher, PrefetchHandle, PrefetchStats, TableFetcher
+from client.protocol import RowReader, RowWriter, TableClient
 from client.push import PushConfig, Pusher, PushStats
 from memstore.errors import (
     DeadlineExceededError,
@@ -21,6 +23,10 @@ __all__ = [
     "LoadBalancing",
     "ClusterClient",
     "ClusterSpec",
+    "TableClient",
+    "RowReader",
+    "RowWriter",
+    "RemoteEmbedding",
     "Prefetcher",
     "PrefetchConfig",
     "PrefetchHandle",

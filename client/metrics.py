@@ -1,31 +1,117 @@
 """What the memstore costs a training or inference process, as Prometheus metrics.
 
-They live in prometheus-client's default registry, next to the process's own metrics: expose
-them with `prometheus_client.start_http_server(PORT)` (scripts/train.py --metrics-port does).
+`import client` loads no prometheus_client: the metrics exist once asked for. `enable()` registers
+them (in prometheus-client's default registry, next to the process's own metrics, unless given
+another); expose them with `prometheus_client.start_http_server(PORT)`. `python -m model.train
+--metrics-port PORT` does both. A process that imports prometheus_client itself gets them without
+asking: they register at the first observation after that import, in the default registry.
+
+`PrefetchStats` and `PushStats` count the same quantities whether the metrics are on or not.
 """
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+import sys
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from memstore.errors import InvalidArgumentError
 
 # Seconds: a prefetch that kept up costs microseconds; a cold fetch of a big batch, a second.
 _BUCKETS = (1e-5, 1e-4, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 
-PREFETCH_STALL = Histogram(
-    "memstore_client_prefetch_stall_seconds",
-    "Time the model waited for a layer's prefetched rows (exposed stall; 0 when the fetch kept up)",
-    ["layer"],
-    buckets=_BUCKETS,
-)
-PREFETCH_GPU_STALL = Histogram(
-    "memstore_client_prefetch_gpu_stall_seconds",
-    "Time a CUDA stream waited for a layer's prefetched rows to be copied to the device (0 when the copy kept up)",
-    ["layer"],
-    buckets=_BUCKETS,
-)
-PREFETCH_ROWS = Counter("memstore_client_prefetch_rows", "Rows fetched by prefetchers, per layer", ["layer"])
-PUSH_WAIT = Histogram(
-    "memstore_client_push_wait_seconds",
-    "Time a training step waited for earlier pushes to be acknowledged (the pusher's bound on steps in flight)",
-    buckets=_BUCKETS,
-)
+
+@dataclass(frozen=True)
+class _Metrics:
+    registry: Any
+    prefetch_stall: Any
+    prefetch_gpu_stall: Any
+    prefetch_rows: Any
+    push_wait: Any
+
+
+_enabled: _Metrics | None = None
+_lock = threading.Lock()
+
+
+def enable(registry: Any = None) -> None:
+    """Register the client's metrics in `registry` (prometheus-client's default when None).
+
+    Idempotent; ImportError without prometheus-client, InvalidArgumentError when they are already
+    registered in another registry.
+    """
+    global _enabled
+    import prometheus_client
+
+    registry = prometheus_client.REGISTRY if registry is None else registry
+    with _lock:
+        if _enabled is not None:
+            if _enabled.registry is not registry:
+                raise InvalidArgumentError(
+                    "the client's metrics are already registered in another registry; enable them once per process"
+                )
+            return
+        _enabled = _Metrics(
+            registry,
+            prometheus_client.Histogram(
+                "memstore_client_prefetch_stall_seconds",
+                "Time the model waited for a layer's prefetched rows (exposed stall; 0 when the fetch kept up)",
+                ["layer"],
+                buckets=_BUCKETS,
+                registry=registry,
+            ),
+            prometheus_client.Histogram(
+                "memstore_client_prefetch_gpu_stall_seconds",
+                "Time a CUDA stream waited for a layer's prefetched rows to be copied to the device "
+                "(0 when the copy kept up)",
+                ["layer"],
+                buckets=_BUCKETS,
+                registry=registry,
+            ),
+            prometheus_client.Counter(
+                "memstore_client_prefetch_rows", "Rows fetched by prefetchers, per layer", ["layer"], registry=registry
+            ),
+            prometheus_client.Histogram(
+                "memstore_client_push_wait_seconds",
+                "Time a training step waited for earlier pushes to be acknowledged (the pusher's bound on steps "
+                "in flight)",
+                buckets=_BUCKETS,
+                registry=registry,
+            ),
+        )
+
+
+def enabled() -> bool:
+    """Whether the metrics are registered (explicitly, or because the process imported prometheus_client)."""
+    return _current() is not None
+
+
+def _current() -> _Metrics | None:
+    if _enabled is None and "prometheus_client" in sys.modules:
+        enable()
+    return _enabled
+
+
+def observe_prefetch_stall(layer_id: int, seconds: float) -> None:
+    """One rows() wait of a prefetched layer."""
+    if (metrics := _current()) is not None:
+        metrics.prefetch_stall.labels(str(layer_id)).observe(seconds)
+
+
+def observe_prefetch_gpu_stall(layer_id: int, seconds: float) -> None:
+    """One wait of a consumer stream for a layer's copy to the device."""
+    if (metrics := _current()) is not None:
+        metrics.prefetch_gpu_stall.labels(str(layer_id)).observe(seconds)
+
+
+def count_prefetch_rows(layer_id: int, rows: int) -> None:
+    """Rows one prefetch lookup fetched."""
+    if (metrics := _current()) is not None:
+        metrics.prefetch_rows.labels(str(layer_id)).inc(rows)
+
+
+def observe_push_wait(seconds: float) -> None:
+    """One wait of a training step for earlier pushes to be acknowledged."""
+    if (metrics := _current()) is not None:
+        metrics.push_wait.observe(seconds)

@@ -74,32 +74,25 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from client import metrics
 from client.config import check_timeout
-from client.metrics import PREFETCH_GPU_STALL, PREFETCH_ROWS, PREFETCH_STALL
+from client.protocol import RowReader
 from memstore.errors import InternalError, InvalidArgumentError, MemstoreError, ResourceExhaustedError
-from memstore.table import Table
 from memstore.tabledir.manifest import Manifest
+
+if TYPE_CHECKING:
+    from memstore.table import Table
 
 RowIds = Mapping[int, "torch.Tensor | np.ndarray"]
 
 
-class RowFetcher(Protocol):
-    """What the prefetcher reads rows through: a MemstoreClient, or an in-process `TableFetcher`."""
-
-    def describe(self, timeout: float | None = None) -> Manifest: ...
-
-    def lookup(
-        self, layer_id: int, row_ids: Any, *, timeout: float | None = None, out: torch.Tensor | None = None
-    ) -> torch.Tensor: ...
-
-
 class TableFetcher:
-    """A table opened in this process behind the `RowFetcher` interface (the in-process baseline)."""
+    """A table opened in this process behind the `RowReader` interface (the in-process baseline)."""
 
     def __init__(self, table: Table) -> None:
         self.table = table
@@ -281,7 +274,7 @@ class PrefetchHandle:
             if first_request:
                 self._waited.add(layer_id)
                 stall = time.perf_counter() - start
-                PREFETCH_STALL.labels(str(layer_id)).observe(stall + self._fetched_in_submit_s.get(layer_id, 0.0))
+                metrics.observe_prefetch_stall(layer_id, stall + self._fetched_in_submit_s.get(layer_id, 0.0))
                 with self._prefetcher._stats_lock:
                     stats.stall_s[layer_id] = stats.stall_s.get(layer_id, 0.0) + stall
                     stats.requests += 1
@@ -343,7 +336,7 @@ class Prefetcher:
 
     def __init__(
         self,
-        fetcher: RowFetcher,
+        fetcher: RowReader,
         row_ids_fn: Callable[[Any], RowIds],
         layer_ids: tuple[int, ...] | list[int],
         config: PrefetchConfig | None = None,
@@ -434,7 +427,7 @@ class Prefetcher:
         if previous_copy is not None:  # a queued copy may still read the host buffer: wait here, not in the caller
             previous_copy.synchronize()
         self.fetcher.lookup(layer, ids, timeout=self.config.timeout_s, out=host)
-        PREFETCH_ROWS.labels(str(layer)).inc(ids.size)
+        metrics.count_prefetch_rows(layer, ids.size)
         rows = host
         if self._copy_stream is not None:
             with torch.cuda.device(self.device), torch.cuda.stream(self._copy_stream):
@@ -467,7 +460,7 @@ class Prefetcher:
                 return
             self._gpu_waits.popleft()
             waited_s = max(0.0, arrived.elapsed_time(copied) / 1000.0)  # the copy ended after the consumer arrived
-            PREFETCH_GPU_STALL.labels(str(layer)).observe(waited_s)
+            metrics.observe_prefetch_gpu_stall(layer, waited_s)
             with self._stats_lock:
                 self.stats.gpu_stall_s[layer] = self.stats.gpu_stall_s.get(layer, 0.0) + waited_s
 

@@ -21,21 +21,13 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Protocol
 
 import numpy as np
 
+from client import metrics
 from client.client import PushAck
-from client.metrics import PUSH_WAIT
+from client.protocol import RowWriter
 from memstore.errors import InternalError, InvalidArgumentError, MemstoreError
-
-
-class PushTarget(Protocol):
-    """What the pusher sends through: a MemstoreClient."""
-
-    def push(
-        self, layer_id: int, row_ids: Any, grads: Any, *, step_id: int = 0, lr_scale: float | None = None
-    ) -> PushAck: ...
 
 
 @dataclass(frozen=True)
@@ -67,7 +59,7 @@ class PushStats:
 class Pusher:
     """Sends each step's gradients for every Engram layer; use as a context manager (flushes on exit)."""
 
-    def __init__(self, target: PushTarget, layer_ids: tuple[int, ...] | list[int], config: PushConfig | None = None):
+    def __init__(self, target: RowWriter, layer_ids: tuple[int, ...] | list[int], config: PushConfig | None = None):
         self.target = target
         self.layer_ids = tuple(layer_ids)
         self.config = config or PushConfig()
@@ -139,7 +131,7 @@ class Pusher:
                 self._in_flight.popleft()
         finally:
             waited = time.perf_counter() - start
-            PUSH_WAIT.observe(waited)
+            metrics.observe_push_wait(waited)
             self.stats.wait_s += waited
 
     def _push_layer(

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 
-from memstore.live import LiveTable
 from memstore.table import Table
 from memstore.tabledir.manifest import Backend
 from memstore.tabledir.seqlock import SeqLock, consistent_gather
@@ -37,12 +36,10 @@ def host_id() -> str:
     return f"{socket.gethostname()}/{boot}"
 
 
-def advertise(live: LiveTable) -> pb.SameHostAccess | None:
-    """What the daemon tells clients so those on its host can map the table's files (None for an
-    LMDB table: LMDB allows one open of an environment per process, and a same-host client may be
-    the daemon's own process)."""
-    table = live.table
-    assert table is not None
+def advertise(table: Table, seqlock: SeqLock | None) -> pb.SameHostAccess | None:
+    """What the daemon tells clients so those on its host can map `table`'s files, read under
+    `seqlock` when the table is trained (None for an LMDB table: LMDB allows one open of an
+    environment per process, and a same-host client may be the daemon's own process)."""
     if table.manifest.backend is not Backend.MMAP:
         return None
     files = []
@@ -50,8 +47,10 @@ def advertise(live: LiveTable) -> pb.SameHostAccess | None:
         path = (table.path / table.manifest.layer_file(layer_id)).resolve()
         stat = path.stat()
         files.append(pb.LayerFile(layer_id=layer_id, path=str(path), device=stat.st_dev, inode=stat.st_ino))
-    seqlock = str(live.seqlock.path.resolve()) if live.seqlock is not None else ""
-    return pb.SameHostAccess(host_id=host_id(), table_dir=str(table.path.resolve()), files=files, seqlock_path=seqlock)
+    seqlock_path = str(seqlock.path.resolve()) if seqlock is not None else ""
+    return pb.SameHostAccess(
+        host_id=host_id(), table_dir=str(table.path.resolve()), files=files, seqlock_path=seqlock_path
+    )
 
 
 class SameHostReader:

@@ -12,7 +12,6 @@ from memstore.errors import InvalidArgumentError, TableFormatError, permission_m
 from memstore.rowgen import initial_rows_at
 from memstore.storage import MmapRowStore, RowStore
 from memstore.storage.base import check_row_ids
-from memstore.storage.lmdb_store import LmdbRowStore
 from memstore.tabledir.manifest import Backend, Init, Manifest
 
 
@@ -123,6 +122,9 @@ def open_store(
 ) -> RowStore:
     """The row store of `backend` at `path` (rows of a layer, or a slot of optimizer state)."""
     if backend is Backend.LMDB:
+        # Imported only for an LMDB table: a same-host client maps mmap tables and never loads lmdb.
+        from memstore.storage.lmdb_store import LmdbRowStore
+
         return LmdbRowStore(path, num_rows, width, dtype, read_only)
     return MmapRowStore(path, num_rows, width, dtype, read_only, initial_rows, known_pages)
 

@@ -121,7 +121,7 @@ class Engram(nn.Module):
         super().__init__()
         self.layer_id = layer_id
         self.config = config
-        self.table = table  # a LocalTable registers as a submodule; a MemstoreTable holds no parameters
+        self.table = table  # a LocalTable or RemoteEmbedding registers as a submodule; the latter holds no parameters
         self.value_proj = nn.Linear(config.memory_dim, hidden_size)
         self.key_projs = nn.ModuleList(nn.Linear(config.memory_dim, hidden_size) for _ in range(config.hc_mult))
         self.key_norms = nn.ModuleList(nn.RMSNorm(hidden_size) for _ in range(config.hc_mult))

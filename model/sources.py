@@ -1,4 +1,5 @@
-"""Where an Engram layer's rows come from: in process (trainable or memory-mapped) or the memstore daemon.
+"""Where an Engram layer's rows come from: in process (trainable or memory-mapped) or a memstore
+(`client.RemoteEmbedding`, through a daemon or a cluster).
 
 A source is called with row ids [B, T, heads] of its layer and returns rows [B, T, heads, dim]
 in float32. Both kinds start from the same rows for the same table (the memstore's
@@ -7,14 +8,13 @@ deterministic init), so the same weights and ids give the same outputs with eith
 
 from __future__ import annotations
 
-import time
+from collections.abc import Mapping
 from typing import Protocol
 
-import numpy as np
 import torch
 from torch import nn
 
-from client import ClusterClient, MemstoreClient, PrefetchHandle
+from client import PrefetchHandle, RemoteEmbedding, TableClient
 from memstore.dtypes import DType
 from memstore.layout import EngramLayout
 from memstore.rowgen import initial_rows
@@ -56,73 +56,18 @@ class MappedTable:
         return dtype.dequantize(stored)  # [B, T, heads, dim] float32
 
 
-class MemstoreTable:
-    """The layer's table in a memstore daemon, looked up when the layer needs it.
-
-    With `track_gradients`, fetched rows are leaves that require grad, and after backward
-    `row_gradients()` returns (row ids [N], gradients [N, dim]) of every row fetched since the
-    last call, repeats included: what a training client pushes back (the push sums repeats).
-    """
-
-    def __init__(
-        self,
-        client: MemstoreClient | ClusterClient,
-        layer_id: int,
-        track_gradients: bool = False,
-        device: torch.device | str | None = None,
-    ) -> None:
-        self.client = client
-        self.layer_id = layer_id
-        self.track_gradients = track_gradients
-        self.device = None if device is None else torch.device(device)  # None: the row ids' device
-        self.rows_fetched = 0
-        self.lookup_seconds = 0.0
-        self._fetched: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    def __call__(self, row_ids: torch.Tensor) -> torch.Tensor:
-        start = time.perf_counter()
-        stored = self.client.lookup(self.layer_id, row_ids.cpu())  # [B, T, heads, stored width], host
-        # The stored bytes travel (a quarter of float32's for fp8/int8) and decode where the model is.
-        device = self.device or row_ids.device
-        rows = self.client.describe().dtype.dequantize(stored.to(device))  # [B, T, heads, dim] float32
-        self.lookup_seconds += time.perf_counter() - start
-        self.rows_fetched += row_ids.numel()
-        if self.track_gradients and torch.is_grad_enabled():
-            rows = rows.detach().requires_grad_(True)  # a leaf on the model's device
-            self._fetched.append((row_ids.reshape(-1).cpu(), rows))
-        return rows
-
-    def row_gradients(self) -> tuple[np.ndarray, np.ndarray]:
-        """(row ids [N], gradients [N, dim]) of the rows fetched since the last call, repeats included."""
-        fetched = [(ids, rows.grad.reshape(len(ids), -1)) for ids, rows in self._fetched if rows.grad is not None]
-        self._fetched.clear()
-        if not fetched:
-            return np.empty(0, dtype=np.int64), np.empty((0, 0), dtype=np.float32)
-        return torch.cat([i for i, _ in fetched]).numpy(), torch.cat([g for _, g in fetched]).cpu().numpy()
-
-
 class TrackedRows:
-    """A step's prefetched rows made trainable: each layer's rows become a float32 leaf that
-    requires grad, and after backward `row_gradients()` maps each layer to (row ids [N],
-    gradients [N, dim]), repeats included, ready to push."""
+    """A step's prefetched rows fed through the layers' `RemoteEmbedding`s, so that training on
+    them accumulates the rows' gradients in those modules, as their own lookups do; push them
+    with `take_gradients()` (model.train does)."""
 
-    def __init__(self, prefetched: PrefetchHandle) -> None:
+    def __init__(self, prefetched: PrefetchHandle, tables: Mapping[int, RemoteEmbedding]) -> None:
         self.prefetched = prefetched
-        self._leaves: dict[int, torch.Tensor] = {}
+        self.tables = tables
 
     def rows(self, layer_id: int) -> torch.Tensor:
-        leaf = self.prefetched.rows(layer_id).float().detach().requires_grad_(True)  # [B, T, heads, dim]
-        self._leaves[layer_id] = leaf
-        return leaf
-
-    def row_gradients(self) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-        """{layer: (row ids [N], gradients [N, dim])} for the layers whose rows got gradients."""
-        grads = {}
-        for layer, leaf in self._leaves.items():
-            if leaf.grad is not None:
-                ids = self.prefetched.row_ids[layer].reshape(-1)  # [N]
-                grads[layer] = (ids, leaf.grad.reshape(len(ids), -1).cpu().numpy())  # [N], [N, dim]
-        return grads
+        ids = self.prefetched.row_ids[layer_id]  # [B, T, heads]
+        return self.tables[layer_id](ids, rows=self.prefetched.rows(layer_id))  # [B, T, heads, dim] float32
 
 
 def local_tables(layout: EngramLayout, seed: int) -> dict[int, RowSource]:
@@ -131,10 +76,14 @@ def local_tables(layout: EngramLayout, seed: int) -> dict[int, RowSource]:
 
 
 def memstore_tables(
-    client: MemstoreClient | ClusterClient,
+    client: TableClient,
     layout: EngramLayout,
     track_gradients: bool = False,
     device: torch.device | str | None = None,
-) -> dict[int, RowSource]:
-    """A memstore-backed table per Engram layer, all through one client, its rows decoded on `device`."""
-    return {layer_id: MemstoreTable(client, layer_id, track_gradients, device) for layer_id in layout.layer_ids}
+) -> dict[int, RemoteEmbedding]:
+    """A `RemoteEmbedding` per Engram layer, all through one client, its rows decoded on `device`;
+    with `track_gradients`, the rows' gradients accumulate in it for pushing."""
+    return {
+        layer_id: RemoteEmbedding(client, layer_id, requires_grad=track_gradients, device=device)
+        for layer_id in layout.layer_ids
+    }

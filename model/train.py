@@ -38,7 +38,8 @@ import prometheus_client
 import torch
 from tqdm import tqdm
 
-from client import ClusterClient, MemstoreClient, PrefetchConfig, Prefetcher, PrefetchHandle, PushConfig, Pusher
+from client import PrefetchConfig, Prefetcher, PrefetchHandle, PushConfig, Pusher, RemoteEmbedding, TableClient
+from client import metrics as client_metrics
 from client.cluster import add_connection_arguments, connect
 from memstore.errors import InvalidArgumentError
 from memstore.layout import fingerprint
@@ -48,7 +49,7 @@ from model.config import lm_config_from_dict, lm_config_to_dict
 from model.data import DataConfig, PreparedData, batches, eval_batches, prepare_data
 from model.device import add_device_argument, check_rows_device
 from model.lm import EngramLM, LMConfig
-from model.sources import MemstoreTable, TrackedRows, local_tables, memstore_tables
+from model.sources import TrackedRows, local_tables, memstore_tables
 
 
 class TableSource(enum.Enum):
@@ -118,7 +119,7 @@ def build_model(
     lm_config: LMConfig,
     data: PreparedData,
     source: TableSource,
-    client: MemstoreClient | ClusterClient | None = None,
+    client: TableClient | None = None,
     track_gradients: bool = False,
     device: torch.device | str = "cpu",
 ) -> EngramLM:
@@ -198,9 +199,36 @@ def train(
 
     With a `prefetcher` each step's rows are fetched ahead of the layers (one step ahead, unless
     a synchronous `pusher` needs this step's push applied first). With a `pusher` the memstore
-    tables learn: each step's row gradients are pushed (the model's memstore tables must track
-    gradients when there is no prefetcher).
+    tables learn: each step's row gradients, of their lookups or of the prefetched rows fed through
+    them, are pushed (the tables track gradients during the call whatever they were built with).
     """
+    tables = _memstore_tables(model)
+    with _tracking(tables, pusher is not None):
+        return _train(model, data, config, progress, prefetcher, pusher, tables)
+
+
+@contextmanager
+def _tracking(tables: list[RemoteEmbedding], on: bool) -> Iterator[None]:
+    """The tables' gradient tracking turned on (when `on`) for the block, then restored."""
+    before = [table.requires_grad for table in tables]
+    for table in tables:
+        table.requires_grad = table.requires_grad or on
+    try:
+        yield
+    finally:
+        for table, was in zip(tables, before):
+            table.requires_grad = was
+
+
+def _train(
+    model: EngramLM,
+    data: PreparedData,
+    config: TrainConfig,
+    progress: bool,
+    prefetcher: Prefetcher | None,
+    pusher: Pusher | None,
+    tables: list[RemoteEmbedding],
+) -> TrainResult:
     device = next(model.parameters()).device
     if prefetcher is not None:
         check_rows_device(device, prefetcher.device, "the prefetcher")
@@ -214,7 +242,6 @@ def train(
     else:
         result.prefetch_ahead = 0 if pusher is not None and pusher.config.synchronous else 1
         steps = _prefetched(stream, prefetcher, result.prefetch_ahead)
-    sync_tables = _memstore_tables(model)
     stall = _StallMeter(model, prefetcher)
     start = time.perf_counter()
     bar = tqdm(enumerate(steps), total=config.steps, disable=not progress, desc="train", unit="step")
@@ -223,7 +250,11 @@ def train(
         for opt, lrs in zip(optimizers, base_lrs):
             for group, lr in zip(opt.param_groups, lrs):
                 group["lr"] = lr * scale
-        rows = TrackedRows(handle) if pusher is not None and handle is not None else handle
+        rows = (
+            TrackedRows(handle, {t.layer_id: t for t in tables})
+            if pusher is not None and handle is not None
+            else handle
+        )
         _, loss = model(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device), prefetched=rows)
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
@@ -234,10 +265,7 @@ def train(
         for opt in optimizers:
             opt.step()
         if pusher is not None:
-            if isinstance(rows, TrackedRows):
-                grads = rows.row_gradients()
-            else:
-                grads = {t.layer_id: t.row_gradients() for t in sync_tables}
+            grads = {t.layer_id: t.take_gradients() for t in tables}  # lookups' and prefetched rows' alike
             pusher.push_step(step + 1, grads, lr_scale=scale)
         result.steps.append(step)
         result.train_loss.append(loss.item())
@@ -267,8 +295,10 @@ def train(
     return result
 
 
-def _memstore_tables(model: EngramLM) -> list[MemstoreTable]:
-    return [b.engram.table for b in model.blocks if b.engram is not None and isinstance(b.engram.table, MemstoreTable)]
+def _memstore_tables(model: EngramLM) -> list[RemoteEmbedding]:
+    return [
+        b.engram.table for b in model.blocks if b.engram is not None and isinstance(b.engram.table, RemoteEmbedding)
+    ]
 
 
 class _StallMeter:
@@ -359,7 +389,7 @@ def save_checkpoint(model: EngramLM, source: TableSource, path: Path, result: Tr
 def load_checkpoint(
     path: Path,
     data: PreparedData,
-    client: MemstoreClient | ClusterClient | None = None,
+    client: TableClient | None = None,
     source: TableSource | None = None,
     device: torch.device | str = "cpu",
 ) -> tuple[EngramLM, TableSource]:
@@ -404,6 +434,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     if args.metrics_port is not None:
+        client_metrics.enable()
         prometheus_client.start_http_server(args.metrics_port)
     if args.source is TableSource.MEMSTORE and not (args.memstore or args.cluster or args.shard):
         parser.error("--source memstore needs --memstore HOST:PORT (`memstore serve`'s address) or --cluster FILE")

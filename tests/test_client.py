@@ -23,7 +23,6 @@ from client import (
     InvalidArgumentError,
     LayoutMismatchError,
     MemstoreClient,
-    MemstoreError,
     ResourceExhaustedError,
     UnavailableError,
 )
@@ -133,10 +132,29 @@ def test_expected_fingerprint_is_checked_on_connect(daemon, client_config) -> No
 
 def test_unreachable_daemon_raises_unavailable(client_config, tmp_path) -> None:
     # A Unix socket nobody listens on: unlike a "free" TCP port, nothing can take it meanwhile.
-    with MemstoreClient(f"unix:{tmp_path / 'nobody.sock'}", client_config) as client:
+    socket_path = tmp_path / "nobody.sock"
+    with MemstoreClient(f"unix:{socket_path}", client_config) as client:
+        attempts: list[str] = []
+
+        def counted(name: str) -> Callable[..., object]:
+            call = getattr(client._stub, name)  # the real call, counted
+
+            def attempt(*args: object, **kwargs: object) -> object:
+                attempts.append(name)
+                return call(*args, **kwargs)
+
+            return attempt
+
+        # The first call of a lookup: Describe for the same-host path, else Lookup itself.
+        client._stub.Describe, client._stub.Lookup = counted("Describe"), counted("Lookup")
         with pytest.raises(UnavailableError) as info:
             client.lookup(1, [0])
-        assert isinstance(info.value, MemstoreError)
+    # Retried as configured before giving up, and raised as the project's error alone: gRPC's is
+    # neither the exception nor chained to it (a caller's traceback shows no grpc internals).
+    assert len(attempts) == client_config.max_attempts > 1
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+    assert not isinstance(info.value, grpc.RpcError)
+    assert str(socket_path) in str(info.value)  # says which address could not be reached
 
 
 def test_deadline_is_enforced_against_a_stuck_daemon(client_config) -> None:

@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from client import MemstoreClient
+from client import MemstoreClient, RemoteEmbedding
 from client.client import sum_duplicate_rows
 from memstore.create import create_table
 from memstore.dtypes import DType
 from memstore.table import Table
 from memstore.tabledir.manifest import Manifest
 from model.engram import Engram, EngramConfig, ShortConv
-from model.sources import LocalTable, MappedTable, MemstoreTable
+from model.sources import LocalTable, MappedTable
 from tests.reference_engram import FLOAT32_EPS, EngramWeights, engram_reference
 
 CONFIG = EngramConfig(
@@ -125,7 +125,10 @@ def _with_repeats(ids: torch.Tensor) -> torch.Tensor:
 def test_memstore_and_local_sources_give_the_same_outputs_and_gradients(float32_table) -> None:
     local = _engram()
     with MemstoreClient(float32_table.address) as client:
-        remote = Engram(CONFIG.layer_ids[0], CONFIG, HIDDEN, MemstoreTable(client, CONFIG.layer_ids[0], True))
+        table = RemoteEmbedding(client, CONFIG.layer_ids[0], requires_grad=True)
+        returned: list[torch.Tensor] = []  # the rows the module handed the layer: leaves with a .grad
+        table.register_forward_hook(lambda module, args, rows: returned.append(rows))
+        remote = Engram(CONFIG.layer_ids[0], CONFIG, HIDDEN, table)
         remote.load_state_dict({k: v for k, v in local.state_dict().items() if not k.startswith("table.")})
         hidden = torch.randn(3, 6, 1, HIDDEN)
         ids = _with_repeats(_row_ids(CONFIG, 3, 6))
@@ -133,15 +136,21 @@ def test_memstore_and_local_sources_give_the_same_outputs_and_gradients(float32_
         torch.testing.assert_close(out_remote, out_local, rtol=0, atol=0)
         out_local.sum().backward()
         out_remote.sum().backward()
-        occurrence_ids, occurrence_grads = remote.table.row_gradients()
+        row_ids, grads = table.take_gradients()  # what the module pushes
+        assert table.take_gradients()[0].size == 0  # handed over once
+    (rows,) = returned
+    occurrence_ids, occurrence_grads = ids.reshape(-1).numpy(), rows.grad.reshape(ids.numel(), -1).numpy()
     local_grad = local.table.embedding.weight.grad  # uncoalesced: one entry per lookup
     # Per lookup, both backward passes are the same float32 operations on the same values: identical bits.
     np.testing.assert_array_equal(occurrence_ids, local_grad._indices()[0].numpy())
     np.testing.assert_array_equal(occurrence_grads, local_grad._values().numpy())
+    # The module sums per row as the client's push does: the same bits as pushing every occurrence.
+    expected_ids, expected_grads = sum_duplicate_rows(occurrence_ids, occurrence_grads)
+    np.testing.assert_array_equal(row_ids, expected_ids)
+    np.testing.assert_array_equal(grads, expected_grads)
     # Summed per row: the client's sum and torch's coalesce add the same k values, maybe in another
     # order. Each float32 sum of k terms is within (k - 1) * 2^-24 * sum|g_i| of the exact sum, so
     # the two are within twice that of each other: the bound, per row and element.
-    row_ids, grads = sum_duplicate_rows(occurrence_ids, occurrence_grads)
     counts = np.unique(occurrence_ids, return_counts=True)[1]
     magnitude = sum_duplicate_rows(occurrence_ids, np.abs(occurrence_grads.astype(np.float64)))[1]
     assert counts.max() >= 3 and (counts >= 2).sum() > 10  # repeats are what is being compared

@@ -235,7 +235,7 @@ def test_memstore_rows_travel_as_stored_and_decode_on_the_tables_device(
 ) -> None:
     """The stored bytes (a quarter of float32's for fp8/int8) move to the device and decode there; on
     the CPU the rows are the same bits as decoding the stored rows directly."""
-    from model.sources import MemstoreTable
+    from client import RemoteEmbedding
 
     path = create_table(tmp_path / "t", Manifest(layout=ENGRAM.layout(), dtype=dtype, seed=ENGRAM.seed))
     layer = ENGRAM.layer_ids[0]
@@ -249,11 +249,11 @@ def test_memstore_rows_travel_as_stored_and_decode_on_the_tables_device(
 
     with Table.open(path) as table, MemstoreClient(daemon_factory(table).address) as client:
         expected = dtype.to_float32(table.gather(layer, ids.reshape(-1).numpy()))  # [N, dim]
-        cpu_rows = MemstoreTable(client, layer)(ids)
+        cpu_rows = RemoteEmbedding(client, layer)(ids)
         assert cpu_rows.device.type == "cpu"
         np.testing.assert_array_equal(cpu_rows.reshape(-1, DIM).numpy(), expected)
         monkeypatch.setattr(DType, "dequantize", spy)
-        meta_rows = MemstoreTable(client, layer, device="meta")(ids)
+        meta_rows = RemoteEmbedding(client, layer, device="meta")(ids)
     assert meta_rows.device.type == "meta" and meta_rows.shape == (2, 5, 4, DIM)
     assert decoded_on == [("meta", dtype.stored_width(DIM))]
 
@@ -261,14 +261,14 @@ def test_memstore_rows_travel_as_stored_and_decode_on_the_tables_device(
 @CUDA
 @pytest.mark.parametrize("dtype", [DType.FLOAT32, DType.BFLOAT16, DType.FLOAT8_E4M3_ROWSCALE, DType.INT8_ROWSCALE])
 def test_memstore_rows_on_cuda_are_the_cpu_rows_bit_for_bit(tmp_path, daemon_factory, dtype) -> None:
-    from model.sources import MemstoreTable
+    from client import RemoteEmbedding
 
     path = create_table(tmp_path / "t", Manifest(layout=ENGRAM.layout(), dtype=dtype, seed=ENGRAM.seed))
     layer = ENGRAM.layer_ids[0]
     ids = torch.from_numpy(np.random.default_rng(0).integers(0, ENGRAM.layout().num_rows(layer), (2, 5, 4)))
     with Table.open(path) as table, MemstoreClient(daemon_factory(table).address) as client:
-        cpu_rows = MemstoreTable(client, layer)(ids)
-        gpu_rows = MemstoreTable(client, layer, device="cuda")(ids.cuda())
+        cpu_rows = RemoteEmbedding(client, layer)(ids)
+        gpu_rows = RemoteEmbedding(client, layer, device="cuda")(ids.cuda())
     assert gpu_rows.device.type == "cuda"
     assert torch.equal(gpu_rows.cpu().view(torch.int32), cpu_rows.view(torch.int32))
 

@@ -10,6 +10,7 @@ import os
 import re
 import socket
 import subprocess
+import sys
 import threading
 import urllib.request
 from dataclasses import replace
@@ -141,6 +142,55 @@ def test_prefetch_stall_is_a_client_metric(table) -> None:
                 handle.rows(LAYER)
     assert sample("memstore_client_prefetch_stall_seconds_count") == stalls_before + 3
     assert sample("memstore_client_prefetch_rows_total") == rows_before + 3 * 20
+
+
+_CLIENT_STEPS = """
+import sys
+import numpy as np
+from client import PrefetchConfig, Prefetcher, TableFetcher, metrics
+from memstore.table import Table
+if sys.argv[2] == "own-registry":
+    import prometheus_client
+    registry = prometheus_client.CollectorRegistry()
+    metrics.enable(registry)
+with Table.open(sys.argv[1]) as table, Prefetcher(
+    TableFetcher(table), lambda _: {1: np.arange(20).reshape(2, 10)}, (1,), PrefetchConfig(overlap=False)
+) as prefetcher:
+    for step in range(3):
+        with prefetcher.submit(step) as handle:
+            handle.rows(1)
+print(prefetcher.stats.requests, prefetcher.stats.rows, metrics.enabled(), "prometheus_client" in sys.modules)
+if sys.argv[2] == "own-registry":
+    print(registry.get_sample_value("memstore_client_prefetch_rows_total", {"layer": "1"}))
+    print(prometheus_client.REGISTRY.get_sample_value("memstore_client_prefetch_rows_total", {"layer": "1"}))
+    try:
+        metrics.enable(prometheus_client.CollectorRegistry())
+    except Exception as exc:
+        print(type(exc).__name__)
+"""
+
+
+def _client_steps(table_path: Path, mode: str) -> list[str]:
+    """The output lines of three prefetched steps in a fresh interpreter (`mode`: plain or own-registry)."""
+    result = subprocess.run(
+        [sys.executable, "-c", _CLIENT_STEPS, str(table_path), mode],
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE_S * 4,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.splitlines()
+
+
+def test_client_metrics_are_off_without_prometheus_and_the_stats_still_count(table_path) -> None:
+    # 3 rows() waits and 60 rows counted, no metrics registered, prometheus_client never imported.
+    assert _client_steps(table_path, "plain") == ["3 60 False False"]
+
+
+def test_client_metrics_go_to_the_registry_they_are_enabled_in(table_path) -> None:
+    counted, rows, default, again = _client_steps(table_path, "own-registry")
+    assert counted == "3 60 True True" and rows == "60.0" and default == "None"
+    assert again == "InvalidArgumentError"  # registered once per process
 
 
 def test_json_logs_are_one_object_per_line_with_extras_and_exceptions() -> None:

@@ -35,7 +35,7 @@ def _expected_rows(layer: int, ids: np.ndarray) -> np.ndarray:
 
 
 class FakeStore:
-    """A RowFetcher with a controlled latency per lookup and failures injected by (layer, call number)."""
+    """A RowReader with a controlled latency per lookup and failures injected by (layer, call number)."""
 
     def __init__(self, latency_s: float = 0.0, fail: dict[tuple[int, int], Exception] | None = None) -> None:
         self.manifest = Manifest(layout=SMALL_LAYOUT, dtype=DType.FLOAT32, seed=0)
@@ -274,7 +274,8 @@ def test_cuda_rows_land_on_the_device_after_their_event() -> None:
 
 @pytest.mark.parametrize("dtype", [DType.FLOAT8_E4M3_ROWSCALE, DType.INT8_ROWSCALE], ids=lambda d: d.value)
 def test_quantized_rows_reach_the_model_decoded(tmp_path, daemon_factory, dtype: DType) -> None:
-    from model.sources import MappedTable, MemstoreTable
+    from client import RemoteEmbedding
+    from model.sources import MappedTable
 
     path = create_table(tmp_path / "q", Manifest(layout=SMALL_LAYOUT, dtype=dtype, seed=0))
     ids = _ids(3)[1]  # [2, 8, 8]
@@ -282,7 +283,7 @@ def test_quantized_rows_reach_the_model_decoded(tmp_path, daemon_factory, dtype:
         expected = dtype.to_float32(table.gather(1, ids.reshape(-1))).reshape(*ids.shape, DIM)  # [2, 8, 8, dim]
         raw = client.lookup(1, ids)
         assert raw.dtype == torch.uint8 and raw.shape == (*ids.shape, DIM + 4)  # a quarter of float32's bytes
-        for source in (MemstoreTable(client, 1), MappedTable(table, 1)):
+        for source in (RemoteEmbedding(client, 1), MappedTable(table, 1)):
             np.testing.assert_array_equal(source(torch.from_numpy(ids)).numpy(), expected)
         with Prefetcher(client, _ids, LAYERS) as prefetcher, prefetcher.submit(3) as handle:
             rows = handle.rows(1)

@@ -15,7 +15,8 @@ import pytest
 
 from memstore.dtypes import DType
 from memstore.errors import InvalidArgumentError, ReadOnlyError, TableFormatError
-from memstore.storage import LmdbRowStore, MmapRowStore, RowStore
+from memstore.storage import MmapRowStore, RowStore
+from memstore.storage.lmdb_store import LmdbRowStore
 from tests.helpers import FLOAT_DTYPES, join_all, readline_within
 
 NUM_ROWS, DIM = 37, 8
@@ -577,7 +578,7 @@ def test_lmdb_readers_in_threads_see_whole_updates(tmp_path: Path, use_cache: bo
 _READER = """
 import sys, numpy as np
 from memstore.dtypes import DType
-from memstore.storage import LmdbRowStore
+from memstore.storage.lmdb_store import LmdbRowStore
 store = LmdbRowStore(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), DType.FLOAT32)
 span, last, seen = int(sys.argv[4]), 0.0, set()
 print("ready", flush=True)
