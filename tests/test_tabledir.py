@@ -211,10 +211,11 @@ def _loaded(statement: str, modules: list[str]) -> list[str]:
 
 def test_reading_the_table_format_loads_no_server_engine() -> None:
     """A client maps a table by its manifest, checkpoint and sequence lock (and a tool may read its checksum
-    sidecars): none of them may pull in the log, the optimizer arithmetic, the integrity engine or the daemon."""
+    sidecars and log segments): none of them may pull in the log, the optimizer arithmetic, the integrity engine
+    or the daemon."""
     statement = (
         "import memstore.tabledir.manifest, memstore.tabledir.seqlock, memstore.tabledir.checkpoint, "
-        "memstore.tabledir.sums"
+        "memstore.tabledir.sums, memstore.tabledir.walformat"
     )
     assert _loaded(statement, _SERVER_MODULES) == []
 
