@@ -1,20 +1,10 @@
 """Row checksums kept current by every write, checked on read and by a background scrub.
 
-This module owns the checksum sidecar format. Every store of a table (a layer's rows, each
-optimizer state slot) has a sidecar `<store file>.sums` beside it (`memstore.tabledir.names.sums_path`):
-
-- a 64-byte header: magic ``MSSUMS1\\0``, block rows (u32), row bytes (u32), rows (u64), blocks (u64);
-- one u32 checksum per row (`row_checksums` of the row's stored bytes), padded to 8 bytes;
-- one u64 per block of `BLOCK_ROWS` rows: the table version of the last push that wrote a row
-  of the block (0: none since create).
-
-Checksums are of the bytes as stored, so a row never written in a sparse file (a lazy table, or
-zero optimizer state) has the bytes of zeros and the checksum 0: an all-zero sidecar is right for
-a sparse store, and a row whose bytes appear in a hole later is damage. A sidecar gets its disk
-space when written, except an all-zero one (a lazy table's, zero optimizer state's), which stays
-sparse like its store: a push reserves the pages it will write before it is logged
-(`TableIntegrity.reserve`), so updating a
-sidecar through its map never meets a full disk (DiskFullError instead, nothing applied).
+Every store of a table has a checksum sidecar `<store file>.sums` beside it; its format (a
+checksum per row, a version per block of `BLOCK_ROWS` rows) is owned by `memstore.tabledir.sums`.
+A sparse store's sidecar stays sparse like its store: a push reserves the pages it will write
+before it is logged (`TableIntegrity.reserve`), so updating a sidecar through its map never meets
+a full disk (DiskFullError instead, nothing applied).
 
 Create and import write the sidecars; every applied push, replayed log record and replicated
 record rewrites the checksums of exactly the rows it wrote and the version of their blocks, inside
@@ -38,9 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import mmap
 import os
-import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -49,27 +37,27 @@ from pathlib import Path
 
 import numpy as np
 
-from memstore import space
 from memstore.dtypes import DType
-from memstore.errors import DataLossError, InvalidArgumentError, TableFormatError
-from memstore.space import page_runs
+from memstore.errors import DataLossError, InvalidArgumentError
 from memstore.storage import MmapRowStore, RowStore
 from memstore.storage.base import take_rows
 from memstore.table import Table, open_store
-from memstore.tabledir.fsafe import copy_range, writing_durably
 from memstore.tabledir.manifest import Manifest
 from memstore.tabledir.names import sums_path
+from memstore.tabledir.sums import (
+    BLOCK_ROWS,
+    BLOCK_SHIFT,
+    SumsFile,
+    num_blocks,
+    row_checksums,
+    store_specs,
+    write_sums_file,
+)
 
 log = logging.getLogger("memstore.integrity")
 
-BLOCK_ROWS = 256  # rows per verified block: a power of two (a row's block is id >> _SHIFT)
-_SHIFT = BLOCK_ROWS.bit_length() - 1
-_MAGIC = b"MSSUMS1\0"
-_HEADER = struct.Struct("<8sIIQQ")
-_HEADER_BYTES = 64
 _CHUNK_ROWS = 1 << 16  # rows hashed at once when building or verifying whole stores
 _SCRUB_BATCH_BLOCKS = 64  # blocks verified per scrub step (between pauses)
-_PAGE = mmap.PAGESIZE
 
 
 @dataclass(frozen=True)
@@ -85,214 +73,13 @@ class IntegrityConfig:
             raise InvalidArgumentError(f"scrub period must be 0 (off) or a positive number; got {self.scrub_period_s}")
 
 
-def _multipliers(words: int) -> np.ndarray:
-    """One odd 64-bit multiplier per word position (splitmix64 of the position, low bit set)."""
-    x = np.arange(1, words + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
-    x ^= x >> np.uint64(30)
-    x *= np.uint64(0xBF58476D1CE4E5B9)
-    x ^= x >> np.uint64(27)
-    return (x >> np.uint64(32)).astype(np.uint32) | np.uint32(1)
-
-
-_MULTIPLIER_CACHE: dict[int, np.ndarray] = {}
-
-
-def row_checksums(rows: np.ndarray) -> np.ndarray:
-    """One u32 per row of a C-contiguous [N, ...] array: sum of the row's words times odd multipliers,
-    modulo 2**32.
-
-    Words are 4 bytes when they divide the row (else 2 or 1). A change of any one word changes the
-    sum (an odd multiplier is invertible modulo 2**32); the bytes of zeros sum to 0. 32 bits, not 64:
-    the checksums of the rows a push writes touch half the pages (what a push pays for, measured).
-    """
-    rows = np.ascontiguousarray(rows)
-    count = len(rows)
-    row_bytes = rows.nbytes // count if count else 0
-    if not count or not row_bytes:
-        return np.zeros(count, dtype=np.uint32)
-    word = next(w for w in (4, 2, 1) if row_bytes % w == 0)
-    words = rows.view(np.uint8).reshape(count, row_bytes).view(f"<u{word}")
-    if word != 4:
-        words = words.astype(np.uint32)
-    multipliers = _MULTIPLIER_CACHE.get(words.shape[1])
-    if multipliers is None:
-        multipliers = _MULTIPLIER_CACHE.setdefault(words.shape[1], _multipliers(words.shape[1]))
-    return words @ multipliers  # integer matmul wraps modulo 2**32, ~3x faster than multiply-and-sum
-
-
-def _num_blocks(num_rows: int) -> int:
-    return -(-num_rows // BLOCK_ROWS)
-
-
-def _versions_offset(num_rows: int) -> int:
-    """Where a sidecar's block versions start: after the u32 sums, 8-byte aligned."""
-    return _HEADER_BYTES + -(-4 * num_rows // 8) * 8
-
-
-def _sidecar_bytes(num_rows: int) -> int:
-    return _versions_offset(num_rows) + 8 * _num_blocks(num_rows)
-
-
-class SumsFile:
-    """One store's sidecar, memory-mapped: `sums[row]` and `versions[block]`."""
-
-    def __init__(self, path: Path, num_rows: int, row_bytes: int, writable: bool) -> None:
-        self.path = path
-        self.num_rows = num_rows
-        self.writable = writable
-        blocks = _num_blocks(num_rows)
-        size = _sidecar_bytes(num_rows)
-        try:
-            with open(path, "r+b" if writable else "rb") as f:
-                actual = os.fstat(f.fileno()).st_size
-                header = f.read(_HEADER.size)
-                if actual != size:
-                    raise DataLossError(
-                        f"checksum file {path} holds {actual} bytes where {size} belong: it is damaged; restore the "
-                        "table from a snapshot (or delete the file to rebuild the checksums from the rows as they are)"
-                    )
-                magic, block_rows, stored_row_bytes, rows, stored_blocks = _HEADER.unpack(header)
-                if (magic, block_rows, stored_row_bytes, rows, stored_blocks) != (
-                    _MAGIC,
-                    BLOCK_ROWS,
-                    row_bytes,
-                    num_rows,
-                    blocks,
-                ):
-                    raise DataLossError(
-                        f"checksum file {path} has a header for another store ({magic!r}, {block_rows} rows per "
-                        f"block, {rows} rows of {stored_row_bytes} bytes; expected {num_rows} rows of {row_bytes}): "
-                        "restore the table from a snapshot (or delete the file to rebuild it from the rows as they are)"
-                    )
-                access = mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ
-                self._map = mmap.mmap(f.fileno(), size, access=access)
-                # Pages with disk space, when some have none (a sparse sidecar); None: every page has.
-                self._allocated = _allocated_pages(f.fileno(), size)
-                self._fd = os.dup(f.fileno()) if self._allocated is not None else None
-        except FileNotFoundError:
-            raise TableFormatError(f"checksum file {path} is missing") from None
-        self.sums = np.frombuffer(self._map, dtype="<u4", count=num_rows, offset=_HEADER_BYTES)
-        self.versions = np.frombuffer(self._map, dtype="<u8", count=blocks, offset=_versions_offset(num_rows))
-
-    def reserve(self, ids: np.ndarray) -> None:
-        """Give disk space to the sidecar pages a write of these rows touches (a sparse sidecar), so writing
-        them through the map never meets a full disk (SIGBUS): DiskFullError when the disk is full."""
-        allocated = self._allocated
-        if allocated is None or not len(ids):
-            return
-        offsets = np.concatenate([_HEADER_BYTES + 4 * ids, _versions_offset(self.num_rows) + 8 * (ids >> _SHIFT)])
-        pages = np.unique(offsets // _PAGE)
-        pages = pages[~allocated[pages]]
-        if len(pages):
-            runs = page_runs(pages, pages, _PAGE, len(self._map))
-            space.reserve(self._fd, runs, self.path, "a push (its rows' checksums)")  # DiskFullError when full
-            allocated[pages] = True
-            if allocated.all():
-                self._allocated = None  # every page has disk now: no more reservations or preads
-
-    def expected(self, start: int, stop: int) -> np.ndarray:
-        """The recorded checksums of rows start..stop-1. A sparse sidecar is read with pread, not through
-        its map: reading a hole through a shared map allocates a page on tmpfs (SIGBUS when full)."""
-        if self._allocated is None:
-            return self.sums[start:stop]
-        data = os.pread(self._fd, 4 * (stop - start), _HEADER_BYTES + 4 * start)
-        return np.frombuffer(data, dtype="<u4")
-
-    def copy_to(self, target: Path) -> None:
-        """A copy of the sidecar at `target` (synced), as sparse as this one: only data extents are copied."""
-        size = len(self._map)
-        with open(self.path, "rb") as src, open(target, "wb") as out:
-            out.truncate(size)
-            if self._allocated is None:
-                os.posix_fallocate(out.fileno(), 0, size)
-            offset = 0
-            while offset < size:
-                try:
-                    start = os.lseek(src.fileno(), offset, os.SEEK_DATA)
-                except OSError:  # ENXIO: only a hole is left
-                    break
-                end = os.lseek(src.fileno(), start, os.SEEK_HOLE)
-                position = start
-                while position < end:
-                    copied = copy_range(src.fileno(), out.fileno(), end - position, position)
-                    if copied == 0:
-                        break
-                    position += copied
-                offset = end
-            out.flush()
-            os.fsync(out.fileno())
-
-    def block_versions(self) -> np.ndarray:
-        """A copy of every block's version (pread for a sparse sidecar, as `expected`)."""
-        if self._allocated is None:
-            return self.versions.copy()
-        data = os.pread(self._fd, 8 * len(self.versions), _versions_offset(self.num_rows))
-        return np.frombuffer(data, dtype="<u8").copy()
-
-    def holes(self, start: int, stop: int) -> bool:
-        """Whether the sums of rows start..stop-1 lie on pages without disk space (all zero: never written)."""
-        if self._allocated is None:
-            return False
-        first, last = (_HEADER_BYTES + 4 * start) // _PAGE, (_HEADER_BYTES + 4 * stop - 1) // _PAGE
-        return not self._allocated[first : last + 1].any()
-
-    def flush(self) -> None:
-        """Make the checksums durable (a checkpoint calls it with the stores' flush)."""
-        if self.writable:
-            self._map.flush()
-
-    def close(self) -> None:
-        del self.sums, self.versions
-        self._map.close()
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-
-def write_sums_file(path: Path, num_rows: int, row_bytes: int, chunks: Iterator[np.ndarray] | None) -> None:
-    """A new sidecar at `path`, written durably (memstore.tabledir.fsafe), from the store's raw rows in order (None:
-    every row is zero bytes, the sums are all 0: the sidecar is left sparse, like the store)."""
-    blocks = _num_blocks(num_rows)
-    size = _sidecar_bytes(num_rows)
-    with writing_durably(path) as f:
-        if chunks is None:
-            f.truncate(size)  # sparse, like its store: pushes reserve the pages they write (SumsFile.reserve)
-        else:
-            os.posix_fallocate(f.fileno(), 0, size)  # on disk: writes through the map never meet a full disk
-        f.write(_HEADER.pack(_MAGIC, BLOCK_ROWS, row_bytes, num_rows, blocks).ljust(_HEADER_BYTES, b"\0"))
-        written = 0
-        for rows in chunks or ():
-            f.write(row_checksums(rows).astype("<u4").tobytes())
-            written += len(rows)
-        if chunks is not None and written != num_rows:
-            raise TableFormatError(f"{path}: {written} rows were checksummed where the store has {num_rows}")
-
-
-def _allocated_pages(fd: int, size: int) -> np.ndarray | None:
-    """Per page of a file: whether it has disk space (from its extents); None when every page has."""
-    if os.fstat(fd).st_blocks * 512 >= size:
-        return None
-    pages = space.data_pages(fd, size)
-    return None if pages.all() else pages
-
-
-def _store_specs(manifest: Manifest) -> Iterator[tuple[str, int, int, int, str | None]]:
-    """(file name, layer, rows, row bytes, optimizer slot or None) of every store of a table."""
-    dim = manifest.layout.dim
-    for layer in manifest.layout.layer_ids:
-        rows = manifest.stored_rows(layer)
-        yield manifest.layer_file(layer), layer, rows, manifest.dtype.row_bytes(dim), None
-        for slot, (name, width) in manifest.state_files(layer).items():
-            yield name, layer, rows, 4 * width, slot
-
-
 def write_table_sums(table_dir: Path, manifest: Manifest) -> None:
     """Sidecars of every store of a table just created or imported (before it is renamed into place).
 
     Sparse stores (a lazy table's rows, zero optimizer state in an mmap table) are zero bytes: their
     sums are written without reading them."""
     with Table.open(table_dir, read_only=True) as table:
-        for name, layer, rows, row_bytes, slot in _store_specs(manifest):
+        for name, layer, rows, row_bytes, slot in store_specs(manifest):
             store_path = table_dir / name
             if _all_holes(store_path):
                 write_sums_file(sums_path(store_path), rows, row_bytes, None)
@@ -396,7 +183,7 @@ class _Checked:
 
     def __init__(self, name: str, layer: int, slot: str | None, store: RowStore, sums: SumsFile) -> None:
         self.name, self.layer, self.slot, self.store, self.sums = name, layer, slot, store, sums
-        blocks = _num_blocks(store.num_rows)
+        blocks = num_blocks(store.num_rows)
         self.ok = np.zeros(blocks, dtype=bool)  # verified, not damaged: a read costs this one lookup
         self.bad = np.zeros(blocks, dtype=bool)
         self.bad_rows: dict[int, list[int]] = {}
@@ -489,7 +276,7 @@ class TableIntegrity:
         Writable: missing sidecars are built from the rows as they are (checked against the manifest's
         rows sha256 when `untrained`); with checking off, sidecars are deleted (pushes stop keeping them).
         """
-        specs = {name: (layer, row_bytes, slot) for name, layer, _, row_bytes, slot in _store_specs(manifest)}
+        specs = {name: (layer, row_bytes, slot) for name, layer, _, row_bytes, slot in store_specs(manifest)}
         paths = {name: sums_path(path / name) for name in stores}
         if not config.enabled:
             if writable:
@@ -530,7 +317,7 @@ class TableIntegrity:
         checked = self._stores.get(name)
         if checked is None or not len(ids) or checked.all_ok:
             return
-        blocks = ids >> _SHIFT
+        blocks = ids >> BLOCK_SHIFT
         if checked.ok[blocks].all():
             return
         unverified = ~checked.ok[blocks]
@@ -578,7 +365,7 @@ class TableIntegrity:
             rows = _raw_rows(checked.store, ids)  # a lazy store may store a row differently (-0.0 for +0.0)
         checked.sums.reserve(ids)  # a no-op after the push's own reservation (replays reserve here)
         checked.sums.sums[ids] = row_checksums(rows)
-        blocks = ids >> _SHIFT  # a replay of older records never lowers a block's version
+        blocks = ids >> BLOCK_SHIFT  # a replay of older records never lowers a block's version
         checked.sums.versions[blocks] = np.maximum(checked.sums.versions[blocks], np.uint64(version))
 
     def reserve(self, layer: int, ids: np.ndarray) -> None:
@@ -611,7 +398,7 @@ class TableIntegrity:
         for found in damage:
             checked = self._stores.get(found.file)
             if checked is not None:
-                blocks = np.unique(np.asarray(found.rows, dtype=np.int64) >> _SHIFT)
+                blocks = np.unique(np.asarray(found.rows, dtype=np.int64) >> BLOCK_SHIFT)
                 self._verify_blocks(checked, blocks[~checked.bad[blocks]], locked=False)
 
     @staticmethod
@@ -632,7 +419,7 @@ class TableIntegrity:
         for run in np.split(blocks, breaks) if len(blocks) else ():
             for first in range(int(run[0]), int(run[-1]) + 1, per_chunk):
                 last = min(int(run[-1]) + 1, first + per_chunk)
-                wrong = np.unique(checked.mismatched(first << _SHIFT, min(n, last << _SHIFT)) >> _SHIFT)
+                wrong = np.unique(checked.mismatched(first << BLOCK_SHIFT, min(n, last << BLOCK_SHIFT)) >> BLOCK_SHIFT)
                 ok = np.ones(last - first, dtype=bool)
                 ok[wrong - first] = False
                 checked.set_ok(first, last, ok)
@@ -651,7 +438,7 @@ class TableIntegrity:
         n = checked.store.num_rows
         found = []
         for block in blocks:
-            start, stop = block << _SHIFT, min(n, (block + 1) << _SHIFT)
+            start, stop = block << BLOCK_SHIFT, min(n, (block + 1) << BLOCK_SHIFT)
             rows = checked.mismatched(start, stop).tolist()
             if not rows:
                 checked.set_ok(block, block + 1, np.ones(1, dtype=bool))  # a push was writing it
@@ -812,13 +599,13 @@ def _state_store(table_dir: Path, manifest: Manifest, layer: int, slot: str) -> 
 def verify_table(path: Path, manifest: Manifest) -> list[Damage] | None:
     """Every row of every store of a table directory against its sidecar (offline, `memstore verify`);
     None when the table has no sidecars."""
-    if not all(sums_path(path / name).exists() for name, *_ in _store_specs(manifest)):
+    if not all(sums_path(path / name).exists() for name, *_ in store_specs(manifest)):
         return None
     with Table.open(path, read_only=True) as table:
         states: list[RowStore] = []
         try:
             stores: dict[str, RowStore] = {}
-            for name, layer, _, _, slot in _store_specs(manifest):
+            for name, layer, _, _, slot in store_specs(manifest):
                 if slot is None:
                     stores[name] = table.store(layer)
                 else:

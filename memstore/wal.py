@@ -8,30 +8,11 @@ table is checkpointed at version V, `truncate_through(V)` drops the segments nob
 
 On disk
 -------
-A directory of segment files ``wal-{version:020d}.log``, zero-padded so that lexical order is
-version order. A segment is named after its first record's version when it is created; a segment
-with no record yet (see below) is renamed to its first record's version when that record arrives.
-
-Every segment starts with a 20-byte file header, little-endian::
-
-    magic        4s   b"EWSG"
-    format       u16  1
-    flags        u16  bit 0: base_version is set
-    base_version u64  the log's last version when this segment was created (its records are all greater)
-    crc32        u32  zlib.crc32 of the 16 bytes above
-
-followed by back-to-back frames, each a 28-byte header then the payload::
-
-    magic        4s   b"EWAL"
-    format       u16  1
-    reserved     u16  0
-    length       u64  payload bytes
-    version      u64  the table version this record produces; strictly increasing across the log
-    crc32        u32  zlib.crc32 of the 24 header bytes above, then of the payload
-    payload      length bytes
-
-The base version lets a log whose every record was truncated away (only an empty segment left)
-still know, after a restart, the last version it acknowledged.
+A directory of segment files ``wal-{version:020d}.log``, each a file header then back-to-back
+frames (a header with the record's version, length and CRC, then its payload); the layout is owned
+by `memstore.tabledir.walformat` (docs/format.md describes it). A segment is named after its first
+record's version when it is created; a segment with no record yet is renamed to its first record's
+version when that record arrives.
 
 Recovery
 --------
@@ -71,10 +52,7 @@ from __future__ import annotations
 import enum
 import operator
 import os
-import re
-import struct
 import threading
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,18 +62,23 @@ from typing import BinaryIO
 from memstore.errors import DataLossError, InternalError, InvalidArgumentError
 from memstore.space import disk_full_error, is_disk_full
 from memstore.tabledir.fsafe import file_mode, fsync_dir, make_dir
+from memstore.tabledir.walformat import (
+    FILE_HEADER_SIZE,
+    RECORD_HEADER_SIZE,
+    SEGMENT_NAME,
+    CorruptFrame,
+    file_header,
+    frame_crc,
+    parse_file_header,
+    parse_record_header,
+    read_frame,
+    record_header,
+    segment_path,
+    torn_version,
+    valid_frame_after,
+)
 
-FORMAT_VERSION = 1
-SEGMENT_MAGIC = b"EWSG"
-RECORD_MAGIC = b"EWAL"
-_FILE_HEADER = struct.Struct("<4sHHQI")
-_RECORD_HEADER = struct.Struct("<4sHHQQI")
-FILE_HEADER_SIZE = _FILE_HEADER.size  # 20
-RECORD_HEADER_SIZE = _RECORD_HEADER.size  # 28
-_RECORD_CRC_OFFSET = _RECORD_HEADER.size - 4
-_HAS_BASE = 1
-_MAX_VERSION = (1 << 64) - 1
-_SEGMENT_NAME = re.compile(r"wal-(\d{20})\.log")
+_MAX_VERSION = (1 << 64) - 1  # a frame's version is a u64
 
 
 class Durability(enum.Enum):
@@ -123,11 +106,7 @@ class _Segment:
     base_version: int | None
     first_version: int | None = None
     last_version: int | None = None
-    end: int = _FILE_HEADER.size
-
-
-class _Corrupt(Exception):
-    """A frame or file header that does not check out; the message says why."""
+    end: int = FILE_HEADER_SIZE
 
 
 def _checked_version(version: int) -> int:
@@ -140,89 +119,10 @@ def _checked_version(version: int) -> int:
     return checked
 
 
-def _segment_path(directory: Path, version: int) -> Path:
-    return directory / f"wal-{version:020d}.log"
-
-
 def _datasync(fd: int) -> None:
     # Looked up at call time so that tests can count calls by monkeypatching os.
     sync = getattr(os, "fdatasync", None) or os.fsync
     sync(fd)
-
-
-def _file_header(base_version: int | None) -> bytes:
-    flags = 0 if base_version is None else _HAS_BASE
-    head = struct.pack("<4sHHQ", SEGMENT_MAGIC, FORMAT_VERSION, flags, base_version or 0)
-    return head + struct.pack("<I", zlib.crc32(head))
-
-
-def _parse_file_header(data: bytes) -> int | None:
-    """The base version in a segment's file header; raises _Corrupt."""
-    if len(data) < _FILE_HEADER.size:
-        raise _Corrupt(f"incomplete file header ({len(data)} of {_FILE_HEADER.size} bytes)")
-    magic, fmt, flags, base, crc = _FILE_HEADER.unpack_from(data)
-    if magic != SEGMENT_MAGIC:
-        raise _Corrupt(f"bad file magic {magic!r}")
-    if zlib.crc32(data[: _FILE_HEADER.size - 4]) != crc:
-        raise _Corrupt("file header CRC mismatch")
-    if fmt != FORMAT_VERSION:
-        raise _Corrupt(f"unsupported format version {fmt}")
-    return base if flags & _HAS_BASE else None
-
-
-def _record_header(version: int, payload: memoryview) -> bytes:
-    head = struct.pack("<4sHHQQ", RECORD_MAGIC, FORMAT_VERSION, 0, len(payload), version)
-    return head + struct.pack("<I", zlib.crc32(payload, zlib.crc32(head)))
-
-
-def _parse_record_header(data: bytes, offset: int = 0) -> tuple[int, int, int]:
-    """(payload length, version, crc) of the complete record header at `offset`; raises _Corrupt."""
-    magic, fmt, _reserved, length, version, crc = _RECORD_HEADER.unpack_from(data, offset)
-    if magic != RECORD_MAGIC:
-        raise _Corrupt(f"bad record magic {magic!r}")
-    if fmt != FORMAT_VERSION:
-        raise _Corrupt(f"unsupported record format version {fmt}")
-    return length, version, crc
-
-
-def _read_frame(f: BinaryIO, offset: int, size: int) -> tuple[int, int, bytes]:
-    """(version, frame length, payload) of the frame at `offset`, fully checked; raises _Corrupt."""
-    f.seek(offset)
-    head = f.read(_RECORD_HEADER.size)
-    if len(head) < _RECORD_HEADER.size:
-        raise _Corrupt(f"incomplete record header ({len(head)} of {_RECORD_HEADER.size} bytes)")
-    length, version, crc = _parse_record_header(head)
-    if length > size - offset - _RECORD_HEADER.size:
-        raise _Corrupt(f"payload of {length} bytes runs past the end of the file")
-    payload = f.read(length)
-    if len(payload) < length:
-        raise _Corrupt("payload shorter than its header says")
-    if zlib.crc32(payload, zlib.crc32(head[:_RECORD_CRC_OFFSET])) != crc:
-        raise _Corrupt("record CRC mismatch")
-    return version, _RECORD_HEADER.size + length, payload
-
-
-def _valid_frame_after(f: BinaryIO, start: int) -> int | None:
-    """Offset of the first CRC-valid frame at or after `start`, or None.
-
-    A crash mid-append leaves no valid frame after the damage; a good frame there means records
-    the log acknowledged would be lost by cutting the file, so that is corruption, not a torn tail.
-    """
-    f.seek(start)
-    data = f.read()
-    view = memoryview(data)
-    pos = data.find(RECORD_MAGIC)
-    while 0 <= pos <= len(data) - _RECORD_HEADER.size:
-        try:
-            length, _version, crc = _parse_record_header(data, pos)
-        except _Corrupt:
-            length, crc = -1, None
-        body = pos + _RECORD_HEADER.size
-        if 0 <= length <= len(data) - body:
-            if zlib.crc32(view[body : body + length], zlib.crc32(view[pos : pos + _RECORD_CRC_OFFSET])) == crc:
-                return start + pos
-        pos = data.find(RECORD_MAGIC, pos + 1)
-    return None
 
 
 def _write_all(fd: int, buffers: list[memoryview], offset: int) -> None:
@@ -296,7 +196,7 @@ def inspect_log(directory: Path) -> LogState:
 def _recover(directory: Path, repair: bool) -> tuple[list[_Segment], TailCut | None]:
     """Scan every segment in order and check how they chain; cut a torn tail off the last one when
     `repair` (only the log's writer repairs). Returns the segments and the tail cut (or found)."""
-    paths = sorted(p for p in directory.iterdir() if _SEGMENT_NAME.fullmatch(p.name) and p.is_file())
+    paths = sorted(p for p in directory.iterdir() if SEGMENT_NAME.fullmatch(p.name) and p.is_file())
     segments: list[_Segment] = []
     cut: TailCut | None = None
     for i, path in enumerate(paths):
@@ -319,25 +219,13 @@ def _recover(directory: Path, repair: bool) -> tuple[list[_Segment], TailCut | N
                 raise DataLossError(f"{path}: offset 0: named below its base version {segment.base_version}")
         elif segment.first_version != segment.name_version:
             raise DataLossError(
-                f"{path}: offset {_FILE_HEADER.size}: first record has version {segment.first_version}, "
+                f"{path}: offset {FILE_HEADER_SIZE}: first record has version {segment.first_version}, "
                 "not the one the file is named after"
             )
         elif segment.base_version is not None and segment.first_version <= segment.base_version:
-            raise DataLossError(f"{path}: offset {_FILE_HEADER.size}: record version not above the base version")
+            raise DataLossError(f"{path}: offset {FILE_HEADER_SIZE}: record version not above the base version")
         segments.append(segment)
     return segments, cut
-
-
-def _torn_version(f: BinaryIO, offset: int) -> int | None:
-    """The version a damaged frame's header names, if the header is complete and has the record magic."""
-    f.seek(offset)
-    head = f.read(_RECORD_HEADER.size)
-    if len(head) < _RECORD_HEADER.size:
-        return None
-    try:
-        return _parse_record_header(head)[1]
-    except _Corrupt:
-        return None
 
 
 def _scan(directory: Path, path: Path, is_last: bool, repair: bool) -> tuple[_Segment | None, TailCut | None]:
@@ -346,25 +234,25 @@ def _scan(directory: Path, path: Path, is_last: bool, repair: bool) -> tuple[_Se
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         try:
-            base = _parse_file_header(f.read(_FILE_HEADER.size))
-        except _Corrupt as exc:
-            if is_last and _valid_frame_after(f, 0) is None:
+            base = parse_file_header(f.read(FILE_HEADER_SIZE))
+        except CorruptFrame as exc:
+            if is_last and valid_frame_after(f, 0) is None:
                 # A crash while creating the segment: it never held an acknowledged record.
                 if repair:
                     path.unlink()
                     fsync_dir(directory)
                 return None, TailCut(path, 0, size, None, str(exc), segment_deleted=True)
             raise DataLossError(f"{path}: offset 0: {exc}") from exc
-        segment = _Segment(path, int(_SEGMENT_NAME.fullmatch(path.name)[1]), base)
-        offset = _FILE_HEADER.size
+        segment = _Segment(path, int(SEGMENT_NAME.fullmatch(path.name)[1]), base)
+        offset = FILE_HEADER_SIZE
         cut: TailCut | None = None
         while offset < size:
             try:
-                version, frame_len, _payload = _read_frame(f, offset, size)
-            except _Corrupt as exc:
-                found = _valid_frame_after(f, offset + 1)
+                version, frame_len, _payload = read_frame(f, offset, size)
+            except CorruptFrame as exc:
+                found = valid_frame_after(f, offset + 1)
                 if is_last and found is None:
-                    cut = TailCut(path, offset, size - offset, _torn_version(f, offset), str(exc))
+                    cut = TailCut(path, offset, size - offset, torn_version(f, offset), str(exc))
                     break
                 detail = f"; a valid record follows at offset {found}" if found is not None else ""
                 raise DataLossError(f"{path}: offset {offset}: {exc}{detail}") from exc
@@ -435,7 +323,7 @@ class WriteAheadLog:
             view = memoryview(payload).cast("B")
         except TypeError as exc:
             raise InvalidArgumentError(f"payload must be contiguous bytes, got {type(payload).__name__}") from exc
-        header = _record_header(version, view)
+        header = record_header(version, view)
         frame_len = len(header) + len(view)
         with self._lock:
             self._check_writable()
@@ -582,10 +470,10 @@ class WriteAheadLog:
 
     def _new_segment(self, name_version: int, sync_file: bool, sync_dir: bool) -> _Segment:
         """Create and switch to an empty segment named `name_version`."""
-        path = _segment_path(self.directory, name_version)
+        path = segment_path(self.directory, name_version)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, file_mode())
         try:
-            _write_all(fd, [memoryview(_file_header(self.last_version))], 0)
+            _write_all(fd, [memoryview(file_header(self.last_version))], 0)
             if sync_file:
                 _datasync(fd)
             if sync_dir:
@@ -603,7 +491,7 @@ class WriteAheadLog:
 
     def _rename(self, segment: _Segment, name_version: int) -> None:
         """Rename an empty segment after the record about to become its first."""
-        path = _segment_path(self.directory, name_version)
+        path = segment_path(self.directory, name_version)
         os.rename(segment.path, path)
         segment.path = path
         segment.name_version = name_version
@@ -611,23 +499,23 @@ class WriteAheadLog:
             fsync_dir(self.directory)
 
     def _read_segment(self, f: BinaryIO, path: Path, end: int, after_version: int | None) -> Iterator[WalRecord]:
-        offset = _FILE_HEADER.size
+        offset = FILE_HEADER_SIZE
         f.seek(offset)
         while offset < end:
-            head = f.read(_RECORD_HEADER.size)
+            head = f.read(RECORD_HEADER_SIZE)
             try:
-                if len(head) < _RECORD_HEADER.size:
-                    raise _Corrupt("incomplete record header")
-                length, version, crc = _parse_record_header(head)
+                if len(head) < RECORD_HEADER_SIZE:
+                    raise CorruptFrame("incomplete record header")
+                length, version, crc = parse_record_header(head)
                 if after_version is not None and version <= after_version:
                     f.seek(length, os.SEEK_CUR)
                 else:
                     payload = f.read(length)
-                    if len(payload) < length or zlib.crc32(payload, zlib.crc32(head[:_RECORD_CRC_OFFSET])) != crc:
-                        raise _Corrupt("record CRC mismatch or short payload")
+                    if len(payload) < length or frame_crc(head, payload) != crc:
+                        raise CorruptFrame("record CRC mismatch or short payload")
                     yield WalRecord(version, payload)
-            except _Corrupt as exc:
+            except CorruptFrame as exc:
                 raise DataLossError(
                     f"{path}: offset {offset}: {exc} (the file changed after the log was opened)"
                 ) from exc
-            offset += _RECORD_HEADER.size + length
+            offset += RECORD_HEADER_SIZE + length

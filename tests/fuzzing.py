@@ -28,7 +28,6 @@ from memstore.create import create_table
 from memstore.daemon_config import ServerConfig
 from memstore.dtypes import DType
 from memstore.errors import InvalidArgumentError, MemstoreError
-from memstore.integrity import BLOCK_ROWS, row_checksums
 from memstore.layout import EngramLayout
 from memstore.live import LiveConfig, LiveTable
 from memstore.optim import apply_update
@@ -37,6 +36,7 @@ from memstore.service import SERVICE_NAME
 from memstore.tabledir.manifest import CHECKSUMS_KEY, Manifest
 from memstore.tabledir.names import SUMS_SUFFIX
 from memstore.tabledir.optimizer import OptimizerConfig, OptimizerKind
+from memstore.tabledir.sums import BLOCK_ROWS, row_checksums
 from memstore.wal import Durability
 from memstore.wire import memstore_pb2 as pb
 

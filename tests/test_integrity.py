@@ -23,13 +23,14 @@ from memstore.create import create_table
 from memstore.daemon_config import ServerConfig
 from memstore.dtypes import DType
 from memstore.errors import DataLossError, InvalidArgumentError, TableFormatError
-from memstore.integrity import BLOCK_ROWS, IntegrityConfig, row_checksums, verify_table
+from memstore.integrity import IntegrityConfig, verify_table
 from memstore.live import LiveConfig, LiveTable
 from memstore.service import create_server
 from memstore.storage.lmdb_store import LmdbRowStore
 from memstore.tabledir.manifest import Backend, Init, Manifest
 from memstore.tabledir.names import MANIFEST_NAME, WAL_DIR, sums_path
 from memstore.tabledir.optimizer import OptimizerConfig
+from memstore.tabledir.sums import BLOCK_ROWS, row_checksums
 from memstore.wal import Durability
 from tests.helpers import SMALL_LAYOUT, make_table
 

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 from memstore.errors import InvalidArgumentError, TableFormatError
-from memstore.integrity import write_sums_file
 from memstore.tabledir import names
 from memstore.tabledir.checkpoint import Checkpoint, PushResult
 from memstore.tabledir.fsafe import fsync_dir, write_durably, writing_durably
@@ -24,6 +23,7 @@ from memstore.tabledir.manifest import Backend, Manifest
 from memstore.tabledir.optimizer import OptimizerConfig, OptimizerKind
 from memstore.tabledir.seqlock import SeqLock
 from memstore.tabledir.staging import publish_dir, replace_table_dir, staged, staging_dir
+from memstore.tabledir.sums import write_sums_file
 from tests.helpers import SMALL_LAYOUT, make_table
 
 ADAM = OptimizerConfig(kind=OptimizerKind.ADAM, lr=0.01)
@@ -210,9 +210,13 @@ def _loaded(statement: str, modules: list[str]) -> list[str]:
 
 
 def test_reading_the_table_format_loads_no_server_engine() -> None:
-    """A client maps a table by its manifest, checkpoint and sequence lock: none of them may pull in the log,
-    the optimizer arithmetic or the daemon."""
-    statement = "import memstore.tabledir.manifest, memstore.tabledir.seqlock, memstore.tabledir.checkpoint"
+    """A client maps a table by its manifest, checkpoint and sequence lock (and a tool may read its checksum
+    sidecars and log segments): none of them may pull in the log, the optimizer arithmetic, the integrity engine
+    or the daemon."""
+    statement = (
+        "import memstore.tabledir.manifest, memstore.tabledir.seqlock, memstore.tabledir.checkpoint, "
+        "memstore.tabledir.sums, memstore.tabledir.walformat"
+    )
     assert _loaded(statement, _SERVER_MODULES) == []
 
 

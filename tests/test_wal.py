@@ -17,15 +17,8 @@ from pathlib import Path
 import pytest
 
 from memstore.errors import DataLossError, InternalError, InvalidArgumentError
-from memstore.wal import (
-    FILE_HEADER_SIZE,
-    RECORD_HEADER_SIZE,
-    Durability,
-    TailCut,
-    WalRecord,
-    WriteAheadLog,
-    inspect_log,
-)
+from memstore.tabledir.walformat import FILE_HEADER_SIZE, RECORD_HEADER_SIZE
+from memstore.wal import Durability, TailCut, WalRecord, WriteAheadLog, inspect_log
 
 REPO = Path(__file__).resolve().parents[1]
 _HEADER = struct.Struct("<4sHHQQI")

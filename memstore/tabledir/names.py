@@ -12,9 +12,9 @@ from pathlib import Path
 MANIFEST_NAME = "manifest.json"  # memstore.tabledir.manifest
 CHECKPOINT_NAME = "checkpoint.json"  # memstore.tabledir.checkpoint
 SEQLOCK_NAME = "seqlock"  # memstore.tabledir.seqlock
-WAL_DIR = "wal"  # the write-ahead log's segments (memstore.wal names the files inside)
+WAL_DIR = "wal"  # the write-ahead log's segments (memstore.tabledir.walformat names the files inside)
 WRITER_LOCK_NAME = "writer.lock"  # the writer's pid, for messages (memstore.tabledir.lock)
-SUMS_SUFFIX = ".sums"  # a store's checksum sidecar: `<store file>.sums` (memstore.integrity)
+SUMS_SUFFIX = ".sums"  # a store's checksum sidecar: `<store file>.sums` (memstore.tabledir.sums)
 SHARD_PREFIX = "shard-"  # a sharded table's shard directories: shard-0, shard-1, ...
 TEMP_SUFFIX = ".tmp"  # a file being written beside its final name (memstore.tabledir.fsafe)
 
