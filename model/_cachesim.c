@@ -279,7 +279,44 @@ fail:
     return NULL;
 }
 
+/* remap(rows, idmap, state, out, fresh) -> number of fresh rows: dense ids in order of first touch.
+ * idmap: uint32[R], NONE initially; state: uint64[1] = {ids given}; out: uint32[m] the dense ids;
+ * fresh: uint32[m], its first k entries the rows first touched in this chunk, in order. */
+static PyObject *remap(PyObject *self, PyObject *args) {
+    PyObject *o_rows, *o_map, *o_state, *o_out, *o_fresh;
+    if (!PyArg_ParseTuple(args, "OOOOO", &o_rows, &o_map, &o_state, &o_out, &o_fresh)) return NULL;
+    Py_buffer b[5];
+    PyObject *objs[5] = {o_rows, o_map, o_state, o_out, o_fresh};
+    const int writable[5] = {0, 1, 1, 1, 1};
+    const char *names[5] = {"rows", "idmap", "state", "out", "fresh"};
+    int got = 0;
+    for (; got < 5; got++)
+        if (get(objs[got], &b[got], writable[got], names[got]) < 0) goto fail;
+    const uint32_t *rows = b[0].buf;
+    uint32_t *idmap = b[1].buf, *out = b[3].buf, *fresh = b[4].buf;
+    uint64_t *state = b[2].buf;
+    uint64_t m = b[0].len / 4, k = 0;
+    Py_BEGIN_ALLOW_THREADS;
+    uint64_t next = state[0];
+    for (uint64_t i = 0; i < m; i++) {
+        uint32_t r = rows[i], id = idmap[r];
+        if (id == NONE) {
+            id = idmap[r] = (uint32_t)next++;
+            fresh[k++] = r;
+        }
+        out[i] = id;
+    }
+    state[0] = next;
+    Py_END_ALLOW_THREADS;
+    for (int j = 0; j < 5; j++) PyBuffer_Release(&b[j]);
+    return PyLong_FromUnsignedLongLong(k);
+fail:
+    for (int j = 0; j < got; j++) PyBuffer_Release(&b[j]);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
+    {"remap", remap, METH_VARARGS, "Dense row ids in order of first touch."},
     {"lru", lru, METH_VARARGS, "LRU stack distances of a chunk (Fenwick tree over last uses)."},
     {"next_use", next_use, METH_VARARGS, "Next-use times of a chunk, walking backwards."},
     {"simulate", simulate, METH_VARARGS, "LFU (0) or OPT (1) hits of one cache over a chunk."},

@@ -16,9 +16,11 @@ layer holds whole rows; a hit is an access to a resident row. Three policies:
   residents and the new one whose next use is farthest is left out, so the new row is not admitted
   when it is that row. Next-use times come from a backward pass, kept on disk.
 
-Memory is a function of the layer's rows and the largest cache, never of the stream's length: per-row
-uint32 arrays (4 bytes x rows each), the LRU tree (8 bytes x 2 x largest size) and a heap (12 bytes x
-cache size). The hot loops are model/_cachesim.c when it is built; otherwise the pure-Python functions
+A first pass (`remap_pass`) renames rows to dense ids in order of first touch, so that the others work
+on arrays the size of the rows the text touched. Memory never depends on the stream's length: the
+renaming map (4 bytes x the layer's rows, during the first pass only), then per touched row a few
+uint32 arrays, the LRU tree (8 bytes x 2 x the largest size, at most the touched rows) and a heap (12
+bytes x cache size); the streams are read a chunk at a time. The hot loops are model/_cachesim.c when it is built; otherwise the pure-Python functions
 below run the same algorithms (correct, about 100x slower; the tests check they agree).
 """
 
@@ -99,6 +101,36 @@ def chunks(path: Path, n: int, chunk: int = DEFAULT_CHUNK, reverse: bool = False
             yield start, rows
 
 
+def remap_pass(
+    path: Path,
+    n: int,
+    num_rows: int,
+    out: Path,
+    compiled: bool | None = None,
+    chunk: int = DEFAULT_CHUNK,
+    progress: Callable[[int], object] | None = None,
+) -> np.ndarray:
+    """Write the stream with dense ids (0, 1, ... in order of first touch) to `out`; return the rows the
+    dense ids stand for (uint32 [distinct rows]). Every later pass then works on arrays the size of the
+    rows the text touched, a few million, instead of the layer's hundreds of millions: the same hits
+    (a cache never looks at a row id's value), in memory that fits the processor's caches far better."""
+    _check(StreamShape(num_rows, 1, 1), n)
+    run = _compiled.remap if _use_compiled(compiled) else _remap_py
+    idmap = np.full(num_rows, NONE, dtype=np.uint32)
+    state = np.zeros(1, dtype=np.uint64)
+    touched = []
+    with open(out, "wb") as f:
+        for _, rows in chunks(path, n, chunk):
+            dense = np.empty(len(rows), dtype=np.uint32)
+            fresh = np.empty(len(rows), dtype=np.uint32)
+            k = run(rows, idmap, state, dense, fresh)
+            touched.append(fresh[:k].copy())
+            f.write(dense.astype("<u4", copy=False).tobytes())
+            if progress:
+                progress(len(rows))
+    return np.concatenate(touched) if touched else np.zeros(0, dtype=np.uint32)
+
+
 def lru_pass(
     path: Path,
     n: int,
@@ -117,7 +149,8 @@ def lru_pass(
     orders = shape.orders
     counts = np.zeros(shape.num_rows, dtype=np.uint32)
     last_slot = np.full(shape.num_rows, NONE, dtype=np.uint32)
-    capacity = 2 * int(sizes[-1]) + 1024  # compaction every ~largest-size accesses: amortised O(1) each
+    # Compaction every ~largest-size accesses: amortised O(1) each. Never more live markers than rows.
+    capacity = 2 * min(int(sizes[-1]), shape.num_rows) + 1024
     tree = np.zeros(capacity, dtype=np.uint32)
     slot_row = np.zeros(capacity, dtype=np.uint32)
     state = np.zeros(2, dtype=np.uint64)
@@ -179,6 +212,7 @@ def simulate(
     if policy is Policy.OPT and nexts_path is None:
         raise ValueError("OPT needs the next-use file of next_use_pass")
     run = _compiled.simulate if _use_compiled(compiled) else _simulate_py
+    capacity = min(capacity, shape.num_rows)  # a cache of every row never evicts: larger ones are the same
     key = np.zeros(capacity, dtype=np.uint64)
     row = np.zeros(capacity, dtype=np.uint32)
     pos = np.full(shape.num_rows, NONE, dtype=np.uint32)
@@ -202,6 +236,19 @@ def _use_compiled(compiled: bool | None) -> bool:
 
 
 # ---- The same algorithms in Python: the fallback, and the reference the C code is tested against ----
+
+
+def _remap_py(rows, idmap, state, out, fresh) -> int:
+    k, next_id = 0, int(state[0])
+    for i, row in enumerate(rows.tolist()):
+        if idmap[row] == NONE:
+            idmap[row] = next_id
+            next_id += 1
+            fresh[k] = row
+            k += 1
+        out[i] = idmap[row]
+    state[0] = next_id
+    return k
 
 
 def _lru_py(rows, t0, heads, per_order, counts, last_slot, tree, slot_row, state, sizes, binned, log2hist) -> None:

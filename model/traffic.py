@@ -74,6 +74,7 @@ class TrafficConfig:
     max_tokens: int | None = None
     repeat: int = 1
     chunk_tokens: int = 1 << 16
+    chunk_accesses: int = cache_sim.DEFAULT_CHUNK  # stream entries read at a time by the statistics
     lru_fractions: tuple[float, ...] = LRU_FRACTIONS
     sim_fractions: tuple[float, ...] = SIM_FRACTIONS
     policies: tuple[Policy, ...] = (Policy.LRU, Policy.LFU, Policy.OPT)
@@ -98,8 +99,9 @@ class TrafficConfig:
             if not preset:
                 raise InvalidArgumentError("a layout that is not a preset needs row_bytes (--row-bytes)")
             object.__setattr__(self, "row_bytes", preset[0])
-        if self.repeat < 1 or self.chunk_tokens < 1 or (self.max_tokens is not None and self.max_tokens < 1):
-            raise InvalidArgumentError("--repeat, --chunk-tokens and --max-tokens must be at least 1")
+        counts = (self.repeat, self.chunk_tokens, self.chunk_accesses, self.max_tokens or 1)
+        if min(counts) < 1:
+            raise InvalidArgumentError("--repeat, --chunk-tokens, --chunk-accesses and --max-tokens must be at least 1")
         for name in ("lru_fractions", "sim_fractions"):
             values = getattr(self, name)
             if not values or any(not 0 < f <= 1 for f in values) or list(values) != sorted(set(values)):
@@ -255,15 +257,23 @@ def layer_statistics(
 
     lru_rows = _cache_rows(config.lru_fractions, shape.num_rows)
     started = time.perf_counter()
+    dense_stream = work / f"layer-{layer_id}.dense.u32"
+    with bar("remap") as b:
+        rows_of = cache_sim.remap_pass(
+            stream, n, shape.num_rows, dense_stream, config.compiled, config.chunk_accesses, b.update
+        )
+    stream = dense_stream
+    shape = StreamShape(max(len(rows_of), 1), shape.heads, shape.per_order)  # rows touched, renamed 0..D-1
     with bar("lru") as b:
-        lru = cache_sim.lru_pass(stream, n, shape, lru_rows, config.compiled, progress=b.update)
+        lru = cache_sim.lru_pass(stream, n, shape, lru_rows, config.compiled, config.chunk_accesses, b.update)
     accesses, compulsory = lru.accesses, lru.compulsory
     offsets = layout.head_offsets(layer_id)
     sizes = layout.head_sizes(layer_id)
     per_order: dict[str, Any] = {}
     for order in range(2, layout.max_ngram + 1):
         first = (order - 2) * layout.heads_per_ngram
-        head0 = lru.counts[offsets[first] : offsets[first] + sizes[first]]
+        in_head0 = (rows_of >= offsets[first]) & (rows_of < offsets[first] + sizes[first])
+        head0 = lru.counts[: len(rows_of)][in_head0]
         distinct = int(compulsory[order - 2])
         fit = fit_power_law(head0[head0 > 0]) if np.count_nonzero(head0) >= 2 else None
         per_order[str(order)] = {
@@ -276,10 +286,11 @@ def layer_statistics(
             "stack_distance_log2_hist": lru.log2hist[order - 2, : cache_sim.LOG2_BINS].tolist(),
             "deeper_than_largest_cache": int(lru.log2hist[order - 2, cache_sim.LOG2_BINS]),
         }
-    del lru.counts
+    del lru.counts, rows_of
     distinct = int(compulsory.sum())
+    num_rows = layout.num_rows(layer_id)
     result: dict[str, Any] = {
-        "rows": shape.num_rows,
+        "rows": num_rows,
         "tokens": tokens,
         "accesses": n,
         "rows_per_token": heads,
@@ -293,24 +304,27 @@ def layer_statistics(
     }
     if Policy.LRU in config.policies:
         result["hit_rates"]["lru"] = [
-            {"fraction": float(s / shape.num_rows), "rows": int(s), **_rates(lru.hits[:, i], accesses)}
+            {"fraction": float(s / num_rows), "rows": int(s), **_rates(lru.hits[:, i], accesses)}
             for i, s in enumerate(lru_rows)
         ]
-    sim_rows = _cache_rows(config.sim_fractions, shape.num_rows)
+    sim_rows = _cache_rows(config.sim_fractions, num_rows)
     nexts = work / f"layer-{layer_id}.next.u32"
     if Policy.OPT in config.policies:
         with bar("next use") as b:
-            cache_sim.next_use_pass(stream, n, shape, nexts, config.compiled, progress=b.update)
+            cache_sim.next_use_pass(stream, n, shape, nexts, config.compiled, config.chunk_accesses, b.update)
     for policy in (Policy.LFU, Policy.OPT):
         if policy not in config.policies:
             continue
         curve = []
         for rows in sim_rows.tolist():
-            with bar(f"{policy.value} {rows / shape.num_rows:.3%}") as b:
-                hits = cache_sim.simulate(policy, stream, n, shape, rows, nexts, config.compiled, progress=b.update)
-            curve.append({"fraction": rows / shape.num_rows, "rows": rows, **_rates(hits, accesses)})
+            with bar(f"{policy.value} {rows / num_rows:.3%}") as b:
+                hits = cache_sim.simulate(
+                    policy, stream, n, shape, rows, nexts, config.compiled, config.chunk_accesses, b.update
+                )
+            curve.append({"fraction": rows / num_rows, "rows": rows, **_rates(hits, accesses)})
         result["hit_rates"][policy.value] = curve
     nexts.unlink(missing_ok=True)
+    dense_stream.unlink()
     result["seconds"] = time.perf_counter() - started
     return result
 
@@ -411,6 +425,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-tokens", type=int, help="stop after this many tokens")
     parser.add_argument("--repeat", type=int, default=1, help="read the texts this many times (default 1)")
     parser.add_argument("--chunk-tokens", type=int, default=1 << 16, help="tokens hashed at a time")
+    parser.add_argument(
+        "--chunk-accesses", type=int, default=cache_sim.DEFAULT_CHUNK, help="stream entries read at a time"
+    )
     parser.add_argument("--lru-sizes", type=_fractions, default=LRU_FRACTIONS, help="LRU cache sizes, fractions")
     parser.add_argument("--sim-sizes", type=_fractions, default=SIM_FRACTIONS, help="LFU and OPT cache sizes")
     parser.add_argument("--policies", type=_policies, default=tuple(Policy), help="default lru,lfu,opt")
@@ -453,6 +470,7 @@ def config_from_args(args: argparse.Namespace) -> TrafficConfig:
         max_tokens=args.max_tokens,
         repeat=args.repeat,
         chunk_tokens=args.chunk_tokens,
+        chunk_accesses=args.chunk_accesses,
         lru_fractions=args.lru_sizes,
         sim_fractions=args.sim_sizes,
         policies=args.policies,
