@@ -17,11 +17,12 @@ layer holds whole rows; a hit is an access to a resident row. Three policies:
   when it is that row. Next-use times come from a backward pass, kept on disk.
 
 A first pass (`remap_pass`) renames rows to dense ids in order of first touch, so that the others work
-on arrays the size of the rows the text touched. Memory never depends on the stream's length: the
-renaming map (4 bytes x the layer's rows, during the first pass only), then per touched row a few
-uint32 arrays, the LRU tree (8 bytes x 2 x the largest size, at most the touched rows) and a heap (12
-bytes x cache size); the streams are read a chunk at a time. The hot loops are model/_cachesim.c when it is built; otherwise the pure-Python functions
-below run the same algorithms (correct, about 100x slower; the tests check they agree).
+on arrays the size of the rows the text touched. Memory follows the rows touched (at most the layer's
+rows), never the stream's length: the renaming map (4 bytes x the layer's rows, during the first pass
+only), then per touched row a few uint32 arrays, the LRU tree (8 bytes x 2 x the largest size, at most
+the touched rows) and a heap (12 bytes x cache size); the streams are read a chunk at a time. The hot
+loops are model/_cachesim.c when it is built; otherwise the pure-Python functions below run the same
+algorithms (correct, about 100x slower; the tests check they agree).
 """
 
 from __future__ import annotations
