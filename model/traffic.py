@@ -353,6 +353,20 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
+def _reuse_summary(stats: dict[str, Any]) -> str:
+    """Where the LRU stack distances of an order's re-reads fall: the log2 bins holding 50% and 90%."""
+    hist = np.asarray(stats["stack_distance_log2_hist"] + [stats["deeper_than_largest_cache"]], dtype=np.int64)
+    total = int(hist.sum())
+    if total == 0:
+        return "none"
+    cumulative = np.cumsum(hist) / total
+    marks = []
+    for q in (0.5, 0.9):
+        b = int(np.searchsorted(cumulative, q))
+        marks.append(f"{q:.0%} within 2^{b} rows" if b < len(hist) - 1 else f"{q:.0%} deeper than the largest cache")
+    return ", ".join(marks)
+
+
 def format_report(report: dict[str, Any]) -> str:
     """The human-readable summary printed by the command."""
     lines = [
@@ -376,7 +390,7 @@ def format_report(report: dict[str, Any]) -> str:
             )
             lines.append(
                 f"  order {order}: {stats['distinct_rows_per_million_tokens']:,.0f} distinct rows per million "
-                f"tokens; head-0 frequencies: {fit}"
+                f"tokens; head-0 frequencies: {fit}; re-reads {_reuse_summary(stats)}"
             )
         lines.append(f"  {'cache':>8} {'policy':>6} {'all':>7} " + " ".join(f"{'n=' + o:>7}" for o in layer["orders"]))
         ceiling = layer["ceiling"]

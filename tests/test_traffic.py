@@ -326,6 +326,8 @@ def test_the_report_is_the_same_from_c_and_python(tmp_path) -> None:
             del layer["seconds"]
         reports.append({k: v for k, v in report.items() if k not in ("compiled", "stream_seconds")})
     assert reports[0] == reports[1]
+    printed = traffic.format_report(reports[0])
+    assert "layer 1: 160,316 rows; 8 rows = 512 bytes per token" in printed and "infinite" in printed
     layer = reports[0]["layers"]["1"]
     assert layer["rows_per_token"] == 8 and layer["bytes_per_token"] == 8 * 64
     for policy in ("lru", "lfu", "opt"):
