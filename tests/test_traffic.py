@@ -165,8 +165,11 @@ def test_stack_distances_by_hand(tmp_path, compiled: bool) -> None:
     # a b c a b d a c: distances -, -, -, 3, 3, -, 3, 4 (distinct rows since the last use, itself included)
     stream = [0, 1, 2, 0, 1, 3, 0, 2]
     shape = StreamShape(num_rows=4, heads=1, per_order=1)
-    lru = cache_sim.lru_pass(_write(tmp_path, stream), len(stream), shape, np.array([2, 3, 4]), compiled=compiled)
+    lru = cache_sim.lru_pass(
+        _write(tmp_path, stream), len(stream), shape, np.array([2, 3, 4]), compiled=compiled, chunk=5, checkpoint=3
+    )
     assert lru.hits.tolist() == [[0, 3, 4]]
+    assert [(t, d.tolist()) for t, d in lru.growth] == [(3, [3]), (6, [4]), (8, [4])]  # distinct rows so far
     assert lru.compulsory.tolist() == [4]
     # log2 bins: (2, 4] holds 3, 3, 3 and 4; nothing deeper than the largest cache (4)
     assert lru.log2hist[0, :3].tolist() == [0, 0, 4]
