@@ -95,6 +95,9 @@ class TrafficConfig:
         if not files:
             raise InvalidArgumentError("no text files to read")
         object.__setattr__(self, "files", tuple(files))
+        too_big = [layer for layer in self.layout.layer_ids if self.layout.num_rows(layer) >= cache_sim.NONE]
+        if too_big:
+            raise InvalidArgumentError(f"layers {too_big} have 2**32 - 1 rows or more: streams hold uint32 row ids")
         if self.row_bytes is None:
             preset = [size for layout, size in PRESETS.values() if layout == self.layout]
             if not preset:
