@@ -135,7 +135,7 @@ def tables(reports: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
         "Distinct rows per million tokens fall as text grows (a new document repeats old N-grams), so texts",
         f"of different lengths compare over the same number of tokens: the first {common:,} of each.",
         "",
-        "| text | tokens | layer | distinct rows | per million tokens | 2-grams | 3-grams | 4-grams "
+        "| text | tokens | layer | distinct rows | per million tokens | of 2-grams | of 3-grams | of 4-grams "
         f"| per million, first {common:,} tokens | rows / bytes per token | distinct bytes per token |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -280,7 +280,7 @@ def page(reports: dict[str, dict[str, dict[str, Any]]], work: Path) -> str:
         "## How these were made",
         "",
         "```bash",
-        "./scripts/get_text.sh                 # the text, from Debian packages, into /work/text/{en,zh}",
+        "./scripts/get_text.sh /work/text      # the text, from Debian packages (default: data/text)",
         "python -m benchmarks.traffic --en /work/text/en --zh /work/text/zh",
         "python -m benchmarks.traffic --memory /work/text/en/debian-handbook.txt   # the memory table",
         "```",
