@@ -345,6 +345,16 @@ def test_presets() -> None:
     assert [traffic.V41_FLASH.num_rows(layer) for layer in (1, 14)] == [384_006_168, 384_016_682]
 
 
+def test_the_memstore_create_flags_give_the_preset_rows(tmp_path) -> None:
+    (tmp_path / "t.txt").write_text("w1 w2\n")
+    flags = "--layers 1,14 --vocab-size-per-ngram 16000000,16000000,16000000 --max-ngram 4 --heads-per-ngram 8"
+    args = traffic._parser().parse_args([*flags.split(), "--row-bytes", "264", str(tmp_path / "t.txt")])
+    config = traffic.config_from_args(args)
+    for layer in (1, 14):
+        assert config.layout.head_sizes(layer) == traffic.V41_FLASH.head_sizes(layer)
+    assert config.row_bytes == 264
+
+
 def test_a_layout_by_flags_needs_its_row_size(tmp_path) -> None:
     (tmp_path / "t.txt").write_text("w1 w2\n")
     args = ["--layers", "1", "--vocab-size-per-ngram", "1000,1000", str(tmp_path / "t.txt")]
