@@ -74,7 +74,8 @@ class CompressedTokenizer:
 
     def restricted(self, token_ids: np.ndarray) -> CompressedTokenizer:
         """The compression of a cut vocabulary whose id i is original id token_ids[i]: the compressed ids
-        and their count stay the full vocabulary's, so N-gram hashes (and table rows) do not change."""
+        and their count stay the full vocabulary's, so N-gram hashes (and table rows) do not change
+        (`ratio` then compares the full compressed vocabulary with the cut, and means little)."""
         ids = np.asarray(token_ids)
         self.compress(ids)  # the same checks: integers in [0, V)
         if ids.ndim != 1 or len(ids) == 0:
