@@ -23,9 +23,15 @@ fi
 mkdir -p "$CACHE/unpacked"
 for pkg in "${PACKAGES[@]}"; do
     if ! compgen -G "$CACHE/${pkg}_*.deb" >/dev/null; then
+        for tool in apt-get dpkg-deb; do
+            command -v "$tool" >/dev/null || { echo "get_text.sh needs $tool (a Debian-based system)" >&2; exit 1; }
+        done
         echo "downloading $pkg"
         # apt-get download writes into the current directory.
-        (cd "$CACHE" && apt-get download "$pkg")
+        if ! (cd "$CACHE" && apt-get download "$pkg"); then
+            echo "could not download $pkg: run 'apt-get update' (as root) and retry, or put its .deb in $CACHE" >&2
+            exit 1
+        fi
     fi
     deb=$(ls "$CACHE/${pkg}"_*.deb | sort | tail -n 1)
     stamp="$CACHE/unpacked/.$(basename "$deb").done"
