@@ -400,7 +400,13 @@ def load_checkpoint(
     payload = torch.load(path, map_location="cpu", weights_only=True)
     saved_source = TableSource(payload["source"])
     source = source or saved_source
-    model = build_model(lm_config_from_dict(payload["lm_config"]), data, source, client, device=device)
+    lm_config = lm_config_from_dict(payload["lm_config"])
+    if lm_config.vocab_size != data.vocab_size:  # token ids would silently mean other tokens
+        raise ValueError(
+            f"checkpoint {path} was trained on a vocabulary of {lm_config.vocab_size:,} ids, the data given has "
+            f"{data.vocab_size:,}: pass the data flags it was trained with (--data, --text, --text-tokens)"
+        )
+    model = build_model(lm_config, data, source, client, device=device)
     # A memstore-trained checkpoint holds no tables; a local one's tables are only loaded into local tables.
     missing, unexpected = model.load_state_dict(payload["state_dict"], strict=False)
     if [k for k in missing if ".table." not in k] or [k for k in unexpected if ".table." not in k]:

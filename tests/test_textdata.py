@@ -26,7 +26,7 @@ from model.data import (  # noqa: E402
 from model.deepseek import BOS_ID, EOS_ID, PAD_ID, deepseek_compression, deepseek_tokenizer  # noqa: E402
 from model.hashing import NgramHashMapping  # noqa: E402
 from model.lm import EngramLM  # noqa: E402
-from model.train import TableSource, build_model  # noqa: E402
+from model.train import TableSource, build_model, load_checkpoint, save_checkpoint  # noqa: E402
 from model.train import main as train_main  # noqa: E402
 from tests.helpers import SMALL_ENGRAM, small_lm_config  # noqa: E402
 
@@ -216,3 +216,14 @@ def test_training_on_text_from_the_command_line(tmp_path: Path, texts: Path, cap
     checkpoint = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
     vocab = np.load(tmp_path / "d" / "realtext" / "vocab.npy")
     assert checkpoint["lm_config"]["vocab_size"] == len(vocab)  # the LM's vocabulary is the cut
+
+
+def test_a_checkpoint_refuses_data_of_another_vocabulary(tmp_path: Path, texts: Path, lm_data) -> None:
+    data = _prepare(tmp_path, texts)
+    assert data.vocab_size != lm_data.vocab_size
+    config = small_lm_config(data.vocab_size)
+    save_checkpoint(build_model(config, data, TableSource.LOCAL), TableSource.LOCAL, tmp_path / "ckpt.pt")
+    model, _ = load_checkpoint(tmp_path / "ckpt.pt", data)
+    assert model.config.vocab_size == data.vocab_size
+    with pytest.raises(ValueError, match="pass the data flags it was trained with"):
+        load_checkpoint(tmp_path / "ckpt.pt", lm_data)  # the generated world's data
