@@ -72,6 +72,20 @@ class CompressedTokenizer:
         """From a local tokenizer.json."""
         return cls(Tokenizer.from_file(str(path)))
 
+    def restricted(self, token_ids: np.ndarray) -> CompressedTokenizer:
+        """The compression of a cut vocabulary whose id i is original id token_ids[i]: the compressed ids
+        and their count stay the full vocabulary's, so N-gram hashes (and table rows) do not change
+        (`ratio` then compares the full compressed vocabulary with the cut, and means little)."""
+        ids = np.asarray(token_ids)
+        self.compress(ids)  # the same checks: integers in [0, V)
+        if ids.ndim != 1 or len(ids) == 0:
+            raise InvalidArgumentError(f"a vocabulary cut is a non-empty list of token ids; got shape {ids.shape}")
+        cut = object.__new__(CompressedTokenizer)
+        cut.lookup_table = self.lookup_table[ids]
+        cut.original_vocab_size = len(ids)
+        cut.compressed_vocab_size = self.compressed_vocab_size
+        return cut
+
     def __len__(self) -> int:
         """The compressed vocabulary size (as the reference's `len`)."""
         return self.compressed_vocab_size

@@ -2,45 +2,98 @@
 
 `prepare_data` caches the tokenizer and token arrays under `data_dir` (generated, git-ignored)
 and rebuilds them only when the configuration changes.
+
+With `DataConfig.text` set (`--data text` on the command lines) the data is real text tokenized
+with DeepSeek-V4's tokenizer instead (model/textdata.py): the LM's vocabulary is then cut to the
+DeepSeek ids the text uses (`PreparedData.vocab_ids`), while the Engram hashing sees DeepSeek's
+compressed ids (`PreparedData.compression`), so its row ids are the ones the full vocabulary gives.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import enum
+import functools
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from memstore.errors import InvalidArgumentError
 from model._tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from model.compression import CompressedTokenizer
 from model.corpus import CorpusConfig, generate_corpus
 
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>"]  # ids 0, 1, 2
 
 
+class DataSource(enum.Enum):
+    """What the model trains on."""
+
+    GENERATED = "generated"  # the generated world (model/corpus.py) and a BPE trained on it
+    TEXT = "text"  # real text files, DeepSeek-V4's tokenizer (model/textdata.py)
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """Real text: UTF-8 files (a directory means its *.txt files, recursively), DeepSeek's tokenizer.
+
+    Each file is one document (<bos> text <eos>); its last `val_fraction` (whole paragraphs) is
+    validation. `max_tokens` keeps about that many tokens in all, the same share of every file
+    (its beginning), so a small run still sees every source.
+    """
+
+    paths: tuple[Path, ...] = (Path("data/text/en"),)
+    max_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.paths:
+            raise InvalidArgumentError("TextConfig.paths is empty: give at least one text file or directory")
+        if self.max_tokens is not None and self.max_tokens < 1_000:
+            raise InvalidArgumentError(f"TextConfig.max_tokens must be >= 1000 (None: all); got {self.max_tokens}")
+
+
 @dataclass(frozen=True)
 class DataConfig:
-    """Where the prepared data lives and how it is made."""
+    """Where the prepared data lives and how it is made: the generated world, or real text when `text` is set
+    (then `vocab_size` and `corpus` do not apply, and the prepared files go to `data_dir`/realtext)."""
 
     data_dir: Path = Path("data")
     vocab_size: int = 4096
     val_fraction: float = 0.05
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    text: TextConfig | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 < self.val_fraction < 1:
+            raise InvalidArgumentError(f"DataConfig.val_fraction must be in (0, 1); got {self.val_fraction}")
+
+    @property
+    def source(self) -> DataSource:
+        """What the config trains on."""
+        return DataSource.GENERATED if self.text is None else DataSource.TEXT
 
     def key(self) -> str:
-        """Hash of everything that shapes the prepared data (not where it is stored)."""
+        """Hash of everything that shapes the generated world's prepared data (not where it is stored)."""
         fields = dataclasses.asdict(self)
         fields.pop("data_dir")
+        fields.pop("text")  # None here; real text has its own key (model/textdata.py)
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
 class PreparedData:
-    """Tokenizer and token streams (bos + document + eos, concatenated)."""
+    """Tokenizer and token streams (bos + document + eos, concatenated) of the LM's token ids.
+
+    `vocab_ids` is the vocabulary cut of real text: LM id i is tokenizer id vocab_ids[i] (pad,
+    bos and eos first, at 0, 1, 2); None means the LM ids are the tokenizer's. `encode`, `decode`
+    and `compression` work in LM ids either way.
+    """
 
     tokenizer: Tokenizer
     tokenizer_path: Path
@@ -49,10 +102,51 @@ class PreparedData:
     pad_id: int = 0
     bos_id: int = 1
     eos_id: int = 2
+    vocab_ids: np.ndarray | None = None  # [vocab_size] int64, LM id -> tokenizer id
 
     @property
     def vocab_size(self) -> int:
-        return self.tokenizer.get_vocab_size()
+        """The LM's vocabulary: the cut's size, else the tokenizer's."""
+        return self.tokenizer.get_vocab_size() if self.vocab_ids is None else len(self.vocab_ids)
+
+    @functools.cached_property
+    def _lm_id_of(self) -> np.ndarray:
+        """Tokenizer id -> LM id, -1 for the ids the cut left out."""
+        assert self.vocab_ids is not None
+        inverse = np.full(self.tokenizer.get_vocab_size(with_added_tokens=True), -1, dtype=np.int64)
+        inverse[self.vocab_ids] = np.arange(len(self.vocab_ids))
+        return inverse
+
+    def to_lm_ids(self, token_ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Tokenizer ids -> LM ids (int64); an id outside the vocabulary cut is an InvalidArgumentError."""
+        ids = np.asarray(token_ids, dtype=np.int64)
+        if self.vocab_ids is None:
+            return ids
+        lm_ids = self._lm_id_of[ids]
+        if (lm_ids < 0).any():
+            missing = sorted({int(i) for i in ids[lm_ids < 0]})[:5]
+            pieces = [self.tokenizer.id_to_token(i) for i in missing]
+            raise InvalidArgumentError(
+                f"tokens {pieces} (ids {missing}) never occur in the training text, so the LM's cut vocabulary "
+                f"has no id for them; use words the text uses"
+            )
+        return lm_ids
+
+    def encode(self, text: str) -> list[int]:
+        """Text -> LM ids (no bos/eos)."""
+        return self.to_lm_ids(self.tokenizer.encode(text, add_special_tokens=False).ids).tolist()
+
+    def decode(self, lm_ids: Sequence[int] | np.ndarray) -> str:
+        """LM ids -> text."""
+        ids = np.asarray(lm_ids, dtype=np.int64)
+        token_ids = ids if self.vocab_ids is None else self.vocab_ids[ids]
+        return self.tokenizer.decode(token_ids.tolist())
+
+    @functools.cached_property
+    def compression(self) -> CompressedTokenizer:
+        """Engram's compression of the LM's ids: through the cut, onto the full tokenizer's compressed ids."""
+        full = CompressedTokenizer(self.tokenizer)
+        return full if self.vocab_ids is None else full.restricted(self.vocab_ids)
 
 
 def _train_tokenizer(documents: list[str], vocab_size: int) -> Tokenizer:
@@ -102,7 +196,11 @@ def _save_array(path: Path, values: np.ndarray) -> None:
 
 
 def prepare_data(config: DataConfig = DataConfig()) -> PreparedData:
-    """Load the cached data for this config, or generate, tokenize and cache it."""
+    """Load the cached data for this config, or generate (or read), tokenize and cache it."""
+    if config.text is not None:
+        from model.textdata import prepare_text  # it builds on this module's PreparedData and _save
+
+        return prepare_text(Path(config.data_dir) / "realtext", config.text, config.val_fraction)
     directory = Path(config.data_dir)
     meta_path, tokenizer_path = directory / "meta.json", directory / "tokenizer.json"
     train_path, val_path = directory / "train.npy", directory / "val.npy"
@@ -137,3 +235,39 @@ def eval_batches(
     num_windows = min((len(tokens) - 1) // seq_len, batch_size * max_batches)
     windows = np.stack([tokens[i * seq_len : i * seq_len + seq_len + 1] for i in range(num_windows)]).astype(np.int64)
     return [(w[:, :-1], w[:, 1:]) for w in np.array_split(windows, -(-num_windows // batch_size))]
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """--data-dir, --data {generated,text}, --text PATH..., --text-tokens N (parsed by data_config_from_args)."""
+    parser.add_argument("--data-dir", type=Path, default=DataConfig().data_dir, help="prepared data (a cache)")
+    parser.add_argument(
+        "--data",
+        type=DataSource,
+        choices=list(DataSource),
+        default=DataSource.GENERATED,
+        help="generated: the generated world and its own BPE; text: real text with DeepSeek-V4's tokenizer "
+        "(the `model` extra; get text with scripts/get_text.sh)",
+    )
+    parser.add_argument(
+        "--text",
+        type=Path,
+        nargs="+",
+        help=f"with --data text: text files or directories of *.txt (default {TextConfig().paths[0]})",
+    )
+    parser.add_argument("--text-tokens", type=int, help="with --data text: use about this many tokens (default: all)")
+
+
+def data_config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> DataConfig:
+    """The DataConfig of add_data_arguments' flags; contradictions and bad values are usage errors."""
+    if args.data is DataSource.GENERATED:
+        if args.text is not None or args.text_tokens is not None:
+            parser.error("--text and --text-tokens need --data text")
+        return DataConfig(data_dir=args.data_dir)
+    try:
+        text = TextConfig(paths=tuple(args.text or TextConfig().paths), max_tokens=args.text_tokens)
+    except InvalidArgumentError as exc:
+        parser.error(str(exc).replace("TextConfig.max_tokens", "--text-tokens"))
+    for path in text.paths:
+        if not path.exists():
+            parser.error(f"--text {path} does not exist (scripts/get_text.sh writes data/text/en and data/text/zh)")
+    return DataConfig(data_dir=args.data_dir, text=text)

@@ -2,6 +2,9 @@
 
 python -m model.generate --checkpoint runs/engram/ckpt.pt --prompt "The river" --samples 3
 python -m model.generate --checkpoint runs/engram/ckpt.pt --source memstore --memstore 127.0.0.1:50051
+python -m model.generate --checkpoint runs/text/ckpt.pt --data text --text data/text/en --prompt "The kernel"
+
+The data flags must be the ones the checkpoint was trained with (its vocabulary is the data's).
 
 `--device` (default auto: cuda when PyTorch sees a GPU, else cpu) is where the model runs and the
 prefetched rows land.
@@ -16,8 +19,9 @@ import torch
 
 from client import PrefetchConfig, Prefetcher
 from client.cluster import add_connection_arguments, connect
+from memstore.errors import InvalidArgumentError
 from memstore.layout import fingerprint
-from model.data import DataConfig, PreparedData, prepare_data
+from model.data import PreparedData, add_data_arguments, data_config_from_args, prepare_data
 from model.device import add_device_argument, check_rows_device
 from model.lm import EngramLM
 from model.train import TableSource, load_checkpoint
@@ -41,13 +45,13 @@ def sample(
     model.eval()
     texts = []
     for prompt in prompts:
-        ids = [data.bos_id, *data.tokenizer.encode(prompt).ids]
+        ids = [data.bos_id, *data.encode(prompt)]
         tokens = torch.tensor([ids], device=device)  # [1, T0]
         out = model.generate(tokens, max_new_tokens, temperature=temperature, prefetcher=prefetcher)
         tokens = out[0].tolist()[1:]
         if data.eos_id in tokens[len(ids) - 1 :]:
             tokens = tokens[: tokens.index(data.eos_id, len(ids) - 1)]
-        texts.append(data.tokenizer.decode(tokens))
+        texts.append(data.decode(tokens))
     return texts
 
 
@@ -61,10 +65,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=60)
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--data-dir", type=Path, default=DataConfig().data_dir)
+    add_data_arguments(parser)  # as the checkpoint was trained: --data-dir, --data, --text, --text-tokens
     add_device_argument(parser)
     args = parser.parse_args(argv)
-    data = prepare_data(DataConfig(data_dir=args.data_dir))
+    data = prepare_data(data_config_from_args(args, parser))
     client = None
     prefetcher = None
     try:
@@ -78,6 +82,11 @@ def main(argv: list[str] | None = None) -> None:
         if client is not None and engram is not None:
             client.check_fingerprint(fingerprint(engram.layout(), engram.seed))
         prompts = (args.prompt or ["The"]) * args.samples
+        for prompt in prompts:
+            try:
+                data.encode(prompt)
+            except InvalidArgumentError as exc:  # a token the cut vocabulary of real text lacks
+                parser.error(f"--prompt {prompt!r}: {exc}")
         if client is not None and engram is not None and source is TableSource.MEMSTORE:
             prefetcher = Prefetcher(client, model.row_ids, engram.layer_ids, PrefetchConfig(device=str(args.device)))
         for text in sample(model, data, prompts, args.max_new_tokens, args.temperature, args.seed, prefetcher):

@@ -4,6 +4,11 @@
     python -m model.train --source local --steps 600 --out runs/engram
     python -m model.train --source none --steps 600 --out runs/baseline     # no Engram
     python -m model.train --source memstore --memstore 127.0.0.1:50051 --device cuda
+    python -m model.train --source local --data text --text data/text/en --text-tokens 2000000
+
+`--data text` trains on real text (scripts/get_text.sh fetches some) with DeepSeek-V4's tokenizer
+(the `model` extra) instead of the generated world: the LM's vocabulary is cut to the DeepSeek ids
+the text uses, and the Engram rows are hashed from DeepSeek's compressed ids (model/textdata.py).
 
 `--device` (default auto: cuda when PyTorch sees a GPU, else cpu) puts the model, the batches and
 the rows there: the prefetcher lands rows on it through pinned buffers and a side stream, and
@@ -44,9 +49,8 @@ from client.cluster import add_connection_arguments, connect
 from memstore.errors import InvalidArgumentError
 from memstore.layout import fingerprint
 from memstore.tabledir.optimizer import OptimizerConfig, OptimizerKind
-from model.compression import CompressedTokenizer
 from model.config import lm_config_from_dict, lm_config_to_dict
-from model.data import DataConfig, PreparedData, batches, eval_batches, prepare_data
+from model.data import PreparedData, add_data_arguments, batches, data_config_from_args, eval_batches, prepare_data
 from model.device import add_device_argument, check_rows_device
 from model.lm import EngramLM, LMConfig
 from model.sources import TrackedRows, local_tables, memstore_tables
@@ -138,8 +142,7 @@ def build_model(
         if client is None:
             raise ValueError("--source memstore needs a daemon address (--memstore HOST:PORT)")
         tables = memstore_tables(client, layout, track_gradients, device)
-    compression = CompressedTokenizer(data.tokenizer)
-    return EngramLM(lm_config, compression, data.pad_id, tables).to(device)
+    return EngramLM(lm_config, data.compression, data.pad_id, tables).to(device)
 
 
 def _lr_at(step: int, config: TrainConfig) -> float:
@@ -397,7 +400,13 @@ def load_checkpoint(
     payload = torch.load(path, map_location="cpu", weights_only=True)
     saved_source = TableSource(payload["source"])
     source = source or saved_source
-    model = build_model(lm_config_from_dict(payload["lm_config"]), data, source, client, device=device)
+    lm_config = lm_config_from_dict(payload["lm_config"])
+    if lm_config.vocab_size != data.vocab_size:  # token ids would silently mean other tokens
+        raise ValueError(
+            f"checkpoint {path} was trained on a vocabulary of {lm_config.vocab_size:,} ids, the data given has "
+            f"{data.vocab_size:,}: pass the data flags it was trained with (--data, --text, --text-tokens)"
+        )
+    model = build_model(lm_config, data, source, client, device=device)
     # A memstore-trained checkpoint holds no tables; a local one's tables are only loaded into local tables.
     missing, unexpected = model.load_state_dict(payload["state_dict"], strict=False)
     if [k for k in missing if ".table." not in k] or [k for k in unexpected if ".table." not in k]:
@@ -426,7 +435,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-every", type=int, default=defaults.eval_every)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--out", type=Path, default=defaults.out_dir, help="checkpoint and history directory")
-    parser.add_argument("--data-dir", type=Path, default=DataConfig().data_dir)
+    add_data_arguments(parser)  # --data-dir, --data generated|text, --text, --text-tokens
     parser.add_argument("--lm-config", type=Path, help="JSON file of LMConfig fields (unknown keys are errors)")
     add_device_argument(parser)
     parser.add_argument(
@@ -449,8 +458,9 @@ def main(argv: list[str] | None = None) -> None:
         )
     except InvalidArgumentError as exc:
         parser.error(str(exc).replace("TrainConfig.", "--").replace("_", "-"))
+    data_config = data_config_from_args(args, parser)
     lm_config = lm_config_from_dict(json.loads(args.lm_config.read_text())) if args.lm_config else LMConfig()
-    data = prepare_data(DataConfig(data_dir=args.data_dir))
+    data = prepare_data(data_config)
     lm_config = replace(lm_config, vocab_size=data.vocab_size)
     client = None
     if args.source is TableSource.MEMSTORE:

