@@ -188,12 +188,16 @@ def _parse(argv: list[str]) -> DataConfig:
     return data_config_from_args(parser.parse_args(argv), parser)
 
 
-def test_the_command_line_flags(tmp_path: Path, texts: Path) -> None:
+def test_the_command_line_flags(tmp_path: Path, texts: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert _parse([]) == DataConfig()
     assert _parse([]).source is DataSource.GENERATED
     config = _parse(["--data", "text", "--text", str(texts), "--text-tokens", "5000", "--data-dir", str(tmp_path)])
     assert config == DataConfig(data_dir=tmp_path, text=TextConfig(paths=(texts,), max_tokens=5000))
     assert config.source is DataSource.TEXT
+    monkeypatch.chdir(tmp_path)  # the default text is relative: data/text/en, which get_text.sh writes
+    with pytest.raises(SystemExit):
+        _parse(["--data", "text"])  # not fetched yet
+    (tmp_path / "data" / "text" / "en").mkdir(parents=True)
     assert _parse(["--data", "text"]).text == TextConfig()  # data/text/en, all of it
     for bad in (
         ["--data", "words"],  # not a data source
