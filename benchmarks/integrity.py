@@ -31,6 +31,7 @@ import numpy as np
 
 from benchmarks.common import process_cpu_s
 from client import ClientConfig, MemstoreClient
+from memstore.cli_args import enum_choice
 from memstore.create import create_table
 from memstore.dtypes import DType
 from memstore.integrity import IntegrityConfig
@@ -71,7 +72,7 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=4096, help="rows per lookup and per push")
     parser.add_argument("--seconds", type=float, default=2.0, help="per measurement")
     parser.add_argument("--repeats", type=int, default=5, help="measurements per side (the best counts)")
-    parser.add_argument("--durability", type=Durability, choices=list(Durability), default=Durability.OS)
+    parser.add_argument("--durability", **enum_choice(Durability), default=Durability.OS)
     args = parser.parse_args()
     per_head = args.table_rows // 16
     layout = EngramLayout(

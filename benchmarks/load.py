@@ -59,6 +59,7 @@ import numpy as np
 from benchmarks.common import process_cpu_s
 from client import ClientConfig, MemstoreClient
 from client.client import sum_duplicate_rows
+from memstore.cli_args import enum_choice
 from memstore.dtypes import DType
 from memstore.errors import InvalidArgumentError, ResourceExhaustedError
 from memstore.exchange import import_safetensors, tensor_name
@@ -401,7 +402,7 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=None, help="client processes (default 16; --quick 4)")
     parser.add_argument("--seconds", type=float, default=None, help="how long they run (default 60; --quick 5)")
     parser.add_argument("--table-rows", type=int, default=None, help="about this many rows (default 1M; --quick 200k)")
-    parser.add_argument("--durability", type=Durability, choices=list(Durability), default=Durability.FSYNC)
+    parser.add_argument("--durability", **enum_choice(Durability), default=Durability.FSYNC)
     parser.add_argument(
         "--checkpoint-every", type=int, default=None, help="passed to memstore serve (default: the daemon's, 1000)"
     )

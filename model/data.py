@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from memstore.cli_args import enum_choice
 from memstore.errors import InvalidArgumentError
 from model._tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from model.compression import CompressedTokenizer
@@ -242,8 +243,7 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", type=Path, default=DataConfig().data_dir, help="prepared data (a cache)")
     parser.add_argument(
         "--data",
-        type=DataSource,
-        choices=list(DataSource),
+        **enum_choice(DataSource),
         default=DataSource.GENERATED,
         help="generated: the generated world and its own BPE; text: real text with DeepSeek-V4's tokenizer "
         "(the `model` extra; get text with scripts/get_text.sh)",

@@ -19,6 +19,7 @@ import torch
 
 from client import PrefetchConfig, Prefetcher
 from client.cluster import add_connection_arguments, connect
+from memstore.cli_args import enum_choice
 from memstore.errors import InvalidArgumentError
 from memstore.layout import fingerprint
 from model.data import PreparedData, add_data_arguments, data_config_from_args, prepare_data
@@ -58,7 +59,7 @@ def sample(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, required=True)
-    parser.add_argument("--source", type=TableSource, choices=list(TableSource), help="default: as trained")
+    parser.add_argument("--source", **enum_choice(TableSource), help="default: as trained")
     add_connection_arguments(parser)  # with --source memstore: --memstore, --cluster or --shard
     parser.add_argument("--prompt", action="append", help="repeat for several prompts")
     parser.add_argument("--samples", type=int, default=1, help="samples per prompt")

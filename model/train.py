@@ -46,6 +46,7 @@ from tqdm import tqdm
 from client import PrefetchConfig, Prefetcher, PrefetchHandle, PushConfig, Pusher, RemoteEmbedding, TableClient
 from client import metrics as client_metrics
 from client.cluster import add_connection_arguments, connect
+from memstore.cli_args import enum_choice
 from memstore.errors import InvalidArgumentError
 from memstore.layout import fingerprint
 from memstore.tabledir.optimizer import OptimizerConfig, OptimizerKind
@@ -417,7 +418,7 @@ def load_checkpoint(
 def main(argv: list[str] | None = None) -> None:
     defaults = TrainConfig()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", type=TableSource, choices=list(TableSource), default=TableSource.LOCAL)
+    parser.add_argument("--source", **enum_choice(TableSource), default=TableSource.LOCAL)
     add_connection_arguments(parser)  # with --source memstore: --memstore, --cluster or --shard
     parser.add_argument(
         "--no-prefetch", action="store_true", help="look rows up when each layer needs them (no overlap)"
