@@ -209,7 +209,7 @@ class _LayerCache:
         return torch.where(self.keys[pos] == ids, self.key_slot[pos], torch.full_like(ids, -1))
 
     def step(self, ids: torch.Tensor, fetch: Callable[[torch.Tensor], torch.Tensor], stats: CacheStats,
-             layer: int, row_bytes: int) -> torch.Tensor:  # fmt: skip
+             stats_lock: threading.Lock, layer: int, row_bytes: int) -> torch.Tensor:  # fmt: skip
         """Rows [N, width] for flat `ids` [N]: hits from the cache, misses from `fetch(distinct ids)`."""
         n = len(ids)
         uniq, inverse, counts = torch.unique(ids, return_inverse=True, return_counts=True)
@@ -229,35 +229,45 @@ class _LayerCache:
         rows[hit] = self.data[hit_slots]  # before the fill below may overwrite a victim's slot
         miss = ~hit
         miss_ids = uniq[miss]
+        admitted = evicted = 0
         if len(miss_ids):
             fetched = fetch(miss_ids).to(self.device, non_blocking=False).reshape(len(miss_ids), -1)
             rows[miss] = fetched
-            self._fill(miss_ids, fetched, counts[miss], last[miss], start, stats)
+            admitted, evicted = self._fill(miss_ids, fetched, counts[miss], last[miss], start)
         hit_accesses = int(counts[hit].sum())
         distinct_hits = int(hit.sum())
+        with stats_lock:  # the layers' workers share one CacheStats
+            self._count(stats, layer, n, hit_accesses, distinct_hits, len(miss_ids), admitted, evicted, row_bytes)
+        metrics.count_cache(layer, stats.tier, hit_accesses, n - hit_accesses, distinct_hits * row_bytes)
+        return rows[inverse]  # [N, width]
+
+    @staticmethod
+    def _count(stats: CacheStats, layer: int, n: int, hit_accesses: int, distinct_hits: int, misses: int,
+               admitted: int, evicted: int, row_bytes: int) -> None:  # fmt: skip
+        stats.admitted += admitted
+        stats.evicted += evicted
+        stats.rejected += misses - admitted
         stats.hits += hit_accesses
         stats.misses += n - hit_accesses
-        stats.rows_fetched += len(miss_ids)
-        stats.bytes_fetched += len(miss_ids) * row_bytes
+        stats.rows_fetched += misses
+        stats.bytes_fetched += misses * row_bytes
         stats.rows_saved += distinct_hits
         stats.bytes_saved += distinct_hits * row_bytes
         stats.hits_per_layer[layer] = stats.hits_per_layer.get(layer, 0) + hit_accesses
         stats.accesses_per_layer[layer] = stats.accesses_per_layer.get(layer, 0) + n
-        metrics.count_cache(layer, stats.tier, hit_accesses, n - hit_accesses, distinct_hits * row_bytes)
-        return rows[inverse]  # [N, width]
 
-    def _fill(self, ids: torch.Tensor, rows: torch.Tensor, counts: torch.Tensor, last: torch.Tensor, start: int,
-              stats: CacheStats) -> None:  # fmt: skip
-        """Admit missed rows under the policy (the module docstring's batch semantics, step 3)."""
+    def _fill(self, ids: torch.Tensor, rows: torch.Tensor, counts: torch.Tensor, last: torch.Tensor,
+              start: int) -> tuple[int, int]:  # fmt: skip
+        """Admit missed rows under the policy (the module docstring's batch semantics, step 3): (admitted, evicted)."""
         if self.policy is CachePolicy.STATIC:
+            if len(self.hot) == 0:
+                return 0, 0
             pos = torch.searchsorted(self.hot, ids).clamp_(max=len(self.hot) - 1)
             keep = self.hot[pos] == ids
             free = torch.nonzero(self.slot_key < 0).squeeze(1)  # every hot row fits: capacity is the hot set
             order = torch.nonzero(keep).squeeze(1)
             self._write(free[: len(order)], ids[order], rows[order], counts[order], last[order], None)
-            stats.admitted += len(order)
-            stats.rejected += len(ids) - len(order)
-            return
+            return len(order), 0
         # Candidates best first: the policy's key, then the latest use (sorts are stable: ties keep id order).
         if self.policy is CachePolicy.TINYLFU:
             estimate = self._estimate(ids)
@@ -285,9 +295,7 @@ class _LayerCache:
         chosen = torch.cat([into_free, rest])
         slots = torch.cat([free[: len(into_free)], victims])
         self._write(slots, ids[chosen], rows[chosen], counts[chosen], last[chosen], victims)
-        stats.admitted += len(chosen)
-        stats.evicted += len(victims)
-        stats.rejected += len(ids) - len(chosen)
+        return len(chosen), len(victims)
 
     def _write(self, slots: torch.Tensor, ids: torch.Tensor, rows: torch.Tensor, counts: torch.Tensor,
                last: torch.Tensor, evicted: torch.Tensor | None) -> None:  # fmt: skip
@@ -332,6 +340,7 @@ class DeviceCache:
         self.width = manifest.dtype.stored_width(manifest.layout.dim)
         self.row_bytes = manifest.dtype.row_bytes(manifest.layout.dim)
         self.stats = CacheStats()
+        self._stats_lock = threading.Lock()
         capacity = config.capacity(self.row_bytes)
         hot = dict(config.hot_rows or {})
         unknown = set(hot) - set(manifest.layout.layer_ids)
@@ -361,7 +370,9 @@ class DeviceCache:
         shape = tuple(ids.shape)
         flat = ids.to(self.device, torch.int64).reshape(-1)
         with cache.lock:
-            rows = cache.step(flat, lambda miss: fetch(miss.cpu().numpy()), self.stats, layer_id, self.row_bytes)
+            rows = cache.step(
+                flat, lambda miss: fetch(miss.cpu().numpy()), self.stats, self._stats_lock, layer_id, self.row_bytes
+            )
         return rows.view(*shape, self.width)
 
     def memory_bytes(self) -> int:

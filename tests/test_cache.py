@@ -277,3 +277,28 @@ def test_cuda_cache_returns_the_cpu_caches_rows(table: Table) -> None:
                 np.testing.assert_array_equal(
                     (rows * 1).cpu().numpy(), table.gather(1, _ids(step)[1].reshape(-1)).reshape(2, 8, 4, -1)
                 )
+
+
+def test_cache_hits_and_bytes_saved_are_client_metrics(table: Table) -> None:
+    from prometheus_client import REGISTRY  # imported: the client's metrics register at the next observation
+
+    def sample(name: str) -> float:
+        # The process-wide registry: other tests count too, so only this test's increase is checked.
+        return REGISTRY.get_sample_value(name, {"layer": "4", "tier": "device"}) or 0
+
+    before = {name: sample(f"memstore_client_cache_{name}_total") for name in ("hits", "misses", "bytes_saved")}
+    cached = CachedReader(TableFetcher(table), CacheConfig(max_rows=10))
+    cached.lookup(4, [1, 2, 2, 3])  # 4 misses (3 rows fetched)
+    cached.lookup(4, [2, 3, 9])  # 2 hits, 1 miss
+    row_bytes = DType.FLOAT16.row_bytes(SMALL_LAYOUT.dim)
+    assert sample("memstore_client_cache_hits_total") == before["hits"] + 2
+    assert sample("memstore_client_cache_misses_total") == before["misses"] + 5
+    assert sample("memstore_client_cache_bytes_saved_total") == before["bytes_saved"] + 2 * row_bytes
+
+
+def test_a_static_cache_without_hot_rows_for_a_layer_serves_it_uncached(table: Table) -> None:
+    cached = CachedReader(TableFetcher(table), CacheConfig(policy=CachePolicy.STATIC, hot_rows={1: [5, 6]}))
+    for _ in range(2):
+        np.testing.assert_array_equal(cached.lookup(4, [5, 6]).numpy(), table.gather(4, np.array([5, 6])))
+        cached.lookup(1, [5, 6, 7])
+    assert cached.stats.hits_per_layer == {4: 0, 1: 2} and cached.stats.rejected == 4 + 2
