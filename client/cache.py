@@ -26,10 +26,10 @@ Batch semantics (what the tests' brute force follows): a step is one lookup of a
    rows only and never evicts. Candidates beyond the victims available are not admitted.
 
 With one access per step this is plain per-access LRU (the same hits as `model.cache_sim`'s LRU),
-LFU with counts kept while a row is resident, and TinyLFU (a count-min sketch, halved every
-`sketch_reset` x capacity additions) in front of an LRU cache. `model.cache_sim`'s LFU counts every
-row's accesses forever, which needs memory for every row of the layer; TinyLFU is the bounded
-version of that idea.
+LFU with counts kept while a row is resident (up to 2**20: hotter rows tie), and TinyLFU (a
+count-min sketch, halved every `sketch_reset` x capacity additions) in front of an LRU cache.
+`model.cache_sim`'s LFU counts every row's accesses forever, which needs memory for every row of
+the layer; TinyLFU is the bounded version of that idea.
 
 Everything per step is tensor work (unique, searchsorted, sort, scatter) on the cache's device: no
 Python loop per row. The lookup index is a sorted id array with each id's slot, merged (not resorted)
@@ -55,6 +55,8 @@ if TYPE_CHECKING:
     from memstore.tabledir.manifest import Manifest
 
 _SKETCH_DEPTH = 4
+_STAMP_BITS = 43  # LFU's victim key: count above the access time (8.8e12 accesses before it wraps)
+_LFU_COUNT_CAP = (1 << 20) - 1
 # Odd 63-bit multipliers of the sketch's rows (multiplicative hashing; the top bits are the column).
 _SKETCH_MULTIPLIERS = (0x1F6A_B3C5_9E37_79B9, 0x2545_F491_4F6C_DD1D, 0x5851_F42D_4C95_7F2D, 0x14057_B7EF_767B_14F)
 
@@ -283,11 +285,15 @@ class _LayerCache:
         rest = order[len(free) :]
         victims = torch.empty(0, dtype=torch.int64, device=self.device)
         if len(rest):
-            untouched = torch.nonzero((self.slot_key >= 0) & (self.stamp < start)).squeeze(1)
-            vorder = torch.argsort(self.stamp[untouched], stable=True)
-            if self.policy is CachePolicy.LFU:
-                vorder = vorder[torch.argsort(self.count[untouched][vorder], stable=True)]
-            victims = untouched[vorder][: len(rest)]
+            # The k = len(rest) first victims by a key that is distinct per resident (stamps are distinct
+            # access times): topk, O(capacity), instead of sorting every resident each step.
+            key = self.stamp
+            if self.policy is CachePolicy.LFU:  # fewest accesses, then oldest: counts above 2**20 tie
+                key = (self.count.clamp(max=_LFU_COUNT_CAP) << _STAMP_BITS) | self.stamp
+            untouched = (self.slot_key >= 0) & (self.stamp < start)
+            key = torch.where(untouched, key, torch.full_like(key, torch.iinfo(torch.int64).max))
+            k = min(len(rest), int(untouched.sum()))
+            victims = torch.topk(key, k, largest=False, sorted=True).indices
             rest = rest[: len(victims)]
             if estimate is not None:
                 admit = estimate[rest] > self._estimate(self.slot_key[victims])
