@@ -1,5 +1,6 @@
 """The PyTorch-side client of the Engram memstore."""
 
+from client.cache import CacheConfig, CachedReader, CachePolicy, CacheStats, DeviceCache
 from client.client import MemstoreClient, PushAck, sum_duplicate_rows
 from client.cluster import ClusterClient
 from client.cluster_spec import ClusterSpec
@@ -32,6 +33,11 @@ __all__ = [
     "PrefetchHandle",
     "PrefetchStats",
     "TableFetcher",
+    "CacheConfig",
+    "CachePolicy",
+    "CacheStats",
+    "CachedReader",
+    "DeviceCache",
     "Pusher",
     "PushConfig",
     "PushStats",

@@ -29,6 +29,9 @@ class _Metrics:
     prefetch_gpu_stall: Any
     prefetch_rows: Any
     push_wait: Any
+    cache_hits: Any
+    cache_misses: Any
+    cache_bytes_saved: Any
 
 
 _enabled: _Metrics | None = None
@@ -79,6 +82,24 @@ def enable(registry: Any = None) -> None:
                 buckets=_BUCKETS,
                 registry=registry,
             ),
+            prometheus_client.Counter(
+                "memstore_client_cache_hits",
+                "Row accesses served by a client cache tier, per layer",
+                ["layer", "tier"],
+                registry=registry,
+            ),
+            prometheus_client.Counter(
+                "memstore_client_cache_misses",
+                "Row accesses a client cache tier missed (fetched from the store), per layer",
+                ["layer", "tier"],
+                registry=registry,
+            ),
+            prometheus_client.Counter(
+                "memstore_client_cache_bytes_saved",
+                "Bytes of rows a client cache tier served instead of the store, per layer",
+                ["layer", "tier"],
+                registry=registry,
+            ),
         )
 
 
@@ -115,3 +136,12 @@ def observe_push_wait(seconds: float) -> None:
     """One wait of a training step for earlier pushes to be acknowledged."""
     if (metrics := _current()) is not None:
         metrics.push_wait.observe(seconds)
+
+
+def count_cache(layer_id: int, tier: str, hits: int, misses: int, bytes_saved: int) -> None:
+    """One lookup through a cache tier: accesses hit and missed, bytes the store did not send."""
+    if (metrics := _current()) is not None:
+        labels = (str(layer_id), tier)
+        metrics.cache_hits.labels(*labels).inc(hits)
+        metrics.cache_misses.labels(*labels).inc(misses)
+        metrics.cache_bytes_saved.labels(*labels).inc(bytes_saved)

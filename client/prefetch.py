@@ -80,6 +80,7 @@ import numpy as np
 import torch
 
 from client import metrics
+from client.cache import CacheConfig, CacheStats, DeviceCache, check_cacheable
 from client.config import check_timeout
 from client.protocol import RowReader
 from memstore.errors import InternalError, InvalidArgumentError, MemstoreError, ResourceExhaustedError
@@ -122,6 +123,7 @@ class PrefetchConfig:
     device: str = "cpu"  # where the model wants its rows; "cuda" pins host buffers and copies on a side stream
     timeout_s: float | None = None  # deadline per lookup; None: the fetcher's own
     acquire_timeout_s: float = 300.0  # how long submit waits for a released buffer set
+    cache: CacheConfig | None = None  # a row cache per layer on `device`: only its misses are fetched (frozen tables)
 
     def __post_init__(self) -> None:
         if self.depth < 1:
@@ -143,6 +145,7 @@ class PrefetchStats:
     requests: int = 0
     rows: int = 0
     buffer_allocations: int = 0
+    cache: CacheStats | None = None  # the device cache's hits and savings, when PrefetchConfig.cache is set
 
     @property
     def total_stall_s(self) -> float:
@@ -161,10 +164,11 @@ class PrefetchStats:
         if self.gpu_stall_s:
             gpu_layers = ", ".join(f"layer {layer} {s:.3f} s" for layer, s in sorted(self.gpu_stall_s.items()))
             gpu = f"; GPU stall {self.total_gpu_stall_s:.3f} s ({gpu_layers})"
+        cache = "" if self.cache is None else f"; {self.cache.summary()}"
         return (
             f"{self.steps} prefetches, {self.rows:,} rows; "
             f"exposed stall {self.total_stall_s:.3f} s ({per_layer}){gpu}; "
-            f"{self.ready_on_request}/{self.requests} layers' rows were ready when asked for"
+            f"{self.ready_on_request}/{self.requests} layers' rows were ready when asked for{cache}"
         )
 
 
@@ -357,6 +361,11 @@ class Prefetcher:
         self.storage = manifest.dtype
         self.device = _resolve_device(self.config.device)
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.cache: DeviceCache | None = None
+        if self.config.cache is not None:
+            check_cacheable(fetcher, manifest, self.config.cache)
+            self.cache = DeviceCache(manifest, self.config.cache, self.device)
+            self.stats.cache = self.cache.stats
         self._gpu_waits: deque[tuple[int, torch.cuda.Event, torch.cuda.Event]] = deque()  # (layer, arrived, copied)
         self._gpu_waits_lock = threading.Lock()  # release() and submit() may collect from different threads
         self._free: queue.Queue[_BufferSet] = queue.Queue()
@@ -422,6 +431,8 @@ class Prefetcher:
         return future, stall
 
     def _fetch(self, layer: int, ids: np.ndarray, host: torch.Tensor, buffers: _BufferSet) -> torch.Tensor:
+        if self.cache is not None:
+            return self._fetch_cached(layer, ids, host, buffers)
         start = time.perf_counter()
         previous_copy = buffers.copied.get(layer)
         if previous_copy is not None:  # a queued copy may still read the host buffer: wait here, not in the caller
@@ -440,6 +451,33 @@ class Prefetcher:
                 buffers.copied[layer] = copied
         elif self.device.type != "cpu":
             rows = buffers.device_view(layer, ids.shape).copy_(host)
+        with self._stats_lock:
+            self.stats.fetch_s[layer] = self.stats.fetch_s.get(layer, 0.0) + time.perf_counter() - start
+        return rows
+
+    def _fetch_cached(self, layer: int, ids: np.ndarray, host: torch.Tensor, buffers: _BufferSet) -> torch.Tensor:
+        """Rows through the device cache: only its misses are fetched, the step's rows assembled on the device."""
+        start = time.perf_counter()
+        cache = self.cache
+        assert cache is not None
+
+        def fetch(miss: np.ndarray) -> torch.Tensor:
+            return self.fetcher.lookup(layer, miss, timeout=self.config.timeout_s)
+
+        if self._copy_stream is not None:
+            # The cache's tensors are used on the copy stream only; the consumer waits on `copied` as before.
+            with torch.cuda.device(self.device), torch.cuda.stream(self._copy_stream):
+                for released in buffers.released:  # the previous step's consumers still read the device buffer
+                    self._copy_stream.wait_event(released)
+                rows = buffers.device_view(layer, ids.shape)
+                rows.copy_(cache.lookup(layer, ids, fetch))
+                copied = torch.cuda.Event(enable_timing=True)
+                copied.record(self._copy_stream)
+                buffers.copied[layer] = copied
+        else:
+            rows = host if self.device.type == "cpu" else buffers.device_view(layer, ids.shape)
+            rows.copy_(cache.lookup(layer, ids, fetch))
+        metrics.count_prefetch_rows(layer, ids.size)
         with self._stats_lock:
             self.stats.fetch_s[layer] = self.stats.fetch_s.get(layer, 0.0) + time.perf_counter() - start
         return rows

@@ -1,0 +1,424 @@
+"""The device tier: a per-layer row cache on the model's device, in front of the store.
+
+A step's rows are looked up in the cache first; only the distinct ids it misses go to the store;
+the cache then assembles the step's rows on its device (CUDA memory when the model is on a GPU,
+host memory otherwise). Rows are held in the table's STORED dtype (the bytes that travel), so a
+quantized table is decoded after the cache, where the prefetcher decodes it today.
+
+Frozen tables only: every row a training step reads is pushed right after, so a cache without
+coherence would serve stale rows. A trainable table is refused unless the process says it only
+generates from a table nobody trains (`CacheConfig.generation_only`); coherence under training is
+not supported yet.
+
+Batch semantics (what the tests' brute force follows): a step is one lookup of a layer's ids.
+
+1. Its distinct ids are looked up together, against the residents at the start of the step. An
+   access (one id of the step, repeats included) hits when its row was resident then.
+2. Resident rows read in the step are updated: their stamp becomes the access time of the row's last
+   use in the step (accesses are numbered across steps, in the order given), their count grows by
+   the row's accesses in the step.
+3. The missed distinct ids are fetched once from the store and offered for admission, best first
+   (LRU: latest last use; LFU: most accesses in the step, then latest; TinyLFU: highest sketch
+   estimate, then latest). Free slots take the best candidates; the rest may only displace residents
+   not read in this step, the victims in the policy's order (LRU and TinyLFU: oldest stamp; LFU:
+   fewest counted accesses, then oldest). LRU and LFU always admit; TinyLFU admits the i-th best
+   remaining candidate only if its estimate beats the i-th victim's; a static hot set admits its own
+   rows only and never evicts. Candidates beyond the victims available are not admitted.
+
+With one access per step this is plain per-access LRU (the same hits as `model.cache_sim`'s LRU),
+LFU with counts kept while a row is resident (up to 2**20: hotter rows tie), and TinyLFU (a
+count-min sketch, halved every `sketch_reset` x capacity additions) in front of an LRU cache.
+`model.cache_sim`'s LFU counts every row's accesses forever, which needs memory for every row of
+the layer; TinyLFU is the bounded version of that idea.
+
+Everything per step is tensor work (unique, searchsorted, sort, scatter) on the cache's device: no
+Python loop per row. The lookup index is a sorted id array with each id's slot, merged (not resorted)
+when rows are admitted.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from client import metrics
+from memstore.errors import InvalidArgumentError
+
+if TYPE_CHECKING:
+    from client.protocol import RowReader
+    from memstore.tabledir.manifest import Manifest
+
+_SKETCH_DEPTH = 4
+_STAMP_BITS = 43  # LFU's victim key: count above the access time (8.8e12 accesses before it wraps)
+_LFU_COUNT_CAP = (1 << 20) - 1
+# Odd 63-bit multipliers of the sketch's rows (multiplicative hashing; the top bits are the column).
+_SKETCH_MULTIPLIERS = (0x1F6A_B3C5_9E37_79B9, 0x2545_F491_4F6C_DD1D, 0x5851_F42D_4C95_7F2D, 0x14057_B7EF_767B_14F)
+
+
+class CachePolicy(Enum):
+    """How the device cache admits and evicts rows."""
+
+    LRU = "lru"
+    LFU = "lfu"
+    TINYLFU = "tinylfu"  # a count-min frequency sketch decides whether a miss displaces the LRU victim
+    STATIC = "static"  # a hot set given up front (CacheConfig.hot_rows): admitted on first use, never evicted
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """A device cache per layer, bounded by rows and/or bytes (the smaller bound wins)."""
+
+    policy: CachePolicy = CachePolicy.LRU
+    max_rows: int | None = 65536  # rows per layer
+    max_bytes: int | None = None  # bytes of stored rows per layer
+    generation_only: bool = False  # the process only generates from a table nobody trains: cache it anyway
+    hot_rows: Mapping[int, Any] | None = None  # STATIC: layer id -> row ids to keep
+    sketch_width_factor: int = 4  # TINYLFU: sketch columns per cached row (rounded up to a power of two)
+    sketch_reset: int = 10  # TINYLFU: counters halve after this many x capacity additions
+
+    def __post_init__(self) -> None:
+        if self.max_rows is None and self.max_bytes is None:
+            raise InvalidArgumentError("CacheConfig needs max_rows or max_bytes: the device cache is bounded")
+        for name in ("max_rows", "max_bytes"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise InvalidArgumentError(f"CacheConfig.{name} must be at least 1; got {value}")
+        if not isinstance(self.policy, CachePolicy):
+            raise InvalidArgumentError(f"CacheConfig.policy must be a CachePolicy; got {self.policy!r}")
+        if (self.policy is CachePolicy.STATIC) != (self.hot_rows is not None):
+            raise InvalidArgumentError("CacheConfig.hot_rows goes with CachePolicy.STATIC, and STATIC needs it")
+        if self.sketch_width_factor < 1 or self.sketch_reset < 1:
+            raise InvalidArgumentError("CacheConfig.sketch_width_factor and sketch_reset must be at least 1")
+
+    def capacity(self, row_bytes: int) -> int:
+        """Rows per layer under both bounds."""
+        bounds = [b for b in (self.max_rows, None if self.max_bytes is None else self.max_bytes // row_bytes) if b]
+        if self.max_bytes is not None and self.max_bytes < row_bytes:
+            raise InvalidArgumentError(f"CacheConfig.max_bytes {self.max_bytes} holds no row of {row_bytes} bytes")
+        return min(bounds)
+
+
+@dataclass
+class CacheStats:
+    """What the device tier saved: accesses served from it, and the store's rows and bytes it spared.
+
+    `hits`/`misses` count accesses (a step's repeats included); `rows_fetched` the distinct missed rows
+    fetched from the store; `rows_saved` the distinct rows served from the cache that a lookup without
+    it would have fetched (the client deduplicates a step's ids either way).
+    """
+
+    tier: str = "device"
+    hits: int = 0
+    misses: int = 0
+    rows_fetched: int = 0
+    rows_saved: int = 0
+    bytes_fetched: int = 0
+    bytes_saved: int = 0
+    admitted: int = 0
+    evicted: int = 0
+    rejected: int = 0  # missed rows the policy did not admit
+    hits_per_layer: dict[int, int] = field(default_factory=dict)
+    accesses_per_layer: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def hit_rate(self) -> float:
+        """Accesses served from the cache, over all accesses."""
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
+
+    def summary(self) -> str:
+        """One line for logs."""
+        return (
+            f"{self.tier} cache: hit rate {self.hit_rate:.1%} ({self.hits:,}/{self.hits + self.misses:,} accesses); "
+            f"{self.rows_fetched:,} rows ({self.bytes_fetched:,} B) fetched, {self.rows_saved:,} rows "
+            f"({self.bytes_saved:,} B) saved; {self.admitted:,} admitted, {self.evicted:,} evicted, "
+            f"{self.rejected:,} rejected"
+        )
+
+
+def check_cacheable(reader: Any, manifest: Manifest, config: CacheConfig) -> None:
+    """InvalidArgumentError unless the table is frozen, or the config says this process only generates."""
+    trainable = getattr(reader, "trainable", None)
+    if not isinstance(trainable, bool):  # an in-process reader: trainable when the table has an optimizer
+        trainable = manifest.optimizer is not None
+    if trainable and not config.generation_only:
+        raise InvalidArgumentError(
+            "the table is trainable, and coherence of the device cache under training is not supported yet: "
+            "a cached row would go stale at the next push. Serve the table read-only (or without an optimizer) "
+            "to cache it, or set CacheConfig(generation_only=True) if this process only generates from a table "
+            "nobody trains"
+        )
+
+
+class _LayerCache:
+    """One layer's rows on the device, its lookup index, and the policy's per-slot state."""
+
+    def __init__(self, capacity: int, width: int, dtype: torch.dtype, device: torch.device, config: CacheConfig,
+                 hot: np.ndarray | None) -> None:  # fmt: skip
+        self.policy = config.policy
+        self.device = device
+        if hot is not None:
+            hot_ids = torch.unique(torch.as_tensor(np.asarray(hot, dtype=np.int64), device=device))
+            if len(hot_ids) > capacity:
+                raise InvalidArgumentError(f"the hot set has {len(hot_ids):,} rows; the cache holds {capacity:,}")
+            self.hot = hot_ids  # sorted
+            capacity = max(1, len(hot_ids))
+        self.capacity = capacity
+        self.data = torch.empty(capacity, width, dtype=dtype, device=device)  # [C, width] stored rows
+        self.slot_key = torch.full((capacity,), -1, dtype=torch.int64, device=device)  # -1: free
+        self.stamp = torch.zeros(capacity, dtype=torch.int64, device=device)  # access time of the last use
+        self.count = torch.zeros(capacity, dtype=torch.int64, device=device)  # accesses while resident
+        self.keys = torch.empty(0, dtype=torch.int64, device=device)  # resident ids, ascending
+        self.key_slot = torch.empty(0, dtype=torch.int64, device=device)  # their slots
+        self.clock = 0  # accesses seen
+        self.lock = threading.Lock()  # steps of one layer may run on two workers (prefetch depth 2)
+        if self.policy is CachePolicy.TINYLFU:
+            width_bits = max(4, int(np.ceil(np.log2(capacity * config.sketch_width_factor))))
+            self.sketch_shift = 64 - width_bits
+            self.sketch = torch.zeros(_SKETCH_DEPTH, 1 << width_bits, dtype=torch.int32, device=device)
+            self.sketch_mult = torch.tensor(
+                [m & 0x7FFF_FFFF_FFFF_FFFF for m in _SKETCH_MULTIPLIERS], dtype=torch.int64, device=device
+            )
+            self.sketch_added = 0
+            self.sketch_period = config.sketch_reset * capacity
+
+    def _columns(self, ids: torch.Tensor) -> torch.Tensor:
+        """[depth, n] sketch columns: the top bits of ids * multiplier (wrapping int64 products)."""
+        product = ids.unsqueeze(0) * self.sketch_mult.unsqueeze(1)  # [depth, n]
+        return (product >> self.sketch_shift) & ((1 << (64 - self.sketch_shift)) - 1)
+
+    def _estimate(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.gather(self.sketch, 1, self._columns(ids)).min(dim=0).values.to(torch.int64)
+
+    def _record(self, ids: torch.Tensor, counts: torch.Tensor) -> None:
+        self.sketch.scatter_add_(1, self._columns(ids), counts.to(torch.int32).unsqueeze(0).expand(_SKETCH_DEPTH, -1))
+        self.sketch_added += int(counts.sum())
+        if self.sketch_added >= self.sketch_period:  # aging: old popularity fades
+            self.sketch >>= 1
+            self.sketch_added //= 2
+
+    def find(self, ids: torch.Tensor) -> torch.Tensor:
+        """Slots of `ids` (-1 where not resident)."""
+        if len(self.keys) == 0:
+            return torch.full_like(ids, -1)
+        pos = torch.searchsorted(self.keys, ids).clamp_(max=len(self.keys) - 1)
+        return torch.where(self.keys[pos] == ids, self.key_slot[pos], torch.full_like(ids, -1))
+
+    def step(self, ids: torch.Tensor, fetch: Callable[[torch.Tensor], torch.Tensor], stats: CacheStats,
+             stats_lock: threading.Lock, layer: int, row_bytes: int) -> torch.Tensor:  # fmt: skip
+        """Rows [N, width] for flat `ids` [N]: hits from the cache, misses from `fetch(distinct ids)`."""
+        n = len(ids)
+        uniq, inverse, counts = torch.unique(ids, return_inverse=True, return_counts=True)
+        times = torch.arange(self.clock, self.clock + n, dtype=torch.int64, device=self.device)
+        last = torch.zeros(len(uniq), dtype=torch.int64, device=self.device)
+        last.scatter_reduce_(0, inverse, times, reduce="amax", include_self=False)
+        start = self.clock
+        self.clock += n
+        slots = self.find(uniq)
+        hit = slots >= 0
+        hit_slots = slots[hit]
+        self.stamp[hit_slots] = last[hit]
+        self.count[hit_slots] += counts[hit]
+        if self.policy is CachePolicy.TINYLFU:
+            self._record(uniq, counts)
+        rows = torch.empty(len(uniq), self.data.shape[1], dtype=self.data.dtype, device=self.device)
+        rows[hit] = self.data[hit_slots]  # before the fill below may overwrite a victim's slot
+        miss = ~hit
+        miss_ids = uniq[miss]
+        admitted = evicted = 0
+        if len(miss_ids):
+            fetched = fetch(miss_ids).to(self.device, non_blocking=False).reshape(len(miss_ids), -1)
+            rows[miss] = fetched
+            admitted, evicted = self._fill(miss_ids, fetched, counts[miss], last[miss], start)
+        hit_accesses = int(counts[hit].sum())
+        distinct_hits = int(hit.sum())
+        with stats_lock:  # the layers' workers share one CacheStats
+            self._count(stats, layer, n, hit_accesses, distinct_hits, len(miss_ids), admitted, evicted, row_bytes)
+        metrics.count_cache(layer, stats.tier, hit_accesses, n - hit_accesses, distinct_hits * row_bytes)
+        return rows[inverse]  # [N, width]
+
+    @staticmethod
+    def _count(stats: CacheStats, layer: int, n: int, hit_accesses: int, distinct_hits: int, misses: int,
+               admitted: int, evicted: int, row_bytes: int) -> None:  # fmt: skip
+        stats.admitted += admitted
+        stats.evicted += evicted
+        stats.rejected += misses - admitted
+        stats.hits += hit_accesses
+        stats.misses += n - hit_accesses
+        stats.rows_fetched += misses
+        stats.bytes_fetched += misses * row_bytes
+        stats.rows_saved += distinct_hits
+        stats.bytes_saved += distinct_hits * row_bytes
+        stats.hits_per_layer[layer] = stats.hits_per_layer.get(layer, 0) + hit_accesses
+        stats.accesses_per_layer[layer] = stats.accesses_per_layer.get(layer, 0) + n
+
+    def _fill(self, ids: torch.Tensor, rows: torch.Tensor, counts: torch.Tensor, last: torch.Tensor,
+              start: int) -> tuple[int, int]:  # fmt: skip
+        """Admit missed rows under the policy (the module docstring's batch semantics, step 3): (admitted, evicted)."""
+        if self.policy is CachePolicy.STATIC:
+            if len(self.hot) == 0:
+                return 0, 0
+            pos = torch.searchsorted(self.hot, ids).clamp_(max=len(self.hot) - 1)
+            keep = self.hot[pos] == ids
+            free = torch.nonzero(self.slot_key < 0).squeeze(1)  # every hot row fits: capacity is the hot set
+            order = torch.nonzero(keep).squeeze(1)
+            self._write(free[: len(order)], ids[order], rows[order], counts[order], last[order], None)
+            return len(order), 0
+        # Candidates best first: the policy's key, then the latest use (sorts are stable: ties keep id order).
+        if self.policy is CachePolicy.TINYLFU:
+            estimate = self._estimate(ids)
+            primary = estimate
+        else:
+            estimate = None
+            primary = counts if self.policy is CachePolicy.LFU else None
+        order = torch.argsort(last, descending=True, stable=True)
+        if primary is not None:
+            order = order[torch.argsort(primary[order], descending=True, stable=True)]
+        free = torch.nonzero(self.slot_key < 0).squeeze(1)
+        into_free = order[: len(free)]
+        rest = order[len(free) :]
+        victims = torch.empty(0, dtype=torch.int64, device=self.device)
+        if len(rest):
+            # The k = len(rest) first victims by a key that is distinct per resident (stamps are distinct
+            # access times): topk, O(capacity), instead of sorting every resident each step.
+            key = self.stamp
+            if self.policy is CachePolicy.LFU:  # fewest accesses, then oldest: counts above 2**20 tie
+                key = (self.count.clamp(max=_LFU_COUNT_CAP) << _STAMP_BITS) | self.stamp
+            untouched = (self.slot_key >= 0) & (self.stamp < start)
+            key = torch.where(untouched, key, torch.full_like(key, torch.iinfo(torch.int64).max))
+            k = min(len(rest), int(untouched.sum()))
+            victims = torch.topk(key, k, largest=False, sorted=True).indices
+            rest = rest[: len(victims)]
+            if estimate is not None:
+                admit = estimate[rest] > self._estimate(self.slot_key[victims])
+                rest, victims = rest[admit], victims[admit]
+        chosen = torch.cat([into_free, rest])
+        slots = torch.cat([free[: len(into_free)], victims])
+        self._write(slots, ids[chosen], rows[chosen], counts[chosen], last[chosen], victims)
+        return len(chosen), len(victims)
+
+    def _write(self, slots: torch.Tensor, ids: torch.Tensor, rows: torch.Tensor, counts: torch.Tensor,
+               last: torch.Tensor, evicted: torch.Tensor | None) -> None:  # fmt: skip
+        """Store rows in slots, and merge their ids into the sorted index (evicted slots' ids leave it)."""
+        if len(slots) == 0:
+            return
+        keys, key_slot = self.keys, self.key_slot
+        if evicted is not None and len(evicted):
+            gone = torch.zeros(self.capacity, dtype=torch.bool, device=self.device)
+            gone[evicted] = True
+            kept = ~gone[key_slot]
+            keys, key_slot = keys[kept], key_slot[kept]
+        self.data[slots] = rows
+        self.slot_key[slots] = ids
+        self.stamp[slots] = last
+        self.count[slots] = counts
+        new_keys, order = torch.sort(ids)
+        new_slots = slots[order]
+        # Merge two ascending arrays of distinct ids: each element's place is its own index plus the
+        # number of the other array's ids below it.
+        total = len(keys) + len(new_keys)
+        merged = torch.empty(total, dtype=torch.int64, device=self.device)
+        merged_slot = torch.empty(total, dtype=torch.int64, device=self.device)
+        at_new = torch.searchsorted(keys, new_keys) + torch.arange(len(new_keys), device=self.device)
+        at_old = torch.searchsorted(new_keys, keys) + torch.arange(len(keys), device=self.device)
+        merged[at_new], merged_slot[at_new] = new_keys, new_slots
+        merged[at_old], merged_slot[at_old] = keys, key_slot
+        self.keys, self.key_slot = merged, merged_slot
+
+    def resident(self) -> torch.Tensor:
+        """The resident ids, ascending."""
+        return self.keys
+
+
+class DeviceCache:
+    """Per-layer row caches on one device, for a table's stored rows (`manifest` gives width and dtype)."""
+
+    def __init__(self, manifest: Manifest, config: CacheConfig, device: torch.device | str = "cpu") -> None:
+        self.config = config
+        self.device = torch.device(device)
+        self.storage = manifest.dtype
+        self.width = manifest.dtype.stored_width(manifest.layout.dim)
+        self.row_bytes = manifest.dtype.row_bytes(manifest.layout.dim)
+        self.stats = CacheStats()
+        self._stats_lock = threading.Lock()
+        capacity = config.capacity(self.row_bytes)
+        hot = dict(config.hot_rows or {})
+        unknown = set(hot) - set(manifest.layout.layer_ids)
+        if unknown:
+            raise InvalidArgumentError(f"CacheConfig.hot_rows names layers {sorted(unknown)} the table does not have")
+        self.layers = {
+            layer: _LayerCache(
+                capacity,
+                self.width,
+                manifest.dtype.torch,
+                self.device,
+                config,
+                None if config.policy is not CachePolicy.STATIC else hot.get(layer, np.empty(0, dtype=np.int64)),
+            )
+            for layer in manifest.layout.layer_ids
+        }
+
+    def lookup(self, layer_id: int, row_ids: Any, fetch: Callable[[np.ndarray], torch.Tensor]) -> torch.Tensor:
+        """Rows [*row_ids.shape, width] of one layer on the cache's device, in the stored dtype.
+
+        `fetch(ids)` reads distinct missed ids (int64 numpy, ascending) from the store: rows [len(ids), width].
+        """
+        cache = self.layers.get(layer_id)
+        if cache is None:
+            raise InvalidArgumentError(f"the table has layers {sorted(self.layers)}, not {layer_id}")
+        ids = torch.as_tensor(np.asarray(row_ids, dtype=np.int64) if not isinstance(row_ids, torch.Tensor) else row_ids)
+        shape = tuple(ids.shape)
+        flat = ids.to(self.device, torch.int64).reshape(-1)
+        with cache.lock:
+            rows = cache.step(
+                flat, lambda miss: fetch(miss.cpu().numpy()), self.stats, self._stats_lock, layer_id, self.row_bytes
+            )
+        return rows.view(*shape, self.width)
+
+    def memory_bytes(self) -> int:
+        """Device memory the cached rows take, over all layers (their capacity, allocated up front)."""
+        return sum(c.data.numel() * c.data.element_size() for c in self.layers.values())
+
+
+class CachedReader:
+    """A `RowReader` with a device cache in front: lookups fetch only the distinct ids the cache misses.
+
+    Rows come back on the CPU as `RowReader.lookup` promises (in `out` when given); a `Prefetcher` with
+    `PrefetchConfig(cache=...)` keeps them on its device instead.
+    """
+
+    def __init__(self, reader: RowReader, config: CacheConfig, device: torch.device | str = "cpu",
+                 timeout: float | None = None) -> None:  # fmt: skip
+        self.reader = reader
+        manifest = reader.describe(timeout)
+        check_cacheable(reader, manifest, config)
+        self.cache = DeviceCache(manifest, config, device)
+        self._manifest = manifest
+
+    @property
+    def stats(self) -> CacheStats:
+        """The cache's counters."""
+        return self.cache.stats
+
+    def describe(self, timeout: float | None = None) -> Manifest:
+        """The table's manifest (as read when the cache was made)."""
+        return self._manifest
+
+    def lookup(
+        self, layer_id: int, row_ids: Any, *, timeout: float | None = None, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Rows [*row_ids.shape, width] in the stored dtype on the CPU, hits from the cache."""
+
+        def fetch(miss: np.ndarray) -> torch.Tensor:
+            return self.reader.lookup(layer_id, miss, timeout=timeout)
+
+        rows = self.cache.lookup(layer_id, row_ids, fetch)
+        if out is not None:
+            return out.view(rows.shape).copy_(rows)
+        return rows.cpu() if rows.device.type != "cpu" else rows
