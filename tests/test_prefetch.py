@@ -70,8 +70,11 @@ def _prefetcher(store, config: PrefetchConfig | None = None) -> Prefetcher:
     return Prefetcher(store, row_ids_fn=lambda step: _ids(step), layer_ids=LAYERS, config=config)
 
 
+_MAX_STEPS = 16  # the steps a GatedStore recognises
+
+
 class GatedStore(FakeStore):
-    """A FakeStore whose lookups of step n (each layer's n-th call) finish only once `open(n)` is
+    """A FakeStore whose lookups of step n (the ids `_ids(n)`) finish only once `open(n)` is
     called: the test decides when a fetch ends, rather than a latency racing a sleep."""
 
     def __init__(self) -> None:
@@ -83,8 +86,10 @@ class GatedStore(FakeStore):
         self.gates[step].set()
 
     def lookup(self, layer_id, row_ids, *, timeout=None, out=None) -> torch.Tensor:
+        # The step is told by the ids themselves (_ids(step)), not by call order: the lookups of two
+        # steps in flight at once may reach the store in either order.
+        step = next(s for s in range(_MAX_STEPS) if np.array_equal(np.asarray(row_ids), _ids(s)[layer_id]))
         with self._lock:
-            step = self.calls[layer_id]  # the call number FakeStore.lookup is about to count
             gate = self.gates[step]
         assert gate.wait(DEADLINE_S), f"step {step} was never let through"
         rows = super().lookup(layer_id, row_ids, timeout=timeout, out=out)
