@@ -103,6 +103,7 @@ static PyObject *lru(PyObject *self, PyObject *args) {
             uint64_t d = live - fen_prefix(tree, s) + 1;
             fen_add(tree, cap, s, -1);
             live--;
+            last_slot[row] = NONE; /* its old marker is gone: a compaction before its new one must not keep it */
             if (d > max_size) {
                 h[k]++;
                 l[64]++;

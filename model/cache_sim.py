@@ -281,6 +281,7 @@ def _lru_py(rows, t0, heads, per_order, counts, last_slot, tree, slot_row, state
             d = live - _fen_prefix(tree, slot) + 1
             _fen_add(tree, slot, -1)
             live -= 1
+            last_slot[row] = NONE  # its old marker is gone: a compaction before its new one must not keep it
             if d > max_size:
                 column, bin_ = k, LOG2_BINS
             else:
