@@ -122,13 +122,10 @@ def publishing(tmp: Path, dest: Path) -> Iterator[None]:
     try:
         yield
         publish_dir(tmp, dest)  # private; whatever appeared at dest during the copy is never replaced
-    except OSError as exc:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if is_disk_full(exc):
+        if isinstance(exc, OSError) and is_disk_full(exc):
             raise disk_full_error(dest.parent, f"the snapshot {dest.name}", exc) from None
-        raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
