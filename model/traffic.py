@@ -42,7 +42,7 @@ from memstore.layout import EngramLayout
 from model import cache_sim
 from model.cache_sim import Policy, StreamShape
 from model.compression import CompressedTokenizer
-from model.deepseek import deepseek_tokenizer_path
+from model.deepseek import deepseek_compression, deepseek_tokenizer, deepseek_tokenizer_path
 from model.hashing import NgramHashMapping
 from model.zipf import fit_power_law
 
@@ -146,9 +146,11 @@ def write_streams(config: TrafficConfig, directory: Path) -> dict[str, Any]:
     """Tokenize, compress and hash the texts into `directory`'s stream files; return streams.json's content."""
     from model._tokenizers import Tokenizer
 
-    tokenizer_path = config.tokenizer or deepseek_tokenizer_path()
-    tokenizer = Tokenizer.from_file(str(tokenizer_path))
-    compression = CompressedTokenizer(tokenizer)
+    if config.tokenizer is None:  # DeepSeek-V4's, loaded and compressed once per process
+        tokenizer_path, tokenizer, compression = deepseek_tokenizer_path(), deepseek_tokenizer(), deepseek_compression()
+    else:
+        tokenizer_path, tokenizer = config.tokenizer, Tokenizer.from_file(str(config.tokenizer))
+        compression = CompressedTokenizer(tokenizer)
     layout = config.layout
     mapping = NgramHashMapping(
         layer_ids=layout.layer_ids,
