@@ -14,7 +14,9 @@ For each cache size (LRU, rows per layer) the same steps are replayed twice thro
 
 - generating: `CacheConfig(generation_only=True)`, lookups only, no pushes (a frozen table's case);
 - training: `cache_max_lag=0`, each step's lookup followed by a synchronous push of a gradient for
-  every distinct row it read (SGD), so the cache follows the pushes (client.coherence).
+  every distinct row it read (SGD), so the cache follows the pushes (client.coherence);
+- training, 2 replicas: the same, and a second client (no cache) pushes a step of the text's other
+  half between each two steps of the measured one, whose cache then follows both.
 
 Reported: the hit rate (accesses served from rows resident at the start of the step), rows and bytes
 the lookups fetched per step, the bytes the row watch received per step (row ids and rows), the steps
@@ -29,6 +31,7 @@ import datetime
 import platform
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -75,23 +78,52 @@ def _table(path: Path, rows: int) -> Path:
     return create_table(path, Manifest(layout=layout, dtype=DType.FLOAT16, seed=0, optimizer=optimizer))
 
 
-def _replay(address: str, steps: list[np.ndarray], rows: int, training: bool) -> dict[str, Any]:
+def _push(client: MemstoreClient, ids: np.ndarray, rng: np.random.Generator) -> int:
+    """Push a gradient for every distinct row of a step (no step id: each run pushes anew); the rows."""
+    uniq = np.unique(ids)
+    client.push(LAYER, uniq, rng.standard_normal((len(uniq), DIM), dtype=np.float32))
+    return len(uniq)
+
+
+def _other_replica(address: str, steps: list[np.ndarray], turns: list[threading.Event], done: threading.Event) -> None:
+    """A second replica training on other steps of the text, one push per turn of the measured one."""
+    rng = np.random.default_rng(1)
+    with MemstoreClient(address, ClientConfig(same_host=False)) as client:
+        for i, turn in enumerate(turns):
+            turn.wait()
+            _push(client, steps[(i + len(steps) // 2) % len(steps)], rng)
+            done.set()
+
+
+def _replay(address: str, steps: list[np.ndarray], rows: int, mode: str) -> dict[str, Any]:
+    training = mode != "generating"
     config = CacheConfig(max_rows=rows, generation_only=not training, cache_max_lag=0)
     rng = np.random.default_rng(0)
     row_bytes = DIM * 2
     distinct_rows = 0
+    turns = [threading.Event() for _ in steps]
+    other = None
     start = time.perf_counter()
     with MemstoreClient(address, ClientConfig(same_host=False)) as client, CachedReader(client, config) as cached:
-        for step, ids in enumerate(steps, start=1):
+        if mode == "training, 2 replicas":
+            done = threading.Event()
+            other = threading.Thread(target=_other_replica, args=(address, steps, turns, done))
+            other.start()
+        for i, ids in enumerate(steps):
             cached.lookup(LAYER, ids)
-            uniq = np.unique(ids)
-            distinct_rows += len(uniq)
+            distinct_rows += len(np.unique(ids))
             if training:
-                client.push(LAYER, uniq, rng.standard_normal((len(uniq), DIM), dtype=np.float32), step_id=step)
+                _push(client, ids, rng)
+            if other is not None:  # the other replica pushes its step before this one's next lookup
+                done.clear()
+                turns[i].set()
+                done.wait(60)
         stats = cached.stats
+    if other is not None:
+        other.join(60)
     n = len(steps)
     return {
-        "mode": "training" if training else "generating",
+        "mode": mode,
         "rows": rows,
         "hit_rate": stats.hit_rate,
         "fetched_rows": stats.rows_fetched / n,
@@ -115,7 +147,9 @@ def _markdown(report: dict[str, Any], command: str) -> str:
         f"{report['text']}, {report['steps']} steps of {report['seq']} tokens ({report['step_accesses']:,} row "
         f"reads each), {report['distinct']:,} distinct rows renumbered into a trainable float16 table of 264-byte "
         "rows on a loopback daemon; LRU; training pushes every row a step reads (SGD, synchronous, "
-        "`cache_max_lag=0`).",
+        "`cache_max_lag=0`). With 2 replicas, a second client (no cache) pushes the rows of a step from the "
+        "text's other half between each of the measured client's steps. Bytes per step count the measured "
+        "client's.",
         "",
         "| cache rows | mode | hit rate | rows fetched / step | bytes fetched / step | coherence bytes / step "
         "| no cache: bytes / step | steps that waited (mean wait) | steps from the store |",
@@ -161,8 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         server.start()
         try:
             for rows in args.rows:
-                for training in (False, True):
-                    result = _replay(f"127.0.0.1:{port}", steps, rows, training)
+                for mode in ("generating", "training", "training, 2 replicas"):
+                    result = _replay(f"127.0.0.1:{port}", steps, rows, mode)
                     print(result, flush=True)
                     report["results"].append(result)
         finally:

@@ -62,6 +62,7 @@ class CoherentRows:
         self._stream: Any = None
         self._last_contact = time.monotonic()
         self.failed: MemstoreError | None = None  # why following stopped for good (steps then use the store)
+        self._down = False  # the watch broke and is being reopened: steps use the store meanwhile, no waiting
         self.applied = client.version(timeout)  # the cache is empty: it is coherent with this version
         self._thread = threading.Thread(target=self._run, name="engram-cache-coherence", daemon=True)
         self._thread.start()
@@ -75,7 +76,7 @@ class CoherentRows:
         start = time.monotonic()
         deadline = start + self._config.coherence_wait_s
         with self._cond:
-            while self.applied < target and self.failed is None and not self._stop.is_set():
+            while self.applied < target and self.failed is None and not self._down and not self._stop.is_set():
                 now = time.monotonic()
                 if now >= deadline:
                     break
@@ -104,11 +105,13 @@ class CoherentRows:
                     return
                 for batch in stream:
                     self._last_contact = time.monotonic()
+                    self._down = False
                     self._apply(batch)
                     backoff = _BACKOFF_S[0]
             except LayoutMismatchError as exc:  # FAILED_PRECONDITION: the pushes after `applied` are gone
                 if self._stop.is_set():
                     return
+                self._set_down()
                 log.warning("device cache resync: %s", exc)
                 try:
                     self._resync()
@@ -124,11 +127,17 @@ class CoherentRows:
                     self._fail(exc)  # refused for good (permission, a bad layer): steps use the store from now on
                     return
                 log.info("the row watch stopped (%s): reopening it from version %d", exc, self.applied)
+                self._set_down()
             except BaseException as exc:  # never die silently: steps would wait for nothing
                 self._fail(MemstoreError(f"the row watch failed: {exc!r}"))
                 raise
             self._stop.wait(backoff)
             backoff = min(2 * backoff, _BACKOFF_S[1])
+
+    def _set_down(self) -> None:
+        with self._cond:
+            self._down = True
+            self._cond.notify_all()
 
     def _apply(self, batch: WatchedBatch) -> None:
         for change in batch.changes:
