@@ -19,6 +19,7 @@ from memstore.dtypes import DType
 from memstore.errors import InvalidArgumentError, ResourceExhaustedError, UnauthenticatedError
 from memstore.live import LiveConfig, LiveTable
 from memstore.rowwatch import RowWatchGapError, RowWatchSlots, check_watch_layers, rows_after
+from memstore.sharding import Sharding
 from memstore.tabledir.manifest import Manifest
 from memstore.tabledir.optimizer import OptimizerConfig, OptimizerKind
 from memstore.wal import Durability
@@ -66,6 +67,18 @@ def test_rows_after_hands_each_push_s_rows_in_version_order(tmp_path: Path) -> N
         # Batches stop near max_bytes, and the next call goes on from there.
         first = rows_after(live, 0, None, 1, 0.01)
         assert first.through == 1 and rows_after(live, first.through, None, 1, 0.01).through == 2
+
+
+def test_a_shard_s_changes_name_the_layer_s_row_ids(tmp_path: Path) -> None:
+    """A shard logs its own row indices; the watch names the rows as lookups do."""
+    sharding = Sharding.spread(2, 1, num_partitions=4)
+    manifest = Manifest(layout=SMALL_LAYOUT, dtype=DType.FLOAT32, seed=0, optimizer=SGD_ONE, sharding=sharding)
+    with LiveTable.open(create_table(tmp_path / "shard1", manifest), config=FAST) as live:
+        ids = np.array([2, 3, 7, 11])  # partitions 2 and 3: shard 1's
+        live.push(1, ids, np.ones((4, DIM), np.float32))
+        (change,) = rows_after(live, 0, None, 1 << 20, 0.01).changes
+        assert change.ids.tolist() == ids.tolist()
+        np.testing.assert_array_equal(change.rows, live.gather(1, ids)[0])
 
 
 def test_rows_after_reports_a_gap_when_the_pushes_are_gone(tmp_path: Path) -> None:
