@@ -294,16 +294,27 @@ def test_a_read_token_watches_rows_and_watchers_have_their_own_allowance(tmp_pat
         ):
             ids = np.arange(5)
             cached.lookup(4, ids)
+            before = {name: _sample(name) for name in ("rows_refreshed", "coherence_bytes")}
             writer.push(4, ids, np.ones((5, DIM), np.float32))
             reader.version()
             np.testing.assert_array_equal(cached.lookup(4, ids).numpy(), -np.ones((5, DIM), np.float32))
             assert cached.stats.rows_refreshed == 5 and cached.stats.served_from_store == 0
+            assert cached.stats.coherence_bytes == 5 * (8 + 4 * DIM)  # ids and float32 rows
+            # The same counts in the client's Prometheus metrics (the process-wide registry: the increase).
+            assert _sample("rows_refreshed") == before["rows_refreshed"] + 5
+            assert _sample("coherence_bytes") == before["coherence_bytes"] + 5 * (8 + 4 * DIM)
             with pytest.raises(ResourceExhaustedError, match="--max-row-watchers"):
                 next(iter(writer.watch_rows(0)))  # one watcher at most, though no follower slot exists
         with MemstoreClient(address, FAST_FAIL) as anonymous, pytest.raises(UnauthenticatedError):
             next(iter(anonymous.watch_rows(0)))
     finally:
         live.close()
+
+
+def _sample(name: str) -> float:
+    from prometheus_client import REGISTRY  # imported: the client's metrics register at the next observation
+
+    return REGISTRY.get_sample_value(f"memstore_client_cache_{name}_total") or 0
 
 
 def test_a_trainable_table_read_in_process_is_still_refused(tmp_path: Path) -> None:
