@@ -350,3 +350,20 @@ def test_a_push_older_than_a_fetched_row_never_overwrites_it(tmp_path: Path) -> 
 
 def _no_fetch(miss: np.ndarray):
     raise AssertionError(f"rows {miss} were fetched; they are resident")
+
+
+def test_steps_are_served_from_the_store_while_the_cache_cannot_follow(tmp_path: Path, daemon_factory) -> None:
+    """No watcher slot: the cache never hears of the pushes, so once the client knows of one, its steps
+    come from the store (counted), never from stale cached rows."""
+    live = LiveTable.open(_zero_table(tmp_path / "t"), config=FAST)
+    try:
+        address = daemon_factory(live, ServerConfig(max_row_watchers=0)).address
+        ids = np.arange(6)
+        with MemstoreClient(address, FAST_FAIL) as client, CachedReader(client, CacheConfig(max_rows=64)) as cached:
+            cached.lookup(1, ids)  # version 0: the cache is within the bound, and the rows are resident
+            for step in range(1, 4):
+                client.push(1, ids, np.full((6, DIM), step, np.float32))
+                np.testing.assert_array_equal(cached.lookup(1, ids).numpy(), live.gather(1, ids)[0])
+            assert cached.stats.served_from_store == 3 and cached.stats.hits == 0
+    finally:
+        live.close()
