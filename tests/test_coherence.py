@@ -18,7 +18,7 @@ from memstore.daemon_config import ServerConfig
 from memstore.dtypes import DType
 from memstore.errors import InvalidArgumentError, ResourceExhaustedError, UnauthenticatedError
 from memstore.live import LiveConfig, LiveTable
-from memstore.rowwatch import RowWatchGapError, RowWatchSlots, check_watch_layers, rows_after
+from memstore.rowwatch import RowBatch, RowWatchGapError, RowWatchSlots, check_watch_layers, rows_after
 from memstore.sharding import Sharding
 from memstore.tabledir.manifest import Manifest
 from memstore.tabledir.optimizer import OptimizerConfig, OptimizerKind
@@ -64,6 +64,14 @@ def test_rows_after_hands_each_push_s_rows_in_version_order(tmp_path: Path) -> N
         # Up to date: a heartbeat after the timeout, with no changes.
         idle = rows_after(live, 3, None, 1 << 20, 0.01)
         assert idle.changes == [] and idle.through == 3
+        # A watch no longer wanted (its stream cancelled) gives its thread back without waiting out its heartbeat.
+        returned: list[RowBatch] = []
+        waiting = threading.Thread(
+            target=lambda: returned.append(rows_after(live, 3, None, 1 << 20, 3600, lambda: False))
+        )
+        waiting.start()
+        join_all([waiting])
+        assert returned[0].changes == [] and returned[0].through == 3
         # Batches stop near max_bytes, and the next call goes on from there.
         first = rows_after(live, 0, None, 1, 0.01)
         assert first.through == 1 and rows_after(live, first.through, None, 1, 0.01).through == 2
