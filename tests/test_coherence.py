@@ -375,3 +375,37 @@ def test_steps_are_served_from_the_store_while_the_cache_cannot_follow(tmp_path:
             assert cached.stats.served_from_store == 3 and cached.stats.hits == 0
     finally:
         live.close()
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")),
+    ],
+)
+def test_a_cache_on_the_model_s_device_follows_the_pushes(tmp_path: Path, daemon_factory, device: str) -> None:
+    """Through a CachedReader and a Prefetcher (on CUDA: lookups and changes on its copy stream)."""
+    live = LiveTable.open(_zero_table(tmp_path / "t"), config=FAST)
+    try:
+        address = daemon_factory(live).address
+        ids = np.arange(8).reshape(2, 4)
+
+        def table_rows() -> np.ndarray:
+            return live.gather(1, ids.reshape(-1))[0].reshape(2, 4, DIM)
+
+        with MemstoreClient(address, FAST_FAIL) as client:
+            with CachedReader(client, CacheConfig(max_rows=64), device=device) as cached:
+                for step in range(1, 4):
+                    np.testing.assert_array_equal(cached.lookup(1, ids).numpy(), table_rows())
+                    client.push(1, ids, np.full((2, 4, DIM), step, np.float32))
+                assert cached.stats.hits > 0 and cached.stats.rows_refreshed > 0
+            config = PrefetchConfig(device=device, cache=CacheConfig(max_rows=64))
+            with Prefetcher(client, lambda x: x, SMALL_LAYOUT.layer_ids, config) as prefetcher:
+                for step in range(1, 4):
+                    with prefetcher.submit_row_ids({1: ids, 4: ids}) as handle:
+                        np.testing.assert_array_equal((handle.rows(1) * 1).cpu().numpy(), table_rows())
+                    client.push(1, ids, np.full((2, 4, DIM), step, np.float32))
+                assert prefetcher.stats.cache.hits > 0 and prefetcher.stats.cache.rows_refreshed > 0
+    finally:
+        live.close()
