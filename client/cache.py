@@ -178,12 +178,14 @@ class CacheStats:
 
 
 def check_cacheable(reader: Any, manifest: Manifest, config: CacheConfig) -> bool:
-    """Whether the cache must follow the table's pushes (a trainable table, not `generation_only`);
+    """Whether the cache must follow the table's pushes (a trainable table or a replica, not `generation_only`);
     InvalidArgumentError when it must and `reader` cannot (only a MemstoreClient watches a daemon's rows)."""
-    trainable = getattr(reader, "trainable", None)
-    if not isinstance(trainable, bool):  # an in-process reader: trainable when the table has an optimizer
-        trainable = manifest.optimizer is not None
-    if not trainable or config.generation_only:
+    changes = getattr(reader, "mutable", None)  # a MemstoreClient: trainable, or a replica of a trained table
+    if not isinstance(changes, bool):
+        changes = getattr(reader, "trainable", None)
+    if not isinstance(changes, bool):  # an in-process reader: trainable when the table has an optimizer
+        changes = manifest.optimizer is not None
+    if not changes or config.generation_only:
         return False
     if not callable(getattr(reader, "watch_rows", None)):
         raise InvalidArgumentError(

@@ -18,7 +18,9 @@ from memstore.daemon_config import ServerConfig
 from memstore.dtypes import DType
 from memstore.errors import InvalidArgumentError, ResourceExhaustedError, UnauthenticatedError
 from memstore.live import LiveConfig, LiveTable
+from memstore.replica import FollowConfig, Follower
 from memstore.rowwatch import RowBatch, RowWatchGapError, RowWatchSlots, check_watch_layers, rows_after
+from memstore.service import create_server
 from memstore.sharding import Sharding
 from memstore.tabledir.manifest import Manifest
 from memstore.tabledir.optimizer import OptimizerConfig, OptimizerKind
@@ -409,3 +411,34 @@ def test_a_cache_on_the_model_s_device_follows_the_pushes(tmp_path: Path, daemon
                 assert prefetcher.stats.cache.hits > 0 and prefetcher.stats.cache.rows_refreshed > 0
     finally:
         live.close()
+
+
+def test_a_cache_over_a_read_replica_follows_the_pushes_it_applies(tmp_path: Path) -> None:
+    """A replica takes no pushes of its own, but its table changes with its primary's: the cache follows it."""
+    primary_live = LiveTable.open(_zero_table(tmp_path / "primary"), config=FAST)
+    primary = InProcessDaemon(primary_live, ServerConfig())
+    replica_live = LiveTable.open(_zero_table(tmp_path / "replica"), config=FAST, primary=primary.address)
+    follower = Follower(replica_live, FollowConfig(heartbeat_s=0.05, silence_s=2.0, initial_backoff_s=0.05))
+    server, port = create_server(replica_live, "127.0.0.1:0", replica=follower)
+    server.start()
+    follower.start()
+    try:
+        ids = np.arange(6)
+        with (
+            MemstoreClient(primary.address, FAST_FAIL) as trainer,
+            MemstoreClient(f"127.0.0.1:{port}", FAST_FAIL) as reader,
+            CachedReader(reader, CacheConfig(max_rows=64)) as cached,
+        ):
+            assert not reader.trainable and reader.mutable and cached.stats.coherent
+            cached.lookup(1, ids)
+            trainer.push(1, ids, np.ones((6, DIM), np.float32))
+            wait_until(lambda: replica_live.version == 1, "the replica applied the push")
+            reader.version()  # the reader learns of it
+            np.testing.assert_array_equal(cached.lookup(1, ids).numpy(), -np.ones((6, DIM), np.float32))
+            assert cached.stats.rows_refreshed == 6 and cached.stats.hits == 6
+    finally:
+        follower.stop()
+        server.stop(None).wait(10)
+        replica_live.close()
+        primary.server.stop(None).wait(10)
+        primary_live.close()
