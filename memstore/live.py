@@ -147,6 +147,7 @@ class LiveTable:
                 row_bytes = self.manifest.dtype.row_bytes(self.manifest.layout.dim)
                 self.row_cache = RowCache(self.config.row_cache, row_bytes)
                 table.cache_rows(self.row_cache)
+                log.info("%s: %s", self.path, self.row_cache.describe())
             checkpoint = read_checkpoint(self.path, self.trainable and self.config.accept_data_loss)
             self.version = checkpoint.version
             self.layer_steps = {layer: checkpoint.layer_steps.get(layer, 0) for layer in self.manifest.layout.layer_ids}

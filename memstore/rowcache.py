@@ -29,7 +29,7 @@ import mmap
 import os
 import threading
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -135,6 +135,9 @@ class RowCacheStats:
     stale_skipped: int = 0
     disk_reads: int = 0  # read calls (runs of blocks) for misses
     disk_bytes: int = 0  # bytes read from disk for misses
+    resident_bytes: int = 0  # row bytes held now
+    capacity_bytes: int = 0  # memory the cache takes
+    direct_io: bool = False  # every layer's misses are read with O_DIRECT
 
 
 class RowCache:
@@ -176,12 +179,14 @@ class RowCache:
         head = np.frombuffer(self._map, dtype="<i8", count=8)
         head[1:8] = [LAYOUT_VERSION, sets, config.ways, row_bytes, keys_at, seqs_at, data_at]
         self._map[:8] = MAGIC
+        self._size = size
         self._slots = _Slots(self._map, writable=True)
         self._slots.keys[:] = EMPTY
         self._stamps = np.zeros(slots, dtype=np.int64)  # last batch that used each slot (LRU within a set)
         self._tick = 0
         self._lock = threading.Lock()
         self._writes: dict[int, int] = {}  # per layer: updates so far (the admission race's check)
+        self._readers: list[object] = []
         self.stats = RowCacheStats()
 
     @property
@@ -190,13 +195,42 @@ class RowCache:
 
     @property
     def resident(self) -> int:
-        """Slots holding a row now."""
-        return int((self._slots.keys != EMPTY).sum())
+        """Slots holding a row now (a slot, once filled, is only ever replaced)."""
+        return self.stats.admitted - self.stats.evictions
+
+    def add_reader(self, reader: object) -> None:
+        """Note a layer's miss reader (None: the layer's store reads its misses itself, buffered); its
+        `direct` says whether they stay out of the page cache."""
+        with self._lock:
+            self._readers.append(reader)
+
+    def describe(self) -> str:
+        """One line for the daemon's log: the budget, the rows it holds, and how misses are read."""
+        with self._lock:
+            readers = list(self._readers)
+        buffered = sorted({getattr(r, "why_buffered", "") or "" for r in readers if not getattr(r, "direct", False)})
+        if any(r is None for r in readers):
+            buffered.append("lazy or LMDB layers read their misses through their store")
+        how = "misses read with O_DIRECT" if not buffered else "misses read buffered (" + "; ".join(buffered) + ")"
+        return (
+            f"row cache: {self.size_bytes / (1 << 20):,.1f} MiB in {self.path}: {self.slots:,} rows of "
+            f"{self.row_bytes} B ({self._slots.sets:,} sets of {self._slots.ways}); {how}"
+        )
+
+    def snapshot(self) -> RowCacheStats:
+        """The counters now, with the bytes resident and held and whether misses bypass the page cache."""
+        with self._lock:
+            stats = replace(self.stats)
+            readers = list(self._readers)
+        stats.resident_bytes = (stats.admitted - stats.evictions) * self.row_bytes
+        stats.capacity_bytes = self.size_bytes
+        stats.direct_io = bool(readers) and all(getattr(r, "direct", False) for r in readers)
+        return stats
 
     @property
     def size_bytes(self) -> int:
         """Memory the cache holds: its shared file and the private LRU stamps."""
-        return len(self._map) + self._stamps.nbytes
+        return self._size + self._stamps.nbytes
 
     def lookup(self, layer_id: int, ids: np.ndarray, out: np.ndarray) -> tuple[np.ndarray, int]:
         """Copy the resident rows of `ids` (store-local, checked) into `out` ([n, row bytes] uint8 view);

@@ -34,6 +34,7 @@ class CachedRowStore(RowStore):
         if isinstance(inner, MmapRowStore) and inner.initial_rows is None and inner.num_rows:
             config = cache.config
             self.reader = DirectReader(inner.path, self._row_bytes, config.read_threads, config.direct_io)
+        cache.add_reader(self.reader)
 
     def _gather(self, ids: np.ndarray, out: np.ndarray | None) -> np.ndarray:
         rows = np.empty((len(ids), self.dim), dtype=self.dtype.numpy) if out is None else out
