@@ -78,6 +78,11 @@ def slots_for(budget: int, row_bytes: int, ways: int) -> int:
     return slots - slots % ways
 
 
+def slots_bytes(slots: int, row_bytes: int) -> int:
+    """The budget that holds exactly `slots` rows of `row_bytes` (the inverse of `slots_for`)."""
+    return 2 * HEADER_BYTES + slots * (row_bytes + SLOT_OVERHEAD)
+
+
 def make_keys(layer_id: int, ids: np.ndarray) -> np.ndarray:
     """Cache keys of a layer's store-local row ids."""
     return ids.astype(np.int64, copy=False) | np.int64(layer_id << LAYER_SHIFT)
