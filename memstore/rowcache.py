@@ -29,6 +29,7 @@ import mmap
 import os
 import threading
 import uuid
+from collections import deque
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -45,6 +46,8 @@ SHM_DIR = Path("/dev/shm")
 # Bytes per slot beside its row: key, seq (shared) and the LRU stamp (daemon-private).
 SLOT_OVERHEAD = 8 + 8 + 8
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+# Updates per layer whose row ids are kept, so that a miss read during one leaves out only the rows it wrote.
+_RECENT_UPDATES = 64
 
 
 @dataclass(frozen=True)
@@ -192,6 +195,7 @@ class RowCache:
         self._lock = threading.Lock()
         self._writes: dict[int, int] = {}  # per layer: updates so far (the admission race's check)
         self._readers: list[object] = []
+        self._recent: dict[int, deque[tuple[int, np.ndarray]]] = {}  # per layer: (write count, ids) of the last updates
         self.stats = RowCacheStats()
 
     @property
@@ -256,16 +260,25 @@ class RowCache:
             return ~hit, self._writes.get(layer_id, 0)
 
     def admit(self, layer_id: int, ids: np.ndarray, rows: np.ndarray, writes_before: int) -> None:
-        """Admit distinct rows read from the store after `lookup` returned `writes_before`; nothing is
-        admitted if an update of the layer came in between (the rows read may predate it)."""
+        """Admit distinct rows read from the store after `lookup` returned `writes_before`, except those an
+        update of the layer wrote in between (the rows read may predate it)."""
         if not len(ids):
             return
         with self._lock:
-            if self._writes.get(layer_id, 0) != writes_before:
-                self.stats.stale_skipped += len(ids)
-                return
+            writes = self._writes.get(layer_id, 0)
             keys = make_keys(layer_id, ids)
             new = self._slots.find(keys) < 0  # another call may have admitted some meanwhile
+            if writes != writes_before:
+                # Rows an update wrote since the read may be stale: leave them out. Those updates' ids are
+                # kept for the last _RECENT_UPDATES updates; past that, leave the whole batch out.
+                recent = self._recent.get(layer_id, ())
+                since = [written for count, written in recent if count > writes_before]
+                if len(since) < writes - writes_before:
+                    stale = np.ones(len(ids), dtype=bool)
+                else:
+                    stale = np.isin(ids, np.concatenate(since))
+                self.stats.stale_skipped += int(stale.sum())
+                new &= ~stale
             keys, rows = keys[new], rows[new]
             sets = set_of(keys, self._slots.sets)
             order = np.argsort(sets, kind="stable")
@@ -289,7 +302,9 @@ class RowCache:
         so that a miss read before it is not admitted."""
         keys = make_keys(layer_id, ids)
         with self._lock:
-            self._writes[layer_id] = self._writes.get(layer_id, 0) + 1
+            count = self._writes.get(layer_id, 0) + 1
+            self._writes[layer_id] = count
+            self._recent.setdefault(layer_id, deque(maxlen=_RECENT_UPDATES)).append((count, ids.copy()))
             slots = self._slots.find(keys)
             resident = slots >= 0
             if resident.any():

@@ -181,9 +181,11 @@ def test_pushes_write_through_and_reads_never_see_a_stale_or_torn_row(tmp_path: 
     assert len({version for _, _, version in reads}) > 1  # reads really overlapped pushes
 
 
-def test_a_miss_read_before_an_update_is_not_admitted(tmp_path: Path, no_cache_files: None) -> None:
-    """The admission race: a push lands between a miss's read and its admission. The read's (old) rows
-    are returned to that caller, but never cached: the next read sees the push."""
+@pytest.mark.parametrize("updates", [1, 65], ids=["one update", "more updates than remembered"])
+def test_a_miss_read_before_an_update_is_not_admitted(tmp_path: Path, updates: int, no_cache_files: None) -> None:
+    """The admission race: pushes land between a miss's read and its admission. The read's (old) rows
+    are returned to that caller, but the rows they wrote are never cached: the next read sees the push.
+    The other rows read are admitted, unless more updates came than the cache remembers the rows of."""
     path = make_table(tmp_path / "t", dtype=DType.FLOAT32, optimizer=SGD)
     ids = np.array([5, 77, 901])
     with LiveTable.open(path, config=_config(SMALL_ROWS, _row_bytes(path))) as live:
@@ -195,14 +197,19 @@ def test_a_miss_read_before_an_update_is_not_admitted(tmp_path: Path, no_cache_f
 
         def read_then_update(wanted: np.ndarray) -> tuple[np.ndarray, int, int]:
             got = read(wanted)
-            store.update(ids, new)  # what a push applies while the miss is in flight
+            for _ in range(updates):  # what pushes apply while the miss is in flight
+                store.update(ids[:1], new[:1])
             return got
 
         store.reader.read = read_then_update
         assert _same(store.gather(ids), old)
         store.reader.read = read
-        assert live.row_cache.snapshot().stale_skipped == len(ids)
-        assert _same(store.gather(ids), new)
+        stats = live.row_cache.snapshot()
+        assert stats.stale_skipped == (1 if updates == 1 else 3)
+        assert stats.admitted == (2 if updates == 1 else 0)
+        expected = old.copy()
+        expected[0] = new[0]
+        assert _same(store.gather(ids), expected)
 
 
 def test_a_snapshot_of_a_cached_table_is_the_table(tmp_path: Path, no_cache_files: None) -> None:

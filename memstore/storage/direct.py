@@ -16,6 +16,7 @@ import errno
 import logging
 import mmap
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -54,6 +55,7 @@ class DirectReader:
         if self._fd < 0:
             self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
 
     def read(self, ids: np.ndarray) -> tuple[np.ndarray, int, int]:
         """Rows of `ids` (checked, int64) as [n, row_bytes] uint8; and the read calls and bytes it took."""
@@ -112,8 +114,9 @@ class DirectReader:
                 for run in runs:
                     _pread_run(self._fd, view, *run)
                 return
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="memstore-direct")
+            with self._pool_lock:  # the daemon's calls read concurrently
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="memstore-direct")
             step = -(-len(runs) // self.threads)
             chunks = [runs[i : i + step] for i in range(0, len(runs), step)]
             for future in [self._pool.submit(_pread_all, self._fd, view, chunk) for chunk in chunks]:
