@@ -56,6 +56,7 @@ class DirectReader:
             self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
+        self._retired: list[int] = []
 
     def read(self, ids: np.ndarray) -> tuple[np.ndarray, int, int]:
         """Rows of `ids` (checked, int64) as [n, row_bytes] uint8; and the read calls and bytes it took."""
@@ -125,17 +126,23 @@ class DirectReader:
             view.release()
 
     def _fall_back(self, why: str) -> None:
-        log.warning("%s: reading row cache misses buffered (they go through the page cache)", why)
-        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-        os.close(self._fd)
-        self._fd = fd
-        self.direct = False
-        self.why_buffered = why
+        with self._pool_lock:
+            if not self.direct:  # another call fell back first
+                return
+            log.warning("%s: reading row cache misses buffered (they go through the page cache)", why)
+            # The O_DIRECT descriptor stays open until close: another call may be reading with it now.
+            self._retired.append(self._fd)
+            self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            self.direct = False
+            self.why_buffered = why
 
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
+        for fd in self._retired:
+            os.close(fd)
+        self._retired = []
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
