@@ -115,20 +115,27 @@ class _Slots:
             self.slots, self.row_bytes
         )
         self._void = self.data.view(np.dtype((np.void, self.row_bytes))).reshape(self.slots)
+        self.keys_by_set = self.keys.reshape(self.sets, self.ways)
         self.way_range = np.arange(self.ways, dtype=np.int64)
 
     def find(self, keys: np.ndarray) -> np.ndarray:
         """The slot holding each key, or -1."""
-        base = set_of(keys, self.sets) * self.ways  # [n]
-        found = self.keys[base[:, None] + self.way_range] == keys[:, None]  # [n, ways]
-        return np.where(found.any(axis=1), base + found.argmax(axis=1), -1)
+        sets = set_of(keys, self.sets)  # [n]
+        found = np.take(self.keys_by_set, sets, axis=0) == keys[:, None]  # [n, ways]: a set's keys are one block
+        way = found.argmax(axis=1)
+        hit = found[np.arange(len(keys)), way]
+        return np.where(hit, sets * self.ways + way, -1)
 
-    def copy_rows(self, slots: np.ndarray) -> np.ndarray:
-        """Rows of `slots` as [n, row bytes] uint8 (one memcpy per row)."""
-        return np.take(self._void, slots).view(np.uint8).reshape(len(slots), self.row_bytes)
+    def copy_rows(self, slots: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows of `slots` as [n, row bytes] uint8 (one memcpy per row), into `out` (C-contiguous) if given."""
+        if out is None:
+            return np.take(self._void, slots).view(np.uint8).reshape(len(slots), self.row_bytes)
+        # mode="clip": slots are valid, and the default mode would buffer the whole result first.
+        np.take(self._void, slots, out=out.view(self._void.dtype).reshape(len(slots)), mode="clip")
+        return out
 
     def release(self) -> None:
-        del self.keys, self.seqs, self.data, self._void
+        del self.keys, self.keys_by_set, self.seqs, self.data, self._void
 
 
 @dataclass
@@ -249,7 +256,7 @@ class RowCache:
             slots = self._slots.find(keys)
             hit = slots >= 0
             if hit.all():
-                out[...] = self._slots.copy_rows(slots)
+                self._slots.copy_rows(slots, out)
             elif hit.any():
                 out[hit] = self._slots.copy_rows(slots[hit])
             self._tick += 1
@@ -288,9 +295,9 @@ class RowCache:
             rank = np.arange(len(sets)) - first
             fits = rank < self._slots.ways  # at most `ways` per set (the rest would evict each other)
             sets, keys, rows, rank = sets[fits], keys[fits], rows[fits], rank[fits]
-            base = sets * self._slots.ways
-            by_age = np.argsort(self._stamps[base[:, None] + self._slots.way_range], axis=1, kind="stable")
-            victims = base + by_age[np.arange(len(base)), rank]
+            ways = self._slots.ways
+            by_age = np.argsort(np.take(self._stamps.reshape(-1, ways), sets, axis=0), axis=1, kind="stable")
+            victims = sets * ways + by_age[np.arange(len(sets)), rank]
             self.stats.evictions += int((self._slots.keys[victims] != EMPTY).sum())
             self.stats.admitted += len(victims)
             self._tick += 1
