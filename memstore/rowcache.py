@@ -58,8 +58,9 @@ class RowCacheConfig:
     bytes: int = 0
     ways: int = 16
     direct_io: bool = True
-    # Threads reading a batch's misses at once (disk queue depth).
-    read_threads: int = 8
+    # Threads reading a batch's misses at once: the disk queue depth (measured on this host's virtio disk: 8k
+    # random 4 KiB reads/s on 1 thread, 38k on 8, 62k on 32 and on 64).
+    read_threads: int = 32
 
     def __post_init__(self) -> None:
         if self.bytes < 0:

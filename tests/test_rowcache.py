@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import errno
 import os
+import re
+import subprocess
 import threading
 from collections.abc import Iterator
 from dataclasses import replace
@@ -19,8 +21,9 @@ from client import MemstoreClient
 from memstore.create import create_table
 from memstore.dtypes import DType
 from memstore.errors import InvalidArgumentError
+from memstore.launch import start_daemon, stop_daemon
 from memstore.live import LiveConfig, LiveTable
-from memstore.metrics import DaemonMetrics
+from memstore.metrics import DaemonMetrics, summarize
 from memstore.rowcache import SHM_DIR, RowCache, RowCacheConfig, RowCacheReader, slots_bytes, slots_for
 from memstore.service import create_server
 from memstore.storage import direct
@@ -412,3 +415,28 @@ def test_one_cache_serves_every_layer(tmp_path: Path, no_cache_files: None) -> N
         stats = live.row_cache.snapshot()
         assert (stats.misses, stats.hits) == (40, 40)
         assert isinstance(live.row_cache, RowCache)
+
+
+def test_memstore_serve_row_cache_bytes_end_to_end(tmp_path: Path) -> None:
+    """`memstore serve --row-cache-bytes 1MiB`: lookups through the cache, its counters in `memstore stats`,
+    its file in /dev/shm removed when the daemon stops."""
+    path = make_table(tmp_path / "t")
+    process, address = start_daemon(
+        path, ["--row-cache-bytes", "1MiB"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        with MemstoreClient(address, replace(FAST_FAIL, same_host=False)) as client, Table.open(path) as files:
+            ids = np.arange(0, 3000, 7)
+            for _ in range(2):
+                assert _same(client.lookup(1, ids).numpy(), files.gather(1, ids))
+            stats = summarize(client.stats()).values
+        assert stats["memstore_row_cache_misses_total"] == len(ids)
+        assert stats["memstore_row_cache_hits_total"] == len(ids)
+        assert stats["memstore_row_cache_capacity_bytes"] <= 1 << 20
+    finally:
+        assert stop_daemon(process) == 0
+    log = process.stderr.read()
+    process.stderr.close()
+    cache_file = re.search(r"row cache: [\d.,]+ MiB in (\S+):", log)
+    assert cache_file is not None, log
+    assert not Path(cache_file[1]).exists()
