@@ -187,9 +187,14 @@ class RowCache:
             self._map = mmap.mmap(fd, size, access=mmap.ACCESS_WRITE)
             stat = os.fstat(fd)
             self.device, self.inode = stat.st_dev, stat.st_ino
-        except BaseException:
+        except BaseException as exc:
             os.close(fd)
             self.path.unlink(missing_ok=True)
+            if isinstance(exc, OSError):
+                raise InvalidArgumentError(
+                    f"cannot take {size:,} bytes for the row cache in {directory} ({exc.strerror}): give a smaller "
+                    f"--row-cache-bytes, or make room there (`df {directory}`; tmpfs takes a size= mount option)"
+                ) from None
             raise
         os.close(fd)
         head = np.frombuffer(self._map, dtype="<i8", count=8)

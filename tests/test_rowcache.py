@@ -440,3 +440,17 @@ def test_memstore_serve_row_cache_bytes_end_to_end(tmp_path: Path) -> None:
     cache_file = re.search(r"row cache: [\d.,]+ MiB in (\S+):", log)
     assert cache_file is not None, log
     assert not Path(cache_file[1]).exists()
+
+
+def test_a_budget_the_shared_memory_cannot_hold_is_refused_at_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full /dev/shm is a clear error, with no file left behind."""
+
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(InvalidArgumentError, match="smaller --row-cache-bytes"):
+        RowCache(RowCacheConfig(bytes=1 << 20), 32, directory=tmp_path)
+    assert not list(tmp_path.iterdir())
