@@ -93,7 +93,7 @@ def replay(store: RowStore, stream: list[np.ndarray], cache: RowCache | None) ->
             store.gather(ids)
         seconds = time.perf_counter() - start
         rows = sum(len(ids) for ids in part)
-        line = f"{name}: {rows / seconds / 1e6:6.2f} M rows/s"
+        line = f"{name}: {rows / seconds / 1e3:7.1f} k rows/s"
         if cache is not None and before is not None:
             after = cache.snapshot()
             hits, misses = after.hits - before.hits, after.misses - before.misses
