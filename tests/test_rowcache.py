@@ -454,3 +454,27 @@ def test_a_budget_the_shared_memory_cannot_hold_is_refused_at_start(
     with pytest.raises(InvalidArgumentError, match="smaller --row-cache-bytes"):
         RowCache(RowCacheConfig(bytes=1 << 20), 32, directory=tmp_path)
     assert not list(tmp_path.iterdir())
+
+
+def test_a_lazy_store_caches_an_all_zero_row_as_it_stores_it(tmp_path: Path, no_cache_files: None) -> None:
+    """A lazy store writes an all-zero row with -0.0 first (so it reads as written): the cached copy
+    must be those bytes too, or a hit would differ from a read of the file."""
+    manifest = Manifest(layout=SMALL_LAYOUT, dtype=DType.FLOAT32, seed=2, init=Init.LAZY)
+    path = create_table(tmp_path / "t", manifest)
+    with Table.open(path, read_only=False) as table:
+        cache = RowCache(RowCacheConfig(bytes=slots_bytes(64, _row_bytes(path))), _row_bytes(path))
+        try:
+            table.cache_rows(cache)
+            store = table.store(1)
+            ids = np.array([4, 8])
+            store.gather(ids)  # resident now
+            rows = np.zeros((2, SMALL_LAYOUT.dim), dtype=np.float32)
+            rows[1, 3] = 1.5
+            store.update(ids, rows)
+            assert isinstance(store, CachedRowStore)
+            stored = store.inner.gather(ids)
+            assert np.signbit(stored[0, 0])  # -0.0: what the file holds
+            assert _same(store.gather(ids), stored)
+        finally:
+            table.close()
+            cache.close()
