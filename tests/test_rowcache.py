@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -478,3 +479,58 @@ def test_a_lazy_store_caches_an_all_zero_row_as_it_stores_it(tmp_path: Path, no_
         finally:
             table.close()
             cache.close()
+
+
+def test_a_stopped_daemons_cache_is_never_read(tmp_path: Path) -> None:
+    """A same-host client keeps its map of the cache after the daemon stops; pushes applied by the
+    daemon serving the table next never reach that cache, so its rows must not be served again."""
+    path = make_table(tmp_path / "t", dtype=DType.FLOAT32, optimizer=SGD)
+    ids = np.array([1, 2, 3])
+
+    def serve(port: int = 0) -> tuple[LiveTable, object, int]:
+        live = LiveTable.open(path, config=_config(SMALL_ROWS, _row_bytes(path)))
+        server, bound = create_server(live, f"127.0.0.1:{port}")
+        server.start()
+        return live, server, bound
+
+    live, server, port = serve()
+    client = MemstoreClient(f"127.0.0.1:{port}", replace(FAST_FAIL, same_host=True))
+    try:
+        before = client.lookup(1, ids).numpy()
+        client.lookup(1, ids)  # hits, from the shared memory
+        old_cache = live.row_cache
+        assert old_cache is not None
+        server.stop(None)
+        live.close()
+        live, server, _ = serve(port)
+        try:
+            live.push(1, ids, np.ones((3, SMALL_LAYOUT.dim), dtype=np.float32))
+            expected = live.table.store(1).inner.gather(ids)
+            assert not _same(expected, before)
+            assert _same(client.lookup(1, ids).numpy(), expected)  # not the stopped daemon's copies
+            assert _same(client.lookup(1, ids).numpy(), expected)  # the new daemon's cache, described again
+            assert client.transport == "same-host"
+        finally:
+            server.stop(None)
+            live.close()
+    finally:
+        client.close()
+
+
+def test_a_new_cache_removes_files_of_dead_daemons(tmp_path: Path) -> None:
+    """A killed daemon cannot delete its file: the next cache in the directory removes it (unlocked and
+    a minute old), never a running daemon's (locked) nor a file just created (maybe not locked yet)."""
+    running = RowCache(RowCacheConfig(bytes=1 << 20), 32, directory=tmp_path)
+    orphan, fresh = tmp_path / "memstore-rowcache-1-dead", tmp_path / "memstore-rowcache-2-new"
+    orphan.write_bytes(b"x")
+    fresh.write_bytes(b"x")
+    old = time.time() - 120
+    for path in (orphan, running.path):
+        os.utime(path, (old, old))
+    try:
+        second = RowCache(RowCacheConfig(bytes=1 << 20), 32, directory=tmp_path)
+        second.close()
+        assert not orphan.exists()
+        assert running.path.exists() and fresh.exists()
+    finally:
+        running.close()
