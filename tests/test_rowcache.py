@@ -267,6 +267,7 @@ def test_same_host_client_copies_hits_from_shared_memory_and_asks_for_misses(
         rows, version = client.lookup(1, ids, return_version=True)
         assert _same(rows.numpy(), files.gather(1, ids)) and version == live.version
         assert metrics.total("memstore_rows_served_total") == 4  # all hits, copied here
+        assert client._local is not None and (client._local.cache_hits, client._local.cache_misses) == (6, 6)
         # A push writes through: the client sees the after-image in shared memory, with the new version.
         pushed = client.push(1, np.array([50, 712]), np.ones((2, SMALL_LAYOUT.dim), dtype=np.float32))
         rows, version = client.lookup(1, ids, return_version=True)
