@@ -27,6 +27,7 @@ from memstore.live import LiveConfig, LiveTable
 from memstore.metrics import DaemonMetrics, summarize
 from memstore.rowcache import SHM_DIR, RowCache, RowCacheConfig, RowCacheReader, slots_bytes, slots_for
 from memstore.service import create_server
+from memstore.sharding import Sharding
 from memstore.storage import direct
 from memstore.storage.cached import CachedRowStore
 from memstore.storage.direct import BLOCK, DirectReader
@@ -535,3 +536,15 @@ def test_a_new_cache_removes_files_of_dead_daemons(tmp_path: Path) -> None:
         assert running.path.exists() and fresh.exists()
     finally:
         running.close()
+
+
+def test_a_shards_rows_are_cached_by_their_place_in_the_shard(tmp_path: Path, no_cache_files: None) -> None:
+    """Keys are the store's own (local) row indices: a shard's rows read through the cache are its rows."""
+    manifest = Manifest(layout=SMALL_LAYOUT, dtype=DType.FLOAT16, seed=5, sharding=Sharding.spread(2, 1, 4))
+    path = create_table(tmp_path / "shard1", manifest)
+    with Table.open(path) as plain, LiveTable.open(path, config=_config(SMALL_ROWS, _row_bytes(path))) as live:
+        ids = np.arange(SMALL_LAYOUT.num_rows(4))
+        ids = ids[manifest.sharding.shard_of(ids) == 1][::7]
+        for _ in range(2):
+            assert _same(live.gather(4, ids)[0], plain.gather(4, ids))
+        assert live.row_cache.snapshot().hits > 0
