@@ -523,17 +523,19 @@ def test_a_new_cache_removes_files_of_dead_daemons(tmp_path: Path) -> None:
     """A killed daemon cannot delete its file: the next cache in the directory removes it (unlocked and
     a minute old), never a running daemon's (locked) nor a file just created (maybe not locked yet)."""
     running = RowCache(RowCacheConfig(bytes=1 << 20), 32, directory=tmp_path)
-    orphan, fresh = tmp_path / "memstore-rowcache-1-dead", tmp_path / "memstore-rowcache-2-new"
-    orphan.write_bytes(b"x")
-    fresh.write_bytes(b"x")
+    dead_pid = 2**22 + 1  # above Linux's largest pid: no such process
+    orphan, fresh = tmp_path / f"memstore-rowcache-{dead_pid}-a", tmp_path / f"memstore-rowcache-{dead_pid}-b"
+    live_pid = tmp_path / f"memstore-rowcache-{os.getpid()}-c"  # unlocked, but its pid runs
+    for path in (orphan, fresh, live_pid):
+        path.write_bytes(b"x")
     old = time.time() - 120
-    for path in (orphan, running.path):
+    for path in (orphan, running.path, live_pid):
         os.utime(path, (old, old))
     try:
         second = RowCache(RowCacheConfig(bytes=1 << 20), 32, directory=tmp_path)
         second.close()
         assert not orphan.exists()
-        assert running.path.exists() and fresh.exists()
+        assert running.path.exists() and fresh.exists() and live_pid.exists()
     finally:
         running.close()
 
