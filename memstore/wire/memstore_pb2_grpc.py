@@ -100,9 +100,11 @@ class MemstoreServicer:
 
     def Push(self, request, context):
         """Gradients for distinct rows of one layer, applied by the table's optimizer. The
-        response comes once the update is durable and visible to lookups. Fails with
+        response comes once the update is durable and visible to lookups, and on a daemon serving
+        with --sync-replicas N once N replicas hold it durably too (ConfirmDurable). Fails with
         PERMISSION_DENIED on a frozen (no optimizer) or read-only table, INVALID_ARGUMENT on bad
-        input (nothing is applied then).
+        input (nothing is applied then), UNAVAILABLE when fewer than N replicas confirmed it within
+        --sync-timeout-s (it is applied here then: a retry with the same step id is not applied again).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
