@@ -5,7 +5,9 @@ tested without gRPC. `create_server` builds a server without starting it; `serve
 one until SIGTERM/SIGINT, then drains in-flight calls and returns 0.
 
 Replication (docs/replication.md): any trainable daemon streams its pushes to followers
-(`Follow`); `serve` of a DaemonConfig with a `primary` runs a read replica (memstore.replica). gRPC's sync
+(`Follow`); `serve` of a DaemonConfig with a `primary` runs a read replica (memstore.replica).
+Replicas report the version they hold durably (`ConfirmDurable`); with `--sync-replicas` a Push
+is answered only once enough of them hold it (memstore.sync), waiting without a work slot. gRPC's sync
 server runs every call, streams included, on a thread, and a Follow stream holds its thread for
 as long as the follower stays: a follower beyond `ServerConfig.max_followers` gets
 RESOURCE_EXHAUSTED, and Follow streams take no work slot, so they never take what lookups and
