@@ -384,7 +384,9 @@ def _stats_since(now: CacheStats, start: CacheStats) -> CacheStats:
     delta = copy.deepcopy(now)
     for f in fields(CacheStats):
         value = getattr(now, f.name)
-        if isinstance(value, int):
+        if isinstance(value, bool):  # a state (whether the cache is coherent), not a counter
+            continue
+        if isinstance(value, (int, float)):
             setattr(delta, f.name, value - getattr(start, f.name))
         elif isinstance(value, dict):
             before = getattr(start, f.name)
