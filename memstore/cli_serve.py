@@ -55,6 +55,7 @@ def daemon_config(args: argparse.Namespace) -> DaemonConfig:
             snapshot_dir=args.snapshot_dir,
             max_snapshots=args.max_snapshots,
             max_followers=args.max_followers,
+            max_row_watchers=args.max_row_watchers,
             max_message_bytes=args.max_message_bytes,
             max_concurrent_calls=args.max_concurrent_calls,
             max_in_flight_bytes=args.max_in_flight_bytes,
@@ -250,6 +251,12 @@ def _add_replication(srv: argparse.ArgumentParser, server: ServerConfig, live: L
         type=int,
         default=server.max_followers,
         help="followers streaming at once (each holds a worker thread of its own, on top of --max-workers)",
+    )
+    group.add_argument(
+        "--max-row-watchers",
+        type=int,
+        default=server.max_row_watchers,
+        help="clients' device caches kept coherent at once while training (each WatchRows stream holds a thread)",
     )
     add_renamed(
         group,
