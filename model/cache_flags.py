@@ -4,18 +4,17 @@
     --cache-rows N          rows per layer held on the model's device
     --cache-bytes SIZE      or bytes of stored rows per layer (64MiB, 1.5GiB; both given: the smaller bound)
     --cache-policy P        lru (default), lfu or tinylfu
-    --cache-max-lag K       training: no cached row more than K table versions behind (needs the device
-                            cache's coherence under training; refused by builds without it)
+    --cache-max-lag K       a trainable table: no cached row served more than K versions (pushes) behind
+                            the newest the client knows of (default 0; docs/cache.md)
 
 The cache sits in the prefetcher, in front of a memstore table: it needs `--source memstore` and
-prefetching. A table that is trained (it has an optimizer) is refused by the cache unless this process
-only generates from it (model.generate says so) or the cache keeps its rows coherent with the pushes.
+prefetching. Over a trainable table it follows the daemon's pushes (client.coherence), which needs one
+daemon (`--memstore`): a cluster's trainable table is refused with a message saying so.
 """
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import fields
 
 from client.cache import CacheConfig, CachePolicy
 from memstore.cli_args import enum_choice, parse_bytes
@@ -40,7 +39,7 @@ def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
         "--cache-max-lag",
         type=int,
         metavar="K",
-        help="while training: no cached row more than K table versions behind the daemon's",
+        help="a trainable table: no cached row served more than K versions behind the newest known (default 0)",
     )
 
 
@@ -60,23 +59,16 @@ def cache_config_from_args(
             "--cache-policy static needs its hot set given up front (CacheConfig.hot_rows, in Python); "
             "on the command line choose lru, lfu or tinylfu"
         )
-    extra_fields: dict[str, int] = {}
-    if args.cache_max_lag is not None:
-        if args.cache_max_lag < 0:
-            parser.error(f"--cache-max-lag must be at least 0; got {args.cache_max_lag}")
-        if "cache_max_lag" not in {f.name for f in fields(CacheConfig)}:
-            parser.error(
-                "--cache-max-lag: this build's device cache does not keep rows coherent under training; "
-                "cache a frozen table (served without an optimizer) or generate from it instead"
-            )
-        extra_fields["cache_max_lag"] = args.cache_max_lag
+    if args.cache_max_lag is not None and args.cache_max_lag < 0:
+        parser.error(f"--cache-max-lag must be at least 0; got {args.cache_max_lag}")
+    lag = {} if args.cache_max_lag is None else {"cache_max_lag": args.cache_max_lag}
     try:
         return CacheConfig(
             policy=policy,
             max_rows=args.cache_rows,
             max_bytes=args.cache_bytes,
             generation_only=generation_only,
-            **extra_fields,
+            **lag,
         )
     except InvalidArgumentError as exc:
         message = str(exc)

@@ -11,8 +11,8 @@ prefetched rows land.
 
 `--cache-rows N` / `--cache-bytes SIZE` (with `--cache-policy`, model/cache_flags.py) keep a row cache per
 layer on that device in front of a memstore table: only the rows it misses are fetched, and the tokens are
-the same as without it. Generating does not push, so the cache is opted in for a table with an optimizer
-too: it must not be trained by anyone while this runs (the cache would serve rows it held before a push).
+the same as without it. Over a trainable table the cache follows the pushes of whoever trains it, serving
+no row more than `--cache-max-lag` versions behind (docs/cache.md).
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     add_device_argument(parser)
     add_cache_arguments(parser)  # --cache-rows, --cache-bytes, --cache-policy, --cache-max-lag
     args = parser.parse_args(argv)
-    cache = cache_config_from_args(args, parser, generation_only=True)
+    cache = cache_config_from_args(args, parser)
     if args.source is not None:  # else checked once the checkpoint says where its tables are
         check_cache_usable(args, parser, memstore=args.source is TableSource.MEMSTORE, prefetch=True)
     data = prepare_data(data_config_from_args(args, parser))
@@ -101,7 +101,12 @@ def main(argv: list[str] | None = None) -> None:
                 parser.error(f"--prompt {prompt!r}: {exc}")
         if client is not None and engram is not None and source is TableSource.MEMSTORE:
             config = PrefetchConfig(device=str(args.device), cache=cache)
-            prefetcher = Prefetcher(client, model.row_ids, engram.layer_ids, config)
+            try:
+                prefetcher = Prefetcher(client, model.row_ids, engram.layer_ids, config)
+            except InvalidArgumentError as exc:  # a cache that could not follow a trainable table's pushes
+                if cache is None:
+                    raise
+                parser.error(f"--cache-rows/--cache-bytes: {exc}")
         for text in sample(model, data, prompts, args.max_new_tokens, args.temperature, args.seed, prefetcher):
             print(f"[{source.value}] {text}")
         if prefetcher is not None:

@@ -25,9 +25,9 @@ the backbone's rate by default, as the paper trains them).
 
 `--cache-rows N` / `--cache-bytes SIZE` (with `--cache-policy`, model/cache_flags.py) put a row cache per
 layer on the model's device in front of the daemon: only the rows it misses are fetched. The report shows
-its hit rate, the rows and bytes fetched and saved per token, beside the exposed stall. A table that is
-trained is refused by the cache unless it keeps cached rows coherent with the pushes (`--cache-max-lag`);
-a frozen table (served without an optimizer) caches freely.
+its hit rate, the rows and bytes fetched and saved per token, beside the exposed stall. Over a table
+that is trained the cache follows the pushes (its own and other processes'), serving no row more than
+`--cache-max-lag` versions behind (docs/cache.md); a frozen table caches freely.
 """
 
 from __future__ import annotations
@@ -551,6 +551,13 @@ def _tier_line(tier: CacheStats, tokens: int) -> str:
         f"{tier.tier} cache: hit rate {tier.hit_rate:.1%} ({tier.hits:,} of {tier.hits + tier.misses:,} row reads); "
         f"fetched from the tier below {tier.rows_fetched:,} rows ({tier.bytes_fetched:,} B){per_token}; "
         f"saved {tier.rows_saved:,} rows ({tier.bytes_saved:,} B)"
+        + (
+            f"; coherent: {tier.rows_refreshed:,} rows refreshed by pushes ({tier.coherence_bytes:,} B received), "
+            f"{tier.coherence_waits:,} waits ({tier.coherence_wait_s:.2f} s), "
+            f"{tier.served_from_store:,} steps served from the store"
+            if tier.coherent
+            else ""
+        )
     )
 
 

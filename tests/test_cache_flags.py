@@ -4,14 +4,11 @@ and contradictions refused as usage errors before any work."""
 from __future__ import annotations
 
 import argparse
-from dataclasses import fields
 
 import pytest
 
 from client.cache import CacheConfig, CachePolicy
 from model.cache_flags import add_cache_arguments, cache_config_from_args
-
-HAS_COHERENCE = "cache_max_lag" in {f.name for f in fields(CacheConfig)}
 
 
 def _parse(argv: list[str], generation_only: bool = False) -> CacheConfig | None:
@@ -55,11 +52,9 @@ def test_bad_values_are_usage_errors(capsys, argv, message) -> None:
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.skipif(HAS_COHERENCE, reason="this build keeps cached rows coherent under training")
-def test_max_lag_is_refused_while_the_cache_has_no_coherence(capsys) -> None:
-    with pytest.raises(SystemExit):
-        _parse(["--cache-rows", "9", "--cache-max-lag", "2"])
-    assert "does not keep rows coherent under training" in capsys.readouterr().err
+def test_max_lag_reaches_the_cache_config() -> None:
+    assert _parse(["--cache-rows", "9", "--cache-max-lag", "3"]).cache_max_lag == 3
+    assert _parse(["--cache-rows", "9"]).cache_max_lag == CacheConfig().cache_max_lag == 0
 
 
 @pytest.mark.parametrize(

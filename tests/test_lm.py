@@ -406,35 +406,33 @@ def test_training_through_the_device_cache_reports_each_tier_and_trains_alike(da
     assert "device cache" not in report(plain, train_config)
 
 
-def test_training_a_trainable_table_through_the_cache_is_refused_without_coherence(
+def test_training_a_trainable_table_through_the_cache_from_the_command_line(
     data, config, tmp_path, daemon_factory, capsys, monkeypatch
 ) -> None:
-    from model import train as train_cli
-    from tests.test_cache_flags import HAS_COHERENCE
-
-    if HAS_COHERENCE:
-        pytest.skip("this build keeps cached rows coherent under training")
+    """model.train --cache-rows over a trainable table: the cache follows the pushes (within --cache-max-lag
+    versions), so it hits while every row read is pushed, and the run trains as it does without the cache."""
     from memstore.tabledir.optimizer import OptimizerConfig, OptimizerKind
+    from model import train as train_cli
     from model.config import lm_config_to_dict
 
     monkeypatch.setattr(train_cli, "prepare_data", lambda _config: data)
     (tmp_path / "lm.json").write_text(json.dumps(lm_config_to_dict(config)))
     manifest = Manifest(
-        layout=ENGRAM.layout(), dtype=DType.FLOAT16, seed=ENGRAM.seed, optimizer=OptimizerConfig(OptimizerKind.SGD)
+        layout=ENGRAM.layout(), dtype=DType.FLOAT32, seed=ENGRAM.seed, optimizer=OptimizerConfig(OptimizerKind.SGD)
     )
-    with LiveTable.open(create_table(tmp_path / "t", manifest), config=LiveConfig()) as live:
-        argv = [
-            "--source",
-            "memstore",
-            "--memstore",
-            daemon_factory(live).address,
-            "--lm-config",
-            str(tmp_path / "lm.json"),
-        ]
-        argv += ["--steps", "2", "--out", str(tmp_path / "run"), "--device", "cpu", "--cache-rows", "64"]
-        with pytest.raises(SystemExit) as exit_info:
+    losses = []
+    for run, cache in (("plain", []), ("cached", ["--cache-rows", "300", "--cache-max-lag", "0"])):
+        with LiveTable.open(create_table(tmp_path / run, manifest), config=LiveConfig()) as live:
+            argv = ["--source", "memstore", "--memstore", daemon_factory(live).address, "--device", "cpu"]
+            argv += ["--lm-config", str(tmp_path / "lm.json"), "--steps", "4", "--batch-size", "4"]
+            argv += ["--eval-every", "4", "--out", str(tmp_path / f"run-{run}"), *cache]
             train_cli.main(argv)
-        assert exit_info.value.code == 2
-        assert "coherence of the device cache under training is not supported yet" in capsys.readouterr().err
-        assert live.version == 0  # nothing was pushed
-    assert not (tmp_path / "run").exists()
+            assert live.version == 4 * len(ENGRAM.layer_ids)  # every step pushed
+        out = capsys.readouterr().out
+        losses.append(out.splitlines()[1])  # train loss first -> last, val loss (3 decimals)
+        assert ("device cache: hit rate" in out) == (run == "cached")
+    assert losses[0] == losses[1]
+    tier = out.split("device cache: hit rate ")[1]
+    hits = int(tier.split("(")[1].split(" of ")[0].replace(",", ""))
+    refreshed = int(tier.split("coherent: ")[1].split(" rows refreshed")[0].replace(",", ""))
+    assert hits > 0 and refreshed > 0
