@@ -116,6 +116,10 @@ class MemstoreClient:
             if len(flat) > limit:  # the rows the wire would carry, deduplicated or not
                 distinct = _distinct_count(flat)
                 check_request_rows(distinct if self._dedup_pays(distinct, len(flat)) else len(flat), limit)
+            if local.row_cache is not None:  # the daemon's row cache: its rows here, the rest over gRPC
+                rows, version = self._lookup_cached(local, layer_id, flat, target, deadline)  # [N, dim]
+                tensor = local.manifest.dtype.to_torch(rows.reshape(*ids.shape, rows.shape[-1]))  # [*shape, dim]
+                return (tensor, version) if return_version else tensor
             got = local.gather(layer_id, flat, target)  # None: pushes kept overlapping the read
             if got is not None:
                 rows, version = got  # [N, dim]
@@ -134,6 +138,19 @@ class MemstoreClient:
         self.note_version(version)
         tensor = dtype.to_torch(rows.reshape(*ids.shape, rows.shape[-1]))  # [*shape, dim]
         return (tensor, version) if return_version else tensor
+
+    def _lookup_cached(
+        self, local: SameHostReader, layer_id: int, flat: np.ndarray, target: np.ndarray | None, deadline: float
+    ) -> tuple[np.ndarray, int]:
+        """Rows copied from the daemon's row cache, the distinct ones it lacked fetched over gRPC (which
+        admits them there); and a version every row shows at least."""
+        rows, missed, version = local.gather_cached(layer_id, flat, target)  # [N, dim], [N]
+        if missed.any():
+            wanted, back = np.unique(flat[missed], return_inverse=True)  # [U], [M]
+            _, fetched, fetched_version = self._fetch(layer_id, wanted, deadline)  # [U, dim]
+            rows[missed] = take_rows(fetched, back)
+            version = min(version, fetched_version)
+        return rows, version
 
     def push(
         self,
