@@ -368,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text", type=Path, nargs="+", default=[REPO / "data" / "text" / "en"], help="text files/dirs")
     parser.add_argument("--text-tokens", type=int, default=400_000, help="tokens of text to prepare (default 400000)")
     parser.add_argument("--data-dir", type=Path, default=REPO / "data", help="prepared data (a cache)")
-    parser.add_argument("--steps", type=int, default=30, help="training steps per variant and round")
+    parser.add_argument("--steps", type=int, default=20, help="training steps per variant and round")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--gen-batch", type=int, default=8, help="prompts decoded together")
@@ -376,17 +376,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gen-tokens", type=int, default=48)
     parser.add_argument("--cache-fractions", type=_fractions, default=(0.01, 0.1), help="device cache sizes")
     parser.add_argument("--policy", **enum_choice(CachePolicy), default=CachePolicy.LRU, help="device cache policy")
-    parser.add_argument("--row-cache-bytes", type=parse_bytes, default=1 << 20, help="daemon row cache, if built")
+    parser.add_argument("--row-cache-bytes", type=parse_bytes, default=2 << 20, help="the daemon row cache (2MiB)")
     parser.add_argument("--table", type=Path, default=REPO / "tables" / "bench-hierarchy")
     parser.add_argument("--out", type=Path, help="write the results page (markdown) here")
     parser.add_argument("--plot", type=Path, help="write the plot here (PNG)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument(
+        "--threads", type=int, help="torch threads (default: 1 on the CPU, where the daemon and other jobs share it)"
+    )
     add_device_argument(parser)
     args = parser.parse_args(argv)
     if args.policy is CachePolicy.STATIC:
         parser.error("--policy static needs a hot set; choose lru, lfu or tinylfu")
     global DEVICE
     DEVICE = args.device
+    if args.threads is not None or DEVICE.type == "cpu":
+        # Two intra-op threads on a 2-core machine shared with the daemon (and other jobs) spin at every
+        # barrier when one is descheduled: step times then vary by 2x between identical runs.
+        torch.set_num_threads(args.threads or 1)
 
     data = prepare_data(DataConfig(data_dir=args.data_dir, text=TextConfig(tuple(args.text), args.text_tokens)))
     lm_config = LMConfig(vocab_size=data.vocab_size)
