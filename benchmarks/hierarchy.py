@@ -111,6 +111,46 @@ def _daemon_counters(client: MemstoreClient | None) -> dict[str, float]:
     return counters
 
 
+class _Daemons:
+    """The daemons behind the variants (a `memstore serve` child each) and a gRPC client of each. A row-cache
+    daemon is restarted before each of its runs, so every variant starts with an empty row cache instead of
+    one warmed by the variant before it (they read the same rows)."""
+
+    def __init__(self, table_path: Path, row_cache_bytes: int | None, layer: int) -> None:
+        self.table_path = table_path
+        self.layer = layer
+        self.flags = {"daemon": []}
+        if row_cache_bytes is not None:
+            self.flags["daemon-rowcache"] = ["--row-cache-bytes", str(row_cache_bytes)]
+        self.processes: dict[str, subprocess.Popen] = {}
+        self.clients: dict[str, MemstoreClient] = {}
+        try:
+            for store in self.flags:
+                self._start(store)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, store: str) -> None:
+        process, address = start_daemon(self.table_path, self.flags[store])
+        self.processes[store] = process
+        self.clients[store] = MemstoreClient(address, ClientConfig(same_host=False))
+        self.clients[store].lookup(self.layer, np.arange(8))  # connect before timing
+
+    def cold(self, store: str) -> None:
+        """Restart a daemon: its row cache empty."""
+        self.clients.pop(store).close()
+        stop_daemon(self.processes.pop(store))
+        self._start(store)
+
+    def close(self) -> None:
+        for store in list(self.processes):
+            client = self.clients.pop(store, None)
+            if client is not None:
+                client.close()
+            stop_daemon(self.processes.pop(store))
+
+
 def _model(lm_config: LMConfig, data: PreparedData, table: Table) -> EngramLM:
     """The LM from the same initial weights every time; its own tables read in process (evaluation only:
     training and generation get every row through the prefetcher under test)."""
@@ -151,6 +191,8 @@ def _account(m: Measured, prefetcher: Prefetcher, before: dict, after: dict, row
 
 
 def _train_variant(variant: Variant, m: Measured, ctx: dict[str, Any], config: TrainConfig) -> EngramLM:
+    if variant.store == "daemon-rowcache":
+        ctx["daemons"].cold(variant.store)
     model = _model(ctx["lm_config"], ctx["data"], ctx["table"])
     client = ctx["clients"].get(variant.store)
     before = _daemon_counters(client)
@@ -163,19 +205,22 @@ def _train_variant(variant: Variant, m: Measured, ctx: dict[str, Any], config: T
 
 
 def _generate_variant(variant: Variant, m: Measured, ctx: dict[str, Any], model: EngramLM, prompts, new: int) -> None:
+    """Requests (prompts [R, B, T0]) decoded one after another through one prefetcher, as a server would."""
+    if variant.store == "daemon-rowcache":
+        ctx["daemons"].cold(variant.store)
     client = ctx["clients"].get(variant.store)
     before = _daemon_counters(client)
     with _prefetcher(variant, ctx["table"], ctx["clients"], model) as prefetcher:
         torch.manual_seed(0)
         start = time.perf_counter()
-        out = model.generate(prompts, new, prefetcher=prefetcher)
+        outs = [model.generate(request, new, prefetcher=prefetcher) for request in prompts]
         if DEVICE.type == "cuda":
             torch.cuda.synchronize(DEVICE)  # the last token's kernels are part of its time
         elapsed = time.perf_counter() - start
     _account(m, prefetcher, before, _daemon_counters(client), ctx["row_bytes"], ctx["rows_per_token"])
-    m.seconds.append(elapsed / (new * len(prompts)))
+    m.seconds.append(elapsed / (new * prompts.shape[0] * prompts.shape[1]))
     m.stall_share.append(prefetcher.stats.total_stall_s / elapsed)
-    tokens = out.cpu().tolist()
+    tokens = [out.cpu().tolist() for out in outs]
     if m.output is None:
         m.output = tokens
     elif m.output != tokens:
@@ -276,7 +321,8 @@ def _markdown(report: dict[str, Any], command: str) -> str:
         f"blocks, Engram at layers {s['engram_layers']} with {s['rows_per_token']} rows a token; table "
         f"{s['layer_rows']:,} rows of {s['row_bytes']} B per layer; device cache policy {s['policy']}; "
         f"training {s['steps']} steps of {s['batch_size']} x {s['seq_len']} tokens; generation "
-        f"{s['gen_batch']} prompts of {s['prompt_tokens']} tokens + {s['gen_tokens']} new; "
+        f"{s['gen_requests']} requests of {s['gen_batch']} prompts of {s['prompt_tokens']} tokens + "
+        f"{s['gen_tokens']} new, one after another; "
         f"{s['rounds']} round(s), median time.",
         "",
     ]
@@ -303,6 +349,14 @@ def _markdown(report: dict[str, Any], command: str) -> str:
             )
         lines.append("")
     lines += [f"Generated tokens identical in every variant: {'yes' if report['same_tokens'] else 'NO'}.", ""]
+    lines += _summary(report["rows"])
+    if not report["machine"].endswith("device cuda") and "cuda" not in report["machine"].split("device ")[-1]:
+        lines += [
+            "No GPU was lent to this run: on the CPU, 'to the device' counts the bytes copied into the model's",
+            "row buffers. `benchmarks/hierarchy_gpu.sh` is the prepared GPU run (the same code with",
+            "`--device cuda`), for the host-to-device bytes and step time on a GPU.",
+            "",
+        ]
     if report.get("plot"):
         lines += [f"![bytes per token and hit rate per tier]({report['plot']})", ""]
     if not report["row_cache"]:
@@ -312,6 +366,28 @@ def _markdown(report: dict[str, Any], command: str) -> str:
             "",
         ]
     return "\n".join(lines)
+
+
+def _summary(rows: list[dict]) -> list[str]:
+    """Sentences computed from the rows: what each tier saved against the daemon alone."""
+    lines = ["What the tiers saved, against the daemon alone:", ""]
+    for phase in ("train", "generate"):
+        by_name = {r["variant"]: r for r in rows if r["phase"] == phase}
+        base = by_name["daemon"]
+        for r in by_name.values():
+            if r["store"] == "in-process" or r is base:
+                continue
+            parts = [
+                f"{1 - r['bytes_from_store_per_token'] / base['bytes_from_store_per_token']:.1%} fewer bytes from the "
+                f"store, {1 - r['bytes_to_device_per_token'] / base['bytes_to_device_per_token']:.1%} fewer to the "
+                f"device, time x{r['seconds'] / base['seconds']:.2f}"
+            ]
+            if r["device_hit_rate"] is not None:
+                parts.append(f"device hit rate {r['device_hit_rate']:.1%}")
+            if r["daemon_hit_rate"] is not None:
+                parts.append(f"daemon row-cache hit rate {r['daemon_hit_rate']:.1%}")
+            lines.append(f"- {phase}, {r['variant']}: " + "; ".join(parts) + ".")
+    return [*lines, ""]
 
 
 def _plot(rows: list[dict], path: Path) -> bool:
@@ -368,10 +444,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text", type=Path, nargs="+", default=[REPO / "data" / "text" / "en"], help="text files/dirs")
     parser.add_argument("--text-tokens", type=int, default=400_000, help="tokens of text to prepare (default 400000)")
     parser.add_argument("--data-dir", type=Path, default=REPO / "data", help="prepared data (a cache)")
-    parser.add_argument("--steps", type=int, default=20, help="training steps per variant and round")
+    parser.add_argument("--steps", type=int, default=16, help="training steps per variant and round")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--gen-batch", type=int, default=8, help="prompts decoded together")
+    parser.add_argument("--gen-requests", type=int, default=3, help="batches decoded one after another")
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--gen-tokens", type=int, default=48)
     parser.add_argument("--cache-fractions", type=_fractions, default=(0.01, 0.1), help="device cache sizes")
@@ -405,9 +482,9 @@ def main(argv: list[str] | None = None) -> int:
     rows_per_token = sum(len(engram.layout().head_sizes(layer)) for layer in engram.layer_ids)
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, eval_every=10**9, eval_batches=1)
     rng = np.random.default_rng(0)
-    starts = rng.integers(0, len(data.val) - args.prompt_tokens, args.gen_batch)
+    starts = rng.integers(0, len(data.val) - args.prompt_tokens, args.gen_requests * args.gen_batch)
     prompts = np.stack([data.val[s : s + args.prompt_tokens] for s in starts]).astype(np.int64)
-    prompts = torch.from_numpy(prompts).to(DEVICE)  # [B, T0]
+    prompts = torch.from_numpy(prompts).to(DEVICE).view(args.gen_requests, args.gen_batch, -1)  # [R, B, T0]
     row_cache = _row_cache_supported()
     variants = _variants(args, layer_rows, row_cache)
     print(
@@ -416,45 +493,29 @@ def main(argv: list[str] | None = None) -> int:
         f"torch threads {torch.get_num_threads()}; daemon row cache {'yes' if row_cache else 'not in this build'}",
         flush=True,
     )
-    daemons = []
+    daemons = _Daemons(args.table, args.row_cache_bytes if row_cache else None, engram.layer_ids[0])
     try:
-        daemons.append(start_daemon(args.table))
-        if row_cache:
-            daemons.append(start_daemon(args.table, ["--row-cache-bytes", str(args.row_cache_bytes)]))
         with Table.open(args.table) as table:
-            clients = {
-                store: MemstoreClient(address, ClientConfig(same_host=False))
-                for store, (_, address) in zip(("daemon", "daemon-rowcache"), daemons)
-            }
-            try:
-                for client in clients.values():
-                    client.lookup(engram.layer_ids[0], np.arange(8))  # connect before timing
-                ctx = {"lm_config": lm_config, "data": data, "table": table, "clients": clients,
-                       "row_bytes": row_bytes, "rows_per_token": rows_per_token}  # fmt: skip
-                trained: dict[str, EngramLM] = {}
+            ctx = {"lm_config": lm_config, "data": data, "table": table, "clients": daemons.clients,
+                   "daemons": daemons, "row_bytes": row_bytes, "rows_per_token": rows_per_token}  # fmt: skip
+            trained: dict[str, EngramLM] = {}
 
-                def run_train(v: Variant, m: Measured) -> None:
-                    trained[v.name] = _train_variant(v, m, ctx, config)
+            def run_train(v: Variant, m: Measured) -> None:
+                trained[v.name] = _train_variant(v, m, ctx, config)
 
-                print("training", flush=True)
-                short = replace(config, steps=2)
-                train_measured = _rounds(
-                    variants, args.rounds, run_train, lambda v, m: _train_variant(v, m, ctx, short)
-                )
-                model = trained["in-process"].eval()
-                print("generating", flush=True)
-                gen_measured = _rounds(
-                    variants,
-                    args.rounds,
-                    lambda v, m: _generate_variant(v, m, ctx, model, prompts, args.gen_tokens),
-                    lambda v, m: _generate_variant(v, m, ctx, model, prompts[:, :8], 2),
-                )
-            finally:
-                for client in clients.values():
-                    client.close()
+            print("training", flush=True)
+            short = replace(config, steps=2)
+            train_measured = _rounds(variants, args.rounds, run_train, lambda v, m: _train_variant(v, m, ctx, short))
+            model = trained["in-process"].eval()
+            print("generating", flush=True)
+            gen_measured = _rounds(
+                variants,
+                args.rounds,
+                lambda v, m: _generate_variant(v, m, ctx, model, prompts, args.gen_tokens),
+                lambda v, m: _generate_variant(v, m, ctx, model, prompts[:1, :, :8], 2),
+            )
     finally:
-        for process, _ in daemons:
-            stop_daemon(process)
+        daemons.close()
     outputs = [m.output for m in gen_measured.values()]
     rows = _rows("train", variants, train_measured, config.batch_size * lm_config.max_seq_len)
     rows += _rows("generate", variants, gen_measured, 1)
@@ -476,6 +537,7 @@ def main(argv: list[str] | None = None) -> int:
             "batch_size": config.batch_size,
             "seq_len": lm_config.max_seq_len,
             "gen_batch": args.gen_batch,
+            "gen_requests": args.gen_requests,
             "prompt_tokens": args.prompt_tokens,
             "gen_tokens": args.gen_tokens,
             "rounds": args.rounds,
@@ -484,6 +546,7 @@ def main(argv: list[str] | None = None) -> int:
         "same_tokens": all(o == outputs[0] for o in outputs),
         "row_cache": row_cache,
     }
+    report["command"] = "python -m benchmarks.hierarchy " + " ".join(argv if argv is not None else sys.argv[1:])
     for r in rows:
         print(json.dumps(r))
     if args.plot and _plot(rows, args.plot):
@@ -491,8 +554,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
     if args.out:
-        command = "python -m benchmarks.hierarchy " + " ".join(argv if argv is not None else sys.argv[1:])
-        args.out.write_text(_markdown(report, command.strip()))
+        args.out.write_text(_markdown(report, report["command"].strip()))
     if not report["same_tokens"]:
         print("generation differed between variants", file=sys.stderr)
         return 1
