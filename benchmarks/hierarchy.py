@@ -55,13 +55,13 @@ from client import CacheConfig, CachePolicy, ClientConfig, MemstoreClient, Prefe
 from memstore.cli_args import enum_choice, parse_bytes
 from memstore.dtypes import DType
 from memstore.launch import start_daemon, stop_daemon
-from memstore.metrics import summarize
 from memstore.table import Table
 from model.compression import CompressedTokenizer
 from model.data import DataConfig, PreparedData, TextConfig, prepare_data
 from model.device import add_device_argument
 from model.lm import EngramLM, LMConfig
 from model.sources import MappedTable
+from model.tiers import daemon_counters
 from model.train import TrainConfig, TrainResult, train
 
 DEVICE = torch.device("cpu")  # set by --device
@@ -93,22 +93,6 @@ class Measured:
     daemon_hits: float | None = None  # the daemon's row cache, when it has one
     daemon_reads: float | None = None
     output: list[list[int]] | None = None  # generated tokens
-
-
-def _daemon_counters(client: MemstoreClient | None) -> dict[str, float]:
-    """The daemon's served rows and bytes, and its row cache's hits and misses when it reports them."""
-    if client is None:
-        return {}
-    values = summarize(client.stats()).values
-    counters = {
-        "rows": values.get("memstore_rows_served_total", 0.0),
-        "bytes": values.get("memstore_bytes_served_total", 0.0),
-    }
-    for kind in ("hits", "misses"):
-        found = [v for k, v in values.items() if k.startswith(f"memstore_row_cache_{kind}")]
-        if found:
-            counters[kind] = sum(found)
-    return counters
 
 
 class _Daemons:
@@ -195,10 +179,10 @@ def _train_variant(variant: Variant, m: Measured, ctx: dict[str, Any], config: T
         ctx["daemons"].cold(variant.store)
     model = _model(ctx["lm_config"], ctx["data"], ctx["table"])
     client = ctx["clients"].get(variant.store)
-    before = _daemon_counters(client)
+    before = daemon_counters(client)
     with _prefetcher(variant, ctx["table"], ctx["clients"], model) as prefetcher:
         result: TrainResult = train(model, ctx["data"], config, progress=False, prefetcher=prefetcher)
-    _account(m, prefetcher, before, _daemon_counters(client), ctx["row_bytes"], ctx["rows_per_token"])
+    _account(m, prefetcher, before, daemon_counters(client), ctx["row_bytes"], ctx["rows_per_token"])
     m.seconds.append(result.train_seconds / config.steps)
     m.stall_share.append(result.stall_share)
     return model
@@ -209,7 +193,7 @@ def _generate_variant(variant: Variant, m: Measured, ctx: dict[str, Any], model:
     if variant.store == "daemon-rowcache":
         ctx["daemons"].cold(variant.store)
     client = ctx["clients"].get(variant.store)
-    before = _daemon_counters(client)
+    before = daemon_counters(client)
     with _prefetcher(variant, ctx["table"], ctx["clients"], model) as prefetcher:
         torch.manual_seed(0)
         start = time.perf_counter()
@@ -217,7 +201,7 @@ def _generate_variant(variant: Variant, m: Measured, ctx: dict[str, Any], model:
         if DEVICE.type == "cuda":
             torch.cuda.synchronize(DEVICE)  # the last token's kernels are part of its time
         elapsed = time.perf_counter() - start
-    _account(m, prefetcher, before, _daemon_counters(client), ctx["row_bytes"], ctx["rows_per_token"])
+    _account(m, prefetcher, before, daemon_counters(client), ctx["row_bytes"], ctx["rows_per_token"])
     m.seconds.append(elapsed / (new * prompts.shape[0] * prompts.shape[1]))
     m.stall_share.append(prefetcher.stats.total_stall_s / elapsed)
     tokens = [out.cpu().tolist() for out in outs]

@@ -64,6 +64,7 @@ from model.data import PreparedData, add_data_arguments, batches, data_config_fr
 from model.device import add_device_argument, check_rows_device
 from model.lm import EngramLM, LMConfig
 from model.sources import TrackedRows, local_tables, memstore_tables
+from model.tiers import daemon_counters, daemon_tier
 
 
 class TableSource(enum.Enum):
@@ -123,9 +124,11 @@ class TrainResult:
     prefetch_ahead: int = 0  # 1: step N+1's rows fetched during step N; 0: at each step's start
     non_embedding_params: int = 0
     tokens: int = 0  # training tokens (steps x batch x sequence length)
-    # Per cache tier in front of the store (the prefetcher's device cache: tier "device"), the training
-    # steps' hits and the rows and bytes they fetched from the tier below and spared it. Empty: no cache.
+    # Per cache tier (the prefetcher's device cache: tier "device", the training steps' reads; `python -m
+    # model.train` adds the daemon's row cache, from its metrics), the hits and the rows and bytes fetched
+    # from the tier below and spared it. Empty: no cache.
     cache_tiers: list[CacheStats] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what the report cannot show, and why
 
     @property
     def stall_share(self) -> float:
@@ -528,7 +531,17 @@ def main(argv: list[str] | None = None) -> None:
                 parser.error(f"--cache-rows/--cache-bytes: {exc}")
         if push:
             pusher = Pusher(client, layers, PushConfig(max_in_flight_steps=args.push_staleness))
+        before = daemon_counters(client)
         result = train(model, data, config, prefetcher=prefetcher, pusher=pusher)
+        if client is not None:
+            manifest = client.describe()
+            tier = daemon_tier(before, daemon_counters(client), manifest.dtype.row_bytes(manifest.layout.dim))
+            if tier is not None and client.transport == "grpc":
+                result.cache_tiers.append(tier)
+            elif tier is not None:  # its hits were read in this process, from the cache's shared memory
+                result.notes.append(
+                    "daemon row cache: read in place (same host), so its hits are not in the daemon's counters"
+                )
         save_checkpoint(model, args.source, config.out_dir / "ckpt.pt", result)
     finally:
         for resource in (pusher, prefetcher, client):
@@ -545,7 +558,9 @@ def _fetch_mode(result: TrainResult) -> str:
 
 def _tier_line(tier: CacheStats, tokens: int) -> str:
     per_token = ""
-    if tokens:
+    if tier.tier.startswith("daemon"):
+        per_token = " (the daemon's counters: every client's reads, evaluations' too)"
+    elif tokens:
         per_token = f"; per token {tier.rows_fetched / tokens:.2f} rows ({tier.bytes_fetched / tokens:,.0f} B)"
     return (
         f"{tier.tier} cache: hit rate {tier.hit_rate:.1%} ({tier.hits:,} of {tier.hits + tier.misses:,} row reads); "
@@ -581,6 +596,7 @@ def report(result: TrainResult, config: TrainConfig) -> str:
             gpu = sum(result.gpu_stall_seconds.values())
             lines.append(f"memstore: the GPU waited {gpu:.2f} s for row copies ({gpu / result.train_seconds:.1%})")
         lines.extend(_tier_line(tier, result.tokens) for tier in result.cache_tiers)
+        lines.extend(result.notes)
     if result.rows_pushed:
         lines.append(
             f"memstore: {result.rows_pushed:,} row gradients pushed, table now at version {result.table_version}; "

@@ -436,3 +436,49 @@ def test_training_a_trainable_table_through_the_cache_from_the_command_line(
     hits = int(tier.split("(")[1].split(" of ")[0].replace(",", ""))
     refreshed = int(tier.split("coherent: ")[1].split(" rows refreshed")[0].replace(",", ""))
     assert hits > 0 and refreshed > 0
+
+
+def test_the_daemons_row_cache_tier_comes_from_its_metrics(tmp_path, daemon_factory) -> None:
+    """model.tiers reads the daemon row cache's hits and misses through the Stats RPC: over gRPC they are the
+    cache's own counts; without a row cache there is no such tier."""
+    from client import ClientConfig
+    from memstore.rowcache import RowCacheConfig
+    from model.tiers import daemon_counters, daemon_tier
+
+    path = create_table(tmp_path / "t", Manifest(layout=ENGRAM.layout(), dtype=DType.FLOAT16, seed=ENGRAM.seed))
+    row_bytes = DType.FLOAT16.row_bytes(DIM)
+    ids = np.random.default_rng(0).integers(0, 200, (5, 64))  # repeats: hits from the second lookup on
+    with LiveTable.open(path, config=LiveConfig(row_cache=RowCacheConfig(bytes=1 << 16, direct_io=False))) as live:
+        with MemstoreClient(daemon_factory(live).address, ClientConfig(same_host=False)) as client:
+            before = daemon_counters(client)
+            for step in ids:
+                client.lookup(ENGRAM.layer_ids[0], step)
+            tier = daemon_tier(before, daemon_counters(client), row_bytes)
+        cache = live.row_cache.snapshot()
+    assert tier is not None and tier.tier == "daemon row"
+    assert (tier.hits, tier.misses) == (cache.hits, cache.misses) and tier.hits > 0 and tier.misses > 0
+    assert tier.bytes_saved == tier.hits * row_bytes and "daemon row cache: hit rate" in tier.summary()
+    with Table.open(path) as table, MemstoreClient(daemon_factory(table).address) as client:
+        assert daemon_tier(daemon_counters(client), daemon_counters(client), row_bytes) is None  # no row cache
+    assert daemon_counters(None) == {}
+
+
+def test_the_training_report_notes_a_row_cache_read_in_place(
+    data, config, tmp_path, daemon_factory, capsys, monkeypatch
+) -> None:
+    """`python -m model.train` on the daemon's host reads its row cache through shared memory: the daemon never
+    sees those hits, so the report says so instead of showing a hit rate of its misses alone."""
+    from memstore.rowcache import RowCacheConfig
+    from model import train as train_cli
+    from model.config import lm_config_to_dict
+
+    monkeypatch.setattr(train_cli, "prepare_data", lambda _config: data)
+    (tmp_path / "lm.json").write_text(json.dumps(lm_config_to_dict(config)))
+    path = create_table(tmp_path / "t", Manifest(layout=ENGRAM.layout(), dtype=DType.FLOAT16, seed=ENGRAM.seed))
+    with LiveTable.open(path, config=LiveConfig(row_cache=RowCacheConfig(bytes=1 << 16, direct_io=False))) as live:
+        argv = ["--source", "memstore", "--memstore", daemon_factory(live).address, "--device", "cpu"]
+        argv += ["--lm-config", str(tmp_path / "lm.json"), "--steps", "2", "--batch-size", "4", "--eval-every", "2"]
+        train_cli.main([*argv, "--out", str(tmp_path / "run"), "--cache-rows", "100"])
+    out = capsys.readouterr().out
+    assert "device cache: hit rate" in out and "daemon row cache: hit rate" not in out
+    assert "daemon row cache: read in place (same host)" in out
