@@ -31,6 +31,7 @@ from model.cache_flags import add_cache_arguments, cache_config_from_args, check
 from model.data import PreparedData, add_data_arguments, data_config_from_args, prepare_data
 from model.device import add_device_argument, check_rows_device
 from model.lm import EngramLM
+from model.tiers import daemon_counters, daemon_tier
 from model.train import TableSource, load_checkpoint
 
 
@@ -107,10 +108,18 @@ def main(argv: list[str] | None = None) -> None:
                 if cache is None:
                     raise
                 parser.error(f"--cache-rows/--cache-bytes: {exc}")
+        before = daemon_counters(client)
         for text in sample(model, data, prompts, args.max_new_tokens, args.temperature, args.seed, prefetcher):
             print(f"[{source.value}] {text}")
         if prefetcher is not None:
             print(f"rows: {prefetcher.stats.summary()}")
+        if client is not None:
+            manifest = client.describe()
+            tier = daemon_tier(before, daemon_counters(client), manifest.dtype.row_bytes(manifest.layout.dim))
+            if tier is not None and client.transport == "grpc":
+                print(f"daemon: {tier.summary()} (the daemon's counters: every client's reads)")
+            elif tier is not None:
+                print("daemon: its row cache was read in place (same host); its hits are not in its counters")
     finally:
         if prefetcher is not None:
             prefetcher.close()
