@@ -11,12 +11,13 @@
 # The text does not travel with the repository (data/ is ignored): copy a slice into an ignored folder and
 # point TEXT at it, e.g. `mkdir -p .gputext && cp data/text/en/debian-handbook.txt .gputext/` (1.1 MB, about
 # 250,000 tokens), carry `.whl` and `.gputext`, and run `TEXT=.gputext bash benchmarks/hierarchy_gpu.sh $OUT`.
-# Tried here with `DEVICE=cpu WHEELS_DIR=none PYTHON=.venv/bin/python STEPS=2 ROUNDS=1` (the same code path).
+# Tried here with `DEVICE=cpu WHEELS_DIR=none PYTHON=.venv/bin/python STEPS=2 ROUNDS=1 GEN_BATCH=4 GEN_TOKENS=4`
+# (the same code path, on the CPU).
 #
 # Environment: PYTHON (default python3), DEVICE (default cuda; `DEVICE=cpu` tries the same path without a
 # GPU), TEXT (default data/text/en; scripts/get_text.sh writes it; a slice of it is enough), WORK (prepared
-# data and the table; default /tmp/hierarchy-gpu), STEPS (60) and ROUNDS (2), OUT_DIR or $OUT (default
-# bench-out/hierarchy-gpu).
+# data and the table; default /tmp/hierarchy-gpu), STEPS (60), ROUNDS (2), GEN_BATCH (16), GEN_TOKENS (48),
+# OUT_DIR or $OUT (default bench-out/hierarchy-gpu). SIGINT at the limit: the daemons are stopped on the way out.
 # The run itself is capped at 450 s; the table is small (about 20 MB) and the text 200,000 tokens.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -60,8 +61,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 
 # Training steps of 16 x 128 tokens (a few ms each on a GPU: more of them), generation of 16 prompts.
 set -o pipefail
-timeout 450 "$PYTHON" -m benchmarks.hierarchy --device "$DEVICE" --text "${TEXT:-data/text/en}" \
+timeout -s INT -k 20 450 "$PYTHON" -m benchmarks.hierarchy --device "$DEVICE" --text "${TEXT:-data/text/en}" \
     --text-tokens 200000 --data-dir "$WORK/data" --table "$WORK/table" --steps "${STEPS:-60}" --rounds "${ROUNDS:-2}" \
-    --gen-batch 16 --gen-tokens 48 --cache-fractions 0.01,0.1 \
+    --gen-batch "${GEN_BATCH:-16}" --gen-tokens "${GEN_TOKENS:-48}" --cache-fractions 0.01,0.1 \
     --out "$OUT_DIR/hierarchy-gpu.md" --plot "$OUT_DIR/hierarchy-gpu.png" --json "$OUT_DIR/hierarchy-gpu.json" \
     2>&1 | tee "$OUT_DIR/hierarchy-gpu.log"
