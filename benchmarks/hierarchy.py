@@ -334,6 +334,25 @@ def _markdown(report: dict[str, Any], command: str) -> str:
         lines.append("")
     lines += [f"Generated tokens identical in every variant: {'yes' if report['same_tokens'] else 'NO'}.", ""]
     lines += _summary(report["rows"])
+    lines += [
+        "Reading these figures:",
+        "",
+        "- The stall column is small: the prefetcher fetches a step's rows while the step before it",
+        "  computes, so on the CPU a tier changes the step time mostly through the CPU it takes from the",
+        "  model (the daemon and the cache run on the same 2 cores) and through the noise of other jobs.",
+        "  Bytes and hit rates are counts, the same in every round; times are medians of noisy runs.",
+        "- The daemon's row cache is part of the store: it changes what the daemon reads from the table's",
+        "  files, not the bytes it sends, so 'from the store' does not move with it. This table (about 20 MB)",
+        "  sits in the page cache whatever the row cache does; the row cache's worth is a table larger than",
+        "  RAM (the disk-resident table's page).",
+        "- Behind the device cache the daemon's row cache sees only the device cache's misses: the rows",
+        "  read once (cold) and the long tail. Its hit rate there is what it adds to the hierarchy; it is",
+        "  small when the device cache holds more rows than the row cache's budget, as here.",
+        "- Each run starts cold and reads tens of thousands of tokens, so the hit rates are those of short",
+        "  runs on a small table; `benchmarks/device_cache.py` replays 524,288 tokens of",
+        "  real text on the DeepSeek-V4.1-Flash layout for the hit rate per policy and size.",
+        "",
+    ]
     if not report["machine"].endswith("device cuda") and "cuda" not in report["machine"].split("device ")[-1]:
         lines += [
             "No GPU was lent to this run: on the CPU, 'to the device' counts the bytes copied into the model's",
@@ -504,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = _rows("train", variants, train_measured, config.batch_size * lm_config.max_seq_len)
     rows += _rows("generate", variants, gen_measured, 1)
     report = {
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+        "machine": f"{platform.processor() or platform.machine()}, torch threads: {torch.get_num_threads()}, "
         f"torch {torch.__version__}, Python {platform.python_version()}, device {DEVICE}",
         "date": datetime.date.today().isoformat(),
         "setup": {
