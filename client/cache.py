@@ -39,6 +39,7 @@ when rows are admitted.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -148,7 +149,7 @@ class CacheStats:
     coherence_bytes: int = 0  # bytes of ids and rows the row watch received
     coherence_waits: int = 0  # steps that waited for the watch to catch up
     coherence_wait_s: float = 0.0  # their waiting time
-    served_from_store: int = 0  # steps served from the store because the watch stayed too far behind
+    served_from_store: int = 0  # steps served from the store because the watch stayed too far behind (not in hits)
     resyncs: int = 0  # times the cache dropped every row (the daemon no longer held the pushes it missed)
     hits_per_layer: dict[int, int] = field(default_factory=dict)
     accesses_per_layer: dict[int, int] = field(default_factory=dict)
@@ -177,12 +178,14 @@ class CacheStats:
 
 
 def check_cacheable(reader: Any, manifest: Manifest, config: CacheConfig) -> bool:
-    """Whether the cache must follow the table's pushes (a trainable table, not `generation_only`);
+    """Whether the cache must follow the table's pushes (a trainable table or a replica, not `generation_only`);
     InvalidArgumentError when it must and `reader` cannot (only a MemstoreClient watches a daemon's rows)."""
-    trainable = getattr(reader, "trainable", None)
-    if not isinstance(trainable, bool):  # an in-process reader: trainable when the table has an optimizer
-        trainable = manifest.optimizer is not None
-    if not trainable or config.generation_only:
+    changes = getattr(reader, "mutable", None)  # a MemstoreClient: trainable, or a replica of a trained table
+    if not isinstance(changes, bool):
+        changes = getattr(reader, "trainable", None)
+    if not isinstance(changes, bool):  # an in-process reader: trainable when the table has an optimizer
+        changes = manifest.optimizer is not None
+    if not changes or config.generation_only:
         return False
     if not callable(getattr(reader, "watch_rows", None)):
         raise InvalidArgumentError(
@@ -400,6 +403,14 @@ class DeviceCache:
         self._locks = {layer: threading.Lock() for layer in self.layers}
         self.slot_version = {layer: self._new_versions(layer) for layer in self.layers}
         self.coherence: CoherentRows | None = None
+        # The CUDA stream the lookups run on (a Prefetcher's copy stream; None: the thread's current one):
+        # changes are written on it too, so a queued fill never lands after a newer change of its slot.
+        self.stream: torch.cuda.Stream | None = None
+
+    def _on_stream(self) -> contextlib.AbstractContextManager:
+        if self.stream is None:
+            return contextlib.nullcontext()
+        return _both(torch.cuda.device(self.device), torch.cuda.stream(self.stream))
 
     def _new_layer(self, layer: int) -> _LayerCache:
         hot = None if self.config.policy is not CachePolicy.STATIC else self._hot.get(layer, np.empty(0, np.int64))
@@ -451,7 +462,7 @@ class DeviceCache:
     def apply_change(self, layer_id: int, version: int, ids: np.ndarray, rows: np.ndarray) -> int:
         """Write a push's rows (ids [N], stored rows [N, width]) into the slots holding them, where the
         slot's row is older than `version`; returns the rows written."""
-        with self._locks[layer_id]:
+        with self._locks[layer_id], self._on_stream():
             cache = self.layers[layer_id]
             slots = cache.find(
                 torch.from_numpy(np.array(ids, dtype=np.int64)).to(self.device)
@@ -473,6 +484,8 @@ class DeviceCache:
         for lock in self._locks.values():
             lock.acquire()
         try:
+            if self.stream is not None:  # queued work of the lookups still uses the old tensors
+                self.stream.synchronize()
             for layer in self.layers:
                 self.layers[layer] = self._new_layer(layer)
                 self.slot_version[layer] = self._new_versions(layer)
@@ -512,6 +525,12 @@ def open_cache(reader: Any, manifest: Manifest, config: CacheConfig, device: tor
     if coherent:
         cache.follow(reader, timeout)
     return cache
+
+
+@contextlib.contextmanager
+def _both(first: Any, second: Any) -> Any:
+    with first, second:
+        yield
 
 
 def _rows_and_version(fetched: Any) -> tuple[torch.Tensor, int]:

@@ -70,6 +70,13 @@ class MemstoreClient:
         """Whether the daemon takes pushes (its table has an optimizer and is served writable)."""
         return self._describe(None).trainable
 
+    @property
+    def mutable(self) -> bool:
+        """Whether the served table can change while this client reads it: it takes pushes, or it is a read
+        replica applying its primary's (a device cache then follows the changes, client.coherence)."""
+        served = self._describe(None)
+        return served.trainable or served.replication.role == pb.REPLICATION_ROLE_REPLICA
+
     def server_limits(self, timeout: float | None = None) -> pb.ServerLimits:
         """Limits the server enforces (max rows per request, chunk size)."""
         return self._describe(timeout).limits

@@ -366,6 +366,7 @@ class Prefetcher:
         self.cache: DeviceCache | None = None
         if self.config.cache is not None:
             self.cache = open_cache(fetcher, manifest, self.config.cache, self.device, self.config.timeout_s)
+            self.cache.stream = self._copy_stream  # its lookups run there: changes are written there too
             self.stats.cache = self.cache.stats
         self._gpu_waits: deque[tuple[int, torch.cuda.Event, torch.cuda.Event]] = deque()  # (layer, arrived, copied)
         self._gpu_waits_lock = threading.Lock()  # release() and submit() may collect from different threads

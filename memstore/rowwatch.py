@@ -15,7 +15,8 @@ their own (`RowWatchSlots`, ServerConfig.max_row_watchers), apart from followers
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +25,8 @@ from memstore.errors import InvalidArgumentError, ReplicationGapError, ResourceE
 from memstore.live import LiveTable
 from memstore.tabledir.manifest import Manifest
 from memstore.tabledir.record import PushRecord
+
+_POLL_S = 0.25  # how often a waiting watch checks that its stream is still wanted
 
 
 class RowWatchGapError(ReplicationGapError):
@@ -61,13 +64,23 @@ def check_watch_layers(manifest: Manifest, layer_ids: Iterable[int]) -> frozense
 
 
 def rows_after(
-    live: LiveTable, version: int, layers: frozenset[int] | None, max_bytes: int, timeout_s: float
+    live: LiveTable,
+    version: int,
+    layers: frozenset[int] | None,
+    max_bytes: int,
+    timeout_s: float,
+    active: Callable[[], bool] = lambda: True,
 ) -> RowBatch:
     """The changes of the pushes after `version`, about max_bytes of records at most, waiting up to
-    `timeout_s` for one when the watcher is up to date (then a batch with no changes, through `version`).
+    `timeout_s` for one when the watcher is up to date (then a batch with no changes, through `version`),
+    or until `active()` turns False (checked every _POLL_S: a cancelled stream gives its thread back).
     RowWatchGapError when the table no longer holds them (or `version` is past the table's)."""
+    deadline = time.monotonic() + timeout_s
     try:
-        records = live.records_after(version, max_bytes, timeout_s)
+        while True:
+            records = live.records_after(version, max_bytes, min(_POLL_S, max(0.0, deadline - time.monotonic())))
+            if records or time.monotonic() >= deadline or not active():
+                break
     except ReplicationGapError as exc:
         raise RowWatchGapError(
             f"a row watcher at version {version} cannot catch up: the table is at version {live.version} and "

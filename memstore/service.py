@@ -285,7 +285,9 @@ class MemstoreServicer(pb_grpc.MemstoreServicer):
                 return
             version = request.from_version
             while context.is_active():
-                batch = rows_after(self._live, version, layers, self._config.follow_batch_bytes, heartbeat_s)
+                batch = rows_after(
+                    self._live, version, layers, self._config.follow_batch_bytes, heartbeat_s, context.is_active
+                )
                 response = pb.WatchRowsResponse(through_version=batch.through, table_version=self._live.version)
                 for change in batch.changes:
                     response.changes.add(

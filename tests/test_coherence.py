@@ -18,7 +18,9 @@ from memstore.daemon_config import ServerConfig
 from memstore.dtypes import DType
 from memstore.errors import InvalidArgumentError, ResourceExhaustedError, UnauthenticatedError
 from memstore.live import LiveConfig, LiveTable
-from memstore.rowwatch import RowWatchGapError, RowWatchSlots, check_watch_layers, rows_after
+from memstore.replica import FollowConfig, Follower
+from memstore.rowwatch import RowBatch, RowWatchGapError, RowWatchSlots, check_watch_layers, rows_after
+from memstore.service import create_server
 from memstore.sharding import Sharding
 from memstore.tabledir.manifest import Manifest
 from memstore.tabledir.optimizer import OptimizerConfig, OptimizerKind
@@ -64,6 +66,14 @@ def test_rows_after_hands_each_push_s_rows_in_version_order(tmp_path: Path) -> N
         # Up to date: a heartbeat after the timeout, with no changes.
         idle = rows_after(live, 3, None, 1 << 20, 0.01)
         assert idle.changes == [] and idle.through == 3
+        # A watch no longer wanted (its stream cancelled) gives its thread back without waiting out its heartbeat.
+        returned: list[RowBatch] = []
+        waiting = threading.Thread(
+            target=lambda: returned.append(rows_after(live, 3, None, 1 << 20, 3600, lambda: False))
+        )
+        waiting.start()
+        join_all([waiting])
+        assert returned[0].changes == [] and returned[0].through == 3
         # Batches stop near max_bytes, and the next call goes on from there.
         first = rows_after(live, 0, None, 1, 0.01)
         assert first.through == 1 and rows_after(live, first.through, None, 1, 0.01).through == 2
@@ -350,3 +360,85 @@ def test_a_push_older_than_a_fetched_row_never_overwrites_it(tmp_path: Path) -> 
 
 def _no_fetch(miss: np.ndarray):
     raise AssertionError(f"rows {miss} were fetched; they are resident")
+
+
+def test_steps_are_served_from_the_store_while_the_cache_cannot_follow(tmp_path: Path, daemon_factory) -> None:
+    """No watcher slot: the cache never hears of the pushes, so once the client knows of one, its steps
+    come from the store (counted), never from stale cached rows."""
+    live = LiveTable.open(_zero_table(tmp_path / "t"), config=FAST)
+    try:
+        address = daemon_factory(live, ServerConfig(max_row_watchers=0)).address
+        ids = np.arange(6)
+        with MemstoreClient(address, FAST_FAIL) as client, CachedReader(client, CacheConfig(max_rows=64)) as cached:
+            cached.lookup(1, ids)  # version 0: the cache is within the bound, and the rows are resident
+            for step in range(1, 4):
+                client.push(1, ids, np.full((6, DIM), step, np.float32))
+                np.testing.assert_array_equal(cached.lookup(1, ids).numpy(), live.gather(1, ids)[0])
+            assert cached.stats.served_from_store == 3 and cached.stats.hits == 0
+    finally:
+        live.close()
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")),
+    ],
+)
+def test_a_cache_on_the_model_s_device_follows_the_pushes(tmp_path: Path, daemon_factory, device: str) -> None:
+    """Through a CachedReader and a Prefetcher (on CUDA: lookups and changes on its copy stream)."""
+    live = LiveTable.open(_zero_table(tmp_path / "t"), config=FAST)
+    try:
+        address = daemon_factory(live).address
+        ids = np.arange(8).reshape(2, 4)
+
+        def table_rows() -> np.ndarray:
+            return live.gather(1, ids.reshape(-1))[0].reshape(2, 4, DIM)
+
+        with MemstoreClient(address, FAST_FAIL) as client:
+            with CachedReader(client, CacheConfig(max_rows=64), device=device) as cached:
+                for step in range(1, 4):
+                    np.testing.assert_array_equal(cached.lookup(1, ids).numpy(), table_rows())
+                    client.push(1, ids, np.full((2, 4, DIM), step, np.float32))
+                assert cached.stats.hits > 0 and cached.stats.rows_refreshed > 0
+            config = PrefetchConfig(device=device, cache=CacheConfig(max_rows=64))
+            with Prefetcher(client, lambda x: x, SMALL_LAYOUT.layer_ids, config) as prefetcher:
+                for step in range(1, 4):
+                    with prefetcher.submit_row_ids({1: ids, 4: ids}) as handle:
+                        np.testing.assert_array_equal((handle.rows(1) * 1).cpu().numpy(), table_rows())
+                    client.push(1, ids, np.full((2, 4, DIM), step, np.float32))
+                assert prefetcher.stats.cache.hits > 0 and prefetcher.stats.cache.rows_refreshed > 0
+    finally:
+        live.close()
+
+
+def test_a_cache_over_a_read_replica_follows_the_pushes_it_applies(tmp_path: Path) -> None:
+    """A replica takes no pushes of its own, but its table changes with its primary's: the cache follows it."""
+    primary_live = LiveTable.open(_zero_table(tmp_path / "primary"), config=FAST)
+    primary = InProcessDaemon(primary_live, ServerConfig())
+    replica_live = LiveTable.open(_zero_table(tmp_path / "replica"), config=FAST, primary=primary.address)
+    follower = Follower(replica_live, FollowConfig(heartbeat_s=0.05, silence_s=2.0, initial_backoff_s=0.05))
+    server, port = create_server(replica_live, "127.0.0.1:0", replica=follower)
+    server.start()
+    follower.start()
+    try:
+        ids = np.arange(6)
+        with (
+            MemstoreClient(primary.address, FAST_FAIL) as trainer,
+            MemstoreClient(f"127.0.0.1:{port}", FAST_FAIL) as reader,
+            CachedReader(reader, CacheConfig(max_rows=64)) as cached,
+        ):
+            assert not reader.trainable and reader.mutable and cached.stats.coherent
+            cached.lookup(1, ids)
+            trainer.push(1, ids, np.ones((6, DIM), np.float32))
+            wait_until(lambda: replica_live.version == 1, "the replica applied the push")
+            reader.version()  # the reader learns of it
+            np.testing.assert_array_equal(cached.lookup(1, ids).numpy(), -np.ones((6, DIM), np.float32))
+            assert cached.stats.rows_refreshed == 6 and cached.stats.hits == 6
+    finally:
+        follower.stop()
+        server.stop(None).wait(10)
+        replica_live.close()
+        primary.server.stop(None).wait(10)
+        primary_live.close()
