@@ -54,6 +54,7 @@ class MemstoreClient:
         self._local_checked = False
         self._seen_lock = threading.Lock()
         self._seen_version = 0
+        self._retired: list[SameHostReader] = []
         if expected_fingerprint is not None:
             try:
                 self.check_fingerprint(expected_fingerprint)
@@ -152,6 +153,8 @@ class MemstoreClient:
         """Rows copied from the daemon's row cache, the distinct ones it lacked fetched over gRPC (which
         admits them there); and a version every row shows at least."""
         rows, missed, version = local.gather_cached(layer_id, flat, target)  # [N, dim], [N]
+        if missed.all() and not local.row_cache.alive():  # its daemon stopped: ask the one serving now
+            self._forget_same_host(local)
         if missed.any():
             wanted, back = np.unique(flat[missed], return_inverse=True)  # [U], [M]
             _, fetched, fetched_version = self._fetch(layer_id, wanted, deadline)  # [U, dim]
@@ -310,6 +313,16 @@ class MemstoreClient:
                 )
         return self._local
 
+    def _forget_same_host(self, local: SameHostReader) -> None:
+        """Stop using `local` (a stopped daemon's row cache) and describe the daemon again on the next
+        lookup. It is closed with the client: another thread may still be copying from it."""
+        with self._describe_lock:
+            if self._local is local:
+                self._retired.append(local)
+                self._local = None
+                self._local_checked = False
+                self._described = None
+
     def _manifest(self, timeout: float | None) -> Manifest:
         if self._manifest_parsed is None:
             self._manifest_parsed = Manifest.from_json(self._describe(timeout).manifest_json)
@@ -385,6 +398,8 @@ class MemstoreClient:
         if self._local is not None:
             self._local.close()
             self._local = None
+        while self._retired:
+            self._retired.pop().close()
 
     def __enter__(self) -> MemstoreClient:
         return self

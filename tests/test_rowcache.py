@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import errno
 import os
+import re
+import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -19,10 +22,12 @@ from client import MemstoreClient
 from memstore.create import create_table
 from memstore.dtypes import DType
 from memstore.errors import InvalidArgumentError
+from memstore.launch import start_daemon, stop_daemon
 from memstore.live import LiveConfig, LiveTable
-from memstore.metrics import DaemonMetrics
+from memstore.metrics import DaemonMetrics, summarize
 from memstore.rowcache import SHM_DIR, RowCache, RowCacheConfig, RowCacheReader, slots_bytes, slots_for
 from memstore.service import create_server
+from memstore.sharding import Sharding
 from memstore.storage import direct
 from memstore.storage.cached import CachedRowStore
 from memstore.storage.direct import BLOCK, DirectReader
@@ -263,6 +268,7 @@ def test_same_host_client_copies_hits_from_shared_memory_and_asks_for_misses(
         rows, version = client.lookup(1, ids, return_version=True)
         assert _same(rows.numpy(), files.gather(1, ids)) and version == live.version
         assert metrics.total("memstore_rows_served_total") == 4  # all hits, copied here
+        assert client._local is not None and (client._local.cache_hits, client._local.cache_misses) == (6, 6)
         # A push writes through: the client sees the after-image in shared memory, with the new version.
         pushed = client.push(1, np.array([50, 712]), np.ones((2, SMALL_LAYOUT.dim), dtype=np.float32))
         rows, version = client.lookup(1, ids, return_version=True)
@@ -412,3 +418,135 @@ def test_one_cache_serves_every_layer(tmp_path: Path, no_cache_files: None) -> N
         stats = live.row_cache.snapshot()
         assert (stats.misses, stats.hits) == (40, 40)
         assert isinstance(live.row_cache, RowCache)
+
+
+def test_memstore_serve_row_cache_bytes_end_to_end(tmp_path: Path) -> None:
+    """`memstore serve --row-cache-bytes 1MiB`: lookups through the cache, its counters in `memstore stats`,
+    its file in /dev/shm removed when the daemon stops."""
+    path = make_table(tmp_path / "t")
+    process, address = start_daemon(
+        path, ["--row-cache-bytes", "1MiB"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        with MemstoreClient(address, replace(FAST_FAIL, same_host=False)) as client, Table.open(path) as files:
+            ids = np.arange(0, 3000, 7)
+            for _ in range(2):
+                assert _same(client.lookup(1, ids).numpy(), files.gather(1, ids))
+            stats = summarize(client.stats()).values
+        assert stats["memstore_row_cache_misses_total"] == len(ids)
+        assert stats["memstore_row_cache_hits_total"] == len(ids)
+        assert stats["memstore_row_cache_capacity_bytes"] <= 1 << 20
+    finally:
+        assert stop_daemon(process) == 0
+    log = process.stderr.read()
+    process.stderr.close()
+    cache_file = re.search(r"row cache: [\d.,]+ MiB in (\S+):", log)
+    assert cache_file is not None, log
+    assert not Path(cache_file[1]).exists()
+
+
+def test_a_budget_the_shared_memory_cannot_hold_is_refused_at_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full /dev/shm is a clear error, with no file left behind."""
+
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(InvalidArgumentError, match="smaller --row-cache-bytes"):
+        RowCache(RowCacheConfig(bytes=1 << 20), 32, directory=tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_lazy_store_caches_an_all_zero_row_as_it_stores_it(tmp_path: Path, no_cache_files: None) -> None:
+    """A lazy store writes an all-zero row with -0.0 first (so it reads as written): the cached copy
+    must be those bytes too, or a hit would differ from a read of the file."""
+    manifest = Manifest(layout=SMALL_LAYOUT, dtype=DType.FLOAT32, seed=2, init=Init.LAZY)
+    path = create_table(tmp_path / "t", manifest)
+    with Table.open(path, read_only=False) as table:
+        cache = RowCache(RowCacheConfig(bytes=slots_bytes(64, _row_bytes(path))), _row_bytes(path))
+        try:
+            table.cache_rows(cache)
+            store = table.store(1)
+            ids = np.array([4, 8])
+            store.gather(ids)  # resident now
+            rows = np.zeros((2, SMALL_LAYOUT.dim), dtype=np.float32)
+            rows[1, 3] = 1.5
+            store.update(ids, rows)
+            assert isinstance(store, CachedRowStore)
+            stored = store.inner.gather(ids)
+            assert np.signbit(stored[0, 0])  # -0.0: what the file holds
+            assert _same(store.gather(ids), stored)
+        finally:
+            table.close()
+            cache.close()
+
+
+def test_a_stopped_daemons_cache_is_never_read(tmp_path: Path) -> None:
+    """A same-host client keeps its map of the cache after the daemon stops; pushes applied by the
+    daemon serving the table next never reach that cache, so its rows must not be served again."""
+    path = make_table(tmp_path / "t", dtype=DType.FLOAT32, optimizer=SGD)
+    ids = np.array([1, 2, 3])
+
+    def serve(port: int = 0) -> tuple[LiveTable, object, int]:
+        live = LiveTable.open(path, config=_config(SMALL_ROWS, _row_bytes(path)))
+        server, bound = create_server(live, f"127.0.0.1:{port}")
+        server.start()
+        return live, server, bound
+
+    live, server, port = serve()
+    client = MemstoreClient(f"127.0.0.1:{port}", replace(FAST_FAIL, same_host=True))
+    try:
+        before = client.lookup(1, ids).numpy()
+        client.lookup(1, ids)  # hits, from the shared memory
+        old_cache = live.row_cache
+        assert old_cache is not None
+        server.stop(None)
+        live.close()
+        live, server, _ = serve(port)
+        try:
+            live.push(1, ids, np.ones((3, SMALL_LAYOUT.dim), dtype=np.float32))
+            expected = live.table.store(1).inner.gather(ids)
+            assert not _same(expected, before)
+            assert _same(client.lookup(1, ids).numpy(), expected)  # not the stopped daemon's copies
+            assert _same(client.lookup(1, ids).numpy(), expected)  # the new daemon's cache, described again
+            assert client.transport == "same-host"
+        finally:
+            server.stop(None)
+            live.close()
+    finally:
+        client.close()
+
+
+def test_a_new_cache_removes_files_of_dead_daemons(tmp_path: Path) -> None:
+    """A killed daemon cannot delete its file: the next cache in the directory removes it (unlocked and
+    a minute old), never a running daemon's (locked) nor a file just created (maybe not locked yet)."""
+    running = RowCache(RowCacheConfig(bytes=1 << 20), 32, directory=tmp_path)
+    dead_pid = 2**22 + 1  # above Linux's largest pid: no such process
+    orphan, fresh = tmp_path / f"memstore-rowcache-{dead_pid}-a", tmp_path / f"memstore-rowcache-{dead_pid}-b"
+    live_pid = tmp_path / f"memstore-rowcache-{os.getpid()}-c"  # unlocked, but its pid runs
+    for path in (orphan, fresh, live_pid):
+        path.write_bytes(b"x")
+    old = time.time() - 120
+    for path in (orphan, running.path, live_pid):
+        os.utime(path, (old, old))
+    try:
+        second = RowCache(RowCacheConfig(bytes=1 << 20), 32, directory=tmp_path)
+        second.close()
+        assert not orphan.exists()
+        assert running.path.exists() and fresh.exists() and live_pid.exists()
+    finally:
+        running.close()
+
+
+def test_a_shards_rows_are_cached_by_their_place_in_the_shard(tmp_path: Path, no_cache_files: None) -> None:
+    """Keys are the store's own (local) row indices: a shard's rows read through the cache are its rows."""
+    manifest = Manifest(layout=SMALL_LAYOUT, dtype=DType.FLOAT16, seed=5, sharding=Sharding.spread(2, 1, 4))
+    path = create_table(tmp_path / "shard1", manifest)
+    with Table.open(path) as plain, LiveTable.open(path, config=_config(SMALL_ROWS, _row_bytes(path))) as live:
+        ids = np.arange(SMALL_LAYOUT.num_rows(4))
+        ids = ids[manifest.sharding.shard_of(ids) == 1][::7]
+        for _ in range(2):
+            assert _same(live.gather(4, ids)[0], plain.gather(4, ids))
+        assert live.row_cache.snapshot().hits > 0
