@@ -351,6 +351,9 @@ def _markdown(report: dict[str, Any], command: str) -> str:
         "- Each run starts cold and reads tens of thousands of tokens, so the hit rates are those of short",
         "  runs on a small table; `benchmarks/device_cache.py` replays 524,288 tokens of",
         "  real text on the DeepSeek-V4.1-Flash layout for the hit rate per policy and size.",
+        "- The table here is frozen (the backbone trains). Training a trainable table through the device",
+        "  cache, which then follows the pushes (`--cache-max-lag`), is measured in",
+        "  [cache.md](cache.md#training-through-the-device-cache-coherence) (`benchmarks/cache_coherence.py`).",
         "",
     ]
     if not report["machine"].endswith("device cuda") and "cuda" not in report["machine"].split("device ")[-1]:
