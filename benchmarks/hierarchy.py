@@ -298,8 +298,8 @@ def _markdown(report: dict[str, Any], command: str) -> str:
         "",
         f"Command: `{command}`",
         "",
-        f"Machine: {report['machine']}; {report['date']}. The machine is shared by other jobs: compare",
-        "the variants of one run, and read the timings as noisy.",
+        f"Machine: {report['machine']}; {report['date']}. Compare the variants of one run"
+        + (", and read the timings as noisy: the machine is shared." if "cpu" in report["machine"] else "."),
         "",
         f"Setup: {s['text']}, {s['train_tokens']:,} training tokens; LM d_model {s['d_model']}, {s['n_layers']} "
         f"blocks, Engram at layers {s['engram_layers']} with {s['rows_per_token']} rows a token; table "
