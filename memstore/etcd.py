@@ -225,8 +225,8 @@ class Watch:
 
     When the stream breaks (etcd restarted, a network cut) it reconnects and resumes from the
     revision after the last one delivered, so no change is skipped or repeated. When etcd has
-    compacted those revisions away it calls `on_reset` (if given) to let the owner list the prefix
-    anew, and resumes after that listing's revision.
+    compacted those revisions away, or it lost its data (its revision went back), it calls `on_reset`
+    (if given) to let the owner list the prefix anew, and resumes after that listing's revision.
     """
 
     def __init__(
@@ -282,6 +282,11 @@ class Watch:
             self._call = call
         try:
             for reply in call:
+                if reply.created and reply.header.revision < self.next_revision - 1:
+                    # History went back: an etcd that lost its data (restored, or wiped) answers.
+                    log.warning("etcd's revision went back to %d: listing %r anew", reply.header.revision, self.prefix)
+                    self.next_revision = reply.header.revision + 1 if self._on_reset is None else self._on_reset() + 1
+                    return
                 if reply.compact_revision and reply.compact_revision > self.next_revision - 1:
                     log.warning("etcd compacted %r past revision %d: listing it anew", self.prefix, self.next_revision)
                     if self._on_reset is None:
