@@ -21,14 +21,9 @@ import socket
 import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
-from typing import TYPE_CHECKING
 
 from memstore.errors import InvalidArgumentError, MemstoreError
 from memstore.etcd import EtcdClient, parse_endpoints
-
-if TYPE_CHECKING:  # the daemon's side only: the client imports this module without the engine
-    from memstore.live import LiveTable
-    from memstore.replica import Follower
 
 log = logging.getLogger("memstore.membership")
 
@@ -214,26 +209,3 @@ def advertised_address(config: MembershipConfig, listen: str, port: int) -> str:
     if host.strip("[]") in ("0.0.0.0", "::", ""):
         host = socket.getfqdn()
     return f"{host}:{port}"
-
-
-def daemon_state(table: LiveTable, replica: Follower | None, address: str) -> Callable[[], MemberRecord]:
-    """What a serving daemon registers, read anew at each refresh."""
-    manifest = table.manifest
-    shard = manifest.sharding.shard if manifest.sharding is not None else 0
-    num_shards = manifest.sharding.num_shards if manifest.sharding is not None else 1
-
-    def state() -> MemberRecord:
-        common = dict(address=address, shard=shard, num_shards=num_shards, fingerprint=manifest.fingerprint)
-        if replica is None:
-            return MemberRecord(role=Role.PRIMARY, version=table.version, lag=0, trainable=table.trainable, **common)
-        status = replica.status()
-        return MemberRecord(
-            role=Role.REPLICA,
-            version=status.applied_version,
-            lag=status.lag,
-            serving=status.serving,
-            primary=status.primary,
-            **common,
-        )
-
-    return state

@@ -56,7 +56,8 @@ from memstore.errors import (
 from memstore.guard import REQUEST_BYTES, CallGuard, GuardConfig
 from memstore.limits import InFlightBudget, lookup_cost, push_cost
 from memstore.live import LiveTable
-from memstore.membership import Registration, advertised_address, daemon_state
+from memstore.member_state import daemon_state
+from memstore.membership import Registration, advertised_address
 from memstore.metrics import DaemonMetrics
 from memstore.replica import Follower, check_follower_manifest
 from memstore.rowwatch import RowWatchSlots, check_watch_layers, rows_after
