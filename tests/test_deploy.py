@@ -335,31 +335,41 @@ def _containers(document: dict[str, Any]) -> list[dict[str, Any]]:
     return [*pod.get("initContainers", []), *pod["containers"]]
 
 
-def test_kubernetes_manifest_serves_the_cluster_spec_it_ships() -> None:
+def test_kubernetes_shards_register_in_the_etcd_the_demo_reads() -> None:
     documents = _kubernetes()
     by_kind: dict[str, dict[str, Any]] = {}
     for document in documents:
         by_kind.setdefault(document["kind"], {})[document["metadata"]["name"]] = document
     image = _compose()["services"]["demo"]["image"]
-    assert {c["image"] for d in documents for c in _containers(d)} == {image}
+    sets = dict(by_kind["StatefulSet"])
+    etcd = sets.pop("etcd")
+    assert {c["image"] for d in documents if d is not etcd for c in _containers(d)} == {image}
+    (etcd_container,) = _containers(etcd)
+    assert etcd_container["image"].endswith(":v3.4.23"), "etcd 3.4, as Debian ships it (3.5.0-3.5.2 are unsafe)"
+    assert f"--advertise-client-urls=http://{ETCD}" in etcd_container["args"]
+    assert by_kind["Service"]["etcd"]["spec"]["ports"][0]["port"] == _port(ETCD)
 
-    spec = ClusterSpec.from_dict(tomllib.loads(by_kind["ConfigMap"]["memstore-cluster"]["data"]["cluster.toml"]))
-    sets = by_kind["StatefulSet"]
-    assert len(spec.shards) == len(sets) == 2
-    for shard, (name, stateful) in zip(spec.shards, sorted(sets.items())):
+    assert len(sets) == 2
+    for name, stateful in sorted(sets.items()):
         service = by_kind["Service"][stateful["spec"]["serviceName"]]
-        assert service["spec"]["clusterIP"] == "None", "a headless service: DNS lists every ready pod"
+        assert service["spec"]["clusterIP"] == "None", "a headless service: each pod has a DNS name"
         labels = stateful["spec"]["template"]["metadata"]["labels"]
         assert service["spec"]["selector"] == stateful["spec"]["selector"]["matchLabels"] == labels
         pods = [
             f"{name}-{ordinal}.{service['metadata']['name']}:50051" for ordinal in range(stateful["spec"]["replicas"])
         ]
-        assert shard == ShardAddresses(pods[0], tuple(pods[1:]), f"dns:///{service['metadata']['name']}:50051")
         (daemon,) = stateful["spec"]["template"]["spec"]["containers"]
         assert daemon["readinessProbe"]["grpc"] == {"port": 50051, "service": SERVICE_NAME}
         serves = [_parse(words) for words in _simple_commands([*daemon["command"], *daemon["args"]])]
-        assert [args.follow for args in serves if args is not None] == [None, pods[0]]
+        serves = [args for args in serves if args is not None]
+        assert [args.follow for args in serves] == [None, pods[0]]
+        for args in serves:  # each pod registers as its own DNS name ($HOSTNAME is the pod's name)
+            assert (args.etcd, args.cluster_name) == (ETCD, CLUSTER_NAME)
+            assert args.advertise == f"$HOSTNAME.{service['metadata']['name']}:50051"
     assert set(by_kind["Job"]) == {"table-init", "demo"}
+    (demo,) = by_kind["Job"]["demo"]["spec"]["template"]["spec"]["containers"]
+    found = _parse([*demo["command"], *demo["args"]])
+    assert (found.etcd, found.cluster_name) == (ETCD, CLUSTER_NAME)
 
 
 # ---- the compose services as local processes ---------------------------------------------------
