@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -12,8 +13,11 @@ import numpy as np
 import pytest
 
 from client import ClusterClient, MemstoreClient
+from client.cluster import add_connection_arguments, connect
+from memstore.cli import _parser as memstore_parser
+from memstore.cli_serve import daemon_config
 from memstore.create import create_sharded, create_table
-from memstore.errors import InvalidArgumentError
+from memstore.errors import InvalidArgumentError, UnavailableError
 from memstore.etcd import EtcdClient
 from memstore.launch import start_daemon, stop_daemon
 from memstore.membership import MemberRecord, MembershipConfig, Role, member_key, members_prefix
@@ -110,6 +114,18 @@ def test_membership_flags_are_checked() -> None:
         MemberRecord.decode(b'{"address": "h:1"}')
 
 
+def test_connection_and_serve_flags_go_in_pairs() -> None:
+    parser = argparse.ArgumentParser()
+    add_connection_arguments(parser)
+    with pytest.raises(InvalidArgumentError, match="--etcd and --cluster-name go together"):
+        connect(parser.parse_args(["--etcd", "127.0.0.1:2379"]))
+    serve = memstore_parser()
+    with pytest.raises(InvalidArgumentError, match="need --etcd"):
+        daemon_config(serve.parse_args(["serve", "t", "--cluster-name", "engram"]))
+    with pytest.raises(InvalidArgumentError, match="--etcd needs --cluster-name"):
+        daemon_config(serve.parse_args(["serve", "t", "--etcd", "127.0.0.1:2379"]))
+
+
 def test_a_daemon_registers_updates_its_record_and_leaves_on_a_clean_stop(daemons, store, tmp_path) -> None:
     table = create_table(tmp_path / "t", MANIFEST)
     process, address = daemons.start(table)
@@ -134,7 +150,7 @@ def test_a_killed_daemon_leaves_when_its_lease_expires(daemons, store, tmp_path)
 def test_discovery_follows_daemons_joining_and_a_killed_replica_leaving(daemons, etcd, store, sharded) -> None:
     primaries, replicas = sharded
     _, p0 = daemons.start(primaries[0])
-    _, p1 = daemons.start(primaries[1])
+    p1_process, p1 = daemons.start(primaries[1])
     r0_process, r0 = daemons.start(replicas[0], "--follow", p0)
     record = _members(store)[r0]
     assert (record.role, record.shard, record.primary) == (Role.REPLICA, 0, p0)
@@ -143,7 +159,8 @@ def test_discovery_follows_daemons_joining_and_a_killed_replica_leaving(daemons,
         assert [(s.primary, s.replicas) for s in cluster.spec.shards] == [(p0, (r0,)), (p1, ())]
         before = cluster.lookup(1, ids).clone()
         cluster.push(1, ids, np.ones((len(ids), SMALL_LAYOUT.dim), np.float32), step_id=1)
-        assert not np.array_equal(cluster.lookup(1, ids).numpy(), before.numpy())  # read back through the shards
+        after = cluster.lookup(1, ids).clone()
+        assert not np.array_equal(after.numpy(), before.numpy())  # read back through the shards
 
         _, r1 = daemons.start(replicas[1], "--follow", p1)  # joins: used without reconnecting
         wait_until(lambda: cluster.spec.shards[1].replicas == (r1,), "the client saw the new replica", WAIT_S)
@@ -166,6 +183,12 @@ def test_discovery_follows_daemons_joining_and_a_killed_replica_leaving(daemons,
         for _ in range(5):
             cluster.lookup(1, ids)
         assert _lookups_served(p0) > served  # shard 0's reads now all go to its primary
+
+        stop_daemon(p1_process)  # a clean stop: its key goes at once
+        wait_until(lambda: cluster.spec.shards[1].primary is None, "the client saw shard 1 lose its primary", WAIT_S)
+        assert np.array_equal(cluster.lookup(1, ids).numpy(), after.numpy())  # shard 1 read from its replica
+        with pytest.raises(UnavailableError, match="shard 1 has no primary registered"):
+            cluster.push(1, ids, np.ones((len(ids), SMALL_LAYOUT.dim), np.float32), step_id=2)
 
 
 def test_serving_goes_on_while_etcd_restarts_and_registration_comes_back(daemons, etcd, store, tmp_path) -> None:
