@@ -241,6 +241,7 @@ class Watch:
         self.next_revision = start_revision
         self._stop = threading.Event()
         self._call: grpc.Future | None = None
+        self._broken = False  # an outage is said once, not at every retry
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="etcd-watch", daemon=True)
 
@@ -255,12 +256,13 @@ class Watch:
             except grpc.RpcError as exc:
                 if self._stop.is_set():
                     return
-                log.info(
+                (log.debug if self._broken else log.info)(
                     "etcd watch on %r broke (%s); resuming from revision %d",
                     self.prefix,
                     exc.code(),
                     self.next_revision,
                 )
+                self._broken = True
             except Exception:  # noqa: BLE001 - the owner's callback failed: keep watching, say so
                 log.exception("etcd watch on %r: handling events failed", self.prefix)
             self._stop.wait(RETRY_S)
@@ -282,6 +284,7 @@ class Watch:
             self._call = call
         try:
             for reply in call:
+                self._broken = False  # etcd answers
                 if reply.created and reply.header.revision < self.next_revision - 1:
                     # History went back: an etcd that lost its data (restored, or wiped) answers.
                     log.warning("etcd's revision went back to %d: listing %r anew", reply.header.revision, self.prefix)

@@ -140,10 +140,11 @@ class Registration:
     def __init__(self, config: MembershipConfig, state: Callable[[], MemberRecord]) -> None:
         self.config = config
         self._state = state
-        self._etcd = EtcdClient(config.endpoints, timeout_s=max(0.5, min(5.0, config.ttl_s / 3)))
+        self._etcd = EtcdClient(config.endpoints, timeout_s=max(1.0, min(5.0, config.ttl_s / 3)))
         self._lease = 0
         self._written: MemberRecord | None = None
         self._key: bytes | None = None
+        self._failing = False  # logged once per outage, not at every retry
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="etcd-membership", daemon=True)
 
@@ -158,9 +159,12 @@ class Registration:
         self._thread.start()
         return self
 
+    @property
+    def _period(self) -> float:
+        return min(self.config.refresh_s, self.config.ttl_s / 3)
+
     def _run(self) -> None:
-        period = min(self.config.refresh_s, self.config.ttl_s / 3)
-        while not self._stop.wait(period):
+        while not self._stop.wait(self._period):
             self._tick()
 
     def _tick(self) -> None:
@@ -180,10 +184,15 @@ class Registration:
                 if self._written is None:
                     log.info("registered in etcd as %s (%s)", key.decode(), record.role.value)
                 self._written, self._key = record, key
+            if self._failing:
+                log.info("etcd membership: etcd answers again; registration renewed")
+                self._failing = False
         except MemstoreError as exc:
             if "lease not found" in str(exc):  # expired between the renewal and the write
                 self._lease, self._written = 0, None
-            log.warning("etcd membership: %s (serving goes on; retrying)", exc)
+            if not self._failing:
+                log.warning("etcd membership: %s (serving goes on; retrying every %.1fs)", exc, self._period)
+            self._failing = True
 
     def stop(self) -> None:
         """Stop renewing and revoke the lease: the member key is gone when this returns (if etcd answers)."""

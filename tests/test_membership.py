@@ -129,7 +129,8 @@ def test_connection_and_serve_flags_go_in_pairs() -> None:
 def test_a_daemon_registers_updates_its_record_and_leaves_on_a_clean_stop(daemons, store, tmp_path) -> None:
     table = create_table(tmp_path / "t", MANIFEST)
     process, address = daemons.start(table)
-    record = _members(store)[address]  # registered before its port file was written
+    wait_until(lambda: address in _members(store), "the daemon registered", WAIT_S)  # at once, unless etcd is slow
+    record = _members(store)[address]
     assert (record.shard, record.num_shards, record.role, record.version, record.lag) == (0, 1, Role.PRIMARY, 0, 0)
     assert record.trainable and record.fingerprint == MANIFEST.fingerprint
     with MemstoreClient(address, GRPC) as client:
@@ -141,7 +142,7 @@ def test_a_daemon_registers_updates_its_record_and_leaves_on_a_clean_stop(daemon
 
 def test_a_killed_daemon_leaves_when_its_lease_expires(daemons, store, tmp_path) -> None:
     process, address = daemons.start(create_table(tmp_path / "t", MANIFEST))
-    assert address in _members(store)
+    wait_until(lambda: address in _members(store), "the daemon registered", WAIT_S)
     process.kill()
     process.wait(timeout=WAIT_S)
     wait_until(lambda: address not in _members(store), "the killed daemon's key expired", WAIT_S)
@@ -152,6 +153,7 @@ def test_discovery_follows_daemons_joining_and_a_killed_replica_leaving(daemons,
     _, p0 = daemons.start(primaries[0])
     p1_process, p1 = daemons.start(primaries[1])
     r0_process, r0 = daemons.start(replicas[0], "--follow", p0)
+    wait_until(lambda: {p0, p1, r0} <= set(_members(store)), "the daemons registered", WAIT_S)
     record = _members(store)[r0]
     assert (record.role, record.shard, record.primary) == (Role.REPLICA, 0, p0)
     ids = _ids()
@@ -159,6 +161,8 @@ def test_discovery_follows_daemons_joining_and_a_killed_replica_leaving(daemons,
         assert [(s.primary, s.replicas) for s in cluster.spec.shards] == [(p0, (r0,)), (p1, ())]
         before = cluster.lookup(1, ids).clone()
         cluster.push(1, ids, np.ones((len(ids), SMALL_LAYOUT.dim), np.float32), step_id=1)
+        # Replication is asynchronous: read back once the replica (which takes a share of the reads) has it.
+        wait_until(lambda: _members(store)[r0].version == 1, "the replica applied the push", WAIT_S)
         after = cluster.lookup(1, ids).clone()
         assert not np.array_equal(after.numpy(), before.numpy())  # read back through the shards
 
@@ -184,6 +188,7 @@ def test_discovery_follows_daemons_joining_and_a_killed_replica_leaving(daemons,
             cluster.lookup(1, ids)
         assert _lookups_served(p0) > served  # shard 0's reads now all go to its primary
 
+        wait_until(lambda: _members(store)[r1].version == 1, "the new replica caught up", WAIT_S)
         stop_daemon(p1_process)  # a clean stop: its key goes at once
         wait_until(lambda: cluster.spec.shards[1].primary is None, "the client saw shard 1 lose its primary", WAIT_S)
         assert np.array_equal(cluster.lookup(1, ids).numpy(), after.numpy())  # shard 1 read from its replica
