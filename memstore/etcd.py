@@ -99,8 +99,15 @@ class EtcdClient:
         if not 0 < timeout_s <= 3600:
             raise InvalidArgumentError(f"the etcd timeout must be in (0, 3600] seconds; got {timeout_s}")
         self.timeout_s = timeout_s
-        # Reconnect soon after etcd comes back: gRPC's default backoff grows to two minutes.
-        options = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 1000)]
+        options = [
+            # Reconnect soon after etcd comes back: gRPC's default backoff grows to two minutes.
+            ("grpc.initial_reconnect_backoff_ms", 200),
+            ("grpc.max_reconnect_backoff_ms", 1000),
+            # A watch is a long-lived stream without a deadline: pings find a hung etcd or a dead
+            # connection (15 s), and the watch reconnects. Not under etcd's 5 s minimum ping interval.
+            ("grpc.keepalive_time_ms", 10_000),
+            ("grpc.keepalive_timeout_ms", 5_000),
+        ]
         self._channel = grpc.insecure_channel(_target(self.endpoints), options=options)
         self._kv = rpc_pb2_grpc.KVStub(self._channel)
         self._lease = rpc_pb2_grpc.LeaseStub(self._channel)
