@@ -375,8 +375,12 @@ class ClusterClient:
                 new = self._admitted(shard, old, new)
                 if new == old:
                     continue
+                try:
+                    primary, reader = self._clients_of(new)
+                except MemstoreError as exc:  # e.g. a name that does not resolve: keep what works
+                    log.error("shard %d: cannot use daemons %s: %s", shard, _describe_shard(new), exc)
+                    continue
                 log.info("shard %d: daemons %s -> %s", shard, _describe_shard(old), _describe_shard(new))
-                primary, reader = self._clients_of(new)
                 now = time.monotonic()
                 self._retired += [
                     (now, c) for c in {id(c): c for c in (self._primaries[shard], self._readers[shard]) if c}.values()
