@@ -190,10 +190,10 @@ class EtcdClient:
             raise _error(exc, self.endpoints) from None
         raise UnavailableError(f"etcd at {','.join(self.endpoints)} closed the keep-alive stream without an answer")
 
-    def revoke(self, lease: int) -> None:
+    def revoke(self, lease: int, *, timeout_s: float | None = None) -> None:
         """End the lease now: its keys are deleted. A lease that already expired is not an error."""
         try:
-            self._lease.LeaseRevoke(rpc_pb2.LeaseRevokeRequest(ID=lease), timeout=self.timeout_s)
+            self._lease.LeaseRevoke(rpc_pb2.LeaseRevokeRequest(ID=lease), timeout=timeout_s or self.timeout_s)
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.NOT_FOUND:
                 raise _error(exc, self.endpoints) from None

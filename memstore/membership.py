@@ -201,7 +201,8 @@ class Registration:
             self._thread.join()
         if self._lease:
             try:
-                self._etcd.revoke(self._lease)
+                # Briefly: a stopping daemon's drain waits on this, and the key expires anyway.
+                self._etcd.revoke(self._lease, timeout_s=2.0)
             except MemstoreError as exc:
                 log.warning("could not remove the etcd member key (it expires after %ds): %s", self.config.ttl_s, exc)
         self._etcd.close()
