@@ -217,3 +217,12 @@ def test_serving_goes_on_while_etcd_restarts_and_registration_comes_back(daemons
         _, third = daemons.start(create_table(tmp_path / "third", MANIFEST))
         wait_until(lambda: cluster.spec.shards[0].primary == third, "the client followed the new etcd", WAIT_S)
         cluster.lookup(1, ids)
+
+
+def test_a_daemon_started_while_etcd_is_down_serves_and_registers_once_it_is_up(daemons, etcd, store, tmp_path) -> None:
+    etcd.stop()
+    _, address = daemons.start(create_table(tmp_path / "t", MANIFEST))  # starts: etcd is not needed to serve
+    with MemstoreClient(address, GRPC) as client:
+        assert client.version() == 0
+    etcd.start()
+    wait_until(lambda: address in _members(store), "the daemon registered once etcd was up", WAIT_S)
