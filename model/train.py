@@ -491,7 +491,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.metrics_port is not None:
         client_metrics.enable()
         prometheus_client.start_http_server(args.metrics_port)
-    if args.source is TableSource.MEMSTORE and not (args.memstore or args.cluster or args.shard):
+    if args.source is TableSource.MEMSTORE and not (args.memstore or args.cluster or args.shard or args.etcd):
         parser.error("--source memstore needs --memstore HOST:PORT (`memstore serve`'s address) or --cluster FILE")
     try:
         config = TrainConfig(
