@@ -31,9 +31,12 @@ count-min sketch, halved every `sketch_reset` x capacity additions) in front of 
 `model.cache_sim`'s LFU counts every row's accesses forever, which needs memory for every row of
 the layer; TinyLFU is the bounded version of that idea.
 
-Everything per step is tensor work (unique, searchsorted, sort, scatter) on the cache's device: no
-Python loop per row. The lookup index is a sorted id array with each id's slot, merged (not resorted)
-when rows are admitted.
+Everything per step is tensor work (unique, gathers, scatters, sorts of the step's ids) on the cache's
+device: no Python loop per row, and no pass over every slot. The lookup index is a hash table probed
+for all of a step's ids at once (one round per probe length); free slots are a stack; victims come
+from queues of slots in stamp order, whose stale entries are dropped when passed. A step's work is
+proportional to its ids, plus an index rebuild or queue compaction every ~capacity / step steps;
+LFU scans every slot only when no resident read fewer than 16 times is left to evict.
 """
 
 from __future__ import annotations
@@ -161,16 +164,28 @@ def check_cacheable(reader: Any, manifest: Manifest, config: CacheConfig) -> Non
         )
 
 
+def _wide(rows: torch.Tensor) -> torch.Tensor:
+    """The same bytes [n, width] viewed as the widest integer words that divide a row: CPU row copies move words."""
+    row_bytes = rows.shape[1] * rows.element_size()
+    for dtype in (torch.int64, torch.int32, torch.int16):
+        size = dtype.itemsize
+        aligned = rows.storage_offset() * rows.element_size() % size == 0
+        if size > rows.element_size() and row_bytes % size == 0 and aligned:
+            return rows.view(dtype)
+    return rows
+
+
 class _StampQueue:
     """Slots in the order of their stamps (oldest first), with lazy deletion: an entry is live while its slot
     still holds that stamp, since stamps are distinct access times. Pushes append newer stamps; pops take the
     oldest live entries, dropping stale ones on the way: O(entries passed), amortised O(step) per step."""
 
-    def __init__(self, cache: _LayerCache, size: int = 1024) -> None:
+    def __init__(self, cache: _LayerCache, size: int = 64) -> None:
         self.cache = cache
         self.stamp = torch.empty(size, dtype=torch.int64, device=cache.device)
         self.slot = torch.empty(size, dtype=torch.int64, device=cache.device)
         self.head = self.tail = 0
+        self.compactions = 0
 
     def push(self, stamps: torch.Tensor, slots: torch.Tensor) -> None:
         """Append entries, ascending stamps newer than every entry held."""
@@ -188,12 +203,13 @@ class _StampQueue:
         stamps, slots = self.stamp.index_select(0, keep), self.slot.index_select(0, keep)
         need = len(keep) + room
         if 2 * need > len(self.slot):
-            size = max(2 * need, 1024)
+            size = max(2 * need, 64)
             self.stamp = torch.empty(size, dtype=torch.int64, device=self.cache.device)
             self.slot = torch.empty(size, dtype=torch.int64, device=self.cache.device)
         self.stamp[: len(keep)] = stamps
         self.slot[: len(keep)] = slots
         self.head, self.tail = 0, len(keep)
+        self.compactions += 1
 
     def pop(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(stamps, slots) of up to k oldest live entries, oldest first; the entries passed leave the queue."""
@@ -256,6 +272,7 @@ class _LayerCache:
         self.index_shift = 64 - bits
         self.index = torch.full((1 << bits,), _EMPTY, dtype=torch.int64, device=device)
         self.index_used = 0  # positions not _EMPTY (live keys and deletion marks): probes end at _EMPTY
+        self.index_rebuilds = 0
         self.slot_pos = torch.zeros(capacity, dtype=torch.int64, device=device)
         self.queues = [_StampQueue(self) for _ in range(_LFU_BUCKETS if self.policy is CachePolicy.LFU else 1)]
         self.overflow_scans = 0  # LFU: steps whose victims needed the topk over all slots
@@ -277,7 +294,7 @@ class _LayerCache:
         return (product >> self.sketch_shift) & ((1 << (64 - self.sketch_shift)) - 1)
 
     def _estimate(self, ids: torch.Tensor) -> torch.Tensor:
-        return torch.gather(self.sketch, 1, self._columns(ids)).min(dim=0).values.to(torch.int64)
+        return torch.gather(self.sketch, 1, self._columns(ids)).amin(dim=0).to(torch.int64)  # min(dim) is slow on CPU
 
     def _record(self, ids: torch.Tensor, counts: torch.Tensor) -> None:
         self.sketch.scatter_add_(1, self._columns(ids), counts.to(torch.int32).unsqueeze(0).expand(_SKETCH_DEPTH, -1))
@@ -332,6 +349,7 @@ class _LayerCache:
         ~capacity / step insertions)."""
         self.index.fill_(_EMPTY)
         self.index_used = 0
+        self.index_rebuilds += 1
         occupied = torch.nonzero(self.slot_key >= 0).squeeze(1)
         if len(occupied):
             self._index_insert(self.slot_key.index_select(0, occupied), occupied)
@@ -402,13 +420,15 @@ class _LayerCache:
         if self.policy is CachePolicy.TINYLFU:
             self._record(uniq, counts)
         rows = torch.empty(len(uniq), self.data.shape[1], dtype=self.data.dtype, device=self.device)
-        rows.index_copy_(0, hit_at, self.data.index_select(0, hit_slots))  # before the fill may reuse a victim's slot
+        wide = _wide(rows)
+        # The hits' rows before the fill below may reuse victims' slots.
+        wide.index_copy_(0, hit_at, _wide(self.data).index_select(0, hit_slots))
         admitted = evicted = 0
         filled = hit_slots[:0]
         if len(miss_at):
             miss_ids = uniq.index_select(0, miss_at)
-            fetched = fetch(miss_ids).to(self.device, non_blocking=False).reshape(len(miss_ids), -1)
-            rows.index_copy_(0, miss_at, fetched)
+            fetched = fetch(miss_ids).to(self.device, non_blocking=False).reshape(len(miss_ids), -1).contiguous()
+            wide.index_copy_(0, miss_at, _wide(fetched))
             filled, evicted = self._fill(miss_ids, fetched, counts.index_select(0, miss_at),
                                          last.index_select(0, miss_at), start, len(hit_at))  # fmt: skip
             admitted = len(filled)
@@ -418,7 +438,7 @@ class _LayerCache:
         with stats_lock:  # the layers' workers share one CacheStats
             self._count(stats, layer, n, hit_accesses, distinct_hits, len(miss_at), admitted, evicted, row_bytes)
         metrics.count_cache(layer, stats.tier, hit_accesses, n - hit_accesses, distinct_hits * row_bytes)
-        return rows.index_select(0, inverse)  # [N, width]
+        return wide.index_select(0, inverse).view(self.data.dtype)  # [N, width]
 
     @staticmethod
     def _count(stats: CacheStats, layer: int, n: int, hit_accesses: int, distinct_hits: int, misses: int,
@@ -486,7 +506,7 @@ class _LayerCache:
         if len(slots) == 0:
             return
         new_ids = ids.index_select(0, chosen)
-        self.data.index_copy_(0, slots, rows.index_select(0, chosen))
+        _wide(self.data).index_copy_(0, slots, _wide(rows).index_select(0, chosen))
         self.slot_key.index_copy_(0, slots, new_ids)
         self.stamp.index_copy_(0, slots, last.index_select(0, chosen))
         self.count.index_copy_(0, slots, counts.index_select(0, chosen))
