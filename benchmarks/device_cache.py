@@ -1,14 +1,18 @@
 """The device cache on real traffic: hit rate per policy and size, store rows and bytes per token, step time.
 
     python -m benchmarks.device_cache [--en DIR] [--zh DIR] [--max-tokens 524288] [--work bench-out/device_cache]
-                                      [--out docs/results/cache.md]
+                                      [--out docs/results/cache.md] [--baseline OTHER/report.json]
+    python -m benchmarks.device_cache --render bench-out/device_cache/report.json --out PAGE [--baseline ...]
 
 For each language, `model.traffic` writes the row-id streams of the text's first --max-tokens tokens
 (DeepSeek-V4's tokenizer, the DeepSeek-V4.1-Flash layout); layer 1's stream is cut into steps of
 --batch x --seq tokens and replayed through `client.cache.DeviceCache` on the CPU (one layer: the
 layers of the layout differ only in their hash constants) for every policy and cache size. The store
 behind it is an in-process reader that makes each row's 264 bytes from its id, and its time is left
-out of the step time: the step time is the cache's own lookup, fill and assembly.
+out of the step time: the step time is the cache's own lookup, fill and assembly (the thread's CPU time,
+and the wall time). --baseline puts the step times of another run (say, of another version of
+`client.cache`) beside this run's, and checks that both made the same decisions; --render writes the
+page from a saved report.json without replaying.
 
 Beside each hit rate: `model.cache_sim`'s per-access LRU and OPT (Belady's MIN with bypass) of a cache
 of the same size, and the ceiling, the hit rate of an infinite cache (1 - first touches / accesses).
@@ -147,7 +151,7 @@ def _language(lang: str, text: Path, args: argparse.Namespace) -> dict[str, Any]
             "row_bytes": row_bytes, "step_tokens": args.batch * args.seq, "results": results}  # fmt: skip
 
 
-def _markdown(report: dict[str, Any], command: str) -> str:
+def _markdown(report: dict[str, Any], command: str, rendered: str | None = None) -> str:
     lines = [
         "# The device cache on real traffic",
         "",
@@ -173,7 +177,7 @@ def _markdown(report: dict[str, Any], command: str) -> str:
         "median and 90th percentile of the thread's CPU time (one thread; the machine's cores are shared, and",
         "CPU time leaves out the waits for a core that wall time would count).",
         "",
-        f"Command: `{command}`",
+        f"Command: `{command}`" + (f"; this page: `{rendered}`" if rendered else ""),
         "",
         f"Machine: {report['machine']}; {report['date']}.",
         "",
@@ -262,9 +266,20 @@ def main(argv: list[str] | None = None) -> int:
                      "adds its step times beside this run's and checks that the decisions are the same")  # fmt: skip
     parser.add_argument("--baseline", type=Path, help=baseline_help)
     parser.add_argument("--baseline-label", default="an earlier run", help="what the baseline ran (for the page)")
+    parser.add_argument("--languages", type=lambda t: tuple(t.split(",")), default=tuple(LANGUAGES),
+                        help="which texts to replay (default en,zh)")  # fmt: skip
+    parser.add_argument("--render", type=Path, help="no replay: write the page (--out) from this run's report.json")
     args = parser.parse_args(argv)
+    command = "python -m benchmarks.device_cache " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.render:
+        report = json.loads(args.render.read_text())
+        _add_baseline(report, args)
+        if args.out:
+            args.out.write_text(_markdown(report, report.get("command", "(not recorded)"), command.strip()))
+        return 0
     torch.set_num_threads(1)  # one core, as a prefetch worker has; the machine's cores are shared
     report: dict[str, Any] = {
+        "command": command.strip(),
         "batch": args.batch,
         "seq": args.seq,
         "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, 1 thread, "
@@ -272,16 +287,22 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.date.today().isoformat(),
         "languages": {},
     }
-    for lang in LANGUAGES:
+    unknown = set(args.languages) - set(LANGUAGES)
+    if unknown:
+        parser.error(f"--languages: {sorted(unknown)} not among {sorted(LANGUAGES)}")
+    for lang in args.languages:
         report["languages"][lang] = _language(lang, getattr(args, lang), args)
+    _add_baseline(report, args)
+    (args.work / "report.json").write_text(json.dumps(report, indent=1))
+    if args.out:
+        args.out.write_text(_markdown(report, command.strip()))
+    return 0
+
+
+def _add_baseline(report: dict[str, Any], args: argparse.Namespace) -> None:
     if args.baseline:
         report["baseline"] = json.loads(args.baseline.read_text()) | {"label": args.baseline_label}
         report["baseline"].pop("baseline", None)
-    (args.work / "report.json").write_text(json.dumps(report, indent=1))
-    if args.out:
-        command = "python -m benchmarks.device_cache " + " ".join(argv if argv is not None else sys.argv[1:])
-        args.out.write_text(_markdown(report, command.strip()))
-    return 0
 
 
 if __name__ == "__main__":
