@@ -227,6 +227,8 @@ def _cost_section(report: dict[str, Any]) -> list[str]:
     ]
     for lang, data in report["languages"].items():
         before = {(r["fraction"], r["policy"]): r for r in base["languages"].get(lang, {}).get("results", [])}
+        if not before:
+            continue
         lines += [
             f"### {LANGUAGES[lang]}",
             "",
@@ -240,7 +242,7 @@ def _cost_section(report: dict[str, Any]) -> list[str]:
                 continue
             same = "yes" if all(b[k] == r[k] for k in _SAME) else "**no**"
             lines.append(
-                f"| {r['fraction']:.2%} | {r['rows']:,} | {r['policy']} "
+                f"| {r['fraction']:.2%}{' (all rows touched)' if r['capped'] else ''} | {r['rows']:,} | {r['policy']} "
                 f"| {b['step_cpu_ms_median']:.1f} / {b['step_cpu_ms_p90']:.1f} "
                 f"| {r['step_cpu_ms_median']:.1f} / {r['step_cpu_ms_p90']:.1f} "
                 f"| {b['step_cpu_ms_median'] / r['step_cpu_ms_median']:.1f}x "
