@@ -28,6 +28,7 @@ import argparse
 import datetime
 import json
 import platform
+import shlex
 import sys
 import tempfile
 import time
@@ -219,7 +220,8 @@ def _cost_section(report: dict[str, Any]) -> list[str]:
     lines = [
         "## Step cost against the baseline",
         "",
-        f"Baseline: {base['label']} (machine: {base['machine']}; {base['date']}).",
+        f"Baseline: {base['label']} (machine: {base['machine']}; {base['date']}; command: "
+        f"`{base.get('command', 'not recorded')}`).",
         f"The cache's lookup, fill and assembly per {report['batch'] * report['seq']:,}-token step of one layer:",
         "CPU time (median / p90 over the run's steps) and wall time (median). 'Same decisions': both runs hit,",
         "fetched, admitted, evicted and rejected exactly as many rows.",
@@ -272,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="which texts to replay (default en,zh)")  # fmt: skip
     parser.add_argument("--render", type=Path, help="no replay: write the page (--out) from this run's report.json")
     args = parser.parse_args(argv)
-    command = "python -m benchmarks.device_cache " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m benchmarks.device_cache " + shlex.join(argv if argv is not None else sys.argv[1:])
     if args.render:
         report = json.loads(args.render.read_text())
         _add_baseline(report, args)
