@@ -5,10 +5,11 @@ the cache then assembles the step's rows on its device (CUDA memory when the mod
 host memory otherwise). Rows are held in the table's STORED dtype (the bytes that travel), so a
 quantized table is decoded after the cache, where the prefetcher decodes it today.
 
-Frozen tables only: every row a training step reads is pushed right after, so a cache without
-coherence would serve stale rows. A trainable table is refused unless the process says it only
-generates from a table nobody trains (`CacheConfig.generation_only`); coherence under training is
-not supported yet.
+Frozen tables cache freely. A trainable table is kept coherent: every row a training step reads is
+pushed right after, so the cache follows the daemon's pushes (client.coherence, `WatchRows`) and
+serves no row more than `CacheConfig.cache_max_lag` versions behind the newest version the client
+knows of (docs/cache.md says exactly what that covers). That needs a MemstoreClient as the reader;
+`CacheConfig.generation_only` skips it for a process that only generates from a table nobody trains.
 
 Batch semantics (what the tests' brute force follows): a step is one lookup of a layer's ids.
 
@@ -41,6 +42,7 @@ LFU scans every slot only when no resident read fewer than 16 times is left to e
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -54,6 +56,7 @@ from client import metrics
 from memstore.errors import InvalidArgumentError
 
 if TYPE_CHECKING:
+    from client.coherence import CoherentRows
     from client.protocol import RowReader
     from memstore.tabledir.manifest import Manifest
 
@@ -89,6 +92,12 @@ class CacheConfig:
     hot_rows: Mapping[int, Any] | None = None  # STATIC: layer id -> row ids to keep
     sketch_width_factor: int = 4  # TINYLFU: sketch columns per cached row (rounded up to a power of two)
     sketch_reset: int = 10  # TINYLFU: counters halve after this many x capacity additions
+    # Trainable tables: a step is served from the cache only when its rows are at most this many
+    # versions (pushes) behind the newest version the client knows of (0: none behind).
+    cache_max_lag: int = 0
+    coherence_wait_s: float = 5.0  # how long a step waits for that before it is served from the store
+    coherence_heartbeat_s: float = 0.5  # the row watch's heartbeat when no push lands
+    coherence_silence_s: float = 10.0  # a row watch silent this long is presumed dead and reopened
 
     def __post_init__(self) -> None:
         if self.max_rows is None and self.max_bytes is None:
@@ -103,6 +112,17 @@ class CacheConfig:
             raise InvalidArgumentError("CacheConfig.hot_rows goes with CachePolicy.STATIC, and STATIC needs it")
         if self.sketch_width_factor < 1 or self.sketch_reset < 1:
             raise InvalidArgumentError("CacheConfig.sketch_width_factor and sketch_reset must be at least 1")
+        if self.cache_max_lag < 0:
+            raise InvalidArgumentError(
+                f"CacheConfig.cache_max_lag must be 0 or more versions; got {self.cache_max_lag}"
+            )
+        if not self.coherence_wait_s >= 0:
+            raise InvalidArgumentError(f"CacheConfig.coherence_wait_s must be 0 or more; got {self.coherence_wait_s}")
+        if not 0 < self.coherence_heartbeat_s < self.coherence_silence_s:
+            raise InvalidArgumentError(
+                "CacheConfig needs 0 < coherence_heartbeat_s < coherence_silence_s; got "
+                f"{self.coherence_heartbeat_s} and {self.coherence_silence_s}"
+            )
 
     def capacity(self, row_bytes: int) -> int:
         """Rows per layer under both bounds."""
@@ -131,6 +151,14 @@ class CacheStats:
     admitted: int = 0
     evicted: int = 0
     rejected: int = 0  # missed rows the policy did not admit
+    # Coherence under training (client.coherence); all zero for a frozen table.
+    coherent: bool = False  # whether the cache follows the table's pushes
+    rows_refreshed: int = 0  # resident rows overwritten with a push's after-image
+    coherence_bytes: int = 0  # bytes of ids and rows the row watch received
+    coherence_waits: int = 0  # steps that waited for the watch to catch up
+    coherence_wait_s: float = 0.0  # their waiting time
+    served_from_store: int = 0  # steps served from the store because the watch stayed too far behind (not in hits)
+    resyncs: int = 0  # times the cache dropped every row (the daemon no longer held the pushes it missed)
     hits_per_layer: dict[int, int] = field(default_factory=dict)
     accesses_per_layer: dict[int, int] = field(default_factory=dict)
 
@@ -147,21 +175,34 @@ class CacheStats:
             f"{self.rows_fetched:,} rows ({self.bytes_fetched:,} B) fetched, {self.rows_saved:,} rows "
             f"({self.bytes_saved:,} B) saved; {self.admitted:,} admitted, {self.evicted:,} evicted, "
             f"{self.rejected:,} rejected"
+            + (
+                f"; coherent: {self.rows_refreshed:,} rows refreshed ({self.coherence_bytes:,} B received), "
+                f"{self.coherence_waits:,} waits ({self.coherence_wait_s:.3f}s), {self.served_from_store:,} steps "
+                f"served from the store, {self.resyncs:,} resyncs"
+                if self.coherent
+                else ""
+            )
         )
 
 
-def check_cacheable(reader: Any, manifest: Manifest, config: CacheConfig) -> None:
-    """InvalidArgumentError unless the table is frozen, or the config says this process only generates."""
-    trainable = getattr(reader, "trainable", None)
-    if not isinstance(trainable, bool):  # an in-process reader: trainable when the table has an optimizer
-        trainable = manifest.optimizer is not None
-    if trainable and not config.generation_only:
+def check_cacheable(reader: Any, manifest: Manifest, config: CacheConfig) -> bool:
+    """Whether the cache must follow the table's pushes (a trainable table or a replica, not `generation_only`);
+    InvalidArgumentError when it must and `reader` cannot (only a MemstoreClient watches a daemon's rows)."""
+    changes = getattr(reader, "mutable", None)  # a MemstoreClient: trainable, or a replica of a trained table
+    if not isinstance(changes, bool):
+        changes = getattr(reader, "trainable", None)
+    if not isinstance(changes, bool):  # an in-process reader: trainable when the table has an optimizer
+        changes = manifest.optimizer is not None
+    if not changes or config.generation_only:
+        return False
+    if not callable(getattr(reader, "watch_rows", None)):
         raise InvalidArgumentError(
-            "the table is trainable, and coherence of the device cache under training is not supported yet: "
-            "a cached row would go stale at the next push. Serve the table read-only (or without an optimizer) "
-            "to cache it, or set CacheConfig(generation_only=True) if this process only generates from a table "
-            "nobody trains"
+            f"the table is trainable, and a device cache over a {type(reader).__name__} cannot follow its pushes "
+            "(coherence watches one daemon through a MemstoreClient): a cached row would go stale at the next "
+            "push. Read through a MemstoreClient, serve the table read-only (or without an optimizer), or set "
+            "CacheConfig(generation_only=True) if this process only generates from a table nobody trains"
         )
+    return True
 
 
 def _wide(rows: torch.Tensor) -> torch.Tensor:
@@ -518,7 +559,10 @@ class _LayerCache:
 
 
 class DeviceCache:
-    """Per-layer row caches on one device, for a table's stored rows (`manifest` gives width and dtype)."""
+    """Per-layer row caches on one device, for a table's stored rows (`manifest` gives width and dtype).
+
+    `follow(client)` keeps them coherent with a trainable table (client.coherence); `close()` stops that.
+    """
 
     def __init__(self, manifest: Manifest, config: CacheConfig, device: torch.device | str = "cpu") -> None:
         self.config = config
@@ -528,27 +572,47 @@ class DeviceCache:
         self.row_bytes = manifest.dtype.row_bytes(manifest.layout.dim)
         self.stats = CacheStats()
         self._stats_lock = threading.Lock()
-        capacity = config.capacity(self.row_bytes)
-        hot = dict(config.hot_rows or {})
-        unknown = set(hot) - set(manifest.layout.layer_ids)
+        self._capacity = config.capacity(self.row_bytes)
+        self._hot = dict(config.hot_rows or {})
+        unknown = set(self._hot) - set(manifest.layout.layer_ids)
         if unknown:
             raise InvalidArgumentError(f"CacheConfig.hot_rows names layers {sorted(unknown)} the table does not have")
-        self.layers = {
-            layer: _LayerCache(
-                capacity,
-                self.width,
-                manifest.dtype.torch,
-                self.device,
-                config,
-                None if config.policy is not CachePolicy.STATIC else hot.get(layer, np.empty(0, dtype=np.int64)),
-            )
-            for layer in manifest.layout.layer_ids
-        }
+        self.layers = {layer: self._new_layer(layer) for layer in manifest.layout.layer_ids}
+        # Coherence (client.coherence): a lock per layer taken around every lookup, change and reset (the
+        # layer's cache object is replaced on a reset), and each slot's version: the table version its row
+        # was fetched at or last changed to (-1: never).
+        self._locks = {layer: threading.Lock() for layer in self.layers}
+        self.slot_version = {layer: self._new_versions(layer) for layer in self.layers}
+        self.coherence: CoherentRows | None = None
+        # The CUDA stream the lookups run on (a Prefetcher's copy stream; None: the thread's current one):
+        # changes are written on it too, so a queued fill never lands after a newer change of its slot.
+        self.stream: torch.cuda.Stream | None = None
 
-    def lookup(self, layer_id: int, row_ids: Any, fetch: Callable[[np.ndarray], torch.Tensor]) -> torch.Tensor:
+    def _on_stream(self) -> contextlib.AbstractContextManager:
+        if self.stream is None:
+            return contextlib.nullcontext()
+        return _both(torch.cuda.device(self.device), torch.cuda.stream(self.stream))
+
+    def _new_layer(self, layer: int) -> _LayerCache:
+        hot = None if self.config.policy is not CachePolicy.STATIC else self._hot.get(layer, np.empty(0, np.int64))
+        return _LayerCache(self._capacity, self.width, self.storage.torch, self.device, self.config, hot)
+
+    def _new_versions(self, layer: int) -> torch.Tensor:
+        return torch.full((self.layers[layer].data.shape[0],), -1, dtype=torch.int64, device=self.device)
+
+    def follow(self, client: Any, timeout: float | None = None) -> None:
+        """Keep the cached rows coherent with the pushes of the table `client` (a MemstoreClient) reads."""
+        from client.coherence import CoherentRows  # the coherence module builds on this one
+
+        if self.coherence is None:
+            self.stats.coherent = True
+            self.coherence = CoherentRows(client, self, self.config, timeout)
+
+    def lookup(self, layer_id: int, row_ids: Any, fetch: Callable[[np.ndarray], Any]) -> torch.Tensor:
         """Rows [*row_ids.shape, width] of one layer on the cache's device, in the stored dtype.
 
-        `fetch(ids)` reads distinct missed ids (int64 numpy, ascending) from the store: rows [len(ids), width].
+        `fetch(ids)` reads distinct missed ids (int64 numpy, ascending) from the store: rows [len(ids), width],
+        or (rows, the table version they show) when the cache is coherent (MemstoreClient's `return_version`).
         """
         cache = self.layers.get(layer_id)
         if cache is None:
@@ -556,30 +620,120 @@ class DeviceCache:
         ids = torch.as_tensor(np.asarray(row_ids, dtype=np.int64) if not isinstance(row_ids, torch.Tensor) else row_ids)
         shape = tuple(ids.shape)
         flat = ids.to(self.device, torch.int64).reshape(-1)
-        with cache.lock:
-            rows = cache.step(
-                flat, lambda miss: fetch(miss.cpu().numpy()), self.stats, self._stats_lock, layer_id, self.row_bytes
-            )
+        if self.coherence is not None and not self.coherence.ready():  # too far behind: the store serves the step
+            uniq, inverse = torch.unique(flat, return_inverse=True)
+            rows, _ = _rows_and_version(fetch(uniq.cpu().numpy()))
+            return rows.to(self.device).reshape(len(uniq), -1)[inverse].view(*shape, self.width)
+        fetched: list[tuple[torch.Tensor, int]] = []
+
+        def fetch_missed(miss: torch.Tensor) -> torch.Tensor:
+            rows, version = _rows_and_version(fetch(miss.cpu().numpy()))
+            fetched.append((miss, version))
+            return rows
+
+        with self._locks[layer_id]:
+            cache = self.layers[layer_id]  # a reset may have replaced it
+            with cache.lock:
+                rows = cache.step(flat, fetch_missed, self.stats, self._stats_lock, layer_id, self.row_bytes)
+            for miss, version in fetched:  # the rows admitted in this step show `version`
+                slots = cache.find(miss)
+                self.slot_version[layer_id][slots[slots >= 0]] = version
         return rows.view(*shape, self.width)
+
+    def apply_change(self, layer_id: int, version: int, ids: np.ndarray, rows: np.ndarray) -> int:
+        """Write a push's rows (ids [N], stored rows [N, width]) into the slots holding them, where the
+        slot's row is older than `version`; returns the rows written."""
+        with self._locks[layer_id], self._on_stream():
+            cache = self.layers[layer_id]
+            slots = cache.find(
+                torch.from_numpy(np.array(ids, dtype=np.int64)).to(self.device)
+            )  # a copy: ids are read-only
+            versions = self.slot_version[layer_id]
+            resident = torch.nonzero(slots >= 0).squeeze(1)
+            resident = resident[versions[slots[resident]] < version]
+            if len(resident) == 0:
+                return 0
+            take = resident.cpu().numpy()
+            values = self.storage.to_torch(np.ascontiguousarray(rows[take])).to(self.device)
+            target = slots[resident]
+            cache.data[target] = values
+            versions[target] = version
+            return len(take)
+
+    def invalidate(self) -> None:
+        """Drop every cached row (all layers at once: no lookup runs meanwhile)."""
+        for lock in self._locks.values():
+            lock.acquire()
+        try:
+            if self.stream is not None:  # queued work of the lookups still uses the old tensors
+                self.stream.synchronize()
+            for layer in self.layers:
+                self.layers[layer] = self._new_layer(layer)
+                self.slot_version[layer] = self._new_versions(layer)
+        finally:
+            for lock in self._locks.values():
+                lock.release()
+
+    def count_coherence(self, *, rows_refreshed: int = 0, bytes_received: int = 0, waits: int = 0,
+                        wait_s: float = 0.0, served_from_store: int = 0, resyncs: int = 0) -> None:  # fmt: skip
+        """Add to the coherence counters (stats and, when enabled, the client's metrics)."""
+        with self._stats_lock:
+            stats = self.stats
+            stats.rows_refreshed += rows_refreshed
+            stats.coherence_bytes += bytes_received
+            stats.coherence_waits += waits
+            stats.coherence_wait_s += wait_s
+            stats.served_from_store += served_from_store
+            stats.resyncs += resyncs
+        metrics.count_coherence(rows_refreshed, bytes_received, waits, wait_s, served_from_store, resyncs)
 
     def memory_bytes(self) -> int:
         """Device memory the cached rows take, over all layers (their capacity, allocated up front)."""
         return sum(c.data.numel() * c.data.element_size() for c in self.layers.values())
+
+    def close(self) -> None:
+        """Stop following the table's pushes (idempotent); the cached rows stay readable."""
+        if self.coherence is not None:
+            self.coherence.close()
+
+
+def open_cache(reader: Any, manifest: Manifest, config: CacheConfig, device: torch.device | str = "cpu",
+               timeout: float | None = None) -> DeviceCache:  # fmt: skip
+    """A DeviceCache for the table `reader` serves, following its pushes when it is trainable
+    (`check_cacheable` says when, and refuses a reader that cannot)."""
+    coherent = check_cacheable(reader, manifest, config)
+    cache = DeviceCache(manifest, config, device)
+    if coherent:
+        cache.follow(reader, timeout)
+    return cache
+
+
+@contextlib.contextmanager
+def _both(first: Any, second: Any) -> Any:
+    with first, second:
+        yield
+
+
+def _rows_and_version(fetched: Any) -> tuple[torch.Tensor, int]:
+    """A fetch's (rows, version); a reader without versions (a frozen table's) reports -1."""
+    if isinstance(fetched, tuple):
+        return fetched[0], int(fetched[1])
+    return fetched, -1
 
 
 class CachedReader:
     """A `RowReader` with a device cache in front: lookups fetch only the distinct ids the cache misses.
 
     Rows come back on the CPU as `RowReader.lookup` promises (in `out` when given); a `Prefetcher` with
-    `PrefetchConfig(cache=...)` keeps them on its device instead.
+    `PrefetchConfig(cache=...)` keeps them on its device instead. Over a trainable table's MemstoreClient
+    the cache follows the pushes (client.coherence): `close()` stops that.
     """
 
     def __init__(self, reader: RowReader, config: CacheConfig, device: torch.device | str = "cpu",
                  timeout: float | None = None) -> None:  # fmt: skip
         self.reader = reader
         manifest = reader.describe(timeout)
-        check_cacheable(reader, manifest, config)
-        self.cache = DeviceCache(manifest, config, device)
+        self.cache = open_cache(reader, manifest, config, device, timeout)
         self._manifest = manifest
 
     @property
@@ -595,11 +749,24 @@ class CachedReader:
         self, layer_id: int, row_ids: Any, *, timeout: float | None = None, out: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Rows [*row_ids.shape, width] in the stored dtype on the CPU, hits from the cache."""
+        versioned = self.cache.coherence is not None
 
-        def fetch(miss: np.ndarray) -> torch.Tensor:
+        def fetch(miss: np.ndarray) -> Any:
+            if versioned:
+                return self.reader.lookup(layer_id, miss, timeout=timeout, return_version=True)  # type: ignore[call-arg]
             return self.reader.lookup(layer_id, miss, timeout=timeout)
 
         rows = self.cache.lookup(layer_id, row_ids, fetch)
         if out is not None:
             return out.view(rows.shape).copy_(rows)
         return rows.cpu() if rows.device.type != "cpu" else rows
+
+    def close(self) -> None:
+        """Stop following the table's pushes (idempotent)."""
+        self.cache.close()
+
+    def __enter__(self) -> CachedReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

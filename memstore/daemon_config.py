@@ -47,6 +47,9 @@ class ServerConfig:
     snapshot_dir: Path | None = None
     # Follow streams served at once; each holds a worker thread of its own (added to max_workers).
     max_followers: int = 4
+    # WatchRows streams served at once (clients' device caches kept coherent while training); each
+    # holds a worker thread of its own, like a follower.
+    max_row_watchers: int = 16
     # Snapshots kept in snapshot_dir (those being written included); more are refused.
     max_snapshots: int = DEFAULT_MAX_SNAPSHOTS
     # Seconds between a Follow stream's heartbeats when the follower does not ask for a period.
@@ -97,6 +100,8 @@ class ServerConfig:
             raise InvalidArgumentError(
                 f"ServerConfig.max_calls_per_peer must be 0 or more; got {self.max_calls_per_peer}"
             )
+        if self.max_row_watchers < 0:
+            raise InvalidArgumentError(f"ServerConfig.max_row_watchers must be 0 or more; got {self.max_row_watchers}")
         if self.max_followers < 0:
             raise InvalidArgumentError(f"ServerConfig.max_followers must be 0 or more; got {self.max_followers}")
         if not MIN_HEARTBEAT_S <= self.follow_heartbeat_s <= MAX_HEARTBEAT_S:
@@ -120,7 +125,10 @@ class ServerConfig:
             # no call for this long too; streams per connection are bounded by what the daemon admits.
             ("grpc.server_handshake_timeout_ms", 10_000),
             ("grpc.max_connection_idle_ms", 10 * 60_000),
-            ("grpc.max_concurrent_streams", self.max_concurrent_calls + self.max_followers + self.max_watch_streams),
+            (
+                "grpc.max_concurrent_streams",
+                self.max_concurrent_calls + self.max_followers + self.max_row_watchers + self.max_watch_streams,
+            ),
         ]
 
 

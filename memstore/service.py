@@ -58,6 +58,7 @@ from memstore.limits import InFlightBudget, lookup_cost, push_cost
 from memstore.live import LiveTable
 from memstore.metrics import DaemonMetrics
 from memstore.replica import Follower, check_follower_manifest
+from memstore.rowwatch import RowWatchSlots, check_watch_layers, rows_after
 from memstore.same_host import advertise
 from memstore.snapshots import SnapshotSlots, check_snapshot_name
 from memstore.table import Table
@@ -114,6 +115,7 @@ class MemstoreServicer(pb_grpc.MemstoreServicer):
         self._metrics = metrics
         self._replica = replica
         self.followers = FollowerSlots(config.max_followers)
+        self.row_watchers = RowWatchSlots(config.max_row_watchers)
         self.budget = InFlightBudget(config.max_in_flight_bytes)
         manifest = live.manifest
         self._row_bytes = manifest.dtype.row_bytes(manifest.layout.dim)
@@ -133,7 +135,8 @@ class MemstoreServicer(pb_grpc.MemstoreServicer):
                 max_in_flight_bytes=config.max_in_flight_bytes,
             ),
             server_version=__version__,
-            same_host=advertise(live.table, live.seqlock) if config.same_host else None,  # None: not offered
+            # None: not offered
+            same_host=advertise(live.table, live.seqlock, live.row_cache) if config.same_host else None,
             trainable=live.accepts_pushes,
         )
 
@@ -268,6 +271,34 @@ class MemstoreServicer(pb_grpc.MemstoreServicer):
                     version = records[-1].version
             log.info("follower %r left at version %d", follower, version)
 
+    def WatchRows(self, request: pb.WatchRowsRequest, context: grpc.ServicerContext) -> Iterator[pb.WatchRowsResponse]:
+        with self._call("WatchRows", context):
+            layers = check_watch_layers(self._live.manifest, request.layer_ids)
+            heartbeat_s = request.heartbeat_s or self._config.follow_heartbeat_s
+            if not MIN_HEARTBEAT_S <= heartbeat_s <= MAX_HEARTBEAT_S:
+                raise InvalidArgumentError(
+                    f"heartbeat_s must be in [{MIN_HEARTBEAT_S}, {MAX_HEARTBEAT_S}] seconds; got {heartbeat_s}"
+                )
+            self.row_watchers.acquire(context.peer())
+            if not context.add_callback(self.row_watchers.release):  # released however the stream ends
+                self.row_watchers.release()
+                return
+            version = request.from_version
+            while context.is_active():
+                batch = rows_after(
+                    self._live, version, layers, self._config.follow_batch_bytes, heartbeat_s, context.is_active
+                )
+                response = pb.WatchRowsResponse(through_version=batch.through, table_version=self._live.version)
+                for change in batch.changes:
+                    response.changes.add(
+                        version=change.version,
+                        layer_id=change.layer_id,
+                        row_ids=change.ids.astype("<i8", copy=False).tobytes(),
+                        rows=change.rows.tobytes(),
+                    )
+                yield response
+                version = batch.through
+
     @contextlib.contextmanager
     def _call(self, method: str, context: grpc.ServicerContext) -> Iterator[None]:
         """Count and time one call, and turn what it raises into its status code."""
@@ -315,7 +346,7 @@ def create_server(
     # Every admitted call gets a thread at once (one waiting for its request or for a slow reader
     # holds no more than that: the work itself runs in max_workers slots, memstore.guard), Follow
     # streams hold theirs for their whole life, and a few more serve health checks and refusals.
-    admitted = config.max_concurrent_calls + config.max_followers
+    admitted = config.max_concurrent_calls + config.max_followers + config.max_row_watchers
     pool = futures.ThreadPoolExecutor(max_workers=admitted + _SPARE_THREADS)
     check = (
         None
@@ -328,7 +359,8 @@ def create_server(
             max_workers=config.max_workers,
             max_calls=config.max_concurrent_calls,
             # Follow streams past max_followers get the servicer's own refusal; these stop a flood.
-            max_untimed=config.max_followers + _SPARE_THREADS,
+            max_untimed=config.max_followers + config.max_row_watchers + _SPARE_THREADS,
+            untimed_methods=frozenset({"Follow", "WatchRows"}),
             request_timeout_s=config.request_timeout_s,
             send_timeout_s=config.send_timeout_s,
             max_calls_per_peer=config.max_calls_per_peer,

@@ -211,23 +211,24 @@ def _trainable_manifest() -> Manifest:
     return Manifest(layout=SMALL_LAYOUT, dtype=DType.FLOAT32, seed=0, optimizer=OptimizerConfig(kind=OptimizerKind.SGD))
 
 
-def test_a_trainable_table_is_refused_unless_the_process_only_generates(tmp_path: Path, daemon_factory) -> None:
+def test_a_trainable_table_is_followed_unless_the_process_only_generates(tmp_path: Path, daemon_factory) -> None:
     path = make_table(tmp_path / "trained", DType.FLOAT32, optimizer=OptimizerConfig(kind=OptimizerKind.SGD))
     live = LiveTable.open(path, config=LiveConfig())
     try:
         with MemstoreClient(daemon_factory(live).address, FAST_FAIL) as client:
             assert client.trainable
-            with pytest.raises(InvalidArgumentError, match="coherence .* not supported yet"):
-                CachedReader(client, CacheConfig())
-            with pytest.raises(InvalidArgumentError, match="coherence .* not supported yet"):
-                Prefetcher(client, lambda x: x, LAYERS, PrefetchConfig(cache=CacheConfig()))
+            with CachedReader(client, CacheConfig()) as followed:  # coherent: tests/test_coherence.py
+                assert followed.stats.coherent and followed.cache.coherence is not None
+            with Prefetcher(client, lambda x: x, LAYERS, PrefetchConfig(cache=CacheConfig())) as prefetcher:
+                assert prefetcher.cache is not None and prefetcher.cache.coherence is not None
             # The row a push changed would be served stale from the cache: the opt-in takes that on.
             cached = CachedReader(client, CacheConfig(generation_only=True))
+            assert cached.cache.coherence is None
             np.testing.assert_array_equal(cached.lookup(1, [5, 6]).numpy(), client.lookup(1, [5, 6]).numpy())
     finally:
         live.close()
     with Table.open(path) as table, pytest.raises(InvalidArgumentError, match="generation_only"):
-        CachedReader(TableFetcher(table), CacheConfig())  # in process: an optimizer means trainable
+        CachedReader(TableFetcher(table), CacheConfig())  # in process: an optimizer means trainable, not followed
 
 
 @pytest.mark.parametrize("dtype", [DType.FLOAT16, DType.FLOAT8_E4M3_ROWSCALE], ids=lambda d: d.value)

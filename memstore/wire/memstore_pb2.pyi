@@ -82,16 +82,28 @@ class Replication(_message.Message):
     def __init__(self, role: _Optional[_Union[ReplicationRole, str]] = ..., primary_address: _Optional[str] = ..., applied_version: _Optional[int] = ..., primary_version: _Optional[int] = ..., lag_versions: _Optional[int] = ..., seconds_since_contact: _Optional[float] = ..., followers: _Optional[int] = ..., serving: _Optional[bool] = ..., problem: _Optional[str] = ...) -> None: ...
 
 class SameHostAccess(_message.Message):
-    __slots__ = ("host_id", "table_dir", "files", "seqlock_path")
+    __slots__ = ("host_id", "table_dir", "files", "seqlock_path", "row_cache")
     HOST_ID_FIELD_NUMBER: _ClassVar[int]
     TABLE_DIR_FIELD_NUMBER: _ClassVar[int]
     FILES_FIELD_NUMBER: _ClassVar[int]
     SEQLOCK_PATH_FIELD_NUMBER: _ClassVar[int]
+    ROW_CACHE_FIELD_NUMBER: _ClassVar[int]
     host_id: str
     table_dir: str
     files: _containers.RepeatedCompositeFieldContainer[LayerFile]
     seqlock_path: str
-    def __init__(self, host_id: _Optional[str] = ..., table_dir: _Optional[str] = ..., files: _Optional[_Iterable[_Union[LayerFile, _Mapping]]] = ..., seqlock_path: _Optional[str] = ...) -> None: ...
+    row_cache: RowCacheFile
+    def __init__(self, host_id: _Optional[str] = ..., table_dir: _Optional[str] = ..., files: _Optional[_Iterable[_Union[LayerFile, _Mapping]]] = ..., seqlock_path: _Optional[str] = ..., row_cache: _Optional[_Union[RowCacheFile, _Mapping]] = ...) -> None: ...
+
+class RowCacheFile(_message.Message):
+    __slots__ = ("path", "device", "inode")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    INODE_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    device: int
+    inode: int
+    def __init__(self, path: _Optional[str] = ..., device: _Optional[int] = ..., inode: _Optional[int] = ...) -> None: ...
 
 class LayerFile(_message.Message):
     __slots__ = ("layer_id", "path", "device", "inode")
@@ -210,6 +222,38 @@ class ReplicatedRecord(_message.Message):
     version: int
     payload: bytes
     def __init__(self, version: _Optional[int] = ..., payload: _Optional[bytes] = ...) -> None: ...
+
+class WatchRowsRequest(_message.Message):
+    __slots__ = ("from_version", "layer_ids", "heartbeat_s")
+    FROM_VERSION_FIELD_NUMBER: _ClassVar[int]
+    LAYER_IDS_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_S_FIELD_NUMBER: _ClassVar[int]
+    from_version: int
+    layer_ids: _containers.RepeatedScalarFieldContainer[int]
+    heartbeat_s: float
+    def __init__(self, from_version: _Optional[int] = ..., layer_ids: _Optional[_Iterable[int]] = ..., heartbeat_s: _Optional[float] = ...) -> None: ...
+
+class WatchRowsResponse(_message.Message):
+    __slots__ = ("changes", "through_version", "table_version")
+    CHANGES_FIELD_NUMBER: _ClassVar[int]
+    THROUGH_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TABLE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    changes: _containers.RepeatedCompositeFieldContainer[RowChange]
+    through_version: int
+    table_version: int
+    def __init__(self, changes: _Optional[_Iterable[_Union[RowChange, _Mapping]]] = ..., through_version: _Optional[int] = ..., table_version: _Optional[int] = ...) -> None: ...
+
+class RowChange(_message.Message):
+    __slots__ = ("version", "layer_id", "row_ids", "rows")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    LAYER_ID_FIELD_NUMBER: _ClassVar[int]
+    ROW_IDS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    layer_id: int
+    row_ids: bytes
+    rows: bytes
+    def __init__(self, version: _Optional[int] = ..., layer_id: _Optional[int] = ..., row_ids: _Optional[bytes] = ..., rows: _Optional[bytes] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ()
