@@ -257,8 +257,8 @@ def _cost_section(report: dict[str, Any]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     """Run the replay for each language and write the results page."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.device_cache", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--en", type=Path, default=Path("/work/text/en"), help="English text (file or directory)")
-    parser.add_argument("--zh", type=Path, default=Path("/work/text/zh"), help="Chinese text (file or directory)")
+    parser.add_argument("--en", type=Path, default=Path("data/text/en"), help="English text (file or directory)")
+    parser.add_argument("--zh", type=Path, default=Path("data/text/zh"), help="Chinese text (file or directory)")
     parser.add_argument("--max-tokens", type=int, default=1 << 19, help="tokens of each text (default 524288)")
     parser.add_argument("--batch", type=int, default=8, help="sequences per step (default 8)")
     parser.add_argument("--seq", type=int, default=512, help="tokens per sequence (default 512)")
