@@ -167,8 +167,12 @@ def _markdown(report: dict[str, Any], command: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Replay the steps generating and training for each cache size; print (and write) the table."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.cache_coherence", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--text", type=Path, default=Path("data/text/en"),
-                        help="text (file or directory; scripts/get_text.sh writes data/text/en)")
+    parser.add_argument(
+        "--text",
+        type=Path,
+        default=Path("data/text/en"),
+        help="text (file or directory; scripts/get_text.sh writes data/text/en)",
+    )
     parser.add_argument("--max-tokens", type=int, default=1 << 16, help="tokens of the text (default 65536)")
     parser.add_argument("--seq", type=int, default=512, help="tokens per step (default 512)")
     parser.add_argument("--rows", type=lambda t: [int(x) for x in t.split(",")], default=[16384, 65536, 262144],
