@@ -139,7 +139,7 @@ def _replay(address: str, steps: list[np.ndarray], rows: int, mode: str) -> dict
 
 def _markdown(report: dict[str, Any], command: str) -> str:
     lines = [
-        "## Training through the device cache (coherence)",
+        "# Training through the device cache (coherence)",
         "",
         f"Command: `{command}`",
         "",
@@ -167,13 +167,18 @@ def _markdown(report: dict[str, Any], command: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Replay the steps generating and training for each cache size; print (and write) the table."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.cache_coherence", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--text", type=Path, default=Path("/work/text/en"), help="text (file or directory)")
+    parser.add_argument(
+        "--text",
+        type=Path,
+        default=Path("data/text/en"),
+        help="text (file or directory; scripts/get_text.sh writes data/text/en)",
+    )
     parser.add_argument("--max-tokens", type=int, default=1 << 16, help="tokens of the text (default 65536)")
     parser.add_argument("--seq", type=int, default=512, help="tokens per step (default 512)")
     parser.add_argument("--rows", type=lambda t: [int(x) for x in t.split(",")], default=[16384, 65536, 262144],
                         help="cache sizes in rows per layer")  # fmt: skip
     parser.add_argument("--work", type=Path, default=Path("bench-out/cache_coherence"), help="stream files go here")
-    parser.add_argument("--out", type=Path, help="append the results section (markdown) to this file")
+    parser.add_argument("--out", type=Path, help="write the results page (markdown) here")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     steps, distinct = _steps(args.text, args.max_tokens, args.seq, args.work / "streams")
@@ -205,8 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     text = _markdown(report, "python -m benchmarks.cache_coherence " + " ".join(sys.argv[1:] if argv is None else argv))
     print(text)
     if args.out:
-        with args.out.open("a") as out:
-            out.write("\n" + text)
+        args.out.write_text(text)
     return 0
 
 

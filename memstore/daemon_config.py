@@ -9,7 +9,8 @@ change. Beside the table, the address, the port file and the drain period, its p
 - `LiveConfig` (memstore.live): durability, checkpoints, the feed kept for followers, row checksums,
   synchronous replication (`LiveConfig.sync`, memstore.sync);
 - `FollowConfig` (memstore.replica): the replica's side, with `DaemonConfig.primary`;
-- `ObservabilityConfig`: the metrics endpoint and the traffic log line.
+- `ObservabilityConfig`: the metrics endpoint and the traffic log line;
+- `MembershipConfig` (memstore.membership): registration in etcd, for discovery.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 from memstore.auth import TlsConfig
 from memstore.errors import InvalidArgumentError
 from memstore.live import LiveConfig
+from memstore.membership import MembershipConfig
 from memstore.replica import FollowConfig
 from memstore.snapshots import DEFAULT_MAX_SNAPSHOTS
 
@@ -175,6 +177,8 @@ class DaemonConfig:
     observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)
     # Let the file's group read what the daemon writes (snapshots, logs): 0750/0640 instead of 0700/0600.
     group_readable: bool = False
+    # Register in etcd as a member of a cluster (None: no etcd, the single-daemon default).
+    membership: MembershipConfig | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "table", Path(self.table))

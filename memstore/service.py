@@ -60,6 +60,8 @@ from memstore.errors import (
 from memstore.guard import REQUEST_BYTES, CallGuard, GuardConfig, idle_work_slot
 from memstore.limits import InFlightBudget, lookup_cost, push_cost
 from memstore.live import LiveTable
+from memstore.member_state import daemon_state
+from memstore.membership import Registration, advertised_address
 from memstore.metrics import DaemonMetrics
 from memstore.replica import Follower, check_follower_manifest
 from memstore.rowwatch import RowWatchSlots, check_watch_layers, rows_after
@@ -515,6 +517,7 @@ def _serve(config: DaemonConfig) -> int:
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     table: LiveTable | None = None
     replica: Follower | None = None
+    registration: Registration | None = None
     health_servicer = health.HealthServicer()
     metrics = DaemonMetrics()
     host = address.rsplit(":", 1)[0]
@@ -534,6 +537,9 @@ def _serve(config: DaemonConfig) -> int:
         if replica is not None:
             replica.start()
         _log_serving(table, config.table, f"{host}:{port}", replica)
+        if config.membership is not None:  # once serving: clients may find it from now on
+            member = advertised_address(config.membership, address, port)
+            registration = Registration(config.membership, daemon_state(table, replica, member)).start()
         if port_file is not None:
             write_port_file(port_file, port)
         last = metrics.counts()
@@ -549,6 +555,9 @@ def _serve(config: DaemonConfig) -> int:
             if replica is not None:
                 _log_replica(replica)
         log.info("stopping: draining in-flight calls (up to %.0fs)", config.grace_s)
+        if registration is not None:  # leave the cluster first: clients stop sending calls here
+            registration.stop()
+            registration = None
         health_servicer.enter_graceful_shutdown()
         if replica is not None:
             replica.stop()  # apply nothing more: the table closes next
@@ -556,6 +565,8 @@ def _serve(config: DaemonConfig) -> int:
         server.stop(config.grace_s).wait()
         log.info("stopped")
     finally:
+        if registration is not None:
+            registration.stop()
         if replica is not None:
             replica.stop()
         if table is not None:

@@ -61,10 +61,12 @@ def _same(a: np.ndarray, b: np.ndarray) -> bool:
 
 @pytest.fixture
 def no_cache_files() -> Iterator[None]:
-    """Every cache file a test creates is gone when its cache closes."""
-    before = set(SHM_DIR.glob("memstore-rowcache-*"))
+    """Every cache file a test creates is gone when its cache closes (this process's files only:
+    daemons of other processes on the machine come and go)."""
+    pattern = f"memstore-rowcache-{os.getpid()}-*"
+    before = set(SHM_DIR.glob(pattern))
     yield
-    assert set(SHM_DIR.glob("memstore-rowcache-*")) <= before
+    assert set(SHM_DIR.glob(pattern)) <= before
 
 
 # --------------------------------------------------------------------------- exact rows
