@@ -4,7 +4,8 @@ The daemon's tokens live in a file, one per line, `read TOKEN`, `write TOKEN` or
 (a line whose first non-blank character is `#` is a comment; nothing may follow a token, so a `#`
 inside a token is part of it). A read token may look rows up, describe, read stats and watch the
 rows pushes change (`WatchRows`: what a device cache needs to stay coherent, rows only); a write
-token may also push and snapshot; a replicate token may read and `Follow`. Follow is a scope of
+token may also push and snapshot; a replicate token may read, `Follow` and report what it holds
+(`ConfirmDurable`, counted by --sync-replicas). Follow is a scope of
 its own, implied by neither: a follower receives every push (row ids, optimizer state, who pushed)
 and holds a --max-followers slot, which a reader or a trainer has no need for. Calls without a
 valid token get UNAUTHENTICATED, a token outside its scope PERMISSION_DENIED; both are counted
@@ -46,7 +47,7 @@ _HEALTH_PREFIX = "/grpc.health.v1.Health/"
 # Methods that change the table or write files on the daemon's host.
 WRITE_METHODS = frozenset({"Push", "Snapshot"})
 # Methods that stream the table's changes to a replica.
-REPLICATE_METHODS = frozenset({"Follow"})
+REPLICATE_METHODS = frozenset({"Follow", "ConfirmDurable"})  # and replicas' durability reports
 # Seconds between two log lines about refused calls (the ones between are counted in the next).
 REFUSAL_LOG_INTERVAL_S = 10.0
 

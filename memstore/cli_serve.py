@@ -21,6 +21,7 @@ from memstore.membership import DEFAULT_TTL_S, MembershipConfig
 from memstore.replica import FollowConfig
 from memstore.rowcache import RowCacheConfig
 from memstore.service import serve
+from memstore.sync import SyncConfig, SyncTimeoutPolicy
 from memstore.tabledir.fsafe import add_group_readable
 from memstore.wal import Durability
 
@@ -76,6 +77,7 @@ def daemon_config(args: argparse.Namespace) -> DaemonConfig:
             accept_data_loss=args.accept_data_loss,
             integrity=IntegrityConfig(enabled=not args.no_integrity, scrub_period_s=args.scrub_period_s),
             row_cache=RowCacheConfig(bytes=args.row_cache_bytes),
+            sync=_sync(args),
         ),
         follow=_follow(args),
         observability=ObservabilityConfig(
@@ -124,6 +126,31 @@ def _follow(args: argparse.Namespace) -> FollowConfig | None:
     primary_tls = None if args.follow_tls_ca is None else ClientTls(args.follow_tls_ca, args.tls_cert, args.tls_key)
     max_lag = FollowConfig().max_lag if args.max_lag is None else args.max_lag
     return FollowConfig(max_lag=max_lag, tls=primary_tls, token=read_token(args.follow_token_file))
+
+
+def _sync(args: argparse.Namespace) -> SyncConfig:
+    """Synchronous replication's flags; InvalidArgumentError for a timeout or policy without --sync-replicas."""
+    if not args.sync_replicas:
+        given = [
+            flag
+            for flag, value in (
+                ("--sync-timeout-s", args.sync_timeout_s),
+                ("--sync-timeout-policy", args.sync_timeout_policy),
+            )
+            if value is not None
+        ]
+        if given:
+            raise InvalidArgumentError(
+                f"{', '.join(given)} configure synchronous replication and need --sync-replicas N (N >= 1); "
+                "without it pushes do not wait for replicas and would ignore them"
+            )
+        return SyncConfig(replicas=args.sync_replicas)
+    defaults = SyncConfig()
+    return SyncConfig(
+        replicas=args.sync_replicas,
+        timeout_s=defaults.timeout_s if args.sync_timeout_s is None else args.sync_timeout_s,
+        policy=defaults.policy if args.sync_timeout_policy is None else args.sync_timeout_policy,
+    )
 
 
 def _add_table(srv: argparse.ArgumentParser, defaults: ServerConfig) -> None:
@@ -251,6 +278,30 @@ def _add_replication(srv: argparse.ArgumentParser, server: ServerConfig, live: L
         "--follow-token-file",
         type=Path,
         help="with --follow: a file holding the token to show the primary (a `replicate TOKEN` of its --token-file)",
+    )
+    sync = SyncConfig()
+    group.add_argument(
+        "--sync-replicas",
+        type=int,
+        default=sync.replicas,
+        metavar="N",
+        help="acknowledge a push only once N replicas hold it durably (applied and logged per their "
+        "--durability); 0, the default: asynchronous, a push is acknowledged once durable here",
+    )
+    group.add_argument(
+        "--sync-timeout-s",
+        type=float,
+        metavar="SECONDS",
+        help=f"with --sync-replicas: how long a push waits for its replicas (default {sync.timeout_s:g}); keep it "
+        "below the clients' push deadline",
+    )
+    group.add_argument(
+        "--sync-timeout-policy",
+        **enum_choice(SyncTimeoutPolicy),
+        default=None,
+        help="with --sync-replicas: when fewer replicas confirm in time, fail (default: the push fails with "
+        "UNAVAILABLE, applied here but not acknowledged; a retry with the same step id is not applied again) or "
+        "degrade (acknowledge it anyway and stop waiting, logged and counted, until the replicas catch up)",
     )
     group.add_argument(
         "--max-followers",

@@ -6,7 +6,8 @@ change. Beside the table, the address, the port file and the drain period, its p
 
 - `ServerConfig`: what a gRPC server of the open table reads (`create_server`): streaming, limits,
   security (TLS, tokens), snapshots, the primary's side of replication;
-- `LiveConfig` (memstore.live): durability, checkpoints, the feed kept for followers, row checksums;
+- `LiveConfig` (memstore.live): durability, checkpoints, the feed kept for followers, row checksums,
+  synchronous replication (`LiveConfig.sync`, memstore.sync);
 - `FollowConfig` (memstore.replica): the replica's side, with `DaemonConfig.primary`;
 - `ObservabilityConfig`: the metrics endpoint and the traffic log line;
 - `MembershipConfig` (memstore.membership): registration in etcd, for discovery.
@@ -195,6 +196,7 @@ class DaemonConfig:
             raise InvalidArgumentError(
                 f"DaemonConfig.follow takes FollowConfig or None, not {type(self.follow).__name__}"
             )
+        self._check_sync()
         # A replica must also be writable and trainable: LiveTable.open says so, knowing the table.
         if self.primary is not None:
             if not self.primary:
@@ -203,6 +205,24 @@ class DaemonConfig:
             raise InvalidArgumentError(
                 "DaemonConfig.follow configures a replica and needs DaemonConfig.primary (--follow PRIMARY); "
                 "without it this daemon is a primary and would ignore it"
+            )
+
+    def _check_sync(self) -> None:
+        """Synchronous replication needs a primary that takes pushes and can stream to enough followers."""
+        replicas = self.live.sync.replicas
+        if not replicas:
+            return
+        if self.primary is not None:
+            raise InvalidArgumentError(
+                "--sync-replicas is for a primary: this daemon follows "
+                f"{self.primary} and takes no pushes; drop --sync-replicas here (give it to the primary)"
+            )
+        if self.read_only:
+            raise InvalidArgumentError("--sync-replicas needs a daemon that takes pushes; drop --read-only or it")
+        if replicas > self.server.max_followers:
+            raise InvalidArgumentError(
+                f"--sync-replicas {replicas} can never be met: this daemon streams to at most --max-followers "
+                f"{self.server.max_followers} replicas; raise --max-followers or lower --sync-replicas"
             )
 
     @property

@@ -14,8 +14,9 @@ so that it runs before any message is read:
 - health Watch streams stay non-blocking (no thread once the request is read) and at most
   `max_watch_streams` are open at once;
 - the servicer's work (gathering, optimizer) runs under `max_workers` slots, taken only once the
-  request is read and given back while a message waits for the client: waiting costs a thread
-  from a pool sized for every admitted call, never a slot of the work.
+  request is read and given back while a message waits for the client (and while a push waits for
+  its replicas, `idle_work_slot`): waiting costs a thread from a pool sized for every admitted
+  call, never a slot of the work.
 """
 
 from __future__ import annotations
@@ -41,6 +42,33 @@ _SIDE_THREADS = 8
 
 # Bytes of the request message being served (as received), for the servicer's in-flight budget.
 REQUEST_BYTES: contextvars.ContextVar[int] = contextvars.ContextVar("memstore_request_bytes", default=0)
+
+
+class _WorkSlot:
+    """The work slot a unary call holds, which `idle_work_slot` may give back for a while."""
+
+    def __init__(self, work: threading.BoundedSemaphore) -> None:
+        self.work = work
+        self.held = True
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.work.release()
+
+
+_WORK_SLOT: contextvars.ContextVar[_WorkSlot | None] = contextvars.ContextVar("memstore_work_slot", default=None)
+
+
+@contextlib.contextmanager
+def idle_work_slot() -> Iterator[None]:
+    """Give the calling unary call's work slot back for the block, for a wait that needs no CPU (a push
+    waiting for its replicas' confirmations would otherwise keep lookups from every slot); the call
+    finishes without one. A no-op outside a call that holds a slot."""
+    slot = _WORK_SLOT.get()
+    if slot is not None:
+        slot.release()
+    yield
 
 
 @dataclass(frozen=True)
@@ -208,10 +236,13 @@ class CallGuard(grpc.ServerInterceptor):
                     return behavior(request, context)
                 if not self._take_work(context):
                     return None
+                held = _WorkSlot(self._work)
+                token = _WORK_SLOT.set(held)
                 try:
                     return behavior(request, context)
                 finally:
-                    self._work.release()
+                    _WORK_SLOT.reset(token)
+                    held.release()
             return self._send(behavior(request, context), context, slot)
 
         if method == _HEALTH_WATCH and getattr(behavior, "experimental_non_blocking", False):

@@ -4,7 +4,9 @@ Push (one layer's gradients for distinct row ids), one at a time under the push 
 1. gather the rows and their optimizer state, run the optimizer (memstore.optim): the after-image;
 2. append the after-image to the write-ahead log (memstore.wal), durable per `Durability`;
 3. apply it to the memory-mapped files inside the sequence lock (odd while writing);
-4. acknowledge with the new table version (the count of pushes applied since creation).
+4. outside the push lock, with synchronous replication (`LiveConfig.sync`, memstore.sync), wait
+   until enough replicas hold it durably;
+5. acknowledge with the new table version (the count of pushes applied since creation).
 A push that fails validation changes nothing. Since a log record holds after-images, replaying
 it is idempotent: recovery (on open) and snapshots simply re-write records in order.
 
@@ -59,6 +61,7 @@ from memstore.rowcache import RowCache, RowCacheConfig
 from memstore.snapshots import copy_table, publishing, replay_onto_copy, stage_snapshot
 from memstore.space import DiskFullError
 from memstore.storage import RowStore
+from memstore.sync import SyncAcks, SyncConfig
 from memstore.table import Table, read_manifest
 from memstore.tabledir.checkpoint import Checkpoint, PushResult
 from memstore.tabledir.lock import lock_reader, lock_writer
@@ -88,6 +91,8 @@ class LiveConfig:
     integrity: IntegrityConfig = field(default_factory=IntegrityConfig)
     # A DRAM cache of rows over the layer files (memstore.rowcache); RowCacheConfig.bytes 0: none.
     row_cache: RowCacheConfig = field(default_factory=RowCacheConfig)
+    # Replicas that must hold a push durably before it is acknowledged (memstore.sync); 0: asynchronous.
+    sync: SyncConfig = field(default_factory=SyncConfig)
 
     def __post_init__(self) -> None:
         if self.feed_bytes < 0:
@@ -95,6 +100,8 @@ class LiveConfig:
         if not isinstance(self.row_cache, RowCacheConfig):
             kind = type(self.row_cache).__name__
             raise InvalidArgumentError(f"LiveConfig.row_cache takes RowCacheConfig, not {kind}")
+        if not isinstance(self.sync, SyncConfig):
+            raise InvalidArgumentError(f"LiveConfig.sync takes SyncConfig, not {type(self.sync).__name__}")
 
 
 class LiveTable:
@@ -142,6 +149,8 @@ class LiveTable:
         self._wal: WriteAheadLog | None = None
         self.integrity: TableIntegrity | None = None  # None: checksums off (or the table has none, read-only)
         self.row_cache: RowCache | None = None
+        # Replicas' durable versions, and the wait of a push for them (memstore.sync).
+        self.sync = SyncAcks(self.config.sync, self.path)
         try:
             if self.config.row_cache.enabled:
                 row_bytes = self.manifest.dtype.row_bytes(self.manifest.layout.dim)
@@ -260,10 +269,17 @@ class LiveTable:
         lr_scale: float = 1.0,
         step_id: int = 0,
         client_id: str = "",
+        acknowledge: bool = True,
     ) -> PushResult:
         """Apply the table's optimizer to distinct rows with their summed float32 gradients [N, dim].
 
-        Returns once the update is durable (per `LiveConfig.durability`) and visible to readers.
+        Returns once the update is durable (per `LiveConfig.durability`) and visible to readers, and
+        with `LiveConfig.sync` once enough replicas hold it (`SyncAcks.acknowledge`: UnavailableError
+        when they do not in time, the push applied all the same). A repeat of the last step id this
+        client pushed to this layer is answered without applying anything, after the same wait.
+        `acknowledge=False` returns after the commit: the caller then calls
+        `self.sync.acknowledge(result.version)` itself before acknowledging (the gRPC servicer, which
+        gives its work slot back while waiting).
         Bad input (unknown layer, ids out of range or repeated, wrong shape, non-finite values,
         a non-positive lr_scale, a client_id over 65535 bytes, an update that overflows float32 or
         the storage dtype) raises InvalidArgumentError and changes nothing.
@@ -286,21 +302,26 @@ class LiveTable:
         grads, optimizer = checked_push(self.manifest, ids, grads, lr_scale, client_id)
         dtype = self.manifest.dtype
         states = self._state[layer_id]
+        due = False
         with self._push_lock:
             repeat = self._last_push.get((client_id, layer_id)) if step_id > 0 else None
             if repeat is not None and step_id <= repeat[0]:
-                return repeat[1]  # a retry of a push already applied: answer it again, apply nothing
-            step = self.layer_steps[layer_id] + 1
-            if self.integrity is not None:  # never compute (log, replicate) an update from damaged rows or state
-                self.integrity.check_layer(layer_id, ids, locked=True)
-            rows = dtype.to_float32(store.gather(ids))
-            state = {slot: s.gather(ids) for slot, s in states.items()}
-            new_rows, new_state = apply_update(optimizer, rows, state, grads, step)  # rejects NaN/Inf first
-            record = PushRecord(layer_id, step, step_id, client_id, ids, storable(dtype, new_rows), new_state)
-            payload = record.encode()
-            result, due = self._commit(record, self.version + 1, payload)
+                # A retry of a push already applied: apply nothing, answer it again (once its replicas hold it).
+                result = repeat[1]
+            else:
+                step = self.layer_steps[layer_id] + 1
+                if self.integrity is not None:  # never compute (log, replicate) an update from damaged rows or state
+                    self.integrity.check_layer(layer_id, ids, locked=True)
+                rows = dtype.to_float32(store.gather(ids))
+                state = {slot: s.gather(ids) for slot, s in states.items()}
+                new_rows, new_state = apply_update(optimizer, rows, state, grads, step)  # rejects NaN/Inf first
+                record = PushRecord(layer_id, step, step_id, client_id, ids, storable(dtype, new_rows), new_state)
+                payload = record.encode()
+                result, due = self._commit(record, self.version + 1, payload)
         if due:
             self._checkpoint_due()
+        if acknowledge:
+            self.sync.acknowledge(result.version)  # outside the push lock: later pushes commit meanwhile
         return result
 
     def add_failure_listener(self, listener: Any) -> None:
@@ -396,8 +417,10 @@ class LiveTable:
 
     def close_feed(self) -> None:
         """Stop serving followers: wake every `records_after` waiting, which then raises
-        UnavailableError (a stopping daemon must not wait for its streams' heartbeats)."""
+        UnavailableError (a stopping daemon must not wait for its streams' heartbeats), and every push
+        waiting for its replicas, which fails UNAVAILABLE (they can no longer stream it from here)."""
         self._feed.close()
+        self.sync.close()
 
     def _apply(self, record: PushRecord, version: int) -> PushResult:
         """Write an after-image into the files inside the sequence lock (caller holds the push lock)."""

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from memstore.live import LiveTable
     from memstore.replica import Follower
     from memstore.rowcache import RowCache
+    from memstore.sync import SyncAcks
 
 # Latency buckets (seconds): a 1k-row lookup takes ~1 ms, a 256k-row one ~100 ms.
 log = logging.getLogger("memstore.metrics")
@@ -79,6 +80,12 @@ class DaemonMetrics:
             "memstore_in_flight_bytes", "Memory reserved by the calls being served now (memstore.limits)", registry=r
         )
         self.version = Gauge("memstore_table_version", "Pushes applied to the table since creation", registry=r)
+        self.sync_wait = Histogram(
+            "memstore_sync_wait_seconds",
+            "Seconds acknowledged or failed pushes waited for replicas to hold them (--sync-replicas)",
+            buckets=_BUCKETS,
+            registry=r,
+        )
         self.replica_lag = Gauge(
             "memstore_replica_lag_versions",
             "Versions this replica trails its primary by (0 if not a replica)",
@@ -93,6 +100,7 @@ class DaemonMetrics:
             self.replica_lag.set_function(lambda: replica.status().lag)
         if live.row_cache is not None:
             self.registry.register(_RowCacheCollector(live.row_cache))
+        self.registry.register(_SyncCollector(live.sync))
 
     def counts(self) -> dict[str, float]:
         """Running totals for the daemon's periodic log line."""
@@ -193,6 +201,52 @@ class _RowCacheCollector(Collector):
             "memstore_row_cache_direct_io",
             "1 when misses are read with O_DIRECT (out of the page cache), 0 when buffered",
             value=float(stats.direct_io),
+        )
+
+
+class _SyncCollector(Collector):
+    """Synchronous replication (memstore.sync): what was acknowledged, what replicas hold, timeouts."""
+
+    def __init__(self, sync: SyncAcks) -> None:
+        self._sync = sync
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._sync.stats()
+        yield GaugeMetricFamily(
+            "memstore_sync_replicas_required",
+            "Replicas a push waits for (--sync-replicas; 0: asynchronous)",
+            value=self._sync.config.replicas,
+        )
+        yield GaugeMetricFamily(
+            "memstore_acknowledged_version",
+            "The highest version acknowledged to a client",
+            value=stats.acknowledged_version,
+        )
+        yield GaugeMetricFamily(
+            "memstore_sync_confirmed_version",
+            "The highest version --sync-replicas replicas (at least one) reported holding durably",
+            value=stats.confirmed_version,
+        )
+        yield GaugeMetricFamily(
+            "memstore_sync_replicas_reporting",
+            "Replicas that reported their durable version within the last 10 s",
+            value=stats.reporting,
+        )
+        yield GaugeMetricFamily(
+            "memstore_sync_degraded",
+            "1 while pushes are acknowledged without waiting for replicas after a timeout (--sync-timeout-policy "
+            "degrade)",
+            value=float(stats.degraded),
+        )
+        yield CounterMetricFamily(
+            "memstore_sync_timeouts",
+            "Pushes fewer than --sync-replicas replicas confirmed within --sync-timeout-s",
+            value=stats.timeouts,
+        )
+        yield CounterMetricFamily(
+            "memstore_sync_degradations",
+            "Times pushes went asynchronous after a timeout (--sync-timeout-policy degrade)",
+            value=stats.degradations,
         )
 
 

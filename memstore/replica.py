@@ -14,6 +14,12 @@ version minus its own, is at most `max_lag` versions. Above that, or once it sto
 NOT_SERVING and lookups fail with UNAVAILABLE, so a client's retry goes to another replica. An
 unreachable primary is retried with exponential backoff while the replica keeps serving its
 last version (Describe reports the seconds since the primary was last heard from).
+
+Durability reports: a third thread tells the primary the version this replica holds durably
+(`ConfirmDurable`: every applied record is logged per the replica's own --durability first) after
+each message applied, and every `heartbeat_s` when idle; a primary serving with --sync-replicas
+acknowledges a push only once enough replicas reported it (memstore.sync). A primary that does not
+know the call (an older memstore) is not asked again.
 """
 
 from __future__ import annotations
@@ -198,6 +204,11 @@ class Follower:
         self._streamed = 0  # Follow messages received, heartbeats included
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        # Stable across restarts (unlike follower_id): a primary counts a replica once for --sync-replicas.
+        self.replica_id = f"{socket.gethostname()}:{live.path.resolve()}"
+        self._applied = threading.Event()  # set after each message applied: a durability report is due
+        self._report_channel: grpc.Channel | None = None
+        self.reported = 0  # the durable version the primary last took from this replica
 
     # -- state -------------------------------------------------------------------------------
 
@@ -295,6 +306,7 @@ class Follower:
         self._threads = [
             threading.Thread(target=self._run, name="memstore-follower", daemon=True),
             threading.Thread(target=self._watch, name="memstore-follower-watchdog", daemon=True),
+            threading.Thread(target=self._report, name="memstore-follower-reports", daemon=True),
         ]
         for thread in self._threads:
             thread.start()
@@ -302,10 +314,12 @@ class Follower:
     def stop(self) -> None:
         """Stop following (hang up, join the threads); the table stays at its version. Idempotent."""
         self._stop.set()
+        self._applied.set()  # wakes the reporter
         with self._lock:
-            connection = self._connection
-        if connection is not None:
-            connection.close()  # ends a Describe or stream in flight at once, even to a hung primary
+            connections = [self._connection, self._report_channel]
+        for connection in connections:
+            if connection is not None:
+                connection.close()  # ends a Describe, stream or report in flight at once, even to a hung primary
         for thread in self._threads:
             thread.join()
         self._threads = []
@@ -407,12 +421,59 @@ class Follower:
                 for response in call:
                     for record in response.records:
                         self.live.apply_replicated(record.version, record.payload)
+                    if response.records:
+                        self._applied.set()
                     self._streamed += 1
                     self.observe(response.primary_version)
             finally:
                 with self._lock:
                     self._connection = None
                     self._call = None
+
+    def _report(self) -> None:
+        """Tell the primary the version this replica holds durably: after each message applied, and
+        every heartbeat_s when idle (a restarted primary learns it again)."""
+        said = ""  # the last problem logged, so that a lasting one is logged once
+        while not self._stop.is_set():
+            try:
+                with self._channel() as channel:
+                    with self._lock:
+                        if self._stop.is_set():
+                            return
+                        self._report_channel = channel
+                    stub = pb_grpc.MemstoreStub(channel)
+                    while not self._stop.is_set():
+                        self._applied.clear()
+                        version = self.live.version  # every applied record was logged first: durable
+                        stub.ConfirmDurable(
+                            pb.ConfirmDurableRequest(
+                                replica_id=self.replica_id,
+                                durable_version=version,
+                                fingerprint=self.live.manifest.fingerprint,
+                            ),
+                            timeout=self.config.describe_timeout_s,
+                        )
+                        self.reported = version
+                        said = ""
+                        self._applied.wait(self.config.heartbeat_s)
+            except grpc.RpcError as exc:
+                if self._stop.is_set():
+                    return
+                if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    log.info(
+                        "primary %s takes no durability reports (an older memstore): it cannot count this replica "
+                        "for --sync-replicas",
+                        self.primary,
+                    )
+                    return
+                problem = f"{exc.code().name}: {exc.details()}"
+                if problem != said and exc.code() != grpc.StatusCode.UNAVAILABLE:  # unreachable: _run says so
+                    log.warning("primary %s refused this replica's durability report: %s", self.primary, problem)
+                said = problem
+            finally:
+                with self._lock:
+                    self._report_channel = None
+            self._stop.wait(self.config.heartbeat_s)  # a new channel then: no reconnection backoff of gRPC's
 
     def _watch(self) -> None:
         """Cancel a stream that stays silent past `silence_s` (a dead connection looks idle)."""

@@ -5,7 +5,9 @@ tested without gRPC. `create_server` builds a server without starting it; `serve
 one until SIGTERM/SIGINT, then drains in-flight calls and returns 0.
 
 Replication (docs/replication.md): any trainable daemon streams its pushes to followers
-(`Follow`); `serve` of a DaemonConfig with a `primary` runs a read replica (memstore.replica). gRPC's sync
+(`Follow`); `serve` of a DaemonConfig with a `primary` runs a read replica (memstore.replica).
+Replicas report the version they hold durably (`ConfirmDurable`); with `--sync-replicas` a Push
+is answered only once enough of them hold it (memstore.sync), waiting without a work slot. gRPC's sync
 server runs every call, streams included, on a thread, and a Follow stream holds its thread for
 as long as the follower stays: a follower beyond `ServerConfig.max_followers` gets
 RESOURCE_EXHAUSTED, and Follow streams take no work slot, so they never take what lookups and
@@ -48,12 +50,14 @@ from memstore.errors import (
     RETRY_PUSHBACK_KEY,
     InternalError,
     InvalidArgumentError,
+    LayoutMismatchError,
     MemstoreError,
     ReadOnlyError,
+    ReplicationGapError,
     ResourceExhaustedError,
     UnavailableError,
 )
-from memstore.guard import REQUEST_BYTES, CallGuard, GuardConfig
+from memstore.guard import REQUEST_BYTES, CallGuard, GuardConfig, idle_work_slot
 from memstore.limits import InFlightBudget, lookup_cost, push_cost
 from memstore.live import LiveTable
 from memstore.member_state import daemon_state
@@ -63,6 +67,7 @@ from memstore.replica import Follower, check_follower_manifest
 from memstore.rowwatch import RowWatchSlots, check_watch_layers, rows_after
 from memstore.same_host import advertise
 from memstore.snapshots import SnapshotSlots, check_snapshot_name
+from memstore.sync import SyncTimeoutPolicy
 from memstore.table import Table
 from memstore.tabledir.fsafe import file_policy
 from memstore.wire import memstore_pb2 as pb
@@ -71,6 +76,12 @@ from memstore.wire import memstore_pb2_grpc as pb_grpc
 log = logging.getLogger("memstore.service")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Memstore"].full_name
+_SYNC_POLICIES = {
+    SyncTimeoutPolicy.FAIL: pb.SYNC_TIMEOUT_POLICY_FAIL,
+    SyncTimeoutPolicy.DEGRADE: pb.SYNC_TIMEOUT_POLICY_DEGRADE,
+}
+# Characters of a replica id a durability report may carry (a host name and a path).
+MAX_REPLICA_ID_CHARS = 1024
 
 
 # Threads beyond the admitted calls, for the refusals of calls past them (each brief).
@@ -151,6 +162,26 @@ class MemstoreServicer(pb_grpc.MemstoreServicer):
             return response
 
     def _replication(self) -> pb.Replication:
+        sync = self._live.sync
+        reports = [
+            pb.ReplicaDurability(
+                replica_id=report.replica_id,
+                durable_version=report.durable_version,
+                seconds_since_report=report.seconds_since_report,
+            )
+            for report in sync.replicas()
+        ]
+        described = pb.Replication(
+            sync_replicas=sync.config.replicas,
+            sync_timeout_policy=_SYNC_POLICIES[sync.config.policy],
+            acknowledged_version=sync.acknowledged_version,
+            sync_degraded=sync.degraded,
+            replicas=reports,
+        )
+        described.MergeFrom(self._role())
+        return described
+
+    def _role(self) -> pb.Replication:
         followers = self.followers.active
         if self._replica is None:
             version = self._live.version
@@ -214,10 +245,51 @@ class MemstoreServicer(pb_grpc.MemstoreServicer):
                     lr_scale=request.lr_scale if request.HasField("lr_scale") else 1.0,
                     step_id=request.step_id,
                     client_id=request.client_id,
+                    acknowledge=False,
                 )
             self._metrics.pushes.inc()
             self._metrics.pushed_rows.inc(result.rows)
+            self._acknowledge(result.version, context)
             return pb.PushResponse(version=result.version, layer_step=result.layer_step)
+
+    def _acknowledge(self, version: int, context: grpc.ServicerContext) -> None:
+        """Wait, holding no work slot, until the push of `version` may be acknowledged (--sync-replicas),
+        within the call's deadline."""
+        sync = self._live.sync
+        if not sync.config.enabled:
+            sync.acknowledge(version)
+            return
+        start = time.perf_counter()
+        try:
+            with idle_work_slot():  # lookups and other pushes go on while this one waits
+                sync.acknowledge(version, context.time_remaining())
+        finally:
+            self._metrics.sync_wait.observe(time.perf_counter() - start)
+
+    def ConfirmDurable(
+        self, request: pb.ConfirmDurableRequest, context: grpc.ServicerContext
+    ) -> pb.ConfirmDurableResponse:
+        with self._call("ConfirmDurable", context):
+            replica = request.replica_id
+            if not replica or len(replica) > MAX_REPLICA_ID_CHARS:
+                raise InvalidArgumentError(
+                    f"a durability report needs a replica_id of 1 to {MAX_REPLICA_ID_CHARS} characters; "
+                    f"got {len(replica)}"
+                )
+            if request.fingerprint != self._live.manifest.fingerprint:
+                raise LayoutMismatchError(
+                    f"replica {replica!r} reports on a table of fingerprint {request.fingerprint[:64]!r}, not this "
+                    f"daemon's ({self._live.manifest.fingerprint}); its reports are not counted"
+                )
+            version = self._live.version
+            if request.durable_version > version:
+                raise ReplicationGapError(
+                    f"replica {replica!r} reports holding version {request.durable_version}, past this daemon's "
+                    f"version {version}: it holds pushes it did not get from here, so its reports are not counted; "
+                    "replace its table with a snapshot of this one"
+                )
+            self._live.sync.confirm(replica, request.durable_version)
+            return pb.ConfirmDurableResponse(version=version)
 
     def Snapshot(self, request: pb.SnapshotRequest, context: grpc.ServicerContext) -> pb.SnapshotResponse:
         with self._call("Snapshot", context):

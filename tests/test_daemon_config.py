@@ -22,6 +22,7 @@ from memstore.live import LiveConfig
 from memstore.membership import MembershipConfig
 from memstore.replica import FollowConfig
 from memstore.rowcache import RowCacheConfig
+from memstore.sync import SyncConfig, SyncTimeoutPolicy
 from memstore.wal import Durability
 
 TOKEN = "a-replicate-token-of-length"
@@ -86,6 +87,13 @@ FLAGS: list[tuple[list[str], Callable[[DaemonConfig], Any], Any]] = [
     ),
     (["--max-row-watchers", "3"], lambda c: c.server.max_row_watchers, 3),
     (["--feed-bytes", "8MiB"], lambda c: c.live.feed_bytes, 8 << 20),
+    (["--sync-replicas", "2"], lambda c: c.live.sync, SyncConfig(replicas=2)),
+    (["--sync-replicas", "1", "--sync-timeout-s", "2"], lambda c: c.live.sync.timeout_s, 2.0),
+    (
+        ["--sync-replicas", "1", "--sync-timeout-policy", "degrade"],
+        lambda c: c.live.sync.policy,
+        SyncTimeoutPolicy.DEGRADE,
+    ),
     (["--max-rows-per-request", "1000"], lambda c: c.server.max_rows_per_request, 1000),
     (["--max-message-bytes", "2MiB"], lambda c: c.server.max_message_bytes, 2 << 20),
     (["--max-concurrent-calls", "5"], lambda c: c.server.max_concurrent_calls, 5),

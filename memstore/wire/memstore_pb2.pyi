@@ -23,6 +23,12 @@ class ReplicationRole(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     REPLICATION_ROLE_STANDALONE: _ClassVar[ReplicationRole]
     REPLICATION_ROLE_PRIMARY: _ClassVar[ReplicationRole]
     REPLICATION_ROLE_REPLICA: _ClassVar[ReplicationRole]
+
+class SyncTimeoutPolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SYNC_TIMEOUT_POLICY_UNSPECIFIED: _ClassVar[SyncTimeoutPolicy]
+    SYNC_TIMEOUT_POLICY_FAIL: _ClassVar[SyncTimeoutPolicy]
+    SYNC_TIMEOUT_POLICY_DEGRADE: _ClassVar[SyncTimeoutPolicy]
 DTYPE_UNSPECIFIED: DType
 DTYPE_FLOAT32: DType
 DTYPE_FLOAT16: DType
@@ -34,6 +40,9 @@ REPLICATION_ROLE_UNSPECIFIED: ReplicationRole
 REPLICATION_ROLE_STANDALONE: ReplicationRole
 REPLICATION_ROLE_PRIMARY: ReplicationRole
 REPLICATION_ROLE_REPLICA: ReplicationRole
+SYNC_TIMEOUT_POLICY_UNSPECIFIED: SyncTimeoutPolicy
+SYNC_TIMEOUT_POLICY_FAIL: SyncTimeoutPolicy
+SYNC_TIMEOUT_POLICY_DEGRADE: SyncTimeoutPolicy
 
 class DescribeRequest(_message.Message):
     __slots__ = ()
@@ -60,7 +69,7 @@ class DescribeResponse(_message.Message):
     def __init__(self, manifest_json: _Optional[str] = ..., fingerprint: _Optional[str] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., server_version: _Optional[str] = ..., same_host: _Optional[_Union[SameHostAccess, _Mapping]] = ..., version: _Optional[int] = ..., trainable: _Optional[bool] = ..., replication: _Optional[_Union[Replication, _Mapping]] = ...) -> None: ...
 
 class Replication(_message.Message):
-    __slots__ = ("role", "primary_address", "applied_version", "primary_version", "lag_versions", "seconds_since_contact", "followers", "serving", "problem")
+    __slots__ = ("role", "primary_address", "applied_version", "primary_version", "lag_versions", "seconds_since_contact", "followers", "serving", "problem", "sync_replicas", "sync_timeout_policy", "acknowledged_version", "sync_degraded", "replicas")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     PRIMARY_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     APPLIED_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -70,6 +79,11 @@ class Replication(_message.Message):
     FOLLOWERS_FIELD_NUMBER: _ClassVar[int]
     SERVING_FIELD_NUMBER: _ClassVar[int]
     PROBLEM_FIELD_NUMBER: _ClassVar[int]
+    SYNC_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    SYNC_TIMEOUT_POLICY_FIELD_NUMBER: _ClassVar[int]
+    ACKNOWLEDGED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SYNC_DEGRADED_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
     role: ReplicationRole
     primary_address: str
     applied_version: int
@@ -79,7 +93,38 @@ class Replication(_message.Message):
     followers: int
     serving: bool
     problem: str
-    def __init__(self, role: _Optional[_Union[ReplicationRole, str]] = ..., primary_address: _Optional[str] = ..., applied_version: _Optional[int] = ..., primary_version: _Optional[int] = ..., lag_versions: _Optional[int] = ..., seconds_since_contact: _Optional[float] = ..., followers: _Optional[int] = ..., serving: _Optional[bool] = ..., problem: _Optional[str] = ...) -> None: ...
+    sync_replicas: int
+    sync_timeout_policy: SyncTimeoutPolicy
+    acknowledged_version: int
+    sync_degraded: bool
+    replicas: _containers.RepeatedCompositeFieldContainer[ReplicaDurability]
+    def __init__(self, role: _Optional[_Union[ReplicationRole, str]] = ..., primary_address: _Optional[str] = ..., applied_version: _Optional[int] = ..., primary_version: _Optional[int] = ..., lag_versions: _Optional[int] = ..., seconds_since_contact: _Optional[float] = ..., followers: _Optional[int] = ..., serving: _Optional[bool] = ..., problem: _Optional[str] = ..., sync_replicas: _Optional[int] = ..., sync_timeout_policy: _Optional[_Union[SyncTimeoutPolicy, str]] = ..., acknowledged_version: _Optional[int] = ..., sync_degraded: _Optional[bool] = ..., replicas: _Optional[_Iterable[_Union[ReplicaDurability, _Mapping]]] = ...) -> None: ...
+
+class ReplicaDurability(_message.Message):
+    __slots__ = ("replica_id", "durable_version", "seconds_since_report")
+    REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
+    DURABLE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_SINCE_REPORT_FIELD_NUMBER: _ClassVar[int]
+    replica_id: str
+    durable_version: int
+    seconds_since_report: float
+    def __init__(self, replica_id: _Optional[str] = ..., durable_version: _Optional[int] = ..., seconds_since_report: _Optional[float] = ...) -> None: ...
+
+class ConfirmDurableRequest(_message.Message):
+    __slots__ = ("replica_id", "durable_version", "fingerprint")
+    REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
+    DURABLE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    replica_id: str
+    durable_version: int
+    fingerprint: str
+    def __init__(self, replica_id: _Optional[str] = ..., durable_version: _Optional[int] = ..., fingerprint: _Optional[str] = ...) -> None: ...
+
+class ConfirmDurableResponse(_message.Message):
+    __slots__ = ("version",)
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    def __init__(self, version: _Optional[int] = ...) -> None: ...
 
 class SameHostAccess(_message.Message):
     __slots__ = ("host_id", "table_dir", "files", "seqlock_path", "row_cache")

@@ -65,6 +65,11 @@ class MemstoreStub:
                 request_serializer=memstore_dot_wire_dot_memstore__pb2.WatchRowsRequest.SerializeToString,
                 response_deserializer=memstore_dot_wire_dot_memstore__pb2.WatchRowsResponse.FromString,
                 _registered_method=True)
+        self.ConfirmDurable = channel.unary_unary(
+                '/engram.memstore.v1.Memstore/ConfirmDurable',
+                request_serializer=memstore_dot_wire_dot_memstore__pb2.ConfirmDurableRequest.SerializeToString,
+                response_deserializer=memstore_dot_wire_dot_memstore__pb2.ConfirmDurableResponse.FromString,
+                _registered_method=True)
         self.Stats = channel.unary_unary(
                 '/engram.memstore.v1.Memstore/Stats',
                 request_serializer=memstore_dot_wire_dot_memstore__pb2.StatsRequest.SerializeToString,
@@ -95,9 +100,11 @@ class MemstoreServicer:
 
     def Push(self, request, context):
         """Gradients for distinct rows of one layer, applied by the table's optimizer. The
-        response comes once the update is durable and visible to lookups. Fails with
+        response comes once the update is durable and visible to lookups, and on a daemon serving
+        with --sync-replicas N once N replicas hold it durably too (ConfirmDurable). Fails with
         PERMISSION_DENIED on a frozen (no optimizer) or read-only table, INVALID_ARGUMENT on bad
-        input (nothing is applied then).
+        input (nothing is applied then), UNAVAILABLE when fewer than N replicas confirmed it within
+        --sync-timeout-s (it is applied here then: a retry with the same step id is not applied again).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -133,6 +140,19 @@ class MemstoreServicer:
         FAILED_PRECONDITION when the pushes after `from_version` are no longer held (the client drops
         its cached rows and watches again from the table's current version), INVALID_ARGUMENT for a
         layer the table does not have, RESOURCE_EXHAUSTED when as many watchers as allowed already stream.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ConfirmDurable(self, request, context):
+        """A replica tells the daemon it follows which version it holds durably (applied and logged per
+        its own --durability): what a primary serving with --sync-replicas N waits for before it
+        acknowledges a push (docs/replication.md, "Synchronous replication"). Replicas call it as they
+        apply records and about once a second when idle; the reports a daemon received are in
+        Describe's `replication.replicas`. Needs a replicate token, like Follow. Fails with
+        FAILED_PRECONDITION when the replica's table is not this daemon's (fingerprint) or claims a
+        version past this daemon's (it did not get it from here), INVALID_ARGUMENT without a replica id.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -179,6 +199,11 @@ def add_MemstoreServicer_to_server(servicer, server):
                     servicer.WatchRows,
                     request_deserializer=memstore_dot_wire_dot_memstore__pb2.WatchRowsRequest.FromString,
                     response_serializer=memstore_dot_wire_dot_memstore__pb2.WatchRowsResponse.SerializeToString,
+            ),
+            'ConfirmDurable': grpc.unary_unary_rpc_method_handler(
+                    servicer.ConfirmDurable,
+                    request_deserializer=memstore_dot_wire_dot_memstore__pb2.ConfirmDurableRequest.FromString,
+                    response_serializer=memstore_dot_wire_dot_memstore__pb2.ConfirmDurableResponse.SerializeToString,
             ),
             'Stats': grpc.unary_unary_rpc_method_handler(
                     servicer.Stats,
@@ -349,6 +374,33 @@ class Memstore:
             '/engram.memstore.v1.Memstore/WatchRows',
             memstore_dot_wire_dot_memstore__pb2.WatchRowsRequest.SerializeToString,
             memstore_dot_wire_dot_memstore__pb2.WatchRowsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ConfirmDurable(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/engram.memstore.v1.Memstore/ConfirmDurable',
+            memstore_dot_wire_dot_memstore__pb2.ConfirmDurableRequest.SerializeToString,
+            memstore_dot_wire_dot_memstore__pb2.ConfirmDurableResponse.FromString,
             options,
             channel_credentials,
             insecure,
