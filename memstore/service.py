@@ -46,6 +46,7 @@ from memstore.daemon_config import (
     ServerConfig,
     check_listen_address,
 )
+from memstore.election import ShardElection
 from memstore.errors import (
     RETRY_PUSHBACK_KEY,
     InternalError,
@@ -323,6 +324,11 @@ class MemstoreServicer(pb_grpc.MemstoreServicer):
                 self.followers.release()
                 return
             version = request.from_version
+            if request.epoch > self._live.epoch and self._live.primary is None and self._live.fence is not None:
+                raise UnavailableError(
+                    f"follower {follower!r} knows leader epoch {request.epoch}, past this daemon's {self._live.epoch}: "
+                    "another daemon was elected; follow the shard's leader"
+                )
             log.info(
                 "follower %r streams from version %d (this daemon is at %d)", follower, version, self._live.version
             )
@@ -335,7 +341,9 @@ class MemstoreServicer(pb_grpc.MemstoreServicer):
                 except MemstoreError as exc:  # too far behind, or diverged: worth a line here too
                     log.warning("follower %r at version %d: %s", follower, version, exc)
                     raise
-                response = pb.FollowResponse(primary_version=self._live.version)
+                if records and self._live.fence is not None:
+                    self._live.fence()  # a deposed primary streams nothing more (UNAVAILABLE)
+                response = pb.FollowResponse(primary_version=self._live.version, epoch=self._live.epoch)
                 for record in records:
                     # Added in place: a ReplicatedRecord built first would be copied once more on the way in
                     # (measured: 1.4 instead of 2.2 ms per 1.35 MB record).
@@ -518,6 +526,7 @@ def _serve(config: DaemonConfig) -> int:
     table: LiveTable | None = None
     replica: Follower | None = None
     registration: Registration | None = None
+    election: ShardElection | None = None
     health_servicer = health.HealthServicer()
     metrics = DaemonMetrics()
     host = address.rsplit(":", 1)[0]
@@ -539,7 +548,12 @@ def _serve(config: DaemonConfig) -> int:
         _log_serving(table, config.table, f"{host}:{port}", replica)
         if config.membership is not None:  # once serving: clients may find it from now on
             member = advertised_address(config.membership, address, port)
-            registration = Registration(config.membership, daemon_state(table, replica, member)).start()
+            if config.membership.election and table.trainable:  # among the daemons that can take pushes
+                sharding = table.manifest.sharding
+                shard = 0 if sharding is None else sharding.shard
+                election = ShardElection(config.membership, table, replica, member, shard).start()
+            state = daemon_state(table, replica, member, election)
+            registration = Registration(config.membership, state).start()
         if port_file is not None:
             write_port_file(port_file, port)
         last = metrics.counts()
@@ -555,6 +569,9 @@ def _serve(config: DaemonConfig) -> int:
             if replica is not None:
                 _log_replica(replica)
         log.info("stopping: draining in-flight calls (up to %.0fs)", config.grace_s)
+        if election is not None:  # no push commits from now on; a replica may be elected at once
+            election.stop()
+            election = None
         if registration is not None:  # leave the cluster first: clients stop sending calls here
             registration.stop()
             registration = None
@@ -565,6 +582,8 @@ def _serve(config: DaemonConfig) -> int:
         server.stop(config.grace_s).wait()
         log.info("stopped")
     finally:
+        if election is not None:
+            election.stop()
         if registration is not None:
             registration.stop()
         if replica is not None:

@@ -239,26 +239,30 @@ class SnapshotResponse(_message.Message):
     def __init__(self, path: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class FollowRequest(_message.Message):
-    __slots__ = ("from_version", "fingerprint", "manifest_json", "follower_id", "heartbeat_s")
+    __slots__ = ("from_version", "fingerprint", "manifest_json", "follower_id", "heartbeat_s", "epoch")
     FROM_VERSION_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_JSON_FIELD_NUMBER: _ClassVar[int]
     FOLLOWER_ID_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_S_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     from_version: int
     fingerprint: str
     manifest_json: str
     follower_id: str
     heartbeat_s: float
-    def __init__(self, from_version: _Optional[int] = ..., fingerprint: _Optional[str] = ..., manifest_json: _Optional[str] = ..., follower_id: _Optional[str] = ..., heartbeat_s: _Optional[float] = ...) -> None: ...
+    epoch: int
+    def __init__(self, from_version: _Optional[int] = ..., fingerprint: _Optional[str] = ..., manifest_json: _Optional[str] = ..., follower_id: _Optional[str] = ..., heartbeat_s: _Optional[float] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class FollowResponse(_message.Message):
-    __slots__ = ("records", "primary_version")
+    __slots__ = ("records", "primary_version", "epoch")
     RECORDS_FIELD_NUMBER: _ClassVar[int]
     PRIMARY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     records: _containers.RepeatedCompositeFieldContainer[ReplicatedRecord]
     primary_version: int
-    def __init__(self, records: _Optional[_Iterable[_Union[ReplicatedRecord, _Mapping]]] = ..., primary_version: _Optional[int] = ...) -> None: ...
+    epoch: int
+    def __init__(self, records: _Optional[_Iterable[_Union[ReplicatedRecord, _Mapping]]] = ..., primary_version: _Optional[int] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class ReplicatedRecord(_message.Message):
     __slots__ = ("version", "payload")

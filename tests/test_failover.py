@@ -1,0 +1,184 @@
+"""Leader election, fencing and automatic failover (memstore.election): a real etcd, real `memstore serve
+--etcd --failover` daemons, ClusterClient.discover; primaries killed with SIGKILL or stopped with SIGSTOP."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from client import ClusterClient, MemstoreClient
+from memstore.errors import MemstoreError, UnavailableError
+from memstore.etcd import EtcdClient
+from memstore.launch import start_daemon, stop_daemon
+from memstore.membership import LeaderRecord, epoch_key, leader_key
+from tests.etcd_server import EtcdServer, require_etcd
+from tests.helpers import DEADLINE_S, FAST_FAIL, SMALL_LAYOUT, wait_until
+from tests.test_sync_replication import LAYERS, _expected, _push_args, _zero_table
+
+CLUSTER = "failover"
+TTL_S = 2  # etcd's shortest useful lease: a killed leader is replaced within seconds
+WAIT_S = 60.0
+# Trainers retry a push (same step id) until the failover is over: a deadline well past TTL + election.
+TRAINER = replace(FAST_FAIL, max_attempts=5, timeout_s=WAIT_S, same_host=False)
+ONCE = replace(FAST_FAIL, max_attempts=1, timeout_s=DEADLINE_S, same_host=False)
+SYNC = ["--sync-replicas", "1", "--sync-timeout-s", "30"]
+
+
+@pytest.fixture
+def etcd(tmp_path: Path) -> Iterator[EtcdServer]:
+    server = EtcdServer(require_etcd(), tmp_path / "etcd").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def store(etcd: EtcdServer) -> Iterator[EtcdClient]:
+    with EtcdClient(etcd.endpoint, timeout_s=2.0) as client:
+        yield client
+
+
+class _Shard:
+    """Shard 0's daemons (`memstore serve --etcd --failover` children) by address; killed afterwards."""
+
+    def __init__(self, etcd: EtcdServer, tmp_path: Path) -> None:
+        self.etcd, self.tmp_path = etcd, tmp_path
+        self.processes: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, *extra: str) -> str:
+        flags = ["--no-same-host", "--durability", "os", "--etcd", self.etcd.endpoint, "--cluster-name", CLUSTER]
+        flags += ["--etcd-ttl-s", str(TTL_S), "--failover", *SYNC]
+        process, address = start_daemon(_zero_table(self.tmp_path / name), [*flags, *extra])
+        self.processes[address] = process
+        return address
+
+    def stop(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                os.kill(process.pid, signal.SIGCONT)  # a stopped one cannot take SIGTERM
+            stop_daemon(process)
+
+
+@pytest.fixture
+def shard(etcd: EtcdServer, tmp_path: Path) -> Iterator[_Shard]:
+    daemons = _Shard(etcd, tmp_path)
+    try:
+        yield daemons
+    finally:
+        daemons.stop()
+
+
+def _leader(store: EtcdClient) -> LeaderRecord | None:
+    kv = store.get(leader_key(CLUSTER, 0))
+    return None if kv is None else LeaderRecord.decode(kv.value)
+
+
+def _push(client: ClusterClient | MemstoreClient, step: int) -> None:
+    layer, ids, grads = _push_args(step)
+    client.push(layer, ids, grads, step_id=step)
+
+
+def _check_rows(address: str, steps: list[int]) -> None:
+    """The daemon's table holds exactly the pushes of `steps`, each once (zero-initialised SGD, integer gradients)."""
+    expected = _expected(steps)
+    with MemstoreClient(address, ONCE) as client:
+        for layer in LAYERS:
+            rows = client.lookup(layer, np.arange(SMALL_LAYOUT.num_rows(layer)))
+            np.testing.assert_array_equal(rows, expected[layer])
+
+
+def test_the_first_primary_leads_at_epoch_1_and_replicas_follow_it(shard, store) -> None:
+    primary = shard.start("p")
+    replica = shard.start("r", "--follow", primary)
+    assert _leader(store) == LeaderRecord(primary, 1)  # elected before it served its first push
+    assert store.get(epoch_key(CLUSTER, 0)).value == b"1"
+    with MemstoreClient(replica, ONCE) as client, pytest.raises(MemstoreError, match="read replica"):
+        _push(client, 1)
+    with MemstoreClient(primary, ONCE) as client:
+        _push(client, 1)
+    wait_until(lambda: MemstoreClient(replica, ONCE).version() == 1, "the replica applied the push", WAIT_S)
+
+
+def test_training_goes_on_through_two_kills_of_the_primary_and_loses_no_acknowledged_push(shard, etcd, store) -> None:
+    first = shard.start("p")
+    for name in ("r1", "r2"):
+        shard.start(name, "--follow", first)
+    acked: list[int] = []
+    read_failures: list[BaseException] = []
+    done = threading.Event()
+    with ClusterClient.discover(etcd.endpoint, CLUSTER, TRAINER) as cluster:
+
+        def read() -> None:  # reads never fail: the replicas serve while the primary is replaced
+            layer, ids, _ = _push_args(0)
+            while not done.is_set():
+                try:
+                    cluster.lookup(layer, ids)
+                except MemstoreError as exc:
+                    read_failures.append(exc)
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        try:
+            step = 0
+            for kill in range(2):
+                for _ in range(8):
+                    step += 1
+                    _push(cluster, step)  # retried (same step id) through the failover by the client itself
+                    acked.append(step)
+                leader = _leader(store)
+                assert leader is not None and leader.epoch == kill + 1
+                shard.processes[leader.address].kill()  # mid-run: the next push finds the primary gone
+                shard.processes[leader.address].wait()
+                for _ in range(8):
+                    step += 1
+                    _push(cluster, step)
+                    acked.append(step)
+                new = _leader(store)
+                assert new is not None and new.address != leader.address and new.epoch == kill + 2
+                if kill == 0:  # an operator replaces the lost daemon: a new replica of the new leader
+                    shard.start("r3", "--follow", new.address)
+        finally:
+            done.set()
+            reader.join()
+    assert read_failures == []
+    assert acked == list(range(1, len(acked) + 1))
+    _check_rows(_leader(store).address, acked)  # every acknowledged push, each exactly once
+
+
+def test_a_partitioned_primary_refuses_pushes_once_a_replica_was_elected(shard, store) -> None:
+    old = shard.start("p")
+    replica = shard.start("r", "--follow", old)
+    with MemstoreClient(old, ONCE) as client:
+        for step in (1, 2):
+            _push(client, step)
+    os.kill(shard.processes[old].pid, signal.SIGSTOP)  # partitioned: its lease expires
+    wait_until(lambda: _leader(store) == LeaderRecord(replica, 2), "the replica was elected", WAIT_S)
+    os.kill(shard.processes[old].pid, signal.SIGCONT)
+    with MemstoreClient(old, ONCE) as client:
+        with pytest.raises(UnavailableError, match="no longer the leader.*must rejoin as a replica"):
+            _push(client, 3)
+        assert client.version() == 2  # nothing committed, nothing shown to readers
+
+
+def test_serving_goes_on_while_etcd_restarts(shard, etcd, store) -> None:
+    primary = shard.start("p")
+    shard.start("r", "--follow", primary)
+    with ClusterClient.discover(etcd.endpoint, CLUSTER, TRAINER) as cluster:
+        _push(cluster, 1)
+        etcd.stop()
+        layer, ids, _ = _push_args(0)
+        cluster.lookup(layer, ids)  # reads need no etcd
+        etcd.start()
+        for step in (2, 3):  # pushes wait for etcd (the acknowledged version goes there first), then go on
+            _push(cluster, step)
+        assert _leader(store) == LeaderRecord(primary, 1)  # the lease outlived the restart: no election
+    _check_rows(primary, [1, 2, 3])
