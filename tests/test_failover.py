@@ -113,9 +113,20 @@ def test_training_goes_on_through_two_kills_of_the_primary_and_loses_no_acknowle
     for name in ("r1", "r2"):
         shard.start(name, "--follow", first)
     acked: list[int] = []
-    read_failures: list[BaseException] = []
+    failures: list[BaseException] = []
     done = threading.Event()
     with ClusterClient.discover(etcd.endpoint, CLUSTER, TRAINER) as cluster:
+
+        def train() -> None:  # pushes back to back: a kill lands while one is in flight
+            step = 0
+            while not done.is_set():
+                step += 1
+                try:
+                    _push(cluster, step)  # retried (same step id) through the failover by the client itself
+                except MemstoreError as exc:
+                    failures.append(exc)
+                    return
+                acked.append(step)
 
         def read() -> None:  # reads never fail: the replicas serve while the primary is replaced
             layer, ids, _ = _push_args(0)
@@ -123,33 +134,30 @@ def test_training_goes_on_through_two_kills_of_the_primary_and_loses_no_acknowle
                 try:
                     cluster.lookup(layer, ids)
                 except MemstoreError as exc:
-                    read_failures.append(exc)
+                    failures.append(exc)
 
-        reader = threading.Thread(target=read)
-        reader.start()
+        threads = [threading.Thread(target=train), threading.Thread(target=read)]
+        for thread in threads:
+            thread.start()
         try:
-            step = 0
             for kill in range(2):
-                for _ in range(8):
-                    step += 1
-                    _push(cluster, step)  # retried (same step id) through the failover by the client itself
-                    acked.append(step)
+                base = len(acked)
+                wait_until(lambda: len(acked) >= base + 8 or failures, "pushes acknowledged", WAIT_S)
                 leader = _leader(store)
                 assert leader is not None and leader.epoch == kill + 1
-                shard.processes[leader.address].kill()  # mid-run: the next push finds the primary gone
+                shard.processes[leader.address].kill()  # mid-run: a push is in flight or about to be
                 shard.processes[leader.address].wait()
-                for _ in range(8):
-                    step += 1
-                    _push(cluster, step)
-                    acked.append(step)
+                at_kill = len(acked)
+                wait_until(lambda: len(acked) >= at_kill + 8 or failures, "training went on", WAIT_S)
                 new = _leader(store)
                 assert new is not None and new.address != leader.address and new.epoch == kill + 2
                 if kill == 0:  # an operator replaces the lost daemon: a new replica of the new leader
                     shard.start("r3", "--follow", new.address)
         finally:
             done.set()
-            reader.join()
-    assert read_failures == []
+            for thread in threads:
+                thread.join()
+    assert failures == []
     assert acked == list(range(1, len(acked) + 1))
     _check_rows(_leader(store).address, acked)  # every acknowledged push, each exactly once
 
