@@ -15,13 +15,16 @@ import numpy as np
 import pytest
 
 from client import ClusterClient, MemstoreClient
+from memstore.election import LeaderState, ShardElection
 from memstore.errors import MemstoreError, UnavailableError
 from memstore.etcd import EtcdClient
 from memstore.launch import start_daemon, stop_daemon
-from memstore.membership import LeaderRecord, epoch_key, leader_key
+from memstore.live import LiveTable
+from memstore.membership import LeaderRecord, MembershipConfig, acked_key, epoch_key, leader_key, version_bytes
+from memstore.replica import Follower
 from tests.etcd_server import EtcdServer, require_etcd
 from tests.helpers import DEADLINE_S, FAST_FAIL, SMALL_LAYOUT, wait_until
-from tests.test_sync_replication import LAYERS, _expected, _push_args, _zero_table
+from tests.test_sync_replication import FAST, LAYERS, _expected, _push_args, _zero_table
 
 CLUSTER = "failover"
 TTL_S = 2  # etcd's shortest useful lease: a killed leader is replaced within seconds
@@ -190,3 +193,47 @@ def test_serving_goes_on_while_etcd_restarts(shard, etcd, store) -> None:
             _push(cluster, step)
         assert _leader(store) == LeaderRecord(primary, 1)  # the lease outlived the restart: no election
     _check_rows(primary, [1, 2, 3])
+
+
+# -- the election in-process: a LiveTable, its ShardElection, the test's etcd ---------------------------
+
+
+def _membership(etcd: EtcdServer) -> MembershipConfig:
+    return MembershipConfig((etcd.endpoint,), CLUSTER, ttl_s=TTL_S, election=True)
+
+
+def test_a_replica_missing_an_acknowledged_version_is_not_elected(etcd, store, tmp_path) -> None:
+    store.put(acked_key(CLUSTER, 0), version_bytes(1))  # a lost leader acknowledged version 1
+    with LiveTable.open(_zero_table(tmp_path / "r"), config=FAST, primary="127.0.0.1:1") as live:
+        election = ShardElection(_membership(etcd), live, Follower(live), "127.0.0.1:2", 0)
+        try:
+            for _ in range(3):  # follower -> candidate (frozen at version 0) -> the transaction, refused
+                election._tick()
+            assert election.state is LeaderState.CANDIDATE and "below the acknowledged 1" in election.reason
+            assert _leader(store) is None and live.primary is not None  # still a replica, not promoted
+            with pytest.raises(MemstoreError, match="read replica"):
+                live.push(*_push_args(1), step_id=1)
+            store.put(acked_key(CLUSTER, 0), version_bytes(0))  # nothing acknowledged: it may lead
+            election._tick()
+            assert election.state is LeaderState.LEADER and _leader(store) == LeaderRecord("127.0.0.1:2", 1)
+            live.push(*_push_args(1), step_id=1)  # promoted: it takes pushes
+            assert live.version == 1 and live.epoch == 1
+        finally:
+            election.stop()
+
+
+def test_a_leader_whose_lease_expired_commits_nothing(etcd, store, tmp_path) -> None:
+    with LiveTable.open(_zero_table(tmp_path / "p"), config=FAST) as live:
+        election = ShardElection(_membership(etcd), live, None, "127.0.0.1:3", 0)
+        try:
+            election._tick()
+            assert election.state is LeaderState.LEADER
+            live.push(*_push_args(1), step_id=1)
+            store.revoke(store.get(leader_key(CLUSTER, 0)).lease)  # as etcd does when the lease expires
+            election._tick()
+            assert election.state is LeaderState.DEPOSED
+            with pytest.raises(UnavailableError, match="no longer the leader of shard 0.*must rejoin as a replica"):
+                live.push(*_push_args(2), step_id=2)
+            assert live.version == 1  # nothing logged, applied or shown to readers
+        finally:
+            election.stop()
