@@ -31,6 +31,7 @@ import enum
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 from memstore.errors import MemstoreError, UnavailableError
 from memstore.etcd import EtcdClient, Watch
@@ -94,6 +95,7 @@ class ShardElection:
         self._stop = threading.Event()
         self._watch: Watch | None = None
         self._thread = threading.Thread(target=self._run, name="etcd-election", daemon=True)
+        self.on_change: Callable[[], None] | None = None  # called after a promotion or deposition
         live.fence = self.fence
         live.sync.gate = self.gate
 
@@ -321,6 +323,7 @@ class ShardElection:
         with self._lock:
             self._published = self._wanted = 0 if acked_kv is None else int(acked_kv.value)
         self.state = LeaderState.LEADER
+        self._changed()
         log.warning("elected leader of shard %d at epoch %d (version %d)", self.shard, record.epoch, version)
 
     def _depose(self, reason: str) -> None:
@@ -328,6 +331,11 @@ class ShardElection:
             log.error("no longer the leader of shard %d: %s; refusing pushes (rejoin as a replica)", self.shard, reason)
         self.state = LeaderState.DEPOSED
         self.reason = reason
+        self._changed()
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
 
     def stop(self) -> None:
         """Stop taking part; a leader gives its key up at once (the lease is revoked)."""

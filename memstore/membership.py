@@ -187,6 +187,7 @@ class Registration:
         self._key: bytes | None = None
         self._failing = False  # logged once per outage, not at every retry
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="etcd-membership", daemon=True)
 
     @property
@@ -205,8 +206,15 @@ class Registration:
         return min(self.config.refresh_s, self.config.ttl_s / 3)
 
     def _run(self) -> None:
-        while not self._stop.wait(self._period):
-            self._tick()
+        while not self._stop.is_set():
+            self._wake.wait(self._period)
+            self._wake.clear()
+            if not self._stop.is_set():
+                self._tick()
+
+    def refresh(self) -> None:
+        """Write the record now rather than at the next refresh (a promotion: clients switch at once)."""
+        self._wake.set()
 
     def _tick(self) -> None:
         try:
@@ -238,6 +246,7 @@ class Registration:
     def stop(self) -> None:
         """Stop renewing and revoke the lease: the member key is gone when this returns (if etcd answers)."""
         self._stop.set()
+        self._wake.set()
         if self._thread.is_alive():
             self._thread.join()
         if self._lease:

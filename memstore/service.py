@@ -554,6 +554,8 @@ def _serve(config: DaemonConfig) -> int:
                 election = ShardElection(config.membership, table, replica, member, shard).start()
             state = daemon_state(table, replica, member, election)
             registration = Registration(config.membership, state).start()
+            if election is not None:
+                election.on_change = registration.refresh
         if port_file is not None:
             write_port_file(port_file, port)
         last = metrics.counts()
