@@ -98,6 +98,7 @@ class ShardElection:
         self.on_change: Callable[[], None] | None = None  # called after a promotion or deposition
         live.fence = self.fence
         live.sync.gate = self.gate
+        live.election_state = self.state.value
 
     @property
     def period_s(self) -> float:
@@ -233,6 +234,8 @@ class ShardElection:
         self.epoch = max(self.epoch, epoch)
         if self.follower is not None:
             self.follower.epoch = max(self.follower.epoch, self.epoch)
+        if self.live.primary is not None:  # a replica says the epoch it follows; a leader keeps its own
+            self.live.epoch = self.epoch
 
     def _follow(self, leader: LeaderRecord) -> None:
         if self.follower is None:  # a primary started while another leads
@@ -246,6 +249,7 @@ class ShardElection:
             self.follower.retarget(leader.address)
             self._etcd.delete(self._candidate_key)
             self.state = LeaderState.FOLLOWER
+            self.live.election_state = self.state.value
 
     def _campaign(self) -> None:
         if self.follower is not None:
@@ -253,6 +257,7 @@ class ShardElection:
                 # Freeze our version (no record lands while we stand), say it, let the others say theirs.
                 self.follower.stop()
                 self.state = LeaderState.CANDIDATE
+                self.live.election_state = self.state.value
                 self._candidate_since = time.monotonic()
                 version = self.live.version
                 self._etcd.put(self._candidate_key, str(version).encode(), lease=self._lease)
@@ -334,6 +339,7 @@ class ShardElection:
         self._changed()
 
     def _changed(self) -> None:
+        self.live.election_state = self.state.value
         if self.on_change is not None:
             self.on_change()
 

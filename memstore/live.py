@@ -155,6 +155,7 @@ class LiveTable:
         # under the push lock before each commit; and the leader epoch it serves under (0: no election).
         self.fence: Callable[[], None] | None = None
         self.epoch = 0
+        self.election_state = ""  # where this daemon stands in the election (LeaderState's value; "": none)
         try:
             if self.config.row_cache.enabled:
                 row_bytes = self.manifest.dtype.row_bytes(self.manifest.layout.dim)

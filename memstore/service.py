@@ -159,6 +159,7 @@ class MemstoreServicer(pb_grpc.MemstoreServicer):
             response = pb.DescribeResponse()
             response.CopyFrom(self._describe)
             response.version = self._live.version
+            response.trainable = self._live.accepts_pushes  # a replica promoted by an election takes pushes
             response.replication.CopyFrom(self._replication())
             return response
 
@@ -180,11 +181,13 @@ class MemstoreServicer(pb_grpc.MemstoreServicer):
             replicas=reports,
         )
         described.MergeFrom(self._role())
+        described.epoch = self._live.epoch
+        described.election_state = self._live.election_state
         return described
 
     def _role(self) -> pb.Replication:
         followers = self.followers.active
-        if self._replica is None:
+        if self._replica is None or self._live.primary is None:  # a primary, or a replica promoted by an election
             version = self._live.version
             role = pb.REPLICATION_ROLE_PRIMARY if followers else pb.REPLICATION_ROLE_STANDALONE
             return pb.Replication(
@@ -205,7 +208,7 @@ class MemstoreServicer(pb_grpc.MemstoreServicer):
 
     def Lookup(self, request: pb.LookupRequest, context: grpc.ServicerContext) -> Iterator[pb.LookupResponse]:
         with self._call("Lookup", context):
-            if self._replica is not None:
+            if self._replica is not None and self._live.primary is not None:
                 self._replica.check_readable()  # UNAVAILABLE beyond the lag bound: clients retry elsewhere
             ids = decode_row_ids(request.row_ids)
             check_request_rows(len(ids), self._config.max_rows_per_request)

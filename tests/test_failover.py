@@ -22,6 +22,7 @@ from memstore.launch import start_daemon, stop_daemon
 from memstore.live import LiveTable
 from memstore.membership import LeaderRecord, MembershipConfig, acked_key, epoch_key, leader_key, version_bytes
 from memstore.replica import Follower
+from memstore.wire import memstore_pb2 as pb
 from tests.etcd_server import EtcdServer, require_etcd
 from tests.helpers import DEADLINE_S, FAST_FAIL, SMALL_LAYOUT, wait_until
 from tests.test_sync_replication import FAST, LAYERS, _expected, _push_args, _zero_table
@@ -108,7 +109,12 @@ def test_the_first_primary_leads_at_epoch_1_and_replicas_follow_it(shard, store)
         _push(client, 1)
     with MemstoreClient(primary, ONCE) as client:
         _push(client, 1)
+        described = client._describe(None).replication
+        assert (described.epoch, described.election_state) == (1, "leader")
     wait_until(lambda: MemstoreClient(replica, ONCE).version() == 1, "the replica applied the push", WAIT_S)
+    with MemstoreClient(replica, ONCE) as client:
+        described = client._describe(None).replication
+        assert (described.epoch, described.election_state) == (1, "follower")
 
 
 def test_training_goes_on_through_two_kills_of_the_primary_and_loses_no_acknowledged_push(shard, etcd, store) -> None:
@@ -178,6 +184,10 @@ def test_a_partitioned_primary_refuses_pushes_once_a_replica_was_elected(shard, 
         with pytest.raises(UnavailableError, match="no longer the leader.*must rejoin as a replica"):
             _push(client, 3)
         assert client.version() == 2  # nothing committed, nothing shown to readers
+    with MemstoreClient(replica, ONCE) as client:  # promoted: Describe says so
+        described = client._describe(None).replication
+        assert client.trainable and described.role != pb.REPLICATION_ROLE_REPLICA
+        assert (described.epoch, described.election_state) == (2, "leader")
 
 
 def test_serving_goes_on_while_etcd_restarts(shard, etcd, store) -> None:

@@ -69,7 +69,7 @@ class DescribeResponse(_message.Message):
     def __init__(self, manifest_json: _Optional[str] = ..., fingerprint: _Optional[str] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., server_version: _Optional[str] = ..., same_host: _Optional[_Union[SameHostAccess, _Mapping]] = ..., version: _Optional[int] = ..., trainable: _Optional[bool] = ..., replication: _Optional[_Union[Replication, _Mapping]] = ...) -> None: ...
 
 class Replication(_message.Message):
-    __slots__ = ("role", "primary_address", "applied_version", "primary_version", "lag_versions", "seconds_since_contact", "followers", "serving", "problem", "sync_replicas", "sync_timeout_policy", "acknowledged_version", "sync_degraded", "replicas")
+    __slots__ = ("role", "primary_address", "applied_version", "primary_version", "lag_versions", "seconds_since_contact", "followers", "serving", "problem", "sync_replicas", "sync_timeout_policy", "acknowledged_version", "sync_degraded", "replicas", "epoch", "election_state")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     PRIMARY_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     APPLIED_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -84,6 +84,8 @@ class Replication(_message.Message):
     ACKNOWLEDGED_VERSION_FIELD_NUMBER: _ClassVar[int]
     SYNC_DEGRADED_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    ELECTION_STATE_FIELD_NUMBER: _ClassVar[int]
     role: ReplicationRole
     primary_address: str
     applied_version: int
@@ -98,7 +100,9 @@ class Replication(_message.Message):
     acknowledged_version: int
     sync_degraded: bool
     replicas: _containers.RepeatedCompositeFieldContainer[ReplicaDurability]
-    def __init__(self, role: _Optional[_Union[ReplicationRole, str]] = ..., primary_address: _Optional[str] = ..., applied_version: _Optional[int] = ..., primary_version: _Optional[int] = ..., lag_versions: _Optional[int] = ..., seconds_since_contact: _Optional[float] = ..., followers: _Optional[int] = ..., serving: _Optional[bool] = ..., problem: _Optional[str] = ..., sync_replicas: _Optional[int] = ..., sync_timeout_policy: _Optional[_Union[SyncTimeoutPolicy, str]] = ..., acknowledged_version: _Optional[int] = ..., sync_degraded: _Optional[bool] = ..., replicas: _Optional[_Iterable[_Union[ReplicaDurability, _Mapping]]] = ...) -> None: ...
+    epoch: int
+    election_state: str
+    def __init__(self, role: _Optional[_Union[ReplicationRole, str]] = ..., primary_address: _Optional[str] = ..., applied_version: _Optional[int] = ..., primary_version: _Optional[int] = ..., lag_versions: _Optional[int] = ..., seconds_since_contact: _Optional[float] = ..., followers: _Optional[int] = ..., serving: _Optional[bool] = ..., problem: _Optional[str] = ..., sync_replicas: _Optional[int] = ..., sync_timeout_policy: _Optional[_Union[SyncTimeoutPolicy, str]] = ..., acknowledged_version: _Optional[int] = ..., sync_degraded: _Optional[bool] = ..., replicas: _Optional[_Iterable[_Union[ReplicaDurability, _Mapping]]] = ..., epoch: _Optional[int] = ..., election_state: _Optional[str] = ...) -> None: ...
 
 class ReplicaDurability(_message.Message):
     __slots__ = ("replica_id", "durable_version", "seconds_since_report")
