@@ -215,6 +215,8 @@ class ShardElection:
             if not self._failing:
                 log.warning("election of shard %d: %s (retrying every %.1fs)", self.shard, exc, self.period_s)
             self._failing = True
+        except Exception:  # noqa: BLE001 - a malformed key or a bug: say so, keep the thread (fencing holds)
+            log.exception("election of shard %d: a round failed", self.shard)
 
     def _renew(self) -> None:
         """Keep the election lease alive; a leader whose lease expired is deposed."""
