@@ -190,9 +190,9 @@ def test_a_partitioned_primary_refuses_pushes_once_a_replica_was_elected(shard, 
         assert (described.epoch, described.election_state) == (2, "leader")
 
 
-def test_serving_goes_on_while_etcd_restarts(shard, etcd, store) -> None:
+def test_serving_goes_on_while_etcd_restarts_and_elections_resume(shard, etcd, store) -> None:
     primary = shard.start("p")
-    shard.start("r", "--follow", primary)
+    replicas = {shard.start(name, "--follow", primary) for name in ("r1", "r2")}  # one left, for --sync-replicas 1
     with ClusterClient.discover(etcd.endpoint, CLUSTER, TRAINER) as cluster:
         _push(cluster, 1)
         etcd.stop()
@@ -202,7 +202,11 @@ def test_serving_goes_on_while_etcd_restarts(shard, etcd, store) -> None:
         for step in (2, 3):  # pushes wait for etcd (the acknowledged version goes there first), then go on
             _push(cluster, step)
         assert _leader(store) == LeaderRecord(primary, 1)  # the lease outlived the restart: no election
-    _check_rows(primary, [1, 2, 3])
+        shard.processes[primary].kill()  # elections resume with etcd back
+        _push(cluster, 4)
+        new = _leader(store)
+        assert new is not None and new.address in replicas and new.epoch == 2
+    _check_rows(new.address, [1, 2, 3, 4])
 
 
 # -- the election in-process: a LiveTable, its ShardElection, the test's etcd ---------------------------
