@@ -151,20 +151,24 @@ class ShardElection:
 
     def _refusal(self) -> str:
         shard = f"shard {self.shard}"
-        leader = self.leader
-        there = "" if leader is None or leader.address == self.address else f"; push to {leader.address}"
+        leader = self.leader if self.leader is not None and self.leader.address != self.address else None
         if self.state is LeaderState.DEPOSED:
+            elsewhere = (
+                "a new leader is being elected"
+                if leader is None
+                else f"the leader is {leader.address} at epoch {leader.epoch}: push there"
+            )
             return (
-                f"pushes are refused: this daemon is no longer the leader of {shard} ({self.reason}); the leader is "
-                f"{leader.address if leader else 'being elected'} at epoch {leader.epoch if leader else '?'}{there}. "
-                "This daemon must rejoin as a replica: restart it with --follow (re-seeded from the leader's "
-                "table when it holds pushes no replica has)"
+                f"pushes are refused: this daemon is no longer the leader of {shard} ({self.reason}); {elsewhere}. "
+                "This daemon must rejoin as a replica: restart it with --follow the leader (re-seeded from the "
+                "leader's table when it holds pushes no replica has)"
             )
         if self.state is LeaderState.LEADER:
             return (
                 f"pushes are refused: this daemon leads {shard} but could not renew its etcd lease in time "
                 "(etcd unreachable?); it takes pushes again once etcd answers, unless another daemon was elected"
             )
+        there = "" if leader is None else f"; the last leader known is {leader.address}"
         return f"pushes are refused: {shard} has no leader yet (an election is under way{there}); retry shortly"
 
     # -- the election ----------------------------------------------------------------------------
