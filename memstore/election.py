@@ -115,6 +115,8 @@ class ShardElection:
         it takes no pushes, and its own followers take what it applied)."""
         if self.live.primary is not None or self.leading():
             return
+        if self.state is LeaderState.LEADER:
+            self._wake.set()  # its lease lapsed here: renew (or find it expired) now rather than at the next round
         raise UnavailableError(self._refusal())
 
     def gate(self, version: int) -> None:
@@ -166,7 +168,8 @@ class ShardElection:
         if self.state is LeaderState.LEADER:
             return (
                 f"pushes are refused: this daemon leads {shard} but could not renew its etcd lease in time "
-                "(etcd unreachable?); it takes pushes again once etcd answers, unless another daemon was elected"
+                "(etcd unreachable, or this daemon was paused); it takes pushes again once its lease is renewed, or "
+                "must rejoin as a replica if it expired"
             )
         there = "" if leader is None else f"; the last leader known is {leader.address}"
         return f"pushes are refused: {shard} has no leader yet (an election is under way{there}); retry shortly"

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -180,9 +181,16 @@ def test_a_partitioned_primary_refuses_pushes_once_a_replica_was_elected(shard, 
     os.kill(shard.processes[old].pid, signal.SIGSTOP)  # partitioned: its lease expires
     wait_until(lambda: _leader(store) == LeaderRecord(replica, 2), "the replica was elected", WAIT_S)
     os.kill(shard.processes[old].pid, signal.SIGCONT)
-    with MemstoreClient(old, ONCE) as client:
-        with pytest.raises(UnavailableError, match="no longer the leader.*must rejoin as a replica"):
+    refusals: list[str] = []
+
+    def deposed() -> bool:  # every push is refused; once its election round ran, it says it was deposed
+        with pytest.raises(UnavailableError) as refused:
             _push(client, 3)
+        refusals.append(str(refused.value))
+        return bool(re.search("no longer the leader of shard 0.*must rejoin as a replica", refusals[-1]))
+
+    with MemstoreClient(old, ONCE) as client:
+        wait_until(deposed, "the old primary says it must rejoin as a replica", WAIT_S)
         assert client.version() == 2  # nothing committed, nothing shown to readers
     with MemstoreClient(replica, ONCE) as client:  # promoted: Describe says so
         described = client._describe(None).replication
