@@ -16,8 +16,10 @@ import numpy as np
 import pytest
 
 from client import ClusterClient, MemstoreClient
+from memstore.cli import _parser as memstore_parser
+from memstore.cli_serve import daemon_config
 from memstore.election import LeaderState, ShardElection
-from memstore.errors import MemstoreError, UnavailableError
+from memstore.errors import InvalidArgumentError, MemstoreError, UnavailableError
 from memstore.etcd import EtcdClient
 from memstore.launch import start_daemon, stop_daemon
 from memstore.live import LiveTable
@@ -35,6 +37,18 @@ WAIT_S = 60.0
 TRAINER = replace(FAST_FAIL, max_attempts=5, timeout_s=WAIT_S, same_host=False)
 ONCE = replace(FAST_FAIL, max_attempts=1, timeout_s=DEADLINE_S, same_host=False)
 SYNC = ["--sync-replicas", "1", "--sync-timeout-s", "30"]
+
+
+def test_failover_flags_are_checked() -> None:
+    serve = memstore_parser()
+    with pytest.raises(InvalidArgumentError, match="--failover need --etcd"):
+        daemon_config(serve.parse_args(["serve", "t", "--failover"]))
+    with pytest.raises(InvalidArgumentError, match="--sync-replicas is for a primary"):  # it would never apply
+        daemon_config(serve.parse_args(["serve", "t", "--follow", "p:1", "--sync-replicas", "1"]))
+    replica = ["serve", "t", "--follow", "p:1", "--sync-replicas", "1", "--etcd", "e:1", "--cluster-name", "c"]
+    assert daemon_config(serve.parse_args([*replica, "--failover"])).live.sync.replicas == 1  # once promoted
+    assert LeaderRecord.decode(LeaderRecord("h:1", 3).encode()) == LeaderRecord("h:1", 3)
+    assert version_bytes(9) < version_bytes(10)  # etcd compares bytes: the padding makes that numeric
 
 
 @pytest.fixture
