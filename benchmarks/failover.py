@@ -73,13 +73,52 @@ def main() -> int:
     parser.add_argument("--kills", type=int, default=10)
     parser.add_argument("--ttl-s", type=int, default=2, help="--etcd-ttl-s of every daemon (the election lease)")
     parser.add_argument("--pushes-between", type=int, default=20, help="acknowledged pushes before each kill")
+    parser.add_argument(
+        "--throughput-s",
+        type=float,
+        default=0.0,
+        help="first, push for this long with and without --failover (a primary, one replica, --sync-replicas 1) "
+        "and report pushes/s: what the election's per-push etcd write costs",
+    )
     args = parser.parse_args()
     binary = etcd_binary()
     if binary is None:
         print("no etcd: run scripts/get_etcd.sh (or set ETCD_BIN)", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix="failover-bench-") as tmp:
+        if args.throughput_s > 0:
+            for failover in (False, True, False, True):
+                per_s = _throughput(Path(tmp) / f"t{failover}{time.monotonic_ns()}", binary, failover, args)
+                print(f"--sync-replicas 1, {'with' if failover else 'without'} --failover: {per_s:.1f} pushes/s")
         return _bench(Path(tmp), binary, args)
+
+
+def _throughput(work: Path, binary: str, failover: bool, args: argparse.Namespace) -> float:
+    """Pushes/s of one trainer (64-row steps back to back) to a primary with one synchronous replica."""
+    work.mkdir()
+    etcd = EtcdServer(binary, work / "etcd").start()
+    flags = ["--no-same-host", "--durability", "os", "--etcd", etcd.endpoint, "--cluster-name", CLUSTER]
+    flags += ["--etcd-ttl-s", str(args.ttl_s), *(["--failover"] if failover else [])]
+    quiet = {"stderr": subprocess.DEVNULL}
+    processes = []
+    try:
+        primary, address = start_daemon(_zero_table(work / "p"), [*flags, "--sync-replicas", "1"], **quiet)
+        processes.append(primary)
+        replica, _ = start_daemon(_zero_table(work / "r"), [*flags, "--follow", address], **quiet)
+        processes.append(replica)
+        with MemstoreClient(address, ClientConfig(timeout_s=60.0, same_host=False)) as client:
+            ids, grads = _push_args(0)
+            client.push(1, ids, grads, step_id=1)  # the replica follows and reports
+            step, start = 1, time.monotonic()
+            while time.monotonic() - start < args.throughput_s:
+                step += 1
+                ids, grads = _push_args(step)
+                client.push(1, ids, grads, step_id=step)
+            return (step - 1) / (time.monotonic() - start)
+    finally:
+        for process in processes:
+            stop_daemon(process)
+        etcd.stop()
 
 
 def _bench(work: Path, binary: str, args: argparse.Namespace) -> int:
