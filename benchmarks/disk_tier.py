@@ -324,6 +324,9 @@ def _window_record(w: int, lo: int, hi: int, before: Sample, after: Sample, step
         record["row_cache_hits"], record["row_cache_misses"] = hits, misses
         record["row_cache_hit"] = hits / (hits + misses) if hits + misses else None
         record["row_cache_metrics"] = after.cache
+        for name in ("disk_reads", "disk_bytes"):
+            key = f"memstore_row_cache_{name}_total"
+            record[f"row_cache_{name}"] = after.cache.get(key, 0.0) - before.cache.get(key, 0.0)
     return record
 
 
@@ -484,6 +487,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--drop-caches", action="store_true", help="also echo 1 > /proc/sys/vm/drop_caches")
     parser.add_argument("--out", type=Path, default=None, help="write the results page here")
     parser.add_argument("--json", type=Path, default=None, help="write the raw results here")
+    parser.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the runs already in --json (same "
+        "table and traffic) and add this invocation's: runs of several invocations, one page",
+    )
     return parser
 
 
@@ -535,6 +544,13 @@ def main(argv: list[str] | None = None) -> int:
                     "distinct_bytes": distinct * row_bytes, "enough": check == "OK"},
         "limit": args.limit, "row_cache_bytes": args.row_cache_bytes, "in_flight": args.in_flight, "runs": [],
     }  # fmt: skip
+    if args.keep and args.json and args.json.exists():
+        kept = json.loads(args.json.read_text())
+        if kept["traffic"] != report["traffic"] or kept["table"] != report["table"] or kept["limit"] != args.limit:
+            raise SystemExit(f"{args.json} holds runs of another table, traffic or limit: not mixing them")
+        report["runs"] = kept["runs"]
+        report["command"] = kept["command"] + "; then " + report["command"]
+        report["disk"] = kept.get("disk")
     if args.disk_seconds > 0:
         drop_table_cache(table, False)
         layer_file = table / manifest.layer_file(layout.layer_ids[0])
