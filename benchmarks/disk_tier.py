@@ -69,8 +69,9 @@ from model import traffic
 DTYPE = DType.FLOAT8_E4M3_ROWSCALE
 DIM = 260  # 260 codes + a 4-byte scale = 264 bytes, V4.1-Flash's row size
 VOCAB = 1_356_000  # per order: V4.1-Flash's 16,000,000 scaled to a 16 GiB table
-CONFIGS = ("pagecache", "rowcache", "dram")
+CONFIGS = ("pagecache", "rowcache", "rowcache-samehost", "dram")
 DAEMON_ARGS = ("--read-only", "--no-integrity")
+SERVED = "memstore_rows_served_total"
 
 
 def scaled_layout(vocab: int = VOCAB, dim: int = DIM) -> EngramLayout:
@@ -134,13 +135,13 @@ def read_proc(pid: int) -> dict[str, float]:
 
 
 def row_cache_metrics(prometheus_text: str) -> dict[str, float]:
-    """The daemon's metrics whose name mentions the row cache: {name{labels}: value}."""
+    """The daemon's row-cache metrics and rows served: {name{labels}: value}."""
     from prometheus_client.parser import text_string_to_metric_families
 
     found = {}
     for family in text_string_to_metric_families(prometheus_text):
         for sample in family.samples:
-            if "row_cache" in sample.name:
+            if "row_cache" in sample.name or sample.name == SERVED:
                 labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
                 found[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
     return found
@@ -259,13 +260,14 @@ def _sample(client: MemstoreClient, pid: int, group: MemoryGroup | None) -> Samp
 
 
 def replay(address: str, pid: int, work: Traffic, per_step: np.ndarray, windows: int, in_flight: int,
-           max_seconds: float, group: MemoryGroup | None) -> list[dict[str, Any]]:  # fmt: skip
-    """Replay the steps through one gRPC client, `in_flight` steps outstanding; one record per window."""
+           max_seconds: float, group: MemoryGroup | None, same_host: bool = False) -> list[dict[str, Any]]:  # fmt: skip
+    """Replay the steps through one client (gRPC, or the same-host path), `in_flight` steps outstanding;
+    one record per window."""
     heads = next(iter(work.streams.values())).shape[1]
     layers = len(work.streams)
     bounds = np.linspace(0, work.steps, windows + 1).astype(int)
     records = []
-    config = ClientConfig(timeout_s=900, same_host=False)
+    config = ClientConfig(timeout_s=900, same_host=same_host)
     with MemstoreClient(address, config) as client, ThreadPoolExecutor(in_flight * layers) as pool:
         client.describe()
         started = time.perf_counter()
@@ -317,6 +319,9 @@ def _window_record(w: int, lo: int, hi: int, before: Sample, after: Sample, step
         record["group"] = {k: after.group.get(k, 0) for k in ("total_cache", "total_rss", "usage_in_bytes",
                                                                "max_usage_in_bytes", "failcnt")}  # fmt: skip
         record["group_pgmajfault"] = after.group.get("total_pgmajfault", 0) - before.group.get("total_pgmajfault", 0)
+    # Rows the daemon sent: the distinct rows asked over gRPC (a same-host client asks only for what it
+    # did not find in the daemon's row cache).
+    record["served"] = after.cache.get(SERVED, 0.0) - before.cache.get(SERVED, 0.0)
     counts_after, counts_before = row_cache_hits_misses(after.cache), row_cache_hits_misses(before.cache)
     if counts_after is not None:
         hits = counts_after[0] - (counts_before[0] if counts_before else 0)
@@ -333,7 +338,7 @@ def _window_record(w: int, lo: int, hi: int, before: Sample, after: Sample, step
 def run_config(name: str, args: argparse.Namespace, table: Path, work: Traffic, per_step: np.ndarray) -> dict:
     """One configuration's daemon, group and replay; the group and the table's page cache cleaned up after."""
     extra = [*DAEMON_ARGS, "--max-workers", str(max(8, 2 * args.in_flight * len(work.streams)))]
-    if name == "rowcache":
+    if name.startswith("rowcache"):
         extra += ["--row-cache-bytes", str(args.row_cache_bytes)]
     limited = name != "dram"
     drop_table_cache(table, args.drop_caches)
@@ -352,7 +357,7 @@ def run_config(name: str, args: argparse.Namespace, table: Path, work: Traffic, 
                                         preexec_fn=group.enter_child if group else None)  # fmt: skip
         try:
             result["windows"] = replay(address, process.pid, work, per_step, args.windows, args.in_flight,
-                                       args.max_seconds, group)  # fmt: skip
+                                       args.max_seconds, group, same_host=name.endswith("samehost"))  # fmt: skip
             if group is not None:
                 result["group_final"] = group.stat()
         finally:
@@ -377,9 +382,34 @@ def summarize(run: dict[str, Any]) -> dict[str, Any]:
         out[f"{label}_reads_per_s"] = w["reads_per_s"]
         out[f"{label}_tokens_per_s"] = w["tokens_per_s"]
         out[f"{label}_page_hit"] = w["page_hit"]
-        out[f"{label}_row_cache_hit"] = w.get("row_cache_hit")
+        out[f"{label}_row_cache_hit"] = cache_hit(run["config"], w)
         out[f"{label}_mib_read_per_kdistinct"] = w["read_bytes"] / 2**20 / (w["distinct"] / 1e3)
     return out
+
+
+def cache_hit(config: str, window: dict[str, Any]) -> float | None:
+    """The row cache's hit rate in a window: the daemon's counters, or for a same-host client (which copies
+    hits itself and asks the daemon only for the rest) 1 - rows the daemon sent / distinct rows asked."""
+    if config.endswith("samehost"):
+        return 1 - window["served"] / window["distinct"] if window["distinct"] else None
+    return window.get("row_cache_hit")
+
+
+def ratio_lines(runs: list[dict[str, Any]]) -> list[str]:
+    """Row reads/s of one configuration over another's (means over their runs): warm, cold and whole runs."""
+    by_config: dict[str, list[dict[str, Any]]] = {}
+    for run in runs:
+        by_config.setdefault(run["config"], []).append(summarize(run))
+    lines = ["| ratio of row reads/s (means over runs) | warm | cold | whole run |", "|---|---:|---:|---:|"]
+    for a, b in (("rowcache", "pagecache"), ("rowcache", "dram"), ("rowcache-samehost", "rowcache"),
+                 ("pagecache", "dram")):  # fmt: skip
+        if a in by_config and b in by_config:
+            cells = []
+            for key in ("warm_reads_per_s", "cold_reads_per_s", "reads_per_s"):
+                mean = {c: float(np.mean([s[key] for s in by_config[c]])) for c in (a, b)}
+                cells.append(f"{mean[a] / mean[b]:.2f}x")
+            lines.append(f"| {a} / {b} | {' | '.join(cells)} |")
+    return lines if len(lines) > 2 else []
 
 
 def _fmt_rate(x: float | None) -> str:
@@ -439,7 +469,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {_fmt_rate(s['cold_row_cache_hit'])} / {_fmt_rate(s['warm_row_cache_hit'])} "
             f"| {s['warm_mib_read_per_kdistinct']:.2f} |"
         )
-    lines += ["", "Per window:", ""]
+    lines += ["", *ratio_lines(report["runs"]), "", "Per window:", ""]
     for i, run in enumerate(report["runs"]):
         lines += [f"Run {i + 1}, {run['config']} (`{' '.join(run['daemon_args'])}`; "
                   f"{run['resident_at_start'] / 2**30:.2f} GiB of the table cached at the start):", "",
@@ -453,7 +483,7 @@ def markdown(report: dict[str, Any]) -> str:
                 f"| {w['window'] + 1} | {w['first_step']}-{w['first_step'] + w['steps'] - 1} | {w['seconds']:.1f} "
                 f"| {w['reads_per_s'] / 1e6:.3f} M | {w['tokens_per_s']:,.0f} | {w['distinct_per_s'] / 1e6:.3f} M "
                 f"| {w['majflt']:,} | {w['read_bytes'] / 2**20:,.0f} | {_fmt_rate(w['page_hit'])} "
-                f"| {_fmt_rate(w.get('row_cache_hit'))} | {w['daemon_cpu_s']:.1f} "
+                f"| {_fmt_rate(cache_hit(run['config'], w))} | {w['daemon_cpu_s']:.1f} "
                 f"| {group} |"
             )
         lines.append("")
@@ -468,7 +498,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--vocab", type=int, default=VOCAB, help="rows per order's head set (table size)")
     parser.add_argument("--limit", type=parse_bytes, default=parse_bytes("4G"), help="the daemon's memory limit")
     parser.add_argument("--row-cache-bytes", type=parse_bytes, default=parse_bytes("3.5G"))
-    parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, in order, of {CONFIGS}")
+    parser.add_argument("--configs", default="pagecache,rowcache,dram", help=f"comma-separated, in order, of {CONFIGS}")
     parser.add_argument("--repeat", type=int, default=1, help="run the limited configurations this many times, "
                         "interleaved (dram runs once, last)")  # fmt: skip
     parser.add_argument("--batch", type=int, default=8)
