@@ -10,8 +10,8 @@
 ARG PYTHON_VERSION=3.11
 
 # Build stage: a compiler for the optional C extensions (memstore/_rowgen.c, the row generator;
-# memstore/_fatal.c, the SIGBUS reporter; model/_cachesim.c, the cache simulator); the runtime
-# image gets the finished virtual environment only.
+# memstore/_fatal.c, the SIGBUS reporter; memstore/_directio.c, the row cache's reads; model/_cachesim.c,
+# the cache simulator); the runtime image gets the finished virtual environment only.
 FROM python:${PYTHON_VERSION}-slim AS build
 # Unpinned (DL3008): the compiler is the base release's, and never reaches the runtime image.
 # hadolint ignore=DL3008
@@ -35,7 +35,7 @@ COPY pyproject.toml README.md /src/
 COPY memstore /src/memstore
 COPY client /src/client
 COPY model /src/model
-RUN pip install "/src[model]" && python -c "import memstore._rowgen, memstore._fatal, model._cachesim"
+RUN pip install "/src[model]" && python -c "import memstore._rowgen, memstore._fatal, memstore._directio, model._cachesim"
 
 FROM python:${PYTHON_VERSION}-slim
 RUN groupadd --gid 10001 memstore && useradd --uid 10001 --gid 10001 --create-home memstore

@@ -52,6 +52,7 @@ class MemstoreClient:
         self._manifest_parsed: Manifest | None = None
         self._local: SameHostReader | None = None
         self._local_checked = False
+        self._retired: list[SameHostReader] = []
         if expected_fingerprint is not None:
             try:
                 self.check_fingerprint(expected_fingerprint)
@@ -114,6 +115,10 @@ class MemstoreClient:
             if len(flat) > limit:  # the rows the wire would carry, deduplicated or not
                 distinct = _distinct_count(flat)
                 check_request_rows(distinct if self._dedup_pays(distinct, len(flat)) else len(flat), limit)
+            if local.row_cache is not None:  # the daemon's row cache: its rows here, the rest over gRPC
+                rows, version = self._lookup_cached(local, layer_id, flat, target, deadline)  # [N, dim]
+                tensor = local.manifest.dtype.to_torch(rows.reshape(*ids.shape, rows.shape[-1]))  # [*shape, dim]
+                return (tensor, version) if return_version else tensor
             got = local.gather(layer_id, flat, target)  # None: pushes kept overlapping the read
             if got is not None:
                 rows, version = got  # [N, dim]
@@ -130,6 +135,21 @@ class MemstoreClient:
             dtype, rows, version = self._fetch(layer_id, flat, deadline, target)  # [N, dim]
         tensor = dtype.to_torch(rows.reshape(*ids.shape, rows.shape[-1]))  # [*shape, dim]
         return (tensor, version) if return_version else tensor
+
+    def _lookup_cached(
+        self, local: SameHostReader, layer_id: int, flat: np.ndarray, target: np.ndarray | None, deadline: float
+    ) -> tuple[np.ndarray, int]:
+        """Rows copied from the daemon's row cache, the distinct ones it lacked fetched over gRPC (which
+        admits them there); and a version every row shows at least."""
+        rows, missed, version = local.gather_cached(layer_id, flat, target)  # [N, dim], [N]
+        if missed.all() and not local.row_cache.alive():  # its daemon stopped: ask the one serving now
+            self._forget_same_host(local)
+        if missed.any():
+            wanted, back = np.unique(flat[missed], return_inverse=True)  # [U], [M]
+            _, fetched, fetched_version = self._fetch(layer_id, wanted, deadline)  # [U, dim]
+            rows[missed] = take_rows(fetched, back)
+            version = min(version, fetched_version)
+        return rows, version
 
     def push(
         self,
@@ -255,6 +275,16 @@ class MemstoreClient:
                 )
         return self._local
 
+    def _forget_same_host(self, local: SameHostReader) -> None:
+        """Stop using `local` (a stopped daemon's row cache) and describe the daemon again on the next
+        lookup. It is closed with the client: another thread may still be copying from it."""
+        with self._describe_lock:
+            if self._local is local:
+                self._retired.append(local)
+                self._local = None
+                self._local_checked = False
+                self._described = None
+
     def _manifest(self, timeout: float | None) -> Manifest:
         if self._manifest_parsed is None:
             self._manifest_parsed = Manifest.from_json(self._describe(timeout).manifest_json)
@@ -330,6 +360,8 @@ class MemstoreClient:
         if self._local is not None:
             self._local.close()
             self._local = None
+        while self._retired:
+            self._retired.pop().close()
 
     def __enter__(self) -> MemstoreClient:
         return self

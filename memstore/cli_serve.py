@@ -18,6 +18,7 @@ from memstore.integrity import IntegrityConfig
 from memstore.live import LiveConfig
 from memstore.logs import LogFormat
 from memstore.replica import FollowConfig
+from memstore.rowcache import RowCacheConfig
 from memstore.service import serve
 from memstore.tabledir.fsafe import add_group_readable
 from memstore.wal import Durability
@@ -34,6 +35,7 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
     _add_durability(srv, live)
     _add_replication(srv, server, live)
     _add_limits(srv, server)
+    _add_row_cache(srv, live.row_cache)
     _add_observability(srv, daemon.observability)
 
 
@@ -70,6 +72,7 @@ def daemon_config(args: argparse.Namespace) -> DaemonConfig:
             feed_bytes=args.feed_bytes,
             accept_data_loss=args.accept_data_loss,
             integrity=IntegrityConfig(enabled=not args.no_integrity, scrub_period_s=args.scrub_period_s),
+            row_cache=RowCacheConfig(bytes=args.row_cache_bytes),
         ),
         follow=_follow(args),
         observability=ObservabilityConfig(
@@ -313,6 +316,19 @@ def _add_limits(srv: argparse.ArgumentParser, defaults: ServerConfig) -> None:
         help="memory the calls in progress may hold (requests, gathered rows, optimizer work; default "
         f"{format_bytes(defaults.max_in_flight_bytes)}); "
         "a call that would pass it is refused, and the client retries it shortly",
+    )
+
+
+def _add_row_cache(srv: argparse.ArgumentParser, defaults: RowCacheConfig) -> None:
+    group = srv.add_argument_group("row cache: DRAM over a table on disk (docs/operations.md)")
+    group.add_argument(
+        "--row-cache-bytes",
+        type=parse_bytes,
+        default=defaults.bytes,
+        metavar="BYTES",
+        help="keep recently read rows in this much shared memory (e.g. 4GiB; 0, the default: no cache, rows are "
+        "read through the page cache); misses are read with O_DIRECT, so a table larger than RAM is served from "
+        "this budget rather than from the page cache, and clients on this host read the cached rows too",
     )
 
 

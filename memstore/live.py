@@ -55,6 +55,7 @@ from memstore.recovery import (
     read_checkpoint,
     settle,
 )
+from memstore.rowcache import RowCache, RowCacheConfig
 from memstore.snapshots import copy_table, publishing, replay_onto_copy, stage_snapshot
 from memstore.space import DiskFullError
 from memstore.storage import RowStore
@@ -85,10 +86,15 @@ class LiveConfig:
     accept_data_loss: bool = False
     # Row checksums checked on read and by a background scrub (memstore.integrity).
     integrity: IntegrityConfig = field(default_factory=IntegrityConfig)
+    # A DRAM cache of rows over the layer files (memstore.rowcache); RowCacheConfig.bytes 0: none.
+    row_cache: RowCacheConfig = field(default_factory=RowCacheConfig)
 
     def __post_init__(self) -> None:
         if self.feed_bytes < 0:
             raise InvalidArgumentError(f"feed_bytes must be 0 or more; got {self.feed_bytes}")
+        if not isinstance(self.row_cache, RowCacheConfig):
+            kind = type(self.row_cache).__name__
+            raise InvalidArgumentError(f"LiveConfig.row_cache takes RowCacheConfig, not {kind}")
 
 
 class LiveTable:
@@ -135,7 +141,13 @@ class LiveTable:
         self.seqlock: SeqLock | None = None
         self._wal: WriteAheadLog | None = None
         self.integrity: TableIntegrity | None = None  # None: checksums off (or the table has none, read-only)
+        self.row_cache: RowCache | None = None
         try:
+            if self.config.row_cache.enabled:
+                row_bytes = self.manifest.dtype.row_bytes(self.manifest.layout.dim)
+                self.row_cache = RowCache(self.config.row_cache, row_bytes)
+                table.cache_rows(self.row_cache)
+                log.info("%s: %s", self.path, self.row_cache.describe())
             checkpoint = read_checkpoint(self.path, self.trainable and self.config.accept_data_loss)
             self.version = checkpoint.version
             self.layer_steps = {layer: checkpoint.layer_steps.get(layer, 0) for layer in self.manifest.layout.layer_ids}
@@ -171,7 +183,7 @@ class LiveTable:
         self.integrity = TableIntegrity.open(
             self.path,
             self.manifest,
-            self._stores_by_name(),
+            self._stores_by_name(uncached=True),  # checksums verify the files, and scrubs never fill the cache
             self.trainable,
             self._push_lock,
             self.config.integrity,
@@ -480,9 +492,12 @@ class LiveTable:
                 self._snapshots -= 1
         return end.version
 
-    def _stores_by_name(self) -> dict[str, RowStore]:
-        """Every store of the table (rows, then optimizer state) by its name in the table directory."""
+    def _stores_by_name(self, uncached: bool = False) -> dict[str, RowStore]:
+        """Every store of the table (rows, then optimizer state) by its name in the table directory
+        (`uncached`: the stores under the row cache's)."""
         stores = {self.manifest.layer_file(layer): self.table.store(layer) for layer in self.manifest.layout.layer_ids}
+        if uncached:
+            stores = {name: getattr(store, "inner", store) for name, store in stores.items()}
         for layer, states in self._state.items():
             for slot, store in states.items():
                 stores[self.manifest.state_files(layer)[slot][0]] = store
@@ -514,6 +529,9 @@ class LiveTable:
         if self.table is not None:
             self.table.close()
             self.table = None
+        if self.row_cache is not None:
+            self.row_cache.close()
+            self.row_cache = None
         if self._lock_file is not None:
             self._lock_file.close()  # releases the flock
             self._lock_file = None

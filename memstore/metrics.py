@@ -19,13 +19,16 @@ from typing import TYPE_CHECKING
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, make_wsgi_app
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import ThreadingWSGIServer, _get_best_family, _SilentHandler
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from memstore.limits import InFlightBudget
     from memstore.live import LiveTable
     from memstore.replica import Follower
+    from memstore.rowcache import RowCache
 
 # Latency buckets (seconds): a 1k-row lookup takes ~1 ms, a 256k-row one ~100 ms.
 log = logging.getLogger("memstore.metrics")
@@ -88,6 +91,8 @@ class DaemonMetrics:
         self.in_flight_bytes.set_function(lambda: budget.reserved)
         if replica is not None:
             self.replica_lag.set_function(lambda: replica.status().lag)
+        if live.row_cache is not None:
+            self.registry.register(_RowCacheCollector(live.row_cache))
 
     def counts(self) -> dict[str, float]:
         """Running totals for the daemon's periodic log line."""
@@ -158,6 +163,37 @@ class DaemonMetrics:
             server = self._http_servers.pop()
             server.shutdown()
             server.server_close()
+
+
+class _RowCacheCollector(Collector):
+    """The row cache's counters (memstore.rowcache), read when scraped."""
+
+    def __init__(self, cache: RowCache) -> None:
+        self._cache = cache
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._cache.snapshot()
+        for name, doc, value in (
+            ("hits", "Rows read from the row cache", stats.hits),
+            ("misses", "Rows the row cache did not hold, read from the store", stats.misses),
+            ("admitted", "Rows put into the row cache", stats.admitted),
+            ("evictions", "Rows the row cache dropped for others", stats.evictions),
+            ("stale_skipped", "Rows read while a push of their layer was applied, not admitted", stats.stale_skipped),
+            ("disk_reads", "Reads (runs of blocks) the row cache's misses took", stats.disk_reads),
+            ("disk_bytes", "Bytes read from disk for the row cache's misses", stats.disk_bytes),
+        ):
+            yield CounterMetricFamily(f"memstore_row_cache_{name}", doc, value=value)
+        yield GaugeMetricFamily(
+            "memstore_row_cache_resident_bytes", "Row bytes the row cache holds now", value=stats.resident_bytes
+        )
+        yield GaugeMetricFamily(
+            "memstore_row_cache_capacity_bytes", "Memory the row cache takes (its budget)", value=stats.capacity_bytes
+        )
+        yield GaugeMetricFamily(
+            "memstore_row_cache_direct_io",
+            "1 when misses are read with O_DIRECT (out of the page cache), 0 when buffered",
+            value=float(stats.direct_io),
+        )
 
 
 def _loopback(host: str) -> bool:

@@ -9,6 +9,11 @@ A trainable table also advertises its sequence-lock file: the client reads rows 
 daemon does (memstore.tabledir.seqlock.consistent_gather), so a push never tears a row it reads, and gives
 up to gRPC for a call when pushes keep overlapping its reads. That protocol needs a CPU that
 keeps loads and stores in order (x86-64); elsewhere a trainable table is read over gRPC.
+
+A daemon with a row cache (memstore.rowcache) advertises its shared-memory file instead: the client
+copies the rows it holds (each checked by its slot's sequence word) and asks the daemon for the rest
+over gRPC, so the table's files are never read here (that would fill the page cache the row cache
+keeps them out of) and every miss warms the cache for every client. The same CPU requirement holds.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from memstore.errors import TableFormatError
+from memstore.rowcache import RowCache, RowCacheReader
 from memstore.table import Table
 from memstore.tabledir.manifest import Backend
 from memstore.tabledir.seqlock import SeqLock, consistent_gather
@@ -36,10 +43,11 @@ def host_id() -> str:
     return f"{socket.gethostname()}/{boot}"
 
 
-def advertise(table: Table, seqlock: SeqLock | None) -> pb.SameHostAccess | None:
+def advertise(table: Table, seqlock: SeqLock | None, row_cache: RowCache | None = None) -> pb.SameHostAccess | None:
     """What the daemon tells clients so those on its host can map `table`'s files, read under
     `seqlock` when the table is trained (None for an LMDB table: LMDB allows one open of an
-    environment per process, and a same-host client may be the daemon's own process)."""
+    environment per process, and a same-host client may be the daemon's own process), or
+    `row_cache`'s shared file when it has one."""
     if table.manifest.backend is not Backend.MMAP:
         return None
     files = []
@@ -48,19 +56,41 @@ def advertise(table: Table, seqlock: SeqLock | None) -> pb.SameHostAccess | None
         stat = path.stat()
         files.append(pb.LayerFile(layer_id=layer_id, path=str(path), device=stat.st_dev, inode=stat.st_ino))
     seqlock_path = str(seqlock.path.resolve()) if seqlock is not None else ""
+    cache = None
+    if row_cache is not None:
+        cache = pb.RowCacheFile(path=str(row_cache.path), device=row_cache.device, inode=row_cache.inode)
     return pb.SameHostAccess(
-        host_id=host_id(), table_dir=str(table.path.resolve()), files=files, seqlock_path=seqlock_path
+        host_id=host_id(), table_dir=str(table.path.resolve()), files=files, seqlock_path=seqlock_path, row_cache=cache
     )
 
 
 class SameHostReader:
-    """The daemon's table mapped read-only in this process, read under its sequence lock if trained."""
+    """The daemon's table mapped read-only in this process, read under its sequence lock if trained;
+    or, with `row_cache`, the daemon's row cache mapped read-only (`gather_cached`)."""
 
-    def __init__(self, table: Table, seqlock: SeqLock | None, frozen_version: int = 0) -> None:
+    def __init__(
+        self, table: Table, seqlock: SeqLock | None, frozen_version: int = 0, row_cache: RowCacheReader | None = None
+    ) -> None:
         self.table = table
         self.manifest = table.manifest
         self.seqlock = seqlock
         self.frozen_version = frozen_version
+        self.row_cache = row_cache
+        self._row_bytes = table.manifest.dtype.row_bytes(table.manifest.layout.dim)
+
+    def gather_cached(
+        self, layer_id: int, row_ids: np.ndarray, out: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray, int]:
+        """(rows, which of them the daemon's row cache did not hold (left for the caller to fetch),
+        a version every copied row shows at least). Only with a row cache."""
+        assert self.row_cache is not None
+        ids = self.table.local_ids(layer_id, row_ids)
+        dim = self.table.store(layer_id).dim
+        rows = np.empty((len(ids), dim), dtype=self.manifest.dtype.numpy) if out is None else out
+        # Read before the copies: a slot written since holds a row of a later version.
+        version = self.frozen_version if self.seqlock is None else self.seqlock.read() // 2
+        missed = self.row_cache.lookup(layer_id, ids, rows.view(np.uint8).reshape(len(ids), self._row_bytes))
+        return rows, missed, version
 
     def gather(
         self, layer_id: int, row_ids: np.ndarray, out: np.ndarray | None = None
@@ -74,6 +104,8 @@ class SameHostReader:
         self.table.close()
         if self.seqlock is not None:
             self.seqlock.close()
+        if self.row_cache is not None:
+            self.row_cache.close()
 
 
 def open_if_same_host(access: pb.SameHostAccess, fingerprint: str, version: int = 0) -> SameHostReader | None:
@@ -99,4 +131,21 @@ def open_if_same_host(access: pb.SameHostAccess, fingerprint: str, version: int 
     except OSError:
         table.close()
         return None
-    return SameHostReader(table, seqlock, version)
+    cache = None
+    if access.HasField("row_cache"):
+        if not _ORDERED_MEMORY:  # the slots' sequence words need loads and stores kept in order
+            table.close()
+            if seqlock is not None:
+                seqlock.close()
+            return None
+        file = access.row_cache
+        try:
+            cache = RowCacheReader(
+                Path(file.path), file.device, file.inode, table.manifest.dtype.row_bytes(table.manifest.layout.dim)
+            )
+        except (OSError, TableFormatError):
+            table.close()
+            if seqlock is not None:
+                seqlock.close()
+            return None
+    return SameHostReader(table, seqlock, version, cache)

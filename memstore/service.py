@@ -133,7 +133,8 @@ class MemstoreServicer(pb_grpc.MemstoreServicer):
                 max_in_flight_bytes=config.max_in_flight_bytes,
             ),
             server_version=__version__,
-            same_host=advertise(live.table, live.seqlock) if config.same_host else None,  # None: not offered
+            # None: not offered
+            same_host=advertise(live.table, live.seqlock, live.row_cache) if config.same_host else None,
             trainable=live.accepts_pushes,
         )
 

@@ -9,9 +9,11 @@ import numpy as np
 
 from memstore.dtypes import DType
 from memstore.errors import InvalidArgumentError, TableFormatError, permission_message
+from memstore.rowcache import RowCache
 from memstore.rowgen import initial_rows_at
 from memstore.storage import MmapRowStore, RowStore
 from memstore.storage.base import check_row_ids
+from memstore.storage.cached import CachedRowStore
 from memstore.tabledir.manifest import Backend, Init, Manifest
 
 
@@ -49,6 +51,10 @@ class Table:
                 store.close()
             raise
         return cls(path, manifest, stores, read_only)
+
+    def cache_rows(self, cache: RowCache) -> None:
+        """Read every layer's rows through the daemon's row cache from now on (memstore.rowcache)."""
+        self._stores = {layer: CachedRowStore(store, cache, layer) for layer, store in self._stores.items()}
 
     def store(self, layer_id: int) -> RowStore:
         """The row store of one layer; InvalidArgumentError for a layer the table does not have."""

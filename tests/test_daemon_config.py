@@ -20,6 +20,7 @@ from memstore.errors import InvalidArgumentError
 from memstore.integrity import IntegrityConfig
 from memstore.live import LiveConfig
 from memstore.replica import FollowConfig
+from memstore.rowcache import RowCacheConfig
 from memstore.wal import Durability
 
 TOKEN = "a-replicate-token-of-length"
@@ -84,6 +85,8 @@ FLAGS: list[tuple[list[str], Callable[[DaemonConfig], Any], Any]] = [
     (["--request-timeout-s", "4"], lambda c: c.server.request_timeout_s, 4.0),
     (["--send-timeout-s", "6"], lambda c: c.server.send_timeout_s, 6.0),
     (["--max-in-flight-bytes", "3GiB"], lambda c: c.server.max_in_flight_bytes, 3 << 30),
+    (["--row-cache-bytes", "4G"], lambda c: c.live.row_cache, RowCacheConfig(bytes=4 << 30)),
+    (["--row-cache-bytes", "512KiB"], lambda c: c.live.row_cache.bytes, 512 << 10),
     (["--metrics-port", "9100"], lambda c: c.observability.metrics_port, 9100),
     (["--metrics-host", "0.0.0.0"], lambda c: c.observability.metrics_host, "0.0.0.0"),
     (["--log-interval-s", "5"], lambda c: c.observability.log_interval_s, 5.0),

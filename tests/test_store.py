@@ -15,7 +15,9 @@ import pytest
 
 from memstore.dtypes import DType
 from memstore.errors import InvalidArgumentError, ReadOnlyError, TableFormatError
+from memstore.rowcache import RowCache, RowCacheConfig, slots_bytes
 from memstore.storage import MmapRowStore, RowStore
+from memstore.storage.cached import CachedRowStore
 from memstore.storage.lmdb_store import LmdbRowStore
 from tests.helpers import FLOAT_DTYPES, join_all, readline_within
 
@@ -87,9 +89,28 @@ def _lmdb_snapshot(directory: Path) -> bytes:
     return (_lmdb_env(directory) / "data.mdb").read_bytes()
 
 
+class _CachedStore(CachedRowStore):
+    """A store behind a row cache of its own (the daemon shares one among its layers), small enough
+    that the suite's rows evict each other (four sets of two)."""
+
+    def __init__(self, inner: RowStore) -> None:
+        row_bytes = inner.dim * inner.dtype.itemsize
+        super().__init__(inner, RowCache(RowCacheConfig(bytes=slots_bytes(8, row_bytes), ways=2), row_bytes), 3)
+
+    def close(self) -> None:
+        super().close()
+        self.cache.close()
+
+
+def _cached(open_store: Callable[[Path, int, int, DType, bool], RowStore]) -> Callable[..., RowStore]:
+    return lambda *args: _CachedStore(open_store(*args))
+
+
 BACKENDS = [
     Backend("mmap", _mmap_write, _mmap_open, _mmap_truncate, _mmap_snapshot),
     Backend("lmdb", _lmdb_write, _lmdb_open, _lmdb_truncate, _lmdb_snapshot),
+    Backend("mmap+rowcache", _mmap_write, _cached(_mmap_open), _mmap_truncate, _mmap_snapshot),
+    Backend("lmdb+rowcache", _lmdb_write, _cached(_lmdb_open), _lmdb_truncate, _lmdb_snapshot),
 ]
 
 
@@ -288,6 +309,19 @@ def test_update_then_gather(opened: Opened) -> None:
     store.update(ids, new)
     expected = opened.initial.copy()
     expected[ids] = new
+    assert _same(store.gather(np.arange(NUM_ROWS)), expected)
+
+
+def test_update_of_rows_read_before_is_seen(opened: Opened) -> None:
+    """Rows gathered (and so cached, behind a row cache) then updated read back updated."""
+    store = opened.open(read_only=False)
+    ids = np.array([9, 0, 36, 17])
+    store.gather(ids)
+    new = _rows(opened.dtype, num_rows=4, seed=2)
+    store.update(ids, new)
+    expected = opened.initial.copy()
+    expected[ids] = new
+    assert _same(store.gather(ids), new)
     assert _same(store.gather(np.arange(NUM_ROWS)), expected)
 
 

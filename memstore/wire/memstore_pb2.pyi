@@ -82,16 +82,28 @@ class Replication(_message.Message):
     def __init__(self, role: _Optional[_Union[ReplicationRole, str]] = ..., primary_address: _Optional[str] = ..., applied_version: _Optional[int] = ..., primary_version: _Optional[int] = ..., lag_versions: _Optional[int] = ..., seconds_since_contact: _Optional[float] = ..., followers: _Optional[int] = ..., serving: _Optional[bool] = ..., problem: _Optional[str] = ...) -> None: ...
 
 class SameHostAccess(_message.Message):
-    __slots__ = ("host_id", "table_dir", "files", "seqlock_path")
+    __slots__ = ("host_id", "table_dir", "files", "seqlock_path", "row_cache")
     HOST_ID_FIELD_NUMBER: _ClassVar[int]
     TABLE_DIR_FIELD_NUMBER: _ClassVar[int]
     FILES_FIELD_NUMBER: _ClassVar[int]
     SEQLOCK_PATH_FIELD_NUMBER: _ClassVar[int]
+    ROW_CACHE_FIELD_NUMBER: _ClassVar[int]
     host_id: str
     table_dir: str
     files: _containers.RepeatedCompositeFieldContainer[LayerFile]
     seqlock_path: str
-    def __init__(self, host_id: _Optional[str] = ..., table_dir: _Optional[str] = ..., files: _Optional[_Iterable[_Union[LayerFile, _Mapping]]] = ..., seqlock_path: _Optional[str] = ...) -> None: ...
+    row_cache: RowCacheFile
+    def __init__(self, host_id: _Optional[str] = ..., table_dir: _Optional[str] = ..., files: _Optional[_Iterable[_Union[LayerFile, _Mapping]]] = ..., seqlock_path: _Optional[str] = ..., row_cache: _Optional[_Union[RowCacheFile, _Mapping]] = ...) -> None: ...
+
+class RowCacheFile(_message.Message):
+    __slots__ = ("path", "device", "inode")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    INODE_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    device: int
+    inode: int
+    def __init__(self, path: _Optional[str] = ..., device: _Optional[int] = ..., inode: _Optional[int] = ...) -> None: ...
 
 class LayerFile(_message.Message):
     __slots__ = ("layer_id", "path", "device", "inode")
