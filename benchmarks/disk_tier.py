@@ -289,7 +289,7 @@ def replay(address: str, pid: int, work: Traffic, per_step: np.ndarray, windows:
             print(f"  window {w + 1}/{windows} steps {lo}-{hi - 1}: {r['reads_per_s'] / 1e6:.3f} M row reads/s, "
                   f"{r['tokens_per_s']:,.0f} tokens/s, {r['distinct_per_s'] / 1e6:.3f} M distinct rows/s; "
                   f"major faults {r['majflt']:,}, read {r['read_bytes'] / 2**20:,.0f} MiB"
-                  + (f", row cache hit {r['row_cache_hit']:.1%}" if r.get("row_cache_hit") is not None else ""),
+                  + (f", daemon row-cache hit {r['row_cache_hit']:.1%}" if r.get("row_cache_hit") is not None else ""),
                   flush=True)  # fmt: skip
             before = after
             if after.time - started > max_seconds and w + 1 < windows:
