@@ -260,20 +260,22 @@ def _sample(client: MemstoreClient, pid: int, group: MemoryGroup | None) -> Samp
 
 
 def replay(address: str, pid: int, work: Traffic, per_step: np.ndarray, windows: int, in_flight: int,
-           max_seconds: float, group: MemoryGroup | None, same_host: bool = False) -> list[dict[str, Any]]:  # fmt: skip
+           max_seconds: float, group: MemoryGroup | None, same_host: bool = False,
+           reread: bool = False) -> list[dict[str, Any]]:  # fmt: skip
     """Replay the steps through one client (gRPC, or the same-host path), `in_flight` steps outstanding;
-    one record per window."""
+    one record per window. With `reread`, the last window's steps once more after the pass (a record
+    marked "reread": traffic whose rows were all read a moment ago)."""
     heads = next(iter(work.streams.values())).shape[1]
     layers = len(work.streams)
     bounds = np.linspace(0, work.steps, windows + 1).astype(int)
-    records = []
+    spans = [(int(bounds[w]), int(bounds[w + 1])) for w in range(windows)]
+    records: list[dict[str, Any]] = []
     config = ClientConfig(timeout_s=900, same_host=same_host)
     with MemstoreClient(address, config) as client, ThreadPoolExecutor(in_flight * layers) as pool:
         client.describe()
         started = time.perf_counter()
         before = _sample(client, pid, group)
-        for w in range(windows):
-            lo, hi = int(bounds[w]), int(bounds[w + 1])
+        for w, (lo, hi) in enumerate([*spans, spans[-1]] if reread else spans):
             outstanding: deque[list[Future]] = deque()
             for k in range(lo, hi):
                 if len(outstanding) >= in_flight:
@@ -284,9 +286,11 @@ def replay(address: str, pid: int, work: Traffic, per_step: np.ndarray, windows:
                 for f in futures:
                     f.result()
             after = _sample(client, pid, group)
-            records.append(_window_record(w, lo, hi, before, after, work.step_tokens, heads, layers, per_step))
-            r = records[-1]
-            print(f"  window {w + 1}/{windows} steps {lo}-{hi - 1}: {r['reads_per_s'] / 1e6:.3f} M row reads/s, "
+            r = _window_record(w, lo, hi, before, after, work.step_tokens, heads, layers, per_step)
+            r["reread"] = w >= windows
+            records.append(r)
+            label = "re-read of the last window" if r["reread"] else f"window {w + 1}/{windows}"
+            print(f"  {label} steps {lo}-{hi - 1}: {r['reads_per_s'] / 1e6:.3f} M row reads/s, "
                   f"{r['tokens_per_s']:,.0f} tokens/s, {r['distinct_per_s'] / 1e6:.3f} M distinct rows/s; "
                   f"major faults {r['majflt']:,}, read {r['read_bytes'] / 2**20:,.0f} MiB"
                   + (f", daemon row-cache hit {r['row_cache_hit']:.1%}" if r.get("row_cache_hit") is not None else ""),
@@ -357,7 +361,8 @@ def run_config(name: str, args: argparse.Namespace, table: Path, work: Traffic, 
                                         preexec_fn=group.enter_child if group else None)  # fmt: skip
         try:
             result["windows"] = replay(address, process.pid, work, per_step, args.windows, args.in_flight,
-                                       args.max_seconds, group, same_host=name.endswith("samehost"))  # fmt: skip
+                                       args.max_seconds, group, same_host=name.endswith("samehost"),
+                                       reread=args.reread)  # fmt: skip
             if group is not None:
                 result["group_final"] = group.stat()
         finally:
@@ -373,7 +378,8 @@ def run_config(name: str, args: argparse.Namespace, table: Path, work: Traffic, 
 
 def summarize(run: dict[str, Any]) -> dict[str, Any]:
     """Cold (first window) and warm (last window) throughput and hit rates of one run."""
-    windows = run["windows"]
+    windows = [w for w in run["windows"] if not w.get("reread")]
+    reread = [w for w in run["windows"] if w.get("reread")]
     cold, warm = windows[0], windows[-1]
     seconds = sum(w["seconds"] for w in windows)
     out = {"config": run["config"], "steps": sum(w["steps"] for w in windows), "seconds": seconds,
@@ -384,6 +390,10 @@ def summarize(run: dict[str, Any]) -> dict[str, Any]:
         out[f"{label}_page_hit"] = page_hit(run["config"], w)
         out[f"{label}_row_cache_hit"] = cache_hit(run["config"], w)
         out[f"{label}_mib_read_per_kdistinct"] = w["read_bytes"] / 2**20 / (w["distinct"] / 1e3)
+    if reread:
+        out["reread_reads_per_s"] = reread[0]["reads_per_s"]
+        out["reread_page_hit"] = page_hit(run["config"], reread[0])
+        out["reread_row_cache_hit"] = cache_hit(run["config"], reread[0])
     return out
 
 
@@ -405,16 +415,28 @@ def ratio_lines(runs: list[dict[str, Any]]) -> list[str]:
     by_config: dict[str, list[dict[str, Any]]] = {}
     for run in runs:
         by_config.setdefault(run["config"], []).append(summarize(run))
-    lines = ["| ratio of row reads/s (means over runs) | warm | cold | whole run |", "|---|---:|---:|---:|"]
+    keys = ["warm_reads_per_s", "cold_reads_per_s", "reads_per_s"]
+    header = "| ratio of row reads/s (means over runs) | warm | cold | whole run |"
+    if all("reread_reads_per_s" in s for summaries in by_config.values() for s in summaries):
+        keys.append("reread_reads_per_s")
+        header += " re-read of the last window |"
+    lines = [header, "|---|" + "---:|" * len(keys)]
     for a, b in (("rowcache", "pagecache"), ("rowcache", "dram"), ("rowcache-samehost", "rowcache"),
                  ("pagecache", "dram")):  # fmt: skip
         if a in by_config and b in by_config:
             cells = []
-            for key in ("warm_reads_per_s", "cold_reads_per_s", "reads_per_s"):
+            for key in keys:
                 mean = {c: float(np.mean([s[key] for s in by_config[c]])) for c in (a, b)}
                 cells.append(f"{mean[a] / mean[b]:.2f}x")
             lines.append(f"| {a} / {b} | {' | '.join(cells)} |")
     return lines if len(lines) > 2 else []
+
+
+def _reread_cell(s: dict[str, Any]) -> str:
+    if "reread_reads_per_s" not in s:
+        return "-"
+    hit = s["reread_row_cache_hit"] if s["config"].startswith("rowcache") else s["reread_page_hit"]
+    return f"{s['reread_reads_per_s'] / 1e6:.3f} M, {_fmt_rate(hit)}"
 
 
 def _fmt_rate(x: float | None) -> str:
@@ -463,8 +485,8 @@ def markdown(report: dict[str, Any]) -> str:
               "rows it served (an upper bound: rows sharing a 4 KiB page fault once).", "",
               "| run | config | steps | seconds | row reads/s (all) | cold row reads/s | warm row reads/s "
               "| warm tokens/s | cold / warm page hit | cold / warm row-cache hit "
-              "| MiB read from disk per 1k distinct rows (warm) |",
-              "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+              "| MiB read from disk per 1k distinct rows (warm) | re-read of the last window: row reads/s, hit |",
+              "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for i, run in enumerate(report["runs"]):
         s = summarize(run)
         lines.append(
@@ -473,7 +495,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {s['warm_tokens_per_s']:,.0f} "
             f"| {_fmt_rate(s['cold_page_hit'])} / {_fmt_rate(s['warm_page_hit'])} "
             f"| {_fmt_rate(s['cold_row_cache_hit'])} / {_fmt_rate(s['warm_row_cache_hit'])} "
-            f"| {s['warm_mib_read_per_kdistinct']:.2f} |"
+            f"| {s['warm_mib_read_per_kdistinct']:.2f} | {_reread_cell(s)} |"
         )
     lines += ["", *ratio_lines(report["runs"]), "", "Per window:", ""]
     for i, run in enumerate(report["runs"]):
@@ -486,7 +508,8 @@ def markdown(report: dict[str, Any]) -> str:
             g = w.get("group")
             group = "-" if not g else f"{g['total_cache'] / 2**20:,.0f} / {g['total_rss'] / 2**20:,.0f}"
             lines.append(
-                f"| {w['window'] + 1} | {w['first_step']}-{w['first_step'] + w['steps'] - 1} | {w['seconds']:.1f} "
+                f"| {'re-read' if w.get('reread') else w['window'] + 1} "
+                f"| {w['first_step']}-{w['first_step'] + w['steps'] - 1} | {w['seconds']:.1f} "
                 f"| {w['reads_per_s'] / 1e6:.3f} M | {w['tokens_per_s']:,.0f} | {w['distinct_per_s'] / 1e6:.3f} M "
                 f"| {w['majflt']:,} | {w['read_bytes'] / 2**20:,.0f} | {_fmt_rate(page_hit(run['config'], w))} "
                 f"| {_fmt_rate(cache_hit(run['config'], w))} | {w['daemon_cpu_s']:.1f} "
@@ -529,6 +552,7 @@ def _parser() -> argparse.ArgumentParser:
         help="keep the runs already in --json (same "
         "table and traffic) and add this invocation's: runs of several invocations, one page",
     )
+    parser.add_argument("--reread", action="store_true", help="after the pass, replay its last window again")
     parser.add_argument("--render-only", action="store_true", help="write --out from the runs in --json, run nothing")
     return parser
 
