@@ -25,6 +25,8 @@ Configurations, same traffic and the same client (gRPC from this process, outsid
 - pagecache: `memstore serve` (plain mmap) in a cgroup-v1 memory group of --limit (the page cache it
   faults in counts against the limit);
 - rowcache: the same daemon with `--row-cache-bytes` in the same group;
+- rowcache-samehost: the rowcache daemon read by a same-host client (it copies the rows the daemon's
+  cache holds in its own process and asks over gRPC for the rest);
 - dram: the same daemon without a limit, its table read into the page cache first (warm).
 The table's pages are dropped from the page cache before each limited run (posix_fadvise
 DONTNEED on its files, and `echo 1 > /proc/sys/vm/drop_caches` with --drop-caches), and after the
@@ -32,6 +34,7 @@ dram run. Each run is cut into --windows windows of steps: throughput (row reads
 per layer, tokens/s, distinct rows served/s), the daemon's major faults and bytes read from the
 block device (/proc/PID/stat, /proc/PID/io), the group's memory.stat, and the daemon's row-cache
 counters (its Stats) per window. The first window is cold (nothing cached), the last warm.
+--reread replays the last window once more after the pass (rows read a moment ago).
 --disk-seconds measures the disk's raw random 4 KiB read rate (O_DIRECT, 1..32 threads) first.
 Needs root (cgroups, drop_caches) and Linux.
 """
