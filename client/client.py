@@ -52,6 +52,8 @@ class MemstoreClient:
         self._manifest_parsed: Manifest | None = None
         self._local: SameHostReader | None = None
         self._local_checked = False
+        self._seen_lock = threading.Lock()
+        self._seen_version = 0
         self._retired: list[SameHostReader] = []
         if expected_fingerprint is not None:
             try:
@@ -68,6 +70,13 @@ class MemstoreClient:
     def trainable(self) -> bool:
         """Whether the daemon takes pushes (its table has an optimizer and is served writable)."""
         return self._describe(None).trainable
+
+    @property
+    def mutable(self) -> bool:
+        """Whether the served table can change while this client reads it: it takes pushes, or it is a read
+        replica applying its primary's (a device cache then follows the changes, client.coherence)."""
+        served = self._describe(None)
+        return served.trainable or served.replication.role == pb.REPLICATION_ROLE_REPLICA
 
     def server_limits(self, timeout: float | None = None) -> pb.ServerLimits:
         """Limits the server enforces (max rows per request, chunk size)."""
@@ -117,11 +126,13 @@ class MemstoreClient:
                 check_request_rows(distinct if self._dedup_pays(distinct, len(flat)) else len(flat), limit)
             if local.row_cache is not None:  # the daemon's row cache: its rows here, the rest over gRPC
                 rows, version = self._lookup_cached(local, layer_id, flat, target, deadline)  # [N, dim]
+                self.note_version(version)
                 tensor = local.manifest.dtype.to_torch(rows.reshape(*ids.shape, rows.shape[-1]))  # [*shape, dim]
                 return (tensor, version) if return_version else tensor
             got = local.gather(layer_id, flat, target)  # None: pushes kept overlapping the read
             if got is not None:
                 rows, version = got  # [N, dim]
+                self.note_version(version)
                 tensor = local.manifest.dtype.to_torch(rows.reshape(*ids.shape, rows.shape[-1]))  # [*shape, dim]
                 return (tensor, version) if return_version else tensor
         # numpy, not torch, on this path: torch's OpenMP workers spin after each parallel op
@@ -133,6 +144,7 @@ class MemstoreClient:
             rows = take_rows(rows, inverse, target)  # [N, dim]
         else:
             dtype, rows, version = self._fetch(layer_id, flat, deadline, target)  # [N, dim]
+        self.note_version(version)
         tensor = dtype.to_torch(rows.reshape(*ids.shape, rows.shape[-1]))  # [*shape, dim]
         return (tensor, version) if return_version else tensor
 
@@ -187,6 +199,7 @@ class MemstoreClient:
 
         def attempt(seconds: float) -> PushAck:
             response = self._call(self._stub.Push, request, seconds)
+            self.note_version(response.version)
             return PushAck(version=response.version, layer_step=response.layer_step, rows=len(unique))
 
         # A push may have been applied before its answer was lost: only one with a step id (which the
@@ -201,7 +214,33 @@ class MemstoreClient:
 
     def version(self, timeout: float | None = None) -> int:
         """The served table's version now (pushes applied since creation)."""
-        return self._unary(self._stub.Describe, pb.DescribeRequest(), timeout).version
+        version = self._unary(self._stub.Describe, pb.DescribeRequest(), timeout).version
+        self.note_version(version)
+        return version
+
+    @property
+    def seen_version(self) -> int:
+        """The newest table version this client has heard of: its lookups' and pushes' answers, `version()`,
+        and what `note_version` was told (a device cache's row watch). A coherent device cache stays within
+        its lag bound of it."""
+        return self._seen_version
+
+    def note_version(self, version: int) -> None:
+        """Record that the table has reached `version` (kept if newer than `seen_version`)."""
+        if version > self._seen_version:
+            with self._seen_lock:
+                self._seen_version = max(self._seen_version, version)
+
+    def watch_rows(self, from_version: int, layer_ids: Any = (), heartbeat_s: float = 0.0) -> RowWatch:
+        """The rows every push past `from_version` leaves, as they land (`RowWatch`, iterable; cancel() ends it).
+
+        The stream has no deadline: it lives while the table trains, with a heartbeat every `heartbeat_s`
+        (0: the daemon's default) when idle; its reader watches for silence (client.coherence). Iterating raises
+        the project's exceptions: LayoutMismatchError (FAILED_PRECONDITION) when the pushes after `from_version`
+        are no longer held."""
+        request = pb.WatchRowsRequest(from_version=from_version, layer_ids=list(layer_ids), heartbeat_s=heartbeat_s)
+        manifest = self._manifest(None)
+        return RowWatch(self._stub.WatchRows(request), manifest.dtype, manifest.dtype.stored_width(manifest.layout.dim))
 
     def stats(self, timeout: float | None = None) -> str:
         """The daemon's metrics in the Prometheus text format (`memstore.metrics.summarize` reads them)."""
@@ -368,6 +407,58 @@ class MemstoreClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@dataclass(frozen=True)
+class WatchedChange:
+    """One push's rows as a row watch delivers them: `rows[i]` is row `ids[i]` of `layer_id` after the push."""
+
+    version: int
+    layer_id: int
+    ids: np.ndarray  # int64 [N]
+    rows: np.ndarray  # [N, stored width], the stored dtype's raw values (read-only)
+
+
+@dataclass(frozen=True)
+class WatchedBatch:
+    """A row watch message: the changes of the pushes up to `through_version`, and the table's version."""
+
+    changes: list[WatchedChange]
+    through_version: int
+    table_version: int
+
+
+class RowWatch:
+    """A WatchRows stream in progress: iterate for `WatchedBatch`es; `cancel()` ends it from any thread."""
+
+    def __init__(self, call: Any, dtype: DType, width: int) -> None:
+        self._call = call
+        self._dtype = dtype
+        self._width = width
+
+    def __iter__(self) -> RowWatch:
+        return self
+
+    def __next__(self) -> WatchedBatch:
+        try:
+            message = next(self._call)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+        changes = []
+        for change in message.changes:
+            ids = np.frombuffer(change.row_ids, dtype="<i8")
+            rows = np.frombuffer(change.rows, dtype=self._dtype.numpy)
+            if len(rows) != len(ids) * self._width:
+                raise DataLossError(
+                    f"a row watch change of layer {change.layer_id} at version {change.version} has {len(rows)} "
+                    f"values for {len(ids)} rows of width {self._width}"
+                )
+            changes.append(WatchedChange(change.version, change.layer_id, ids, rows.reshape(len(ids), self._width)))
+        return WatchedBatch(changes, message.through_version, message.table_version)
+
+    def cancel(self) -> None:
+        """End the stream (its iteration then raises a CANCELLED MemstoreError)."""
+        self._call.cancel()
 
 
 @dataclass(frozen=True)

@@ -18,12 +18,19 @@ The same calls as `MemstoreClient` (so the prefetcher, the pusher and the model 
 At connect every listed daemon is described: a daemon serving another table, another shard
 or another partition assignment is refused (LayoutMismatchError); an unreachable one is not
 an error while its shard has another daemon up.
+
+`ClusterClient.discover` finds the daemons in etcd instead of a spec (they register with
+`memstore serve --etcd ... --cluster-name ...`) and follows their changes: a daemon that joins
+is described and used, one that leaves (stopped, or killed and its lease expired) is no longer
+called, a new primary takes the pushes. A daemon that registers under the cluster's name but
+serves another table is left out, with an error in the log.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
@@ -42,12 +49,14 @@ from client.client import (
     out_rows,
     sum_duplicate_rows,
 )
-from client.cluster_spec import ClusterSpec
+from client.cluster_spec import ClusterSpec, ShardAddresses
 from client.config import ClientConfig, LoadBalancing, check_timeout
+from client.discovery import ClusterView, Discovery
 from memstore.auth import add_client_arguments, client_security
 from memstore.errors import (
     DataLossError,
     DeadlineExceededError,
+    InvalidArgumentError,
     LayoutMismatchError,
     MemstoreError,
     UnavailableError,
@@ -65,23 +74,56 @@ class ClusterClient:
     """A sharded, replicated table behind the `MemstoreClient` interface. Thread-safe; a context manager."""
 
     def __init__(
-        self, spec: ClusterSpec, config: ClientConfig | None = None, *, expected_fingerprint: str | None = None
+        self,
+        spec: ClusterSpec | ClusterView,
+        config: ClientConfig | None = None,
+        *,
+        expected_fingerprint: str | None = None,
+        discovery: Discovery | None = None,
     ) -> None:
-        self.spec = spec
+        self.spec = spec  # with discovery: the members as last seen
         self.config = config or ClientConfig()
-        reader_config = replace(self.config, load_balancing=LoadBalancing.ROUND_ROBIN)
-        self._primaries = [MemstoreClient(shard.primary, self.config) for shard in spec.shards]
-        self._readers = [
-            MemstoreClient(shard.reads(), reader_config) if shard.replicas or shard.read_target else primary
-            for shard, primary in zip(spec.shards, self._primaries)
-        ]
+        self._reader_config = replace(self.config, load_balancing=LoadBalancing.ROUND_ROBIN)
+        self._discovery = discovery
+        self._lock = threading.Lock()  # membership changes
+        self._retired: list[tuple[float, MemstoreClient]] = []  # replaced clients, closed once no call uses them
+        self._shards: tuple[ShardAddresses, ...] = spec.shards
+        self._primaries: list[MemstoreClient | None] = []
+        self._readers: list[MemstoreClient | None] = []
+        for shard in spec.shards:
+            primary, reader = self._clients_of(shard)
+            self._primaries.append(primary)
+            self._readers.append(reader)
         self._pool = ThreadPoolExecutor(max_workers=len(spec.shards), thread_name_prefix="memstore-shard")
         try:
             self._manifest, self._sharding = self._check_cluster()
             if expected_fingerprint is not None:
                 self.check_fingerprint(expected_fingerprint)
+            if discovery is not None:
+                discovery.follow(self._membership_changed)
         except BaseException:
             self.close()
+            raise
+
+    @classmethod
+    def discover(
+        cls,
+        etcd: str | list[str],
+        cluster: str,
+        config: ClientConfig | None = None,
+        *,
+        expected_fingerprint: str | None = None,
+    ) -> ClusterClient:
+        """The cluster whose daemons registered in etcd (`etcd`: HOST:PORT[,HOST:PORT...]) under `cluster`,
+        followed as they join and leave. Waits up to the config's timeout for every shard to have a
+        daemon; UnavailableError after it."""
+        config = config or ClientConfig()
+        discovery = Discovery(etcd, cluster, timeout_s=config.timeout_s)
+        try:
+            view = discovery.wait_for_complete(config.timeout_s)
+            return cls(view, config, expected_fingerprint=expected_fingerprint, discovery=discovery)
+        except BaseException:
+            discovery.close()
             raise
 
     # -- the table ---------------------------------------------------------------------------
@@ -92,17 +134,17 @@ class ClusterClient:
 
     @property
     def num_shards(self) -> int:
-        return len(self.spec.shards)
+        return len(self._shards)
 
     @property
     def trainable(self) -> bool:
         """Whether every shard's primary takes pushes."""
-        return all(primary.trainable for primary in self._primaries)
+        return all(primary is not None and primary.trainable for primary in self._primaries)
 
     @property
     def transport(self) -> str:
         """How lookups travel: "grpc", "same-host", or both (per shard)."""
-        return "+".join(sorted({reader.transport for reader in self._readers}))
+        return "+".join(sorted({reader.transport for reader in self._readers if reader is not None}))
 
     def check_fingerprint(self, expected: str, timeout: float | None = None) -> None:
         """LayoutMismatchError unless the cluster serves the table with this fingerprint."""
@@ -114,7 +156,7 @@ class ClusterClient:
 
     def version(self, timeout: float | None = None) -> int:
         """Pushes applied over all shards (each shard counts its own)."""
-        return sum(self._on_every_shard(lambda shard: self._primaries[shard].version(timeout)))
+        return sum(self._on_every_shard(lambda shard: self._primary(shard).version(timeout)))
 
     def snapshot(self, name: str, *, timeout: float | None = None) -> list[tuple[str, int]]:
         """A snapshot named `name` on every shard's primary: [(path on its host, version)] in shard order.
@@ -122,7 +164,7 @@ class ClusterClient:
         Each shard's snapshot is consistent; across shards they are taken one after another, so
         take them between training steps (after `Pusher.flush`) for a table-wide consistent copy.
         """
-        return self._on_every_shard(lambda shard: self._primaries[shard].snapshot(name, timeout=timeout))
+        return self._on_every_shard(lambda shard: self._primary(shard).snapshot(name, timeout=timeout))
 
     # -- rows --------------------------------------------------------------------------------
 
@@ -141,10 +183,9 @@ class ClusterClient:
         """
         check_layer_id(layer_id)
         if self.num_shards == 1:  # no split: the rows land in `out` directly, replicas retried all the same
-            reader = self._readers[0]
             return self._on_replicas(
                 0,
-                lambda seconds: reader.lookup(
+                lambda seconds: self._reader(0).lookup(
                     layer_id, row_ids, timeout=seconds, out=out, return_version=return_version
                 ),
                 time.monotonic() + self._timeout(timeout),
@@ -186,7 +227,7 @@ class ClusterClient:
 
         def push_to(shard: int) -> PushAck:
             mine = owner == shard  # empty parts are pushed too: every shard's optimizer steps together
-            return self._primaries[shard].push(
+            return self._primary(shard).push(
                 layer_id, unique[mine], summed[mine], step_id=step_id, lr_scale=lr_scale, timeout=timeout
             )
 
@@ -209,11 +250,10 @@ class ClusterClient:
 
     def _read(self, shard: int, layer_id: int, ids: np.ndarray, deadline: float) -> tuple[np.ndarray, int]:
         """One shard's rows [len(ids), dim] (raw storage dtype) and version, retried on another replica."""
-        reader = self._readers[shard]
         dtype = self._manifest.dtype
 
-        def attempt(seconds: float) -> tuple[np.ndarray, int]:
-            rows, version = reader.lookup(layer_id, ids, timeout=seconds, return_version=True)
+        def attempt(seconds: float) -> tuple[np.ndarray, int]:  # the shard's readers as they are now
+            rows, version = self._reader(shard).lookup(layer_id, ids, timeout=seconds, return_version=True)
             return dtype.raw_view(rows).reshape(len(ids), -1), version
 
         return self._on_replicas(shard, attempt, deadline)
@@ -231,21 +271,21 @@ class ClusterClient:
                 return attempt(attempt_s)
             except _RETRY_ON_ANOTHER_REPLICA as exc:
                 if number == self.config.max_attempts or deadline - time.monotonic() <= 0:
-                    raise _on_shard(exc, shard, self.spec.shards[shard].addresses) from None
+                    raise _on_shard(exc, shard, self._shards[shard].addresses) from None
                 log.info("shard %d lookup attempt %d failed (%s); trying another replica", shard, number, exc)
             except MemstoreError as exc:
-                raise _on_shard(exc, shard, self.spec.shards[shard].addresses) from None
+                raise _on_shard(exc, shard, self._shards[shard].addresses) from None
         raise AssertionError("unreachable")
 
     def _on_every_shard(self, call: Any) -> list[Any]:
         """`call(shard)` for every shard in parallel; results in shard order, or the first shard's error."""
         futures = {shard: self._pool.submit(call, shard) for shard in range(self.num_shards)}
-        return [_result(futures, shard, self.spec.shards[shard].addresses) for shard in range(self.num_shards)]
+        return [_result(futures, shard, self._shards[shard].addresses) for shard in range(self.num_shards)]
 
     def _check_cluster(self) -> tuple[Manifest, Sharding]:
         """Describe every daemon; the table's manifest and the partition assignment they all agree on."""
         seen: list[tuple[int, str, Manifest]] = []
-        for shard, addresses in enumerate(self.spec.shards):
+        for shard, addresses in enumerate(self._shards):
             reachable = []
             for address in addresses.addresses:
                 try:
@@ -260,32 +300,132 @@ class ClusterClient:
         table = replace(first, sharding=None)
         sharding = first.sharding or Sharding.spread(1, 0, 1)
         for shard, address, manifest in seen:
-            if replace(manifest, sharding=None) != table:
-                raise LayoutMismatchError(
-                    f"{address} (shard {shard}) serves table {manifest.fingerprint}, but {first_address} "
-                    f"(shard {first_shard}) serves {first.fingerprint} (or another dtype or optimizer): "
-                    "every daemon of a cluster must serve the same table"
-                )
-            held = manifest.sharding or Sharding.spread(1, 0, 1)
-            if held.assignment != sharding.assignment or held.num_partitions != sharding.num_partitions:
-                raise LayoutMismatchError(
-                    f"{address} records another partition assignment than {first_address}: the shards come "
-                    "from different `memstore create --shards` / `memstore reshard` runs"
-                )
-            if held.num_shards != self.num_shards or held.shard != shard:
-                raise LayoutMismatchError(
-                    f"{address} is listed as shard {shard} of {self.num_shards} but serves shard {held.shard} "
-                    f"of {held.num_shards}: list the shards in order (shard-0 first), each with its own daemons"
-                )
+            self._check_member(shard, address, manifest, table, sharding, f"{first_address} (shard {first_shard})")
         return table, sharding
+
+    def _check_member(
+        self,
+        shard: int,
+        address: str,
+        manifest: Manifest,
+        table: Manifest | None = None,
+        sharding: Sharding | None = None,
+        other: str = "the rest of the cluster",
+    ) -> None:
+        """LayoutMismatchError unless the daemon at `address` serves shard `shard` of the cluster's table."""
+        table = self._manifest if table is None else table
+        sharding = self._sharding if sharding is None else sharding
+        if replace(manifest, sharding=None) != table:
+            raise LayoutMismatchError(
+                f"{address} (shard {shard}) serves table {manifest.fingerprint}, but {other} "
+                f"serves {table.fingerprint} (or another dtype or optimizer): "
+                "every daemon of a cluster must serve the same table"
+            )
+        held = manifest.sharding or Sharding.spread(1, 0, 1)
+        if held.assignment != sharding.assignment or held.num_partitions != sharding.num_partitions:
+            raise LayoutMismatchError(
+                f"{address} records another partition assignment than {other}: the shards come "
+                "from different `memstore create --shards` / `memstore reshard` runs"
+            )
+        if held.num_shards != self.num_shards or held.shard != shard:
+            raise LayoutMismatchError(
+                f"{address} is listed as shard {shard} of {self.num_shards} but serves shard {held.shard} "
+                f"of {held.num_shards}: list the shards in order (shard-0 first), each with its own daemons"
+            )
 
     def _timeout(self, timeout: float | None) -> float:
         return self.config.timeout_s if timeout is None else check_timeout(timeout)
 
-    def close(self) -> None:
-        """Close every channel and the worker pool."""
-        for client in {id(c): c for c in (*self._primaries, *self._readers)}.values():
+    def _primary(self, shard: int) -> MemstoreClient:
+        primary = self._primaries[shard]
+        if primary is None:
+            raise UnavailableError(
+                f"shard {shard} has no primary registered in etcd (its replicas serve reads; pushes wait for "
+                "a primary to register)"
+            )
+        return primary
+
+    def _reader(self, shard: int) -> MemstoreClient:
+        reader = self._readers[shard]
+        if reader is None:
+            raise UnavailableError(f"shard {shard} has no daemon registered in etcd")
+        return reader
+
+    def _clients_of(self, shard: ShardAddresses) -> tuple[MemstoreClient | None, MemstoreClient | None]:
+        """(the primary's client, the readers' client) of a shard's daemons."""
+        primary = None if shard.primary is None else MemstoreClient(shard.primary, self.config)
+        if len(shard.addresses) > 1 or shard.read_target:
+            return primary, MemstoreClient(shard.reads(), self._reader_config)
+        if primary is None and shard.addresses:
+            return None, MemstoreClient(shard.addresses[0], self.config)
+        return primary, primary
+
+    def _membership_changed(self, view: ClusterView) -> None:
+        """Use the daemons etcd now lists (called from the discovery's watch thread)."""
+        with self._lock:
+            shards = list(view.shards[: self.num_shards])
+            if len(view.shards) > self.num_shards:
+                log.error(
+                    "etcd lists %d shards, this client serves %d: reconnect to use them",
+                    len(view.shards),
+                    self.num_shards,
+                )
+            shards += [ShardAddresses(None)] * (self.num_shards - len(shards))
+            for shard, (old, new) in enumerate(zip(self._shards, shards)):
+                new = self._admitted(shard, old, new)
+                if new == old:
+                    continue
+                try:
+                    primary, reader = self._clients_of(new)
+                except MemstoreError as exc:  # e.g. a name that does not resolve: keep what works
+                    log.error("shard %d: cannot use daemons %s: %s", shard, _describe_shard(new), exc)
+                    continue
+                log.info("shard %d: daemons %s -> %s", shard, _describe_shard(old), _describe_shard(new))
+                now = time.monotonic()
+                self._retired += [
+                    (now, c) for c in {id(c): c for c in (self._primaries[shard], self._readers[shard]) if c}.values()
+                ]
+                self._primaries[shard], self._readers[shard] = primary, reader
+                self._shards = (*self._shards[:shard], new, *self._shards[shard + 1 :])
+            self.spec = ClusterView(self._shards)
+            self._close_retired(older_than_s=2 * self.config.timeout_s)
+
+    def _admitted(self, shard: int, old: ShardAddresses, new: ShardAddresses) -> ShardAddresses:
+        """`new` without the daemons that joined serving another table or shard (each described once;
+        one that does not answer yet is kept: its health decides whether it gets reads)."""
+        keep = []
+        for address in new.addresses:
+            if address in old.addresses:
+                keep.append(address)
+                continue
+            try:
+                with MemstoreClient(address, replace(self.config, same_host=False)) as probe:
+                    self._check_member(shard, address, probe.describe())
+                keep.append(address)
+            except (UnavailableError, DeadlineExceededError) as exc:
+                log.warning(
+                    "shard %d: new daemon %s does not answer yet (%s); using it once it does", shard, address, exc
+                )
+                keep.append(address)
+            except MemstoreError as exc:
+                log.error("shard %d: leaving out %s, registered in this cluster: %s", shard, address, exc)
+        primary = new.primary if new.primary in keep else None
+        return ShardAddresses(primary, tuple(a for a in new.replicas if a in keep))
+
+    def _close_retired(self, older_than_s: float) -> None:
+        now = time.monotonic()
+        for retired_at, client in [item for item in self._retired if now - item[0] >= older_than_s]:
             client.close()
+        self._retired = [item for item in self._retired if now - item[0] < older_than_s]
+
+    def close(self) -> None:
+        """Stop following etcd; close every channel and the worker pool."""
+        if self._discovery is not None:
+            self._discovery.close()
+        with self._lock:
+            for client in {id(c): c for c in (*self._primaries, *self._readers) if c is not None}.values():
+                client.close()
+            self._close_retired(older_than_s=0)
         self._pool.shutdown(wait=True)
 
     def __enter__(self) -> ClusterClient:
@@ -293,6 +433,10 @@ class ClusterClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _describe_shard(shard: ShardAddresses) -> str:
+    return f"primary {shard.primary or 'none'}, replicas [{', '.join(shard.replicas)}]"
 
 
 def _result(futures: dict[int, Future], shard: int, addresses: tuple[str, ...] = ()) -> Any:
@@ -318,7 +462,8 @@ def _on_shard(exc: MemstoreError, shard: int, addresses: tuple[str, ...]) -> Mem
 
 
 def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags that name a memstore: one daemon (--memstore) or a cluster (--cluster / --shard)."""
+    """The flags that name a memstore: one daemon (--memstore) or a cluster (--cluster / --shard, or
+    --etcd with --cluster-name)."""
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--memstore", metavar="HOST:PORT", help="one daemon's address")
     group.add_argument("--cluster", type=Path, metavar="FILE", help="a cluster spec (TOML: shards, replicas)")
@@ -328,6 +473,12 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="PRIMARY[,REPLICA...]",
         help="a shard's daemons, primary first; repeat once per shard, in shard order (the spec as flags)",
     )
+    group.add_argument(
+        "--etcd",
+        metavar="HOST:PORT[,HOST:PORT...]",
+        help="find the cluster's daemons in etcd (they register with `memstore serve --etcd`), with --cluster-name",
+    )
+    parser.add_argument("--cluster-name", metavar="NAME", help="with --etcd: the cluster to find")
     add_client_arguments(parser)
 
 
@@ -338,8 +489,12 @@ def connect(
     tls, token = client_security(args)
     if tls is not None or token is not None:
         config = replace(config or ClientConfig(), tls=tls, token=token)
+    if (args.etcd is None) != (args.cluster_name is None):
+        raise InvalidArgumentError("--etcd and --cluster-name go together (the etcd, and the cluster to find in it)")
     if args.memstore:
         return MemstoreClient(args.memstore, config, expected_fingerprint=expected_fingerprint)
+    if args.etcd is not None:
+        return ClusterClient.discover(args.etcd, args.cluster_name, config, expected_fingerprint=expected_fingerprint)
     if args.cluster is not None or args.shard:
         spec = ClusterSpec.from_file(args.cluster) if args.cluster is not None else ClusterSpec.from_flags(args.shard)
         return ClusterClient(spec, config, expected_fingerprint=expected_fingerprint)

@@ -26,20 +26,20 @@ from memstore.errors import InvalidArgumentError
 
 @dataclass(frozen=True)
 class ShardAddresses:
-    """The daemons of one shard."""
+    """The daemons of one shard (a shard discovered in etcd may have no primary for a while: None)."""
 
-    primary: str
+    primary: str | None
     replicas: tuple[str, ...] = ()
     read_target: str | None = None
 
     def __post_init__(self) -> None:
-        for address in (self.primary, *self.replicas):
+        for address in self.addresses:
             _split_host_port(address)  # rejects malformed addresses now, not at the first call
 
     @property
     def addresses(self) -> tuple[str, ...]:
         """Every daemon of the shard, primary first."""
-        return (self.primary, *self.replicas)
+        return self.replicas if self.primary is None else (self.primary, *self.replicas)
 
     def reads(self) -> str:
         """The gRPC target reads go to: `read_target`, or a list of every daemon's address.
@@ -50,8 +50,10 @@ class ShardAddresses:
         """
         if self.read_target is not None:
             return self.read_target
-        if not self.replicas:
-            return self.primary
+        if len(self.addresses) <= 1:
+            if not self.addresses:
+                raise InvalidArgumentError("a shard without daemons has nothing to read from")
+            return self.addresses[0]
         endpoints = [_resolve(address) for address in self.addresses]
         if all(":" not in host for host, _ in endpoints):
             return "ipv4:" + ",".join(f"{host}:{port}" for host, port in endpoints)
@@ -69,6 +71,8 @@ class ClusterSpec:
     def __post_init__(self) -> None:
         if not self.shards:
             raise InvalidArgumentError("a cluster needs at least one shard")
+        if any(shard.primary is None for shard in self.shards):
+            raise InvalidArgumentError("every shard of a cluster spec needs a primary")
         seen: set[str] = set()
         for address in (a for shard in self.shards for a in shard.addresses):
             if address in seen:

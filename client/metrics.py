@@ -32,6 +32,12 @@ class _Metrics:
     cache_hits: Any
     cache_misses: Any
     cache_bytes_saved: Any
+    coherence_rows: Any
+    coherence_bytes: Any
+    coherence_waits: Any
+    coherence_wait: Any
+    coherence_from_store: Any
+    coherence_resyncs: Any
 
 
 _enabled: _Metrics | None = None
@@ -100,6 +106,36 @@ def enable(registry: Any = None) -> None:
                 ["layer", "tier"],
                 registry=registry,
             ),
+            prometheus_client.Counter(
+                "memstore_client_cache_rows_refreshed",
+                "Cached rows a coherent device cache overwrote with a push's after-image",
+                registry=registry,
+            ),
+            prometheus_client.Counter(
+                "memstore_client_cache_coherence_bytes",
+                "Bytes of row ids and rows a coherent device cache received from its row watch",
+                registry=registry,
+            ),
+            prometheus_client.Counter(
+                "memstore_client_cache_coherence_waits",
+                "Steps that waited for the row watch to come within the cache's lag bound",
+                registry=registry,
+            ),
+            prometheus_client.Counter(
+                "memstore_client_cache_coherence_wait_seconds",
+                "Time steps waited for the row watch to come within the cache's lag bound",
+                registry=registry,
+            ),
+            prometheus_client.Counter(
+                "memstore_client_cache_served_from_store",
+                "Steps a coherent device cache left to the store because its row watch stayed too far behind",
+                registry=registry,
+            ),
+            prometheus_client.Counter(
+                "memstore_client_cache_resyncs",
+                "Times a coherent device cache dropped every row (the daemon no longer held the pushes it missed)",
+                registry=registry,
+            ),
         )
 
 
@@ -145,3 +181,17 @@ def count_cache(layer_id: int, tier: str, hits: int, misses: int, bytes_saved: i
         metrics.cache_hits.labels(*labels).inc(hits)
         metrics.cache_misses.labels(*labels).inc(misses)
         metrics.cache_bytes_saved.labels(*labels).inc(bytes_saved)
+
+
+def count_coherence(
+    rows_refreshed: int, bytes_received: int, waits: int, wait_s: float, served_from_store: int, resyncs: int
+) -> None:
+    """What a coherent device cache's row watch did: rows refreshed, bytes received, waits, store steps, resyncs."""
+    metrics = _current()
+    if metrics is not None:
+        metrics.coherence_rows.inc(rows_refreshed)
+        metrics.coherence_bytes.inc(bytes_received)
+        metrics.coherence_waits.inc(waits)
+        metrics.coherence_wait.inc(wait_s)
+        metrics.coherence_from_store.inc(served_from_store)
+        metrics.coherence_resyncs.inc(resyncs)

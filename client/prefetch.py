@@ -80,7 +80,7 @@ import numpy as np
 import torch
 
 from client import metrics
-from client.cache import CacheConfig, CacheStats, DeviceCache, check_cacheable
+from client.cache import CacheConfig, CacheStats, DeviceCache, open_cache
 from client.config import check_timeout
 from client.protocol import RowReader
 from memstore.errors import InternalError, InvalidArgumentError, MemstoreError, ResourceExhaustedError
@@ -123,7 +123,9 @@ class PrefetchConfig:
     device: str = "cpu"  # where the model wants its rows; "cuda" pins host buffers and copies on a side stream
     timeout_s: float | None = None  # deadline per lookup; None: the fetcher's own
     acquire_timeout_s: float = 300.0  # how long submit waits for a released buffer set
-    cache: CacheConfig | None = None  # a row cache per layer on `device`: only its misses are fetched (frozen tables)
+    # A row cache per layer on `device`: only its misses are fetched. Over a trainable table (a MemstoreClient)
+    # it follows the pushes within CacheConfig.cache_max_lag versions (client.coherence).
+    cache: CacheConfig | None = None
 
     def __post_init__(self) -> None:
         if self.depth < 1:
@@ -363,8 +365,8 @@ class Prefetcher:
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.cache: DeviceCache | None = None
         if self.config.cache is not None:
-            check_cacheable(fetcher, manifest, self.config.cache)
-            self.cache = DeviceCache(manifest, self.config.cache, self.device)
+            self.cache = open_cache(fetcher, manifest, self.config.cache, self.device, self.config.timeout_s)
+            self.cache.stream = self._copy_stream  # its lookups run there: changes are written there too
             self.stats.cache = self.cache.stats
         self._gpu_waits: deque[tuple[int, torch.cuda.Event, torch.cuda.Event]] = deque()  # (layer, arrived, copied)
         self._gpu_waits_lock = threading.Lock()  # release() and submit() may collect from different threads
@@ -461,7 +463,11 @@ class Prefetcher:
         cache = self.cache
         assert cache is not None
 
-        def fetch(miss: np.ndarray) -> torch.Tensor:
+        versioned = cache.coherence is not None
+
+        def fetch(miss: np.ndarray) -> Any:
+            if versioned:  # the cache tags each admitted row with the version it shows
+                return self.fetcher.lookup(layer, miss, timeout=self.config.timeout_s, return_version=True)  # type: ignore[call-arg]
             return self.fetcher.lookup(layer, miss, timeout=self.config.timeout_s)
 
         if self._copy_stream is not None:
@@ -507,6 +513,8 @@ class Prefetcher:
         Idempotent; handles released afterwards return nothing."""
         self.closed = True
         self._pool.shutdown(wait=True, cancel_futures=True)
+        if self.cache is not None:
+            self.cache.close()  # stop following the table's pushes
         if self._copy_stream is not None:
             self._collect_gpu_stalls(block=True)
             self._copy_stream.synchronize()  # no copy outlives the prefetcher's buffers

@@ -2,7 +2,8 @@
 
 The daemon's tokens live in a file, one per line, `read TOKEN`, `write TOKEN` or `replicate TOKEN`
 (a line whose first non-blank character is `#` is a comment; nothing may follow a token, so a `#`
-inside a token is part of it). A read token may look rows up, describe and read stats; a write
+inside a token is part of it). A read token may look rows up, describe, read stats and watch the
+rows pushes change (`WatchRows`: what a device cache needs to stay coherent, rows only); a write
 token may also push and snapshot; a replicate token may read and `Follow`. Follow is a scope of
 its own, implied by neither: a follower receives every push (row ids, optimizer state, who pushed)
 and holds a --max-followers slot, which a reader or a trainer has no need for. Calls without a

@@ -17,6 +17,7 @@ from memstore.errors import InvalidArgumentError
 from memstore.integrity import IntegrityConfig
 from memstore.live import LiveConfig
 from memstore.logs import LogFormat
+from memstore.membership import DEFAULT_TTL_S, MembershipConfig
 from memstore.replica import FollowConfig
 from memstore.rowcache import RowCacheConfig
 from memstore.service import serve
@@ -34,6 +35,7 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
     _add_security(srv)
     _add_durability(srv, live)
     _add_replication(srv, server, live)
+    _add_membership(srv)
     _add_limits(srv, server)
     _add_row_cache(srv, live.row_cache)
     _add_observability(srv, daemon.observability)
@@ -57,6 +59,7 @@ def daemon_config(args: argparse.Namespace) -> DaemonConfig:
             snapshot_dir=args.snapshot_dir,
             max_snapshots=args.max_snapshots,
             max_followers=args.max_followers,
+            max_row_watchers=args.max_row_watchers,
             max_message_bytes=args.max_message_bytes,
             max_concurrent_calls=args.max_concurrent_calls,
             max_in_flight_bytes=args.max_in_flight_bytes,
@@ -79,6 +82,7 @@ def daemon_config(args: argparse.Namespace) -> DaemonConfig:
             metrics_port=args.metrics_port, metrics_host=args.metrics_host, log_interval_s=args.log_interval_s
         ),
         group_readable=args.group_readable,
+        membership=_membership(args),
     )
 
 
@@ -254,6 +258,12 @@ def _add_replication(srv: argparse.ArgumentParser, server: ServerConfig, live: L
         default=server.max_followers,
         help="followers streaming at once (each holds a worker thread of its own, on top of --max-workers)",
     )
+    group.add_argument(
+        "--max-row-watchers",
+        type=int,
+        default=server.max_row_watchers,
+        help="clients' device caches kept coherent at once while training (each WatchRows stream holds a thread)",
+    )
     add_renamed(
         group,
         "--feed-bytes",
@@ -265,6 +275,47 @@ def _add_replication(srv: argparse.ArgumentParser, server: ServerConfig, live: L
         help=f"recent pushes kept in memory for followers (default {format_bytes(live.feed_bytes)}); a follower "
         "further behind reads this daemon's log (the pushes since its last checkpoint), and past that must "
         "restart from a snapshot",
+    )
+
+
+def _membership(args: argparse.Namespace) -> MembershipConfig | None:
+    """Where this daemon registers (None without --etcd); InvalidArgumentError for half the pair."""
+    if args.etcd is None:
+        given = [
+            flag for flag, value in (("--cluster-name", args.cluster_name), ("--advertise", args.advertise)) if value
+        ]
+        if given:
+            raise InvalidArgumentError(f"{', '.join(given)} need --etcd ENDPOINTS (the etcd to register in)")
+        return None
+    if args.cluster_name is None:
+        raise InvalidArgumentError("--etcd needs --cluster-name NAME (the table's cluster to register under)")
+    return MembershipConfig(
+        endpoints=args.etcd, cluster=args.cluster_name, advertise=args.advertise, ttl_s=args.etcd_ttl_s
+    )
+
+
+def _add_membership(srv: argparse.ArgumentParser) -> None:
+    group = srv.add_argument_group("cluster membership in etcd (docs/replication.md)")
+    group.add_argument(
+        "--etcd",
+        metavar="HOST:PORT[,HOST:PORT...]",
+        help="register this daemon in etcd (address, shard, role, version, lag) so that clients given "
+        "--etcd and --cluster-name find it; without it no etcd is used",
+    )
+    group.add_argument("--cluster-name", metavar="NAME", help="with --etcd: the cluster (one table) to register in")
+    group.add_argument(
+        "--advertise",
+        metavar="HOST:PORT",
+        help="with --etcd: the address clients and replicas reach this daemon at (default: --listen, with "
+        "this host's name for a wildcard host and the bound port for port 0)",
+    )
+    group.add_argument(
+        "--etcd-ttl-s",
+        type=int,
+        default=DEFAULT_TTL_S,
+        metavar="SECONDS",
+        help="with --etcd: the registration's lease; a daemon killed without a clean stop leaves the cluster "
+        f"this long after its last renewal (default {DEFAULT_TTL_S})",
     )
 
 

@@ -8,7 +8,8 @@ change. Beside the table, the address, the port file and the drain period, its p
   security (TLS, tokens), snapshots, the primary's side of replication;
 - `LiveConfig` (memstore.live): durability, checkpoints, the feed kept for followers, row checksums;
 - `FollowConfig` (memstore.replica): the replica's side, with `DaemonConfig.primary`;
-- `ObservabilityConfig`: the metrics endpoint and the traffic log line.
+- `ObservabilityConfig`: the metrics endpoint and the traffic log line;
+- `MembershipConfig` (memstore.membership): registration in etcd, for discovery.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 from memstore.auth import TlsConfig
 from memstore.errors import InvalidArgumentError
 from memstore.live import LiveConfig
+from memstore.membership import MembershipConfig
 from memstore.replica import FollowConfig
 from memstore.snapshots import DEFAULT_MAX_SNAPSHOTS
 
@@ -47,6 +49,9 @@ class ServerConfig:
     snapshot_dir: Path | None = None
     # Follow streams served at once; each holds a worker thread of its own (added to max_workers).
     max_followers: int = 4
+    # WatchRows streams served at once (clients' device caches kept coherent while training); each
+    # holds a worker thread of its own, like a follower.
+    max_row_watchers: int = 16
     # Snapshots kept in snapshot_dir (those being written included); more are refused.
     max_snapshots: int = DEFAULT_MAX_SNAPSHOTS
     # Seconds between a Follow stream's heartbeats when the follower does not ask for a period.
@@ -97,6 +102,8 @@ class ServerConfig:
             raise InvalidArgumentError(
                 f"ServerConfig.max_calls_per_peer must be 0 or more; got {self.max_calls_per_peer}"
             )
+        if self.max_row_watchers < 0:
+            raise InvalidArgumentError(f"ServerConfig.max_row_watchers must be 0 or more; got {self.max_row_watchers}")
         if self.max_followers < 0:
             raise InvalidArgumentError(f"ServerConfig.max_followers must be 0 or more; got {self.max_followers}")
         if not MIN_HEARTBEAT_S <= self.follow_heartbeat_s <= MAX_HEARTBEAT_S:
@@ -120,7 +127,10 @@ class ServerConfig:
             # no call for this long too; streams per connection are bounded by what the daemon admits.
             ("grpc.server_handshake_timeout_ms", 10_000),
             ("grpc.max_connection_idle_ms", 10 * 60_000),
-            ("grpc.max_concurrent_streams", self.max_concurrent_calls + self.max_followers + self.max_watch_streams),
+            (
+                "grpc.max_concurrent_streams",
+                self.max_concurrent_calls + self.max_followers + self.max_row_watchers + self.max_watch_streams,
+            ),
         ]
 
 
@@ -166,6 +176,8 @@ class DaemonConfig:
     observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)
     # Let the file's group read what the daemon writes (snapshots, logs): 0750/0640 instead of 0700/0600.
     group_readable: bool = False
+    # Register in etcd as a member of a cluster (None: no etcd, the single-daemon default).
+    membership: MembershipConfig | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "table", Path(self.table))

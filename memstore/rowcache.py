@@ -101,10 +101,13 @@ def set_of(keys: np.ndarray, sets: int) -> np.ndarray:
 
 
 def _remove_orphans(directory: Path) -> None:
-    """Delete cache files left by daemons that died (nobody holds their lock), a minute old or more
-    (a file younger than that may be a starting daemon's, about to be locked)."""
+    """Delete cache files left by daemons that died (no process of the pid in its name, nobody holds
+    its lock), a minute old or more (a file younger than that may be a starting daemon's, not yet locked)."""
     now = time.time()
     for path in directory.glob("memstore-rowcache-*"):
+        pid = path.name.split("-")[2]
+        if pid.isdigit() and Path(f"/proc/{pid}").exists():  # its daemon (or a process of that id) runs
+            continue
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         except OSError:

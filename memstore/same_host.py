@@ -77,6 +77,10 @@ class SameHostReader:
         self.frozen_version = frozen_version
         self.row_cache = row_cache
         self._row_bytes = table.manifest.dtype.row_bytes(table.manifest.layout.dim)
+        # Rows copied from the daemon's row cache here, and rows it lacked (asked of the daemon): the
+        # daemon's own counters do not see this client's hits.
+        self.cache_hits = 0
+        self.cache_misses = 0
 
     def gather_cached(
         self, layer_id: int, row_ids: np.ndarray, out: np.ndarray | None = None
@@ -90,6 +94,9 @@ class SameHostReader:
         # Read before the copies: a slot written since holds a row of a later version.
         version = self.frozen_version if self.seqlock is None else self.seqlock.read() // 2
         missed = self.row_cache.lookup(layer_id, ids, rows.view(np.uint8).reshape(len(ids), self._row_bytes))
+        misses = int(missed.sum())
+        self.cache_hits += len(ids) - misses  # a race between threads may lose a count: these are statistics
+        self.cache_misses += misses
         return rows, missed, version
 
     def gather(

@@ -56,8 +56,11 @@ from memstore.errors import (
 from memstore.guard import REQUEST_BYTES, CallGuard, GuardConfig
 from memstore.limits import InFlightBudget, lookup_cost, push_cost
 from memstore.live import LiveTable
+from memstore.member_state import daemon_state
+from memstore.membership import Registration, advertised_address
 from memstore.metrics import DaemonMetrics
 from memstore.replica import Follower, check_follower_manifest
+from memstore.rowwatch import RowWatchSlots, check_watch_layers, rows_after
 from memstore.same_host import advertise
 from memstore.snapshots import SnapshotSlots, check_snapshot_name
 from memstore.table import Table
@@ -114,6 +117,7 @@ class MemstoreServicer(pb_grpc.MemstoreServicer):
         self._metrics = metrics
         self._replica = replica
         self.followers = FollowerSlots(config.max_followers)
+        self.row_watchers = RowWatchSlots(config.max_row_watchers)
         self.budget = InFlightBudget(config.max_in_flight_bytes)
         manifest = live.manifest
         self._row_bytes = manifest.dtype.row_bytes(manifest.layout.dim)
@@ -269,6 +273,34 @@ class MemstoreServicer(pb_grpc.MemstoreServicer):
                     version = records[-1].version
             log.info("follower %r left at version %d", follower, version)
 
+    def WatchRows(self, request: pb.WatchRowsRequest, context: grpc.ServicerContext) -> Iterator[pb.WatchRowsResponse]:
+        with self._call("WatchRows", context):
+            layers = check_watch_layers(self._live.manifest, request.layer_ids)
+            heartbeat_s = request.heartbeat_s or self._config.follow_heartbeat_s
+            if not MIN_HEARTBEAT_S <= heartbeat_s <= MAX_HEARTBEAT_S:
+                raise InvalidArgumentError(
+                    f"heartbeat_s must be in [{MIN_HEARTBEAT_S}, {MAX_HEARTBEAT_S}] seconds; got {heartbeat_s}"
+                )
+            self.row_watchers.acquire(context.peer())
+            if not context.add_callback(self.row_watchers.release):  # released however the stream ends
+                self.row_watchers.release()
+                return
+            version = request.from_version
+            while context.is_active():
+                batch = rows_after(
+                    self._live, version, layers, self._config.follow_batch_bytes, heartbeat_s, context.is_active
+                )
+                response = pb.WatchRowsResponse(through_version=batch.through, table_version=self._live.version)
+                for change in batch.changes:
+                    response.changes.add(
+                        version=change.version,
+                        layer_id=change.layer_id,
+                        row_ids=change.ids.astype("<i8", copy=False).tobytes(),
+                        rows=change.rows.tobytes(),
+                    )
+                yield response
+                version = batch.through
+
     @contextlib.contextmanager
     def _call(self, method: str, context: grpc.ServicerContext) -> Iterator[None]:
         """Count and time one call, and turn what it raises into its status code."""
@@ -316,7 +348,7 @@ def create_server(
     # Every admitted call gets a thread at once (one waiting for its request or for a slow reader
     # holds no more than that: the work itself runs in max_workers slots, memstore.guard), Follow
     # streams hold theirs for their whole life, and a few more serve health checks and refusals.
-    admitted = config.max_concurrent_calls + config.max_followers
+    admitted = config.max_concurrent_calls + config.max_followers + config.max_row_watchers
     pool = futures.ThreadPoolExecutor(max_workers=admitted + _SPARE_THREADS)
     check = (
         None
@@ -329,7 +361,8 @@ def create_server(
             max_workers=config.max_workers,
             max_calls=config.max_concurrent_calls,
             # Follow streams past max_followers get the servicer's own refusal; these stop a flood.
-            max_untimed=config.max_followers + _SPARE_THREADS,
+            max_untimed=config.max_followers + config.max_row_watchers + _SPARE_THREADS,
+            untimed_methods=frozenset({"Follow", "WatchRows"}),
             request_timeout_s=config.request_timeout_s,
             send_timeout_s=config.send_timeout_s,
             max_calls_per_peer=config.max_calls_per_peer,
@@ -412,6 +445,7 @@ def _serve(config: DaemonConfig) -> int:
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     table: LiveTable | None = None
     replica: Follower | None = None
+    registration: Registration | None = None
     health_servicer = health.HealthServicer()
     metrics = DaemonMetrics()
     host = address.rsplit(":", 1)[0]
@@ -431,6 +465,9 @@ def _serve(config: DaemonConfig) -> int:
         if replica is not None:
             replica.start()
         _log_serving(table, config.table, f"{host}:{port}", replica)
+        if config.membership is not None:  # once serving: clients may find it from now on
+            member = advertised_address(config.membership, address, port)
+            registration = Registration(config.membership, daemon_state(table, replica, member)).start()
         if port_file is not None:
             write_port_file(port_file, port)
         last = metrics.counts()
@@ -446,6 +483,9 @@ def _serve(config: DaemonConfig) -> int:
             if replica is not None:
                 _log_replica(replica)
         log.info("stopping: draining in-flight calls (up to %.0fs)", config.grace_s)
+        if registration is not None:  # leave the cluster first: clients stop sending calls here
+            registration.stop()
+            registration = None
         health_servicer.enter_graceful_shutdown()
         if replica is not None:
             replica.stop()  # apply nothing more: the table closes next
@@ -453,6 +493,8 @@ def _serve(config: DaemonConfig) -> int:
         server.stop(config.grace_s).wait()
         log.info("stopped")
     finally:
+        if registration is not None:
+            registration.stop()
         if replica is not None:
             replica.stop()
         if table is not None:

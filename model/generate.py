@@ -8,6 +8,11 @@ The data flags must be the ones the checkpoint was trained with (its vocabulary 
 
 `--device` (default auto: cuda when PyTorch sees a GPU, else cpu) is where the model runs and the
 prefetched rows land.
+
+`--cache-rows N` / `--cache-bytes SIZE` (with `--cache-policy`, model/cache_flags.py) keep a row cache per
+layer on that device in front of a memstore table: only the rows it misses are fetched, and the tokens are
+the same as without it. Over a trainable table the cache follows the pushes of whoever trains it, serving
+no row more than `--cache-max-lag` versions behind (docs/cache.md).
 """
 
 from __future__ import annotations
@@ -22,9 +27,11 @@ from client.cluster import add_connection_arguments, connect
 from memstore.cli_args import enum_choice
 from memstore.errors import InvalidArgumentError
 from memstore.layout import fingerprint
+from model.cache_flags import add_cache_arguments, cache_config_from_args, check_cache_usable
 from model.data import PreparedData, add_data_arguments, data_config_from_args, prepare_data
 from model.device import add_device_argument, check_rows_device
 from model.lm import EngramLM
+from model.tiers import daemon_counters, daemon_tier
 from model.train import TableSource, load_checkpoint
 
 
@@ -68,7 +75,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     add_data_arguments(parser)  # as the checkpoint was trained: --data-dir, --data, --text, --text-tokens
     add_device_argument(parser)
+    add_cache_arguments(parser)  # --cache-rows, --cache-bytes, --cache-policy, --cache-max-lag
     args = parser.parse_args(argv)
+    cache = cache_config_from_args(args, parser)
+    if args.source is not None:  # else checked once the checkpoint says where its tables are
+        check_cache_usable(args, parser, memstore=args.source is TableSource.MEMSTORE, prefetch=True)
     data = prepare_data(data_config_from_args(args, parser))
     client = None
     prefetcher = None
@@ -79,6 +90,7 @@ def main(argv: list[str] | None = None) -> None:
             model, source = load_checkpoint(args.checkpoint, data, client, args.source, device=args.device)
         except ValueError as exc:  # a memstore checkpoint without an address, or one that does not fit: usage
             parser.error(f"{args.checkpoint}: {exc}")
+        check_cache_usable(args, parser, memstore=source is TableSource.MEMSTORE and client is not None, prefetch=True)
         engram = model.config.engram
         if client is not None and engram is not None:
             client.check_fingerprint(fingerprint(engram.layout(), engram.seed))
@@ -89,11 +101,25 @@ def main(argv: list[str] | None = None) -> None:
             except InvalidArgumentError as exc:  # a token the cut vocabulary of real text lacks
                 parser.error(f"--prompt {prompt!r}: {exc}")
         if client is not None and engram is not None and source is TableSource.MEMSTORE:
-            prefetcher = Prefetcher(client, model.row_ids, engram.layer_ids, PrefetchConfig(device=str(args.device)))
+            config = PrefetchConfig(device=str(args.device), cache=cache)
+            try:
+                prefetcher = Prefetcher(client, model.row_ids, engram.layer_ids, config)
+            except InvalidArgumentError as exc:  # a cache that could not follow a trainable table's pushes
+                if cache is None:
+                    raise
+                parser.error(f"--cache-rows/--cache-bytes: {exc}")
+        before = daemon_counters(client)
         for text in sample(model, data, prompts, args.max_new_tokens, args.temperature, args.seed, prefetcher):
             print(f"[{source.value}] {text}")
         if prefetcher is not None:
             print(f"rows: {prefetcher.stats.summary()}")
+        if client is not None:
+            manifest = client.describe()
+            tier = daemon_tier(before, daemon_counters(client), manifest.dtype.row_bytes(manifest.layout.dim))
+            if tier is not None and client.transport == "grpc":
+                print(f"daemon: {tier.summary()} (the daemon's counters: every client's reads)")
+            elif tier is not None:
+                print("daemon: its row cache was read in place (same host); its hits are not in its counters")
     finally:
         if prefetcher is not None:
             prefetcher.close()

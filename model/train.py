@@ -22,11 +22,18 @@ synchronous mode each step's rows are fetched at its start, all layers at once; 
 for frozen tables, one step ahead. With `--source local` the tables are sparse nn.Embeddings
 trained in process by the PyTorch optimizer matching `TrainConfig.table_optimizer` (Adam at 5x
 the backbone's rate by default, as the paper trains them).
+
+`--cache-rows N` / `--cache-bytes SIZE` (with `--cache-policy`, model/cache_flags.py) put a row cache per
+layer on the model's device in front of the daemon: only the rows it misses are fetched. The report shows
+its hit rate, the rows and bytes fetched and saved per token, beside the exposed stall. Over a table
+that is trained the cache follows the pushes (its own and other processes'), serving no row more than
+`--cache-max-lag` versions behind (docs/cache.md); a frozen table caches freely.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import enum
 import json
 import math
@@ -34,7 +41,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from itertools import islice
 from pathlib import Path
 
@@ -45,16 +52,19 @@ from tqdm import tqdm
 
 from client import PrefetchConfig, Prefetcher, PrefetchHandle, PushConfig, Pusher, RemoteEmbedding, TableClient
 from client import metrics as client_metrics
+from client.cache import CacheStats
 from client.cluster import add_connection_arguments, connect
 from memstore.cli_args import enum_choice
 from memstore.errors import InvalidArgumentError
 from memstore.layout import fingerprint
 from memstore.tabledir.optimizer import OptimizerConfig, OptimizerKind
+from model.cache_flags import add_cache_arguments, cache_config_from_args, check_cache_usable
 from model.config import lm_config_from_dict, lm_config_to_dict
 from model.data import PreparedData, add_data_arguments, batches, data_config_from_args, eval_batches, prepare_data
 from model.device import add_device_argument, check_rows_device
 from model.lm import EngramLM, LMConfig
 from model.sources import TrackedRows, local_tables, memstore_tables
+from model.tiers import daemon_counters, daemon_tier
 
 
 class TableSource(enum.Enum):
@@ -113,6 +123,12 @@ class TrainResult:
     prefetched: bool = False
     prefetch_ahead: int = 0  # 1: step N+1's rows fetched during step N; 0: at each step's start
     non_embedding_params: int = 0
+    tokens: int = 0  # training tokens (steps x batch x sequence length)
+    # Per cache tier (the prefetcher's device cache: tier "device", the training steps' reads; `python -m
+    # model.train` adds the daemon's row cache, from its metrics), the hits and the rows and bytes fetched
+    # from the tier below and spared it. Empty: no cache.
+    cache_tiers: list[CacheStats] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what the report cannot show, and why
 
     @property
     def stall_share(self) -> float:
@@ -292,8 +308,10 @@ def _train(
         result.rows_pushed = pusher.stats.rows
         result.table_version = pusher.stats.last_version
     result.train_seconds = time.perf_counter() - start - result.eval_seconds
-    result.tokens_per_s = config.steps * config.batch_size * model.config.max_seq_len / result.train_seconds
+    result.tokens = config.steps * config.batch_size * model.config.max_seq_len
+    result.tokens_per_s = result.tokens / result.train_seconds
     result.stall_seconds = stall.seconds()
+    result.cache_tiers = stall.cache_tiers()
     result.gpu_stall_seconds = stall.gpu_seconds()
     result.rows_fetched = stall.rows()
     return result
@@ -316,6 +334,15 @@ class _StallMeter:
         self._excluded: dict[int, float] = {}
         self._rows_start = self._rows_total()
         self._gpu_start = self._gpu_totals()
+        cache = prefetcher.stats.cache if prefetcher is not None else None
+        self._cache_start = copy.deepcopy(cache) if cache is not None else None
+
+    def cache_tiers(self) -> list[CacheStats]:
+        """The cache tiers' counters since the meter started (evaluations look rows up without the prefetcher,
+        so all of it is training's)."""
+        if self.prefetcher is None or self.prefetcher.stats.cache is None or self._cache_start is None:
+            return []
+        return [_stats_since(self.prefetcher.stats.cache, self._cache_start)]
 
     def _gpu_totals(self) -> dict[int, float]:
         return dict(self.prefetcher.stats.gpu_stall_s) if self.prefetcher is not None else {}
@@ -353,6 +380,21 @@ class _StallMeter:
             layer: total - self._start.get(layer, 0.0) - self._excluded.get(layer, 0.0)
             for layer, total in self._totals().items()
         }
+
+
+def _stats_since(now: CacheStats, start: CacheStats) -> CacheStats:
+    """The counters' growth from `start` to `now` (per-layer dicts too)."""
+    delta = copy.deepcopy(now)
+    for f in fields(CacheStats):
+        value = getattr(now, f.name)
+        if isinstance(value, bool):  # a state (whether the cache is coherent), not a counter
+            continue
+        if isinstance(value, (int, float)):
+            setattr(delta, f.name, value - getattr(start, f.name))
+        elif isinstance(value, dict):
+            before = getattr(start, f.name)
+            setattr(delta, f.name, {key: count - before.get(key, 0) for key, count in value.items()})
+    return delta
 
 
 def _prefetched(
@@ -439,14 +481,17 @@ def main(argv: list[str] | None = None) -> None:
     add_data_arguments(parser)  # --data-dir, --data generated|text, --text, --text-tokens
     parser.add_argument("--lm-config", type=Path, help="JSON file of LMConfig fields (unknown keys are errors)")
     add_device_argument(parser)
+    add_cache_arguments(parser)  # --cache-rows, --cache-bytes, --cache-policy, --cache-max-lag
     parser.add_argument(
-        "--metrics-port", type=int, help="serve Prometheus metrics (prefetch stall, push wait) on this port"
+        "--metrics-port", type=int, help="serve Prometheus metrics (prefetch stall, push wait, cache) on this port"
     )
     args = parser.parse_args(argv)
+    check_cache_usable(args, parser, memstore=args.source is TableSource.MEMSTORE, prefetch=not args.no_prefetch)
+    cache = cache_config_from_args(args, parser)
     if args.metrics_port is not None:
         client_metrics.enable()
         prometheus_client.start_http_server(args.metrics_port)
-    if args.source is TableSource.MEMSTORE and not (args.memstore or args.cluster or args.shard):
+    if args.source is TableSource.MEMSTORE and not (args.memstore or args.cluster or args.shard or args.etcd):
         parser.error("--source memstore needs --memstore HOST:PORT (`memstore serve`'s address) or --cluster FILE")
     try:
         config = TrainConfig(
@@ -476,10 +521,27 @@ def main(argv: list[str] | None = None) -> None:
         )
         layers = lm_config.engram.layer_ids if lm_config.engram is not None else ()
         if client is not None and not args.no_prefetch:
-            prefetcher = Prefetcher(client, model.row_ids, layers, PrefetchConfig(device=str(args.device)))
+            try:
+                prefetcher = Prefetcher(
+                    client, model.row_ids, layers, PrefetchConfig(device=str(args.device), cache=cache)
+                )
+            except InvalidArgumentError as exc:  # the cache refuses a table it cannot keep coherent
+                if cache is None:
+                    raise
+                parser.error(f"--cache-rows/--cache-bytes: {exc}")
         if push:
             pusher = Pusher(client, layers, PushConfig(max_in_flight_steps=args.push_staleness))
+        before = daemon_counters(client)
         result = train(model, data, config, prefetcher=prefetcher, pusher=pusher)
+        if client is not None:
+            manifest = client.describe()
+            tier = daemon_tier(before, daemon_counters(client), manifest.dtype.row_bytes(manifest.layout.dim))
+            if tier is not None and client.transport == "grpc":
+                result.cache_tiers.append(tier)
+            elif tier is not None:  # its hits were read in this process, from the cache's shared memory
+                result.notes.append(
+                    "daemon row cache: read in place (same host), so its hits are not in the daemon's counters"
+                )
         save_checkpoint(model, args.source, config.out_dir / "ckpt.pt", result)
     finally:
         for resource in (pusher, prefetcher, client):
@@ -492,6 +554,26 @@ def _fetch_mode(result: TrainResult) -> str:
     if not result.prefetched:
         return "when each layer needed them"
     return "prefetched one step ahead" if result.prefetch_ahead else "prefetched at each step's start"
+
+
+def _tier_line(tier: CacheStats, tokens: int) -> str:
+    per_token = ""
+    if tier.tier.startswith("daemon"):
+        per_token = " (the daemon's counters: every client's reads, evaluations' too)"
+    elif tokens:
+        per_token = f"; per token {tier.rows_fetched / tokens:.2f} rows ({tier.bytes_fetched / tokens:,.0f} B)"
+    return (
+        f"{tier.tier} cache: hit rate {tier.hit_rate:.1%} ({tier.hits:,} of {tier.hits + tier.misses:,} row reads); "
+        f"fetched from the tier below {tier.rows_fetched:,} rows ({tier.bytes_fetched:,} B){per_token}; "
+        f"saved {tier.rows_saved:,} rows ({tier.bytes_saved:,} B)"
+        + (
+            f"; coherent: {tier.rows_refreshed:,} rows refreshed by pushes ({tier.coherence_bytes:,} B received), "
+            f"{tier.coherence_waits:,} waits ({tier.coherence_wait_s:.2f} s), "
+            f"{tier.served_from_store:,} steps served from the store"
+            if tier.coherent
+            else ""
+        )
+    )
 
 
 def report(result: TrainResult, config: TrainConfig) -> str:
@@ -513,6 +595,8 @@ def report(result: TrainResult, config: TrainConfig) -> str:
         if result.gpu_stall_seconds:
             gpu = sum(result.gpu_stall_seconds.values())
             lines.append(f"memstore: the GPU waited {gpu:.2f} s for row copies ({gpu / result.train_seconds:.1%})")
+        lines.extend(_tier_line(tier, result.tokens) for tier in result.cache_tiers)
+        lines.extend(result.notes)
     if result.rows_pushed:
         lines.append(
             f"memstore: {result.rows_pushed:,} row gradients pushed, table now at version {result.table_version}; "

@@ -3,6 +3,7 @@
     python -m scripts.demo [--steps 150] [--shards N]
     python -m scripts.demo --create-only --table DIR [--shards N]   # steps 1-2 only (a deployment's init job)
     python -m scripts.demo --cluster FILE [--steps S]              # steps 3-4 through a running cluster
+    python -m scripts.demo --etcd HOST:PORT --cluster-name NAME    # the same, its daemons found in etcd
     python -m scripts.demo --data text [--text data/text/en]       # real text, DeepSeek-V4's tokenizer
 
 from the repository root (scripts/demo.sh does that), so the repository's packages are imported;
@@ -77,6 +78,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--shards", type=int, default=1, help="create the table in N shards, one daemon each")
     parser.add_argument("--create-only", action="store_true", help="prepare the data and create the table, then exit")
     parser.add_argument("--cluster", type=Path, help="train through running daemons described by this cluster spec")
+    parser.add_argument("--etcd", metavar="HOST:PORT", help="train through running daemons registered in this etcd")
+    parser.add_argument("--cluster-name", metavar="NAME", help="with --etcd: the cluster they registered in")
     add_data_arguments(parser)  # --data generated|text, --text, --text-tokens, --data-dir
     parser.set_defaults(data_dir=REPO / "data")
     add_device_argument(parser)
@@ -88,8 +91,10 @@ def main() -> int:
     args = parser.parse_args()
     if args.shards < 1:
         parser.error("--shards must be at least 1")
-    if args.cluster is not None and args.create_only:
-        parser.error("--cluster uses an existing table; --create-only makes one: give one of them")
+    if (args.cluster is not None or args.etcd is not None) and args.create_only:
+        parser.error("--cluster and --etcd use an existing table; --create-only makes one: give one of them")
+    if (args.etcd is None) != (args.cluster_name is None):
+        parser.error("--etcd and --cluster-name go together")
 
     data_config = data_config_from_args(args, parser)
     if data_config.source is DataSource.TEXT:
@@ -109,6 +114,13 @@ def main() -> int:
         print(f"\n== 2. the Engram table, served by the cluster in {args.cluster} ({len(spec.shards)} shards)")
         with ClusterClient(spec, expected_fingerprint=manifest.fingerprint) as client:
             print(f"fingerprint {manifest.fingerprint} checked on every daemon")
+            _train_and_sample(client, lm_config, data, config, args)
+        return 0
+    if args.etcd is not None:
+        print(f"\n== 2. the Engram table, served by cluster {args.cluster_name!r} as registered in etcd at {args.etcd}")
+        with ClusterClient.discover(args.etcd, args.cluster_name, expected_fingerprint=manifest.fingerprint) as client:
+            shards = ", ".join(f"[{', '.join(shard.addresses)}]" for shard in client.spec.shards)
+            print(f"found shards {shards}; fingerprint {manifest.fingerprint} checked on every daemon")
             _train_and_sample(client, lm_config, data, config, args)
         return 0
 

@@ -1,6 +1,6 @@
 """Regenerate the Python gRPC stubs from proto/ (the only way they are ever changed).
 
-python scripts/gen_proto.py              # writes memstore/wire/memstore_pb2*.py(i)
+python scripts/gen_proto.py              # writes memstore/wire/memstore_pb2*.py(i) and memstore/wire/etcd/*
 python scripts/gen_proto.py --out DIR    # writes them under DIR instead (used by the drift test)
 """
 
@@ -14,7 +14,13 @@ from grpc_tools import protoc
 
 REPO = Path(__file__).resolve().parent.parent
 PROTO_ROOT = REPO / "proto"
-PROTO_FILES = ["memstore/wire/memstore.proto"]
+PROTO_FILES = [
+    "memstore/wire/memstore.proto",
+    # etcd 3.4's v3 API (vendored, options for Go stripped), spoken by memstore/etcd.py.
+    "memstore/wire/etcd/kv.proto",
+    "memstore/wire/etcd/auth.proto",
+    "memstore/wire/etcd/rpc.proto",
+]
 
 
 def generate(out_dir: Path) -> None:

@@ -12,3 +12,5 @@ fi
 # where a looser spec would pull a multi-GB CUDA build.
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
+# A real etcd (Debian etcd-server 3.4) for clusters on etcd and their tests; they skip without it.
+scripts/get_etcd.sh || echo "etcd not installed (see the message above): the etcd tests will skip" >&2

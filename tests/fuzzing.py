@@ -254,7 +254,8 @@ class Fuzzed:
     def check(self, path: str, data: bytes) -> Reply:
         """Send raw `data` to `path`; the reply must be one the model allows, and nothing else changes."""
         expect = self.expect(path, data)
-        reply = self.call(path, data, max_messages=1 if path.endswith("/Follow") else None)
+        never_ends = path.endswith(("/Follow", "/WatchRows"))  # streams that never end on their own
+        reply = self.call(path, data, max_messages=1 if never_ends else None)
         ANSWERS[reply.code.name] += 1
         if reply.code is OK:
             assert expect.ok is not None, f"{path} accepted {data[:200]!r}; expected one of {expect.errors}"
@@ -517,6 +518,29 @@ class Fuzzed:
             self.await_no_followers()  # the stream was cancelled: its slot must come back
 
         return Expect(ok=ok)
+
+    def expect_watchrows(self, request: pb.WatchRowsRequest) -> Expect:
+        if set(request.layer_ids) - set(LAYERS):
+            return Expect([(IA, "WatchRows asks for layers")])
+        heartbeat_s = request.heartbeat_s or CONFIG.follow_heartbeat_s
+        if not 0.01 <= heartbeat_s <= 60:
+            return Expect([(IA, "heartbeat_s must be in")])
+        if request.from_version > self.version:
+            return Expect([(FP, "cannot catch up")])
+        # Up to date, a valid watch answers after its heartbeat: past the call's deadline for the longest.
+        errors = [(DE, "")] if request.from_version == self.version and heartbeat_s >= 10 else []
+
+        def ok(messages: list[bytes]) -> None:
+            response = pb.WatchRowsResponse.FromString(messages[0])
+            assert response.table_version == self.version
+            wanted = set(request.layer_ids) or set(LAYERS)
+            versions = [change.version for change in response.changes]
+            assert versions == sorted(versions) and all(change.layer_id in wanted for change in response.changes)
+            assert all(request.from_version < v <= response.through_version for v in versions)
+            # A heartbeat (through the watcher's own version) only when it is up to date.
+            assert (response.through_version > request.from_version) == (request.from_version < self.version)
+
+        return Expect(errors, ok=ok)
 
     def await_no_followers(self, timeout_s: float = 10.0) -> None:
         """Wait until the daemon reports no follower streaming (slots come back as cancelled streams end)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections import Counter, OrderedDict
 from pathlib import Path
 
@@ -10,7 +11,16 @@ import pytest
 import torch
 
 from client import MemstoreClient, PrefetchConfig, Prefetcher, TableFetcher
-from client.cache import _SKETCH_DEPTH, _SKETCH_MULTIPLIERS, CacheConfig, CachedReader, CachePolicy, DeviceCache
+from client.cache import (
+    _SKETCH_DEPTH,
+    _SKETCH_MULTIPLIERS,
+    CacheConfig,
+    CachedReader,
+    CachePolicy,
+    CacheStats,
+    DeviceCache,
+    _LayerCache,
+)
 from memstore.dtypes import DType
 from memstore.errors import InvalidArgumentError
 from memstore.live import LiveConfig, LiveTable
@@ -201,23 +211,24 @@ def _trainable_manifest() -> Manifest:
     return Manifest(layout=SMALL_LAYOUT, dtype=DType.FLOAT32, seed=0, optimizer=OptimizerConfig(kind=OptimizerKind.SGD))
 
 
-def test_a_trainable_table_is_refused_unless_the_process_only_generates(tmp_path: Path, daemon_factory) -> None:
+def test_a_trainable_table_is_followed_unless_the_process_only_generates(tmp_path: Path, daemon_factory) -> None:
     path = make_table(tmp_path / "trained", DType.FLOAT32, optimizer=OptimizerConfig(kind=OptimizerKind.SGD))
     live = LiveTable.open(path, config=LiveConfig())
     try:
         with MemstoreClient(daemon_factory(live).address, FAST_FAIL) as client:
             assert client.trainable
-            with pytest.raises(InvalidArgumentError, match="coherence .* not supported yet"):
-                CachedReader(client, CacheConfig())
-            with pytest.raises(InvalidArgumentError, match="coherence .* not supported yet"):
-                Prefetcher(client, lambda x: x, LAYERS, PrefetchConfig(cache=CacheConfig()))
+            with CachedReader(client, CacheConfig()) as followed:  # coherent: tests/test_coherence.py
+                assert followed.stats.coherent and followed.cache.coherence is not None
+            with Prefetcher(client, lambda x: x, LAYERS, PrefetchConfig(cache=CacheConfig())) as prefetcher:
+                assert prefetcher.cache is not None and prefetcher.cache.coherence is not None
             # The row a push changed would be served stale from the cache: the opt-in takes that on.
             cached = CachedReader(client, CacheConfig(generation_only=True))
+            assert cached.cache.coherence is None
             np.testing.assert_array_equal(cached.lookup(1, [5, 6]).numpy(), client.lookup(1, [5, 6]).numpy())
     finally:
         live.close()
     with Table.open(path) as table, pytest.raises(InvalidArgumentError, match="generation_only"):
-        CachedReader(TableFetcher(table), CacheConfig())  # in process: an optimizer means trainable
+        CachedReader(TableFetcher(table), CacheConfig())  # in process: an optimizer means trainable, not followed
 
 
 @pytest.mark.parametrize("dtype", [DType.FLOAT16, DType.FLOAT8_E4M3_ROWSCALE], ids=lambda d: d.value)
@@ -302,3 +313,38 @@ def test_a_static_cache_without_hot_rows_for_a_layer_serves_it_uncached(table: T
         np.testing.assert_array_equal(cached.lookup(4, [5, 6]).numpy(), table.gather(4, np.array([5, 6])))
         cached.lookup(1, [5, 6, 7])
     assert cached.stats.hits_per_layer == {4: 0, 1: 2} and cached.stats.rejected == 4 + 2
+
+
+@pytest.mark.parametrize("policy", [p for p in CachePolicy if p is not CachePolicy.STATIC], ids=lambda p: p.value)
+@pytest.mark.parametrize("capacity", [3, 40])
+def test_long_churn_matches_the_brute_force_through_index_rebuilds_and_queue_compactions(policy, capacity) -> None:
+    """Many steps over a wide universe: deletion marks force index rebuilds, stale victim-queue entries force
+    compactions (and LFU's rows read 16 times or more need the scan over all slots); nothing may drift."""
+    width = 3  # one layer's cache alone, its rows made from their ids
+    config = CacheConfig(policy=policy, max_rows=capacity, sketch_reset=3)
+    cache = _LayerCache(capacity, width, torch.int64, torch.device("cpu"), config, None)
+    brute = BruteForce(policy, capacity, reset=3)
+    stats, lock = CacheStats(), threading.Lock()
+    universe = np.arange(400) * 11 + 5
+    for step, ids in enumerate(_stream(seed=capacity, steps=700, universe=400)):
+        ids = universe[np.searchsorted(np.arange(400) * 7 + 3, ids)]  # the stream's ids, spread wider
+        expected_hits = brute.step(ids)
+        before = stats.hits
+        rows = cache.step(torch.as_tensor(ids), _rows_of, stats, lock, 1, width * 8)
+        assert torch.equal(rows, _rows_of(torch.as_tensor(ids)))
+        assert stats.hits - before == expected_hits, step
+        assert set(cache.resident().tolist()) == set(brute.res), step
+        # find: every resident at its slot, every other id of the universe (and repeats) absent.
+        probe = torch.as_tensor(np.concatenate([universe, universe[:50]]))
+        slots = cache.find(probe)
+        held = slots >= 0
+        assert torch.equal(cache.slot_key[slots[held]], probe[held])
+        assert set(probe[held].tolist()) == set(brute.res)
+    assert cache.index_rebuilds > 0 and any(q.compactions > 0 for q in cache.queues)
+    if policy is CachePolicy.LFU and capacity == 3:
+        assert cache.overflow_scans > 0
+
+
+def _rows_of(ids: torch.Tensor) -> torch.Tensor:
+    """Rows made from their ids: [len(ids), 3] int64."""
+    return ids.unsqueeze(1) * torch.tensor([1, 3, -7]) + 1

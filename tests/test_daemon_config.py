@@ -19,6 +19,7 @@ from memstore.daemon_config import DaemonConfig, ServerConfig
 from memstore.errors import InvalidArgumentError
 from memstore.integrity import IntegrityConfig
 from memstore.live import LiveConfig
+from memstore.membership import MembershipConfig
 from memstore.replica import FollowConfig
 from memstore.rowcache import RowCacheConfig
 from memstore.wal import Durability
@@ -77,6 +78,13 @@ FLAGS: list[tuple[list[str], Callable[[DaemonConfig], Any], Any]] = [
     (["--follow", "p:1", "--max-lag", "9"], lambda c: c.follow, FollowConfig(max_lag=9)),
     (["--follow", "p:1", "--follow-tls-ca", "ca.pem"], lambda c: c.follow_config.tls, ClientTls(Path("ca.pem"))),
     (["--max-followers", "2"], lambda c: c.server.max_followers, 2),
+    (["--etcd", "e:2379", "--cluster-name", "t"], lambda c: c.membership, MembershipConfig(("e:2379",), "t")),
+    (
+        ["--etcd", "e:1", "--cluster-name", "t", "--advertise", "h:5", "--etcd-ttl-s", "4"],
+        lambda c: c.membership,
+        MembershipConfig(("e:1",), "t", advertise="h:5", ttl_s=4),
+    ),
+    (["--max-row-watchers", "3"], lambda c: c.server.max_row_watchers, 3),
     (["--feed-bytes", "8MiB"], lambda c: c.live.feed_bytes, 8 << 20),
     (["--max-rows-per-request", "1000"], lambda c: c.server.max_rows_per_request, 1000),
     (["--max-message-bytes", "2MiB"], lambda c: c.server.max_message_bytes, 2 << 20),

@@ -29,7 +29,10 @@ from packaging.specifiers import SpecifierSet
 from client import ClusterSpec, MemstoreClient
 from client.cluster_spec import ShardAddresses
 from memstore.cli import _parser as memstore_parser
+from memstore.etcd import EtcdClient
+from memstore.membership import MemberRecord, members_prefix
 from memstore.service import SERVICE_NAME
+from tests.etcd_server import EtcdServer, require_etcd
 from tests.helpers import FAST_FAIL
 
 REPO = Path(__file__).resolve().parent.parent
@@ -38,6 +41,9 @@ CLUSTER_FILE = REPO / "deploy" / "cluster.toml"
 KUBERNETES_FILE = REPO / "deploy" / "kubernetes.yaml"
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 
+# Where the compose file's daemons register, and the demo finds them.
+ETCD = "etcd:2379"
+CLUSTER_NAME = "engram"
 # Compose interpolates ${NAME:-default} from the caller's environment; the test fixes it.
 COMPOSE_ENV = {"DEMO_STEPS": "2"}
 # A shell keyword or builtin that may start a line before the command it runs.
@@ -195,6 +201,9 @@ def test_compose_runs_two_shards_of_a_primary_and_a_replica() -> None:
         assert check is not None and check.command == "health", f"{name}'s healthcheck is not `memstore health`"
         assert check.address == f"127.0.0.1:{_port(args.listen)}" and check.service == SERVICE_NAME
         assert service["depends_on"]["table-init"] == {"condition": "service_completed_successfully"}
+        # Registered in the compose file's etcd, at the address other containers reach it by.
+        assert (args.etcd, args.cluster_name, args.advertise) == (ETCD, CLUSTER_NAME, f"{name}:{_port(args.listen)}")
+        assert service["depends_on"]["etcd"] == {"condition": "service_healthy"}
         if args.follow is not None:
             primary = args.follow.rpartition(":")[0]
             assert primary in primaries and args.follow == f"{primary}:{_port(daemons[primary].listen)}"
@@ -229,11 +238,15 @@ def test_compose_runs_two_shards_of_a_primary_and_a_replica() -> None:
 
     demo = services["demo"]
     assert demo["depends_on"] == {name: {"condition": "service_healthy"} for name in sorted(daemons)}
-    assert _parse(_argv(demo)).cluster == Path("deploy/cluster.toml")
+    found = _parse(_argv(demo))  # the demo finds the daemons in etcd
+    assert (found.etcd, found.cluster_name, found.cluster) == (ETCD, CLUSTER_NAME, None)
+    etcd = services["etcd"]
+    assert etcd["image"].endswith(":v3.4.23"), "etcd 3.4, as Debian ships it (3.5.0-3.5.2 are unsafe)"
+    assert f"--advertise-client-urls=http://{ETCD}" in _argv(etcd) and "etcd" in compose["volumes"]
     assert _parse(_argv(_compose(COMPOSE_ENV)["services"]["demo"])).steps == int(COMPOSE_ENV["DEMO_STEPS"])
 
-    # One image for every service, built from this directory.
-    assert {(s["image"], s["build"]) for s in services.values()} == {
+    # One image for every service but etcd, built from this directory.
+    assert {(s["image"], s["build"]) for name, s in services.items() if name != "etcd"} == {
         (f"engram-memstore:{PYPROJECT['project']['version']}", ".")
     }
     assert set(compose["volumes"]) >= {"tables", "data"}
@@ -322,31 +335,41 @@ def _containers(document: dict[str, Any]) -> list[dict[str, Any]]:
     return [*pod.get("initContainers", []), *pod["containers"]]
 
 
-def test_kubernetes_manifest_serves_the_cluster_spec_it_ships() -> None:
+def test_kubernetes_shards_register_in_the_etcd_the_demo_reads() -> None:
     documents = _kubernetes()
     by_kind: dict[str, dict[str, Any]] = {}
     for document in documents:
         by_kind.setdefault(document["kind"], {})[document["metadata"]["name"]] = document
     image = _compose()["services"]["demo"]["image"]
-    assert {c["image"] for d in documents for c in _containers(d)} == {image}
+    sets = dict(by_kind["StatefulSet"])
+    etcd = sets.pop("etcd")
+    assert {c["image"] for d in documents if d is not etcd for c in _containers(d)} == {image}
+    (etcd_container,) = _containers(etcd)
+    assert etcd_container["image"].endswith(":v3.4.23"), "etcd 3.4, as Debian ships it (3.5.0-3.5.2 are unsafe)"
+    assert f"--advertise-client-urls=http://{ETCD}" in etcd_container["args"]
+    assert by_kind["Service"]["etcd"]["spec"]["ports"][0]["port"] == _port(ETCD)
 
-    spec = ClusterSpec.from_dict(tomllib.loads(by_kind["ConfigMap"]["memstore-cluster"]["data"]["cluster.toml"]))
-    sets = by_kind["StatefulSet"]
-    assert len(spec.shards) == len(sets) == 2
-    for shard, (name, stateful) in zip(spec.shards, sorted(sets.items())):
+    assert len(sets) == 2
+    for name, stateful in sorted(sets.items()):
         service = by_kind["Service"][stateful["spec"]["serviceName"]]
-        assert service["spec"]["clusterIP"] == "None", "a headless service: DNS lists every ready pod"
+        assert service["spec"]["clusterIP"] == "None", "a headless service: each pod has a DNS name"
         labels = stateful["spec"]["template"]["metadata"]["labels"]
         assert service["spec"]["selector"] == stateful["spec"]["selector"]["matchLabels"] == labels
         pods = [
             f"{name}-{ordinal}.{service['metadata']['name']}:50051" for ordinal in range(stateful["spec"]["replicas"])
         ]
-        assert shard == ShardAddresses(pods[0], tuple(pods[1:]), f"dns:///{service['metadata']['name']}:50051")
         (daemon,) = stateful["spec"]["template"]["spec"]["containers"]
         assert daemon["readinessProbe"]["grpc"] == {"port": 50051, "service": SERVICE_NAME}
         serves = [_parse(words) for words in _simple_commands([*daemon["command"], *daemon["args"]])]
-        assert [args.follow for args in serves if args is not None] == [None, pods[0]]
+        serves = [args for args in serves if args is not None]
+        assert [args.follow for args in serves] == [None, pods[0]]
+        for args in serves:  # each pod registers as its own DNS name ($HOSTNAME is the pod's name)
+            assert (args.etcd, args.cluster_name) == (ETCD, CLUSTER_NAME)
+            assert args.advertise == f"$HOSTNAME.{service['metadata']['name']}:50051"
     assert set(by_kind["Job"]) == {"table-init", "demo"}
+    (demo,) = by_kind["Job"]["demo"]["spec"]["template"]["spec"]["containers"]
+    found = _parse([*demo["command"], *demo["args"]])
+    assert (found.etcd, found.cluster_name) == (ETCD, CLUSTER_NAME)
 
 
 # ---- the compose services as local processes ---------------------------------------------------
@@ -359,7 +382,9 @@ class LocalCompose:
       copies there; commands run in it with `python` and `memstore` from this interpreter.
     - Named volumes are temporary directories; a mount inside the WORKDIR is a link to its volume.
     - A daemon listens on 127.0.0.1, port 0 (its port file says which); "SERVICE:PORT" and the
-      container's own 127.0.0.1:PORT become 127.0.0.1:<that daemon's port>.
+      container's own 127.0.0.1:PORT become 127.0.0.1:<that daemon's port>. It registers in etcd
+      at that address (no --advertise: its default is the loopback address it listens on).
+    - The etcd service is the etcd scripts/get_etcd.sh unpacks, on a free loopback port.
     """
 
     def __init__(self, compose: dict[str, Any], root: Path) -> None:
@@ -372,6 +397,8 @@ class LocalCompose:
         self.done: set[str] = set()
         self._logs: list[Any] = []
         self._container_port = {name: _port(args.listen) for name, args in _daemons(compose).items()}
+        self._container_port["etcd"] = _port(ETCD)
+        self.etcd: EtcdServer | None = None
         self.mounts: dict[str, Path] = {}  # container path outside the workdir -> local path
         self._copy_image_files()
         self._mount_volumes()
@@ -441,7 +468,10 @@ class LocalCompose:
         return re.sub(rf"(?<![\w.-])({hosts}):(\d+)(?![\w.-])", address, text)
 
     def _argv(self, name: str) -> list[str]:
-        argv = [self.remap(word, name) for word in _argv(self.services[name])]
+        argv = _argv(self.services[name])
+        if "--advertise" in argv:  # its own address, not known before it listens
+            del argv[argv.index("--advertise") : argv.index("--advertise") + 2]
+        argv = [self.remap(word, name) for word in argv]
         if name in self._container_port:  # listen on a free loopback port and say which
             argv[argv.index("--listen") + 1] = "127.0.0.1:0"
             argv += ["--port-file", str(self.root / f"{name}.port")]
@@ -450,6 +480,10 @@ class LocalCompose:
         return argv
 
     def start(self, name: str) -> None:
+        if name == "etcd":  # ready when this returns
+            self.etcd = EtcdServer(require_etcd(), self.volumes["etcd"]).start()
+            self.ports[name] = self.etcd.client_port
+            return
         argv = _argv(self.services[name])
         if "--cluster" in argv:  # the demo's
             self._place_cluster_spec(argv[argv.index("--cluster") + 1])
@@ -471,6 +505,9 @@ class LocalCompose:
 
     def wait_healthy(self, name: str, timeout_s: float) -> None:
         """Run the service's healthcheck until it passes, as compose does."""
+        if name == "etcd":  # started ready
+            self.done.add(name)
+            return
         deadline = time.monotonic() + timeout_s
         port_file = self.root / f"{name}.port"
         while not (port_file.exists() and port_file.read_text().strip()):
@@ -494,7 +531,9 @@ class LocalCompose:
             wave = [
                 name
                 for name, service in self.services.items()
-                if name not in self.processes and set(service.get("depends_on", {})) <= self.done
+                if name not in self.processes
+                and name not in self.ports
+                and set(service.get("depends_on", {})) <= self.done
             ]
             assert wave, f"depends_on cannot be met: {sorted(set(self.services) - self.done)}"
             for name in wave:
@@ -525,6 +564,8 @@ class LocalCompose:
         codes = {name: process.returncode for name, process in self.processes.items()}
         for log in self._logs:
             log.close()
+        if self.etcd is not None:  # last: the daemons leave it on their way out
+            self.etcd.stop()
         return codes
 
 
@@ -545,6 +586,10 @@ def test_compose_services_run_as_local_processes(local_compose: LocalCompose) ->
 
     config = replace(FAST_FAIL, same_host=False)
     daemons = _daemons(_compose())
+    # Every daemon registered in etcd (the demo found them there), as the address it serves at.
+    with EtcdClient(local_compose.etcd.endpoint) as etcd:
+        members = [MemberRecord.decode(kv.value) for kv in etcd.get_prefix(members_prefix(CLUSTER_NAME))[0]]
+    assert sorted(m.address for m in members) == sorted(f"127.0.0.1:{local_compose.ports[name]}" for name in daemons)
     for name, args in daemons.items():
         if args.follow is None:
             with MemstoreClient(f"127.0.0.1:{local_compose.ports[name]}", config) as primary:

@@ -12,6 +12,7 @@ import torch
 from client import MemstoreClient
 from memstore.create import create_table
 from memstore.dtypes import DType
+from memstore.live import LiveConfig, LiveTable
 from memstore.table import Table
 from memstore.tabledir.manifest import Manifest
 from model.compression import CompressedTokenizer
@@ -329,3 +330,155 @@ def test_generating_from_a_memstore_checkpoint_without_an_address_is_a_usage_err
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "needs a daemon address (--memstore HOST:PORT)" in err and "Traceback" not in err
+
+
+# --- the device cache through the command lines and the training report ----------------------------
+
+
+def _memstore_checkpoint(data, config, path) -> str:
+    """A checkpoint whose tables are a memstore's (as a memstore run saves it)."""
+    torch.manual_seed(0)
+    save_checkpoint(build_model(config, data, TableSource.LOCAL), TableSource.MEMSTORE, path)
+    return str(path)
+
+
+def test_generation_with_the_device_cache_gives_the_same_tokens(data, config, tmp_path, daemon_factory, capsys,
+                                                                monkeypatch) -> None:  # fmt: skip
+    """model.generate with --cache-rows: same checkpoint, same table, same seed, so the same text, with rows
+    served from the cache. The table is trainable (SGD): generating opts in, as nobody trains it here."""
+    from memstore.tabledir.optimizer import OptimizerConfig, OptimizerKind
+    from model import generate as generate_cli
+
+    monkeypatch.setattr(generate_cli, "prepare_data", lambda _config: data)  # the fixture's small corpus
+    checkpoint = _memstore_checkpoint(data, config, tmp_path / "ckpt.pt")
+    manifest = Manifest(
+        layout=ENGRAM.layout(), dtype=DType.FLOAT16, seed=ENGRAM.seed, optimizer=OptimizerConfig(OptimizerKind.SGD)
+    )
+    with LiveTable.open(create_table(tmp_path / "t", manifest), config=LiveConfig()) as live:
+        address = daemon_factory(live).address
+        with MemstoreClient(address) as client:
+            assert client.trainable
+        argv = ["--checkpoint", checkpoint, "--memstore", address, "--device", "cpu", "--max-new-tokens", "8"]
+        argv += ["--prompt", "The river", "--prompt", "The", "--samples", "2", "--temperature", "1.5"]
+        outputs = []
+        for cache in ([], ["--cache-rows", "40", "--cache-policy", "lfu"], ["--cache-bytes", "1KiB"]):
+            generate_cli.main([*argv, *cache])
+            outputs.append(capsys.readouterr().out.splitlines())
+    texts = [[line for line in out if line.startswith("[memstore]")] for out in outputs]
+    assert len(texts[0]) == 4 and texts[1] == texts[0] and texts[2] == texts[0]
+    assert "cache" not in outputs[0][-1]
+    for out in outputs[1:]:
+        hits, accesses = (int(n.replace(",", "")) for n in out[-1].split("device cache: hit rate ")[1]
+                          .split("(")[1].split(" accesses")[0].split("/"))  # fmt: skip
+        assert 0 < hits < accesses
+
+
+def test_training_through_the_device_cache_reports_each_tier_and_trains_alike(data, config, tmp_path) -> None:
+    """A frozen table read through the cache gives the rows it gives without it: the same losses. The report
+    carries the device tier's counts for the training steps alone (evaluations read without the prefetcher)."""
+    from client import CacheConfig, PrefetchConfig, Prefetcher, TableFetcher
+    from model.train import report
+
+    train_config = TrainConfig(steps=6, batch_size=4, eval_every=3, eval_batches=2)
+    table, _ = _table_fetcher(tmp_path, DType.FLOAT16)
+    results = []
+    with table:
+        for cache in (None, CacheConfig(max_rows=200)):
+            torch.manual_seed(0)
+            model = build_model(config, data, TableSource.LOCAL)
+            prefetch = PrefetchConfig(cache=cache)
+            with Prefetcher(TableFetcher(table), model.row_ids, ENGRAM.layer_ids, prefetch) as prefetcher:
+                results.append(train(model, data, train_config, progress=False, prefetcher=prefetcher))
+                stats = prefetcher.stats.cache
+    plain, cached = results
+    assert cached.train_loss == plain.train_loss and cached.val_loss == plain.val_loss
+    assert plain.cache_tiers == [] and len(cached.cache_tiers) == 1
+    tier = cached.cache_tiers[0]
+    heads = ENGRAM.heads_per_ngram * (ENGRAM.max_ngram - 1)
+    accesses = train_config.steps * train_config.batch_size * config.max_seq_len * heads
+    assert tier.tier == "device" and tier.hits + tier.misses == accesses == cached.rows_fetched
+    assert 0 < tier.hits < accesses and tier.rows_saved > 0
+    assert tier.bytes_fetched == tier.rows_fetched * DType.FLOAT16.row_bytes(DIM)
+    assert (tier.hits, tier.rows_fetched) == (stats.hits, stats.rows_fetched)  # nothing but training used it
+    text = report(cached, train_config)
+    assert f"device cache: hit rate {tier.hit_rate:.1%} ({tier.hits:,} of {accesses:,} row reads)" in text
+    assert f"fetched from the tier below {tier.rows_fetched:,} rows" in text and "exposed stall" in text
+    assert "device cache" not in report(plain, train_config)
+
+
+def test_training_a_trainable_table_through_the_cache_from_the_command_line(
+    data, config, tmp_path, daemon_factory, capsys, monkeypatch
+) -> None:
+    """model.train --cache-rows over a trainable table: the cache follows the pushes (within --cache-max-lag
+    versions), so it hits while every row read is pushed, and the run trains as it does without the cache."""
+    from memstore.tabledir.optimizer import OptimizerConfig, OptimizerKind
+    from model import train as train_cli
+    from model.config import lm_config_to_dict
+
+    monkeypatch.setattr(train_cli, "prepare_data", lambda _config: data)
+    (tmp_path / "lm.json").write_text(json.dumps(lm_config_to_dict(config)))
+    manifest = Manifest(
+        layout=ENGRAM.layout(), dtype=DType.FLOAT32, seed=ENGRAM.seed, optimizer=OptimizerConfig(OptimizerKind.SGD)
+    )
+    losses = []
+    for run, cache in (("plain", []), ("cached", ["--cache-rows", "300", "--cache-max-lag", "0"])):
+        with LiveTable.open(create_table(tmp_path / run, manifest), config=LiveConfig()) as live:
+            argv = ["--source", "memstore", "--memstore", daemon_factory(live).address, "--device", "cpu"]
+            argv += ["--lm-config", str(tmp_path / "lm.json"), "--steps", "4", "--batch-size", "4"]
+            argv += ["--eval-every", "4", "--out", str(tmp_path / f"run-{run}"), *cache]
+            train_cli.main(argv)
+            assert live.version == 4 * len(ENGRAM.layer_ids)  # every step pushed
+        out = capsys.readouterr().out
+        losses.append(out.splitlines()[1])  # train loss first -> last, val loss (3 decimals)
+        assert ("device cache: hit rate" in out) == (run == "cached")
+    assert losses[0] == losses[1]
+    tier = out.split("device cache: hit rate ")[1]
+    hits = int(tier.split("(")[1].split(" of ")[0].replace(",", ""))
+    refreshed = int(tier.split("coherent: ")[1].split(" rows refreshed")[0].replace(",", ""))
+    assert hits > 0 and refreshed > 0
+
+
+def test_the_daemons_row_cache_tier_comes_from_its_metrics(tmp_path, daemon_factory) -> None:
+    """model.tiers reads the daemon row cache's hits and misses through the Stats RPC: over gRPC they are the
+    cache's own counts; without a row cache there is no such tier."""
+    from client import ClientConfig
+    from memstore.rowcache import RowCacheConfig
+    from model.tiers import daemon_counters, daemon_tier
+
+    path = create_table(tmp_path / "t", Manifest(layout=ENGRAM.layout(), dtype=DType.FLOAT16, seed=ENGRAM.seed))
+    row_bytes = DType.FLOAT16.row_bytes(DIM)
+    ids = np.random.default_rng(0).integers(0, 200, (5, 64))  # repeats: hits from the second lookup on
+    with LiveTable.open(path, config=LiveConfig(row_cache=RowCacheConfig(bytes=1 << 16, direct_io=False))) as live:
+        with MemstoreClient(daemon_factory(live).address, ClientConfig(same_host=False)) as client:
+            before = daemon_counters(client)
+            for step in ids:
+                client.lookup(ENGRAM.layer_ids[0], step)
+            tier = daemon_tier(before, daemon_counters(client), row_bytes)
+        cache = live.row_cache.snapshot()
+    assert tier is not None and tier.tier == "daemon row"
+    assert (tier.hits, tier.misses) == (cache.hits, cache.misses) and tier.hits > 0 and tier.misses > 0
+    assert tier.bytes_saved == tier.hits * row_bytes and "daemon row cache: hit rate" in tier.summary()
+    with Table.open(path) as table, MemstoreClient(daemon_factory(table).address) as client:
+        assert daemon_tier(daemon_counters(client), daemon_counters(client), row_bytes) is None  # no row cache
+    assert daemon_counters(None) == {}
+
+
+def test_the_training_report_notes_a_row_cache_read_in_place(
+    data, config, tmp_path, daemon_factory, capsys, monkeypatch
+) -> None:
+    """`python -m model.train` on the daemon's host reads its row cache through shared memory: the daemon never
+    sees those hits, so the report says so instead of showing a hit rate of its misses alone."""
+    from memstore.rowcache import RowCacheConfig
+    from model import train as train_cli
+    from model.config import lm_config_to_dict
+
+    monkeypatch.setattr(train_cli, "prepare_data", lambda _config: data)
+    (tmp_path / "lm.json").write_text(json.dumps(lm_config_to_dict(config)))
+    path = create_table(tmp_path / "t", Manifest(layout=ENGRAM.layout(), dtype=DType.FLOAT16, seed=ENGRAM.seed))
+    with LiveTable.open(path, config=LiveConfig(row_cache=RowCacheConfig(bytes=1 << 16, direct_io=False))) as live:
+        argv = ["--source", "memstore", "--memstore", daemon_factory(live).address, "--device", "cpu"]
+        argv += ["--lm-config", str(tmp_path / "lm.json"), "--steps", "2", "--batch-size", "4", "--eval-every", "2"]
+        train_cli.main([*argv, "--out", str(tmp_path / "run"), "--cache-rows", "100"])
+    out = capsys.readouterr().out
+    assert "device cache: hit rate" in out and "daemon row cache: hit rate" not in out
+    assert "daemon row cache: read in place (same host)" in out

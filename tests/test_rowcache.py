@@ -27,6 +27,7 @@ from memstore.live import LiveConfig, LiveTable
 from memstore.metrics import DaemonMetrics, summarize
 from memstore.rowcache import SHM_DIR, RowCache, RowCacheConfig, RowCacheReader, slots_bytes, slots_for
 from memstore.service import create_server
+from memstore.sharding import Sharding
 from memstore.storage import direct
 from memstore.storage.cached import CachedRowStore
 from memstore.storage.direct import BLOCK, DirectReader
@@ -60,10 +61,12 @@ def _same(a: np.ndarray, b: np.ndarray) -> bool:
 
 @pytest.fixture
 def no_cache_files() -> Iterator[None]:
-    """Every cache file a test creates is gone when its cache closes."""
-    before = set(SHM_DIR.glob("memstore-rowcache-*"))
+    """Every cache file a test creates is gone when its cache closes (this process's files only:
+    daemons of other processes on the machine come and go)."""
+    pattern = f"memstore-rowcache-{os.getpid()}-*"
+    before = set(SHM_DIR.glob(pattern))
     yield
-    assert set(SHM_DIR.glob("memstore-rowcache-*")) <= before
+    assert set(SHM_DIR.glob(pattern)) <= before
 
 
 # --------------------------------------------------------------------------- exact rows
@@ -267,6 +270,7 @@ def test_same_host_client_copies_hits_from_shared_memory_and_asks_for_misses(
         rows, version = client.lookup(1, ids, return_version=True)
         assert _same(rows.numpy(), files.gather(1, ids)) and version == live.version
         assert metrics.total("memstore_rows_served_total") == 4  # all hits, copied here
+        assert client._local is not None and (client._local.cache_hits, client._local.cache_misses) == (6, 6)
         # A push writes through: the client sees the after-image in shared memory, with the new version.
         pushed = client.push(1, np.array([50, 712]), np.ones((2, SMALL_LAYOUT.dim), dtype=np.float32))
         rows, version = client.lookup(1, ids, return_version=True)
@@ -521,16 +525,30 @@ def test_a_new_cache_removes_files_of_dead_daemons(tmp_path: Path) -> None:
     """A killed daemon cannot delete its file: the next cache in the directory removes it (unlocked and
     a minute old), never a running daemon's (locked) nor a file just created (maybe not locked yet)."""
     running = RowCache(RowCacheConfig(bytes=1 << 20), 32, directory=tmp_path)
-    orphan, fresh = tmp_path / "memstore-rowcache-1-dead", tmp_path / "memstore-rowcache-2-new"
-    orphan.write_bytes(b"x")
-    fresh.write_bytes(b"x")
+    dead_pid = 2**22 + 1  # above Linux's largest pid: no such process
+    orphan, fresh = tmp_path / f"memstore-rowcache-{dead_pid}-a", tmp_path / f"memstore-rowcache-{dead_pid}-b"
+    live_pid = tmp_path / f"memstore-rowcache-{os.getpid()}-c"  # unlocked, but its pid runs
+    for path in (orphan, fresh, live_pid):
+        path.write_bytes(b"x")
     old = time.time() - 120
-    for path in (orphan, running.path):
+    for path in (orphan, running.path, live_pid):
         os.utime(path, (old, old))
     try:
         second = RowCache(RowCacheConfig(bytes=1 << 20), 32, directory=tmp_path)
         second.close()
         assert not orphan.exists()
-        assert running.path.exists() and fresh.exists()
+        assert running.path.exists() and fresh.exists() and live_pid.exists()
     finally:
         running.close()
+
+
+def test_a_shards_rows_are_cached_by_their_place_in_the_shard(tmp_path: Path, no_cache_files: None) -> None:
+    """Keys are the store's own (local) row indices: a shard's rows read through the cache are its rows."""
+    manifest = Manifest(layout=SMALL_LAYOUT, dtype=DType.FLOAT16, seed=5, sharding=Sharding.spread(2, 1, 4))
+    path = create_table(tmp_path / "shard1", manifest)
+    with Table.open(path) as plain, LiveTable.open(path, config=_config(SMALL_ROWS, _row_bytes(path))) as live:
+        ids = np.arange(SMALL_LAYOUT.num_rows(4))
+        ids = ids[manifest.sharding.shard_of(ids) == 1][::7]
+        for _ in range(2):
+            assert _same(live.gather(4, ids)[0], plain.gather(4, ids))
+        assert live.row_cache.snapshot().hits > 0

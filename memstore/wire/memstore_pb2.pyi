@@ -223,6 +223,38 @@ class ReplicatedRecord(_message.Message):
     payload: bytes
     def __init__(self, version: _Optional[int] = ..., payload: _Optional[bytes] = ...) -> None: ...
 
+class WatchRowsRequest(_message.Message):
+    __slots__ = ("from_version", "layer_ids", "heartbeat_s")
+    FROM_VERSION_FIELD_NUMBER: _ClassVar[int]
+    LAYER_IDS_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_S_FIELD_NUMBER: _ClassVar[int]
+    from_version: int
+    layer_ids: _containers.RepeatedScalarFieldContainer[int]
+    heartbeat_s: float
+    def __init__(self, from_version: _Optional[int] = ..., layer_ids: _Optional[_Iterable[int]] = ..., heartbeat_s: _Optional[float] = ...) -> None: ...
+
+class WatchRowsResponse(_message.Message):
+    __slots__ = ("changes", "through_version", "table_version")
+    CHANGES_FIELD_NUMBER: _ClassVar[int]
+    THROUGH_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TABLE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    changes: _containers.RepeatedCompositeFieldContainer[RowChange]
+    through_version: int
+    table_version: int
+    def __init__(self, changes: _Optional[_Iterable[_Union[RowChange, _Mapping]]] = ..., through_version: _Optional[int] = ..., table_version: _Optional[int] = ...) -> None: ...
+
+class RowChange(_message.Message):
+    __slots__ = ("version", "layer_id", "row_ids", "rows")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    LAYER_ID_FIELD_NUMBER: _ClassVar[int]
+    ROW_IDS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    layer_id: int
+    row_ids: bytes
+    rows: bytes
+    def __init__(self, version: _Optional[int] = ..., layer_id: _Optional[int] = ..., row_ids: _Optional[bytes] = ..., rows: _Optional[bytes] = ...) -> None: ...
+
 class StatsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -60,6 +60,11 @@ class MemstoreStub:
                 request_serializer=memstore_dot_wire_dot_memstore__pb2.FollowRequest.SerializeToString,
                 response_deserializer=memstore_dot_wire_dot_memstore__pb2.FollowResponse.FromString,
                 _registered_method=True)
+        self.WatchRows = channel.unary_stream(
+                '/engram.memstore.v1.Memstore/WatchRows',
+                request_serializer=memstore_dot_wire_dot_memstore__pb2.WatchRowsRequest.SerializeToString,
+                response_deserializer=memstore_dot_wire_dot_memstore__pb2.WatchRowsResponse.FromString,
+                _registered_method=True)
         self.Stats = channel.unary_unary(
                 '/engram.memstore.v1.Memstore/Stats',
                 request_serializer=memstore_dot_wire_dot_memstore__pb2.StatsRequest.SerializeToString,
@@ -119,6 +124,20 @@ class MemstoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchRows(self, request, context):
+        """The rows each push past `from_version` left (their after-images in the stored dtype, no
+        optimizer state, no client ids), in version order, for a client's device cache to stay
+        coherent with the table while it trains (docs/cache.md). Like Follow, the stream never ends
+        on its own: it sends changes as pushes land and a heartbeat (no changes) when idle. A read
+        token may call it; it holds a --max-row-watchers slot, not a follower's. Fails with
+        FAILED_PRECONDITION when the pushes after `from_version` are no longer held (the client drops
+        its cached rows and watches again from the table's current version), INVALID_ARGUMENT for a
+        layer the table does not have, RESOURCE_EXHAUSTED when as many watchers as allowed already stream.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Stats(self, request, context):
         """The daemon's metrics (calls, errors and latency per RPC, rows and bytes served, pushes,
         limits hit) in the Prometheus text format: what `memstore serve --metrics-port` exposes over
@@ -155,6 +174,11 @@ def add_MemstoreServicer_to_server(servicer, server):
                     servicer.Follow,
                     request_deserializer=memstore_dot_wire_dot_memstore__pb2.FollowRequest.FromString,
                     response_serializer=memstore_dot_wire_dot_memstore__pb2.FollowResponse.SerializeToString,
+            ),
+            'WatchRows': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchRows,
+                    request_deserializer=memstore_dot_wire_dot_memstore__pb2.WatchRowsRequest.FromString,
+                    response_serializer=memstore_dot_wire_dot_memstore__pb2.WatchRowsResponse.SerializeToString,
             ),
             'Stats': grpc.unary_unary_rpc_method_handler(
                     servicer.Stats,
@@ -298,6 +322,33 @@ class Memstore:
             '/engram.memstore.v1.Memstore/Follow',
             memstore_dot_wire_dot_memstore__pb2.FollowRequest.SerializeToString,
             memstore_dot_wire_dot_memstore__pb2.FollowResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchRows(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/engram.memstore.v1.Memstore/WatchRows',
+            memstore_dot_wire_dot_memstore__pb2.WatchRowsRequest.SerializeToString,
+            memstore_dot_wire_dot_memstore__pb2.WatchRowsResponse.FromString,
             options,
             channel_credentials,
             insecure,
