@@ -57,14 +57,14 @@ from memstore.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
-from memstore.guard import REQUEST_BYTES, CallGuard, GuardConfig, idle_work_slot
+from memstore.guard import REQUEST_BYTES, CallGuard, GuardConfig, StreamSlots, idle_work_slot
 from memstore.limits import InFlightBudget, lookup_cost, push_cost
 from memstore.live import LiveTable
 from memstore.member_state import daemon_state
 from memstore.membership import Registration, advertised_address
 from memstore.metrics import DaemonMetrics
 from memstore.replica import Follower, check_follower_manifest
-from memstore.rowwatch import RowWatchSlots, check_watch_layers, rows_after
+from memstore.rowwatch import check_watch_layers, row_watch_slots, rows_after
 from memstore.same_host import advertise
 from memstore.snapshots import SnapshotSlots, check_snapshot_name
 from memstore.sync import SyncTimeoutPolicy
@@ -88,33 +88,15 @@ MAX_REPLICA_ID_CHARS = 1024
 _SPARE_THREADS = 8
 
 
-class FollowerSlots:
-    """The Follow streams in progress, at most `limit` at once (each holds a worker thread)."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._lock = threading.Lock()
-        self._active = 0
-
-    def acquire(self, follower_id: str) -> None:
-        """Take a slot, or raise ResourceExhaustedError when all are taken."""
-        with self._lock:
-            if self._active >= self.limit:
-                raise ResourceExhaustedError(
-                    f"follower {follower_id!r} refused: this daemon already streams to {self.limit} followers "
-                    "(--max-followers); follow another replica, or raise --max-followers here"
-                )
-            self._active += 1
-
-    def release(self) -> None:
-        """Give back a slot taken by `acquire` (when its stream ends)."""
-        with self._lock:
-            self._active -= 1
-
-    @property
-    def active(self) -> int:
-        """Follow streams in progress now."""
-        return self._active
+def follower_slots(limit: int) -> StreamSlots:
+    """The Follow streams in progress, at most `limit` (--max-followers) at once."""
+    return StreamSlots(
+        limit,
+        lambda follower, limit: (
+            f"follower {follower!r} refused: this daemon already streams to {limit} followers "
+            "(--max-followers); follow another replica, or raise --max-followers here"
+        ),
+    )
 
 
 class MemstoreServicer(pb_grpc.MemstoreServicer):
@@ -127,8 +109,8 @@ class MemstoreServicer(pb_grpc.MemstoreServicer):
         self._config = config
         self._metrics = metrics
         self._replica = replica
-        self.followers = FollowerSlots(config.max_followers)
-        self.row_watchers = RowWatchSlots(config.max_row_watchers)
+        self.followers = follower_slots(config.max_followers)
+        self.row_watchers = row_watch_slots(config.max_row_watchers)
         self.budget = InFlightBudget(config.max_in_flight_bytes)
         manifest = live.manifest
         self._row_bytes = manifest.dtype.row_bytes(manifest.layout.dim)
