@@ -64,6 +64,7 @@ from memstore.member_state import daemon_state
 from memstore.membership import Registration, advertised_address
 from memstore.metrics import DaemonMetrics
 from memstore.replica import Follower, check_follower_manifest
+from memstore.reseed import chunk_size, snapshot_chunks
 from memstore.rowwatch import RowWatchSlots, check_watch_layers, rows_after
 from memstore.same_host import advertise
 from memstore.snapshots import SnapshotSlots, check_snapshot_name
@@ -345,6 +346,25 @@ class MemstoreServicer(pb_grpc.MemstoreServicer):
                     version = records[-1].version
             log.info("follower %r left at version %d", follower, version)
 
+    def StreamSnapshot(
+        self, request: pb.StreamSnapshotRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.SnapshotChunk]:
+        receiver = request.follower_id[:200] or context.peer()
+        with self._call("StreamSnapshot", context):
+            if self._live.table.read_only:
+                raise ReadOnlyError(
+                    "a streamed snapshot is refused: this daemon serves its table read-only (--read-only, or a "
+                    "frozen table) and writes nothing on its host; stream from the primary, or copy the directory"
+                )
+            self.followers.acquire(receiver)  # a re-seed holds a thread as long as a follower does
+            if not context.add_callback(self.followers.release):
+                self.followers.release()
+                return
+            log.info("streaming a snapshot to %r", receiver)
+            chunk_bytes = chunk_size(request.chunk_bytes, self._config.max_message_bytes)
+            yield from snapshot_chunks(self._live, self._snapshot_dir, chunk_bytes)
+            log.info("streamed a snapshot to %r", receiver)
+
     def WatchRows(self, request: pb.WatchRowsRequest, context: grpc.ServicerContext) -> Iterator[pb.WatchRowsResponse]:
         with self._call("WatchRows", context):
             layers = check_watch_layers(self._live.manifest, request.layer_ids)
@@ -434,7 +454,7 @@ def create_server(
             max_calls=config.max_concurrent_calls,
             # Follow streams past max_followers get the servicer's own refusal; these stop a flood.
             max_untimed=config.max_followers + config.max_row_watchers + _SPARE_THREADS,
-            untimed_methods=frozenset({"Follow", "WatchRows"}),
+            untimed_methods=frozenset({"Follow", "WatchRows", "StreamSnapshot"}),
             request_timeout_s=config.request_timeout_s,
             send_timeout_s=config.send_timeout_s,
             max_calls_per_peer=config.max_calls_per_peer,
