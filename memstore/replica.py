@@ -184,7 +184,13 @@ class Follower:
     so that health and the lag bound can be driven directly (tests, tools).
     """
 
-    def __init__(self, live: LiveTable, config: FollowConfig | None = None, follower_id: str | None = None) -> None:
+    def __init__(
+        self,
+        live: LiveTable,
+        config: FollowConfig | None = None,
+        follower_id: str | None = None,
+        on_reseed: Callable[[str], None] | None = None,
+    ) -> None:
         if live.primary is None:
             raise InvalidArgumentError("a Follower needs a LiveTable opened as a replica (LiveTable.open(primary=...))")
         self.live = live
@@ -209,6 +215,9 @@ class Follower:
         self._applied = threading.Event()  # set after each message applied: a durability report is due
         self._report_channel: grpc.Channel | None = None
         self.reported = 0  # the durable version the primary last took from this replica
+        # Called (with the reason) instead of stopping for good when the primary no longer holds the records
+        # after our version or has fewer than ours: the daemon then re-seeds the table (memstore.reseed).
+        self._on_reseed = on_reseed
 
     # -- state -------------------------------------------------------------------------------
 
@@ -377,8 +386,12 @@ class Follower:
     def _why_lost(self, exc: Exception) -> str | None:
         """Why a connection failed, for a retry; None after stopping following for good."""
         if isinstance(exc, grpc.RpcError):
-            if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:  # another table, or too far behind
-                self.stop_following(f"the primary refused: {exc.details()}")
+            if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:  # too far behind or ahead: Describe checked the table
+                if self._on_reseed is not None:
+                    self.stop_following(f"re-seeding from the primary, which refused to stream: {exc.details()}")
+                    self._on_reseed(exc.details())
+                else:
+                    self.stop_following(f"the primary refused: {exc.details()}")
                 return None
             if exc.code() == grpc.StatusCode.CANCELLED:  # only the watchdog cancels while we follow
                 return f"silent for over {self.config.silence_s:g}s, so presumed dead"

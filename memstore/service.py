@@ -22,6 +22,7 @@ parsed there so a malformed message gets INVALID_ARGUMENT, and is counted and ti
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import logging
 import signal
@@ -48,6 +49,7 @@ from memstore.daemon_config import (
 )
 from memstore.errors import (
     RETRY_PUSHBACK_KEY,
+    DataLossError,
     InternalError,
     InvalidArgumentError,
     LayoutMismatchError,
@@ -64,7 +66,7 @@ from memstore.member_state import daemon_state
 from memstore.membership import Registration, advertised_address
 from memstore.metrics import DaemonMetrics
 from memstore.replica import Follower, check_follower_manifest
-from memstore.reseed import chunk_size, snapshot_chunks
+from memstore.reseed import ReseedPolicy, chunk_size, reseed_from, snapshot_chunks
 from memstore.rowwatch import RowWatchSlots, check_watch_layers, rows_after
 from memstore.same_host import advertise
 from memstore.snapshots import SnapshotSlots, check_snapshot_name
@@ -531,10 +533,62 @@ def serve(config: DaemonConfig) -> int:
 
 
 def _serve(config: DaemonConfig) -> int:
+    """Serve sessions until a signal: a replica that had to be re-seeded (memstore.reseed) closes its
+    table, replaces it with its primary's streamed over StreamSnapshot, and serves again on the same port."""
+    check_port_file(config.port_file)  # before the table is opened: a wrong path fails at once
+    signalled, wake = threading.Event(), threading.Event()
+
+    def on_signal(*_: object) -> None:
+        signalled.set()
+        wake.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while True:
+            reseed = _serve_session(config, wake)
+            if signalled.is_set() or reseed is None:
+                return 0
+            port, reason = reseed
+            wake.clear()
+            if not _reseed(config, reason, wake):
+                return 0
+            if port is not None and config.listen.endswith(":0"):  # the same port again: clients find it there
+                config = dataclasses.replace(config, listen=f"{config.listen.rsplit(':', 1)[0]}:{port}")
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _reseed(config: DaemonConfig, reason: str, stop: threading.Event) -> bool:
+    """Re-seed the replica's table from its primary, retrying with backoff until it worked (True) or
+    `stop` is set (False). Nothing is served meanwhile: the table is closed."""
+    assert config.primary is not None
+    follow = config.follow_config
+    backoff = follow.initial_backoff_s
+    log.warning("re-seeding %s from its primary %s: %s", config.table, config.primary, reason)
+    while not stop.is_set():
+        try:
+            reseed_from(config.primary, config.table, tls=follow.tls, token=follow.token, receiver_id=str(config.table))
+            return True
+        except MemstoreError as exc:
+            log.error(
+                "re-seeding %s from %s failed (%s); trying again in %.1fs", config.table, config.primary, exc, backoff
+            )
+        stop.wait(backoff)
+        backoff = min(2 * backoff, follow.max_backoff_s)
+    return False
+
+
+def _serve_session(config: DaemonConfig, stop: threading.Event) -> tuple[int | None, str] | None:
+    """Serve until `stop` is set; (the bound port or None, why) when a replica must be re-seeded first."""
     address, port_file, settings, obs = config.listen, config.port_file, config.server, config.observability
-    check_port_file(port_file)  # before the table is opened: a wrong path fails at once
-    stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    reseed: list[tuple[int | None, str]] = []
+    port: int | None = None
+
+    def request_reseed(reason: str) -> None:
+        reseed.append((port, reason))
+        stop.set()
+
     table: LiveTable | None = None
     replica: Follower | None = None
     registration: Registration | None = None
@@ -542,9 +596,15 @@ def _serve(config: DaemonConfig) -> int:
     metrics = DaemonMetrics()
     host = address.rsplit(":", 1)[0]
     try:
-        table = LiveTable.open(config.table, read_only=config.read_only, config=config.live, primary=config.primary)
+        try:
+            table = LiveTable.open(config.table, read_only=config.read_only, config=config.live, primary=config.primary)
+        except DataLossError as exc:  # a replica's table loses nothing acknowledged: its primary holds it all
+            if config.primary is None or config.reseed is not ReseedPolicy.AUTO:
+                raise
+            return None, f"its table refuses to open ({exc})"
         if config.primary is not None:
-            replica = Follower(table, config.follow_config)
+            auto = config.reseed is ReseedPolicy.AUTO
+            replica = Follower(table, config.follow_config, on_reseed=request_reseed if auto else None)
             replica.check_primary()  # another table: raises here, before serving anything
         server, port = create_server(table, address, settings, health_servicer, metrics, replica)
         warning = exposure_warning(address, settings)
@@ -591,9 +651,7 @@ def _serve(config: DaemonConfig) -> int:
             replica.stop()
         if table is not None:
             table.close()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    return 0
+    return reseed[0] if reseed else None
 
 
 def exposure_warning(address: str, config: ServerConfig) -> str | None:
