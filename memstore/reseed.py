@@ -184,7 +184,6 @@ def reseed_from(
     `timeout_s`: a deadline for the whole stream (None: none). Returns what was received.
     """
     table_dir = Path(table_dir)
-    ours = _current_manifest(table_dir)
     check_replaceable(table_dir)  # fail before streaming gigabytes, not after (checked again at the swap)
     started = time.monotonic()
     options = [("grpc.max_receive_message_length", -1)]
@@ -192,21 +191,11 @@ def reseed_from(
         request = pb.StreamSnapshotRequest(follower_id=receiver_id, chunk_bytes=chunk_bytes)
         call = pb_grpc.MemstoreStub(channel).StreamSnapshot(request, timeout=timeout_s)
         try:
-            with staged(table_dir, f"reseed-{secrets.token_hex(4)}") as tmp:
-                header = _receive(call, tmp, on_chunk)
-                theirs = Manifest.read(tmp)
-                if theirs.fingerprint != header.fingerprint:
-                    raise DataLossError(
-                        f"the snapshot streamed from {primary} has a manifest of fingerprint {theirs.fingerprint}, "
-                        f"not the {header.fingerprint[:64]} announced; nothing was replaced"
-                    )
-                if ours is not None and not allow_other_table:
-                    check_same_table(ours, theirs, f"the table at {table_dir}", f"the table {primary} serves")
-                replace_table_dir(tmp, table_dir, overwrite=True)
+            header = install_stream(call, table_dir, primary, allow_other_table, on_chunk)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
         finally:
-            call.cancel()  # a failure here: the primary stops sending and removes its copy
+            call.cancel()  # after a failure here: the primary stops sending and removes its copy
     result = ReseedResult(
         header.version, len(header.files), header.total_bytes, header.data_bytes, time.monotonic() - started
     )
@@ -220,6 +209,30 @@ def reseed_from(
         result.seconds,
     )
     return result
+
+
+def install_stream(
+    chunks: Iterator[pb.SnapshotChunk],
+    table_dir: Path,
+    source: str,
+    allow_other_table: bool = False,
+    on_chunk: Callable[[int], None] | None = None,
+) -> pb.SnapshotStreamHeader:
+    """Receive a StreamSnapshot stream (`chunks`, from `source`, for messages) into a staging directory
+    beside `table_dir`, check it whole, and swap it with the table there (see `reseed_from`); its header."""
+    ours = _current_manifest(table_dir)
+    with staged(table_dir, "reseed") as tmp:
+        header = _receive(chunks, tmp, on_chunk)
+        theirs = Manifest.read(tmp)
+        if theirs.fingerprint != header.fingerprint:
+            raise DataLossError(
+                f"the snapshot streamed from {source} has a manifest of fingerprint {theirs.fingerprint}, not the "
+                f"{header.fingerprint[:64]} announced; nothing was replaced"
+            )
+        if ours is not None and not allow_other_table:
+            check_same_table(ours, theirs, f"the table at {table_dir}", f"the table {source} serves")
+        replace_table_dir(tmp, table_dir, overwrite=True)
+    return header
 
 
 def _current_manifest(table_dir: Path) -> Manifest | None:
