@@ -552,6 +552,7 @@ def _serve(config: DaemonConfig) -> int:
             wake.clear()
             if not _reseed(config, reason, wake):
                 return 0
+            config = dataclasses.replace(config, port_file=None)  # written once: the port stays the same
             if port is not None and config.listen.endswith(":0"):  # the same port again: clients find it there
                 config = dataclasses.replace(config, listen=f"{config.listen.rsplit(':', 1)[0]}:{port}")
     finally:
