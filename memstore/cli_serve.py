@@ -86,7 +86,7 @@ def daemon_config(args: argparse.Namespace) -> DaemonConfig:
         ),
         group_readable=args.group_readable,
         membership=_membership(args),
-        reseed=args.reseed,
+        reseed=ReseedPolicy.AUTO if args.reseed is None else args.reseed,
     )
 
 
@@ -115,6 +115,7 @@ def _follow(args: argparse.Namespace) -> FollowConfig | None:
                 ("--max-lag", args.max_lag),
                 ("--follow-tls-ca", args.follow_tls_ca),
                 ("--follow-token-file", args.follow_token_file),
+                ("--reseed", args.reseed),
             )
             if value is not None
         ]
@@ -273,7 +274,7 @@ def _add_replication(srv: argparse.ArgumentParser, server: ServerConfig, live: L
     group.add_argument(
         "--reseed",
         **enum_choice(ReseedPolicy),
-        default=ReseedPolicy.AUTO,
+        default=None,
         help="with --follow: when the primary no longer holds the pushes after this replica's version, or has "
         "fewer than it (a deposed primary rejoining), auto (the default): replace this table with a copy streamed "
         "from the primary and follow again; never: stop serving until an operator runs `memstore reseed`",
