@@ -24,6 +24,7 @@ import enum
 import hashlib
 import logging
 import os
+import re
 import secrets
 import shutil
 import struct
@@ -86,6 +87,7 @@ def chunk_size(requested: int, max_message_bytes: int) -> int:
 def snapshot_chunks(live: LiveTable, scratch: Path, chunk_bytes: int) -> Iterator[pb.SnapshotChunk]:
     """Snapshot `live` into a hidden directory under `scratch` and yield it as a StreamSnapshot stream;
     the directory is removed when the generator ends, is closed (a cancelled stream) or fails."""
+    _remove_orphans(scratch, _STREAM_COPY)
     copy = scratch / f".stream-{os.getpid()}-{secrets.token_hex(6)}"
     try:
         version = live.snapshot(copy)
@@ -120,6 +122,35 @@ def snapshot_chunks(live: LiveTable, scratch: Path, chunk_bytes: int) -> Iterato
             yield pb.SnapshotChunk(end=pb.SnapshotFileEnd(file=index, sha256=digest.digest()))
     finally:
         shutil.rmtree(copy, ignore_errors=True)
+
+
+# A primary's hidden stream copy (`.stream-PID-HEX`) and the snapshot's staging of it (`..stream-PID-HEX.snapshot-...`).
+_STREAM_COPY = re.compile(r"\.{1,2}stream-(\d+)-[0-9a-f]+(\.snapshot-.*)?")
+
+
+def _remove_orphans(directory: Path, pattern: re.Pattern[str]) -> None:
+    """Remove what a killed process left there: the entries matching `pattern` (group 1: the pid that
+    wrote them) whose process is gone. A table-sized copy must not linger until someone notices."""
+    try:
+        entries = list(directory.iterdir())
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        match = pattern.fullmatch(entry.name)
+        if match is None or _alive(int(match.group(1))):
+            continue
+        log.warning("removing %s, left by a re-seed that was interrupted (process %s is gone)", entry, match.group(1))
+        shutil.rmtree(entry, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _table_files(root: Path) -> list[str]:
@@ -221,6 +252,7 @@ def install_stream(
     """Receive a StreamSnapshot stream (`chunks`, from `source`, for messages) into a staging directory
     beside `table_dir`, check it whole, and swap it with the table there (see `reseed_from`); its header."""
     ours = _current_manifest(table_dir)
+    _remove_orphans(table_dir.parent, re.compile(rf"\.{re.escape(table_dir.name)}\.reseed-(\d+)"))
     with staged(table_dir, "reseed") as tmp:
         header = _receive(chunks, tmp, on_chunk)
         theirs = Manifest.read(tmp)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -188,20 +190,31 @@ def test_interrupted_reseed_leaves_the_old_table_and_a_second_one_succeeds(prima
     assert _table_bytes(replica_path) == before
     assert [p.name for p in replica_path.parent.iterdir() if p.name.startswith(".")] == []  # staging removed
     wait_until(lambda: _scratch_left(primary_path) == [], "the primary removed its copy of the cancelled stream")
+    gone = _dead_pid()
+    orphan = primary_path.with_name(primary_path.name + ".snapshots") / f".stream-{gone}-abc123"
+    orphan.mkdir()  # a copy left by a primary killed while streaming: removed by the next stream
     result = reseed_from(address, replica_path, chunk_bytes=64 << 10)
     assert result.version == live.version == 8 and 0 < result.data_bytes <= result.total_bytes
     live.checkpoint()
     assert _table_bytes(replica_path) == _table_bytes(primary_path)
+    assert _scratch_left(primary_path) == []
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    process = subprocess.Popen(["true"])
+    process.wait(DEADLINE_S)
+    return process.pid
 
 
 def test_a_killed_reseed_process_leaves_the_old_table(primary) -> None:
     address, _live, primary_path, replica_path = primary
     before = _table_bytes(replica_path)
     reseed = subprocess.Popen(
-        ["python", "-m", "memstore", "reseed", str(replica_path), "--from", address],
+        [sys.executable, "-m", "memstore", "reseed", str(replica_path), "--from", address],
         env=os.environ | {"PYTHONPATH": os.getcwd()},
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     try:
         staging = f".{replica_path.name}.reseed-{reseed.pid}"
@@ -212,12 +225,14 @@ def test_a_killed_reseed_process_leaves_the_old_table(primary) -> None:
         reseed.kill()
     finally:
         reseed.wait(DEADLINE_S)
+    assert reseed.returncode in (0, -signal.SIGKILL), reseed.stderr.read() if reseed.stderr else ""
     if reseed.returncode == 0:  # it finished before the kill landed: the table is the new one, whole
         assert Manifest.read(replica_path).fingerprint == MANIFEST.fingerprint
     else:
         assert _table_bytes(replica_path) == before
     result = reseed_from(address, replica_path)
     assert result.version == 8
+    assert [p.name for p in replica_path.parent.iterdir() if p.name.startswith(".")] == []  # the killed one's too
 
 
 def test_damaged_stream_is_refused_and_changes_nothing(primary) -> None:
