@@ -57,6 +57,7 @@ from memstore.errors import (
     ReadOnlyError,
     ReplicationGapError,
     ResourceExhaustedError,
+    TableFormatError,
     UnavailableError,
 )
 from memstore.guard import REQUEST_BYTES, CallGuard, GuardConfig, idle_work_slot
@@ -552,9 +553,10 @@ def _serve(config: DaemonConfig) -> int:
             wake.clear()
             if not _reseed(config, reason, wake):
                 return 0
-            config = dataclasses.replace(config, port_file=None)  # written once: the port stays the same
-            if port is not None and config.listen.endswith(":0"):  # the same port again: clients find it there
-                config = dataclasses.replace(config, listen=f"{config.listen.rsplit(':', 1)[0]}:{port}")
+            if port is not None:  # it served: the port file is written, and the port stays the same
+                config = dataclasses.replace(config, port_file=None)
+                if config.listen.endswith(":0"):  # clients find it where it was
+                    config = dataclasses.replace(config, listen=f"{config.listen.rsplit(':', 1)[0]}:{port}")
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -599,7 +601,8 @@ def _serve_session(config: DaemonConfig, stop: threading.Event) -> tuple[int | N
     try:
         try:
             table = LiveTable.open(config.table, read_only=config.read_only, config=config.live, primary=config.primary)
-        except DataLossError as exc:  # a replica's table loses nothing acknowledged: its primary holds it all
+        except (DataLossError, TableFormatError) as exc:  # the refusals that --accept-data-loss overrides, and
+            # damage: a replica's table loses nothing acknowledged when replaced, its primary holds it all
             if config.primary is None or config.reseed is not ReseedPolicy.AUTO:
                 raise
             return None, f"its table refuses to open ({exc})"

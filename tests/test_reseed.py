@@ -150,6 +150,23 @@ def test_deposed_primary_ahead_of_the_new_one_is_reseeded(pair, daemons) -> None
     assert _table_bytes(old_primary) == _table_bytes(new_primary)
 
 
+def test_replica_whose_table_refuses_to_open_is_reseeded(pair, daemons) -> None:
+    """The data-loss refusals protect a primary's own table; a replica's is replaced by its primary's."""
+    primary_path, replica_path = pair
+    with LiveTable.open(replica_path, config=FAST) as live:
+        _push(live, 1, 3)
+    (replica_path / "checkpoint.json").write_text("damaged")  # refused: "start it with --accept-data-loss"
+    with LiveTable.open(primary_path, config=FAST) as live:
+        _push(live, 1, 5)
+    primary = _serve(daemons, primary_path)
+    replica = _serve(daemons, replica_path, "--follow", primary)
+    wait_until(lambda: _caught_up(replica, primary), "the replica re-seeded")
+    for process in reversed(daemons):
+        stop_daemon(process)
+    daemons.clear()
+    assert _table_bytes(replica_path) == _table_bytes(primary_path)
+
+
 def test_reseed_never_leaves_the_replica_stopped(pair, daemons) -> None:
     primary_path, replica_path = pair
     with LiveTable.open(primary_path, config=FORGETFUL) as live:
