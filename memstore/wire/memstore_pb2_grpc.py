@@ -129,8 +129,8 @@ class MemstoreServicer:
         never ends on its own: it sends records as pushes land and a heartbeat (a response with no
         records) when idle. Fails with FAILED_PRECONDITION when the follower's manifest differs from
         the primary's, or when the records after `from_version` are no longer held (the follower is
-        too far behind: copy a snapshot to it), and RESOURCE_EXHAUSTED when the primary already
-        streams to as many followers as it allows.
+        too far behind, or past the primary's version: re-seed it with StreamSnapshot), and
+        RESOURCE_EXHAUSTED when the primary already streams to as many followers as it allows.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
