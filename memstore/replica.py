@@ -24,6 +24,7 @@ know the call (an older memstore) is not asked again.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -41,6 +42,7 @@ from memstore.errors import (
     InvalidArgumentError,
     LayoutMismatchError,
     MemstoreError,
+    ReplicationGapError,
     UnavailableError,
 )
 from memstore.live import LiveTable
@@ -174,6 +176,33 @@ def check_follower_manifest(manifest_json: str, ours: Manifest, follower_name: s
         )
     # The layout is ours: parsing costs what opening this table did, and names each difference.
     check_same_table(Manifest.from_json(manifest_json), ours, follower_name, our_name)
+
+
+def record_digest(live: LiveTable, version: int) -> bytes:
+    """SHA-256 of the payload of `live`'s own record of `version` (b"" for version 0, or when its feed
+    and log no longer hold it)."""
+    if not 0 < version <= live.version:
+        return b""
+    try:
+        records = live.records_after(version - 1, 1, 0.0)
+    except MemstoreError:
+        return b""
+    if not records or records[0].version != version:
+        return b""
+    return hashlib.sha256(records[0].payload).digest()
+
+
+def check_same_history(live: LiveTable, version: int, digest: bytes, follower_name: str) -> None:
+    """ReplicationGapError when `live`'s record of `version` is not the follower's (`digest` of its
+    payload): the tables diverged, at the same version with different rows (a deposed primary's
+    pushes, numbered like the new primary's). Nothing to check without a digest or our record."""
+    ours = record_digest(live, version) if digest else b""
+    if ours and ours != digest:
+        raise ReplicationGapError(
+            f"{follower_name}'s record of version {version} differs from this table's: the two tables diverged "
+            "(it applied pushes this one never made, as a deposed primary does); replace its table with a copy of "
+            "this one (it re-seeds itself with --reseed auto; `memstore reseed` by hand)"
+        )
 
 
 class Follower:
@@ -426,6 +455,7 @@ class Follower:
                     manifest_json=self.live.manifest.to_json(),
                     follower_id=self.follower_id,
                     heartbeat_s=self.config.heartbeat_s,
+                    last_record_sha256=record_digest(self.live, self.live.version),
                 )
                 call = stub.Follow(request)  # no deadline: the stream lives as long as both daemons do
                 with self._lock:

@@ -66,7 +66,7 @@ from memstore.live import LiveTable
 from memstore.member_state import daemon_state
 from memstore.membership import Registration, advertised_address
 from memstore.metrics import DaemonMetrics
-from memstore.replica import Follower, check_follower_manifest
+from memstore.replica import Follower, check_follower_manifest, check_same_history
 from memstore.reseed import ReseedPolicy, chunk_size, reseed_from, snapshot_chunks
 from memstore.rowwatch import RowWatchSlots, check_watch_layers, rows_after
 from memstore.same_host import advertise
@@ -317,6 +317,7 @@ class MemstoreServicer(pb_grpc.MemstoreServicer):
         follower = request.follower_id or context.peer()
         with self._call("Follow", context):
             check_follower_manifest(request.manifest_json, self._live.manifest, f"follower {follower}", "this daemon")
+            check_same_history(self._live, request.from_version, request.last_record_sha256, f"follower {follower}")
             heartbeat_s = request.heartbeat_s or self._config.follow_heartbeat_s
             if not MIN_HEARTBEAT_S <= heartbeat_s <= MAX_HEARTBEAT_S:
                 raise InvalidArgumentError(

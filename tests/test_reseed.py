@@ -150,6 +150,27 @@ def test_deposed_primary_ahead_of_the_new_one_is_reseeded(pair, daemons) -> None
     assert _table_bytes(old_primary) == _table_bytes(new_primary)
 
 
+def test_deposed_primary_at_the_same_version_with_other_pushes_is_reseeded(pair, daemons) -> None:
+    """Killed after pushes nobody else got, while the new primary took as many others: the versions
+    agree, the rows do not. The follower's last record tells them apart; it is re-seeded."""
+    new_primary, old_primary = pair
+    old = _serve(daemons, old_primary, "--checkpoint-every", "0")  # its log keeps every push
+    for i in range(1, 5):
+        _push_rpc(old, 100 + i)  # never streamed to anyone
+    killed = daemons.pop()
+    killed.kill()  # no checkpoint at exit either: its log still holds the records on restart
+    killed.wait(DEADLINE_S)
+    primary = _serve(daemons, new_primary, "--checkpoint-every", "0")
+    for i in range(1, 7):
+        _push_rpc(primary, i)
+    replica = _serve(daemons, old_primary, "--follow", primary)
+    wait_until(lambda: _caught_up(replica, primary), "the deposed primary re-seeded")
+    for process in reversed(daemons):
+        stop_daemon(process)
+    daemons.clear()
+    assert _table_bytes(old_primary) == _table_bytes(new_primary)
+
+
 def test_replica_whose_table_refuses_to_open_is_reseeded(pair, daemons) -> None:
     """The data-loss refusals protect a primary's own table; a replica's is replaced by its primary's."""
     primary_path, replica_path = pair

@@ -239,18 +239,20 @@ class SnapshotResponse(_message.Message):
     def __init__(self, path: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class FollowRequest(_message.Message):
-    __slots__ = ("from_version", "fingerprint", "manifest_json", "follower_id", "heartbeat_s")
+    __slots__ = ("from_version", "fingerprint", "manifest_json", "follower_id", "heartbeat_s", "last_record_sha256")
     FROM_VERSION_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_JSON_FIELD_NUMBER: _ClassVar[int]
     FOLLOWER_ID_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_S_FIELD_NUMBER: _ClassVar[int]
+    LAST_RECORD_SHA256_FIELD_NUMBER: _ClassVar[int]
     from_version: int
     fingerprint: str
     manifest_json: str
     follower_id: str
     heartbeat_s: float
-    def __init__(self, from_version: _Optional[int] = ..., fingerprint: _Optional[str] = ..., manifest_json: _Optional[str] = ..., follower_id: _Optional[str] = ..., heartbeat_s: _Optional[float] = ...) -> None: ...
+    last_record_sha256: bytes
+    def __init__(self, from_version: _Optional[int] = ..., fingerprint: _Optional[str] = ..., manifest_json: _Optional[str] = ..., follower_id: _Optional[str] = ..., heartbeat_s: _Optional[float] = ..., last_record_sha256: _Optional[bytes] = ...) -> None: ...
 
 class StreamSnapshotRequest(_message.Message):
     __slots__ = ("follower_id", "chunk_bytes")
