@@ -21,6 +21,7 @@ a daemon holds (its writer lock) is never replaced: the caller stops serving it 
 from __future__ import annotations
 
 import enum
+import errno
 import hashlib
 import logging
 import os
@@ -175,7 +176,7 @@ def _extents(path: Path) -> list[tuple[int, int]]:
             try:
                 start = os.lseek(fd, offset, os.SEEK_DATA)
             except OSError as exc:
-                if exc.errno == 6:  # ENXIO: only a hole is left
+                if exc.errno == errno.ENXIO:  # only a hole is left
                     break
                 return [(0, size)]  # no SEEK_DATA here: send it whole
             end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
