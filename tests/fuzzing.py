@@ -555,6 +555,18 @@ class Fuzzed:
 
         return Expect(ok=ok)
 
+    def expect_streamsnapshot(self, request: pb.StreamSnapshotRequest) -> Expect:
+        # Any name and chunk size is served (the chunk size is clamped): the table as it is, header first.
+        def ok(messages: list[bytes]) -> None:
+            chunks = [pb.SnapshotChunk.FromString(message) for message in messages]
+            assert chunks[0].WhichOneof("part") == "header"
+            assert chunks[0].header.version == self.version
+            assert chunks[0].header.fingerprint == self.manifest.fingerprint
+            assert all(chunk.WhichOneof("part") != "header" for chunk in chunks[1:])
+            self.await_no_followers()  # the stream ended: its follower slot must come back
+
+        return Expect(ok=ok)
+
     def await_no_followers(self, timeout_s: float = 10.0) -> None:
         """Wait until the daemon reports no follower streaming (slots come back as cancelled streams end)."""
         deadline = time.monotonic() + timeout_s
