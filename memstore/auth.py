@@ -47,7 +47,7 @@ _HEALTH_PREFIX = "/grpc.health.v1.Health/"
 # Methods that change the table or write files on the daemon's host.
 WRITE_METHODS = frozenset({"Push", "Snapshot"})
 # Methods that stream the table's changes to a replica.
-REPLICATE_METHODS = frozenset({"Follow", "ConfirmDurable"})  # and replicas' durability reports
+REPLICATE_METHODS = frozenset({"Follow", "ConfirmDurable", "StreamSnapshot"})  # reports, re-seeds
 # Seconds between two log lines about refused calls (the ones between are counted in the next).
 REFUSAL_LOG_INTERVAL_S = 10.0
 

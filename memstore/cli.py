@@ -160,6 +160,24 @@ def _parser() -> argparse.ArgumentParser:
         "--partitions", type=int, help=f"partitions of the new table (default: the source's; {DEFAULT_PARTITIONS})"
     )
     resh.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    reseed = commands.add_parser(
+        "reseed",
+        help="replace a (stopped) replica's table with a consistent copy streamed from its primary "
+        "(docs/replication.md); the old table stays whole until the new one arrived and was checked",
+    )
+    reseed.add_argument("path", type=Path, help="the table directory to replace (or create); no daemon may serve it")
+    reseed.add_argument("--from", dest="primary", required=True, metavar="ADDRESS", help="the primary's host:port")
+    reseed.add_argument("--tls-ca", type=Path, help="connect with TLS, trusting this CA (PEM)")
+    reseed.add_argument(
+        "--token-file", type=Path, help="a file holding the token to show the primary (a `replicate TOKEN`)"
+    )
+    reseed.add_argument(
+        "--any-table",
+        action="store_true",
+        help="replace PATH even when it holds another table than the primary's (by default that is refused)",
+    )
+    add_group_readable(reseed)
     return parser
 
 
@@ -410,6 +428,20 @@ def _reshard(args: argparse.Namespace) -> None:
         print(f"optimizer steps carried over: {steps}; version 0, no log (re-seed any followers from these shards)")
 
 
+def _reseed(args: argparse.Namespace) -> None:
+    from memstore.auth import ClientTls, read_token
+    from memstore.reseed import reseed_from
+
+    tls = None if args.tls_ca is None else ClientTls(args.tls_ca)
+    token = read_token(args.token_file)  # None: $MEMSTORE_TOKEN, if set
+    result = reseed_from(args.primary, args.path, tls=tls, token=token, allow_other_table=args.any_table)
+    print(
+        f"re-seeded {args.path} from {args.primary}: version {result.version}, {result.files} files, "
+        f"{result.data_bytes / 1e6:.1f} MB received ({result.total_bytes / 1e6:.1f} MB with holes) in "
+        f"{result.seconds:.1f} s"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `memstore` console script."""
     args = _parser().parse_args(argv)
@@ -452,6 +484,8 @@ def _run(args: argparse.Namespace) -> int:
             return _verify(args)
         elif args.command == "reshard":
             _reshard(args)
+        elif args.command == "reseed":
+            _reseed(args)
     except MemstoreError as exc:
         print(f"memstore {args.command}: error: {exc}", file=sys.stderr)
         return 2

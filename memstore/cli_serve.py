@@ -19,6 +19,7 @@ from memstore.live import LiveConfig
 from memstore.logs import LogFormat
 from memstore.membership import DEFAULT_TTL_S, MembershipConfig
 from memstore.replica import FollowConfig
+from memstore.reseed import ReseedPolicy
 from memstore.rowcache import RowCacheConfig
 from memstore.service import serve
 from memstore.sync import SyncConfig, SyncTimeoutPolicy
@@ -85,6 +86,7 @@ def daemon_config(args: argparse.Namespace) -> DaemonConfig:
         ),
         group_readable=args.group_readable,
         membership=_membership(args),
+        reseed=ReseedPolicy.AUTO if args.reseed is None else args.reseed,
     )
 
 
@@ -113,6 +115,7 @@ def _follow(args: argparse.Namespace) -> FollowConfig | None:
                 ("--max-lag", args.max_lag),
                 ("--follow-tls-ca", args.follow_tls_ca),
                 ("--follow-token-file", args.follow_token_file),
+                ("--reseed", args.reseed),
             )
             if value is not None
         ]
@@ -267,6 +270,14 @@ def _add_replication(srv: argparse.ArgumentParser, server: ServerConfig, live: L
         help="with --follow: answer lookups (and report SERVING) only while at most this many versions behind "
         "the primary; above it lookups fail with UNAVAILABLE so clients retry elsewhere "
         f"(default {FollowConfig().max_lag})",
+    )
+    group.add_argument(
+        "--reseed",
+        **enum_choice(ReseedPolicy),
+        default=None,
+        help="with --follow: when the primary no longer holds the pushes after this replica's version, or has "
+        "fewer than it (a deposed primary rejoining), auto (the default): replace this table with a copy streamed "
+        "from the primary and follow again; never: stop serving until an operator runs `memstore reseed`",
     )
     group.add_argument(
         "--follow-tls-ca",

@@ -23,6 +23,7 @@ from memstore.errors import InvalidArgumentError
 from memstore.live import LiveConfig
 from memstore.membership import MembershipConfig
 from memstore.replica import FollowConfig
+from memstore.reseed import ReseedPolicy
 from memstore.snapshots import DEFAULT_MAX_SNAPSHOTS
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
@@ -179,6 +180,9 @@ class DaemonConfig:
     group_readable: bool = False
     # Register in etcd as a member of a cluster (None: no etcd, the single-daemon default).
     membership: MembershipConfig | None = None
+    # A replica that can no longer follow (too far behind, or ahead of its primary): re-seed itself over
+    # StreamSnapshot and follow again (AUTO), or stop serving until an operator re-seeds it (NEVER).
+    reseed: ReseedPolicy = ReseedPolicy.AUTO
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "table", Path(self.table))

@@ -135,7 +135,7 @@ def _logged_records_after(
         f"the follower's table is at version {version}, too far behind to catch up by streaming: this table "
         f"(version {applied}) holds pushes only after version {oldest} (its in-memory feed keeps the "
         f"last {feed.max_bytes / 2**20:g} MiB of records, its log the pushes since its last "
-        "checkpoint). Take a snapshot on this daemon (`memstore snapshot ADDRESS NAME`), copy it to the "
-        "follower's table directory and restart the follower; a larger --feed-bytes here keeps followers "
-        "further behind in reach"
+        "checkpoint). A follower served with --reseed auto (the default) re-seeds itself from this daemon "
+        "over StreamSnapshot; otherwise run `memstore reseed DIR --from ADDRESS` with the follower stopped. "
+        "A larger --feed-bytes here keeps followers further behind in reach"
     )

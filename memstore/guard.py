@@ -383,3 +383,32 @@ def _make(handler: Any, serve: Callable) -> Any:
     make = grpc.stream_stream_rpc_method_handler if handler.response_streaming else grpc.stream_unary_rpc_method_handler
     parse = handler.request_deserializer if handler.request_streaming else None
     return make(serve, request_deserializer=parse, response_serializer=handler.response_serializer)
+
+
+class StreamSlots:
+    """Streams that never end on their own (each holds a worker thread), at most `limit` at once."""
+
+    def __init__(self, limit: int, refusal: Callable[[str, int], str], retry_after_s: float | None = None) -> None:
+        """`refusal(who, limit)` is the message of the ResourceExhaustedError past the limit."""
+        self.limit = limit
+        self._refusal = refusal
+        self._retry_after_s = retry_after_s
+        self._lock = threading.Lock()
+        self._active = 0
+
+    def acquire(self, who: str) -> None:
+        """Take a slot, or raise ResourceExhaustedError when all are taken."""
+        with self._lock:
+            if self._active >= self.limit:
+                raise ResourceExhaustedError(self._refusal(who, self.limit), retry_after_s=self._retry_after_s)
+            self._active += 1
+
+    def release(self) -> None:
+        """Give back a slot taken by `acquire` (when its stream ends)."""
+        with self._lock:
+            self._active -= 1
+
+    @property
+    def active(self) -> int:
+        """Streams in progress now."""
+        return self._active

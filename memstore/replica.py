@@ -24,6 +24,7 @@ know the call (an older memstore) is not asked again.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -41,6 +42,7 @@ from memstore.errors import (
     InvalidArgumentError,
     LayoutMismatchError,
     MemstoreError,
+    ReplicationGapError,
     UnavailableError,
 )
 from memstore.live import LiveTable
@@ -176,6 +178,33 @@ def check_follower_manifest(manifest_json: str, ours: Manifest, follower_name: s
     check_same_table(Manifest.from_json(manifest_json), ours, follower_name, our_name)
 
 
+def record_digest(live: LiveTable, version: int) -> bytes:
+    """SHA-256 of the payload of `live`'s own record of `version` (b"" for version 0, or when its feed
+    and log no longer hold it)."""
+    if not 0 < version <= live.version:
+        return b""
+    try:
+        records = live.records_after(version - 1, 1, 0.0)
+    except MemstoreError:
+        return b""
+    if not records or records[0].version != version:
+        return b""
+    return hashlib.sha256(records[0].payload).digest()
+
+
+def check_same_history(live: LiveTable, version: int, digest: bytes, follower_name: str) -> None:
+    """ReplicationGapError when `live`'s record of `version` is not the follower's (`digest` of its
+    payload): the tables diverged, at the same version with different rows (a deposed primary's
+    pushes, numbered like the new primary's). Nothing to check without a digest or our record."""
+    ours = record_digest(live, version) if digest else b""
+    if ours and ours != digest:
+        raise ReplicationGapError(
+            f"{follower_name}'s record of version {version} differs from this table's: the two tables diverged "
+            "(it applied pushes this one never made, as a deposed primary does); replace its table with a copy of "
+            "this one (it re-seeds itself with --reseed auto; `memstore reseed` by hand)"
+        )
+
+
 class Follower:
     """The replica side of replication: follows `primary` into `live` (a LiveTable opened with
     `primary=`) on a thread of its own, and tracks lag, contact and health.
@@ -184,7 +213,13 @@ class Follower:
     so that health and the lag bound can be driven directly (tests, tools).
     """
 
-    def __init__(self, live: LiveTable, config: FollowConfig | None = None, follower_id: str | None = None) -> None:
+    def __init__(
+        self,
+        live: LiveTable,
+        config: FollowConfig | None = None,
+        follower_id: str | None = None,
+        on_reseed: Callable[[str], None] | None = None,
+    ) -> None:
         if live.primary is None:
             raise InvalidArgumentError("a Follower needs a LiveTable opened as a replica (LiveTable.open(primary=...))")
         self.live = live
@@ -212,6 +247,9 @@ class Follower:
         # The highest leader epoch known (memstore.election; 0 without etcd): records streamed by a
         # primary of a lower epoch, a deposed one, are refused.
         self.epoch = 0
+        # Called (with the reason) instead of stopping for good when the primary no longer holds the records
+        # after our version or has fewer than ours: the daemon then re-seeds the table (memstore.reseed).
+        self._on_reseed = on_reseed
 
     # -- state -------------------------------------------------------------------------------
 
@@ -394,8 +432,12 @@ class Follower:
     def _why_lost(self, exc: Exception) -> str | None:
         """Why a connection failed, for a retry; None after stopping following for good."""
         if isinstance(exc, grpc.RpcError):
-            if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:  # another table, or too far behind
-                self.stop_following(f"the primary refused: {exc.details()}")
+            if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:  # too far behind or ahead: Describe checked the table
+                if self._on_reseed is not None:
+                    self.stop_following(f"re-seeding from the primary, which refused to stream: {exc.details()}")
+                    self._on_reseed(exc.details())
+                else:
+                    self.stop_following(f"the primary refused: {exc.details()}")
                 return None
             if exc.code() == grpc.StatusCode.CANCELLED:  # only the watchdog cancels while we follow
                 return f"silent for over {self.config.silence_s:g}s, so presumed dead"
@@ -432,6 +474,7 @@ class Follower:
                     manifest_json=self.live.manifest.to_json(),
                     follower_id=self.follower_id,
                     heartbeat_s=self.config.heartbeat_s,
+                    last_record_sha256=record_digest(self.live, self.live.version),
                     epoch=self.epoch,
                 )
                 call = stub.Follow(request)  # no deadline: the stream lives as long as both daemons do

@@ -9,19 +9,19 @@ the write-ahead log); when neither holds the pushes after the watcher's version 
 `RowWatchGapError` and starts over from the table's current version with an empty cache.
 
 Each stream holds a thread of the daemon for its whole life, so watchers have an allowance of
-their own (`RowWatchSlots`, ServerConfig.max_row_watchers), apart from followers and calls.
+their own (`row_watch_slots`, ServerConfig.max_row_watchers), apart from followers and calls.
 """
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
 
-from memstore.errors import InvalidArgumentError, ReplicationGapError, ResourceExhaustedError
+from memstore.errors import InvalidArgumentError, ReplicationGapError
+from memstore.guard import StreamSlots
 from memstore.live import LiveTable
 from memstore.tabledir.manifest import Manifest
 from memstore.tabledir.record import PushRecord
@@ -100,32 +100,14 @@ def rows_after(
     return RowBatch(changes, records[-1].version if records else version)
 
 
-class RowWatchSlots:
-    """The WatchRows streams in progress, at most `limit` at once (each holds a daemon thread)."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._lock = threading.Lock()
-        self._active = 0
-
-    def acquire(self, watcher: str) -> None:
-        """Take a slot, or raise ResourceExhaustedError when all are taken."""
-        with self._lock:
-            if self._active >= self.limit:
-                raise ResourceExhaustedError(
-                    f"row watcher {watcher!r} refused: this daemon already streams row changes to {self.limit} "
-                    "watchers (--max-row-watchers); raise it, or cache fewer processes' rows (frozen tables and "
-                    "generation need no watcher)",
-                    retry_after_s=1.0,
-                )
-            self._active += 1
-
-    def release(self) -> None:
-        """Give back a slot taken by `acquire` (when its stream ends)."""
-        with self._lock:
-            self._active -= 1
-
-    @property
-    def active(self) -> int:
-        """WatchRows streams in progress now."""
-        return self._active
+def row_watch_slots(limit: int) -> StreamSlots:
+    """The WatchRows streams in progress, at most `limit` (--max-row-watchers) at once."""
+    return StreamSlots(
+        limit,
+        lambda watcher, limit: (
+            f"row watcher {watcher!r} refused: this daemon already streams row changes to {limit} watchers "
+            "(--max-row-watchers); raise it, or cache fewer processes' rows (frozen tables and generation need "
+            "no watcher)"
+        ),
+        retry_after_s=1.0,
+    )

@@ -22,6 +22,7 @@ parsed there so a malformed message gets INVALID_ARGUMENT, and is counted and ti
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import logging
 import signal
@@ -49,6 +50,7 @@ from memstore.daemon_config import (
 from memstore.election import ShardElection
 from memstore.errors import (
     RETRY_PUSHBACK_KEY,
+    DataLossError,
     InternalError,
     InvalidArgumentError,
     LayoutMismatchError,
@@ -56,16 +58,18 @@ from memstore.errors import (
     ReadOnlyError,
     ReplicationGapError,
     ResourceExhaustedError,
+    TableFormatError,
     UnavailableError,
 )
-from memstore.guard import REQUEST_BYTES, CallGuard, GuardConfig, idle_work_slot
+from memstore.guard import REQUEST_BYTES, CallGuard, GuardConfig, StreamSlots, idle_work_slot
 from memstore.limits import InFlightBudget, lookup_cost, push_cost
 from memstore.live import LiveTable
 from memstore.member_state import daemon_state
 from memstore.membership import Registration, advertised_address
 from memstore.metrics import DaemonMetrics
-from memstore.replica import Follower, check_follower_manifest
-from memstore.rowwatch import RowWatchSlots, check_watch_layers, rows_after
+from memstore.replica import Follower, check_follower_manifest, check_same_history
+from memstore.reseed import ReseedPolicy, chunk_size, reseed_from, snapshot_chunks
+from memstore.rowwatch import check_watch_layers, row_watch_slots, rows_after
 from memstore.same_host import advertise
 from memstore.snapshots import SnapshotSlots, check_snapshot_name
 from memstore.sync import SyncTimeoutPolicy
@@ -89,33 +93,15 @@ MAX_REPLICA_ID_CHARS = 1024
 _SPARE_THREADS = 8
 
 
-class FollowerSlots:
-    """The Follow streams in progress, at most `limit` at once (each holds a worker thread)."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._lock = threading.Lock()
-        self._active = 0
-
-    def acquire(self, follower_id: str) -> None:
-        """Take a slot, or raise ResourceExhaustedError when all are taken."""
-        with self._lock:
-            if self._active >= self.limit:
-                raise ResourceExhaustedError(
-                    f"follower {follower_id!r} refused: this daemon already streams to {self.limit} followers "
-                    "(--max-followers); follow another replica, or raise --max-followers here"
-                )
-            self._active += 1
-
-    def release(self) -> None:
-        """Give back a slot taken by `acquire` (when its stream ends)."""
-        with self._lock:
-            self._active -= 1
-
-    @property
-    def active(self) -> int:
-        """Follow streams in progress now."""
-        return self._active
+def follower_slots(limit: int) -> StreamSlots:
+    """The Follow streams in progress, at most `limit` (--max-followers) at once."""
+    return StreamSlots(
+        limit,
+        lambda follower, limit: (
+            f"follower {follower!r} refused: this daemon already streams to {limit} followers "
+            "(--max-followers); follow another replica, or raise --max-followers here"
+        ),
+    )
 
 
 class MemstoreServicer(pb_grpc.MemstoreServicer):
@@ -128,8 +114,8 @@ class MemstoreServicer(pb_grpc.MemstoreServicer):
         self._config = config
         self._metrics = metrics
         self._replica = replica
-        self.followers = FollowerSlots(config.max_followers)
-        self.row_watchers = RowWatchSlots(config.max_row_watchers)
+        self.followers = follower_slots(config.max_followers)
+        self.row_watchers = row_watch_slots(config.max_row_watchers)
         self.budget = InFlightBudget(config.max_in_flight_bytes)
         manifest = live.manifest
         self._row_bytes = manifest.dtype.row_bytes(manifest.layout.dim)
@@ -317,6 +303,7 @@ class MemstoreServicer(pb_grpc.MemstoreServicer):
         follower = request.follower_id or context.peer()
         with self._call("Follow", context):
             check_follower_manifest(request.manifest_json, self._live.manifest, f"follower {follower}", "this daemon")
+            check_same_history(self._live, request.from_version, request.last_record_sha256, f"follower {follower}")
             heartbeat_s = request.heartbeat_s or self._config.follow_heartbeat_s
             if not MIN_HEARTBEAT_S <= heartbeat_s <= MAX_HEARTBEAT_S:
                 raise InvalidArgumentError(
@@ -355,6 +342,25 @@ class MemstoreServicer(pb_grpc.MemstoreServicer):
                 if records:
                     version = records[-1].version
             log.info("follower %r left at version %d", follower, version)
+
+    def StreamSnapshot(
+        self, request: pb.StreamSnapshotRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.SnapshotChunk]:
+        receiver = request.follower_id[:200] or context.peer()
+        with self._call("StreamSnapshot", context):
+            if self._live.table.read_only:
+                raise ReadOnlyError(
+                    "a streamed snapshot is refused: this daemon serves its table read-only (--read-only, or a "
+                    "frozen table) and writes nothing on its host; stream from the primary, or copy the directory"
+                )
+            self.followers.acquire(receiver)  # a re-seed holds a thread as long as a follower does
+            if not context.add_callback(self.followers.release):
+                self.followers.release()
+                return
+            log.info("streaming a snapshot to %r", receiver)
+            chunk_bytes = chunk_size(request.chunk_bytes, self._config.max_message_bytes)
+            yield from snapshot_chunks(self._live, self._snapshot_dir, chunk_bytes)
+            log.info("streamed a snapshot to %r", receiver)
 
     def WatchRows(self, request: pb.WatchRowsRequest, context: grpc.ServicerContext) -> Iterator[pb.WatchRowsResponse]:
         with self._call("WatchRows", context):
@@ -445,7 +451,7 @@ def create_server(
             max_calls=config.max_concurrent_calls,
             # Follow streams past max_followers get the servicer's own refusal; these stop a flood.
             max_untimed=config.max_followers + config.max_row_watchers + _SPARE_THREADS,
-            untimed_methods=frozenset({"Follow", "WatchRows"}),
+            untimed_methods=frozenset({"Follow", "WatchRows", "StreamSnapshot"}),
             request_timeout_s=config.request_timeout_s,
             send_timeout_s=config.send_timeout_s,
             max_calls_per_peer=config.max_calls_per_peer,
@@ -522,10 +528,66 @@ def serve(config: DaemonConfig) -> int:
 
 
 def _serve(config: DaemonConfig) -> int:
+    """Serve sessions until a signal: a replica that had to be re-seeded (memstore.reseed) closes its
+    table, replaces it with its primary's streamed over StreamSnapshot, and serves again on the same port."""
+    check_port_file(config.port_file)  # before the table is opened: a wrong path fails at once
+    signalled, wake = threading.Event(), threading.Event()
+
+    def on_signal(*_: object) -> None:
+        signalled.set()
+        wake.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while True:
+            reseed = _serve_session(config, wake)
+            if signalled.is_set() or reseed is None:
+                return 0
+            port, reason, primary = reseed
+            config = dataclasses.replace(config, primary=primary)  # an election may have named another leader
+            wake.clear()
+            if not _reseed(config, reason, wake):
+                return 0
+            if port is not None:  # it served: the port file is written, and the port stays the same
+                config = dataclasses.replace(config, port_file=None)
+                if config.listen.endswith(":0"):  # clients find it where it was
+                    config = dataclasses.replace(config, listen=f"{config.listen.rsplit(':', 1)[0]}:{port}")
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _reseed(config: DaemonConfig, reason: str, stop: threading.Event) -> bool:
+    """Re-seed the replica's table from its primary, retrying with backoff until it worked (True) or
+    `stop` is set (False). Nothing is served meanwhile: the table is closed."""
+    assert config.primary is not None
+    follow = config.follow_config
+    backoff = follow.initial_backoff_s
+    log.warning("re-seeding %s from its primary %s: %s", config.table, config.primary, reason)
+    while not stop.is_set():
+        try:
+            reseed_from(config.primary, config.table, tls=follow.tls, token=follow.token, receiver_id=str(config.table))
+            return True
+        except MemstoreError as exc:
+            log.error(
+                "re-seeding %s from %s failed (%s); trying again in %.1fs", config.table, config.primary, exc, backoff
+            )
+        stop.wait(backoff)
+        backoff = min(2 * backoff, follow.max_backoff_s)
+    return False
+
+
+def _serve_session(config: DaemonConfig, stop: threading.Event) -> tuple[int | None, str, str | None] | None:
+    """Serve until `stop` is set; (the bound port or None, why, the primary to re-seed from) when a replica
+    must be re-seeded first."""
     address, port_file, settings, obs = config.listen, config.port_file, config.server, config.observability
-    check_port_file(port_file)  # before the table is opened: a wrong path fails at once
-    stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    reseed: list[tuple[int | None, str, str | None]] = []
+    port: int | None = None
+
+    def request_reseed(reason: str) -> None:
+        reseed.append((port, reason, config.primary if replica is None else replica.primary))
+        stop.set()
+
     table: LiveTable | None = None
     replica: Follower | None = None
     registration: Registration | None = None
@@ -534,9 +596,16 @@ def _serve(config: DaemonConfig) -> int:
     metrics = DaemonMetrics()
     host = address.rsplit(":", 1)[0]
     try:
-        table = LiveTable.open(config.table, read_only=config.read_only, config=config.live, primary=config.primary)
+        try:
+            table = LiveTable.open(config.table, read_only=config.read_only, config=config.live, primary=config.primary)
+        except (DataLossError, TableFormatError) as exc:  # the refusals that --accept-data-loss overrides, and
+            # damage: a replica's table loses nothing acknowledged when replaced, its primary holds it all
+            if config.primary is None or config.reseed is not ReseedPolicy.AUTO:
+                raise
+            return None, f"its table refuses to open ({exc})", config.primary
         if config.primary is not None:
-            replica = Follower(table, config.follow_config)
+            auto = config.reseed is ReseedPolicy.AUTO
+            replica = Follower(table, config.follow_config, on_reseed=request_reseed if auto else None)
             replica.check_primary()  # another table: raises here, before serving anything
         server, port = create_server(table, address, settings, health_servicer, metrics, replica)
         warning = exposure_warning(address, settings)
@@ -595,9 +664,7 @@ def _serve(config: DaemonConfig) -> int:
             replica.stop()
         if table is not None:
             table.close()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    return 0
+    return reseed[0] if reseed else None
 
 
 def exposure_warning(address: str, config: ServerConfig) -> str | None:

@@ -32,7 +32,7 @@ from memstore.layout import EngramLayout
 from memstore.live import LiveConfig, LiveTable
 from memstore.optim import apply_update
 from memstore.replica import manifest_differences
-from memstore.service import SERVICE_NAME
+from memstore.service import MAX_REPLICA_ID_CHARS, SERVICE_NAME
 from memstore.tabledir.manifest import CHECKSUMS_KEY, Manifest
 from memstore.tabledir.names import SUMS_SUFFIX
 from memstore.tabledir.optimizer import OptimizerConfig, OptimizerKind
@@ -542,6 +542,31 @@ class Fuzzed:
 
         return Expect(errors, ok=ok)
 
+    def expect_confirmdurable(self, request: pb.ConfirmDurableRequest) -> Expect:
+        if not request.replica_id or len(request.replica_id) > MAX_REPLICA_ID_CHARS:
+            return Expect([(IA, "needs a replica_id")])
+        if request.fingerprint != self.manifest.fingerprint:
+            return Expect([(FP, "reports on a table of fingerprint")])
+        if request.durable_version > self.version:
+            return Expect([(FP, "past this daemon's version")])
+
+        def ok(messages: list[bytes]) -> None:  # a report changes no row: only what pushes wait for
+            assert pb.ConfirmDurableResponse.FromString(messages[0]).version == self.version
+
+        return Expect(ok=ok)
+
+    def expect_streamsnapshot(self, request: pb.StreamSnapshotRequest) -> Expect:
+        # Any name and chunk size is served (the chunk size is clamped): the table as it is, header first.
+        def ok(messages: list[bytes]) -> None:
+            chunks = [pb.SnapshotChunk.FromString(message) for message in messages]
+            assert chunks[0].WhichOneof("part") == "header"
+            assert chunks[0].header.version == self.version
+            assert chunks[0].header.fingerprint == self.manifest.fingerprint
+            assert all(chunk.WhichOneof("part") != "header" for chunk in chunks[1:])
+            self.await_no_followers()  # the stream ended: its follower slot must come back
+
+        return Expect(ok=ok)
+
     def await_no_followers(self, timeout_s: float = 10.0) -> None:
         """Wait until the daemon reports no follower streaming (slots come back as cancelled streams end)."""
         deadline = time.monotonic() + timeout_s
@@ -738,6 +763,13 @@ def structured(path: str, fz: Fuzzed) -> st.SearchStrategy:
         return SNAPSHOT_NAMES.map(lambda name: pb.SnapshotRequest(name=name))
     if method == "Follow":
         return follow_requests(fz.manifest.to_json())
+    if method == "ConfirmDurable":
+        return st.builds(
+            pb.ConfirmDurableRequest,
+            replica_id=st.sampled_from(["", "host:/table", "r" * (MAX_REPLICA_ID_CHARS + 1)]),
+            durable_version=st.integers(0, 20),
+            fingerprint=st.sampled_from([fz.manifest.fingerprint, "", "other"]),
+        )
     if path == HEALTH_CHECK:
         return st.sampled_from(["", SERVICE_NAME, "nope"]).map(lambda s: health_pb2.HealthCheckRequest(service=s))
     return st.just(REQUEST_TYPES[path]())

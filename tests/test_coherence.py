@@ -19,7 +19,7 @@ from memstore.dtypes import DType
 from memstore.errors import InvalidArgumentError, ResourceExhaustedError, UnauthenticatedError
 from memstore.live import LiveConfig, LiveTable
 from memstore.replica import FollowConfig, Follower
-from memstore.rowwatch import RowBatch, RowWatchGapError, RowWatchSlots, check_watch_layers, rows_after
+from memstore.rowwatch import RowBatch, RowWatchGapError, check_watch_layers, row_watch_slots, rows_after
 from memstore.service import create_server
 from memstore.sharding import Sharding
 from memstore.tabledir.manifest import Manifest
@@ -109,7 +109,7 @@ def test_watch_layers_and_slots_are_checked() -> None:
     assert check_watch_layers(manifest, []) is None
     with pytest.raises(InvalidArgumentError, match=r"layers \[2\]"):
         check_watch_layers(manifest, [1, 2])
-    slots = RowWatchSlots(1)
+    slots = row_watch_slots(1)
     slots.acquire("a")
     with pytest.raises(ResourceExhaustedError, match="--max-row-watchers"):
         slots.acquire("b")

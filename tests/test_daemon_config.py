@@ -21,6 +21,7 @@ from memstore.integrity import IntegrityConfig
 from memstore.live import LiveConfig
 from memstore.membership import MembershipConfig
 from memstore.replica import FollowConfig
+from memstore.reseed import ReseedPolicy
 from memstore.rowcache import RowCacheConfig
 from memstore.sync import SyncConfig, SyncTimeoutPolicy
 from memstore.wal import Durability
@@ -78,6 +79,7 @@ FLAGS: list[tuple[list[str], Callable[[DaemonConfig], Any], Any]] = [
     (["--follow", "primary:50051"], lambda c: (c.primary, c.follow), ("primary:50051", FollowConfig())),
     (["--follow", "p:1", "--max-lag", "9"], lambda c: c.follow, FollowConfig(max_lag=9)),
     (["--follow", "p:1", "--follow-tls-ca", "ca.pem"], lambda c: c.follow_config.tls, ClientTls(Path("ca.pem"))),
+    (["--follow", "p:1", "--reseed", "never"], lambda c: c.reseed, ReseedPolicy.NEVER),
     (["--max-followers", "2"], lambda c: c.server.max_followers, 2),
     (["--etcd", "e:2379", "--cluster-name", "t"], lambda c: c.membership, MembershipConfig(("e:2379",), "t")),
     (

@@ -357,7 +357,7 @@ def test_a_replica_behind_what_the_primary_holds_stops_then_catches_up_from_a_sn
     replica = serve(replica_path, primary=primary.address)
     _wait_until(lambda: not replica.follower.status().serving)
     status = replica.follower.status()
-    assert status.lag == 9 and "too far behind" in status.problem and "memstore snapshot" in status.problem
+    assert status.lag == 9 and "too far behind" in status.problem and "memstore reseed" in status.problem
     assert _health(replica.address) == {health_pb2.HealthCheckResponse.NOT_SERVING}
     code, details = _lookup_status(replica.address)
     assert code == grpc.StatusCode.UNAVAILABLE and "stopped following" in details

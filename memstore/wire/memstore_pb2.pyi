@@ -243,20 +243,82 @@ class SnapshotResponse(_message.Message):
     def __init__(self, path: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class FollowRequest(_message.Message):
-    __slots__ = ("from_version", "fingerprint", "manifest_json", "follower_id", "heartbeat_s", "epoch")
+    __slots__ = ("from_version", "fingerprint", "manifest_json", "follower_id", "heartbeat_s", "last_record_sha256", "epoch")
     FROM_VERSION_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_JSON_FIELD_NUMBER: _ClassVar[int]
     FOLLOWER_ID_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_S_FIELD_NUMBER: _ClassVar[int]
+    LAST_RECORD_SHA256_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     from_version: int
     fingerprint: str
     manifest_json: str
     follower_id: str
     heartbeat_s: float
+    last_record_sha256: bytes
     epoch: int
-    def __init__(self, from_version: _Optional[int] = ..., fingerprint: _Optional[str] = ..., manifest_json: _Optional[str] = ..., follower_id: _Optional[str] = ..., heartbeat_s: _Optional[float] = ..., epoch: _Optional[int] = ...) -> None: ...
+    def __init__(self, from_version: _Optional[int] = ..., fingerprint: _Optional[str] = ..., manifest_json: _Optional[str] = ..., follower_id: _Optional[str] = ..., heartbeat_s: _Optional[float] = ..., last_record_sha256: _Optional[bytes] = ..., epoch: _Optional[int] = ...) -> None: ...
+
+class StreamSnapshotRequest(_message.Message):
+    __slots__ = ("follower_id", "chunk_bytes")
+    FOLLOWER_ID_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    follower_id: str
+    chunk_bytes: int
+    def __init__(self, follower_id: _Optional[str] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
+
+class SnapshotChunk(_message.Message):
+    __slots__ = ("header", "data", "end")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    header: SnapshotStreamHeader
+    data: SnapshotFileData
+    end: SnapshotFileEnd
+    def __init__(self, header: _Optional[_Union[SnapshotStreamHeader, _Mapping]] = ..., data: _Optional[_Union[SnapshotFileData, _Mapping]] = ..., end: _Optional[_Union[SnapshotFileEnd, _Mapping]] = ...) -> None: ...
+
+class SnapshotStreamHeader(_message.Message):
+    __slots__ = ("version", "fingerprint", "files", "total_bytes", "data_bytes")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DATA_BYTES_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    fingerprint: str
+    files: _containers.RepeatedCompositeFieldContainer[SnapshotFile]
+    total_bytes: int
+    data_bytes: int
+    def __init__(self, version: _Optional[int] = ..., fingerprint: _Optional[str] = ..., files: _Optional[_Iterable[_Union[SnapshotFile, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., data_bytes: _Optional[int] = ...) -> None: ...
+
+class SnapshotFile(_message.Message):
+    __slots__ = ("path", "size", "data_bytes")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    DATA_BYTES_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    size: int
+    data_bytes: int
+    def __init__(self, path: _Optional[str] = ..., size: _Optional[int] = ..., data_bytes: _Optional[int] = ...) -> None: ...
+
+class SnapshotFileData(_message.Message):
+    __slots__ = ("file", "offset", "data")
+    FILE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    file: int
+    offset: int
+    data: bytes
+    def __init__(self, file: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class SnapshotFileEnd(_message.Message):
+    __slots__ = ("file", "sha256")
+    FILE_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    file: int
+    sha256: bytes
+    def __init__(self, file: _Optional[int] = ..., sha256: _Optional[bytes] = ...) -> None: ...
 
 class FollowResponse(_message.Message):
     __slots__ = ("records", "primary_version", "epoch")

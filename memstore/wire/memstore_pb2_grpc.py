@@ -60,6 +60,11 @@ class MemstoreStub:
                 request_serializer=memstore_dot_wire_dot_memstore__pb2.FollowRequest.SerializeToString,
                 response_deserializer=memstore_dot_wire_dot_memstore__pb2.FollowResponse.FromString,
                 _registered_method=True)
+        self.StreamSnapshot = channel.unary_stream(
+                '/engram.memstore.v1.Memstore/StreamSnapshot',
+                request_serializer=memstore_dot_wire_dot_memstore__pb2.StreamSnapshotRequest.SerializeToString,
+                response_deserializer=memstore_dot_wire_dot_memstore__pb2.SnapshotChunk.FromString,
+                _registered_method=True)
         self.WatchRows = channel.unary_stream(
                 '/engram.memstore.v1.Memstore/WatchRows',
                 request_serializer=memstore_dot_wire_dot_memstore__pb2.WatchRowsRequest.SerializeToString,
@@ -124,8 +129,22 @@ class MemstoreServicer:
         never ends on its own: it sends records as pushes land and a heartbeat (a response with no
         records) when idle. Fails with FAILED_PRECONDITION when the follower's manifest differs from
         the primary's, or when the records after `from_version` are no longer held (the follower is
-        too far behind: copy a snapshot to it), and RESOURCE_EXHAUSTED when the primary already
-        streams to as many followers as it allows.
+        too far behind, or past the primary's version: re-seed it with StreamSnapshot), and
+        RESOURCE_EXHAUSTED when the primary already streams to as many followers as it allows.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamSnapshot(self, request, context):
+        """A consistent copy of the whole table at one version, streamed file by file, for a replica that
+        can no longer follow (too far behind, or holding pushes the daemon never had: a deposed
+        primary) to replace its table with (`memstore reseed`, `serve --follow --reseed auto`). The
+        daemon snapshots into a hidden directory on its host, sends one SnapshotStreamHeader (every
+        file with its size), then each file's data extents (holes of sparse files are not sent) in
+        messages of at most `chunk_bytes`, each file closed by a SnapshotFileEnd with its digest, and
+        removes the copy, also when the stream is cancelled. Needs a replicate token; holds a
+        --max-followers slot. Fails with FAILED_PRECONDITION for a read-only daemon.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -194,6 +213,11 @@ def add_MemstoreServicer_to_server(servicer, server):
                     servicer.Follow,
                     request_deserializer=memstore_dot_wire_dot_memstore__pb2.FollowRequest.FromString,
                     response_serializer=memstore_dot_wire_dot_memstore__pb2.FollowResponse.SerializeToString,
+            ),
+            'StreamSnapshot': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamSnapshot,
+                    request_deserializer=memstore_dot_wire_dot_memstore__pb2.StreamSnapshotRequest.FromString,
+                    response_serializer=memstore_dot_wire_dot_memstore__pb2.SnapshotChunk.SerializeToString,
             ),
             'WatchRows': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchRows,
@@ -347,6 +371,33 @@ class Memstore:
             '/engram.memstore.v1.Memstore/Follow',
             memstore_dot_wire_dot_memstore__pb2.FollowRequest.SerializeToString,
             memstore_dot_wire_dot_memstore__pb2.FollowResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/engram.memstore.v1.Memstore/StreamSnapshot',
+            memstore_dot_wire_dot_memstore__pb2.StreamSnapshotRequest.SerializeToString,
+            memstore_dot_wire_dot_memstore__pb2.SnapshotChunk.FromString,
             options,
             channel_credentials,
             insecure,
