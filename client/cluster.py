@@ -68,6 +68,8 @@ log = logging.getLogger("client.cluster")
 
 # A replica that failed this way may be followed by a healthy one: try the call again.
 _RETRY_ON_ANOTHER_REPLICA = (UnavailableError, DeadlineExceededError, DataLossError)
+# How often a push waiting for a shard's new primary looks at what discovery installed.
+_FAILOVER_POLL_S = 0.05
 
 
 class ClusterClient:
@@ -225,16 +227,47 @@ class ClusterClient:
         unique, summed = sum_duplicate_rows(ids, grad_rows(grads, len(ids)))  # [U], [U, dim]
         owner = self._sharding.shard_of(unique)  # [U]
 
+        deadline = time.monotonic() + (self.config.timeout_s if timeout is None else timeout)
+
         def push_to(shard: int) -> PushAck:
             mine = owner == shard  # empty parts are pushed too: every shard's optimizer steps together
-            return self._primary(shard).push(
-                layer_id, unique[mine], summed[mine], step_id=step_id, lr_scale=lr_scale, timeout=timeout
-            )
+            while True:
+                primary = self._primaries[shard]
+                try:
+                    return self._primary(shard).push(
+                        layer_id,
+                        unique[mine],
+                        summed[mine],
+                        step_id=step_id,
+                        lr_scale=lr_scale,
+                        timeout=max(0.001, deadline - time.monotonic()),
+                    )
+                except UnavailableError:
+                    # Failover: with discovery and a step id, the push is retried on the shard's next
+                    # primary (a step id makes it exactly-once: a push the old primary applied and the new
+                    # one holds is answered, not applied again). Without a step id a retry could apply it twice.
+                    if (
+                        self._discovery is None
+                        or step_id <= 0
+                        or not self._wait_for_new_primary(shard, primary, deadline)
+                    ):
+                        raise
 
         acks = self._on_every_shard(push_to)
         return PushAck(sum(a.version for a in acks), max(a.layer_step for a in acks), len(unique))
 
     # -- internals ---------------------------------------------------------------------------
+
+    def _wait_for_new_primary(self, shard: int, old: MemstoreClient | None, deadline: float) -> bool:
+        """Wait (polling what the discovery's watch installs) until the shard's primary is another one
+        than `old`, or a short while: the same primary may take the push again once it leads. False
+        once `deadline` passed."""
+        wake = min(deadline, time.monotonic() + _FAILOVER_POLL_S * 10)
+        while time.monotonic() < wake:
+            if self._primaries[shard] is not old and self._primaries[shard] is not None:
+                return True
+            time.sleep(_FAILOVER_POLL_S)
+        return time.monotonic() < deadline
 
     def _split(self, flat: np.ndarray) -> list[tuple[int, np.ndarray]]:
         """(shard, positions of its ids in `flat`) for every shard that has some."""

@@ -39,7 +39,10 @@ def view_of(records: Sequence[MemberRecord]) -> ClusterView:
     shards = []
     for shard in range(num_shards):
         mine = [r for r in records if r.shard == shard]
-        primaries = [r.address for r in mine if r.role is Role.PRIMARY]
+        # The highest leader epoch wins (a deposed primary may still be registered for a while), then
+        # the one registered last.
+        ranked = sorted((r for r in mine if r.role is Role.PRIMARY), key=lambda r: r.epoch)
+        primaries = [r.address for r in ranked]
         replicas = tuple(sorted(r.address for r in mine if r.role is Role.REPLICA))
         shards.append(ShardAddresses(primaries[-1] if primaries else None, replicas))
     return ClusterView(tuple(shards))

@@ -344,7 +344,13 @@ def _membership(args: argparse.Namespace) -> MembershipConfig | None:
     """Where this daemon registers (None without --etcd); InvalidArgumentError for half the pair."""
     if args.etcd is None:
         given = [
-            flag for flag, value in (("--cluster-name", args.cluster_name), ("--advertise", args.advertise)) if value
+            flag
+            for flag, value in (
+                ("--cluster-name", args.cluster_name),
+                ("--advertise", args.advertise),
+                ("--failover", args.failover),
+            )
+            if value
         ]
         if given:
             raise InvalidArgumentError(f"{', '.join(given)} need --etcd ENDPOINTS (the etcd to register in)")
@@ -352,7 +358,11 @@ def _membership(args: argparse.Namespace) -> MembershipConfig | None:
     if args.cluster_name is None:
         raise InvalidArgumentError("--etcd needs --cluster-name NAME (the table's cluster to register under)")
     return MembershipConfig(
-        endpoints=args.etcd, cluster=args.cluster_name, advertise=args.advertise, ttl_s=args.etcd_ttl_s
+        endpoints=args.etcd,
+        cluster=args.cluster_name,
+        advertise=args.advertise,
+        ttl_s=args.etcd_ttl_s,
+        election=args.failover,
     )
 
 
@@ -378,6 +388,13 @@ def _add_membership(srv: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="with --etcd: the registration's lease; a daemon killed without a clean stop leaves the cluster "
         f"this long after its last renewal (default {DEFAULT_TTL_S})",
+    )
+    group.add_argument(
+        "--failover",
+        action="store_true",
+        help="with --etcd: take part in the shard's leader election (a lease of --etcd-ttl-s): the primary "
+        "takes pushes only while it leads, and a replica is promoted when the leader is lost "
+        "(docs/replication.md, Automatic failover)",
     )
 
 

@@ -216,7 +216,7 @@ class DaemonConfig:
         replicas = self.live.sync.replicas
         if not replicas:
             return
-        if self.primary is not None:
+        if self.primary is not None and not (self.membership and self.membership.election):  # for when promoted
             raise InvalidArgumentError(
                 "--sync-replicas is for a primary: this daemon follows "
                 f"{self.primary} and takes no pushes; drop --sync-replicas here (give it to the primary)"

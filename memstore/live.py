@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -151,6 +151,11 @@ class LiveTable:
         self.row_cache: RowCache | None = None
         # Replicas' durable versions, and the wait of a push for them (memstore.sync).
         self.sync = SyncAcks(self.config.sync, self.path)
+        # Leader election (memstore.election): raises unless this daemon may commit a push now, called
+        # under the push lock before each commit; and the leader epoch it serves under (0: no election).
+        self.fence: Callable[[], None] | None = None
+        self.epoch = 0
+        self.election_state = ""  # where this daemon stands in the election (LeaderState's value; "": none)
         try:
             if self.config.row_cache.enabled:
                 row_bytes = self.manifest.dtype.row_bytes(self.manifest.layout.dim)
@@ -304,6 +309,8 @@ class LiveTable:
         states = self._state[layer_id]
         due = False
         with self._push_lock:
+            if self.fence is not None:  # before anything is logged or shown to readers
+                self.fence()
             repeat = self._last_push.get((client_id, layer_id)) if step_id > 0 else None
             if repeat is not None and step_id <= repeat[0]:
                 # A retry of a push already applied: apply nothing, answer it again (once its replicas hold it).
@@ -323,6 +330,12 @@ class LiveTable:
         if acknowledge:
             self.sync.acknowledge(result.version)  # outside the push lock: later pushes commit meanwhile
         return result
+
+    def promote(self) -> None:
+        """A replica becomes the primary (an election made it the leader): it takes pushes from now on,
+        at its version, with its log and per-client step ids. Its follower must have stopped."""
+        with self._push_lock:
+            self.primary = None
 
     def add_failure_listener(self, listener: Any) -> None:
         """Call `listener(message)` once if the table fails so that it can no longer take pushes safely

@@ -4,8 +4,11 @@ The only module that knows the layout (docs/replication.md shows it). Under `/me
 
     members/<shard>/<address>   one per daemon: a JSON `MemberRecord`, attached to the daemon's
                                 lease (gone on a clean stop at once, after the TTL on a crash)
-    leader/<shard>              reserved for the shard's elected primary (with its lease)
-    epoch/<shard>               reserved for the shard's promotion counter (no lease: it only grows)
+    leader/<shard>              the shard's elected primary: a JSON `LeaderRecord` (with its lease)
+    epoch/<shard>               the shard's promotion counter, decimal (no lease: it only grows)
+    acked/<shard>               the highest version a leader acknowledged with --sync-replicas, 20
+                                zero-padded digits so that etcd's byte comparison is numeric (no lease)
+    candidates/<shard>/<address>  a replica's frozen version while it stands for election (its lease)
 
 `<shard>` is the shard's number in decimal; `<cluster>` names the table (letters, digits, `-_.`).
 Light on purpose (memstore.etcd and the standard library): the client reads the same records.
@@ -72,6 +75,41 @@ def epoch_key(cluster: str, shard: int) -> bytes:
     return cluster_prefix(cluster) + f"epoch/{shard}".encode()
 
 
+def acked_key(cluster: str, shard: int) -> bytes:
+    """The highest version the shard's leaders acknowledged under --sync-replicas (see `version_bytes`)."""
+    return cluster_prefix(cluster) + f"acked/{shard}".encode()
+
+
+def candidates_prefix(cluster: str, shard: int) -> bytes:
+    """The replicas standing for election in a shard."""
+    return cluster_prefix(cluster) + f"candidates/{shard}/".encode()
+
+
+def version_bytes(version: int) -> bytes:
+    """A version as 20 zero-padded digits: etcd compares values as bytes, so these compare as numbers."""
+    return f"{version:020d}".encode()
+
+
+@dataclass(frozen=True)
+class LeaderRecord:
+    """The value of `leader/<shard>`: who leads the shard, since which promotion."""
+
+    address: str
+    epoch: int
+
+    def encode(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def decode(cls, value: bytes) -> LeaderRecord:
+        """InvalidArgumentError for a value that is not a leader record."""
+        try:
+            data = json.loads(value)
+            return cls(address=str(data["address"]), epoch=int(data["epoch"]))
+        except (ValueError, TypeError, KeyError) as exc:
+            raise InvalidArgumentError(f"not a leader record: {value[:200]!r} ({exc})") from None
+
+
 @dataclass(frozen=True)
 class MemberRecord:
     """What a daemon tells the cluster about itself (the value of its member key, JSON)."""
@@ -86,6 +124,7 @@ class MemberRecord:
     trainable: bool = False  # takes pushes
     serving: bool = True  # answers lookups (a replica too far behind does not)
     primary: str | None = None  # a replica's primary
+    epoch: int = 0  # the leader epoch it serves under (etcd elections; 0: none)
 
     def encode(self) -> bytes:
         data = asdict(self)
@@ -116,6 +155,8 @@ class MembershipConfig:
     advertise: str | None = None
     ttl_s: int = DEFAULT_TTL_S  # a killed daemon's key is gone this long after its last renewal
     refresh_s: float = DEFAULT_REFRESH_S  # how often version, lag and role are written when they change
+    # Take part in the shard's leader election (memstore.election): fencing and automatic failover.
+    election: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "endpoints", parse_endpoints(self.endpoints))
@@ -146,6 +187,7 @@ class Registration:
         self._key: bytes | None = None
         self._failing = False  # logged once per outage, not at every retry
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="etcd-membership", daemon=True)
 
     @property
@@ -164,8 +206,15 @@ class Registration:
         return min(self.config.refresh_s, self.config.ttl_s / 3)
 
     def _run(self) -> None:
-        while not self._stop.wait(self._period):
-            self._tick()
+        while not self._stop.is_set():
+            self._wake.wait(self._period)
+            self._wake.clear()
+            if not self._stop.is_set():
+                self._tick()
+
+    def refresh(self) -> None:
+        """Write the record now rather than at the next refresh (a promotion: clients switch at once)."""
+        self._wake.set()
 
     def _tick(self) -> None:
         try:
@@ -197,6 +246,7 @@ class Registration:
     def stop(self) -> None:
         """Stop renewing and revoke the lease: the member key is gone when this returns (if etcd answers)."""
         self._stop.set()
+        self._wake.set()
         if self._thread.is_alive():
             self._thread.join()
         if self._lease:

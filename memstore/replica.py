@@ -244,6 +244,9 @@ class Follower:
         self._applied = threading.Event()  # set after each message applied: a durability report is due
         self._report_channel: grpc.Channel | None = None
         self.reported = 0  # the durable version the primary last took from this replica
+        # The highest leader epoch known (memstore.election; 0 without etcd): records streamed by a
+        # primary of a lower epoch, a deposed one, are refused.
+        self.epoch = 0
         # Called (with the reason) instead of stopping for good when the primary no longer holds the records
         # after our version or has fewer than ours: the daemon then re-seeds the table (memstore.reseed).
         self._on_reseed = on_reseed
@@ -362,6 +365,20 @@ class Follower:
             thread.join()
         self._threads = []
 
+    def retarget(self, primary: str) -> None:
+        """Follow `primary` from now on (an election made it the shard's leader): hang up on the old
+        one, then follow the new one from this replica's version. Also resumes a follower that was
+        stopped with `stop` (a candidate that lost its election)."""
+        self.stop()
+        with self._lock:
+            self.primary = primary
+            self.live.primary = primary
+            self._problem = ""
+            self._last_contact = None
+        self._stop.clear()
+        log.info("following %s from now on (version %d)", primary, self.live.version)
+        self.start()
+
     def _cancel_call(self) -> None:
         with self._lock:
             call = self._call
@@ -425,6 +442,8 @@ class Follower:
             if exc.code() == grpc.StatusCode.CANCELLED:  # only the watchdog cancels while we follow
                 return f"silent for over {self.config.silence_s:g}s, so presumed dead"
             return f"{exc.code().name}: {exc.details()}"
+        if isinstance(exc, UnavailableError):  # a deposed primary's stream: the election retargets us
+            return str(exc)
         if isinstance(exc, DataLossError):  # a record out of order or malformed: start again from our version
             log.error("replica of %s: %s; reconnecting", self.primary, exc)
             return str(exc)
@@ -456,12 +475,18 @@ class Follower:
                     follower_id=self.follower_id,
                     heartbeat_s=self.config.heartbeat_s,
                     last_record_sha256=record_digest(self.live, self.live.version),
+                    epoch=self.epoch,
                 )
                 call = stub.Follow(request)  # no deadline: the stream lives as long as both daemons do
                 with self._lock:
                     self._call = call
                 log.info("following %s from version %d", self.primary, self.live.version)
                 for response in call:
+                    if response.epoch < self.epoch:  # fencing: a deposed primary's records never land here
+                        raise UnavailableError(
+                            f"{self.primary} streams as the leader of epoch {response.epoch}, but epoch {self.epoch} "
+                            "elected another: its records are refused"
+                        )
                     for record in response.records:
                         self.live.apply_replicated(record.version, record.payload)
                     if response.records:

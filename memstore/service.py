@@ -47,6 +47,7 @@ from memstore.daemon_config import (
     ServerConfig,
     check_listen_address,
 )
+from memstore.election import ShardElection
 from memstore.errors import (
     RETRY_PUSHBACK_KEY,
     DataLossError,
@@ -144,6 +145,7 @@ class MemstoreServicer(pb_grpc.MemstoreServicer):
             response = pb.DescribeResponse()
             response.CopyFrom(self._describe)
             response.version = self._live.version
+            response.trainable = self._live.accepts_pushes  # a replica promoted by an election takes pushes
             response.replication.CopyFrom(self._replication())
             return response
 
@@ -165,11 +167,13 @@ class MemstoreServicer(pb_grpc.MemstoreServicer):
             replicas=reports,
         )
         described.MergeFrom(self._role())
+        described.epoch = self._live.epoch
+        described.election_state = self._live.election_state
         return described
 
     def _role(self) -> pb.Replication:
         followers = self.followers.active
-        if self._replica is None:
+        if self._replica is None or self._live.primary is None:  # a primary, or a replica promoted by an election
             version = self._live.version
             role = pb.REPLICATION_ROLE_PRIMARY if followers else pb.REPLICATION_ROLE_STANDALONE
             return pb.Replication(
@@ -190,7 +194,7 @@ class MemstoreServicer(pb_grpc.MemstoreServicer):
 
     def Lookup(self, request: pb.LookupRequest, context: grpc.ServicerContext) -> Iterator[pb.LookupResponse]:
         with self._call("Lookup", context):
-            if self._replica is not None:
+            if self._replica is not None and self._live.primary is not None:
                 self._replica.check_readable()  # UNAVAILABLE beyond the lag bound: clients retry elsewhere
             ids = decode_row_ids(request.row_ids)
             check_request_rows(len(ids), self._config.max_rows_per_request)
@@ -310,6 +314,11 @@ class MemstoreServicer(pb_grpc.MemstoreServicer):
                 self.followers.release()
                 return
             version = request.from_version
+            if request.epoch > self._live.epoch and self._live.primary is None and self._live.fence is not None:
+                raise UnavailableError(
+                    f"follower {follower!r} knows leader epoch {request.epoch}, past this daemon's {self._live.epoch}: "
+                    "another daemon was elected; follow the shard's leader"
+                )
             log.info(
                 "follower %r streams from version %d (this daemon is at %d)", follower, version, self._live.version
             )
@@ -322,7 +331,9 @@ class MemstoreServicer(pb_grpc.MemstoreServicer):
                 except MemstoreError as exc:  # too far behind, or diverged: worth a line here too
                     log.warning("follower %r at version %d: %s", follower, version, exc)
                     raise
-                response = pb.FollowResponse(primary_version=self._live.version)
+                if records and self._live.fence is not None:
+                    self._live.fence()  # a deposed primary streams nothing more (UNAVAILABLE)
+                response = pb.FollowResponse(primary_version=self._live.version, epoch=self._live.epoch)
                 for record in records:
                     # Added in place: a ReplicatedRecord built first would be copied once more on the way in
                     # (measured: 1.4 instead of 2.2 ms per 1.35 MB record).
@@ -532,7 +543,8 @@ def _serve(config: DaemonConfig) -> int:
             reseed = _serve_session(config, wake)
             if signalled.is_set() or reseed is None:
                 return 0
-            port, reason = reseed
+            port, reason, primary = reseed
+            config = dataclasses.replace(config, primary=primary)  # an election may have named another leader
             wake.clear()
             if not _reseed(config, reason, wake):
                 return 0
@@ -565,19 +577,21 @@ def _reseed(config: DaemonConfig, reason: str, stop: threading.Event) -> bool:
     return False
 
 
-def _serve_session(config: DaemonConfig, stop: threading.Event) -> tuple[int | None, str] | None:
-    """Serve until `stop` is set; (the bound port or None, why) when a replica must be re-seeded first."""
+def _serve_session(config: DaemonConfig, stop: threading.Event) -> tuple[int | None, str, str | None] | None:
+    """Serve until `stop` is set; (the bound port or None, why, the primary to re-seed from) when a replica
+    must be re-seeded first."""
     address, port_file, settings, obs = config.listen, config.port_file, config.server, config.observability
-    reseed: list[tuple[int | None, str]] = []
+    reseed: list[tuple[int | None, str, str | None]] = []
     port: int | None = None
 
     def request_reseed(reason: str) -> None:
-        reseed.append((port, reason))
+        reseed.append((port, reason, config.primary if replica is None else replica.primary))
         stop.set()
 
     table: LiveTable | None = None
     replica: Follower | None = None
     registration: Registration | None = None
+    election: ShardElection | None = None
     health_servicer = health.HealthServicer()
     metrics = DaemonMetrics()
     host = address.rsplit(":", 1)[0]
@@ -588,7 +602,7 @@ def _serve_session(config: DaemonConfig, stop: threading.Event) -> tuple[int | N
             # damage: a replica's table loses nothing acknowledged when replaced, its primary holds it all
             if config.primary is None or config.reseed is not ReseedPolicy.AUTO:
                 raise
-            return None, f"its table refuses to open ({exc})"
+            return None, f"its table refuses to open ({exc})", config.primary
         if config.primary is not None:
             auto = config.reseed is ReseedPolicy.AUTO
             replica = Follower(table, config.follow_config, on_reseed=request_reseed if auto else None)
@@ -606,7 +620,14 @@ def _serve_session(config: DaemonConfig, stop: threading.Event) -> tuple[int | N
         _log_serving(table, config.table, f"{host}:{port}", replica)
         if config.membership is not None:  # once serving: clients may find it from now on
             member = advertised_address(config.membership, address, port)
-            registration = Registration(config.membership, daemon_state(table, replica, member)).start()
+            if config.membership.election and table.trainable:  # among the daemons that can take pushes
+                sharding = table.manifest.sharding
+                shard = 0 if sharding is None else sharding.shard
+                election = ShardElection(config.membership, table, replica, member, shard).start()
+            state = daemon_state(table, replica, member, election)
+            registration = Registration(config.membership, state).start()
+            if election is not None:
+                election.on_change = registration.refresh
         if port_file is not None:
             write_port_file(port_file, port)
         last = metrics.counts()
@@ -622,6 +643,9 @@ def _serve_session(config: DaemonConfig, stop: threading.Event) -> tuple[int | N
             if replica is not None:
                 _log_replica(replica)
         log.info("stopping: draining in-flight calls (up to %.0fs)", config.grace_s)
+        if election is not None:  # no push commits from now on; a replica may be elected at once
+            election.stop()
+            election = None
         if registration is not None:  # leave the cluster first: clients stop sending calls here
             registration.stop()
             registration = None
@@ -632,6 +656,8 @@ def _serve_session(config: DaemonConfig, stop: threading.Event) -> tuple[int | N
         server.stop(config.grace_s).wait()
         log.info("stopped")
     finally:
+        if election is not None:
+            election.stop()
         if registration is not None:
             registration.stop()
         if replica is not None:

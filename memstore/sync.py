@@ -29,6 +29,7 @@ import enum
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,6 +114,10 @@ class SyncAcks:
         self._closed = False
         self._timeouts = 0
         self._degradations = 0
+        # Leader election (memstore.election): called with a push's version just before it is
+        # acknowledged; raises when this daemon may no longer acknowledge (deposed, or etcd did not
+        # take the acknowledged version).
+        self.gate: Callable[[int], None] | None = None
 
     # -- replicas' reports -----------------------------------------------------------------------
 
@@ -155,6 +160,8 @@ class SyncAcks:
         caller's deadline: DeadlineExceededError when it passes first, whatever the policy)."""
         needed = self.config.replicas
         if not needed:
+            if self.gate is not None:
+                self.gate(version)
             self._acknowledged_through(version)
             return
         start = time.monotonic()
@@ -181,6 +188,9 @@ class SyncAcks:
                         f"longer than --sync-timeout-s {self.config.timeout_s:g}"
                     )
                 self._timed_out(version, confirming)  # raises under `fail`
+        if self.gate is not None:  # outside the lock: it may wait on etcd
+            self.gate(version)
+        with self._changed:
             self._acknowledged = max(self._acknowledged, version)
 
     def _acknowledged_through(self, version: int) -> None:

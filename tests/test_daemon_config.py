@@ -87,6 +87,11 @@ FLAGS: list[tuple[list[str], Callable[[DaemonConfig], Any], Any]] = [
         lambda c: c.membership,
         MembershipConfig(("e:1",), "t", advertise="h:5", ttl_s=4),
     ),
+    (
+        ["--etcd", "e:1", "--cluster-name", "t", "--failover"],
+        lambda c: c.membership,
+        MembershipConfig(("e:1",), "t", election=True),
+    ),
     (["--max-row-watchers", "3"], lambda c: c.server.max_row_watchers, 3),
     (["--feed-bytes", "8MiB"], lambda c: c.live.feed_bytes, 8 << 20),
     (["--sync-replicas", "2"], lambda c: c.live.sync, SyncConfig(replicas=2)),

@@ -69,7 +69,7 @@ class DescribeResponse(_message.Message):
     def __init__(self, manifest_json: _Optional[str] = ..., fingerprint: _Optional[str] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., server_version: _Optional[str] = ..., same_host: _Optional[_Union[SameHostAccess, _Mapping]] = ..., version: _Optional[int] = ..., trainable: _Optional[bool] = ..., replication: _Optional[_Union[Replication, _Mapping]] = ...) -> None: ...
 
 class Replication(_message.Message):
-    __slots__ = ("role", "primary_address", "applied_version", "primary_version", "lag_versions", "seconds_since_contact", "followers", "serving", "problem", "sync_replicas", "sync_timeout_policy", "acknowledged_version", "sync_degraded", "replicas")
+    __slots__ = ("role", "primary_address", "applied_version", "primary_version", "lag_versions", "seconds_since_contact", "followers", "serving", "problem", "sync_replicas", "sync_timeout_policy", "acknowledged_version", "sync_degraded", "replicas", "epoch", "election_state")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     PRIMARY_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     APPLIED_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -84,6 +84,8 @@ class Replication(_message.Message):
     ACKNOWLEDGED_VERSION_FIELD_NUMBER: _ClassVar[int]
     SYNC_DEGRADED_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    ELECTION_STATE_FIELD_NUMBER: _ClassVar[int]
     role: ReplicationRole
     primary_address: str
     applied_version: int
@@ -98,7 +100,9 @@ class Replication(_message.Message):
     acknowledged_version: int
     sync_degraded: bool
     replicas: _containers.RepeatedCompositeFieldContainer[ReplicaDurability]
-    def __init__(self, role: _Optional[_Union[ReplicationRole, str]] = ..., primary_address: _Optional[str] = ..., applied_version: _Optional[int] = ..., primary_version: _Optional[int] = ..., lag_versions: _Optional[int] = ..., seconds_since_contact: _Optional[float] = ..., followers: _Optional[int] = ..., serving: _Optional[bool] = ..., problem: _Optional[str] = ..., sync_replicas: _Optional[int] = ..., sync_timeout_policy: _Optional[_Union[SyncTimeoutPolicy, str]] = ..., acknowledged_version: _Optional[int] = ..., sync_degraded: _Optional[bool] = ..., replicas: _Optional[_Iterable[_Union[ReplicaDurability, _Mapping]]] = ...) -> None: ...
+    epoch: int
+    election_state: str
+    def __init__(self, role: _Optional[_Union[ReplicationRole, str]] = ..., primary_address: _Optional[str] = ..., applied_version: _Optional[int] = ..., primary_version: _Optional[int] = ..., lag_versions: _Optional[int] = ..., seconds_since_contact: _Optional[float] = ..., followers: _Optional[int] = ..., serving: _Optional[bool] = ..., problem: _Optional[str] = ..., sync_replicas: _Optional[int] = ..., sync_timeout_policy: _Optional[_Union[SyncTimeoutPolicy, str]] = ..., acknowledged_version: _Optional[int] = ..., sync_degraded: _Optional[bool] = ..., replicas: _Optional[_Iterable[_Union[ReplicaDurability, _Mapping]]] = ..., epoch: _Optional[int] = ..., election_state: _Optional[str] = ...) -> None: ...
 
 class ReplicaDurability(_message.Message):
     __slots__ = ("replica_id", "durable_version", "seconds_since_report")
@@ -239,20 +243,22 @@ class SnapshotResponse(_message.Message):
     def __init__(self, path: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class FollowRequest(_message.Message):
-    __slots__ = ("from_version", "fingerprint", "manifest_json", "follower_id", "heartbeat_s", "last_record_sha256")
+    __slots__ = ("from_version", "fingerprint", "manifest_json", "follower_id", "heartbeat_s", "last_record_sha256", "epoch")
     FROM_VERSION_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_JSON_FIELD_NUMBER: _ClassVar[int]
     FOLLOWER_ID_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_S_FIELD_NUMBER: _ClassVar[int]
     LAST_RECORD_SHA256_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     from_version: int
     fingerprint: str
     manifest_json: str
     follower_id: str
     heartbeat_s: float
     last_record_sha256: bytes
-    def __init__(self, from_version: _Optional[int] = ..., fingerprint: _Optional[str] = ..., manifest_json: _Optional[str] = ..., follower_id: _Optional[str] = ..., heartbeat_s: _Optional[float] = ..., last_record_sha256: _Optional[bytes] = ...) -> None: ...
+    epoch: int
+    def __init__(self, from_version: _Optional[int] = ..., fingerprint: _Optional[str] = ..., manifest_json: _Optional[str] = ..., follower_id: _Optional[str] = ..., heartbeat_s: _Optional[float] = ..., last_record_sha256: _Optional[bytes] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class StreamSnapshotRequest(_message.Message):
     __slots__ = ("follower_id", "chunk_bytes")
@@ -315,12 +321,14 @@ class SnapshotFileEnd(_message.Message):
     def __init__(self, file: _Optional[int] = ..., sha256: _Optional[bytes] = ...) -> None: ...
 
 class FollowResponse(_message.Message):
-    __slots__ = ("records", "primary_version")
+    __slots__ = ("records", "primary_version", "epoch")
     RECORDS_FIELD_NUMBER: _ClassVar[int]
     PRIMARY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     records: _containers.RepeatedCompositeFieldContainer[ReplicatedRecord]
     primary_version: int
-    def __init__(self, records: _Optional[_Iterable[_Union[ReplicatedRecord, _Mapping]]] = ..., primary_version: _Optional[int] = ...) -> None: ...
+    epoch: int
+    def __init__(self, records: _Optional[_Iterable[_Union[ReplicatedRecord, _Mapping]]] = ..., primary_version: _Optional[int] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class ReplicatedRecord(_message.Message):
     __slots__ = ("version", "payload")
