@@ -10,9 +10,11 @@ import pytest
 
 from client import ClientConfig, MemstoreClient
 from memstore.daemon_config import ServerConfig
+from memstore.etcd import EtcdClient
 from memstore.service import create_server
 from memstore.table import Table
 from model.data import DataConfig, PreparedData, prepare_data
+from tests.etcd_server import EtcdServer, require_etcd
 from tests.helpers import DEADLINE_S, FAST_FAIL, SMALL_CORPUS, make_table
 
 
@@ -75,3 +77,20 @@ def client_config(request: pytest.FixtureRequest) -> ClientConfig:
 def client(daemon: Daemon, client_config: ClientConfig) -> Iterator[MemstoreClient]:
     with MemstoreClient(daemon.address, client_config) as connected:
         yield connected
+
+
+@pytest.fixture
+def etcd(tmp_path: Path) -> Iterator[EtcdServer]:
+    """A real etcd on free loopback ports (skips where no etcd binary is found: scripts/get_etcd.sh)."""
+    server = EtcdServer(require_etcd(), tmp_path / "etcd").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def etcd_store(etcd: EtcdServer) -> Iterator[EtcdClient]:
+    """A client of that etcd."""
+    with EtcdClient(etcd.endpoint, timeout_s=2.0) as client:
+        yield client

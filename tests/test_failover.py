@@ -26,7 +26,7 @@ from memstore.live import LiveTable
 from memstore.membership import LeaderRecord, MembershipConfig, acked_key, epoch_key, leader_key, version_bytes
 from memstore.replica import Follower
 from memstore.wire import memstore_pb2 as pb
-from tests.etcd_server import EtcdServer, require_etcd
+from tests.etcd_server import EtcdServer
 from tests.helpers import DEADLINE_S, FAST_FAIL, SMALL_LAYOUT, wait_until
 from tests.test_sync_replication import FAST, LAYERS, _expected, _push_args, _zero_table
 
@@ -49,21 +49,6 @@ def test_failover_flags_are_checked() -> None:
     assert daemon_config(serve.parse_args([*replica, "--failover"])).live.sync.replicas == 1  # once promoted
     assert LeaderRecord.decode(LeaderRecord("h:1", 3).encode()) == LeaderRecord("h:1", 3)
     assert version_bytes(9) < version_bytes(10)  # etcd compares bytes: the padding makes that numeric
-
-
-@pytest.fixture
-def etcd(tmp_path: Path) -> Iterator[EtcdServer]:
-    server = EtcdServer(require_etcd(), tmp_path / "etcd").start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def store(etcd: EtcdServer) -> Iterator[EtcdClient]:
-    with EtcdClient(etcd.endpoint, timeout_s=2.0) as client:
-        yield client
 
 
 class _Shard:
@@ -96,8 +81,8 @@ def shard(etcd: EtcdServer, tmp_path: Path) -> Iterator[_Shard]:
         daemons.stop()
 
 
-def _leader(store: EtcdClient) -> LeaderRecord | None:
-    kv = store.get(leader_key(CLUSTER, 0))
+def _leader(etcd_store: EtcdClient) -> LeaderRecord | None:
+    kv = etcd_store.get(leader_key(CLUSTER, 0))
     return None if kv is None else LeaderRecord.decode(kv.value)
 
 
@@ -115,11 +100,11 @@ def _check_rows(address: str, steps: list[int]) -> None:
             np.testing.assert_array_equal(rows, expected[layer])
 
 
-def test_the_first_primary_leads_at_epoch_1_and_replicas_follow_it(shard, store) -> None:
+def test_the_first_primary_leads_at_epoch_1_and_replicas_follow_it(shard, etcd_store) -> None:
     primary = shard.start("p")
     replica = shard.start("r", "--follow", primary)
-    assert _leader(store) == LeaderRecord(primary, 1)  # elected before it served its first push
-    assert store.get(epoch_key(CLUSTER, 0)).value == b"1"
+    assert _leader(etcd_store) == LeaderRecord(primary, 1)  # elected before it served its first push
+    assert etcd_store.get(epoch_key(CLUSTER, 0)).value == b"1"
     with MemstoreClient(replica, ONCE) as client, pytest.raises(MemstoreError, match="read replica"):
         _push(client, 1)
     with MemstoreClient(primary, ONCE) as client:
@@ -132,7 +117,9 @@ def test_the_first_primary_leads_at_epoch_1_and_replicas_follow_it(shard, store)
         assert (described.epoch, described.election_state) == (1, "follower")
 
 
-def test_training_goes_on_through_two_kills_of_the_primary_and_loses_no_acknowledged_push(shard, etcd, store) -> None:
+def test_training_goes_on_through_two_kills_of_the_primary_and_loses_no_acknowledged_push(
+    shard, etcd, etcd_store
+) -> None:
     first = shard.start("p")
     for name in ("r1", "r2"):
         shard.start(name, "--follow", first)
@@ -167,13 +154,13 @@ def test_training_goes_on_through_two_kills_of_the_primary_and_loses_no_acknowle
             for kill in range(2):
                 base = len(acked)
                 wait_until(lambda: len(acked) >= base + 8 or failures, "pushes acknowledged", WAIT_S)
-                leader = _leader(store)
+                leader = _leader(etcd_store)
                 assert leader is not None and leader.epoch == kill + 1
                 shard.processes[leader.address].kill()  # mid-run: a push is in flight or about to be
                 shard.processes[leader.address].wait()
                 at_kill = len(acked)
                 wait_until(lambda: len(acked) >= at_kill + 8 or failures, "training went on", WAIT_S)
-                new = _leader(store)
+                new = _leader(etcd_store)
                 assert new is not None and new.address != leader.address and new.epoch == kill + 2
                 if kill == 0:  # an operator replaces the lost daemon: a new replica of the new leader
                     shard.start("r3", "--follow", new.address)
@@ -183,17 +170,17 @@ def test_training_goes_on_through_two_kills_of_the_primary_and_loses_no_acknowle
                 thread.join()
     assert failures == []
     assert acked == list(range(1, len(acked) + 1))
-    _check_rows(_leader(store).address, acked)  # every acknowledged push, each exactly once
+    _check_rows(_leader(etcd_store).address, acked)  # every acknowledged push, each exactly once
 
 
-def test_a_partitioned_primary_refuses_pushes_once_a_replica_was_elected(shard, store) -> None:
+def test_a_partitioned_primary_refuses_pushes_once_a_replica_was_elected(shard, etcd_store) -> None:
     old = shard.start("p")
     replica = shard.start("r", "--follow", old)
     with MemstoreClient(old, ONCE) as client:
         for step in (1, 2):
             _push(client, step)
     os.kill(shard.processes[old].pid, signal.SIGSTOP)  # partitioned: its lease expires
-    wait_until(lambda: _leader(store) == LeaderRecord(replica, 2), "the replica was elected", WAIT_S)
+    wait_until(lambda: _leader(etcd_store) == LeaderRecord(replica, 2), "the replica was elected", WAIT_S)
     os.kill(shard.processes[old].pid, signal.SIGCONT)
     refusals: list[str] = []
 
@@ -212,7 +199,7 @@ def test_a_partitioned_primary_refuses_pushes_once_a_replica_was_elected(shard, 
         assert (described.epoch, described.election_state) == (2, "leader")
 
 
-def test_serving_goes_on_while_etcd_restarts_and_elections_resume(shard, etcd, store) -> None:
+def test_serving_goes_on_while_etcd_restarts_and_elections_resume(shard, etcd, etcd_store) -> None:
     primary = shard.start("p")
     replicas = {shard.start(name, "--follow", primary) for name in ("r1", "r2")}  # one left, for --sync-replicas 1
     with ClusterClient.discover(etcd.endpoint, CLUSTER, TRAINER) as cluster:
@@ -223,10 +210,10 @@ def test_serving_goes_on_while_etcd_restarts_and_elections_resume(shard, etcd, s
         etcd.start()
         for step in (2, 3):  # pushes wait for etcd (the acknowledged version goes there first), then go on
             _push(cluster, step)
-        assert _leader(store) == LeaderRecord(primary, 1)  # the lease outlived the restart: no election
+        assert _leader(etcd_store) == LeaderRecord(primary, 1)  # the lease outlived the restart: no election
         shard.processes[primary].kill()  # elections resume with etcd back
         _push(cluster, 4)
-        new = _leader(store)
+        new = _leader(etcd_store)
         assert new is not None and new.address in replicas and new.epoch == 2
     _check_rows(new.address, [1, 2, 3, 4])
 
@@ -238,34 +225,34 @@ def _membership(etcd: EtcdServer) -> MembershipConfig:
     return MembershipConfig((etcd.endpoint,), CLUSTER, ttl_s=TTL_S, election=True)
 
 
-def test_a_replica_missing_an_acknowledged_version_is_not_elected(etcd, store, tmp_path) -> None:
-    store.put(acked_key(CLUSTER, 0), version_bytes(1))  # a lost leader acknowledged version 1
+def test_a_replica_missing_an_acknowledged_version_is_not_elected(etcd, etcd_store, tmp_path) -> None:
+    etcd_store.put(acked_key(CLUSTER, 0), version_bytes(1))  # a lost leader acknowledged version 1
     with LiveTable.open(_zero_table(tmp_path / "r"), config=FAST, primary="127.0.0.1:1") as live:
         election = ShardElection(_membership(etcd), live, Follower(live), "127.0.0.1:2", 0)
         try:
             for _ in range(3):  # follower -> candidate (frozen at version 0) -> the transaction, refused
                 election._tick()
             assert election.state is LeaderState.CANDIDATE and "below the acknowledged 1" in election.reason
-            assert _leader(store) is None and live.primary is not None  # still a replica, not promoted
+            assert _leader(etcd_store) is None and live.primary is not None  # still a replica, not promoted
             with pytest.raises(MemstoreError, match="read replica"):
                 live.push(*_push_args(1), step_id=1)
-            store.put(acked_key(CLUSTER, 0), version_bytes(0))  # nothing acknowledged: it may lead
+            etcd_store.put(acked_key(CLUSTER, 0), version_bytes(0))  # nothing acknowledged: it may lead
             election._tick()
-            assert election.state is LeaderState.LEADER and _leader(store) == LeaderRecord("127.0.0.1:2", 1)
+            assert election.state is LeaderState.LEADER and _leader(etcd_store) == LeaderRecord("127.0.0.1:2", 1)
             live.push(*_push_args(1), step_id=1)  # promoted: it takes pushes
             assert live.version == 1 and live.epoch == 1
         finally:
             election.stop()
 
 
-def test_a_leader_whose_lease_expired_commits_nothing(etcd, store, tmp_path) -> None:
+def test_a_leader_whose_lease_expired_commits_nothing(etcd, etcd_store, tmp_path) -> None:
     with LiveTable.open(_zero_table(tmp_path / "p"), config=FAST) as live:
         election = ShardElection(_membership(etcd), live, None, "127.0.0.1:3", 0)
         try:
             election._tick()
             assert election.state is LeaderState.LEADER
             live.push(*_push_args(1), step_id=1)
-            store.revoke(store.get(leader_key(CLUSTER, 0)).lease)  # as etcd does when the lease expires
+            etcd_store.revoke(etcd_store.get(leader_key(CLUSTER, 0)).lease)  # as etcd does when the lease expires
             election._tick()
             assert election.state is LeaderState.DEPOSED
             with pytest.raises(UnavailableError, match="no longer the leader of shard 0.*must rejoin as a replica"):

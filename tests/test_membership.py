@@ -25,7 +25,7 @@ from memstore.metrics import summarize
 from memstore.tabledir.manifest import Manifest
 from memstore.tabledir.names import shard_dirs
 from memstore.tabledir.optimizer import OptimizerConfig, OptimizerKind
-from tests.etcd_server import EtcdServer, require_etcd
+from tests.etcd_server import EtcdServer
 from tests.helpers import FAST_FAIL, SMALL_LAYOUT, wait_until
 
 GRPC = replace(FAST_FAIL, same_host=False)
@@ -33,21 +33,6 @@ MANIFEST = Manifest(layout=SMALL_LAYOUT, seed=5, optimizer=OptimizerConfig(kind=
 CLUSTER = "engram"
 TTL_S = 2  # etcd's shortest lease: a killed daemon leaves within seconds
 WAIT_S = 30.0
-
-
-@pytest.fixture
-def etcd(tmp_path: Path) -> Iterator[EtcdServer]:
-    server = EtcdServer(require_etcd(), tmp_path / "etcd").start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def store(etcd: EtcdServer) -> Iterator[EtcdClient]:
-    with EtcdClient(etcd.endpoint, timeout_s=2.0) as client:
-        yield client
 
 
 class _Daemons:
@@ -85,9 +70,10 @@ def sharded(tmp_path: Path) -> tuple[list[Path], list[Path]]:
     return shard_dirs(tmp_path / "primary"), shard_dirs(tmp_path / "replica")
 
 
-def _members(store: EtcdClient) -> dict[str, MemberRecord]:
+def _members(etcd_store: EtcdClient) -> dict[str, MemberRecord]:
     return {
-        r.address: r for r in (MemberRecord.decode(kv.value) for kv in store.get_prefix(members_prefix(CLUSTER))[0])
+        r.address: r
+        for r in (MemberRecord.decode(kv.value) for kv in etcd_store.get_prefix(members_prefix(CLUSTER))[0])
     }
 
 
@@ -126,35 +112,35 @@ def test_connection_and_serve_flags_go_in_pairs() -> None:
         daemon_config(serve.parse_args(["serve", "t", "--etcd", "127.0.0.1:2379"]))
 
 
-def test_a_daemon_registers_updates_its_record_and_leaves_on_a_clean_stop(daemons, store, tmp_path) -> None:
+def test_a_daemon_registers_updates_its_record_and_leaves_on_a_clean_stop(daemons, etcd_store, tmp_path) -> None:
     table = create_table(tmp_path / "t", MANIFEST)
     process, address = daemons.start(table)
-    wait_until(lambda: address in _members(store), "the daemon registered", WAIT_S)  # at once, unless etcd is slow
-    record = _members(store)[address]
+    wait_until(lambda: address in _members(etcd_store), "the daemon registered", WAIT_S)  # at once, unless etcd is slow
+    record = _members(etcd_store)[address]
     assert (record.shard, record.num_shards, record.role, record.version, record.lag) == (0, 1, Role.PRIMARY, 0, 0)
     assert record.trainable and record.fingerprint == MANIFEST.fingerprint
     with MemstoreClient(address, GRPC) as client:
         client.push(1, np.array([1, 2]), np.ones((2, SMALL_LAYOUT.dim), np.float32))
-    wait_until(lambda: _members(store)[address].version == 1, "the record shows the push", WAIT_S)
+    wait_until(lambda: _members(etcd_store)[address].version == 1, "the record shows the push", WAIT_S)
     assert stop_daemon(process) == 0
-    assert store.get(member_key(CLUSTER, 0, address)) is None  # revoked on the way out, not left to expire
+    assert etcd_store.get(member_key(CLUSTER, 0, address)) is None  # revoked on the way out, not left to expire
 
 
-def test_a_killed_daemon_leaves_when_its_lease_expires(daemons, store, tmp_path) -> None:
+def test_a_killed_daemon_leaves_when_its_lease_expires(daemons, etcd_store, tmp_path) -> None:
     process, address = daemons.start(create_table(tmp_path / "t", MANIFEST))
-    wait_until(lambda: address in _members(store), "the daemon registered", WAIT_S)
+    wait_until(lambda: address in _members(etcd_store), "the daemon registered", WAIT_S)
     process.kill()
     process.wait(timeout=WAIT_S)
-    wait_until(lambda: address not in _members(store), "the killed daemon's key expired", WAIT_S)
+    wait_until(lambda: address not in _members(etcd_store), "the killed daemon's key expired", WAIT_S)
 
 
-def test_discovery_follows_daemons_joining_and_a_killed_replica_leaving(daemons, etcd, store, sharded) -> None:
+def test_discovery_follows_daemons_joining_and_a_killed_replica_leaving(daemons, etcd, etcd_store, sharded) -> None:
     primaries, replicas = sharded
     _, p0 = daemons.start(primaries[0])
     p1_process, p1 = daemons.start(primaries[1])
     r0_process, r0 = daemons.start(replicas[0], "--follow", p0)
-    wait_until(lambda: {p0, p1, r0} <= set(_members(store)), "the daemons registered", WAIT_S)
-    record = _members(store)[r0]
+    wait_until(lambda: {p0, p1, r0} <= set(_members(etcd_store)), "the daemons registered", WAIT_S)
+    record = _members(etcd_store)[r0]
     assert (record.role, record.shard, record.primary) == (Role.REPLICA, 0, p0)
     ids = _ids()
     with ClusterClient.discover(etcd.endpoint, CLUSTER, GRPC, expected_fingerprint=MANIFEST.fingerprint) as cluster:
@@ -162,7 +148,7 @@ def test_discovery_follows_daemons_joining_and_a_killed_replica_leaving(daemons,
         before = cluster.lookup(1, ids).clone()
         cluster.push(1, ids, np.ones((len(ids), SMALL_LAYOUT.dim), np.float32), step_id=1)
         # Replication is asynchronous: read back once the replica (which takes a share of the reads) has it.
-        wait_until(lambda: _members(store)[r0].version == 1, "the replica applied the push", WAIT_S)
+        wait_until(lambda: _members(etcd_store)[r0].version == 1, "the replica applied the push", WAIT_S)
         after = cluster.lookup(1, ids).clone()
         assert not np.array_equal(after.numpy(), before.numpy())  # read back through the shards
 
@@ -188,7 +174,7 @@ def test_discovery_follows_daemons_joining_and_a_killed_replica_leaving(daemons,
             cluster.lookup(1, ids)
         assert _lookups_served(p0) > served  # shard 0's reads now all go to its primary
 
-        wait_until(lambda: _members(store)[r1].version == 1, "the new replica caught up", WAIT_S)
+        wait_until(lambda: _members(etcd_store)[r1].version == 1, "the new replica caught up", WAIT_S)
         stop_daemon(p1_process)  # a clean stop: its key goes at once
         wait_until(lambda: cluster.spec.shards[1].primary is None, "the client saw shard 1 lose its primary", WAIT_S)
         assert np.array_equal(cluster.lookup(1, ids).numpy(), after.numpy())  # shard 1 read from its replica
@@ -196,7 +182,7 @@ def test_discovery_follows_daemons_joining_and_a_killed_replica_leaving(daemons,
             cluster.push(1, ids, np.ones((len(ids), SMALL_LAYOUT.dim), np.float32), step_id=2)
 
 
-def test_serving_goes_on_while_etcd_restarts_and_registration_comes_back(daemons, etcd, store, tmp_path) -> None:
+def test_serving_goes_on_while_etcd_restarts_and_registration_comes_back(daemons, etcd, etcd_store, tmp_path) -> None:
     _, address = daemons.start(create_table(tmp_path / "t", MANIFEST))
     ids, grads = _ids(), np.ones((64, SMALL_LAYOUT.dim), np.float32)
     with ClusterClient.discover(etcd.endpoint, CLUSTER, GRPC) as cluster:
@@ -205,24 +191,26 @@ def test_serving_goes_on_while_etcd_restarts_and_registration_comes_back(daemons
             cluster.push(1, ids, grads, step_id=step)
             cluster.lookup(1, ids)
         etcd.start()  # the same etcd back: the registration was kept, the client's watch resumes
-        wait_until(lambda: _members(store).get(address, None) is not None, "the member key is back", WAIT_S)
+        wait_until(lambda: _members(etcd_store).get(address, None) is not None, "the member key is back", WAIT_S)
         _, second = daemons.start(create_table(tmp_path / "other", MANIFEST))  # a second primary registers
         wait_until(lambda: cluster.spec.shards[0].primary == second, "the client followed after the restart", WAIT_S)
 
         etcd.stop()  # now an etcd that lost everything: each daemon registers anew
         shutil.rmtree(etcd.data_dir)
         etcd.start()
-        wait_until(lambda: set(_members(store)) == {address, second}, "both daemons registered anew", WAIT_S)
+        wait_until(lambda: set(_members(etcd_store)) == {address, second}, "both daemons registered anew", WAIT_S)
         # The new etcd's revisions start again below where the client's watch was: it must list anew.
         _, third = daemons.start(create_table(tmp_path / "third", MANIFEST))
         wait_until(lambda: cluster.spec.shards[0].primary == third, "the client followed the new etcd", WAIT_S)
         cluster.lookup(1, ids)
 
 
-def test_a_daemon_started_while_etcd_is_down_serves_and_registers_once_it_is_up(daemons, etcd, store, tmp_path) -> None:
+def test_a_daemon_started_while_etcd_is_down_serves_and_registers_once_it_is_up(
+    daemons, etcd, etcd_store, tmp_path
+) -> None:
     etcd.stop()
     _, address = daemons.start(create_table(tmp_path / "t", MANIFEST))  # starts: etcd is not needed to serve
     with MemstoreClient(address, GRPC) as client:
         assert client.version() == 0
     etcd.start()
-    wait_until(lambda: address in _members(store), "the daemon registered once etcd was up", WAIT_S)
+    wait_until(lambda: address in _members(etcd_store), "the daemon registered once etcd was up", WAIT_S)

@@ -197,7 +197,7 @@ def test_records_after_waits_for_pushes_and_reads_the_log_behind_the_feed(tables
         with pytest.raises(ReplicationGapError, match="past this table's version 6"):
             live.records_after(7, 1 << 20, 0)
         live.checkpoint()  # drops the log: versions 1..5 are gone
-        with pytest.raises(ReplicationGapError, match="memstore snapshot") as info:
+        with pytest.raises(ReplicationGapError, match="memstore reseed") as info:
             live.records_after(2, 1 << 20, 0)
         assert "holds pushes only after version 5" in str(info.value)
         _push(live, 7, 10)  # the log holds 7..10, the feed 10
