@@ -378,10 +378,11 @@ class ShardElection:
         self._etcd.close()
 
 
-def leader_of(config: MembershipConfig, shard: int, exclude: str, stop: threading.Event) -> str | None:
-    """The address of `shard`'s leader once etcd names one other than `exclude` (this daemon), polling
-    every quarter TTL; None once `stop` is set first. etcd unreachable: retried (logged once)."""
-    key = leader_key(config.cluster, shard)
+def leader_of(config: MembershipConfig, shard: int, exclude: str, stop: threading.Event) -> tuple[str, int] | None:
+    """`shard`'s leader once etcd names one other than `exclude` (this daemon), and the version in
+    `acked/<shard>` then (0 when none was written), polling every quarter TTL; None once `stop` is set
+    first. etcd unreachable: retried (logged once)."""
+    key, acked = leader_key(config.cluster, shard), acked_key(config.cluster, shard)
     etcd = EtcdClient(config.endpoints, timeout_s=max(0.5, min(5.0, config.ttl_s / 3)))
     failing = False
     try:
@@ -390,7 +391,8 @@ def leader_of(config: MembershipConfig, shard: int, exclude: str, stop: threadin
                 kv = etcd.get(key)
                 leader = None if kv is None else LeaderRecord.decode(kv.value)
                 if leader is not None and leader.address != exclude:
-                    return leader.address
+                    acked_kv = etcd.get(acked)
+                    return leader.address, 0 if acked_kv is None else int(acked_kv.value)
             except MemstoreError as exc:
                 if not failing:
                     log.warning("shard %d: cannot read its leader from etcd yet: %s (retrying)", shard, exc)

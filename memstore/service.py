@@ -535,7 +535,8 @@ class _Restart(NamedTuple):
     port: int | None  # the port it served on (None: it never served)
     reason: str
     primary: str | None  # re-seed from this daemon first; None: rejoin (below)
-    rejoin: tuple[int, str] | None = None  # a deposed leader's (shard, own member address): follow the shard's leader
+    # A deposed leader's (shard, own member address, table version): it follows the shard's leader next.
+    rejoin: tuple[int, str, int] | None = None
 
 
 def _serve(config: DaemonConfig) -> int:
@@ -559,15 +560,22 @@ def _serve(config: DaemonConfig) -> int:
             wake.clear()
             if restart.rejoin is not None:
                 assert config.membership is not None
-                shard, member = restart.rejoin
+                shard, member, version = restart.rejoin
                 log.warning("rejoining shard %d as a replica: %s", shard, restart.reason)
-                leader = leader_of(config.membership, shard, member, wake)
-                if leader is None:
+                found = leader_of(config.membership, shard, member, wake)
+                if found is None:
                     return 0
-                log.warning("rejoining shard %d as a replica of its leader %s", shard, leader)
+                leader, acked = found
                 # --reseed auto: the replica's session re-seeds the table when the leader cannot be followed from
-                # (it holds pushes the leader lacks, or the leader no longer holds the records it needs).
+                # (ahead of it, diverged at the same version, or the leader no longer holds the records it needs).
                 config = dataclasses.replace(config, primary=leader, reseed=ReseedPolicy.AUTO)
+                if version > acked:  # pushes none acknowledged: perhaps no replica got them, and the digest check
+                    # cannot see every divergence (docs/replication.md), so the leader's table replaces ours
+                    why = f"its version {version} is past the last acknowledged one, {acked}"
+                    if not _reseed(config, why, wake):
+                        return 0
+                else:
+                    log.warning("rejoining shard %d as a replica of %s at version %d", shard, leader, version)
             else:
                 config = dataclasses.replace(config, primary=restart.primary)  # an election may have named another
                 if not _reseed(config, restart.reason, wake):
@@ -613,7 +621,8 @@ def _serve_session(config: DaemonConfig, stop: threading.Event) -> _Restart | No
         stop.set()
 
     def request_rejoin(shard: int, member: str, reason: str) -> None:
-        reseed.append(_Restart(port, reason, None, (shard, member)))
+        assert table is not None
+        reseed.append(_Restart(port, reason, None, (shard, member, table.version)))
         stop.set()
 
     table: LiveTable | None = None
