@@ -347,7 +347,9 @@ class ShardElection:
 
     def _depose(self, reason: str) -> None:
         first = self.state is not LeaderState.DEPOSED
-        if first:
+        if first and self._stop.is_set():
+            log.info("giving the leadership of shard %d up: %s", self.shard, reason)
+        elif first:
             log.error("no longer the leader of shard %d: %s; refusing pushes (rejoin as a replica)", self.shard, reason)
         self.state = LeaderState.DEPOSED
         self.reason = reason

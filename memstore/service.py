@@ -559,23 +559,10 @@ def _serve(config: DaemonConfig) -> int:
                 return 0
             wake.clear()
             if restart.rejoin is not None:
-                assert config.membership is not None
-                shard, member, version = restart.rejoin
-                log.warning("rejoining shard %d as a replica: %s", shard, restart.reason)
-                found = leader_of(config.membership, shard, member, wake)
-                if found is None:
+                rejoined = _rejoin(config, restart.reason, *restart.rejoin, stop=wake)
+                if rejoined is None:
                     return 0
-                leader, acked = found
-                # --reseed auto: the replica's session re-seeds the table when the leader cannot be followed from
-                # (ahead of it, diverged at the same version, or the leader no longer holds the records it needs).
-                config = dataclasses.replace(config, primary=leader, reseed=ReseedPolicy.AUTO)
-                if version > acked:  # pushes none acknowledged: perhaps no replica got them, and the digest check
-                    # cannot see every divergence (docs/replication.md), so the leader's table replaces ours
-                    why = f"its version {version} is past the last acknowledged one, {acked}"
-                    if not _reseed(config, why, wake):
-                        return 0
-                else:
-                    log.warning("rejoining shard %d as a replica of %s at version %d", shard, leader, version)
+                config = rejoined
             else:
                 config = dataclasses.replace(config, primary=restart.primary)  # an election may have named another
                 if not _reseed(config, restart.reason, wake):
@@ -587,6 +574,46 @@ def _serve(config: DaemonConfig) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _rejoin(
+    config: DaemonConfig, reason: str, shard: int, member: str, version: int, stop: threading.Event
+) -> DaemonConfig | None:
+    """A deposed leader's next session: a replica (`--reseed auto`) of the shard's leader in etcd, its table
+    re-seeded from that leader first when its `version` is past the acknowledged one; None once `stop` is set.
+    A failed re-seed is retried with backoff, from the leader etcd names then (another may have been elected)."""
+    assert config.membership is not None
+    log.warning("rejoining shard %d as a replica: %s", shard, reason)
+    follow = config.follow_config
+    backoff = follow.initial_backoff_s
+    while True:
+        found = leader_of(config.membership, shard, member, stop)
+        if found is None:
+            return None
+        leader, acked = found
+        # --reseed auto: the replica's session re-seeds the table when the leader cannot be followed from
+        # (ahead of it, diverged at the same version, or the leader no longer holds the records it needs).
+        config = dataclasses.replace(config, primary=leader, reseed=ReseedPolicy.AUTO)
+        if version <= acked:  # every push it holds was acknowledged, so the leader holds the same ones
+            log.warning("rejoining shard %d as a replica of %s at version %d", shard, leader, version)
+            return config
+        # Pushes none acknowledged: perhaps no replica got them, and the digest check cannot see every
+        # divergence (docs/replication.md), so the leader's table replaces this one.
+        log.warning(
+            "re-seeding %s from the leader %s: its version %d is past the last acknowledged one, %d",
+            config.table,
+            leader,
+            version,
+            acked,
+        )
+        try:
+            reseed_from(leader, config.table, tls=follow.tls, token=follow.token, receiver_id=str(config.table))
+            return config
+        except MemstoreError as exc:
+            log.error("re-seeding %s from %s failed (%s); trying again in %.1fs", config.table, leader, exc, backoff)
+        if stop.wait(backoff):
+            return None
+        backoff = min(2 * backoff, follow.max_backoff_s)
 
 
 def _reseed(config: DaemonConfig, reason: str, stop: threading.Event) -> bool:
