@@ -278,6 +278,23 @@ def test_a_deposed_primary_holding_a_push_no_replica_has_is_reseeded_as_it_rejoi
     _check_rows(old, [1, 2, 4, 5])  # the orphan push is gone: the table is the leader's
 
 
+def test_a_killed_primary_restarted_as_a_primary_rejoins_as_the_new_leaders_replica(shard, etcd, etcd_store) -> None:
+    old = shard.start("p")
+    replica = shard.start("r", "--follow", old)
+    with MemstoreClient(old, ONCE) as client:
+        for step in (1, 2):
+            _push(client, step)
+    shard.processes[old].kill()
+    shard.processes[old].wait()
+    wait_until(lambda: _leader(etcd_store) == LeaderRecord(replica, 2), "the replica was elected", WAIT_S)
+    restarted = shard.serve(shard.tables[old])  # as it was started first: no --follow
+    wait_until(lambda: _rejoined(restarted), "the restarted primary rejoined as a replica by itself", WAIT_S)
+    with ClusterClient.discover(etcd.endpoint, CLUSTER, TRAINER) as cluster:
+        _push(cluster, 3)  # --sync-replicas 1: acknowledged once the rejoined replica holds it
+    _caught_up(shard, restarted, replica)
+    _check_rows(restarted, [1, 2, 3])
+
+
 def test_serving_goes_on_while_etcd_restarts_and_elections_resume(shard, etcd, etcd_store) -> None:
     primary = shard.start("p")
     replicas = {shard.start(name, "--follow", primary) for name in ("r1", "r2")}  # one left, for --sync-replicas 1
