@@ -14,7 +14,10 @@ CANDIDATE once the key is gone (it stops following, so its version is frozen, pu
 under `candidates/<shard>/`, and campaigns when no other candidate holds more, or when the best one
 did not win within two TTLs), and the LEADER when it wins: its table is promoted (`LiveTable.promote`)
 and takes pushes. A leader that finds its lease expired, or the key naming another, is DEPOSED for
-good: it refuses pushes and must rejoin as a replica.
+good: it refuses pushes and must rejoin as a replica. It does so by itself: `on_deposed` tells the
+daemon (memstore.service), which ends its serving session and serves again, on the same port, as a
+replica of the leader `leader_of` finds, re-seeded when its table cannot be followed from (it holds
+pushes the leader does not), and takes part in elections again as a FOLLOWER.
 
 Fencing (`fence`, called under the push lock before a push is logged or shown to readers, and before
 a Follow stream sends records): only a LEADER whose lease is valid by this host's clock passes. The
@@ -96,6 +99,8 @@ class ShardElection:
         self._watch: Watch | None = None
         self._thread = threading.Thread(target=self._run, name="etcd-election", daemon=True)
         self.on_change: Callable[[], None] | None = None  # called after a promotion or deposition
+        # Called once (with the reason) when this daemon is deposed while taking part: it then rejoins as a replica.
+        self.on_deposed: Callable[[str], None] | None = None
         live.fence = self.fence
         live.sync.gate = self.gate
         live.election_state = self.state.value
@@ -162,8 +167,8 @@ class ShardElection:
             )
             return (
                 f"pushes are refused: this daemon is no longer the leader of {shard} ({self.reason}); {elsewhere}. "
-                "This daemon must rejoin as a replica: restart it with --follow the leader (re-seeded from the "
-                "leader's table when it holds pushes no replica has)"
+                "This daemon must rejoin as a replica, and does so by itself: it serves again on the same port as a "
+                "replica of the leader (re-seeded from the leader's table when it holds pushes the leader lacks)"
             )
         if self.state is LeaderState.LEADER:
             return (
@@ -341,11 +346,16 @@ class ShardElection:
         log.warning("elected leader of shard %d at epoch %d (version %d)", self.shard, record.epoch, version)
 
     def _depose(self, reason: str) -> None:
-        if self.state is not LeaderState.DEPOSED:
+        first = self.state is not LeaderState.DEPOSED
+        if first and self._stop.is_set():
+            log.info("giving the leadership of shard %d up: %s", self.shard, reason)
+        elif first:
             log.error("no longer the leader of shard %d: %s; refusing pushes (rejoin as a replica)", self.shard, reason)
         self.state = LeaderState.DEPOSED
         self.reason = reason
         self._changed()
+        if first and not self._stop.is_set() and self.on_deposed is not None:  # not when it stops: it leaves
+            self.on_deposed(reason)
 
     def _changed(self) -> None:
         self.live.election_state = self.state.value
@@ -368,3 +378,28 @@ class ShardElection:
             except MemstoreError as exc:
                 log.warning("could not give the shard's leadership up in etcd (it expires): %s", exc)
         self._etcd.close()
+
+
+def leader_of(config: MembershipConfig, shard: int, exclude: str, stop: threading.Event) -> tuple[str, int] | None:
+    """`shard`'s leader once etcd names one other than `exclude` (this daemon), and the version in
+    `acked/<shard>` then (0 when none was written), polling every quarter TTL; None once `stop` is set
+    first. etcd unreachable: retried (logged once)."""
+    key, acked = leader_key(config.cluster, shard), acked_key(config.cluster, shard)
+    etcd = EtcdClient(config.endpoints, timeout_s=max(0.5, min(5.0, config.ttl_s / 3)))
+    failing = False
+    try:
+        while not stop.is_set():
+            try:
+                kv = etcd.get(key)
+                leader = None if kv is None else LeaderRecord.decode(kv.value)
+                if leader is not None and leader.address != exclude:
+                    acked_kv = etcd.get(acked)
+                    return leader.address, 0 if acked_kv is None else int(acked_kv.value)
+            except MemstoreError as exc:
+                if not failing:
+                    log.warning("shard %d: cannot read its leader from etcd yet: %s (retrying)", shard, exc)
+                failing = True
+            stop.wait(max(0.1, config.ttl_s / 4))
+        return None
+    finally:
+        etcd.close()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import itertools
 import logging
 import signal
@@ -31,6 +32,7 @@ import time
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
+from typing import NamedTuple
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -47,7 +49,7 @@ from memstore.daemon_config import (
     ServerConfig,
     check_listen_address,
 )
-from memstore.election import ShardElection
+from memstore.election import ShardElection, leader_of
 from memstore.errors import (
     RETRY_PUSHBACK_KEY,
     DataLossError,
@@ -527,9 +529,21 @@ def serve(config: DaemonConfig) -> int:
         return _serve(config)
 
 
+class _Restart(NamedTuple):
+    """Why a serving session ended other than by a signal, and how the next one starts."""
+
+    port: int | None  # the port it served on (None: it never served)
+    reason: str
+    primary: str | None  # re-seed from this daemon first; None: rejoin (below)
+    # A deposed leader's (shard, own member address, table version): it follows the shard's leader next.
+    rejoin: tuple[int, str, int] | None = None
+
+
 def _serve(config: DaemonConfig) -> int:
     """Serve sessions until a signal: a replica that had to be re-seeded (memstore.reseed) closes its
-    table, replaces it with its primary's streamed over StreamSnapshot, and serves again on the same port."""
+    table, replaces it with its primary's streamed over StreamSnapshot, and serves again on the same port;
+    a deposed leader (memstore.election) serves again on the same port as a replica of the shard's new
+    leader, re-seeded by that session when its table cannot be followed from."""
     check_port_file(config.port_file)  # before the table is opened: a wrong path fails at once
     signalled, wake = threading.Event(), threading.Event()
 
@@ -540,21 +554,66 @@ def _serve(config: DaemonConfig) -> int:
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         while True:
-            reseed = _serve_session(config, wake)
-            if signalled.is_set() or reseed is None:
+            restart = _serve_session(config, wake)
+            if signalled.is_set() or restart is None:
                 return 0
-            port, reason, primary = reseed
-            config = dataclasses.replace(config, primary=primary)  # an election may have named another leader
             wake.clear()
-            if not _reseed(config, reason, wake):
-                return 0
-            if port is not None:  # it served: the port file is written, and the port stays the same
+            if restart.rejoin is not None:
+                rejoined = _rejoin(config, restart.reason, *restart.rejoin, stop=wake)
+                if rejoined is None:
+                    return 0
+                config = rejoined
+            else:
+                config = dataclasses.replace(config, primary=restart.primary)  # an election may have named another
+                if not _reseed(config, restart.reason, wake):
+                    return 0
+            if restart.port is not None:  # it served: the port file is written, and the port stays the same
                 config = dataclasses.replace(config, port_file=None)
                 if config.listen.endswith(":0"):  # clients find it where it was
-                    config = dataclasses.replace(config, listen=f"{config.listen.rsplit(':', 1)[0]}:{port}")
+                    config = dataclasses.replace(config, listen=f"{config.listen.rsplit(':', 1)[0]}:{restart.port}")
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _rejoin(
+    config: DaemonConfig, reason: str, shard: int, member: str, version: int, stop: threading.Event
+) -> DaemonConfig | None:
+    """A deposed leader's next session: a replica (`--reseed auto`) of the shard's leader in etcd, its table
+    re-seeded from that leader first when its `version` is past the acknowledged one; None once `stop` is set.
+    A failed re-seed is retried with backoff, from the leader etcd names then (another may have been elected)."""
+    assert config.membership is not None
+    log.warning("rejoining shard %d as a replica: %s", shard, reason)
+    follow = config.follow_config
+    backoff = follow.initial_backoff_s
+    while True:
+        found = leader_of(config.membership, shard, member, stop)
+        if found is None:
+            return None
+        leader, acked = found
+        # --reseed auto: the replica's session re-seeds the table when the leader cannot be followed from
+        # (ahead of it, diverged at the same version, or the leader no longer holds the records it needs).
+        config = dataclasses.replace(config, primary=leader, reseed=ReseedPolicy.AUTO)
+        if version <= acked:  # every push it holds was acknowledged, so the leader holds the same ones
+            log.warning("rejoining shard %d as a replica of %s at version %d", shard, leader, version)
+            return config
+        # Pushes none acknowledged: perhaps no replica got them, and the digest check cannot see every
+        # divergence (docs/replication.md), so the leader's table replaces this one.
+        log.warning(
+            "re-seeding %s from the leader %s: its version %d is past the last acknowledged one, %d",
+            config.table,
+            leader,
+            version,
+            acked,
+        )
+        try:
+            reseed_from(leader, config.table, tls=follow.tls, token=follow.token, receiver_id=str(config.table))
+            return config
+        except MemstoreError as exc:
+            log.error("re-seeding %s from %s failed (%s); trying again in %.1fs", config.table, leader, exc, backoff)
+        if stop.wait(backoff):
+            return None
+        backoff = min(2 * backoff, follow.max_backoff_s)
 
 
 def _reseed(config: DaemonConfig, reason: str, stop: threading.Event) -> bool:
@@ -577,15 +636,20 @@ def _reseed(config: DaemonConfig, reason: str, stop: threading.Event) -> bool:
     return False
 
 
-def _serve_session(config: DaemonConfig, stop: threading.Event) -> tuple[int | None, str, str | None] | None:
-    """Serve until `stop` is set; (the bound port or None, why, the primary to re-seed from) when a replica
-    must be re-seeded first."""
+def _serve_session(config: DaemonConfig, stop: threading.Event) -> _Restart | None:
+    """Serve until `stop` is set; how to go on when a replica must be re-seeded first, or a deposed
+    leader must rejoin as a replica."""
     address, port_file, settings, obs = config.listen, config.port_file, config.server, config.observability
-    reseed: list[tuple[int | None, str, str | None]] = []
+    reseed: list[_Restart] = []
     port: int | None = None
 
     def request_reseed(reason: str) -> None:
-        reseed.append((port, reason, config.primary if replica is None else replica.primary))
+        reseed.append(_Restart(port, reason, config.primary if replica is None else replica.primary))
+        stop.set()
+
+    def request_rejoin(shard: int, member: str, reason: str) -> None:
+        assert table is not None
+        reseed.append(_Restart(port, reason, None, (shard, member, table.version)))
         stop.set()
 
     table: LiveTable | None = None
@@ -602,7 +666,7 @@ def _serve_session(config: DaemonConfig, stop: threading.Event) -> tuple[int | N
             # damage: a replica's table loses nothing acknowledged when replaced, its primary holds it all
             if config.primary is None or config.reseed is not ReseedPolicy.AUTO:
                 raise
-            return None, f"its table refuses to open ({exc})", config.primary
+            return _Restart(None, f"its table refuses to open ({exc})", config.primary)
         if config.primary is not None:
             auto = config.reseed is ReseedPolicy.AUTO
             replica = Follower(table, config.follow_config, on_reseed=request_reseed if auto else None)
@@ -623,7 +687,9 @@ def _serve_session(config: DaemonConfig, stop: threading.Event) -> tuple[int | N
             if config.membership.election and table.trainable:  # among the daemons that can take pushes
                 sharding = table.manifest.sharding
                 shard = 0 if sharding is None else sharding.shard
-                election = ShardElection(config.membership, table, replica, member, shard).start()
+                election = ShardElection(config.membership, table, replica, member, shard)
+                election.on_deposed = functools.partial(request_rejoin, shard, member)
+                election.start()
             state = daemon_state(table, replica, member, election)
             registration = Registration(config.membership, state).start()
             if election is not None:

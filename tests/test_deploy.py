@@ -204,6 +204,8 @@ def test_compose_runs_two_shards_of_a_primary_and_a_replica() -> None:
         # Registered in the compose file's etcd, at the address other containers reach it by.
         assert (args.etcd, args.cluster_name, args.advertise) == (ETCD, CLUSTER_NAME, f"{name}:{_port(args.listen)}")
         assert service["depends_on"]["etcd"] == {"condition": "service_healthy"}
+        # Each shard fails over by itself, losing no acknowledged push: its one replica holds each first.
+        assert args.failover and args.sync_replicas == 1, f"{name} must take part in failover, synchronously"
         if args.follow is not None:
             primary = args.follow.rpartition(":")[0]
             assert primary in primaries and args.follow == f"{primary}:{_port(daemons[primary].listen)}"
@@ -366,6 +368,7 @@ def test_kubernetes_shards_register_in_the_etcd_the_demo_reads() -> None:
         for args in serves:  # each pod registers as its own DNS name ($HOSTNAME is the pod's name)
             assert (args.etcd, args.cluster_name) == (ETCD, CLUSTER_NAME)
             assert args.advertise == f"$HOSTNAME.{service['metadata']['name']}:50051"
+            assert args.failover and args.sync_replicas == 1  # one replica per shard: failover loses nothing
     assert set(by_kind["Job"]) == {"table-init", "demo"}
     (demo,) = by_kind["Job"]["demo"]["spec"]["template"]["spec"]["containers"]
     found = _parse([*demo["command"], *demo["args"]])

@@ -28,6 +28,7 @@ from memstore.replica import Follower
 from memstore.wire import memstore_pb2 as pb
 from tests.etcd_server import EtcdServer
 from tests.helpers import DEADLINE_S, FAST_FAIL, SMALL_LAYOUT, wait_until
+from tests.test_reseed import _table_bytes
 from tests.test_sync_replication import FAST, LAYERS, _expected, _push_args, _zero_table
 
 CLUSTER = "failover"
@@ -57,12 +58,17 @@ class _Shard:
     def __init__(self, etcd: EtcdServer, tmp_path: Path) -> None:
         self.etcd, self.tmp_path = etcd, tmp_path
         self.processes: dict[str, subprocess.Popen] = {}
+        self.tables: dict[str, Path] = {}
 
     def start(self, name: str, *extra: str) -> str:
+        return self.serve(_zero_table(self.tmp_path / name), *extra)
+
+    def serve(self, table: Path, *extra: str) -> str:
         flags = ["--no-same-host", "--durability", "os", "--etcd", self.etcd.endpoint, "--cluster-name", CLUSTER]
         flags += ["--etcd-ttl-s", str(TTL_S), "--failover", *SYNC]
-        process, address = start_daemon(_zero_table(self.tmp_path / name), [*flags, *extra])
+        process, address = start_daemon(table, [*flags, *extra])
         self.processes[address] = process
+        self.tables[address] = table
         return address
 
     def stop(self) -> None:
@@ -173,30 +179,120 @@ def test_training_goes_on_through_two_kills_of_the_primary_and_loses_no_acknowle
     _check_rows(_leader(etcd_store).address, acked)  # every acknowledged push, each exactly once
 
 
-def test_a_partitioned_primary_refuses_pushes_once_a_replica_was_elected(shard, etcd_store) -> None:
+def _replication(address: str) -> pb.Replication:
+    with MemstoreClient(address, ONCE) as client:
+        return client._describe(None).replication
+
+
+def _rejoined(address: str) -> bool:
+    """Whether the daemon at `address` serves again, as a replica following the shard's leader."""
+    try:
+        described = _replication(address)
+    except MemstoreError:  # between its sessions: the port is closed
+        return False
+    return described.role == pb.REPLICATION_ROLE_REPLICA and described.election_state == "follower"
+
+
+def _refuse_until_rejoined(address: str) -> list[str]:
+    """Push to the deposed daemon until it has rejoined as a replica: every push is refused; the refusals."""
+    refusals: list[str] = []
+
+    def rejoined() -> bool:
+        with MemstoreClient(address, ONCE) as client, pytest.raises(MemstoreError) as refused:
+            _push(client, 1000 + len(refusals))  # never taken: a step no trainer sends
+        refusals.append(str(refused.value))
+        return _rejoined(address)
+
+    wait_until(rejoined, "the deposed primary rejoined as a replica by itself", WAIT_S)
+    return refusals
+
+
+def _caught_up(shard: _Shard, old: str, leader: str) -> None:
+    """`old` holds what `leader` holds, byte for byte: rows, optimizer state, checksums, manifest."""
+    with MemstoreClient(leader, ONCE) as client:
+        version = client.version()
+    wait_until(lambda: MemstoreClient(old, ONCE).version() == version, "the rejoined replica caught up", WAIT_S)
+    assert _table_bytes(shard.tables[old]) == _table_bytes(shard.tables[leader])
+
+
+def test_a_partitioned_primary_refuses_pushes_then_rejoins_as_a_replica_by_itself(shard, etcd, etcd_store) -> None:
+    old = shard.start("p")
+    replica = shard.start("r", "--follow", old)
+    with ClusterClient.discover(etcd.endpoint, CLUSTER, TRAINER) as cluster:
+        for step in (1, 2):
+            _push(cluster, step)
+        os.kill(shard.processes[old].pid, signal.SIGSTOP)  # partitioned: its lease expires
+        wait_until(lambda: _leader(etcd_store) == LeaderRecord(replica, 2), "the replica was elected", WAIT_S)
+        os.kill(shard.processes[old].pid, signal.SIGCONT)
+        refusals = _refuse_until_rejoined(old)
+        assert any(re.search("no longer the leader of shard 0|could not renew its etcd lease", r) for r in refusals)
+        assert shard.processes[old].poll() is None  # the same process, on the same port
+        with MemstoreClient(replica, ONCE) as client:  # promoted: Describe says so
+            described = client._describe(None).replication
+            assert client.trainable and described.role != pb.REPLICATION_ROLE_REPLICA
+            assert (described.epoch, described.election_state) == (2, "leader")
+        for step in (3, 4):  # --sync-replicas 1: acknowledged once the rejoined replica holds them
+            _push(cluster, step)
+        _caught_up(shard, old, replica)
+        _check_rows(old, [1, 2, 3, 4])  # nothing of the refused pushes
+    shard.processes[replica].kill()  # it takes part in elections again: a later failover promotes it
+    wait_until(lambda: _leader(etcd_store) == LeaderRecord(old, 3), "the rejoined replica was elected", WAIT_S)
+    assert _replication(old).election_state == "leader"
+
+
+def test_a_deposed_primary_holding_a_push_no_replica_has_is_reseeded_as_it_rejoins(shard, etcd, etcd_store) -> None:
     old = shard.start("p")
     replica = shard.start("r", "--follow", old)
     with MemstoreClient(old, ONCE) as client:
         for step in (1, 2):
             _push(client, step)
-    os.kill(shard.processes[old].pid, signal.SIGSTOP)  # partitioned: its lease expires
-    wait_until(lambda: _leader(etcd_store) == LeaderRecord(replica, 2), "the replica was elected", WAIT_S)
-    os.kill(shard.processes[old].pid, signal.SIGCONT)
-    refusals: list[str] = []
+    wait_until(lambda: MemstoreClient(replica, ONCE).version() == 2, "the replica applied the pushes", WAIT_S)
+    shard.processes[replica].kill()  # not SIGSTOP: records already in its socket would land on SIGCONT
+    shard.processes[replica].wait()
+    orphan_failed: list[BaseException] = []
 
-    def deposed() -> bool:  # every push is refused; once its election round ran, it says it was deposed
-        with pytest.raises(UnavailableError) as refused:
-            _push(client, 3)
-        refusals.append(str(refused.value))
-        return bool(re.search("no longer the leader of shard 0.*must rejoin as a replica", refusals[-1]))
+    def orphan() -> None:  # applied and logged on the primary, never acknowledged: no replica holds it
+        try:
+            with MemstoreClient(old, ONCE) as client:
+                _push(client, 3)
+        except MemstoreError as exc:
+            orphan_failed.append(exc)
 
+    pusher = threading.Thread(target=orphan)
+    pusher.start()
+    try:
+        wait_until(lambda: MemstoreClient(old, ONCE).version() == 3, "the primary applied the orphan push", WAIT_S)
+        os.kill(shard.processes[old].pid, signal.SIGSTOP)  # partitioned: its lease expires
+        replica = shard.serve(shard.tables[replica], "--follow", old)  # at version 2, as before
+        wait_until(lambda: _leader(etcd_store) == LeaderRecord(replica, 2), "the replica was elected", WAIT_S)
+        os.kill(shard.processes[old].pid, signal.SIGCONT)
+    finally:
+        os.kill(shard.processes[old].pid, signal.SIGCONT)
+        pusher.join()
+    assert len(orphan_failed) == 1  # never acknowledged
+    with ClusterClient.discover(etcd.endpoint, CLUSTER, TRAINER) as cluster:
+        _refuse_until_rejoined(old)
+        for step in (4, 5):  # its version 3 is not the new leader's: it can only have re-seeded
+            _push(cluster, step)
+    _caught_up(shard, old, replica)
+    _check_rows(old, [1, 2, 4, 5])  # the orphan push is gone: the table is the leader's
+
+
+def test_a_killed_primary_restarted_as_a_primary_rejoins_as_the_new_leaders_replica(shard, etcd, etcd_store) -> None:
+    old = shard.start("p")
+    replica = shard.start("r", "--follow", old)
     with MemstoreClient(old, ONCE) as client:
-        wait_until(deposed, "the old primary says it must rejoin as a replica", WAIT_S)
-        assert client.version() == 2  # nothing committed, nothing shown to readers
-    with MemstoreClient(replica, ONCE) as client:  # promoted: Describe says so
-        described = client._describe(None).replication
-        assert client.trainable and described.role != pb.REPLICATION_ROLE_REPLICA
-        assert (described.epoch, described.election_state) == (2, "leader")
+        for step in (1, 2):
+            _push(client, step)
+    shard.processes[old].kill()
+    shard.processes[old].wait()
+    wait_until(lambda: _leader(etcd_store) == LeaderRecord(replica, 2), "the replica was elected", WAIT_S)
+    restarted = shard.serve(shard.tables[old])  # as it was started first: no --follow
+    wait_until(lambda: _rejoined(restarted), "the restarted primary rejoined as a replica by itself", WAIT_S)
+    with ClusterClient.discover(etcd.endpoint, CLUSTER, TRAINER) as cluster:
+        _push(cluster, 3)  # --sync-replicas 1: acknowledged once the rejoined replica holds it
+    _caught_up(shard, restarted, replica)
+    _check_rows(restarted, [1, 2, 3])
 
 
 def test_serving_goes_on_while_etcd_restarts_and_elections_resume(shard, etcd, etcd_store) -> None:
