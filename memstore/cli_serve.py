@@ -12,6 +12,7 @@ from pathlib import Path
 
 from memstore.auth import ClientTls, TlsConfig, read_token
 from memstore.cli_args import add_renamed, enum_choice, format_bytes, parse_bytes, parse_mebibytes
+from memstore.daemon import serve
 from memstore.daemon_config import DaemonConfig, ObservabilityConfig, ServerConfig
 from memstore.errors import InvalidArgumentError
 from memstore.integrity import IntegrityConfig
@@ -21,7 +22,6 @@ from memstore.membership import DEFAULT_TTL_S, MembershipConfig
 from memstore.replica import FollowConfig
 from memstore.reseed import ReseedPolicy
 from memstore.rowcache import RowCacheConfig
-from memstore.service import serve
 from memstore.sync import SyncConfig, SyncTimeoutPolicy
 from memstore.tabledir.fsafe import add_group_readable
 from memstore.wal import Durability

@@ -1,7 +1,7 @@
 """The daemon's configuration: `DaemonConfig`, everything one `memstore serve` runs with.
 
 `memstore serve` parses its flags into a DaemonConfig once, at the edge (memstore/cli_serve.py);
-`memstore.service.serve(config)` runs it. Each config checks itself when built and says what to
+`memstore.daemon.serve(config)` runs it. Each config checks itself when built and says what to
 change. Beside the table, the address, the port file and the drain period, its parts:
 
 - `ServerConfig`: what a gRPC server of the open table reads (`create_server`): streaming, limits,

@@ -15,7 +15,7 @@ under `candidates/<shard>/`, and campaigns when no other candidate holds more, o
 did not win within two TTLs), and the LEADER when it wins: its table is promoted (`LiveTable.promote`)
 and takes pushes. A leader that finds its lease expired, or the key naming another, is DEPOSED for
 good: it refuses pushes and must rejoin as a replica. It does so by itself: `on_deposed` tells the
-daemon (memstore.service), which ends its serving session and serves again, on the same port, as a
+daemon (memstore.daemon), which ends its serving session and serves again, on the same port, as a
 replica of the leader `leader_of` finds, re-seeded when its table cannot be followed from (it holds
 pushes the leader does not), and takes part in elections again as a FOLLOWER.
 

@@ -18,12 +18,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client import MemstoreClient
 from memstore.auth import ClientTls, Scope, TlsConfig, TokenTable, is_loopback, open_channel, read_token
+from memstore.daemon import exposure_warning
 from memstore.daemon_config import ServerConfig
 from memstore.errors import InvalidArgumentError, ReadOnlyError, UnauthenticatedError, UnavailableError
 from memstore.live import LiveConfig, LiveTable
 from memstore.metrics import DaemonMetrics
 from memstore.replica import FollowConfig, Follower
-from memstore.service import create_server, exposure_warning
+from memstore.service import create_server
 from memstore.tabledir.optimizer import OptimizerConfig, OptimizerKind
 from memstore.wal import Durability
 from memstore.wire import memstore_pb2 as pb

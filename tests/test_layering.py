@@ -27,6 +27,7 @@ SERVER_ONLY = (
     "memstore.reshard",
     "memstore.replica",
     "memstore.service",
+    "memstore.daemon",
     "lmdb",
     "tqdm",
     "prometheus_client",

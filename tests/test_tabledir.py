@@ -195,6 +195,7 @@ _SERVER_MODULES = [
     "memstore.reshard",
     "memstore.replica",
     "memstore.service",
+    "memstore.daemon",
     "memstore.storage.lmdb_store",
     "lmdb",
     "tqdm",
