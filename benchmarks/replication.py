@@ -44,7 +44,17 @@ from memstore.wal import Durability
 SAMPLE_PERIOD_S = 0.01
 
 
-def _table_files(path: Path, manifest: Manifest) -> dict[str, str]:
+def push_table(table_rows: int) -> Manifest:
+    """The pushed table of the replication benchmarks: one layer of about `table_rows` rows of 32
+    float16 values (orders 2 and 3, 8 heads each), trained with Adam."""
+    per_head = table_rows // 16
+    layout = EngramLayout(
+        layer_ids=(1,), vocab_size_per_ngram=(per_head, per_head), max_ngram=3, heads_per_ngram=8, dim=32
+    )
+    return Manifest(layout=layout, dtype=DType.FLOAT16, optimizer=OptimizerConfig(kind=OptimizerKind.ADAM))
+
+
+def table_files(path: Path, manifest: Manifest) -> dict[str, str]:
     """SHA-256 of every row and optimizer-state file of a table."""
     names = [manifest.layer_file(layer) for layer in manifest.layout.layer_ids]
     names += [name for layer in manifest.layout.layer_ids for name, _ in manifest.state_files(layer).values()]
@@ -81,18 +91,14 @@ def main() -> int:
     parser.add_argument("--table-rows", type=int, default=1_000_000)
     parser.add_argument("--durability", type=Durability, choices=list(Durability), default=Durability.FSYNC)
     args = parser.parse_args()
-    per_head = args.table_rows // 16
-    layout = EngramLayout(
-        layer_ids=(1,), vocab_size_per_ngram=(per_head, per_head), max_ngram=3, heads_per_ngram=8, dim=32
-    )
-    manifest = Manifest(layout=layout, dtype=DType.FLOAT16, optimizer=OptimizerConfig(kind=OptimizerKind.ADAM))
+    manifest = push_table(args.table_rows)
     work = Path(tempfile.mkdtemp(prefix="memstore-replication-"))
     serve_args = ["--durability", args.durability.value, "--no-same-host"]
     try:
         alone_path = create_table(work / "alone", manifest)
         primary_path = create_table(work / "primary", manifest)
         replica_path = create_table(work / "replica", manifest)
-        num_rows = layout.num_rows(1)
+        num_rows = manifest.layout.num_rows(1)
         print(
             f"table: {num_rows:,} rows x 32 float16, adam; pushes of {args.rows:,} distinct rows for "
             f"{args.seconds:g} s; durability {args.durability.value} on every daemon"
@@ -156,7 +162,7 @@ def main() -> int:
                 first_seen[version] = t
             seen = max(seen, replica_version)
         lag_ms = [1000 * (first_seen[v] - acked[v]) for v in acked if v in first_seen]
-        identical = _table_files(primary_path, manifest) == _table_files(replica_path, manifest)
+        identical = table_files(primary_path, manifest) == table_files(replica_path, manifest)
         print(
             f"with a replica: {len(acked):,} pushes in {pushing_s:.1f} s = {len(acked) / pushing_s:,.1f} pushes/s; "
             f"CPU per push: primary {primary_cpu_ms:.2f} ms, replica {replica_cpu_ms:.2f} ms (both answering the "

@@ -28,15 +28,12 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.replication import _table_files
+from benchmarks.replication import push_table, table_files
 from client import ClientConfig, MemstoreClient
 from memstore.create import create_table
-from memstore.dtypes import DType
 from memstore.launch import start_daemon, stop_daemon
-from memstore.layout import EngramLayout
 from memstore.metrics import summarize
 from memstore.tabledir.manifest import Manifest
-from memstore.tabledir.optimizer import OptimizerConfig, OptimizerKind
 from memstore.wal import Durability
 
 
@@ -89,7 +86,7 @@ def _run(
     finally:
         # SIGTERM: both checkpoint their files before exiting, so the files can be compared.
         codes = stop_daemon(replica), stop_daemon(primary)
-    identical = codes == (0, 0) and _table_files(primary_path, manifest) == _table_files(replica_path, manifest)
+    identical = codes == (0, 0) and table_files(primary_path, manifest) == table_files(replica_path, manifest)
     shutil.rmtree(primary_path)
     shutil.rmtree(replica_path)
     done = [value for pusher in latencies for value in pusher]
@@ -112,12 +109,8 @@ def main() -> int:
     parser.add_argument("--pushers", type=int, nargs="+", default=[1, 4], help="concurrent pushing clients")
     parser.add_argument("--durability", type=Durability, choices=list(Durability), default=Durability.FSYNC)
     args = parser.parse_args()
-    per_head = args.table_rows // 16
-    layout = EngramLayout(
-        layer_ids=(1,), vocab_size_per_ngram=(per_head, per_head), max_ngram=3, heads_per_ngram=8, dim=32
-    )
-    manifest = Manifest(layout=layout, dtype=DType.FLOAT16, optimizer=OptimizerConfig(kind=OptimizerKind.ADAM))
-    num_rows = layout.num_rows(1)
+    manifest = push_table(args.table_rows)
+    num_rows = manifest.layout.num_rows(1)
     rng = np.random.default_rng(0)
     batches = [
         (rng.choice(num_rows, args.rows, replace=False), rng.standard_normal((args.rows, 32), np.float32))
