@@ -221,7 +221,8 @@ def test_duplicates_do_not_cross_the_wire_and_limits_hold_on_both_paths(
 
 def test_the_requested_transport_is_used(client: MemstoreClient, client_config: ClientConfig) -> None:
     client.lookup(1, [0, 1])
-    assert client.transport == ("same-host" if client_config.same_host else "grpc")
+    expected = "same-host" if client_config.same_host else "data-plane" if client_config.data_plane else "grpc"
+    assert client.transport == expected
 
 
 def test_same_host_falls_back_to_grpc_when_the_daemon_does_not_offer_it(daemon_factory, table: Table) -> None:
