@@ -45,7 +45,15 @@ import torch
 
 from benchmarks.common import REPO, ensure_table
 from benchmarks.delay_proxy import proxy_process
-from benchmarks.netns import NetnsConfig, Worker, client_namespace, netns_unavailable, serve_requests, start_daemon_at
+from benchmarks.netns import (
+    NetnsConfig,
+    Worker,
+    client_namespace,
+    daemon_ports,
+    netns_unavailable,
+    serve_requests,
+    start_daemon_at,
+)
 from client import ClientConfig, MemstoreClient
 from client.client import _distinct_count
 from memstore.codec import decode_row_ids, encode_row_ids
@@ -180,17 +188,6 @@ def _calls(batch: int, calls_small: int) -> int:
 
 
 # ---- daemon, namespace, proxy
-
-
-def _data_plane_port(address: str) -> int | None:
-    """The data-plane port the daemon offers in Describe (None: no data plane offered)."""
-    with grpc.insecure_channel(address) as channel:
-        response = pb_grpc.MemstoreStub(channel).Describe(pb.DescribeRequest(), timeout=30)
-    try:
-        offered = response.HasField("data_plane")
-    except ValueError:  # a build without the data plane
-        return None
-    return response.data_plane.port if offered else None
 
 
 @contextmanager
@@ -335,8 +332,8 @@ def _delays(
     daemon_host, proxy_host = hosts
     layer_id = table.manifest.layout.layer_ids[0]
     plain = _plain_memmap(table, layer_id)
-    grpc_port = int(address.rsplit(":", 1)[1])
-    ports = [grpc_port] + [p for p in [_data_plane_port(address)] if p is not None]
+    ports = daemon_ports(address)
+    grpc_port = ports[0]
     results = []
     for delay_ms in [float(d) for d in args.delays_ms.split(",") if d.strip()]:
         with proxy_process(proxy_host, daemon_host, ports, delay_ms / 1000):

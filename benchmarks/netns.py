@@ -263,6 +263,21 @@ def start_daemon_at(host: str, table_path: Path, extra_args: Sequence[str] = (),
     return process, f"{host}:{loopback.rsplit(':', 1)[1]}"
 
 
+def daemon_ports(address: str) -> list[int]:
+    """The daemon's gRPC port, then its data plane's when Describe offers one (what a proxy must carry)."""
+    import grpc
+
+    from memstore.wire import memstore_pb2 as pb
+    from memstore.wire import memstore_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        response = pb_grpc.MemstoreStub(channel).Describe(pb.DescribeRequest(), timeout=30)
+    ports = [int(address.rsplit(":", 1)[1])]
+    if response.HasField("data_plane"):
+        ports.append(response.data_plane.port)
+    return ports
+
+
 def _receive(address: str, nbytes: int) -> dict:
     """Connect to `address`, receive `nbytes` into one preallocated buffer; timing and a digest."""
     import hashlib
