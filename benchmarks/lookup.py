@@ -56,6 +56,7 @@ from benchmarks.netns import (
 )
 from client import ClientConfig, MemstoreClient
 from client.client import _distinct_count
+from memstore.auth import ClientTls
 from memstore.codec import decode_row_ids, encode_row_ids
 from memstore.launch import stop_daemon
 from memstore.layout import EngramLayout
@@ -70,7 +71,8 @@ QUICK = EngramLayout(layer_ids=(1,), vocab_size_per_ngram=(100_000,), max_ngram=
 LOCAL_PATHS = ("np.take", "memstore gather", "same-host")
 # The remote clients' configs; data_plane is left out where this ClientConfig has no such field.
 REMOTE_PATHS = {"gRPC": {"same_host": False, "data_plane": False}, "data plane": {"same_host": False}}
-TRANSPORT = {"gRPC": "grpc", "data plane": "data-plane"}
+TLS_PATHS = {f"{name}, TLS": config for name, config in REMOTE_PATHS.items()}
+TRANSPORT = {"gRPC": "grpc", "data plane": "data-plane", "gRPC, TLS": "grpc", "data plane, TLS": "data-plane"}
 
 
 # ---- timing (both sides)
@@ -98,7 +100,8 @@ def time_calls(fn: Callable[[np.ndarray], Any], id_sets: np.ndarray) -> tuple[li
 
 def _client_config(options: dict) -> ClientConfig:
     known = {f.name for f in dataclasses.fields(ClientConfig)}
-    return ClientConfig(timeout_s=120, **{k: v for k, v in options.items() if k in known})
+    tls = ClientTls(ca=Path(options["tls_ca"])) if options.get("tls_ca") else None
+    return ClientConfig(timeout_s=120, tls=tls, **{k: v for k, v in options.items() if k in known})
 
 
 class _RemoteClients:
@@ -220,11 +223,20 @@ def _worker(ns: Any) -> Iterator[Worker]:
         process.wait(30)
 
 
-def _open_remote(worker: Worker, address: str, layer_id: int, suffix: str = "") -> list[tuple[str, str]]:
+def _open_remote(
+    worker: Worker,
+    address: str,
+    layer_id: int,
+    suffix: str = "",
+    kinds: dict = REMOTE_PATHS,
+    tls_ca: Path | None = None,
+) -> list[tuple[str, str]]:
     """Open the gRPC and data-plane clients in the worker; (path name, client name) of those that
     run on the transport they are named after (no data plane offered: that path is left out)."""
     opened = []
-    for name, config in REMOTE_PATHS.items():
+    for name, config in kinds.items():
+        if tls_ca is not None:
+            config = {**config, "tls_ca": str(tls_ca)}
         client_name = name + suffix
         reply = worker.request(
             {"op": "open", "name": client_name, "address": address, "config": config, "layer_id": layer_id}
@@ -241,7 +253,7 @@ def _open_remote(worker: Worker, address: str, layer_id: int, suffix: str = "") 
 
 
 def _print_main(results: list[dict]) -> None:
-    names = [n for n in (*LOCAL_PATHS, *REMOTE_PATHS) if n in results[0]["paths"]]
+    names = [n for n in (*LOCAL_PATHS, *REMOTE_PATHS, *TLS_PATHS) if n in results[0]["paths"]]
     print("Throughput, Mrows/s (best of the rounds), and as a share of np.take's in the same run:\n")
     print("| batch | " + " | ".join(names) + " | " + " | ".join(f"{n} / np.take" for n in names[1:]) + " |")
     print("|---:|" + "---:|" * (2 * len(names) - 1))
@@ -370,6 +382,20 @@ def _plain_memmap(table: Table, layer_id: int) -> np.memmap:
     )
 
 
+def _tls_files(work: Path, hosts: list[str]) -> tuple[Path, Path, Path]:
+    """A throw-away CA and a server certificate for `hosts`: (CA, certificate, key) PEM files."""
+    import trustme  # a development dependency, needed only with --tls
+
+    ca = trustme.CA()
+    issued = ca.issue_cert(*hosts)
+    files = (work / "ca.pem", work / "server.pem", work / "server.key")
+    ca.cert_pem.write_to_path(str(files[0]))
+    issued.cert_chain_pems[0].write_to_path(str(files[1]))
+    issued.private_key_pem.write_to_path(str(files[2]))
+    files[2].chmod(0o600)
+    return files
+
+
 def run(args: argparse.Namespace, path: Path) -> dict:
     """The whole benchmark; its results (also printed as tables)."""
     batches = [int(b) for b in args.batches.split(",")]
@@ -388,7 +414,12 @@ def run(args: argparse.Namespace, path: Path) -> dict:
         store = table.store(layer_id)
         plain = _plain_memmap(table, layer_id)
         daemon, address = start_daemon_at(daemon_host, path, stderr=subprocess.DEVNULL)
+        tls_daemon = None
         try:
+            if args.tls:  # a second daemon on the same table, serving TLS (gRPC and data plane)
+                ca, cert, key = _tls_files(work, [daemon_host, proxy_host])
+                tls_args = ["--tls-cert", str(cert), "--tls-key", str(key)]
+                tls_daemon, tls_address = start_daemon_at(daemon_host, path, tls_args, stderr=subprocess.DEVNULL)
             where = f"a network namespace over veth, MTU {args.mtu}" if ns else "loopback (no namespace)"
             print(f"daemon at {address}; remote clients in {where}\n", flush=True)
             with (
@@ -397,6 +428,8 @@ def run(args: argparse.Namespace, path: Path) -> dict:
             ):
                 same_host.lookup(layer_id, np.arange(8))
                 opened = _open_remote(worker, address, layer_id)
+                if args.tls:
+                    opened += _open_remote(worker, tls_address, layer_id, kinds=TLS_PATHS, tls_ca=ca)
                 paths = [
                     _local_path("np.take", lambda ids: np.take(plain, ids, axis=0)),
                     _local_path("memstore gather", store.gather),
@@ -426,6 +459,8 @@ def run(args: argparse.Namespace, path: Path) -> dict:
                     print(f"- {name}: {ms:.2f}")
         finally:
             stop_daemon(daemon)
+            if tls_daemon is not None:
+                stop_daemon(tls_daemon)
     return out
 
 
@@ -440,6 +475,7 @@ def main() -> int:
     parser.add_argument("--no-netns", action="store_true", help="remote clients on loopback, no namespace")
     parser.add_argument("--delays-ms", default="", help="one-way delays for the proxy section, e.g. 0,0.2,2")
     parser.add_argument("--no-breakdown", action="store_true", help="skip the gRPC time breakdown")
+    parser.add_argument("--tls", action="store_true", help="also gRPC and data plane to a second daemon serving TLS")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # the remote clients' process
     args = parser.parse_args()
