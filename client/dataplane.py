@@ -112,13 +112,13 @@ class DataPlane:
         if len(view) != wanted * self._row_bytes:
             raise DataLossError(f"the output buffer has {len(view)} bytes for {wanted} rows of {self._row_bytes}")
         try:
-            sock.settimeout(_left(deadline))
+            frames.set_timeout(sock, _left(deadline))
             head, wire_ids = frames.pack_lookup(request_id, layer_id, ids, deadline - time.monotonic())
             frames.send_parts(sock, (head, wire_ids))
             received, version = 0, None
             header_bytes = bytearray(frames.HEADER_BYTES)
             while version is None or received < wanted:
-                sock.settimeout(_left(deadline))
+                frames.set_timeout(sock, _left(deadline))
                 frames.recv_exact(sock, memoryview(header_bytes))
                 header = frames.parse_header(header_bytes)
                 if header.request_id != request_id & 0xFFFFFFFF:
@@ -180,7 +180,7 @@ class DataPlane:
             raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER_BYTES)
             if self._tls is not None:
                 sock = self._tls.wrap_socket(raw, server_hostname=self._server_name)
-            sock.settimeout(_left(deadline))
+            frames.set_timeout(sock, _left(deadline))
             sock.sendall(frames.pack_hello(ticket))
             header, payload = frames.recv_frame(sock)
             if header.kind is frames.Kind.ERROR:
