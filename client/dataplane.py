@@ -49,7 +49,7 @@ class DataPlaneUnreachable(UnavailableError):
 @dataclass
 class _Connection:
     sock: socket.socket
-    expiry: float  # time.monotonic() past which the daemon refuses its lookups
+    expiry: float  # time.monotonic() past which it is not used (a little before the daemon would refuse it)
     requests: int = 0
 
 
@@ -112,13 +112,13 @@ class DataPlane:
         if len(view) != wanted * self._row_bytes:
             raise DataLossError(f"the output buffer has {len(view)} bytes for {wanted} rows of {self._row_bytes}")
         try:
-            sock.settimeout(_left(deadline))
+            frames.set_timeout(sock, _left(deadline))
             head, wire_ids = frames.pack_lookup(request_id, layer_id, ids, deadline - time.monotonic())
             frames.send_parts(sock, (head, wire_ids))
             received, version = 0, None
             header_bytes = bytearray(frames.HEADER_BYTES)
             while version is None or received < wanted:
-                sock.settimeout(_left(deadline))
+                frames.set_timeout(sock, _left(deadline))
                 frames.recv_exact(sock, memoryview(header_bytes))
                 header = frames.parse_header(header_bytes)
                 if header.request_id != request_id & 0xFFFFFFFF:
@@ -155,7 +155,7 @@ class DataPlane:
                 raise UnavailableError("the client is closed")
             while self._idle:
                 connection = self._idle.pop()
-                if connection.expiry - _EXPIRY_MARGIN_S > now:
+                if connection.expiry > now:
                     return connection
                 _close(connection.sock)
         return self._connect(deadline)
@@ -180,7 +180,7 @@ class DataPlane:
             raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER_BYTES)
             if self._tls is not None:
                 sock = self._tls.wrap_socket(raw, server_hostname=self._server_name)
-            sock.settimeout(_left(deadline))
+            frames.set_timeout(sock, _left(deadline))
             sock.sendall(frames.pack_hello(ticket))
             header, payload = frames.recv_frame(sock)
             if header.kind is frames.Kind.ERROR:
@@ -207,11 +207,13 @@ class DataPlane:
 
     def _current_ticket(self, deadline: float) -> tuple[bytes, float]:
         held = self._ticket
-        if held is not None and held[1] - _EXPIRY_MARGIN_S > time.monotonic():
+        if held is not None and held[1] > time.monotonic():
             return held
         asked = time.monotonic()
         ticket, lifetime = self._tickets(_left(deadline))
-        self._ticket = (ticket, asked + lifetime)
+        # Retired a little early (a quarter of its life, at most the margin), so no lookup starts on a
+        # connection the daemon is about to refuse.
+        self._ticket = (ticket, asked + lifetime - min(_EXPIRY_MARGIN_S, lifetime / 4))
         return self._ticket
 
     def _give_back(self, connection: _Connection) -> None:

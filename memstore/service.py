@@ -522,6 +522,7 @@ def create_server(
             "an address of this machine; stop what holds the port or choose another (port 0 picks a free one)"
         ) from None
     if data_plane is not None:
+        metrics.data_plane_connections.set_function(lambda: data_plane.connections)
         data_plane.start()
         threading.Thread(
             target=_close_with, args=(server, data_plane), name="memstore-data-plane-stop", daemon=True

@@ -143,30 +143,56 @@ def error_of(header: Header, payload: bytes) -> MemstoreError:
 
 
 def recv_exact(sock: socket.socket, view: memoryview) -> None:
-    """Fill `view` from `sock`; EOFError when the peer closes first (socket errors pass through)."""
+    """Fill `view` from `sock`; EOFError when the peer closes first, TimeoutError when the socket's
+    timeout passes with nothing more received (other socket errors pass through)."""
     got, size = 0, len(view)
     flags = 0 if isinstance(sock, ssl.SSLSocket) else socket.MSG_WAITALL  # TLS takes no flags
     while got < size:
-        count = sock.recv_into(view[got:], size - got, flags)
+        try:
+            count = sock.recv_into(view[got:], size - got, flags)
+        except BlockingIOError:  # the kernel's receive timeout
+            raise TimeoutError(f"nothing arrived in time after {got} of {size} bytes") from None
         if count == 0:
             raise EOFError(f"the peer closed the connection after {got} of {size} bytes")
         got += count
 
 
-def send_parts(sock: socket.socket, parts: tuple[bytes | np.ndarray, ...]) -> None:
-    """Send the parts back to back in as few system calls as the kernel allows (no copy made here)."""
-    views = [memoryview(part).cast("B") for part in parts if len(part)]
-    if isinstance(sock, ssl.SSLSocket):  # no sendmsg over TLS: each part is encrypted on its own anyway
-        for view in views:
-            sock.sendall(view)
+def set_timeout(sock: socket.socket, seconds: float) -> None:
+    """Bound each following send and receive on `sock` by `seconds`.
+
+    A plain socket stays blocking with the kernel's own timeouts (SO_RCVTIMEO/SO_SNDTIMEO): Python's
+    timeouts make the socket non-blocking and poll before every call, and a large answer then
+    arrives in many small reads (measured: several times slower). TLS sockets use Python's.
+    """
+    if isinstance(sock, ssl.SSLSocket):
+        sock.settimeout(seconds)
         return
-    while views:
-        sent = sock.sendmsg(views)
-        while sent:
-            if sent >= len(views[0]):
-                sent -= len(views.pop(0))
-            else:
-                views[0], sent = views[0][sent:], 0
+    if sock.gettimeout() is not None:
+        sock.settimeout(None)
+    micros = max(1, round(seconds * 1e6))  # 0 would mean no timeout at all
+    timeval = struct.pack("ll", micros // 1_000_000, micros % 1_000_000)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+
+
+def send_parts(sock: socket.socket, parts: tuple[bytes | np.ndarray, ...]) -> None:
+    """Send the parts back to back in as few system calls as the kernel allows (no copy made here);
+    TimeoutError when the peer does not take them within the socket's timeout."""
+    views = [memoryview(part).cast("B") for part in parts if len(part)]
+    try:
+        if isinstance(sock, ssl.SSLSocket):  # no sendmsg over TLS: each part is encrypted on its own anyway
+            for view in views:
+                sock.sendall(view)
+            return
+        while views:
+            sent = sock.sendmsg(views)
+            while sent:
+                if sent >= len(views[0]):
+                    sent -= len(views.pop(0))
+                else:
+                    views[0], sent = views[0][sent:], 0
+    except BlockingIOError:  # the kernel's send timeout
+        raise TimeoutError("the peer did not take the data in time") from None
 
 
 def recv_frame(sock: socket.socket) -> tuple[Header, bytes]:

@@ -111,7 +111,7 @@ class DataPlaneServer:
 
     def offer(self) -> pb.DataPlaneOffer:
         """What Describe tells clients."""
-        host, port = _split(self._config.advertise) if self._config.advertise else ("", self.port)
+        host, port = _advertised(self._config.advertise, self.port)
         return pb.DataPlaneOffer(port=port, host=host, tls=self._tls is not None, protocol=frames.PROTOCOL)
 
     @property
@@ -152,7 +152,7 @@ class DataPlaneServer:
             retry_after_s=BUSY_RETRY_MS / 1000,
         )
         try:
-            sock.settimeout(1.0)
+            frames.set_timeout(sock, 1.0)
             sock.sendall(frames.pack_error(0, busy))
         except OSError:
             pass
@@ -164,12 +164,13 @@ class DataPlaneServer:
         try:
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER_BYTES)
-            raw.settimeout(self._limits.request_timeout_s)
+            raw.settimeout(self._limits.request_timeout_s)  # the TLS handshake's
             if self._tls is not None:
                 sock = self._tls.wrap_socket(raw, server_side=True)
                 with self._lock:
                     self._connections.discard(raw)
                     self._connections.add(sock)
+            frames.set_timeout(sock, self._limits.request_timeout_s)
             expiry = self._hello(sock)
             buffer = np.empty((min(self._chunk_rows, 1024), self._width), dtype=self._live.manifest.dtype.numpy)
             while True:
@@ -207,12 +208,12 @@ class DataPlaneServer:
     def _next_request(self, sock: socket.socket, expiry: float) -> tuple[frames.Header | None, bytes]:
         """The next LOOKUP (header, ids bytes); (None, b"") when the connection idled past its ticket."""
         head = bytearray(frames.HEADER_BYTES)
-        sock.settimeout(max(0.001, expiry - time.monotonic()))
+        frames.set_timeout(sock, max(0.001, expiry - time.monotonic()))
         try:
             frames.recv_exact(sock, memoryview(head)[:1])
         except TimeoutError:
             return None, b""
-        sock.settimeout(self._limits.request_timeout_s)  # a started request arrives in time, or never
+        frames.set_timeout(sock, self._limits.request_timeout_s)  # a started request arrives in time, or never
         frames.recv_exact(sock, memoryview(head)[1:])
         header = frames.parse_header(head)
         if header.kind is not frames.Kind.LOOKUP:
@@ -268,7 +269,7 @@ class DataPlaneServer:
             return
         chunks = self._live.gather_chunks(layer_id, ids, min(self._chunk_rows, len(buffer)), buffer)
         offset = 0
-        sock.settimeout(self._limits.send_timeout_s)
+        frames.set_timeout(sock, self._limits.send_timeout_s)
         while offset < len(ids):
             if time.monotonic() >= deadline:
                 raise DeadlineExceededError(f"the lookup's deadline passed after {offset:,} of {len(ids):,} rows")
@@ -292,6 +293,15 @@ def _split(address: str) -> tuple[str, int]:
     if not host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise InvalidArgumentError(f"{address!r} is not HOST:PORT")
     return host.strip("[]"), int(port)
+
+
+def _advertised(advertise: str | None, port: int) -> tuple[str, int]:
+    """(host, port) from `HOST`, `HOST:PORT` or `[IPV6]:PORT` (the listened port when none is given)."""
+    if not advertise:
+        return "", port
+    if advertise.startswith("[") and "]:" in advertise or advertise.count(":") == 1:
+        return _split(advertise)
+    return advertise.strip("[]"), port
 
 
 def _family(host: str) -> socket.AddressFamily:
