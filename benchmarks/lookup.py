@@ -52,6 +52,7 @@ from benchmarks.netns import (
     daemon_ports,
     netns_unavailable,
     serve_requests,
+    socket_ceiling,
     start_daemon_at,
 )
 from client import ClientConfig, MemstoreClient
@@ -272,6 +273,19 @@ def _print_main(results: list[dict]) -> None:
     print(flush=True)
 
 
+def _print_ceiling(out: dict, ns: Any, table: Table, results: list[dict]) -> None:
+    """What the wire itself allows: plain sockets over the same veth pair, in rows/s and against np.take."""
+    gb_per_s = socket_ceiling(ns, 128)
+    out["plain_socket_gb_per_s"] = gb_per_s
+    rows_per_s = gb_per_s * 1e9 / _row_bytes(table)
+    print(f"Plain Python sockets over the same veth pair (MTU {ns.mtu}, 128 MiB, best of 4): {gb_per_s:.2f} GB/s,")
+    print(f"i.e. {rows_per_s / 1e6:.1f} Mrows/s of {_row_bytes(table)}-byte rows (the wire's ceiling):")
+    for r in results:
+        take = r["paths"]["np.take"]["rows_per_s"]
+        print(f"- {r['batch']:,} rows: {rows_per_s / take:.0%} of np.take's {take / 1e6:.2f} Mrows/s")
+    print(flush=True)
+
+
 def _print_delays(results: list[dict]) -> None:
     print("Through the delay proxy (one-way delay added each way; best-of-rounds throughput, pooled p50/p99):\n")
     print("| one-way delay | path | 1k p50 ms | 1k p99 ms | 64k Mrows/s | 64k GB/s | 256k Mrows/s | 256k GB/s |")
@@ -446,6 +460,8 @@ def run(args: argparse.Namespace, path: Path) -> dict:
                 out["lookup"] = results
                 print()
                 _print_main(results)
+                if ns is not None:
+                    _print_ceiling(out, ns, table, results)
                 for _, client in opened:
                     worker.request({"op": "close", "name": client})
                 if args.delays_ms:
