@@ -271,7 +271,7 @@ def _run_in_namespace(args: argparse.Namespace) -> int:
             i = inner.index(flag)
             del inner[i : i + 2]
     with client_namespace(NetnsConfig(mtu=args.mtu)) as ns:
-        daemon, address = start_daemon_at(ns.host_ip, args.table)
+        daemon, address = start_daemon_at(ns.host_ip, args.table, stderr=subprocess.DEVNULL)
         try:
             ports = daemon_ports(address)  # gRPC, and the data plane's: both through the proxy
             target = address
