@@ -103,6 +103,9 @@ class DataPlaneServer:
             (listen_host, port), family=_family(listen_host), backlog=config.max_connections
         )
         self.port = self._listener.getsockname()[1]
+        # Told to clients when it is one address (not a wildcard): a client whose gRPC target names several
+        # daemons (a shard's replicas) then reaches the data plane of the one that answered its Describe.
+        self._own_host = "" if listen_host in ("", "0.0.0.0", "::") else listen_host
         self._acceptor = threading.Thread(target=self._accept, name="memstore-data-plane", daemon=True)
 
     def start(self) -> None:
@@ -112,6 +115,7 @@ class DataPlaneServer:
     def offer(self) -> pb.DataPlaneOffer:
         """What Describe tells clients."""
         host, port = _advertised(self._config.advertise, self.port)
+        host = host or self._own_host
         return pb.DataPlaneOffer(port=port, host=host, tls=self._tls is not None, protocol=frames.PROTOCOL)
 
     @property
