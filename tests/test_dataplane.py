@@ -441,3 +441,14 @@ def test_with_tls_the_data_plane_is_encrypted_with_the_daemons_certificate(daemo
     with pytest.raises(UnavailableError):  # a daemon whose certificate the client does not trust
         with MemstoreClient(daemon.address, other) as client:
             client.lookup(1, [1])
+
+
+def test_a_draining_daemon_finishes_lookups_and_refuses_new_ones(daemon_factory, table: Table) -> None:
+    daemon = daemon_factory(table)
+    with MemstoreClient(daemon.address, replace(DATA_PLANE, max_attempts=1)) as client:
+        client.lookup(1, [1])  # a connection in the pool
+        daemon.server.data_plane.drain()
+        with pytest.raises(UnavailableError, match="stopping"):
+            client.lookup(1, [2])
+    with pytest.raises(OSError):  # no new connections either
+        socket.create_connection(("127.0.0.1", daemon.server.data_plane.port), timeout=DEADLINE_S)

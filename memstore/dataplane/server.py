@@ -41,6 +41,7 @@ from memstore.errors import (
     MemstoreError,
     ResourceExhaustedError,
     UnauthenticatedError,
+    UnavailableError,
 )
 from memstore.guard import CallGuard
 from memstore.limits import BUSY_RETRY_MS, InFlightBudget, lookup_cost
@@ -98,6 +99,7 @@ class DataPlaneServer:
         self._lock = threading.Lock()
         self._connections: set[socket.socket] = set()
         self._closed = False
+        self._draining = False
         listen_host, port = _split(config.listen) if config.listen else (host, 0)
         self._listener = socket.create_server(
             (listen_host, port), family=_family(listen_host), backlog=config.max_connections
@@ -122,6 +124,13 @@ class DataPlaneServer:
     def connections(self) -> int:
         """Connections open now."""
         return len(self._connections)
+
+    def drain(self) -> None:
+        """Take no more connections and refuse new lookups with UNAVAILABLE (the daemon is stopping: clients
+        go elsewhere); lookups in progress finish, until `close()`."""
+        with self._lock:
+            self._draining = True
+        _close(self._listener)
 
     def close(self) -> None:
         """Stop listening and close every connection (a lookup in progress fails on the client's side)."""
@@ -236,6 +245,8 @@ class DataPlaneServer:
             try:
                 if time.monotonic() >= expiry:
                     raise UnauthenticatedError("the data plane ticket expired: ask OpenDataPlane for a new one")
+                if self._draining:
+                    raise UnavailableError("this daemon is stopping: look the rows up on another daemon")
                 ids = frames.lookup_ids(header, payload)
                 if self._replica is not None and self._live.primary is not None:
                     self._replica.check_readable()
