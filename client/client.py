@@ -377,7 +377,13 @@ class MemstoreClient:
 
         manifest = Manifest.from_json(served.manifest_json)
         row_bytes = manifest.dtype.row_bytes(manifest.layout.dim)
-        return DataPlane(host, served.data_plane, ticket, row_bytes, self.config.tls)
+        try:
+            return DataPlane(host, served.data_plane, ticket, row_bytes, self.config.tls)
+        except UnavailableError as exc:  # another protocol version, or TLS this client has no settings for
+            if self.config.data_plane:
+                raise
+            log.warning("%s: %s", address, exc)
+            return None
 
     def _fall_back_to_grpc(self, plane: DataPlanes, exc: Exception) -> None:
         with self._describe_lock:
