@@ -329,6 +329,7 @@ def test_a_busy_daemon_refuses_and_the_client_retries_once_it_has_room(daemon_fa
     budget = held_cost + lookup_cost(3000, row_bytes, chunk_rows, 0, 4 * 3000) - 1  # not both at once
     daemon = daemon_factory(table, ServerConfig(max_in_flight_bytes=budget))
     held = _held_lookup(daemon, held_ids)
+    assert _frame_header(held).kind is frames.Kind.ROWS  # its answer has started: its bytes are reserved
     result: dict[str, object] = {}
 
     def lookup() -> None:
