@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
         if client is not None:
             manifest = client.describe()
             tier = daemon_tier(before, daemon_counters(client), manifest.dtype.row_bytes(manifest.layout.dim))
-            if tier is not None and client.transport == "grpc":
+            if tier is not None and "same-host" not in client.transport:
                 print(f"daemon: {tier.summary()} (the daemon's counters: every client's reads)")
             elif tier is not None:
                 print("daemon: its row cache was read in place (same host); its hits are not in its counters")

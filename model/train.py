@@ -536,7 +536,7 @@ def main(argv: list[str] | None = None) -> None:
         if client is not None:
             manifest = client.describe()
             tier = daemon_tier(before, daemon_counters(client), manifest.dtype.row_bytes(manifest.layout.dim))
-            if tier is not None and client.transport == "grpc":
+            if tier is not None and "same-host" not in client.transport:
                 result.cache_tiers.append(tier)
             elif tier is not None:  # its hits were read in this process, from the cache's shared memory
                 result.notes.append(

@@ -172,7 +172,7 @@ def _train_and_sample(
         sampling_s = time.perf_counter() - start
         sampling_stall = prefetcher.stats.total_stall_s - trained
     print(
-        f"lookups went {client.transport}: {'the daemons' if client.transport == 'grpc' else 'their files'}"
+        f"lookups went {client.transport}: {'their files' if 'same-host' in client.transport else 'the daemons'}"
         " (the same-host path maps a daemon's table files when the client shares its host)"
     )
     print(f"checkpoint: {args.out / 'ckpt.pt'}")
