@@ -30,9 +30,9 @@ from pathlib import Path
 import numpy as np
 
 from memstore.errors import TableFormatError
+from memstore.rowcache import RowCache, RowCacheReader
 from memstore.storage.base import RowStore
 from memstore.storage.mmap_store import MmapRowStore
-from memstore.rowcache import RowCache, RowCacheReader
 from memstore.table import Table
 from memstore.tabledir.manifest import Backend
 from memstore.tabledir.seqlock import SeqLock, consistent_gather
