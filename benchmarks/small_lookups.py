@@ -1,0 +1,233 @@
+"""Small lookups on the daemon's host: the same-host path against an in-process gather, call by call.
+
+    python -m benchmarks.small_lookups            # benchmarks.lookup's 2 GiB table; ~1 minute once it exists
+    python -m benchmarks.small_lookups --quick    # its small table and fewer calls, a smoke test
+
+Decoding asks for a few dozen rows per token, so a lookup's fixed cost matters as much as its copy.
+For each batch size, many calls alternate call by call between `MmapRowStore.gather` on a mapping of the
+table in this process and `MemstoreClient.lookup` on the same-host path (the daemon's files mapped by the
+client): with numpy ids, with a torch tensor of ids (what the model's embedding passes) and into a reused
+`out` tensor (what the prefetcher does). Which goes first rotates, and each call gets its own random ids,
+so none finds rows another just pulled into the CPU's cache. The garbage collector stays on, as in a
+user's process. Then each step of a same-host lookup is timed alone, to show where its time goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from benchmarks.common import REPO, ensure_table
+from benchmarks.lookup import FULL, QUICK
+from client import ClientConfig, MemstoreClient
+from client.client import as_int64_array, check_layer_id
+from memstore.launch import daemon_process
+from memstore.storage.base import RowStore, take_rows
+from memstore.table import Table
+from memstore.tabledir.seqlock import SeqLock
+
+PATHS = (
+    "in-process",
+    "same-host",
+    "same-host, torch ids",
+    "same-host, torch ids, into out",
+    "in-process, into out",
+)
+
+
+def compare(
+    store: RowStore, client: MemstoreClient, layer_id: int, batch: int, calls: int, rng: np.random.Generator
+) -> dict[str, np.ndarray]:
+    """Nanoseconds of `calls` in-process gathers and as many same-host lookups of each kind (PATHS), `batch`
+    random rows each."""
+
+    def id_sets(as_torch: bool = False) -> list:
+        sets = [rng.integers(0, store.num_rows, batch) for _ in range(calls)]
+        return [torch.from_numpy(ids) for ids in sets] if as_torch else sets
+
+    out = torch.empty((batch, store.dim), dtype=client.describe().dtype.torch)
+    own_out = np.empty((batch, store.dim), dtype=store.dtype.numpy)
+    paths: list[tuple[str, Callable[[Any], object], list]] = [
+        (PATHS[0], store.gather, id_sets()),
+        (PATHS[1], lambda ids: client.lookup(layer_id, ids), id_sets()),
+        (PATHS[2], lambda ids: client.lookup(layer_id, ids), id_sets(as_torch=True)),
+        (PATHS[3], lambda ids: client.lookup(layer_id, ids, out=out), id_sets(as_torch=True)),
+        (PATHS[4], lambda ids: store.gather(ids, own_out), id_sets()),
+    ]
+    times = {name: np.empty(calls, dtype=np.int64) for name, _, _ in paths}
+    for _, fn, sets in paths:  # warm-up: first-call work (Describe, mapping, imports) is not measured
+        for ids in sets[:20]:
+            fn(ids)
+    clock = time.perf_counter_ns
+    for i in range(calls):
+        first = i % len(paths)
+        for name, fn, sets in paths[first:] + paths[:first]:
+            ids = sets[i]
+            start = clock()
+            fn(ids)
+            times[name][i] = clock() - start
+    return times
+
+
+def _median_ns(fn: Callable[[np.ndarray], object], id_sets: list[np.ndarray], overhead_ns: float = 0.0) -> float:
+    """Median nanoseconds of one call of `fn`, each call on the next id set, less the timer's own cost."""
+    clock = time.perf_counter_ns
+    times = np.empty(len(id_sets), dtype=np.int64)
+    for ids in id_sets[:20]:
+        fn(ids)
+    for i, ids in enumerate(id_sets):
+        start = clock()
+        fn(ids)
+        times[i] = clock() - start
+    return max(0.0, float(np.median(times)) - overhead_ns)
+
+
+def breakdown(
+    store: RowStore, client: MemstoreClient, layer_id: int, batch: int, reps: int, rng: np.random.Generator
+) -> list[tuple[str, float]]:
+    """(step, median ns) of each step of a same-host lookup of `batch` rows, each timed alone, in the order
+    the call takes them; then the whole call, and the in-process gather's steps for comparison."""
+    id_sets = [rng.integers(0, store.num_rows, batch) for _ in range(reps)]
+    torch_sets = [torch.from_numpy(ids) for ids in id_sets]
+    local = client._same_host_table(None)  # the reader the client's lookups use
+    if local is None:
+        raise RuntimeError("the client is not on the same-host path")
+    layer = local.layer(layer_id)
+    rows = [layer.gather(ids) for ids in id_sets[:1]][0]
+    overhead = _median_ns(lambda ids: None, id_sets)
+    with tempfile.TemporaryDirectory() as tmp:
+        seqlock = SeqLock(Path(tmp) / "seqlock", create=True)
+        seqlock_ns = _median_ns(lambda ids: (seqlock.read(), seqlock.read()), id_sets, overhead)
+        seqlock.close()
+
+    def ids_in(ids: np.ndarray) -> np.ndarray:
+        check_layer_id(layer_id)
+        return as_int64_array(ids).reshape(-1)
+
+    def deadline(ids: np.ndarray) -> float:
+        return time.monotonic() + client._timeout(None) - time.monotonic()
+
+    steps = [
+        ("layer id check + ids to int64 (numpy ids)", _median_ns(ids_in, id_sets, overhead)),
+        ("(the same from a torch tensor of ids)", _median_ns(ids_in, torch_sets, overhead)),
+        ("deadline", _median_ns(deadline, id_sets, overhead)),
+        (
+            "same-host reader (found once, then kept)",
+            _median_ns(lambda ids: client._same_host_table(1.0), id_sets, overhead),
+        ),
+        (
+            "row limit (kept with the reader)",
+            _median_ns(lambda ids: len(ids) > local.max_rows_per_request, id_sets, overhead),
+        ),
+        ("layer (found once, then kept)", _median_ns(lambda ids: local.layer(layer_id), id_sets, overhead)),
+        ("id check (one pass)", _median_ns(layer.check, id_sets, overhead)),
+        ("sequence lock, read twice (a trained table's; this one is frozen)", seqlock_ns),
+        ("copy rows from the map", _median_ns(layer.gather, id_sets, overhead)),
+        ("version (seen_version)", _median_ns(lambda ids: client.note_version(0), id_sets, overhead)),
+        ("to a torch tensor", _median_ns(lambda ids: local.manifest.dtype.to_torch(rows), id_sets, overhead)),
+    ]
+    counted = [ns for name, ns in steps if not name.startswith("(") and not name.startswith("sequence lock")]
+    steps.append(("sum of the steps above (frozen table, numpy ids)", sum(counted)))
+    steps.append(("whole same-host lookup", _median_ns(lambda ids: client.lookup(layer_id, ids), id_sets, overhead)))
+    steps.append(
+        ("in-process gather: id check (min and max)", _median_ns(lambda ids: store.check_ids(ids), id_sets, overhead))
+    )
+    mapped = getattr(store, "plain_rows", None)
+    if mapped is not None:
+        steps.append(
+            (
+                "in-process gather: copy rows (take_rows)",
+                _median_ns(lambda ids: take_rows(mapped, ids), id_sets, overhead),
+            )
+        )
+    steps.append(("whole in-process gather", _median_ns(store.gather, id_sets, overhead)))
+    steps.append(("(timer overhead, subtracted from each figure)", overhead))
+    return steps
+
+
+def _percentiles(ns: np.ndarray) -> tuple[float, float]:
+    return float(np.percentile(ns, 50)) / 1e3, float(np.percentile(ns, 99)) / 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small table and few calls (smoke test)")
+    parser.add_argument("--table", type=Path, default=None, help="table directory (created if missing)")
+    parser.add_argument("--batches", default="32,256,1024", help="rows per call")
+    parser.add_argument("--calls", type=int, default=5000, help="calls of each path per batch size and round")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of every batch size")
+    args = parser.parse_args()
+    layout = QUICK if args.quick else FULL
+    calls, rounds = (300, 1) if args.quick else (args.calls, args.rounds)
+    path = args.table or REPO / "bench-out" / ("lookup-quick" if args.quick else "lookup-2gib")
+    manifest = ensure_table(path, layout)
+    batches = [int(b) for b in args.batches.split(",")]
+    print(
+        f"table {path}: {layout.total_rows:,} rows x {layout.dim} {manifest.dtype.value} = "
+        f"{manifest.total_bytes / 2**30:.2f} GiB; python {sys.version.split()[0]}, numpy {np.__version__}, "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads); gc enabled: {gc.isenabled()}; "
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}\n"
+    )
+    rng = np.random.default_rng(0)
+    with Table.open(path) as table, daemon_process(path, stderr=subprocess.DEVNULL) as address:
+        layer_id = layout.layer_ids[0]
+        store = table.store(layer_id)
+        with MemstoreClient(address, ClientConfig(timeout_s=120, same_host=True)) as client:
+            ids = rng.integers(0, store.num_rows, 1000)
+            if not np.array_equal(client.lookup(layer_id, ids).numpy(), store.gather(ids)):
+                raise RuntimeError("the same-host path returned other rows than the table holds")
+            print(f"client transport: {client.transport}; {calls:,} calls per path, batch and round\n")
+            results = [
+                (round_, batch, compare(store, client, layer_id, batch, calls, rng))
+                for round_ in range(1, rounds + 1)
+                for batch in batches
+            ]
+            print(
+                "| round | rows | in-process p50 µs | in-process p99 µs | same-host p50 µs | same-host p99 µs "
+                "| p50 ratio | p99 ratio |"
+            )
+            print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+            for round_, batch, times in results:
+                (ip50, ip99), (sp50, sp99) = _percentiles(times[PATHS[0]]), _percentiles(times[PATHS[1]])
+                print(
+                    f"| {round_} | {batch:,} | {ip50:.1f} | {ip99:.1f} | {sp50:.1f} | {sp99:.1f} | "
+                    f"{sp50 / ip50:.2f} | {sp99 / ip99:.2f} |"
+                )
+            print(
+                "\nThe same rounds: same-host lookups of a torch tensor of ids (p99 ratio to the in-process gather's),"
+            )
+            print("and into a reused out tensor, against the in-process gather into a reused array (µs):\n")
+            print(
+                "| round | rows | torch ids p50 | torch ids p99 | p99 ratio | into out p50 | into out p99 "
+                "| in-process into out p50 | in-process into out p99 | p99 ratio |"
+            )
+            print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+            for round_, batch, times in results:
+                ip99 = _percentiles(times[PATHS[0]])[1]
+                (tp50, tp99), (op50, op99) = _percentiles(times[PATHS[2]]), _percentiles(times[PATHS[3]])
+                (jp50, jp99) = _percentiles(times[PATHS[4]])
+                print(
+                    f"| {round_} | {batch:,} | {tp50:.1f} | {tp99:.1f} | {tp99 / ip99:.2f} | {op50:.1f} | "
+                    f"{op99:.1f} | {jp50:.1f} | {jp99:.1f} | {op99 / jp99:.2f} |"
+                )
+            for batch in (batches[0], batches[-1]):
+                steps = breakdown(store, client, layer_id, batch, max(200, calls // 2), rng)
+                print(f"\nWhere a same-host lookup of {batch:,} rows spends its time (each step alone, median µs):")
+                print("| step | µs |\n|---|---:|")
+                for name, ns in steps:
+                    print(f"| {name} | {ns / 1e3:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
