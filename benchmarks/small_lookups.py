@@ -31,7 +31,7 @@ import torch
 from benchmarks.common import REPO, ensure_table
 from benchmarks.lookup import FULL, QUICK
 from client import ClientConfig, MemstoreClient
-from client.client import as_int64_array, check_layer_id
+from client.client import as_int64_array, check_layer_id, out_rows
 from memstore.launch import daemon_process
 from memstore.storage.base import RowStore, take_rows
 from memstore.table import Table
@@ -104,7 +104,10 @@ def breakdown(
     if local is None:
         raise RuntimeError("the client is not on the same-host path")
     layer = local.layer(layer_id)
-    rows = [layer.gather(ids) for ids in id_sets[:1]][0]
+    rows = layer.gather(id_sets[0])
+    manifest = client.describe()
+    out = torch.empty((batch, store.dim), dtype=manifest.dtype.torch)
+    raw_out = out_rows(out, (batch,), manifest)
     overhead = _median_ns(lambda ids: None, id_sets)
     with tempfile.TemporaryDirectory() as tmp:
         seqlock = SeqLock(Path(tmp) / "seqlock", create=True)
@@ -136,10 +139,30 @@ def breakdown(
         ("copy rows from the map", _median_ns(layer.gather, id_sets, overhead)),
         ("version (seen_version)", _median_ns(lambda ids: client.note_version(0), id_sets, overhead)),
         ("to a torch tensor", _median_ns(lambda ids: local.manifest.dtype.to_torch(rows), id_sets, overhead)),
+        (
+            "(into out: check out and view it raw)",
+            _median_ns(lambda ids: out_rows(out, (batch,), manifest), id_sets, overhead),
+        ),
+        (
+            "(into out: copy rows from the map into it)",
+            _median_ns(lambda ids: layer.gather(ids, raw_out), id_sets, overhead),
+        ),
     ]
     counted = [ns for name, ns in steps if not name.startswith("(") and not name.startswith("sequence lock")]
     steps.append(("sum of the steps above (frozen table, numpy ids)", sum(counted)))
     steps.append(("whole same-host lookup", _median_ns(lambda ids: client.lookup(layer_id, ids), id_sets, overhead)))
+    steps.append(
+        (
+            "whole same-host lookup, torch ids",
+            _median_ns(lambda ids: client.lookup(layer_id, ids), torch_sets, overhead),
+        )
+    )
+    steps.append(
+        (
+            "whole same-host lookup, torch ids, into out",
+            _median_ns(lambda ids: client.lookup(layer_id, ids, out=out), torch_sets, overhead),
+        )
+    )
     steps.append(
         ("in-process gather: id check (min and max)", _median_ns(lambda ids: store.check_ids(ids), id_sets, overhead))
     )
@@ -167,6 +190,7 @@ def main() -> None:
     parser.add_argument("--batches", default="32,256,1024", help="rows per call")
     parser.add_argument("--calls", type=int, default=5000, help="calls of each path per batch size and round")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of every batch size")
+    parser.add_argument("--no-breakdown", action="store_true", help="skip the step-by-step timing")
     args = parser.parse_args()
     layout = QUICK if args.quick else FULL
     calls, rounds = (300, 1) if args.quick else (args.calls, args.rounds)
@@ -189,10 +213,19 @@ def main() -> None:
                 raise RuntimeError("the same-host path returned other rows than the table holds")
             print(f"client transport: {client.transport}; {calls:,} calls per path, batch and round\n")
             results = [
-                (round_, batch, compare(store, client, layer_id, batch, calls, rng))
+                (str(round_), batch, compare(store, client, layer_id, batch, calls, rng))
                 for round_ in range(1, rounds + 1)
                 for batch in batches
             ]
+            if rounds > 1:  # every round's calls together: a p99 over more calls, less at the mercy of one round
+                results += [
+                    (
+                        "all",
+                        batch,
+                        {name: np.concatenate([t[name] for _, b, t in results if b == batch]) for name in PATHS},
+                    )
+                    for batch in batches
+                ]
             print(
                 "| round | rows | in-process p50 µs | in-process p99 µs | same-host p50 µs | same-host p99 µs "
                 "| p50 ratio | p99 ratio |"
@@ -221,7 +254,7 @@ def main() -> None:
                     f"| {round_} | {batch:,} | {tp50:.1f} | {tp99:.1f} | {tp99 / ip99:.2f} | {op50:.1f} | "
                     f"{op99:.1f} | {jp50:.1f} | {jp99:.1f} | {op99 / jp99:.2f} |"
                 )
-            for batch in (batches[0], batches[-1]):
+            for batch in () if args.no_breakdown else (batches[0], batches[-1]):
                 steps = breakdown(store, client, layer_id, batch, max(200, calls // 2), rng)
                 print(f"\nWhere a same-host lookup of {batch:,} rows spends its time (each step alone, median µs):")
                 print("| step | µs |\n|---|---:|")
