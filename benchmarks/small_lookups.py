@@ -80,103 +80,92 @@ def compare(
     return times
 
 
-def _median_ns(fn: Callable[[np.ndarray], object], id_sets: list[np.ndarray], overhead_ns: float = 0.0) -> float:
-    """Median nanoseconds of one call of `fn`, each call on the next id set, less the timer's own cost."""
-    clock = time.perf_counter_ns
-    times = np.empty(len(id_sets), dtype=np.int64)
-    for ids in id_sets[:20]:
-        fn(ids)
-    for i, ids in enumerate(id_sets):
-        start = clock()
-        fn(ids)
-        times[i] = clock() - start
-    return max(0.0, float(np.median(times)) - overhead_ns)
-
-
 def breakdown(
     store: RowStore, client: MemstoreClient, layer_id: int, batch: int, reps: int, rng: np.random.Generator
 ) -> list[tuple[str, float]]:
     """(step, median ns) of each step of a same-host lookup of `batch` rows, each timed alone, in the order
-    the call takes them; then the whole call, and the in-process gather's steps for comparison."""
-    id_sets = [rng.integers(0, store.num_rows, batch) for _ in range(reps)]
-    torch_sets = [torch.from_numpy(ids) for ids in id_sets]
+    the call takes them; then whole calls, and the in-process gather's steps for comparison.
+
+    The steps take turns call by call (as `compare`'s paths do) and each has its own random ids, so a copy
+    never finds rows another step just read in the CPU's cache. The timer's own cost is subtracted.
+    """
     local = client._same_host_table(None)  # the reader the client's lookups use
     if local is None:
         raise RuntimeError("the client is not on the same-host path")
     layer = local.layer(layer_id)
-    rows = layer.gather(id_sets[0])
     manifest = client.describe()
+    rows = layer.gather(np.arange(batch))
     out = torch.empty((batch, store.dim), dtype=manifest.dtype.torch)
     raw_out = out_rows(out, (batch,), manifest)
-    overhead = _median_ns(lambda ids: None, id_sets)
-    with tempfile.TemporaryDirectory() as tmp:
-        seqlock = SeqLock(Path(tmp) / "seqlock", create=True)
-        seqlock_ns = _median_ns(lambda ids: (seqlock.read(), seqlock.read()), id_sets, overhead)
-        seqlock.close()
+    mapped = getattr(store, "plain_rows", None)
+    tmp = tempfile.TemporaryDirectory()
+    seqlock = SeqLock(Path(tmp.name) / "seqlock", create=True)
 
-    def ids_in(ids: np.ndarray) -> np.ndarray:
+    def ids_in(ids: Any) -> np.ndarray:
         check_layer_id(layer_id)
         return as_int64_array(ids).reshape(-1)
 
-    def deadline(ids: np.ndarray) -> float:
+    def deadline(ids: Any) -> float:
         return time.monotonic() + client._timeout(None) - time.monotonic()
 
-    steps = [
-        ("layer id check + ids to int64 (numpy ids)", _median_ns(ids_in, id_sets, overhead)),
-        ("(the same from a torch tensor of ids)", _median_ns(ids_in, torch_sets, overhead)),
-        ("deadline", _median_ns(deadline, id_sets, overhead)),
+    numpy_ids, torch_ids = False, True
+    steps: list[tuple[str, Callable[[Any], object], bool]] = [
+        ("(timer overhead, subtracted from each figure)", lambda ids: None, numpy_ids),
+        ("layer id check + ids to int64 (numpy ids)", ids_in, numpy_ids),
+        ("(the same from a torch tensor of ids)", ids_in, torch_ids),
+        ("deadline", deadline, numpy_ids),
+        ("same-host reader (found once, then kept)", lambda ids: client._same_host_table(1.0), numpy_ids),
+        ("row limit (kept with the reader)", lambda ids: len(ids) > local.max_rows_per_request, numpy_ids),
+        ("layer (found once, then kept)", lambda ids: local.layer(layer_id), numpy_ids),
+        ("id check (one pass)", layer.check, numpy_ids),
         (
-            "same-host reader (found once, then kept)",
-            _median_ns(lambda ids: client._same_host_table(1.0), id_sets, overhead),
+            "sequence lock, read twice (a trained table's; this one is frozen)",
+            lambda ids: (seqlock.read(), seqlock.read()),
+            numpy_ids,
         ),
-        (
-            "row limit (kept with the reader)",
-            _median_ns(lambda ids: len(ids) > local.max_rows_per_request, id_sets, overhead),
+        ("copy rows from the map", layer.gather, numpy_ids),
+        ("version (seen_version)", lambda ids: client.note_version(0), numpy_ids),
+        ("to a torch tensor", lambda ids: local.manifest.dtype.to_torch(rows), numpy_ids),
+        ("(into out: check out and view it raw)", lambda ids: out_rows(out, (batch,), manifest), numpy_ids),
+        ("(into out: copy rows from the map into it)", lambda ids: layer.gather(ids, raw_out), numpy_ids),
+        ("whole same-host lookup", lambda ids: client.lookup(layer_id, ids), numpy_ids),
+        ("whole same-host lookup, torch ids", lambda ids: client.lookup(layer_id, ids), torch_ids),
+        ("whole same-host lookup, torch ids, into out", lambda ids: client.lookup(layer_id, ids, out=out), torch_ids),
+        ("in-process gather: id check (min and max)", store.check_ids, numpy_ids),
+        *(
+            [("in-process gather: copy rows (take_rows)", lambda ids: take_rows(mapped, ids), numpy_ids)]
+            if mapped is not None
+            else []
         ),
-        ("layer (found once, then kept)", _median_ns(lambda ids: local.layer(layer_id), id_sets, overhead)),
-        ("id check (one pass)", _median_ns(layer.check, id_sets, overhead)),
-        ("sequence lock, read twice (a trained table's; this one is frozen)", seqlock_ns),
-        ("copy rows from the map", _median_ns(layer.gather, id_sets, overhead)),
-        ("version (seen_version)", _median_ns(lambda ids: client.note_version(0), id_sets, overhead)),
-        ("to a torch tensor", _median_ns(lambda ids: local.manifest.dtype.to_torch(rows), id_sets, overhead)),
-        (
-            "(into out: check out and view it raw)",
-            _median_ns(lambda ids: out_rows(out, (batch,), manifest), id_sets, overhead),
-        ),
-        (
-            "(into out: copy rows from the map into it)",
-            _median_ns(lambda ids: layer.gather(ids, raw_out), id_sets, overhead),
-        ),
+        ("whole in-process gather", store.gather, numpy_ids),
     ]
-    counted = [ns for name, ns in steps if not name.startswith("(") and not name.startswith("sequence lock")]
-    steps.append(("sum of the steps above (frozen table, numpy ids)", sum(counted)))
-    steps.append(("whole same-host lookup", _median_ns(lambda ids: client.lookup(layer_id, ids), id_sets, overhead)))
-    steps.append(
-        (
-            "whole same-host lookup, torch ids",
-            _median_ns(lambda ids: client.lookup(layer_id, ids), torch_sets, overhead),
-        )
-    )
-    steps.append(
-        (
-            "whole same-host lookup, torch ids, into out",
-            _median_ns(lambda ids: client.lookup(layer_id, ids, out=out), torch_sets, overhead),
-        )
-    )
-    steps.append(
-        ("in-process gather: id check (min and max)", _median_ns(lambda ids: store.check_ids(ids), id_sets, overhead))
-    )
-    mapped = getattr(store, "plain_rows", None)
-    if mapped is not None:
-        steps.append(
-            (
-                "in-process gather: copy rows (take_rows)",
-                _median_ns(lambda ids: take_rows(mapped, ids), id_sets, overhead),
-            )
-        )
-    steps.append(("whole in-process gather", _median_ns(store.gather, id_sets, overhead)))
-    steps.append(("(timer overhead, subtracted from each figure)", overhead))
-    return steps
+    id_sets = []
+    for _, _, as_torch in steps:
+        sets = [rng.integers(0, store.num_rows, batch) for _ in range(reps)]
+        id_sets.append([torch.from_numpy(ids) for ids in sets] if as_torch else sets)
+    times = np.empty((len(steps), reps), dtype=np.int64)
+    clock = time.perf_counter_ns
+    try:
+        for (_, fn, _), sets in zip(steps, id_sets):  # warm-up
+            for ids in sets[:20]:
+                fn(ids)
+        for i in range(reps):
+            first = i % len(steps)
+            for k in [*range(first, len(steps)), *range(first)]:
+                fn, ids = steps[k][1], id_sets[k][i]
+                start = clock()
+                fn(ids)
+                times[k, i] = clock() - start
+    finally:
+        seqlock.close()
+        tmp.cleanup()
+    medians = np.median(times, axis=1)
+    overhead = float(medians[0])
+    result = [(name, max(0.0, float(m) - overhead)) for (name, _, _), m in zip(steps[1:], medians[1:])]
+    whole = [name for name, _ in result].index("whole same-host lookup")
+    counted = [ns for name, ns in result[:whole] if not name.startswith(("(", "sequence lock"))]
+    result.insert(whole, ("sum of the steps above (frozen table, numpy ids)", sum(counted)))
+    return [*result, (steps[0][0], overhead)]
 
 
 def _percentiles(ns: np.ndarray) -> tuple[float, float]:
