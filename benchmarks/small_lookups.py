@@ -177,7 +177,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small table and few calls (smoke test)")
     parser.add_argument("--table", type=Path, default=None, help="table directory (created if missing)")
     parser.add_argument("--batches", default="32,256,1024", help="rows per call")
-    parser.add_argument("--calls", type=int, default=5000, help="calls of each path per batch size and round")
+    parser.add_argument("--calls", type=int, default=10_000, help="calls of each path per batch size and round")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of every batch size")
     parser.add_argument("--no-breakdown", action="store_true", help="skip the step-by-step timing")
     args = parser.parse_args()
@@ -243,6 +243,14 @@ def main() -> None:
                     f"| {round_} | {batch:,} | {tp50:.1f} | {tp99:.1f} | {tp99 / ip99:.2f} | {op50:.1f} | "
                     f"{op99:.1f} | {jp50:.1f} | {jp99:.1f} | {op99 / jp99:.2f} |"
                 )
+            biggest = batches[-1]
+            pooled = {name: np.concatenate([t[name] for _, b, t in results if b == biggest]) for name in PATHS[:2]}
+            shares = (50, 90, 95, 98, 99, 99.5, 99.9)
+            print(f"\nThe tail at {biggest:,} rows, every round's calls (µs):\n")
+            print("| path | " + " | ".join(f"p{share:g}" for share in shares) + " |")
+            print("|---|" + "---:|" * len(shares))
+            for name, ns in pooled.items():
+                print(f"| {name} | " + " | ".join(f"{v / 1e3:.1f}" for v in np.percentile(ns, shares)) + " |")
             for batch in () if args.no_breakdown else (batches[0], batches[-1]):
                 steps = breakdown(store, client, layer_id, batch, max(200, calls // 2), rng)
                 print(f"\nWhere a same-host lookup of {batch:,} rows spends its time (each step alone, median µs):")
