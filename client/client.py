@@ -149,8 +149,8 @@ class MemstoreClient:
         """(rows [*ids.shape, dim], their version) read from the mapped table, or None when pushes kept
         overlapping the read (the caller asks the daemon). Every call of a decoding step comes here: keep it
         free of locks and of Describe (the limit came with `local`)."""
-        limit = local.max_rows_per_request
-        if len(flat) > limit:  # the rows the wire would carry, deduplicated or not
+        limit = local.max_rows_per_request  # always given by _same_host_table
+        if limit is not None and len(flat) > limit:  # the rows the wire would carry, deduplicated or not
             distinct = _distinct_count(flat)
             check_request_rows(distinct if self._dedup_pays(distinct, len(flat)) else len(flat), limit)
         if local.row_cache is not None:  # the daemon's row cache: its rows here, the rest over gRPC

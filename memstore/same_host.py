@@ -122,7 +122,7 @@ class SameHostReader:
     or, with `row_cache`, the daemon's row cache mapped read-only (`gather_cached`).
 
     `max_rows_per_request` is the daemon's limit (from the same Describe), which the client applies to
-    the rows the wire would have carried.
+    the rows the wire would have carried (None: none known).
     """
 
     def __init__(
@@ -131,7 +131,7 @@ class SameHostReader:
         seqlock: SeqLock | None,
         frozen_version: int = 0,
         row_cache: RowCacheReader | None = None,
-        max_rows_per_request: int = 0,
+        max_rows_per_request: int | None = None,
     ) -> None:
         self.table = table
         self.manifest = table.manifest
@@ -189,7 +189,7 @@ class SameHostReader:
 
 
 def open_if_same_host(
-    access: pb.SameHostAccess, fingerprint: str, version: int = 0, max_rows_per_request: int = 0
+    access: pb.SameHostAccess, fingerprint: str, version: int = 0, max_rows_per_request: int | None = None
 ) -> SameHostReader | None:
     """The daemon's table opened read-only in this process, or None when it is not the same table here
     (or it is trained and this CPU does not keep memory accesses in order). `max_rows_per_request` is the
