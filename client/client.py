@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 
 from client.config import ClientConfig, check_timeout
+from client.dataplane import DataPlane, DataPlaneUnreachable
 from memstore.codec import check_request_rows, encode_grads, encode_row_ids
 from memstore.dtypes import DType
 from memstore.errors import (
@@ -32,6 +34,9 @@ from memstore.wire import memstore_pb2 as pb
 from memstore.wire import memstore_pb2_grpc as pb_grpc
 
 _T = TypeVar("_T")
+log = logging.getLogger("client")
+# Seconds before a client whose data plane could not be reached looks for it again (gRPC meanwhile).
+_DATA_PLANE_RETRY_S = 30.0
 
 
 class MemstoreClient:
@@ -56,6 +61,10 @@ class MemstoreClient:
         self._seen_lock = threading.Lock()
         self._seen_version = 0
         self._retired: list[SameHostReader] = []
+        self._plane: DataPlane | None = None
+        self._plane_checked = False
+        self._plane_retry_at = 0.0  # after falling back to gRPC: when to look for the data plane again
+        self._retired_planes: list[DataPlane] = []
         if expected_fingerprint is not None:
             try:
                 self.check_fingerprint(expected_fingerprint)
@@ -268,13 +277,81 @@ class MemstoreClient:
     ) -> tuple[DType, np.ndarray, int]:
         """(dtype, rows [N, dim], the version of the first message: every row shows at least it).
 
-        A daemon too busy for the lookup (its in-flight budget or call limit) refuses it before
-        sending a row; it is repeated until the deadline: a loaded daemon slows its callers down
-        rather than failing them. A lookup that failed UNAVAILABLE (no daemon, or the connection
-        broke mid-stream) is repeated whole, `max_attempts` times in all.
+        Over the data plane when the daemon offers it, else gRPC streaming. A daemon too busy for the
+        lookup (its in-flight budget or call limit) refuses it before sending a row; it is repeated
+        until the deadline: a loaded daemon slows its callers down rather than failing them. A lookup
+        that failed UNAVAILABLE (no daemon, or the connection broke mid-stream) is repeated whole,
+        `max_attempts` times in all.
         """
-        request = pb.LookupRequest(layer_id=layer_id, row_ids=encode_row_ids(ids))
-        return self._retrying(lambda seconds: self._fetch_once(request, layer_id, len(ids), seconds, out), deadline)
+        request: pb.LookupRequest | None = None
+        rows = out
+
+        def attempt(seconds: float) -> tuple[DType, np.ndarray, int]:
+            nonlocal request, rows
+            plane = self._data_plane(time.monotonic() + seconds)
+            if plane is not None:
+                manifest = self._manifest(seconds)
+                dtype = manifest.dtype
+                if rows is None:
+                    rows = np.empty((len(ids), dtype.stored_width(manifest.layout.dim)), dtype.numpy)
+                try:
+                    return dtype, rows, plane.lookup(layer_id, ids, time.monotonic() + seconds, rows)
+                except DataPlaneUnreachable as exc:
+                    if self.config.data_plane:
+                        raise
+                    self._fall_back_to_grpc(plane, exc)
+            if request is None:
+                request = pb.LookupRequest(layer_id=layer_id, row_ids=encode_row_ids(ids))
+            return self._fetch_once(request, layer_id, len(ids), seconds, rows)
+
+        return self._retrying(attempt, deadline)
+
+    def _data_plane(self, deadline: float) -> DataPlane | None:
+        """The daemon's data plane for lookups, or None for gRPC (not offered, disabled, or unreachable lately)."""
+        if self.config.data_plane is False or self._plane is not None:
+            return self._plane
+        if self._plane_checked and time.monotonic() < self._plane_retry_at:
+            return None
+        with self._describe_lock:
+            if self._plane is None and (not self._plane_checked or time.monotonic() >= self._plane_retry_at):
+                self._plane = self._open_data_plane(deadline)
+                self._plane_checked = True
+                self._plane_retry_at = time.monotonic() + _DATA_PLANE_RETRY_S
+        return self._plane
+
+    def _open_data_plane(self, deadline: float) -> DataPlane | None:
+        # Described anew, not from the cache: a daemon that restarted listens on another port.
+        served = self._call(self._stub.Describe, pb.DescribeRequest(), _left(deadline))
+        if self._described is None:  # the caller holds _describe_lock
+            self._described = served
+        host = _single_host(self.address)
+        if not served.HasField("data_plane") or (host is None and not served.data_plane.host):
+            if self.config.data_plane:
+                raise UnavailableError(
+                    f"{self.address} offers no data plane this client can reach (--no-data-plane, or a target of "
+                    "several daemons without --data-plane-advertise); drop ClientConfig(data_plane=True) to use gRPC"
+                )
+            return None
+        manifest = Manifest.from_json(served.manifest_json)
+        return DataPlane(
+            host or "",
+            served.data_plane,
+            self._open_ticket,
+            manifest.dtype.row_bytes(manifest.layout.dim),
+            self.config.tls,
+        )
+
+    def _open_ticket(self, timeout: float) -> tuple[bytes, float]:
+        answer = self._call(self._stub.OpenDataPlane, pb.OpenDataPlaneRequest(), timeout)
+        return answer.ticket, answer.expires_in_s
+
+    def _fall_back_to_grpc(self, plane: DataPlane, exc: Exception) -> None:
+        with self._describe_lock:
+            if self._plane is plane:
+                self._plane = None
+                self._plane_retry_at = time.monotonic() + _DATA_PLANE_RETRY_S
+                self._retired_planes.append(plane)
+        log.warning("%s; looking rows up over gRPC, and for the data plane again in %.0f s", exc, _DATA_PLANE_RETRY_S)
 
     def _fetch_once(
         self, request: pb.LookupRequest, layer_id: int, num_ids: int, timeout: float, out: np.ndarray | None
@@ -312,8 +389,11 @@ class MemstoreClient:
 
     @property
     def transport(self) -> str:
-        """ "same-host" when lookups read the daemon's files in place, else "grpc" (after the first lookup)."""
-        return "same-host" if self._local is not None else "grpc"
+        """ "same-host" when lookups read the daemon's files in place, "data-plane" when their rows come over
+        the daemon's data plane, else "grpc" (known after the first lookup)."""
+        if self._local is not None:
+            return "same-host"
+        return "data-plane" if self._plane is not None else "grpc"
 
     def _same_host_table(self, timeout: float | None) -> SameHostReader | None:
         if self.config.same_host is False:
@@ -415,6 +495,9 @@ class MemstoreClient:
     def close(self) -> None:
         """Close the channel (in-flight calls are cancelled) and unmap same-host files."""
         self._channel.close()
+        for plane in (self._plane, *self._retired_planes):
+            if plane is not None:
+                plane.close()
         if self._local is not None:
             self._local.close()
             self._local = None
@@ -487,6 +570,18 @@ class PushAck:
     version: int
     layer_step: int
     rows: int
+
+
+def _single_host(address: str) -> str | None:
+    """The host of a one-daemon gRPC target (`host:port`, `dns:///host:port`, `ipv4:a.b.c.d:port`), else None."""
+    target = address
+    for scheme in ("dns:///", "dns:", "ipv4:", "ipv6:"):
+        if target.startswith(scheme):
+            target = target[len(scheme) :]
+            break
+    if "," in target or "/" in target or target.startswith(("unix:", "unix-abstract:", "vsock:", "xds:")):
+        return None
+    return target.rpartition(":")[0].strip("[]") or None
 
 
 def _left(deadline: float) -> float:

@@ -56,6 +56,10 @@ class ClientConfig:
     # Same-host fast path (the daemon's table files mapped read-only in this process):
     # None uses it when available, False never, True requires it.
     same_host: bool | None = None
+    # The daemon's data plane (raw rows over framed TCP) for lookups that do not use the same-host
+    # path: None uses it when the daemon offers it (falling back to gRPC when it cannot be reached),
+    # False never, True requires it.
+    data_plane: bool | None = None
     # Send unique ids (and restore duplicates here) when that removes at least this share of rows.
     dedup_min_saving: float = 0.05
     # Largest request the client sends (ids are 8 bytes each).

@@ -27,6 +27,7 @@ import hmac
 import ipaddress
 import logging
 import os
+import ssl
 import stat
 import threading
 import time
@@ -81,6 +82,17 @@ class TlsConfig:
         pair = [(_read(self.key, "TLS key", private=True), _read(self.cert, "TLS certificate"))]
         roots = None if self.client_ca is None else _read(self.client_ca, "client CA")
         return grpc.ssl_server_credentials(pair, root_certificates=roots, require_client_auth=roots is not None)
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """The same certificate, key and client CA for Python's ssl (the data plane's TLS)."""
+        _read(self.key, "TLS key", private=True)  # refused as gRPC refuses it when others may read it
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(self.cert, self.key)
+        if self.client_ca is not None:
+            context.verify_mode = ssl.CERT_REQUIRED
+            context.load_verify_locations(cadata=_read(self.client_ca, "client CA").decode())
+        return context
 
 
 class TokenTable:
@@ -198,6 +210,14 @@ class ClientTls:
     def __post_init__(self) -> None:
         if (self.cert is None) != (self.key is None):
             raise InvalidArgumentError("a client certificate needs its key and the key its certificate; give both")
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """The same CA and client certificate for Python's ssl (the data plane's TLS)."""
+        context = ssl.create_default_context(cadata=None if self.ca is None else _read(self.ca, "TLS CA").decode())
+        if self.cert is not None and self.key is not None:
+            _read(self.key, "TLS key", private=True)
+            context.load_cert_chain(self.cert, self.key)
+        return context
 
     def credentials(self) -> grpc.ChannelCredentials:
         return grpc.ssl_channel_credentials(

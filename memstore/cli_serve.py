@@ -13,7 +13,7 @@ from pathlib import Path
 from memstore.auth import ClientTls, TlsConfig, read_token
 from memstore.cli_args import add_renamed, enum_choice, format_bytes, parse_bytes, parse_mebibytes
 from memstore.daemon import serve
-from memstore.daemon_config import DaemonConfig, ObservabilityConfig, ServerConfig
+from memstore.daemon_config import DaemonConfig, DataPlaneConfig, ObservabilityConfig, ServerConfig
 from memstore.errors import InvalidArgumentError
 from memstore.integrity import IntegrityConfig
 from memstore.live import LiveConfig
@@ -39,6 +39,7 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
     _add_replication(srv, server, live)
     _add_membership(srv)
     _add_limits(srv, server)
+    _add_data_plane(srv, server.data_plane or DataPlaneConfig())
     _add_row_cache(srv, live.row_cache)
     _add_observability(srv, daemon.observability)
 
@@ -70,6 +71,7 @@ def daemon_config(args: argparse.Namespace) -> DaemonConfig:
             send_timeout_s=args.send_timeout_s,
             tls=_tls(args),
             token_file=args.token_file,
+            data_plane=_data_plane(args),
         ),
         live=LiveConfig(
             durability=args.durability,
@@ -446,6 +448,64 @@ def _add_limits(srv: argparse.ArgumentParser, defaults: ServerConfig) -> None:
         help="memory the calls in progress may hold (requests, gathered rows, optimizer work; default "
         f"{format_bytes(defaults.max_in_flight_bytes)}); "
         "a call that would pass it is refused, and the client retries it shortly",
+    )
+
+
+def _data_plane(args: argparse.Namespace) -> DataPlaneConfig | None:
+    """The data plane's settings (None with --no-data-plane); it advertises --advertise's host by default."""
+    if args.no_data_plane:
+        return None
+    advertise = args.data_plane_advertise
+    if advertise is None and args.advertise:
+        advertise = args.advertise.rpartition(":")[0]  # the host clients reach this daemon at; our own port
+    return DataPlaneConfig(
+        listen=args.data_plane_listen,
+        advertise=advertise,
+        ticket_s=args.data_plane_ticket_s,
+        max_connections=args.data_plane_max_connections,
+        chunk_bytes=args.data_plane_chunk_bytes,
+    )
+
+
+def _add_data_plane(srv: argparse.ArgumentParser, defaults: DataPlaneConfig) -> None:
+    group = srv.add_argument_group("data plane: lookups' rows over framed TCP for other hosts (docs/operations.md)")
+    group.add_argument(
+        "--no-data-plane",
+        action="store_true",
+        help="serve lookups over gRPC only (clients on other hosts then get rows at about a quarter of the speed)",
+    )
+    group.add_argument(
+        "--data-plane-listen",
+        metavar="HOST:PORT",
+        help="where the data plane listens (default: --listen's host, a free port; Describe tells clients)",
+    )
+    group.add_argument(
+        "--data-plane-advertise",
+        metavar="HOST[:PORT]",
+        help="the address clients reach the data plane at, when not --listen's host and port (a proxy, a NAT); "
+        "default: --advertise's host",
+    )
+    group.add_argument(
+        "--data-plane-ticket-s",
+        type=float,
+        default=defaults.ticket_s,
+        metavar="SECONDS",
+        help="how long a data plane ticket (from OpenDataPlane, token-checked) is good for "
+        f"(default {defaults.ticket_s:g})",
+    )
+    group.add_argument(
+        "--data-plane-max-connections",
+        type=int,
+        default=defaults.max_connections,
+        metavar="N",
+        help=f"data plane connections open at once (default {defaults.max_connections})",
+    )
+    group.add_argument(
+        "--data-plane-chunk-bytes",
+        type=parse_bytes,
+        default=defaults.chunk_bytes,
+        metavar="BYTES",
+        help=f"row bytes gathered per frame (default {format_bytes(defaults.chunk_bytes)})",
     )
 
 

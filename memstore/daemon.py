@@ -201,6 +201,9 @@ def _serve_session(config: DaemonConfig, stop: threading.Event) -> _Restart | No
         if replica is not None:
             replica.start()
         _log_serving(table, config.table, f"{host}:{port}", replica)
+        if server.data_plane is not None:
+            offer = server.data_plane.offer()
+            log.info("data plane on port %d%s", server.data_plane.port, " (TLS)" if offer.tls else "")
         if config.membership is not None:  # once serving: clients may find it from now on
             member = advertised_address(config.membership, address, port)
             if config.membership.election and table.trainable:  # among the daemons that can take pushes

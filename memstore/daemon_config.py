@@ -5,7 +5,8 @@
 change. Beside the table, the address, the port file and the drain period, its parts:
 
 - `ServerConfig`: what a gRPC server of the open table reads (`create_server`): streaming, limits,
-  security (TLS, tokens), snapshots, the primary's side of replication;
+  security (TLS, tokens), snapshots, the primary's side of replication, and its `DataPlaneConfig`
+  (memstore.dataplane);
 - `LiveConfig` (memstore.live): durability, checkpoints, the feed kept for followers, row checksums,
   synchronous replication (`LiveConfig.sync`, memstore.sync);
 - `FollowConfig` (memstore.replica): the replica's side, with `DaemonConfig.primary`;
@@ -30,6 +31,31 @@ DEFAULT_LISTEN = "127.0.0.1:50051"
 # The heartbeat period a Follow stream may ask for, in seconds.
 MIN_HEARTBEAT_S = 0.01
 MAX_HEARTBEAT_S = 60.0
+
+
+@dataclass(frozen=True)
+class DataPlaneConfig:
+    """The daemon's data plane (memstore.dataplane; `memstore serve --data-plane-*`): raw rows over framed TCP for
+    clients on other hosts. `ServerConfig.data_plane` None turns it off (`--no-data-plane`)."""
+
+    # HOST:PORT to listen on; None: the gRPC listen host, a free port.
+    listen: str | None = None
+    # HOST:PORT Describe tells clients (a proxy, a NAT); None: the port listened on, and the host
+    # each client reached the daemon at.
+    advertise: str | None = None
+    # Seconds a ticket from OpenDataPlane is accepted; a connection lives at most this long.
+    ticket_s: float = 300.0
+    max_connections: int = 64
+    # Row bytes per frame: what one gather makes before it is sent.
+    chunk_bytes: int = 1 << 20
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.ticket_s <= 86400:
+            raise InvalidArgumentError(f"data plane ticket lifetime must be 1..86400 s; got {self.ticket_s}")
+        if self.max_connections < 1:
+            raise InvalidArgumentError(f"data plane max connections must be at least 1; got {self.max_connections}")
+        if not 4096 <= self.chunk_bytes <= 64 << 20:
+            raise InvalidArgumentError(f"data plane chunk bytes must be 4 KiB..64 MiB; got {self.chunk_bytes}")
 
 
 @dataclass(frozen=True)
@@ -79,6 +105,8 @@ class ServerConfig:
     # (round_robin clients keep one open per connection; each holds no thread, only a little memory).
     max_calls_per_peer: int = 32
     max_watch_streams: int = 256
+    # Lookups' rows over framed TCP beside gRPC, for clients on other hosts (None: gRPC only).
+    data_plane: DataPlaneConfig | None = DataPlaneConfig()
 
     def __post_init__(self) -> None:
         for name in (

@@ -304,6 +304,21 @@ class CallGuard(grpc.ServerInterceptor):
             if close is not None:
                 close()  # the servicer's stream gives back what it reserved now, not when collected
 
+    @contextlib.contextmanager
+    def work_slot(self, seconds: float) -> Iterator[None]:
+        """One of the `max_workers` work slots for work outside gRPC (the data plane), waited for at most
+        `seconds`; ResourceExhaustedError (with a retry hint) when none came free in time."""
+        if not self._work.acquire(timeout=max(0.0, seconds)):
+            raise ResourceExhaustedError(
+                f"every one of this daemon's {self._config.max_workers} work slots stayed busy (--max-workers): "
+                "retry shortly",
+                retry_after_s=BUSY_RETRY_MS / 1000,
+            )
+        try:
+            yield
+        finally:
+            self._work.release()
+
     def _take_work(self, context: grpc.ServicerContext) -> bool:
         while not self._work.acquire(timeout=0.2):
             if not context.is_active():

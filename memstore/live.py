@@ -242,15 +242,20 @@ class LiveTable:
         ids = self.table.local_ids(layer_id, row_ids)
         return self._gather_checked(layer_id, self.table.store(layer_id), ids, out)
 
-    def gather_chunks(self, layer_id: int, row_ids: np.ndarray, chunk_rows: int) -> Iterator[tuple[np.ndarray, int]]:
+    def gather_chunks(
+        self, layer_id: int, row_ids: np.ndarray, chunk_rows: int, buffer: np.ndarray | None = None
+    ) -> Iterator[tuple[np.ndarray, int]]:
         """`gather` in consecutive chunks of at most chunk_rows rows, each with its version; every id
-        is checked before the first chunk."""
+        is checked before the first chunk. With `buffer` ([>= chunk_rows, stored width], the stored
+        dtype) every chunk is gathered into it: a chunk is valid until the next one is asked for."""
         if chunk_rows < 1:
             raise InvalidArgumentError(f"chunk_rows is {chunk_rows}; it must be at least 1")
         store = self.table.store(layer_id)
         ids = self.table.local_ids(layer_id, row_ids)
         for start in range(0, len(ids), chunk_rows):
-            yield self._gather_checked(layer_id, store, ids[start : start + chunk_rows], None)
+            chunk = ids[start : start + chunk_rows]
+            out = None if buffer is None else buffer[: len(chunk)]
+            yield self._gather_checked(layer_id, store, chunk, out)
 
     def _gather_checked(
         self, layer_id: int, store: RowStore, ids: np.ndarray, out: np.ndarray | None

@@ -76,6 +76,11 @@ class DaemonMetrics:
             registry=r,
         )
         self.in_flight = Gauge("memstore_in_flight_requests", "RPCs being served now", registry=r)
+        self.data_plane_connections = Gauge(
+            "memstore_data_plane_connections",
+            "Data plane connections open now (their lookups: DataPlaneLookup)",
+            registry=r,
+        )
         self.in_flight_bytes = Gauge(
             "memstore_in_flight_bytes", "Memory reserved by the calls being served now (memstore.limits)", registry=r
         )
@@ -105,7 +110,8 @@ class DaemonMetrics:
     def counts(self) -> dict[str, float]:
         """Running totals for the daemon's periodic log line."""
         return {
-            "lookups": self.total("memstore_requests_total", method="Lookup"),
+            "lookups": self.total("memstore_requests_total", method="Lookup")
+            + self.total("memstore_requests_total", method="DataPlaneLookup"),
             "rows served": self.total("memstore_rows_served_total"),
             "pushes": self.total("memstore_pushes_applied_total"),
             "rows pushed": self.total("memstore_pushed_rows_total"),
@@ -318,10 +324,10 @@ class StatsSummary:
         out = []
         for name, value in sorted(self.values.items()):
             out.append(f"{name:<40} {value:,.0f}")
-        out.append(f"{'method':<12} {'calls':>10} {'p50 ms':>9} {'p99 ms':>9}  errors")
+        out.append(f"{'method':<16} {'calls':>10} {'p50 ms':>9} {'p99 ms':>9}  errors")
         for method, stats in sorted(self.methods.items()):
             errors = ", ".join(f"{code} {count}" for code, count in sorted(stats.errors.items())) or "-"
-            out.append(f"{method:<12} {stats.calls:>10,} {stats.p50_s * 1e3:>9.2f} {stats.p99_s * 1e3:>9.2f}  {errors}")
+            out.append(f"{method:<16} {stats.calls:>10,} {stats.p50_s * 1e3:>9.2f} {stats.p99_s * 1e3:>9.2f}  {errors}")
         return out
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from concurrent import futures
@@ -41,6 +42,7 @@ from memstore.daemon_config import (
     ServerConfig,
     check_listen_address,
 )
+from memstore.dataplane.server import DataPlaneLimits, DataPlaneServer
 from memstore.errors import (
     RETRY_PUSHBACK_KEY,
     InternalError,
@@ -96,7 +98,14 @@ class MemstoreServicer(pb_grpc.MemstoreServicer):
     """Translates RPCs to `LiveTable` calls and project errors to status codes, counting each call."""
 
     def __init__(
-        self, live: LiveTable, config: ServerConfig, metrics: DaemonMetrics, replica: Follower | None = None
+        self,
+        live: LiveTable,
+        config: ServerConfig,
+        metrics: DaemonMetrics,
+        replica: Follower | None = None,
+        *,
+        budget: InFlightBudget | None = None,
+        data_plane: DataPlaneServer | None = None,
     ) -> None:
         self._live = live
         self._config = config
@@ -104,7 +113,8 @@ class MemstoreServicer(pb_grpc.MemstoreServicer):
         self._replica = replica
         self.followers = follower_slots(config.max_followers)
         self.row_watchers = row_watch_slots(config.max_row_watchers)
-        self.budget = InFlightBudget(config.max_in_flight_bytes)
+        self.budget = budget or InFlightBudget(config.max_in_flight_bytes)
+        self._data_plane = data_plane
         manifest = live.manifest
         self._row_bytes = manifest.dtype.row_bytes(manifest.layout.dim)
         self._chunk_rows = max(1, config.chunk_bytes // self._row_bytes)
@@ -126,6 +136,7 @@ class MemstoreServicer(pb_grpc.MemstoreServicer):
             # None: not offered
             same_host=advertise(live.table, live.seqlock, live.row_cache) if config.same_host else None,
             trainable=live.accepts_pushes,
+            data_plane=None if data_plane is None else data_plane.offer(),
         )
 
     def Describe(self, request: pb.DescribeRequest, context: grpc.ServicerContext) -> pb.DescribeResponse:
@@ -286,6 +297,15 @@ class MemstoreServicer(pb_grpc.MemstoreServicer):
     def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsResponse:
         with self._call("Stats", context):
             return pb.StatsResponse(prometheus_text=self._metrics.text().decode())
+
+    def OpenDataPlane(
+        self, request: pb.OpenDataPlaneRequest, context: grpc.ServicerContext
+    ) -> pb.OpenDataPlaneResponse:
+        with self._call("OpenDataPlane", context):
+            if self._data_plane is None:
+                raise UnavailableError("this daemon serves no data plane (--no-data-plane): look rows up over gRPC")
+            tickets = self._data_plane.tickets
+            return pb.OpenDataPlaneResponse(ticket=tickets.issue(), expires_in_s=tickets.lifetime_s)
 
     def Follow(self, request: pb.FollowRequest, context: grpc.ServicerContext) -> Iterator[pb.FollowResponse]:
         follower = request.follower_id or context.peer()
@@ -457,7 +477,24 @@ def create_server(
         # max_followers of ours, max_watch_streams Watch streams; health and reflection have their own threads.
     )
     server.guard = guard  # type: ignore[attr-defined]  # for tests and metrics: watchdog, peers
-    servicer = MemstoreServicer(live, config, metrics, replica)
+    budget = InFlightBudget(config.max_in_flight_bytes)
+    check_listen_address(address)
+    data_plane = None
+    tcp_host = None if address.startswith(("unix:", "unix-abstract:", "vsock:")) else address.rpartition(":")[0]
+    if config.data_plane is not None and (tcp_host or config.data_plane.listen):  # not beside a Unix socket
+        data_plane = DataPlaneServer(
+            live,
+            config.data_plane,
+            DataPlaneLimits(config.max_rows_per_request, config.request_timeout_s, config.send_timeout_s),
+            host=(tcp_host or "").strip("[]"),
+            budget=budget,
+            guard=guard,
+            metrics=metrics,
+            tls=None if config.tls is None else config.tls.ssl_context(),
+            replica=replica,
+        )
+    server.data_plane = data_plane  # type: ignore[attr-defined]  # for the daemon's log line and tests
+    servicer = MemstoreServicer(live, config, metrics, replica, budget=budget, data_plane=data_plane)
     pb_grpc.add_MemstoreServicer_to_server(servicer, server)
     metrics.track(live, servicer.budget, replica)
     health_servicer = health_servicer or health.HealthServicer()
@@ -472,18 +509,31 @@ def create_server(
         if not live.integrity.intact:
             _set_health(health_servicer, False)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    check_listen_address(address)
     try:
         if config.tls is None:
             port = server.add_insecure_port(address)
         else:
             port = server.add_secure_port(address, config.tls.server_credentials())
     except RuntimeError:
+        if data_plane is not None:
+            data_plane.close()
         raise InvalidArgumentError(
             f"cannot listen on {address}: the port is in use (another daemon serving there?) or the host is not "
             "an address of this machine; stop what holds the port or choose another (port 0 picks a free one)"
         ) from None
+    if data_plane is not None:
+        metrics.data_plane_connections.set_function(lambda: data_plane.connections)
+        data_plane.start()
+        threading.Thread(
+            target=_close_with, args=(server, data_plane), name="memstore-data-plane-stop", daemon=True
+        ).start()
     return server, port
+
+
+def _close_with(server: grpc.Server, data_plane: DataPlaneServer) -> None:
+    """Close the data plane once the gRPC server has stopped (whoever stopped it)."""
+    server.wait_for_termination()
+    data_plane.close()
 
 
 def _count_refusal(metrics: DaemonMetrics, method: str, exc: MemstoreError) -> None:

@@ -67,10 +67,18 @@ def daemon(daemon_factory, table: Table) -> Daemon:
     return daemon_factory(table)
 
 
-@pytest.fixture(params=[False, True], ids=["grpc", "same-host"])
+# How a client's lookups travel, as ClientConfig settings: each contract test of the client runs over each.
+TRANSPORTS = {
+    "grpc": {"same_host": False, "data_plane": False},
+    "data-plane": {"same_host": False, "data_plane": True},
+    "same-host": {"same_host": True},
+}
+
+
+@pytest.fixture(params=list(TRANSPORTS))
 def client_config(request: pytest.FixtureRequest) -> ClientConfig:
-    """Fail-fast client settings, once over gRPC and once through the same-host fast path."""
-    return replace(FAST_FAIL, same_host=request.param)
+    """Fail-fast client settings, once over gRPC streaming, the data plane and the same-host fast path."""
+    return replace(FAST_FAIL, **TRANSPORTS[request.param])
 
 
 @pytest.fixture

@@ -441,10 +441,10 @@ def test_serve_with_tokens_metrics_and_json_logs(table_path: Path, tmp_path: Pat
         assert main(["stats", address, "--token-file", str(tokens)]) == 0
         printed = capsys.readouterr().out
         assert "memstore_rows_served_total" in printed and " 30" in printed
-        assert re.search(r"^Lookup\s+3\b", printed, re.MULTILINE), printed
+        assert re.search(r"^DataPlaneLookup\s+3\b", printed, re.MULTILINE), printed  # the data plane, by default
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
             scraped = response.read().decode()
-        assert 'memstore_requests_total{code="OK",method="Lookup"} 3.0' in scraped
+        assert 'memstore_requests_total{code="OK",method="DataPlaneLookup"} 3.0' in scraped
         assert 'memstore_requests_total{code="UNAUTHENTICATED",method="Stats"}' not in scraped  # refused before
     finally:
         assert stop_daemon(process) == 0

@@ -221,14 +221,15 @@ def test_duplicates_do_not_cross_the_wire_and_limits_hold_on_both_paths(
 
 def test_the_requested_transport_is_used(client: MemstoreClient, client_config: ClientConfig) -> None:
     client.lookup(1, [0, 1])
-    assert client.transport == ("same-host" if client_config.same_host else "grpc")
+    expected = "same-host" if client_config.same_host else "data-plane" if client_config.data_plane else "grpc"
+    assert client.transport == expected
 
 
-def test_same_host_falls_back_to_grpc_when_the_daemon_does_not_offer_it(daemon_factory, table: Table) -> None:
+def test_same_host_falls_back_to_the_data_plane_when_the_daemon_does_not_offer_it(daemon_factory, table: Table) -> None:
     daemon = daemon_factory(table, ServerConfig(same_host=False))
     with MemstoreClient(daemon.address) as client:
         np.testing.assert_array_equal(client.lookup(4, [7]).numpy(), table.gather(4, np.array([7])))
-        assert client.transport == "grpc"
+        assert client.transport == "data-plane"
     with MemstoreClient(daemon.address, ClientConfig(same_host=True)) as client:
         with pytest.raises(UnavailableError, match="no same-host access"):
             client.lookup(4, [7])
@@ -243,7 +244,7 @@ def test_same_host_refuses_a_file_that_is_not_the_daemons(daemon_factory, tmp_pa
         make_table(path)
         with MemstoreClient(daemon.address) as client:
             np.testing.assert_array_equal(client.lookup(1, [3]).numpy(), opened.gather(1, np.array([3])))
-            assert client.transport == "grpc"
+            assert client.transport == "data-plane"
 
 
 def test_a_one_attempt_client_gets_a_working_channel(daemon) -> None:
@@ -252,7 +253,7 @@ def test_a_one_attempt_client_gets_a_working_channel(daemon) -> None:
         assert client.lookup(1, np.arange(3)).shape == (3, 16)
 
 
-def test_an_lmdb_table_is_served_over_grpc_only(tmp_path, daemon_factory) -> None:
+def test_an_lmdb_table_is_served_to_remote_clients_only(tmp_path, daemon_factory) -> None:
     from memstore.create import create_table
     from memstore.tabledir.manifest import Backend, Manifest
 
@@ -264,7 +265,7 @@ def test_an_lmdb_table_is_served_over_grpc_only(tmp_path, daemon_factory) -> Non
             np.testing.assert_array_equal(
                 client.lookup(1, ids).numpy(), table.gather(1, ids.reshape(-1)).reshape(5, 40, 16)
             )
-            assert client.transport == "grpc"  # one LMDB open per process: no same-host mapping offered
+            assert client.transport == "data-plane"  # one LMDB open per process: no same-host mapping offered
         with MemstoreClient(daemon.address, ClientConfig(same_host=True)) as client, pytest.raises(UnavailableError):
             client.lookup(1, ids)
 
@@ -334,7 +335,9 @@ def dying_daemon(tmp_path) -> Iterator[Callable[..., tuple[subprocess.Popen, str
 _DEFAULT_RETRIES = ClientConfig(timeout_s=5.0, same_host=False)
 
 
-@pytest.mark.parametrize("call", ["lookup", "version", "push", "cluster-lookup", "prefetch", "same-host-lookup"])
+@pytest.mark.parametrize(
+    "call", ["lookup", "grpc-lookup", "version", "push", "cluster-lookup", "prefetch", "same-host-lookup"]
+)
 def test_a_call_ends_when_its_daemon_dies_mid_call(dying_daemon, call: str) -> None:
     """A daemon stopped (SIGSTOP) during a call and then killed: the call fails with the project's
     error instead of blocking forever (gRPC's retry policy used to hang streamed lookups)."""
@@ -345,6 +348,8 @@ def test_a_call_ends_when_its_daemon_dies_mid_call(dying_daemon, call: str) -> N
         client = ClusterClient(ClusterSpec.from_flags([address]), _DEFAULT_RETRIES)
     elif call == "same-host-lookup":  # rows from the mapped files, once Describe (sent mid-death here) answers
         client = MemstoreClient(address, replace(_DEFAULT_RETRIES, same_host=True))
+    elif call == "grpc-lookup":
+        client = MemstoreClient(address, replace(_DEFAULT_RETRIES, data_plane=False))
     else:
         client = MemstoreClient(address, _DEFAULT_RETRIES)
     with client:
@@ -352,6 +357,9 @@ def test_a_call_ends_when_its_daemon_dies_mid_call(dying_daemon, call: str) -> N
             assert client.version() == 0  # connected, not described
         else:
             assert client.lookup(1, ids).shape == (8, 16)  # connected and described
+        if call == "lookup":  # its rows come over the data plane: the request queues at that port
+            assert client.transport == "data-plane"
+            port = client._plane.address[1]
         if call == "prefetch":
             # Fetched in submit (no pool thread that a regression would leave hanging at exit).
             with Prefetcher(client, lambda _: {1: ids}, [1], PrefetchConfig(overlap=False)) as prefetcher:

@@ -64,6 +64,12 @@ FLAGS: list[tuple[list[str], Callable[[DaemonConfig], Any], Any]] = [
     (["--max-workers", "3"], lambda c: c.server.max_workers, 3),
     (["--grace-s", "2.5"], lambda c: c.grace_s, 2.5),
     (["--no-same-host"], lambda c: c.server.same_host, False),
+    (["--no-data-plane"], lambda c: c.server.data_plane, None),
+    (["--data-plane-listen", "0.0.0.0:7000"], lambda c: c.server.data_plane.listen, "0.0.0.0:7000"),
+    (["--data-plane-advertise", "h:7001"], lambda c: c.server.data_plane.advertise, "h:7001"),
+    (["--data-plane-ticket-s", "60"], lambda c: c.server.data_plane.ticket_s, 60.0),
+    (["--data-plane-max-connections", "5"], lambda c: c.server.data_plane.max_connections, 5),
+    (["--data-plane-chunk-bytes", "256KiB"], lambda c: c.server.data_plane.chunk_bytes, 256 << 10),
     (["--tls-cert", "c.pem", "--tls-key", "k.pem"], lambda c: c.server.tls, TlsConfig(Path("c.pem"), Path("k.pem"))),
     (
         ["--tls-cert", "c.pem", "--tls-key", "k.pem", "--tls-client-ca", "ca.pem"],

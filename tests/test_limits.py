@@ -20,7 +20,8 @@ from memstore.wire import memstore_pb2_grpc as pb_grpc
 from tests.helpers import DEADLINE_S, FAST_FAIL, InProcessDaemon, join_all, wait_until
 
 LAYER = 1
-GRPC = replace(FAST_FAIL, same_host=False, max_attempts=5, initial_backoff_s=0.05, max_backoff_s=0.2)
+# These limits are the gRPC path's (message sizes, its retry policy); test_dataplane.py checks the data plane's.
+GRPC = replace(FAST_FAIL, same_host=False, data_plane=False, max_attempts=5, initial_backoff_s=0.05, max_backoff_s=0.2)
 
 
 def test_budget_reserves_and_releases() -> None:

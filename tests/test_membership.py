@@ -79,8 +79,8 @@ def _members(etcd_store: EtcdClient) -> dict[str, MemberRecord]:
 
 def _lookups_served(address: str) -> float:
     with MemstoreClient(address, GRPC) as client:
-        lookup = summarize(client.stats()).methods.get("Lookup")
-    return 0.0 if lookup is None else lookup.calls
+        methods = summarize(client.stats()).methods
+    return sum(methods[name].calls for name in ("Lookup", "DataPlaneLookup") if name in methods)
 
 
 def _ids(count: int = 64) -> np.ndarray:

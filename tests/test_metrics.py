@@ -81,12 +81,13 @@ def trainable(tmp_path):
     live.close()
 
 
-def test_a_daemon_counts_what_it_serves_and_refuses(trainable) -> None:
+@pytest.mark.parametrize(("data_plane", "method"), [(False, "Lookup"), (True, "DataPlaneLookup")])
+def test_a_daemon_counts_what_it_serves_and_refuses(trainable, data_plane: bool, method: str) -> None:
     metrics = DaemonMetrics()
     server, port = create_server(trainable, "127.0.0.1:0", ServerConfig(same_host=False), metrics=metrics)
     server.start()
     try:
-        with MemstoreClient(f"127.0.0.1:{port}", GRPC) as client:
+        with MemstoreClient(f"127.0.0.1:{port}", replace(GRPC, data_plane=data_plane)) as client:
             for _ in range(3):
                 client.lookup(LAYER, np.arange(10))
             with pytest.raises(InvalidArgumentError):
@@ -98,8 +99,8 @@ def test_a_daemon_counts_what_it_serves_and_refuses(trainable) -> None:
     finally:
         assert server.stop(None).wait(DEADLINE_S)
     summary = summarize(text)
-    assert summary.methods["Lookup"].calls == 4
-    assert summary.methods["Lookup"].errors == {"INVALID_ARGUMENT": 1}
+    assert summary.methods[method].calls == 4
+    assert summary.methods[method].errors == {"INVALID_ARGUMENT": 1}
     assert summary.methods["Push"].errors == {"INVALID_ARGUMENT": 1}
     assert summary.values["memstore_rows_served_total"] == 30
     assert summary.values["memstore_bytes_served_total"] == 30 * DIM * 2

@@ -49,7 +49,7 @@ class DescribeRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DescribeResponse(_message.Message):
-    __slots__ = ("manifest_json", "fingerprint", "limits", "server_version", "same_host", "version", "trainable", "replication")
+    __slots__ = ("manifest_json", "fingerprint", "limits", "server_version", "same_host", "version", "trainable", "replication", "data_plane")
     MANIFEST_JSON_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
@@ -58,6 +58,7 @@ class DescribeResponse(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TRAINABLE_FIELD_NUMBER: _ClassVar[int]
     REPLICATION_FIELD_NUMBER: _ClassVar[int]
+    DATA_PLANE_FIELD_NUMBER: _ClassVar[int]
     manifest_json: str
     fingerprint: str
     limits: ServerLimits
@@ -66,7 +67,32 @@ class DescribeResponse(_message.Message):
     version: int
     trainable: bool
     replication: Replication
-    def __init__(self, manifest_json: _Optional[str] = ..., fingerprint: _Optional[str] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., server_version: _Optional[str] = ..., same_host: _Optional[_Union[SameHostAccess, _Mapping]] = ..., version: _Optional[int] = ..., trainable: _Optional[bool] = ..., replication: _Optional[_Union[Replication, _Mapping]] = ...) -> None: ...
+    data_plane: DataPlaneOffer
+    def __init__(self, manifest_json: _Optional[str] = ..., fingerprint: _Optional[str] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., server_version: _Optional[str] = ..., same_host: _Optional[_Union[SameHostAccess, _Mapping]] = ..., version: _Optional[int] = ..., trainable: _Optional[bool] = ..., replication: _Optional[_Union[Replication, _Mapping]] = ..., data_plane: _Optional[_Union[DataPlaneOffer, _Mapping]] = ...) -> None: ...
+
+class DataPlaneOffer(_message.Message):
+    __slots__ = ("port", "host", "tls", "protocol")
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    TLS_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    port: int
+    host: str
+    tls: bool
+    protocol: int
+    def __init__(self, port: _Optional[int] = ..., host: _Optional[str] = ..., tls: _Optional[bool] = ..., protocol: _Optional[int] = ...) -> None: ...
+
+class OpenDataPlaneRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class OpenDataPlaneResponse(_message.Message):
+    __slots__ = ("ticket", "expires_in_s")
+    TICKET_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_IN_S_FIELD_NUMBER: _ClassVar[int]
+    ticket: bytes
+    expires_in_s: float
+    def __init__(self, ticket: _Optional[bytes] = ..., expires_in_s: _Optional[float] = ...) -> None: ...
 
 class Replication(_message.Message):
     __slots__ = ("role", "primary_address", "applied_version", "primary_version", "lag_versions", "seconds_since_contact", "followers", "serving", "problem", "sync_replicas", "sync_timeout_policy", "acknowledged_version", "sync_degraded", "replicas", "epoch", "election_state")

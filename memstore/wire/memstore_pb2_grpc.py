@@ -80,6 +80,11 @@ class MemstoreStub:
                 request_serializer=memstore_dot_wire_dot_memstore__pb2.StatsRequest.SerializeToString,
                 response_deserializer=memstore_dot_wire_dot_memstore__pb2.StatsResponse.FromString,
                 _registered_method=True)
+        self.OpenDataPlane = channel.unary_unary(
+                '/engram.memstore.v1.Memstore/OpenDataPlane',
+                request_serializer=memstore_dot_wire_dot_memstore__pb2.OpenDataPlaneRequest.SerializeToString,
+                response_deserializer=memstore_dot_wire_dot_memstore__pb2.OpenDataPlaneResponse.FromString,
+                _registered_method=True)
 
 
 class MemstoreServicer:
@@ -186,6 +191,17 @@ class MemstoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenDataPlane(self, request, context):
+        """A ticket for the daemon's data plane (Describe's `data_plane`): the bulk TCP stream that
+        carries lookups' rows to clients on other hosts (framing in docs/format.md). The call passes
+        the token check like any other, and the ticket carries the token's scope; a data-plane
+        connection presents it first, and is refused once it expires (the client asks for another).
+        Fails with FAILED_PRECONDITION when the daemon offers no data plane (--no-data-plane).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MemstoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -233,6 +249,11 @@ def add_MemstoreServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=memstore_dot_wire_dot_memstore__pb2.StatsRequest.FromString,
                     response_serializer=memstore_dot_wire_dot_memstore__pb2.StatsResponse.SerializeToString,
+            ),
+            'OpenDataPlane': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenDataPlane,
+                    request_deserializer=memstore_dot_wire_dot_memstore__pb2.OpenDataPlaneRequest.FromString,
+                    response_serializer=memstore_dot_wire_dot_memstore__pb2.OpenDataPlaneResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -479,6 +500,33 @@ class Memstore:
             '/engram.memstore.v1.Memstore/Stats',
             memstore_dot_wire_dot_memstore__pb2.StatsRequest.SerializeToString,
             memstore_dot_wire_dot_memstore__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenDataPlane(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/engram.memstore.v1.Memstore/OpenDataPlane',
+            memstore_dot_wire_dot_memstore__pb2.OpenDataPlaneRequest.SerializeToString,
+            memstore_dot_wire_dot_memstore__pb2.OpenDataPlaneResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,248 @@
+"""Lookups over a daemon's data plane: raw rows read straight into the caller's buffer.
+
+The daemon offers the data plane in Describe (memstore.dataplane); the client asks for a ticket
+over gRPC (OpenDataPlane, which checks its token) and presents it on each connection it opens.
+A connection carries one lookup at a time; the calls of a thread pool each take an idle one or
+open another. Frames are memstore.dataplane.frames (docs/format.md).
+
+What the caller sees is what a gRPC lookup gives: rows in request order with the version the
+first chunk showed, the project's exceptions (an ERROR frame carries the daemon's status code and
+message; a broken connection is UnavailableError, a deadline DeadlineExceededError), and nothing
+half-filled presented as an answer.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from memstore.auth import ClientTls
+from memstore.dataplane import frames
+from memstore.errors import (
+    DataLossError,
+    DeadlineExceededError,
+    MemstoreError,
+    UnauthenticatedError,
+    UnavailableError,
+)
+from memstore.wire import memstore_pb2 as pb
+
+# A ticket is renewed, and a connection retired, this long before the daemon would refuse it.
+_EXPIRY_MARGIN_S = 5.0
+# Receive buffer asked for (capped by net.core.rmem_max): room for chunks while the caller copies.
+_SOCKET_BUFFER_BYTES = 4 << 20
+
+# (ticket, seconds it is good for), asked of the daemon over gRPC within `timeout` seconds.
+TicketSource = Callable[[float], tuple[bytes, float]]
+
+
+class DataPlaneUnreachable(UnavailableError):
+    """No connection to the data plane could be made (a firewall, a stale port): gRPC may still work."""
+
+
+@dataclass
+class _Connection:
+    sock: socket.socket
+    expiry: float  # time.monotonic() past which the daemon refuses its lookups
+    requests: int = 0
+
+
+class DataPlane:
+    """One daemon's data plane, as a pool of connections. Thread-safe; `close()` ends every connection."""
+
+    def __init__(
+        self,
+        host: str,
+        offer: pb.DataPlaneOffer,
+        tickets: TicketSource,
+        row_bytes: int,
+        tls: ClientTls | None = None,
+        max_idle: int = 8,
+    ) -> None:
+        if offer.protocol != frames.PROTOCOL:
+            raise UnavailableError(
+                f"the daemon's data plane speaks protocol {offer.protocol}, this client {frames.PROTOCOL}: "
+                "looking rows up over gRPC"
+            )
+        if offer.tls and tls is None:
+            raise UnavailableError("the daemon's data plane requires TLS and this client has no TLS settings")
+        self.address = (offer.host or host, offer.port)
+        self._tickets = tickets
+        self._row_bytes = row_bytes
+        self._tls = tls.ssl_context() if offer.tls and tls is not None else None
+        self._server_name = None if tls is None else (tls.server_name or self.address[0])
+        self._max_idle = max_idle
+        self._lock = threading.Lock()
+        self._idle: list[_Connection] = []
+        self._ticket: tuple[bytes, float] | None = None  # (ticket, expiry)
+        self._closed = False
+
+    def lookup(self, layer_id: int, ids: np.ndarray, deadline: float, out: np.ndarray) -> int:
+        """Rows of `ids` into `out` ([len(ids), stored width], C-contiguous); the version they show (at least)."""
+        connection = self._take(deadline)
+        try:
+            answer = self._exchange(connection, layer_id, ids, deadline, out)
+        except BaseException:
+            _close(connection.sock)  # broken, or cut mid-answer: the stream is out of step
+            raise
+        if isinstance(answer, UnauthenticatedError):  # its ticket ran out between our check and the daemon's
+            _close(connection.sock)
+            self._ticket = None
+            raise UnavailableError("the data plane ticket expired during the call; it is repeated")
+        self._give_back(connection)  # an ERROR frame ends an answer cleanly: the connection stays in step
+        if isinstance(answer, MemstoreError):
+            raise answer
+        return answer
+
+    def _exchange(
+        self, connection: _Connection, layer_id: int, ids: np.ndarray, deadline: float, out: np.ndarray
+    ) -> int | MemstoreError:
+        """The version of the rows now in `out`, or the error the daemon answered with."""
+        sock = connection.sock
+        connection.requests += 1
+        request_id = connection.requests
+        wanted = len(ids)
+        view = memoryview(out.reshape(-1).view(np.uint8))  # [N * row bytes]
+        if len(view) != wanted * self._row_bytes:
+            raise DataLossError(f"the output buffer has {len(view)} bytes for {wanted} rows of {self._row_bytes}")
+        try:
+            frames.set_timeout(sock, _left(deadline))
+            head, wire_ids = frames.pack_lookup(request_id, layer_id, ids, deadline - time.monotonic())
+            frames.send_parts(sock, (head, wire_ids))
+            received, version = 0, None
+            header_bytes = bytearray(frames.HEADER_BYTES)
+            while version is None or received < wanted:
+                frames.set_timeout(sock, _left(deadline))
+                frames.recv_exact(sock, memoryview(header_bytes))
+                header = frames.parse_header(header_bytes)
+                if header.request_id != request_id & 0xFFFFFFFF:
+                    raise DataLossError(f"data plane answer for request {header.request_id}, not {request_id}")
+                if header.kind is frames.Kind.ERROR:
+                    payload = bytearray(header.payload_bytes)
+                    frames.recv_exact(sock, memoryview(payload))
+                    return frames.error_of(header, bytes(payload))
+                if header.kind is not frames.Kind.ROWS:
+                    raise DataLossError(f"data plane sent {header.kind.name} where ROWS were due")
+                chunk_version, offset, count = header.fields
+                end = (offset + count) * self._row_bytes
+                if offset != received or offset + count > wanted or header.payload_bytes != count * self._row_bytes:
+                    raise DataLossError(
+                        f"data plane ROWS frame of {count} rows at {offset} ({header.payload_bytes} bytes) does not "
+                        f"continue the {received} of {wanted} rows of {self._row_bytes} bytes received"
+                    )
+                frames.recv_exact(sock, view[offset * self._row_bytes : end])
+                version = chunk_version if version is None else version
+                received += count
+            return version
+        except DeadlineExceededError:
+            raise
+        except TimeoutError:
+            raise DeadlineExceededError(f"the lookup's deadline passed on the data plane to {self._where()}") from None
+        except (OSError, EOFError) as exc:
+            raise UnavailableError(f"the data plane connection to {self._where()} broke: {exc}") from None
+
+    def _take(self, deadline: float) -> _Connection:
+        """An idle connection with time left on its ticket, or a new one."""
+        now = time.monotonic()
+        with self._lock:
+            if self._closed:
+                raise UnavailableError("the client is closed")
+            while self._idle:
+                connection = self._idle.pop()
+                if connection.expiry - _EXPIRY_MARGIN_S > now:
+                    return connection
+                _close(connection.sock)
+        return self._connect(deadline)
+
+    def _connect(self, deadline: float) -> _Connection:
+        ticket, expiry = self._current_ticket(deadline)
+        try:
+            raw = socket.create_connection(self.address, timeout=_left(deadline))
+        except DeadlineExceededError:
+            raise
+        except TimeoutError:
+            raise DeadlineExceededError(
+                f"connecting to the data plane at {self._where()} took the whole deadline"
+            ) from None
+        except OSError as exc:
+            raise DataPlaneUnreachable(
+                f"cannot connect to the data plane at {self._where()}: {exc.strerror or exc}"
+            ) from None
+        sock: socket.socket = raw
+        try:
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER_BYTES)
+            if self._tls is not None:
+                sock = self._tls.wrap_socket(raw, server_hostname=self._server_name)
+            frames.set_timeout(sock, _left(deadline))
+            sock.sendall(frames.pack_hello(ticket))
+            header, payload = frames.recv_frame(sock)
+            if header.kind is frames.Kind.ERROR:
+                raise frames.error_of(header, payload)
+            if header.kind is not frames.Kind.READY:
+                raise DataLossError(f"the data plane answered HELLO with {header.kind.name}")
+        except UnauthenticatedError:
+            _close(sock)
+            self._ticket = None  # the daemon restarted (new key): the next attempt asks for a new ticket
+            raise UnavailableError(
+                f"the data plane at {self._where()} refused this client's ticket; retrying"
+            ) from None
+        except (TimeoutError, ssl.SSLError, OSError, EOFError) as exc:
+            _close(sock)
+            if isinstance(exc, DeadlineExceededError):
+                raise
+            if isinstance(exc, TimeoutError):
+                raise DeadlineExceededError(f"the data plane at {self._where()} did not answer HELLO in time") from None
+            raise UnavailableError(f"the data plane at {self._where()} failed at HELLO: {exc}") from None
+        except BaseException:
+            _close(sock)
+            raise
+        return _Connection(sock, expiry)
+
+    def _current_ticket(self, deadline: float) -> tuple[bytes, float]:
+        held = self._ticket
+        if held is not None and held[1] - _EXPIRY_MARGIN_S > time.monotonic():
+            return held
+        asked = time.monotonic()
+        ticket, lifetime = self._tickets(_left(deadline))
+        self._ticket = (ticket, asked + lifetime)
+        return self._ticket
+
+    def _give_back(self, connection: _Connection) -> None:
+        with self._lock:
+            if not self._closed and len(self._idle) < self._max_idle:
+                self._idle.append(connection)
+                return
+        _close(connection.sock)
+
+    def _where(self) -> str:
+        return f"{self.address[0]}:{self.address[1]}"
+
+    def close(self) -> None:
+        """Close the idle connections now; those in use close when their call ends."""
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for connection in idle:
+            _close(connection.sock)
+
+
+def _left(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise DeadlineExceededError("the call's deadline passed on the data plane")
+    return left
+
+
+def _close(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()
