@@ -49,7 +49,7 @@ class DataPlaneUnreachable(UnavailableError):
 @dataclass
 class _Connection:
     sock: socket.socket
-    expiry: float  # time.monotonic() past which the daemon refuses its lookups
+    expiry: float  # time.monotonic() past which it is not used (a little before the daemon would refuse it)
     requests: int = 0
 
 
@@ -155,7 +155,7 @@ class DataPlane:
                 raise UnavailableError("the client is closed")
             while self._idle:
                 connection = self._idle.pop()
-                if connection.expiry - _EXPIRY_MARGIN_S > now:
+                if connection.expiry > now:
                     return connection
                 _close(connection.sock)
         return self._connect(deadline)
@@ -207,11 +207,13 @@ class DataPlane:
 
     def _current_ticket(self, deadline: float) -> tuple[bytes, float]:
         held = self._ticket
-        if held is not None and held[1] - _EXPIRY_MARGIN_S > time.monotonic():
+        if held is not None and held[1] > time.monotonic():
             return held
         asked = time.monotonic()
         ticket, lifetime = self._tickets(_left(deadline))
-        self._ticket = (ticket, asked + lifetime)
+        # Retired a little early (a quarter of its life, at most the margin), so no lookup starts on a
+        # connection the daemon is about to refuse.
+        self._ticket = (ticket, asked + lifetime - min(_EXPIRY_MARGIN_S, lifetime / 4))
         return self._ticket
 
     def _give_back(self, connection: _Connection) -> None:

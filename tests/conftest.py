@@ -7,6 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import trustme
 
 from client import ClientConfig, MemstoreClient
 from memstore.daemon_config import ServerConfig
@@ -46,6 +47,33 @@ class Daemon:
 
     def stop(self) -> None:
         assert self.server.stop(grace=None).wait(DEADLINE_S), f"the daemon at {self.address} did not stop"
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A CA, a server certificate for 127.0.0.1 and localhost, and a client certificate, as PEM files."""
+    root = tmp_path_factory.mktemp("pki")
+    ca = trustme.CA()
+    server = ca.issue_cert("127.0.0.1", "localhost")
+    client = ca.issue_cert("trainer@example.test")
+    other_ca = trustme.CA()
+    files = {
+        "ca": root / "ca.pem",
+        "other_ca": root / "other-ca.pem",
+        "server_cert": root / "server.pem",
+        "server_key": root / "server.key",
+        "client_cert": root / "client.pem",
+        "client_key": root / "client.key",
+    }
+    ca.cert_pem.write_to_path(str(files["ca"]))
+    other_ca.cert_pem.write_to_path(str(files["other_ca"]))
+    server.cert_chain_pems[0].write_to_path(str(files["server_cert"]))
+    server.private_key_pem.write_to_path(str(files["server_key"]))
+    client.cert_chain_pems[0].write_to_path(str(files["client_cert"]))
+    client.private_key_pem.write_to_path(str(files["client_key"]))
+    for key in ("server_key", "client_key"):
+        files[key].chmod(0o600)  # a key others may read is refused
+    return files
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-import trustme
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client import MemstoreClient
@@ -37,33 +36,6 @@ READ_TOKEN = "r" * 8 + "ead-token-0123"
 WRITE_TOKEN = "w" * 8 + "rite-token-0123"
 REPLICATE_TOKEN = "replicate-token-0123"
 GRPC = replace(FAST_FAIL, same_host=False, max_attempts=1)
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A CA, a server certificate for 127.0.0.1 and localhost, and a client certificate, as PEM files."""
-    root = tmp_path_factory.mktemp("pki")
-    ca = trustme.CA()
-    server = ca.issue_cert("127.0.0.1", "localhost")
-    client = ca.issue_cert("trainer@example.test")
-    other_ca = trustme.CA()
-    files = {
-        "ca": root / "ca.pem",
-        "other_ca": root / "other-ca.pem",
-        "server_cert": root / "server.pem",
-        "server_key": root / "server.key",
-        "client_cert": root / "client.pem",
-        "client_key": root / "client.key",
-    }
-    ca.cert_pem.write_to_path(str(files["ca"]))
-    other_ca.cert_pem.write_to_path(str(files["other_ca"]))
-    server.cert_chain_pems[0].write_to_path(str(files["server_cert"]))
-    server.private_key_pem.write_to_path(str(files["server_key"]))
-    client.cert_chain_pems[0].write_to_path(str(files["client_cert"]))
-    client.private_key_pem.write_to_path(str(files["client_key"]))
-    for key in ("server_key", "client_key"):
-        files[key].chmod(0o600)  # a key others may read is refused
-    return files
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -362,3 +363,75 @@ def _frame_header(sock: socket.socket) -> frames.Header:
     head = bytearray(frames.HEADER_BYTES)
     frames.recv_exact(sock, memoryview(head))
     return frames.parse_header(head)
+
+
+def test_a_ticket_the_daemon_did_not_issue_is_refused_at_hello(daemon) -> None:
+    with _raw_connection(daemon, ticket=TicketIssuer(60).issue()) as sock:
+        header, message = _frame(sock)
+        assert header.kind is frames.Kind.ERROR and header.status == grpc.StatusCode.UNAUTHENTICATED.value[0]
+        assert b"not issued by this daemon" in message
+        assert sock.recv(1) == b""  # and the connection is closed
+
+
+def test_a_connection_ends_with_its_ticket_and_the_client_renews_it(daemon_factory, table: Table) -> None:
+    daemon = daemon_factory(table, ServerConfig(data_plane=DataPlaneConfig(ticket_s=1)))
+    with _raw_connection(daemon) as sock:
+        assert _frame(sock)[0].kind is frames.Kind.READY
+        time.sleep(1.2)
+        assert sock.recv(1) == b""  # closed once idle past the ticket's expiry
+    with MemstoreClient(daemon.address, DATA_PLANE) as client:
+        client.lookup(1, [1])
+        time.sleep(1.2)
+        assert np.array_equal(client.lookup(1, [2]).numpy(), table.gather(1, np.array([2])))
+
+
+def test_connections_past_the_limit_are_refused_as_busy(daemon_factory, table: Table) -> None:
+    daemon = daemon_factory(table, ServerConfig(data_plane=DataPlaneConfig(max_connections=1)))
+    with _raw_connection(daemon) as first:
+        assert _frame(first)[0].kind is frames.Kind.READY
+        with _raw_connection(daemon) as second:
+            header, message = _frame(second)
+            assert header.kind is frames.Kind.ERROR and b"--data-plane-max-connections" in message
+            assert isinstance(frames.error_of(header, message), ResourceExhaustedError)
+            assert frames.error_of(header, message).retry_after_s is not None  # load: worth repeating
+
+
+def test_a_request_that_is_not_a_lookup_ends_the_connection(daemon) -> None:
+    with _raw_connection(daemon) as sock:
+        assert _frame(sock)[0].kind is frames.Kind.READY
+        sock.sendall(frames.pack_ready(1))  # nonsense from a client
+        assert sock.recv(1) == b""
+
+
+def test_tokens_gate_the_tickets(daemon_factory, table: Table, tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("read a-read-token-of-length\n")
+    tokens.chmod(0o600)
+    daemon = daemon_factory(table, ServerConfig(token_file=tokens))
+    with MemstoreClient(daemon.address, DATA_PLANE) as client, pytest.raises(UnauthenticatedError):
+        client._open_ticket(DEADLINE_S)
+    with MemstoreClient(daemon.address, replace(DATA_PLANE, token="a-read-token-of-length")) as client:
+        assert np.array_equal(client.lookup(1, [5]).numpy(), table.gather(1, np.array([5])))
+        assert client.transport == "data-plane"
+
+
+def test_with_tls_the_data_plane_is_encrypted_with_the_daemons_certificate(daemon_factory, table: Table, pki) -> None:
+    from memstore.auth import ClientTls, TlsConfig
+
+    daemon = daemon_factory(table, ServerConfig(tls=TlsConfig(pki["server_cert"], pki["server_key"])))
+    config = replace(DATA_PLANE, tls=ClientTls(ca=pki["ca"]))
+    with MemstoreClient(daemon.address, config) as client:
+        ids = np.arange(3000)
+        assert np.array_equal(client.lookup(1, ids).numpy(), table.gather(1, ids))
+        assert client.transport == "data-plane" and client._describe(None).data_plane.tls
+    with _raw_connection(daemon, ticket=b"x" * TICKET_BYTES) as plain:  # plaintext to a TLS port
+        plain.settimeout(DEADLINE_S)
+        try:
+            answer = plain.recv(64)  # a TLS alert, or the connection closed
+        except ConnectionResetError:
+            answer = b""
+        assert not answer.startswith(frames.MAGIC)
+    other = replace(DATA_PLANE, tls=ClientTls(ca=pki["other_ca"]))
+    with pytest.raises(UnavailableError):  # a daemon whose certificate the client does not trust
+        with MemstoreClient(daemon.address, other) as client:
+            client.lookup(1, [1])

@@ -288,7 +288,8 @@ def test_client_id_defaults_to_host_and_pid() -> None:
     assert ":" in ClientConfig().client_id
 
 
-def test_same_host_readers_never_see_a_torn_row_while_pushes_land(tmp_path, daemon_factory) -> None:
+@pytest.mark.parametrize("transport", ["same-host", "data-plane"])
+def test_readers_never_see_a_torn_row_while_pushes_land(tmp_path, daemon_factory, transport: str) -> None:
     # Each push adds one amount to every value of every row it touches, so a torn read shows a row
     # whose values differ from each other. Wide rows: numpy copies them without holding the GIL, so
     # the in-process reader can overlap the daemon's write of a row (16 values never would).
@@ -311,7 +312,8 @@ def test_same_host_readers_never_see_a_torn_row_while_pushes_land(tmp_path, daem
     writer = threading.Thread(target=keep_pushing)
     writer.start()
     try:
-        with MemstoreClient(daemon.address, replace(FAST_FAIL, same_host=True)) as reader:
+        reading = {"same-host": {"same_host": True}, "data-plane": {"same_host": False, "data_plane": True}}
+        with MemstoreClient(daemon.address, replace(FAST_FAIL, **reading[transport])) as reader:
             # Same-host reads take microseconds, a push a millisecond: reads continue until they have
             # seen 30 versions, else they could all fall between two pushes and prove nothing.
             versions: list[int] = []
@@ -321,7 +323,7 @@ def test_same_host_readers_never_see_a_torn_row_while_pushes_land(tmp_path, daem
                 rows, version = reader.lookup(LAYER, ids, return_version=True)
                 assert (rows == rows[:, :1]).all(), "a row mixes values of two versions"
                 versions.append(version)
-            assert reader.transport == "same-host"
+            assert reader.transport == transport
     finally:
         stop.set()
         join_all([writer])
