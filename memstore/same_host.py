@@ -76,20 +76,20 @@ class _Layer:
     """One layer of the mapped table as a lookup reads it, found once: `check` gives the daemon's ids and
     errors, `gather` copies rows of checked ids (RowStore.gather without checking them again).
 
-    A plain mapped layer of an unsharded table is read as one opaque item per row, so a lookup is one
-    pass over the ids and one memcpy per row; any other (a shard, a lazy table) goes through the table.
+    A plain mapped layer is read as one opaque item per row, one memcpy per row; an unsharded table's ids
+    are checked in one pass (a shard's go through the table: its partitions map ids to its rows). A lazy
+    table (rows generated until written) is read through the table.
     """
 
-    __slots__ = ("store", "_table", "_layer_id", "_num_rows", "_items", "_row_type", "_as_rows")
+    __slots__ = ("store", "_table", "_layer_id", "_num_rows", "_one_pass", "_items", "_row_type", "_as_rows")
 
     def __init__(self, table: Table, layer_id: int) -> None:
         self.store: RowStore = table.store(layer_id)  # InvalidArgumentError for a layer the table lacks
         self._table = table
         self._layer_id = layer_id
         self._num_rows = self.store.num_rows
-        rows = None
-        if table.manifest.sharding is None and isinstance(self.store, MmapRowStore):
-            rows = self.store.plain_rows  # [num_rows, width]
+        rows = self.store.plain_rows if isinstance(self.store, MmapRowStore) else None  # [num_rows, width]
+        self._one_pass = rows is not None and table.manifest.sharding is None
         self._items: np.ndarray | None = None
         if rows is not None:
             self._row_type = np.dtype((np.void, rows.shape[1] * rows.itemsize))
@@ -99,7 +99,7 @@ class _Layer:
 
     def check(self, row_ids: np.ndarray) -> np.ndarray:
         """`row_ids` as checked indices into the store; InvalidArgumentError as the daemon words it."""
-        if self._items is not None and type(row_ids) is np.ndarray and row_ids.dtype == _INT64 and row_ids.ndim == 1:
+        if self._one_pass and type(row_ids) is np.ndarray and row_ids.dtype == _INT64 and row_ids.ndim == 1:
             unsigned = row_ids.view(_UINT64)  # a negative id reads as one past every row: one pass checks both ends
             if len(unsigned) and unsigned.item(unsigned.argmax()) < self._num_rows:
                 return row_ids
