@@ -179,7 +179,7 @@ def main() -> None:
     parser.add_argument("--table", type=Path, default=None, help="table directory (created if missing)")
     parser.add_argument("--batches", default="32,256,1024", help="rows per call")
     parser.add_argument("--calls", type=int, default=10_000, help="calls of each path per batch size and round")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of every batch size")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of every batch size")
     parser.add_argument("--no-breakdown", action="store_true", help="skip the step-by-step timing")
     parser.add_argument(
         "--trained",
