@@ -1,6 +1,7 @@
 """Small lookups on the daemon's host: the same-host path against an in-process gather, call by call.
 
-    python -m benchmarks.small_lookups            # benchmarks.lookup's 2 GiB table; ~1 minute once it exists
+    python -m benchmarks.small_lookups            # benchmarks.lookup's 2 GiB table; ~30 s once it exists
+    python -m benchmarks.small_lookups --trained  # the same table taking pushes: reads under its sequence lock
     python -m benchmarks.small_lookups --quick    # its small table and fewer calls, a smoke test
 
 Decoding asks for a few dozen rows per token, so a lookup's fixed cost matters as much as its copy.
