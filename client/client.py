@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import threading
 import time
 from collections.abc import Callable
+from concurrent import futures
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -15,7 +17,7 @@ import numpy as np
 import torch
 
 from client.config import ClientConfig, check_timeout
-from client.dataplane import DataPlane, DataPlaneUnreachable
+from client.dataplane import DataPlane, DataPlanes, DataPlaneUnavailable
 from memstore.codec import check_request_rows, encode_grads, encode_row_ids
 from memstore.dtypes import DType
 from memstore.errors import (
@@ -35,8 +37,12 @@ from memstore.wire import memstore_pb2_grpc as pb_grpc
 
 _T = TypeVar("_T")
 log = logging.getLogger("client")
-# Seconds before a client whose data plane could not be reached looks for it again (gRPC meanwhile).
-_DATA_PLANE_RETRY_S = 30.0
+# Seconds before a client none of whose daemons' data planes could serve looks for them again (gRPC
+# meanwhile), and before one replica's data plane that failed is described and tried again.
+_DATA_PLANE_RETRY_S = 10.0
+_REPLICA_REST_S = 2.0
+# Seconds the replicas of a target have to describe their data planes once the first has.
+_REPLICA_GRACE_S = 0.25
 
 
 class MemstoreClient:
@@ -61,10 +67,10 @@ class MemstoreClient:
         self._seen_lock = threading.Lock()
         self._seen_version = 0
         self._retired: list[SameHostReader] = []
-        self._plane: DataPlane | None = None
+        self._plane: DataPlanes | None = None
         self._plane_checked = False
         self._plane_retry_at = 0.0  # after falling back to gRPC: when to look for the data plane again
-        self._retired_planes: list[DataPlane] = []
+        self._retired_planes: list[DataPlanes] = []
         if expected_fingerprint is not None:
             try:
                 self.check_fingerprint(expected_fingerprint)
@@ -296,7 +302,7 @@ class MemstoreClient:
                     rows = np.empty((len(ids), dtype.stored_width(manifest.layout.dim)), dtype.numpy)
                 try:
                     return dtype, rows, plane.lookup(layer_id, ids, time.monotonic() + seconds, rows)
-                except DataPlaneUnreachable as exc:
+                except DataPlaneUnavailable as exc:
                     if self.config.data_plane:
                         raise
                     self._fall_back_to_grpc(plane, exc)
@@ -306,7 +312,7 @@ class MemstoreClient:
 
         return self._retrying(attempt, deadline)
 
-    def _data_plane(self, deadline: float) -> DataPlane | None:
+    def _data_plane(self, deadline: float) -> DataPlanes | None:
         """The daemon's data plane for lookups, or None for gRPC (not offered, disabled, or unreachable lately)."""
         if self.config.data_plane is False or self._plane is not None:
             return self._plane
@@ -319,33 +325,78 @@ class MemstoreClient:
                 self._plane_retry_at = time.monotonic() + _DATA_PLANE_RETRY_S
         return self._plane
 
-    def _open_data_plane(self, deadline: float) -> DataPlane | None:
-        # Described anew, not from the cache: a daemon that restarted listens on another port.
-        served = self._call(self._stub.Describe, pb.DescribeRequest(), _left(deadline))
-        if self._described is None:  # the caller holds _describe_lock
-            self._described = served
-        host = _single_host(self.address)
-        if not served.HasField("data_plane") or (host is None and not served.data_plane.host):
+    def _open_data_plane(self, deadline: float) -> DataPlanes | None:
+        """The data planes of the daemons this client's target names (each described anew, not from the cache:
+        a daemon that restarted listens on another port); None when none offers one."""
+        addresses = _target_addresses(self.address)
+        if len(addresses) > 1:  # a shard's replicas: a channel of its own to each, for its Describe and tickets
+            channels = [self.config.open_channel(address) for address in addresses]
+            stubs = [pb_grpc.MemstoreStub(channel) for channel in channels]
+        else:
+            channels, stubs = [], [self._stub]
+        reopen = [
+            functools.partial(self._describe_data_plane, address, stub)
+            for address, stub in zip(addresses or [self.address], stubs)
+        ]
+        if len(stubs) == 1:
+            found = {0: reopen[0](deadline)}
+        else:
+            found = self._describe_replicas(reopen, deadline)
+        found = {index: plane for index, plane in found.items() if plane is not None}
+        if not found:
+            for channel in channels:
+                channel.close()
             if self.config.data_plane:
                 raise UnavailableError(
-                    f"{self.address} offers no data plane this client can reach (--no-data-plane, or a target of "
-                    "several daemons without --data-plane-advertise); drop ClientConfig(data_plane=True) to use gRPC"
+                    f"{self.address} offers no data plane this client can reach (--no-data-plane, or not a TCP "
+                    "address); drop ClientConfig(data_plane=True) to use gRPC"
                 )
             return None
-        manifest = Manifest.from_json(served.manifest_json)
-        return DataPlane(
-            host or "",
-            served.data_plane,
-            self._open_ticket,
-            manifest.dtype.row_bytes(manifest.layout.dim),
-            self.config.tls,
+        return DataPlanes(
+            list(found.values()),
+            [reopen[index] for index in found],
+            _REPLICA_REST_S,
+            lambda: [channel.close() for channel in channels],
         )
 
-    def _open_ticket(self, timeout: float) -> tuple[bytes, float]:
-        answer = self._call(self._stub.OpenDataPlane, pb.OpenDataPlaneRequest(), timeout)
-        return answer.ticket, answer.expires_in_s
+    def _describe_replicas(
+        self, describe: list[Callable[[float], DataPlane | None]], deadline: float
+    ) -> dict[int, DataPlane | None]:
+        """Each replica's data plane, described at once: those that answered by the first answer plus a
+        moment (a hung replica must not hold the lookup to its deadline; it joins when the set is rebuilt)."""
+        pool = futures.ThreadPoolExecutor(len(describe), thread_name_prefix="memstore-describe")
+        try:
+            asked = {pool.submit(each, deadline): index for index, each in enumerate(describe)}
+            done, pending = futures.wait(asked, _left(deadline), return_when=futures.FIRST_COMPLETED)
+            if pending:
+                more, pending = futures.wait(pending, min(_REPLICA_GRACE_S, max(0.0, deadline - time.monotonic())))
+                done |= more
+            return {asked[future]: future.result() for future in done if future.exception() is None}
+        finally:
+            pool.shutdown(wait=False)  # a hung Describe ends at the deadline on its own
 
-    def _fall_back_to_grpc(self, plane: DataPlane, exc: Exception) -> None:
+    def _describe_data_plane(self, address: str, stub: pb_grpc.MemstoreStub, deadline: float) -> DataPlane | None:
+        try:
+            served = self._call(stub.Describe, pb.DescribeRequest(), _left(deadline))
+        except UnavailableError:
+            if stub is self._stub:
+                raise  # the daemon itself is not there: the lookup's retries handle that
+            return None  # one replica of several: the others may serve
+        if self._described is None and stub is self._stub:  # the caller holds _describe_lock
+            self._described = served
+        host = address.rpartition(":")[0].strip("[]")
+        if not served.HasField("data_plane") or not (host or served.data_plane.host):
+            return None
+
+        def ticket(timeout: float) -> tuple[bytes, float]:
+            answer = self._call(stub.OpenDataPlane, pb.OpenDataPlaneRequest(), timeout)
+            return answer.ticket, answer.expires_in_s
+
+        manifest = Manifest.from_json(served.manifest_json)
+        row_bytes = manifest.dtype.row_bytes(manifest.layout.dim)
+        return DataPlane(host, served.data_plane, ticket, row_bytes, self.config.tls)
+
+    def _fall_back_to_grpc(self, plane: DataPlanes, exc: Exception) -> None:
         with self._describe_lock:
             if self._plane is plane:
                 self._plane = None
@@ -572,16 +623,17 @@ class PushAck:
     rows: int
 
 
-def _single_host(address: str) -> str | None:
-    """The host of a one-daemon gRPC target (`host:port`, `dns:///host:port`, `ipv4:a.b.c.d:port`), else None."""
+def _target_addresses(address: str) -> list[str]:
+    """The `host:port` of each daemon a gRPC target names (`host:port`, `dns:///host:port`, `ipv4:a:1,b:2`);
+    none for targets that are not TCP addresses (a Unix socket)."""
     target = address
     for scheme in ("dns:///", "dns:", "ipv4:", "ipv6:"):
         if target.startswith(scheme):
             target = target[len(scheme) :]
             break
-    if "," in target or "/" in target or target.startswith(("unix:", "unix-abstract:", "vsock:", "xds:")):
-        return None
-    return target.rpartition(":")[0].strip("[]") or None
+    if "/" in target or target.startswith(("unix:", "unix-abstract:", "vsock:", "xds:")):
+        return []
+    return [part for part in target.split(",") if part.rpartition(":")[0]]
 
 
 def _left(deadline: float) -> float:
@@ -646,7 +698,8 @@ def _distinct_count(ids: np.ndarray) -> int:
     """Number of distinct ids; a plain sort is 4x cheaper than a unique with inverse."""
     if len(ids) == 0:
         return 0
-    ordered = np.sort(ids)
+    # int32 sorts in half the time; ids of a table under 2**31 rows (any real one) fit.
+    ordered = np.sort(ids.astype(np.int32) if 0 <= ids.min() and ids.max() < 2**31 else ids)
     return 1 + int(np.count_nonzero(ordered[1:] != ordered[:-1]))
 
 

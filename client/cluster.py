@@ -512,6 +512,11 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
         help="find the cluster's daemons in etcd (they register with `memstore serve --etcd`), with --cluster-name",
     )
     parser.add_argument("--cluster-name", metavar="NAME", help="with --etcd: the cluster to find")
+    parser.add_argument(
+        "--no-data-plane",
+        action="store_true",
+        help="look rows up over gRPC streaming even where a daemon offers its data plane (raw rows over TCP)",
+    )
     add_client_arguments(parser)
 
 
@@ -522,6 +527,8 @@ def connect(
     tls, token = client_security(args)
     if tls is not None or token is not None:
         config = replace(config or ClientConfig(), tls=tls, token=token)
+    if args.no_data_plane:
+        config = replace(config or ClientConfig(), data_plane=False)
     if (args.etcd is None) != (args.cluster_name is None):
         raise InvalidArgumentError("--etcd and --cluster-name go together (the etcd, and the cluster to find in it)")
     if args.memstore:

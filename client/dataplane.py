@@ -13,6 +13,7 @@ half-filled presented as an answer.
 
 from __future__ import annotations
 
+import itertools
 import socket
 import ssl
 import threading
@@ -42,8 +43,9 @@ _SOCKET_BUFFER_BYTES = 4 << 20
 TicketSource = Callable[[float], tuple[bytes, float]]
 
 
-class DataPlaneUnreachable(UnavailableError):
-    """No connection to the data plane could be made (a firewall, a stale port): gRPC may still work."""
+class DataPlaneUnavailable(UnavailableError):
+    """This data plane cannot serve now: no connection could be made (a firewall, a stale port), or its
+    daemon declined (a replica past its lag bound). gRPC, or another daemon behind it, may still."""
 
 
 @dataclass
@@ -96,6 +98,8 @@ class DataPlane:
             self._ticket = None
             raise UnavailableError("the data plane ticket expired during the call; it is repeated")
         self._give_back(connection)  # an ERROR frame ends an answer cleanly: the connection stays in step
+        if isinstance(answer, UnavailableError):
+            raise DataPlaneUnavailable(str(answer))
         if isinstance(answer, MemstoreError):
             raise answer
         return answer
@@ -171,7 +175,7 @@ class DataPlane:
                 f"connecting to the data plane at {self._where()} took the whole deadline"
             ) from None
         except OSError as exc:
-            raise DataPlaneUnreachable(
+            raise DataPlaneUnavailable(
                 f"cannot connect to the data plane at {self._where()}: {exc.strerror or exc}"
             ) from None
         sock: socket.socket = raw
@@ -233,6 +237,71 @@ class DataPlane:
             idle, self._idle = self._idle, []
         for connection in idle:
             _close(connection.sock)
+
+
+class DataPlanes:
+    """The data planes of the daemons a client's target names (a shard's replicas, or one daemon).
+
+    Lookups take them in turn, so reads spread over replicas as gRPC's round robin spreads them; one that
+    cannot serve (DataPlaneUnavailable: unreachable, or a replica past its lag bound) is passed over for
+    `rest_s` and the lookup goes to the next; after its rest it is described anew (`reopen`: a restarted
+    daemon listens on another port) before it is tried. When none can serve, the last refusal is raised
+    (the client then falls back to gRPC, whose balancing knows each daemon's health).
+    """
+
+    def __init__(
+        self,
+        planes: list[DataPlane],
+        reopen: list[Callable[[float], DataPlane | None]],  # describes one anew within a deadline
+        rest_s: float,
+        on_close: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.planes = planes
+        self._reopen = reopen
+        self._rest_s = rest_s
+        self._on_close = on_close
+        self._lock = threading.Lock()
+        self._turn = itertools.count()
+        self._resting_until = [0.0] * len(planes)
+        self._stale = [False] * len(planes)
+
+    def lookup(self, layer_id: int, ids: np.ndarray, deadline: float, out: np.ndarray) -> int:
+        """As `DataPlane.lookup`, on the next daemon that can serve."""
+        first, now = next(self._turn), time.monotonic()
+        order = [(first + step) % len(self.planes) for step in range(len(self.planes))]
+        refused: DataPlaneUnavailable | None = None
+        for index in [i for i in order if self._resting_until[i] <= now] or order:  # all resting: try them all
+            try:
+                return self._plane(index, deadline).lookup(layer_id, ids, deadline, out)
+            except DataPlaneUnavailable as exc:
+                with self._lock:
+                    self._resting_until[index] = time.monotonic() + self._rest_s
+                    self._stale[index] = True
+                refused = exc
+        assert refused is not None
+        raise refused
+
+    def _plane(self, index: int, deadline: float) -> DataPlane:
+        """The data plane of daemon `index`, described anew if it failed before."""
+        if not self._stale[index]:
+            return self.planes[index]
+        try:
+            fresh = self._reopen[index](deadline)
+        except UnavailableError as exc:
+            raise DataPlaneUnavailable(str(exc)) from None
+        if fresh is None:
+            raise DataPlaneUnavailable("the daemon offers no data plane now")
+        with self._lock:
+            old, self.planes[index] = self.planes[index], fresh
+            self._stale[index] = False
+        old.close()
+        return fresh
+
+    def close(self) -> None:
+        """Close every data plane."""
+        for plane in self.planes:
+            plane.close()
+        self._on_close()
 
 
 def _left(deadline: float) -> float:

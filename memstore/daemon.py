@@ -238,6 +238,8 @@ def _serve_session(config: DaemonConfig, stop: threading.Event) -> _Restart | No
             registration.stop()
             registration = None
         health_servicer.enter_graceful_shutdown()
+        if server.data_plane is not None:  # lookups in progress finish within the grace period, as gRPC's
+            server.data_plane.drain()
         if replica is not None:
             replica.stop()  # apply nothing more: the table closes next
         table.close_feed()  # end Follow streams now rather than after the grace period

@@ -26,6 +26,7 @@ from hypothesis.extra.numpy import arrays
 
 from memstore.create import create_table
 from memstore.daemon_config import ServerConfig
+from memstore.dataplane.tickets import TICKET_BYTES
 from memstore.dtypes import DType
 from memstore.errors import InvalidArgumentError, MemstoreError
 from memstore.layout import EngramLayout
@@ -564,6 +565,13 @@ class Fuzzed:
             assert chunks[0].header.fingerprint == self.manifest.fingerprint
             assert all(chunk.WhichOneof("part") != "header" for chunk in chunks[1:])
             self.await_no_followers()  # the stream ended: its follower slot must come back
+
+        return Expect(ok=ok)
+
+    def expect_opendataplane(self, request: pb.OpenDataPlaneRequest) -> Expect:
+        def ok(messages: list[bytes]) -> None:  # a ticket for the data plane this daemon offers
+            response = pb.OpenDataPlaneResponse.FromString(messages[0])
+            assert len(response.ticket) == TICKET_BYTES and response.expires_in_s > 0
 
         return Expect(ok=ok)
 

@@ -270,24 +270,26 @@ def test_an_lmdb_table_is_served_to_remote_clients_only(tmp_path, daemon_factory
             client.lookup(1, ids)
 
 
-def _queued_bytes(port: int) -> int:
-    """Bytes waiting unread in the receive queues of the TCP connections a daemon on `port` accepted."""
+def _queued_bytes(ports: tuple[int, ...]) -> int:
+    """Bytes waiting unread in the receive queues of the TCP connections a daemon on `ports` accepted."""
     queued = 0
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):  # gRPC listens on IPv6 sockets that take IPv4 too
         for line in Path(table).read_text().splitlines()[1:]:
             fields = line.split()
             local_port = int(fields[1].rsplit(":", 1)[1], 16)
-            if local_port == port and fields[3] == "01":  # ESTABLISHED, the daemon's end
+            if local_port in ports and fields[3] == "01":  # ESTABLISHED, the daemon's end
                 queued += int(fields[4].split(":")[1], 16)
     return queued
 
 
-def _call_while_the_daemon_dies(process: subprocess.Popen, port: int, call: Callable[[], object]) -> object:
+def _call_while_the_daemon_dies(
+    process: subprocess.Popen, ports: tuple[int, ...], call: Callable[[], object]
+) -> object:
     """Stop the daemon, start `call` in a thread, kill the daemon once the call's request reached
     it, and return what the call raised (or returned). Fails, rather than hangs, if the call
     outlives the daemon by a minute (far past any deadline the tests give)."""
     os.kill(process.pid, signal.SIGSTOP)
-    queued_before = _queued_bytes(port)
+    queued_before = _queued_bytes(ports)
     outcome: dict[str, object] = {}
 
     def run() -> None:
@@ -299,10 +301,10 @@ def _call_while_the_daemon_dies(process: subprocess.Popen, port: int, call: Call
     worker = threading.Thread(target=run, daemon=True)
     worker.start()
     for _ in range(1000):  # until the request is in the stopped daemon's socket: the call is in flight
-        if _queued_bytes(port) > queued_before:
+        if _queued_bytes(ports) > queued_before:
             break
         worker.join(0.01)
-    in_flight = _queued_bytes(port) > queued_before
+    in_flight = _queued_bytes(ports) > queued_before
     process.kill()
     process.wait()
     worker.join(60)
@@ -342,7 +344,8 @@ def test_a_call_ends_when_its_daemon_dies_mid_call(dying_daemon, call: str) -> N
     """A daemon stopped (SIGSTOP) during a call and then killed: the call fails with the project's
     error instead of blocking forever (gRPC's retry policy used to hang streamed lookups)."""
     process, address = dying_daemon()
-    port = int(address.rsplit(":", 1)[1])
+    with MemstoreClient(address, _DEFAULT_RETRIES) as probe:  # lookups' requests queue at its data plane's port
+        ports = (int(address.rsplit(":", 1)[1]), probe._describe(None).data_plane.port)
     ids = np.arange(8)
     if call == "cluster-lookup":
         client = ClusterClient(ClusterSpec.from_flags([address]), _DEFAULT_RETRIES)
@@ -357,9 +360,8 @@ def test_a_call_ends_when_its_daemon_dies_mid_call(dying_daemon, call: str) -> N
             assert client.version() == 0  # connected, not described
         else:
             assert client.lookup(1, ids).shape == (8, 16)  # connected and described
-        if call == "lookup":  # its rows come over the data plane: the request queues at that port
+        if call == "lookup":
             assert client.transport == "data-plane"
-            port = client._plane.address[1]
         if call == "prefetch":
             # Fetched in submit (no pool thread that a regression would leave hanging at exit).
             with Prefetcher(client, lambda _: {1: ids}, [1], PrefetchConfig(overlap=False)) as prefetcher:
@@ -368,14 +370,14 @@ def test_a_call_ends_when_its_daemon_dies_mid_call(dying_daemon, call: str) -> N
                     with prefetcher.submit(None) as handle:
                         return handle.rows(1)
 
-                result = _call_while_the_daemon_dies(process, port, fetch_step)
+                result = _call_while_the_daemon_dies(process, ports, fetch_step)
         elif call == "push":
             grads = np.ones((8, 16), np.float32)
-            result = _call_while_the_daemon_dies(process, port, lambda: client.push(1, ids, grads, step_id=1))
+            result = _call_while_the_daemon_dies(process, ports, lambda: client.push(1, ids, grads, step_id=1))
         elif call == "version":
-            result = _call_while_the_daemon_dies(process, port, client.version)
+            result = _call_while_the_daemon_dies(process, ports, client.version)
         else:
-            result = _call_while_the_daemon_dies(process, port, lambda: client.lookup(1, ids))
+            result = _call_while_the_daemon_dies(process, ports, lambda: client.lookup(1, ids))
     assert isinstance(result, (DeadlineExceededError, UnavailableError)), result
 
 

@@ -56,8 +56,12 @@ def replicated(daemon_factory, sharded_table: tuple[Path, Path]) -> Iterator[Clu
 
 @pytest.mark.parametrize(
     ("config", "transport"),
-    [(GRPC, "grpc"), (replace(FAST_FAIL, same_host=None), "same-host")],
-    ids=["grpc", "same-host"],
+    [
+        (replace(GRPC, data_plane=False), "grpc"),
+        (replace(GRPC, data_plane=True), "data-plane"),
+        (replace(FAST_FAIL, same_host=None), "same-host"),
+    ],
+    ids=["grpc", "data-plane", "same-host"],
 )
 def test_lookups_through_three_shards_equal_one_daemon(
     replicated, daemon_factory, sharded_table, config, transport
@@ -191,9 +195,12 @@ class _Processes:
 
     def lookups_served(self, index: int) -> float:
         """Lookups this daemon process has answered (its own metrics, read over the Stats RPC)."""
-        with MemstoreClient(self.addresses[index], GRPC) as client:
-            lookup = summarize(client.stats()).methods.get("Lookup")
-        return 0.0 if lookup is None else lookup.calls
+        try:
+            with MemstoreClient(self.addresses[index], GRPC) as client:
+                methods = summarize(client.stats()).methods
+        except UnavailableError:  # restarted, and not reached yet (gRPC backs off reconnecting to a port that refused)
+            return 0.0
+        return sum(methods[name].calls for name in ("Lookup", "DataPlaneLookup") if name in methods)
 
     def stop(self) -> None:
         for process in self.processes:
@@ -285,8 +292,9 @@ def test_unreachable_shard_is_an_error_at_connect(tmp_path) -> None:
         ClusterClient(ClusterSpec.from_flags(["127.0.0.1:1"]), replace(GRPC, timeout_s=0.5, max_attempts=1))
 
 
-def test_prefetcher_and_pusher_take_a_cluster(replicated) -> None:
-    with ClusterClient(replicated, GRPC) as cluster:
+@pytest.mark.parametrize("data_plane", [False, True], ids=["grpc", "data-plane"])
+def test_prefetcher_and_pusher_take_a_cluster(replicated, data_plane: bool) -> None:
+    with ClusterClient(replicated, replace(GRPC, data_plane=data_plane)) as cluster:
         ids = {layer: torch.from_numpy(_random_ids(layer, 300)).reshape(3, 100) for layer in SMALL_LAYOUT.layer_ids}
         with Prefetcher(cluster, lambda _: ids, SMALL_LAYOUT.layer_ids) as prefetcher:
             with prefetcher.submit(torch.zeros(3, 100, dtype=torch.long)) as handle:
@@ -309,14 +317,15 @@ def test_reads_skip_a_replica_whose_health_is_not_serving(sharded_table) -> None
             healths[1].set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         ids = np.flatnonzero(tables[0].manifest.sharding.shard_of(np.arange(200)) == 0)
         shard = ShardAddresses(*(f"127.0.0.1:{port}" for _, port in servers[:1]), (f"127.0.0.1:{servers[1][1]}",))
-        with MemstoreClient(shard.reads(), replace(GRPC, load_balancing=LoadBalancing.ROUND_ROBIN)) as reader:
+        balanced = replace(GRPC, load_balancing=LoadBalancing.ROUND_ROBIN, data_plane=False)  # gRPC's balancing
+        with MemstoreClient(shard.reads(), balanced) as reader:
             for _ in range(20):
                 reader.lookup(1, ids)
         served = [m.total("memstore_requests_total", method="Lookup") for m in metrics]
         assert served == [20, 0]
         for name in ("", SERVICE_NAME):  # back to SERVING: it takes its share again
             healths[1].set(name, health_pb2.HealthCheckResponse.SERVING)
-        with MemstoreClient(shard.reads(), replace(GRPC, load_balancing=LoadBalancing.ROUND_ROBIN)) as reader:
+        with MemstoreClient(shard.reads(), balanced) as reader:
             for _ in range(20):
                 reader.lookup(1, ids)
         assert metrics[1].total("memstore_requests_total", method="Lookup") > 0

@@ -32,6 +32,7 @@ from memstore.errors import (
 )
 from memstore.limits import lookup_cost
 from memstore.table import Table
+from memstore.wire import memstore_pb2 as pb
 from tests.helpers import DEADLINE_S, FAST_FAIL, join_all, wait_until
 
 DATA_PLANE = replace(FAST_FAIL, same_host=False, data_plane=True)
@@ -229,10 +230,15 @@ def _raw_connection(daemon, ticket: bytes | None = None) -> socket.socket:
     """A data plane connection made by hand, past HELLO (with a real ticket unless one is given)."""
     if ticket is None:
         with MemstoreClient(daemon.address, DATA_PLANE) as client:
-            ticket, _ = client._open_ticket(DEADLINE_S)
+            ticket = _ticket(client)
     sock = socket.create_connection(("127.0.0.1", daemon.server.data_plane.port), timeout=DEADLINE_S)
     sock.sendall(frames.pack_hello(ticket))
     return sock
+
+
+def _ticket(client: MemstoreClient) -> bytes:
+    """A ticket from the daemon's OpenDataPlane, as the client asks for one (its exceptions, its token)."""
+    return client._call(client._stub.OpenDataPlane, pb.OpenDataPlaneRequest(), DEADLINE_S).ticket
 
 
 def _frame(sock: socket.socket) -> tuple[frames.Header, bytes]:
@@ -409,7 +415,7 @@ def test_tokens_gate_the_tickets(daemon_factory, table: Table, tmp_path: Path) -
     tokens.chmod(0o600)
     daemon = daemon_factory(table, ServerConfig(token_file=tokens))
     with MemstoreClient(daemon.address, DATA_PLANE) as client, pytest.raises(UnauthenticatedError):
-        client._open_ticket(DEADLINE_S)
+        _ticket(client)
     with MemstoreClient(daemon.address, replace(DATA_PLANE, token="a-read-token-of-length")) as client:
         assert np.array_equal(client.lookup(1, [5]).numpy(), table.gather(1, np.array([5])))
         assert client.transport == "data-plane"
@@ -435,3 +441,14 @@ def test_with_tls_the_data_plane_is_encrypted_with_the_daemons_certificate(daemo
     with pytest.raises(UnavailableError):  # a daemon whose certificate the client does not trust
         with MemstoreClient(daemon.address, other) as client:
             client.lookup(1, [1])
+
+
+def test_a_draining_daemon_finishes_lookups_and_refuses_new_ones(daemon_factory, table: Table) -> None:
+    daemon = daemon_factory(table)
+    with MemstoreClient(daemon.address, replace(DATA_PLANE, max_attempts=1)) as client:
+        client.lookup(1, [1])  # a connection in the pool
+        daemon.server.data_plane.drain()
+        with pytest.raises(UnavailableError, match="stopping"):
+            client.lookup(1, [2])
+    with pytest.raises(OSError):  # no new connections either
+        socket.create_connection(("127.0.0.1", daemon.server.data_plane.port), timeout=DEADLINE_S)

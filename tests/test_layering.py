@@ -28,6 +28,7 @@ SERVER_ONLY = (
     "memstore.replica",
     "memstore.service",
     "memstore.daemon",
+    "memstore.dataplane.server",
     "lmdb",
     "tqdm",
     "prometheus_client",

@@ -196,6 +196,7 @@ _SERVER_MODULES = [
     "memstore.replica",
     "memstore.service",
     "memstore.daemon",
+    "memstore.dataplane.server",
     "memstore.storage.lmdb_store",
     "lmdb",
     "tqdm",

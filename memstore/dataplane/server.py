@@ -41,6 +41,7 @@ from memstore.errors import (
     MemstoreError,
     ResourceExhaustedError,
     UnauthenticatedError,
+    UnavailableError,
 )
 from memstore.guard import CallGuard
 from memstore.limits import BUSY_RETRY_MS, InFlightBudget, lookup_cost
@@ -98,11 +99,15 @@ class DataPlaneServer:
         self._lock = threading.Lock()
         self._connections: set[socket.socket] = set()
         self._closed = False
+        self._draining = False
         listen_host, port = _split(config.listen) if config.listen else (host, 0)
         self._listener = socket.create_server(
             (listen_host, port), family=_family(listen_host), backlog=config.max_connections
         )
         self.port = self._listener.getsockname()[1]
+        # Told to clients when it is one address (not a wildcard): a client whose gRPC target names several
+        # daemons (a shard's replicas) then reaches the data plane of the one that answered its Describe.
+        self._own_host = "" if listen_host in ("", "0.0.0.0", "::") else listen_host
         self._acceptor = threading.Thread(target=self._accept, name="memstore-data-plane", daemon=True)
 
     def start(self) -> None:
@@ -112,12 +117,20 @@ class DataPlaneServer:
     def offer(self) -> pb.DataPlaneOffer:
         """What Describe tells clients."""
         host, port = _advertised(self._config.advertise, self.port)
+        host = host or self._own_host
         return pb.DataPlaneOffer(port=port, host=host, tls=self._tls is not None, protocol=frames.PROTOCOL)
 
     @property
     def connections(self) -> int:
         """Connections open now."""
         return len(self._connections)
+
+    def drain(self) -> None:
+        """Take no more connections and refuse new lookups with UNAVAILABLE (the daemon is stopping: clients
+        go elsewhere); lookups in progress finish, until `close()`."""
+        with self._lock:
+            self._draining = True
+        _close(self._listener)
 
     def close(self) -> None:
         """Stop listening and close every connection (a lookup in progress fails on the client's side)."""
@@ -232,6 +245,8 @@ class DataPlaneServer:
             try:
                 if time.monotonic() >= expiry:
                     raise UnauthenticatedError("the data plane ticket expired: ask OpenDataPlane for a new one")
+                if self._draining:
+                    raise UnavailableError("this daemon is stopping: look the rows up on another daemon")
                 ids = frames.lookup_ids(header, payload)
                 if self._replica is not None and self._live.primary is not None:
                     self._replica.check_readable()
