@@ -47,6 +47,8 @@ CONTIGUOUS = (128 << 10, 8 << 20, 32 << 20)
 LATENCY_ROWS = 1024
 # One batch call of the TCP transport queues at most this many slices per peer (its hard maximum).
 MAX_QUEUED = 65535
+# Sleep between status checks of a polled TE read (Linux rounds it up to about 60-80 µs).
+POLL_S = 20e-6
 # Request header on both sockets: opcode, row or byte count, rows per chunk.
 _HEADER = struct.Struct("<BQQ")
 _OP_RAW, _OP_ROWS, _OP_GATHER = 0, 1, 2
@@ -174,11 +176,24 @@ class _Client:
         self.ack = bytearray(1)
 
     def te_read(self, nbytes: int, offset: int = 0) -> None:
+        """One TE read; transfer_sync_read waits by spinning on the transfer's status."""
         rc = self.engine.transfer_sync_read(
             self.target, self.dst_addr + offset, self.info["gather_addr"] + offset, nbytes
         )
         if rc != 0:
             raise RuntimeError(f"transfer_sync_read of {nbytes} bytes returned {rc}")
+
+    def te_read_polled(self, nbytes: int, offset: int = 0) -> None:
+        """One TE read submitted asynchronously and polled with short sleeps, leaving the core to TE's threads."""
+        batch = self.engine.batch_transfer_async_read(
+            self.target, [self.dst_addr + offset], [self.info["gather_addr"] + offset], [nbytes]
+        )
+        if batch == 0:
+            raise RuntimeError(f"batch_transfer_async_read of {nbytes} bytes failed")
+        while (rc := self.engine.transfer_check_status(batch)) == 0:
+            time.sleep(POLL_S)
+        if rc != 1:
+            raise RuntimeError(f"TE read of {nbytes} bytes ended with status {rc}")
 
     def sock_raw(self, nbytes: int) -> None:
         self.sock.sendall(_HEADER.pack(_OP_RAW, nbytes, 0))
@@ -195,19 +210,22 @@ class _Client:
         _recv_exact(self.sock, memoryview(self.dst)[: len(ids) * ROW_BYTES])
         return self.rows_view(len(ids))
 
-    def _gather(self, ids: np.ndarray, chunk: int) -> np.ndarray:
+    def _gather(self, ids: np.ndarray, chunk: int, read) -> np.ndarray:
         self.ctl.sendall(_HEADER.pack(_OP_GATHER, len(ids), chunk) + ids.tobytes())
         for start in range(0, len(ids), chunk):
             _recv_exact(self.ctl, memoryview(self.ack))
             rows = min(chunk, len(ids) - start)
-            self.te_read(rows * ROW_BYTES, start * ROW_BYTES)
+            read(rows * ROW_BYTES, start * ROW_BYTES)
         return self.rows_view(len(ids))
 
     def te_gather(self, ids: np.ndarray) -> np.ndarray:
-        return self._gather(ids, len(ids))
+        return self._gather(ids, len(ids), self.te_read)
 
-    def te_gather_pipelined(self, ids: np.ndarray) -> np.ndarray:
-        return self._gather(ids, self.chunk_rows)
+    def te_gather_polled(self, ids: np.ndarray) -> np.ndarray:
+        return self._gather(ids, len(ids), self.te_read_polled)
+
+    def te_gather_chunked_polled(self, ids: np.ndarray) -> np.ndarray:
+        return self._gather(ids, self.chunk_rows, self.te_read_polled)
 
     def te_scatter(self, ids: np.ndarray) -> np.ndarray:
         remote = (self.info["table_addr"] + ids * ROW_BYTES).tolist()
@@ -237,7 +255,8 @@ def _client(args: argparse.Namespace) -> None:
         "np.take in-process": c.np_take,
         "plain socket": c.socket_rows,
         "TE gather-then-read": c.te_gather,
-        "TE gather, chunked reads": c.te_gather_pipelined,
+        "TE gather-then-read, polled": c.te_gather_polled,
+        "TE gather, chunked polled reads": c.te_gather_chunked_polled,
     }
     if not args.no_scatter:
         methods["TE scattered reads"] = c.te_scatter
@@ -250,7 +269,7 @@ def _client(args: argparse.Namespace) -> None:
 
     for nbytes in CONTIGUOUS:
         reps = max(4, min(50, (256 << 20) // nbytes))
-        for name, fn in (("TE read", c.te_read), ("plain socket", c.sock_raw)):
+        for name, fn in (("TE read", c.te_read), ("TE read, polled", c.te_read_polled), ("plain socket", c.sock_raw)):
             fn(nbytes)
             times = sorted(_timed(fn, nbytes) for _ in range(reps))
             out["contiguous"][f"{name} {nbytes}"] = {
@@ -383,6 +402,8 @@ def _driver(args: argparse.Namespace) -> int:
     os.environ.setdefault("MC_TCP_MAX_PENDING_ADMISSIONS_PER_PEER", str(MAX_QUEUED))
     if args.lanes:
         os.environ["MC_TCP_LANES_PER_PEER"] = str(args.lanes)
+    if args.tcp_slice_size:
+        os.environ["MC_TCP_SLICE_SIZE"] = str(args.tcp_slice_size)
     os.environ["PYTHONPATH"] = os.pathsep.join(
         filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")])
     )
@@ -466,6 +487,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scatter-latency-iters", type=int, default=50, help="the same for TE scattered reads (slow)")
     p.add_argument("--no-scatter", action="store_true", help="leave out TE scattered reads")
     p.add_argument("--lanes", type=int, default=0, help="MC_TCP_LANES_PER_PEER (TE's TCP connections per peer)")
+    p.add_argument(
+        "--tcp-slice-size", type=int, default=0, help="MC_TCP_SLICE_SIZE: bytes per socket read/write (TE: 65536)"
+    )
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--timeout", type=float, default=1800, help="seconds the client may take")
     p.add_argument("--json", help="also write the raw results to this file")
