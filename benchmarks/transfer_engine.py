@@ -6,11 +6,12 @@ runs the in-process baseline `np.take(memmap, ids, axis=0)` in the same run. Mea
 
 - contiguous reads of a registered remote buffer (128 KiB, 8 MiB, 32 MiB), Transfer Engine and a
   plain Python socket: what a server that gathers rows into a buffer first would move;
-- lookups of 65,536 and 262,144 random rows (best of --rounds, interleaved): `np.take`, a plain
-  socket (ids out, gathered rows back), Transfer Engine gather-then-read (ids over a control
-  socket, the server gathers into a registered buffer, the client reads it with one TE read, or
-  chunk by chunk while the server gathers the next chunk), and Transfer Engine scattered reads
-  (one 128-byte segment per row straight from the registered memmapped table);
+- lookups of 65,536 and 262,144 random rows (best of --rounds, interleaved): `np.take` (also into
+  a preallocated `out=`), a plain socket (ids out, gathered rows back), Transfer Engine
+  gather-then-read (ids over a control socket, the server gathers into a registered buffer, the
+  client reads it with one TE read, waiting as TE does by spinning or polled with sleeps, or chunk
+  by chunk while the server gathers the next chunk), and Transfer Engine scattered reads (one
+  128-byte segment per row straight from the registered memmapped table);
 - 1,024-row latency p50/p99 of each.
 
 Mooncake is not a dependency of this project: make its virtualenv with scripts/get_mooncake.sh and
@@ -47,7 +48,7 @@ CONTIGUOUS = (128 << 10, 8 << 20, 32 << 20)
 LATENCY_ROWS = 1024
 # One batch call of the TCP transport queues at most this many slices per peer (its hard maximum).
 MAX_QUEUED = 65535
-# Sleep between status checks of a polled TE read (Linux rounds it up to about 60-80 µs).
+# Sleep between status checks of a polled TE read (with the kernel's timer slack it lasts ~85 µs here).
 POLL_S = 20e-6
 # Request header on both sockets: opcode, row or byte count, rows per chunk.
 _HEADER = struct.Struct("<BQQ")
@@ -285,6 +286,7 @@ def _client(args: argparse.Namespace) -> None:
     ids = rng.integers(0, len(table), LATENCY_ROWS)
     expect = table[ids]
     for name, fn in methods.items():
+        c.dst[:] = 0  # so a method that wrote nothing cannot pass on the previous method's rows
         out["correct"][name] = bool(np.array_equal(np.asarray(fn(ids)).view(np.uint16), expect.view(np.uint16)))
 
     for nbytes in CONTIGUOUS:

@@ -20,7 +20,10 @@ mkdir -p "$PREFIX/debs" "$PREFIX/deps"
 cd "$PREFIX/debs"
 # apt-get download runs as _apt where it can; a root-owned folder only gets a warning.
 # shellcheck disable=SC2086
-apt-get download $DEBS
+apt-get download $DEBS || {
+    echo "apt-get download failed: run 'apt-get update' first, or set DEBS to this release's names" >&2
+    exit 1
+}
 for deb in "$PREFIX"/debs/*.deb; do dpkg-deb -x "$deb" "$PREFIX/deps"; done
 
 cat >"$PREFIX/env.sh" <<EOF
