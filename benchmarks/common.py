@@ -10,13 +10,21 @@ from memstore.dtypes import DType
 from memstore.errors import TableFormatError
 from memstore.layout import EngramLayout
 from memstore.tabledir.manifest import Manifest
+from memstore.tabledir.optimizer import OptimizerConfig
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def ensure_table(path: Path, layout: EngramLayout, dtype: DType = DType.FLOAT16, seed: int = 0) -> Manifest:
-    """Open the table at `path` if it matches, else (re)create it; then read it once into the page cache."""
-    manifest = Manifest(layout=layout, dtype=dtype, seed=seed)
+def ensure_table(
+    path: Path,
+    layout: EngramLayout,
+    dtype: DType = DType.FLOAT16,
+    seed: int = 0,
+    optimizer: OptimizerConfig | None = None,
+) -> Manifest:
+    """Open the table at `path` if it matches, else (re)create it (trainable with `optimizer`); then read it
+    once into the page cache."""
+    manifest = Manifest(layout=layout, dtype=dtype, seed=seed, optimizer=optimizer)
     try:
         reuse = Manifest.read(path) == manifest
     except TableFormatError:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -135,21 +136,9 @@ class MemstoreClient:
         target = None if out is None else out_rows(out, ids.shape, self._manifest(_left(deadline)))  # [N, dim]
         local = self._same_host_table(_left(deadline))
         if local is not None:  # rows straight from the mapped files: same checks, same errors as the daemon
-            limit = self.server_limits(_left(deadline)).max_rows_per_request
-            if len(flat) > limit:  # the rows the wire would carry, deduplicated or not
-                distinct = _distinct_count(flat)
-                check_request_rows(distinct if self._dedup_pays(distinct, len(flat)) else len(flat), limit)
-            if local.row_cache is not None:  # the daemon's row cache: its rows here, the rest over gRPC
-                rows, version = self._lookup_cached(local, layer_id, flat, target, deadline)  # [N, dim]
-                self.note_version(version)
-                tensor = local.manifest.dtype.to_torch(rows.reshape(*ids.shape, rows.shape[-1]))  # [*shape, dim]
-                return (tensor, version) if return_version else tensor
-            got = local.gather(layer_id, flat, target)  # None: pushes kept overlapping the read
-            if got is not None:
-                rows, version = got  # [N, dim]
-                self.note_version(version)
-                tensor = local.manifest.dtype.to_torch(rows.reshape(*ids.shape, rows.shape[-1]))  # [*shape, dim]
-                return (tensor, version) if return_version else tensor
+            done = self._lookup_same_host(local, layer_id, ids, flat, target, deadline)
+            if done is not None:
+                return done if return_version else done[0]
         # numpy, not torch, on this path: torch's OpenMP workers spin after each parallel op
         # and starve the gRPC receive thread on small hosts (measured: 2x slower lookups).
         # Restoring duplicates costs a row gather here, so dedup only when it saves rows on the wire.
@@ -162,6 +151,34 @@ class MemstoreClient:
         self.note_version(version)
         tensor = dtype.to_torch(rows.reshape(*ids.shape, rows.shape[-1]))  # [*shape, dim]
         return (tensor, version) if return_version else tensor
+
+    def _lookup_same_host(
+        self,
+        local: SameHostReader,
+        layer_id: int,
+        ids: np.ndarray,
+        flat: np.ndarray,
+        target: np.ndarray | None,
+        deadline: float,
+    ) -> tuple[torch.Tensor, int] | None:
+        """(rows [*ids.shape, dim], their version) read from the mapped table, or None when pushes kept
+        overlapping the read (the caller asks the daemon). Every call of a decoding step comes here: keep it
+        free of locks and of Describe (the limit came with `local`)."""
+        limit = local.max_rows_per_request  # always given by _same_host_table
+        if limit is not None and len(flat) > limit:  # the rows the wire would carry, deduplicated or not
+            distinct = _distinct_count(flat)
+            check_request_rows(distinct if self._dedup_pays(distinct, len(flat)) else len(flat), limit)
+        if local.row_cache is not None:  # the daemon's row cache: its rows here, the rest over gRPC
+            rows, version = self._lookup_cached(local, layer_id, flat, target, deadline)  # [N, dim]
+        else:
+            got = local.gather(layer_id, flat, target)  # None: pushes kept overlapping the read
+            if got is None:
+                return None
+            rows, version = got  # [N, dim]
+        self.note_version(version)
+        if ids.ndim != 1:
+            rows = rows.reshape(*ids.shape, rows.shape[-1])  # [*shape, dim]
+        return local.manifest.dtype.to_torch(rows), version
 
     def _lookup_cached(
         self, local: SameHostReader, layer_id: int, flat: np.ndarray, target: np.ndarray | None, deadline: float
@@ -442,7 +459,9 @@ class MemstoreClient:
             served = self._describe(timeout)
             with self._describe_lock:
                 if not self._local_checked:
-                    self._local = open_if_same_host(served.same_host, served.fingerprint, served.version)
+                    self._local = open_if_same_host(
+                        served.same_host, served.fingerprint, served.version, served.limits.max_rows_per_request
+                    )
                     self._local_checked = True
             if self._local is None and self.config.same_host:
                 raise UnavailableError(
@@ -645,11 +664,12 @@ def out_rows(out: torch.Tensor, shape: tuple[int, ...], manifest: Manifest) -> n
     """`out` as a writable raw [N, dim] array for rows of `shape` ids, or InvalidArgumentError saying
     what it must be."""
     dtype, dim = manifest.dtype, manifest.dtype.stored_width(manifest.layout.dim)
-    count = int(np.prod(shape))
+    count = math.prod(shape)  # on every lookup into a buffer: np.prod costs a microsecond more
+    wanted = dtype.torch
     if (
         not isinstance(out, torch.Tensor)
-        or out.dtype != dtype.torch
-        or out.device.type != "cpu"
+        or out.dtype != wanted
+        or not out.is_cpu
         or not out.is_contiguous()
         or tuple(out.shape) not in ((*shape, dim), (count, dim))
     ):
@@ -658,8 +678,7 @@ def out_rows(out: torch.Tensor, shape: tuple[int, ...], manifest: Manifest) -> n
             layout = "" if out.is_contiguous() else ", not contiguous"
             described = f"{tuple(out.shape)} of {out.dtype} on {out.device}{layout}"
         raise InvalidArgumentError(
-            f"out must be a contiguous CPU tensor of {dtype.torch} shaped {(*shape, dim)} or {(count, dim)}; "
-            f"got {described}"
+            f"out must be a contiguous CPU tensor of {wanted} shaped {(*shape, dim)} or {(count, dim)}; got {described}"
         )
     return dtype.raw_view(out).reshape(count, dim)  # [N, dim], shares memory with out
 
@@ -693,6 +712,8 @@ def _distinct_count(ids: np.ndarray) -> int:
 def as_int64_array(row_ids: Any) -> np.ndarray:
     """Row ids (numpy or torch integers of any shape) as int64, or InvalidArgumentError."""
     if isinstance(row_ids, torch.Tensor):
+        if row_ids.dtype == torch.int64 and row_ids.is_cpu:  # already what the lookup needs: shared, not copied
+            return row_ids.numpy()
         if row_ids.is_floating_point() or row_ids.is_complex() or row_ids.dtype == torch.bool:
             raise InvalidArgumentError(f"row ids must be integers; got a {row_ids.dtype} tensor")
         return row_ids.detach().to("cpu", torch.int64).numpy()

@@ -272,8 +272,6 @@ class DataPlaneServer:
                 log.exception("data plane lookup failed unexpectedly")
                 sock.sendall(frames.pack_error(header.request_id, InternalError(f"internal error: {exc!r}")))
                 return buffer
-        self._metrics.rows_served.inc(num_ids)
-        self._metrics.bytes_served.inc(num_ids * self._row_bytes)
         return buffer
 
     def _send_rows(
@@ -291,8 +289,11 @@ class DataPlaneServer:
             with self._guard.work_slot(deadline - time.monotonic()):
                 rows, version = next(chunks)  # [n, width], a view of buffer
             head = frames.pack_rows(request_id, version, offset, len(rows), rows.nbytes)
-            frames.send_parts(sock, (head, rows))
             offset += len(rows)
+            if offset == len(ids):  # counted before the last frame goes: a client holding every row sees them counted
+                self._metrics.rows_served.inc(len(ids))
+                self._metrics.bytes_served.inc(len(ids) * self._row_bytes)
+            frames.send_parts(sock, (head, rows))
 
     @contextmanager
     def _peer_call(self, peer: str) -> Iterator[None]:

@@ -177,6 +177,13 @@ class MmapRowStore(RowStore):
         self._rows[ids] = rows
 
     @property
+    def plain_rows(self) -> np.ndarray | None:
+        """The mapped rows [num_rows, width] when each is read as stored (not a lazy table's, whose unwritten
+        rows are generated, nor one with unreserved pages); else None. For a reader that checks ids itself
+        and copies rows straight from the map (memstore.same_host)."""
+        return self._rows if self.initial_rows is None and self._allocated is None else None
+
+    @property
     def bytes_on_disk(self) -> int:
         """Bytes the file occupies on disk (less than its size while a lazy store is sparse)."""
         return self.path.stat().st_blocks * 512

@@ -11,7 +11,7 @@ import mmap
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
@@ -19,9 +19,13 @@ from memstore import fatal
 from memstore.errors import TableFormatError
 from memstore.tabledir.fsafe import write_durably
 
-if TYPE_CHECKING:
-    from memstore.storage.base import RowStore
 _READ_TRIES = 8
+
+
+class RowSource(Protocol):
+    """What consistent_gather reads: a RowStore, or a same-host reader's layer (memstore.same_host)."""
+
+    def gather(self, ids: np.ndarray, out: np.ndarray | None = None) -> np.ndarray: ...
 
 
 class SeqLock:
@@ -58,7 +62,7 @@ class SeqLock:
 
 
 def consistent_gather(
-    store: RowStore, seqlock: SeqLock | None, ids: np.ndarray, out: np.ndarray | None, frozen_version: int
+    store: RowSource, seqlock: SeqLock | None, ids: np.ndarray, out: np.ndarray | None, frozen_version: int
 ) -> tuple[np.ndarray, int] | None:
     """Rows read with no push overlapping them and the version they show, or None after a few tries.
 
