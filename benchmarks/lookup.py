@@ -351,14 +351,26 @@ def breakdown(table: Table, address: str, batch: int, chunk_bytes: int) -> dict[
     return result
 
 
-def _delays(
-    args: argparse.Namespace, worker: Worker, hosts: tuple[str, str], table: Table, address: str, work: Path
+def _delays(args: argparse.Namespace, worker: Worker, hosts: tuple[str, str], table: Table, work: Path) -> list[dict]:
+    """gRPC vs. data plane through the delay proxy, per one-way delay: a daemon of its own, which
+    tells clients to reach its data plane at the proxy's address (`--data-plane-advertise`, as behind
+    any proxy or NAT), so that both of a client's connections cross the proxy."""
+    daemon_host, proxy_host = hosts
+    daemon, address = start_daemon_at(
+        daemon_host, table.path, ["--data-plane-advertise", proxy_host], stderr=subprocess.DEVNULL
+    )
+    try:
+        return _through_proxy(args, worker, hosts, table, work, daemon_ports(address))
+    finally:
+        stop_daemon(daemon)
+
+
+def _through_proxy(
+    args: argparse.Namespace, worker: Worker, hosts: tuple[str, str], table: Table, work: Path, ports: list[int]
 ) -> list[dict]:
-    """gRPC vs. data plane through the delay proxy, per one-way delay."""
     daemon_host, proxy_host = hosts
     layer_id = table.manifest.layout.layer_ids[0]
     plain = _plain_memmap(table, layer_id)
-    ports = daemon_ports(address)
     grpc_port = ports[0]
     results = []
     for delay_ms in [float(d) for d in args.delays_ms.split(",") if d.strip()]:
@@ -465,7 +477,7 @@ def run(args: argparse.Namespace, path: Path) -> dict:
                 for _, client in opened:
                     worker.request({"op": "close", "name": client})
                 if args.delays_ms:
-                    out["delays"] = _delays(args, worker, (daemon_host, proxy_host), table, address, work)
+                    out["delays"] = _delays(args, worker, (daemon_host, proxy_host), table, work)
                     _print_delays(out["delays"])
             if not args.no_breakdown:
                 steps = breakdown(table, address, 262_144, 1 << 20)

@@ -271,7 +271,9 @@ def _run_in_namespace(args: argparse.Namespace) -> int:
             i = inner.index(flag)
             del inner[i : i + 2]
     with client_namespace(NetnsConfig(mtu=args.mtu)) as ns:
-        daemon, address = start_daemon_at(ns.host_ip, args.table, stderr=subprocess.DEVNULL)
+        # Through the proxy, the daemon tells clients its data plane is at the proxy's address, as behind any proxy.
+        advertise = ["--data-plane-advertise", ns.proxy_ip] if args.delay_ms else []
+        daemon, address = start_daemon_at(ns.host_ip, args.table, advertise, stderr=subprocess.DEVNULL)
         try:
             ports = daemon_ports(address)  # gRPC, and the data plane's: both through the proxy
             target = address
