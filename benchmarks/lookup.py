@@ -356,9 +356,8 @@ def _delays(args: argparse.Namespace, worker: Worker, hosts: tuple[str, str], ta
     tells clients to reach its data plane at the proxy's address (`--data-plane-advertise`, as behind
     any proxy or NAT), so that both of a client's connections cross the proxy."""
     daemon_host, proxy_host = hosts
-    daemon, address = start_daemon_at(
-        daemon_host, table.path, ["--data-plane-advertise", proxy_host], stderr=subprocess.DEVNULL
-    )
+    advertise = ["--data-plane-advertise", proxy_host, *args.daemon_args.split()]
+    daemon, address = start_daemon_at(daemon_host, table.path, advertise, stderr=subprocess.DEVNULL)
     try:
         return _through_proxy(args, worker, hosts, table, work, daemon_ports(address))
     finally:
@@ -439,15 +438,17 @@ def run(args: argparse.Namespace, path: Path) -> dict:
         layer_id = table.manifest.layout.layer_ids[0]
         store = table.store(layer_id)
         plain = _plain_memmap(table, layer_id)
-        daemon, address = start_daemon_at(daemon_host, path, stderr=subprocess.DEVNULL)
+        extra = args.daemon_args.split()
+        daemon, address = start_daemon_at(daemon_host, path, extra, stderr=subprocess.DEVNULL)
         tls_daemon = None
         try:
             if args.tls:  # a second daemon on the same table, serving TLS (gRPC and data plane)
                 ca, cert, key = _tls_files(work, [daemon_host, proxy_host])
-                tls_args = ["--tls-cert", str(cert), "--tls-key", str(key)]
+                tls_args = ["--tls-cert", str(cert), "--tls-key", str(key), *extra]
                 tls_daemon, tls_address = start_daemon_at(daemon_host, path, tls_args, stderr=subprocess.DEVNULL)
             where = f"a network namespace over veth, MTU {args.mtu}" if ns else "loopback (no namespace)"
-            print(f"daemon at {address}; remote clients in {where}\n", flush=True)
+            flags = f" (memstore serve {args.daemon_args})" if args.daemon_args else ""
+            print(f"daemon at {address}{flags}; remote clients in {where}\n", flush=True)
             with (
                 MemstoreClient(address, ClientConfig(timeout_s=120, same_host=True)) as same_host,
                 _worker(ns) as worker,
@@ -504,6 +505,7 @@ def main() -> int:
     parser.add_argument("--delays-ms", default="", help="one-way delays for the proxy section, e.g. 0,0.2,2")
     parser.add_argument("--no-breakdown", action="store_true", help="skip the gRPC time breakdown")
     parser.add_argument("--tls", action="store_true", help="also gRPC and data plane to a second daemon serving TLS")
+    parser.add_argument("--daemon-args", default="", help="more `memstore serve` flags, e.g. '--no-integrity'")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # the remote clients' process
     args = parser.parse_args()
