@@ -400,7 +400,7 @@ def _warm_daemon(address: str, table: Table, tls_ca: Path | None = None) -> floa
     measures the steady state a long-running daemon is in."""
     tls = ClientTls(ca=tls_ca) if tls_ca is not None else None
     start = time.perf_counter()
-    with MemstoreClient(address, ClientConfig(timeout_s=300, same_host=False, tls=tls)) as client:
+    with MemstoreClient(address, ClientConfig(timeout_s=300, same_host=False, data_plane=False, tls=tls)) as client:
         for layer_id in table.manifest.layout.layer_ids:
             num_rows = table.store(layer_id).num_rows
             for first in range(0, num_rows, 1 << 20):
