@@ -395,7 +395,8 @@ class MemstoreClient:
         manifest = Manifest.from_json(served.manifest_json)
         row_bytes = manifest.dtype.row_bytes(manifest.layout.dim)
         try:
-            return DataPlane(host, served.data_plane, ticket, row_bytes, self.config.tls)
+            streams = self.config.data_plane_streams
+            return DataPlane(host, served.data_plane, ticket, row_bytes, self.config.tls, streams)
         except UnavailableError as exc:  # another protocol version, or TLS this client has no settings for
             if self.config.data_plane:
                 raise

@@ -60,6 +60,8 @@ class ClientConfig:
     # path: None uses it when the daemon offers it (falling back to gRPC when it cannot be reached),
     # False never, True requires it.
     data_plane: bool | None = None
+    # Connections a large data-plane lookup is striped over (one TCP stream is bound by one core's copying).
+    data_plane_streams: int = 2
     # Send unique ids (and restore duplicates here) when that removes at least this share of rows.
     dedup_min_saving: float = 0.05
     # Largest request the client sends (ids are 8 bytes each).
@@ -85,6 +87,8 @@ class ClientConfig:
             raise InvalidArgumentError("ClientConfig needs 0 < initial_backoff_s <= max_backoff_s")
         if self.token is not None:
             check_token(self.token, "ClientConfig.token")
+        if not 1 <= self.data_plane_streams <= 64:
+            raise InvalidArgumentError(f"ClientConfig.data_plane_streams must be 1..64; got {self.data_plane_streams}")
         if self.attempt_timeout_s is not None:
             check_timeout(self.attempt_timeout_s, "ClientConfig.attempt_timeout_s")
 

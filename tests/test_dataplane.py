@@ -36,6 +36,8 @@ from memstore.wire import memstore_pb2 as pb
 from tests.helpers import DEADLINE_S, FAST_FAIL, join_all, wait_until
 
 DATA_PLANE = replace(FAST_FAIL, same_host=False, data_plane=True)
+# Every id on the wire, repeats too (the small table has few rows): large answers from it.
+ALL_ROWS = replace(DATA_PLANE, dedup_min_saving=0.999)
 
 
 # -- frames ----------------------------------------------------------------------------------
@@ -252,6 +254,22 @@ def test_lookups_spanning_many_frames_come_back_in_order(daemon_factory, table: 
         rows = client.lookup(1, ids)
         assert client.transport == "data-plane"
     assert np.array_equal(rows.numpy(), table.gather(1, ids))
+
+
+@pytest.mark.parametrize("streams", [1, 2, 3])
+def test_large_lookups_are_striped_over_connections(daemon_factory, table: Table, streams: int) -> None:
+    daemon = daemon_factory(table)
+    ids = np.random.default_rng(1).integers(0, table.manifest.layout.num_rows(1), 200_000)  # 6.4 MB of rows
+    with MemstoreClient(daemon.address, replace(ALL_ROWS, data_plane_streams=streams)) as client:
+        assert np.array_equal(client.lookup(1, ids).numpy(), table.gather(1, ids))
+        assert len(client._plane.planes[0]._idle) == streams  # one connection per part, all back in the pool
+
+
+def test_a_striped_lookup_whose_part_breaks_is_repeated_whole(daemon_factory, table: Table, link) -> None:
+    ids = np.random.default_rng(2).integers(0, table.manifest.layout.num_rows(1), 200_000)
+    daemon = _served_through(daemon_factory, table, link(cut_after=100_000))
+    with MemstoreClient(daemon.address, replace(ALL_ROWS, max_attempts=2)) as client:
+        assert np.array_equal(client.lookup(1, ids).numpy(), table.gather(1, ids))
 
 
 def test_without_a_data_plane_clients_use_grpc_or_say_why_not(daemon_factory, table: Table) -> None:
