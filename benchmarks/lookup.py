@@ -274,15 +274,20 @@ def _print_main(results: list[dict]) -> None:
 
 
 def _print_ceiling(out: dict, ns: Any, table: Table, results: list[dict]) -> None:
-    """What the wire itself allows: plain sockets over the same veth pair, in rows/s and against np.take."""
-    gb_per_s = socket_ceiling(ns, 128)
-    out["plain_socket_gb_per_s"] = gb_per_s
-    rows_per_s = gb_per_s * 1e9 / _row_bytes(table)
-    print(f"Plain Python sockets over the same veth pair (MTU {ns.mtu}, 128 MiB, best of 4): {gb_per_s:.2f} GB/s,")
-    print(f"i.e. {rows_per_s / 1e6:.1f} Mrows/s of {_row_bytes(table)}-byte rows (the wire's ceiling):")
-    for r in results:
-        take = r["paths"]["np.take"]["rows_per_s"]
-        print(f"- {r['batch']:,} rows: {rows_per_s / take:.0%} of np.take's {take / 1e6:.2f} Mrows/s")
+    """What the wire itself allows: plain sockets over the same veth pair, over one TCP connection and over
+    as many as the data plane stripes a large lookup over, in rows/s and against np.take."""
+    streams = sorted({1, getattr(ClientConfig(), "data_plane_streams", 1)})
+    print(f"Plain Python sockets over the same veth pair (MTU {ns.mtu}, 128 MiB, best of 4), the wire's ceiling:")
+    out["plain_socket_gb_per_s"] = {}
+    for n in streams:
+        gb_per_s = socket_ceiling(ns, 128, streams=n)
+        out["plain_socket_gb_per_s"][n] = gb_per_s
+        rows_per_s = gb_per_s * 1e9 / _row_bytes(table)
+        shares = ", ".join(f"{rows_per_s / r['paths']['np.take']['rows_per_s']:.0%} at {r['batch']:,}" for r in results)
+        print(
+            f"- {n} connection{'s' if n > 1 else ''}: {gb_per_s:.2f} GB/s = {rows_per_s / 1e6:.1f} Mrows/s of "
+            f"{_row_bytes(table)}-byte rows; of np.take: {shares}"
+        )
     print(flush=True)
 
 

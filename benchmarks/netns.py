@@ -278,48 +278,75 @@ def daemon_ports(address: str) -> list[int]:
     return ports
 
 
-def _receive(address: str, nbytes: int) -> dict:
-    """Connect to `address`, receive `nbytes` into one preallocated buffer; timing and a digest."""
+def _receive(address: str, nbytes: int, streams: int = 1) -> dict:
+    """Receive `nbytes` from `address` over `streams` connections (part i of the bytes on the
+    connection that sent the byte i first), each into its slice of one preallocated buffer with
+    `recv_into`; timing and a digest of the whole."""
     import hashlib
 
     host, port = address.rsplit(":", 1)
-    buf = bytearray(nbytes)
-    view = memoryview(buf)
-    with socket.create_connection((host, int(port)), timeout=60) as sock:
-        start, got = time.perf_counter(), 0
-        while got < nbytes:
-            n = sock.recv_into(view[got:], min(nbytes - got, 4 << 20))
+    view = memoryview(bytearray(nbytes))
+    bounds = [nbytes * i // streams for i in range(streams + 1)]
+    socks = [socket.create_connection((host, int(port)), timeout=60) for _ in range(streams)]
+    got = [0] * streams
+
+    def receive(i: int) -> None:
+        part = view[bounds[i] : bounds[i + 1]]
+        while got[i] < len(part):
+            n = socks[i].recv_into(part[got[i] :], min(len(part) - got[i], 4 << 20))
             if n == 0:
                 break
-            got += n
-        elapsed = time.perf_counter() - start
-    return {"bytes": got, "seconds": elapsed, "sha256": hashlib.sha256(view[:got]).hexdigest()}
+            got[i] += n
+
+    threads = [threading.Thread(target=receive, args=(i,)) for i in range(streams)]
+    start = time.perf_counter()
+    for i, sock in enumerate(socks):
+        sock.sendall(bytes([i]))
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - start
+    for sock in socks:
+        sock.close()
+    return {"bytes": sum(got), "seconds": elapsed, "sha256": hashlib.sha256(view).hexdigest()}
 
 
-def _serve_bytes(host: str, payload: bytes) -> tuple[socket.socket, threading.Thread]:
-    """A one-connection server on `host` that sends `payload` and closes."""
+def _serve_bytes(host: str, payload: bytes, streams: int = 1) -> tuple[socket.socket, threading.Thread]:
+    """A server on `host` for one `_receive` of `payload` over `streams` connections; then it closes."""
     server = socket.create_server((host, 0))
+    bounds = [len(payload) * i // streams for i in range(streams + 1)]
+    view = memoryview(payload)
 
-    def send() -> None:
+    def send(conn: socket.socket) -> None:
+        with conn:
+            i = conn.recv(1)[0]
+            conn.sendall(view[bounds[i] : bounds[i + 1]])
+
+    def serve() -> None:
         with server:
-            conn, _ = server.accept()
-            with conn:
-                conn.sendall(payload)
+            senders = [threading.Thread(target=send, args=(server.accept()[0],)) for _ in range(streams)]
+            for thread in senders:
+                thread.start()
+            for thread in senders:
+                thread.join()
 
-    thread = threading.Thread(target=send, daemon=True)
+    thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     return server, thread
 
 
-def socket_ceiling(ns: Namespace, mib: int = 256, rounds: int = 4) -> float:
-    """Best of `rounds` of plain-socket GB/s from this side to the namespace (`recv_into` one
-    preallocated buffer there): what any TCP transport in Python can hope for over this pair."""
+def socket_ceiling(ns: Namespace, mib: int = 256, rounds: int = 4, streams: int = 1) -> float:
+    """Best of `rounds` of plain-socket GB/s from this side to the namespace over `streams` TCP
+    connections at once (`recv_into` one preallocated buffer there, a thread per connection on
+    each side): what a TCP transport in Python with as many streams can hope for over this pair."""
     payload = os.urandom(1 << 20) * mib
     best = 0.0
     for _ in range(rounds):
-        server, thread = _serve_bytes(ns.host_ip, payload)
+        server, thread = _serve_bytes(ns.host_ip, payload, streams)
         port = server.getsockname()[1]
-        got = ns.run_json("benchmarks.netns", ["--mib", str(mib), "--receive", f"{ns.host_ip}:{port}"])
+        args = ["--mib", str(mib), "--streams", str(streams), "--receive", f"{ns.host_ip}:{port}"]
+        got = ns.run_json("benchmarks.netns", args)
         thread.join(60)
         best = max(best, got["bytes"] / got["seconds"] / 1e9)
     return best
@@ -331,14 +358,18 @@ def main() -> int:
     parser.add_argument("--mtu", type=int, default=NetnsConfig.mtu)
     parser.add_argument("--mib", type=int, default=256, help="bytes sent per round")
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--streams", type=int, default=1, help="TCP connections at once")
     parser.add_argument("--receive", metavar="HOST:PORT", help=argparse.SUPPRESS)  # the namespace's side
     args = parser.parse_args()
     if args.receive:
-        print(json.dumps(_receive(args.receive, args.mib << 20)))
+        print(json.dumps(_receive(args.receive, args.mib << 20, args.streams)))
         return 0
     with client_namespace(NetnsConfig(mtu=args.mtu)) as ns:
-        best = socket_ceiling(ns, args.mib, args.rounds)
-        print(f"veth MTU {ns.mtu}: plain sockets {best:.2f} GB/s (best of {args.rounds}, {args.mib} MiB each)")
+        best = socket_ceiling(ns, args.mib, args.rounds, args.streams)
+        print(
+            f"veth MTU {ns.mtu}: plain sockets {best:.2f} GB/s over {args.streams} connection(s) "
+            f"(best of {args.rounds}, {args.mib} MiB each)"
+        )
     return 0
 
 

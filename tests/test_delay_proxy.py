@@ -206,12 +206,14 @@ def test_the_namespace_reaches_this_side_through_the_proxy_and_is_removed() -> N
 
 
 @needs_netns
-def test_run_json_receives_what_this_side_sent() -> None:
+@pytest.mark.parametrize("streams", [1, 3])
+def test_run_json_receives_what_this_side_sent(streams: int) -> None:
     payload = os.urandom(1 << 20)
     with client_namespace() as ns:
-        server, thread = _serve_bytes(ns.host_ip, payload)
+        server, thread = _serve_bytes(ns.host_ip, payload, streams)
         port = server.getsockname()[1]
-        got = ns.run_json("benchmarks.netns", ["--mib", "1", "--receive", f"{ns.host_ip}:{port}"], timeout_s=60)
+        args = ["--mib", "1", "--streams", str(streams), "--receive", f"{ns.host_ip}:{port}"]
+        got = ns.run_json("benchmarks.netns", args, timeout_s=60)
         thread.join(10)
     assert got["bytes"] == len(payload)
     assert got["sha256"] == hashlib.sha256(payload).hexdigest()
