@@ -12,13 +12,16 @@ port Describe advertised, through the proxy. When one side closes (or half-close
 direction, the other side sees that after the queued bytes; when a side resets or a write
 fails, both sides are closed at once. Connection set-up itself is not delayed.
 
-The proxy is a userspace copy: it costs CPU of its own (run it in its own process, as
-`proxy_process` does, so that it does not share a GIL with what is measured).
+The proxy is a userspace copy: it costs CPU of its own. Run it in its own process, as
+`proxy_process` does, so that it does not share a GIL with what is measured; there each
+connection is served by a forked process of its own (a client striping a lookup over several
+connections gets them copied on several cores; `fork=False` keeps them all in threads of one).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import socket
 import subprocess
@@ -154,11 +157,16 @@ class DelayProxy:
         delay_s: float,
         max_buffered_bytes: int = 64 << 20,
         target_ports: Sequence[int] | None = None,
+        fork: bool = False,
     ) -> None:
         if delay_s < 0:
             raise ValueError(f"delay_s must be >= 0; got {delay_s}")
         self.delay_s, self.max_buffered_bytes = delay_s, max_buffered_bytes
         self.target_host = target_host
+        # A process per connection (fork): connections striped by a client then copy on several cores,
+        # not under one GIL.
+        self.fork = fork
+        self._children: set[int] = set()
         self._stopping = threading.Event()
         self._connections: list[_Connection] = []
         self._lock = threading.Lock()
@@ -205,11 +213,38 @@ class DelayProxy:
             upstream.settimeout(None)
             for sock in (client, upstream):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.fork:
+                self._fork_connection(client, upstream)
+                continue
             conn = _Connection(client, upstream, self.delay_s, self.max_buffered_bytes)
             with self._lock:
                 self._connections = [c for c in self._connections if not c.aborted]
                 self._connections.append(conn)
             conn.start()
+
+    def _fork_connection(self, client: socket.socket, upstream: socket.socket) -> None:
+        with self._lock:
+            pid = os.fork()
+            if pid == 0:  # the child: this one connection, then exit
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                try:
+                    # Every other descriptor inherited goes (listeners, and whatever the parent had open, such as
+                    # a client's own end of a connection when the proxy runs inside the client's process).
+                    keep = sorted((client.fileno(), upstream.fileno()))
+                    os.closerange(3, keep[0])
+                    os.closerange(keep[0] + 1, keep[1])
+                    os.closerange(keep[1] + 1, os.sysconf("SC_OPEN_MAX"))
+                    conn = _Connection(client, upstream, self.delay_s, self.max_buffered_bytes)
+                    conn.start()
+                    for thread in conn.threads:
+                        thread.join()
+                finally:
+                    os._exit(0)
+            self._children.add(pid)
+            for done in [p for p in self._children if os.waitpid(p, os.WNOHANG)[0] == p]:
+                self._children.discard(done)
+        client.close()  # the child's now
+        upstream.close()
 
     def stop(self) -> None:
         """Stop accepting and close every connection."""
@@ -220,9 +255,15 @@ class DelayProxy:
         for sock, _ in self._listeners:
             sock.close()
         with self._lock:
-            connections = list(self._connections)
+            connections, children = list(self._connections), list(self._children)
         for conn in connections:
             conn.abort()
+        for pid in children:  # each ends its connection's sockets as it dies
+            try:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
 
 
 @contextmanager
@@ -266,9 +307,10 @@ def main() -> int:
     parser.add_argument("--to", required=True, help="host to forward to (same port numbers)")
     parser.add_argument("--ports", required=True, help="comma-separated ports")
     parser.add_argument("--delay-ms", type=float, required=True, help="one-way delay added to every chunk")
+    parser.add_argument("--threads", action="store_true", help="all connections in this process (default: forks)")
     args = parser.parse_args()
     ports = [int(p) for p in args.ports.split(",")]
-    with DelayProxy(args.listen, args.to, ports, args.delay_ms / 1000) as proxy:
+    with DelayProxy(args.listen, args.to, ports, args.delay_ms / 1000, fork=not args.threads) as proxy:
         print(f"listening on {args.listen} ports {proxy.ports} -> {args.to} +{args.delay_ms:g} ms", flush=True)
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -50,8 +50,14 @@ def server() -> Iterator[_Server]:
         s.sock.close()
 
 
-def _proxy(server: _Server, delay_s: float = DELAY_S) -> DelayProxy:
-    return DelayProxy("127.0.0.1", "127.0.0.1", [0], delay_s, target_ports=[server.port])
+@pytest.fixture(params=[False, True], ids=["threads", "fork"])
+def fork(request: pytest.FixtureRequest) -> bool:
+    """Connections served by threads of the proxy's process, or each by a process of its own."""
+    return request.param
+
+
+def _proxy(server: _Server, fork: bool, delay_s: float = DELAY_S) -> DelayProxy:
+    return DelayProxy("127.0.0.1", "127.0.0.1", [0], delay_s, target_ports=[server.port], fork=fork)
 
 
 def _connect(proxy: DelayProxy) -> socket.socket:
@@ -59,8 +65,8 @@ def _connect(proxy: DelayProxy) -> socket.socket:
     return sock
 
 
-def test_a_round_trip_takes_at_least_twice_the_delay(server: _Server) -> None:
-    with _proxy(server) as proxy, _connect(proxy) as client:
+def test_a_round_trip_takes_at_least_twice_the_delay(server: _Server, fork: bool) -> None:
+    with _proxy(server, fork) as proxy, _connect(proxy) as client:
         upstream = server.accept()
         with upstream:
             start = time.monotonic()
@@ -75,10 +81,10 @@ def test_a_round_trip_takes_at_least_twice_the_delay(server: _Server) -> None:
     assert round_trip >= 2 * DELAY_S
 
 
-def test_bytes_and_order_are_kept_both_ways(server: _Server) -> None:
+def test_bytes_and_order_are_kept_both_ways(server: _Server, fork: bool) -> None:
     payload = os.urandom(3 << 20)  # several chunks, so order across chunks is exercised
     messages = [f"{i:06d};".encode() for i in range(2000)]  # many small writes
-    with _proxy(server, delay_s=0.002) as proxy, _connect(proxy) as client:
+    with _proxy(server, fork, delay_s=0.002) as proxy, _connect(proxy) as client:
         upstream = server.accept()
         with upstream:
             received: list[bytes] = []
@@ -95,8 +101,8 @@ def test_bytes_and_order_are_kept_both_ways(server: _Server) -> None:
             assert _recv_all(client) == payload[::-1]
 
 
-def test_a_client_that_closes_closes_the_upstream_side(server: _Server) -> None:
-    with _proxy(server) as proxy:
+def test_a_client_that_closes_closes_the_upstream_side(server: _Server, fork: bool) -> None:
+    with _proxy(server, fork) as proxy:
         client = _connect(proxy)
         upstream = server.accept()
         with upstream:
@@ -105,8 +111,8 @@ def test_a_client_that_closes_closes_the_upstream_side(server: _Server) -> None:
             assert _recv_all(upstream) == b"last words"  # then EOF
 
 
-def test_a_server_that_closes_closes_the_client_side(server: _Server) -> None:
-    with _proxy(server) as proxy, _connect(proxy) as client:
+def test_a_server_that_closes_closes_the_client_side(server: _Server, fork: bool) -> None:
+    with _proxy(server, fork) as proxy, _connect(proxy) as client:
         client.settimeout(10)
         upstream = server.accept()
         upstream.sendall(b"bye")
@@ -114,8 +120,8 @@ def test_a_server_that_closes_closes_the_client_side(server: _Server) -> None:
         assert _recv_all(client) == b"bye"
 
 
-def test_a_reset_closes_the_other_side_at_once(server: _Server) -> None:
-    with _proxy(server, delay_s=0.0) as proxy, _connect(proxy) as client:
+def test_a_reset_closes_the_other_side_at_once(server: _Server, fork: bool) -> None:
+    with _proxy(server, fork, delay_s=0.0) as proxy, _connect(proxy) as client:
         client.settimeout(10)
         upstream = server.accept()
         upstream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
@@ -138,8 +144,8 @@ def test_nothing_to_reach_closes_the_client() -> None:
             pass
 
 
-def test_stop_closes_live_connections(server: _Server) -> None:
-    proxy = _proxy(server).start()
+def test_stop_closes_live_connections(server: _Server, fork: bool) -> None:
+    proxy = _proxy(server, fork).start()
     with _connect(proxy) as client:
         client.settimeout(10)
         upstream = server.accept()
