@@ -3,6 +3,7 @@
     python -m benchmarks.lookup                          # full run (2 GiB table, dim 64 float16), as root
     python -m benchmarks.lookup --quick                  # small table, few calls: a smoke test
     python -m benchmarks.lookup --delays-ms 0,0.2,2      # also: remote paths through a delay proxy
+    python -m benchmarks.lookup --tls                    # also: gRPC and data plane to a daemon serving TLS
 
 For each batch size the same random ids go through five paths:
 - np.take:          `np.take(memmap, ids, axis=0)` on the page-cached layer file, in this process;
@@ -17,7 +18,10 @@ permission for network namespaces (not root), the worker runs on loopback, and s
 
 Rounds (--rounds, default 4): every round runs each path's calls in turn (the order rotates by
 one path per round); throughput is the best round's rows / median call time, p50/p99 are over
-the calls of all rounds. Every path's first result is checked against np.take's rows.
+the calls of all rounds. Every path's first result is checked against np.take's rows. Each
+daemon reads every row once before timing (a first read checks checksums). In the namespace, the
+run also measures plain sockets over the same veth pair (one connection, and as many as the data
+plane stripes a lookup over): the wire's ceiling, against np.take.
 
 With --delays-ms, the remote clients then connect through benchmarks/delay_proxy.py (a userspace
 TCP proxy adding a one-way delay to every chunk, on a second address of this side, with the
