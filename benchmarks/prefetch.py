@@ -16,6 +16,15 @@ machine is shared and noisy. Then the same with `--latency-ms` added to every lo
 artificially slow store), so a fast loopback cannot hide the overlap, or its absence.
 The daemon is a child process; sync and prefetch use gRPC (the same-host path switched off).
 
+    python -m benchmarks.prefetch --netns [--mtu 1500] [--delay-ms 0.2] [--latency-ms 0]   # as root
+
+`--netns` runs the model and its clients in a client network namespace joined to the daemon's by a
+veth pair (benchmarks/netns.py), with `--delay-ms` of one-way delay added by a userspace proxy
+(benchmarks/delay_proxy.py); the variants are then in-process, sync and prefetch over gRPC
+(`ClientConfig(same_host=False, data_plane=False)`) and sync and prefetch over the daemon's data
+plane (`ClientConfig(same_host=False, data_plane=True)`). `--connect HOST:PORT` is that run's inner
+half: the same variants against a daemon that is already serving the table.
+
 `--device` (auto: cuda if PyTorch sees a GPU, else cpu) is where the model runs; on cuda the
 prefetcher lands rows through pinned buffers and a side stream. Stall columns: the host's wait for
 rows (PrefetchStats.stall_s), and on CUDA the model's stream's wait for the rows' copies
@@ -29,8 +38,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import time
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -39,6 +50,8 @@ import numpy as np
 import torch
 
 from benchmarks.common import REPO, ensure_table
+from benchmarks.delay_proxy import proxy_process
+from benchmarks.netns import NetnsConfig, client_namespace, daemon_ports, start_daemon_at
 from client import ClientConfig, MemstoreClient, PrefetchConfig, Prefetcher, RemoteEmbedding, TableFetcher
 from memstore.dtypes import DType
 from memstore.launch import start_daemon, stop_daemon
@@ -52,6 +65,7 @@ from model.sources import MappedTable
 from model.train import TrainConfig, train
 
 VARIANTS = ("in-process", "sync", "prefetch", "prefetch, same-host")
+REMOTE_VARIANTS = ("in-process", "sync, gRPC", "prefetch, gRPC", "sync, data plane", "prefetch, data plane")
 
 
 class SlowStore:
@@ -90,7 +104,7 @@ def _train_step_time(variant: str, lm_config, data, table: Table, stores: dict, 
     if variant == "in-process":
         model = _model(lm_config, data, {layer: MappedTable(table, layer) for layer in layers})
         result = train(model, data, config, progress=False)
-    elif variant == "sync":
+    elif variant.startswith("sync"):
         model = _model(lm_config, data, {layer: RemoteEmbedding(store, layer, device=DEVICE) for layer in layers})
         result = train(model, data, config, progress=False)
     else:
@@ -169,6 +183,10 @@ def main() -> int:
     parser.add_argument("--latency-ms", type=float, default=20.0, help="added per lookup in the slow-store run")
     parser.add_argument("--table", type=Path, default=REPO / "tables" / "bench-prefetch")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--netns", action="store_true", help="clients in a network namespace over veth (root)")
+    parser.add_argument("--mtu", type=int, default=1500, help="with --netns: the veth pair's MTU")
+    parser.add_argument("--delay-ms", type=float, default=0.0, help="with --netns: one-way delay through a proxy")
+    parser.add_argument("--connect", metavar="HOST:PORT", help="use this daemon (serving --table) instead of one's own")
     add_device_argument(parser)
     args = parser.parse_args()
     global DEVICE
@@ -191,20 +209,34 @@ def main() -> int:
         f"{torch.get_num_threads()}; device {DEVICE}",
         flush=True,
     )
+    if args.netns:
+        return _run_in_namespace(args)
     rows: list[dict] = []
-    daemon, address = start_daemon(args.table)
+    daemon, address = (None, args.connect) if args.connect else start_daemon(args.table)
+    global VARIANTS
+    if args.connect:
+        VARIANTS = REMOTE_VARIANTS
+        configs = {
+            "gRPC": ClientConfig(same_host=False, data_plane=False),
+            "data plane": ClientConfig(same_host=False, data_plane=True),
+        }
+    else:
+        configs = {"remote": ClientConfig(same_host=False), "same-host": ClientConfig(same_host=True)}
     try:
-        with (
-            Table.open(args.table) as table,
-            MemstoreClient(address, ClientConfig(same_host=False)) as client,
-            MemstoreClient(address, ClientConfig(same_host=True)) as local_client,
-        ):
-            for c in (client, local_client):
+        with Table.open(args.table) as table, ExitStack() as stack:
+            clients = {name: stack.enter_context(MemstoreClient(address, c)) for name, c in configs.items()}
+            for c in clients.values():
                 c.lookup(engram.layer_ids[0], np.arange(8))  # connect (and map) before timing
-            for latency_ms in (0.0, args.latency_ms):
+            print("clients: " + ", ".join(f"{name} -> {c.transport}" for name, c in clients.items()), flush=True)
+            for latency_ms in dict.fromkeys((0.0, args.latency_ms)):
                 slow = (lambda c: c) if latency_ms == 0 else (lambda c: SlowStore(c, latency_ms / 1000))
-                stores = {"in-process": None, "sync": slow(client), "prefetch": slow(client)}
-                stores["prefetch, same-host"] = slow(local_client)
+                stores: dict[str, Any] = {"in-process": None}
+                if args.connect:
+                    for name in ("gRPC", "data plane"):
+                        stores[f"sync, {name}"] = stores[f"prefetch, {name}"] = slow(clients[name])
+                else:
+                    stores["sync"] = stores["prefetch"] = slow(clients["remote"])
+                    stores["prefetch, same-host"] = slow(clients["same-host"])
                 tag = "" if latency_ms == 0 else f" +{latency_ms:g} ms/lookup"
                 trained = _rounds(
                     lambda v, warmup=False, stores=stores: _train_step_time(
@@ -223,10 +255,38 @@ def main() -> int:
                 rows += _rows(f"generate{tag}", "us_per_token", generated, 1.0)
                 _print(rows[-2 * len(VARIANTS) :])
     finally:
-        stop_daemon(daemon)
+        if daemon is not None:
+            stop_daemon(daemon)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     return 0
+
+
+def _run_in_namespace(args: argparse.Namespace) -> int:
+    """The daemon here, listening on a veth pair; this benchmark again, with --connect, in the client namespace
+    (through the delay proxy with --delay-ms)."""
+    inner = [a for a in sys.argv[1:] if a != "--netns"]
+    for flag in ("--mtu", "--delay-ms"):  # this side's options, not the inner run's
+        if flag in inner:
+            i = inner.index(flag)
+            del inner[i : i + 2]
+    with client_namespace(NetnsConfig(mtu=args.mtu)) as ns:
+        # Through the proxy, the daemon tells clients its data plane is at the proxy's address, as behind any proxy.
+        advertise = ["--data-plane-advertise", ns.proxy_ip] if args.delay_ms else []
+        daemon, address = start_daemon_at(ns.host_ip, args.table, advertise, stderr=subprocess.DEVNULL)
+        try:
+            ports = daemon_ports(address)  # gRPC, and the data plane's: both through the proxy
+            target = address
+            proxy = nullcontext()
+            if args.delay_ms:
+                target = f"{ns.proxy_ip}:{ports[0]}"
+                proxy = proxy_process(ns.proxy_ip, ns.host_ip, ports, args.delay_ms / 1000)
+            print(f"clients in a network namespace over veth (MTU {ns.mtu}), one-way delay {args.delay_ms:g} ms")
+            with proxy:
+                done = subprocess.run(ns.python("benchmarks.prefetch", [*inner, "--connect", target]))
+        finally:
+            stop_daemon(daemon)
+    return done.returncode
 
 
 def _print(rows: list[dict]) -> None:
@@ -239,9 +299,12 @@ def _print(rows: list[dict]) -> None:
             f"{row['time_ratio_to_in_process']:.3f} | {row['exposed_stall_share']:.1%} | "
             f"{row['gpu_stall_share']:.1%} | {row['excess_over_in_process']:.1%} |"
         )
-    sync = next(r for r in rows if r["variant"] == "sync")["exposed_stall_share"]
-    pre = next(r for r in rows if r["variant"] == "prefetch")["exposed_stall_share"]
-    print(f"training stall, sync / prefetch: {sync / pre:.1f}x" if pre > 0 else "prefetch stall: none measured")
+    stall = {r["variant"]: r["exposed_stall_share"] for r in rows if r["phase"].startswith("train")}
+    for suffix in ("", ", gRPC", ", data plane"):
+        sync, pre = stall.get(f"sync{suffix}"), stall.get(f"prefetch{suffix}")
+        if sync is not None and pre is not None:
+            ratio = f"{sync / pre:.1f}x" if pre > 0 else "no prefetch stall measured"
+            print(f"training stall{suffix}, sync / prefetch: {ratio}")
     sys.stdout.flush()
 
 
