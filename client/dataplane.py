@@ -122,10 +122,10 @@ class DataPlane:
         try:
             answer = self._exchange(connection, layer_id, ids, deadline, out)
         except BaseException:
-            _close(connection.sock)  # broken, or cut mid-answer: the stream is out of step
+            frames.close_socket(connection.sock)  # broken, or cut mid-answer: the stream is out of step
             raise
         if isinstance(answer, UnauthenticatedError):  # its ticket ran out between our check and the daemon's
-            _close(connection.sock)
+            frames.close_socket(connection.sock)
             self._ticket = None
             raise UnavailableError("the data plane ticket expired during the call; it is repeated")
         self._give_back(connection)  # an ERROR frame ends an answer cleanly: the connection stays in step
@@ -192,7 +192,7 @@ class DataPlane:
                 connection = self._idle.pop()
                 if connection.expiry > now:
                     return connection
-                _close(connection.sock)
+                frames.close_socket(connection.sock)
         return self._connect(deadline)
 
     def _connect(self, deadline: float) -> _Connection:
@@ -223,20 +223,20 @@ class DataPlane:
             if header.kind is not frames.Kind.READY:
                 raise DataLossError(f"the data plane answered HELLO with {header.kind.name}")
         except UnauthenticatedError:
-            _close(sock)
+            frames.close_socket(sock)
             self._ticket = None  # the daemon restarted (new key): the next attempt asks for a new ticket
             raise UnavailableError(
                 f"the data plane at {self._where()} refused this client's ticket; retrying"
             ) from None
         except (TimeoutError, ssl.SSLError, OSError, EOFError) as exc:
-            _close(sock)
+            frames.close_socket(sock)
             if isinstance(exc, DeadlineExceededError):
                 raise
             if isinstance(exc, TimeoutError):
                 raise DeadlineExceededError(f"the data plane at {self._where()} did not answer HELLO in time") from None
             raise UnavailableError(f"the data plane at {self._where()} failed at HELLO: {exc}") from None
         except BaseException:
-            _close(sock)
+            frames.close_socket(sock)
             raise
         return _Connection(sock, expiry)
 
@@ -256,7 +256,7 @@ class DataPlane:
             if not self._closed and len(self._idle) < self._max_idle:
                 self._idle.append(connection)
                 return
-        _close(connection.sock)
+        frames.close_socket(connection.sock)
 
     def _where(self) -> str:
         return f"{self.address[0]}:{self.address[1]}"
@@ -267,7 +267,7 @@ class DataPlane:
             self._closed = True
             idle, self._idle = self._idle, []
         for connection in idle:
-            _close(connection.sock)
+            frames.close_socket(connection.sock)
         if self._pool is not None:
             self._pool.shutdown(wait=False)
 
@@ -342,11 +342,3 @@ def _left(deadline: float) -> float:
     if left <= 0:
         raise DeadlineExceededError("the call's deadline passed on the data plane")
     return left
-
-
-def _close(sock: socket.socket) -> None:
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-    sock.close()

@@ -471,3 +471,12 @@ def test_a_draining_daemon_finishes_lookups_and_refuses_new_ones(daemon_factory,
             client.lookup(1, [2])
     with pytest.raises(OSError):  # no new connections either
         socket.create_connection(("127.0.0.1", daemon.server.data_plane.port), timeout=DEADLINE_S)
+
+
+def test_a_data_plane_port_in_use_is_refused_with_what_to_change(table: Table) -> None:
+    from memstore.service import create_server
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        busy = f"127.0.0.1:{taken.getsockname()[1]}"
+        with pytest.raises(InvalidArgumentError, match="--data-plane-listen"):
+            create_server(table, "127.0.0.1:0", ServerConfig(data_plane=DataPlaneConfig(listen=busy)))

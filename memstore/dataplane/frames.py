@@ -205,5 +205,14 @@ def recv_frame(sock: socket.socket) -> tuple[Header, bytes]:
     return header, bytes(payload)
 
 
+def close_socket(sock: socket.socket) -> None:
+    """Shut a connection down both ways (a thread blocked on it wakes) and close it; errors are moot then."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()
+
+
 def _common(kind: Kind, flags: int, status: int, payload_bytes: int, request_id: int) -> bytes:
     return _COMMON.pack(MAGIC, kind, flags, status, payload_bytes, request_id & 0xFFFFFFFF)

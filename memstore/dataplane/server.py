@@ -101,12 +101,18 @@ class DataPlaneServer:
         self._closed = False
         self._draining = False
         listen_host, port = _split(config.listen) if config.listen else (host, 0)
-        self._listener = socket.create_server(
-            (listen_host, port), family=_family(listen_host), backlog=config.max_connections
-        )
+        try:
+            self._listener = socket.create_server(
+                (listen_host, port), family=_family(listen_host), backlog=config.max_connections
+            )
+        except OSError as exc:
+            raise InvalidArgumentError(
+                f"cannot listen for the data plane on {listen_host}:{port}: {exc.strerror or exc}; choose another "
+                "--data-plane-listen (port 0 picks a free one), or serve with --no-data-plane"
+            ) from None
         self.port = self._listener.getsockname()[1]
-        # Told to clients when it is one address (not a wildcard): a client whose gRPC target names several
-        # daemons (a shard's replicas) then reaches the data plane of the one that answered its Describe.
+        # Told to clients when it is one address (not a wildcard): a client reaches each daemon its gRPC target
+        # names (a shard's replicas, an ipv4: list) at the address that daemon gives.
         self._own_host = "" if listen_host in ("", "0.0.0.0", "::") else listen_host
         self._acceptor = threading.Thread(target=self._accept, name="memstore-data-plane", daemon=True)
 
@@ -130,16 +136,16 @@ class DataPlaneServer:
         go elsewhere); lookups in progress finish, until `close()`."""
         with self._lock:
             self._draining = True
-        _close(self._listener)
+        frames.close_socket(self._listener)
 
     def close(self) -> None:
         """Stop listening and close every connection (a lookup in progress fails on the client's side)."""
         with self._lock:
             self._closed = True
             open_now = list(self._connections)
-        _close(self._listener)
+        frames.close_socket(self._listener)
         for sock in open_now:
-            _close(sock)
+            frames.close_socket(sock)
 
     def _accept(self) -> None:
         while True:
@@ -169,7 +175,7 @@ class DataPlaneServer:
             sock.sendall(frames.pack_error(0, busy))
         except OSError:
             pass
-        _close(sock)
+        frames.close_socket(sock)
 
     def _serve(self, raw: socket.socket, address: tuple) -> None:
         sock = raw
@@ -199,7 +205,7 @@ class DataPlaneServer:
             with self._lock:
                 self._connections.discard(sock)
                 self._connections.discard(raw)
-            _close(sock)
+            frames.close_socket(sock)
 
     def _hello(self, sock: socket.socket) -> float:
         """Check the HELLO's protocol and ticket, answer READY; the ticket's expiry."""
@@ -322,11 +328,3 @@ def _advertised(advertise: str | None, port: int) -> tuple[str, int]:
 
 def _family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
-
-
-def _close(sock: socket.socket) -> None:
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-    sock.close()
