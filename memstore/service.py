@@ -13,6 +13,9 @@ as long as the follower stays: a follower beyond `ServerConfig.max_followers` ge
 RESOURCE_EXHAUSTED, and Follow streams take no work slot, so they never take what lookups and
 pushes need.
 
+Lookups' rows for clients on other hosts go over the data plane (memstore.dataplane), which
+`create_server` opens beside gRPC: Describe offers it, OpenDataPlane hands out its tickets.
+
 Every call passes memstore.guard first (the token check of memstore.auth before its request is
 read, read and send deadlines, per-peer and concurrency limits, `max_workers` work slots), is
 parsed there so a malformed message gets INVALID_ARGUMENT, and is counted and timed
@@ -438,6 +441,8 @@ def create_server(
     A plain `Table` is served frozen; a `LiveTable` opened writable with an optimizer takes pushes.
     With `replica` (the Follower of a replica table), lookups and health follow its lag bound.
     `config.tls` makes it listen with TLS, `config.token_file` asks every call for a token.
+    Beside it, unless `config.data_plane` is None, the data plane (memstore.dataplane) accepts
+    connections at once and closes when the server stops (`server.data_plane`).
     """
     config = config or ServerConfig()
     live = table if isinstance(table, LiveTable) else LiveTable(table)
@@ -479,20 +484,7 @@ def create_server(
     server.guard = guard  # type: ignore[attr-defined]  # for tests and metrics: watchdog, peers
     budget = InFlightBudget(config.max_in_flight_bytes)
     check_listen_address(address)
-    data_plane = None
-    tcp_host = None if address.startswith(("unix:", "unix-abstract:", "vsock:")) else address.rpartition(":")[0]
-    if config.data_plane is not None and (tcp_host or config.data_plane.listen):  # not beside a Unix socket
-        data_plane = DataPlaneServer(
-            live,
-            config.data_plane,
-            DataPlaneLimits(config.max_rows_per_request, config.request_timeout_s, config.send_timeout_s),
-            host=(tcp_host or "").strip("[]"),
-            budget=budget,
-            guard=guard,
-            metrics=metrics,
-            tls=None if config.tls is None else config.tls.ssl_context(),
-            replica=replica,
-        )
+    data_plane = _data_plane(live, address, config, budget, guard, metrics, replica)
     server.data_plane = data_plane  # type: ignore[attr-defined]  # for the daemon's log line and tests
     servicer = MemstoreServicer(live, config, metrics, replica, budget=budget, data_plane=data_plane)
     pb_grpc.add_MemstoreServicer_to_server(servicer, server)
@@ -528,6 +520,33 @@ def create_server(
             target=_close_with, args=(server, data_plane), name="memstore-data-plane-stop", daemon=True
         ).start()
     return server, port
+
+
+def _data_plane(
+    live: LiveTable,
+    address: str,
+    config: ServerConfig,
+    budget: InFlightBudget,
+    guard: CallGuard,
+    metrics: DaemonMetrics,
+    replica: Follower | None,
+) -> DataPlaneServer | None:
+    """The data plane beside a server listening on `address` (bound, not yet accepting), sharing its budget,
+    work slots, peer limits, metrics and TLS; None when turned off or beside a Unix socket without a TCP address."""
+    tcp_host = None if address.startswith(("unix:", "unix-abstract:", "vsock:")) else address.rpartition(":")[0]
+    if config.data_plane is None or not (tcp_host or config.data_plane.listen):
+        return None
+    return DataPlaneServer(
+        live,
+        config.data_plane,
+        DataPlaneLimits(config.max_rows_per_request, config.request_timeout_s, config.send_timeout_s),
+        host=(tcp_host or "").strip("[]"),
+        budget=budget,
+        guard=guard,
+        metrics=metrics,
+        tls=None if config.tls is None else config.tls.ssl_context(),
+        replica=replica,
+    )
 
 
 def _close_with(server: grpc.Server, data_plane: DataPlaneServer) -> None:
