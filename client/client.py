@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import functools
-import logging
 import math
 import threading
 import time
 from collections.abc import Callable
-from concurrent import futures
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -17,7 +14,8 @@ import numpy as np
 import torch
 
 from client.config import ClientConfig, check_timeout
-from client.dataplane import DataPlane, DataPlanes, DataPlaneUnavailable
+from client.dataplane import DataPlaneUnavailable
+from client.dataplane_route import DataPlaneRoute
 from memstore.codec import check_request_rows, encode_grads, encode_row_ids
 from memstore.dtypes import DType
 from memstore.errors import (
@@ -36,13 +34,6 @@ from memstore.wire import memstore_pb2 as pb
 from memstore.wire import memstore_pb2_grpc as pb_grpc
 
 _T = TypeVar("_T")
-log = logging.getLogger("client")
-# Seconds before a client none of whose daemons' data planes could serve looks for them again (gRPC
-# meanwhile), and before one replica's data plane that failed is described and tried again.
-_DATA_PLANE_RETRY_S = 10.0
-_REPLICA_REST_S = 2.0
-# Seconds the replicas of a target have to describe their data planes once the first has.
-_REPLICA_GRACE_S = 0.25
 
 
 class MemstoreClient:
@@ -67,10 +58,7 @@ class MemstoreClient:
         self._seen_lock = threading.Lock()
         self._seen_version = 0
         self._retired: list[SameHostReader] = []
-        self._plane: DataPlanes | None = None
-        self._plane_checked = False
-        self._plane_retry_at = 0.0  # after falling back to gRPC: when to look for the data plane again
-        self._retired_planes: list[DataPlanes] = []
+        self._route = DataPlaneRoute(address, self.config, self._stub, self._call, self._remember_describe)
         if expected_fingerprint is not None:
             try:
                 self.check_fingerprint(expected_fingerprint)
@@ -294,7 +282,7 @@ class MemstoreClient:
 
         def attempt(seconds: float) -> tuple[DType, np.ndarray, int]:
             nonlocal request, rows
-            plane = self._data_plane(time.monotonic() + seconds)
+            plane = self._route.planes(time.monotonic() + seconds)
             if plane is not None:
                 manifest = self._manifest(seconds)
                 dtype = manifest.dtype
@@ -305,111 +293,17 @@ class MemstoreClient:
                 except DataPlaneUnavailable as exc:
                     if self.config.data_plane:
                         raise
-                    self._fall_back_to_grpc(plane, exc)
+                    self._route.fall_back(plane, exc)
             if request is None:
                 request = pb.LookupRequest(layer_id=layer_id, row_ids=encode_row_ids(ids))
             return self._fetch_once(request, layer_id, len(ids), seconds, rows)
 
         return self._retrying(attempt, deadline)
 
-    def _data_plane(self, deadline: float) -> DataPlanes | None:
-        """The daemon's data plane for lookups, or None for gRPC (not offered, disabled, or unreachable lately)."""
-        if self.config.data_plane is False or self._plane is not None:
-            return self._plane
-        if self._plane_checked and time.monotonic() < self._plane_retry_at:
-            return None
+    def _remember_describe(self, served: pb.DescribeResponse) -> None:
         with self._describe_lock:
-            if self._plane is None and (not self._plane_checked or time.monotonic() >= self._plane_retry_at):
-                self._plane = self._open_data_plane(deadline)
-                self._plane_checked = True
-                self._plane_retry_at = time.monotonic() + _DATA_PLANE_RETRY_S
-        return self._plane
-
-    def _open_data_plane(self, deadline: float) -> DataPlanes | None:
-        """The data planes of the daemons this client's target names (each described anew, not from the cache:
-        a daemon that restarted listens on another port); None when none offers one."""
-        addresses = _target_addresses(self.address)
-        if len(addresses) > 1:  # a shard's replicas: a channel of its own to each, for its Describe and tickets
-            channels = [self.config.open_channel(address) for address in addresses]
-            stubs = [pb_grpc.MemstoreStub(channel) for channel in channels]
-        else:
-            channels, stubs = [], [self._stub]
-        reopen = [
-            functools.partial(self._describe_data_plane, address, stub)
-            for address, stub in zip(addresses or [self.address], stubs)
-        ]
-        if len(stubs) == 1:
-            found = {0: reopen[0](deadline)}
-        else:
-            found = self._describe_replicas(reopen, deadline)
-        found = {index: plane for index, plane in found.items() if plane is not None}
-        if not found:
-            for channel in channels:
-                channel.close()
-            if self.config.data_plane:
-                raise UnavailableError(
-                    f"{self.address} offers no data plane this client can reach (--no-data-plane, or not a TCP "
-                    "address); drop ClientConfig(data_plane=True) to use gRPC"
-                )
-            return None
-        return DataPlanes(
-            list(found.values()),
-            [reopen[index] for index in found],
-            _REPLICA_REST_S,
-            lambda: [channel.close() for channel in channels],
-        )
-
-    def _describe_replicas(
-        self, describe: list[Callable[[float], DataPlane | None]], deadline: float
-    ) -> dict[int, DataPlane | None]:
-        """Each replica's data plane, described at once: those that answered by the first answer plus a
-        moment (a hung replica must not hold the lookup to its deadline; it joins when the set is rebuilt)."""
-        pool = futures.ThreadPoolExecutor(len(describe), thread_name_prefix="memstore-describe")
-        try:
-            asked = {pool.submit(each, deadline): index for index, each in enumerate(describe)}
-            done, pending = futures.wait(asked, _left(deadline), return_when=futures.FIRST_COMPLETED)
-            if pending:
-                more, pending = futures.wait(pending, min(_REPLICA_GRACE_S, max(0.0, deadline - time.monotonic())))
-                done |= more
-            return {asked[future]: future.result() for future in done if future.exception() is None}
-        finally:
-            pool.shutdown(wait=False)  # a hung Describe ends at the deadline on its own
-
-    def _describe_data_plane(self, address: str, stub: pb_grpc.MemstoreStub, deadline: float) -> DataPlane | None:
-        try:
-            served = self._call(stub.Describe, pb.DescribeRequest(), _left(deadline))
-        except UnavailableError:
-            if stub is self._stub:
-                raise  # the daemon itself is not there: the lookup's retries handle that
-            return None  # one replica of several: the others may serve
-        if self._described is None and stub is self._stub:  # the caller holds _describe_lock
-            self._described = served
-        host = address.rpartition(":")[0].strip("[]")
-        if not served.HasField("data_plane") or not (host or served.data_plane.host):
-            return None
-
-        def ticket(timeout: float) -> tuple[bytes, float]:
-            answer = self._call(stub.OpenDataPlane, pb.OpenDataPlaneRequest(), timeout)
-            return answer.ticket, answer.expires_in_s
-
-        manifest = Manifest.from_json(served.manifest_json)
-        row_bytes = manifest.dtype.row_bytes(manifest.layout.dim)
-        try:
-            streams = self.config.data_plane_streams
-            return DataPlane(host, served.data_plane, ticket, row_bytes, self.config.tls, streams)
-        except UnavailableError as exc:  # another protocol version, or TLS this client has no settings for
-            if self.config.data_plane:
-                raise
-            log.warning("%s: %s", address, exc)
-            return None
-
-    def _fall_back_to_grpc(self, plane: DataPlanes, exc: Exception) -> None:
-        with self._describe_lock:
-            if self._plane is plane:
-                self._plane = None
-                self._plane_retry_at = time.monotonic() + _DATA_PLANE_RETRY_S
-                self._retired_planes.append(plane)
-        log.warning("%s; looking rows up over gRPC, and for the data plane again in %.0f s", exc, _DATA_PLANE_RETRY_S)
+            if self._described is None:
+                self._described = served
 
     def _fetch_once(
         self, request: pb.LookupRequest, layer_id: int, num_ids: int, timeout: float, out: np.ndarray | None
@@ -451,7 +345,7 @@ class MemstoreClient:
         the daemon's data plane, else "grpc" (known after the first lookup)."""
         if self._local is not None:
             return "same-host"
-        return "data-plane" if self._plane is not None else "grpc"
+        return "data-plane" if self._route.current is not None else "grpc"
 
     def _same_host_table(self, timeout: float | None) -> SameHostReader | None:
         if self.config.same_host is False:
@@ -553,9 +447,7 @@ class MemstoreClient:
     def close(self) -> None:
         """Close the channel (in-flight calls are cancelled) and unmap same-host files."""
         self._channel.close()
-        for plane in (self._plane, *self._retired_planes):
-            if plane is not None:
-                plane.close()
+        self._route.close()
         if self._local is not None:
             self._local.close()
             self._local = None
@@ -628,19 +520,6 @@ class PushAck:
     version: int
     layer_step: int
     rows: int
-
-
-def _target_addresses(address: str) -> list[str]:
-    """The `host:port` of each daemon a gRPC target names (`host:port`, `dns:///host:port`, `ipv4:a:1,b:2`);
-    none for targets that are not TCP addresses (a Unix socket)."""
-    target = address
-    for scheme in ("dns:///", "dns:", "ipv4:", "ipv6:"):
-        if target.startswith(scheme):
-            target = target[len(scheme) :]
-            break
-    if "/" in target or target.startswith(("unix:", "unix-abstract:", "vsock:", "xds:")):
-        return []
-    return [part for part in target.split(",") if part.rpartition(":")[0]]
 
 
 def _left(deadline: float) -> float:

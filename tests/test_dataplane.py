@@ -262,7 +262,7 @@ def test_large_lookups_are_striped_over_connections(daemon_factory, table: Table
     ids = np.random.default_rng(1).integers(0, table.manifest.layout.num_rows(1), 200_000)  # 6.4 MB of rows
     with MemstoreClient(daemon.address, replace(ALL_ROWS, data_plane_streams=streams)) as client:
         assert np.array_equal(client.lookup(1, ids).numpy(), table.gather(1, ids))
-        assert len(client._plane.planes[0]._idle) == streams  # one connection per part, all back in the pool
+        assert len(client._route.current.planes[0]._idle) == streams  # one connection per part, all back in the pool
 
 
 def test_a_striped_lookup_whose_part_breaks_is_repeated_whole(daemon_factory, table: Table, link) -> None:
