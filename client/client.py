@@ -13,14 +13,13 @@ import grpc
 import numpy as np
 import torch
 
-from client.config import ClientConfig, check_timeout
+from client.config import ClientConfig, check_timeout, seconds_left
 from client.dataplane import DataPlaneUnavailable
 from client.dataplane_route import DataPlaneRoute
 from memstore.codec import check_request_rows, encode_grads, encode_row_ids
 from memstore.dtypes import DType
 from memstore.errors import (
     DataLossError,
-    DeadlineExceededError,
     InvalidArgumentError,
     LayoutMismatchError,
     ResourceExhaustedError,
@@ -121,8 +120,8 @@ class MemstoreClient:
         flat = ids.reshape(-1)  # [N]
         # One deadline for the whole call: the first lookup's Describe takes from it too.
         deadline = time.monotonic() + self._timeout(timeout)
-        target = None if out is None else out_rows(out, ids.shape, self._manifest(_left(deadline)))  # [N, dim]
-        local = self._same_host_table(_left(deadline))
+        target = None if out is None else out_rows(out, ids.shape, self._manifest(seconds_left(deadline)))  # [N, dim]
+        local = self._same_host_table(seconds_left(deadline))
         if local is not None:  # rows straight from the mapped files: same checks, same errors as the daemon
             done = self._lookup_same_host(local, layer_id, ids, flat, target, deadline)
             if done is not None:
@@ -390,7 +389,7 @@ class MemstoreClient:
         """A unary call within this client's deadline (retried like a lookup unless `retry` is False)."""
         deadline = time.monotonic() + self._timeout(timeout)
         if not retry:
-            return self._call(method, request, _left(deadline))
+            return self._call(method, request, seconds_left(deadline))
         # A busy daemon's refusal of a cheap call is repeated a few times, not for the whole deadline.
         return self._retrying(lambda seconds: self._call(method, request, seconds), deadline, busy_until_deadline=False)
 
@@ -423,7 +422,7 @@ class MemstoreClient:
         while True:
             attempts += 1
             try:
-                return attempt(_left(deadline))
+                return attempt(seconds_left(deadline))
             except UnavailableError as exc:
                 unavailable += 1
                 if not retry_unavailable or unavailable >= self.config.max_attempts:
@@ -520,14 +519,6 @@ class PushAck:
     version: int
     layer_step: int
     rows: int
-
-
-def _left(deadline: float) -> float:
-    """Seconds until `deadline`; DeadlineExceededError once it has passed (no attempt starts then)."""
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise DeadlineExceededError("the call's deadline passed before it could be (re)sent")
-    return left
 
 
 def sum_duplicate_rows(ids: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

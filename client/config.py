@@ -6,12 +6,13 @@ import enum
 import json
 import os
 import socket
+import time
 from dataclasses import dataclass, field
 
 import grpc
 
 from memstore.auth import ClientTls, check_token, open_channel
-from memstore.errors import InvalidArgumentError
+from memstore.errors import DeadlineExceededError, InvalidArgumentError
 from memstore.wire import memstore_pb2 as pb
 
 _SERVICE = pb.DESCRIPTOR.services_by_name["Memstore"].full_name
@@ -20,6 +21,15 @@ _SERVICE = pb.DESCRIPTOR.services_by_name["Memstore"].full_name
 # The longest deadline a call may have. gRPC turns a longer one (1e10 s, inf, nan) into a deadline
 # already past: every call would fail at once with "Deadline Exceeded".
 MAX_TIMEOUT_S = 1e6
+
+
+def seconds_left(deadline: float) -> float:
+    """Seconds until `deadline` (time.monotonic()); DeadlineExceededError once it has passed (no attempt
+    starts then)."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise DeadlineExceededError("the call's deadline passed before it could be (re)sent")
+    return left
 
 
 def check_timeout(seconds: float, name: str = "timeout") -> float:

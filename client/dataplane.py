@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from client.config import seconds_left
 from memstore.auth import ClientTls
 from memstore.dataplane import frames
 from memstore.errors import (
@@ -147,13 +148,13 @@ class DataPlane:
         if len(view) != wanted * self._row_bytes:
             raise DataLossError(f"the output buffer has {len(view)} bytes for {wanted} rows of {self._row_bytes}")
         try:
-            frames.set_timeout(sock, _left(deadline))
+            frames.set_timeout(sock, seconds_left(deadline))
             head, wire_ids = frames.pack_lookup(request_id, layer_id, ids, deadline - time.monotonic())
             frames.send_parts(sock, (head, wire_ids))
             received, version = 0, None
             header_bytes = bytearray(frames.HEADER_BYTES)
             while version is None or received < wanted:
-                frames.set_timeout(sock, _left(deadline))
+                frames.set_timeout(sock, seconds_left(deadline))
                 frames.recv_exact(sock, memoryview(header_bytes))
                 header = frames.parse_header(header_bytes)
                 if header.request_id != request_id & 0xFFFFFFFF:
@@ -198,7 +199,7 @@ class DataPlane:
     def _connect(self, deadline: float) -> _Connection:
         ticket, expiry = self._current_ticket(deadline)
         try:
-            raw = socket.create_connection(self.address, timeout=_left(deadline))
+            raw = socket.create_connection(self.address, timeout=seconds_left(deadline))
         except DeadlineExceededError:
             raise
         except TimeoutError:
@@ -215,7 +216,7 @@ class DataPlane:
             raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER_BYTES)
             if self._tls is not None:
                 sock = self._tls.wrap_socket(raw, server_hostname=self._server_name)
-            frames.set_timeout(sock, _left(deadline))
+            frames.set_timeout(sock, seconds_left(deadline))
             sock.sendall(frames.pack_hello(ticket))
             header, payload = frames.recv_frame(sock)
             if header.kind is frames.Kind.ERROR:
@@ -245,7 +246,7 @@ class DataPlane:
         if held is not None and held[1] > time.monotonic():
             return held
         asked = time.monotonic()
-        ticket, lifetime = self._tickets(_left(deadline))
+        ticket, lifetime = self._tickets(seconds_left(deadline))
         # Retired a little early (a quarter of its life, at most the margin), so no lookup starts on a
         # connection the daemon is about to refuse.
         self._ticket = (ticket, asked + lifetime - min(_EXPIRY_MARGIN_S, lifetime / 4))
@@ -335,10 +336,3 @@ class DataPlanes:
         for plane in self.planes:
             plane.close()
         self._on_close()
-
-
-def _left(deadline: float) -> float:
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise DeadlineExceededError("the call's deadline passed on the data plane")
-    return left

@@ -18,9 +18,9 @@ from collections.abc import Callable
 from concurrent import futures
 from typing import Any
 
-from client.config import ClientConfig
+from client.config import ClientConfig, seconds_left
 from client.dataplane import DataPlane, DataPlanes
-from memstore.errors import DeadlineExceededError, UnavailableError
+from memstore.errors import UnavailableError
 from memstore.tabledir.manifest import Manifest
 from memstore.wire import memstore_pb2 as pb
 from memstore.wire import memstore_pb2_grpc as pb_grpc
@@ -123,7 +123,7 @@ class DataPlaneRoute:
     def _describe(self, address: str, stub: pb_grpc.MemstoreStub, deadline: float) -> DataPlane | None:
         """The data plane of the daemon at `address`, as its Describe offers it (None: none this client can use)."""
         try:
-            served = self._call(stub.Describe, pb.DescribeRequest(), _left(deadline))
+            served = self._call(stub.Describe, pb.DescribeRequest(), seconds_left(deadline))
         except UnavailableError:
             if stub is self._stub:
                 raise  # the daemon itself is not there: the lookup's retries handle that
@@ -169,17 +169,10 @@ def _describe_all(describe: list[Callable[[float], DataPlane | None]], deadline:
     pool = futures.ThreadPoolExecutor(len(describe), thread_name_prefix="memstore-describe")
     try:
         asked = {pool.submit(each, deadline): index for index, each in enumerate(describe)}
-        done, pending = futures.wait(asked, _left(deadline), return_when=futures.FIRST_COMPLETED)
+        done, pending = futures.wait(asked, seconds_left(deadline), return_when=futures.FIRST_COMPLETED)
         if pending:
             more, _ = futures.wait(pending, min(_REPLICA_GRACE_S, max(0.0, deadline - time.monotonic())))
             done |= more
         return {asked[future]: future.result() for future in done if future.exception() is None}
     finally:
         pool.shutdown(wait=False)  # a hung Describe ends at the deadline on its own
-
-
-def _left(deadline: float) -> float:
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise DeadlineExceededError("the call's deadline passed before the data plane was described")
-    return left
