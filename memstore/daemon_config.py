@@ -40,8 +40,8 @@ class DataPlaneConfig:
 
     # HOST:PORT to listen on; None: the gRPC listen host, a free port.
     listen: str | None = None
-    # HOST:PORT Describe tells clients (a proxy, a NAT); None: the port listened on, and the host
-    # each client reached the daemon at.
+    # HOST or HOST:PORT Describe tells clients (a proxy, a NAT); None: the port listened on, and the
+    # listen host when it is one address (else the host each client reached the daemon at).
     advertise: str | None = None
     # Seconds a ticket from OpenDataPlane is accepted; a connection lives at most this long.
     ticket_s: float = 300.0
@@ -56,6 +56,18 @@ class DataPlaneConfig:
             raise InvalidArgumentError(f"data plane max connections must be at least 1; got {self.max_connections}")
         if not 4096 <= self.chunk_bytes <= 64 << 20:
             raise InvalidArgumentError(f"data plane chunk bytes must be 4 KiB..64 MiB; got {self.chunk_bytes}")
+        if self.listen is not None:
+            if self.listen.startswith(("unix:", "unix-abstract:")):
+                raise InvalidArgumentError(f"the data plane listens on TCP: HOST:PORT, not {self.listen!r}")
+            check_listen_address(self.listen)
+        if self.advertise is not None and has_port(self.advertise):
+            host, _, port = self.advertise.rpartition(":")
+            if not host.strip("[]") or not port.isdigit() or not 0 < int(port) < 65536:
+                raise InvalidArgumentError(
+                    f"data plane advertise {self.advertise!r}: expected HOST or HOST:PORT with a port from 1 to 65535"
+                )
+        elif self.advertise is not None and not self.advertise.strip("[]"):
+            raise InvalidArgumentError("data plane advertise is empty: give HOST or HOST:PORT, or leave it out")
 
 
 @dataclass(frozen=True)
@@ -261,6 +273,11 @@ class DaemonConfig:
     def follow_config(self) -> FollowConfig:
         """How the replica follows: `follow`, or the defaults."""
         return self.follow or FollowConfig()
+
+
+def has_port(address: str) -> bool:
+    """Whether `address` (HOST, HOST:PORT, IPV6 or [IPV6]:PORT) names a port."""
+    return "]:" in address if address.startswith("[") else address.count(":") == 1
 
 
 def check_listen_address(address: str) -> None:

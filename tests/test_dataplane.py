@@ -480,3 +480,13 @@ def test_a_data_plane_port_in_use_is_refused_with_what_to_change(table: Table) -
         busy = f"127.0.0.1:{taken.getsockname()[1]}"
         with pytest.raises(InvalidArgumentError, match="--data-plane-listen"):
             create_server(table, "127.0.0.1:0", ServerConfig(data_plane=DataPlaneConfig(listen=busy)))
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [{"listen": "unix:/run/x.sock"}, {"listen": "h:99999"}, {"advertise": "h:0"}, {"advertise": ""}],
+    ids=["unix", "listen-port", "advertise-port", "advertise-empty"],
+)
+def test_data_plane_addresses_are_checked_when_configured(setting: dict) -> None:
+    with pytest.raises(InvalidArgumentError):
+        DataPlaneConfig(**setting)

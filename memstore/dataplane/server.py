@@ -30,7 +30,7 @@ import grpc
 import numpy as np
 
 from memstore.codec import check_request_rows
-from memstore.daemon_config import DataPlaneConfig
+from memstore.daemon_config import DataPlaneConfig, has_port
 from memstore.dataplane import frames
 from memstore.dataplane.tickets import TicketIssuer
 from memstore.errors import (
@@ -311,9 +311,8 @@ class DataPlaneServer:
 
 
 def _split(address: str) -> tuple[str, int]:
+    """(host, port) of a HOST:PORT that DataPlaneConfig checked."""
     host, _, port = address.rpartition(":")
-    if not host or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise InvalidArgumentError(f"{address!r} is not HOST:PORT")
     return host.strip("[]"), int(port)
 
 
@@ -321,9 +320,7 @@ def _advertised(advertise: str | None, port: int) -> tuple[str, int]:
     """(host, port) from `HOST`, `HOST:PORT` or `[IPV6]:PORT` (the listened port when none is given)."""
     if not advertise:
         return "", port
-    if advertise.startswith("[") and "]:" in advertise or advertise.count(":") == 1:
-        return _split(advertise)
-    return advertise.strip("[]"), port
+    return _split(advertise) if has_port(advertise) else (advertise.strip("[]"), port)
 
 
 def _family(host: str) -> socket.AddressFamily:
