@@ -126,7 +126,7 @@ def lookup_ids(header: Header, payload: bytes | bytearray) -> np.ndarray:
     if len(payload) != num_ids * width:
         raise DataLossError(f"LOOKUP of {num_ids} ids carries {len(payload)} bytes, not {num_ids * width}")
     ids = np.frombuffer(payload, dtype="<i4" if width == 4 else "<i8")
-    return ids.astype(np.int64)
+    return ids.astype(np.int64, copy=False)  # int64 ids as they came, read-only like the gRPC path's
 
 
 def error_of(header: Header, payload: bytes) -> MemstoreError:
